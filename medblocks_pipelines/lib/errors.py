@@ -1,0 +1,93 @@
+"""The exceptions of medblocks_pipelines, in one module.
+
+Hierarchy::
+
+    MedblocksError                      base of everything we raise on purpose
+    ├── ConfigError                     bad or missing configuration (registry entry, env var, YAML)
+    ├── RegistryError                   control-plane problems
+    │   ├── NotFound                    a tenant, source, organization or connection does not exist
+    │   └── InvalidTransition           a connection state change the lifecycle does not allow
+    ├── VaultError                      a secret cannot be decrypted (wrong or rotated-away key)
+    ├── LandingError                    the lake cannot be written
+    ├── WarehouseError                  a warehouse build or read failed
+    ├── ProtocolError                   a peer broke its protocol (bad JSON, HTML error page, wrong shape)
+    │   ├── AuthError                   401/403, refused token or assertion
+    │   │   └── ConsentRevoked          the source says the grant is gone: stop pulling
+    │   ├── TransientError              retry is expected to help (429, 5xx, timeouts, dropped connections)
+    │   └── PolicyRefused               a network query refused by purpose-of-use policy (never sent)
+    └── ViewDefinitionError             an invalid SQL on FHIR ViewDefinition (raised before running)
+
+Messages never carry tokens, keys or patient data: ids of our own and counts only.
+"""
+
+
+class MedblocksError(Exception):
+    """Base class of every error raised on purpose by this project."""
+
+    hint: str | None = None
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        if hint is not None:
+            self.hint = hint
+
+
+class ConfigError(MedblocksError):
+    """Raised when configuration is missing or invalid."""
+
+
+class RegistryError(MedblocksError):
+    """Raised on control-plane failures."""
+
+
+class NotFound(RegistryError):
+    """Raised when a registry entry does not exist."""
+
+
+class InvalidTransition(RegistryError):
+    """Raised when a connection state change is not allowed by the lifecycle."""
+
+
+class VaultError(MedblocksError):
+    """Raised when a secret cannot be stored or decrypted."""
+
+
+class LandingError(MedblocksError):
+    """Raised when the landing lake cannot be written."""
+
+
+class WarehouseError(MedblocksError):
+    """Raised when a warehouse build or read fails."""
+
+
+class ProtocolError(MedblocksError):
+    """Raised when a peer breaks its protocol (malformed body, HTML instead of JSON...)."""
+
+
+class AuthError(ProtocolError):
+    """Raised on 401/403 or a refused token request."""
+
+
+class ConsentRevoked(AuthError):
+    """Raised when the source reports the grant as revoked (invalid_grant on refresh)."""
+
+
+class TransientError(ProtocolError):
+    """Raised for failures a retry may fix: 429, 5xx, timeouts, dropped connections."""
+
+    def __init__(
+        self, message: str, *, retry_after: float | None = None, hint: str | None = None
+    ) -> None:
+        super().__init__(message, hint=hint)
+        self.retry_after = retry_after
+
+
+class PolicyRefused(ProtocolError):
+    """Raised when purpose-of-use policy refuses a network query; the query is never sent."""
+
+
+class ViewDefinitionError(MedblocksError):
+    """Raised when a ViewDefinition is invalid; raised before anything runs."""
+
+
+# Exceptions added by pattern modules go below this line.
