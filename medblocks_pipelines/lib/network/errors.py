@@ -16,7 +16,9 @@ class UnsafeXMLError(ProtocolError):
 class SoapFault(ProtocolError):
     """Raised when a gateway answers with a SOAP 1.2 Fault (code, subcode and reason kept)."""
 
-    def __init__(self, message: str, *, code: str | None = None, subcode: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, code: str | None = None, subcode: str | None = None
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.subcode = subcode

@@ -120,7 +120,9 @@ def parse_catalog(doc: dict[str, Any]) -> PurposeCatalog:
             )
         for rule in purposes.values():
             if rule.parent and rule.parent not in purposes:
-                raise ConfigError(f"purpose {rule.code}: parent {rule.parent} is not in the catalog")
+                raise ConfigError(
+                    f"purpose {rule.code}: parent {rule.parent} is not in the catalog"
+                )
         return PurposeCatalog(
             version=str(doc["version"]),
             code_system=str(doc["code_system"]),

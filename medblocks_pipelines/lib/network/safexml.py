@@ -27,7 +27,9 @@ def _parser() -> etree.XMLParser:
     )
 
 
-def parse_untrusted(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES, what: str = "XML") -> etree._Element:
+def parse_untrusted(
+    data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES, what: str = "XML"
+) -> etree._Element:
     """Parse ``data`` and return the root element, or raise :class:`UnsafeXMLError`.
 
     Refused: more than ``max_bytes``; any DOCTYPE (internal subsets declare the entities that XXE and
@@ -42,7 +44,9 @@ def parse_untrusted(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES, what: st
         root = etree.fromstring(bytes(data), parser=_parser())
     except etree.XMLSyntaxError as exc:
         # libxml2 reports amplification ("entity amplification", "huge") as syntax errors too.
-        raise UnsafeXMLError(f"{what}: not well-formed or refused by the parser ({exc.msg})") from None
+        raise UnsafeXMLError(
+            f"{what}: not well-formed or refused by the parser ({exc.msg})"
+        ) from None
     if root is None:
         raise UnsafeXMLError(f"{what}: empty document")
     tree = root.getroottree()
