@@ -1,0 +1,94 @@
+"""The ``medblocks`` command: the operator's entry point.
+
+Errors print one clear line plus a hint and exit non-zero; ``--verbose`` shows the stack.
+Pattern modules contribute their commands through :data:`PLUGINS`.
+"""
+
+import importlib
+import logging
+import os
+import sys
+from typing import Any
+
+import click
+
+from medblocks_pipelines.lib.errors import MedblocksError
+
+# (module:attribute, parent group or None for top level, command name)
+PLUGINS: list[tuple[str, str | None, str]] = [
+    ("medblocks_pipelines.cli.views:views", None, "views"),
+    ("medblocks_pipelines.cli.backend:sync_backend", "sync", "backend"),
+    ("medblocks_pipelines.cli.backend:keys", None, "keys"),
+    ("medblocks_pipelines.cli.patient_access:sync_patient_access", "sync", "patient-access"),
+    ("medblocks_pipelines.cli.patient_access:connections_link", "connections", "link"),
+    ("medblocks_pipelines.cli.patient_access:connections_revoke", "connections", "revoke"),
+    ("medblocks_pipelines.cli.patient_access:connections_refresh", "connections", "refresh"),
+    ("medblocks_pipelines.cli.network:network_sync", "sync", "network"),
+    ("medblocks_pipelines.cli.network:audit_list", "audit", "list"),
+    ("medblocks_pipelines.cli.clinician_workflow:sync_clinician", "sync", "clinician"),
+    ("medblocks_pipelines.cli.clinician_workflow:cds", None, "cds"),
+    ("medblocks_pipelines.cli.warehouse_extra:identity", "warehouse", "identity"),
+]
+
+
+class MedblocksGroup(click.Group):
+    """A group that turns our errors into one line + hint instead of a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except MedblocksError as exc:
+            if ctx.find_root().params.get("verbose"):
+                raise
+            click.secho(f"error: {exc}", fg="red", err=True)
+            if exc.hint:
+                click.echo(f"hint: {exc.hint}", err=True)
+            sys.exit(1)
+        except (OSError, ValueError) as exc:
+            if ctx.find_root().params.get("verbose"):
+                raise
+            click.secho(f"error: {type(exc).__name__}: {exc}", fg="red", err=True)
+            click.echo("hint: run again with --verbose for the stack", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=MedblocksGroup)
+@click.option("--verbose", "-v", is_flag=True, help="Show stack traces and debug logs.")
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False),
+    envvar="MEDBLOCKS_DATA_DIR",
+    help="Where the embedded default keeps its files (default ./data).",
+)
+def main(verbose: bool, data_dir: str | None) -> None:
+    """medblocks_pipelines: four integration patterns, one warehouse per tenant."""
+    if data_dir:
+        os.environ["MEDBLOCKS_DATA_DIR"] = os.path.abspath(data_dir)
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def _attach_plugins() -> None:
+    from medblocks_pipelines.cli import core
+
+    core.register(main)
+    for target, parent, name in PLUGINS:
+        module_name, attr = target.split(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            # A pattern that is not installed yet; any other import error is a real bug.
+            if exc.name != module_name:
+                raise
+            continue
+        command = getattr(module, attr, None)
+        if command is None:
+            continue
+        group = main if parent is None else main.commands.get(parent)
+        if isinstance(group, click.Group):
+            group.add_command(command, name)
+
+
+_attach_plugins()

@@ -12,6 +12,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from medblocks_pipelines.lib.errors import InvalidTransition, NotFound, RegistryError
+from medblocks_pipelines.lib.partitions import normalise_id
 from medblocks_pipelines.lib.registry import schema as t
 from medblocks_pipelines.lib.registry.db import make_engine, migrate
 from medblocks_pipelines.lib.registry.vault import Vault, load_keys
@@ -40,6 +41,16 @@ _STATE_EVENTS = {
     "revoked": "connection.revoked",
     "expired": "connection.expired",
 }
+
+
+def check_id(value: str, what: str) -> str:
+    """Registry ids are already normalised (``[a-z0-9-]``) so partition keys map back to them."""
+    if not value or normalise_id(value) != value:
+        raise RegistryError(
+            f"{what} id {value!r} is not normalised",
+            hint=f"use lower-case letters, digits and '-', e.g. {normalise_id(value or 'x')!r}",
+        )
+    return value
 
 
 def utcnow() -> datetime:
@@ -77,6 +88,7 @@ class ControlPlane:
     # -- tenants -------------------------------------------------------------------------------
     def add_tenant(self, id: str, name: str, settings: Mapping[str, Any] | None = None) -> None:
         """Create or update a tenant (idempotent: registry-as-code re-applies the same YAML)."""
+        check_id(id, "tenant")
         self._upsert(t.tenants, {"id": id}, {"name": name, "settings": dict(settings or {})})
 
     def get_tenant(self, id: str) -> dict[str, Any]:
@@ -97,6 +109,7 @@ class ControlPlane:
         config: Mapping[str, Any] | None = None,
     ) -> None:
         """Create or update a source catalog entry."""
+        check_id(id, "source")
         pats = list(patterns)
         if kind not in SOURCE_KINDS:
             raise RegistryError(f"unknown source kind {kind!r}", hint=f"one of {SOURCE_KINDS}")
@@ -150,6 +163,7 @@ class ControlPlane:
         config: Mapping[str, Any] | None = None,
     ) -> None:
         """Create or update an organization that authorized ``tenant_id`` at ``source_id``."""
+        check_id(id, "organization")
         self.get_tenant(tenant_id)
         self.get_source(source_id)
         existing = self._maybe(t.organizations, id)

@@ -1,0 +1,385 @@
+"""Core CLI commands: registry, connections, warehouse, sync import, serve, sandbox, demo."""
+
+import json
+import uuid
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from medblocks_pipelines.lib.errors import ConfigError
+from medblocks_pipelines.lib.registry import ControlPlane, open_control_plane
+from medblocks_pipelines.lib.settings import get_settings
+
+console = Console()
+
+
+def control_plane() -> ControlPlane:
+    """Open the control plane from the environment (``--data-dir`` / ``MEDBLOCKS_*``)."""
+    settings = get_settings()
+    settings.ensure_dirs()
+    return open_control_plane(settings)
+
+
+def print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
+    """Print rows as a rich table (``-`` for empty cells)."""
+    table = Table(title=title, show_lines=False)
+    for col in columns:
+        table.add_column(col)
+    for row in rows:
+        table.add_row(*["-" if v is None or v == "" else str(v) for v in row])
+    console.print(table)
+
+
+def _json_opt(value: str | None) -> dict[str, Any]:
+    if not value:
+        return {}
+    try:
+        out = json.loads(value)
+    except ValueError as exc:
+        raise ConfigError(f"not valid JSON: {exc}") from exc
+    if not isinstance(out, dict):
+        raise ConfigError("expected a JSON object")
+    return out
+
+
+# -- tenants ---------------------------------------------------------------------------------
+@click.group()
+def tenants() -> None:
+    """Tenants: the app companies whose data never meets another's."""
+
+
+@tenants.command("add")
+@click.argument("tenant_id")
+@click.option("--name", required=True)
+@click.option("--settings", "settings_json", help="Tenant policies as JSON.")
+def tenants_add(tenant_id: str, name: str, settings_json: str | None) -> None:
+    """Create or update a tenant."""
+    control_plane().add_tenant(tenant_id, name, _json_opt(settings_json))
+    click.echo(f"tenant {tenant_id} saved")
+
+
+@tenants.command("list")
+def tenants_list() -> None:
+    """List tenants."""
+    rows = [[t["id"], t["name"], json.dumps(t["settings"])] for t in control_plane().list_tenants()]
+    print_table("tenants", ["id", "name", "settings"], rows)
+
+
+# -- sources ---------------------------------------------------------------------------------
+@click.group()
+def sources() -> None:
+    """The source catalog: EHRs, payers, exchange networks."""
+
+
+@sources.command("add")
+@click.argument("source_id")
+@click.option("--name", required=True)
+@click.option("--vendor", default="generic", show_default=True)
+@click.option("--kind", type=click.Choice(["ehr", "payer", "network"]), default="ehr")
+@click.option("--fhir-base-url")
+@click.option("--pattern", "patterns", multiple=True, help="Repeat for each supported pattern.")
+@click.option("--config", "config_json", help="Client ids, scopes, cadence... as JSON (no secrets).")
+def sources_add(
+    source_id: str,
+    name: str,
+    vendor: str,
+    kind: str,
+    fhir_base_url: str | None,
+    patterns: tuple[str, ...],
+    config_json: str | None,
+) -> None:
+    """Create or update a source."""
+    control_plane().add_source(
+        source_id, name, vendor, kind, fhir_base_url, list(patterns), _json_opt(config_json)
+    )
+    click.echo(f"source {source_id} saved")
+
+
+@sources.command("list")
+def sources_list() -> None:
+    """List sources."""
+    rows = [
+        [s["id"], s["name"], s["vendor"], s["kind"], s["fhir_base_url"], ",".join(s["patterns"])]
+        for s in control_plane().list_sources()
+    ]
+    print_table("sources", ["id", "name", "vendor", "kind", "fhir base", "patterns"], rows)
+
+
+@sources.command("discover")
+@click.argument("source_id")
+def sources_discover(source_id: str) -> None:
+    """Fetch the source's SMART configuration and CapabilityStatement into the catalog."""
+    from medblocks_pipelines.lib.smart.discovery import discover_source
+
+    cp = control_plane()
+    src = cp.get_source(source_id)
+    if not src["fhir_base_url"]:
+        raise ConfigError(f"source {source_id} has no FHIR base URL")
+    found = discover_source(src["fhir_base_url"])
+    cp.update_source_discovery(
+        source_id, smart_config=found.smart_config, capability_statement=found.capability_statement
+    )
+    click.echo(
+        f"source {source_id}: token endpoint {found.smart_config.get('token_endpoint')}, "
+        f"{len(found.resource_types)} resource types"
+    )
+
+
+# -- organizations ---------------------------------------------------------------------------
+@click.group()
+def orgs() -> None:
+    """Organizations that authorized a tenant (backend, clinician workflow)."""
+
+
+@orgs.command("add")
+@click.argument("org_id")
+@click.option("--tenant", required=True)
+@click.option("--source", required=True)
+@click.option("--name", required=True)
+@click.option("--config", "config_json", help="Group id, cadence, client id... as JSON.")
+def orgs_add(org_id: str, tenant: str, source: str, name: str, config_json: str | None) -> None:
+    """Create or update an organization."""
+    control_plane().add_organization(org_id, tenant, source, name, _json_opt(config_json))
+    click.echo(f"organization {org_id} saved")
+
+
+@orgs.command("list")
+@click.option("--tenant")
+def orgs_list(tenant: str | None) -> None:
+    """List organizations."""
+    rows = [
+        [o["id"], o["tenant_id"], o["source_id"], o["name"]]
+        for o in control_plane().list_organizations(tenant)
+    ]
+    print_table("organizations", ["id", "tenant", "source", "name"], rows)
+
+
+@click.group()
+def registry() -> None:
+    """Registry as code."""
+
+
+@registry.command("apply")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+def registry_apply(path: str) -> None:
+    """Apply a YAML file of tenants, sources and organizations (idempotent)."""
+    from medblocks_pipelines.lib.registry.declarative import load_registry_file
+
+    counts = load_registry_file(control_plane(), path)
+    click.echo(", ".join(f"{v} {k}" for k, v in counts.items()) + " applied")
+
+
+# -- connections -----------------------------------------------------------------------------
+@click.group()
+def connections() -> None:
+    """Connections: consents, launches, registrations, network participation."""
+
+
+@connections.command("list")
+@click.option("--tenant")
+@click.option("--pattern")
+@click.option("--state")
+def connections_list(tenant: str | None, pattern: str | None, state: str | None) -> None:
+    """List connections."""
+    rows = [
+        [
+            c["id"],
+            c["tenant_id"],
+            c["pattern"],
+            c["source_id"],
+            c["organization_id"],
+            c["state"],
+            c["state_reason"],
+            c["last_pull_at"],
+        ]
+        for c in control_plane().list_connections(tenant_id=tenant, pattern=pattern, state=state)
+    ]
+    print_table(
+        "connections",
+        ["id", "tenant", "pattern", "source", "org", "state", "reason", "last pull"],
+        rows,
+    )
+
+
+@connections.command("show")
+@click.argument("connection_id")
+def connections_show(connection_id: str) -> None:
+    """Show a connection and its full event history."""
+    cp = control_plane()
+    c = cp.get_connection(connection_id)
+    for key in ("id", "tenant_id", "pattern", "source_id", "organization_id", "patient_ref",
+                "source_patient_id", "state", "state_reason", "scopes_granted",
+                "token_expires_at", "has_refresh_token", "last_pull_at", "created_at"):
+        click.echo(f"{key:>18}: {c.get(key)}")
+    rows = [
+        [e["at"].isoformat(timespec="seconds"), e["event_type"], e["from_state"], e["to_state"],
+         json.dumps(e["detail"], default=str)]
+        for e in cp.connection_events(connection_id)
+    ]
+    print_table("history", ["at", "event", "from", "to", "detail"], rows)
+
+
+# -- sync ------------------------------------------------------------------------------------
+@click.group()
+def sync() -> None:
+    """Run a sync job (the same Dagster job the UI runs) in-process."""
+
+
+@sync.command("import-ndjson")
+@click.option("--tenant", required=True)
+@click.option("--org", "org_id", required=True, help="Organization the files came from.")
+@click.option("--path", "folder", required=True, type=click.Path(exists=True))
+def sync_import_ndjson(tenant: str, org_id: str, folder: str) -> None:
+    """Land a folder of NDJSON files (a Bulk Data export on disk) for an organization."""
+    from medblocks_pipelines.cli.runtime import run_job
+    from medblocks_pipelines.lib.partitions import partition_key
+
+    result = run_job(
+        "ndjson_import_job",
+        partition_key=partition_key(tenant, org_id),
+        run_config={"ops": {"backend__ndjson_import": {"config": {"path": str(Path(folder).resolve())}}}},
+        tags={"medblocks/tenant": tenant},
+    )
+    for mat in result.asset_materializations_for_node("backend__ndjson_import"):
+        md = {k: v.value for k, v in mat.metadata.items()}
+        click.echo(f"landed {md.get('landed')} resources, quarantined {md.get('quarantined')}")
+
+
+# -- warehouse -------------------------------------------------------------------------------
+@click.group()
+def warehouse() -> None:
+    """The per-tenant DuckDB warehouse."""
+
+
+@warehouse.command("build")
+@click.option("--tenant", required=True)
+@click.option("--in-process/--dagster", default=False,
+              help="Build directly, without recording a Dagster run.")
+def warehouse_build(tenant: str, in_process: bool) -> None:
+    """Rebuild a tenant's warehouse from the lake and publish it."""
+    if in_process:
+        from medblocks_pipelines.lib.warehouse.build import build_warehouse
+
+        cp = control_plane()
+        result = build_warehouse(tenant, settings=get_settings(), control_plane=cp,
+                                 run_id=f"cli-{uuid.uuid4().hex[:8]}")
+        counts = result.table_counts
+        path = result.path
+    else:
+        from medblocks_pipelines.cli.runtime import run_job
+        from medblocks_pipelines.lib.warehouse.build import open_warehouse, table_counts, warehouse_path
+
+        run_job("tenant_warehouse_job", partition_key=tenant, tags={"medblocks/tenant": tenant})
+        with open_warehouse(tenant, settings=get_settings()) as con:
+            counts = table_counts(con)
+        path = warehouse_path(get_settings(), tenant)
+    print_table(f"warehouse {tenant}", ["table", "rows"], [[k, f"{v:,}"] for k, v in counts.items()])
+    click.echo(f"published {path}")
+
+
+@warehouse.command("path")
+@click.option("--tenant", required=True)
+def warehouse_path_cmd(tenant: str) -> None:
+    """Print the path of a tenant's published warehouse."""
+    from medblocks_pipelines.lib.warehouse.build import warehouse_path
+
+    click.echo(str(warehouse_path(get_settings(), tenant)))
+
+
+@warehouse.command("query")
+@click.option("--tenant", required=True)
+@click.argument("sql")
+def warehouse_query(tenant: str, sql: str) -> None:
+    """Run read-only SQL against a tenant's warehouse."""
+    from medblocks_pipelines.lib.warehouse.build import open_warehouse
+
+    with open_warehouse(tenant, settings=get_settings()) as con:
+        rel = con.sql(sql)
+        if rel is None:
+            return
+        rows = rel.fetchmany(200)
+        print_table("result", list(rel.columns), [list(r) for r in rows])
+
+
+@click.group()
+def audit() -> None:
+    """The network audit log."""
+
+
+@click.group()
+def vault() -> None:
+    """The encrypted secret vault."""
+
+
+@vault.command("rotate")
+def vault_rotate() -> None:
+    """Re-encrypt every secret under the newest key of MEDBLOCKS_SECRET_KEY."""
+    n = control_plane().vault.rotate()
+    click.echo(f"re-encrypted {n} secrets")
+
+
+@vault.command("new-key")
+def vault_new_key() -> None:
+    """Print a new vault key (prepend it to MEDBLOCKS_SECRET_KEY, then run `vault rotate`)."""
+    from cryptography.fernet import Fernet
+
+    click.echo(Fernet.generate_key().decode())
+
+
+# -- servers and demo ------------------------------------------------------------------------
+@click.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=int)
+def serve(host: str, port: int) -> None:
+    """Serve our web surfaces: CDS Hooks, SMART launch/callback, connect links, JWKS."""
+    import uvicorn
+
+    from medblocks_pipelines.web.app import create_app
+
+    uvicorn.run(create_app(public_base_url=f"http://{host}:{port}"), host=host, port=port,
+                log_level="warning")
+
+
+@click.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", "base_port", default=8800, show_default=True, type=int,
+              help="First port; each sandbox server takes the next one.")
+@click.option("--persons", default=200, show_default=True, type=int)
+@click.option("--seed", default=42, show_default=True, type=int)
+def sandbox(host: str, base_port: int, persons: int, seed: int) -> None:
+    """Start the spec-faithful sandbox (EHRs, payer, gateway, CDS-calling EHR) on loopback."""
+    import time
+
+    from medblocks_pipelines.sandbox.run import start_sandbox
+
+    handle = start_sandbox(host=host, base_port=base_port, persons=persons, seed=seed)
+    rows = handle.describe()
+    print_table("sandbox", list(rows[0].keys()) if rows else ["role"], [list(r.values()) for r in rows])
+    click.echo("Ctrl-C to stop.")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        handle.stop()
+
+
+@click.command()
+@click.option("--persons", default=60, show_default=True, type=int)
+@click.option("--seed", default=42, show_default=True, type=int)
+@click.option("--fresh/--keep", default=True, show_default=True,
+              help="Start from an empty data folder.")
+def demo(persons: int, seed: int, fresh: bool) -> None:
+    """Run every pattern end to end on the embedded default and print what landed."""
+    from medblocks_pipelines.demo import run_demo
+
+    run_demo(persons=persons, seed=seed, fresh=fresh, console=console)
+
+
+def register(main: click.Group) -> None:
+    """Attach the core commands to ``main``."""
+    for cmd in (tenants, sources, orgs, registry, connections, sync, warehouse, audit, vault,
+                serve, sandbox, demo):
+        main.add_command(cmd)

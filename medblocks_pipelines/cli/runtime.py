@@ -1,0 +1,103 @@
+"""Running Dagster jobs from the CLI: the same jobs the UI runs, executed in-process.
+
+The embedded default keeps its Dagster instance under ``<data_dir>/dagster_home`` (SQLite storage, no
+server); production sets ``DAGSTER_HOME`` to a folder holding the PostgreSQL ``dagster.yaml``.
+"""
+
+import os
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+
+from medblocks_pipelines.lib.errors import ConfigError, MedblocksError
+from medblocks_pipelines.lib.settings import get_settings
+
+EMBEDDED_DAGSTER_YAML = """\
+# Embedded default instance: SQLite storage in this folder (written by `medblocks`).
+telemetry:
+  enabled: false
+concurrency:
+  runs:
+    max_concurrent_runs: 4
+    tag_concurrency_limits:
+      - key: medblocks/tenant
+        value:
+          applyLimitPerUniqueValue: true
+        limit: 2
+      - key: medblocks/source
+        value:
+          applyLimitPerUniqueValue: true
+        limit: 2
+  pools:
+    default_limit: 2
+"""
+
+
+def ensure_dagster_home() -> Path:
+    """Point ``DAGSTER_HOME`` at the embedded instance unless it is already set."""
+    home = os.environ.get("DAGSTER_HOME")
+    if home:
+        return Path(home)
+    path = get_settings().data_dir / "dagster_home"
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = path / "dagster.yaml"
+    if not cfg.exists():
+        cfg.write_text(EMBEDDED_DAGSTER_YAML)
+    os.environ["DAGSTER_HOME"] = str(path)
+    return path
+
+
+def get_instance() -> dg.DagsterInstance:
+    """The Dagster instance the CLI records runs in (the UI shows them)."""
+    ensure_dagster_home()
+    return dg.DagsterInstance.get()
+
+
+def load_definitions() -> dg.Definitions:
+    """The code location's definitions, as the webserver loads them."""
+    from medblocks_pipelines.definitions import defs
+
+    return defs()
+
+
+def sync_registry_partitions(instance: dg.DagsterInstance) -> dict[str, int]:
+    """Bring dynamic partitions in line with the registry before running a partitioned job."""
+    from medblocks_pipelines.defs.shared.resources import PlatformResource
+    from medblocks_pipelines.defs.shared.sensors import sync_partitions
+
+    return sync_partitions(instance, PlatformResource())
+
+
+def run_job(
+    job_name: str,
+    *,
+    partition_key: str | None = None,
+    run_config: dict[str, Any] | None = None,
+    tags: dict[str, str] | None = None,
+    instance: dg.DagsterInstance | None = None,
+) -> dg.ExecuteInProcessResult:
+    """Execute ``job_name`` in-process for one partition and raise if it failed."""
+    instance = instance or get_instance()
+    sync_registry_partitions(instance)
+    job = load_definitions().get_job_def(job_name)
+    if job is None:
+        raise ConfigError(f"no Dagster job named {job_name}")
+    result = job.execute_in_process(
+        instance=instance,
+        partition_key=partition_key,
+        run_config=run_config or {},
+        tags=tags or {},
+        raise_on_error=False,
+    )
+    if not result.success:
+        failures = [
+            e.event_specific_data.error.message.splitlines()[0]  # type: ignore[union-attr]
+            for e in result.all_events
+            if e.is_step_failure and e.event_specific_data is not None
+        ]
+        raise MedblocksError(
+            f"run {result.run_id[:8]} of {job_name} failed: " + ("; ".join(failures) or "see UI"),
+            hint="open the Dagster UI (`dagster dev`) to see the run's logs",
+        )
+    return result

@@ -1,0 +1,46 @@
+"""Keeps Dagster's dynamic partitions in step with the registry."""
+
+import dagster as dg
+
+from medblocks_pipelines.defs.shared.partitions import desired_partition_keys
+from medblocks_pipelines.defs.shared.resources import PlatformResource
+
+
+@dg.sensor(
+    name="registry_partitions_sensor",
+    minimum_interval_seconds=30,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Adds and removes dynamic partitions (tenants, organizations, sources, networks) "
+    "so they match the control-plane registry.",
+)
+def registry_partitions_sensor(
+    context: dg.SensorEvaluationContext, platform: PlatformResource
+) -> dg.SensorResult:
+    """Diff registry keys against the instance's dynamic partitions and request the changes."""
+    desired = desired_partition_keys(platform.control_plane)
+    requests: list[dg.AddDynamicPartitionsRequest | dg.DeleteDynamicPartitionsRequest] = []
+    for name, keys in sorted(desired.items()):
+        existing = set(context.instance.get_dynamic_partitions(name))
+        added = sorted(keys - existing)
+        removed = sorted(existing - keys)
+        if added:
+            requests.append(dg.AddDynamicPartitionsRequest(name, added))
+        if removed:
+            requests.append(dg.DeleteDynamicPartitionsRequest(name, removed))
+    if not requests:
+        return dg.SensorResult(skip_reason="partitions match the registry")
+    return dg.SensorResult(dynamic_partitions_requests=requests)
+
+
+def sync_partitions(instance: dg.DagsterInstance, platform: PlatformResource) -> dict[str, int]:
+    """Apply the registry's partitions directly (CLI and demo, where no daemon runs sensors)."""
+    added: dict[str, int] = {}
+    for name, keys in desired_partition_keys(platform.control_plane).items():
+        existing = set(instance.get_dynamic_partitions(name))
+        new = sorted(keys - existing)
+        if new:
+            instance.add_dynamic_partitions(name, new)
+        for key in sorted(existing - keys):
+            instance.delete_dynamic_partition(name, key)
+        added[name] = len(new)
+    return added

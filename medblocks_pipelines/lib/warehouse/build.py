@@ -1,0 +1,320 @@
+"""The per-tenant warehouse: a DuckDB file built from the lake and published atomically.
+
+A build writes ``<warehouse_dir>/.<tenant>.<token>.building.duckdb``, checkpoints and closes it, then
+``os.replace``-s it over ``<warehouse_dir>/<tenant>.duckdb``. Readers (analysts, the CDS service) that
+opened the old file keep reading it; new readers get the new one; nobody ever sees a half-built file.
+Builds of one tenant are serialized by a file lock (and by a Dagster pool in the pipelines).
+
+Base tables:
+- ``resource_versions``: every distinct version landed, deduplicated by
+  ``(source, resource_type, resource_id, content_hash)``, keeping the first fetch (so re-runs change nothing).
+- ``resources``: the latest version of each resource per source, tombstones applied.
+- ``tombstones``: deletions reported by sources.
+- ``quarantine``: bad records with their reason, deduplicated.
+- ``pull_history``: the control plane's pull rows for this tenant.
+Then each step in ``steps`` adds its tables (views, identity, unified record).
+"""
+
+import fcntl
+import json
+import os
+import secrets
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+
+from medblocks_pipelines.lib.errors import WarehouseError
+from medblocks_pipelines.lib.partitions import normalise_id
+from medblocks_pipelines.lib.settings import Settings
+from medblocks_pipelines.lib.warehouse.lake import (
+    QUARANTINE_SCHEMA,
+    RESOURCE_SCHEMA,
+    quarantine_glob,
+    resources_glob,
+)
+
+PROVENANCE_COLUMNS = (
+    "tenant",
+    "pattern",
+    "source",
+    "organization",
+    "connection",
+    "resource_key",
+    "fetched_at",
+    "run_id",
+)
+
+
+@dataclass
+class BuildContext:
+    """What a build step may use besides the DuckDB connection."""
+
+    tenant: str
+    settings: Settings
+    control_plane: Any | None = None
+    run_id: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+BuildStep = Callable[[duckdb.DuckDBPyConnection, BuildContext], dict[str, int]]
+
+
+@dataclass
+class BuildResult:
+    """Where the published warehouse is and how many rows each table holds."""
+
+    tenant: str
+    path: Path
+    table_counts: dict[str, int]
+    duration_s: float
+    step_timings: dict[str, float]
+
+
+def warehouse_path(settings: Settings, tenant: str) -> Path:
+    """The published warehouse file of ``tenant``."""
+    return settings.warehouse_dir / f"{normalise_id(tenant)}.duckdb"
+
+
+@contextmanager
+def tenant_build_lock(settings: Settings, tenant: str) -> Iterator[None]:
+    """Serialize builds of one tenant across processes (a Dagster pool does it across runs too)."""
+    settings.warehouse_dir.mkdir(parents=True, exist_ok=True)
+    lock_path = settings.warehouse_dir / f".{normalise_id(tenant)}.lock"
+    with open(lock_path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def default_steps() -> list[BuildStep]:
+    """The steps after the base tables: views, identity and the unified record, in order."""
+    from medblocks_pipelines.lib.warehouse.steps import STEPS
+
+    return list(STEPS)
+
+
+def _has_files(glob: str) -> bool:
+    base = glob.split("**")[0]
+    return Path(base).exists() and any(Path(base).rglob("*.parquet"))
+
+
+def _empty_arrow(schema: pa.Schema) -> pa.Table:
+    return schema.empty_table()
+
+
+def build_base_tables(
+    con: duckdb.DuckDBPyConnection, settings: Settings, tenant: str, pulls: Sequence[dict[str, Any]]
+) -> None:
+    """Create the base tables from the lake into ``con``."""
+    rglob = resources_glob(settings.lake_root, tenant)
+    if _has_files(rglob):
+        con.execute(
+            f"CREATE TEMP VIEW lake_rows AS SELECT * FROM read_parquet('{rglob}', "
+            "hive_partitioning=false, union_by_name=true)"
+        )
+    else:
+        empty = _empty_arrow(RESOURCE_SCHEMA)  # noqa: F841 (referenced by name in SQL)
+        con.execute("CREATE TEMP TABLE lake_rows AS SELECT * FROM empty")
+
+    # One row per distinct version; the first fetch wins so a re-run reproduces the same rows.
+    con.execute(
+        """
+        CREATE TABLE resource_versions AS
+        SELECT resource, resource_type, resource_id, version_id, last_updated,
+               try_cast(last_updated AS TIMESTAMPTZ) AS last_updated_ts, content_hash,
+               tenant, pattern, source, organization, connection,
+               source || '/' || resource_type || '/' || resource_id AS resource_key,
+               fetched_at, run_id, origin
+        FROM lake_rows
+        WHERE NOT deleted
+        QUALIFY row_number() OVER (
+            PARTITION BY source, resource_type, resource_id, content_hash
+            ORDER BY fetched_at, run_id, origin) = 1
+        """
+    )
+    con.execute(
+        """
+        CREATE TABLE tombstones AS
+        SELECT resource_type, resource_id, last_updated AS deleted_at,
+               try_cast(last_updated AS TIMESTAMPTZ) AS deleted_at_ts,
+               tenant, pattern, source, organization, connection,
+               source || '/' || resource_type || '/' || resource_id AS resource_key,
+               fetched_at, run_id, origin
+        FROM lake_rows
+        WHERE deleted
+        QUALIFY row_number() OVER (
+            PARTITION BY source, resource_type, resource_id, last_updated
+            ORDER BY fetched_at, run_id, origin) = 1
+        """
+    )
+    # Latest state per resource at a source: source time first (lastUpdated, deletion time), a
+    # tombstone wins a tie, then versionId, then when we saw it.
+    con.execute(
+        """
+        CREATE TABLE resources AS
+        WITH states AS (
+            SELECT resource_key, source, resource_type, resource_id, false AS deleted,
+                   last_updated_ts AS ts, try_cast(version_id AS BIGINT) AS vnum, fetched_at,
+                   content_hash
+            FROM resource_versions
+            UNION ALL
+            SELECT resource_key, source, resource_type, resource_id, true, deleted_at_ts, NULL,
+                   fetched_at, NULL
+            FROM tombstones
+        ), latest AS (
+            SELECT * FROM states
+            QUALIFY row_number() OVER (
+                PARTITION BY resource_key
+                ORDER BY ts DESC NULLS LAST, deleted DESC, vnum DESC NULLS LAST,
+                         fetched_at DESC, content_hash) = 1
+        )
+        SELECT v.resource_key, v.resource_type, v.resource_id, v.version_id, v.last_updated,
+               v.content_hash, v.resource, v.tenant, v.pattern, v.source, v.organization,
+               v.connection, v.fetched_at, v.run_id
+        FROM latest l JOIN resource_versions v
+          ON v.resource_key = l.resource_key AND v.content_hash = l.content_hash
+        WHERE NOT l.deleted
+        ORDER BY v.resource_type, v.source, v.resource_id
+        """
+    )
+
+    qglob = quarantine_glob(settings.lake_root, tenant)
+    if _has_files(qglob):
+        con.execute(
+            f"""
+            CREATE TABLE quarantine AS
+            SELECT * FROM read_parquet('{qglob}', hive_partitioning=false, union_by_name=true)
+            QUALIFY row_number() OVER (
+                PARTITION BY source, origin, reason, raw_hash ORDER BY fetched_at, run_id) = 1
+            """
+        )
+    else:
+        empty_q = _empty_arrow(QUARANTINE_SCHEMA)  # noqa: F841
+        con.execute("CREATE TABLE quarantine AS SELECT * FROM empty_q")
+
+    pull_rows = [
+        {
+            "id": int(p["id"]),
+            "pattern": p["pattern"],
+            "source": p["source_id"],
+            "organization": p.get("organization_id"),
+            "connection": p.get("connection_id"),
+            "run_id": p.get("run_id"),
+            "started_at": p["started_at"],
+            "finished_at": p.get("finished_at"),
+            "status": p["status"],
+            "counts": json.dumps(p.get("counts") or {}, sort_keys=True),
+            "error": p.get("error"),
+        }
+        for p in pulls
+    ]
+    pull_schema = pa.schema(
+        [
+            ("id", pa.int64()),
+            ("pattern", pa.string()),
+            ("source", pa.string()),
+            ("organization", pa.string()),
+            ("connection", pa.string()),
+            ("run_id", pa.string()),
+            ("started_at", pa.timestamp("us", tz="UTC")),
+            ("finished_at", pa.timestamp("us", tz="UTC")),
+            ("status", pa.string()),
+            ("counts", pa.string()),
+            ("error", pa.string()),
+        ]
+    )
+    pulls_arrow = pa.Table.from_pylist(pull_rows, schema=pull_schema)  # noqa: F841
+    con.execute("CREATE TABLE pull_history AS SELECT * FROM pulls_arrow ORDER BY id")
+
+
+def table_counts(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
+    """Row counts of every base table and view in the main schema."""
+    names = [
+        r[0]
+        for r in con.execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'main' "
+            "AND table_catalog = current_database() ORDER BY table_name"
+        ).fetchall()
+    ]
+    out: dict[str, int] = {}
+    for name in names:
+        row = con.execute(f'SELECT count(*) FROM "{name}"').fetchone()
+        out[name] = int(row[0]) if row else 0
+    return out
+
+
+def build_warehouse(
+    tenant: str,
+    *,
+    settings: Settings,
+    control_plane: Any | None = None,
+    steps: Sequence[BuildStep] | None = None,
+    run_id: str | None = None,
+    options: dict[str, Any] | None = None,
+) -> BuildResult:
+    """Build ``tenant``'s warehouse from the lake and publish it atomically."""
+    started = time.perf_counter()
+    settings.warehouse_dir.mkdir(parents=True, exist_ok=True)
+    pulls = control_plane.list_pulls(tenant_id=tenant, limit=100_000) if control_plane else []
+    ctx = BuildContext(
+        tenant=tenant,
+        settings=settings,
+        control_plane=control_plane,
+        run_id=run_id,
+        options=dict(options or {}),
+    )
+    steps = default_steps() if steps is None else list(steps)
+    final = warehouse_path(settings, tenant)
+    with tenant_build_lock(settings, tenant):
+        tmp = settings.warehouse_dir / f".{normalise_id(tenant)}.{secrets.token_hex(4)}.building.duckdb"
+        timings: dict[str, float] = {}
+        try:
+            con = duckdb.connect(str(tmp))
+            try:
+                con.execute("SET preserve_insertion_order=true")
+                t0 = time.perf_counter()
+                build_base_tables(con, settings, tenant, pulls)
+                timings["base"] = time.perf_counter() - t0
+                for step in steps:
+                    t0 = time.perf_counter()
+                    step(con, ctx)
+                    timings[getattr(step, "__name__", repr(step))] = time.perf_counter() - t0
+                counts = table_counts(con)
+                con.execute("CHECKPOINT")
+            finally:
+                con.close()
+            os.replace(tmp, final)
+        except duckdb.Error as exc:
+            raise WarehouseError(
+                f"warehouse build for tenant {tenant} failed: {type(exc).__name__}",
+                hint="run with --verbose for the DuckDB error",
+            ) from exc
+        finally:
+            tmp.unlink(missing_ok=True)
+            Path(str(tmp) + ".wal").unlink(missing_ok=True)
+    return BuildResult(
+        tenant=tenant,
+        path=final,
+        table_counts=counts,
+        duration_s=time.perf_counter() - started,
+        step_timings=timings,
+    )
+
+
+def open_warehouse(tenant: str, *, settings: Settings) -> duckdb.DuckDBPyConnection:
+    """Open ``tenant``'s published warehouse read-only (safe while a new build runs)."""
+    path = warehouse_path(settings, tenant)
+    if not path.exists():
+        raise WarehouseError(
+            f"no warehouse for tenant {tenant} yet",
+            hint=f"build it with `medblocks warehouse build --tenant {tenant}`",
+        )
+    return duckdb.connect(str(path), read_only=True)

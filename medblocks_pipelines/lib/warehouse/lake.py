@@ -1,0 +1,513 @@
+"""The landing lake: immutable Parquet files, one row per fetched resource version.
+
+Layout (hive-style, so DuckDB and Polars prune by directory)::
+
+    <lake>/resources/tenant=T/pattern=P/source=S/resource_type=R/<run_id>-<n>.parquet
+    <lake>/quarantine/tenant=T/pattern=P/source=S/<run_id>-<n>.parquet
+
+Each file is written to ``*.parquet.tmp`` and renamed, so readers (and a warehouse build) never see a partial
+file, and a run killed mid-write leaves only whole files behind. Files are never rewritten: a re-run adds
+new files and the warehouse build deduplicates by ``(source, resource_type, resource_id, content_hash)``.
+
+The resource JSON is stored exactly as the source sent it (decimals such as ``7.10`` keep their precision).
+Rows that are not a JSON object with ``resourceType`` and ``id`` go to quarantine with the reason.
+"""
+
+import gzip
+import hashlib
+import json
+import os
+import secrets
+import shutil
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from medblocks_pipelines.lib.errors import LandingError
+from medblocks_pipelines.lib.partitions import normalise_id
+
+RESOURCE_SCHEMA = pa.schema(
+    [
+        ("resource", pa.string()),
+        ("resource_type", pa.string()),
+        ("resource_id", pa.string()),
+        ("version_id", pa.string()),
+        ("last_updated", pa.string()),
+        ("content_hash", pa.string()),
+        ("deleted", pa.bool_()),
+        ("tenant", pa.string()),
+        ("pattern", pa.string()),
+        ("source", pa.string()),
+        ("organization", pa.string()),
+        ("connection", pa.string()),
+        ("fetched_at", pa.timestamp("us", tz="UTC")),
+        ("run_id", pa.string()),
+        ("origin", pa.string()),
+    ]
+)
+
+QUARANTINE_SCHEMA = pa.schema(
+    [
+        ("raw", pa.string()),
+        ("reason", pa.string()),
+        ("resource_type", pa.string()),
+        ("origin", pa.string()),
+        ("raw_hash", pa.string()),
+        ("tenant", pa.string()),
+        ("pattern", pa.string()),
+        ("source", pa.string()),
+        ("organization", pa.string()),
+        ("connection", pa.string()),
+        ("fetched_at", pa.timestamp("us", tz="UTC")),
+        ("run_id", pa.string()),
+    ]
+)
+
+# Quarantined raw payloads are capped: enough to diagnose, not a way to fill the disk.
+MAX_RAW_CHARS = 1_000_000
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Who fetched a row, from where, under which relationship, in which run."""
+
+    tenant: str
+    pattern: str
+    source: str
+    organization: str | None
+    connection: str | None
+    run_id: str
+
+
+@dataclass
+class LandingStats:
+    """What a writer landed: counts only, safe for logs and Dagster metadata."""
+
+    counts_by_type: Counter[str] = field(default_factory=Counter)
+    quarantined: int = 0
+    quarantine_reasons: Counter[str] = field(default_factory=Counter)
+    tombstones: int = 0
+    files: int = 0
+    bytes: int = 0
+
+    @property
+    def landed(self) -> int:
+        return sum(self.counts_by_type.values())
+
+    def as_metadata(self) -> dict[str, Any]:
+        """A flat, PHI-free dict for Dagster metadata and pull history."""
+        return {
+            "landed": self.landed,
+            "by_type": dict(sorted(self.counts_by_type.items())),
+            "quarantined": self.quarantined,
+            "quarantine_reasons": dict(self.quarantine_reasons),
+            "tombstones": self.tombstones,
+            "files": self.files,
+            "bytes": self.bytes,
+        }
+
+
+def content_hash(text: str) -> str:
+    """Hash of the stored JSON text (dedup key for re-fetched identical versions)."""
+    return hashlib.md5(text.encode(), usedforsecurity=False).hexdigest()
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def resources_glob(lake_root: Path, tenant: str) -> str:
+    """The Parquet glob of one tenant's landed resources."""
+    return str(lake_root / "resources" / f"tenant={normalise_id(tenant)}" / "**" / "*.parquet")
+
+
+def quarantine_glob(lake_root: Path, tenant: str) -> str:
+    """The Parquet glob of one tenant's quarantined rows."""
+    return str(lake_root / "quarantine" / f"tenant={normalise_id(tenant)}" / "**" / "*.parquet")
+
+
+def delete_connection_data(lake_root: Path, tenant: str, connection_id: str) -> int:
+    """Remove every landed row of one connection (revoked consent with delete policy).
+
+    Files are immutable, so each affected file is rewritten without the connection's rows into a new
+    file (temp + rename) and the old one removed. Returns the number of rows removed.
+    """
+    removed = 0
+    base = lake_root / "resources" / f"tenant={normalise_id(tenant)}"
+    if not base.exists():
+        return 0
+    for path in sorted(base.rglob("*.parquet")):
+        table = pq.read_table(path)
+        mask = pa.compute.equal(table["connection"], connection_id)
+        hits = pa.compute.sum(mask).as_py() or 0
+        if not hits:
+            continue
+        keep = table.filter(pa.compute.invert(mask))
+        if keep.num_rows:
+            tmp = path.with_name(path.name + ".tmp")
+            pq.write_table(keep, tmp)
+            os.replace(tmp, path.with_name("r" + path.name))
+        path.unlink()
+        removed += hits
+    return removed
+
+
+class LakeWriter:
+    """Writes one run's rows into the lake. Use as a context manager; rows flush in batches."""
+
+    def __init__(
+        self, lake_root: str | os.PathLike[str], provenance: Provenance, *, batch_rows: int = 20_000
+    ) -> None:
+        self.root = Path(lake_root)
+        self.prov = provenance
+        self.batch_rows = batch_rows
+        self.stats = LandingStats()
+        self._fetched_at = _now()
+        self._rows: dict[str, list[tuple[Any, ...]]] = defaultdict(list)
+        self._quarantine: list[tuple[Any, ...]] = []
+        self._seq = 0
+        self._tag = secrets.token_hex(3)
+        self._closed = False
+        self._dirs = {
+            "tenant": normalise_id(provenance.tenant),
+            "pattern": normalise_id(provenance.pattern),
+            "source": normalise_id(provenance.source),
+        }
+
+    def __repr__(self) -> str:
+        return f"LakeWriter(tenant={self.prov.tenant!r}, source={self.prov.source!r})"
+
+    # -- context manager -----------------------------------------------------------------------
+    def __enter__(self) -> "LakeWriter":
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        # Flush what is complete even when the caller failed: every row landed is a row not lost,
+        # and re-runs deduplicate.
+        self.close()
+
+    # -- adding rows ---------------------------------------------------------------------------
+    def add(self, resource: dict[str, Any] | str | bytes, *, origin: str | None = None) -> bool:
+        """Land one resource; returns False when it was quarantined instead."""
+        if isinstance(resource, dict):
+            obj: Any = resource
+            text = json.dumps(resource, separators=(",", ":"), ensure_ascii=False)
+        else:
+            text = resource.decode("utf-8", "replace") if isinstance(resource, bytes) else resource
+            text = text.strip()
+            try:
+                obj = json.loads(text)
+            except ValueError as exc:
+                self.quarantine(text, f"malformed JSON: {exc.msg} at char {exc.pos}", origin=origin)
+                return False
+        reason = _invalid_reason(obj)
+        if reason:
+            rtype = obj.get("resourceType") if isinstance(obj, dict) else None
+            self.quarantine(
+                text, reason, resource_type=rtype if isinstance(rtype, str) else None, origin=origin
+            )
+            return False
+        meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
+        rtype = obj["resourceType"]
+        self._append(
+            rtype,
+            (
+                text,
+                rtype,
+                obj["id"],
+                _str_or_none(meta.get("versionId")),
+                _str_or_none(meta.get("lastUpdated")),
+                content_hash(text),
+                False,
+                origin,
+            ),
+        )
+        return True
+
+    def add_tombstone(
+        self,
+        resource_type: str,
+        resource_id: str,
+        *,
+        deleted_at: str | None = None,
+        origin: str | None = None,
+    ) -> None:
+        """Land a deletion: the resource is gone at the source as of ``deleted_at`` (source time)."""
+        self._append(
+            resource_type,
+            (None, resource_type, resource_id, None, deleted_at, None, True, origin),
+        )
+        self.stats.tombstones += 1
+
+    def quarantine(
+        self,
+        raw: str | bytes,
+        reason: str,
+        *,
+        resource_type: str | None = None,
+        origin: str | None = None,
+    ) -> None:
+        """Keep a bad record with the reason; it is reported, never dropped silently."""
+        text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+        self._quarantine.append(
+            (text[:MAX_RAW_CHARS], reason, resource_type, origin, content_hash(text))
+        )
+        self.stats.quarantined += 1
+        self.stats.quarantine_reasons[_reason_class(reason)] += 1
+        if len(self._quarantine) >= self.batch_rows:
+            self._flush_quarantine()
+
+    def add_ndjson_file(self, path: str | os.PathLike[str], *, origin: str | None = None) -> None:
+        """Land a whole (optionally gzipped) NDJSON file at DuckDB scan speed.
+
+        DuckDB reads the objects and writes the Parquet files; files with malformed lines fall back to
+        a line-by-line pass so every bad line is quarantined with its line number and reason.
+        """
+        path = Path(path)
+        origin = origin or path.name
+        if not path.exists():
+            raise LandingError(f"NDJSON file {path.name} does not exist")
+        con = duckdb.connect()
+        try:
+            con.execute("SET preserve_insertion_order=false")
+            con.execute("SET memory_limit='512MB'")
+            src = f"read_ndjson_objects('{_sql_str(str(path))}', ignore_errors=true)"
+            bad = con.execute(f"SELECT count(*) FROM {src} WHERE json IS NULL").fetchone()
+            if bad and bad[0]:
+                self._add_lines_slow(path, origin)
+                return
+            self._copy_fast(con, src, origin)
+        finally:
+            con.close()
+
+    # -- internals -----------------------------------------------------------------------------
+    def _add_lines_slow(self, path: Path, origin: str) -> None:
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rb") as fh:  # type: ignore[operator]
+            for lineno, line in enumerate(fh, start=1):
+                if not line.strip():
+                    continue
+                self.add(line, origin=f"{origin}:{lineno}")
+
+    def _copy_fast(self, con: duckdb.DuckDBPyConnection, src: str, origin: str) -> None:
+        p = self.prov
+        fetched = self._fetched_at.isoformat()
+        con.execute(
+            f"""
+            CREATE TEMP TABLE objs AS
+            SELECT json AS raw,
+                   row_number() OVER () AS recno,
+                   CASE WHEN json_type(json) <> 'OBJECT' THEN 'not a JSON object'
+                        WHEN json_type(json, '$.resourceType') IS DISTINCT FROM 'VARCHAR'
+                             OR json ->> '$.resourceType' = '' THEN 'missing resourceType'
+                        WHEN json_type(json, '$.id') IS DISTINCT FROM 'VARCHAR'
+                             OR json ->> '$.id' = '' THEN 'missing id'
+                   END AS reason
+            FROM {src}
+            """
+        )
+        for raw, reason, recno in con.execute(
+            "SELECT raw::VARCHAR, reason, recno FROM objs WHERE reason IS NOT NULL ORDER BY recno"
+        ).fetchall():
+            self.quarantine(raw, reason, origin=f"{origin}#{recno}")
+        types = [
+            r[0]
+            for r in con.execute(
+                "SELECT DISTINCT raw ->> '$.resourceType' FROM objs WHERE reason IS NULL"
+            ).fetchall()
+        ]
+        for rtype in types:
+            out = self._next_path(rtype)
+            tmp = out.with_name(out.name + ".tmp")
+            con.execute(
+                f"""
+                COPY (
+                  SELECT raw::VARCHAR AS resource,
+                         raw ->> '$.resourceType' AS resource_type,
+                         raw ->> '$.id' AS resource_id,
+                         raw ->> '$.meta.versionId' AS version_id,
+                         raw ->> '$.meta.lastUpdated' AS last_updated,
+                         md5(raw::VARCHAR) AS content_hash,
+                         false AS deleted,
+                         ? AS tenant, ? AS pattern, ? AS source,
+                         ?::VARCHAR AS organization, ?::VARCHAR AS connection,
+                         ?::TIMESTAMPTZ AS fetched_at, ? AS run_id,
+                         ? || '#' || recno AS origin
+                  FROM objs
+                  WHERE reason IS NULL AND raw ->> '$.resourceType' = ?
+                ) TO '{_sql_str(str(tmp))}' (FORMAT parquet, COMPRESSION zstd)
+                """,
+                [
+                    p.tenant,
+                    p.pattern,
+                    p.source,
+                    p.organization,
+                    p.connection,
+                    fetched,
+                    p.run_id,
+                    origin,
+                    rtype,
+                ],
+            )
+            n = con.execute(f"SELECT count(*) FROM read_parquet('{_sql_str(str(tmp))}')").fetchone()
+            os.replace(tmp, out)
+            self.stats.counts_by_type[rtype] += int(n[0]) if n else 0
+            self.stats.files += 1
+            self.stats.bytes += out.stat().st_size
+        con.execute("DROP TABLE objs")
+
+    def _append(self, rtype: str, row: tuple[Any, ...]) -> None:
+        rows = self._rows[rtype]
+        rows.append(row)
+        if not row[6]:
+            self.stats.counts_by_type[rtype] += 1
+        if len(rows) >= self.batch_rows:
+            self._flush_type(rtype)
+
+    def _next_path(self, rtype: str) -> Path:
+        d = self._dirs
+        folder = (
+            self.root
+            / "resources"
+            / f"tenant={d['tenant']}"
+            / f"pattern={d['pattern']}"
+            / f"source={d['source']}"
+            / f"resource_type={rtype}"
+        )
+        folder.mkdir(parents=True, exist_ok=True)
+        self._seq += 1
+        return folder / f"{normalise_id(self.prov.run_id)}-{self._tag}-{self._seq:05d}.parquet"
+
+    def _flush_type(self, rtype: str) -> None:
+        rows = self._rows.pop(rtype, [])
+        if not rows:
+            return
+        p = self.prov
+        cols = list(zip(*rows, strict=True))
+        n = len(rows)
+        table = pa.table(
+            {
+                "resource": pa.array(cols[0], pa.string()),
+                "resource_type": pa.array(cols[1], pa.string()),
+                "resource_id": pa.array(cols[2], pa.string()),
+                "version_id": pa.array(cols[3], pa.string()),
+                "last_updated": pa.array(cols[4], pa.string()),
+                "content_hash": pa.array(cols[5], pa.string()),
+                "deleted": pa.array(cols[6], pa.bool_()),
+                "tenant": pa.array([p.tenant] * n, pa.string()),
+                "pattern": pa.array([p.pattern] * n, pa.string()),
+                "source": pa.array([p.source] * n, pa.string()),
+                "organization": pa.array([p.organization] * n, pa.string()),
+                "connection": pa.array([p.connection] * n, pa.string()),
+                "fetched_at": pa.array([self._fetched_at] * n, pa.timestamp("us", tz="UTC")),
+                "run_id": pa.array([p.run_id] * n, pa.string()),
+                "origin": pa.array(cols[7], pa.string()),
+            },
+            schema=RESOURCE_SCHEMA,
+        )
+        self._write(table, self._next_path(rtype))
+
+    def _flush_quarantine(self) -> None:
+        rows, self._quarantine = self._quarantine, []
+        if not rows:
+            return
+        p = self.prov
+        n = len(rows)
+        cols = list(zip(*rows, strict=True))
+        table = pa.table(
+            {
+                "raw": pa.array(cols[0], pa.string()),
+                "reason": pa.array(cols[1], pa.string()),
+                "resource_type": pa.array(cols[2], pa.string()),
+                "origin": pa.array(cols[3], pa.string()),
+                "raw_hash": pa.array(cols[4], pa.string()),
+                "tenant": pa.array([p.tenant] * n, pa.string()),
+                "pattern": pa.array([p.pattern] * n, pa.string()),
+                "source": pa.array([p.source] * n, pa.string()),
+                "organization": pa.array([p.organization] * n, pa.string()),
+                "connection": pa.array([p.connection] * n, pa.string()),
+                "fetched_at": pa.array([self._fetched_at] * n, pa.timestamp("us", tz="UTC")),
+                "run_id": pa.array([p.run_id] * n, pa.string()),
+            },
+            schema=QUARANTINE_SCHEMA,
+        )
+        d = self._dirs
+        folder = (
+            self.root
+            / "quarantine"
+            / f"tenant={d['tenant']}"
+            / f"pattern={d['pattern']}"
+            / f"source={d['source']}"
+        )
+        folder.mkdir(parents=True, exist_ok=True)
+        self._seq += 1
+        self._write(
+            table, folder / f"{normalise_id(p.run_id)}-{self._tag}-{self._seq:05d}.parquet"
+        )
+
+    def _write(self, table: pa.Table, out: Path) -> None:
+        tmp = out.with_name(out.name + ".tmp")
+        try:
+            pq.write_table(table, tmp, compression="zstd")
+            os.replace(tmp, out)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise LandingError(f"cannot write lake file {out.name}: {exc.strerror}") from exc
+        self.stats.files += 1
+        self.stats.bytes += out.stat().st_size
+
+    def flush(self) -> None:
+        """Write every buffered row now."""
+        for rtype in list(self._rows):
+            self._flush_type(rtype)
+        self._flush_quarantine()
+
+    def close(self) -> LandingStats:
+        """Flush and finish; returns the stats. Idempotent."""
+        if not self._closed:
+            self.flush()
+            self._closed = True
+        return self.stats
+
+
+def _invalid_reason(obj: Any) -> str | None:
+    if not isinstance(obj, dict):
+        return "not a JSON object"
+    rtype = obj.get("resourceType")
+    if not isinstance(rtype, str) or not rtype:
+        return "missing resourceType"
+    # FHIR ids are non-empty strings; a number or an object is as unusable as no id at all.
+    rid = obj.get("id")
+    if not isinstance(rid, str) or not rid:
+        return "missing id"
+    return None
+
+
+def _reason_class(reason: str) -> str:
+    # Reasons carry positions ("at char 12"); metadata groups them by kind.
+    return reason.split(":", 1)[0]
+
+
+def _str_or_none(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def _sql_str(value: str) -> str:
+    return value.replace("'", "''")
+
+
+def remove_tree(path: Path) -> None:
+    """Delete a lake subtree (tests and `medblocks warehouse reset`)."""
+    shutil.rmtree(path, ignore_errors=True)
