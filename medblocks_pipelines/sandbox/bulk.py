@@ -372,6 +372,19 @@ class ExportPlan:
     late_joiners: set[str]
     issues: list[dict[str, Any]]
     type_given: bool
+    scopes: frozenset[str] = frozenset()
+
+    def wants(self, resource_type: str) -> bool:
+        """Whether a resource of this type belongs in this export (used for deletions, whose
+        type may no longer have any live resource)."""
+        if self.type_given:
+            return resource_type in self.types
+        if self.level != SYSTEM and not (
+            resource_type in PATIENT_COMPARTMENT or resource_type in SHARED_TYPES
+            or resource_type == "Patient"
+        ):
+            return False
+        return can_read(self.scopes, resource_type)
 
 
 @dataclass
@@ -700,7 +713,7 @@ class BulkServer:
             patient_ids &= asked
             late &= asked
         return ExportPlan(level, group_id, types, since, type_filters, elements, patient_ids,
-                          late, issues, type_given)
+                          late, issues, type_given, token.scopes)
 
     def _parse_type_filters(
         self,
@@ -887,10 +900,12 @@ class BulkServer:
 
     def _write_deleted(self, job: ExportJob) -> None:
         plan = job.plan
-        _, deletions = self.source.changes_since(plan.since, types=plan.types)
+        _, deletions = self.source.changes_since(plan.since)
         history = getattr(self.source, "history", None)
         entries = []
         for rtype, rid, _deleted_at in deletions:
+            if not plan.wants(rtype):
+                continue
             if plan.patient_ids is not None and rtype in PATIENT_COMPARTMENT:
                 # The compartment of a deleted resource is that of its last live version.
                 last = None
