@@ -133,3 +133,8 @@ class OAuthProtocolError(SandboxError):
         self.description = description
         self.status = status
         self.headers = dict(headers or {})
+
+
+class GeneratorError(SandboxError):
+    """Raised by the synthetic population generator on an inconsistent request (an evolve step
+    applied twice or out of order, a bad size)."""
