@@ -138,3 +138,18 @@ class OAuthProtocolError(SandboxError):
 class GeneratorError(SandboxError):
     """Raised by the synthetic population generator on an inconsistent request (an evolve step
     applied twice or out of order, a bad size)."""
+
+
+class LaunchError(AuthError):
+    """Raised when a SMART launch cannot start or its callback is refused (unknown or reused
+    `state`, an error redirect, a refused code exchange). `reason` is a short machine code
+    (`state_mismatch`, `access_denied`, `invalid_grant`...) stored on the failed connection."""
+
+    def __init__(self, message: str, *, reason: str, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.reason = reason
+
+
+class PagingLoopError(ProtocolError):
+    """Raised when a searchset's `next` link repeats a page already fetched in this search (a
+    server paging loop), or points at another origin; the search stops instead of spinning."""
