@@ -255,7 +255,9 @@ def render_ccd(
         by_type.setdefault(r.get("resourceType", ""), []).append(r)
 
     _problems(
-        d, body, [c for c in by_type.get("Condition", []) if "encounter-diagnosis" not in _category(c)]
+        d,
+        body,
+        [c for c in by_type.get("Condition", []) if "encounter-diagnosis" not in _category(c)],
     )
     _allergies(d, body, by_type.get("AllergyIntolerance", []))
     _medications(
