@@ -297,11 +297,11 @@ def warehouse_query(tenant: str, sql: str) -> None:
     from medblocks_pipelines.lib.warehouse.build import open_warehouse
 
     with open_warehouse(tenant, settings=get_settings()) as con:
-        rel = con.sql(sql)
-        if rel is None:
+        cur = con.execute(sql)
+        if cur.description is None:
             return
-        rows = rel.fetchmany(200)
-        print_table("result", list(rel.columns), [list(r) for r in rows])
+        rows = cur.fetchmany(200)
+        print_table("result", [d[0] for d in cur.description], [list(r) for r in rows])
 
 
 @click.group()

@@ -80,9 +80,10 @@ def run_job(
     """Execute ``job_name`` in-process for one partition and raise if it failed."""
     instance = instance or get_instance()
     sync_registry_partitions(instance)
-    job = load_definitions().get_job_def(job_name)
-    if job is None:
-        raise ConfigError(f"no Dagster job named {job_name}")
+    try:
+        job = load_definitions().resolve_job_def(job_name)
+    except Exception as exc:
+        raise ConfigError(f"no Dagster job named {job_name}") from exc
     result = job.execute_in_process(
         instance=instance,
         partition_key=partition_key,

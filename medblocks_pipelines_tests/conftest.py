@@ -1,0 +1,82 @@
+"""Fixtures shared by every test package: temporary settings and a fresh PostgreSQL database.
+
+PostgreSQL runs on 127.0.0.1:5432 with trust auth (see .ci/run). Each test session creates its own
+database and drops it at the end. Where no server answers, PostgreSQL tests skip locally and fail in CI
+(``MEDBLOCKS_REQUIRE_POSTGRES=1``).
+"""
+
+import os
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from cryptography.fernet import Fernet
+
+from medblocks_pipelines.lib.settings import Settings, get_settings
+
+PG_ADMIN_URL = os.environ.get(
+    "MEDBLOCKS_TEST_PG_ADMIN_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
+)
+
+
+@pytest.fixture
+def settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """Settings rooted in a temporary data folder with SQLite control plane."""
+    for var in ("MEDBLOCKS_DATABASE_URL", "MEDBLOCKS_LAKE_ROOT", "MEDBLOCKS_WAREHOUSE_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("MEDBLOCKS_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("MEDBLOCKS_SECRET_KEY", Fernet.generate_key().decode())
+    s = get_settings()
+    s.ensure_dirs()
+    return s
+
+
+def _pg_available() -> bool:
+    try:
+        engine = sa.create_engine(PG_ADMIN_URL, connect_args={"connect_timeout": 3})
+        with engine.connect():
+            pass
+        engine.dispose()
+        return True
+    except Exception:
+        return False
+
+
+@contextmanager
+def fresh_pg_database(tag: str) -> Iterator[str]:
+    """Create a uniquely named PostgreSQL database, yield its URL, drop it afterwards."""
+    if not _pg_available():
+        if os.environ.get("MEDBLOCKS_REQUIRE_POSTGRES") == "1":
+            pytest.fail("PostgreSQL is required (MEDBLOCKS_REQUIRE_POSTGRES=1) but not reachable")
+        pytest.skip("PostgreSQL is not reachable on 127.0.0.1:5432")
+    name = f"medblocks_{tag}_{os.getpid()}_{secrets.token_hex(3)}"
+    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    try:
+        yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                f"WHERE datname = '{name}' AND pid <> pg_backend_pid()"
+            )
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}"')
+        admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def pg_database_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for the control plane in this session."""
+    with fresh_pg_database("cp") as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def pg_dagster_url() -> Iterator[str]:
+    """A separate fresh database for Dagster's own storage (it has its own alembic_version)."""
+    with fresh_pg_database("dagster") as url:
+        yield url
