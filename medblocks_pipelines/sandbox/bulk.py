@@ -157,6 +157,30 @@ class StaticTokens:
         return found[0]
 
 
+def auth_server_authenticator(auth_server: Any) -> Authenticator:
+    """Adapt the EHR's authorization server (``sandbox.auth.AuthServer``) to the bulk seam.
+
+    Uses its public ``validate_access_token``; answers 401 with an RFC 6750 challenge like the
+    EHR's own ``require_token``.
+    """
+
+    def authenticate(request: Request) -> TokenInfo:
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise FhirHttpError(401, "login", "a bearer access token is required",
+                                headers={"WWW-Authenticate": 'Bearer realm="bulk"'})
+        info = auth_server.validate_access_token(token.strip())
+        if info is None:
+            raise FhirHttpError(
+                401, "login", "the access token is invalid, expired or revoked",
+                headers={"WWW-Authenticate": 'Bearer realm="bulk", error="invalid_token"'},
+            )
+        return TokenInfo(str(info.client_id), frozenset(info.scopes))
+
+    return authenticate
+
+
 def can_read(scopes: Iterable[str], resource_type: str) -> bool:
     """Whether system scopes (SMART v1 ``.read``/``.*`` or v2 ``.rs``-style) allow reading a type.
 
@@ -523,11 +547,13 @@ class BulkServer:
         return await self._kickoff(request, GROUP, request.path_params["group_id"])
 
     async def _authenticate(self, request: Request) -> TokenInfo:
-        result = self.authenticator(request)
+        result: Any = self.authenticator(request)
         if inspect.isawaitable(result):
             result = await result
-        assert isinstance(result, TokenInfo)
-        return result
+        if isinstance(result, TokenInfo):
+            return result
+        # Any object with client_id and scopes will do (the EHR's auth.TokenInfo).
+        return TokenInfo(str(result.client_id), frozenset(result.scopes))
 
     async def _kickoff(self, request: Request, level: str, group_id: str | None) -> Response:
         try:
@@ -809,11 +835,11 @@ class BulkServer:
                 directory=directory,
             )
             failure = self.faults.take("export_fail", **where)
-            if failure:
+            if failure is not None:
                 job.fail_at = now + duration * float(failure["at_fraction"])
                 job.fail_status = int(failure["status"])
             mismatch = self.faults.take("count_mismatch", **where)
-            if mismatch:
+            if mismatch is not None:
                 job.count_delta = int(mismatch["delta"])
             content_faults = {
                 kind: self.faults.take(kind, **where)

@@ -25,8 +25,8 @@ Kinds applied by :class:`FaultMiddleware` to any app (EHR, payer, bulk):
 ``revoke_refresh``        ``grant_type=refresh_token`` at the token endpoint answers 400
                           ``invalid_grant``; ``FaultInjector.on_refresh_revoked`` lets the
                           authorization server revoke it
-``huge_page``             the request's ``_count`` is rewritten to ``page_size`` (servers read
-                          :meth:`FaultInjector.page_size` too)
+``huge_page``             a request's ``_count`` is raised to ``page_size``; servers should
+                          also ask :meth:`FaultInjector.page_size` for their default page
 ========================  ===================================================================
 
 Kinds consumed by the bulk server when an export runs (see ``bulk.py``): ``ndjson_truncate``
@@ -81,8 +81,12 @@ FAULT_DEFAULTS: dict[str, dict[str, Any]] = {
     "export_fail": {"at_fraction": 0.5, "status": 500},
 }
 
-#: Kinds that apply once per request and so default to ``count=1`` (a burst of one).
-_COUNTED_BY_DEFAULT = {"error_burst", "html_200", "drop_connection"}
+#: One-shot kinds: they default to ``count=1`` (one bad answer or one bad export), so a client
+#: that retries gets through; give ``count`` for more, or ``count: null`` via Python for ever.
+_COUNTED_BY_DEFAULT = {
+    "error_burst", "html_200", "drop_connection",
+    "ndjson_truncate", "ndjson_malformed", "count_mismatch", "export_fail",
+}
 
 HTML_ERROR_PAGE = (
     "<!DOCTYPE html><html><head><title>Service Unavailable</title></head>"
@@ -117,7 +121,10 @@ class FaultRule:
         if self.methods is not None:
             self.methods = tuple(m.upper() for m in self.methods)
         if self.path is not None:
-            re.compile(self.path)
+            try:
+                re.compile(self.path)
+            except re.error as exc:
+                raise ValueError(f"path is not a valid regex: {exc}") from None
         form = self.params.get("retry_after_form")
         if form is not None and form not in ("seconds", "http-date"):
             raise ValueError("retry_after_form must be 'seconds' or 'http-date'")
@@ -389,7 +396,7 @@ class FaultMiddleware:
         where: dict[str, Any] = {"client_id": client_id, "path": path, "method": method}
 
         latency = faults.take("latency", **where)
-        if latency:
+        if latency is not None:
             await asyncio.sleep(float(latency["seconds"]))
 
         client = scope.get("client")
@@ -405,13 +412,13 @@ class FaultMiddleware:
             return
 
         burst = faults.take("error_burst", **where)
-        if burst:
+        if burst is not None:
             status = int(burst["status"])
             code = "transient" if status in (502, 503, 504) else "exception"
             await outcome_response(status, code, "Injected server error")(scope, receive, send)
             return
 
-        if faults.take("html_200", **where):
+        if faults.take("html_200", **where) is not None:
             await Response(HTML_ERROR_PAGE, status_code=200, media_type="text/html")(
                 scope, receive, send
             )
@@ -434,15 +441,18 @@ class FaultMiddleware:
             receive = replayed
 
         huge = faults.peek("huge_page", **where)
-        if huge is not None:
+        if huge is not None and b"_count=" in scope.get("query_string", b""):
+            # Only a client-given _count is raised; without one the server's default applies
+            # unless it asks FaultInjector.page_size() itself.
             scope = dict(scope)
-            query = [(k, v) for k, v in parse_qsl(scope.get("query_string", b"").decode())
-                     if k != "_count"]
-            query.append(("_count", str(huge.params["page_size"])))
+            query = [
+                (k, str(huge.params["page_size"]) if k == "_count" else v)
+                for k, v in parse_qsl(scope["query_string"].decode(), keep_blank_values=True)
+            ]
             scope["query_string"] = urlencode(query).encode()
 
         drop = faults.take("drop_connection", **where)
-        if drop:
+        if drop is not None:
             try:
                 await self.app(scope, receive, _cutting_send(send, int(drop["after_bytes"])))
             except _Abort:
@@ -553,3 +563,28 @@ def fault_admin_routes(
         Route(prefix, collection, methods=["GET", "POST", "DELETE"], name="sandbox_faults"),
         Route(prefix + "/{rule_id}", item, methods=["DELETE"], name="sandbox_fault"),
     ]
+
+
+def connect_auth_server(faults: FaultInjector, auth_server: Any) -> Callable[[str], str | None]:
+    """Wire ``faults`` to the EHR's ``sandbox.auth.AuthServer`` through its public methods.
+
+    ``expire_token`` then expires the token's grant (or the client's tokens) in the AS for real.
+    Returns a client resolver for :class:`FaultMiddleware` that maps opaque access tokens to
+    their client id.
+    """
+
+    def resolve(token: str) -> str | None:
+        info = auth_server.validate_access_token(token)
+        return str(info.client_id) if info is not None else jwt_client_resolver(token)
+
+    def expire(token: str) -> None:
+        info = auth_server.validate_access_token(token)
+        if info is None:
+            return
+        if getattr(info, "grant_id", None):
+            auth_server.expire_tokens(grant_id=info.grant_id)
+        else:
+            auth_server.expire_tokens(client_id=info.client_id)
+
+    faults.on_token_expired = expire
+    return resolve
