@@ -1,11 +1,11 @@
 """Terminology and demographic pools the generator draws from.
 
-Every code here is a real code in its system with its real display name (SNOMED CT, ICD-10-CM, LOINC, RxNorm,
-CVX, CPT/HCPCS, UCUM units, HL7 v2/v3 code systems, CDC race and ethnicity). Where a specific clinical drug
-(SCD) code could not be confirmed, the RxNorm ingredient (IN) code is used instead, which US Core allows.
-Names, streets and cities are ordinary US ones; phone numbers use the fictional 555 exchange, e-mail addresses
-the reserved example domains and SSN-like numbers the never-issued 9xx area, so nothing maps to a real person.
-"""
+Every code here is a real code in its system with its real display name (SNOMED CT, ICD-10-CM,
+LOINC, RxNorm, CVX, CPT/HCPCS, UCUM units, HL7 v2/v3 code systems, CDC race and ethnicity).
+Where a specific clinical drug (SCD) code could not be confirmed, the RxNorm ingredient (IN)
+code is used instead, which US Core allows. Names, streets and cities are ordinary US ones;
+phone numbers use the fictional 555 exchange, e-mail addresses the reserved example domains and
+SSN-like numbers the never-issued 9xx area, so nothing maps to a real person."""
 
 from dataclasses import dataclass, field
 
@@ -782,7 +782,7 @@ ALLERGIES: dict[str, AllergyDef] = {
 
 @dataclass(frozen=True)
 class EncounterKind:
-    """An encounter flavour: FHIR class, SNOMED type, the E/M CPT billed and the place of service."""
+    """An encounter flavour: FHIR class, SNOMED type, E/M CPT billed and place of service."""
 
     key: str
     act_class: str

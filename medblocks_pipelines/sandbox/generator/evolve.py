@@ -1,11 +1,12 @@
-"""evolve(): a deterministic change set for incremental syncs (_since, _lastUpdated, Bulk `deleted`).
+"""evolve(): a deterministic change set for incremental syncs (_since, _lastUpdated, Bulk
+`deleted`).
 
-Step k happens on day k after the reference date. It adds new visits (an Encounter with its vitals, sometimes a
-note, and the claim at the payer), updates existing resources (new telecom on a Patient, a medication stopped,
-a problem made inactive; each with versionId + 1) and deletes a few (an observation entered in error, a note
-withdrawn with its Binary). Every created or updated resource carries the step's lastUpdated instant, later
-than anything generated before, so `_since` a previous step returns exactly the changes.
-"""
+Step k happens on day k after the reference date. It adds new visits (an Encounter with its
+vitals, sometimes a note, and the claim at the payer), updates existing resources (new telecom
+on a Patient, a medication stopped, a problem made inactive; each with versionId + 1) and
+deletes a few (an observation entered in error, a note withdrawn with its Binary). Every created
+or updated resource carries the step's lastUpdated instant, later than anything generated
+before, so `_since` a previous step returns exactly the changes."""
 
 import copy
 import random
@@ -47,6 +48,8 @@ def evolve(pop: Population, step: int = 1) -> Changes:
         stamp_n += 1
         return render.instant(base + timedelta(seconds=stamp_n))
 
+    for st in pop.stores.values():
+        st.ceiling = None  # every resource this step touches is stamped explicitly below
     sources_by_person: dict[str, list[Any]] = {}
     for s in pop.sources:
         sources_by_person.setdefault(s.person_id, []).append(s)
@@ -91,8 +94,8 @@ def evolve(pop: Population, step: int = 1) -> Changes:
         e.claim_lag_days = 0
         h.encounters.append(e)
         ctx = render.CareContext(h, src.patient_id, pop.rosters[org_id])
-        for key in h.problem_lists.get(org_id, []):
-            ctx.condition_ids[key] = st.rid("Condition", h.person.person_id, key)
+        for cond in h.problem_lists.get(org_id, []):
+            ctx.condition_ids[cond] = st.rid("Condition", h.person.person_id, cond)
         before = set(st.resources)
         render.render_encounter(st, ctx, e)
         for key in list(st.resources):

@@ -1,9 +1,9 @@
 """Org-neutral care histories: what happened to a person, where and when.
 
-A history is a list of encounters plus the person's chronic conditions, allergies and smoking status. Rendering
-into each organization's FHIR resources happens in `render.py`; this module only decides the facts, so the same
-fact (a diagnosis, a lab value, a vaccine) can be rendered at several organizations and traced back by fact id.
-"""
+A history is a list of encounters plus the person's chronic conditions, allergies and smoking
+status. Rendering into each organization's FHIR resources happens in `render.py`; this module
+only decides the facts, so the same fact (a diagnosis, a lab value, a vaccine) can be rendered
+at several organizations and traced back by fact id."""
 
 import random
 from dataclasses import dataclass, field
@@ -151,7 +151,7 @@ def make_history(
         lo = start_window + timedelta(days=365 * y)
         hi = lo + timedelta(days=364)
         plan: list[tuple[str, str]] = [("wellness", primary)]
-        for key in conditions:
+        for _ in conditions:
             if rng.random() < 0.65:
                 plan.append(("followup", rng.choice(care_orgs)))
         if rng.random() < 0.6:

@@ -1,4 +1,5 @@
-"""The generator's public data types: the population spec, organizations, ground truth and change sets."""
+"""The generator's public data types: the population spec, organizations, ground truth and change
+sets."""
 
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -14,8 +15,9 @@ OrgKind = Literal["ehr", "payer", "network"]
 class OrgInfo:
     """One organization of the synthetic world and the identifiers others need to address it.
 
-    `kind` says how its data is reached: "ehr" (FHIR REST + SMART + Bulk), "payer" (CMS Patient Access API)
-    or "network" (only through the exchange gateway; its FHIR resources are rendered as C-CDA by others).
+    `kind` says how its data is reached: "ehr" (FHIR REST + SMART + Bulk), "payer" (CMS Patient
+    Access API) or "network" (only through the exchange gateway; its FHIR resources are rendered as
+    C-CDA by others).
     """
 
     id: str

@@ -1,11 +1,12 @@
-"""NDJSON output: a population per org and type with its ground truth beside it, and the streaming scale path.
+"""NDJSON output: a population per org and type with its ground truth beside it, and the streaming
+scale path.
 
-`stream_bulk_ndjson` is for millions of resources. It renders a small seeded population with the same builders
-as `generate_population`, turns each source patient's resources into pre-compiled format strings whose ids,
-dates, values and names are slots, and then writes copies of those patient blocks straight to disk: no
-per-resource dict, no json.dumps, bounded buffers. Each copy gets fresh ids (original id + a copy suffix), its
-dates shifted back by a per-copy number of days, jittered quantities and a new name.
-"""
+`stream_bulk_ndjson` is for millions of resources. It renders a small seeded population with the
+same builders as `generate_population`, turns each source patient's resources into pre-compiled
+format strings whose ids, dates, values and names are slots, and then writes copies of those
+patient blocks straight to disk: no per-resource dict, no json.dumps, bounded buffers. Each copy
+gets fresh ids (original id + a copy suffix), its dates shifted back by a per-copy number of
+days, jittered quantities and a new name."""
 
 import csv
 import json
@@ -33,8 +34,9 @@ def dumps(resource: Resource) -> str:
 def write_ndjson(pop: Population, out_dir: str | Path) -> dict[str, Any]:
     """Write `<out>/<org>/<Type>.ndjson` for every org plus `<out>/truth/*` ground truth files.
 
-    Truth files: identity.csv (org_id, source_patient_id, person_id), facts.csv (fact_id, org_id,
-    resource_type, resource_id), persons.json, organizations.json, logins.csv. Returns counts and paths.
+    Truth files: identity.csv (org_id, source_patient_id, person_id), facts.csv (fact_id,
+    org_id, resource_type, resource_id), persons.json, organizations.json, logins.csv.
+    Returns counts and paths.
     """
     out = Path(out_dir)
     files: list[str] = []
@@ -208,9 +210,9 @@ def stream_bulk_ndjson(
 ) -> dict[str, Any]:
     """Write exactly `resources` FHIR resources as NDJSON files per type under `out_dir`, streaming.
 
-    Shapes come from a small population rendered by the regular builders (`orgs`: which orgs' shapes,
-    default all). Memory stays bounded by the sample and `buffer_bytes` per open file. Returns stats:
-    resources, bytes, seconds, patients (block copies), by_type, files.
+    Shapes come from a small population rendered by the regular builders (`orgs`: which orgs'
+    shapes, default all). Memory stays bounded by the sample and `buffer_bytes` per open file.
+    Returns stats: resources, bytes, seconds, patients (block copies), by_type, files.
     """
     if resources < 0 or files_per_type < 1:
         raise GeneratorError("resources must be >= 0 and files_per_type >= 1")

@@ -1,10 +1,9 @@
 """Persons, organizations and the demographic noise each organization's registration adds.
 
-A `PersonTruth` is the real human. Each organization that knows the person holds its own noisy copy
-(`SourceDemographics`): a nickname instead of the given name, a typo, the maiden name, the address before the
-move, a missing phone or e-mail, an SSN-like identifier only sometimes. Twins share birth date, address, phone and
-family name but are different persons.
-"""
+A `PersonTruth` is the real human. Each organization that knows the person holds its own noisy
+copy (`SourceDemographics`): a nickname instead of the given name, a typo, the maiden name, the
+address before the move, a missing phone or e-mail, an SSN-like identifier only sometimes. Twins
+share birth date, address, phone and family name but are different persons."""
 
 import random
 from dataclasses import dataclass, replace

@@ -144,7 +144,7 @@ def generate_population(spec: PopulationSpec | None = None) -> Population:
     orgs = people.default_organizations()
     by_id = {o.id: o for o in orgs}
     rosters = {o.id: render.roster(o) for o in orgs if o.kind != "payer"}
-    stores = {o.id: render.OrgStore(o) for o in orgs}
+    stores = {o.id: render.OrgStore(o, ceiling=render.instant(ref_dt)) for o in orgs}
     base_time = ref_dt - timedelta(days=365 * (spec.years + 2))
     for o in orgs:
         render.render_org_base(stores[o.id], rosters.get(o.id, []), base_time)

@@ -1,10 +1,11 @@
-"""Render histories into each organization's FHIR R4 resources (US Core on EHRs, CARIN BB at the payer).
+"""Render histories into each organization's FHIR R4 resources (US Core on EHRs, CARIN BB at the
+payer).
 
-Each organization has its own id style, its own MRN system and a few habits of its own (Mercy General references
-Medication resources, Valley Medical stamps labs with an effectivePeriod, network orgs keep only year-precision
-onsets for problems they did not diagnose), so the same fact looks a little different at each source, as it does
-in real life. Every rendered fact is recorded in the fact ledger: (fact_id, org_id, resource_type, resource_id).
-"""
+Each organization has its own id style, its own MRN system and a few habits of its own (Mercy
+General references Medication resources, Valley Medical stamps labs with an effectivePeriod,
+network orgs keep only year-precision onsets for problems they did not diagnose), so the same
+fact looks a little different at each source, as it does in real life. Every rendered fact is
+recorded in the fact ledger: (fact_id, org_id, resource_type, resource_id)."""
 
 import base64
 import hashlib
@@ -91,6 +92,8 @@ class OrgStore:
     org: OrgInfo
     resources: dict[tuple[str, str], Resource] = field(default_factory=dict)
     facts: list[tuple[str, str, str, str]] = field(default_factory=list)
+    # no resource may claim to be updated after the world's reference instant
+    ceiling: str | None = None
 
     def rid(self, *parts: str) -> str:
         """Stable id for a resource of this org."""
@@ -98,6 +101,9 @@ class OrgStore:
 
     def put(self, resource: Resource, *, fact: str | None = None) -> Resource:
         """Store a resource (replacing one with the same type and id) and record its fact."""
+        m = resource.get("meta")
+        if self.ceiling is not None and m is not None and m["lastUpdated"] > self.ceiling:
+            m["lastUpdated"] = self.ceiling
         self.resources[(resource["resourceType"], resource["id"])] = resource
         if fact is not None:
             self.facts.append((fact, self.org.id, resource["resourceType"], resource["id"]))
@@ -265,7 +271,7 @@ def render_patient(
     when: datetime,
     version: int,
 ) -> Resource:
-    """The org's Patient: its MRN (or member id), noisy name/address/telecom and US Core extensions."""
+    """The org's Patient: MRN (or member id), noisy name/address/telecom, US Core extensions."""
     org = st.org
     p = h.person
     race = next(r for r in codes.RACES if r[0] == p.race)
@@ -471,11 +477,12 @@ def render_medication_request(
     status: str,
     clinician: Clinician,
 ) -> Resource:
-    """A US Core MedicationRequest; Mercy General references a Medication resource instead of a code."""
+    """A US Core MedicationRequest; Mercy General references a Medication resource."""
     m = codes.MEDS[med_key]
-    med_cc = {"coding": [coding(codes.RXNORM, m.rxnorm, m.display)], "text": m.display}
+    med_codings = [coding(codes.RXNORM, m.rxnorm, m.display)]
     if m.ingredient != m.rxnorm:
-        med_cc["coding"].append(coding(codes.RXNORM, m.ingredient, m.ingredient_display))
+        med_codings.append(coding(codes.RXNORM, m.ingredient, m.ingredient_display))
+    med_cc: dict[str, Any] = {"coding": med_codings, "text": m.display}
     res: Resource = {
         "resourceType": "MedicationRequest",
         "id": st.rid("MedicationRequest", ctx.person_id, fact),
@@ -783,7 +790,7 @@ def render_immunization(
         "vaccineCode": {"coding": [coding(codes.CVX, v.cvx, v.display)], "text": v.display},
         "patient": ref("Patient", ctx.pid),
     }
-    if given_here:
+    if enc_id is not None:
         res["encounter"] = ref("Encounter", enc_id)
     res["occurrenceDateTime"] = local(when) if given_here else day(when)
     res["primarySource"] = given_here
@@ -948,7 +955,7 @@ def hash_int(s: str) -> int:
 
 
 def render_encounter(st: OrgStore, ctx: CareContext, e: Encounter) -> str:
-    """One encounter held at this org and everything recorded during it; returns the Encounter id."""
+    """One encounter at this org and everything recorded during it; returns the Encounter id."""
     k = codes.ENCOUNTER_KINDS[e.kind]
     enc_id = st.rid("Encounter", ctx.person_id, str(e.n))
     ctx.encounter_ids[e.n] = enc_id
@@ -1242,7 +1249,7 @@ def render_coverage(st: OrgStore, ctx: CareContext, member_id: str, start: datet
 def ensure_provider(
     st: OrgStore, c: Clinician, care_org: OrgInfo, when: datetime
 ) -> tuple[str, str]:
-    """Payer-side copies of the billing Practitioner and provider Organization; returns their ids."""
+    """Payer-side copies of the billing Practitioner and provider Organization; their ids."""
     prac = practitioner(st, c, when)
     if ("Practitioner", prac["id"]) not in st.resources:
         st.put(prac)
@@ -1511,7 +1518,7 @@ def render_payer(
     rosters: dict[str, list[Clinician]],
     reference: datetime,
 ) -> None:
-    """Coverage and one EOB per covered encounter whose claim has been processed by the reference date."""
+    """Coverage and one EOB per covered encounter whose claim was processed by the ref date."""
     h = ctx.h
     assert h.coverage_start is not None
     cov_id = render_coverage(st, ctx, member_id, h.coverage_start)

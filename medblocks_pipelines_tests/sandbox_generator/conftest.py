@@ -1,0 +1,11 @@
+"""Shared populations for the generator tests (generated once per session: generation is pure)."""
+
+import pytest
+
+from medblocks_pipelines.sandbox.generator import Population, PopulationSpec, generate_population
+
+
+@pytest.fixture(scope="session")
+def pop() -> Population:
+    """A 120-person world, never mutated by tests (evolve tests build their own)."""
+    return generate_population(PopulationSpec(seed=42, persons=120))
