@@ -81,7 +81,9 @@ def sources() -> None:
 @click.option("--kind", type=click.Choice(["ehr", "payer", "network"]), default="ehr")
 @click.option("--fhir-base-url")
 @click.option("--pattern", "patterns", multiple=True, help="Repeat for each supported pattern.")
-@click.option("--config", "config_json", help="Client ids, scopes, cadence... as JSON (no secrets).")
+@click.option(
+    "--config", "config_json", help="Client ids, scopes, cadence... as JSON (no secrets)."
+)
 def sources_add(
     source_id: str,
     name: str,
@@ -210,13 +212,31 @@ def connections_show(connection_id: str) -> None:
     """Show a connection and its full event history."""
     cp = control_plane()
     c = cp.get_connection(connection_id)
-    for key in ("id", "tenant_id", "pattern", "source_id", "organization_id", "patient_ref",
-                "source_patient_id", "state", "state_reason", "scopes_granted",
-                "token_expires_at", "has_refresh_token", "last_pull_at", "created_at"):
+    for key in (
+        "id",
+        "tenant_id",
+        "pattern",
+        "source_id",
+        "organization_id",
+        "patient_ref",
+        "source_patient_id",
+        "state",
+        "state_reason",
+        "scopes_granted",
+        "token_expires_at",
+        "has_refresh_token",
+        "last_pull_at",
+        "created_at",
+    ):
         click.echo(f"{key:>18}: {c.get(key)}")
     rows = [
-        [e["at"].isoformat(timespec="seconds"), e["event_type"], e["from_state"], e["to_state"],
-         json.dumps(e["detail"], default=str)]
+        [
+            e["at"].isoformat(timespec="seconds"),
+            e["event_type"],
+            e["from_state"],
+            e["to_state"],
+            json.dumps(e["detail"], default=str),
+        ]
         for e in cp.connection_events(connection_id)
     ]
     print_table("history", ["at", "event", "from", "to", "detail"], rows)
@@ -240,7 +260,9 @@ def sync_import_ndjson(tenant: str, org_id: str, folder: str) -> None:
     result = run_job(
         "ndjson_import_job",
         partition_key=partition_key(tenant, org_id),
-        run_config={"ops": {"backend__ndjson_import": {"config": {"path": str(Path(folder).resolve())}}}},
+        run_config={
+            "ops": {"backend__ndjson_import": {"config": {"path": str(Path(folder).resolve())}}}
+        },
         tags={"medblocks/tenant": tenant},
     )
     for mat in result.asset_materializations_for_node("backend__ndjson_import"):
@@ -256,27 +278,35 @@ def warehouse() -> None:
 
 @warehouse.command("build")
 @click.option("--tenant", required=True)
-@click.option("--in-process/--dagster", default=False,
-              help="Build directly, without recording a Dagster run.")
+@click.option(
+    "--in-process/--dagster", default=False, help="Build directly, without recording a Dagster run."
+)
 def warehouse_build(tenant: str, in_process: bool) -> None:
     """Rebuild a tenant's warehouse from the lake and publish it."""
     if in_process:
         from medblocks_pipelines.lib.warehouse.build import build_warehouse
 
         cp = control_plane()
-        result = build_warehouse(tenant, settings=get_settings(), control_plane=cp,
-                                 run_id=f"cli-{uuid.uuid4().hex[:8]}")
+        result = build_warehouse(
+            tenant, settings=get_settings(), control_plane=cp, run_id=f"cli-{uuid.uuid4().hex[:8]}"
+        )
         counts = result.table_counts
         path = result.path
     else:
         from medblocks_pipelines.cli.runtime import run_job
-        from medblocks_pipelines.lib.warehouse.build import open_warehouse, table_counts, warehouse_path
+        from medblocks_pipelines.lib.warehouse.build import (
+            open_warehouse,
+            table_counts,
+            warehouse_path,
+        )
 
         run_job("tenant_warehouse_job", partition_key=tenant, tags={"medblocks/tenant": tenant})
         with open_warehouse(tenant, settings=get_settings()) as con:
             counts = table_counts(con)
         path = warehouse_path(get_settings(), tenant)
-    print_table(f"warehouse {tenant}", ["table", "rows"], [[k, f"{v:,}"] for k, v in counts.items()])
+    print_table(
+        f"warehouse {tenant}", ["table", "rows"], [[k, f"{v:,}"] for k, v in counts.items()]
+    )
     click.echo(f"published {path}")
 
 
@@ -339,14 +369,24 @@ def serve(host: str, port: int) -> None:
 
     from medblocks_pipelines.web.app import create_app
 
-    uvicorn.run(create_app(public_base_url=f"http://{host}:{port}"), host=host, port=port,
-                log_level="warning")
+    uvicorn.run(
+        create_app(public_base_url=f"http://{host}:{port}"),
+        host=host,
+        port=port,
+        log_level="warning",
+    )
 
 
 @click.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", "base_port", default=8800, show_default=True, type=int,
-              help="First port; each sandbox server takes the next one.")
+@click.option(
+    "--port",
+    "base_port",
+    default=8800,
+    show_default=True,
+    type=int,
+    help="First port; each sandbox server takes the next one.",
+)
 @click.option("--persons", default=200, show_default=True, type=int)
 @click.option("--seed", default=42, show_default=True, type=int)
 def sandbox(host: str, base_port: int, persons: int, seed: int) -> None:
@@ -357,7 +397,9 @@ def sandbox(host: str, base_port: int, persons: int, seed: int) -> None:
 
     handle = start_sandbox(host=host, base_port=base_port, persons=persons, seed=seed)
     rows = handle.describe()
-    print_table("sandbox", list(rows[0].keys()) if rows else ["role"], [list(r.values()) for r in rows])
+    print_table(
+        "sandbox", list(rows[0].keys()) if rows else ["role"], [list(r.values()) for r in rows]
+    )
     click.echo("Ctrl-C to stop.")
     try:
         while True:
@@ -369,8 +411,9 @@ def sandbox(host: str, base_port: int, persons: int, seed: int) -> None:
 @click.command()
 @click.option("--persons", default=60, show_default=True, type=int)
 @click.option("--seed", default=42, show_default=True, type=int)
-@click.option("--fresh/--keep", default=True, show_default=True,
-              help="Start from an empty data folder.")
+@click.option(
+    "--fresh/--keep", default=True, show_default=True, help="Start from an empty data folder."
+)
 def demo(persons: int, seed: int, fresh: bool) -> None:
     """Run every pattern end to end on the embedded default and print what landed."""
     from medblocks_pipelines.demo import run_demo
@@ -380,6 +423,18 @@ def demo(persons: int, seed: int, fresh: bool) -> None:
 
 def register(main: click.Group) -> None:
     """Attach the core commands to ``main``."""
-    for cmd in (tenants, sources, orgs, registry, connections, sync, warehouse, audit, vault,
-                serve, sandbox, demo):
+    for cmd in (
+        tenants,
+        sources,
+        orgs,
+        registry,
+        connections,
+        sync,
+        warehouse,
+        audit,
+        vault,
+        serve,
+        sandbox,
+        demo,
+    ):
         main.add_command(cmd)

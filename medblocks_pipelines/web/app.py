@@ -50,7 +50,9 @@ def create_app(
 ) -> Starlette:
     """Build the app; ``public_base_url`` is how peers reach us (redirect URIs, JWKS URL, CDS aud)."""
     ctx = WebContext(
-        settings=settings or get_settings(), public_base_url=public_base_url.rstrip("/"), extra=extra
+        settings=settings or get_settings(),
+        public_base_url=public_base_url.rstrip("/"),
+        extra=extra,
     )
     routes: list[BaseRoute] = [Route("/healthz", health)]
     for name in SURFACES:

@@ -25,7 +25,10 @@ def test_registry_import_build_query(settings: Settings, tmp_path: Path, monkeyp
         "sources: [{id: mercy-ehr, name: Mercy, vendor: epic, kind: ehr, patterns: [backend]}]\n"
         "organizations: [{id: mercy, tenant: acme, source: mercy-ehr, name: Mercy General}]\n"
     )
-    assert _run("registry", "apply", str(reg)) == (0, "1 tenants, 1 sources, 1 organizations applied\n")
+    assert _run("registry", "apply", str(reg)) == (
+        0,
+        "1 tenants, 1 sources, 1 organizations applied\n",
+    )
     code, out = _run("tenants", "list")
     assert code == 0 and "acme" in out
 
@@ -34,14 +37,21 @@ def test_registry_import_build_query(settings: Settings, tmp_path: Path, monkeyp
     (export / "Patient.ndjson").write_text(
         "\n".join(json.dumps({"resourceType": "Patient", "id": f"p{i}"}) for i in range(4)) + "\n"
     )
-    code, out = _run("sync", "import-ndjson", "--tenant", "acme", "--org", "mercy", "--path", str(export))
+    code, out = _run(
+        "sync", "import-ndjson", "--tenant", "acme", "--org", "mercy", "--path", str(export)
+    )
     assert code == 0, out
     assert "landed 4 resources, quarantined 0" in out
     code, out = _run("warehouse", "build", "--tenant", "acme")
     assert code == 0, out
     assert "resources" in out and "published" in out
-    code, out = _run("warehouse", "query", "--tenant", "acme",
-                     "SELECT count(*) AS n FROM resources WHERE resource_type = 'Patient'")
+    code, out = _run(
+        "warehouse",
+        "query",
+        "--tenant",
+        "acme",
+        "SELECT count(*) AS n FROM resources WHERE resource_type = 'Patient'",
+    )
     assert code == 0 and " 4 " in out
 
 
@@ -53,12 +63,16 @@ def test_errors_are_one_line_with_hint(settings: Settings) -> None:
     assert lines[1].startswith("hint: build it with")
     result = CliRunner().invoke(main, ["tenants", "add", "Bad Id", "--name", "x"])
     assert result.exit_code == 1 and "not normalised" in result.output
-    result = CliRunner().invoke(main, ["orgs", "add", "o", "--tenant", "t", "--source", "s", "--name", "n"])
+    result = CliRunner().invoke(
+        main, ["orgs", "add", "o", "--tenant", "t", "--source", "s", "--name", "n"]
+    )
     assert result.exit_code == 1 and "tenant 't' not found" in result.output
 
 
 def test_verbose_shows_the_stack(settings: Settings) -> None:
     from medblocks_pipelines.lib.errors import WarehouseError
 
-    result = CliRunner().invoke(main, ["--verbose", "warehouse", "query", "--tenant", "x", "SELECT 1"])
+    result = CliRunner().invoke(
+        main, ["--verbose", "warehouse", "query", "--tenant", "x", "SELECT 1"]
+    )
     assert isinstance(result.exception, WarehouseError)

@@ -72,7 +72,9 @@ def test_registry_sensor_adds_and_removes_partitions(settings: Settings) -> None
     with dg.instance_for_test() as instance:
         ctx = dg.build_sensor_context(instance=instance, resources={"platform": PlatformResource()})
         result = registry_partitions_sensor(ctx)
-        requests = {r.partitions_def_name: r.partition_keys for r in result.dynamic_partitions_requests}
+        requests = {
+            r.partitions_def_name: r.partition_keys for r in result.dynamic_partitions_requests
+        }
         assert requests["tenants"] == ["acme"]
         assert requests["backend_orgs"] == ["acme.mercy"]
         for req in result.dynamic_partitions_requests:
@@ -85,8 +87,11 @@ def test_registry_sensor_adds_and_removes_partitions(settings: Settings) -> None
         third = registry_partitions_sensor(
             dg.build_sensor_context(instance=instance, resources={"platform": PlatformResource()})
         )
-        deletes = [r for r in third.dynamic_partitions_requests
-                   if isinstance(r, dg.DeleteDynamicPartitionsRequest)]
+        deletes = [
+            r
+            for r in third.dynamic_partitions_requests
+            if isinstance(r, dg.DeleteDynamicPartitionsRequest)
+        ]
         assert deletes and deletes[0].partition_keys == ["acme.gone"]
 
 
@@ -108,7 +113,9 @@ def _import_then_build(instance: dg.DagsterInstance, settings: Settings, folder:
     assert mat.metadata["landed"].value == 3
     assert mat.metadata["quarantined"].value == 1
     res = dg.materialize(
-        [tenant_warehouse], partition_key="acme", instance=instance,
+        [tenant_warehouse],
+        partition_key="acme",
+        instance=instance,
         resources={"platform": PlatformResource()},
     )
     assert res.success

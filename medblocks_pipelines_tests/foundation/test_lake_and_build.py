@@ -2,7 +2,6 @@
 idempotent re-runs, a run killed mid-write, tombstones, and atomic publish under a reader."""
 
 import gzip
-import json
 import os
 import signal
 import subprocess
@@ -69,7 +68,9 @@ BAD_LINES = [
 
 
 @pytest.mark.parametrize("gz", [False, True])
-def test_bad_lines_quarantined_good_lines_kept(settings: Settings, tmp_path: Path, gz: bool) -> None:
+def test_bad_lines_quarantined_good_lines_kept(
+    settings: Settings, tmp_path: Path, gz: bool
+) -> None:
     lines = [_obs(i) for i in range(5)] + [b for b, _ in BAD_LINES]
     f = _write_ndjson(tmp_path / "Observation.ndjson", lines, gz=gz)
     with LakeWriter(settings.lake_root, _prov("r1")) as w:
@@ -78,7 +79,9 @@ def test_bad_lines_quarantined_good_lines_kept(settings: Settings, tmp_path: Pat
     assert w.stats.quarantined == len(BAD_LINES)
     build_warehouse("acme", settings=settings, steps=[])
     with open_warehouse("acme", settings=settings) as con:
-        reasons = sorted(r[0].split(":")[0] for r in con.execute("SELECT reason FROM quarantine").fetchall())
+        reasons = sorted(
+            r[0].split(":")[0] for r in con.execute("SELECT reason FROM quarantine").fetchall()
+        )
         raws = {r[0] for r in con.execute("SELECT raw FROM quarantine").fetchall()}
         kept = con.execute("SELECT resource FROM resources WHERE resource_id = 'o1'").fetchone()
     assert reasons == sorted(r for _, r in BAD_LINES)
@@ -91,7 +94,9 @@ def test_fast_and_slow_paths_land_the_same_rows(settings: Settings, tmp_path: Pa
     f = _write_ndjson(tmp_path / "a.ndjson", lines)
     with LakeWriter(settings.lake_root, _prov("fast")) as w:
         w.add_ndjson_file(f)
-    with LakeWriter(settings.lake_root, Provenance("acme", "backend", "other-src", None, None, "slow")) as w2:
+    with LakeWriter(
+        settings.lake_root, Provenance("acme", "backend", "other-src", None, None, "slow")
+    ) as w2:
         for line in lines:
             w2.add(line)
     assert w.stats.counts_by_type == w2.stats.counts_by_type
@@ -137,13 +142,17 @@ def test_versions_and_tombstones(settings: Settings) -> None:
         w.add(_obs(1, version=1))
     build_warehouse("acme", settings=settings, steps=[])
     with open_warehouse("acme", settings=settings) as con:
-        assert con.execute("SELECT count(*) FROM resources WHERE resource_id='o1'").fetchone()[0] == 0
+        assert (
+            con.execute("SELECT count(*) FROM resources WHERE resource_id='o1'").fetchone()[0] == 0
+        )
 
 
 def test_tenants_are_isolated(settings: Settings) -> None:
     with LakeWriter(settings.lake_root, _prov("r1")) as w:
         w.add(_obs(1))
-    with LakeWriter(settings.lake_root, Provenance("globex", "backend", "s", None, None, "r1")) as w:
+    with LakeWriter(
+        settings.lake_root, Provenance("globex", "backend", "s", None, None, "r1")
+    ) as w:
         w.add(_obs(2))
     build_warehouse("acme", settings=settings, steps=[])
     build_warehouse("globex", settings=settings, steps=[])
@@ -173,7 +182,8 @@ def test_run_killed_mid_write_then_rerun(settings: Settings, tmp_path: Path) -> 
     script.write_text(KILL_SCRIPT)
     proc = subprocess.Popen(
         [sys.executable, str(script), str(settings.lake_root), str(N_KILLED)],
-        stdout=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     assert proc.stdout is not None
     assert proc.stdout.readline().strip() == "flushing"

@@ -36,7 +36,9 @@ def cp(request: pytest.FixtureRequest, settings: Settings, monkeypatch: pytest.M
 
 def _seed(cp: ControlPlane) -> None:
     cp.add_tenant("acme", "Acme", {"delete_on_revoke": True})
-    cp.add_source("mercy-ehr", "Mercy EHR", "epic", "ehr", "http://x/fhir", ["backend", "patient_access"])
+    cp.add_source(
+        "mercy-ehr", "Mercy EHR", "epic", "ehr", "http://x/fhir", ["backend", "patient_access"]
+    )
     cp.add_organization("mercy", "acme", "mercy-ehr", "Mercy General")
 
 
@@ -80,8 +82,9 @@ def test_unknown_kind_pattern_and_foreign_keys_refused(cp: ControlPlane) -> None
 
 def test_lifecycle_events_and_outbox_in_one_transaction(cp: ControlPlane) -> None:
     _seed(cp)
-    cid = cp.create_connection(tenant_id="acme", pattern="patient_access", source_id="mercy-ehr",
-                               patient_ref="app-user-1")
+    cid = cp.create_connection(
+        tenant_id="acme", pattern="patient_access", source_id="mercy-ehr", patient_ref="app-user-1"
+    )
     assert cp.get_connection(cid)["state"] == "pending"
     cp.transition(cid, "active")
     cp.record_event(cid, "token.refreshed", {"expires_in": 3600})
@@ -92,13 +95,19 @@ def test_lifecycle_events_and_outbox_in_one_transaction(cp: ControlPlane) -> Non
         cp.transition(cid, "active")
     events = cp.connection_events(cid)
     assert [e["event_type"] for e in events] == [
-        "created", "state.active", "token.refreshed", "state.refresh_failed", "state.active",
+        "created",
+        "state.active",
+        "token.refreshed",
+        "state.refresh_failed",
+        "state.active",
         "state.revoked",
     ]
     assert events[3]["detail"] == {"reason": "invalid_grant"}
     outbox = [e["type"] for e in cp.list_events(tenant_id="acme")]
     assert outbox == [
-        "connection.activated", "connection.refresh_failed", "connection.activated",
+        "connection.activated",
+        "connection.refresh_failed",
+        "connection.activated",
         "connection.revoked",
     ]
     with pytest.raises(RegistryError):
@@ -131,8 +140,13 @@ def test_transition_table(cp: ControlPlane, path: list[str], allowed: bool) -> N
 
 def test_pull_history_audit_watermarks_and_exports(cp: ControlPlane) -> None:
     _seed(cp)
-    pid = cp.start_pull(tenant_id="acme", pattern="backend", source_id="mercy-ehr",
-                        organization_id="mercy", run_id="r1")
+    pid = cp.start_pull(
+        tenant_id="acme",
+        pattern="backend",
+        source_id="mercy-ehr",
+        organization_id="mercy",
+        run_id="r1",
+    )
     cp.finish_pull(pid, status="partial", counts={"Patient": 3, "Observation": 10})
     (pull,) = cp.list_pulls(tenant_id="acme")
     assert pull["status"] == "partial" and pull["counts"]["Observation"] == 10
@@ -140,8 +154,14 @@ def test_pull_history_audit_watermarks_and_exports(cp: ControlPlane) -> None:
     with pytest.raises(RegistryError):
         cp.finish_pull(pid, status="maybe", counts={})
 
-    aid = cp.audit(tenant_id="acme", actor="dr-x", action="xcpd", decision="refused",
-                   purpose="T-TREAT", reason="no treatment relationship")
+    aid = cp.audit(
+        tenant_id="acme",
+        actor="dr-x",
+        action="xcpd",
+        decision="refused",
+        purpose="T-TREAT",
+        reason="no treatment relationship",
+    )
     assert cp.list_audit(tenant_id="acme")[0]["id"] == aid
     assert cp.list_events(tenant_id="acme")[-1]["type"] == "network.query_refused"
 
@@ -150,8 +170,13 @@ def test_pull_history_audit_watermarks_and_exports(cp: ControlPlane) -> None:
     cp.set_watermark("acme/mercy/since", "2026-02-01T00:00:00Z")
     assert cp.get_watermark("acme/mercy/since") == "2026-02-01T00:00:00Z"
 
-    eid = cp.save_bulk_export(tenant_id="acme", source_id="mercy-ehr", organization_id="mercy",
-                              polling_url="http://x/poll/1", request={"_type": "Patient"})
+    eid = cp.save_bulk_export(
+        tenant_id="acme",
+        source_id="mercy-ehr",
+        organization_id="mercy",
+        polling_url="http://x/poll/1",
+        request={"_type": "Patient"},
+    )
     assert [e["id"] for e in cp.list_bulk_exports(status="kicked_off")] == [eid]
     cp.update_bulk_export(eid, status="completed", transaction_time="2026-02-01T00:00:00Z")
     assert cp.list_bulk_exports(status=["kicked_off", "ready"]) == []
@@ -160,8 +185,9 @@ def test_pull_history_audit_watermarks_and_exports(cp: ControlPlane) -> None:
 def test_registry_as_code(cp: ControlPlane) -> None:
     doc = {
         "tenants": [{"id": "acme", "name": "Acme"}],
-        "sources": [{"id": "payer", "name": "Payer", "kind": "payer",
-                     "patterns": ["patient_access"]}],
+        "sources": [
+            {"id": "payer", "name": "Payer", "kind": "payer", "patterns": ["patient_access"]}
+        ],
         "organizations": [{"id": "plan", "tenant": "acme", "source": "payer", "name": "Plan"}],
     }
     assert apply_registry(cp, doc) == {"tenants": 1, "sources": 1, "organizations": 1}
@@ -191,11 +217,13 @@ def _writer(url: str, key: str, worker: int, n: int) -> None:
     engine = make_engine(url)
     store = ControlPlane(engine, Vault(engine, [key.encode()]))
     for i in range(n):
-        cid = store.create_connection(tenant_id="acme", pattern="backend", source_id="mercy-ehr",
-                                      id=f"c-{worker}-{i}")
+        cid = store.create_connection(
+            tenant_id="acme", pattern="backend", source_id="mercy-ehr", id=f"c-{worker}-{i}"
+        )
         store.transition(cid, "active")
-        pid = store.start_pull(tenant_id="acme", pattern="backend", source_id="mercy-ehr",
-                               connection_id=cid)
+        pid = store.start_pull(
+            tenant_id="acme", pattern="backend", source_id="mercy-ehr", connection_id=cid
+        )
         store.finish_pull(pid, status="success", counts={"Patient": 1})
     engine.dispose()
 

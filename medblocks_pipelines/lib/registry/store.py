@@ -175,7 +175,12 @@ class ControlPlane:
         self._upsert(
             t.organizations,
             {"id": id},
-            {"tenant_id": tenant_id, "source_id": source_id, "name": name, "config": dict(config or {})},
+            {
+                "tenant_id": tenant_id,
+                "source_id": source_id,
+                "name": name,
+                "config": dict(config or {}),
+            },
         )
 
     def get_organization(self, id: str) -> dict[str, Any]:
@@ -393,7 +398,9 @@ class ControlPlane:
                 .values(finished_at=now, status=status, counts=dict(counts), error=error)
             )
             row = _row(
-                conn.execute(sa.select(t.pull_history).where(t.pull_history.c.id == pull_id)).first()
+                conn.execute(
+                    sa.select(t.pull_history).where(t.pull_history.c.id == pull_id)
+                ).first()
             )
             if row is None:
                 raise NotFound(f"pull {pull_id} not found")
@@ -585,7 +592,9 @@ class ControlPlane:
     def _get(self, table: sa.Table, id: str, what: str) -> dict[str, Any]:
         row = self._maybe(table, id)
         if row is None:
-            raise NotFound(f"{what} {id!r} not found", hint=f"list them with `medblocks {table.name} list`")
+            raise NotFound(
+                f"{what} {id!r} not found", hint=f"list them with `medblocks {table.name} list`"
+            )
         return row
 
     def _list(self, table: sa.Table, *, order_by: Any) -> list[dict[str, Any]]:

@@ -49,7 +49,8 @@ def load_keys(data_dir: Path | None) -> list[bytes]:
         return [k.strip().encode() for k in env.split(",") if k.strip()]
     if data_dir is None:
         raise ConfigError(
-            "no vault key", hint="set MEDBLOCKS_SECRET_KEY (Fernet keys, newest first, comma-separated)"
+            "no vault key",
+            hint="set MEDBLOCKS_SECRET_KEY (Fernet keys, newest first, comma-separated)",
         )
     path = data_dir / "secret.key"
     if not path.exists():
@@ -79,7 +80,8 @@ class Vault:
             self._fernet = MultiFernet([Fernet(k) for k in keys])
         except ValueError as exc:
             raise ConfigError(
-                "a vault key is not a valid Fernet key", hint="generate one with `medblocks keys vault`"
+                "a vault key is not a valid Fernet key",
+                hint="generate one with `medblocks keys vault`",
             ) from exc
         self._engine = engine
 
@@ -101,9 +103,7 @@ class Vault:
     def put(self, name: str, value: str, *, tenant_id: str | None = None) -> int:
         """Store (or replace) ``name``; returns the new version."""
         with self._engine.begin() as conn:
-            row = conn.execute(
-                sa.select(secrets.c.version).where(secrets.c.name == name)
-            ).first()
+            row = conn.execute(sa.select(secrets.c.version).where(secrets.c.name == name)).first()
             version = (row.version + 1) if row else 1
             values = {
                 "ciphertext": self._encrypt(value),

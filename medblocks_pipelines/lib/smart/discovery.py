@@ -59,7 +59,9 @@ def _json(resp: httpx.Response, what: str) -> dict[str, Any]:
         body = resp.json()
     except ValueError as exc:
         ctype = resp.headers.get("content-type", "")
-        raise ProtocolError(f"{what}: response is not JSON (content-type {ctype or 'none'})") from exc
+        raise ProtocolError(
+            f"{what}: response is not JSON (content-type {ctype or 'none'})"
+        ) from exc
     if not isinstance(body, dict):
         raise ProtocolError(f"{what}: expected a JSON object")
     return body
@@ -69,8 +71,9 @@ def fetch_smart_configuration(fhir_base_url: str, *, client: httpx.Client) -> di
     """GET ``{base}/.well-known/smart-configuration`` and validate the required fields."""
     base = fhir_base_url.rstrip("/") + "/"
     conf = _json(
-        client.get(urljoin(base, ".well-known/smart-configuration"),
-                   headers={"Accept": "application/json"}),
+        client.get(
+            urljoin(base, ".well-known/smart-configuration"), headers={"Accept": "application/json"}
+        ),
         "smart-configuration",
     )
     for key in _URL_FIELDS:

@@ -274,7 +274,10 @@ def build_warehouse(
     steps = default_steps() if steps is None else list(steps)
     final = warehouse_path(settings, tenant)
     with tenant_build_lock(settings, tenant):
-        tmp = settings.warehouse_dir / f".{normalise_id(tenant)}.{secrets.token_hex(4)}.building.duckdb"
+        tmp = (
+            settings.warehouse_dir
+            / f".{normalise_id(tenant)}.{secrets.token_hex(4)}.building.duckdb"
+        )
         timings: dict[str, float] = {}
         try:
             con = duckdb.connect(str(tmp))

@@ -209,7 +209,7 @@ class LakeWriter:
             text = text.strip()
             try:
                 obj = json.loads(text)
-            except ValueError as exc:
+            except json.JSONDecodeError as exc:
                 self.quarantine(text, f"malformed JSON: {exc.msg} at char {exc.pos}", origin=origin)
                 return False
         reason = _invalid_reason(obj)
@@ -453,9 +453,7 @@ class LakeWriter:
         )
         folder.mkdir(parents=True, exist_ok=True)
         self._seq += 1
-        self._write(
-            table, folder / f"{normalise_id(p.run_id)}-{self._tag}-{self._seq:05d}.parquet"
-        )
+        self._write(table, folder / f"{normalise_id(p.run_id)}-{self._tag}-{self._seq:05d}.parquet")
 
     def _write(self, table: pa.Table, out: Path) -> None:
         tmp = out.with_name(out.name + ".tmp")
