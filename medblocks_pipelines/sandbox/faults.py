@@ -385,8 +385,9 @@ class FaultMiddleware:
         if scope["type"] != "http" or not self.faults:
             await self.app(scope, receive, send)
             return
-        path: str = scope.get("root_path", "") + scope["path"]
-        if path.startswith(self.exempt_prefix) or scope["path"].startswith(self.exempt_prefix):
+        # Under Starlette's Mount the path keeps the mount prefix (root_path is a prefix of it).
+        path: str = scope["path"]
+        if path.startswith(self.exempt_prefix):
             await self.app(scope, receive, send)
             return
         method: str = scope["method"]
@@ -566,25 +567,23 @@ def fault_admin_routes(
 
 
 def connect_auth_server(faults: FaultInjector, auth_server: Any) -> Callable[[str], str | None]:
-    """Wire ``faults`` to the EHR's ``sandbox.auth.AuthServer`` through its public methods.
+    """Wire ``faults`` to the EHR's ``sandbox.auth.AuthServer`` and return a client resolver.
 
-    ``expire_token`` then expires the token's grant (or the client's tokens) in the AS for real.
-    Returns a client resolver for :class:`FaultMiddleware` that maps opaque access tokens to
-    their client id.
+    ``expire_token`` then expires the token in the AS for real (``expire_access_token``) and
+    ``revoke_refresh`` revokes the grant behind the refresh token (``revoke_refresh_token``).
+    The resolver maps opaque access tokens to their client id (``client_of``) for
+    :class:`FaultMiddleware`.
     """
 
     def resolve(token: str) -> str | None:
+        client_of = getattr(auth_server, "client_of", None)
+        if client_of is not None:
+            found = client_of(token)
+            if found:
+                return str(found)
         info = auth_server.validate_access_token(token)
         return str(info.client_id) if info is not None else jwt_client_resolver(token)
 
-    def expire(token: str) -> None:
-        info = auth_server.validate_access_token(token)
-        if info is None:
-            return
-        if getattr(info, "grant_id", None):
-            auth_server.expire_tokens(grant_id=info.grant_id)
-        else:
-            auth_server.expire_tokens(client_id=info.client_id)
-
-    faults.on_token_expired = expire
+    faults.on_token_expired = auth_server.expire_access_token
+    faults.on_refresh_revoked = auth_server.revoke_refresh_token
     return resolve
