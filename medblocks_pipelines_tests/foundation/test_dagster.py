@@ -166,3 +166,24 @@ def test_import_and_build_on_postgres_instance(
         _import_then_build(instance, settings, _ndjson_folder(tmp_path))
         runs = instance.get_runs()
         assert len(runs) == 2 and all(r.is_success for r in runs)
+
+
+@pytest.mark.postgres
+def test_production_dagster_yaml_runs_on_postgres(
+    settings: Settings, tmp_path: Path, pg_dagster_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The committed top-level dagster.yaml is a working instance config (env-var credentials)."""
+    import shutil
+
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    shutil.copy(Path(__file__).parents[2] / "dagster.yaml", home / "dagster.yaml")
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    monkeypatch.setenv("DAGSTER_PG_USERNAME", "postgres")
+    monkeypatch.setenv("DAGSTER_PG_PASSWORD", "")
+    monkeypatch.setenv("DAGSTER_PG_HOST", "127.0.0.1")
+    monkeypatch.setenv("DAGSTER_PG_DB", pg_dagster_url.rsplit("/", 1)[1])
+    _seed(settings)
+    with dg.DagsterInstance.get() as instance:
+        assert "Postgres" in type(instance.event_log_storage).__name__
+        _import_then_build(instance, settings, _ndjson_folder(tmp_path))
