@@ -1,4 +1,4 @@
-"""Regenerate ``fhir_schema.json``: element names, types and cardinality of FHIR R4B and R5.
+"""Regenerate ``fhir_schema.json``: element names, types and cardinality of FHIR R4B (+R5).
 
 The view compiler needs to know, for every element it reads, whether it repeats and what type it
 holds; that decides between a struct field and a list, and which DuckDB type to parse it as. The
@@ -90,18 +90,21 @@ def _collect(package: str) -> dict[str, dict[str, list[Any]]]:
 
 
 def main() -> None:
-    """Merge R4B and R5 (an element repeats if it repeats in either) and write the JSON."""
+    """R4B first (the data we land is R4); R5 only adds elements and types R4B lacks."""
     r4b = _collect("fhir.resources.R4B")
     r5 = _collect("fhir.resources")
     merged: dict[str, dict[str, list[Any]]] = {}
     for source in (r4b, r5):
         for tname, elements in source.items():
             target = merged.setdefault(tname, {})
+            choice_bases = {str(e[2]) for e in target.values() if len(e) > 2}
             for ename, entry in elements.items():
-                if ename in target:
-                    target[ename][1] = max(target[ename][1], entry[1])
-                else:
-                    target[ename] = list(entry)
+                if ename in choice_bases:
+                    # R4 choice medication[x] became R5 CodeableReference medication: keep R4.
+                    continue
+                # An element whose shape changed in R5 (Encounter.class) keeps its R4 shape:
+                # reading R4 data with the R5 shape would silently yield NULL.
+                target.setdefault(ename, list(entry))
     resources = sorted(
         t for t, els in merged.items() if "resourceType" not in els and "meta" in els
         and "implicitRules" in els

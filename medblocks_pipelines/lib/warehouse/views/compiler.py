@@ -157,7 +157,12 @@ class _Ctx:
 
 @dataclass
 class _Part:
-    """The rows of a select node: one row of column expressions, or a list of row structs."""
+    """The rows of a select node.
+
+    ``single`` holds the columns whose value is the same on every row of the node (plain SQL
+    expressions); ``multi``, when the node can yield zero or several rows, is a list of row
+    structs holding the other columns.
+    """
 
     cols: list[OutputColumn]
     single: dict[str, str] | None = None
@@ -284,14 +289,14 @@ class _Compiler:
             for ftype, ename in base.choice.items():
                 if self.type_matches(type_name, ftype):
                     return self.member(base.choice_base, ename)
-            return _empty(type_name)
+            return _empty()
         if base.ftype == "Resource":
             raise ViewDefinitionError("ofType() on contained resources is not supported")
         if self.type_matches(type_name, base.ftype) or (
             base.is_resource and type_name == base.ftype
         ):
             return base
-        return _empty(type_name)
+        return _empty()
 
     # ---- expressions ---------------------------------------------------------------------
     def expr(self, node: fp.Node, ctx: _Ctx) -> _Val:
@@ -1056,10 +1061,15 @@ class _Compiler:
                      f"flatten(list_transform({lst}, lambda {e}, {i}: {self.rows(inner)}))")
 
     def rows(self, part: _Part) -> str:
-        if part.multi is not None:
+        """The part as a list of row structs."""
+        if part.multi is None:
+            assert part.single is not None
+            return "[" + self.struct(part.cols, part.single) + "]"
+        if not part.single:
             return part.multi
-        assert part.single is not None
-        return "[" + self.struct(part.cols, part.single) + "]"
+        r = self.var("r")
+        values = {c.name: part.single.get(c.name, f"{r}.{_ident(c.name)}") for c in part.cols}
+        return f"list_transform({part.multi}, lambda {r}: {self.struct(part.cols, values)})"
 
     @staticmethod
     def struct(cols: list[OutputColumn], values: Mapping[str, str]) -> str:
@@ -1122,28 +1132,27 @@ class _Compiler:
                     raise ViewDefinitionError(f"duplicate column name {c.name!r}")
                 seen.add(c.name)
                 cols.append(c)
+        singles: dict[str, str] = {}
+        for p in parts:
+            if p.single:
+                singles.update(p.single)
         multis = [p for p in parts if p.multi is not None]
         if not multis:
-            merged: dict[str, str] = {}
-            for p in parts:
-                assert p.single is not None
-                merged.update(p.single)
-            return _Part(cols, merged)
-        if len(parts) == 1:
-            return parts[0]
+            return _Part(cols, singles)
+        # Values that are the same on every row stay outside the row list (computed once).
+        if len(multis) == 1:
+            return _Part(cols, singles, multis[0].multi)
+        multi_cols = [c for c in cols if c.name not in singles]
         names: dict[int, str] = {id(p): self.var("r") for p in multis}
         values: dict[str, str] = {}
-        for p in parts:
+        for p in multis:
             for c in p.cols:
-                if p.multi is not None:
+                if c.name not in singles:
                     values[c.name] = f"{names[id(p)]}.{_ident(c.name)}"
-                else:
-                    assert p.single is not None
-                    values[c.name] = p.single[c.name]
-        sql = "[" + self.struct(cols, values) + "]"
+        sql = "[" + self.struct(multi_cols, values) + "]"
         for p in reversed(multis):
             sql = f"flatten(list_transform({p.multi}, lambda {names[id(p)]}: {sql}))"
-        return _Part(cols, None, sql)
+        return _Part(cols, singles, sql)
 
 
 def _constants(raw: Any) -> dict[str, _Val]:
@@ -1253,14 +1262,16 @@ def compile_view(
         filt = f"json_extract_string({_ident(resource_column)}, '$.resourceType') = {_q(resource)}"
     src = f"SELECT {', '.join(src_cols)} FROM {table} WHERE {filt}"
     where_sql = f"\nWHERE {' AND '.join(conditions)}" if conditions else ""
+    single = part.single or {}
     if part.multi is None:
-        assert part.single is not None
-        out = [*pass_sql, *(f"{part.single[c.name]} AS {_ident(c.name)}" for c in part.cols)]
+        out = [*pass_sql, *(f"{single[c.name]} AS {_ident(c.name)}" for c in part.cols)]
         sql = f"SELECT {', '.join(out)}\nFROM ({src}) AS __mb_src{where_sql}"
     else:
-        inner = [*pass_sql, f"unnest({part.multi}) AS __mb_row"]
+        inner = [*pass_sql, *(f"{sql_} AS {_ident(n)}" for n, sql_ in single.items()),
+                 f"unnest({part.multi}) AS __mb_row"]
         outer = [*(f"__mb_src.{_ident(c)}" for c in passthrough_columns),
-                 *(f"__mb_row.{_ident(c.name)} AS {_ident(c.name)}" for c in part.cols)]
+                 *(f"__mb_src.{_ident(c.name)}" if c.name in single
+                   else f"__mb_row.{_ident(c.name)} AS {_ident(c.name)}" for c in part.cols)]
         sql = (f"SELECT {', '.join(outer)}\nFROM (SELECT {', '.join(inner)}\n"
                f"FROM ({src}) AS __mb_src{where_sql}) AS __mb_src")
     return CompiledView(name, resource, comp.finish(sql), tuple(part.cols),

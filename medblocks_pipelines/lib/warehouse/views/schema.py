@@ -1,8 +1,8 @@
 """FHIR element facts the view compiler needs: names, types, cardinality, choice groups.
 
-Loaded once from ``fhir_schema.json`` (generated from the ``fhir.resources`` models of R4B and R5
-by ``_schema_gen.py``). An element repeats if it repeats in either version, so views written for
-R4 and R5 both compile.
+Loaded once from ``fhir_schema.json`` (generated from the ``fhir.resources`` models by
+``_schema_gen.py``). R4B decides an element's shape (the data we land is R4); R5 only adds the
+elements and types R4B lacks, so views using R5-only elements still compile.
 """
 
 import json
