@@ -25,12 +25,18 @@ KICKOFF_HEADERS = {"Accept": "application/fhir+json", "Prefer": "respond-async"}
 OLD = "2024-01-01T00:00:00.000Z"
 
 
-@contextmanager
-def serve(app: Any) -> Iterator[str]:
-    """Run ``app`` on 127.0.0.1 with an ephemeral port; yield its base URL."""
+def bound_socket() -> socket.socket:
+    """A socket bound to an ephemeral 127.0.0.1 port (its URL is known before the app exists)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+@contextmanager
+def serve(app: Any, sock: socket.socket | None = None) -> Iterator[str]:
+    """Run ``app`` on 127.0.0.1 (an ephemeral port unless ``sock`` is given); yield its URL."""
+    sock = sock or bound_socket()
     port = sock.getsockname()[1]
     config = uvicorn.Config(app, log_level="critical", lifespan="off", access_log=False)
     server = uvicorn.Server(config)
