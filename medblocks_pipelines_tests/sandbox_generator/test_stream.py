@@ -1,0 +1,97 @@
+"""stream_bulk_ndjson(): the scale path writes exactly N valid, realistic resources, streaming."""
+
+import hashlib
+import importlib
+import json
+import tracemalloc
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from medblocks_pipelines.lib.errors import GeneratorError
+from medblocks_pipelines.sandbox.generator import stream_bulk_ndjson
+
+
+def _lines(root: Path) -> list[dict]:
+    out = []
+    for p in sorted(root.glob("*.ndjson")):
+        with p.open() as f:
+            out.extend(json.loads(line) for line in f)
+    return out
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 5000])
+def test_exact_count_and_valid_json(tmp_path: Path, n: int) -> None:
+    stats = stream_bulk_ndjson(tmp_path, resources=n, seed=3)
+    rows = _lines(tmp_path)
+    assert len(rows) == n == stats["resources"]
+    assert sum(stats["by_type"].values()) == n
+    assert stats["bytes"] == sum(p.stat().st_size for p in tmp_path.glob("*.ndjson"))
+
+
+def test_ids_unique_and_patient_references_resolve(tmp_path: Path) -> None:
+    stream_bulk_ndjson(tmp_path, resources=20000, seed=4)
+    rows = _lines(tmp_path)
+    keys = Counter((r["resourceType"], r["id"]) for r in rows)
+    assert max(keys.values()) == 1
+    patients = {r["id"] for r in rows if r["resourceType"] == "Patient"}
+    for r in rows:
+        for field in ("subject", "patient", "beneficiary"):
+            if field in r:
+                assert r[field]["reference"].removeprefix("Patient/") in patients
+    # shapes are the generator's, copies differ in names, dates and values
+    fams = {r["name"][0]["family"] for r in rows if r["resourceType"] == "Patient"}
+    assert len(fams) > 20
+    values = Counter(r["valueQuantity"]["value"] for r in rows if "valueQuantity" in r)
+    assert len(values) > 500
+
+
+def test_sample_validates_with_r4b_models(tmp_path: Path) -> None:
+    stream_bulk_ndjson(tmp_path, resources=6000, seed=5)
+    seen: Counter[str] = Counter()
+    for r in _lines(tmp_path):
+        t = r["resourceType"]
+        seen[t] += 1
+        if seen[t] <= 15:
+            model = getattr(importlib.import_module(f"fhir.resources.R4B.{t.lower()}"), t)
+            model.model_validate(r)
+    assert {"Patient", "Observation", "Encounter", "ExplanationOfBenefit"} <= set(seen)
+
+
+def test_files_per_type_and_determinism(tmp_path: Path) -> None:
+    a = stream_bulk_ndjson(tmp_path / "a", resources=3000, seed=6, files_per_type=3)
+    stream_bulk_ndjson(tmp_path / "b", resources=3000, seed=6, files_per_type=3)
+    assert "Observation.002.ndjson" in a["files"]
+
+    def digest(p: Path) -> dict[str, str]:
+        return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in p.glob("*.ndjson")}
+
+    assert digest(tmp_path / "a") == digest(tmp_path / "b")
+    stream_bulk_ndjson(tmp_path / "c", resources=3000, seed=7, files_per_type=3)
+    assert digest(tmp_path / "a") != digest(tmp_path / "c")
+
+
+def test_org_selection_limits_shapes(tmp_path: Path) -> None:
+    stats = stream_bulk_ndjson(tmp_path, resources=2000, seed=1, orgs=["summit-health-plan"])
+    assert set(stats["by_type"]) <= {"Patient", "Coverage", "ExplanationOfBenefit",
+                                     "Organization", "Practitioner"}
+
+
+def test_memory_stays_bounded(tmp_path: Path) -> None:
+    # peak Python allocations must not grow with the number of resources written
+    tracemalloc.start()
+    stream_bulk_ndjson(tmp_path / "s", resources=5000, seed=2, buffer_bytes=1 << 16)
+    _, small = tracemalloc.get_traced_memory()
+    tracemalloc.reset_peak()
+    stream_bulk_ndjson(tmp_path / "l", resources=60000, seed=2, buffer_bytes=1 << 16)
+    _, large = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert large < small * 1.5 + (4 << 20)
+
+
+def test_bad_arguments_raise(tmp_path: Path) -> None:
+    with pytest.raises(GeneratorError):
+        stream_bulk_ndjson(tmp_path, resources=-1, seed=1)
+    with pytest.raises(GeneratorError):
+        stream_bulk_ndjson(tmp_path, resources=10, seed=1, files_per_type=0)
