@@ -313,7 +313,8 @@ def splink_settings(link_type: str = "dedupe_only") -> Any:
         block_on("ssn_std"),
         block_on("email_std"),
         block_on("phone_std", "substr(dob_str, 1, 4)"),
-        block_on("family_std", "given_std", "postcode"),
+        block_on("family_std", "postcode"),
+        block_on("given_std", "address_std"),
     ]
     return SettingsCreator(
         link_type=link_type,
@@ -446,7 +447,7 @@ def _label_expr(mw: pl.Expr, levels: list[tuple[float, str]]) -> pl.Expr:
 
 def apply_vetoes(edges: pl.DataFrame, std: pl.DataFrame) -> pl.DataFrame:
     """Mark probabilistic edges that conflict on given name or SSN as not accepted (twins guard)."""
-    attrs = std.select("patient_key", "given_std", "given_variants", "ssn_std")
+    attrs = std.select("patient_key", "given_std", "given_variants", "ssn_std", "sex")
     e = (
         edges.join(
             attrs.rename(lambda c: c + "_l"), left_on="key_l", right_on="patient_key_l",
@@ -461,22 +462,27 @@ def apply_vetoes(edges: pl.DataFrame, std: pl.DataFrame) -> pl.DataFrame:
         arrow = e.select("given_std_l", "given_std_r").to_arrow()  # noqa: F841 (used by name)
         jw = pl.from_arrow(
             con.sql(
-                "SELECT coalesce(jaro_winkler_similarity(given_std_l, given_std_r), 1.0) AS jw "
-                "FROM arrow"
+                "SELECT coalesce(jaro_winkler_similarity(given_std_l, given_std_r), 1.0) AS jw, "
+                "coalesce(damerau_levenshtein(given_std_l, given_std_r), 0) AS dl FROM arrow"
             ).to_arrow_table()
         )
     finally:
         con.close()
     assert isinstance(jw, pl.DataFrame)
-    e = e.with_columns(jw=jw.get_column("jw"))
+    e = e.with_columns(jw=jw.get_column("jw"), dl=jw.get_column("dl"))
     shares_variant = (
         pl.col("given_variants_l").list.set_intersection(pl.col("given_variants_r")).list.len() > 0
     )
-    given_conflict = (
+    different_given = (
         pl.col("given_std_l").is_not_null()
         & pl.col("given_std_r").is_not_null()
         & ~shares_variant.fill_null(False)
-        & (pl.col("jw") < GIVEN_CONFLICT_JW)
+    )
+    sex_differs = (pl.col("sex_l") != pl.col("sex_r")).fill_null(False)
+    # a typo (one edit, or Jaro-Winkler >= 0.88) is not a conflict unless the sexes differ too
+    # (Alexander / Alexandra twins)
+    given_conflict = different_given & (
+        ((pl.col("jw") < GIVEN_CONFLICT_JW) & (pl.col("dl") > 1)) | sex_differs
     )
     ssn_conflict = (
         pl.col("ssn_std_l").is_not_null()
