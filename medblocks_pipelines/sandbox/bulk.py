@@ -23,6 +23,7 @@ export (the large-benchmark path).
 """
 
 import contextlib
+import functools
 import gzip
 import hashlib
 import hmac
@@ -350,6 +351,7 @@ def patients_of(resource: dict[str, Any]) -> frozenset[str]:
     return frozenset(out)
 
 
+@functools.lru_cache(maxsize=512)
 def _is_resource_type(name: str) -> bool:
     if not re.fullmatch(r"[A-Z][A-Za-z]+", name):
         return False
