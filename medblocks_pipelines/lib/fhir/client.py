@@ -1,0 +1,445 @@
+"""A small FHIR REST client over httpx: bearer tokens, paging, retries, a source-wide rate limiter.
+
+What it does on purpose:
+
+- **Retries** 429, 5xx, dropped connections, timeouts and HTML pages served with 200 (maintenance pages)
+  with exponential backoff and jitter, honouring ``Retry-After`` as seconds or an HTTP-date (RFC 9110
+  §10.2.3). A 429 also pauses the whole source's limiter, so sibling connections back off too.
+- **401** refreshes the token once (through a :class:`TokenProvider`) and retries; a second 401 is an
+  :class:`AuthError`.
+- **Paging** follows ``Bundle.link[relation=next]`` exactly as given (SPECS §1.11), never to another
+  origin (our token stays home), and stops with :class:`PagingLoopError` when a ``next`` repeats.
+- **Errors** carry the status and the OperationOutcome issue codes, never diagnostics text or tokens.
+- **Exact numbers**: bodies are parsed with decimals kept as :class:`~decimal.Decimal`, and
+  :func:`dumps_exact` writes them back digit for digit (``7.10`` stays ``7.10`` in the lake).
+
+The rate limiter paces requests evenly so that no window of ``per`` seconds ever holds more than
+``limit`` requests, even with some jitter between our send time and the server's clock.
+"""
+
+import email.utils
+import json
+import random
+import threading
+import time
+import urllib.parse
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import httpx
+
+from medblocks_pipelines.lib.errors import (
+    AuthError,
+    PagingLoopError,
+    ProtocolError,
+    TransientError,
+)
+from medblocks_pipelines.lib.smart.tokens import TokenProvider
+
+FHIR_JSON = "application/fhir+json"
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+
+
+# ---------------------------------------------------------------------------------------------
+# Exact JSON
+# ---------------------------------------------------------------------------------------------
+def loads_exact(text: str | bytes) -> Any:
+    """``json.loads`` keeping decimals exact (FHIR decimals carry precision: ``7.10`` != ``7.1``)."""
+    return json.loads(text, parse_float=Decimal)
+
+
+def dumps_exact(value: Any) -> str:
+    """Compact JSON that writes :class:`Decimal` values digit for digit (inverse of :func:`loads_exact`)."""
+    out: list[str] = []
+    _dump(value, out)
+    return "".join(out)
+
+
+def _dump(value: Any, out: list[str]) -> None:
+    if isinstance(value, dict):
+        out.append("{")
+        first = True
+        for k, v in value.items():
+            if not first:
+                out.append(",")
+            first = False
+            out.append(json.dumps(str(k), ensure_ascii=False))
+            out.append(":")
+            _dump(v, out)
+        out.append("}")
+    elif isinstance(value, list):
+        out.append("[")
+        for i, v in enumerate(value):
+            if i:
+                out.append(",")
+            _dump(v, out)
+        out.append("]")
+    elif isinstance(value, Decimal):
+        out.append(str(value))
+    else:
+        out.append(json.dumps(value, ensure_ascii=False))
+
+
+# ---------------------------------------------------------------------------------------------
+# Rate limiting
+# ---------------------------------------------------------------------------------------------
+class RateLimiter:
+    """Evenly paced requests: at most ``limit`` in any ``per``-second window, shared by threads.
+
+    The spacing is ``per / (limit - 1)`` stretched by ``margin``: evenly spaced sends put at most
+    ``limit - 1`` requests in a window, which leaves one request of room for network jitter.
+    :meth:`pause_until` stops every caller (a 429's ``Retry-After`` applies to the whole client).
+    """
+
+    def __init__(
+        self,
+        limit: int,
+        per: float = 1.0,
+        *,
+        margin: float = 0.02,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        if limit < 1 or per <= 0:
+            raise ValueError("a rate limit needs limit >= 1 and per > 0")
+        self.limit = limit
+        self.per = per
+        self.interval = (per / (limit - 1) if limit > 1 else per) * (1 + margin)
+        self._clock = clock
+        self._sleep = sleep
+        self._lock = threading.Lock()
+        self._next = 0.0
+        self._paused_until = 0.0
+        self.sent = 0
+        self.waited = 0.0
+
+    def __repr__(self) -> str:
+        return f"RateLimiter(limit={self.limit}, per={self.per})"
+
+    @property
+    def effective_rate(self) -> float:
+        """Requests per second the limiter allows at most."""
+        return 1.0 / self.interval
+
+    def acquire(self) -> None:
+        """Block until this caller may send one request."""
+        with self._lock:
+            now = self._clock()
+            slot = max(now, self._next, self._paused_until)
+            self._next = slot + self.interval
+            self.sent += 1
+        wait = slot - now
+        if wait > 0:
+            self.waited += wait
+            self._sleep(wait)
+
+    def pause_until(self, when: float) -> None:
+        """Hold every caller until ``when`` (limiter clock)."""
+        with self._lock:
+            self._paused_until = max(self._paused_until, when)
+
+    def pause_for(self, seconds: float) -> None:
+        """Hold every caller for ``seconds`` from now."""
+        self.pause_until(self._clock() + seconds)
+
+
+_LIMITERS: dict[str, RateLimiter] = {}
+_LIMITERS_LOCK = threading.Lock()
+
+
+def limiter_for(key: str, limit: int, per: float = 1.0) -> RateLimiter:
+    """The process-wide limiter of one source (same key, same limiter, across connections)."""
+    with _LIMITERS_LOCK:
+        current = _LIMITERS.get(key)
+        if current is None or current.limit != limit or current.per != per:
+            current = _LIMITERS[key] = RateLimiter(limit, per)
+        return current
+
+
+def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delay-seconds or HTTP-date), or None."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------------------------
+class FhirRequestError(ProtocolError):
+    """A FHIR request that failed for good: ``status`` and the OperationOutcome ``issue_codes``."""
+
+    def __init__(self, message: str, *, status: int, issue_codes: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.status = status
+        self.issue_codes = issue_codes
+
+
+def outcome_issues(body: Any) -> list[tuple[str, str]]:
+    """``(severity, code)`` of each issue of an OperationOutcome (diagnostics text is left out)."""
+    if not isinstance(body, dict) or body.get("resourceType") != "OperationOutcome":
+        return []
+    return [
+        (str(i.get("severity") or "error"), str(i.get("code") or "unknown"))
+        for i in body.get("issue") or []
+        if isinstance(i, dict)
+    ]
+
+
+def _looks_html(resp: httpx.Response) -> bool:
+    ctype = resp.headers.get("content-type", "").lower()
+    if "html" in ctype:
+        return True
+    head = resp.content[:64].lstrip().lower()
+    return head.startswith(b"<!doctype") or head.startswith(b"<html")
+
+
+# ---------------------------------------------------------------------------------------------
+# The client
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class ClientStats:
+    """Counters of one client (PHI-free)."""
+
+    requests: int = 0
+    retries: int = 0
+    refreshes: int = 0
+    statuses: Counter[int] = field(default_factory=Counter)
+    retry_reasons: Counter[str] = field(default_factory=Counter)
+
+
+@dataclass
+class SearchPage:
+    """One page of a search: the Bundle (decimals exact) and where it came from."""
+
+    bundle: dict[str, Any]
+    url: str
+    number: int
+
+
+class FhirClient:
+    """FHIR REST reads and searches against one base URL, with one connection's tokens."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        http: httpx.Client,
+        tokens: TokenProvider | None = None,
+        limiter: RateLimiter | None = None,
+        max_retries: int = 6,
+        backoff: float = 0.5,
+        max_backoff: float = 30.0,
+        max_pages: int = 5000,
+        timeout: float = 30.0,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.http = http
+        self.tokens = tokens
+        self.limiter = limiter
+        self.max_retries = max_retries
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self.max_pages = max_pages
+        self.timeout = timeout
+        self._sleep = sleep
+        self.stats = ClientStats()
+        self._origin = _origin(self.base_url)
+
+    def __repr__(self) -> str:
+        return f"FhirClient({self.base_url!r})"
+
+    # -- URLs ----------------------------------------------------------------------------------
+    def url(self, path_or_url: str) -> str:
+        """Absolute URL of ``path_or_url`` (relative paths hang off the base)."""
+        if path_or_url.startswith(("http://", "https://")):
+            return path_or_url
+        return f"{self.base_url}/{path_or_url.lstrip('/')}"
+
+    def same_origin(self, url: str) -> bool:
+        """Whether ``url`` is on our server (only then may it see our token)."""
+        return _origin(url) == self._origin
+
+    # -- the request loop ----------------------------------------------------------------------
+    def request(
+        self,
+        method: str,
+        path_or_url: str,
+        *,
+        params: Mapping[str, str] | list[tuple[str, str]] | None = None,
+        accept: str = FHIR_JSON,
+        expect_json: bool = True,
+    ) -> httpx.Response:
+        """Send one request with auth, rate limiting and retries; returns a 2xx response."""
+        url = self.url(path_or_url)
+        if self.tokens is not None and not self.same_origin(url):
+            raise ProtocolError("refusing to send the token to another origin")
+        refreshed = False
+        attempt = 0
+        token: str | None = None
+        while True:
+            if self.limiter is not None:
+                self.limiter.acquire()
+            headers = {"Accept": accept}
+            if self.tokens is not None:
+                token = self.tokens.access_token()
+                headers["Authorization"] = f"Bearer {token}"
+            self.stats.requests += 1
+            try:
+                resp = self.http.request(method, url, params=params, headers=headers,
+                                         timeout=self.timeout)
+            except httpx.TransportError as exc:
+                reason = type(exc).__name__
+                attempt = self._retry_or_raise(attempt, reason, None)
+                continue
+            self.stats.statuses[resp.status_code] += 1
+            status = resp.status_code
+            if status == 401 and self.tokens is not None:
+                if refreshed:
+                    raise AuthError(f"{method} {_path(url)}: 401 after a token refresh")
+                # Token expired mid-pull (or revoked): refresh once, retry, no backoff.
+                self.tokens.refresh(stale=token)
+                self.stats.refreshes += 1
+                refreshed = True
+                continue
+            if status in RETRY_STATUSES:
+                wait = parse_retry_after(resp.headers.get("retry-after"))
+                if status == 429 and self.limiter is not None:
+                    self.limiter.pause_for(wait if wait is not None else self._delay(attempt))
+                attempt = self._retry_or_raise(attempt, f"http_{status}", wait)
+                continue
+            if 200 <= status < 300 and expect_json and _looks_html(resp):
+                # A maintenance page served with 200: not data, and often gone in a moment.
+                attempt = self._retry_or_raise(attempt, "html_instead_of_json", None)
+                continue
+            if status >= 400:
+                issues = ()
+                if "json" in resp.headers.get("content-type", ""):
+                    try:
+                        issues = tuple(c for _s, c in outcome_issues(resp.json()))
+                    except ValueError:
+                        issues = ()
+                msg = f"{method} {_path(url)}: HTTP {status}"
+                if issues:
+                    msg += f" ({', '.join(issues)})"
+                if status in (401, 403):
+                    raise AuthError(msg)
+                raise FhirRequestError(msg, status=status, issue_codes=issues)
+            return resp
+
+    def _delay(self, attempt: int) -> float:
+        return min(self.max_backoff, self.backoff * (2**attempt)) * (0.5 + random.random() / 2)
+
+    def _retry_or_raise(self, attempt: int, reason: str, wait: float | None) -> int:
+        self.stats.retry_reasons[reason] += 1
+        if attempt >= self.max_retries:
+            if reason == "html_instead_of_json":
+                raise ProtocolError("the server keeps answering HTML instead of FHIR JSON")
+            raise TransientError(f"gave up after {attempt + 1} attempts ({reason})",
+                                 retry_after=wait)
+        self.stats.retries += 1
+        delay = wait if wait is not None else self._delay(attempt)
+        self._sleep(min(delay, self.max_backoff * 4))
+        return attempt + 1
+
+    # -- JSON helpers --------------------------------------------------------------------------
+    def get_json(
+        self, path_or_url: str, params: Mapping[str, str] | list[tuple[str, str]] | None = None
+    ) -> dict[str, Any]:
+        """GET a FHIR JSON object (decimals exact)."""
+        resp = self.request("GET", path_or_url, params=params)
+        try:
+            body = loads_exact(resp.content)
+        except ValueError as exc:
+            raise ProtocolError(f"GET {_path(self.url(path_or_url))}: body is not JSON") from exc
+        if not isinstance(body, dict):
+            raise ProtocolError(f"GET {_path(self.url(path_or_url))}: expected a JSON object")
+        return body
+
+    def capabilities(self) -> dict[str, Any]:
+        """The server's CapabilityStatement (``GET metadata``)."""
+        return self.get_json("metadata")
+
+    def read(self, resource_type: str, resource_id: str) -> dict[str, Any]:
+        """``GET [base]/Type/id``."""
+        return self.get_json(f"{resource_type}/{urllib.parse.quote(resource_id, safe='')}")
+
+    def search(
+        self, resource_type: str, params: Mapping[str, str] | list[tuple[str, str]] | None = None
+    ) -> Iterator[SearchPage]:
+        """Pages of ``GET [base]/Type?params``, following ``next`` links (loop-checked)."""
+        url = self.url(resource_type)
+        first = httpx.URL(url, params=params)
+        seen: set[str] = {_canonical(str(first))}
+        page = self.get_json(url, params)
+        number = 1
+        while True:
+            if page.get("resourceType") != "Bundle":
+                raise ProtocolError(f"search {resource_type}: answer is not a Bundle")
+            yield SearchPage(bundle=page, url=str(first) if number == 1 else url, number=number)
+            nxt = next_link(page)
+            if not nxt:
+                return
+            nxt = urllib.parse.urljoin(self.base_url + "/", nxt)
+            key = _canonical(nxt)
+            if key in seen:
+                raise PagingLoopError(
+                    f"search {resource_type}: next link of page {number} repeats an earlier page"
+                )
+            if not self.same_origin(nxt):
+                raise PagingLoopError(f"search {resource_type}: next link points at another server")
+            if number >= self.max_pages:
+                raise PagingLoopError(f"search {resource_type}: more than {self.max_pages} pages")
+            seen.add(key)
+            url = nxt
+            page = self.get_json(nxt)
+            number += 1
+
+
+def next_link(bundle: Mapping[str, Any]) -> str | None:
+    """The ``next`` link of a Bundle, or None."""
+    for link in bundle.get("link") or []:
+        if isinstance(link, dict) and link.get("relation") == "next" and link.get("url"):
+            return str(link["url"])
+    return None
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parts = urllib.parse.urlsplit(url)
+    port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+    return parts.scheme.lower(), (parts.hostname or "").lower(), port
+
+
+def _canonical(url: str) -> str:
+    # The same page can come back with its parameters in another order.
+    parts = urllib.parse.urlsplit(url)
+    query = sorted(urllib.parse.parse_qsl(parts.query, keep_blank_values=True))
+    return urllib.parse.urlunsplit(
+        (parts.scheme.lower(), parts.netloc.lower(), parts.path, urllib.parse.urlencode(query), "")
+    )
+
+
+def _path(url: str) -> str:
+    # Messages name only the resource type (the first path segment that looks like one, scanning
+    # from the end past ids): ids and query strings may identify a patient.
+    segments = [s for s in urllib.parse.urlsplit(url).path.split("/") if s]
+    if segments and segments[-1] in ("metadata",) or (segments and segments[-1].startswith("$")):
+        return segments[-1]
+    for i in (len(segments) - 2, len(segments) - 1):
+        if 0 <= i < len(segments) and segments[i].isalpha() and segments[i][:1].isupper():
+            return segments[i] + ("/..." if i < len(segments) - 1 else "")
+    return "..."

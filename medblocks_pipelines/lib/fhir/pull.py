@@ -1,0 +1,640 @@
+"""The patient-access pull: one connection's US Core (or CMS Patient Access) records into the lake.
+
+For one active connection (SPECS §1.10, §1.11):
+
+1. read ``Patient/{id}``;
+2. search each type the source supports *and* the grant allows, with the parameters US Core needs
+   (``Observation`` by category, ``MedicationRequest`` with ``intent`` and ``_include`` of the
+   medication, ``CarePlan`` by ``assess-plan``, ``CareTeam`` by status...), ``_lastUpdated=gt<since>``
+   after the first full pull, following every ``next`` link;
+3. follow references to Practitioner, PractitionerRole, Organization, Location and Medication on the
+   same server (never sending the token elsewhere), and fetch ``Binary`` content of documents;
+4. land every resource once per pull (dedupe on type, id and content) with provenance, quarantine
+   what is malformed, count OperationOutcomes inside searchsets.
+
+A failure in one search makes the pull ``partial`` and the others go on; an auth failure (refresh
+refused, consent revoked) ends that connection's pull as ``failed``; :func:`pull_batch` never lets
+one connection fail the others. Pull history and the incremental watermark are per connection.
+"""
+
+import base64
+import hashlib
+import threading
+import time
+import urllib.parse
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from medblocks_pipelines.lib.errors import (
+    AuthError,
+    ConsentRevoked,
+    MedblocksError,
+    PagingLoopError,
+    ProtocolError,
+    TransientError,
+)
+from medblocks_pipelines.lib.fhir.client import (
+    FhirClient,
+    FhirRequestError,
+    RateLimiter,
+    dumps_exact,
+    limiter_for,
+    loads_exact,
+    outcome_issues,
+)
+from medblocks_pipelines.lib.registry import ControlPlane
+from medblocks_pipelines.lib.smart.launch import source_discovery, supported_types
+from medblocks_pipelines.lib.smart.scopes import ScopeSet
+from medblocks_pipelines.lib.smart.tokens import ClientAuth, TokenManager, tokens_secret_name
+from medblocks_pipelines.lib.warehouse.lake import LakeWriter, Provenance, delete_connection_data
+
+PATTERN = "patient_access"
+#: Observation categories searched one by one (many servers require ``category``; SPECS §1.11).
+OBSERVATION_CATEGORIES: tuple[str, ...] = (
+    "laboratory", "vital-signs", "social-history", "survey", "sdoh",
+)
+#: Types whose references we follow (SPECS §1.11: "plus the referenced Practitioner, Organization
+#: and Location"; Medication because MedicationRequest.medication can be a reference).
+FOLLOW_TYPES = frozenset({"Practitioner", "PractitionerRole", "Organization", "Location",
+                          "Medication"})
+DEFAULT_CADENCE = timedelta(hours=24)
+#: Re-pull overlap: our clock and the server's may differ; landing dedupes what comes twice.
+WATERMARK_OVERLAP = timedelta(minutes=5)
+
+
+@dataclass(frozen=True)
+class Query:
+    """One search of a pull: the type, its parameters, and a PHI-free label for metadata."""
+
+    resource_type: str
+    params: tuple[tuple[str, str], ...]
+    label: str
+
+
+def watermark_key(connection_id: str) -> str:
+    """The control-plane watermark of a connection's last fully successful pull."""
+    return f"{PATTERN}/{connection_id}/since"
+
+
+def plan_queries(
+    *,
+    kind: str,
+    patient_id: str,
+    supported: set[str],
+    granted: ScopeSet,
+    since: str | None = None,
+    config: Mapping[str, Any] | None = None,
+) -> tuple[list[Query], dict[str, str]]:
+    """The searches of one pull and, per skipped type, why (``not_supported`` / ``not_granted``).
+
+    ``supported`` empty means the CapabilityStatement listed nothing: every type is tried.
+    """
+    cfg = dict(config or {})
+    pid = patient_id
+    if kind == "payer":
+        wanted: list[tuple[str, list[tuple[str, str]], str]] = [
+            ("Coverage", [("patient", pid), ("_include", "Coverage:payor")], "Coverage"),
+            ("ExplanationOfBenefit", [("patient", pid)], "ExplanationOfBenefit"),
+        ]
+    else:
+        categories = cfg.get("observation_categories") or OBSERVATION_CATEGORIES
+        obs: list[tuple[str, list[tuple[str, str]], str]]
+        if cfg.get("observation_categories_combined"):
+            obs = [("Observation", [("patient", pid), ("category", ",".join(categories))],
+                    "Observation")]
+        else:
+            obs = [("Observation", [("patient", pid), ("category", c)], f"Observation:{c}")
+                   for c in categories]
+        wanted = [
+            ("AllergyIntolerance", [("patient", pid)], "AllergyIntolerance"),
+            ("Condition", [("patient", pid)], "Condition"),
+            ("Immunization", [("patient", pid)], "Immunization"),
+            ("Procedure", [("patient", pid)], "Procedure"),
+            ("Encounter", [("patient", pid)], "Encounter"),
+            *obs,
+            ("MedicationRequest",
+             [("patient", pid), ("intent", "order"), ("_include", "MedicationRequest:medication")],
+             "MedicationRequest"),
+            ("DiagnosticReport", [("patient", pid)], "DiagnosticReport"),
+            ("DocumentReference", [("patient", pid)], "DocumentReference"),
+            ("CarePlan", [("patient", pid), ("category", "assess-plan")], "CarePlan"),
+            ("CareTeam", [("patient", pid), ("status", "active")], "CareTeam"),
+            ("Goal", [("patient", pid)], "Goal"),
+            ("Device", [("patient", pid)], "Device"),
+            ("Provenance", [("patient", pid)], "Provenance"),
+        ]
+    only = set(cfg.get("resource_types") or [])
+    queries: list[Query] = []
+    skipped: dict[str, str] = {}
+    for rtype, params, label in wanted:
+        if only and rtype not in only:
+            continue
+        if supported and rtype not in supported:
+            skipped[rtype] = "not_supported"
+            continue
+        if not granted.can_search(rtype):
+            skipped[rtype] = "not_granted"
+            continue
+        if since:
+            params = [*params, ("_lastUpdated", f"gt{since}")]
+        if cfg.get("page_size"):
+            params = [*params, ("_count", str(cfg["page_size"]))]
+        queries.append(Query(rtype, tuple(params), label))
+    return queries, skipped
+
+
+@dataclass
+class PullResult:
+    """What one connection's pull did (counts and our ids only)."""
+
+    connection_id: str
+    status: str = "success"  # success | partial | failed
+    counts: Counter[str] = field(default_factory=Counter)
+    quarantined: int = 0
+    duplicates: int = 0
+    failures: Counter[str] = field(default_factory=Counter)
+    outcome_issues: Counter[str] = field(default_factory=Counter)
+    skipped_types: dict[str, str] = field(default_factory=dict)
+    requests: int = 0
+    refreshes: int = 0
+    error: str | None = None
+    since: str | None = None
+    pull_id: int | None = None
+    seconds: float = 0.0
+
+    def history_counts(self) -> dict[str, int]:
+        """Counts for ``pull_history.counts``: by type plus a few ``_``-prefixed totals."""
+        out = {k: int(v) for k, v in sorted(self.counts.items())}
+        out.update({"_quarantined": self.quarantined, "_duplicates": self.duplicates,
+                    "_requests": self.requests, "_failures": sum(self.failures.values())})
+        return out
+
+
+class _Puller:
+    """One connection's pull; state for dedupe and reference following."""
+
+    def __init__(self, client: FhirClient, writer: LakeWriter, result: PullResult) -> None:
+        self.client = client
+        self.w = writer
+        self.r = result
+        self.seen: set[tuple[str, str, str]] = set()
+        self.have: set[tuple[str, str]] = set()
+        self.refs: dict[tuple[str, str], None] = {}
+        self.binaries: dict[str, None] = {}
+
+    # -- landing -------------------------------------------------------------------------------
+    def land(self, resource: Any, *, origin: str) -> None:
+        if not isinstance(resource, dict):
+            self.w.quarantine(dumps_exact(resource), "not a JSON object", origin=origin)
+            self.r.quarantined += 1
+            return
+        text = dumps_exact(resource)
+        rtype, rid = resource.get("resourceType"), resource.get("id")
+        if isinstance(rtype, str) and isinstance(rid, str) and rid:
+            key = (rtype, rid, hashlib.md5(text.encode(), usedforsecurity=False).hexdigest())
+            if key in self.seen:
+                self.r.duplicates += 1
+                return
+            self.seen.add(key)
+        if not self.w.add(text, origin=origin):
+            self.r.quarantined += 1
+            return
+        self.r.counts[str(rtype)] += 1
+        self.have.add((str(rtype), str(rid)))
+        self._collect(resource)
+
+    def _collect(self, resource: dict[str, Any]) -> None:
+        for ref in _references(resource):
+            key = self._local_key(ref)
+            if key and key[0] in FOLLOW_TYPES:
+                self.refs.setdefault(key, None)
+        if resource.get("resourceType") == "DocumentReference":
+            for content in resource.get("content") or []:
+                att = content.get("attachment") if isinstance(content, dict) else None
+                if isinstance(att, dict) and isinstance(att.get("url"), str) and "data" not in att:
+                    self.binaries.setdefault(att["url"], None)
+
+    def _local_key(self, ref: str) -> tuple[str, str] | None:
+        if ref.startswith("#") or ref.startswith("urn:"):
+            return None
+        if ref.startswith(("http://", "https://")):
+            if not self.client.same_origin(ref) or not ref.startswith(self.client.base_url + "/"):
+                # Another server: our token must not go there (SPECS §1.11).
+                self.r.counts["_foreign_references_skipped"] += 1
+                return None
+            ref = ref[len(self.client.base_url) + 1:]
+        parts = ref.split("/")
+        if len(parts) == 2 and all(parts):
+            return parts[0], parts[1]
+        if len(parts) == 4 and parts[2] == "_history":
+            return parts[0], parts[1]
+        return None
+
+    # -- steps ---------------------------------------------------------------------------------
+    def search(self, query: Query) -> None:
+        for page in self.client.search(query.resource_type, list(query.params)):
+            for entry in page.bundle.get("entry") or []:
+                if not isinstance(entry, dict):
+                    self.w.quarantine(dumps_exact(entry), "bundle entry is not an object",
+                                      origin=query.label)
+                    self.r.quarantined += 1
+                    continue
+                resource = entry.get("resource")
+                mode = (entry.get("search") or {}).get("mode")
+                if mode == "outcome" or (
+                    isinstance(resource, dict) and resource.get("resourceType") == "OperationOutcome"
+                ):
+                    issues = outcome_issues(resource)
+                    for severity, code in issues or [("error", "unknown")]:
+                        self.r.outcome_issues[f"{severity}:{code}"] += 1
+                    if any(s in ("error", "fatal") for s, _c in issues):
+                        self.r.failures["outcome_in_searchset"] += 1
+                    continue
+                if resource is None:
+                    self.w.quarantine(dumps_exact(entry), "bundle entry without a resource",
+                                      origin=query.label)
+                    self.r.quarantined += 1
+                    continue
+                self.land(resource, origin=query.label)
+
+    def follow_references(self, *, depth: int = 2) -> None:
+        for _ in range(depth):
+            todo = [k for k in self.refs if k not in self.have]
+            self.refs.clear()
+            if not todo:
+                return
+            for rtype, rid in todo:
+                self.have.add((rtype, rid))
+                try:
+                    self.land(self.client.read(rtype, rid), origin=f"ref:{rtype}")
+                except FhirRequestError as exc:
+                    # A dangling or hidden reference is the source's data, not a failed pull.
+                    self.r.counts[f"_reference_http_{exc.status}"] += 1
+
+    def fetch_binaries(self) -> None:
+        for url in list(self.binaries):
+            absolute = urllib.parse.urljoin(self.client.base_url + "/", url)
+            if not self.client.same_origin(absolute):
+                self.r.counts["_binary_foreign_skipped"] += 1
+                continue
+            try:
+                resp = self.client.request("GET", absolute, accept="application/fhir+json",
+                                           expect_json=False)
+            except FhirRequestError as exc:
+                self.r.counts[f"_binary_http_{exc.status}"] += 1
+                continue
+            ctype = resp.headers.get("content-type", "").split(";")[0].strip()
+            if "json" in ctype:
+                try:
+                    self.land(loads_exact(resp.content), origin="binary")
+                except ValueError:
+                    self.w.quarantine(resp.content, "Binary body is not JSON", origin="binary")
+                    self.r.quarantined += 1
+                continue
+            # Raw content (the server ignored our Accept): keep it as a Binary resource.
+            rid = urllib.parse.urlsplit(absolute).path.rstrip("/").split("/")[-1]
+            self.land({"resourceType": "Binary", "id": rid,
+                       "contentType": ctype or "application/octet-stream",
+                       "data": base64.b64encode(resp.content).decode()}, origin="binary")
+
+
+def _references(value: Any) -> Iterator[str]:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if k == "reference" and isinstance(v, str):
+                yield v
+            elif isinstance(v, dict | list):
+                yield from _references(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _references(v)
+
+
+# ---------------------------------------------------------------------------------------------
+# one connection
+# ---------------------------------------------------------------------------------------------
+def pull_connection(
+    cp: ControlPlane,
+    connection_id: str,
+    *,
+    lake_root: Path,
+    run_id: str,
+    http: httpx.Client,
+    limiter: RateLimiter | None = None,
+    client_auth: ClientAuth | None = None,
+    supported: set[str] | None = None,
+    full: bool = False,
+    client_options: Mapping[str, Any] | None = None,
+) -> PullResult:
+    """Pull one connection into the lake; always returns (never raises for pull failures)."""
+    started = time.perf_counter()
+    conn = cp.get_connection(connection_id)
+    result = PullResult(connection_id)
+    if conn["state"] != "active":
+        result.status, result.error = "failed", f"connection is {conn['state']}"
+        return result
+    source = cp.get_source(conn["source_id"])
+    cfg = source.get("config") or {}
+    pull_id = cp.start_pull(
+        tenant_id=conn["tenant_id"], pattern=PATTERN, source_id=conn["source_id"],
+        organization_id=conn.get("organization_id"), connection_id=connection_id, run_id=run_id,
+    )
+    result.pull_id = pull_id
+    pulled_at = datetime.now(UTC)
+    since = None if full else cp.get_watermark(watermark_key(connection_id))
+    result.since = since
+    tokens = TokenManager(cp, connection_id, http=http, client_auth=client_auth)
+    client = FhirClient(str(source["fhir_base_url"]), http=http, tokens=tokens, limiter=limiter,
+                        **dict(client_options or {}))
+    prov = Provenance(
+        tenant=conn["tenant_id"], pattern=PATTERN, source=conn["source_id"],
+        organization=conn.get("organization_id"), connection=connection_id, run_id=run_id,
+    )
+    try:
+        with LakeWriter(lake_root, prov) as writer:
+            puller = _Puller(client, writer, result)
+            patient_id = conn.get("source_patient_id")
+            if not patient_id:
+                raise ProtocolError("connection has no patient id")
+            puller.land(client.read("Patient", patient_id), origin="Patient")
+            queries, result.skipped_types = plan_queries(
+                kind=source.get("kind", "ehr"), patient_id=patient_id,
+                supported=supported or set(), granted=tokens.granted, since=since, config=cfg,
+            )
+            for query in queries:
+                try:
+                    puller.search(query)
+                except PagingLoopError:
+                    result.failures["paging_loop"] += 1
+                except FhirRequestError as exc:
+                    result.failures[f"http_{exc.status}"] += 1
+                except TransientError:
+                    result.failures["transient"] += 1
+                except AuthError:
+                    raise
+                except ProtocolError:
+                    result.failures["protocol"] += 1
+            puller.follow_references()
+            puller.fetch_binaries()
+        result.status = "partial" if result.failures else "success"
+    except ConsentRevoked:
+        result.status, result.error = "failed", "refresh_refused"
+        result.failures["refresh_refused"] += 1
+    except AuthError:
+        result.status, result.error = "failed", "unauthorized"
+        result.failures["unauthorized"] += 1
+    except FhirRequestError as exc:
+        result.status, result.error = "failed", f"patient_read_http_{exc.status}"
+        result.failures[result.error] += 1
+    except TransientError:
+        result.status, result.error = "failed", "transient"
+        result.failures["transient"] += 1
+    except MedblocksError as exc:
+        result.status, result.error = "failed", type(exc).__name__
+        result.failures[result.error] += 1
+    result.requests = client.stats.requests
+    result.refreshes = tokens.refreshes
+    result.seconds = time.perf_counter() - started
+    error = result.error or (
+        ", ".join(f"{k}={v}" for k, v in sorted(result.failures.items())) or None
+    )
+    cp.finish_pull(pull_id, status=result.status, counts=result.history_counts(), error=error)
+    if result.status == "success":
+        # Only a complete pull moves the watermark: a failed search must be retried in full.
+        mark = (pulled_at - WATERMARK_OVERLAP).strftime("%Y-%m-%dT%H:%M:%SZ")
+        cp.set_watermark(watermark_key(connection_id), mark)
+    cadence = timedelta(hours=float(cfg.get("pull_cadence_hours") or 24))
+    cp.update_connection(connection_id, last_pull_at=pulled_at, next_pull_due=pulled_at + cadence)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# a batch
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class BatchResult:
+    """A batch of connections pulled for one tenant and source."""
+
+    results: list[PullResult] = field(default_factory=list)
+    seconds: float = 0.0
+    requests: int = 0
+
+    @property
+    def by_status(self) -> Counter[str]:
+        return Counter(r.status for r in self.results)
+
+    @property
+    def resources_by_type(self) -> Counter[str]:
+        total: Counter[str] = Counter()
+        for r in self.results:
+            total.update({k: v for k, v in r.counts.items() if not k.startswith("_")})
+        return total
+
+    @property
+    def failures_by_reason(self) -> Counter[str]:
+        total: Counter[str] = Counter()
+        for r in self.results:
+            total.update(r.failures)
+        return total
+
+    def as_metadata(self) -> dict[str, Any]:
+        """PHI-free summary for Dagster metadata."""
+        return {
+            "connections_pulled": len(self.results),
+            "by_status": dict(self.by_status),
+            "resources": sum(self.resources_by_type.values()),
+            "resources_by_type": dict(sorted(self.resources_by_type.items())),
+            "failures_by_reason": dict(sorted(self.failures_by_reason.items())),
+            "quarantined": sum(r.quarantined for r in self.results),
+            "duplicates_skipped": sum(r.duplicates for r in self.results),
+            "requests": self.requests,
+            "token_refreshes": sum(r.refreshes for r in self.results),
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def source_limiter(source: Mapping[str, Any]) -> RateLimiter | None:
+    """The process-wide limiter of a source from ``config.rate_limit`` ({requests, per_seconds})."""
+    rl = (source.get("config") or {}).get("rate_limit")
+    if not rl:
+        return None
+    return limiter_for(str(source["id"]), int(rl["requests"]), float(rl.get("per_seconds", 1.0)))
+
+
+def pull_batch(
+    cp: ControlPlane,
+    connection_ids: Sequence[str],
+    *,
+    lake_root: Path,
+    run_id: str,
+    http: httpx.Client | None = None,
+    concurrency: int | None = None,
+    full: bool = False,
+    on_result: Callable[[PullResult], None] | None = None,
+    client_options: Mapping[str, Any] | None = None,
+) -> BatchResult:
+    """Pull connections (any mix of sources) with a per-source limiter and worker pool.
+
+    Errors of one connection are contained in its :class:`PullResult`; nothing raises but
+    misconfiguration of a whole source (no client id), which fails its connections.
+    """
+    started = time.perf_counter()
+    own = http is None
+    by_source: dict[str, list[str]] = {}
+    for cid in connection_ids:
+        by_source.setdefault(cp.get_connection(cid)["source_id"], []).append(cid)
+    batch = BatchResult()
+    lock = threading.Lock()
+    max_workers = concurrency or 4
+    client = http or httpx.Client(
+        timeout=30.0, limits=httpx.Limits(max_connections=max_workers * 2 + 4)
+    )
+    try:
+        for source_id, ids in by_source.items():
+            source = cp.get_source(source_id)
+            workers = concurrency or int((source.get("config") or {}).get("concurrency") or 4)
+            try:
+                _smart, cap = source_discovery(cp, source_id, http=client)
+                supported = supported_types(cap)
+                auth = ClientAuth.from_source(source, cp)
+            except MedblocksError as exc:
+                for cid in ids:
+                    batch.results.append(PullResult(cid, status="failed",
+                                                    error=f"source:{type(exc).__name__}"))
+                continue
+            limiter = source_limiter(source)
+
+            def one(cid: str, limiter: RateLimiter | None = limiter, auth: ClientAuth = auth,
+                    supported: set[str] = supported) -> PullResult:
+                try:
+                    res = pull_connection(
+                        cp, cid, lake_root=lake_root, run_id=run_id, http=client,
+                        limiter=limiter, client_auth=auth, supported=supported, full=full,
+                        client_options=client_options,
+                    )
+                except Exception as exc:  # noqa: BLE001 (one connection never fails the batch)
+                    res = PullResult(cid, status="failed", error=f"crash:{type(exc).__name__}")
+                    res.failures[res.error] += 1
+                with lock:
+                    batch.results.append(res)
+                    batch.requests += res.requests
+                if on_result is not None:
+                    on_result(res)
+                return res
+
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pull") as pool:
+                list(pool.map(one, ids))
+    finally:
+        if own:
+            client.close()
+    batch.seconds = time.perf_counter() - started
+    return batch
+
+
+def due_connections(
+    cp: ControlPlane,
+    *,
+    tenant_id: str,
+    source_id: str,
+    now: datetime | None = None,
+    limit: int | None = None,
+) -> list[str]:
+    """Active patient-access connections of a tenant and source whose next pull is due."""
+    now = now or datetime.now(UTC)
+    rows = cp.list_connections(tenant_id=tenant_id, pattern=PATTERN, state="active",
+                               source_id=source_id)
+    due = [r for r in rows if r.get("next_pull_due") is None or r["next_pull_due"] <= now]
+    due.sort(key=lambda r: r.get("next_pull_due") or datetime.min.replace(tzinfo=UTC))
+    ids = [r["id"] for r in due]
+    return ids[:limit] if limit else ids
+
+
+# ---------------------------------------------------------------------------------------------
+# revocation
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RevokeResult:
+    """What revoking a connection did."""
+
+    connection_id: str
+    revoked_at_source: bool
+    rows_deleted: int
+    delete_data: bool
+
+
+def revoke_connection(
+    cp: ControlPlane,
+    connection_id: str,
+    *,
+    lake_root: Path,
+    delete_data: bool | None = None,
+    reason: str = "revoked by the tenant",
+    http: httpx.Client | None = None,
+) -> RevokeResult:
+    """Revoke a connection: state ``revoked`` (pulls stop), tokens revoked at the source when it
+    offers RFC 7009 and removed from the vault, and, when asked or when the tenant's
+    ``delete_on_revoke`` setting says so, the connection's rows deleted from the lake.
+
+    The caller rebuilds the tenant's warehouse when ``rows_deleted`` is non-zero.
+    """
+    conn = cp.get_connection(connection_id)
+    if conn["state"] != "revoked":
+        cp.transition(connection_id, "revoked", reason=reason)
+    revoked_remote = False
+    secret = cp.vault.get(tokens_secret_name(connection_id))
+    if secret is not None:
+        revoked_remote = _revoke_at_source(cp, conn, loads_exact(secret.reveal()), http=http)
+    cp.vault.delete_prefix(f"conn/{connection_id}/")
+    cp.record_event(connection_id, "tokens.revoked", {"at_source": revoked_remote})
+    if delete_data is None:
+        delete_data = bool((cp.get_tenant(conn["tenant_id"])["settings"] or {}).get(
+            "delete_on_revoke"))
+    removed = 0
+    if delete_data:
+        removed = delete_connection_data(lake_root, conn["tenant_id"], connection_id)
+        cp.set_watermark(watermark_key(connection_id), None)
+        cp.record_event(connection_id, "data.deleted", {"rows": removed})
+    return RevokeResult(connection_id, revoked_remote, removed, delete_data)
+
+
+def _revoke_at_source(
+    cp: ControlPlane, conn: Mapping[str, Any], blob: Mapping[str, Any], *, http: httpx.Client | None
+) -> bool:
+    source = cp.get_source(conn["source_id"])
+    endpoint = (source.get("smart_config") or {}).get("revocation_endpoint")
+    token = blob.get("refresh_token") or blob.get("access_token")
+    if not endpoint or not token:
+        return False
+    own = http is None
+    client = http or httpx.Client(timeout=10.0)
+    try:
+        auth = ClientAuth.from_source(source, cp)
+        form = {"token": str(token), "token_type_hint":
+                "refresh_token" if blob.get("refresh_token") else "access_token"}
+        headers = auth.apply(form, token_endpoint=str(endpoint))
+        resp = client.post(str(endpoint), data=form, headers=headers)
+        return resp.status_code == 200
+    except (httpx.HTTPError, MedblocksError):
+        # Best effort: our side is revoked and the tokens are gone either way.
+        return False
+    finally:
+        if own:
+            client.close()
+
+
+def refresh_failed_connections(
+    cp: ControlPlane, *, tenant_id: str | None = None, source_id: str | None = None
+) -> list[str]:
+    """Patient-access connections whose refresh failed (the patient must connect again)."""
+    return [
+        r["id"]
+        for r in cp.list_connections(tenant_id=tenant_id, pattern=PATTERN, state="refresh_failed",
+                                     source_id=source_id)
+    ]
