@@ -91,6 +91,7 @@ def _csv(path: Path, header: tuple[str, ...], rows: Any) -> None:
 _DATE = r"(?<![0-9A-Za-z-])\d{4}-\d{2}-\d{2}(?![0-9-])"
 _VALUE = r'(?<="valueQuantity":\{"value":)-?\d+(?:\.\d+)?'
 _FAMILY = r'(?<="name":\[\{"use":"official","family":")[^"]+'
+_LITERAL_SLOTS = re.compile(f"(?P<date>{_DATE})|(?P<value>{_VALUE})|(?P<family>{_FAMILY})")
 
 
 class _Block:
@@ -108,7 +109,13 @@ class _Block:
         self.templates: list[str] = []
         for r in resources:
             text = dumps(r)
-            self.templates.append(self._compile(text, id_re, names))
+            # the newline is part of the template: one format_map per line, no concatenation
+            self.templates.append(self._compile(text, id_re, names) + "\n")
+        counts: dict[str, int] = {}
+        for t in self.types:
+            counts[t] = counts.get(t, 0) + 1
+        self.type_counts = list(counts.items())
+        self.approx_bytes = sum(len(t) for t in self.templates)
 
     def _slot(self, names: dict[str, str], key: str) -> str:
         if key not in names:
@@ -138,10 +145,9 @@ class _Block:
         return "".join(out)
 
     def _compile_literal(self, literal: str, names: dict[str, str]) -> str:
-        pattern = re.compile(f"(?P<date>{_DATE})|(?P<value>{_VALUE})|(?P<family>{_FAMILY})")
         out: list[str] = []
         pos = 0
-        for m in pattern.finditer(literal):
+        for m in _LITERAL_SLOTS.finditer(literal):
             out.append(literal[pos : m.start()].replace("{", "{{").replace("}", "}}"))
             token = m.group(0)
             if m.lastgroup == "date":
@@ -206,13 +212,15 @@ def stream_bulk_ndjson(
     seed: int,
     files_per_type: int = 1,
     orgs: list[str] | None = None,
-    buffer_bytes: int = 1 << 20,
+    buffer_bytes: int = 4 << 20,
 ) -> dict[str, Any]:
     """Write exactly `resources` FHIR resources as NDJSON files per type under `out_dir`, streaming.
 
     Shapes come from a small population rendered by the regular builders (`orgs`: which orgs'
-    shapes, default all). Memory stays bounded by the sample and `buffer_bytes` per open file.
-    Returns stats: resources, bytes, seconds, patients (block copies), by_type, files.
+    shapes, default all). Memory stays bounded by the sample and `buffer_bytes` (all buffers
+    together). Files are `<Type>.ndjson`, or `<Type>.<nnn>.ndjson` with several files per type
+    (patient copies go round-robin over them). Returns stats: resources, bytes, seconds,
+    patients (block copies), by_type, files.
     """
     if resources < 0 or files_per_type < 1:
         raise GeneratorError("resources must be >= 0 and files_per_type >= 1")
@@ -228,74 +236,97 @@ def stream_bulk_ndjson(
     # pools drawn once: the per-copy work is dict lookups and str.format_map
     noise = [1 + rng.gauss(0, 0.06) for _ in range(4093)]
     families = list(codes.FAMILY_NAMES)
-    handles: dict[str, TextIO] = {}
+    types = sorted({t for b in blocks for t in b.types} | {r["resourceType"] for r in shared})
+
+    def file_name(rtype: str, fileno: int) -> str:
+        return f"{rtype}.ndjson" if files_per_type == 1 else f"{rtype}.{fileno:03d}.ndjson"
+
+    # one buffer (a list of lines) per output file; blocks append to them directly
     buffers: dict[str, list[str]] = {}
-    sizes: dict[str, int] = {}
+    handles: dict[str, TextIO] = {}
     counts: dict[str, int] = {}
-    by_type: dict[str, int] = {}
-    written = 0
+    by_type: dict[str, int] = dict.fromkeys(types, 0)
     total_bytes = 0
+    pending = 0
 
-    def emit(rtype: str, fileno: int, line: str) -> None:
-        nonlocal total_bytes
-        key = f"{rtype}.ndjson" if files_per_type == 1 else f"{rtype}.{fileno:03d}.ndjson"
-        buf = buffers.get(key)
+    def buffer(name: str) -> list[str]:
+        buf = buffers.get(name)
         if buf is None:
-            buf = buffers[key] = []
-            sizes[key] = 0
-            counts[key] = 0
-            handles[key] = (out / key).open("w", encoding="utf-8", newline="\n")
-        buf.append(line)
-        sizes[key] += len(line)
-        counts[key] += 1
-        by_type[rtype] = by_type.get(rtype, 0) + 1
-        if sizes[key] >= buffer_bytes:
-            data = "".join(buf)
-            handles[key].write(data)
-            total_bytes += len(data.encode("utf-8")) if not data.isascii() else len(data)
-            buf.clear()
-            sizes[key] = 0
+            buf = buffers[name] = []
+            counts[name] = 0
+            handles[name] = (out / name).open("w", encoding="utf-8", newline="\n")
+        return buf
 
+    def flush() -> None:
+        nonlocal total_bytes, pending
+        for name, buf in buffers.items():
+            if buf:
+                data = "".join(buf)
+                handles[name].write(data)
+                total_bytes += len(data) if data.isascii() else len(data.encode("utf-8"))
+                counts[name] += len(buf)
+                buf.clear()
+        pending = 0
+
+    # per block and file number: the buffers its resources go to, resolved once
+    routes: dict[tuple[int, int], list[list[str]]] = {}
+    written = 0
+    copy = 0
     try:
-        for r in shared:
-            if written >= resources:
-                break
-            emit(r["resourceType"], 0, dumps(r) + "\n")
+        for r in shared[:resources]:
+            buffer(file_name(r["resourceType"], 0)).append(dumps(r) + "\n")
+            by_type[r["resourceType"]] += 1
             written += 1
-        copy = 0
-        ni = 0
+        date_cache: dict[int, str] = {}
         while written < resources:
-            block = blocks[copy % len(blocks)]
+            bi = copy % len(blocks)
+            block = blocks[bi]
+            fileno = copy % files_per_type
+            route = routes.get((bi, fileno))
+            if route is None:
+                route = routes[(bi, fileno)] = [buffer(file_name(t, fileno)) for t in block.types]
             suffix = f"-{copy:x}"
             subs: dict[str, str] = {name: orig + suffix for name, orig in block.id_slots}
             shift = rng.randrange(0, 700)
             for name, ordinal in block.date_slots:
-                subs[name] = date.fromordinal(ordinal - shift).isoformat()
+                o = ordinal - shift
+                d = date_cache.get(o)
+                if d is None:
+                    d = date_cache[o] = date.fromordinal(o).isoformat()
+                subs[name] = d
+            ni = rng.randrange(len(noise))
             for name, value, decimals in block.value_slots:
-                ni = (ni + 1) % len(noise)
+                ni = ni + 1 if ni + 1 < len(noise) else 0
                 v = value * noise[ni]
                 subs[name] = str(round(v, decimals)) if decimals else str(round(v))
             for name, _ in block.name_slots:
                 subs[name] = families[rng.randrange(len(families))]
-            fileno = copy % files_per_type
-            for rtype, tmpl in zip(block.types, block.templates, strict=True):
-                if written >= resources:
-                    break
-                emit(rtype, fileno, tmpl.format_map(subs) + "\n")
-                written += 1
+            left = resources - written
+            if left >= len(block.templates):
+                for buf, tmpl in zip(route, block.templates, strict=True):
+                    buf.append(tmpl.format_map(subs))
+                for t, n in block.type_counts:
+                    by_type[t] += n
+                written += len(block.templates)
+                pending += block.approx_bytes
+            else:
+                # the last, partial copy: Patient first, so nothing is left without its patient
+                for buf, tmpl, t in zip(route[:left], block.templates, block.types, strict=False):
+                    buf.append(tmpl.format_map(subs))
+                    by_type[t] += 1
+                written += left
             copy += 1
+            if pending >= buffer_bytes:
+                flush()
     finally:
-        for key, buf in buffers.items():
-            if buf:
-                data = "".join(buf)
-                handles[key].write(data)
-                total_bytes += len(data.encode("utf-8")) if not data.isascii() else len(data)
-            handles[key].close()
+        flush()
+        for h in handles.values():
+            h.close()
     return {
         "resources": written,
         "bytes": total_bytes,
         "seconds": round(time.perf_counter() - t0, 3),
-        "patients": copy if resources else 0,
-        "by_type": dict(sorted(by_type.items())),
+        "patients": copy,
+        "by_type": {t: n for t, n in by_type.items() if n},
         "files": dict(sorted(counts.items())),
     }
