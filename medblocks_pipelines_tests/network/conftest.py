@@ -31,10 +31,20 @@ class FakePopulation:
     def __init__(self) -> None:
         self.organizations = [
             FakeOrg("mercy-general", "Mercy General", "ehr", "2.16.840.1.113883.3.9999.1", None),
-            FakeOrg("riverside-health", "Riverside Health System", "network", "2.16.840.1.113883.3.9999.4",
-                    "urn:oid:2.16.840.1.113883.3.9999.4"),
-            FakeOrg("valley-medical", "Valley Medical Group", "network", "2.16.840.1.113883.3.9999.5",
-                    "urn:oid:2.16.840.1.113883.3.9999.5"),
+            FakeOrg(
+                "riverside-health",
+                "Riverside Health System",
+                "network",
+                "2.16.840.1.113883.3.9999.4",
+                "urn:oid:2.16.840.1.113883.3.9999.4",
+            ),
+            FakeOrg(
+                "valley-medical",
+                "Valley Medical Group",
+                "network",
+                "2.16.840.1.113883.3.9999.5",
+                "urn:oid:2.16.840.1.113883.3.9999.5",
+            ),
         ]
         self._res: dict[str, list[dict[str, Any]]] = {}
         for org, pid in (("riverside-health", "rv-1"), ("valley-medical", "vm-7")):
@@ -71,7 +81,9 @@ class LiveServer:
         self.app = app
         self.port = _free_port()
         self.server = uvicorn.Server(
-            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off")
+            uvicorn.Config(
+                app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off"
+            )
         )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
@@ -94,11 +106,15 @@ class LiveServer:
 
 
 @pytest.fixture
-def gateway_server(population: FakePopulation, signing_identity: tuple[bytes, bytes]) -> Iterator[Any]:
+def gateway_server(
+    population: FakePopulation, signing_identity: tuple[bytes, bytes]
+) -> Iterator[Any]:
     """Factory: start a gateway with given behaviours; all servers stop at teardown."""
     started: list[LiveServer] = []
 
-    def start(behaviours: dict[str, Behaviour] | None = None, *, verify: bool = True) -> SimpleNamespace:
+    def start(
+        behaviours: dict[str, Behaviour] | None = None, *, verify: bool = True
+    ) -> SimpleNamespace:
         app = create_gateway_app(
             population, behaviours=behaviours, trusted_cert=signing_identity[1] if verify else None
         )

@@ -4,7 +4,11 @@ from typing import Any
 
 SNOMED = "http://snomed.info/sct"
 LOINC = "http://loinc.org"
-ORG = {"id": "riverside-health", "name": "Riverside Health System", "oid": "2.16.840.1.113883.3.9999.4"}
+ORG = {
+    "id": "riverside-health",
+    "name": "Riverside Health System",
+    "oid": "2.16.840.1.113883.3.9999.4",
+}
 
 
 def patient_bundle(pid: str = "p1") -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -15,7 +19,9 @@ def patient_bundle(pid: str = "p1") -> tuple[dict[str, Any], list[dict[str, Any]
         "name": [{"family": "Rivera", "given": ["Ana", "Maria"]}],
         "gender": "female",
         "birthDate": "1980-04-12",
-        "address": [{"line": ["12 Oak St"], "city": "Eugene", "state": "OR", "postalCode": "97401"}],
+        "address": [
+            {"line": ["12 Oak St"], "city": "Eugene", "state": "OR", "postalCode": "97401"}
+        ],
         "telecom": [{"system": "phone", "value": "541-555-0100"}],
     }
     subj = {"reference": f"Patient/{pid}"}
@@ -42,7 +48,11 @@ def patient_bundle(pid: str = "p1") -> tuple[dict[str, Any], list[dict[str, Any]
             "subject": subj,
             "category": [{"coding": [{"code": "problem-list-item"}]}],
             "clinicalStatus": {"coding": [{"code": "resolved"}]},
-            "code": {"coding": [{"system": SNOMED, "code": "195662009", "display": "Acute viral pharyngitis"}]},
+            "code": {
+                "coding": [
+                    {"system": SNOMED, "code": "195662009", "display": "Acute viral pharyngitis"}
+                ]
+            },
             "onsetDateTime": "2024-01-05",
             "abatementDateTime": "2024-01-20",
         },
@@ -62,10 +72,20 @@ def patient_bundle(pid: str = "p1") -> tuple[dict[str, Any], list[dict[str, Any]
             "clinicalStatus": {"coding": [{"code": "active"}]},
             "category": ["medication"],
             "criticality": "high",
-            "code": {"coding": [{"system": "http://www.nlm.nih.gov/research/umls/rxnorm", "code": "7980", "display": "Penicillin G"}]},
+            "code": {
+                "coding": [
+                    {
+                        "system": "http://www.nlm.nih.gov/research/umls/rxnorm",
+                        "code": "7980",
+                        "display": "Penicillin G",
+                    }
+                ]
+            },
             "reaction": [
                 {
-                    "manifestation": [{"coding": [{"system": SNOMED, "code": "247472004", "display": "Hives"}]}],
+                    "manifestation": [
+                        {"coding": [{"system": SNOMED, "code": "247472004", "display": "Hives"}]}
+                    ],
                     "severity": "moderate",
                 }
             ],
@@ -79,11 +99,23 @@ def patient_bundle(pid: str = "p1") -> tuple[dict[str, Any], list[dict[str, Any]
             "intent": "order",
             "authoredOn": "2025-06-01T10:30:00+00:00",
             "medicationCodeableConcept": {
-                "coding": [{"system": "http://www.nlm.nih.gov/research/umls/rxnorm", "code": "860975", "display": "metformin 500 MG"}]
+                "coding": [
+                    {
+                        "system": "http://www.nlm.nih.gov/research/umls/rxnorm",
+                        "code": "860975",
+                        "display": "metformin 500 MG",
+                    }
+                ]
             },
             "dosageInstruction": [
                 {
-                    "timing": {"repeat": {"period": 12, "periodUnit": "h", "boundsPeriod": {"start": "2025-06-01"}}},
+                    "timing": {
+                        "repeat": {
+                            "period": 12,
+                            "periodUnit": "h",
+                            "boundsPeriod": {"start": "2025-06-01"},
+                        }
+                    },
                     "doseAndRate": [{"doseQuantity": {"value": 1, "unit": "{tbl}"}}],
                 }
             ],
@@ -97,7 +129,9 @@ def patient_bundle(pid: str = "p1") -> tuple[dict[str, Any], list[dict[str, Any]
             "code": {"coding": [{"system": LOINC, "code": "4548-4", "display": "Hemoglobin A1c"}]},
             "effectiveDateTime": "2025-06-01T09:00:00-07:00",
             "valueQuantity": {"value": 7.2, "unit": "%", "code": "%"},
-            "referenceRange": [{"low": {"value": 4.0, "code": "%"}, "high": {"value": 5.6, "code": "%"}}],
+            "referenceRange": [
+                {"low": {"value": 4.0, "code": "%"}, "high": {"value": 5.6, "code": "%"}}
+            ],
         },
         {
             "resourceType": "Observation",
@@ -105,11 +139,19 @@ def patient_bundle(pid: str = "p1") -> tuple[dict[str, Any], list[dict[str, Any]
             "status": "final",
             "subject": subj,
             "category": [{"coding": [{"code": "vital-signs"}]}],
-            "code": {"coding": [{"system": LOINC, "code": "85354-9", "display": "Blood pressure panel"}]},
+            "code": {
+                "coding": [{"system": LOINC, "code": "85354-9", "display": "Blood pressure panel"}]
+            },
             "effectiveDateTime": "2025-06-01T09:00:00-07:00",
             "component": [
-                {"code": {"coding": [{"system": LOINC, "code": "8480-6"}]}, "valueQuantity": {"value": 142, "code": "mm[Hg]"}},
-                {"code": {"coding": [{"system": LOINC, "code": "8462-4"}]}, "valueQuantity": {"value": 91, "code": "mm[Hg]"}},
+                {
+                    "code": {"coding": [{"system": LOINC, "code": "8480-6"}]},
+                    "valueQuantity": {"value": 142, "code": "mm[Hg]"},
+                },
+                {
+                    "code": {"coding": [{"system": LOINC, "code": "8462-4"}]},
+                    "valueQuantity": {"value": 91, "code": "mm[Hg]"},
+                },
             ],
         },
         {
@@ -127,7 +169,15 @@ def patient_bundle(pid: str = "p1") -> tuple[dict[str, Any], list[dict[str, Any]
             "id": f"{pid}-i1",
             "status": "completed",
             "patient": subj,
-            "vaccineCode": {"coding": [{"system": "http://hl7.org/fhir/sid/cvx", "code": "140", "display": "Influenza, seasonal"}]},
+            "vaccineCode": {
+                "coding": [
+                    {
+                        "system": "http://hl7.org/fhir/sid/cvx",
+                        "code": "140",
+                        "display": "Influenza, seasonal",
+                    }
+                ]
+            },
             "occurrenceDateTime": "2024-10-02",
             "lotNumber": "LOT123",
         },
@@ -144,7 +194,17 @@ def patient_bundle(pid: str = "p1") -> tuple[dict[str, Any], list[dict[str, Any]
             "id": f"{pid}-e1",
             "status": "finished",
             "class": {"code": "AMB", "display": "ambulatory"},
-            "type": [{"coding": [{"system": "http://www.ama-assn.org/go/cpt", "code": "99213", "display": "Office visit"}]}],
+            "type": [
+                {
+                    "coding": [
+                        {
+                            "system": "http://www.ama-assn.org/go/cpt",
+                            "code": "99213",
+                            "display": "Office visit",
+                        }
+                    ]
+                }
+            ],
             "subject": subj,
             "period": {"start": "2025-06-01T09:00:00-07:00", "end": "2025-06-01T09:40:00-07:00"},
             "location": [{"location": {"display": "Riverside Clinic"}}],

@@ -11,11 +11,17 @@ from medblocks_pipelines.lib.network.ccda.common import Flags, ts_to_fhir
 from medblocks_pipelines.sandbox.gateway.render import render_ccd
 from medblocks_pipelines_tests.network.fixtures import ORG, patient_bundle
 
-SRC = SourceDocument("urn:oid:2.16.840.1.113883.3.9999.4", "2.16.840.1.113883.3.9999.4.2",
-                     "2.16.840.1.113883.3.9999.4.9.1", organization="riverside-health")
+SRC = SourceDocument(
+    "urn:oid:2.16.840.1.113883.3.9999.4",
+    "2.16.840.1.113883.3.9999.4.2",
+    "2.16.840.1.113883.3.9999.4.9.1",
+    organization="riverside-health",
+)
 
 
-def _convert(flaws: frozenset[str] = frozenset(), doc_id: str = "2.16.840.1.113883.3.9999.4.9.1") -> Any:
+def _convert(
+    flaws: frozenset[str] = frozenset(), doc_id: str = "2.16.840.1.113883.3.9999.4.9.1"
+) -> Any:
     patient, res = patient_bundle()
     xml = render_ccd(patient, res, org=ORG, document_id=doc_id, flaws=flaws)
     return convert_ccda(xml, SRC)
@@ -42,7 +48,9 @@ def test_dates_keep_precision(ts: str, expected: str | None) -> None:
 
 def test_time_without_offset_uses_document_offset_or_drops_time() -> None:
     flags = Flags()
-    assert ts_to_fhir("20230531143000", default_tz="+0200", flags=flags) == "2023-05-31T14:30:00+02:00"
+    assert (
+        ts_to_fhir("20230531143000", default_tz="+0200", flags=flags) == "2023-05-31T14:30:00+02:00"
+    )
     assert ts_to_fhir("20230531143000", default_tz=None, flags=flags) == "2023-05-31"
     assert flags.counts == {"time_without_zone": 1}
 
@@ -50,8 +58,19 @@ def test_time_without_offset_uses_document_offset_or_drops_time() -> None:
 def test_every_domain_converted_and_valid_r4() -> None:
     result = _convert()
     counts = result.counts_by_type()
-    for rtype in ("Patient", "Condition", "AllergyIntolerance", "MedicationRequest", "Observation",
-                  "DiagnosticReport", "Immunization", "Procedure", "Encounter", "DocumentReference", "Provenance"):
+    for rtype in (
+        "Patient",
+        "Condition",
+        "AllergyIntolerance",
+        "MedicationRequest",
+        "Observation",
+        "DiagnosticReport",
+        "Immunization",
+        "Procedure",
+        "Encounter",
+        "DocumentReference",
+        "Provenance",
+    ):
         assert counts.get(rtype, 0) >= 1, rtype
     assert result.quarantined == []
     for res in result.resources:
@@ -61,10 +80,15 @@ def test_every_domain_converted_and_valid_r4() -> None:
 def test_problem_rules() -> None:
     conds = {c["code"]["coding"][0]["code"]: c for c in _by_type(_convert(), "Condition")}
     dm = conds["44054006"]  # diagnosis comes from observation/value, not observation/code
-    assert dm["code"]["coding"][1] == {"code": "E11.9", "system": "http://hl7.org/fhir/sid/icd-10-cm"}
+    assert dm["code"]["coding"][1] == {
+        "code": "E11.9",
+        "system": "http://hl7.org/fhir/sid/icd-10-cm",
+    }
     assert dm["code"]["text"] == "Type 2 diabetes"  # originalText resolved from the narrative
     assert dm["onsetDateTime"] == "2019-03" and dm["recordedDate"] == "2019-03-15"
-    assert dm["clinicalStatus"]["coding"][0]["code"] == "active"  # from the Problem Status observation
+    assert (
+        dm["clinicalStatus"]["coding"][0]["code"] == "active"
+    )  # from the Problem Status observation
     assert dm["category"][0]["coding"][0]["code"] == "problem-list-item"
     resolved = conds["195662009"]
     assert resolved["clinicalStatus"]["coding"][0]["code"] == "resolved"
@@ -73,7 +97,9 @@ def test_problem_rules() -> None:
     assert dx["category"][0]["coding"][0]["code"] == "encounter-diagnosis"
     enc = _by_type(_convert(), "Encounter")[0]
     assert enc["diagnosis"][0]["condition"]["reference"] == f"Condition/{dx['id']}"
-    assert all(c["meta"]["source"] == "urn:oid:2.16.840.1.113883.3.9999.4.9.1" for c in conds.values())
+    assert all(
+        c["meta"]["source"] == "urn:oid:2.16.840.1.113883.3.9999.4.9.1" for c in conds.values()
+    )
 
 
 def test_vitals_bp_pair_becomes_one_panel() -> None:
@@ -98,19 +124,33 @@ def test_allergy_medication_immunization_details() -> None:
 
 def test_ids_stable_across_documents() -> None:
     # The same facts in two different CCDs (new document id) land as the same resources.
-    a = {r["id"] for r in _convert().resources if r["resourceType"] not in ("DocumentReference", "Provenance")}
-    b = {r["id"] for r in _convert(doc_id="2.16.840.1.113883.3.9999.4.9.2").resources
-         if r["resourceType"] not in ("DocumentReference", "Provenance")}
+    a = {
+        r["id"]
+        for r in _convert().resources
+        if r["resourceType"] not in ("DocumentReference", "Provenance")
+    }
+    b = {
+        r["id"]
+        for r in _convert(doc_id="2.16.840.1.113883.3.9999.4.9.2").resources
+        if r["resourceType"] not in ("DocumentReference", "Provenance")
+    }
     assert a == b and len(a) > 10
 
 
 def test_null_flavors_missing_sections_unknown_entries() -> None:
     r = _convert(frozenset({"null_codes", "missing_sections", "unknown_entry"}))
     reasons = sorted(q.reason for q in r.quarantined)
-    assert reasons == ["problem observation without a diagnosis code or text", "unrecognised entry in problem section"]
+    assert reasons == [
+        "problem observation without a diagnosis code or text",
+        "unrecognised entry in problem section",
+    ]
     # nullFlavor="OTH" root with a translation: converted from the translation, not dropped.
     conds = _by_type(r, "Condition")
-    dm = [c for c in conds if {x["code"] for x in c["code"].get("coding", [])} == {"44054006", "E11.9"}]
+    dm = [
+        c
+        for c in conds
+        if {x["code"] for x in c["code"].get("coding", [])} == {"44054006", "E11.9"}
+    ]
     assert len(dm) == 1 and dm[0]["code"]["text"] == "Type 2 diabetes"
     assert r.flags.counts.get("section_missing_immunizations") == 1
     assert r.flags.counts.get("section_missing_procedures") == 1
@@ -122,7 +162,9 @@ def test_no_known_allergies_and_empty_sections() -> None:
     patient, _ = patient_bundle()
     r = convert_ccda(render_ccd(patient, [], org=ORG, document_id="1.2.3.4"), SRC)
     allergies = _by_type(r, "AllergyIntolerance")
-    assert allergies[0]["code"]["coding"][0]["code"] == "716186003"  # mapping IG's "no known allergy"
+    assert (
+        allergies[0]["code"]["coding"][0]["code"] == "716186003"
+    )  # mapping IG's "no known allergy"
     assert r.flags.counts.get("section_empty_problems") == 1
     assert r.quarantined == []
 

@@ -23,7 +23,10 @@ def _land_patient(e: Any, person: str) -> None:
 
     patient = dict(e.population_patient)
     patient["id"] = person
-    with LakeWriter(e.settings.lake_root, Provenance("acme", "clinician_workflow", "mercy", "acme-clinic", None, "r1")) as w:
+    with LakeWriter(
+        e.settings.lake_root,
+        Provenance("acme", "clinician_workflow", "mercy", "acme-clinic", None, "r1"),
+    ) as w:
         assert w.add(patient)
 
 
@@ -40,7 +43,9 @@ def test_asset_materializes_partition_with_counts(env: Any, population: Any) -> 
             partition_key=key,
             instance=instance,
             resources={"platform": PlatformResource(data_dir=str(env.settings.data_dir))},
-            run_config=dg.RunConfig({"network__query_results": NetworkQueryConfig(persons=["person-1", "stranger"])}),
+            run_config=dg.RunConfig(
+                {"network__query_results": NetworkQueryConfig(persons=["person-1", "stranger"])}
+            ),
         )
         assert res.success
         md = res.get_asset_materialization_events()[0].materialization.metadata
@@ -59,27 +64,51 @@ def test_sensor_requests_runs_for_new_events_only(env: Any) -> None:  # noqa: F8
         ctx = dg.build_sensor_context(instance=instance, resources={"platform": platform})
         first = network_relationship_sensor(ctx)
         assert not first.run_requests  # nothing happened yet: no sweep
-        record_relationship_event(env.cp, tenant="acme", person="person-2", kind="encounter", ref="enc-9",
-                                  organization="acme-clinic", at=datetime.now(UTC))
+        record_relationship_event(
+            env.cp,
+            tenant="acme",
+            person="person-2",
+            kind="encounter",
+            ref="enc-9",
+            organization="acme-clinic",
+            at=datetime.now(UTC),
+        )
         env.launch("person-3")
-        ctx = dg.build_sensor_context(instance=instance, resources={"platform": platform}, cursor=first.cursor)
+        ctx = dg.build_sensor_context(
+            instance=instance, resources={"platform": platform}, cursor=first.cursor
+        )
         second = network_relationship_sensor(ctx)
         [req] = second.run_requests
         assert req.partition_key == key
         cfg = req.run_config["ops"]["network__query_results"]["config"]
         assert cfg["persons"] == ["person-2", "person-3"] and cfg["trigger"] == "event"
-        ctx = dg.build_sensor_context(instance=instance, resources={"platform": platform}, cursor=second.cursor)
+        ctx = dg.build_sensor_context(
+            instance=instance, resources={"platform": platform}, cursor=second.cursor
+        )
         assert not network_relationship_sensor(ctx).run_requests  # same events are not re-queried
     # A person queried recently is not re-queried on a new event.
     env.launch()
     env.query()
-    record_relationship_event(env.cp, tenant="acme", person="person-1", kind="appointment", ref="appt-1",
-                              organization="acme-clinic", at=datetime.now(UTC) + timedelta(days=1))
+    record_relationship_event(
+        env.cp,
+        tenant="acme",
+        person="person-1",
+        kind="appointment",
+        ref="appt-1",
+        organization="acme-clinic",
+        at=datetime.now(UTC) + timedelta(days=1),
+    )
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions("network_scopes", [key])
-        ctx = dg.build_sensor_context(instance=instance, resources={"platform": platform}, cursor=second.cursor)
+        ctx = dg.build_sensor_context(
+            instance=instance, resources={"platform": platform}, cursor=second.cursor
+        )
         result = network_relationship_sensor(ctx)
-        persons = [p for r in result.run_requests for p in r.run_config["ops"]["network__query_results"]["config"]["persons"]]
+        persons = [
+            p
+            for r in result.run_requests
+            for p in r.run_config["ops"]["network__query_results"]["config"]["persons"]
+        ]
         assert "person-1" not in persons
 
 
@@ -89,10 +118,14 @@ def test_cli_sync_and_audit(env: Any, population: Any, monkeypatch: Any) -> None
     _land_patient(env, "person-1")
     monkeypatch.setenv("MEDBLOCKS_DATA_DIR", str(env.settings.data_dir))
     runner = CliRunner()
-    refused = runner.invoke(network_sync, ["--tenant", "acme", "--person", "person-1", "--purpose", "T-TREAT"])
+    refused = runner.invoke(
+        network_sync, ["--tenant", "acme", "--person", "person-1", "--purpose", "T-TREAT"]
+    )
     assert refused.exit_code == 1 and "no_treatment_relationship" in refused.output
     env.launch()
-    ok = runner.invoke(network_sync, ["--tenant", "acme", "--person", "person-1", "--purpose", "T-TREAT", "--json"])
+    ok = runner.invoke(
+        network_sync, ["--tenant", "acme", "--person", "person-1", "--purpose", "T-TREAT", "--json"]
+    )
     assert ok.exit_code == 0, ok.output
     out = json.loads(ok.output)
     assert out["allowed"] and out["documents_retrieved"] == 2 and out["responders"] == 2

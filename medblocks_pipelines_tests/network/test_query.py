@@ -25,7 +25,9 @@ PERSON = "person-1"
 
 
 @pytest.fixture
-def env(tmp_path: Any, population: Any, signing_identity: tuple[bytes, bytes], gateway_server: Any) -> Any:
+def env(
+    tmp_path: Any, population: Any, signing_identity: tuple[bytes, bytes], gateway_server: Any
+) -> Any:
     """A control plane with one tenant, one EHR org, one network source pointing at a live gateway."""
 
     class Env:
@@ -36,15 +38,31 @@ def env(tmp_path: Any, population: Any, signing_identity: tuple[bytes, bytes], g
             self.cp.add_tenant(
                 "acme",
                 "Acme Care",
-                settings={"network": {"purposes": ["T-TREAT", "T-TRTMNT", "T-IAS"], "organization": "acme-clinic",
-                                      "npi": "1234567893"}},
+                settings={
+                    "network": {
+                        "purposes": ["T-TREAT", "T-TRTMNT", "T-IAS"],
+                        "organization": "acme-clinic",
+                        "npi": "1234567893",
+                    }
+                },
             )
-            self.cp.add_source("mercy", "Mercy EHR", "epic", "ehr", "http://127.0.0.1:1/fhir", ["clinician_workflow", "patient_access"])
+            self.cp.add_source(
+                "mercy",
+                "Mercy EHR",
+                "epic",
+                "ehr",
+                "http://127.0.0.1:1/fhir",
+                ["clinician_workflow", "patient_access"],
+            )
             self.cp.add_organization("acme-clinic", "acme", "mercy", "Acme Clinic")
-            self.demo = ihe.Demographics.from_patient(population.resources_for("riverside-health")[0])
+            self.demo = ihe.Demographics.from_patient(
+                population.resources_for("riverside-health")[0]
+            )
             self.gw = None
 
-        def start(self, behaviours: dict[str, Behaviour] | None = None, timeout_s: float = 5.0) -> Any:
+        def start(
+            self, behaviours: dict[str, Behaviour] | None = None, timeout_s: float = 5.0
+        ) -> Any:
             self.gw = gateway_server(behaviours)
             cfg = network_source_config(self.gw.url, population, timeout_s=timeout_s)
             key, cert = signing_identity
@@ -52,28 +70,41 @@ def env(tmp_path: Any, population: Any, signing_identity: tuple[bytes, bytes], g
             self.cp.vault.put("network/sandbox-qhin/cert", cert.decode(), tenant_id=None)
             cfg["signing_key_secret"] = "network/sandbox-qhin/key"
             cfg["signing_cert_secret"] = "network/sandbox-qhin/cert"
-            self.cp.add_source("sandbox-qhin", "Sandbox QHIN", "sandbox", "network", None, ["network"], config=cfg)
+            self.cp.add_source(
+                "sandbox-qhin", "Sandbox QHIN", "sandbox", "network", None, ["network"], config=cfg
+            )
             return self.gw
 
         def launch(self, person: str = PERSON) -> str:
             cid = self.cp.create_connection(
-                tenant_id="acme", pattern="clinician_workflow", source_id="mercy",
-                organization_id="acme-clinic", patient_ref=person,
+                tenant_id="acme",
+                pattern="clinician_workflow",
+                source_id="mercy",
+                organization_id="acme-clinic",
+                patient_ref=person,
             )
             self.cp.transition(cid, "active")
             return cid
 
         def query(self, purpose: str = "T-TREAT", **kw: Any) -> Any:
             return run_network_query(
-                self.cp, self.settings, tenant="acme", person=kw.pop("person", PERSON), purpose=purpose,
-                actor="dr-house", demographics=self.demo, **kw,
+                self.cp,
+                self.settings,
+                tenant="acme",
+                person=kw.pop("person", PERSON),
+                purpose=purpose,
+                actor="dr-house",
+                demographics=self.demo,
+                **kw,
             )
 
         def lake(self, sql: str) -> list[tuple[Any, ...]]:
             glob = resources_glob(self.settings.lake_root, "acme")
             con = duckdb.connect()
             try:
-                con.execute(f"CREATE VIEW lake AS SELECT * FROM read_parquet('{glob}', hive_partitioning=true, union_by_name=true)")
+                con.execute(
+                    f"CREATE VIEW lake AS SELECT * FROM read_parquet('{glob}', hive_partitioning=true, union_by_name=true)"
+                )
                 return con.execute(sql).fetchall()
             finally:
                 con.close()
@@ -90,19 +121,36 @@ def test_allowed_treatment_query_lands_two_communities(env: Any) -> None:
     # riverside: 1 CCD; valley: 1 CCD + 1 PDF (MTOM)
     assert result.documents_retrieved == 3
     assert result.documents_stored_binary == 1
-    rows = env.lake("SELECT organization, resource_type, count(*) FROM lake GROUP BY ALL ORDER BY ALL")
+    rows = env.lake(
+        "SELECT organization, resource_type, count(*) FROM lake GROUP BY ALL ORDER BY ALL"
+    )
     orgs = {r[0] for r in rows}
     assert orgs == {"riverside-health", "valley-medical"}
     by = {(r[0], r[1]): r[2] for r in rows}
     for org in orgs:
-        for rtype in ("Patient", "Condition", "AllergyIntolerance", "MedicationRequest", "Observation",
-                      "Immunization", "Procedure", "Encounter", "DocumentReference", "Binary", "Provenance"):
+        for rtype in (
+            "Patient",
+            "Condition",
+            "AllergyIntolerance",
+            "MedicationRequest",
+            "Observation",
+            "Immunization",
+            "Procedure",
+            "Encounter",
+            "DocumentReference",
+            "Binary",
+            "Provenance",
+        ):
             assert by.get((org, rtype), 0) >= 1, (org, rtype)
     assert by[("valley-medical", "DocumentReference")] == 2  # the CCD and the PDF
     assert env.lake("SELECT DISTINCT pattern, source FROM lake") == [("network", "sandbox-qhin")]
     # Audit: allowed, with evidence, gateways, responders and documents.
     audit = env.cp.list_audit(tenant_id="acme")[0]
-    assert audit["decision"] == "allowed" and audit["purpose"] == "T-TREAT" and audit["actor"] == "dr-house"
+    assert (
+        audit["decision"] == "allowed"
+        and audit["purpose"] == "T-TREAT"
+        and audit["actor"] == "dr-house"
+    )
     assert audit["evidence"]["relied_on"][0]["kind"] == "ehr_launch"
     assert sorted(audit["responders"]) == ["riverside-health", "valley-medical"]
     assert len(audit["documents"]) == 3
@@ -171,8 +219,12 @@ def test_gateway_timeout_others_still_answer(env: Any) -> None:
 
 
 def test_soap_fault_and_partial_success(env: Any) -> None:
-    env.start({"riverside-health": Behaviour(fault_on=frozenset({"ITI-38"})),
-               "valley-medical": Behaviour(partial_success=True)})
+    env.start(
+        {
+            "riverside-health": Behaviour(fault_on=frozenset({"ITI-38"})),
+            "valley-medical": Behaviour(partial_success=True),
+        }
+    )
     env.launch()
     result = env.query()
     assert result.gateway_status["riverside-health"] == "fault"
@@ -187,7 +239,9 @@ def test_ias_needs_verified_patient_access(env: Any) -> None:
     env.launch()  # a clinician launch is not the patient's own connection
     refused = env.query("T-IAS")
     assert not refused.allowed and refused.reason == "no_verified_patient_access"
-    cid = env.cp.create_connection(tenant_id="acme", pattern="patient_access", source_id="mercy", patient_ref=PERSON)
+    cid = env.cp.create_connection(
+        tenant_id="acme", pattern="patient_access", source_id="mercy", patient_ref=PERSON
+    )
     pending = env.query("T-IAS")
     assert not pending.allowed  # pending: the patient has not finished authenticating
     env.cp.transition(cid, "active")
@@ -199,16 +253,30 @@ def test_ias_needs_verified_patient_access(env: Any) -> None:
 def test_trtmnt_repeat_refused_until_new_event(env: Any) -> None:
     env.start()
     now = datetime.now(UTC)
-    record_relationship_event(env.cp, tenant="acme", person=PERSON, kind="encounter", ref="enc-1",
-                              organization="acme-clinic", at=now - timedelta(days=1))
+    record_relationship_event(
+        env.cp,
+        tenant="acme",
+        person=PERSON,
+        kind="encounter",
+        ref="enc-1",
+        organization="acme-clinic",
+        at=now - timedelta(days=1),
+    )
     first = env.query("T-TRTMNT")
     assert first.allowed, first.reason
     repeat = env.query("T-TRTMNT")
     assert not repeat.allowed and repeat.reason == "repeat_without_new_event"
     retry = env.query("T-TRTMNT", retry_reason="technical_error")
     assert retry.allowed
-    record_relationship_event(env.cp, tenant="acme", person=PERSON, kind="appointment", ref="appt-2",
-                              organization="acme-clinic", at=now + timedelta(days=3))
+    record_relationship_event(
+        env.cp,
+        tenant="acme",
+        person=PERSON,
+        kind="appointment",
+        ref="appt-2",
+        organization="acme-clinic",
+        at=now + timedelta(days=3),
+    )
     assert env.query("T-TRTMNT").allowed
     sweep = env.query("T-TRTMNT", trigger="sweep")
     assert not sweep.allowed and sweep.reason == "sweep_refused"
@@ -217,14 +285,25 @@ def test_trtmnt_repeat_refused_until_new_event(env: Any) -> None:
 
 
 def test_flawed_ccda_quarantines_with_reason(env: Any) -> None:
-    env.start({"riverside-health": Behaviour(flaws=frozenset({"null_codes", "missing_sections", "unknown_entry"}))})
+    env.start(
+        {
+            "riverside-health": Behaviour(
+                flaws=frozenset({"null_codes", "missing_sections", "unknown_entry"})
+            )
+        }
+    )
     env.launch()
     result = env.query()
     assert result.allowed and result.quarantined >= 2  # the code-less problem and the unknown entry
     glob = str(env.settings.lake_root / "quarantine" / "**" / "*.parquet")
     con = duckdb.connect()
     try:
-        reasons = [r[0] for r in con.execute(f"SELECT reason FROM read_parquet('{glob}', union_by_name=true)").fetchall()]
+        reasons = [
+            r[0]
+            for r in con.execute(
+                f"SELECT reason FROM read_parquet('{glob}', union_by_name=true)"
+            ).fetchall()
+        ]
     finally:
         con.close()
     assert any("without a diagnosis code" in r for r in reasons), reasons

@@ -20,7 +20,9 @@ LAUGHS = b"""<?xml version="1.0"?>
 <lolz>&lol4;</lolz>"""
 PARAM_ENTITY = b"""<?xml version="1.0"?>
 <!DOCTYPE r [<!ENTITY % p SYSTEM "http://127.0.0.1:9/x.dtd"> %p;]><r/>"""
-UTF16_XXE = XXE.decode().replace('version="1.0"', 'version="1.0" encoding="UTF-16"').encode("utf-16")
+UTF16_XXE = (
+    XXE.decode().replace('version="1.0"', 'version="1.0" encoding="UTF-16"').encode("utf-16")
+)
 
 
 @pytest.mark.parametrize(
@@ -62,8 +64,10 @@ def test_plain_xml_parses() -> None:
 
 
 def test_soap_with_doctype_refused() -> None:
-    env = (b'<?xml version="1.0"?><!DOCTYPE e [<!ENTITY x "y">]>'
-           b'<e:Envelope xmlns:e="http://www.w3.org/2003/05/soap-envelope"><e:Body><a>&x;</a></e:Body></e:Envelope>')
+    env = (
+        b'<?xml version="1.0"?><!DOCTYPE e [<!ENTITY x "y">]>'
+        b'<e:Envelope xmlns:e="http://www.w3.org/2003/05/soap-envelope"><e:Body><a>&x;</a></e:Body></e:Envelope>'
+    )
     with pytest.raises(UnsafeXMLError):
         parse_soap(env)
 

@@ -264,7 +264,7 @@ class GatewayClient:
                     if entry.key in {e.key for e in out.entries}:
                         continue
                     out.entries.append(entry)
-            wanted = []
+            wanted: list[ihe.DocumentEntry] = []
             for entry in out.entries:
                 (wanted if should_fetch(entry) else out.skipped).append(entry)
             for i in range(0, len(wanted), RETRIEVE_BATCH):

@@ -218,7 +218,13 @@ def build_assertion(
             digest_algorithm="sha256",
             c14n_algorithm="http://www.w3.org/2001/10/xml-exc-c14n#",
         )
-        a = signer.sign(a, key=ctx.key_pem, cert=ctx.cert_pem, reference_uri=aid, id_attribute="ID")
+        a = signer.sign(
+            a,
+            key=ctx.key_pem,
+            cert=ctx.cert_pem.decode("ascii"),
+            reference_uri=aid,
+            id_attribute="ID",
+        )
     return a
 
 
@@ -656,6 +662,11 @@ def _errors(el: etree._Element) -> tuple[RegistryError_, ...]:
     return tuple(out)
 
 
+def _first_slot(obj: etree._Element, name: str) -> str | None:
+    values = _slot_values(obj, name)
+    return values[0] if values else None
+
+
 def _slot_values(obj: etree._Element, name: str) -> list[str]:
     for s in obj.findall(_q(RIM, "Slot")):
         if s.get("name") == name:
@@ -683,12 +694,12 @@ def parse_query_response(el: etree._Element) -> QueryResponse:
         for ei in obj.findall(_q(RIM, "ExternalIdentifier")):
             if ei.get("identificationScheme") == EI_UNIQUE_ID:
                 unique = ei.get("value")
-        repo = (_slot_values(obj, "repositoryUniqueId") or [None])[0]
+        repo = _first_slot(obj, "repositoryUniqueId")
         home = obj.get("home")
         if not unique or not repo or not home:
             # Without all three coordinates the document cannot be retrieved (XDSMissingHomeCommunityId).
             continue
-        size = (_slot_values(obj, "size") or [None])[0]
+        size = _first_slot(obj, "size")
         entries.append(
             DocumentEntry(
                 home_community_id=home,
@@ -697,13 +708,13 @@ def parse_query_response(el: etree._Element) -> QueryResponse:
                 mime_type=obj.get("mimeType") or "application/octet-stream",
                 object_type=obj.get("objectType") or STABLE_ENTRY,
                 entry_uuid=obj.get("id") or "",
-                creation_time=(_slot_values(obj, "creationTime") or [None])[0],
-                service_start_time=(_slot_values(obj, "serviceStartTime") or [None])[0],
+                creation_time=_first_slot(obj, "creationTime"),
+                service_start_time=_first_slot(obj, "serviceStartTime"),
                 class_code=_classification(obj, CL_CLASS),
                 type_code=_classification(obj, CL_TYPE),
                 format_code=_classification(obj, CL_FORMAT),
                 size=int(size) if size and size.isdigit() else None,
-                hash=(_slot_values(obj, "hash") or [None])[0],
+                hash=_first_slot(obj, "hash"),
             )
         )
     return QueryResponse(status, tuple(entries), _errors(el))

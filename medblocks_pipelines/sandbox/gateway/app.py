@@ -171,7 +171,7 @@ def _check_security(msg: ihe.SoapMessage, url_path: str, trusted_cert: bytes | N
         try:
             XMLVerifier().verify(
                 etree.fromstring(etree.tostring(assertion)),
-                x509_cert=trusted_cert,
+                x509_cert=trusted_cert.decode("ascii"),
                 id_attribute="ID",
                 expect_references=1,
             )
@@ -617,6 +617,37 @@ def network_source_config(
     return {"home_community_id": our_home_community_id, "gateways": gateways, "max_parallel": 4}
 
 
-def gateway_role(pop: Any, **kwargs: Any) -> Starlette:
-    """Role factory for the sandbox launcher: the responding gateway app for ``pop``."""
-    return create_gateway_app(pop, **kwargs)
+#: What the demo's communities do by default: one offers on-demand CCDs, one answers in MTOM with a PDF.
+DEFAULT_BEHAVIOURS = {
+    "riverside-health": Behaviour(on_demand=True),
+    "valley-medical": Behaviour(mtom=True, pdf=True),
+}
+
+
+def gateway_role(ctx: Any) -> Any:
+    """Role factory for ``sandbox.run.register_role("gateway", gateway_role)``.
+
+    ``ctx`` is a ``RoleContext``; options ``gateway_behaviours`` (org id -> :class:`Behaviour`) and
+    ``gateway_trusted_cert`` (PEM bytes) are honoured. ``extra`` carries ``seen`` (requests log)
+    and ``source_config`` (the network source's registry config for these endpoints).
+    """
+    from medblocks_pipelines.sandbox.run import OrgEndpoint, RoleApp
+
+    behaviours = ctx.options.get("gateway_behaviours", DEFAULT_BEHAVIOURS)
+    app = create_gateway_app(
+        ctx.population, behaviours=behaviours, trusted_cert=ctx.options.get("gateway_trusted_cert")
+    )
+    base = ctx.base_url.rstrip("/")
+    endpoints = [
+        OrgEndpoint(org.id, org.name, "network", ctx.name, f"{base}/{org.id}")
+        for org in ctx.population.organizations
+        if getattr(org, "kind", None) == "network"
+    ]
+    return RoleApp(
+        app=app,
+        orgs=endpoints,
+        extra={
+            "seen": app.state.seen,
+            "source_config": network_source_config(base, ctx.population),
+        },
+    )

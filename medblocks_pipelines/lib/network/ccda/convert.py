@@ -216,7 +216,7 @@ class _Converter:
         return None
 
     def _rel(self, el: etree._Element, type_code: str | None = None) -> list[etree._Element]:
-        out = []
+        out: list[etree._Element] = []
         for er in el.findall(q("entryRelationship")):
             if type_code and er.get("typeCode") != type_code:
                 continue
@@ -835,9 +835,9 @@ class _Converter:
                     qty = quantity(e) if e is not None else None
                     if qty:
                         r[side] = qty
-            txt = self.narrative.text_of(rr.find(q("text")))
-            if txt:
-                r["text"] = txt
+            range_text = self.narrative.text_of(rr.find(q("text")))
+            if range_text:
+                r["text"] = range_text
             if r:
                 ranges.append(r)
         if ranges:
@@ -1089,7 +1089,7 @@ class _Converter:
                         diags.append({"condition": {"reference": f"Condition/{cid}"}})
         if diags:
             res["diagnosis"] = diags
-        disp = codeable(enc.find(f"{{urn:hl7-org:sdtc}}dischargeDispositionCode"), self.narrative)
+        disp = codeable(enc.find("{urn:hl7-org:sdtc}dischargeDispositionCode"), self.narrative)
         if disp:
             res["hospitalization"] = {"dischargeDisposition": disp}
         self.result.resources.append(res)
@@ -1102,7 +1102,9 @@ def convert_ccda(data: bytes | etree._Element, source: SourceDocument) -> Conver
     Raises :class:`~medblocks_pipelines.lib.network.errors.UnsafeXMLError` for refused XML and
     ``ValueError`` if the root is not a ``ClinicalDocument``.
     """
-    root = parse_untrusted(data, what="C-CDA") if isinstance(data, bytes | bytearray) else data
+    root = (
+        parse_untrusted(bytes(data), what="C-CDA") if isinstance(data, bytes | bytearray) else data
+    )
     return _Converter(root, source).run()
 
 
