@@ -492,7 +492,11 @@ class _Compiler:
             raise ViewDefinitionError(f"union (|) of {left.ftype} and {right.ftype}")
         ftype = left.ftype if left.ftype == right.ftype else (
             "decimal" if ca == "num" else "string")
-        sql = f"list_distinct(list_concat({self.as_list(left)}, {self.as_list(right)}))"
+        both = f"list_concat({self.as_list(left)}, {self.as_list(right)})"
+        u, x, i = self.var("u"), self.var(), self.var("i")
+        # Union removes duplicates but keeps the first occurrence's order (list_distinct does not).
+        sql = (f"list_transform([{both}], lambda {u}: list_filter({u}, lambda {x}, {i}: "
+               f"list_position({u}, {x}) = {i}))[1]")
         return _Val(sql, ftype, True, spec=left.spec)
 
     # ---- functions -----------------------------------------------------------------------
@@ -624,7 +628,10 @@ class _Compiler:
 
     def fn_distinct(self, base: _Val, args: tuple[fp.Node, ...], ctx: _Ctx) -> _Val:
         self.nargs("distinct", args, 0, 0)
-        return replace(base, sql=f"list_distinct({self.as_list(base)})", many=True)
+        u, x, i = self.var("u"), self.var(), self.var("i")
+        sql = (f"list_transform([{self.as_list(base)}], lambda {u}: list_filter({u}, "
+               f"lambda {x}, {i}: list_position({u}, {x}) = {i}))[1]")
+        return replace(base, sql=sql, many=True)
 
     def fn_select(self, base: _Val, args: tuple[fp.Node, ...], ctx: _Ctx) -> _Val:
         self.nargs("select", args, 1, 1)

@@ -22,6 +22,7 @@ from medblocks_pipelines.lib.warehouse.views.compiler import CompiledView, compi
 __all__ = [
     "PROVENANCE_COLUMNS",
     "data_dictionary",
+    "default_suite_dir",
     "load_core_views",
     "load_views",
     "run_test_suite",
@@ -131,6 +132,16 @@ def data_dictionary(views: Mapping[str, Mapping[str, Any]] | Iterable[Mapping[st
 
 
 # ---- the official conformance suite -------------------------------------------------------
+
+
+def default_suite_dir() -> Path | None:
+    """The suite copy: ``MEDBLOCKS_SOF_TESTS``, else ``<repo>/../shared/sql-on-fhir-v2-tests``."""
+    env = os.environ.get("MEDBLOCKS_SOF_TESTS")
+    if env:
+        return Path(env)
+    repo = Path(__file__).resolve().parents[4]
+    candidate = repo.parent / "shared" / "sql-on-fhir-v2-tests"
+    return candidate if candidate.is_dir() else None
 
 
 def _norm(value: Any) -> Any:
