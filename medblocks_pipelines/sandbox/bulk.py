@@ -30,6 +30,7 @@ import hmac
 import inspect
 import itertools
 import json
+import math
 import re
 import secrets
 import shutil
@@ -448,6 +449,8 @@ class ExportJob:
     cancel: threading.Event = field(default_factory=threading.Event)
     expires_at: float | None = None
     gz_lock: threading.Lock = field(default_factory=threading.Lock)
+    next_poll_at: float = 0.0
+    early_polls: int = 0
 
 
 @dataclass
@@ -466,6 +469,11 @@ class BulkConfig:
     file_ttl: float = 3600.0
     #: Lifetime of a presigned URL (oracle profile), seconds.
     presign_ttl: int = 300
+    #: Answer 429 to a status poll that comes before the last ``Retry-After`` has passed.
+    enforce_retry_after: bool = False
+    #: With ``enforce_retry_after``: cancel the export after this many early polls (servers may
+    #: cancel a job whose client keeps hammering, SPECS 3.2).
+    cancel_after_early_polls: int | None = None
 
 
 class BulkServer:
@@ -991,12 +999,27 @@ class BulkServer:
             job.cancel.set()
         if job.status == "failed":
             assert job.failure is not None
+            if job.expires_at is None:
+                job.expires_at = now + self.config.file_ttl
             status, code, message = job.failure
             return outcome_response(status, code, message)
+        retry_after = self.profile.retry_after_seconds or self.config.retry_after
+        if self.config.enforce_retry_after and now < job.next_poll_at:
+            job.early_polls += 1
+            limit = self.config.cancel_after_early_polls
+            if limit is not None and job.early_polls >= limit:
+                with self._lock:
+                    self._jobs.pop(job.id, None)
+                job.cancel.set()
+            return outcome_response(
+                429, "throttled", "polled before Retry-After had passed",
+                headers={"Retry-After": str(max(1, math.ceil(job.next_poll_at - now)))},
+            )
         if not job.work_done or now < job.ready_at:
+            job.next_poll_at = now + retry_after
             return Response(status_code=202, headers={
                 "X-Progress": self._progress(job, now),
-                "Retry-After": str(self.profile.retry_after_seconds or self.config.retry_after),
+                "Retry-After": str(retry_after),
             })
         if job.status == "in-progress":
             job.status = "complete"

@@ -29,6 +29,9 @@ Kinds applied by :class:`FaultMiddleware` to any app (EHR, payer, bulk):
                           also ask :meth:`FaultInjector.page_size` for their default page
 ========================  ===================================================================
 
+``error_burst``, ``html_200``, ``drop_connection`` and the bulk kinds below are one-shot: they
+default to ``count=1`` so that a client that retries gets through.
+
 Kinds consumed by the bulk server when an export runs (see ``bulk.py``): ``ndjson_truncate``
 (line ``line`` cut in half), ``ndjson_malformed`` (line ``line`` replaced by broken JSON),
 ``count_mismatch`` (manifest counts off by ``delta``), ``export_fail`` (the job fails once

@@ -315,3 +315,35 @@ def test_retry_after_forms() -> None:
     assert retry_after_value(4.5, "seconds") == "5"
     parsed = email.utils.parsedate_to_datetime(retry_after_value(10, "http-date"))
     assert 5 < (parsed - datetime.now(UTC)).total_seconds() < 20
+
+
+def test_connect_auth_server_uses_the_as_seams() -> None:
+    calls: list[tuple[str, str]] = []
+
+    class FakeAS:
+        def client_of(self, token: str) -> str | None:
+            return {"t1": "app-1"}.get(token)
+
+        def validate_access_token(self, token: str) -> None:
+            return None
+
+        def expire_access_token(self, token: str) -> None:
+            calls.append(("expire", token))
+
+        def revoke_refresh_token(self, token: str) -> None:
+            calls.append(("revoke", token))
+
+    from medblocks_pipelines.sandbox.faults import connect_auth_server
+
+    faults = FaultInjector()
+    resolve = connect_auth_server(faults, FakeAS())
+    assert resolve("t1") == "app-1"
+    assert resolve("unknown") is None
+    faults.add("expire_token", after_requests=1)
+    assert not faults.token_expired(token="t1", client_id="app-1", path="/", method="GET")
+    assert faults.token_expired(token="t1", client_id="app-1", path="/", method="GET")
+    assert faults.token_expired(token="t1", client_id="app-1", path="/", method="GET")
+    assert calls == [("expire", "t1")]  # the AS is told once
+    assert faults.on_refresh_revoked is not None
+    faults.on_refresh_revoked("rt")
+    assert calls[-1] == ("revoke", "rt")

@@ -232,3 +232,47 @@ def test_files_not_available_before_completion(make_env: Callable[..., BulkEnv])
     url = location.replace("bulk-status", "bulk-files") + "/" + job.files[0].name
     assert httpx.get(url, headers=env.auth()).status_code == 404  # ...but not served yet
     assert httpx.get(location, headers={**KICKOFF_HEADERS, **env.auth()}).status_code == 202
+
+
+def test_polling_too_fast_gets_429_and_then_cancels(make_env: Callable[..., BulkEnv]) -> None:
+    env = make_env(export_seconds=30, retry_after=2, enforce_retry_after=True,
+                   cancel_after_early_polls=3)
+    location = env.kickoff().headers["content-location"]
+    headers = env.auth()
+    assert httpx.get(location, headers=headers).status_code == 202
+    early = [httpx.get(location, headers=headers) for _ in range(3)]
+    assert [r.status_code for r in early] == [429, 429, 429]
+    assert 1 <= int(early[0].headers["retry-after"]) <= 2
+    assert early[0].json()["issue"][0]["code"] == "throttled"
+    # The server gave up on a client that kept hammering.
+    assert httpx.get(location, headers=headers).status_code == 404
+
+
+def test_polling_at_retry_after_is_fine(make_env: Callable[..., BulkEnv]) -> None:
+    env = make_env(export_seconds=1.2, retry_after=1, enforce_retry_after=True)
+    location = env.kickoff().headers["content-location"]
+    headers = env.auth()
+    statuses = []
+    for _ in range(4):
+        response = httpx.get(location, headers=headers)
+        statuses.append(response.status_code)
+        if response.status_code == 200:
+            break
+        time.sleep(int(response.headers["retry-after"]))
+    assert statuses[-1] == 200 and 429 not in statuses
+
+
+def test_unknown_patient_in_post_is_refused_unless_lenient(env: BulkEnv) -> None:
+    body = {"resourceType": "Parameters", "parameter": [
+        {"name": "patient", "valueReference": {"reference": "Patient/nobody"}},
+        {"name": "patient", "valueReference": {"reference": "Patient/p1"}}]}
+    strict = httpx.post(env.base + "/Patient/$export", json=body,
+                        headers={**KICKOFF_HEADERS, **env.auth()})
+    assert strict.status_code == 400
+    lenient = httpx.post(env.base + "/Patient/$export", json=body, headers={
+        **KICKOFF_HEADERS, "Prefer": "respond-async, handling=lenient", **env.auth()})
+    assert lenient.status_code == 202
+    manifest = env.wait(lenient.headers["content-location"]).json()
+    assert [p["id"] for p in env.all_of(manifest)["Patient"]] == ["p1"]
+    issues = env.all_of(manifest, "error")["OperationOutcome"]
+    assert issues[0]["issue"][0]["code"] == "not-found"
