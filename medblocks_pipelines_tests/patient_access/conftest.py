@@ -1,0 +1,108 @@
+"""Fixtures for the patient-access tests: the real sandbox (EHR + payer) and our web app, both on
+loopback sockets, and a control plane in a temporary folder.
+
+The sandbox is shared per module (starting it costs a population); every test registers its own
+client id at the sandbox, so grants, tokens and fault rules never leak between tests.
+"""
+
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import pytest
+
+from medblocks_pipelines.cli.patient_access import ConsentOutcome, connect_via_consent_page
+from medblocks_pipelines.lib.registry import ControlPlane, open_control_plane
+from medblocks_pipelines.lib.settings import Settings
+from medblocks_pipelines.lib.smart.launch import create_connect_link
+from medblocks_pipelines.sandbox.run import OrgEndpoint, SandboxHandle, serve, start_sandbox
+from medblocks_pipelines.web.app import create_app
+
+RETURN_URL = "https://tenant-app.example/connected"
+
+
+@pytest.fixture(scope="module")
+def sandbox() -> Iterator[SandboxHandle]:
+    """EHR and payer orgs of a small seeded population, on ephemeral loopback ports."""
+    handle = start_sandbox(base_port=0, persons=12, seed=7, roles=["ehr", "payer"])
+    try:
+        yield handle
+    finally:
+        handle.stop()
+
+
+@dataclass
+class PatientAccessEnv:
+    """One test's world: control plane, our web app URL, the sandbox, and a client per org."""
+
+    settings: Settings
+    cp: ControlPlane
+    web_base: str
+    sandbox: SandboxHandle
+    http: httpx.Client
+    tenant: str = "acme"
+    clients: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def callback(self) -> str:
+        return f"{self.web_base}/connect/callback"
+
+    def org(self, kind: str = "ehr", index: int = 0) -> OrgEndpoint:
+        return self.sandbox.orgs_of(kind)[index]
+
+    def add_source(
+        self, org: OrgEndpoint, *, source_id: str | None = None, config: dict[str, Any] | None = None,
+        register: dict[str, Any] | None = None,
+    ) -> str:
+        """Register a fresh client at ``org`` and add it to the registry as a source."""
+        client_id = f"pa-{secrets.token_hex(4)}"
+        body = {"client_id": client_id, "token_endpoint_auth_method": "none",
+                "redirect_uris": [self.callback], "name": "Acme Health App", **(register or {})}
+        answer = self.sandbox.admin(org.org_id, "clients", body)
+        sid = source_id or org.org_id
+        cfg = {"client_id": client_id, **(config or {})}
+        self.cp.add_source(sid, org.name, "sandbox", org.kind, org.fhir_base, ["patient_access"],
+                           config=cfg)
+        self.clients[sid] = client_id
+        if answer.get("client_secret"):
+            self.cp.vault.put(f"source/{sid}/client_secret", answer["client_secret"])
+        return sid
+
+    def logins(self, org: OrgEndpoint) -> list[Any]:
+        return [lg for lg in self.sandbox.population.logins if lg.org_id == org.org_id]
+
+    def faults(self, org: OrgEndpoint) -> Any:
+        return self.sandbox.org_handles(org.org_id)["faults"]
+
+    def auth(self, org: OrgEndpoint) -> Any:
+        return self.sandbox.org_handles(org.org_id)["auth"]
+
+    def connect(
+        self, source_id: str, login: Any, **kwargs: Any
+    ) -> tuple[str, ConsentOutcome]:
+        """Create a link and go through the sandbox's login and consent pages."""
+        link = create_connect_link(
+            self.cp, tenant_id=self.tenant, source_id=source_id,
+            patient_ref=f"ref-{login.patient_id[:6]}", public_base_url=self.web_base,
+            return_url=RETURN_URL,
+        )
+        outcome = connect_via_consent_page(
+            link.url, username=login.username, password=login.password, stop_at=RETURN_URL,
+            http=self.http, **kwargs,
+        )
+        return link.connection_id, outcome
+
+
+@pytest.fixture
+def pa_env(settings: Settings, sandbox: SandboxHandle) -> Iterator[PatientAccessEnv]:
+    """Our web app (connect routes) on a loopback socket, with a fresh control plane."""
+    cp = open_control_plane(settings)
+    cp.add_tenant("acme", "Acme Health", {"delete_on_revoke": True})
+    with httpx.Client(timeout=30.0) as http, serve(
+        lambda base: create_app(public_base_url=base, settings=settings)
+    ) as web_base:
+        yield PatientAccessEnv(settings=settings, cp=cp, web_base=web_base, sandbox=sandbox,
+                               http=http)
+    cp.engine.dispose()
