@@ -14,8 +14,11 @@ from medblocks_pipelines.sandbox.generator import (
 
 
 def _digest(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_same_seed_gives_byte_identical_output(tmp_path: Path) -> None:
@@ -41,8 +44,12 @@ def test_evolve_is_deterministic_too(tmp_path: Path) -> None:
     for name in ("a", "b"):
         pop = generate_population(PopulationSpec(seed=3, persons=30))
         ch1, ch2 = evolve(pop, 1), evolve(pop, 2)
-        outs.append(json.dumps([ch1.created, ch1.updated, ch1.deleted, ch2.created, ch2.updated,
-                                ch2.deleted], sort_keys=True))
+        outs.append(
+            json.dumps(
+                [ch1.created, ch1.updated, ch1.deleted, ch2.created, ch2.updated, ch2.deleted],
+                sort_keys=True,
+            )
+        )
         write_ndjson(pop, tmp_path / name)
     assert outs[0] == outs[1]
     assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
@@ -77,3 +84,22 @@ def test_write_ndjson_layout_and_truth_files(tmp_path: Path) -> None:
     orgs = json.loads((tmp_path / "truth" / "organizations.json").read_text())
     assert {o["id"] for o in orgs} == set(pop.org_ids)
     assert (tmp_path / "truth" / "logins.csv").read_text().count("\n") == len(pop.logins) + 1
+
+
+def test_output_does_not_depend_on_the_process_hash_seed(tmp_path: Path) -> None:
+    # str hashing is salted per process; nothing we emit may depend on set/hash order
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "from medblocks_pipelines.sandbox.generator import *\n"
+        "pop = generate_population(PopulationSpec(seed=4, persons=15))\n"
+        "evolve(pop, 1)\n"
+        "write_ndjson(pop, sys.argv[1])\n"
+        "stream_bulk_ndjson(sys.argv[1] + '/bulk', resources=2000, seed=4)\n"
+    )
+    for seed in ("1", "2"):
+        env = {**__import__("os").environ, "PYTHONHASHSEED": seed}
+        subprocess.run([sys.executable, "-c", script, str(tmp_path / seed)], check=True, env=env)
+    assert _digest(tmp_path / "1") == _digest(tmp_path / "2")

@@ -17,13 +17,15 @@ def fresh() -> Population:
 
 
 def _snapshot(pop: Population) -> dict[tuple[str, str, str], dict]:
-    return {(org, r["resourceType"], r["id"]): r for org in pop.org_ids
-            for r in pop.resources_for(org)}
+    return {
+        (org, r["resourceType"], r["id"]): r for org in pop.org_ids for r in pop.resources_for(org)
+    }
 
 
 def test_updates_bump_version_and_last_updated(fresh: Population) -> None:
-    before = {k: (r["meta"]["versionId"], r["meta"]["lastUpdated"])
-              for k, r in _snapshot(fresh).items()}
+    before = {
+        k: (r["meta"]["versionId"], r["meta"]["lastUpdated"]) for k, r in _snapshot(fresh).items()
+    }
     horizon = max(lu for _, lu in before.values())
     changes = evolve(fresh, 1)
     assert changes.updated
@@ -45,8 +47,10 @@ def test_created_resources_are_new_and_stored(fresh: Population) -> None:
         assert r["meta"]["versionId"] == "1"
         assert r["meta"]["lastUpdated"] >= changes.last_updated
     # a visit by a member is claimed at the payer in the same step
-    assert any(org == "summit-health-plan" and r["resourceType"] == "ExplanationOfBenefit"
-               for org, r in changes.created)
+    assert any(
+        org == "summit-health-plan" and r["resourceType"] == "ExplanationOfBenefit"
+        for org, r in changes.created
+    )
 
 
 def test_deletions_remove_resources_and_their_facts(fresh: Population) -> None:

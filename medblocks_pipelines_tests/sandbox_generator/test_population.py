@@ -13,9 +13,20 @@ from medblocks_pipelines.sandbox.generator import Population
 from medblocks_pipelines.sandbox.generator.people import npi_check_digit
 
 EHR_TYPES = {
-    "Patient", "Encounter", "Condition", "Observation", "MedicationRequest", "AllergyIntolerance",
-    "Immunization", "Procedure", "DiagnosticReport", "DocumentReference", "Binary",
-    "Practitioner", "Organization", "Location",
+    "Patient",
+    "Encounter",
+    "Condition",
+    "Observation",
+    "MedicationRequest",
+    "AllergyIntolerance",
+    "Immunization",
+    "Procedure",
+    "DiagnosticReport",
+    "DocumentReference",
+    "Binary",
+    "Practitioner",
+    "Organization",
+    "Location",
 }
 PAYER_TYPES = {"Patient", "Coverage", "ExplanationOfBenefit", "Organization", "Practitioner"}
 RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
@@ -43,8 +54,11 @@ def _refs(node: Any) -> list[str]:
 def test_default_organizations(pop: Population) -> None:
     kinds = {o.id: o.kind for o in pop.organizations}
     assert kinds == {
-        "mercy-general": "ehr", "lakeside-clinic": "ehr", "summit-health-plan": "payer",
-        "riverside-health": "network", "valley-medical": "network",
+        "mercy-general": "ehr",
+        "lakeside-clinic": "ehr",
+        "summit-health-plan": "payer",
+        "riverside-health": "network",
+        "valley-medical": "network",
     }
     for o in pop.organizations:
         assert len(o.npi) == 10 and o.npi[-1] == npi_check_digit(o.npi[:9])
@@ -86,8 +100,11 @@ def test_invalid_resource_is_rejected_by_the_validator(pop: Population) -> None:
     # guards the validation test above: the models really do check what we emit
     # (the R4B models check structure and primitive formats, not required-ness or code bindings)
     good = pop.resources_for("mercy-general", "Observation")[0]
-    for field, bad in (("unknownField", 1), ("subject", "Patient/x"),
-                       ("effectiveDateTime", "yesterday")):
+    for field, bad in (
+        ("unknownField", 1),
+        ("subject", "Patient/x"),
+        ("effectiveDateTime", "yesterday"),
+    ):
         obs = {**good, field: bad}
         with pytest.raises(ValueError):
             _model("Observation").model_validate(obs)
@@ -134,23 +151,32 @@ def test_diabetics_have_a1c_results_and_metformin(pop: Population) -> None:
     assert len(diabetics) >= 5
     with_a1c = with_metformin = 0
     for h in diabetics:
-        pids = {(s.org_id, s.patient_id) for s in pop.sources
-                if s.person_id == h.person.person_id}
-        obs = [o for org, pid in pids for o in pop.resources_for(org, "Observation")
-               if o["subject"]["reference"] == f"Patient/{pid}"]
+        pids = {(s.org_id, s.patient_id) for s in pop.sources if s.person_id == h.person.person_id}
+        obs = [
+            o
+            for org, pid in pids
+            for o in pop.resources_for(org, "Observation")
+            if o["subject"]["reference"] == f"Patient/{pid}"
+        ]
         a1c = [o for o in obs if "4548-4" in _codes(o["code"], "http://loinc.org")]
         if a1c:
             with_a1c += 1
             assert all(o["valueQuantity"]["code"] == "%" for o in a1c)
-        meds = [m for org, pid in pids for m in pop.resources_for(org, "MedicationRequest")
-                if m["subject"]["reference"] == f"Patient/{pid}"]
+        meds = [
+            m
+            for org, pid in pids
+            for m in pop.resources_for(org, "MedicationRequest")
+            if m["subject"]["reference"] == f"Patient/{pid}"
+        ]
         codes: set[str] = set()
         for m in meds:
             cc = m.get("medicationCodeableConcept")
             if cc is None:
-                med = pop.get(next(o for o, p in pids if m["subject"]["reference"] ==
-                                   f"Patient/{p}"), "Medication",
-                              m["medicationReference"]["reference"].split("/")[1])
+                med = pop.get(
+                    next(o for o, p in pids if m["subject"]["reference"] == f"Patient/{p}"),
+                    "Medication",
+                    m["medicationReference"]["reference"].split("/")[1],
+                )
                 assert med is not None
                 cc = med["code"]
             codes |= _codes(cc, RXNORM)
@@ -168,8 +194,11 @@ def test_non_diabetics_never_get_metformin(pop: Population) -> None:
 
 
 def test_blood_pressure_panel_has_systolic_and_diastolic_components(pop: Population) -> None:
-    panels = [o for o in pop.resources_for("mercy-general", "Observation")
-              if "85354-9" in _codes(o["code"], "http://loinc.org")]
+    panels = [
+        o
+        for o in pop.resources_for("mercy-general", "Observation")
+        if "85354-9" in _codes(o["code"], "http://loinc.org")
+    ]
     assert panels
     for o in panels:
         comps = {c["code"]["coding"][0]["code"]: c["valueQuantity"] for c in o["component"]}
@@ -180,8 +209,11 @@ def test_blood_pressure_panel_has_systolic_and_diastolic_components(pop: Populat
 
 
 def test_labs_have_ucum_units_reference_ranges_and_category(pop: Population) -> None:
-    labs = [o for o in pop.resources_for("lakeside-clinic", "Observation")
-            if o["category"][0]["coding"][0]["code"] == "laboratory" and "valueQuantity" in o]
+    labs = [
+        o
+        for o in pop.resources_for("lakeside-clinic", "Observation")
+        if o["category"][0]["coding"][0]["code"] == "laboratory" and "valueQuantity" in o
+    ]
     assert len(labs) > 100
     for o in labs:
         assert o["valueQuantity"]["system"] == "http://unitsofmeasure.org"
@@ -196,8 +228,11 @@ def test_choice_types_and_multiple_codings_occur(pop: Population) -> None:
         assert keys[k] > 0, k
     assert any(len(o["code"]["coding"]) > 1 for o in obs)  # SpO2: 59408-5 + 2708-6
     conds = pop.resources_for("mercy-general", "Condition")
-    assert any(_codes(c["code"], "http://hl7.org/fhir/sid/icd-10-cm") and
-               _codes(c["code"], "http://snomed.info/sct") for c in conds)
+    assert any(
+        _codes(c["code"], "http://hl7.org/fhir/sid/icd-10-cm")
+        and _codes(c["code"], "http://snomed.info/sct")
+        for c in conds
+    )
     decimals = [o["valueQuantity"]["value"] for o in obs if "valueQuantity" in o]
     assert any(len(repr(v).split(".")[-1]) >= 3 for v in decimals if isinstance(v, float))
 
@@ -216,16 +251,20 @@ def test_payer_eobs_are_carin_bb_shaped(pop: Population) -> None:
     assert len(eobs) > 50
     for e in eobs:
         assert e["meta"]["profile"][0].startswith(
-            "http://hl7.org/fhir/us/carin-bb/StructureDefinition/C4BB-ExplanationOfBenefit")
+            "http://hl7.org/fhir/us/carin-bb/StructureDefinition/C4BB-ExplanationOfBenefit"
+        )
         for d in e.get("diagnosis", []):
-            assert d["diagnosisCodeableConcept"]["coding"][0]["system"] == \
-                "http://hl7.org/fhir/sid/icd-10-cm"
+            assert (
+                d["diagnosisCodeableConcept"]["coding"][0]["system"]
+                == "http://hl7.org/fhir/sid/icd-10-cm"
+            )
         systems = {c["system"] for i in e["item"] for c in i["productOrService"]["coding"]}
         assert systems <= {"http://www.ama-assn.org/go/cpt", "urn:oid:2.16.840.1.113883.6.285"}
         assert e["insurance"][0]["focal"] is True
         sub = next(t for t in e["total"] if t["category"]["coding"][0]["code"] == "submitted")
         assert sub["amount"]["value"] == pytest.approx(
-            sum(i["net"]["value"] for i in e["item"]), abs=0.05)
+            sum(i["net"]["value"] for i in e["item"]), abs=0.05
+        )
     # claims lag: nothing billed is adjudicated after the reference date
     assert max(e["meta"]["lastUpdated"] for e in eobs) <= "2026-11-01T12:00:00Z"
     covs = pop.resources_for("summit-health-plan", "Coverage")

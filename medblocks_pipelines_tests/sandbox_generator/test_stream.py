@@ -74,8 +74,13 @@ def test_files_per_type_and_determinism(tmp_path: Path) -> None:
 
 def test_org_selection_limits_shapes(tmp_path: Path) -> None:
     stats = stream_bulk_ndjson(tmp_path, resources=2000, seed=1, orgs=["summit-health-plan"])
-    assert set(stats["by_type"]) <= {"Patient", "Coverage", "ExplanationOfBenefit",
-                                     "Organization", "Practitioner"}
+    assert set(stats["by_type"]) <= {
+        "Patient",
+        "Coverage",
+        "ExplanationOfBenefit",
+        "Organization",
+        "Practitioner",
+    }
 
 
 def test_memory_stays_bounded(tmp_path: Path) -> None:

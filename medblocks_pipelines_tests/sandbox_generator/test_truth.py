@@ -128,8 +128,9 @@ def test_chronic_condition_is_on_a_problem_list_and_on_claims(pop: Population) -
                 assert icd & eob_icd, fact
     assert both > 10
     # and some are repeated across several clinical sources too (hospital + network org ...)
-    multi_org = [f for f, v in cond_facts.items()
-                 if len({o for o, t, _ in v if t == "Condition"}) >= 2]
+    multi_org = [
+        f for f, v in cond_facts.items() if len({o for o, t, _ in v if t == "Condition"}) >= 2
+    ]
     assert multi_org
 
 
@@ -158,3 +159,21 @@ def test_same_immunization_at_two_orgs(pop: Population) -> None:
         imms = [pop.get(o, "Immunization", i) for o, i in places]
         assert len({i["vaccineCode"]["coding"][0]["code"] for i in imms if i}) == 1
         assert sum(1 for i in imms if i and i["primarySource"]) <= 1
+
+
+def test_twins_often_registered_at_the_same_org_with_the_same_birth_date() -> None:
+    from medblocks_pipelines.sandbox.generator import PopulationSpec, generate_population
+
+    pop = generate_population(PopulationSpec(seed=5, persons=80, twin_rate=0.3))
+    person_of = {(o, p): person for o, p, person in pop.truth}
+    by_id = {p.person_id: p for p in pop.persons}
+    same_org_pairs = 0
+    for org in pop.org_ids:
+        born: dict[str, set[str]] = defaultdict(set)
+        for patient in pop.patients_for(org):
+            born[patient["birthDate"]].add(person_of[(org, patient["id"])])
+        for persons in born.values():
+            if any(by_id[p].twin_of in persons for p in persons):
+                same_org_pairs += 1
+    # the hard case for linkage exists: two persons, one org, one birth date, one address
+    assert same_org_pairs > 0

@@ -85,8 +85,13 @@ def make_history(
     reference: datetime,
     years: int,
     next_encounter_n: int = 0,
+    family_of: "History | None" = None,
 ) -> History:
-    """Decide one person's conditions, care organizations and encounters."""
+    """Decide one person's conditions, care organizations and encounters.
+
+    `family_of`: a twin's history; twins usually go to the same organizations on the same plan,
+    which is what makes them hard to keep apart.
+    """
     age = reference.year - int(person.birth_date[:4])
     care = [o.id for o in orgs if o.kind in ("ehr", "network")]
     payer = next((o.id for o in orgs if o.kind == "payer"), None)
@@ -106,6 +111,10 @@ def make_history(
     coverage_start = None
     if payer_member:
         coverage_start = reference - timedelta(days=rng.randrange(200, 365 * 6))
+    if family_of is not None and rng.random() < 0.8:
+        care_orgs = list(family_of.care_orgs)
+        payer_member = family_of.payer_member
+        coverage_start = family_of.coverage_start
 
     conditions: dict[str, datetime] = {}
     shift: dict[str, tuple[float, float]] = {}

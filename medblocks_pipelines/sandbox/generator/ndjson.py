@@ -99,7 +99,8 @@ class _Block:
 
     def __init__(self, resources: list[Resource]) -> None:
         self.types: list[str] = [r["resourceType"] for r in resources]
-        ids = sorted({r["id"] for r in resources}, key=len, reverse=True)
+        # longest first so an id that prefixes another never steals its match
+        ids = sorted({r["id"] for r in resources}, key=lambda i: (-len(i), i))
         self.id_slots: list[tuple[str, str]] = []
         self.date_slots: list[tuple[str, int]] = []
         self.value_slots: list[tuple[str, float, int]] = []

@@ -167,10 +167,13 @@ def generate_population(spec: PopulationSpec | None = None) -> Population:
     logins: list[PortalLogin] = []
     usernames: dict[str, set[str]] = {o.id: set() for o in orgs}
     mrn_counter = {o.id: 0 for o in orgs}
+    by_person: dict[str, History] = {}
     for p in persons:
         rng = random.Random(f"{spec.seed}:history:{p.person_id}")
-        h = make_history(rng, p, orgs, ref_dt, spec.years)
+        sibling = by_person.get(p.twin_of) if p.twin_of else None
+        h = make_history(rng, p, orgs, ref_dt, spec.years, family_of=sibling)
         histories.append(h)
+        by_person[p.person_id] = h
         member_orgs = list(h.care_orgs)
         if h.payer_member:
             member_orgs += [o.id for o in orgs if o.kind == "payer"]

@@ -553,9 +553,12 @@ def render_medication_request(
         }
     ]
     if status == "active":
+        # a 90-day supply: 90 tablets/capsules, or one inhaler per month
+        form = m.form_snomed[1].lower()
+        supply = (3, "{inhaler}") if form == "inhaler" else (90, "{" + form + "}")
         res["dispenseRequest"] = {
             "numberOfRepeatsAllowed": 3,
-            "quantity": {"value": 90, "unit": "{tbl}", "system": codes.UCUM, "code": "{tbl}"},
+            "quantity": {"value": supply[0], "unit": form, "system": codes.UCUM, "code": supply[1]},
             "expectedSupplyDuration": {
                 "value": 90,
                 "unit": "days",
