@@ -347,10 +347,16 @@ class _FhirApi:
             },
         )
 
-    def _allowed(self, grants: Sequence[AccessGrant], resource: Resource) -> bool:
-        """Whether one of the grants lets the token see this resource."""
+    def _allowed(
+        self, grants: Sequence[AccessGrant], resource: Resource, *, by_content: bool = False
+    ) -> bool:
+        """Whether one of the grants lets the token see this resource.
+
+        `by_content` decides the compartment from the resource itself rather than the live index
+        (older versions and deleted resources).
+        """
         rtype, rid = resource["resourceType"], resource["id"]
-        members: frozenset[str] | None = None
+        members: frozenset[str] | None = self.store.patients_in(resource) if by_content else None
         for grant in grants:
             if grant.patient is not None and rtype not in SHARED_TYPES:
                 if members is None:
@@ -411,8 +417,7 @@ class _FhirApi:
             raise FhirHttpError(404, "not-found", f"{rtype}/{rid} has no version {vid}")
         if version.resource is None:
             raise FhirHttpError(410, "deleted", f"{rtype}/{rid} version {vid} is a deletion")
-        current = self.store.get(rtype, rid) or version.resource
-        if not self._allowed(grants, current) or not self._allowed(grants, version.resource):
+        if not self._allowed(grants, version.resource, by_content=True):
             raise FhirHttpError(403, "forbidden", f"{rtype}/{rid} is outside this token's access")
         return fhir_response(version.resource, headers={"ETag": f'W/"{vid}"'})
 
@@ -428,7 +433,7 @@ class _FhirApi:
         if not versions:
             raise FhirHttpError(404, "not-found", f"{rtype}/{rid} is not known")
         latest = next((v.resource for v in reversed(versions) if v.resource), None)
-        if latest is None or not self._allowed(grants, latest):
+        if latest is None or not self._allowed(grants, latest, by_content=True):
             raise FhirHttpError(403, "forbidden", f"{rtype}/{rid} is outside this token's access")
         entries = []
         for v in reversed(versions):

@@ -16,7 +16,7 @@ The seams other sandbox modules use (the Bulk Data helper in particular):
 Stored resources are shared, not copied: callers must not mutate what they get back.
 """
 
-import copy
+import json
 import re
 import threading
 from collections.abc import Iterable, Iterator, Sequence
@@ -634,7 +634,8 @@ class FhirStore:
         rtype, rid = resource.get("resourceType"), resource.get("id")
         if not isinstance(rtype, str) or not isinstance(rid, str) or not rid:
             raise ValueError("a stored resource needs resourceType and id")
-        stored = copy.deepcopy(resource)
+        # A JSON round trip is a deep copy several times faster than copy.deepcopy for JSON data.
+        stored = json.loads(json.dumps(resource))
         meta = dict(stored.get("meta") or {})
         with self._lock:
             now = self.now()
@@ -788,6 +789,16 @@ class FhirStore:
         """Ids of the patients whose compartment holds this resource (empty if none)."""
         with self._lock:
             return self._members.get((resource_type, resource_id), frozenset())
+
+    def patients_in(self, resource: Resource) -> frozenset[str]:
+        """Patients whose compartment a resource's content puts it in (any version, deleted too)."""
+        with self._lock:
+            rtype, rid = resource["resourceType"], resource["id"]
+            if rtype == "Binary":
+                return self._members.get((rtype, rid), frozenset()) | self._compartment_patients(
+                    rtype, rid, resource
+                )
+            return self._compartment_patients(rtype, rid, resource)
 
     def compartment(self, patient_id: str, types: Iterable[str] | None = None) -> list[Resource]:
         """Current resources in one patient's compartment (Patient first), optionally by type."""
