@@ -153,3 +153,23 @@ class LaunchError(AuthError):
 class PagingLoopError(ProtocolError):
     """Raised when a searchset's `next` link repeats a page already fetched in this search (a
     server paging loop), or points at another origin; the search stops instead of spinning."""
+
+
+class UnsafeXMLError(ProtocolError):
+    """Raised when untrusted XML (SOAP, C-CDA) is refused: a DOCTYPE or entity (XXE, entity
+    expansion), over the size limit, too deep, or malformed. Never carries document content."""
+
+
+class SoapFault(ProtocolError):
+    """Raised when an IHE gateway answers with a SOAP 1.2 Fault; `code` and `subcode` are kept,
+    the peer's reason text is on `reason` (not in the message)."""
+
+    def __init__(self, message: str, *, code: str | None = None, subcode: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.subcode = subcode
+        self.reason = ""
+
+
+class GatewayTimeout(TransientError):
+    """Raised when a responding gateway does not answer within its per-gateway timeout."""

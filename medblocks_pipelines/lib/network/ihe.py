@@ -335,7 +335,8 @@ def parse_soap(
         fault = SoapFault(
             f"SOAP fault from gateway: code={code} subcode={sub}", code=code, subcode=sub
         )
-        fault.reason = (first.findtext(f"{_q(SOAP, 'Reason')}/{_q(SOAP, 'Text')}") or "")[:500]  # type: ignore[attr-defined]
+        # Kept on the exception, never in its message: peers put anything in there.
+        fault.reason = (first.findtext(f"{_q(SOAP, 'Reason')}/{_q(SOAP, 'Text')}") or "")[:500]
         raise fault
     action = root.findtext(f"{_q(SOAP, 'Header')}/{_q(WSA, 'Action')}")
     return SoapMessage(root, action.strip() if action else None, first, attachments)
