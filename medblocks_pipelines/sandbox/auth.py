@@ -986,10 +986,10 @@ class AuthServer:
                     "invalid_client", "client_id does not match the assertion", status=401
                 )
             return client
-        client = self.get_client(params.get("client_id", ""))
-        if client is None or client.token_endpoint_auth_method != "none":
+        public = self.get_client(params.get("client_id", ""))
+        if public is None or public.token_endpoint_auth_method != "none":
             raise OAuthProtocolError("invalid_client", "client authentication failed", status=401)
-        return client
+        return public
 
     def _authenticate_basic(self, header: str) -> ClientRegistration:
         challenge = {"WWW-Authenticate": f'Basic realm="{self.org_id}"'}

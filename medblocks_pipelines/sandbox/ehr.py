@@ -16,12 +16,14 @@ Data `$export` routes) before the generic `{type}/{id}` ones; `middleware=` wrap
 """
 
 import base64
+import email.utils
 import hmac
 import ipaddress
 import json
 import urllib.parse
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from starlette.applications import Starlette
@@ -693,8 +695,6 @@ def _wants_fhir(request: Request) -> bool:
 
 
 def _http_date(instant: str | None) -> str:
-    import email.utils
-
     if not instant:
         return ""
     return email.utils.format_datetime(parse_date_range(instant)[0], usegmt=True)
@@ -761,8 +761,6 @@ def _parse_sort(params: list[tuple[str, str]], rtype: str) -> list[tuple[str, bo
 
 
 def _sorted(results: list[Resource], sort: list[tuple[str, bool]], rtype: str) -> list[Resource]:
-    from datetime import UTC, datetime
-
     low = datetime(1, 1, 1, tzinfo=UTC)
     for name, desc in reversed(sort):
         param = params_for(rtype)[name]

@@ -493,10 +493,10 @@ def _match_param(resource: Resource, param: SearchParam, modifier: str | None, r
         for v in values:
             prefix, text = (v[:2], v[2:]) if v[:2] in _DATE_PREFIXES else ("eq", v)
             try:
-                wanted = parse_date_range(text)
+                window = parse_date_range(text)
             except ValueError:
                 raise _bad(f"search parameter {param.name}: invalid date value") from None
-            if any(_date_matches(prefix, r, wanted) for r in ranges):
+            if any(_date_matches(prefix, r, window) for r in ranges):
                 return True
         return False
     # string

@@ -12,6 +12,7 @@ its own base URL, the URLs of every role, the admin secret) and returns a `RoleA
 """
 
 import contextlib
+import functools
 import secrets
 import socket
 import threading
@@ -307,6 +308,15 @@ def build_org_app(
     return app, handles
 
 
+def _org_changes(changes: PopulationChanges, org_id: str, step: int) -> ChangeSet:
+    return changes.for_org(org_id, step)
+
+
+def _close_all(closers: list[Callable[[], None]]) -> None:
+    for close in closers:
+        close()
+
+
 def _org_role(kind: str) -> RoleFactory:
     def factory(ctx: RoleContext) -> RoleApp:
         pop = ctx.population
@@ -334,7 +344,7 @@ def _org_role(kind: str) -> RoleFactory:
                 admin_secret=ctx.admin_secret,
                 profile=ctx.options.get("profiles", {}).get(org.id),
                 payer=kind == "payer",
-                evolver=lambda step, oid=org.id: changes.for_org(oid, step),
+                evolver=functools.partial(_org_changes, changes, org.id),
             )
             if "bulk" in h:
                 closers.append(h["bulk"].close)
@@ -357,7 +367,7 @@ def _org_role(kind: str) -> RoleFactory:
             app=app,
             orgs=endpoints,
             extra={"orgs": handles},
-            close=lambda: [c() for c in closers] and None,
+            close=functools.partial(_close_all, closers),
         )
 
     return factory
