@@ -1,43 +1,126 @@
-"""The per-tenant warehouse asset: builds the tenant's DuckDB file from the lake, publishes atomically."""
+"""The per-tenant warehouse asset: builds the tenant's DuckDB file from the lake, publishes atomically.
+
+The build runs the base tables, the ViewDefinition tables, identity and the unified record
+(``lib/warehouse/steps.py``), then checks the published file (``lib/warehouse/quality.py``) and reports
+row counts and a markdown summary: counts and our own ids only, never patient data.
+"""
+
+import json
+from typing import Any
 
 import dagster as dg
 
 from medblocks_pipelines.defs.shared.partitions import tenant_partitions
 from medblocks_pipelines.defs.shared.resources import PlatformResource
-from medblocks_pipelines.lib.warehouse.build import build_warehouse
+from medblocks_pipelines.lib.warehouse.build import build_warehouse, open_warehouse
+from medblocks_pipelines.lib.warehouse.quality import (
+    CheckOutcome,
+    run_checks,
+    summary,
+    summary_markdown,
+)
+
+WAREHOUSE_KEY = dg.AssetKey(["warehouse", "tenant_warehouse"])
+TENANT_TAG = "medblocks/tenant"
+
+_CHECK_DESCRIPTIONS = {
+    "row_counts": "Row counts of every table against the previous build of this tenant: none "
+    "emptied, none shrank by more than half (warns; tombstones shrink tables legitimately).",
+    "every_row_has_person": "patient_links, facts and matched fact_mentions rows all belong to a "
+    "person in `persons`.",
+    "every_row_has_provenance": "Every ViewDefinition table and fact_sources row carries source, "
+    "pattern, resource key and fetched_at; every fact has at least one source.",
+    "referential_integrity": "fact_sources -> resources, patient_links -> resources, "
+    "persons -> patient_links.",
+    "quarantine_growth": "Quarantined rows grew by at most 5% of the newly landed resources (warns).",
+    "views_compiled": "Every ViewDefinition (shipped and user) compiled and ran.",
+}
+
+CHECK_SPECS = [
+    dg.AssetCheckSpec(name=name, asset=WAREHOUSE_KEY, description=text)
+    for name, text in _CHECK_DESCRIPTIONS.items()
+]
+
+
+def _previous_counts(context: dg.AssetExecutionContext, tenant: str) -> dict[str, int] | None:
+    """Table counts of this tenant's previous successful build, from its materialization metadata."""
+    records = context.instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=WAREHOUSE_KEY, asset_partitions=[tenant]), limit=1
+    ).records
+    if not records:
+        return None
+    mat = records[0].asset_materialization
+    value = mat.metadata.get("table_counts") if mat is not None else None
+    data: Any = getattr(value, "data", None) if value is not None else None
+    if not isinstance(data, dict):
+        return None
+    return {str(k): int(v) for k, v in data.items()}
+
+
+def _check_result(outcome: CheckOutcome) -> dg.AssetCheckResult:
+    return dg.AssetCheckResult(
+        check_name=outcome.name,
+        asset_key=WAREHOUSE_KEY,
+        passed=outcome.passed,
+        severity=dg.AssetCheckSeverity.WARN
+        if outcome.severity == "WARN"
+        else dg.AssetCheckSeverity.ERROR,
+        description=outcome.description,
+        metadata={"details": dg.MetadataValue.json(json.loads(json.dumps(outcome.metadata)))},
+    )
 
 
 @dg.asset(
-    key=["warehouse", "tenant_warehouse"],
+    key=WAREHOUSE_KEY,
     partitions_def=tenant_partitions,
     group_name="warehouse",
     kinds={"duckdb", "parquet"},
     owners=["team:data-platform"],
     pool="warehouse_build",
     tags={"medblocks/layer": "warehouse"},
-    description="The tenant's unified record warehouse (DuckDB), rebuilt from the landing lake and "
-    "published atomically; analysts and the CDS service read the last published file.",
+    check_specs=CHECK_SPECS,
+    description="The tenant's unified record warehouse (DuckDB): latest resources, one table per "
+    "ViewDefinition, persons and patient links (identity), deduplicated facts with their sources. "
+    "Rebuilt from the landing lake and published atomically; analysts and the CDS service read "
+    "the last published file.",
 )
 def tenant_warehouse(
     context: dg.AssetExecutionContext, platform: PlatformResource
 ) -> dg.MaterializeResult:
-    """Build the tenant's warehouse and report table row counts."""
+    """Build the tenant's warehouse, check it, report table row counts and a summary."""
     tenant = context.partition_key
+    if context.run.tags.get(TENANT_TAG) != tenant:
+        # runs started from the UI or a backfill get the tenant tag too (labels the run)
+        context.instance.add_run_tags(context.run_id, {TENANT_TAG: tenant})
+    previous = _previous_counts(context, tenant)
     result = build_warehouse(
         tenant,
         settings=platform.settings,
         control_plane=platform.control_plane,
         run_id=context.run_id,
     )
-    rows = "\n".join(f"| {name} | {count:,} |" for name, count in result.table_counts.items())
+    with open_warehouse(tenant, settings=platform.settings) as con:
+        outcomes = run_checks(con, result.table_counts, previous)
+        headline = summary(con)
+    counts = result.table_counts
     return dg.MaterializeResult(
         metadata={
             "path": dg.MetadataValue.path(str(result.path)),
             "duration_s": round(result.duration_s, 3),
-            "resources": result.table_counts.get("resources", 0),
-            "quarantine": result.table_counts.get("quarantine", 0),
-            "tables": dg.MetadataValue.md("| table | rows |\n|---|---|\n" + rows),
-        }
+            "step_timings_s": dg.MetadataValue.json(
+                {k: round(v, 3) for k, v in result.step_timings.items()}
+            ),
+            "resources": counts.get("resources", 0),
+            "quarantine": counts.get("quarantine", 0),
+            "persons": counts.get("persons", 0),
+            "patient_links": counts.get("patient_links", 0),
+            "facts": counts.get("facts", 0),
+            "fact_sources": counts.get("fact_sources", 0),
+            "dagster/row_count": counts.get("facts", 0),
+            "table_counts": dg.MetadataValue.json(counts),
+            "summary": dg.MetadataValue.md(summary_markdown(headline, counts, outcomes)),
+        },
+        check_results=[_check_result(o) for o in outcomes],
     )
 
 
