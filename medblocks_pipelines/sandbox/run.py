@@ -167,8 +167,30 @@ def register_role(name: str, factory: RoleFactory) -> None:
     _ROLES[name] = factory
 
 
+#: Roles other helpers build, loaded on first use when their module imports ("module:factory").
+#: Add a line here (or call `register_role`) to have `start_sandbox` start a new role.
+OPTIONAL_ROLES: dict[str, str] = {
+    "gateway": "medblocks_pipelines.sandbox.gateway.app:gateway_role",
+}
+
+
+def _load_optional_roles() -> None:
+    import importlib
+
+    for name, target in OPTIONAL_ROLES.items():
+        if name in _ROLES:
+            continue
+        module_name, _, attr = target.partition(":")
+        try:
+            factory = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError):
+            continue  # that role's module has not landed (or was removed): start without it
+        _ROLES[name] = factory
+
+
 def registered_roles() -> list[str]:
-    """Names of the registered roles, in start order."""
+    """Names of the registered roles (built-in, optional ones that import), in start order."""
+    _load_optional_roles()
     known = [r for r in _DEFAULT_ORDER if r in _ROLES]
     return known + sorted(r for r in _ROLES if r not in known)
 
@@ -478,12 +500,15 @@ def start_sandbox(
     roles: Sequence[str] | None = None,
     admin_secret: str | None = None,
     profiles: Mapping[str, str] | None = None,
+    role_options: Mapping[str, Any] | None = None,
 ) -> SandboxHandle:
     """Start the sandbox: one uvicorn server per role on `host`, ports from `base_port` up.
 
     `base_port=0` takes ephemeral ports (tests). `population` skips generation (a prepared
     population); otherwise `generate_population(PopulationSpec(seed, persons))`. `profiles` maps
-    org ids to vendor profile names (`strict`, `epic`, `oracle`). Returns a `SandboxHandle`.
+    org ids to vendor profile names (`strict`, `epic`, `oracle`). `role_options` are passed to
+    every role factory in `RoleContext.options` (e.g. `gateway_behaviours`). `roles` picks a
+    subset of `registered_roles()`. Returns a `SandboxHandle`.
     """
     started = time.monotonic()
     if population is None:
@@ -491,7 +516,11 @@ def start_sandbox(
 
         population = generate_population(PopulationSpec(seed=seed, persons=persons))
     secret = admin_secret or secrets.token_urlsafe(24)
-    names = list(roles) if roles is not None else registered_roles()
+    known = registered_roles()
+    names = list(roles) if roles is not None else known
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"unknown sandbox roles: {unknown}; known: {known}")
     socks: dict[str, socket.socket] = {}
     try:
         for n, name in enumerate(names):
@@ -501,7 +530,11 @@ def start_sandbox(
             s.close()
         raise
     urls = {name: f"http://{host}:{s.getsockname()[1]}" for name, s in socks.items()}
-    options = {"changes": PopulationChanges(population), "profiles": dict(profiles or {})}
+    options = {
+        **dict(role_options or {}),
+        "changes": PopulationChanges(population),
+        "profiles": dict(profiles or {}),
+    }
     built: dict[str, RoleApp] = {}
     servers: dict[str, ServerThread] = {}
     try:
