@@ -308,3 +308,60 @@ def test_flawed_ccda_quarantines_with_reason(env: Any) -> None:
         con.close()
     assert any("without a diagnosis code" in r for r in reasons), reasons
     assert any("unrecognised entry" in r for r in reasons), reasons
+
+
+def test_trtmnt_query_carries_a_date_range(env: Any) -> None:
+    env.start()
+    record_relationship_event(
+        env.cp,
+        tenant="acme",
+        person=PERSON,
+        kind="encounter",
+        ref="enc-5",
+        organization="acme-clinic",
+        at=datetime.now(UTC),
+    )
+    assert env.query("T-TRTMNT").allowed
+    queries = [s for s in env.gw.seen if s["transaction"] == "ITI-38"]
+    assert queries and all("$XDSDocumentEntryServiceStartTimeFrom" in s["slots"] for s in queries)
+    env.launch()
+    env.query("T-TREAT")  # T-TREAT has no such requirement
+    treat = [s for s in env.gw.seen if s["transaction"] == "ITI-38" and s["purpose"] == "T-TREAT"]
+    assert treat and all("$XDSDocumentEntryServiceStartTimeFrom" not in s["slots"] for s in treat)
+
+
+def test_detected_issue_is_a_soft_no_match(env: Any) -> None:
+    env.start({"valley-medical": Behaviour(detected_issue=True)})
+    env.launch()
+    result = env.query()
+    assert result.gateway_status == {"riverside-health": "ok", "valley-medical": "no_match"}
+    assert result.errors == {"DetectedIssue:PatientAddressRequested": 1}
+    assert result.status == "success" and result.documents_retrieved == 1
+
+
+def test_ias_demographics_double_check(env: Any) -> None:
+    gw = env.start({"valley-medical": Behaviour(wrong_demographics=True)})
+    cid = env.cp.create_connection(
+        tenant_id="acme", pattern="patient_access", source_id="mercy", patient_ref=PERSON
+    )
+    env.cp.transition(cid, "active")
+    result = env.query("T-IAS")
+    assert result.gateway_status["valley-medical"] == "no_match"
+    assert result.errors == {"DemographicsDoubleCheckFailed": 1}
+    # The mismatched id was not kept: no query was sent to that community.
+    assert not [s for s in gw.seen if s["org"] == "valley-medical" and s["transaction"] != "ITI-55"]
+    # Treatment queries do not double-check (the same gateway's match is used).
+    env.launch()
+    treat = env.query("T-TREAT")
+    assert treat.gateway_status["valley-medical"] == "ok"
+
+
+def test_hostile_document_quarantined_others_land(env: Any) -> None:
+    env.start({"riverside-health": Behaviour(hostile_document=True)})
+    env.launch()
+    result = env.query()
+    assert result.allowed and result.documents_retrieved == 2 and result.quarantined == 1
+    with env.cp.engine.connect() as c:
+        rows = {r.organization: r.status for r in c.execute(sa.select(network_documents))}
+    assert rows == {"riverside-health": "quarantined", "valley-medical": "converted"}
+    assert env.lake("SELECT DISTINCT organization FROM lake") == [("valley-medical",)]

@@ -89,6 +89,20 @@ class GatewayOutcome:
         return self.status in ("ok", "partial", "no_match")
 
 
+def demographics_agree(ours: ihe.Demographics, theirs: ihe.Demographics | None) -> bool:
+    """Family name, first given name and birth date agree (case-insensitive), as the IAS
+    Demographics Double-Check needs; a match without demographics does not pass."""
+    if theirs is None:
+        return False
+    return (
+        ours.family.strip().lower() == theirs.family.strip().lower()
+        and bool(ours.given)
+        and bool(theirs.given)
+        and ours.given[0].strip().lower() == theirs.given[0].strip().lower()
+        and ours.birth_date == theirs.birth_date
+    )
+
+
 class GatewayClient:
     """Talks XCPD/XCA to responding gateways on behalf of one security context."""
 
@@ -249,7 +263,18 @@ class GatewayClient:
                 if pd.response_code in ("QE", "AE"):
                     out.errors.append(f"XCPD:{pd.response_code}")
                 return out
-            out.matches = list(pd.matches)
+            matches = list(pd.matches)
+            if self.security.purpose == "T-IAS":
+                # IAS XP SOP (Mode 2): double-check the responder's demographics against the
+                # verified ones; on a mismatch the id is not kept.
+                kept = [m for m in matches if demographics_agree(demo, m.demographics)]
+                if len(kept) < len(matches):
+                    out.errors.append("DemographicsDoubleCheckFailed")
+                matches = kept
+                if not matches:
+                    out.status = "no_match"
+                    return out
+            out.matches = matches
             partial = False
             for match in pd.matches:
                 qr = await self.find_documents(

@@ -534,7 +534,13 @@ def parse_xcpd_response(el: etree._Element, *, home_community_id: str) -> XcpdRe
     ns = {"v3": HL7}
     ack = el.find("v3:acknowledgement/v3:typeCode", ns)
     code = el.find("v3:controlActProcess/v3:queryAck/v3:queryResponseCode", ns)
-    issue = el.find(".//v3:detectedIssueEvent/v3:code", ns)
+    issue_ev = el.find(".//v3:detectedIssueEvent", ns)
+    # ITI-55: the management code says what would help (e.g. PatientAddressRequested).
+    issue = None
+    if issue_ev is not None:
+        issue = issue_ev.find(".//v3:detectedIssueManagement/v3:code", ns)
+        if issue is None:
+            issue = issue_ev.find("v3:code", ns)
     matches = []
     for subject in el.findall("v3:controlActProcess/v3:subject", ns):
         pat = subject.find("v3:registrationEvent/v3:subject1/v3:patient", ns)

@@ -32,6 +32,12 @@ from medblocks_pipelines.sandbox.gateway.render import render_ccd
 
 #: A fixed instant for stable documents: the same patient gives the same bytes every time.
 STABLE_DOCUMENT_TIME = datetime(2026, 11, 1, 12, 0, 0, tzinfo=UTC)
+#: An entity-expansion ("billion laughs") document a hostile responder might send.
+HOSTILE_DOCUMENT = (
+    b'<?xml version="1.0"?><!DOCTYPE ClinicalDocument [<!ENTITY a "aaaaaaaaaa">'
+    b'<!ENTITY b "&a;&a;&a;&a;&a;&a;&a;&a;&a;&a;"><!ENTITY c "&b;&b;&b;&b;&b;&b;&b;&b;&b;&b;">]>'
+    b'<ClinicalDocument xmlns="urn:hl7-org:v3"><title>&c;</title></ClinicalDocument>'
+)
 SUPPORTED_PURPOSES = frozenset({"T-TREAT", "T-TRTMNT", "T-IAS", "T-PYMNT", "T-HCO", "T-PH"})
 
 
@@ -47,6 +53,9 @@ class Behaviour:
     pdf: offer a stable PDF document too (stored as DocumentReference + Binary).
     flaws: C-CDA flaws passed to the renderer (null_codes, missing_sections, no_tz, unknown_entry).
     malformed: transactions answered with a body that is not a SOAP envelope.
+    detected_issue: XCPD answers "no match" with a DetectedIssueEvent asking for an address.
+    wrong_demographics: XCPD matches but returns a different birth date (IAS double-check).
+    hostile_document: the CCD retrieve returns an entity-expansion attack instead of a C-CDA.
     """
 
     delay_s: float = 0.0
@@ -57,6 +66,9 @@ class Behaviour:
     pdf: bool = False
     flaws: frozenset[str] = frozenset()
     malformed: frozenset[str] = frozenset()
+    detected_issue: bool = False
+    wrong_demographics: bool = False
+    hostile_document: bool = False
 
 
 @dataclass
@@ -224,7 +236,12 @@ def _match(com: _Community, demo: ihe.Demographics) -> list[dict[str, Any]]:
 
 
 def _xcpd_response(
-    com: _Community, request: etree._Element, matches: list[dict[str, Any]]
+    com: _Community,
+    request: etree._Element,
+    matches: list[dict[str, Any]],
+    *,
+    issue: str | None = None,
+    shift_birth: bool = False,
 ) -> etree._Element:
     v3 = ihe.HL7
     root = etree.Element(f"{{{v3}}}PRPA_IN201306UV02", nsmap={None: v3}, ITSVersion="XML_1.0")
@@ -257,14 +274,39 @@ def _xcpd_response(
         g = {"male": "M", "female": "F"}.get(p.get("gender", ""), "UN")
         etree.SubElement(person, f"{{{v3}}}administrativeGenderCode", code=g)
         etree.SubElement(
-            person, f"{{{v3}}}birthTime", value=(p.get("birthDate") or "").replace("-", "")
+            person, f"{{{v3}}}birthTime", value=_birth(p.get("birthDate") or "", shift_birth)
         )
     qa = etree.SubElement(cap, f"{{{v3}}}queryAck")
     etree.SubElement(qa, f"{{{v3}}}queryResponseCode", code="OK" if matches else "NF")
+    if issue:
+        # ITI-55 3.55.4.2.2.6: a DetectedIssueEvent whose management code asks for more data.
+        reason = etree.SubElement(cap, f"{{{v3}}}reasonOf", typeCode="RSON")
+        ev = etree.SubElement(
+            reason, f"{{{v3}}}detectedIssueEvent", classCode="ALRT", moodCode="EVN"
+        )
+        etree.SubElement(
+            ev,
+            f"{{{v3}}}code",
+            code="ActAdministrativeDetectedIssueCode",
+            codeSystem="2.16.840.1.113883.5.4",
+        )
+        mit = etree.SubElement(ev, f"{{{v3}}}mitigatedBy", typeCode="MITGT")
+        mgmt = etree.SubElement(
+            mit, f"{{{v3}}}detectedIssueManagement", classCode="ACT", moodCode="EVN"
+        )
+        etree.SubElement(mgmt, f"{{{v3}}}code", code=issue, codeSystem="1.3.6.1.4.1.19376.1.2.27.3")
     qbp = request.find(f".//{{{v3}}}queryByParameter")
     if qbp is not None:
         cap.append(qbp)
     return root
+
+
+def _birth(birth_date: str, shift: bool) -> str:
+    value = birth_date.replace("-", "")
+    if shift and len(value) == 8:
+        # Same person by the gateway's lights, a different birth year on the wire.
+        value = f"{int(value[:4]) - 1}{value[4:]}"
+    return value
 
 
 def _extrinsic(com: _Community, pid: str, kind: str) -> etree._Element:
@@ -411,9 +453,19 @@ def create_gateway_app(
                 demo = ihe.parse_xcpd_request(msg.body)
             except ProtocolError:
                 return _fault("Sender", "env:Sender", "bad PRPA_IN201305UV02", 400)
-            resp = _xcpd_response(com, msg.body, _match(com, demo))
+            if b.detected_issue:
+                resp = _xcpd_response(com, msg.body, [], issue="PatientAddressRequested")
+            else:
+                resp = _xcpd_response(
+                    com, msg.body, _match(com, demo), shift_birth=b.wrong_demographics
+                )
             return _soap_response(_reply(ihe.ACTION_XCPD_RESPONSE, relates, resp))
         if tx == "ITI-38":
+            aq = msg.body.find(f"{{{ihe.RIM}}}AdhocQuery")
+            if aq is not None:
+                record["slots"] = sorted(
+                    str(x.get("name")) for x in aq.findall(f"{{{ihe.RIM}}}Slot")
+                )
             return _soap_response(
                 _reply(ihe.ACTION_XCA_QUERY_RESPONSE, relates, _query(com, msg.body, b))
             )
@@ -528,6 +580,8 @@ def create_gateway_app(
                     flaws=b.flaws,
                 )
                 mime = "text/xml"
+            elif b.hostile_document:
+                content, mime = HOSTILE_DOCUMENT, "text/xml"
             else:
                 content = render_ccd(
                     com.patients[pid],
