@@ -9,6 +9,7 @@ gets fresh ids (original id + a copy suffix), its dates shifted back by a per-co
 days, jittered quantities and a new name."""
 
 import csv
+import functools
 import json
 import random
 import re
@@ -206,6 +207,13 @@ def _blocks(pop: Population, org_ids: list[str]) -> tuple[list[Resource], list[_
     return shared, blocks
 
 
+@functools.lru_cache(maxsize=4)
+def _compiled(seed: int, orgs: tuple[str, ...] | None) -> tuple[list[Resource], list[_Block]]:
+    # compiled blocks are read-only: repeated calls with one seed reuse them
+    pop = generate_population(PopulationSpec(seed=seed, persons=12))
+    return _blocks(pop, list(orgs) if orgs else pop.org_ids)
+
+
 def stream_bulk_ndjson(
     out_dir: str | Path,
     *,
@@ -226,9 +234,7 @@ def stream_bulk_ndjson(
     if resources < 0 or files_per_type < 1:
         raise GeneratorError("resources must be >= 0 and files_per_type >= 1")
     t0 = time.perf_counter()
-    pop = generate_population(PopulationSpec(seed=seed, persons=12))
-    org_ids = orgs or pop.org_ids
-    shared, blocks = _blocks(pop, org_ids)
+    shared, blocks = _compiled(seed, tuple(orgs) if orgs else None)
     if not blocks:
         raise GeneratorError("no patient blocks to stream from the selected orgs")
     out = Path(out_dir)
