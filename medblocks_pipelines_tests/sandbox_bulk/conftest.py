@@ -172,7 +172,7 @@ def make_env(tmp_path: Path) -> Iterator[Callable[..., BulkEnv]]:
         store = store if store is not None else FhirStore(population())
         tokens = StaticTokens()
         faults = FaultInjector()
-        cfg = BulkConfig(**{"export_seconds": 0.2, "retry_after": 1, **config})
+        cfg = BulkConfig(**{"export_seconds": 0.05, "retry_after": 1, **config})
         server = BulkServer(source if source is not None else store, authenticator=tokens,
                             profile=profile, faults=faults, config=cfg,
                             work_dir=tmp_path / f"work{len(stack)}")

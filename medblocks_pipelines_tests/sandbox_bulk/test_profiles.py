@@ -52,7 +52,7 @@ def test_epic_group_only(make_env: Callable[..., BulkEnv], path: str) -> None:
 
 
 def test_epic_opaque_progress_then_everything_at_once(make_env: Callable[..., BulkEnv]) -> None:
-    env = make_env("epic", export_seconds=0.4)
+    env = make_env("epic", export_seconds=1.0)
     location = env.kickoff("/Group/g1/$export").headers["content-location"]
     first = httpx.get(location, headers=env.auth())
     assert first.status_code == 202

@@ -226,8 +226,10 @@ def test_unknown_file_and_job(env: BulkEnv) -> None:
 def test_files_not_available_before_completion(make_env: Callable[..., BulkEnv]) -> None:
     env = make_env(export_seconds=30)
     location = env.kickoff(params={"_type": "Patient"}).headers["content-location"]
-    time.sleep(0.2)
     job = env.server.jobs()[0]
+    deadline = time.monotonic() + 10
+    while not job.work_done and time.monotonic() < deadline:
+        time.sleep(0.02)
     assert job.work_done and job.files  # written on disk already...
     url = location.replace("bulk-status", "bulk-files") + "/" + job.files[0].name
     assert httpx.get(url, headers=env.auth()).status_code == 404  # ...but not served yet
