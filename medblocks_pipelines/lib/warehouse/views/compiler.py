@@ -13,8 +13,8 @@ How it works (spec: https://build.fhir.org/ig/FHIR/sql-on-fhir-v2/):
   that can yield several rows (``forEach``, ``forEachOrNull``, ``repeat``, ``unionAll``) compile to
   a list of row structs; siblings combine by a list cartesian product, ``unionAll`` is
   ``list_concat``, and the top level ``unnest``\\ s the list. ``%rowIndex`` is the lambda index.
-* ``repeat`` walks the tree as JSON (so every depth has the same type), unrolled to
-  :data:`REPEAT_DEPTH` levels; deeper data raises at run time instead of being dropped.
+* ``repeat`` walks the tree as JSON (so every depth has the same type) with a recursive CTE per
+  resource, to any depth, in document order.
 
 Invalid views raise :class:`~medblocks_pipelines.lib.errors.ViewDefinitionError` before any SQL
 runs: structure, unknown elements and functions, non-boolean ``where``, union column mismatches.
@@ -39,9 +39,8 @@ from medblocks_pipelines.lib.warehouse.views.schema import (
     sql_type,
 )
 
-__all__ = ["REPEAT_DEPTH", "CompiledView", "OutputColumn", "compile_view"]
+__all__ = ["CompiledView", "OutputColumn", "compile_view"]
 
-REPEAT_DEPTH = 12
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 _REF_KEY = r"([A-Za-z]+)/([A-Za-z0-9\-\.]{1,64})(/_history/[^/]*)?$"
 
@@ -190,7 +189,9 @@ class _Compiler:
     strict_cardinality: bool = True
     counter: int = 0
     specs: list[_Spec] = field(default_factory=list)
-    uses_raw: bool = False
+    resource_column: str = "resource"
+    # Subqueries computed once per resource in the scan (repeat), as (alias, sql).
+    hoisted: list[tuple[str, str]] = field(default_factory=list)
 
     # ---- helpers -------------------------------------------------------------------------
     def var(self, prefix: str = "v") -> str:
@@ -884,10 +885,8 @@ class _Compiler:
 
     # ---- repeat --------------------------------------------------------------------------
     def repeat(self, focus: _Val, paths: list[str]) -> _Val:
-        if focus.raw is None:
-            raise ViewDefinitionError(
-                "repeat is supported on the resource itself or inside another repeat"
-            )
+        if not focus.is_resource or focus.raw is None:
+            raise ViewDefinitionError("repeat is supported on the resource itself (top level)")
         chains: list[list[str]] = []
         for path in paths:
             node = fp.parse(path)
@@ -966,22 +965,29 @@ class _Compiler:
             return (f"coalesce(list_transform([from_json({json_sql}, {spec})], "
                     f"lambda {s}: {body})[1], [])")
 
-        def descend(level_list: str, depth: int) -> str:
-            if depth == REPEAT_DEPTH:
-                return (f"(CASE WHEN coalesce(len({level_list}), 0) > 0 THEN "
-                        f"CAST(error('repeat nests deeper than {REPEAT_DEPTH} levels') AS JSON[]) "
-                        f"ELSE CAST([] AS JSON[]) END)")
-            v = self.var("x")
-            inner = descend(children(v, deeper), depth + 1) if deeper else "CAST([] AS JSON[])"
-            return f"flatten(list_transform({level_list}, lambda {v}: list_concat([{v}], {inner})))"
+        # A recursive CTE walks the tree to any depth; the path of child positions sorts the
+        # nodes into document (pre-)order. It is hoisted into the scan so that it never ends up
+        # inside a lambda, where DuckDB allows no subqueries.
+        n = len(self.hoisted)
+        cte = f"__mb_rep{n}"
+        first_level = children('__mb_t.' + _ident(self.resource_column), first)
 
-        all_json = descend(children(focus.raw, first), 0)
+        def level(children_sql: str) -> str:
+            return (f"(SELECT unnest({children_sql}) AS x, "
+                    f"generate_subscripts({children_sql}, 1) AS i)")
+
+        recursive = ""
+        if deeper:
+            recursive = (f" UNION ALL SELECT list_append(t.k, c.i), c.x FROM {cte} AS t, "
+                         f"LATERAL {level(children('t.j', deeper))} AS c")
+        sql = (f"(WITH RECURSIVE {cte}(k, j) AS (SELECT [o.i], o.x FROM "
+               f"{level(first_level)} AS o{recursive}) SELECT list(j ORDER BY k) FROM {cte})")
+        self.hoisted.append((cte, sql))
         elem_spec = _Spec()
         j = self.var("j")
-        sql = f"list_transform({all_json}, lambda {j}: from_json({j}, {self.placeholder(elem_spec)}))"
-        if focus.is_resource:
-            self.uses_raw = True
-        return _Val(sql, elem_type, True, spec=elem_spec)
+        elements = (f"list_transform(__mb_src.{cte}, lambda {j}: "
+                    f"from_json({j}, {self.placeholder(elem_spec)}))")
+        return _Val(elements, elem_type, True, spec=elem_spec)
 
     # ---- select structure ----------------------------------------------------------------
     def column(self, col: Any, ctx: _Ctx) -> tuple[OutputColumn, str]:
@@ -1234,7 +1240,8 @@ def compile_view(
     name = view.get("name") if isinstance(view.get("name"), str) else resource.lower()
     assert isinstance(name, str)
 
-    comp = _Compiler(schema, resource, _constants(view.get("constant")), strict_cardinality)
+    comp = _Compiler(schema, resource, _constants(view.get("constant")), strict_cardinality,
+                     resource_column=resource_column)
     root_spec = _Spec()
     root = _Val("__mb_r", resource, spec=root_spec, raw="__mb_raw", is_resource=True)
     ctx = _Ctx(focus=root, root=root, row_index="CAST(0 AS BIGINT)")
@@ -1261,13 +1268,12 @@ def compile_view(
     pass_sql = [f"__mb_src.{_ident(c)}" for c in passthrough_columns]
     src_cols = [*(_ident(c) for c in passthrough_columns),
                 f"from_json({_ident(resource_column)}, {comp.placeholder(root_spec)}) AS __mb_r"]
-    if comp.uses_raw:
-        src_cols.append(f"{_ident(resource_column)} AS __mb_raw")
+    src_cols.extend(f"{sql_} AS {alias}" for alias, sql_ in comp.hoisted)
     if resource_type_column is not None:
         filt = f"{_ident(resource_type_column)} = {_q(resource)}"
     else:
         filt = f"json_extract_string({_ident(resource_column)}, '$.resourceType') = {_q(resource)}"
-    src = f"SELECT {', '.join(src_cols)} FROM {table} WHERE {filt}"
+    src = f"SELECT {', '.join(src_cols)} FROM {table} AS __mb_t WHERE {filt}"
     where_sql = f"\nWHERE {' AND '.join(conditions)}" if conditions else ""
     single = part.single or {}
     if part.multi is None:
