@@ -24,92 +24,101 @@ from medblocks_pipelines.sandbox.gateway import Behaviour, network_source_config
 PERSON = "person-1"
 
 
+class Env:
+    """A control plane with one tenant, one EHR org, one network source pointing at a live gateway."""
+
+    def __init__(
+        self,
+        tmp_path: Any,
+        population: Any,
+        signing_identity: tuple[bytes, bytes],
+        gateway_server: Any,
+    ) -> None:
+        self.population, self.signing_identity, self.gateway_server = (
+            population,
+            signing_identity,
+            gateway_server,
+        )
+        self.settings = get_settings(tmp_path / "data")
+        self.settings.ensure_dirs()
+        self.cp = open_control_plane(self.settings)
+        self.cp.add_tenant(
+            "acme",
+            "Acme Care",
+            settings={
+                "network": {
+                    "purposes": ["T-TREAT", "T-TRTMNT", "T-IAS"],
+                    "organization": "acme-clinic",
+                    "npi": "1234567893",
+                }
+            },
+        )
+        self.cp.add_source(
+            "mercy",
+            "Mercy EHR",
+            "epic",
+            "ehr",
+            "http://127.0.0.1:1/fhir",
+            ["clinician_workflow", "patient_access"],
+        )
+        self.cp.add_organization("acme-clinic", "acme", "mercy", "Acme Clinic")
+        self.demo = ihe.Demographics.from_patient(population.resources_for("riverside-health")[0])
+        self.gw = None
+
+    def start(self, behaviours: dict[str, Behaviour] | None = None, timeout_s: float = 5.0) -> Any:
+        self.gw = self.gateway_server(behaviours)
+        cfg = network_source_config(self.gw.url, self.population, timeout_s=timeout_s)
+        key, cert = self.signing_identity
+        self.cp.vault.put("network/sandbox-qhin/key", key.decode(), tenant_id=None)
+        self.cp.vault.put("network/sandbox-qhin/cert", cert.decode(), tenant_id=None)
+        cfg["signing_key_secret"] = "network/sandbox-qhin/key"
+        cfg["signing_cert_secret"] = "network/sandbox-qhin/cert"
+        self.cp.add_source(
+            "sandbox-qhin", "Sandbox QHIN", "sandbox", "network", None, ["network"], config=cfg
+        )
+        return self.gw
+
+    def launch(self, person: str = PERSON) -> str:
+        cid = self.cp.create_connection(
+            tenant_id="acme",
+            pattern="clinician_workflow",
+            source_id="mercy",
+            organization_id="acme-clinic",
+            patient_ref=person,
+        )
+        self.cp.transition(cid, "active")
+        return cid
+
+    def query(self, purpose: str = "T-TREAT", **kw: Any) -> Any:
+        return run_network_query(
+            self.cp,
+            self.settings,
+            tenant="acme",
+            person=kw.pop("person", PERSON),
+            purpose=purpose,
+            actor="dr-house",
+            demographics=self.demo,
+            **kw,
+        )
+
+    def lake(self, sql: str) -> list[tuple[Any, ...]]:
+        glob = resources_glob(self.settings.lake_root, "acme")
+        con = duckdb.connect()
+        try:
+            con.execute(
+                f"CREATE VIEW lake AS SELECT * FROM read_parquet('{glob}', hive_partitioning=true, union_by_name=true)"
+            )
+            return con.execute(sql).fetchall()
+        finally:
+            con.close()
+
+
 @pytest.fixture
 def env(
     tmp_path: Any, population: Any, signing_identity: tuple[bytes, bytes], gateway_server: Any
 ) -> Any:
-    """A control plane with one tenant, one EHR org, one network source pointing at a live gateway."""
-
-    class Env:
-        def __init__(self) -> None:
-            self.settings = get_settings(tmp_path / "data")
-            self.settings.ensure_dirs()
-            self.cp = open_control_plane(self.settings)
-            self.cp.add_tenant(
-                "acme",
-                "Acme Care",
-                settings={
-                    "network": {
-                        "purposes": ["T-TREAT", "T-TRTMNT", "T-IAS"],
-                        "organization": "acme-clinic",
-                        "npi": "1234567893",
-                    }
-                },
-            )
-            self.cp.add_source(
-                "mercy",
-                "Mercy EHR",
-                "epic",
-                "ehr",
-                "http://127.0.0.1:1/fhir",
-                ["clinician_workflow", "patient_access"],
-            )
-            self.cp.add_organization("acme-clinic", "acme", "mercy", "Acme Clinic")
-            self.demo = ihe.Demographics.from_patient(
-                population.resources_for("riverside-health")[0]
-            )
-            self.gw = None
-
-        def start(
-            self, behaviours: dict[str, Behaviour] | None = None, timeout_s: float = 5.0
-        ) -> Any:
-            self.gw = gateway_server(behaviours)
-            cfg = network_source_config(self.gw.url, population, timeout_s=timeout_s)
-            key, cert = signing_identity
-            self.cp.vault.put("network/sandbox-qhin/key", key.decode(), tenant_id=None)
-            self.cp.vault.put("network/sandbox-qhin/cert", cert.decode(), tenant_id=None)
-            cfg["signing_key_secret"] = "network/sandbox-qhin/key"
-            cfg["signing_cert_secret"] = "network/sandbox-qhin/cert"
-            self.cp.add_source(
-                "sandbox-qhin", "Sandbox QHIN", "sandbox", "network", None, ["network"], config=cfg
-            )
-            return self.gw
-
-        def launch(self, person: str = PERSON) -> str:
-            cid = self.cp.create_connection(
-                tenant_id="acme",
-                pattern="clinician_workflow",
-                source_id="mercy",
-                organization_id="acme-clinic",
-                patient_ref=person,
-            )
-            self.cp.transition(cid, "active")
-            return cid
-
-        def query(self, purpose: str = "T-TREAT", **kw: Any) -> Any:
-            return run_network_query(
-                self.cp,
-                self.settings,
-                tenant="acme",
-                person=kw.pop("person", PERSON),
-                purpose=purpose,
-                actor="dr-house",
-                demographics=self.demo,
-                **kw,
-            )
-
-        def lake(self, sql: str) -> list[tuple[Any, ...]]:
-            glob = resources_glob(self.settings.lake_root, "acme")
-            con = duckdb.connect()
-            try:
-                con.execute(
-                    f"CREATE VIEW lake AS SELECT * FROM read_parquet('{glob}', hive_partitioning=true, union_by_name=true)"
-                )
-                return con.execute(sql).fetchall()
-            finally:
-                con.close()
-
-    return Env()
+    """The environment on the embedded default (SQLite control plane)."""
+    return Env(tmp_path, population, signing_identity, gateway_server)
 
 
 def test_allowed_treatment_query_lands_two_communities(env: Any) -> None:
@@ -365,3 +374,51 @@ def test_hostile_document_quarantined_others_land(env: Any) -> None:
         rows = {r.organization: r.status for r in c.execute(sa.select(network_documents))}
     assert rows == {"riverside-health": "quarantined", "valley-medical": "converted"}
     assert env.lake("SELECT DISTINCT organization FROM lake") == [("valley-medical",)]
+
+
+def test_warehouse_build_shows_both_communities(env: Any) -> None:
+    """What the demo shows: network records from two organizations in the tenant's warehouse,
+    the same fact from repeated CCDs once per community."""
+    from medblocks_pipelines.lib.warehouse.build import build_warehouse, open_warehouse
+
+    env.start({"riverside-health": Behaviour(on_demand=True)})
+    env.launch()
+    env.query()
+    env.query(
+        now=datetime.now(UTC) + timedelta(days=2)
+    )  # a second, on-demand CCD with the same facts
+    build_warehouse("acme", settings=env.settings, control_plane=env.cp, steps=[])
+    con = open_warehouse("acme", settings=env.settings)
+    try:
+        rows = con.execute(
+            "SELECT organization, count(*) FROM resources WHERE pattern = 'network' "
+            "AND resource_type = 'Condition' GROUP BY ALL ORDER BY ALL"
+        ).fetchall()
+    finally:
+        con.close()
+    # 3 conditions per community: each fact once, although riverside sent it in two CCDs.
+    assert rows == [("riverside-health", 3), ("valley-medical", 3)]
+
+
+@pytest.mark.postgres
+def test_allowed_and_refused_on_postgres(
+    tmp_path: Any, population: Any, signing_identity: Any, gateway_server: Any, monkeypatch: Any
+) -> None:
+    """The same code path on PostgreSQL: the network tables, audit and registry."""
+    from medblocks_pipelines_tests.conftest import fresh_pg_database
+
+    with fresh_pg_database("network") as url:
+        monkeypatch.setenv("MEDBLOCKS_DATABASE_URL", url)
+        e = Env(tmp_path, population, signing_identity, gateway_server)
+        try:
+            e.start()
+            refused = e.query()
+            assert not refused.allowed and e.gw.seen == []
+            e.launch()
+            first = e.query()
+            assert first.allowed and first.documents_retrieved == 2
+            assert e.query().documents_skipped == 2
+            reasons = [a["reason"] for a in e.cp.list_audit(tenant_id="acme")]
+            assert reasons == ["ok", "ok", "no_treatment_relationship"]
+        finally:
+            e.cp.engine.dispose()

@@ -575,11 +575,13 @@ def _register(
         "fetched_at": utcnow(),
     }
     cond = sa.and_(*(t.c[k] == v for k, v in key.items()))
-    with cp.engine.begin() as conn:
-        if conn.execute(sa.select(sa.literal(1)).select_from(t).where(cond)).first():
-            conn.execute(t.update().where(cond).values(**values))
-        else:
+    try:
+        with cp.engine.begin() as conn:
             conn.execute(t.insert().values(**key, **values))
+    except sa.exc.IntegrityError:
+        # Already registered (an on-demand refresh, or a concurrent run for the same person).
+        with cp.engine.begin() as conn:
+            conn.execute(t.update().where(cond).values(**values))
 
 
 def _finish(
