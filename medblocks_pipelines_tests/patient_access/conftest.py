@@ -5,8 +5,11 @@ The sandbox is shared per module (starting it costs a population); every test re
 client id at the sandbox, so grants, tokens and fault rules never leak between tests.
 """
 
+import contextlib
+import json
+import re
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -106,3 +109,88 @@ def pa_env(settings: Settings, sandbox: SandboxHandle) -> Iterator[PatientAccess
         yield PatientAccessEnv(settings=settings, cp=cp, web_base=web_base, sandbox=sandbox,
                                http=http)
     cp.engine.dispose()
+
+
+# ---------------------------------------------------------------------------------------------
+# A separately served sandbox EHR org (a type subset, or responses rewritten to inject faults the
+# sandbox's fault injector does not offer: OperationOutcome entries, paging loops, bad resources)
+# ---------------------------------------------------------------------------------------------
+Rewrite = Callable[[str, dict[str, Any]], dict[str, Any] | None]
+
+
+class RewriteResponses:
+    """ASGI middleware: for GET requests whose path matches ``pattern``, parse the JSON answer,
+    pass ``(path_and_query, body)`` to ``rewrite`` and send what it returns (None: unchanged)."""
+
+    def __init__(self, app: Any, pattern: str, rewrite: Rewrite) -> None:
+        self.app = app
+        self.pattern = re.compile(pattern)
+        self.rewrite = rewrite
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or not self.pattern.search(scope["path"]):
+            await self.app(scope, receive, send)
+            return
+        start: dict[str, Any] = {}
+        chunks: list[bytes] = []
+
+        async def capture(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                start.update(message)
+            elif message["type"] == "http.response.body":
+                chunks.append(message.get("body", b""))
+
+        await self.app(scope, receive, capture)
+        body = b"".join(chunks)
+        if start.get("status") == 200:
+            where = scope["path"] + "?" + scope.get("query_string", b"").decode()
+            new = self.rewrite(where, json.loads(body))
+            if new is not None:
+                body = json.dumps(new).encode()
+        headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
+        headers.append((b"content-length", str(len(body)).encode()))
+        await send({"type": "http.response.start", "status": start.get("status", 500),
+                    "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+@contextlib.contextmanager
+def custom_ehr(
+    env: PatientAccessEnv,
+    *,
+    org_id: str = "custom-ehr",
+    resource_types: Sequence[str] | None = None,
+    rewrite: tuple[str, Rewrite] | None = None,
+) -> Iterator[tuple[str, OrgEndpoint]]:
+    """Serve the first sandbox EHR org's data from a new app; yield (source id, endpoint)."""
+    from medblocks_pipelines.sandbox.auth import Login
+    from medblocks_pipelines.sandbox.ehr import EHR_TYPES, OrgConfig, create_ehr_app
+    from medblocks_pipelines.sandbox.fhir_store import FhirStore
+
+    src = env.org("ehr")
+    pop = env.sandbox.population
+    store = FhirStore()
+    store.put_many(pop.resources_for(src.org_id))
+    logins = tuple(Login(username=lg.username, password=lg.password, patient_id=lg.patient_id)
+                   for lg in pop.logins if lg.org_id == src.org_id)
+    secret = "custom-admin-secret"
+
+    def factory(base: str) -> Any:
+        app = create_ehr_app(
+            OrgConfig(org_id=org_id, name="Custom EHR", logins=logins), store,
+            base_url=base, admin_secret=secret,
+            resource_types=tuple(resource_types or EHR_TYPES),
+        )
+        return RewriteResponses(app, rewrite[0], rewrite[1]) if rewrite else app
+
+    with serve(factory) as base:
+        endpoint = OrgEndpoint(org_id, "Custom EHR", "ehr", "ehr", base)
+        client_id = f"pa-{secrets.token_hex(4)}"
+        resp = httpx.post(f"{base}/_admin/clients", headers={"X-Admin-Secret": secret},
+                          json={"client_id": client_id, "token_endpoint_auth_method": "none",
+                                "redirect_uris": [env.callback], "name": "Acme"})
+        resp.raise_for_status()
+        env.cp.add_source(org_id, "Custom EHR", "sandbox", "ehr", endpoint.fhir_base,
+                          ["patient_access"], config={"client_id": client_id})
+        env.clients[org_id] = client_id
+        yield org_id, endpoint

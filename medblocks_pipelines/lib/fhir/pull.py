@@ -164,6 +164,8 @@ class PullResult:
     skipped_types: dict[str, str] = field(default_factory=dict)
     requests: int = 0
     refreshes: int = 0
+    statuses: Counter[int] = field(default_factory=Counter)
+    retry_reasons: Counter[str] = field(default_factory=Counter)
     error: str | None = None
     since: str | None = None
     pull_id: int | None = None
@@ -190,7 +192,7 @@ class _Puller:
         self.binaries: dict[str, None] = {}
 
     # -- landing -------------------------------------------------------------------------------
-    def land(self, resource: Any, *, origin: str) -> None:
+    def land(self, resource: Any, *, origin: str, follow: bool = True) -> None:
         if not isinstance(resource, dict):
             self.w.quarantine(dumps_exact(resource), "not a JSON object", origin=origin)
             self.r.quarantined += 1
@@ -208,7 +210,8 @@ class _Puller:
             return
         self.r.counts[str(rtype)] += 1
         self.have.add((str(rtype), str(rid)))
-        self._collect(resource)
+        if follow:
+            self._collect(resource)
 
     def _collect(self, resource: dict[str, Any]) -> None:
         for ref in _references(resource):
@@ -305,6 +308,19 @@ class _Puller:
                        "data": base64.b64encode(resp.content).decode()}, origin="binary")
 
 
+def _last_updated(resource: Mapping[str, Any]) -> str | None:
+    meta = resource.get("meta")
+    value = meta.get("lastUpdated") if isinstance(meta, dict) else None
+    if not isinstance(value, str):
+        return None
+    # Compare as UTC instants in our watermark's format.
+    try:
+        instant = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return instant.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def _references(value: Any) -> Iterator[str]:
     if isinstance(value, dict):
         for k, v in value.items():
@@ -363,7 +379,12 @@ def pull_connection(
             patient_id = conn.get("source_patient_id")
             if not patient_id:
                 raise ProtocolError("connection has no patient id")
-            puller.land(client.read("Patient", patient_id), origin="Patient")
+            patient = client.read("Patient", patient_id)
+            # The Patient is read on every pull (no search to filter it), but what it references
+            # is followed only when it changed since the last complete pull.
+            changed = since is None or _last_updated(patient) is None or (
+                str(_last_updated(patient)) > since)
+            puller.land(patient, origin="Patient", follow=changed)
             queries, result.skipped_types = plan_queries(
                 kind=source.get("kind", "ehr"), patient_id=patient_id,
                 supported=supported or set(), granted=tokens.granted, since=since, config=cfg,
@@ -400,6 +421,8 @@ def pull_connection(
         result.status, result.error = "failed", type(exc).__name__
         result.failures[result.error] += 1
     result.requests = client.stats.requests
+    result.statuses = client.stats.statuses
+    result.retry_reasons = client.stats.retry_reasons
     result.refreshes = tokens.refreshes
     result.seconds = time.perf_counter() - started
     error = result.error or (
@@ -438,6 +461,13 @@ class BatchResult:
         return total
 
     @property
+    def statuses(self) -> Counter[int]:
+        total: Counter[int] = Counter()
+        for r in self.results:
+            total.update(r.statuses)
+        return total
+
+    @property
     def failures_by_reason(self) -> Counter[str]:
         total: Counter[str] = Counter()
         for r in self.results:
@@ -455,6 +485,7 @@ class BatchResult:
             "quarantined": sum(r.quarantined for r in self.results),
             "duplicates_skipped": sum(r.duplicates for r in self.results),
             "requests": self.requests,
+            "http_429": self.statuses.get(429, 0),
             "token_refreshes": sum(r.refreshes for r in self.results),
             "seconds": round(self.seconds, 3),
         }
