@@ -26,9 +26,9 @@ def _compartment_counts(ehr) -> Counter[str]:  # type: ignore[no-untyped-def]
         if rtype not in PATIENT_COMPARTMENT and rtype not in SHARED_TYPES and rtype != "Patient":
             continue
         for res in ehr.store.iter_type(rtype):
-            if rtype in PATIENT_COMPARTMENT or rtype == "Patient":
-                if not patients_of(res) & members:
-                    continue
+            in_compartment = rtype in PATIENT_COMPARTMENT or rtype == "Patient"
+            if in_compartment and not patients_of(res) & members:
+                continue
             out[rtype] += 1
     return out
 

@@ -17,6 +17,7 @@ Dagster import here. Where things live:
 
 import concurrent.futures as cf
 import json
+import os
 import shutil
 import time
 from collections import Counter
@@ -104,7 +105,9 @@ def org_config(cp: ControlPlane, tenant: str, org_id: str,
     if isinstance(want_jku, str) and want_jku.startswith("http"):
         jku = want_jku
     elif want_jku:
-        jku = scfg.get("jwks_url") or public_jwks_url
+        public = os.environ.get("MEDBLOCKS_PUBLIC_BASE_URL")
+        jku = scfg.get("jwks_url") or public_jwks_url or (
+            public.rstrip("/") + "/.well-known/jwks.json" if public else None)
         if not jku:
             raise ConfigError(f"source {src['id']} needs our JWKS URL (jku)",
                               hint="set jwks_url in the source config")

@@ -1,0 +1,129 @@
+"""Backend pattern assets: an organization's Bulk Data export, kicked off, then downloaded and landed.
+
+Two steps, two assets, because a bulk export can take hours to days (ARCHITECTURE constraint 3):
+``bulk_export`` kicks off and saves the polling URL; ``backend_sensor`` polls outside any run and
+launches ``backend_land_job`` (the ``bulk_resources`` asset) once the manifest is ready. The tenant
+warehouse (``["warehouse", "tenant_warehouse"]``) is built from the lake downstream.
+"""
+
+import dagster as dg
+
+from medblocks_pipelines.defs.shared.partitions import backend_org_partitions
+from medblocks_pipelines.defs.shared.resources import PlatformResource
+from medblocks_pipelines.lib.errors import ConfigError
+from medblocks_pipelines.lib.fhir.bulk_sync import in_flight_export, kickoff_export, land_export
+from medblocks_pipelines.lib.partitions import split_partition_key
+
+
+class KickoffConfig(dg.Config):
+    """``full``: clear the organization's watermark and export everything (manual re-sync)."""
+
+    full: bool = False
+
+
+class LandConfig(dg.Config):
+    """Which export to land; empty means the partition's in-flight export."""
+
+    export_id: str = ""
+
+
+@dg.asset(
+    key=["backend", "bulk_export"],
+    partitions_def=backend_org_partitions,
+    group_name="backend",
+    kinds={"fhir"},
+    owners=["team:data-platform"],
+    tags={"medblocks/pattern": "backend"},
+    description="Kicks off the organization's FHIR Bulk Data $export (incremental by _since, the "
+    "last transactionTime) and saves its polling URL at once; the backend sensor waits for it.",
+)
+def bulk_export(
+    context: dg.AssetExecutionContext, config: KickoffConfig, platform: PlatformResource
+) -> dg.MaterializeResult:
+    """Kick off (or reuse the organization's in-flight export) and report what was asked."""
+    tenant, org_id = split_partition_key(context.partition_key)
+    result = kickoff_export(
+        platform.control_plane, tenant, org_id, full=config.full, run_id=context.run_id
+    )
+    for warning in result.warnings:
+        context.log.warning(warning)
+    if result.reused:
+        context.log.info(f"export {result.export_id} is still in flight; not starting another")
+    return dg.MaterializeResult(
+        metadata={
+            "export_id": result.export_id,
+            "reused_in_flight": result.reused,
+            "since": result.since or "(full export)",
+            "full_resync": config.full,
+            "adaptations": dg.MetadataValue.json(list(result.warnings)),
+        }
+    )
+
+
+@dg.asset(
+    key=["backend", "bulk_resources"],
+    deps=[bulk_export],
+    partitions_def=backend_org_partitions,
+    group_name="backend",
+    kinds={"parquet", "fhir"},
+    owners=["team:data-platform"],
+    pool="backend_bulk_download",
+    tags={"medblocks/pattern": "backend"},
+    description="Downloads every file of a completed export (parallel, per-source limit, resumable) "
+    "and lands it in the lake: resources, tombstones from `deleted`, error-file outcomes counted; "
+    "then moves the watermark and DELETEs the export.",
+)
+def bulk_resources(
+    context: dg.AssetExecutionContext, config: LandConfig, platform: PlatformResource
+) -> dg.MaterializeResult:
+    """Land the export and report counts, bytes, duration, quarantine, errors, deletions."""
+    tenant, org_id = split_partition_key(context.partition_key)
+    cp = platform.control_plane
+    export_id = config.export_id
+    if not export_id:
+        row = in_flight_export(cp, tenant, org_id)
+        if row is None:
+            raise ConfigError(f"no export in flight for {context.partition_key}",
+                              hint="materialize backend/bulk_export first")
+        export_id = row["id"]
+    report = land_export(cp, platform.settings, export_id, run_id=context.run_id)
+    for warning in report.warnings:
+        context.log.warning(warning)
+    md = report.as_metadata()
+    return dg.MaterializeResult(
+        metadata={
+            "export_id": export_id,
+            "status": md["status"],
+            "landed": md["landed"],
+            "by_type": dg.MetadataValue.json(md["by_type"]),
+            "expected_by_type": dg.MetadataValue.json(md["expected_by_type"]),
+            "count_mismatches": dg.MetadataValue.json(md["count_mismatches"]),
+            "quarantined": md["quarantined"],
+            "quarantine_reasons": dg.MetadataValue.json(md["quarantine_reasons"]),
+            "deleted": md["deleted"],
+            "error_entries": dg.MetadataValue.json(md["error_entries"]),
+            "files": md["files"],
+            "bytes": md["bytes"],
+            "resumed_bytes": md["resumed_bytes"],
+            "attachments": md["attachments"],
+            "tokens_fetched": md["tokens_fetched"],
+            "duration_s": md["duration_s"],
+            "watermark": md["watermark"] or "",
+            "since": md["since"] or "(full export)",
+        }
+    )
+
+
+backend_kickoff_job = dg.define_asset_job(
+    "backend_kickoff_job",
+    selection=[bulk_export],
+    partitions_def=backend_org_partitions,
+    description="Kick off one organization's Bulk Data export (the sensor lands it when ready).",
+)
+
+backend_land_job = dg.define_asset_job(
+    "backend_land_job",
+    selection=[bulk_resources],
+    partitions_def=backend_org_partitions,
+    description="Download and land a ready Bulk Data export for one organization.",
+)

@@ -1,0 +1,66 @@
+"""The backend sensor: polls in-flight Bulk Data exports and launches the land run when ready.
+
+Each tick is cheap: at most ``MAX_POLLS_PER_TICK`` status requests, only for exports whose next poll
+time (from the server's ``Retry-After``, clamped) has come. Exports are read from the control
+plane, so an export whose kick-off run (or CLI) crashed is resumed from its saved polling URL.
+The cursor keeps the ids already launched, so a land run is requested once per export.
+"""
+
+import json
+
+import dagster as dg
+
+from medblocks_pipelines.defs.backend.assets import backend_land_job
+from medblocks_pipelines.defs.shared.resources import PlatformResource
+from medblocks_pipelines.lib.fhir.bulk_sync import due_exports, poll_export
+from medblocks_pipelines.lib.partitions import partition_key
+
+MAX_POLLS_PER_TICK = 20
+
+
+@dg.sensor(
+    name="backend_bulk_export_sensor",
+    job=backend_land_job,
+    minimum_interval_seconds=30,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Polls kicked-off Bulk Data exports (honouring Retry-After) and launches the "
+    "download/land run for each export whose manifest is ready.",
+)
+def backend_bulk_export_sensor(
+    context: dg.SensorEvaluationContext, platform: PlatformResource
+) -> dg.SensorResult:
+    """One tick: poll what is due, then request a land run for each newly ready export."""
+    cp = platform.control_plane
+    launched: list[str] = json.loads(context.cursor) if context.cursor else []
+    polled = failed = 0
+    for row in due_exports(cp, limit=MAX_POLLS_PER_TICK):
+        st = poll_export(cp, row["id"])
+        polled += 1
+        if st.state == "failed":
+            failed += 1
+            context.log.warning(f"export {row['id']} failed at the source (HTTP {st.http_status})")
+    ready = cp.list_bulk_exports(status="ready")
+    requests = []
+    for row in ready:
+        if row["id"] in launched or not row.get("organization_id"):
+            continue
+        requests.append(
+            dg.RunRequest(
+                run_key=f"land:{row['id']}",
+                partition_key=partition_key(row["tenant_id"], row["organization_id"]),
+                run_config={"ops": {"backend__bulk_resources": {"config": {
+                    "export_id": row["id"]}}}},
+                tags={"medblocks/tenant": row["tenant_id"], "medblocks/source": row["source_id"],
+                      "medblocks/export": row["id"]},
+            )
+        )
+    # Keep only ids still waiting to land, so the cursor stays small.
+    waiting = {r["id"] for r in cp.list_bulk_exports(status=("ready", "downloading"))}
+    cursor = json.dumps(sorted((set(launched) | {r.run_key[5:] for r in requests if r.run_key})
+                               & waiting))
+    if not requests:
+        return dg.SensorResult(
+            skip_reason=f"polled {polled} export(s), {failed} failed, none newly ready",
+            cursor=cursor,
+        )
+    return dg.SensorResult(run_requests=requests, cursor=cursor)
