@@ -16,9 +16,12 @@ cluster of source patients that are the same human. Edges come from three places
    used as they are.
 
 Probabilistic links are *vetoed* when the two records carry conflicting given names (no shared
-nickname/formal form and Jaro-Winkler < 0.88) or two different SSNs: twins share birth date, address,
-phone and family name, and the independence assumption of Fellegi-Sunter would otherwise merge them.
-Vetoed edges are kept (``accepted = false``, ``veto``) so the decision is auditable.
+nickname/formal form, Jaro-Winkler < 0.88 and more than one edit apart; or different given names and
+different sexes, so a shared nickname such as Alex does not join Alexander and Alexandra) or two
+different SSNs: twins share birth date, address, phone and family name, and the independence assumption
+of Fellegi-Sunter would otherwise merge them. Vetoed edges are kept (``accepted = false``, ``veto``) so
+the decision is auditable; ``persons.conflicts`` counts vetoed pairs that still ended in one person
+through other links (a person to review).
 
 Clusters are connected components of the accepted edges. ``person_id`` is derived from the smallest
 member key of the cluster (a hash of it), so it is stable across rebuilds as long as that member stays.
@@ -481,8 +484,12 @@ def apply_vetoes(edges: pl.DataFrame, std: pl.DataFrame) -> pl.DataFrame:
     sex_differs = (pl.col("sex_l") != pl.col("sex_r")).fill_null(False)
     # a typo (one edit, or Jaro-Winkler >= 0.88) is not a conflict unless the sexes differ too
     # (Alexander / Alexandra twins)
-    given_conflict = different_given & (
-        ((pl.col("jw") < GIVEN_CONFLICT_JW) & (pl.col("dl") > 1)) | sex_differs
+    # a nickname shared across sexes (Alex, Sam, Chris, Pat) is no evidence when the sexes differ
+    given_conflict = (different_given & (pl.col("jw") < GIVEN_CONFLICT_JW) & (pl.col("dl") > 1)) | (
+        sex_differs
+        & pl.col("given_std_l").is_not_null()
+        & pl.col("given_std_r").is_not_null()
+        & (pl.col("given_std_l") != pl.col("given_std_r"))
     )
     ssn_conflict = (
         pl.col("ssn_std_l").is_not_null()
@@ -590,6 +597,18 @@ def link_patients(
 
     links = _links_table(std, root_df, accepted)
     persons = _persons_table(std, links)
+    person_of = links.select("patient_key", "person_id")
+    conflicts = (
+        all_edges.filter(~pl.col("accepted"))
+        .join(person_of.rename({"patient_key": "key_l", "person_id": "p_l"}), on="key_l")
+        .join(person_of.rename({"patient_key": "key_r", "person_id": "p_r"}), on="key_r")
+        .filter(pl.col("p_l") == pl.col("p_r"))
+        .group_by(person_id="p_l")
+        .agg(conflicts=pl.len().cast(pl.Int64))
+    )
+    persons = persons.join(conflicts, on="person_id", how="left").with_columns(
+        conflicts=pl.col("conflicts").fill_null(0)
+    )
     return IdentityResult(
         edges=all_edges, links=links, persons=persons, trained=trained, timings=timings
     )
