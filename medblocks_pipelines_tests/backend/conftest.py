@@ -132,6 +132,9 @@ def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Env]:
     monkeypatch.setenv("MEDBLOCKS_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.delenv("MEDBLOCKS_DATABASE_URL", raising=False)
     monkeypatch.delenv("MEDBLOCKS_SECRET_KEY", raising=False)
+    # CLI runs record into a throwaway Dagster instance (restored after the test).
+    (tmp_path / "dagster_home").mkdir()
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
     settings = get_settings(tmp_path / "data")
     settings.ensure_dirs()
     cp = open_control_plane(settings)

@@ -1,0 +1,165 @@
+"""CLI of the backend pattern: ``medblocks sync backend`` and ``medblocks keys ...``.
+
+``sync backend`` runs the same Dagster jobs as the UI (kick-off, then download/land) in-process,
+and waits for the export in between in this process with a progress display: fine for a CLI,
+whereas in Dagster the sensor does the waiting outside any run.
+"""
+
+import json
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from medblocks_pipelines.lib.fhir.bulk_sync import wait_for_export
+from medblocks_pipelines.lib.partitions import partition_key
+from medblocks_pipelines.lib.registry import ControlPlane
+from medblocks_pipelines.lib.settings import Settings
+
+console = Console()
+
+
+def run_backend_sync(
+    cp: ControlPlane,
+    settings: Settings,
+    tenant: str,
+    org_id: str,
+    *,
+    full: bool = False,
+    timeout: float = 3600.0,
+    min_wait: float = 1.0,
+    instance: Any = None,
+    show_progress: bool = False,
+) -> dict[str, Any]:
+    """Kick off, wait for, download and land one organization's export through the Dagster jobs.
+
+    Returns the land step's metadata (counts by type, deleted, quarantined, watermark...). The
+    demo calls this for each organization; a second call is incremental (``_since``).
+    """
+    from medblocks_pipelines.cli.runtime import run_job
+
+    key = partition_key(tenant, org_id)
+    org = cp.get_organization(org_id)
+    tags = {"medblocks/tenant": tenant, "medblocks/source": org["source_id"]}
+    kick = run_job(
+        "backend_kickoff_job",
+        partition_key=key,
+        run_config={"ops": {"backend__bulk_export": {"config": {"full": full}}}},
+        tags=tags,
+        instance=instance,
+    )
+    md = kick.asset_materializations_for_node("backend__bulk_export")[0].metadata
+    export_id = str(md["export_id"].value)
+    if show_progress:
+        with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                      console=console, transient=True) as bar:
+            task = bar.add_task(f"export {export_id}: waiting", total=None)
+
+            def on_status(st: Any) -> None:
+                bar.update(task, description=f"export {export_id}: {st.progress or st.state}")
+
+            wait_for_export(cp, export_id, timeout=timeout, min_wait=min_wait,
+                            on_status=on_status)
+    else:
+        wait_for_export(cp, export_id, timeout=timeout, min_wait=min_wait)
+    land = run_job(
+        "backend_land_job",
+        partition_key=key,
+        run_config={"ops": {"backend__bulk_resources": {"config": {"export_id": export_id}}}},
+        tags={**tags, "medblocks/export": export_id},
+        instance=instance,
+    )
+    mat = land.asset_materializations_for_node("backend__bulk_resources")[0]
+    return {k: v.value for k, v in mat.metadata.items()}
+
+
+@click.command("backend")
+@click.option("--tenant", required=True)
+@click.option("--org", "org_id", required=True, help="Organization that authorized the sync.")
+@click.option("--full", is_flag=True, help="Clear the watermark: export everything again.")
+@click.option("--timeout", default=3600.0, show_default=True, type=float,
+              help="Seconds to wait for the export to complete.")
+def sync_backend(tenant: str, org_id: str, full: bool, timeout: float) -> None:
+    """Bulk-export an organization's cohort (incremental by _since) and land it."""
+    from medblocks_pipelines.cli.core import control_plane, print_table
+    from medblocks_pipelines.lib.settings import get_settings
+
+    md = run_backend_sync(control_plane(), get_settings(), tenant, org_id, full=full,
+                          timeout=timeout, show_progress=True)
+    rows = [[t, f"{n:,}", f"{md['expected_by_type'].get(t, '-')}"]
+            for t, n in sorted(md["by_type"].items())]
+    print_table(f"landed from {org_id}", ["type", "landed", "manifest"], rows)
+    click.echo(
+        f"{md['landed']:,} resources, {md['deleted']} deleted, {md['quarantined']} quarantined, "
+        f"{md['files']} files / {md['bytes']:,} bytes in {md['duration_s']} s; "
+        f"status {md['status']}; next _since {md['watermark']}"
+    )
+    if md["count_mismatches"]:
+        click.secho(f"counts differ from the manifest: {json.dumps(md['count_mismatches'])}",
+                    fg="yellow")
+    if md["error_entries"]:
+        click.secho(f"error-file issues: {json.dumps(md['error_entries'])}", fg="yellow")
+
+
+# -- keys ------------------------------------------------------------------------------------
+@click.group("keys")
+def keys() -> None:
+    """Our SMART Backend Services signing keys (private halves stay in the vault)."""
+
+
+def _store() -> Any:
+    from medblocks_pipelines.cli.core import control_plane
+    from medblocks_pipelines.lib.smart.keys import KeyStore
+
+    return KeyStore(control_plane().vault)
+
+
+@keys.command("generate")
+@click.option("--alg", type=click.Choice(["RS384", "ES384"]), default="RS384", show_default=True)
+def keys_generate(alg: str) -> None:
+    """Generate a key: active if it is the first, else published as the next key."""
+    stored = _store().generate(alg)
+    click.echo(f"key {stored.kid} ({alg}) saved as {stored.state}")
+
+
+@keys.command("jwks")
+def keys_jwks() -> None:
+    """Print the public JWKS (for servers that take an uploaded key set)."""
+    click.echo(json.dumps(_store().jwks(), indent=2))
+
+
+@keys.command("list")
+def keys_list() -> None:
+    """List keys and their states (never key material)."""
+    from datetime import UTC, datetime
+
+    from medblocks_pipelines.cli.core import print_table
+
+    rows = [[s.kid, s.key.alg, s.state,
+             datetime.fromtimestamp(s.published_at, UTC).isoformat(timespec="seconds")]
+            for s in _store().all()]
+    print_table("signing keys", ["kid", "alg", "state", "published"], rows)
+
+
+@keys.command("rotate")
+@click.option("--alg", type=click.Choice(["RS384", "ES384"]), default=None)
+@click.option("--publish-wait", default=300.0, show_default=True, type=float,
+              help="Seconds a new key must be published before it signs (JWKS max-age).")
+def keys_rotate(alg: str | None, publish_wait: float) -> None:
+    """One rotation step: publish a new key, or (once published long enough) switch to it."""
+    stored = _store().rotate(alg=alg, publish_wait=publish_wait)
+    if stored.state == "next":
+        click.echo(f"key {stored.kid} published; run `keys rotate` again after "
+                   f"{int(publish_wait)} s to sign with it")
+    else:
+        click.echo(f"key {stored.kid} is now active; the old key is retiring "
+                   "(remove it with `keys retire KID` once no server needs it)")
+
+
+@keys.command("retire")
+@click.argument("kid")
+def keys_retire(kid: str) -> None:
+    """Remove a non-active key from the JWKS and the vault."""
+    _store().retire(kid)
+    click.echo(f"key {kid} retired")
