@@ -93,6 +93,17 @@ class _Community:
     def repository(self) -> str:
         return f"{self.oid}.2"
 
+    def mrn(self, patient_id: str) -> str:
+        """The community's MRN for a patient (its ``urn:oid:<oid>.1`` identifier), else the id."""
+        for ident in self.patients[patient_id].get("identifier") or []:
+            if ident.get("system") == f"urn:oid:{self.oid}.1" and ident.get("value"):
+                return str(ident["value"])
+        return patient_id
+
+    def by_mrn(self, mrn: str) -> str | None:
+        """The patient id for an MRN this community assigned."""
+        return next((pid for pid in self.patients if self.mrn(pid) == mrn), None)
+
     def doc_uid(self, patient_id: str, kind: str) -> str:
         n = int(hashlib.sha256(f"{kind}|{patient_id}".encode()).hexdigest()[:12], 16)
         arc = {"ccd": 9, "pdf": 10, "od": 8}[kind]
@@ -263,7 +274,7 @@ def _xcpd_response(
         reg = etree.SubElement(subj, f"{{{v3}}}registrationEvent", classCode="REG", moodCode="EVN")
         s1 = etree.SubElement(reg, f"{{{v3}}}subject1", typeCode="SBJ")
         pat = etree.SubElement(s1, f"{{{v3}}}patient", classCode="PAT")
-        etree.SubElement(pat, f"{{{v3}}}id", root=f"{com.oid}.1", extension=p["id"])
+        etree.SubElement(pat, f"{{{v3}}}id", root=f"{com.oid}.1", extension=com.mrn(p["id"]))
         etree.SubElement(pat, f"{{{v3}}}statusCode", code="active")
         person = etree.SubElement(pat, f"{{{v3}}}patientPerson")
         name = (p.get("name") or [{}])[0]
@@ -329,7 +340,7 @@ def _extrinsic(com: _Community, pid: str, kind: str) -> etree._Element:
     slot("repositoryUniqueId", com.repository)
     slot("creationTime", STABLE_DOCUMENT_TIME.strftime("%Y%m%d%H%M%S"))
     slot("languageCode", "en-US")
-    slot("sourcePatientId", f"{pid}^^^&{com.oid}.1&ISO")
+    slot("sourcePatientId", f"{com.mrn(pid)}^^^&{com.oid}.1&ISO")
     fmt = (
         "urn:ihe:iti:xds:2017:mimeTypeSufficient"
         if kind == "pdf"
@@ -347,7 +358,7 @@ def _extrinsic(com: _Community, pid: str, kind: str) -> etree._Element:
         obj,
         f"{{{rim}}}ExternalIdentifier",
         identificationScheme=ihe.EI_PATIENT_ID,
-        value=f"{pid}^^^&{com.oid}.1&ISO",
+        value=f"{com.mrn(pid)}^^^&{com.oid}.1&ISO",
     )
     etree.SubElement(
         obj, f"{{{rim}}}ExternalIdentifier", identificationScheme=ihe.EI_UNIQUE_ID, value=uid
@@ -515,7 +526,8 @@ def create_gateway_app(
             )
             return resp
         cx = pid_values[0][1:-1]
-        pid, _, aa = cx.partition("^^^&")
+        mrn, _, aa = cx.partition("^^^&")
+        pid = com.by_mrn(mrn) or ""
         if aa.split("&")[0] != f"{com.oid}.1" or pid not in com.patients:
             resp.set("status", ihe.RESPONSE_FAILURE)
             _registry_error(resp, "XDSUnknownPatientId", "patient id not known here")

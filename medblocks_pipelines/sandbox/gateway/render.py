@@ -215,7 +215,16 @@ def render_ccd(
     _e(root, "languageCode", code="en-US")
     rt = _e(root, "recordTarget")
     role = _e(rt, "patientRole")
-    d.ii(role, "100", patient["id"])
+    mrns = [
+        i for i in patient.get("identifier") or [] if i.get("system") == f"urn:oid:{org['oid']}.1"
+    ]
+    if mrns:
+        _e(role, "id", root=f"{org['oid']}.1", extension=str(mrns[0]["value"]))
+    else:
+        d.ii(role, "100", patient["id"])
+    for ident in patient.get("identifier") or []:
+        if ident.get("system") == "http://hl7.org/fhir/sid/us-ssn" and ident.get("value"):
+            _e(role, "id", root="2.16.840.1.113883.4.1", extension=str(ident["value"]))
     for a in patient.get("address", []) or []:
         ad = _e(role, "addr", use="HP")
         for line in a.get("line", []) or []:
@@ -238,6 +247,24 @@ def render_ccd(
     _e(pat, "administrativeGenderCode", code=g, codeSystem="2.16.840.1.113883.5.1")
     if patient.get("birthDate"):
         _e(pat, "birthTime", value=patient["birthDate"].replace("-", ""))
+    for tag, url in (
+        ("raceCode", "http://hl7.org/fhir/us/core/StructureDefinition/us-core-race"),
+        ("ethnicGroupCode", "http://hl7.org/fhir/us/core/StructureDefinition/us-core-ethnicity"),
+    ):
+        for ext in patient.get("extension") or []:
+            if ext.get("url") != url:
+                continue
+            for sub in ext.get("extension") or []:
+                if sub.get("url") == "ombCategory" and sub.get("valueCoding"):
+                    c = sub["valueCoding"]
+                    _e(
+                        pat,
+                        tag,
+                        code=c["code"],
+                        codeSystem="2.16.840.1.113883.6.238",
+                        displayName=c.get("display", ""),
+                    )
+                    break
     author = _e(root, "author")
     _e(author, "time", value=when.strftime("%Y%m%d%H%M%S+0000"))
     aa = _e(author, "assignedAuthor")
@@ -266,6 +293,7 @@ def render_ccd(
     obs = by_type.get("Observation", [])
     _results(d, body, [o for o in obs if "laboratory" in _category(o)])
     _vitals(d, body, [o for o in obs if "vital-signs" in _category(o)])
+    _social(d, body, [o for o in obs if "social-history" in _category(o)])
     if "missing_sections" not in flaws:
         _immunizations(d, body, by_type.get("Immunization", []))
         _procedures(d, body, by_type.get("Procedure", []))
@@ -575,6 +603,24 @@ def _results(d: _Doc, body: etree._Element, obs: list[dict[str, Any]]) -> None:
         d.time(org, "effectiveTime", items[0].get("effectiveDateTime") or day)
         for o in items:
             _observation(d, org, o, f"{T}.4.2", _row(tbody))
+
+
+def _social(d: _Doc, body: etree._Element, obs: list[dict[str, Any]]) -> None:
+    sec, tbody = _section(body, f"{T}.2.17", "29762-2", "Social History")
+    if not obs:
+        sec.set("nullFlavor", "NI")
+        return
+    for o in obs:
+        entry = _e(sec, "entry", typeCode="DRIV")
+        smoking = any(c.get("code") == "72166-2" for c in (o.get("code") or {}).get("coding", []))
+        ob = _e(entry, "observation", classCode="OBS", moodCode="EVN")
+        _tid(ob, f"{T}.4.78" if smoking else f"{T}.4.38", "2014-06-09" if smoking else "2015-08-01")
+        d.ii(ob, "900", o["id"])
+        row = _row(tbody)
+        d.cd(ob, "code", o.get("code"), narrative=row)
+        _e(ob, "statusCode", code="completed")
+        d.time(ob, "effectiveTime", o.get("effectiveDateTime"))
+        _obs_value(d, ob, o, row)
 
 
 def _vitals(d: _Doc, body: etree._Element, obs: list[dict[str, Any]]) -> None:

@@ -39,6 +39,8 @@ OID_TO_URI: dict[str, str] = {
     "2.16.840.1.113883.5.8": "http://terminology.hl7.org/CodeSystem/v3-ActReason",
     "2.16.840.1.113883.5.1063": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue",
     "2.16.840.1.113883.3.26.1.1": "http://ncithesaurus-stage.nci.nih.gov",
+    "2.16.840.1.113883.4.1": "http://hl7.org/fhir/sid/us-ssn",
+    "2.16.840.1.113883.4.6": "http://hl7.org/fhir/sid/us-npi",
 }
 
 

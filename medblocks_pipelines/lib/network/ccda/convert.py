@@ -52,6 +52,7 @@ SECTIONS: dict[str, tuple[frozenset[str], str]] = {
     "immunizations": (frozenset({f"{T}.2.2.1", f"{T}.2.2"}), "11369-6"),
     "procedures": (frozenset({f"{T}.2.7.1", f"{T}.2.7"}), "47519-4"),
     "encounters": (frozenset({f"{T}.2.22.1", f"{T}.2.22"}), "46240-8"),
+    "social": (frozenset({f"{T}.2.17"}), "29762-2"),
 }
 _BY_LOINC = {loinc: dom for dom, (_, loinc) in SECTIONS.items()}
 
@@ -303,6 +304,42 @@ class _Converter:
             gender = attr(person.find(q("administrativeGenderCode")), "code")
             g = {"M": "male", "F": "female", "UN": "other"}.get(gender or "")
             pat["gender"] = g or "unknown"
+            exts = []
+            for tag, url in (
+                ("raceCode", "http://hl7.org/fhir/us/core/StructureDefinition/us-core-race"),
+                (
+                    "ethnicGroupCode",
+                    "http://hl7.org/fhir/us/core/StructureDefinition/us-core-ethnicity",
+                ),
+            ):
+                codes = person.findall(q(tag)) + person.findall(f"{{urn:hl7-org:sdtc}}{tag}")
+                subs: list[dict[str, Any]] = []
+                for c in codes:
+                    if c.get("code") and c.get("codeSystem") == "2.16.840.1.113883.6.238":
+                        coding = {
+                            "system": "urn:oid:2.16.840.1.113883.6.238",
+                            "code": c.get("code"),
+                        }
+                        if c.get("displayName"):
+                            coding["display"] = c.get("displayName")
+                        # OMB categories sit in raceCode; detailed ones in sdtc:raceCode.
+                        kind = "ombCategory" if c.tag == q(tag) else "detailed"
+                        subs.append({"url": kind, "valueCoding": coding})
+                if subs:
+                    text = next(
+                        (
+                            s["valueCoding"].get("display")
+                            for s in subs
+                            if s["valueCoding"].get("display")
+                        ),
+                        subs[0]["valueCoding"]["code"],
+                    )
+                    # us-core-race/-ethnicity require the text sub-extension.
+                    exts.append(
+                        {"url": url, "extension": [*subs, {"url": "text", "valueString": text}]}
+                    )
+            if exts:
+                pat["extension"] = exts
             bt = attr(person.find(q("birthTime")), "value")
             if bt:
                 bd = ts_to_fhir(bt[:8], default_tz=None, flags=self.flags)
@@ -947,6 +984,15 @@ class _Converter:
         for _o, res in converted:
             if res is not None and id(res) not in skip:
                 self.result.resources.append(res)
+
+    # -- social history ---------------------------------------------------------------------------
+    def _do_social(self, stmt: etree._Element) -> None:
+        if stmt.tag != q("observation"):
+            self._quarantine(stmt, "unrecognised entry in social history section", None, "social")
+            return
+        res = self._observation(stmt, "social-history", "social")
+        if res is not None:
+            self.result.resources.append(res)
 
     # -- immunizations -----------------------------------------------------------------------------
     def _do_immunizations(self, sa: etree._Element) -> None:
