@@ -433,6 +433,8 @@ class ExportJob:
     client_id: str
     request_url: str
     kickoff_path: str
+    #: Absolute FHIR base the export was started under; status and file URLs hang off it.
+    fhir_base: str
     plan: ExportPlan
     transaction_time: datetime
     created: float
@@ -582,7 +584,9 @@ class BulkServer:
             job = self._start_job(request, token, plan)
         except FhirHttpError as exc:
             return outcome_response(exc.status, exc.code, str(exc), headers=exc.headers)
-        status_url = str(request.url_for("bulk_status", job_id=job.id))
+        # Built from the request rather than url_for: several orgs' apps mounted side by side
+        # share route names, and url_for would answer with the first org's prefix.
+        status_url = f"{job.fhir_base}/bulk-status/{job.id}"
         return JSONResponse(
             operation_outcome("informational", "export accepted", severity="information"),
             status_code=202,
@@ -838,6 +842,7 @@ class BulkServer:
                 client_id=token.client_id,
                 request_url=str(request.url),
                 kickoff_path=request.url.path,
+                fhir_base=_fhir_base(request, plan),
                 plan=plan,
                 transaction_time=self.source.now(),
                 created=now,
@@ -1039,7 +1044,7 @@ class BulkServer:
         def item(f: OutputFile) -> dict[str, Any]:
             entry: dict[str, Any] = {
                 "type": f.type,
-                "url": str(request.url_for("bulk_file", job_id=job.id, name=f.name)),
+                "url": f"{job.fhir_base}/bulk-files/{job.id}/{f.name}",
             }
             if f.kind == "output":
                 entry["count"] = max(0, f.count + job.count_delta)
@@ -1128,6 +1133,15 @@ class BulkServer:
 # ---------------------------------------------------------------------------------------------
 class _Cancelled(Exception):
     """The export was deleted while running."""
+
+
+def _fhir_base(request: Request, plan: ExportPlan) -> str:
+    """The absolute FHIR base of a kick-off request (its URL minus the operation path)."""
+    suffix = {SYSTEM: "/$export", PATIENT: "/Patient/$export"}.get(
+        plan.level, f"/Group/{plan.group_id}/$export")
+    path = request.url.path
+    base_path = path[: -len(suffix)] if path.endswith(suffix) else path.rsplit("/$export", 1)[0]
+    return str(request.url.replace(path=base_path, query="")).rstrip("/")
 
 
 def _dumps(resource: dict[str, Any]) -> str:

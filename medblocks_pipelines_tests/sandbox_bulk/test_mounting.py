@@ -1,0 +1,44 @@
+"""Several organizations' bulk servers mounted side by side in one app (as run.py does): each
+export's polling and file URLs stay under its own organization's FHIR base."""
+
+from pathlib import Path
+
+import httpx
+from starlette.applications import Starlette
+from starlette.routing import Mount
+
+from medblocks_pipelines.sandbox.bulk import BulkConfig, BulkServer, StaticTokens, create_bulk_app
+from medblocks_pipelines.sandbox.fhir_store import FhirStore
+
+from .conftest import KICKOFF_HEADERS, population, serve
+
+
+def test_urls_keep_each_org_prefix(tmp_path: Path) -> None:
+    tokens = StaticTokens()
+    servers = {
+        org: BulkServer(FhirStore(population()), authenticator=tokens,
+                        config=BulkConfig(export_seconds=0.0), work_dir=tmp_path / org)
+        for org in ("org-a", "org-b")
+    }
+    app = Starlette(routes=[
+        Mount(f"/{org}/fhir", app=create_bulk_app(server)) for org, server in servers.items()
+    ])
+    auth = {"Authorization": f"Bearer {tokens.issue('c', ['system/*.read'])}"}
+    try:
+        with serve(app) as base:
+            for org in ("org-b", "org-a"):
+                fhir = f"{base}/{org}/fhir"
+                kick = httpx.get(fhir + "/Group/g1/$export", headers={**KICKOFF_HEADERS, **auth})
+                assert kick.status_code == 202
+                location = kick.headers["content-location"]
+                assert location.startswith(fhir + "/bulk-status/")
+                status = httpx.get(location, headers=auth)
+                while status.status_code == 202:
+                    status = httpx.get(location, headers=auth)
+                manifest = status.json()
+                assert manifest["request"] == fhir + "/Group/g1/$export"
+                assert all(o["url"].startswith(fhir + "/bulk-files/") for o in manifest["output"])
+                assert httpx.get(manifest["output"][0]["url"], headers=auth).status_code == 200
+    finally:
+        for server in servers.values():
+            server.close()
