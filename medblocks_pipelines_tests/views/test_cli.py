@@ -54,7 +54,7 @@ def test_list_show_compile_dictionary(tmp_path: Path, monkeypatch: pytest.Monkey
     f.write_text(json.dumps({"resource": "Patient", "select": [
         {"column": [{"name": "g", "path": "gender"}]}]}))
     bare = runner.invoke(views, ["compile", str(f), "--no-provenance", "--table", "t"])
-    assert bare.exit_code == 0 and "FROM t WHERE" in bare.output and '"tenant"' not in bare.output
+    assert bare.exit_code == 0 and "FROM t AS __mb_t WHERE" in bare.output and '"tenant"' not in bare.output
     dictionary = runner.invoke(views, ["dictionary"])
     assert dictionary.exit_code == 0 and "## `coverage`" in dictionary.output
 
