@@ -528,10 +528,12 @@ class BulkServer:
 
     def storage_app(self) -> Starlette:
         """The presigned-URL file host (another origin) used by ``presigned_redirects``."""
-        return Starlette(routes=[
-            Route("/presigned/{job_id}/{name}", self._presigned, methods=["GET"],
-                  name="presigned_file"),
-        ])
+        return presigned_storage_app([self])
+
+    def has_job(self, job_id: str) -> bool:
+        """Whether this server knows an export with this id."""
+        with self._lock:
+            return job_id in self._jobs
 
     def close(self) -> None:
         """Cancel running exports and remove the work directory if this server made it."""
@@ -1283,6 +1285,27 @@ def _s3_error(status: int, code: str, message: str) -> Response:
         f"<Error><Code>{code}</Code><Message>{message}</Message></Error>"
     )
     return Response(body, status_code=status, media_type="application/xml")
+
+
+def presigned_storage_app(servers: list[BulkServer]) -> Starlette:
+    """One presigned-file host for several bulk servers (e.g. every Oracle-like org).
+
+    Serve it on its own port (another origin) and set each server's ``storage_base_url`` to its
+    URL. The list is read per request, so servers can be appended after the app is built.
+    """
+
+    async def presigned(request: Request) -> Response:
+        job_id = request.path_params["job_id"]
+        owner = next((s for s in servers if s.has_job(job_id)), None)
+        if owner is None and servers:
+            owner = servers[0]  # it still answers 400/403/404 in the right order
+        if owner is None:
+            return _s3_error(404, "NoSuchKey", "The specified key does not exist.")
+        return await owner._presigned(request)
+
+    return Starlette(routes=[
+        Route("/presigned/{job_id}/{name}", presigned, methods=["GET"], name="presigned_file"),
+    ])
 
 
 def create_bulk_app(

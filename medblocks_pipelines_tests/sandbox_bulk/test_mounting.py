@@ -42,3 +42,42 @@ def test_urls_keep_each_org_prefix(tmp_path: Path) -> None:
     finally:
         for server in servers.values():
             server.close()
+
+
+def test_one_presigned_storage_for_several_oracle_orgs(tmp_path: Path) -> None:
+    from medblocks_pipelines.sandbox.bulk import presigned_storage_app
+
+    tokens = StaticTokens()
+    servers = [
+        BulkServer(FhirStore(population()), authenticator=tokens, profile="oracle",
+                   config=BulkConfig(export_seconds=0.0), work_dir=tmp_path / str(n))
+        for n in range(2)
+    ]
+    app = Starlette(routes=[
+        Mount(f"/org{n}/fhir", app=create_bulk_app(server)) for n, server in enumerate(servers)
+    ])
+    auth = {"Authorization": f"Bearer {tokens.issue('c', ['system/*.read'])}"}
+    try:
+        with serve(app) as base, serve(presigned_storage_app(servers)) as storage:
+            for server in servers:
+                server.storage_base_url = storage
+            bodies = []
+            for n in (1, 0):
+                kick = httpx.get(f"{base}/org{n}/fhir/Group/g1/$export",
+                                 params={"_type": "Patient"}, headers={**KICKOFF_HEADERS, **auth})
+                status = httpx.get(kick.headers["content-location"], headers=auth)
+                while status.status_code == 202:
+                    status = httpx.get(kick.headers["content-location"], headers=auth)
+                url = status.json()["output"][0]["url"]
+                redirect = httpx.get(url, headers=auth)
+                assert redirect.status_code == 307
+                assert redirect.headers["location"].startswith(storage + "/presigned/")
+                fetched = httpx.get(redirect.headers["location"])
+                assert fetched.status_code == 200
+                bodies.append(fetched.text)
+            assert bodies[0] == bodies[1] and bodies[0].count("\n") == 2
+            assert httpx.get(storage + "/presigned/nope/x.ndjson?X-Expires=1&X-Signature=a",
+                             headers=auth).status_code == 400
+    finally:
+        for server in servers:
+            server.close()
