@@ -101,3 +101,69 @@ def test_bad_arguments_raise(tmp_path: Path) -> None:
         stream_bulk_ndjson(tmp_path, resources=-1, seed=1)
     with pytest.raises(GeneratorError):
         stream_bulk_ndjson(tmp_path, resources=10, seed=1, files_per_type=0)
+
+
+def test_per_org_layout_with_identity_truth(tmp_path: Path) -> None:
+    import csv
+
+    stats = stream_bulk_ndjson(tmp_path, resources=25000, seed=3, per_org=True, truth=True)
+    assert all("/" in name for name in stats["files"])
+    patients: dict[tuple[str, str], dict] = {}
+    for path in tmp_path.glob("*/Patient.ndjson"):
+        with path.open() as f:
+            for line in f:
+                p = json.loads(line)
+                patients[(path.parent.name, p["id"])] = p
+    with (tmp_path / "truth" / "identity.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    # exactly one truth row per emitted patient, and every row names an emitted patient
+    assert {(r["org_id"], r["source_patient_id"]) for r in rows} == set(patients)
+    assert len(rows) == len(patients) == stats["by_type"]["Patient"]
+    by_person: dict[str, list[dict]] = {}
+    for r in rows:
+        by_person.setdefault(r["person_id"], []).append(
+            patients[(r["org_id"], r["source_patient_id"])]
+        )
+    linked = [ps for ps in by_person.values() if len(ps) > 1]
+    assert len(linked) > len(by_person) * 0.4
+    ssn_owner: dict[str, str] = {}
+    for person, ps in by_person.items():
+        # a copied person keeps one birth date across orgs except for injected errors
+        assert len({p["birthDate"] for p in ps}) <= 2
+        for p in ps:
+            for ident in p["identifier"]:
+                if ident["system"] == "http://hl7.org/fhir/sid/us-ssn":
+                    digits = ident["value"].replace("-", "")
+                    assert ssn_owner.setdefault(digits, person) == person
+    # copies of one sample family are different families: names, MRNs and SSNs are not reused
+    mrns = Counter(
+        (org, i["value"])
+        for (org, _), p in patients.items()
+        for i in p["identifier"]
+        if i["type"]["coding"][0]["code"] in ("MR", "MB")
+    )
+    assert max(mrns.values()) == 1
+    families = Counter(p["name"][0]["family"] for p in patients.values())
+    assert len(families) > 40
+
+
+def test_records_of_a_copied_person_share_the_new_family_name(tmp_path: Path) -> None:
+    import csv
+
+    stream_bulk_ndjson(tmp_path, resources=15000, seed=8, per_org=True, truth=True)
+    patients = {}
+    for path in tmp_path.glob("*/Patient.ndjson"):
+        with path.open() as f:
+            for line in f:
+                p = json.loads(line)
+                patients[(path.parent.name, p["id"])] = p
+    with (tmp_path / "truth" / "identity.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    by_person: dict[str, set[str]] = {}
+    for r in rows:
+        p = patients[(r["org_id"], r["source_patient_id"])]
+        by_person.setdefault(r["person_id"], set()).update(n["family"] for n in p["name"])
+    # usually one family name per person (two with a maiden name or a misspelling)
+    single = sum(1 for names in by_person.values() if len(names) == 1)
+    assert single > len(by_person) * 0.6
+    assert all(len(names) <= 3 for names in by_person.values())
