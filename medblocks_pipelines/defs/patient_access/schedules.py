@@ -32,7 +32,7 @@ def patient_access_due_schedule(
         (c["tenant_id"], c["source_id"])
         for c in cp.list_connections(pattern=PATTERN, state="active")
     })
-    stamp = (context.scheduled_execution_time or now).strftime("%Y%m%dT%H%M")
+    stamp = now.strftime("%Y%m%dT%H%M%S")
     requests = []
     for tenant, source in pairs:
         due = due_connections(cp, tenant_id=tenant, source_id=source, now=now)
