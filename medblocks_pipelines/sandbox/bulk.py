@@ -406,10 +406,7 @@ class ExportPlan:
         type may no longer have any live resource)."""
         if self.type_given:
             return resource_type in self.types
-        if self.level != SYSTEM and not (
-            resource_type in PATIENT_COMPARTMENT or resource_type in SHARED_TYPES
-            or resource_type == "Patient"
-        ):
+        if self.level != SYSTEM and not _patient_level_type(resource_type):
             return False
         return can_read(self.scopes, resource_type)
 
@@ -714,11 +711,18 @@ class BulkServer:
             if denied:
                 raise FhirHttpError(403, "forbidden", f"no read scope for {denied[0]}")
             types = requested
+            if level != SYSTEM:
+                # A patient-level export holds the patients' compartments and the shared
+                # resources they reference; other types have nothing to give.
+                outside = [t for t in types if not _patient_level_type(t)]
+                types = [t for t in types if _patient_level_type(t)]
+                issues.extend(operation_outcome(
+                    "not-supported", f"{t} is outside the patient compartment",
+                    severity="information") for t in outside)
         else:
             available = self._all_types()
             if level != SYSTEM:
-                available = [t for t in available
-                             if t in PATIENT_COMPARTMENT or t in SHARED_TYPES or t == "Patient"]
+                available = [t for t in available if _patient_level_type(t)]
             types = []
             for t in available:
                 if can_read(token.scopes, t):
@@ -745,7 +749,9 @@ class BulkServer:
         if "patient" in grouped:
             assert patient_ids is not None
             asked = set(grouped["patient"])
-            unknown = sorted(asked - patient_ids)
+            known = patient_ids if level == PATIENT else {
+                r["id"] for r in self.source.iter_type("Patient") if "id" in r}
+            unknown = sorted(asked - known)
             if unknown:
                 if not lenient:
                     raise FhirHttpError(400, "not-found", "a requested patient is not known here")
@@ -1144,6 +1150,12 @@ def _fhir_base(request: Request, plan: ExportPlan) -> str:
     path = request.url.path
     base_path = path[: -len(suffix)] if path.endswith(suffix) else path.rsplit("/$export", 1)[0]
     return str(request.url.replace(path=base_path, query="")).rstrip("/")
+
+
+def _patient_level_type(resource_type: str) -> bool:
+    """Types a Patient or Group export can hold: compartment types and shared references."""
+    return (resource_type == "Patient" or resource_type in PATIENT_COMPARTMENT
+            or resource_type in SHARED_TYPES)
 
 
 def _dumps(resource: dict[str, Any]) -> str:

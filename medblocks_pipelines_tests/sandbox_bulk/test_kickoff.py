@@ -183,3 +183,27 @@ def test_since_filters_on_last_updated(env: BulkEnv) -> None:
         "Observation": ["p1-bp"], "Condition": ["new"]}
     tt = datetime.fromisoformat(manifest["transactionTime"].replace("Z", "+00:00"))
     assert tt >= cut
+
+
+def test_patient_level_type_outside_compartment_gives_nothing(env: BulkEnv) -> None:
+    manifest = env.export("/Patient/$export", params={"_type": "Group,Patient"})
+    assert [o["type"] for o in manifest["output"]] == ["Patient"]
+    outcome = env.all_of(manifest, "error")["OperationOutcome"][0]["issue"][0]
+    assert outcome["severity"] == "information" and "Group" in outcome["diagnostics"]
+
+
+def test_group_patient_param_non_member_excluded_unknown_refused(env: BulkEnv) -> None:
+    headers = {**KICKOFF_HEADERS, **env.auth()}
+
+    def body(*ids: str) -> dict:
+        return {"resourceType": "Parameters", "parameter": [
+            {"name": "_type", "valueString": "Patient"},
+            *({"name": "patient", "valueReference": {"reference": f"Patient/{i}"}}
+              for i in ids)]}
+
+    # p3 exists but is not in g1: it is not exported.
+    ok = httpx.post(env.base + "/Group/g1/$export", json=body("p2", "p3"), headers=headers)
+    manifest = env.wait(ok.headers["content-location"]).json()
+    assert [p["id"] for p in env.all_of(manifest)["Patient"]] == ["p2"]
+    unknown = httpx.post(env.base + "/Group/g1/$export", json=body("ghost"), headers=headers)
+    assert unknown.status_code == 400
