@@ -167,3 +167,30 @@ def test_records_of_a_copied_person_share_the_new_family_name(tmp_path: Path) ->
     single = sum(1 for names in by_person.values() if len(names) == 1)
     assert single > len(by_person) * 0.6
     assert all(len(names) <= 3 for names in by_person.values())
+
+
+def test_fact_truth_of_the_scale_path_points_at_emitted_resources(tmp_path: Path) -> None:
+    import csv
+
+    stream_bulk_ndjson(tmp_path, resources=12345, seed=9, per_org=True, truth=True)
+    emitted: set[tuple[str, str, str]] = set()
+    for path in tmp_path.glob("*/*.ndjson"):
+        with path.open() as f:
+            for line in f:
+                r = json.loads(line)
+                emitted.add((path.parent.name, r["resourceType"], r["id"]))
+    with (tmp_path / "truth" / "facts.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) > 1000
+    for r in rows:
+        assert (r["org_id"], r["resource_type"], r["resource_id"]) in emitted
+    # a copied problem-list condition is still seen at several sources (EHR + claims ...)
+    places: dict[str, set[str]] = {}
+    for r in rows:
+        if "/cond/" in r["fact_id"]:
+            places.setdefault(r["fact_id"], set()).add(r["org_id"])
+    assert any(len(v) >= 2 for v in places.values())
+    # fact ids carry the copied person id, which the identity truth knows
+    with (tmp_path / "truth" / "identity.csv").open() as f:
+        persons = {row["person_id"] for row in csv.DictReader(f)}
+    assert {r["fact_id"].split("/")[0] for r in rows} <= persons

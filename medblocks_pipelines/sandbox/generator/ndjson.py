@@ -125,6 +125,8 @@ class _Block:
         self.orgs: list[str] = [org for org, _ in resources]
         self.types: list[str] = [r["resourceType"] for _, r in resources]
         self.sources = sources  # (org, patient id, person id); Patients lead the block in order
+        # fact ledger rows of this block: (resource index, person id, fact path, org, type, id)
+        self.facts: list[tuple[int, str, str, str, str, str]] = []
         self.true_names = true_names
         ids = {r["id"] for _, r in resources}
         self.id_slots: list[tuple[str, str]] = []
@@ -237,6 +239,10 @@ def _blocks(pop: Population, org_ids: list[str]) -> tuple[list[tuple[str, Resour
             if r["resourceType"] == "Patient":
                 sources.setdefault(fam, []).append((org_id, r["id"], person_of[(org_id, subj)]))
     persons = {p.person_id: p for p in pop.persons}
+    facts_by_family: dict[str, list[tuple[str, str, str, str]]] = {}
+    for row in pop.fact_truth:
+        if row[1] in org_ids:
+            facts_by_family.setdefault(family_of[row[0].partition("/")[0]], []).append(row)
     mrn_systems = tuple(sorted(o.mrn_system for o in pop.organizations if o.id in org_ids))
     blocks = []
     for fam, res in families.items():
@@ -248,7 +254,13 @@ def _blocks(pop: Population, org_ids: list[str]) -> tuple[list[tuple[str, Resour
             for n in (p.family, p.maiden_name):
                 if n and n not in true_names:
                     true_names.append(n)
-        blocks.append(_Block(res, sources.get(fam, []), true_names, list(mrn_systems)))
+        block = _Block(res, sources.get(fam, []), true_names, list(mrn_systems))
+        position = {(org, r["resourceType"], r["id"]): i for i, (org, r) in enumerate(res)}
+        for fact, org, rtype, rid in facts_by_family.get(fam, []):
+            person, _, path = fact.partition("/")
+            block.facts.append((position[(org, rtype, rid)], person, path, org, rtype, rid))
+        block.facts.sort()
+        blocks.append(block)
     return shared, blocks
 
 
@@ -288,7 +300,8 @@ def stream_bulk_ndjson(
 
     Files are `<Type>.ndjson`, or `<Type>.<nnn>.ndjson` with several files per type (family
     copies go round-robin over them); `per_org` puts them under `<out>/<org>/`. `truth` also
-    writes `<out>/truth/identity.csv` (org_id, source_patient_id, person_id). Memory stays
+    writes `<out>/truth/identity.csv` (org_id, source_patient_id, person_id) and
+    `<out>/truth/facts.csv` (fact_id, org_id, resource_type, resource_id). Memory stays
     bounded by the sample and `buffer_bytes` (all buffers together). Returns stats: resources,
     bytes, seconds, patients (family copies), by_type, files.
     """
@@ -341,8 +354,10 @@ def stream_bulk_ndjson(
         pending = 0
 
     truth_buf = buffer("truth/identity.csv") if truth else None
-    if truth_buf is not None:
+    facts_buf = buffer("truth/facts.csv") if truth else None
+    if truth_buf is not None and facts_buf is not None:
         truth_buf.append("org_id,source_patient_id,person_id\n")
+        facts_buf.append("fact_id,org_id,resource_type,resource_id\n")
     # per block and file number: the buffers its resources go to, resolved once
     routes: dict[tuple[int, int], list[list[str]]] = {}
     written = 0
@@ -423,6 +438,11 @@ def stream_bulk_ndjson(
             if truth_buf is not None:
                 for org, pid, person in block.sources[:n_emit]:
                     truth_buf.append(f"{org},{pid}{suffix},{person}{suffix}\n")
+            if facts_buf is not None:
+                for idx, person, path, org, rtype, rid in block.facts:
+                    if idx >= n_emit:
+                        break
+                    facts_buf.append(f"{person}{suffix}/{path},{org},{rtype},{rid}{suffix}\n")
             written += n_emit
             copy += 1
             if pending >= buffer_bytes:
