@@ -50,6 +50,13 @@ ASSERTION_ALGS = ("RS384", "ES384")
 _TEMPLATES = Path(__file__).with_name("templates")
 _VERIFIER_RE = re.compile(r"^[A-Za-z0-9\-._~]{43,128}$")
 _NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+# Login and consent pages must not be framed (clickjacking a consent is the classic attack).
+_PAGE_HEADERS = {
+    **_NO_STORE,
+    "X-Frame-Options": "DENY",
+    "Content-Security-Policy": "frame-ancestors 'none'",
+    "Referrer-Policy": "no-referrer",
+}
 
 # Scopes that are not resource scopes but that the server understands (SPECS §1.5).
 CONTEXT_SCOPES = frozenset(
@@ -907,7 +914,7 @@ class AuthServer:
             action=html.escape(f"{self.auth_base}/login"),
             request_id=html.escape(pending.request_id),
         )
-        return HTMLResponse(page, status_code=status, headers=_NO_STORE)
+        return HTMLResponse(page, status_code=status, headers=_PAGE_HEADERS)
 
     def _consent_page(self, pending: _Pending) -> Response:
         if pending.consent_token is None:
@@ -939,7 +946,7 @@ class AuthServer:
             request_id=html.escape(pending.request_id),
             consent_token=html.escape(pending.consent_token),
         )
-        return HTMLResponse(page, headers=_NO_STORE)
+        return HTMLResponse(page, headers=_PAGE_HEADERS)
 
     # -- token endpoint ------------------------------------------------------------------------
     async def _token(self, request: Request) -> Response:
@@ -1466,7 +1473,7 @@ def _error_page(error: str, description: str, status: int = 400) -> Response:
     page = Template((_TEMPLATES / "error.html").read_text()).substitute(
         error=html.escape(error), description=html.escape(description)
     )
-    return HTMLResponse(page, status_code=status, headers=_NO_STORE)
+    return HTMLResponse(page, status_code=status, headers=_PAGE_HEADERS)
 
 
 def _oauth_error(exc: OAuthProtocolError) -> Response:

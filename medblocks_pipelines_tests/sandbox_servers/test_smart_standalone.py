@@ -58,6 +58,8 @@ def test_full_standalone_launch_through_consent_page(ehr: Server) -> None:
     consent_page = login(ehr, page, "alice", "alice-pw-123")
     assert consent_page.status_code == 200
     assert "Alice Smith" in consent_page.text
+    assert consent_page.headers["x-frame-options"] == "DENY"
+    assert consent_page.headers["cache-control"] == "no-store"
     params = redirect_params(consent(ehr, consent_page))
     assert params["state"] == req.state and "code" in params
     resp = exchange(ehr, req, params["code"])
