@@ -23,6 +23,7 @@ export (the large-benchmark path).
 """
 
 import contextlib
+import dataclasses
 import functools
 import gzip
 import hashlib
@@ -1320,13 +1321,72 @@ def presigned_storage_app(servers: list[BulkServer]) -> Starlette:
     ])
 
 
+def bulk_admin_routes(
+    server: BulkServer, *, prefix: str = "/_sandbox/bulk", admin_token: str | None = None
+) -> list[BaseRoute]:
+    """Admin API of a bulk server: ``GET`` shows its profile, config and jobs; ``PATCH`` (or
+    ``POST``) with a JSON object changes :class:`BulkConfig` fields (e.g. ``export_seconds``).
+    With ``admin_token`` set, calls need the ``X-Sandbox-Admin`` header to match it.
+    """
+    fields = {f.name: f.type for f in dataclasses.fields(BulkConfig)}
+
+    async def handler(request: Request) -> Response:
+        if admin_token is not None and request.headers.get("x-sandbox-admin") != admin_token:
+            return JSONResponse({"error": "forbidden"}, status_code=403)
+        if request.method in ("PATCH", "POST"):
+            try:
+                changes = json.loads(await request.body())
+                if not isinstance(changes, dict):
+                    raise ValueError("a JSON object of config fields")
+                updates = {}
+                for name, value in changes.items():
+                    if name not in fields:
+                        raise ValueError(f"unknown config field {name}")
+                    updates[name] = _coerce(name, value, getattr(server.config, name))
+            except (ValueError, TypeError) as exc:
+                return JSONResponse({"error": "invalid_config", "detail": str(exc)},
+                                    status_code=400)
+            for name, value in updates.items():
+                setattr(server.config, name, value)
+        return JSONResponse({
+            "profile": server.profile.name,
+            "config": dataclasses.asdict(server.config),
+            "jobs": [
+                {"id": j.id, "client_id": j.client_id, "status": j.status, "level": j.plan.level,
+                 "files": len(j.files), "resources": sum(f.count for f in j.files
+                                                          if f.kind == "output")}
+                for j in server.jobs()
+            ],
+        })
+
+    return [Route(prefix, handler, methods=["GET", "PATCH", "POST"], name="sandbox_bulk")]
+
+
+def _coerce(name: str, value: Any, current: Any) -> Any:
+    """Check an admin config value against the field's current type."""
+    if value is None and name == "cancel_after_early_polls":
+        return None
+    if isinstance(current, bool) or name == "enforce_retry_after":
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be true or false")
+        return value
+    if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{name} must be a non-negative number")
+    if name in ("export_seconds", "file_ttl"):
+        return float(value)
+    if int(value) != value:
+        raise ValueError(f"{name} must be a whole number")
+    return int(value)
+
+
 def create_bulk_app(
     server: BulkServer,
     *,
     client_resolver: Callable[[str], str | None] | None = None,
     admin_token: str | None = None,
 ) -> Starlette:
-    """A standalone bulk app: the bulk routes, the fault admin API and the fault middleware."""
+    """A standalone bulk app: the bulk routes, the fault and bulk admin APIs (under
+    ``/_sandbox``) and the fault middleware."""
     resolver = client_resolver
     if resolver is None:
         resolver = (
@@ -1337,6 +1397,10 @@ def create_bulk_app(
     if isinstance(server.authenticator, StaticTokens) and server.faults.on_token_expired is None:
         server.faults.on_token_expired = server.authenticator.expire
     return Starlette(
-        routes=[*fault_admin_routes(server.faults, admin_token=admin_token), *server.routes()],
+        routes=[
+            *fault_admin_routes(server.faults, admin_token=admin_token),
+            *bulk_admin_routes(server, admin_token=admin_token),
+            *server.routes(),
+        ],
         middleware=[Middleware(FaultMiddleware, faults=server.faults, client_resolver=resolver)],
     )

@@ -278,3 +278,19 @@ def test_unknown_patient_in_post_is_refused_unless_lenient(env: BulkEnv) -> None
     assert [p["id"] for p in env.all_of(manifest)["Patient"]] == ["p1"]
     issues = env.all_of(manifest, "error")["OperationOutcome"]
     assert issues[0]["issue"][0]["code"] == "not-found"
+
+
+def test_bulk_admin_api(env: BulkEnv) -> None:
+    admin = env.base + "/_sandbox/bulk"
+    changed = httpx.patch(admin, json={"export_seconds": 30, "retry_after": 7})
+    assert changed.status_code == 200
+    assert changed.json()["config"]["export_seconds"] == 30.0
+    location = env.kickoff().headers["content-location"]
+    status = httpx.get(location, headers=env.auth())
+    assert status.status_code == 202 and status.headers["retry-after"] == "7"
+    jobs = httpx.get(admin).json()["jobs"]
+    assert [(j["client_id"], j["status"]) for j in jobs] == [("client-a", "in-progress")]
+    for bad in ({"export_seconds": -1}, {"nope": 1}, {"enforce_retry_after": 1},
+                {"max_lines_per_file": 2.5}, [1]):
+        assert httpx.patch(admin, json=bad).status_code == 400
+    assert env.server.config.retry_after == 7
