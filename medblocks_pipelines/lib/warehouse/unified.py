@@ -21,9 +21,14 @@ result          same LOINC concept, same effective day, same value (numbers roun
                 the coded/text value); social-history observations (smoking status) are states:
                 same concept and value, whatever the dates
 report          same LOINC panel concept, same effective day
-encounter       same start day (a claim's billable period start counts as the start)
+encounter       same type concept (a claim's first line, the E/M service, against the type codes) and
+                same start day (a claim's billable period start counts as the start)
 procedure       same concept, performed/service dates within 1 day
 ==============  ==========================================================================================
+
+Events (everything but problem-list conditions, allergies, social history and active orders) also
+obey: one source never states one event twice, so two same-day events at one source are two facts; the
+k-th event of a source on that day (by time) pairs with the k-th of the others.
 
 A *concept* is a connected set of codes: two codings in one CodeableConcept (SNOMED CT and ICD-10-CM on
 a Condition, SNOMED CT and CPT on a Procedure, RxNorm product and ingredient on an order) are the same
@@ -216,7 +221,11 @@ MENTION_SQL: dict[str, str] = {
                try_cast(json_extract_string(r.resource, '$.valueQuantity.value') AS DOUBLE),
                coalesce(j.valueQuantity.code, j.valueQuantity.unit),
                coalesce(j.valueCodeableConcept.coding[1].code, j.valueString,
-                        j.valueCodeableConcept.text),
+                        j.valueCodeableConcept.text,
+                        -- panels (blood pressure) carry their values in components
+                        nullif(array_to_string(list_transform(j.component, lambda c:
+                            c.code.coding[1].code || '=' || coalesce(c.valueQuantity.value, '')),
+                            ';'), '')),
                j.status,
                -- social history (smoking status...) states a condition of the person, not an event
                j.category[1].coding[1].code = 'social-history',
@@ -225,7 +234,8 @@ MENTION_SQL: dict[str, str] = {
               "category":[{_CC}],"effectiveDateTime":"VARCHAR","effectivePeriod":{{"start":"VARCHAR"}},
               "effectiveInstant":"VARCHAR","issued":"VARCHAR",
               "valueQuantity":{{"unit":"VARCHAR","code":"VARCHAR"}},
-              "valueCodeableConcept":{_CC},"valueString":"VARCHAR","status":"VARCHAR"}}') AS j
+              "valueCodeableConcept":{_CC},"valueString":"VARCHAR","status":"VARCHAR",
+              "component":[{{"code":{_CC},"valueQuantity":{{"value":"VARCHAR"}}}}]}}') AS j
               FROM {{table}} WHERE resource_type = 'Observation') r
     """,
     "report": f"""
@@ -470,9 +480,9 @@ def match_facts(mentions: pl.DataFrame, person_of: pl.DataFrame) -> pl.DataFrame
         .agg(pl.col("concept").drop_nulls().min())
     )
     m = m.join(concept_of, on="mention_id", how="left").with_columns(
-        # encounters match on person and day, whatever each source coded their type with
-        concept=pl.when(pl.col("kind") == "encounter")
-        .then(pl.lit("encounter"))
+        # an encounter without a type code can still meet one on the same day
+        concept=pl.when((pl.col("kind") == "encounter") & pl.col("concept").is_null())
+        .then(pl.lit("encounter#uncoded"))
         .otherwise(pl.col("concept").fill_null("uncoded:" + pl.col("mention_id"))),
         value_key=pl.when(pl.col("kind") == "result")
         .then(
@@ -513,11 +523,23 @@ def match_facts(mentions: pl.DataFrame, person_of: pl.DataFrame) -> pl.DataFrame
     ordered = ordered.with_columns(
         cluster_no=new_cluster.fill_null(False).cast(pl.Int32).cum_sum().over(group_cols)
     )
-    first = (
-        ordered.group_by([*group_cols, "cluster_no"])
-        .agg(first_mention=pl.col("mention_id").min())
+    # A source never states one event twice: two same-day events of one kind at one source (two
+    # visits, two blood draws) are two facts. Within a cluster the k-th event of each source (by
+    # time) pairs with the k-th of the others; states (problems, allergies, active orders) are exempt.
+    cluster_cols = [*group_cols, "cluster_no"]
+    ordered = ordered.with_columns(
+        occurrence=pl.when(pl.col("chronic_group"))
+        .then(pl.lit(0, dtype=pl.UInt32))
+        .otherwise(
+            pl.col("date_str")
+            .rank("ordinal")
+            .over([*cluster_cols, "source", "is_claim"], order_by="mention_id")
+            .cast(pl.UInt32)
+        )
     )
-    ordered = ordered.join(first, on=[*group_cols, "cluster_no"]).with_columns(
+    cluster_cols = [*cluster_cols, "occurrence"]
+    first = ordered.group_by(cluster_cols).agg(first_mention=pl.col("mention_id").min())
+    ordered = ordered.join(first, on=cluster_cols).with_columns(
         fact_id=pl.struct("kind", "first_mention").map_batches(
             lambda s: pl.Series(
                 [_fact_id(r["kind"], r["first_mention"]) for r in s.to_list()], dtype=pl.String
