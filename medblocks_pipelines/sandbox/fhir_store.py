@@ -610,6 +610,9 @@ class FhirStore:
         self._data: dict[str, dict[str, _Entry]] = {}
         self._by_patient: dict[str, set[tuple[str, str]]] = {}
         self._members: dict[tuple[str, str], frozenset[str]] = {}
+        # Binary id -> {DocumentReference key: its patients}, and the reverse.
+        self._binary_docs: dict[str, dict[tuple[str, str], frozenset[str]]] = {}
+        self._doc_binaries: dict[tuple[str, str], set[str]] = {}
         self._last_now = datetime(1970, 1, 1, tzinfo=UTC)
         self.put_many(resources)
 
@@ -678,36 +681,58 @@ class FhirStore:
 
     def _index(self, rtype: str, rid: str, resource: Resource | None) -> None:
         key = (rtype, rid)
+        self._set_members(
+            key, None if resource is None else self._compartment_patients(rtype, rid, resource)
+        )
+        if rtype != "DocumentReference":
+            return
+        # A Binary behind a document belongs to the document's patients (second fetch, same
+        # token: SPECS §1.11), whichever of the two was stored first.
+        touched = self._doc_binaries.pop(key, set())
+        for bid in touched:
+            self._binary_docs.get(bid, {}).pop(key, None)
+        if resource is not None:
+            members = self._members.get(key, frozenset())
+            bids = {
+                bkey[1]
+                for value in element_values(resource, "content.attachment.url")
+                if isinstance(value, str)
+                and (bkey := reference_key(value)) is not None
+                and bkey[0] == "Binary"
+            }
+            for bid in bids:
+                self._binary_docs.setdefault(bid, {})[key] = members
+            self._doc_binaries[key] = bids
+            touched |= bids
+        for bid in touched:
+            binary = self.get("Binary", bid)
+            if binary is not None:
+                self._set_members(
+                    ("Binary", bid), self._compartment_patients("Binary", bid, binary)
+                )
+
+    def _set_members(self, key: tuple[str, str], members: frozenset[str] | None) -> None:
         for pid in self._members.pop(key, frozenset()):
             self._by_patient.get(pid, set()).discard(key)
-        if resource is None:
+        if members is None:
             return
-        members = self._compartment_patients(rtype, rid, resource)
         self._members[key] = members
         for pid in members:
             self._by_patient.setdefault(pid, set()).add(key)
-        if rtype == "DocumentReference":
-            # A Binary behind a document belongs to the document's patients (second fetch,
-            # same token: SPECS §1.11).
-            for value in element_values(resource, "content.attachment.url"):
-                bkey = reference_key(value) if isinstance(value, str) else None
-                if bkey and bkey[0] == "Binary":
-                    extra = self._members.get(bkey, frozenset()) | members
-                    self._members[bkey] = extra
-                    for pid in members:
-                        self._by_patient.setdefault(pid, set()).add(bkey)
 
     def _compartment_patients(self, rtype: str, rid: str, resource: Resource) -> frozenset[str]:
         if rtype == "Patient":
             return frozenset({rid})
         if rtype == "Binary":
+            found: set[str] = set()
+            for members in self._binary_docs.get(rid, {}).values():
+                found |= members
             ctx = resource.get("securityContext")
             key = (
                 reference_key(ctx["reference"])
                 if isinstance(ctx, dict) and isinstance(ctx.get("reference"), str)
                 else None
             )
-            found = set(self._members.get(("Binary", rid), frozenset()))
             if key:
                 found |= self._members.get(key, frozenset()) if key[0] != "Patient" else {key[1]}
             return frozenset(found)
@@ -793,12 +818,7 @@ class FhirStore:
     def patients_in(self, resource: Resource) -> frozenset[str]:
         """Patients whose compartment a resource's content puts it in (any version, deleted too)."""
         with self._lock:
-            rtype, rid = resource["resourceType"], resource["id"]
-            if rtype == "Binary":
-                return self._members.get((rtype, rid), frozenset()) | self._compartment_patients(
-                    rtype, rid, resource
-                )
-            return self._compartment_patients(rtype, rid, resource)
+            return self._compartment_patients(resource["resourceType"], resource["id"], resource)
 
     def compartment(self, patient_id: str, types: Iterable[str] | None = None) -> list[Resource]:
         """Current resources in one patient's compartment (Patient first), optionally by type."""
