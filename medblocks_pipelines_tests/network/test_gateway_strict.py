@@ -40,9 +40,13 @@ def _post(
     audience: str | None = None,
     ctype: str | None = None,
     mutate: Callable[[etree._Element], None] | None = None,
+    sign_ts: bool = True,
 ) -> httpx.Response:
     assertion = ihe.build_assertion(sec, audience=audience or url) if sec else None
-    data = ihe.envelope(action, url, body, assertion)
+    signing = (
+        (sec.key_pem, sec.cert_pem) if sec and sec.key_pem and sec.cert_pem and sign_ts else None
+    )
+    data = ihe.envelope(action, url, body, assertion, signing=signing)
     if mutate:
         root = etree.fromstring(data)
         mutate(root)
@@ -101,6 +105,11 @@ def test_valid_query_answers(gateway_server: Any, signing_identity: tuple[bytes,
         ("wrong_action", "wsa:ActionNotSupported"),
         ("no_message_id", "wsa:MessageAddressingHeaderRequired"),
         ("soap11", "env:VersionMismatch"),  # text/xml is SOAP 1.1
+        ("unsigned_timestamp", "wsse:MessageExpired"),  # signed assertion but no signed Timestamp
+        (
+            "expired_timestamp",
+            "wsse:MessageExpired",
+        ),  # Expires in the past (changing it breaks the signature too)
     ],
 )
 def test_security_and_addressing_rules(
@@ -144,6 +153,14 @@ def test_security_and_addressing_rules(
             mid.getparent().remove(mid)
 
         kw["mutate"] = drop
+    elif case == "unsigned_timestamp":
+        kw["sign_ts"] = False
+    elif case == "expired_timestamp":
+
+        def expire(root: etree._Element) -> None:
+            root.find(f".//{{{ihe.WSU}}}Expires").text = "2001-01-01T00:00:00Z"
+
+        kw["mutate"] = expire
     elif case == "soap11":
         kw["ctype"] = "text/xml; charset=UTF-8"
     resp = _post(url, ihe.ACTION_XCA_QUERY, _query_body(), sec, **kw)

@@ -154,3 +154,20 @@ def test_transport_error_is_reported_not_raised() -> None:
 
     [out] = GatewayClient(SEC, transport=httpx.MockTransport(boom)).run_sync([GW], DEMO)
     assert out.status == "error" and out.errors == ["TransientError"]
+
+
+def test_timestamp_signature_round_trip(signing_identity: tuple[bytes, bytes]) -> None:
+    key, cert = signing_identity
+    sec = ihe.SecurityContext(**{**SEC.__dict__, "key_pem": key, "cert_pem": cert})
+    a = ihe.build_assertion(sec, audience="http://gw/q")
+    env = etree.fromstring(
+        ihe.envelope(
+            ihe.ACTION_XCA_QUERY, "http://gw/q", etree.Element("b"), a, signing=(key, cert)
+        )
+    )
+    assert ihe.verify_timestamp_signature(env, cert)
+    from medblocks_pipelines.lib.network.certs import generate_signing_identity
+
+    assert not ihe.verify_timestamp_signature(env, generate_signing_identity("other")[1])
+    env.find(f".//{{{ihe.WSU}}}Created").text = "2001-01-01T00:00:00Z"  # tampered after signing
+    assert not ihe.verify_timestamp_signature(env, cert)

@@ -132,7 +132,12 @@ class GatewayClient:
         assertion = ihe.build_assertion(self.security, audience=url, name_format=gw.name_format)
         if outcome.assertion is None:
             outcome.assertion = etree.tostring(assertion, encoding="unicode")
-        payload = ihe.envelope(action, url, body, assertion)
+        signing = (
+            (self.security.key_pem, self.security.cert_pem)
+            if self.security.key_pem and self.security.cert_pem
+            else None
+        )
+        payload = ihe.envelope(action, url, body, assertion, signing=signing)
         msg_id = etree.fromstring(payload).findtext(f".//{{{ihe.WSA}}}MessageID") or ""
         started = time.monotonic()
         status = "error"

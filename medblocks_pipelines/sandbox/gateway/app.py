@@ -200,6 +200,8 @@ def _check_security(msg: ihe.SoapMessage, url_path: str, trusted_cert: bytes | N
             )
         except Exception:  # noqa: BLE001 - any verification failure is a security fault
             raise _Reject("wsse:FailedCheck", "assertion signature does not verify") from None
+        if not ihe.verify_timestamp_signature(msg.root, trusted_cert):
+            raise _Reject("wsse:MessageExpired", "timestamp not signed, invalid or expired")
     audience = assertion.findtext(f".//{{{ihe.SAML}}}Audience") or ""
     if not audience.endswith(url_path):
         raise _Reject("wsse:FailedCheck", "assertion audience is not this endpoint")
