@@ -34,8 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from medblocks_pipelines.lib.warehouse.views import compile_view, load_core_views  # noqa: E402
 from medblocks_pipelines.lib.warehouse.views.reference import evaluate_view  # noqa: E402
 
-PROV = ["tenant", "pattern", "source", "organization", "connection", "resource_type",
-        "resource_id", "version_id", "fetched_at", "run_id"]
+PROV = ["tenant", "pattern", "source", "organization", "connection", "resource_key", "fetched_at",
+        "run_id", "resource_type", "resource_id", "version_id"]
 LOINC, SCT, CVX = "http://loinc.org", "http://snomed.info/sct", "http://hl7.org/fhir/sid/cvx"
 ICD10, CPT = "http://hl7.org/fhir/sid/icd-10-cm", "http://www.ama-assn.org/go/cpt"
 US = "http://hl7.org/fhir/us/core/StructureDefinition/"
@@ -345,6 +345,9 @@ def main() -> None:
                    json_extract_string(json, '$.meta.versionId') AS version_id,
                    TIMESTAMPTZ '2024-06-01 00:00:00+00' AS fetched_at, 'run-1' AS run_id
             FROM read_ndjson_objects('{tmp}/*.ndjson')""")
+        con.execute("ALTER TABLE resources ADD COLUMN resource_key VARCHAR")
+        con.execute("UPDATE resources SET resource_key = source || '/' || resource_type || '/' "
+                    "|| resource_id")
         load_s = time.perf_counter() - t0
         counts = dict(con.execute(
             "SELECT resource_type, count(*) FROM resources GROUP BY 1").fetchall())

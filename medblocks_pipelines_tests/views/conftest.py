@@ -24,14 +24,16 @@ def resources_table(con: duckdb.DuckDBPyConnection, lines: Iterable[str],
         f"CREATE OR REPLACE TABLE {table} (resource VARCHAR, resource_type VARCHAR, "
         "resource_id VARCHAR, tenant VARCHAR, pattern VARCHAR, source VARCHAR, "
         "organization VARCHAR, connection VARCHAR, version_id VARCHAR, "
-        "fetched_at TIMESTAMPTZ, run_id VARCHAR)"
+        "fetched_at TIMESTAMPTZ, run_id VARCHAR, resource_key VARCHAR)"
     )
     rows = []
     for n, line in enumerate(lines):
         head = json.loads(line)
+        source = f"src-{n % 2}"
         rows.append((line, head.get("resourceType"), head.get("id"), "tenant-a", "backend",
-                     f"src-{n % 2}", "org-1", None, "1", "2024-06-01T00:00:00Z", "run-1"))
-    con.executemany(f"INSERT INTO {table} VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+                     source, "org-1", None, "1", "2024-06-01T00:00:00Z", "run-1",
+                     f"{source}/{head.get('resourceType')}/{head.get('id')}"))
+    con.executemany(f"INSERT INTO {table} VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
 
 
 @pytest.fixture

@@ -68,7 +68,8 @@ def test_every_row_carries_provenance(con: duckdb.DuckDBPyConnection) -> None:
         table = run_view(con, v)
         assert table.column_names[: len(PROVENANCE_COLUMNS)] == list(PROVENANCE_COLUMNS), name
         for row in table.to_pylist():
-            for key in ("tenant", "pattern", "source", "resource_id", "fetched_at", "run_id"):
+            for key in ("tenant", "pattern", "source", "resource_key", "resource_id",
+                        "fetched_at", "run_id"):
                 assert row[key] is not None, (name, key)
 
 

@@ -33,10 +33,11 @@ __all__ = [
 
 DEFINITIONS_DIR = Path(__file__).with_name("definitions")
 
-# Columns of the warehouse ``resources`` table carried onto every view row when present.
+# Columns of the warehouse ``resources`` table carried onto every view row when present, in the
+# order the warehouse build passes them (lib/warehouse/steps.py VIEW_PASSTHROUGH).
 PROVENANCE_COLUMNS: tuple[str, ...] = (
-    "tenant", "pattern", "source", "organization", "connection", "resource_type", "resource_id",
-    "version_id", "fetched_at", "run_id",
+    "tenant", "pattern", "source", "organization", "connection", "resource_key", "fetched_at",
+    "run_id", "resource_type", "resource_id", "version_id",
 )
 
 
