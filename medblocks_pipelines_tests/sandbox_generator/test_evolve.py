@@ -89,3 +89,21 @@ def test_step_twice_or_backwards_is_refused(fresh: Population) -> None:
         evolve(fresh, 1)
     with pytest.raises(GeneratorError):
         evolve(fresh, 0)
+
+
+def test_merges_link_duplicate_charts(fresh: Population) -> None:
+    assert fresh.duplicates
+    for step in range(1, 6):
+        evolve(fresh, step)
+    assert fresh.merged
+    for org, dup_id, main_id in fresh.merged:
+        dup = fresh.get(org, "Patient", dup_id)
+        main = fresh.get(org, "Patient", main_id)
+        assert dup is not None and main is not None
+        assert dup["active"] is False
+        assert dup["link"] == [
+            {"other": {"reference": f"Patient/{main_id}"}, "type": "replaced-by"}
+        ]
+        assert main["link"][0]["type"] == "replaces"
+    # merged at most once each
+    assert len(set(fresh.merged)) == len(fresh.merged)

@@ -281,5 +281,17 @@ def test_logins_are_unique_and_point_at_patients(pop: Population) -> None:
         by_org[lg.org_id].add(lg.username)
         assert pop.get(lg.org_id, "Patient", lg.patient_id) is not None
         assert len(lg.password) >= 10
+    # one portal account per patient, except duplicate registrations (no account of their own)
+    dups = {(org, d) for org, d, _ in pop.duplicates}
     for org in ("mercy-general", "lakeside-clinic", "summit-health-plan"):
-        assert len(by_org[org]) == len(pop.patients_for(org))
+        charts = [p for p in pop.patients_for(org) if (org, p["id"]) not in dups]
+        assert len(by_org[org]) == len(charts)
+        assert {lg.patient_id for lg in pop.logins if lg.org_id == org} == {p["id"] for p in charts}
+
+
+def test_marital_status_and_language(pop: Population) -> None:
+    patients = [p for org in pop.org_ids for p in pop.patients_for(org)]
+    statuses = Counter(p["maritalStatus"]["coding"][0]["code"] for p in patients)
+    assert {"M", "S"} <= set(statuses)
+    langs = Counter(p["communication"][0]["language"]["coding"][0]["code"] for p in patients)
+    assert langs["en-US"] > langs["es"] > 0

@@ -177,3 +177,26 @@ def test_twins_often_registered_at_the_same_org_with_the_same_birth_date() -> No
                 same_org_pairs += 1
     # the hard case for linkage exists: two persons, one org, one birth date, one address
     assert same_org_pairs > 0
+
+
+def test_duplicate_registrations_within_one_org(pop: Population) -> None:
+    assert pop.duplicates
+    person_of = {(o, p): person for o, p, person in pop.truth}
+    for org, dup, main in pop.duplicates:
+        # two charts at one org, one person: the linkage must merge them
+        assert person_of[(org, dup)] == person_of[(org, main)]
+        d, m = pop.get(org, "Patient", dup), pop.get(org, "Patient", main)
+        assert d is not None and m is not None
+        org_info = pop.org(org)
+        mrn = {
+            i["value"]
+            for p in (d, m)
+            for i in p["identifier"]
+            if i["system"] == org_info.mrn_system
+        }
+        assert len(mrn) == 2
+        # the duplicate holds its own encounter(s), which the main chart does not
+        encs = pop.resources_for(org, "Encounter")
+        dup_encs = {e["id"] for e in encs if e["subject"]["reference"] == f"Patient/{dup}"}
+        main_encs = {e["id"] for e in encs if e["subject"]["reference"] == f"Patient/{main}"}
+        assert dup_encs and main_encs and not (dup_encs & main_encs)

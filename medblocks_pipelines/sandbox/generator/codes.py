@@ -1160,3 +1160,7 @@ PANEL_CPT = {
     "tsh": ("84443", "Thyroid stimulating hormone (TSH)"),
     "uacr": ("82043", "Albumin; urine (eg, microalbumin), quantitative"),
 }
+
+MARITAL_STATUS_SYSTEM = "http://terminology.hl7.org/CodeSystem/v3-MaritalStatus"
+MARITAL_STATUS = {"M": "Married", "S": "Never Married", "D": "Divorced", "W": "Widowed"}
+LANGUAGES = {"en-US": "English (United States)", "es": "Spanish"}

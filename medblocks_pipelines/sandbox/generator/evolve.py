@@ -202,5 +202,24 @@ def evolve(pop: Population, step: int = 1) -> Changes:
                 changes.deleted.append((src.org_id, k[0], k[1]))
         gone = {(src.org_id, t, i) for t, i in doomed}
         st.facts[:] = [f for f in st.facts if (f[1], f[2], f[3]) not in gone]
+    # --- merges: an org finds a duplicate registration and links it to the main chart ---
+    touched = {(o, r["resourceType"], r["id"]) for o, r in changes.updated}
+    for org_id, dup_id, main_id in pop.duplicates:
+        if (org_id, dup_id, main_id) in pop.merged or rng.random() >= 0.5:
+            continue
+        if (org_id, "Patient", main_id) in touched or (org_id, "Patient", dup_id) in touched:
+            continue
+        st = pop.stores[org_id]
+        dup = copy.deepcopy(st.resources[("Patient", dup_id)])
+        main = copy.deepcopy(st.resources[("Patient", main_id)])
+        dup["active"] = False
+        dup["link"] = [{"other": render.ref("Patient", main_id), "type": "replaced-by"}]
+        main["link"] = [{"other": render.ref("Patient", dup_id), "type": "replaces"}]
+        for r in (main, dup):
+            r["meta"]["versionId"] = str(int(r["meta"]["versionId"]) + 1)
+            r["meta"]["lastUpdated"] = stamp()
+            st.resources[("Patient", r["id"])] = r
+            changes.updated.append((org_id, r))
+        pop.merged.append((org_id, dup_id, main_id))
     pop.steps.append(step)
     return changes

@@ -60,6 +60,8 @@ class PersonTruth:
     race: str  # CDC race code
     ethnicity: str  # CDC ethnicity code
     twin_of: str | None = None  # person_id of a twin: a different person who must NOT be linked
+    marital_status: str = "S"  # HL7 v3 MaritalStatus code
+    language: str = "en-US"  # preferred language (BCP 47)
 
 
 @dataclass(frozen=True)

@@ -126,6 +126,13 @@ def make_person(rng: random.Random, person_id: str, today: date) -> PersonTruth:
         email += f"{rng.randrange(100)}@{rng.choice(codes.EMAIL_DOMAINS)}"
     race = _weighted(rng, codes.RACES)[0]
     ethnicity = _weighted(rng, codes.ETHNICITIES)[0]
+    if maiden:
+        marital = "M"
+    elif age < 22:
+        marital = "S"
+    else:
+        marital = rng.choice(("S", "M", "M", "D", "W" if age > 60 else "M"))
+    language = "es" if ethnicity == "2135-2" and rng.random() < 0.35 else "en-US"
     return PersonTruth(
         person_id=person_id,
         given=given,
@@ -141,6 +148,8 @@ def make_person(rng: random.Random, person_id: str, today: date) -> PersonTruth:
         ssn=make_ssn(rng),
         race=race,
         ethnicity=ethnicity,
+        marital_status=marital,
+        language=language,
     )
 
 

@@ -44,6 +44,9 @@ class Population:
     sources: list[SourcePatient]
     logins: list[PortalLogin]
     rosters: dict[str, list[render.Clinician]]
+    # (org_id, duplicate patient id, main patient id): one person registered twice at one org
+    duplicates: list[tuple[str, str, str]] = field(default_factory=list)
+    merged: list[tuple[str, str, str]] = field(default_factory=list)
     steps: list[int] = field(default_factory=list)
 
     # --- organizations ---
@@ -119,6 +122,15 @@ class Population:
         return None
 
 
+def _duplicate_encounters(rng: random.Random, h: History, org: OrgInfo) -> list[Any]:
+    """Encounters a duplicate registration at `org` would hold (none most of the time)."""
+    own = [e for e in h.encounters if e.org == org.id]
+    if len(own) < 2 or rng.random() >= 0.05:
+        return []
+    emergency = [e for e in own if e.kind == "emergency"]
+    return emergency[:1] or own[-1:]
+
+
 def _username(demo: people.SourceDemographics, taken: set[str]) -> str:
     base = (
         re.sub(r"[^a-z]", "", demo.given.lower()) + "." + re.sub(r"[^a-z]", "", demo.family.lower())
@@ -168,6 +180,7 @@ def generate_population(spec: PopulationSpec | None = None) -> Population:
     usernames: dict[str, set[str]] = {o.id: set() for o in orgs}
     mrn_counter = {o.id: 0 for o in orgs}
     by_person: dict[str, History] = {}
+    duplicates: list[tuple[str, str, str]] = []
     for p in persons:
         rng = random.Random(f"{spec.seed}:history:{p.person_id}")
         sibling = by_person.get(p.twin_of) if p.twin_of else None
@@ -213,10 +226,32 @@ def generate_population(spec: PopulationSpec | None = None) -> Population:
             render.render_patient(st, h, demo, patient_id, mrn, gp, registered, version)
             sources.append(SourcePatient(org_id, patient_id, mrn, p.person_id, demo))
             ctx = render.CareContext(h, patient_id, rosters.get(org_id, []))
+            moved = _duplicate_encounters(demo_rng, h, org) if org.kind != "payer" else []
             if org.kind == "payer":
                 render.render_payer(st, ctx, mrn, by_id, rosters, ref_dt)
             else:
-                render.render_care_org(st, ctx, by_id, ref_dt)
+                render.render_care_org(
+                    st, ctx, by_id, ref_dt, exclude=frozenset(e.n for e in moved)
+                )
+            if moved:
+                # a second registration of the same person at this org (an ED quick
+                # registration, a clerk who did not find the chart): its own MRN, more noise
+                dup_rng = random.Random(f"{spec.seed}:dup:{p.person_id}:{org_id}")
+                dup_demo = people.noisy_copy(dup_rng, p, org, first_seen_before_marriage=False)
+                dup_id = st.rid("Patient", p.person_id, "duplicate")
+                dup_mrn = (
+                    f"{mrn[:1]}{dup_rng.randrange(10**7, 10**8)}"
+                    if not mrn.isdigit()
+                    else f"{100000 + dup_rng.randrange(900000)}"
+                )
+                render.render_patient(
+                    st, h, dup_demo, dup_id, dup_mrn, None, moved[0].start - timedelta(hours=1), 1
+                )
+                sources.append(SourcePatient(org_id, dup_id, dup_mrn, p.person_id, dup_demo))
+                duplicates.append((org_id, dup_id, patient_id))
+                dup_ctx = render.CareContext(h, dup_id, rosters[org_id])
+                for e in moved:
+                    render.render_encounter(st, dup_ctx, e)
             if org.kind in ("ehr", "payer"):
                 logins.append(
                     PortalLogin(
@@ -232,6 +267,7 @@ def generate_population(spec: PopulationSpec | None = None) -> Population:
         sources=sources,
         logins=logins,
         rosters=rosters,
+        duplicates=duplicates,
     )
 
 

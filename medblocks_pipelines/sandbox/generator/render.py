@@ -348,10 +348,19 @@ def render_patient(
         "gender": p.gender,
         "birthDate": demo.birth_date,
         "address": addresses,
+        "maritalStatus": {
+            "coding": [
+                coding(
+                    codes.MARITAL_STATUS_SYSTEM,
+                    p.marital_status,
+                    codes.MARITAL_STATUS[p.marital_status],
+                )
+            ]
+        },
         "communication": [
             {
                 "language": {
-                    "coding": [coding("urn:ietf:bcp:47", "en-US", "English (United States)")]
+                    "coding": [coding("urn:ietf:bcp:47", p.language, codes.LANGUAGES[p.language])]
                 },
                 "preferred": True,
             }
@@ -1123,12 +1132,16 @@ def render_smoking(st: OrgStore, ctx: CareContext, when: datetime) -> None:
 
 
 def render_care_org(
-    st: OrgStore, ctx: CareContext, orgs: dict[str, OrgInfo], reference: datetime
+    st: OrgStore,
+    ctx: CareContext,
+    orgs: dict[str, OrgInfo],
+    reference: datetime,
+    exclude: frozenset[int] = frozenset(),
 ) -> None:
-    """Everything this care org holds about the patient."""
+    """Everything this care org holds about the patient (but encounters in `exclude`)."""
     h = ctx.h
     org_id = st.org.id
-    own = [e for e in h.encounters if e.org == org_id]
+    own = [e for e in h.encounters if e.org == org_id and e.n not in exclude]
     first = own[0].start if own else reference - timedelta(days=400)
     for key in h.problem_lists.get(org_id, []):
         render_problem(st, ctx, key, first)
