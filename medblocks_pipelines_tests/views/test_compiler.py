@@ -69,6 +69,8 @@ def rows(con: duckdb.DuckDBPyConnection, v: dict[str, Any]) -> list[dict[str, An
         (view("Observation", col("a", "value.ofType(Quantity).value > 5 'mg'")), "quantity"),
         # empty view
         ({}, "non-empty"),
+        # collection: false on elements that repeat (wrong collection use)
+        (view("Patient", col("g", "name.given", collection=False)), "collection: false"),
     ],
 )
 def test_invalid_views_fail_before_running(bad: dict[str, Any], message: str) -> None:

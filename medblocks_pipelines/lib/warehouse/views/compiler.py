@@ -1026,8 +1026,13 @@ class _Compiler:
             sql = f"coalesce(CAST({lst} AS {base_sql}[]), CAST([] AS {base_sql}[]))"
             out_type = base_sql + "[]"
         else:
-            if v.many and collection is False and not self.strict_cardinality:
-                raise ViewDefinitionError(f"column {name!r} returns a collection")
+            if v.many and collection is False:
+                # Declared single but the elements may repeat: refuse before running (the spec
+                # requires collection: true whenever several values may come back).
+                raise ViewDefinitionError(
+                    f"column {name!r} has collection: false but {path!r} may return several "
+                    "values; set collection: true or select one (first(), an index, where())"
+                )
             sql = f"CAST({self.single(v, 'column ' + name)} AS {base_sql})"
             out_type = base_sql
         description = col.get("description")
