@@ -44,8 +44,14 @@ class ServerThread:
     def __init__(self, sock: socket.socket, app: ASGIApp, *, name: str = "sandbox") -> None:
         self.sock = sock
         self.host, self.port = sock.getsockname()[:2]
+        # proxy_headers off: the admin guard must see the socket peer, not X-Forwarded-For.
         config = uvicorn.Config(
-            app, log_level="warning", lifespan="off", access_log=False, timeout_graceful_shutdown=1
+            app,
+            log_level="warning",
+            lifespan="off",
+            access_log=False,
+            timeout_graceful_shutdown=1,
+            proxy_headers=False,
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self._run, name=f"uvicorn-{name}", daemon=True)

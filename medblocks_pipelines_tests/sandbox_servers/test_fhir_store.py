@@ -19,11 +19,17 @@ from medblocks_pipelines_tests.sandbox_servers.fixture_data import ehr_resources
         ("2024-12", datetime(2024, 12, 1, tzinfo=UTC), datetime(2025, 1, 1, tzinfo=UTC)),
         ("2024-02-29", datetime(2024, 2, 29, tzinfo=UTC), datetime(2024, 3, 1, tzinfo=UTC)),
         # a zone shifts the instant to UTC
-        ("2024-01-01T00:30:00+01:00", datetime(2023, 12, 31, 23, 30, tzinfo=UTC),
-         datetime(2023, 12, 31, 23, 30, 1, tzinfo=UTC)),
+        (
+            "2024-01-01T00:30:00+01:00",
+            datetime(2023, 12, 31, 23, 30, tzinfo=UTC),
+            datetime(2023, 12, 31, 23, 30, 1, tzinfo=UTC),
+        ),
         # fractional seconds set the precision
-        ("2024-01-01T00:00:00.5Z", datetime(2024, 1, 1, 0, 0, 0, 500000, tzinfo=UTC),
-         datetime(2024, 1, 1, 0, 0, 0, 600000, tzinfo=UTC)),
+        (
+            "2024-01-01T00:00:00.5Z",
+            datetime(2024, 1, 1, 0, 0, 0, 500000, tzinfo=UTC),
+            datetime(2024, 1, 1, 0, 0, 0, 600000, tzinfo=UTC),
+        ),
     ],
 )
 def test_parse_date_range(text: str, low: datetime, high: datetime) -> None:
@@ -44,15 +50,19 @@ def test_versions_and_deletions() -> None:
     assert updated["meta"]["versionId"] == "2"
     assert updated["meta"]["lastUpdated"] > first["meta"]["lastUpdated"]
     assert store.vread("Condition", "cond1", "1").resource["clinicalStatus"] == {  # type: ignore[union-attr]
-        "coding": [{"code": "active"}]}
+        "coding": [{"code": "active"}]
+    }
     assert store.delete("Condition", "cond1") is True
     assert store.delete("Condition", "cond1") is False  # already deleted
-    assert store.state("Condition", "cond1") == "deleted" and store.get("Condition", "cond1") is None
+    assert (
+        store.state("Condition", "cond1") == "deleted" and store.get("Condition", "cond1") is None
+    )
     assert store.state("Condition", "nope") == "absent"
     assert [v.resource is None for v in store.history("Condition", "cond1")] == [False, False, True]
     # A recreated resource continues the version sequence.
-    again = store.put({"resourceType": "Condition", "id": "cond1",
-                       "subject": {"reference": "Patient/p2"}})
+    again = store.put(
+        {"resourceType": "Condition", "id": "cond1", "subject": {"reference": "Patient/p2"}}
+    )
     assert again["meta"]["versionId"] == "4"
     assert store.compartment_of("Condition", "cond1") == frozenset({"p2"})
 
@@ -83,10 +93,12 @@ def test_changes_since_window() -> None:
 def test_keep_last_updated_only_when_in_the_past() -> None:
     past = "2020-01-01T00:00:00.000Z"
     future = (datetime.now(UTC) + timedelta(days=3)).strftime("%Y-%m-%dT%H:%M:%S.000Z")
-    store = FhirStore([
-        {"resourceType": "Patient", "id": "a", "meta": {"lastUpdated": past}},
-        {"resourceType": "Patient", "id": "b", "meta": {"lastUpdated": future}},
-    ])
+    store = FhirStore(
+        [
+            {"resourceType": "Patient", "id": "a", "meta": {"lastUpdated": past}},
+            {"resourceType": "Patient", "id": "b", "meta": {"lastUpdated": future}},
+        ]
+    )
     assert store.get("Patient", "a")["meta"]["lastUpdated"] == past  # type: ignore[index]
     assert store.get("Patient", "b")["meta"]["lastUpdated"] < future  # type: ignore[index]
 
