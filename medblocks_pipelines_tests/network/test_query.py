@@ -422,3 +422,54 @@ def test_allowed_and_refused_on_postgres(
             assert reasons == ["ok", "ok", "no_treatment_relationship"]
         finally:
             e.cp.engine.dispose()
+
+
+def test_person_from_the_unified_record(env: Any, population: Any) -> None:
+    """A warehouse person id works: its linked source patient's EHR launch is the relationship and
+    its Patient gives the demographics (no demographics passed in)."""
+    import json as _json
+
+    from medblocks_pipelines.lib.warehouse.build import warehouse_path
+
+    env.start()
+    env.launch("ehr-patient-42")  # the launch knows the EHR's patient id, not the person id
+    patient = dict(population.resources_for("riverside-health")[0], id="ehr-patient-42")
+    path = warehouse_path(env.settings, "acme")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    con = duckdb.connect(str(path))
+    try:
+        con.execute("CREATE TABLE patient_links (patient_key VARCHAR, person_id VARCHAR)")
+        con.execute(
+            "INSERT INTO patient_links VALUES ('mercy/Patient/ehr-patient-42', 'person-xyz')"
+        )
+        con.execute(
+            "CREATE TABLE resources (resource_key VARCHAR, resource_type VARCHAR, resource_id VARCHAR, "
+            "resource VARCHAR, pattern VARCHAR, fetched_at TIMESTAMP)"
+        )
+        con.execute(
+            "INSERT INTO resources VALUES ('mercy/Patient/ehr-patient-42', 'Patient', 'ehr-patient-42', ?, "
+            "'clinician_workflow', now())",
+            [_json.dumps(patient)],
+        )
+    finally:
+        con.close()
+    result = run_network_query(
+        env.cp,
+        env.settings,
+        tenant="acme",
+        person="person-xyz",
+        purpose="T-TREAT",
+        actor="dr-house",
+    )
+    assert result.allowed and result.documents_retrieved == 2, result
+    assert env.cp.list_audit(tenant_id="acme")[0]["person_id"] == "person-xyz"
+    # Without the link, the same person id has no relationship.
+    refused = run_network_query(
+        env.cp,
+        env.settings,
+        tenant="acme",
+        person="person-other",
+        purpose="T-TREAT",
+        actor="dr-house",
+    )
+    assert not refused.allowed and refused.reason == "no_treatment_relationship"

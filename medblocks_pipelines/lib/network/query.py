@@ -129,12 +129,19 @@ def _conn_person(conn: dict[str, Any]) -> set[str]:
     return {str(i) for i in ids if i}
 
 
-def gather_evidence(cp: Any, *, tenant: str, person: str) -> list[Evidence]:
-    """Relationship evidence for ``person``: EHR launches, patient-access connections, events."""
+def gather_evidence(
+    cp: Any, *, tenant: str, person: str, aliases: set[str] | None = None
+) -> list[Evidence]:
+    """Relationship evidence for ``person``: EHR launches, patient-access connections, events.
+
+    ``aliases`` are other ids of the same person (its linked source patients); a connection or
+    event recorded under any of them counts.
+    """
     ensure_tables(cp.engine)
+    ids = {person, *(aliases or set())}
     out: list[Evidence] = []
     for conn in cp.list_connections(tenant_id=tenant, pattern="clinician_workflow"):
-        if person not in _conn_person(conn) or conn.get("state") == "failed":
+        if not ids & _conn_person(conn) or conn.get("state") == "failed":
             continue
         out.append(
             Evidence(
@@ -145,7 +152,7 @@ def gather_evidence(cp: Any, *, tenant: str, person: str) -> list[Evidence]:
             )
         )
     for conn in cp.list_connections(tenant_id=tenant, pattern="patient_access"):
-        if person not in _conn_person(conn):
+        if not ids & _conn_person(conn):
             continue
         # The patient authenticated to the source themselves; only a live grant counts.
         out.append(
@@ -159,7 +166,7 @@ def gather_evidence(cp: Any, *, tenant: str, person: str) -> list[Evidence]:
         )
     t = network_relationship_events
     with cp.engine.connect() as c:
-        for row in c.execute(sa.select(t).where(t.c.tenant_id == tenant, t.c.person_id == person)):
+        for row in c.execute(sa.select(t).where(t.c.tenant_id == tenant, t.c.person_id.in_(ids))):
             out.append(
                 Evidence(row.kind, f"rel:{row.id}", aware(row.at) or utcnow(), row.organization_id)
             )
@@ -247,23 +254,76 @@ def _signing(cp: Any, cfg: NetworkConfig) -> tuple[bytes | None, bytes | None]:
     return key.reveal().encode(), cert.reveal().encode()
 
 
+def _warehouse_rows(
+    settings: Settings, tenant: str, sql: str, params: list[Any]
+) -> list[tuple[Any, ...]]:
+    """Rows from the tenant's published warehouse, or nothing if it or the tables are missing."""
+    import duckdb
+
+    from medblocks_pipelines.lib.warehouse.build import warehouse_path
+
+    path = warehouse_path(settings, tenant)
+    if not path.exists():
+        return []
+    try:
+        con = duckdb.connect(str(path), read_only=True)
+    except duckdb.Error:
+        return []
+    try:
+        return con.execute(sql, params).fetchall()
+    except duckdb.Error:
+        return []
+    finally:
+        con.close()
+
+
+def person_aliases(settings: Settings, *, tenant: str, person: str) -> set[str]:
+    """``person`` plus the ids of the source patients the warehouse links to it.
+
+    Connections carry the source's patient id (an EHR launch's patient); the unified record's
+    person links many of them. Either may be what the caller calls "person".
+    """
+    rows = _warehouse_rows(
+        settings,
+        tenant,
+        "SELECT r.resource_id FROM patient_links l JOIN resources r ON r.resource_key = l.patient_key "
+        "WHERE l.person_id = ?",
+        [person],
+    )
+    return {person, *(str(r[0]) for r in rows)}
+
+
 def resolve_demographics(
     settings: Settings, *, tenant: str, person: str
 ) -> ihe.Demographics | None:
-    """Find ``person``'s demographics: the newest landed Patient with that id in the tenant's lake."""
+    """Find ``person``'s demographics for XCPD, never from the network itself.
+
+    First the warehouse (a Patient linked to the person, or a Patient with that id), newest first;
+    then the lake (the newest landed Patient with that id), for a person not yet in a build.
+    """
     import json
 
     import duckdb
 
     from medblocks_pipelines.lib.warehouse.lake import resources_glob
 
+    rows = _warehouse_rows(
+        settings,
+        tenant,
+        "SELECT r.resource FROM resources r LEFT JOIN patient_links l ON l.patient_key = r.resource_key "
+        "WHERE r.resource_type = 'Patient' AND r.pattern <> 'network' "
+        "AND (l.person_id = ? OR r.resource_id = ?) ORDER BY r.fetched_at DESC LIMIT 1",
+        [person, person],
+    )
+    if rows:
+        return ihe.Demographics.from_patient(json.loads(rows[0][0]))
     pattern = resources_glob(settings.lake_root, tenant)
     con = duckdb.connect()
     try:
         row = con.execute(
             "SELECT resource FROM read_parquet(?, hive_partitioning=true, union_by_name=true) "
             "WHERE resource_type = 'Patient' AND resource_id = ? AND NOT deleted "
-            "ORDER BY fetched_at DESC LIMIT 1",
+            "AND pattern <> 'network' ORDER BY fetched_at DESC LIMIT 1",
             [pattern, person],
         ).fetchone()
     except duckdb.Error:
@@ -307,7 +367,8 @@ def run_network_query(
     tsettings = tenant_row.get("settings") or {}
     net = tenant_network_settings(tsettings)
     catalog = load_catalog(net.get("catalog_version"))
-    evidence = gather_evidence(cp, tenant=tenant, person=person)
+    aliases = person_aliases(settings, tenant=tenant, person=person)
+    evidence = gather_evidence(cp, tenant=tenant, person=person, aliases=aliases)
     decision: PolicyDecision = evaluate(
         PolicyRequest(
             tenant=tenant,
