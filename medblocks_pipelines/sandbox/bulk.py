@@ -285,16 +285,24 @@ class NdjsonDirSource:
 
     def iter_type(self, resource_type: str) -> Iterator[dict[str, Any]]:
         """Stream resources of one type from disk."""
+        for _, resource in self.iter_type_raw(resource_type):
+            yield resource
+
+    def iter_type_raw(self, resource_type: str) -> Iterator[tuple[str, dict[str, Any]]]:
+        """Stream ``(line, resource)`` pairs, so an unchanged resource is written back as it
+        was read instead of being serialised again."""
         for path in self._by_type.get(resource_type, []):
             for line in _open_lines(path):
-                if line.strip():
-                    yield json.loads(line)
+                line = line.strip()
+                if line:
+                    yield line, json.loads(line)
         for path in self._mixed:
             for line in _open_lines(path):
-                if line.strip():
+                line = line.strip()
+                if line:
                     resource = json.loads(line)
                     if resource.get("resourceType") == resource_type:
-                        yield resource
+                        yield line, resource
 
     def get(self, resource_type: str, resource_id: str) -> dict[str, Any] | None:
         """Linear scan (only used for Group lookups)."""
@@ -915,8 +923,8 @@ class BulkServer:
                                                 _count_lines(path)))
                 continue
             with _SplitWriter(job, "output", rtype, max_lines) as writer:
-                for resource in self._select(job, rtype):
-                    writer.write(damage.apply(_dumps(resource)))
+                for resource, raw in self._select(job, rtype):
+                    writer.write(damage.apply(raw if raw is not None else _dumps(resource)))
         if plan.since is not None:
             self._write_deleted(job)
         if plan.issues:
@@ -924,12 +932,20 @@ class BulkServer:
                 for issue in plan.issues:
                     writer.write(_dumps(issue))
 
-    def _select(self, job: ExportJob, rtype: str) -> Iterator[dict[str, Any]]:
+    def _select(
+        self, job: ExportJob, rtype: str
+    ) -> Iterator[tuple[dict[str, Any], str | None]]:
+        """The resources of one type this export holds, with their source line if unchanged."""
         plan = job.plan
         filters = plan.type_filters.get(rtype)
         elements = plan.elements.get(rtype, set()) | plan.elements.get(None, set())
         in_compartment = rtype in PATIENT_COMPARTMENT or rtype == "Patient"
-        for count, resource in enumerate(self.source.iter_type(rtype)):
+        raw_rows = getattr(self.source, "iter_type_raw", None)
+        rows: Iterator[tuple[str | None, dict[str, Any]]] = (
+            raw_rows(rtype) if raw_rows is not None
+            else ((None, r) for r in self.source.iter_type(rtype))
+        )
+        for count, (raw, resource) in enumerate(rows):
             if count % 256 == 0 and job.cancel.is_set():
                 raise _Cancelled
             late = False
@@ -945,8 +961,9 @@ class BulkServer:
             if filters is not None and not any(matches(resource, f) for f in filters):
                 continue
             if elements:
-                resource = _subset(resource, elements)
-            yield resource
+                yield _subset(resource, elements), None
+            else:
+                yield resource, raw
 
     def _write_deleted(self, job: ExportJob) -> None:
         plan = job.plan
@@ -1259,7 +1276,7 @@ def _representation(job: ExportJob, found: OutputFile, gzipped: bool) -> Path:
         if not target.exists():
             partial = target.with_suffix(target.suffix + ".part")
             if gzipped:
-                with open(found.path, "rb") as src, gzip.open(partial, "wb", 6) as dst:
+                with open(found.path, "rb") as src, gzip.open(partial, "wb", 1) as dst:  # fast: made on first request
                     shutil.copyfileobj(src, dst, 1 << 20)
             else:
                 with gzip.open(found.path, "rb") as src, open(partial, "wb") as dst:
