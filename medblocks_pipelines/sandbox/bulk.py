@@ -20,6 +20,22 @@ Exports run in a worker thread that streams resources from a :class:`BulkSource`
 files under a work directory; nothing is held in memory beyond one resource. A
 :class:`NdjsonDirSource` serves pre-generated NDJSON files, unchanged, for an unfiltered system
 export (the large-benchmark path).
+
+Wiring (what ``run.py`` does)::
+
+    server = BulkServer(store, authenticator=require_token, profile="oracle", faults=injector)
+    app = create_ehr_app(..., extra_routes=server.routes(),      # before /{type}/{id}
+                         root_routes=[*fault_admin_routes(injector), *bulk_admin_routes(server)],
+                         middleware=[Middleware(FaultMiddleware, faults=injector, ...)])
+    # presigned_redirects profiles only: a file host on another port
+    storage = ServerThread(bind_socket(), presigned_storage_app([server])).start()
+    server.storage_base_url = storage.url
+
+Not implemented: STU3/4 additions (``_until``, ``organizeOutputBy``, ``allowPartialManifests``,
+``Prefer: separate-export-status``, the ``outcome`` rename), ``includeAssociatedData``, Binary
+and attachments in patient-level exports, ``_elements`` beyond root elements (mandatory
+elements are not added back), HAPI-style job reuse, and persistence across restarts (jobs live
+in memory; files in the work directory).
 """
 
 import contextlib
