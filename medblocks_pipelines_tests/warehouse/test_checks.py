@@ -1,0 +1,78 @@
+"""Warehouse quality checks: they pass on a good build and fail on each fault they guard against."""
+
+import shutil
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from medblocks_pipelines.lib.warehouse import quality
+from medblocks_pipelines.lib.warehouse.build import table_counts
+from medblocks_pipelines_tests.warehouse.conftest import Built
+
+
+def test_all_checks_pass_on_a_good_build(built: Built, wh: duckdb.DuckDBPyConnection) -> None:
+    outcomes = quality.run_checks(wh, built.result.table_counts, built.result.table_counts)
+    assert [o.name for o in outcomes] == list(quality.CHECK_NAMES)
+    assert all(o.passed for o in outcomes), [o for o in outcomes if not o.passed]
+
+
+@pytest.mark.parametrize(
+    ("sql", "failing"),
+    [
+        # a person vanishes: its links and facts point nowhere
+        ("DELETE FROM persons WHERE person_id = (SELECT min(person_id) FROM persons)",
+         {"every_row_has_person"}),
+        # a fact source points at a resource that is not in the warehouse
+        ("UPDATE fact_sources SET resource_key = 'x/Condition/ghost' "
+         "WHERE rowid = (SELECT min(rowid) FROM fact_sources)",
+         {"referential_integrity"}),
+        # provenance lost on a view table
+        ("UPDATE condition SET source = NULL WHERE rowid = (SELECT min(rowid) FROM condition)",
+         {"every_row_has_provenance"}),
+        # a fact without any source
+        ("DELETE FROM fact_sources WHERE fact_id = (SELECT min(fact_id) FROM facts)",
+         {"every_row_has_provenance"}),
+        # a view failed to build
+        ("INSERT INTO view_errors VALUES ('broken_view', 'ViewDefinitionError')",
+         {"views_compiled"}),
+    ],
+)
+def test_checks_catch_faults(
+    built: Built, sql: str, failing: set[str], tmp_path: Path
+) -> None:
+    copy = tmp_path / "copy.duckdb"
+    shutil.copy(built.result.path, copy)
+    with duckdb.connect(str(copy)) as con:
+        con.execute(sql)
+        counts = table_counts(con)
+        outcomes = quality.run_checks(con, counts, built.result.table_counts)
+    failed = {o.name for o in outcomes if not o.passed}
+    assert failing <= failed
+    assert not failed - failing - {"row_counts"}
+
+
+def test_row_count_check_flags_a_collapse() -> None:
+    prev = {"resources": 1000, "facts": 500, "persons": 50}
+    ok = quality.check_row_counts({"resources": 990, "facts": 498, "persons": 50}, prev)
+    assert ok.passed
+    bad = quality.check_row_counts({"resources": 990, "facts": 100, "persons": 0}, prev)
+    assert not bad.passed
+    assert bad.metadata["emptied"] == ["persons"] and bad.metadata["shrunk"] == ["facts"]
+    assert quality.check_row_counts({"resources": 1}, None).passed  # first build
+
+
+def test_quarantine_growth_check() -> None:
+    prev = {"quarantine": 10, "resource_versions": 1000}
+    assert quality.check_quarantine_growth({"quarantine": 12, "resource_versions": 1100}, prev).passed
+    grown = quality.check_quarantine_growth({"quarantine": 60, "resource_versions": 1100}, prev)
+    assert not grown.passed and grown.metadata["new_quarantined"] == 50
+
+
+def test_summary_markdown_has_counts_only(built: Built, wh: duckdb.DuckDBPyConnection) -> None:
+    s = quality.summary(wh)
+    md = quality.summary_markdown(s, built.result.table_counts)
+    assert "persons" in md and "| condition |" in md
+    # no names, birth dates or identifiers of the synthetic people leak into the summary
+    for p in built.pop.persons[:20]:
+        assert p.family not in md and p.birth_date not in md and p.ssn not in md
