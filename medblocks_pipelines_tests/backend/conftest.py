@@ -181,3 +181,14 @@ def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Env]:
     finally:
         stack.close()
         cp.engine.dispose()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_defs_state_storage() -> Iterator[None]:
+    """Dagster keeps the defs-state storage of the last entered instance in a context variable;
+    a removed test instance left there breaks later definition loads, so each test starts clean."""
+    from dagster._core.storage.defs_state import base as defs_state
+
+    defs_state._current_storage.set(None)
+    yield
+    defs_state._current_storage.set(None)

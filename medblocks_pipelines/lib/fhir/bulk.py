@@ -581,7 +581,8 @@ class BulkClient:
                 (dest if is_gz else gz_path).unlink(missing_ok=True)
                 with open(target, "ab" if start else "wb") as fh:
                     try:
-                        for chunk in resp.iter_raw(CHUNK):
+                        # No chunk size: a chunker would hold back bytes received before a drop.
+                        for chunk in resp.iter_raw():
                             fh.write(chunk)
                             have += len(chunk)
                             if max_bytes is not None and have > max_bytes:
