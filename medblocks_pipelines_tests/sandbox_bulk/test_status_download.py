@@ -6,6 +6,7 @@ import gzip
 import json
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 import pytest
@@ -122,6 +123,10 @@ def test_group_member_who_joined_after_since_gets_full_history(env: BulkEnv) -> 
          {"p1-hba1c", "p2-hba1c", "p3-hba1c", "p1-bp", "p2-bp", "p3-bp"}),
         # URL-encoded query, AND of two params
         ("Observation%3Fcategory%3Dlaboratory%26subject%3DPatient%2Fp2", {"p2-hba1c"}),
+        # dates of clinical events, with prefixes (SPECS 3.1: use _typeFilter, not _since)
+        ("Observation?date=ge2023-05-01&category=laboratory", {"p1-hba1c", "p2-hba1c",
+                                                                "p3-hba1c"}),
+        ("Observation?date=lt2023-05-01", set()),
     ],
 )
 def test_type_filter(env: BulkEnv, type_filter: str, expected: set[str]) -> None:
@@ -130,7 +135,7 @@ def test_type_filter(env: BulkEnv, type_filter: str, expected: set[str]) -> None
     manifest = env.export(params={"_type": f"{rtype},Patient",
                                   "_typeFilter": unquote(type_filter)})
     data = env.all_of(manifest)
-    assert {r["id"] for r in data[rtype]} == expected
+    assert {r["id"] for r in data.get(rtype, [])} == expected
     assert len(data["Patient"]) == 3  # a type without a filter comes whole
 
 
@@ -294,3 +299,17 @@ def test_bulk_admin_api(env: BulkEnv) -> None:
                 {"max_lines_per_file": 2.5}, [1]):
         assert httpx.patch(admin, json=bad).status_code == 400
     assert env.server.config.retry_after == 7
+
+
+def test_export_that_crashes_reports_failure(make_env: Callable[..., BulkEnv],
+                                             tmp_path: Path) -> None:
+    from medblocks_pipelines.sandbox.bulk import NdjsonDirSource
+
+    (tmp_path / "Patient.ndjson").write_text('{"resourceType":"Patient","id":"a"}\n{broken\n')
+    env = make_env(source=NdjsonDirSource(tmp_path))
+    # _since makes the server read every line (an unfiltered export passes files through).
+    location = env.kickoff(params={"_since": "2020-01-01T00:00:00Z"}).headers["content-location"]
+    failed = env.wait(location)
+    assert failed.status_code == 500
+    issue = failed.json()["issue"][0]
+    assert issue["code"] == "exception" and "broken" not in issue["diagnostics"]
