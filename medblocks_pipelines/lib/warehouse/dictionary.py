@@ -1,0 +1,190 @@
+"""The warehouse data dictionary (docs/DATA_DICTIONARY.md), generated.
+
+Two parts: the ViewDefinition tables (from the views engine's ``data_dictionary``) and the tables the
+build adds (base, identity, unified record), whose column types are read from a built warehouse and whose
+descriptions live here. Regenerate with::
+
+    .venv/bin/python -m medblocks_pipelines.lib.warehouse.dictionary > docs/DATA_DICTIONARY.md
+"""
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import duckdb
+
+from medblocks_pipelines.lib.warehouse import identity, unified
+
+TABLE_DOCS: dict[str, tuple[str, dict[str, str]]] = {
+    "resources": (
+        "The latest version of every resource at every source, tombstones applied (base table).",
+        {
+            "resource_key": "`source/ResourceType/id`: the key every other table points at",
+            "resource": "The resource JSON exactly as the source sent it",
+            "pattern": "How it reached us: patient_access, clinician_workflow, backend, network",
+            "fetched_at": "When we fetched this version (UTC)",
+        },
+    ),
+    "persons": (
+        "One row per person: a cluster of source patients that are the same human (identity). "
+        "Demographics are the most common standardised values across its source patients.",
+        {
+            "person_id": "Stable id: a hash of the cluster's smallest source patient key",
+            "n_source_patients": "Source patients linked to this person",
+            "n_sources": "Distinct sources that know the person",
+            "patterns": "Patterns through which the person's records arrived",
+            "n_patterns": "Number of distinct patterns",
+            "patient_keys": "The linked source patient keys",
+            "conflicts": "Vetoed pairs (e.g. twin-like name conflicts) that still ended in this "
+            "person through other links: review these",
+        },
+    ),
+    "patient_links": (
+        "One row per source patient (a Patient resource at a source) and the person it belongs to, "
+        "with the strongest link that put it there.",
+        {
+            "patient_key": "The Patient's resource_key",
+            "person_id": "The person (see `persons`)",
+            "rule": "patient_ref | identifier:<system> | ssn+dob | probabilistic | singleton",
+            "linked_to": "The other source patient of that link",
+            "score": "Match probability of that link (1.0 for deterministic rules and singletons)",
+            "match_weight": "log2 Bayes factor of the probabilistic link",
+            "evidence": "JSON: per comparison (given, family, dob, sex, address, phone, email, ssn) "
+            "the agreement level and its partial match weight",
+            "n_links": "Accepted links touching this source patient",
+        },
+    ),
+    "identity_edges": (
+        "Every candidate link considered, accepted or vetoed, with its rule, score and evidence.",
+        {
+            "key_l": "Source patient key (the smaller)",
+            "key_r": "Source patient key (the larger)",
+            "veto": "Why a probabilistic link was refused (given names conflict, different SSNs)",
+            "accepted": "Whether the link joined the two source patients",
+        },
+    ),
+    "fact_mentions": (
+        "Every statement of a clinical fact by a source: a resource, or one element of a claim "
+        "(`element` = diagnosis[i], item[i], billablePeriod). Non-merged rows stay reachable here.",
+        {
+            "mention_id": "resource_key, plus #element for claim elements",
+            "fact_id": "The fact it was matched into (null when its patient is unknown)",
+            "kind": "condition, medication, allergy, immunization, result, report, encounter, "
+            "procedure",
+            "concept": "The concept it was matched on (codes joined across co-occurring codings)",
+            "codes": "Normalised `system|code` of the mention",
+            "is_claim": "Stated by a claim (ExplanationOfBenefit)",
+            "mention_date": "The date the rule compares (onset, effective, start, authored...)",
+        },
+    ),
+    "facts": (
+        "The unified record: one row per clinical fact per person, deduplicated across sources. "
+        "Per-kind views: " + ", ".join(f"`{v}`" for v in unified.KIND_VIEWS.values()) + ".",
+        {
+            "fact_id": "Stable id: a hash of the kind and the fact's smallest mention id",
+            "person_id": "The person (see `persons`)",
+            "code_system": "Preferred code system among the mentions (SNOMED CT, RxNorm, LOINC, "
+            "CVX...)",
+            "effective_date": "Earliest date stated by any source",
+            "last_date": "Latest date stated by any source",
+            "n_sources": "Distinct sources stating the fact",
+            "patterns": "Patterns through which it was stated",
+            "from_clinical": "Stated by a clinical record",
+            "from_claims": "Stated by a claim",
+        },
+    ),
+    "fact_sources": (
+        "Provenance links: fact -> every resource (and claim element) that states it, with source, "
+        "pattern, organization, connection, fetched_at and run.",
+        {},
+    ),
+    "view_tables": ("The ViewDefinition tables built, with their row counts.", {}),
+    "view_errors": ("ViewDefinitions that failed to build (name and error class).", {}),
+    "build_info": ("One row about the build: tenant, run id, time, options.", {}),
+}
+
+
+def tables_markdown(con: duckdb.DuckDBPyConnection) -> str:
+    """The build tables' sections, column types read from ``con`` (a built warehouse)."""
+    lines: list[str] = []
+    for table, (text, cols) in TABLE_DOCS.items():
+        described = con.execute(f'DESCRIBE "{table}"').fetchall()
+        lines += [f"## `{table}`", "", text, "", "| column | type | description |", "|---|---|---|"]
+        for name, ctype, *_ in described:
+            lines.append(f"| `{name}` | {ctype} | {cols.get(name, '')} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def rules_markdown() -> str:
+    """The identity and fact-matching rules, from the modules' documentation."""
+    id_doc = (identity.__doc__ or "").split("\n\n", 1)[1].strip()
+    return "\n".join(
+        [
+            "## Identity rules",
+            "",
+            id_doc,
+            "",
+            "## Fact matching rules",
+            "",
+            unified.describe_rules(),
+            "",
+        ]
+    )
+
+
+def data_dictionary_markdown(con: duckdb.DuckDBPyConnection) -> str:
+    """The whole dictionary: build tables, rules, then every ViewDefinition table."""
+    from medblocks_pipelines.lib.warehouse.views import data_dictionary, load_core_views
+
+    views_md = data_dictionary(load_core_views(user_dir=None))
+    views_body = views_md.split("\n", 2)[2] if views_md.startswith("# ") else views_md
+    return "\n".join(
+        [
+            "# Data dictionary",
+            "",
+            "Generated by `python -m medblocks_pipelines.lib.warehouse.dictionary`; do not edit.",
+            "Every tenant has one DuckDB file (`data/warehouse/<tenant>.duckdb`) with these tables.",
+            "Example queries: `medblocks_pipelines/lib/warehouse/queries/`.",
+            "",
+            "# Build tables (identity and unified record)",
+            "",
+            tables_markdown(con),
+            rules_markdown(),
+            "# ViewDefinition tables",
+            "",
+            views_body.strip(),
+            "",
+        ]
+    )
+
+
+def sample_warehouse(root: Path) -> Path:
+    """Build a tiny synthetic warehouse (for column types) under ``root``."""
+    from medblocks_pipelines.lib.settings import get_settings
+    from medblocks_pipelines.lib.warehouse.build import build_warehouse
+    from medblocks_pipelines.lib.warehouse.lake import LakeWriter, Provenance
+    from medblocks_pipelines.sandbox.generator import PopulationSpec, generate_population
+
+    settings = get_settings(root)
+    settings.ensure_dirs()
+    pop = generate_population(PopulationSpec(seed=1, persons=5))
+    for org in pop.organizations:
+        with LakeWriter(settings.lake_root, Provenance("sample", "backend", org.id, org.id, None,
+                                                       "sample")) as w:
+            for r in pop.resources_for(org.id):
+                w.add(json.dumps(r))
+    return build_warehouse("sample", settings=settings).path
+
+
+def main() -> None:
+    """Print the data dictionary (built from a tiny sample warehouse)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = sample_warehouse(Path(tmp))
+        with duckdb.connect(str(path), read_only=True) as con:
+            sys.stdout.write(data_dictionary_markdown(con))
+
+
+if __name__ == "__main__":
+    main()
