@@ -608,6 +608,8 @@ class BulkServer:
             job = self._start_job(request, token, plan)
         except FhirHttpError as exc:
             return outcome_response(exc.status, exc.code, str(exc), headers=exc.headers)
+        except (OSError, ValueError) as exc:  # the source could not be read (bad file on disk)
+            return outcome_response(500, "exception", f"kick-off failed: {type(exc).__name__}")
         # Built from the request rather than url_for: several orgs' apps mounted side by side
         # share route names, and url_for would answer with the first org's prefix.
         status_url = f"{job.fhir_base}/bulk-status/{job.id}"
