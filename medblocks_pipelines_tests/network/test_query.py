@@ -473,3 +473,19 @@ def test_person_from_the_unified_record(env: Any, population: Any) -> None:
         actor="dr-house",
     )
     assert not refused.allowed and refused.reason == "no_treatment_relationship"
+
+
+def test_busy_registry_and_repository_are_retried(env: Any) -> None:
+    env.start({"riverside-health": Behaviour(busy_first=frozenset({"ITI-38", "ITI-39"}))})
+    env.launch()
+    result = env.query()
+    assert result.status == "success" and result.documents_retrieved == 2
+    assert result.errors == {"Retried:XDSRegistryBusy": 1, "Retried:XDSRepositoryBusy": 1}
+    tx = [s["transaction"] for s in env.gw.seen if s["org"] == "riverside-health"]
+    assert tx == ["ITI-55", "ITI-38", "ITI-38", "ITI-39", "ITI-39"]
+    audit = env.cp.list_audit(tenant_id="acme")[0]
+    assert audit["evidence"]["requestor"] == {
+        "actor": "dr-house",
+        "organization": "acme-clinic",
+        "npi": "1234567893",
+    }

@@ -8,9 +8,9 @@ others still answer (SPECS 5.3/5.5: partial results at every fan-out step).
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 from lxml import etree
@@ -21,6 +21,16 @@ from medblocks_pipelines.lib.network.errors import GatewayTimeout, SoapFault, Un
 
 #: Documents asked for in one RetrieveDocumentSetRequest.
 RETRIEVE_BATCH = 10
+#: Registry errors that say "try again later" (ITI TF-3 4.2.4.1): retried with backoff.
+RETRYABLE_CODES = frozenset(
+    {
+        "XDSRegistryBusy",
+        "XDSRepositoryBusy",
+        "XDSRegistryOutOfResources",
+        "XDSRepositoryOutOfResources",
+    }
+)
+_R = TypeVar("_R")
 
 
 @dataclass(frozen=True)
@@ -113,8 +123,12 @@ class GatewayClient:
         transport: httpx.AsyncBaseTransport | None = None,
         max_parallel: int = 4,
         max_response_bytes: int = 50 * 1024 * 1024,
+        busy_retries: int = 2,
+        busy_backoff_s: float = 0.2,
     ) -> None:
         self.security = security
+        self.busy_retries = busy_retries
+        self.busy_backoff_s = busy_backoff_s
         self.transport = transport
         self.max_parallel = max_parallel
         self.max_response_bytes = max_response_bytes
@@ -249,6 +263,21 @@ class GatewayClient:
         )
         return ihe.parse_retrieve_response(msg.body, msg.attachments)
 
+    async def _retrying(self, call: Callable[[], Awaitable[_R]], out: GatewayOutcome) -> _R:
+        """Repeat an XCA call answered with Failure and only busy/out-of-resources errors."""
+        delay = self.busy_backoff_s
+        for attempt in range(self.busy_retries + 1):
+            resp = await call()
+            status = getattr(resp, "status", "")
+            codes = {e.code for e in getattr(resp, "errors", ()) if e.is_error}
+            if status != ihe.RESPONSE_FAILURE or not codes or not codes <= RETRYABLE_CODES:
+                return resp
+            if attempt < self.busy_retries:
+                out.errors.append(f"Retried:{sorted(codes)[0]}")
+                await asyncio.sleep(delay)
+                delay *= 2
+        return resp
+
     async def _one(
         self,
         http: httpx.AsyncClient,
@@ -281,9 +310,12 @@ class GatewayClient:
                     return out
             out.matches = matches
             partial = False
-            for match in pd.matches:
-                qr = await self.find_documents(
-                    http, gw, match, out, date_from=date_from, date_to=date_to
+            for match in out.matches:
+                qr = await self._retrying(
+                    lambda m=match: self.find_documents(
+                        http, gw, m, out, date_from=date_from, date_to=date_to
+                    ),
+                    out,
                 )
                 out.errors.extend(e.code for e in qr.errors if e.is_error)
                 if qr.status == ihe.RESPONSE_FAILURE:
@@ -298,7 +330,8 @@ class GatewayClient:
             for entry in out.entries:
                 (wanted if should_fetch(entry) else out.skipped).append(entry)
             for i in range(0, len(wanted), RETRIEVE_BATCH):
-                rr = await self.retrieve(http, gw, wanted[i : i + RETRIEVE_BATCH], out)
+                batch = wanted[i : i + RETRIEVE_BATCH]
+                rr = await self._retrying(lambda b=batch: self.retrieve(http, gw, b, out), out)
                 out.errors.extend(e.code for e in rr.errors if e.is_error)
                 partial = partial or rr.status != ihe.RESPONSE_SUCCESS
                 out.documents.extend(rr.documents)

@@ -388,6 +388,12 @@ def run_network_query(
         "trigger": trigger,
         "relied_on": [e.to_dict() for e in decision.evidence],
         "available": len(evidence),
+        # TEFCA wants requestor and NPI per request (SPECS 5.5); the SAML is in network_queries.
+        "requestor": {
+            "actor": actor,
+            "organization": net.get("organization"),
+            "npi": net.get("npi"),
+        },
     }
     cfg: NetworkConfig | None = None
     if decision.allowed:

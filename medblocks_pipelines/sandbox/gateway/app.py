@@ -56,6 +56,8 @@ class Behaviour:
     detected_issue: XCPD answers "no match" with a DetectedIssueEvent asking for an address.
     wrong_demographics: XCPD matches but returns a different birth date (IAS double-check).
     hostile_document: the CCD retrieve returns an entity-expansion attack instead of a C-CDA.
+    busy_first: transactions ("ITI-38", "ITI-39") whose first request answers Failure +
+        XDSRegistryBusy / XDSRepositoryBusy (a retry succeeds).
     """
 
     delay_s: float = 0.0
@@ -69,6 +71,7 @@ class Behaviour:
     detected_issue: bool = False
     wrong_demographics: bool = False
     hostile_document: bool = False
+    busy_first: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -80,6 +83,7 @@ class _Community:
         default_factory=dict
     )  # doc uid -> (patient id, kind)
     on_demand_counter: int = 0
+    busy_done: set[str] = field(default_factory=set)
 
     @property
     def oid(self) -> str:
@@ -314,6 +318,22 @@ def _xcpd_response(
     return root
 
 
+def _busy(tx: str) -> tuple[str, etree._Element]:
+    if tx == "ITI-38":
+        resp = etree.Element(
+            f"{{{ihe.QUERY}}}AdhocQueryResponse", nsmap={"query": ihe.QUERY, "rs": ihe.RS}
+        )
+        resp.set("status", ihe.RESPONSE_FAILURE)
+        _registry_error(resp, "XDSRegistryBusy", "try again later")
+        return ihe.ACTION_XCA_QUERY_RESPONSE, resp
+    resp = etree.Element(
+        f"{{{ihe.XDSB}}}RetrieveDocumentSetResponse", nsmap={"xdsb": ihe.XDSB, "rs": ihe.RS}
+    )
+    rr = etree.SubElement(resp, f"{{{ihe.RS}}}RegistryResponse", status=ihe.RESPONSE_FAILURE)
+    _registry_error(rr, "XDSRepositoryBusy", "try again later")
+    return ihe.ACTION_XCA_RETRIEVE_RESPONSE, resp
+
+
 def _birth(birth_date: str, shift: bool) -> str:
     value = birth_date.replace("-", "")
     if shift and len(value) == 8:
@@ -473,6 +493,10 @@ def create_gateway_app(
                     com, msg.body, _match(com, demo), shift_birth=b.wrong_demographics
                 )
             return _soap_response(_reply(ihe.ACTION_XCPD_RESPONSE, relates, resp))
+        if tx in b.busy_first and tx not in com.busy_done:
+            com.busy_done.add(tx)
+            busy_action, busy_body = _busy(tx)
+            return _soap_response(_reply(busy_action, relates, busy_body))
         if tx == "ITI-38":
             aq = msg.body.find(f"{{{ihe.RIM}}}AdhocQuery")
             if aq is not None:
