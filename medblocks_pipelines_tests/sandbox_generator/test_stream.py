@@ -87,13 +87,13 @@ def test_memory_stays_bounded(tmp_path: Path) -> None:
     # peak Python allocations must not grow with the number of resources written
     stream_bulk_ndjson(tmp_path / "warm", resources=1, seed=2)  # compile the shapes first
     tracemalloc.start()
-    stream_bulk_ndjson(tmp_path / "s", resources=3000, seed=2, buffer_bytes=1 << 16)
+    stream_bulk_ndjson(tmp_path / "s", resources=1500, seed=2, buffer_bytes=1 << 15)
     _, small = tracemalloc.get_traced_memory()
     tracemalloc.reset_peak()
-    stream_bulk_ndjson(tmp_path / "l", resources=30000, seed=2, buffer_bytes=1 << 16)
+    stream_bulk_ndjson(tmp_path / "l", resources=15000, seed=2, buffer_bytes=1 << 15)
     _, large = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    assert large < small * 1.5 + (4 << 20)
+    assert large < small * 1.5 + (2 << 20)
 
 
 def test_bad_arguments_raise(tmp_path: Path) -> None:

@@ -79,10 +79,8 @@ def test_maiden_names_are_recorded_somewhere(pop: Population) -> None:
     assert seen > 0
 
 
-def test_twins_are_distinct_persons_with_shared_demographics() -> None:
-    from medblocks_pipelines.sandbox.generator import PopulationSpec, generate_population
-
-    pop = generate_population(PopulationSpec(seed=5, persons=80, twin_rate=0.3))
+def test_twins_are_distinct_persons_with_shared_demographics(twins_pop: Population) -> None:
+    pop = twins_pop
     twins = [p for p in pop.persons if p.twin_of]
     assert twins
     by_id = {p.person_id: p for p in pop.persons}
@@ -161,10 +159,10 @@ def test_same_immunization_at_two_orgs(pop: Population) -> None:
         assert sum(1 for i in imms if i and i["primarySource"]) <= 1
 
 
-def test_twins_often_registered_at_the_same_org_with_the_same_birth_date() -> None:
-    from medblocks_pipelines.sandbox.generator import PopulationSpec, generate_population
-
-    pop = generate_population(PopulationSpec(seed=5, persons=80, twin_rate=0.3))
+def test_twins_often_registered_at_the_same_org_with_the_same_birth_date(
+    twins_pop: Population,
+) -> None:
+    pop = twins_pop
     person_of = {(o, p): person for o, p, person in pop.truth}
     by_id = {p.person_id: p for p in pop.persons}
     same_org_pairs = 0
