@@ -628,17 +628,21 @@ class FhirStore:
             return now
 
     # -- writes --------------------------------------------------------------------------------
-    def put(self, resource: Resource, *, keep_last_updated: bool = False) -> Resource:
+    def put(
+        self, resource: Resource, *, keep_last_updated: bool = False, copy: bool = True
+    ) -> Resource:
         """Create or update a resource (new version); returns the stored copy with `meta` set.
 
         `keep_last_updated` keeps a `meta.lastUpdated` the resource already carries if it is in
         the past (used when loading generated data); otherwise the store clock stamps it.
+        `copy=False` stores a shallow copy only (new `meta`, shared nested values): for callers
+        that never mutate what they pass, such as the copy-on-write generator (fast loads).
         """
         rtype, rid = resource.get("resourceType"), resource.get("id")
         if not isinstance(rtype, str) or not isinstance(rid, str) or not rid:
             raise ValueError("a stored resource needs resourceType and id")
         # A JSON round trip is a deep copy several times faster than copy.deepcopy for JSON data.
-        stored = json.loads(json.dumps(resource))
+        stored = json.loads(json.dumps(resource)) if copy else dict(resource)
         meta = dict(stored.get("meta") or {})
         with self._lock:
             now = self.now()
@@ -659,12 +663,14 @@ class FhirStore:
             self._index(rtype, rid, stored)
         return stored
 
-    def put_many(self, resources: Iterable[Resource], *, keep_last_updated: bool = True) -> int:
+    def put_many(
+        self, resources: Iterable[Resource], *, keep_last_updated: bool = True, copy: bool = True
+    ) -> int:
         """Store many resources (generator load); returns how many were stored."""
         n = 0
         with self._lock:
             for resource in resources:
-                self.put(resource, keep_last_updated=keep_last_updated)
+                self.put(resource, keep_last_updated=keep_last_updated, copy=copy)
                 n += 1
         return n
 

@@ -85,11 +85,15 @@ def with_carin_profiles(resources: Sequence[Resource]) -> list[Resource]:
     return out
 
 
-def load_payer_store(resources: Sequence[Resource]) -> FhirStore:
-    """A FhirStore of a payer's resources, CARIN BB profiles stamped where missing."""
+def load_payer_store(resources: Sequence[Resource], *, copy: bool = True) -> FhirStore:
+    """A FhirStore of a payer's resources, CARIN BB profiles stamped where missing.
+
+    `copy=False` for inputs nobody mutates afterwards (the copy-on-write generator).
+    """
     store = FhirStore()
     store.put_many(
-        with_carin_profiles([r for r in resources if r.get("resourceType") in PAYER_TYPES])
+        with_carin_profiles([r for r in resources if r.get("resourceType") in PAYER_TYPES]),
+        copy=copy,
     )
     return store
 

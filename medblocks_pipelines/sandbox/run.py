@@ -357,10 +357,11 @@ def _org_role(kind: str) -> RoleFactory:
             if kind == "payer":
                 from medblocks_pipelines.sandbox.payer import load_payer_store
 
-                store = load_payer_store(pop.resources_for(org.id))
+                store = load_payer_store(pop.resources_for(org.id), copy=False)
             else:
                 store = FhirStore()
-                store.put_many(pop.resources_for(org.id))
+                # No deep copy: the generator is copy-on-write (evolve() copies before editing).
+                store.put_many(pop.resources_for(org.id), copy=False)
             cfg = OrgConfig(
                 org_id=org.id, name=org.name, kind=kind, logins=_logins_of(pop, org.id, store)
             )
