@@ -7,6 +7,7 @@ others still answer (SPECS 5.3/5.5: partial results at every fan-out step).
 """
 
 import asyncio
+import functools
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -312,8 +313,14 @@ class GatewayClient:
             partial = False
             for match in out.matches:
                 qr = await self._retrying(
-                    lambda m=match: self.find_documents(
-                        http, gw, m, out, date_from=date_from, date_to=date_to
+                    functools.partial(
+                        self.find_documents,
+                        http,
+                        gw,
+                        match,
+                        out,
+                        date_from=date_from,
+                        date_to=date_to,
                     ),
                     out,
                 )
@@ -331,7 +338,9 @@ class GatewayClient:
                 (wanted if should_fetch(entry) else out.skipped).append(entry)
             for i in range(0, len(wanted), RETRIEVE_BATCH):
                 batch = wanted[i : i + RETRIEVE_BATCH]
-                rr = await self._retrying(lambda b=batch: self.retrieve(http, gw, b, out), out)
+                rr = await self._retrying(
+                    functools.partial(self.retrieve, http, gw, batch, out), out
+                )
                 out.errors.extend(e.code for e in rr.errors if e.is_error)
                 partial = partial or rr.status != ihe.RESPONSE_SUCCESS
                 out.documents.extend(rr.documents)
