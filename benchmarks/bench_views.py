@@ -10,6 +10,8 @@ then for every core view measures, in the same run over the same data:
   with ``CREATE TABLE AS`` (what a warehouse build does);
 * hand-written: a DuckDB projection of the same fields written by hand with the JSON operators
   an analyst would use, materialised the same way;
+* hand-written, parse once (observation, patient, explanation_of_benefit_line): the same
+  fields projected from one explicit ``from_json`` structure, the idiom a DuckDB expert would use;
 * fhirpathpy: the per-resource Python evaluation of the same view (reference.evaluate_view) on a
   sample of K resources of the view's type.
 
@@ -294,6 +296,110 @@ HAND_UNNEST: dict[str, tuple[str, str, str, str]] = {
 }
 
 
+# A second, stronger hand-written baseline for three views: parse each resource once with an
+# explicit from_json structure (the idiom a DuckDB expert would use), then project.
+_CODING = '[{"system":"VARCHAR","code":"VARCHAR","display":"VARCHAR"}]'
+_CC = '{"coding":' + _CODING + ',"text":"VARCHAR"}'
+_QTY = '{"value":"DECIMAL(38,18)","unit":"VARCHAR","code":"VARCHAR"}'
+_REF = '{"reference":"VARCHAR"}'
+PARSE_ONCE: dict[str, tuple[str, str, str]] = {
+    "observation": ("Observation", (
+        '{"id":"VARCHAR","subject":' + _REF + ',"encounter":' + _REF + ',"status":"VARCHAR",'
+        '"category":[' + _CC + '],"code":' + _CC + ',"effectiveDateTime":"VARCHAR",'
+        '"effectivePeriod":{"start":"VARCHAR"},"issued":"VARCHAR","valueQuantity":' + _QTY + ','
+        '"valueCodeableConcept":' + _CC + ',"valueString":"VARCHAR","valueBoolean":"BOOLEAN",'
+        '"valueInteger":"BIGINT","valueDateTime":"VARCHAR","interpretation":[' + _CC + '],'
+        '"referenceRange":[{"low":' + _QTY + ',"high":' + _QTY + '}],"component":["JSON"],'
+        '"meta":{"lastUpdated":"VARCHAR"}}'), """
+        r.id AS id, nullif(regexp_extract(r.subject.reference, 'Patient/([^/]+)$', 1), '')
+        AS patient_id, nullif(regexp_extract(r.encounter.reference, 'Encounter/([^/]+)$', 1), '')
+        AS encounter_id, r.status AS status, r.category[1].coding[1].code AS category,
+        r.code.coding[1].code AS code_code, r.code.coding[1].system AS code_system,
+        r.code.coding[1].display AS code_display, r.code.text AS code_text,
+        list_filter(r.code.coding, lambda c: c.system = 'http://loinc.org')[1].code
+        AS loinc_code, r.effectiveDateTime AS effective_date_time,
+        r.effectivePeriod.start AS effective_period_start, r.issued AS issued,
+        r.valueQuantity.value AS value_quantity, r.valueQuantity.unit AS value_unit,
+        r.valueQuantity.code AS value_ucum, r.valueCodeableConcept.coding[1].code AS value_code,
+        r.valueCodeableConcept.coding[1].system AS value_code_system,
+        r.valueString AS value_string, r.valueBoolean AS value_boolean,
+        r.valueInteger AS value_integer, r.valueDateTime AS value_date_time,
+        r.interpretation[1].coding[1].code AS interpretation,
+        r.referenceRange[1].low.value AS reference_range_low,
+        r.referenceRange[1].high.value AS reference_range_high,
+        coalesce(len(r.component), 0) AS component_count, r.meta.lastUpdated AS last_updated"""),
+    "patient": ("Patient", (
+        '{"id":"VARCHAR","active":"BOOLEAN","gender":"VARCHAR","birthDate":"VARCHAR",'
+        '"deceasedBoolean":"BOOLEAN","deceasedDateTime":"VARCHAR",'
+        '"name":[{"use":"VARCHAR","family":"VARCHAR","given":["VARCHAR"]}],'
+        '"identifier":[{"type":' + _CC + ',"system":"VARCHAR","value":"VARCHAR"}],'
+        '"telecom":[{"system":"VARCHAR","value":"VARCHAR"}],'
+        '"address":[{"line":["VARCHAR"],"city":"VARCHAR","state":"VARCHAR",'
+        '"postalCode":"VARCHAR","country":"VARCHAR"}],"maritalStatus":' + _CC + ','
+        '"extension":[{"url":"VARCHAR","valueCode":"VARCHAR","extension":[{"url":"VARCHAR",'
+        '"valueCoding":{"code":"VARCHAR"}}]}],"managingOrganization":' + _REF + ','
+        '"meta":{"lastUpdated":"VARCHAR"}}'), f"""
+        r.id AS id, r.active AS active, r.gender AS gender, r.birthDate AS birth_date,
+        r.deceasedBoolean AS deceased, r.deceasedDateTime AS deceased_date_time,
+        coalesce(list_filter(r.name, lambda n: n.use = 'official')[1], r.name[1]).family
+        AS family_name, coalesce(array_to_string(coalesce(list_filter(r.name,
+        lambda n: n.use = 'official')[1], r.name[1]).given, ' '), '') AS given_names,
+        list_filter(r.identifier, lambda x: list_contains(list_transform(x.type.coding,
+        lambda c: c.code), 'MR'))[1].value AS mrn,
+        list_filter(r.identifier, lambda x: list_contains(list_transform(x.type.coding,
+        lambda c: c.code), 'MR'))[1].system AS mrn_system,
+        list_filter(r.telecom, lambda t: t.system = 'phone')[1].value AS phone,
+        list_filter(r.telecom, lambda t: t.system = 'email')[1].value AS email,
+        coalesce(array_to_string(r.address[1].line, ', '), '') AS address_line,
+        r.address[1].city AS city, r.address[1].state AS state,
+        r.address[1].postalCode AS postal_code, r.address[1].country AS country,
+        r.maritalStatus.coding[1].code AS marital_status,
+        list_filter(list_filter(r.extension, lambda e: e.url = '{US}us-core-race')[1].extension,
+        lambda e: e.url = 'ombCategory')[1].valueCoding.code AS race_code,
+        list_filter(list_filter(r.extension, lambda e: e.url = '{US}us-core-ethnicity')[1]
+        .extension, lambda e: e.url = 'ombCategory')[1].valueCoding.code AS ethnicity_code,
+        list_filter(r.extension, lambda e: e.url = '{US}us-core-birthsex')[1].valueCode
+        AS birth_sex, nullif(regexp_extract(r.managingOrganization.reference,
+        'Organization/([^/]+)$', 1), '') AS managing_organization_id,
+        r.meta.lastUpdated AS last_updated"""),
+    "explanation_of_benefit_line": ("ExplanationOfBenefit", (
+        '{"id":"VARCHAR","patient":' + _REF + ',"type":' + _CC + ',"item":[{"sequence":"BIGINT",'
+        '"productOrService":' + _CC + ',"servicedDate":"VARCHAR","servicedPeriod":'
+        '{"start":"VARCHAR"},"locationCodeableConcept":' + _CC + ',"quantity":' + _QTY + ','
+        '"net":' + _QTY + ',"adjudication":[{"category":' + _CC + ',"amount":' + _QTY + '}],'
+        '"diagnosisSequence":["BIGINT"]}]}'), "UNNEST"),
+}
+
+
+def _adj(codes: tuple[str, ...]) -> str:
+    cond = " OR ".join(f"list_contains(list_transform(a.category.coding, lambda c: c.code), "
+                       f"'{c}')" for c in codes)
+    return f"list_filter(el.adjudication, lambda a: {cond})[1].amount.value"
+
+
+def parse_once_sql(name: str) -> str:
+    rtype, structure, cols = PARSE_ONCE[name]
+    prov = ", ".join(PROV)
+    src = (f"SELECT {prov}, from_json(resource, '{structure}') AS r FROM resources "
+           f"WHERE resource_type = '{rtype}'")
+    if cols != "UNNEST":
+        return f"SELECT {prov}, {cols} FROM ({src})"
+    return f"""SELECT {prov}, r.id AS eob_id,
+        nullif(regexp_extract(r.patient.reference, 'Patient/([^/]+)$', 1), '') AS patient_id,
+        r.type.coding[1].code AS type_code, el.sequence AS sequence,
+        el.productOrService.coding[1].code AS product_or_service_code,
+        el.productOrService.coding[1].system AS product_or_service_system,
+        el.productOrService.coding[1].display AS product_or_service_display,
+        el.servicedDate AS serviced_date, el.servicedPeriod.start AS serviced_period_start,
+        el.locationCodeableConcept.coding[1].code AS place_of_service,
+        el.quantity.value AS quantity, el.net.value AS net_amount,
+        {_adj(('submitted',))} AS submitted_amount, {_adj(('eligible',))} AS allowed_amount,
+        {_adj(('paidtoprovider', 'benefit'))} AS paid_amount,
+        {_adj(('copay',))} AS copay_amount,
+        coalesce(el.diagnosisSequence, []) AS diagnosis_sequences
+        FROM ({src}), LATERAL (SELECT unnest(r.item) AS el)"""
+
+
 def hand_sql(name: str) -> str:
     prov = ", ".join(PROV)
     if name in HAND:
@@ -365,6 +471,7 @@ def main() -> None:
     print(f"{'view':<28}{'input':>10}{'rows':>10}{'compiled/s':>13}{'hand/s':>13}"
           f"{'ratio':>7}{'fhirpathpy/s':>14}{'fp/comp':>9}")
     ratios: list[float] = []
+    strong: list[str] = []
     for name, view in load_core_views(user_dir="").items():
         compiled = compile_view(view, passthrough_columns=PROV)
         hand = hand_sql(name)
@@ -381,6 +488,15 @@ def main() -> None:
         evaluate_view(view, sample)
         fp_s = time.perf_counter() - t0
         rate_c, rate_h = n_in / best_c, n_in / best_h
+        if name in PARSE_ONCE:
+            best_p = float("inf")
+            rows_p = 0
+            for _ in range(args.repeat):
+                t, rows_p = timed(con, parse_once_sql(name))
+                best_p = min(best_p, t)
+            strong.append(f"{name:<28}{n_in / best_p:>13,.0f}/s  compiled/parse-once "
+                          f"{best_p / best_c:.2f}" + ("" if rows_p == rows_c else
+                                                      f"  (rows {rows_p} vs {rows_c})"))
         rate_fp = len(sample) / fp_s if fp_s > 0 else float("nan")
         ratio = rate_c / rate_h
         ratios.append(ratio)
@@ -393,6 +509,9 @@ def main() -> None:
     geo **= 1 / len(ratios)
     print(f"compiled / hand-written: min {min(ratios):.2f}, geometric mean {geo:.2f} "
           f"(target >= 0.8)")
+    print("stronger hand-written baseline (parse once with from_json, then project):")
+    for line in strong:
+        print("  " + line)
     print(f"peak RSS {peak_rss_mb():,.0f} MB")
 
 
