@@ -5,11 +5,13 @@ import base64
 import importlib
 import re
 from collections import Counter
+from datetime import datetime
 from typing import Any
 
 import pytest
 
-from medblocks_pipelines.sandbox.generator import Population
+from medblocks_pipelines.lib.errors import GeneratorError
+from medblocks_pipelines.sandbox.generator import Population, PopulationSpec, generate_population
 from medblocks_pipelines.sandbox.generator.people import npi_check_digit
 
 EHR_TYPES = {
@@ -295,3 +297,29 @@ def test_marital_status_and_language(pop: Population) -> None:
     assert {"M", "S"} <= set(statuses)
     langs = Counter(p["communication"][0]["language"]["coding"][0]["code"] for p in patients)
     assert langs["en-US"] > langs["es"] > 0
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        PopulationSpec(persons=-1),  # negative size
+        PopulationSpec(years=0),  # no history window
+        PopulationSpec(twin_rate=1.5),  # not a rate
+        PopulationSpec(reference_date=datetime(2026, 11, 1)),  # naive: wall-clock ambiguity
+    ],
+)
+def test_bad_specs_are_refused(spec: PopulationSpec) -> None:
+    with pytest.raises(GeneratorError):
+        generate_population(spec)
+
+
+@pytest.mark.parametrize("persons", [0, 1, 2])
+def test_tiny_worlds_generate_and_evolve(persons: int) -> None:
+    from medblocks_pipelines.sandbox.generator import evolve
+
+    pop = generate_population(PopulationSpec(seed=1, persons=persons))
+    assert len(pop.persons) == persons
+    # the organizations' own resources exist even with nobody in the world
+    assert pop.resources_for("mercy-general", "Organization")
+    changes = evolve(pop, 1)
+    assert bool(changes.created) == (persons > 0)

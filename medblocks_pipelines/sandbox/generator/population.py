@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from medblocks_pipelines.lib.errors import GeneratorError
 from medblocks_pipelines.sandbox.generator import people, render
 from medblocks_pipelines.sandbox.generator.history import History, make_history
 from medblocks_pipelines.sandbox.generator.model import (
@@ -152,6 +153,10 @@ def _password(rng: random.Random) -> str:
 def generate_population(spec: PopulationSpec | None = None) -> Population:
     """Generate a deterministic world for `spec` (same seed -> same resources, byte for byte)."""
     spec = spec or PopulationSpec()
+    if spec.persons < 0 or spec.years < 1 or not 0 <= spec.twin_rate <= 1:
+        raise GeneratorError("PopulationSpec needs persons >= 0, years >= 1, 0 <= twin_rate <= 1")
+    if spec.reference_date.tzinfo is None:
+        raise GeneratorError("PopulationSpec.reference_date must be timezone-aware")
     ref_dt = spec.reference_date
     orgs = people.default_organizations()
     by_id = {o.id: o for o in orgs}
