@@ -151,6 +151,9 @@ class RoleContext:
     admin_secret: str
     role_urls: Mapping[str, str]
     options: Mapping[str, Any] = field(default_factory=dict)
+    #: Roles built before this one (start order: ehr, payer, gateway, cds_ehr, others), so a
+    #: later role can reach, in process, e.g. an EHR org's `auth` to mint launch ids.
+    built_roles: Mapping[str, "RoleApp"] = field(default_factory=dict)
 
 
 @dataclass
@@ -553,6 +556,7 @@ def start_sandbox(
                 admin_secret=secret,
                 role_urls=urls,
                 options=options,
+                built_roles=dict(built),
             )
             built[name] = _ROLES[name](ctx)
         for name in names:

@@ -105,3 +105,37 @@ def test_fixed_population_and_port_plan() -> None:
         handle.stop()
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{mercy.fhir_base}/metadata", timeout=2)
+
+
+def test_custom_role_sees_earlier_roles_and_mints_launches(monkeypatch: pytest.MonkeyPatch) -> None:
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    from medblocks_pipelines.sandbox import run
+
+    seen: dict = {}
+
+    def cds_ehr(ctx: run.RoleContext) -> run.RoleApp:
+        auth = ctx.built_roles["ehr"].extra["orgs"]["mercy"]["auth"]
+        seen["ehr_url"] = ctx.role_urls["ehr"]
+
+        async def launch(request: object) -> JSONResponse:
+            return JSONResponse(
+                {
+                    "launch": auth.mint_launch(patient="p1", user="Practitioner/dr1"),
+                    "iss": auth.fhir_base,
+                }
+            )
+
+        return run.RoleApp(app=Starlette(routes=[Route("/launch", launch)]))
+
+    monkeypatch.setitem(run._ROLES, "cds_ehr", cds_ehr)
+    handle = start_sandbox(base_port=0, population=FakePopulation(), roles=["ehr", "cds_ehr"])
+    try:
+        assert [r["role"] for r in handle.describe()] == ["ehr", "cds_ehr"]
+        answer = httpx.get(f"{handle.role_urls['cds_ehr']}/launch", timeout=10).json()
+        assert answer["iss"] == handle.org("mercy").fhir_base
+        assert seen["ehr_url"] == handle.role_urls["ehr"]
+    finally:
+        handle.stop()
