@@ -175,3 +175,19 @@ def test_rate_limit_by_client_with_opaque_tokens(ehr: Ehr) -> None:
     assert httpx.get(ehr.fhir + "/Patient/p1", headers={**headers, **narrow}).status_code == 200
     assert httpx.get(ehr.fhir + "/Patient/p1", headers={**headers, **narrow}).status_code == 429
     assert httpx.get(ehr.fhir + "/Patient/p1", headers={**headers, **wide}).status_code == 200
+
+
+def test_epic_profile_makes_the_ehr_require_a_jwks_url() -> None:
+    from medblocks_pipelines.sandbox.profiles import EPIC
+
+    app = create_ehr_app(OrgConfig(org_id="epic", name="Epic-like"), FhirStore(),
+                         base_url="http://127.0.0.1:9", admin_secret="x", profile=EPIC)
+    rsa_key, _ = _keys()
+    jwk = {**RSAAlgorithm.to_jwk(rsa_key.public_key(), as_dict=True), "kid": "k"}
+    with pytest.raises(ValueError, match="JWKS URL"):
+        app.state.auth_server.register_client({
+            "client_id": "inline", "token_endpoint_auth_method": "private_key_jwt",
+            "jwks": {"keys": [jwk]}})
+    app.state.auth_server.register_client({
+        "client_id": "hosted", "token_endpoint_auth_method": "private_key_jwt",
+        "jwks_uri": "http://127.0.0.1:9/jwks.json"})

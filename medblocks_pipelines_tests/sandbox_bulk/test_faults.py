@@ -347,3 +347,35 @@ def test_connect_auth_server_uses_the_as_seams() -> None:
     assert faults.on_refresh_revoked is not None
     faults.on_refresh_revoked("rt")
     assert calls[-1] == ("revoke", "rt")
+
+
+def test_client_honouring_http_date_retry_after_gets_through(env: BulkEnv) -> None:
+    env.faults.add("rate_limit", path=r"/\$export", limit=1, window=1.5,
+                   retry_after_form="http-date")
+    assert env.kickoff().status_code == 202
+    limited = env.kickoff()
+    assert limited.status_code == 429
+    when = email.utils.parsedate_to_datetime(limited.headers["retry-after"])
+    time.sleep(max(0.0, (when - datetime.now(UTC)).total_seconds()))
+    assert env.kickoff().status_code == 202
+
+
+def test_drop_connection_on_gzip_download(env: BulkEnv) -> None:
+    manifest = env.export(params={"_type": "Observation"})
+    url = manifest["output"][0]["url"]
+    env.faults.add("drop_connection", path=FILES, after_bytes=40)
+    with pytest.raises(httpx.RemoteProtocolError), httpx.stream(
+        "GET", url, headers={"Accept-Encoding": "gzip", **env.auth()}
+    ) as response:
+        assert response.headers["content-encoding"] == "gzip"
+        b"".join(response.iter_raw())
+    # The next request is whole.
+    assert len(httpx.get(url, headers=env.auth()).text.splitlines()) == 6
+
+
+def test_faults_only_where_their_path_matches(env: BulkEnv) -> None:
+    env.faults.add("error_burst", path=FILES, count=1)
+    location = env.kickoff().headers["content-location"]
+    manifest = env.wait(location).json()  # kick-off and status untouched
+    assert httpx.get(manifest["output"][0]["url"], headers=env.auth()).status_code == 503
+    assert httpx.get(manifest["output"][0]["url"], headers=env.auth()).status_code == 200

@@ -313,3 +313,23 @@ def test_export_that_crashes_reports_failure(make_env: Callable[..., BulkEnv],
     assert failed.status_code == 500
     issue = failed.json()["issue"][0]
     assert issue["code"] == "exception" and "broken" not in issue["diagnostics"]
+
+
+def test_concurrent_exports_of_several_clients(env: BulkEnv) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    jobs = [("client-1", "/Group/g1/$export", 2), ("client-2", "/Patient/$export", 3),
+            ("client-3", "/$export", 3), ("client-4", "/Group/g1/$export", 2)]
+
+    def run(job: tuple[str, str, int]) -> int:
+        client_id, path, _ = job
+        manifest = env.export(path, client_id=client_id, params={"_type": "Patient"})
+        return len(env.all_of(manifest, client_id=client_id)["Patient"])
+
+    with ThreadPoolExecutor(4) as pool:
+        assert list(pool.map(run, jobs)) == [n for _, _, n in jobs]
+
+
+def test_since_in_the_future_exports_nothing(env: BulkEnv) -> None:
+    manifest = env.export(params={"_since": "2999-01-01T00:00:00Z"})
+    assert manifest["output"] == [] and manifest["deleted"] == []
