@@ -712,6 +712,8 @@ class AuthServer:
         client = self.get_client(params.get("client_id", ""))
         if client is None:
             return _error_page("invalid_client", "unknown client_id")
+        if client.token_endpoint_auth_method == "none" and not self.config.allow_public_clients:
+            return _error_page("unauthorized_client", "this server accepts confidential clients")
         redirect_uri = params.get("redirect_uri", "")
         # Exact string match against a pre-registered URI (no prefix or pattern matching).
         if redirect_uri not in client.redirect_uris:
@@ -994,7 +996,11 @@ class AuthServer:
                 )
             return client
         public = self.get_client(params.get("client_id", ""))
-        if public is None or public.token_endpoint_auth_method != "none":
+        if (
+            public is None
+            or public.token_endpoint_auth_method != "none"
+            or not self.config.allow_public_clients
+        ):
             raise OAuthProtocolError("invalid_client", "client authentication failed", status=401)
         return public
 

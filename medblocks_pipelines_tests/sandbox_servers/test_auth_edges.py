@@ -180,8 +180,12 @@ def test_patient_token_cannot_ask_for_other_patient_by_id(ehr: Server) -> None:
     assert ehr.http.get(f"{ehr.fhir}/Patient?_id=p1", headers=auth).json()["total"] == 1
 
 
-def test_confidential_only_server_refuses_public_registration(payer: Server) -> None:
+def test_confidential_only_server_refuses_public_clients(payer: Server) -> None:
+    register_public(payer, client_id="early")  # registered before the policy changed
     payer.auth.config.allow_public_clients = False
+    req = AuthRequest(client_id="early")
+    resp = payer.http.get(payer.smart()["authorization_endpoint"], params=req.params(payer))
+    assert resp.status_code == 400 and "location" not in resp.headers
     resp = payer.admin(
         "clients",
         {"client_id": "pub", "token_endpoint_auth_method": "none", "redirect_uris": [REDIRECT]},
