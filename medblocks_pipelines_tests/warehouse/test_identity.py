@@ -217,3 +217,14 @@ def test_pairwise_metrics(
 def test_connected_components_root_is_the_smallest_key() -> None:
     roots = connected_components(["d", "c", "b", "a", "e"], [("d", "c"), ("c", "a"), ("b", "b")])
     assert roots == {"a": "a", "c": "a", "d": "a", "b": "b", "e": "e"}
+
+
+def test_counting_metrics_equal_listing_metrics(
+    pop300: Population, linked300: identity.IdentityResult
+) -> None:
+    pred = dict(zip(linked300.links["patient_key"], linked300.links["person_id"], strict=True))
+    truth = _truth(pop300)
+    frame = pl.DataFrame(
+        {"pred": [pred[k] for k in truth], "truth": list(truth.values())}
+    )
+    assert identity.pairwise_metrics_frame(frame) == pairwise_metrics(pred, truth)

@@ -711,6 +711,31 @@ def pairwise_metrics(
     }
 
 
+def pairwise_metrics_frame(df: pl.DataFrame) -> dict[str, float | int]:
+    """:func:`pairwise_metrics` by counting, for millions of records.
+
+    ``df`` has one row per record with columns ``pred`` and ``truth`` (cluster labels). Pairs are
+    counted as sums of n*(n-1)/2 over clusters and over (pred, truth) intersections, never listed.
+    """
+
+    def pairs(cols: list[str]) -> int:
+        sizes = df.group_by(cols).agg(n=pl.len()).get_column("n").cast(pl.Int64)
+        return int((sizes * (sizes - 1) // 2).sum())
+
+    predicted, true, tp = pairs(["pred"]), pairs(["truth"]), pairs(["pred", "truth"])
+    fp, fn = predicted - tp, true - tp
+    return {
+        "records": df.height,
+        "true_pairs": true,
+        "predicted_pairs": predicted,
+        "tp": tp,
+        "fp": fp,
+        "fn": fn,
+        "precision": tp / predicted if predicted else 1.0,
+        "recall": tp / true if true else 1.0,
+    }
+
+
 def _pairs(records: list[str], cluster_of: Mapping[str, str]) -> set[tuple[str, str]]:
     groups: dict[str, list[str]] = {}
     for r in records:
