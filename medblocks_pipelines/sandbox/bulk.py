@@ -55,7 +55,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -126,8 +126,22 @@ class TokenInfo:
     scopes: frozenset[str]
 
 
+class CallerInfo(Protocol):
+    """What an authenticator returns: ``TokenInfo`` here, or the EHR's ``auth.TokenInfo``."""
+
+    @property
+    def client_id(self) -> str:
+        """The client the token was issued to."""
+        ...
+
+    @property
+    def scopes(self) -> Collection[str]:
+        """The granted scopes."""
+        ...
+
+
 #: Validates the request's bearer token; raises ``FhirHttpError`` (401/403) when it fails.
-Authenticator = Callable[[Request], "TokenInfo | Awaitable[TokenInfo]"]
+Authenticator = Callable[[Request], "CallerInfo | Awaitable[CallerInfo]"]
 
 
 class StaticTokens:
