@@ -20,8 +20,9 @@ Kinds applied by :class:`FaultMiddleware` to any app (EHR, payer, bulk):
 ``drop_connection``       the response body is cut after ``after_bytes`` bytes and the
                           connection closed
 ``expire_token``          a bearer token is refused (401 ``invalid_token``) after
-                          ``after_requests`` requests; ``FaultInjector.on_token_expired`` lets
-                          the authorization server expire it for real
+                          ``after_requests`` requests (default 1) or ``after_seconds`` from its
+                          first use; ``FaultInjector.on_token_expired`` lets the
+                          authorization server expire it for real
 ``revoke_refresh``        ``grant_type=refresh_token`` at the token endpoint answers 400
                           ``invalid_grant``; ``FaultInjector.on_refresh_revoked`` lets the
                           authorization server revoke it
@@ -75,7 +76,7 @@ FAULT_DEFAULTS: dict[str, dict[str, Any]] = {
     "error_burst": {"status": 503},
     "html_200": {},
     "drop_connection": {"after_bytes": 64},
-    "expire_token": {"after_requests": 1},
+    "expire_token": {"after_requests": None, "after_seconds": None},
     "revoke_refresh": {},
     "huge_page": {"page_size": 10000},
     "ndjson_truncate": {"line": 1},
@@ -173,6 +174,8 @@ class FaultInjector:
         self._rules: list[FaultRule] = []
         self._hits: dict[tuple[str, str], deque[float]] = {}
         self._token_uses: dict[tuple[str, str], int] = {}
+        self._token_seen: dict[tuple[str, str], float] = {}
+        self._token_expired: set[tuple[str, str]] = set()
         #: Seam for the authorization server: called with an access token the fault expired.
         self.on_token_expired: Callable[[str], None] | None = None
         #: Seam for the authorization server: called with a refresh token the fault revoked.
@@ -219,6 +222,8 @@ class FaultInjector:
             self._rules.clear()
             self._hits.clear()
             self._token_uses.clear()
+            self._token_seen.clear()
+            self._token_expired.clear()
 
     def rules(self) -> list[FaultRule]:
         """A snapshot of the active rules."""
@@ -285,6 +290,7 @@ class FaultInjector:
         self, *, token: str, client_id: str | None, path: str, method: str
     ) -> bool:
         """Count one use of ``token``; True once an ``expire_token`` rule says it has expired."""
+        now = time.monotonic()
         with self._lock:
             rule = self._find("expire_token", client_id, path, method)
             if rule is None:
@@ -292,8 +298,19 @@ class FaultInjector:
             key = (rule.id, token)
             uses = self._token_uses.get(key, 0) + 1
             self._token_uses[key] = uses
-            expired = uses > int(rule.params["after_requests"])
-        if expired and uses == int(rule.params["after_requests"]) + 1 and self.on_token_expired:
+            first_seen = self._token_seen.setdefault(key, now)
+            after_requests = rule.params["after_requests"]
+            after_seconds = rule.params["after_seconds"]
+            if after_requests is None and after_seconds is None:
+                after_requests = 1
+            expired = (after_requests is not None and uses > int(after_requests)) or (
+                after_seconds is not None and now - first_seen >= float(after_seconds)
+            )
+            # Tell the authorization server once per token.
+            first_time = expired and key not in self._token_expired
+            if first_time:
+                self._token_expired.add(key)
+        if first_time and self.on_token_expired:
             self.on_token_expired(token)
         return expired
 

@@ -379,3 +379,17 @@ def test_faults_only_where_their_path_matches(env: BulkEnv) -> None:
     manifest = env.wait(location).json()  # kick-off and status untouched
     assert httpx.get(manifest["output"][0]["url"], headers=env.auth()).status_code == 503
     assert httpx.get(manifest["output"][0]["url"], headers=env.auth()).status_code == 200
+
+
+def test_expire_token_after_seconds() -> None:
+    faults = FaultInjector()
+    expired: list[str] = []
+    faults.on_token_expired = expired.append
+    faults.add("expire_token", after_seconds=0.2)
+    where = {"client_id": None, "path": "/x", "method": "GET"}
+    assert not any(faults.token_expired(token="t", **where) for _ in range(5))
+    time.sleep(0.25)
+    assert faults.token_expired(token="t", **where)
+    assert faults.token_expired(token="t", **where)
+    assert not faults.token_expired(token="fresh", **where)  # its own clock
+    assert expired == ["t"]
