@@ -13,6 +13,7 @@ its own base URL, the URLs of every role, the admin secret) and returns a `RoleA
 
 import contextlib
 import functools
+import os
 import secrets
 import socket
 import threading
@@ -474,14 +475,20 @@ class SandboxHandle:
         }
 
     def describe(self) -> list[dict[str, str]]:
-        """Rows for a table of what runs where (role, org, kind, URL)."""
+        """Rows for a table of what runs where: role, org, kind, name, URL.
+
+        The URL is the FHIR base for EHR and payer orgs, the org's base for the others.
+        """
         rows = []
         for role, url in self.role_urls.items():
             orgs = [o for o in self.orgs if o.role == role]
             if not orgs:
-                rows.append({"role": role, "org": "", "name": "", "url": url})
+                rows.append({"role": role, "org": "", "kind": "", "name": "", "url": url})
             for o in orgs:
-                rows.append({"role": role, "org": o.org_id, "name": o.name, "url": o.fhir_base})
+                shown = o.fhir_base if o.kind in ("ehr", "payer") else o.base_url
+                rows.append(
+                    {"role": role, "org": o.org_id, "kind": o.kind, "name": o.name, "url": shown}
+                )
         return rows
 
     def stop(self) -> None:
@@ -514,7 +521,8 @@ def start_sandbox(
 ) -> SandboxHandle:
     """Start the sandbox: one uvicorn server per role on `host`, ports from `base_port` up.
 
-    `base_port=0` takes ephemeral ports (tests). `population` skips generation (a prepared
+    `base_port=0` takes ephemeral ports (tests). The admin secret is `admin_secret`, else
+    `MEDBLOCKS_SANDBOX_ADMIN_SECRET`, else random (see `SandboxHandle.admin_secret`). `population` skips generation (a prepared
     population); otherwise `generate_population(PopulationSpec(seed, persons))`. `profiles` maps
     org ids to vendor profile names (`strict`, `epic`, `oracle`). `role_options` are passed to
     every role factory in `RoleContext.options` (e.g. `gateway_behaviours`). `roles` picks a
@@ -525,7 +533,13 @@ def start_sandbox(
         from medblocks_pipelines.sandbox.generator import PopulationSpec, generate_population
 
         population = generate_population(PopulationSpec(seed=seed, persons=persons))
-    secret = admin_secret or secrets.token_urlsafe(24)
+    # A fixed secret from the environment lets other processes (Dagster runs, the demo) call the
+    # admin API of a sandbox started elsewhere.
+    secret = (
+        admin_secret
+        or os.environ.get("MEDBLOCKS_SANDBOX_ADMIN_SECRET")
+        or secrets.token_urlsafe(24)
+    )
     known = registered_roles()
     names = list(roles) if roles is not None else known
     unknown = [n for n in names if n not in known]

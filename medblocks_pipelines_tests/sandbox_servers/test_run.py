@@ -36,6 +36,9 @@ def test_starts_fast_and_describes_itself(sandbox: SandboxHandle) -> None:
     rows = sandbox.describe()
     assert {r["role"] for r in rows} >= {"ehr", "payer"}
     assert all(r["url"].startswith("http://127.0.0.1:") for r in rows)
+    for row in rows:
+        # FHIR bases for EHR and payer orgs; gateway communities have no FHIR base.
+        assert row["url"].endswith("/fhir") == (row["kind"] in ("ehr", "payer"))
     kinds = {o.kind for o in sandbox.orgs}
     assert {"ehr", "payer"} <= kinds
     assert len(sandbox.orgs_of("ehr")) == 2 and len(sandbox.orgs_of("payer")) == 1
