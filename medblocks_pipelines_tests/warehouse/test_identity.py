@@ -82,7 +82,7 @@ def test_twin_edges_are_vetoed_and_kept(linked300: identity.IdentityResult) -> N
     vetoed = linked300.edges.filter(pl.col("veto").is_not_null())
     assert vetoed.height > 0
     assert not vetoed["accepted"].any()
-    assert set(vetoed["veto"].unique()) <= {"given names conflict", "different SSNs"}
+    assert set(vetoed["veto"].unique()) <= {"given names conflict", "different SSNs", "birth dates conflict"}
 
 
 def test_every_link_has_score_rule_and_evidence(linked300: identity.IdentityResult) -> None:

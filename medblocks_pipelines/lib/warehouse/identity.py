@@ -18,7 +18,8 @@ cluster of source patients that are the same human. Edges come from three places
 Probabilistic links are *vetoed* when the two records carry conflicting given names (no shared
 nickname/formal form, Jaro-Winkler < 0.88 and more than one edit apart; or different given names and
 different sexes, so a shared nickname such as Alex does not join Alexander and Alexandra) or two
-different SSNs: twins share birth date, address, phone and family name, and the independence assumption
+different SSNs, or different birth dates (beyond a day/month swap or one day) without an SSN match:
+twins share birth date, address, phone and family name, and the independence assumption
 of Fellegi-Sunter would otherwise merge them. Vetoed edges are kept (``accepted = false``, ``veto``) so
 the decision is auditable; ``persons.conflicts`` counts vetoed pairs that still ended in one person
 through other links (a person to review).
@@ -450,7 +451,7 @@ def _label_expr(mw: pl.Expr, levels: list[tuple[float, str]]) -> pl.Expr:
 
 def apply_vetoes(edges: pl.DataFrame, std: pl.DataFrame) -> pl.DataFrame:
     """Mark probabilistic edges that conflict on given name or SSN as not accepted (twins guard)."""
-    attrs = std.select("patient_key", "given_std", "given_variants", "ssn_std", "sex")
+    attrs = std.select("patient_key", "given_std", "given_variants", "ssn_std", "sex", "dob")
     e = (
         edges.join(
             attrs.rename(lambda c: c + "_l"), left_on="key_l", right_on="patient_key_l",
@@ -496,12 +497,27 @@ def apply_vetoes(edges: pl.DataFrame, std: pl.DataFrame) -> pl.DataFrame:
         & pl.col("ssn_std_r").is_not_null()
         & (pl.col("ssn_std_l") != pl.col("ssn_std_r"))
     )
+    dl, dr = pl.col("dob_l"), pl.col("dob_r")
+    swapped = (dl.dt.year() == dr.dt.year()) & (dl.dt.month() == dr.dt.day()) & (
+        dl.dt.day() == dr.dt.month()
+    )
+    # a full birth-date disagreement (not a day/month swap or a one-day slip) is another person
+    # unless the SSN agrees: names and e-mails (built from names) collide far more than dates
+    dob_conflict = (
+        dl.is_not_null()
+        & dr.is_not_null()
+        & ((dl - dr).dt.total_days().abs() > 1)
+        & ~swapped
+        & ~(pl.col("ssn_std_l") == pl.col("ssn_std_r")).fill_null(False)
+    )
     prob = pl.col("rule") == "probabilistic"
     veto = (
         pl.when(prob & given_conflict)
         .then(pl.lit("given names conflict"))
         .when(prob & ssn_conflict)
         .then(pl.lit("different SSNs"))
+        .when(prob & dob_conflict)
+        .then(pl.lit("birth dates conflict"))
         .otherwise(None)
     )
     return e.with_columns(veto=veto).select(
