@@ -129,3 +129,19 @@ def test_data_dictionary_lists_every_view_and_column() -> None:
         for c in compile_view(v).columns:
             assert f"| `{c.name}` | {c.sql_type} |" in md
     assert "| `value_quantity` | DECIMAL(38,18) |" in md
+
+
+def test_core_views_equal_reference_on_carebundle_shapes() -> None:
+    # Shapes we did not write ourselves (carebundle: US Core R4, BP panels with components).
+    carebundle = pytest.importorskip("carebundle")
+    ndjson = carebundle.to_ndjson(carebundle.generate_cohort(count=12, seed=5))
+    lines = [ln for text in ndjson.values() for ln in text.splitlines() if ln]
+    resources = [json.loads(ln, parse_float=Decimal) for ln in lines]
+    c = duckdb.connect()
+    resources_table(c, lines)
+    exercised = 0
+    for name, v in load_core_views(user_dir="").items():
+        got = run_view(c, v, passthrough_columns=[]).to_pylist()
+        assert _canon(got) == _canon(evaluate_view(v, resources)), name
+        exercised += bool(got)
+    assert exercised >= 7
