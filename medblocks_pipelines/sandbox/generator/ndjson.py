@@ -266,10 +266,10 @@ def _blocks(pop: Population, org_ids: list[str]) -> tuple[list[tuple[str, Resour
 
 @functools.lru_cache(maxsize=4)
 def _compiled(
-    seed: int, orgs: tuple[str, ...] | None
+    seed: int, orgs: tuple[str, ...] | None, persons: int
 ) -> tuple[list[tuple[str, Resource]], list[_Block]]:
     # compiled blocks are read-only: repeated calls with one seed reuse them
-    pop = generate_population(PopulationSpec(seed=seed, persons=16, twin_rate=0.15))
+    pop = generate_population(PopulationSpec(seed=seed, persons=persons, twin_rate=0.15))
     return _blocks(pop, list(orgs) if orgs else pop.org_ids)
 
 
@@ -308,7 +308,9 @@ def stream_bulk_ndjson(
     if resources < 0 or files_per_type < 1:
         raise GeneratorError("resources must be >= 0 and files_per_type >= 1")
     t0 = time.perf_counter()
-    shared, blocks = _compiled(seed, tuple(orgs) if orgs else None)
+    # more sample families for big runs: more distinct histories, compile cost paid once
+    sample = 16 if resources <= 200_000 else 48
+    shared, blocks = _compiled(seed, tuple(orgs) if orgs else None, sample)
     if not blocks:
         raise GeneratorError("no patient blocks to stream from the selected orgs")
     out = Path(out_dir)
