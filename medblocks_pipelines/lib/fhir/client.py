@@ -13,7 +13,7 @@ What it does on purpose:
 - **Exact numbers**: bodies are parsed with decimals kept as :class:`~decimal.Decimal`, and
   :func:`dumps_exact` writes them back digit for digit (``7.10`` stays ``7.10`` in the lake).
 
-The rate limiter paces requests evenly so that no window of ``per`` seconds ever holds more than
+The rate limiter paces requests so that no window of ``per`` seconds ever holds more than
 ``limit`` requests, even with some jitter between our send time and the server's clock.
 """
 
@@ -23,7 +23,7 @@ import random
 import threading
 import time
 import urllib.parse
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -90,9 +90,12 @@ def _dump(value: Any, out: list[str]) -> None:
 class RateLimiter:
     """Evenly paced requests: at most ``limit`` in any ``per``-second window, shared by threads.
 
-    The spacing is ``per / (limit - 1)`` stretched by ``margin``: evenly spaced sends put at most
-    ``limit - 1`` requests in a window, which leaves one request of room for network jitter.
-    :meth:`pause_until` stops every caller (a 429's ``Retry-After`` applies to the whole client).
+    Two rules, both on the times requests actually leave (a sleep can overshoot on a busy machine):
+    consecutive sends are at least ``per / limit`` apart (no bursts), and no ``per * (1 + margin)``
+    window holds more than ``limit - 1`` sends. That leaves one request of room for jitter between
+    our clock and the server's. :meth:`pause_until` stops every caller (a 429's
+    ``Retry-After`` applies to the whole client), and each 429 (:meth:`backoff`) widens the spacing a
+    little, up to ``max_widen``, because a server that counted one too many will do it again.
     """
 
     def __init__(
@@ -101,6 +104,7 @@ class RateLimiter:
         per: float = 1.0,
         *,
         margin: float = 0.02,
+        max_widen: float = 0.15,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
@@ -108,14 +112,20 @@ class RateLimiter:
             raise ValueError("a rate limit needs limit >= 1 and per > 0")
         self.limit = limit
         self.per = per
-        self.interval = (per / (limit - 1) if limit > 1 else per) * (1 + margin)
+        self.margin = margin
+        self.max_widen = max_widen
+        self._base = per / limit
+        self.interval = self._base
+        self._window = per * (1 + margin)
+        self._cap = max(1, limit - 1)
         self._clock = clock
         self._sleep = sleep
         self._lock = threading.Lock()
-        self._next = 0.0
+        self._sends: deque[float] = deque(maxlen=self._cap)
         self._paused_until = 0.0
         self.sent = 0
         self.waited = 0.0
+        self.backoffs = 0
 
     def __repr__(self) -> str:
         return f"RateLimiter(limit={self.limit}, per={self.per})"
@@ -125,15 +135,27 @@ class RateLimiter:
         """Requests per second the limiter allows at most."""
         return 1.0 / self.interval
 
+    def _earliest(self) -> float:
+        earliest = self._paused_until
+        if self._sends:
+            earliest = max(earliest, self._sends[-1] + self.interval)
+            if len(self._sends) == self._cap:
+                earliest = max(earliest, self._sends[0] + self._window)
+        return earliest
+
     def acquire(self) -> None:
-        """Block until this caller may send one request."""
-        with self._lock:
-            now = self._clock()
-            slot = max(now, self._next, self._paused_until)
-            self._next = slot + self.interval
-            self.sent += 1
-        wait = slot - now
-        if wait > 0:
+        """Block until this caller may send one request (then it must send at once)."""
+        while True:
+            with self._lock:
+                now = self._clock()
+                earliest = self._earliest()
+                if earliest <= now:
+                    # Both rules use real departure times: a late wake-up never bunches requests
+                    # (tried: catching up on a schedule drew 429s from a busy server).
+                    self._sends.append(now)
+                    self.sent += 1
+                    return
+                wait = earliest - now
             self.waited += wait
             self._sleep(wait)
 
@@ -145,6 +167,14 @@ class RateLimiter:
     def pause_for(self, seconds: float) -> None:
         """Hold every caller for ``seconds`` from now."""
         self.pause_until(self._clock() + seconds)
+
+    def backoff(self, seconds: float) -> None:
+        """A 429 came back: pause everyone and widen the spacing by 3 % (bounded)."""
+        with self._lock:
+            self.backoffs += 1
+            self.interval = min(self.interval * 1.03, self._base * (1 + self.max_widen))
+            self._window = min(self._window * 1.03, self.per * (1 + self.margin + self.max_widen))
+            self._paused_until = max(self._paused_until, self._clock() + seconds)
 
 
 _LIMITERS: dict[str, RateLimiter] = {}
@@ -319,7 +349,7 @@ class FhirClient:
             if status in RETRY_STATUSES:
                 wait = parse_retry_after(resp.headers.get("retry-after"))
                 if status == 429 and self.limiter is not None:
-                    self.limiter.pause_for(wait if wait is not None else self._delay(attempt))
+                    self.limiter.backoff(wait if wait is not None else self._delay(attempt))
                 attempt = self._retry_or_raise(attempt, f"http_{status}", wait)
                 continue
             if 200 <= status < 300 and expect_json and _looks_html(resp):
