@@ -52,7 +52,7 @@ def test_time_without_offset_uses_document_offset_or_drops_time() -> None:
         ts_to_fhir("20230531143000", default_tz="+0200", flags=flags) == "2023-05-31T14:30:00+02:00"
     )
     assert ts_to_fhir("20230531143000", default_tz=None, flags=flags) == "2023-05-31"
-    assert flags.counts == {"time_without_zone": 1}
+    assert flags.counts == {"time_without_zone": 1, "time_zone_from_document": 1}
 
 
 def test_every_domain_converted_and_valid_r4() -> None:
@@ -172,6 +172,7 @@ def test_no_known_allergies_and_empty_sections() -> None:
 def test_times_without_offset_flagged() -> None:
     r = _convert(frozenset({"no_tz"}))
     assert r.flags.counts.get("time_without_zone", 0) == 0  # the document's own offset is used
+    assert r.flags.counts["time_zone_from_document"] > 0  # ...and flagged
     enc = _by_type(r, "Encounter")[0]
     assert enc["period"]["start"] == "2025-06-01T09:00:00+00:00"
 
@@ -179,3 +180,24 @@ def test_times_without_offset_flagged() -> None:
 def test_not_a_clinical_document() -> None:
     with pytest.raises(ValueError, match="ClinicalDocument"):
         convert_ccda(b"<x xmlns='urn:hl7-org:v3'/>", SRC)
+
+
+def test_entries_without_ids_get_document_scoped_ids() -> None:
+    from lxml import etree
+
+    patient, res = patient_bundle()
+    xml = render_ccd(patient, res, org=ORG, document_id="1.2.3.9")
+    root = etree.fromstring(xml)
+    proc = root.find(".//{urn:hl7-org:v3}procedure")
+    for i in proc.findall("{urn:hl7-org:v3}id"):
+        proc.remove(i)
+    stripped = etree.tostring(root)
+    other = SourceDocument(SRC.home_community_id, SRC.repository_unique_id, "1.2.3.10")
+    a, b, c = (
+        convert_ccda(stripped, SRC),
+        convert_ccda(stripped, SRC),
+        convert_ccda(stripped, other),
+    )
+    pa, pb, pc = (_by_type(x, "Procedure")[0] for x in (a, b, c))
+    assert pa["id"] == pb["id"] != pc["id"]  # stable for the document, not across documents
+    assert "identifier" not in pa and a.flags.counts["entry_without_id"] == 1

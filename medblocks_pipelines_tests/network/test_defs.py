@@ -132,3 +132,13 @@ def test_cli_sync_and_audit(env: Any, population: Any, monkeypatch: Any) -> None
     audit = runner.invoke(audit_list, ["--tenant", "acme", "--json"])
     rows = [json.loads(line) for line in audit.output.splitlines()]
     assert [r["decision"] for r in rows] == ["allowed", "refused"]
+
+
+def test_definitions_load_network_pattern() -> None:
+    from medblocks_pipelines.definitions import defs
+
+    d = defs()
+    assert dg.AssetKey(["network", "query_results"]) in d.resolve_all_asset_keys()
+    job = d.resolve_job_def("network_query_job")
+    assert job.partitions_def is not None and job.partitions_def.name == "network_scopes"
+    assert d.resolve_sensor_def("network_relationship_sensor").job_name == "network_query_job"

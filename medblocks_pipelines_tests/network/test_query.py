@@ -215,7 +215,7 @@ def test_on_demand_refetched_only_after_refresh(env: Any) -> None:
 
 
 def test_gateway_timeout_others_still_answer(env: Any) -> None:
-    env.start({"valley-medical": Behaviour(delay_s=3.0)}, timeout_s=0.5)
+    env.start({"valley-medical": Behaviour(delay_s=1.5)}, timeout_s=0.4)
     env.launch()
     result = env.query()
     assert result.allowed and result.status == "partial"

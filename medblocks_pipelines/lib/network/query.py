@@ -217,7 +217,8 @@ class NetworkConfig:
 def network_config(cp: Any, network: str | None, tenant_settings: dict[str, Any]) -> NetworkConfig:
     """Load the network source (``kind="network"``) named by ``network`` or by the tenant."""
     net = tenant_network_settings(tenant_settings)
-    network = network or net.get("network")
+    listed = tenant_settings.get("networks") or []
+    network = network or net.get("network") or (listed[0] if len(listed) == 1 else None)
     if network is None:
         candidates = [s for s in cp.list_sources() if s.get("kind") == "network"]
         if len(candidates) != 1:

@@ -86,6 +86,8 @@ def ts_to_fhir(value: str | None, *, default_tz: str | None, flags: Flags) -> st
     date = y + (f"-{mo}" if mo else "") + (f"-{d}" if mo and d else "")
     if not (h and d):
         return date
+    if not tz and default_tz:
+        flags.add("time_zone_from_document")
     tz = tz or default_tz
     if not tz:
         flags.add("time_without_zone")

@@ -169,13 +169,13 @@ class _Converter:
         self.scope = source.home_community_id
 
     # -- helpers -----------------------------------------------------------------------------
-    def _id(self, kind: str, el: etree._Element, fallback: str) -> str:
+    def _id(self, kind: str, el: etree._Element) -> str:
         key = entry_key(el)
         if key is not None:
             return stable_id(self.scope, kind, key)
-        # No CDA id: stable within this document only (path inside the document).
+        # No CDA id: stable within this document only (its path inside the document).
         self.flags.add("entry_without_id")
-        return stable_id(self.scope, kind, self.source.document_unique_id, fallback)
+        return stable_id(self.scope, kind, self.source.document_unique_id, self._path(el))
 
     def _base(self, rtype: str, rid: str, el: etree._Element) -> dict[str, Any]:
         res: dict[str, Any] = {
@@ -277,7 +277,7 @@ class _Converter:
         if role is None:
             self.flags.add("no_record_target")
             return
-        pid = self._id("Patient", role, "recordTarget")
+        pid = self._id("Patient", role)
         pat: dict[str, Any] = {
             "resourceType": "Patient",
             "id": pid,
@@ -463,7 +463,7 @@ class _Converter:
                 obs, "problem observation without a diagnosis code or text", "Condition", "problems"
             )
             return None
-        cid = self._id("Condition", obs, self._path(obs))
+        cid = self._id("Condition", obs)
         cond = self._base("Condition", cid, obs)
         cond["category"] = [
             {
@@ -574,7 +574,7 @@ class _Converter:
             name = pe.find(q("name"))
             if name is not None and name.text and name.text.strip():
                 substance = {"text": name.text.strip()}
-        aid = self._id("AllergyIntolerance", obs, self._path(obs))
+        aid = self._id("AllergyIntolerance", obs)
         res = self._base("AllergyIntolerance", aid, obs)
         ver_sys = "http://terminology.hl7.org/CodeSystem/allergyintolerance-verification"
         if substance is None:
@@ -721,7 +721,7 @@ class _Converter:
                 sa, "medication activity without a medication code", rtype, "medications"
             )
             return
-        mid = self._id(rtype, sa, self._path(sa))
+        mid = self._id(rtype, sa)
         res = self._base(rtype, mid, sa)
         res["medicationCodeableConcept"] = med
         sc = attr(sa.find(q("statusCode")), "code") or ""
@@ -780,7 +780,7 @@ class _Converter:
         if code is None:
             self._quarantine(obs, f"{domain} observation without a code", "Observation", domain)
             return None
-        oid = self._id("Observation", obs, self._path(obs))
+        oid = self._id("Observation", obs)
         res = self._base("Observation", oid, obs)
         sc = attr(obs.find(q("statusCode")), "code") or ""
         res["status"] = {
@@ -898,7 +898,7 @@ class _Converter:
                     "results",
                 )
                 return
-            rid = self._id("DiagnosticReport", stmt, self._path(stmt))
+            rid = self._id("DiagnosticReport", stmt)
             rep = self._base("DiagnosticReport", rid, stmt)
             sc = attr(stmt.find(q("statusCode")), "code") or ""
             rep["status"] = {
@@ -1008,7 +1008,7 @@ class _Converter:
                 sa, "immunization without a vaccine code", "Immunization", "immunizations"
             )
             return
-        iid = self._id("Immunization", sa, self._path(sa))
+        iid = self._id("Immunization", sa)
         res = self._base("Immunization", iid, sa)
         res["vaccineCode"] = vaccine
         negated = sa.get("negationInd") == "true"
@@ -1057,7 +1057,7 @@ class _Converter:
         if code is None:
             self._quarantine(stmt, "procedure without a code", "Procedure", "procedures")
             return
-        pid = self._id("Procedure", stmt, self._path(stmt))
+        pid = self._id("Procedure", stmt)
         res = self._base("Procedure", pid, stmt)
         sc = attr(stmt.find(q("statusCode")), "code") or ""
         negated = stmt.get("negationInd") == "true"
@@ -1091,7 +1091,7 @@ class _Converter:
         if enc.tag != q("encounter"):
             self._quarantine(enc, "unrecognised entry in encounter section", None, "encounters")
             return
-        eid = self._id("Encounter", enc, self._path(enc))
+        eid = self._id("Encounter", enc)
         res = self._base("Encounter", eid, enc)
         typ = codeable(enc.find(q("code")), self.narrative)
         act_class = None
