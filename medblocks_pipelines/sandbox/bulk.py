@@ -40,6 +40,7 @@ in memory; files in the work directory).
 
 import contextlib
 import dataclasses
+import email.utils
 import functools
 import gzip
 import hashlib
@@ -100,16 +101,15 @@ NDJSON = "application/fhir+ndjson"
 #: ``_outputFormat`` values a server must accept (SPECS 3.1).
 OUTPUT_FORMATS = frozenset({"application/fhir+ndjson", "application/ndjson", "ndjson"})
 #: Kick-off parameters this server implements (Bulk Data STU2).
-SUPPORTED_PARAMS = frozenset({"_outputFormat", "_since", "_type", "_typeFilter", "_elements",
-                              "patient"})
+SUPPORTED_PARAMS = frozenset(
+    {"_outputFormat", "_since", "_type", "_typeFilter", "_elements", "patient"}
+)
 SUBSETTED = {
     "system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue",
     "code": "SUBSETTED",
     "display": "Resource encoded in summary mode",
 }
-_INSTANT_RE = re.compile(
-    r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?(Z|[+-]\d{2}:\d{2})$"
-)
+_INSTANT_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?(Z|[+-]\d{2}:\d{2})$")
 _ELEMENT_RE = re.compile(r"^(?:(?P<type>[A-Z][A-Za-z]+)\.)?(?P<element>[a-z][A-Za-z0-9]*)$")
 _SCOPE_RE = re.compile(r"^system/(?P<type>\*|[A-Z][A-Za-z]+)\.(?P<perm>\*|read|write|[cruds]+)$")
 _TYPE_FILTER_SPLIT = re.compile(r",(?=[A-Z][A-Za-z]+\?)")
@@ -178,13 +178,19 @@ class StaticTokens:
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            raise FhirHttpError(401, "login", "a bearer token is required",
-                                headers={"WWW-Authenticate": 'Bearer realm="sandbox"'})
+            raise FhirHttpError(
+                401,
+                "login",
+                "a bearer token is required",
+                headers={"WWW-Authenticate": 'Bearer realm="sandbox"'},
+            )
         with self._lock:
             found = self._tokens.get(token.strip())
         if found is None or found[1] <= time.time():
             raise FhirHttpError(
-                401, "expired" if found else "login", "the access token is invalid or expired",
+                401,
+                "expired" if found else "login",
+                "the access token is invalid or expired",
                 headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
             )
         return found[0]
@@ -201,12 +207,18 @@ def auth_server_authenticator(auth_server: Any) -> Authenticator:
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            raise FhirHttpError(401, "login", "a bearer access token is required",
-                                headers={"WWW-Authenticate": 'Bearer realm="bulk"'})
+            raise FhirHttpError(
+                401,
+                "login",
+                "a bearer access token is required",
+                headers={"WWW-Authenticate": 'Bearer realm="bulk"'},
+            )
         info = auth_server.validate_access_token(token.strip())
         if info is None:
             raise FhirHttpError(
-                401, "login", "the access token is invalid, expired or revoked",
+                401,
+                "login",
+                "the access token is invalid, expired or revoked",
                 headers={"WWW-Authenticate": 'Bearer realm="bulk", error="invalid_token"'},
             )
         return TokenInfo(str(info.client_id), frozenset(info.scopes))
@@ -264,7 +276,10 @@ class BulkSource(Protocol):
         ...
 
     def changes_since(
-        self, since: datetime | None, *, types: Iterable[str] | None = None,
+        self,
+        since: datetime | None,
+        *,
+        types: Iterable[str] | None = None,
         until: datetime | None = None,
     ) -> tuple[list[dict[str, Any]], list[tuple[str, str, datetime]]]:
         """Changed resources and ``(type, id, deleted_at)`` deletions after ``since``."""
@@ -295,9 +310,7 @@ class NdjsonDirSource:
                 self._by_type.setdefault(first, []).append(path)
             else:
                 self._mixed.append(path)
-        self._mixed_types = {
-            t for p in self._mixed for t in _types_in(p)
-        } if self._mixed else set()
+        self._mixed_types = {t for p in self._mixed for t in _types_in(p)} if self._mixed else set()
 
     def now(self) -> datetime:
         """Wall-clock UTC."""
@@ -342,7 +355,10 @@ class NdjsonDirSource:
         return None
 
     def changes_since(
-        self, since: datetime | None, *, types: Iterable[str] | None = None,
+        self,
+        since: datetime | None,
+        *,
+        types: Iterable[str] | None = None,
         until: datetime | None = None,
     ) -> tuple[list[dict[str, Any]], list[tuple[str, str, datetime]]]:
         """No tracked deletions; changed resources are not listed here (the export filters)."""
@@ -552,14 +568,22 @@ class BulkServer:
         """Routes to mount at the FHIR base, before any ``/{type}/{id}`` route of the EHR."""
         return [
             Route("/$export", self._kickoff_system, methods=["GET", "POST"], name="bulk_export"),
-            Route("/Patient/$export", self._kickoff_patient, methods=["GET", "POST"],
-                  name="bulk_export_patient"),
-            Route("/Group/{group_id}/$export", self._kickoff_group, methods=["GET", "POST"],
-                  name="bulk_export_group"),
-            Route("/bulk-status/{job_id}", self._status, methods=["GET", "DELETE"],
-                  name="bulk_status"),
-            Route("/bulk-files/{job_id}/{name}", self._download, methods=["GET"],
-                  name="bulk_file"),
+            Route(
+                "/Patient/$export",
+                self._kickoff_patient,
+                methods=["GET", "POST"],
+                name="bulk_export_patient",
+            ),
+            Route(
+                "/Group/{group_id}/$export",
+                self._kickoff_group,
+                methods=["GET", "POST"],
+                name="bulk_export_group",
+            ),
+            Route(
+                "/bulk-status/{job_id}", self._status, methods=["GET", "DELETE"], name="bulk_status"
+            ),
+            Route("/bulk-files/{job_id}/{name}", self._download, methods=["GET"], name="bulk_file"),
         ]
 
     def storage_app(self) -> Starlette:
@@ -611,8 +635,9 @@ class BulkServer:
             if not has_system_read(token.scopes):
                 raise FhirHttpError(403, "forbidden", "bulk export needs system read scopes")
             if level not in self.profile.levels:
-                raise FhirHttpError(404, "not-supported",
-                                    f"{level}-level export is not supported by this server")
+                raise FhirHttpError(
+                    404, "not-supported", f"{level}-level export is not supported by this server"
+                )
             self._check_kickoff_headers(request)
             lenient = "handling=lenient" in request.headers.get("prefer", "").replace(" ", "")
             params = await self._read_params(request)
@@ -666,8 +691,9 @@ class BulkServer:
                 ref = value.get("reference") if isinstance(value, dict) else None
                 key = reference_key(ref) if isinstance(ref, str) else None
                 if key is None or key[0] != "Patient":
-                    raise FhirHttpError(400, "invalid",
-                                        "patient needs a valueReference to a Patient")
+                    raise FhirHttpError(
+                        400, "invalid", "patient needs a valueReference to a Patient"
+                    )
                 params.append(("patient", key[1]))
             elif isinstance(value, str):
                 params.append((item["name"], value))
@@ -697,10 +723,12 @@ class BulkServer:
                 raise FhirHttpError(400, "not-supported", f"parameter {name} is not supported")
             if name not in SUPPORTED_PARAMS:
                 if not lenient:
-                    raise FhirHttpError(400, "not-supported",
-                                        f"parameter {name} is not supported")
-                issues.append(operation_outcome(
-                    "not-supported", f"parameter {name} was ignored", severity="warning"))
+                    raise FhirHttpError(400, "not-supported", f"parameter {name} is not supported")
+                issues.append(
+                    operation_outcome(
+                        "not-supported", f"parameter {name} was ignored", severity="warning"
+                    )
+                )
                 del grouped[name]
 
         if "patient" in grouped and method != "POST":
@@ -732,8 +760,11 @@ class BulkServer:
                 if not _is_resource_type(name):
                     if not lenient:
                         raise FhirHttpError(400, "invalid", f"{name} is not a resource type")
-                    issues.append(operation_outcome(
-                        "not-supported", f"_type {name} was ignored", severity="warning"))
+                    issues.append(
+                        operation_outcome(
+                            "not-supported", f"_type {name} was ignored", severity="warning"
+                        )
+                    )
                     continue
                 if name not in requested:
                     requested.append(name)
@@ -742,8 +773,10 @@ class BulkServer:
             bad = [t for t in requested if t not in profile.allowed_types]
             if bad:
                 raise FhirHttpError(400, "not-supported", f"_type not supported: {bad[0]}")
-        if profile.reference_types_need_clinical and requested and all(
-            t in profile.reference_types_need_clinical for t in requested
+        if (
+            profile.reference_types_need_clinical
+            and requested
+            and all(t in profile.reference_types_need_clinical for t in requested)
         ):
             raise FhirHttpError(400, "invalid", "reference types need a clinical type alongside")
 
@@ -757,9 +790,14 @@ class BulkServer:
                 # resources they reference; other types have nothing to give.
                 outside = [t for t in types if not _patient_level_type(t)]
                 types = [t for t in types if _patient_level_type(t)]
-                issues.extend(operation_outcome(
-                    "not-supported", f"{t} is outside the patient compartment",
-                    severity="information") for t in outside)
+                issues.extend(
+                    operation_outcome(
+                        "not-supported",
+                        f"{t} is outside the patient compartment",
+                        severity="information",
+                    )
+                    for t in outside
+                )
         else:
             available = self._all_types()
             if level != SYSTEM:
@@ -769,8 +807,11 @@ class BulkServer:
                 if can_read(token.scopes, t):
                     types.append(t)
                 else:
-                    issues.append(operation_outcome(
-                        "forbidden", f"{t} omitted: not authorised", severity="information"))
+                    issues.append(
+                        operation_outcome(
+                            "forbidden", f"{t} omitted: not authorised", severity="information"
+                        )
+                    )
 
         type_filters = self._parse_type_filters(
             grouped.get("_typeFilter", []), types, type_given, lenient, issues
@@ -790,19 +831,37 @@ class BulkServer:
         if "patient" in grouped:
             assert patient_ids is not None
             asked = set(grouped["patient"])
-            known = patient_ids if level == PATIENT else {
-                r["id"] for r in self.source.iter_type("Patient") if "id" in r}
+            known = (
+                patient_ids
+                if level == PATIENT
+                else {r["id"] for r in self.source.iter_type("Patient") if "id" in r}
+            )
             unknown = sorted(asked - known)
             if unknown:
                 if not lenient:
                     raise FhirHttpError(400, "not-found", "a requested patient is not known here")
-                issues.append(operation_outcome(
-                    "not-found", f"{len(unknown)} requested patient(s) not found",
-                    severity="warning"))
+                issues.append(
+                    operation_outcome(
+                        "not-found",
+                        f"{len(unknown)} requested patient(s) not found",
+                        severity="warning",
+                    )
+                )
             patient_ids &= asked
             late &= asked
-        return ExportPlan(level, group_id, types, since, type_filters, elements, patient_ids,
-                          late, issues, type_given, token.scopes)
+        return ExportPlan(
+            level,
+            group_id,
+            types,
+            since,
+            type_filters,
+            elements,
+            patient_ids,
+            late,
+            issues,
+            type_given,
+            token.scopes,
+        )
 
     def _parse_type_filters(
         self,
@@ -831,8 +890,9 @@ class BulkServer:
                 for name, _ in pairs:
                     base = name.partition(":")[0]
                     if base in profile.blocked_filter_params:
-                        raise FhirHttpError(400, "not-supported",
-                                            f"{base} is not allowed in _typeFilter")
+                        raise FhirHttpError(
+                            400, "not-supported", f"{base} is not allowed in _typeFilter"
+                        )
                     if name.startswith("_") and name not in ("_id", "_lastUpdated"):
                         # _include, _sort, _count... are not filters (SPECS 3.1).
                         raise FhirHttpError(400, "invalid", f"{name} is not allowed in _typeFilter")
@@ -841,9 +901,13 @@ class BulkServer:
                 except FhirHttpError:
                     if not lenient:
                         raise
-                    issues.append(operation_outcome(
-                        "not-supported", f"a _typeFilter for {rtype} was ignored",
-                        severity="warning"))
+                    issues.append(
+                        operation_outcome(
+                            "not-supported",
+                            f"a _typeFilter for {rtype} was ignored",
+                            severity="warning",
+                        )
+                    )
                     continue
                 if profile.type_filter_one_per_type and rtype in out:
                     raise FhirHttpError(400, "invalid", f"one _typeFilter per type ({rtype})")
@@ -859,17 +923,23 @@ class BulkServer:
                 match = _ELEMENT_RE.match(item.strip())
                 if not match or (match["type"] and not _is_resource_type(match["type"])):
                     if not lenient:
-                        raise FhirHttpError(400, "invalid",
-                                            "_elements entries are element or Type.element")
-                    issues.append(operation_outcome(
-                        "not-supported", "an _elements entry was ignored", severity="warning"))
+                        raise FhirHttpError(
+                            400, "invalid", "_elements entries are element or Type.element"
+                        )
+                    issues.append(
+                        operation_outcome(
+                            "not-supported", "an _elements entry was ignored", severity="warning"
+                        )
+                    )
                     continue
                 out.setdefault(match["type"], set()).add(match["element"])
         return out
 
     def _start_job(self, request: Request, token: TokenInfo, plan: ExportPlan) -> ExportJob:
         where: dict[str, Any] = {
-            "client_id": token.client_id, "path": request.url.path, "method": request.method,
+            "client_id": token.client_id,
+            "path": request.url.path,
+            "method": request.method,
         }
         with self._lock:
             self._expire_jobs()
@@ -878,7 +948,9 @@ class BulkServer:
                 for j in self._jobs.values()
             ):
                 raise FhirHttpError(
-                    429, "throttled", "an export for this client is already in progress",
+                    429,
+                    "throttled",
+                    "an export for this client is already in progress",
                     headers={"Retry-After": str(self.config.retry_after)},
                 )
             job_id = uuid.uuid4().hex
@@ -912,7 +984,9 @@ class BulkServer:
             huge = self.faults.peek("huge_page", **where) is not None
             self._jobs[job_id] = job
         worker = threading.Thread(
-            target=self._run, args=(job, content_faults, huge), name=f"bulk-{job_id[:8]}",
+            target=self._run,
+            args=(job, content_faults, huge),
+            name=f"bulk-{job_id[:8]}",
             daemon=True,
         )
         worker.start()
@@ -941,8 +1015,12 @@ class BulkServer:
         max_lines = 2**62 if huge else self.config.max_lines_per_file
         damage = _LineDamage(content_faults)
         passthrough = (
-            plan.level == SYSTEM and plan.since is None and not plan.type_filters
-            and not plan.elements and not damage.active and hasattr(self.source, "raw_files")
+            plan.level == SYSTEM
+            and plan.since is None
+            and not plan.type_filters
+            and not plan.elements
+            and not damage.active
+            and hasattr(self.source, "raw_files")
         )
         for n, rtype in enumerate(plan.types):
             if job.cancel.is_set():
@@ -951,8 +1029,9 @@ class BulkServer:
             raw = self.source.raw_files(rtype) if passthrough else None  # type: ignore[attr-defined]
             if raw is not None:
                 for path in raw:
-                    job.files.append(OutputFile("output", rtype, path.name, path,
-                                                _count_lines(path)))
+                    job.files.append(
+                        OutputFile("output", rtype, path.name, path, _count_lines(path))
+                    )
                 continue
             with _SplitWriter(job, "output", rtype, max_lines) as writer:
                 for resource, raw in self._select(job, rtype):
@@ -964,9 +1043,7 @@ class BulkServer:
                 for issue in plan.issues:
                     writer.write(_dumps(issue))
 
-    def _select(
-        self, job: ExportJob, rtype: str
-    ) -> Iterator[tuple[dict[str, Any], str | None]]:
+    def _select(self, job: ExportJob, rtype: str) -> Iterator[tuple[dict[str, Any], str | None]]:
         """The resources of one type this export holds, with their source line if unchanged."""
         plan = job.plan
         filters = plan.type_filters.get(rtype)
@@ -974,7 +1051,8 @@ class BulkServer:
         in_compartment = rtype in PATIENT_COMPARTMENT or rtype == "Patient"
         raw_rows = getattr(self.source, "iter_type_raw", None)
         rows: Iterator[tuple[str | None, dict[str, Any]]] = (
-            raw_rows(rtype) if raw_rows is not None
+            raw_rows(rtype)
+            if raw_rows is not None
             else ((None, r) for r in self.source.iter_type(rtype))
         )
         for count, (raw, resource) in enumerate(rows):
@@ -1009,19 +1087,29 @@ class BulkServer:
                 # The compartment of a deleted resource is that of its last live version.
                 last = None
                 if history is not None:
-                    last = next((v.resource for v in reversed(history(rtype, rid))
-                                 if v.resource is not None), None)
+                    last = next(
+                        (
+                            v.resource
+                            for v in reversed(history(rtype, rid))
+                            if v.resource is not None
+                        ),
+                        None,
+                    )
                 if last is None or not patients_of(last) & plan.patient_ids:
                     continue
             entries.append({"request": {"method": "DELETE", "url": f"{rtype}/{rid}"}})
         size = max(1, self.config.deleted_bundle_size)
         with _SplitWriter(job, "deleted", "Bundle", 2**62) as writer:
             for start in range(0, len(entries), size):
-                writer.write(_dumps({
-                    "resourceType": "Bundle",
-                    "type": "transaction",
-                    "entry": entries[start:start + size],
-                }))
+                writer.write(
+                    _dumps(
+                        {
+                            "resourceType": "Bundle",
+                            "type": "transaction",
+                            "entry": entries[start : start + size],
+                        }
+                    )
+                )
 
     # -- status -------------------------------------------------------------------------------
     def _expire_jobs(self) -> None:
@@ -1053,8 +1141,7 @@ class BulkServer:
             job.cancel.set()
             if job.work_done or job.status != "in-progress":
                 await run_in_threadpool(shutil.rmtree, job.directory, True)
-            return outcome_response(202, "informational", "export deleted",
-                                    severity="information")
+            return outcome_response(202, "informational", "export deleted", severity="information")
         now = time.monotonic()
         if job.status == "in-progress" and job.fail_at is not None and now >= job.fail_at:
             job.status = "failed"
@@ -1075,21 +1162,29 @@ class BulkServer:
                     self._jobs.pop(job.id, None)
                 job.cancel.set()
             return outcome_response(
-                429, "throttled", "polled before Retry-After had passed",
+                429,
+                "throttled",
+                "polled before Retry-After had passed",
                 headers={"Retry-After": str(max(1, math.ceil(job.next_poll_at - now)))},
             )
         if not job.work_done or now < job.ready_at:
             job.next_poll_at = now + retry_after
-            return Response(status_code=202, headers={
-                "X-Progress": self._progress(job, now),
-                "Retry-After": str(retry_after),
-            })
+            return Response(
+                status_code=202,
+                headers={
+                    "X-Progress": self._progress(job, now),
+                    "Retry-After": str(retry_after),
+                },
+            )
         if job.status == "in-progress":
             job.status = "complete"
             job.expires_at = now + self.config.file_ttl
-        return JSONResponse(self._manifest(request, job), headers={
-            "Expires": _http_date(time.time() + (job.expires_at or now) - now),
-        })
+        return JSONResponse(
+            self._manifest(request, job),
+            headers={
+                "Expires": _http_date(time.time() + (job.expires_at or now) - now),
+            },
+        )
 
     def _progress(self, job: ExportJob, now: float) -> str:
         if self.profile.progress_style == "opaque":
@@ -1147,7 +1242,8 @@ class BulkServer:
         signature = self._signature(job_id, name, expires)
         base = (self.storage_base_url or "").rstrip("/")
         return f"{base}/presigned/{job_id}/{name}?" + urlencode(
-            {"X-Expires": expires, "X-Signature": signature})
+            {"X-Expires": expires, "X-Signature": signature}
+        )
 
     def _signature(self, job_id: str, name: str, expires: int) -> str:
         message = f"{job_id}/{name}/{expires}".encode()
@@ -1196,7 +1292,8 @@ class _Cancelled(Exception):
 def _fhir_base(request: Request, plan: ExportPlan) -> str:
     """The absolute FHIR base of a kick-off request (its URL minus the operation path)."""
     suffix = {SYSTEM: "/$export", PATIENT: "/Patient/$export"}.get(
-        plan.level, f"/Group/{plan.group_id}/$export")
+        plan.level, f"/Group/{plan.group_id}/$export"
+    )
     path = request.url.path
     base_path = path[: -len(suffix)] if path.endswith(suffix) else path.rsplit("/$export", 1)[0]
     return str(request.url.replace(path=base_path, query="")).rstrip("/")
@@ -1204,8 +1301,11 @@ def _fhir_base(request: Request, plan: ExportPlan) -> str:
 
 def _patient_level_type(resource_type: str) -> bool:
     """Types a Patient or Group export can hold: compartment types and shared references."""
-    return (resource_type == "Patient" or resource_type in PATIENT_COMPARTMENT
-            or resource_type in SHARED_TYPES)
+    return (
+        resource_type == "Patient"
+        or resource_type in PATIENT_COMPARTMENT
+        or resource_type in SHARED_TYPES
+    )
 
 
 def _dumps(resource: dict[str, Any]) -> str:
@@ -1308,7 +1408,10 @@ def _representation(job: ExportJob, found: OutputFile, gzipped: bool) -> Path:
         if not target.exists():
             partial = target.with_suffix(target.suffix + ".part")
             if gzipped:
-                with open(found.path, "rb") as src, gzip.open(partial, "wb", 1) as dst:  # fast: made on first request
+                with (
+                    open(found.path, "rb") as src,
+                    gzip.open(partial, "wb", 1) as dst,
+                ):  # fast: made on first request
                     shutil.copyfileobj(src, dst, 1 << 20)
             else:
                 with gzip.open(found.path, "rb") as src, open(partial, "wb") as dst:
@@ -1336,8 +1439,6 @@ def _check_accept(request: Request) -> None:
 
 
 def _http_date(epoch: float) -> str:
-    import email.utils
-
     return email.utils.formatdate(epoch, usegmt=True)
 
 
@@ -1365,9 +1466,11 @@ def presigned_storage_app(servers: list[BulkServer]) -> Starlette:
             return _s3_error(404, "NoSuchKey", "The specified key does not exist.")
         return await owner._presigned(request)
 
-    return Starlette(routes=[
-        Route("/presigned/{job_id}/{name}", presigned, methods=["GET"], name="presigned_file"),
-    ])
+    return Starlette(
+        routes=[
+            Route("/presigned/{job_id}/{name}", presigned, methods=["GET"], name="presigned_file"),
+        ]
+    )
 
 
 def bulk_admin_routes(
@@ -1393,20 +1496,28 @@ def bulk_admin_routes(
                         raise ValueError(f"unknown config field {name}")
                     updates[name] = _coerce(name, value, getattr(server.config, name))
             except (ValueError, TypeError) as exc:
-                return JSONResponse({"error": "invalid_config", "detail": str(exc)},
-                                    status_code=400)
+                return JSONResponse(
+                    {"error": "invalid_config", "detail": str(exc)}, status_code=400
+                )
             for name, value in updates.items():
                 setattr(server.config, name, value)
-        return JSONResponse({
-            "profile": server.profile.name,
-            "config": dataclasses.asdict(server.config),
-            "jobs": [
-                {"id": j.id, "client_id": j.client_id, "status": j.status, "level": j.plan.level,
-                 "files": len(j.files), "resources": sum(f.count for f in j.files
-                                                          if f.kind == "output")}
-                for j in server.jobs()
-            ],
-        })
+        return JSONResponse(
+            {
+                "profile": server.profile.name,
+                "config": dataclasses.asdict(server.config),
+                "jobs": [
+                    {
+                        "id": j.id,
+                        "client_id": j.client_id,
+                        "status": j.status,
+                        "level": j.plan.level,
+                        "files": len(j.files),
+                        "resources": sum(f.count for f in j.files if f.kind == "output"),
+                    }
+                    for j in server.jobs()
+                ],
+            }
+        )
 
     return [Route(prefix, handler, methods=["GET", "PATCH", "POST"], name="sandbox_bulk")]
 

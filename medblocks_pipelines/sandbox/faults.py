@@ -88,8 +88,13 @@ FAULT_DEFAULTS: dict[str, dict[str, Any]] = {
 #: One-shot kinds: they default to ``count=1`` (one bad answer or one bad export), so a client
 #: that retries gets through; give ``count`` for more, or ``count: null`` via Python for ever.
 _COUNTED_BY_DEFAULT = {
-    "error_burst", "html_200", "drop_connection",
-    "ndjson_truncate", "ndjson_malformed", "count_mismatch", "export_fail",
+    "error_burst",
+    "html_200",
+    "drop_connection",
+    "ndjson_truncate",
+    "ndjson_malformed",
+    "count_mismatch",
+    "export_fail",
 }
 
 HTML_ERROR_PAGE = (
@@ -286,9 +291,7 @@ class FaultInjector:
             hits.append(now)
             return None
 
-    def token_expired(
-        self, *, token: str, client_id: str | None, path: str, method: str
-    ) -> bool:
+    def token_expired(self, *, token: str, client_id: str | None, path: str, method: str) -> bool:
         """Count one use of ``token``; True once an ``expire_token`` rule says it has expired."""
         now = time.monotonic()
         with self._lock:
@@ -426,7 +429,9 @@ class FaultMiddleware:
         if limited:
             wait, form = limited
             response: Response = outcome_response(
-                429, "throttled", "Too many requests",
+                429,
+                "throttled",
+                "Too many requests",
                 headers={"Retry-After": retry_after_value(wait, form)},
             )
             await response(scope, receive, send)
@@ -447,7 +452,9 @@ class FaultMiddleware:
 
         if token and faults.token_expired(token=token, **where):
             await outcome_response(
-                401, "expired", "The access token has expired",
+                401,
+                "expired",
+                "The access token has expired",
                 headers={
                     "WWW-Authenticate": 'Bearer error="invalid_token", '
                     'error_description="The access token expired"'

@@ -61,9 +61,16 @@ def _obs(oid: str, pid: str, code: str, category: str, status: str = "final") ->
         "id": oid,
         "meta": {"lastUpdated": OLD},
         "status": status,
-        "category": [{"coding": [{
-            "system": "http://terminology.hl7.org/CodeSystem/observation-category",
-            "code": category}]}],
+        "category": [
+            {
+                "coding": [
+                    {
+                        "system": "http://terminology.hl7.org/CodeSystem/observation-category",
+                        "code": category,
+                    }
+                ]
+            }
+        ],
         "code": {"coding": [{"system": "http://loinc.org", "code": code}]},
         "subject": {"reference": f"Patient/{pid}"},
         "effectiveDateTime": "2023-05-01",
@@ -75,27 +82,67 @@ def population() -> list[dict[str, Any]]:
     """Three patients, a Group of two, labs and vitals, conditions, medications, a practitioner."""
     out: list[dict[str, Any]] = []
     for pid in ("p1", "p2", "p3"):
-        out.append({"resourceType": "Patient", "id": pid, "meta": {"lastUpdated": OLD},
-                    "gender": "female", "birthDate": "1970-01-01",
-                    "name": [{"family": f"Fam{pid}", "given": ["Ann"]}]})
+        out.append(
+            {
+                "resourceType": "Patient",
+                "id": pid,
+                "meta": {"lastUpdated": OLD},
+                "gender": "female",
+                "birthDate": "1970-01-01",
+                "name": [{"family": f"Fam{pid}", "given": ["Ann"]}],
+            }
+        )
         out.append(_obs(f"{pid}-hba1c", pid, "4548-4", "laboratory"))
         out.append(_obs(f"{pid}-bp", pid, "85354-9", "vital-signs"))
-        out.append({"resourceType": "Condition", "id": f"{pid}-dm", "meta": {"lastUpdated": OLD},
-                    "subject": {"reference": f"Patient/{pid}"},
-                    "code": {"coding": [{"system": "http://snomed.info/sct", "code": "44054006"}]}})
+        out.append(
+            {
+                "resourceType": "Condition",
+                "id": f"{pid}-dm",
+                "meta": {"lastUpdated": OLD},
+                "subject": {"reference": f"Patient/{pid}"},
+                "code": {"coding": [{"system": "http://snomed.info/sct", "code": "44054006"}]},
+            }
+        )
         for n, status in enumerate(("active", "stopped")):
-            out.append({"resourceType": "MedicationRequest", "id": f"{pid}-mr{n}",
-                        "meta": {"lastUpdated": OLD}, "status": status, "intent": "order",
-                        "subject": {"reference": f"Patient/{pid}"},
-                        "medicationCodeableConcept": {"coding": [{
-                            "system": "http://www.nlm.nih.gov/research/umls/rxnorm",
-                            "code": "860975"}]}})
-    out.append({"resourceType": "Practitioner", "id": "dr1", "meta": {"lastUpdated": OLD},
-                "name": [{"family": "Who"}]})
-    out.append({"resourceType": "Group", "id": "g1", "meta": {"lastUpdated": OLD},
-                "type": "person", "actual": True,
-                "member": [{"entity": {"reference": "Patient/p1"}},
-                           {"entity": {"reference": "Patient/p2"}}]})
+            out.append(
+                {
+                    "resourceType": "MedicationRequest",
+                    "id": f"{pid}-mr{n}",
+                    "meta": {"lastUpdated": OLD},
+                    "status": status,
+                    "intent": "order",
+                    "subject": {"reference": f"Patient/{pid}"},
+                    "medicationCodeableConcept": {
+                        "coding": [
+                            {
+                                "system": "http://www.nlm.nih.gov/research/umls/rxnorm",
+                                "code": "860975",
+                            }
+                        ]
+                    },
+                }
+            )
+    out.append(
+        {
+            "resourceType": "Practitioner",
+            "id": "dr1",
+            "meta": {"lastUpdated": OLD},
+            "name": [{"family": "Who"}],
+        }
+    )
+    out.append(
+        {
+            "resourceType": "Group",
+            "id": "g1",
+            "meta": {"lastUpdated": OLD},
+            "type": "person",
+            "actual": True,
+            "member": [
+                {"entity": {"reference": "Patient/p1"}},
+                {"entity": {"reference": "Patient/p2"}},
+            ],
+        }
+    )
     return out
 
 
@@ -118,14 +165,21 @@ class BulkEnv:
         """Authorization header with a fresh token."""
         return {"Authorization": f"Bearer {self.token(client_id, scopes)}"}
 
-    def kickoff(self, path: str = "/$export", *, client_id: str = "client-a",
-                params: dict[str, str] | None = None, **kwargs: Any) -> httpx.Response:
+    def kickoff(
+        self,
+        path: str = "/$export",
+        *,
+        client_id: str = "client-a",
+        params: dict[str, str] | None = None,
+        **kwargs: Any,
+    ) -> httpx.Response:
         """GET kick-off with the required headers."""
         headers = {**KICKOFF_HEADERS, **self.auth(client_id), **kwargs.pop("headers", {})}
         return httpx.get(self.base + path, params=params, headers=headers, **kwargs)
 
-    def wait(self, status_url: str, *, client_id: str = "client-a",
-             timeout: float = 15) -> httpx.Response:
+    def wait(
+        self, status_url: str, *, client_id: str = "client-a", timeout: float = 15
+    ) -> httpx.Response:
         """Poll until the export is no longer 202; return the final response."""
         headers = {"Accept": "application/json", **self.auth(client_id)}
         deadline = time.monotonic() + timeout
@@ -148,13 +202,17 @@ class BulkEnv:
 
     def lines(self, url: str, *, client_id: str = "client-a") -> list[dict[str, Any]]:
         """Download one file and parse its NDJSON lines."""
-        response = httpx.get(url, headers={"Accept": "application/fhir+ndjson",
-                                           **self.auth(client_id)}, follow_redirects=False)
+        response = httpx.get(
+            url,
+            headers={"Accept": "application/fhir+ndjson", **self.auth(client_id)},
+            follow_redirects=False,
+        )
         assert response.status_code == 200, response.text
         return [__import__("json").loads(x) for x in response.text.splitlines() if x.strip()]
 
-    def all_of(self, manifest: dict[str, Any], key: str = "output",
-               client_id: str = "client-a") -> dict[str, list[dict[str, Any]]]:
+    def all_of(
+        self, manifest: dict[str, Any], key: str = "output", client_id: str = "client-a"
+    ) -> dict[str, list[dict[str, Any]]]:
         """Every resource in the manifest's ``key`` files, by type."""
         out: dict[str, list[dict[str, Any]]] = {}
         for item in manifest[key]:
@@ -167,15 +225,25 @@ def make_env(tmp_path: Path) -> Iterator[Callable[..., BulkEnv]]:
     """Factory: start a bulk server with a profile and config; stopped after the test."""
     stack: list[Any] = []
 
-    def factory(profile: str = "strict", *, store: FhirStore | None = None,
-                source: Any = None, **config: Any) -> BulkEnv:
+    def factory(
+        profile: str = "strict",
+        *,
+        store: FhirStore | None = None,
+        source: Any = None,
+        **config: Any,
+    ) -> BulkEnv:
         store = store if store is not None else FhirStore(population())
         tokens = StaticTokens()
         faults = FaultInjector()
         cfg = BulkConfig(**{"export_seconds": 0.05, "retry_after": 1, **config})
-        server = BulkServer(source if source is not None else store, authenticator=tokens,
-                            profile=profile, faults=faults, config=cfg,
-                            work_dir=tmp_path / f"work{len(stack)}")
+        server = BulkServer(
+            source if source is not None else store,
+            authenticator=tokens,
+            profile=profile,
+            faults=faults,
+            config=cfg,
+            work_dir=tmp_path / f"work{len(stack)}",
+        )
         app = create_bulk_app(server)
         cm = serve(app)
         base = cm.__enter__()

@@ -60,16 +60,18 @@ def test_kickoff_needs_system_read_scope(env: BulkEnv, scopes: str) -> None:
 
 def test_expired_token_refused(env: BulkEnv) -> None:
     token = env.tokens.issue("client-a", ["system/*.read"], ttl=-1)
-    response = httpx.get(env.base + "/$export",
-                         headers={**KICKOFF_HEADERS, "Authorization": f"Bearer {token}"})
+    response = httpx.get(
+        env.base + "/$export", headers={**KICKOFF_HEADERS, "Authorization": f"Bearer {token}"}
+    )
     assert response.status_code == 401
     assert response.json()["issue"][0]["code"] == "expired"
 
 
 def test_type_without_scope_is_forbidden(env: BulkEnv) -> None:
     headers = {**KICKOFF_HEADERS, **env.auth(scopes="system/Patient.rs system/Condition.rs")}
-    response = httpx.get(env.base + "/$export", params={"_type": "Patient,Observation"},
-                         headers=headers)
+    response = httpx.get(
+        env.base + "/$export", params={"_type": "Patient,Observation"}, headers=headers
+    )
     assert response.status_code == 403
     assert "Observation" in response.json()["issue"][0]["diagnostics"]
 
@@ -106,6 +108,7 @@ def test_auth_server_adapter() -> None:
     info = authenticate(request)  # type: ignore[arg-type]
     assert info.client_id == "c1" and info.scopes == frozenset({"system/*.rs"})
     from medblocks_pipelines.lib.errors import FhirHttpError
+
     with pytest.raises(FhirHttpError) as caught:
         authenticate(SimpleNamespace(headers={"authorization": "Bearer bad"}))  # type: ignore
     assert caught.value.status == 401

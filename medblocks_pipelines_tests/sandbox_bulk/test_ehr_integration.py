@@ -39,20 +39,33 @@ class Ehr:
     faults: FaultInjector
     keys: dict[str, Any]
 
-    def token(self, client_id: str = "bulk-app", scope: str = "system/*.rs",
-              alg: str = "RS384") -> httpx.Response:
+    def token(
+        self, client_id: str = "bulk-app", scope: str = "system/*.rs", alg: str = "RS384"
+    ) -> httpx.Response:
         """Run the Backend Services token request with a signed assertion."""
         now = int(time.time())
         assertion = jwt.encode(
-            {"iss": client_id, "sub": client_id, "aud": self.token_url, "exp": now + 240,
-             "iat": now, "jti": uuid.uuid4().hex},
-            self.keys[alg], algorithm=alg, headers={"kid": f"k-{alg}", "typ": "JWT"},
+            {
+                "iss": client_id,
+                "sub": client_id,
+                "aud": self.token_url,
+                "exp": now + 240,
+                "iat": now,
+                "jti": uuid.uuid4().hex,
+            },
+            self.keys[alg],
+            algorithm=alg,
+            headers={"kid": f"k-{alg}", "typ": "JWT"},
         )
-        return httpx.post(self.token_url, data={
-            "grant_type": "client_credentials", "scope": scope,
-            "client_assertion_type": "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
-            "client_assertion": assertion,
-        })
+        return httpx.post(
+            self.token_url,
+            data={
+                "grant_type": "client_credentials",
+                "scope": scope,
+                "client_assertion_type": "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+                "client_assertion": assertion,
+            },
+        )
 
     def bearer(self, **kwargs: Any) -> dict[str, str]:
         response = self.token(**kwargs)
@@ -62,8 +75,10 @@ class Ehr:
 
 @functools.cache
 def _keys() -> tuple[rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey]:
-    return (rsa.generate_private_key(public_exponent=65537, key_size=2048),
-            ec.generate_private_key(ec.SECP384R1()))
+    return (
+        rsa.generate_private_key(public_exponent=65537, key_size=2048),
+        ec.generate_private_key(ec.SECP384R1()),
+    )
 
 
 @pytest.fixture
@@ -72,35 +87,61 @@ def ehr(tmp_path: Any) -> Iterator[Ehr]:
     base = f"http://127.0.0.1:{sock.getsockname()[1]}"
     store = FhirStore(population())
     faults = FaultInjector()
-    bulk = BulkServer(store, authenticator=require_token, faults=faults,
-                      config=BulkConfig(export_seconds=0.1), work_dir=tmp_path / "bulk")
+    bulk = BulkServer(
+        store,
+        authenticator=require_token,
+        faults=faults,
+        config=BulkConfig(export_seconds=0.1),
+        work_dir=tmp_path / "bulk",
+    )
     holder: dict[str, Any] = {}
 
     def resolve(token: str) -> str | None:
         return holder["resolve"](token) if "resolve" in holder else None
 
     app = create_ehr_app(
-        OrgConfig(org_id="mercy", name="Mercy"), store, base_url=base, admin_secret="x",
+        OrgConfig(org_id="mercy", name="Mercy"),
+        store,
+        base_url=base,
+        admin_secret="x",
         extra_routes=bulk.routes(),
         middleware=[Middleware(FaultMiddleware, faults=faults, client_resolver=resolve)],
         root_routes=fault_admin_routes(faults),
     )
     holder["resolve"] = connect_auth_server(faults, app.state.auth_server)
     rsa_key, ec_key = _keys()
-    jwks = {"keys": [
-        {**RSAAlgorithm.to_jwk(rsa_key.public_key(), as_dict=True), "kid": "k-RS384",
-         "alg": "RS384"},
-        {**ECAlgorithm.to_jwk(ec_key.public_key(), as_dict=True), "kid": "k-ES384",
-         "alg": "ES384"},
-    ]}
-    for client_id, scopes in (("bulk-app", ["system/*.rs"]),
-                              ("narrow-app", ["system/Patient.rs"])):
-        app.state.auth_server.register_client({
-            "client_id": client_id, "token_endpoint_auth_method": "private_key_jwt",
-            "jwks": jwks, "scopes": scopes})
+    jwks = {
+        "keys": [
+            {
+                **RSAAlgorithm.to_jwk(rsa_key.public_key(), as_dict=True),
+                "kid": "k-RS384",
+                "alg": "RS384",
+            },
+            {
+                **ECAlgorithm.to_jwk(ec_key.public_key(), as_dict=True),
+                "kid": "k-ES384",
+                "alg": "ES384",
+            },
+        ]
+    }
+    for client_id, scopes in (("bulk-app", ["system/*.rs"]), ("narrow-app", ["system/Patient.rs"])):
+        app.state.auth_server.register_client(
+            {
+                "client_id": client_id,
+                "token_endpoint_auth_method": "private_key_jwt",
+                "jwks": jwks,
+                "scopes": scopes,
+            }
+        )
     with serve(app, sock):
-        yield Ehr(base, base + "/fhir", app.state.auth_server.token_endpoint, app, faults,
-                  {"RS384": rsa_key, "ES384": ec_key})
+        yield Ehr(
+            base,
+            base + "/fhir",
+            app.state.auth_server.token_endpoint,
+            app,
+            faults,
+            {"RS384": rsa_key, "ES384": ec_key},
+        )
     bulk.close()
 
 
@@ -130,15 +171,15 @@ def test_group_export_with_backend_services_token(ehr: Ehr, alg: str) -> None:
 
 def test_ehr_routes_still_work_beside_bulk(ehr: Ehr) -> None:
     auth = ehr.bearer()
-    read = httpx.get(ehr.fhir + "/Patient/p1", headers={"Accept": "application/fhir+json",
-                                                       **auth})
+    read = httpx.get(ehr.fhir + "/Patient/p1", headers={"Accept": "application/fhir+json", **auth})
     assert read.status_code == 200 and read.json()["id"] == "p1"
 
 
 def test_narrow_scopes_limit_the_export(ehr: Ehr) -> None:
     auth = ehr.bearer(client_id="narrow-app", scope="system/Patient.rs")
-    refused = httpx.get(ehr.fhir + "/$export", params={"_type": "Observation"},
-                        headers={**KICKOFF_HEADERS, **auth})
+    refused = httpx.get(
+        ehr.fhir + "/$export", params={"_type": "Observation"}, headers={**KICKOFF_HEADERS, **auth}
+    )
     assert refused.status_code == 403
     kick = httpx.get(ehr.fhir + "/$export", headers={**KICKOFF_HEADERS, **auth})
     manifest = _wait(kick.headers["content-location"], auth).json()
@@ -148,7 +189,8 @@ def test_narrow_scopes_limit_the_export(ehr: Ehr) -> None:
 def test_status_needs_the_exporting_client(ehr: Ehr) -> None:
     auth = ehr.bearer()
     location = httpx.get(ehr.fhir + "/$export", headers={**KICKOFF_HEADERS, **auth}).headers[
-        "content-location"]
+        "content-location"
+    ]
     other = ehr.bearer(client_id="narrow-app", scope="system/Patient.rs")
     assert httpx.get(location, headers=other).status_code == 403
     assert httpx.get(location).status_code == 401
@@ -157,7 +199,8 @@ def test_status_needs_the_exporting_client(ehr: Ehr) -> None:
 def test_expired_token_fault_expires_it_in_the_authorization_server(ehr: Ehr) -> None:
     auth = ehr.bearer()
     location = httpx.get(ehr.fhir + "/$export", headers={**KICKOFF_HEADERS, **auth}).headers[
-        "content-location"]
+        "content-location"
+    ]
     ehr.faults.add("expire_token", client_id="bulk-app", after_requests=1)
     assert httpx.get(location, headers=auth).status_code in (200, 202)
     assert httpx.get(location, headers=auth).status_code == 401
@@ -180,14 +223,27 @@ def test_rate_limit_by_client_with_opaque_tokens(ehr: Ehr) -> None:
 def test_epic_profile_makes_the_ehr_require_a_jwks_url() -> None:
     from medblocks_pipelines.sandbox.profiles import EPIC
 
-    app = create_ehr_app(OrgConfig(org_id="epic", name="Epic-like"), FhirStore(),
-                         base_url="http://127.0.0.1:9", admin_secret="x", profile=EPIC)
+    app = create_ehr_app(
+        OrgConfig(org_id="epic", name="Epic-like"),
+        FhirStore(),
+        base_url="http://127.0.0.1:9",
+        admin_secret="x",
+        profile=EPIC,
+    )
     rsa_key, _ = _keys()
     jwk = {**RSAAlgorithm.to_jwk(rsa_key.public_key(), as_dict=True), "kid": "k"}
     with pytest.raises(ValueError, match="JWKS URL"):
-        app.state.auth_server.register_client({
-            "client_id": "inline", "token_endpoint_auth_method": "private_key_jwt",
-            "jwks": {"keys": [jwk]}})
-    app.state.auth_server.register_client({
-        "client_id": "hosted", "token_endpoint_auth_method": "private_key_jwt",
-        "jwks_uri": "http://127.0.0.1:9/jwks.json"})
+        app.state.auth_server.register_client(
+            {
+                "client_id": "inline",
+                "token_endpoint_auth_method": "private_key_jwt",
+                "jwks": {"keys": [jwk]},
+            }
+        )
+    app.state.auth_server.register_client(
+        {
+            "client_id": "hosted",
+            "token_endpoint_auth_method": "private_key_jwt",
+            "jwks_uri": "http://127.0.0.1:9/jwks.json",
+        }
+    )

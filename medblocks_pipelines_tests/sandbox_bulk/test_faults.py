@@ -115,8 +115,10 @@ def test_connection_dropped_mid_body_then_resume_with_range(env: BulkEnv) -> Non
     whole = httpx.get(url, headers=headers).content
     env.faults.add("drop_connection", path=FILES, after_bytes=100)
     received = b""
-    with pytest.raises(httpx.RemoteProtocolError), httpx.stream("GET", url,
-                                                                headers=headers) as response:
+    with (
+        pytest.raises(httpx.RemoteProtocolError),
+        httpx.stream("GET", url, headers=headers) as response,
+    ):
         assert response.status_code == 200
         for chunk in response.iter_raw():
             received += chunk
@@ -142,8 +144,10 @@ def test_damaged_ndjson_lines(env: BulkEnv, kind: str) -> None:
     assert bad == [3]
     # The fault is used up: the next export is clean.
     clean = env.export(params={"_type": "Observation"})
-    assert all(json.loads(x) for x in httpx.get(clean["output"][0]["url"],
-                                                  headers=env.auth()).text.splitlines())
+    assert all(
+        json.loads(x)
+        for x in httpx.get(clean["output"][0]["url"], headers=env.auth()).text.splitlines()
+    )
 
 
 def test_count_mismatch(env: BulkEnv) -> None:
@@ -193,10 +197,13 @@ def test_expired_token_mid_run(env: BulkEnv) -> None:
 
 def test_admin_api(env: BulkEnv) -> None:
     admin = env.base + "/_sandbox/faults"
-    created = httpx.post(admin, json=[
-        {"kind": "error_burst", "count": 2, "status": 502, "path": "/\\$export"},
-        {"kind": "latency", "seconds": 0.01, "client_id": "client-z"},
-    ])
+    created = httpx.post(
+        admin,
+        json=[
+            {"kind": "error_burst", "count": 2, "status": 502, "path": "/\\$export"},
+            {"kind": "latency", "seconds": 0.01, "client_id": "client-z"},
+        ],
+    )
     assert created.status_code == 201
     ids = created.json()["ids"]
     listed = httpx.get(admin).json()["rules"]
@@ -236,8 +243,11 @@ def test_admin_token() -> None:
     app = Starlette(routes=fault_admin_routes(faults, admin_token="s3cret"))
     with serve(app) as base:
         assert httpx.get(base + "/_sandbox/faults").status_code == 403
-        ok = httpx.post(base + "/_sandbox/faults", json={"kind": "latency"},
-                        headers={"X-Sandbox-Admin": "s3cret"})
+        ok = httpx.post(
+            base + "/_sandbox/faults",
+            json={"kind": "latency"},
+            headers={"X-Sandbox-Admin": "s3cret"},
+        )
         assert ok.status_code == 201
 
 
@@ -248,8 +258,9 @@ def _ehr_like_app(faults: FaultInjector) -> Starlette:
         return JSONResponse({"grant_type": form.get("grant_type"), "echo": form.get("x")})
 
     async def search(request: Request) -> JSONResponse:
-        return JSONResponse({"count": request.query_params.get("_count"),
-                             "code": request.query_params.get("code")})
+        return JSONResponse(
+            {"count": request.query_params.get("_count"), "code": request.query_params.get("code")}
+        )
 
     return Starlette(
         routes=[Route("/auth/token", token, methods=["POST"]), Route("/Observation", search)],
@@ -263,19 +274,28 @@ def test_revoked_refresh_token() -> None:
     faults.on_refresh_revoked = revoked.append
     faults.add("revoke_refresh", client_id="app-1")
     with serve(_ehr_like_app(faults)) as base:
-        refused = httpx.post(base + "/auth/token", data={
-            "grant_type": "refresh_token", "refresh_token": "rt-1", "client_id": "app-1"})
+        refused = httpx.post(
+            base + "/auth/token",
+            data={"grant_type": "refresh_token", "refresh_token": "rt-1", "client_id": "app-1"},
+        )
         assert refused.status_code == 400
         assert refused.json()["error"] == "invalid_grant"
         assert refused.headers["cache-control"] == "no-store"
         assert revoked == ["rt-1"]
         # Another client, and other grants, reach the real endpoint with the body intact.
-        other = httpx.post(base + "/auth/token", data={
-            "grant_type": "refresh_token", "refresh_token": "rt-2", "client_id": "app-2",
-            "x": "y" * 5000})
+        other = httpx.post(
+            base + "/auth/token",
+            data={
+                "grant_type": "refresh_token",
+                "refresh_token": "rt-2",
+                "client_id": "app-2",
+                "x": "y" * 5000,
+            },
+        )
         assert other.json() == {"grant_type": "refresh_token", "echo": "y" * 5000}
-        cc = httpx.post(base + "/auth/token", data={"grant_type": "client_credentials",
-                                                    "client_id": "app-1"})
+        cc = httpx.post(
+            base + "/auth/token", data={"grant_type": "client_credentials", "client_id": "app-1"}
+        )
         assert cc.json()["grant_type"] == "client_credentials"
 
 
@@ -290,14 +310,16 @@ def test_huge_page_rewrites_count() -> None:
 
 def test_jwt_client_resolver() -> None:
     import jwt as pyjwt
+
     token = pyjwt.encode({"client_id": "abc", "sub": "user"}, "k" * 32, algorithm="HS256")
     assert jwt_client_resolver(token) == "abc"
     assert jwt_client_resolver("opaque-token") is None
 
 
 def test_rule_parsing_and_counts() -> None:
-    rule = rule_from_dict({"kind": "error_burst", "count": 2, "status": 500,
-                           "methods": ["get"], "path": "^/x"})
+    rule = rule_from_dict(
+        {"kind": "error_burst", "count": 2, "status": 500, "methods": ["get"], "path": "^/x"}
+    )
     assert rule.methods == ("GET",) and rule.params == {"status": 500}
     faults = FaultInjector()
     faults.add_rule(rule)
@@ -350,8 +372,9 @@ def test_connect_auth_server_uses_the_as_seams() -> None:
 
 
 def test_client_honouring_http_date_retry_after_gets_through(env: BulkEnv) -> None:
-    env.faults.add("rate_limit", path=r"/\$export", limit=1, window=1.5,
-                   retry_after_form="http-date")
+    env.faults.add(
+        "rate_limit", path=r"/\$export", limit=1, window=1.5, retry_after_form="http-date"
+    )
     assert env.kickoff().status_code == 202
     limited = env.kickoff()
     assert limited.status_code == 429
@@ -364,9 +387,10 @@ def test_drop_connection_on_gzip_download(env: BulkEnv) -> None:
     manifest = env.export(params={"_type": "Observation"})
     url = manifest["output"][0]["url"]
     env.faults.add("drop_connection", path=FILES, after_bytes=40)
-    with pytest.raises(httpx.RemoteProtocolError), httpx.stream(
-        "GET", url, headers={"Accept-Encoding": "gzip", **env.auth()}
-    ) as response:
+    with (
+        pytest.raises(httpx.RemoteProtocolError),
+        httpx.stream("GET", url, headers={"Accept-Encoding": "gzip", **env.auth()}) as response,
+    ):
         assert response.headers["content-encoding"] == "gzip"
         b"".join(response.iter_raw())
     # The next request is whole.

@@ -48,8 +48,7 @@ def test_post_kickoff_with_parameters_and_patient(env: BulkEnv) -> None:
         ],
     }
     headers = {**KICKOFF_HEADERS, **env.auth(), "Content-Type": "application/fhir+json"}
-    response = httpx.post(env.base + "/Patient/$export", content=json.dumps(body),
-                          headers=headers)
+    response = httpx.post(env.base + "/Patient/$export", content=json.dumps(body), headers=headers)
     assert response.status_code == 202, response.text
     manifest = env.wait(response.headers["content-location"]).json()
     # STU2: POST parameters are not echoed in `request`.
@@ -61,9 +60,13 @@ def test_post_kickoff_with_parameters_and_patient(env: BulkEnv) -> None:
 
 
 def test_post_patient_outside_group_is_excluded(env: BulkEnv) -> None:
-    body = {"resourceType": "Parameters", "parameter": [
-        {"name": "patient", "valueReference": {"reference": "Patient/p1"}},
-        {"name": "_type", "valueString": "Patient"}]}
+    body = {
+        "resourceType": "Parameters",
+        "parameter": [
+            {"name": "patient", "valueReference": {"reference": "Patient/p1"}},
+            {"name": "_type", "valueString": "Patient"},
+        ],
+    }
     headers = {**KICKOFF_HEADERS, **env.auth(), "Content-Type": "application/fhir+json"}
     response = httpx.post(env.base + "/Group/g1/$export", json=body, headers=headers)
     manifest = env.wait(response.headers["content-location"]).json()
@@ -79,8 +82,9 @@ def test_post_patient_outside_group_is_excluded(env: BulkEnv) -> None:
         ({"Accept": "application/fhir+json", "Prefer": "return=minimal"}, "Prefer"),
     ],
 )
-def test_kickoff_requires_accept_and_prefer(env: BulkEnv, headers: dict[str, str],
-                                            fragment: str) -> None:
+def test_kickoff_requires_accept_and_prefer(
+    env: BulkEnv, headers: dict[str, str], fragment: str
+) -> None:
     response = httpx.get(env.base + "/$export", headers={**headers, **env.auth()})
     assert response.status_code == 400
     outcome = response.json()
@@ -118,8 +122,10 @@ def test_bad_parameters_rejected(env: BulkEnv, params: dict[str, str], status: i
 
 
 def test_patient_param_not_allowed_at_system_level(env: BulkEnv) -> None:
-    body = {"resourceType": "Parameters",
-            "parameter": [{"name": "patient", "valueReference": {"reference": "Patient/p1"}}]}
+    body = {
+        "resourceType": "Parameters",
+        "parameter": [{"name": "patient", "valueReference": {"reference": "Patient/p1"}}],
+    }
     headers = {**KICKOFF_HEADERS, **env.auth()}
     response = httpx.post(env.base + "/$export", json=body, headers=headers)
     assert response.status_code == 400
@@ -130,8 +136,10 @@ def test_patient_param_not_allowed_at_system_level(env: BulkEnv) -> None:
     [
         {"resourceType": "Bundle"},  # not Parameters
         {"resourceType": "Parameters", "parameter": [{"name": "_type"}]},  # no value
-        {"resourceType": "Parameters",
-         "parameter": [{"name": "patient", "valueString": "p1"}]},  # patient not a reference
+        {
+            "resourceType": "Parameters",
+            "parameter": [{"name": "patient", "valueString": "p1"}],
+        },  # patient not a reference
     ],
 )
 def test_post_body_validated(env: BulkEnv, body: dict) -> None:
@@ -152,8 +160,14 @@ def test_unknown_group_is_404(env: BulkEnv) -> None:
 
 def test_lenient_handling_reports_ignored_parameters(env: BulkEnv) -> None:
     headers = {"Prefer": "respond-async, handling=lenient"}
-    manifest = env.export(params={"_type": "Patient", "_until": "2030-01-01T00:00:00Z",
-                                  "organizeOutputBy": "Patient"}, headers=headers)
+    manifest = env.export(
+        params={
+            "_type": "Patient",
+            "_until": "2030-01-01T00:00:00Z",
+            "organizeOutputBy": "Patient",
+        },
+        headers=headers,
+    )
     issues = [i for oo in env.all_of(manifest, "error")["OperationOutcome"] for i in oo["issue"]]
     assert len(issues) == 2
     assert all(i["severity"] == "warning" for i in issues)
@@ -162,8 +176,10 @@ def test_lenient_handling_reports_ignored_parameters(env: BulkEnv) -> None:
 
 
 def test_repeated_type_means_comma_joined(env: BulkEnv) -> None:
-    response = httpx.get(env.base + "/$export?_type=Patient&_type=Condition",
-                         headers={**KICKOFF_HEADERS, **env.auth()})
+    response = httpx.get(
+        env.base + "/$export?_type=Patient&_type=Condition",
+        headers={**KICKOFF_HEADERS, **env.auth()},
+    )
     assert response.status_code == 202
     manifest = env.wait(response.headers["content-location"]).json()
     assert {o["type"] for o in manifest["output"]} == {"Patient", "Condition"}
@@ -174,13 +190,16 @@ def test_since_filters_on_last_updated(env: BulkEnv) -> None:
     changed = dict(env.store.get("Observation", "p1-bp") or {})
     changed["status"] = "amended"
     env.store.put(changed)
-    env.store.put({"resourceType": "Condition", "id": "new", "subject":
-                   {"reference": "Patient/p3"}})
+    env.store.put(
+        {"resourceType": "Condition", "id": "new", "subject": {"reference": "Patient/p3"}}
+    )
     since = (cut - timedelta(milliseconds=0)).astimezone(UTC).isoformat()
     manifest = env.export(params={"_since": since})
     data = env.all_of(manifest)
     assert {k: [r["id"] for r in v] for k, v in data.items()} == {
-        "Observation": ["p1-bp"], "Condition": ["new"]}
+        "Observation": ["p1-bp"],
+        "Condition": ["new"],
+    }
     tt = datetime.fromisoformat(manifest["transactionTime"].replace("Z", "+00:00"))
     assert tt >= cut
 
@@ -196,10 +215,16 @@ def test_group_patient_param_non_member_excluded_unknown_refused(env: BulkEnv) -
     headers = {**KICKOFF_HEADERS, **env.auth()}
 
     def body(*ids: str) -> dict:
-        return {"resourceType": "Parameters", "parameter": [
-            {"name": "_type", "valueString": "Patient"},
-            *({"name": "patient", "valueReference": {"reference": f"Patient/{i}"}}
-              for i in ids)]}
+        return {
+            "resourceType": "Parameters",
+            "parameter": [
+                {"name": "_type", "valueString": "Patient"},
+                *(
+                    {"name": "patient", "valueReference": {"reference": f"Patient/{i}"}}
+                    for i in ids
+                ),
+            ],
+        }
 
     # p3 exists but is not in g1: it is not exported.
     ok = httpx.post(env.base + "/Group/g1/$export", json=body("p2", "p3"), headers=headers)

@@ -16,13 +16,19 @@ from .conftest import KICKOFF_HEADERS, population, serve
 def test_urls_keep_each_org_prefix(tmp_path: Path) -> None:
     tokens = StaticTokens()
     servers = {
-        org: BulkServer(FhirStore(population()), authenticator=tokens,
-                        config=BulkConfig(export_seconds=0.0), work_dir=tmp_path / org)
+        org: BulkServer(
+            FhirStore(population()),
+            authenticator=tokens,
+            config=BulkConfig(export_seconds=0.0),
+            work_dir=tmp_path / org,
+        )
         for org in ("org-a", "org-b")
     }
-    app = Starlette(routes=[
-        Mount(f"/{org}/fhir", app=create_bulk_app(server)) for org, server in servers.items()
-    ])
+    app = Starlette(
+        routes=[
+            Mount(f"/{org}/fhir", app=create_bulk_app(server)) for org, server in servers.items()
+        ]
+    )
     auth = {"Authorization": f"Bearer {tokens.issue('c', ['system/*.read'])}"}
     try:
         with serve(app) as base:
@@ -49,13 +55,20 @@ def test_one_presigned_storage_for_several_oracle_orgs(tmp_path: Path) -> None:
 
     tokens = StaticTokens()
     servers = [
-        BulkServer(FhirStore(population()), authenticator=tokens, profile="oracle",
-                   config=BulkConfig(export_seconds=0.0), work_dir=tmp_path / str(n))
+        BulkServer(
+            FhirStore(population()),
+            authenticator=tokens,
+            profile="oracle",
+            config=BulkConfig(export_seconds=0.0),
+            work_dir=tmp_path / str(n),
+        )
         for n in range(2)
     ]
-    app = Starlette(routes=[
-        Mount(f"/org{n}/fhir", app=create_bulk_app(server)) for n, server in enumerate(servers)
-    ])
+    app = Starlette(
+        routes=[
+            Mount(f"/org{n}/fhir", app=create_bulk_app(server)) for n, server in enumerate(servers)
+        ]
+    )
     auth = {"Authorization": f"Bearer {tokens.issue('c', ['system/*.read'])}"}
     try:
         with serve(app) as base, serve(presigned_storage_app(servers)) as storage:
@@ -63,8 +76,11 @@ def test_one_presigned_storage_for_several_oracle_orgs(tmp_path: Path) -> None:
                 server.storage_base_url = storage
             bodies = []
             for n in (1, 0):
-                kick = httpx.get(f"{base}/org{n}/fhir/Group/g1/$export",
-                                 params={"_type": "Patient"}, headers={**KICKOFF_HEADERS, **auth})
+                kick = httpx.get(
+                    f"{base}/org{n}/fhir/Group/g1/$export",
+                    params={"_type": "Patient"},
+                    headers={**KICKOFF_HEADERS, **auth},
+                )
                 status = httpx.get(kick.headers["content-location"], headers=auth)
                 while status.status_code == 202:
                     status = httpx.get(kick.headers["content-location"], headers=auth)
@@ -76,8 +92,12 @@ def test_one_presigned_storage_for_several_oracle_orgs(tmp_path: Path) -> None:
                 assert fetched.status_code == 200
                 bodies.append(fetched.text)
             assert bodies[0] == bodies[1] and bodies[0].count("\n") == 2
-            assert httpx.get(storage + "/presigned/nope/x.ndjson?X-Expires=1&X-Signature=a",
-                             headers=auth).status_code == 400
+            assert (
+                httpx.get(
+                    storage + "/presigned/nope/x.ndjson?X-Expires=1&X-Signature=a", headers=auth
+                ).status_code
+                == 400
+            )
     finally:
         for server in servers:
             server.close()

@@ -54,16 +54,22 @@ def test_filtered_export_streams_with_bounded_memory(
 ) -> None:
     directory, _ = generated
     env = make_env(source=NdjsonDirSource(directory), export_seconds=0.0)
-    expected = _scan(directory / "Observation.ndjson", lambda r: any(
-        c.get("code") == "laboratory" for cat in r.get("category", [])
-        for c in cat.get("coding", [])))
+    expected = _scan(
+        directory / "Observation.ndjson",
+        lambda r: any(
+            c.get("code") == "laboratory"
+            for cat in r.get("category", [])
+            for c in cat.get("coding", [])
+        ),
+    )
     assert expected > 0
     size = (directory / "Observation.ndjson").stat().st_size
     env.export(params={"_type": "Observation", "_typeFilter": "Observation?status=final"})
     tracemalloc.start()  # after a first run, so imports and caches are not counted
     try:
-        manifest = env.export(params={"_type": "Observation",
-                                      "_typeFilter": "Observation?category=laboratory"})
+        manifest = env.export(
+            params={"_type": "Observation", "_typeFilter": "Observation?category=laboratory"}
+        )
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -82,8 +88,10 @@ def test_patient_level_export_over_files(
     for item in manifest["output"]:
         counts[item["type"]] = counts.get(item["type"], 0) + item["count"]
         assert item["count"] <= 1000
-    assert counts == {"Patient": stats["by_type"]["Patient"],
-                      "Condition": stats["by_type"]["Condition"]}
+    assert counts == {
+        "Patient": stats["by_type"]["Patient"],
+        "Condition": stats["by_type"]["Condition"],
+    }
 
 
 def test_gzip_files_on_disk(make_env: Callable[..., BulkEnv], tmp_path: Path) -> None:
@@ -108,11 +116,16 @@ def test_gzip_files_on_disk(make_env: Callable[..., BulkEnv], tmp_path: Path) ->
 
 def test_mixed_file_is_split_by_type(make_env: Callable[..., BulkEnv], tmp_path: Path) -> None:
     (tmp_path / "everything.ndjson").write_text(
-        "\n".join(json.dumps(r) for r in [
-            {"resourceType": "Patient", "id": "a"},
-            {"resourceType": "Observation", "id": "o", "subject": {"reference": "Patient/a"}},
-            {"resourceType": "Patient", "id": "b"},
-        ]) + "\n")
+        "\n".join(
+            json.dumps(r)
+            for r in [
+                {"resourceType": "Patient", "id": "a"},
+                {"resourceType": "Observation", "id": "o", "subject": {"reference": "Patient/a"}},
+                {"resourceType": "Patient", "id": "b"},
+            ]
+        )
+        + "\n"
+    )
     source = NdjsonDirSource(tmp_path)
     assert source.resource_types() == ["Observation", "Patient"]
     assert source.raw_files("Patient") is None

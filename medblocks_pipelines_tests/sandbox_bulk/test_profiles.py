@@ -98,8 +98,11 @@ def test_oracle_one_export_per_client(make_env: Callable[..., BulkEnv]) -> None:
         ("_type=Practitioner,Observation", 202),
         ("_typeFilter=Observation%3Fstatus%3Dfinal", 400),  # _typeFilter needs _type
         ("_type=Observation&_typeFilter=Observation%3Fstatus%3Dfinal", 202),
-        ("_type=Observation&_typeFilter=Observation%3Fstatus%3Dfinal,"
-         "Observation%3Fcategory%3Dlaboratory", 400),  # one query per type
+        (
+            "_type=Observation&_typeFilter=Observation%3Fstatus%3Dfinal,"
+            "Observation%3Fcategory%3Dlaboratory",
+            400,
+        ),  # one query per type
         ("_type=Patient&_typeFilter=Patient%3Fgender%3Dfemale", 400),  # Patient unfilterable
         ("_type=Observation&_typeFilter=Observation%3Fpatient%3DPatient%2Fp1", 400),  # blocked
         ("_type=Patient&_elements=id", 400),  # _elements unsupported

@@ -31,8 +31,7 @@ def test_manifest_contents(make_env: Callable[..., BulkEnv]) -> None:
     env = make_env(max_lines_per_file=2)
     before = time.time()
     manifest = env.export(params={"_type": "Observation,Patient"})
-    assert set(manifest) >= {"transactionTime", "request", "requiresAccessToken", "output",
-                             "error"}
+    assert set(manifest) >= {"transactionTime", "request", "requiresAccessToken", "output", "error"}
     assert manifest["requiresAccessToken"] is True
     assert manifest["error"] == []
     assert manifest["request"].startswith(env.base + "/$export?")
@@ -44,8 +43,10 @@ def test_manifest_contents(make_env: Callable[..., BulkEnv]) -> None:
         assert item["count"] == len(env.lines(item["url"]))
     assert sum(o["count"] for o in obs_files) == 6
     tt = email.utils.parsedate_to_datetime(
-        httpx.get(env.wait(env.kickoff().headers["content-location"]).url,
-                  headers=env.auth()).headers["expires"])
+        httpx.get(
+            env.wait(env.kickoff().headers["content-location"]).url, headers=env.auth()
+        ).headers["expires"]
+    )
     assert tt.timestamp() > before
 
 
@@ -88,7 +89,9 @@ def test_since_reports_deleted_resources_as_bundles(env: BulkEnv) -> None:
     assert all(e["request"]["method"] == "DELETE" for e in entries)
     # p3 is not in the group: its deletion is not reported; the practitioner is shared.
     assert sorted(e["request"]["url"] for e in entries) == [
-        "Observation/p1-hba1c", "Practitioner/dr1"]
+        "Observation/p1-hba1c",
+        "Practitioner/dr1",
+    ]
     assert manifest["output"] == []  # nothing else changed
 
 
@@ -103,8 +106,9 @@ def test_deleted_only_with_since(env: BulkEnv) -> None:
 def test_group_member_who_joined_after_since_gets_full_history(env: BulkEnv) -> None:
     cut = env.store.now()
     group = json.loads(json.dumps(env.store.get("Group", "g1")))
-    group["member"].append({"entity": {"reference": "Patient/p3"},
-                            "period": {"start": env.store.now().isoformat()}})
+    group["member"].append(
+        {"entity": {"reference": "Patient/p3"}, "period": {"start": env.store.now().isoformat()}}
+    )
     env.store.put(group)
     manifest = env.export("/Group/g1/$export", params={"_since": cut.isoformat()})
     data = env.all_of(manifest)
@@ -119,29 +123,31 @@ def test_group_member_who_joined_after_since_gets_full_history(env: BulkEnv) -> 
         # one query
         ("MedicationRequest?status=active", {"p1-mr0", "p2-mr0", "p3-mr0"}),
         # two queries for the same type are OR-ed
-        ("Observation?category=laboratory,Observation?code=http://loinc.org|85354-9",
-         {"p1-hba1c", "p2-hba1c", "p3-hba1c", "p1-bp", "p2-bp", "p3-bp"}),
+        (
+            "Observation?category=laboratory,Observation?code=http://loinc.org|85354-9",
+            {"p1-hba1c", "p2-hba1c", "p3-hba1c", "p1-bp", "p2-bp", "p3-bp"},
+        ),
         # URL-encoded query, AND of two params
         ("Observation%3Fcategory%3Dlaboratory%26subject%3DPatient%2Fp2", {"p2-hba1c"}),
         # dates of clinical events, with prefixes (SPECS 3.1: use _typeFilter, not _since)
-        ("Observation?date=ge2023-05-01&category=laboratory", {"p1-hba1c", "p2-hba1c",
-                                                                "p3-hba1c"}),
+        ("Observation?date=ge2023-05-01&category=laboratory", {"p1-hba1c", "p2-hba1c", "p3-hba1c"}),
         ("Observation?date=lt2023-05-01", set()),
     ],
 )
 def test_type_filter(env: BulkEnv, type_filter: str, expected: set[str]) -> None:
     from urllib.parse import unquote
+
     rtype = type_filter.split("?")[0].split("%3F")[0]
-    manifest = env.export(params={"_type": f"{rtype},Patient",
-                                  "_typeFilter": unquote(type_filter)})
+    manifest = env.export(params={"_type": f"{rtype},Patient", "_typeFilter": unquote(type_filter)})
     data = env.all_of(manifest)
     assert {r["id"] for r in data.get(rtype, [])} == expected
     assert len(data["Patient"]) == 3  # a type without a filter comes whole
 
 
 def test_elements_subsets_and_tags(env: BulkEnv) -> None:
-    manifest = env.export(params={"_type": "Patient,Observation",
-                                  "_elements": "Patient.gender,status"})
+    manifest = env.export(
+        params={"_type": "Patient,Observation", "_elements": "Patient.gender,status"}
+    )
     data = env.all_of(manifest)
     patient = data["Patient"][0]
     assert set(patient) == {"resourceType", "id", "meta", "gender"}
@@ -175,8 +181,7 @@ def test_download_range_resume(env: BulkEnv) -> None:
     first = httpx.get(url, headers={**base, "Range": "bytes=0-99"})
     assert first.status_code == 206
     assert first.content == body[:100]
-    rest = httpx.get(url, headers={**base, "Range": "bytes=100-",
-                                   "If-Range": full.headers["etag"]})
+    rest = httpx.get(url, headers={**base, "Range": "bytes=100-", "If-Range": full.headers["etag"]})
     assert rest.status_code == 206
     assert rest.headers["content-range"] == f"bytes 100-{len(body) - 1}/{len(body)}"
     assert first.content + rest.content == body
@@ -223,8 +228,12 @@ def test_other_client_cannot_poll_or_download(env: BulkEnv) -> None:
 def test_unknown_file_and_job(env: BulkEnv) -> None:
     location = env.kickoff().headers["content-location"]
     env.wait(location)
-    assert httpx.get(location.replace("bulk-status", "bulk-files") + "/x.ndjson",
-                     headers=env.auth()).status_code == 404
+    assert (
+        httpx.get(
+            location.replace("bulk-status", "bulk-files") + "/x.ndjson", headers=env.auth()
+        ).status_code
+        == 404
+    )
     assert httpx.get(env.base + "/bulk-status/nope", headers=env.auth()).status_code == 404
 
 
@@ -242,8 +251,9 @@ def test_files_not_available_before_completion(make_env: Callable[..., BulkEnv])
 
 
 def test_polling_too_fast_gets_429_and_then_cancels(make_env: Callable[..., BulkEnv]) -> None:
-    env = make_env(export_seconds=30, retry_after=2, enforce_retry_after=True,
-                   cancel_after_early_polls=3)
+    env = make_env(
+        export_seconds=30, retry_after=2, enforce_retry_after=True, cancel_after_early_polls=3
+    )
     location = env.kickoff().headers["content-location"]
     headers = env.auth()
     assert httpx.get(location, headers=headers).status_code == 202
@@ -270,14 +280,22 @@ def test_polling_at_retry_after_is_fine(make_env: Callable[..., BulkEnv]) -> Non
 
 
 def test_unknown_patient_in_post_is_refused_unless_lenient(env: BulkEnv) -> None:
-    body = {"resourceType": "Parameters", "parameter": [
-        {"name": "patient", "valueReference": {"reference": "Patient/nobody"}},
-        {"name": "patient", "valueReference": {"reference": "Patient/p1"}}]}
-    strict = httpx.post(env.base + "/Patient/$export", json=body,
-                        headers={**KICKOFF_HEADERS, **env.auth()})
+    body = {
+        "resourceType": "Parameters",
+        "parameter": [
+            {"name": "patient", "valueReference": {"reference": "Patient/nobody"}},
+            {"name": "patient", "valueReference": {"reference": "Patient/p1"}},
+        ],
+    }
+    strict = httpx.post(
+        env.base + "/Patient/$export", json=body, headers={**KICKOFF_HEADERS, **env.auth()}
+    )
     assert strict.status_code == 400
-    lenient = httpx.post(env.base + "/Patient/$export", json=body, headers={
-        **KICKOFF_HEADERS, "Prefer": "respond-async, handling=lenient", **env.auth()})
+    lenient = httpx.post(
+        env.base + "/Patient/$export",
+        json=body,
+        headers={**KICKOFF_HEADERS, "Prefer": "respond-async, handling=lenient", **env.auth()},
+    )
     assert lenient.status_code == 202
     manifest = env.wait(lenient.headers["content-location"]).json()
     assert [p["id"] for p in env.all_of(manifest)["Patient"]] == ["p1"]
@@ -295,14 +313,20 @@ def test_bulk_admin_api(env: BulkEnv) -> None:
     assert status.status_code == 202 and status.headers["retry-after"] == "7"
     jobs = httpx.get(admin).json()["jobs"]
     assert [(j["client_id"], j["status"]) for j in jobs] == [("client-a", "in-progress")]
-    for bad in ({"export_seconds": -1}, {"nope": 1}, {"enforce_retry_after": 1},
-                {"max_lines_per_file": 2.5}, [1]):
+    for bad in (
+        {"export_seconds": -1},
+        {"nope": 1},
+        {"enforce_retry_after": 1},
+        {"max_lines_per_file": 2.5},
+        [1],
+    ):
         assert httpx.patch(admin, json=bad).status_code == 400
     assert env.server.config.retry_after == 7
 
 
-def test_export_that_crashes_reports_failure(make_env: Callable[..., BulkEnv],
-                                             tmp_path: Path) -> None:
+def test_export_that_crashes_reports_failure(
+    make_env: Callable[..., BulkEnv], tmp_path: Path
+) -> None:
     from medblocks_pipelines.sandbox.bulk import NdjsonDirSource
 
     (tmp_path / "Patient.ndjson").write_text('{"resourceType":"Patient","id":"a"}\n{broken\n')
@@ -318,8 +342,12 @@ def test_export_that_crashes_reports_failure(make_env: Callable[..., BulkEnv],
 def test_concurrent_exports_of_several_clients(env: BulkEnv) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    jobs = [("client-1", "/Group/g1/$export", 2), ("client-2", "/Patient/$export", 3),
-            ("client-3", "/$export", 3), ("client-4", "/Group/g1/$export", 2)]
+    jobs = [
+        ("client-1", "/Group/g1/$export", 2),
+        ("client-2", "/Patient/$export", 3),
+        ("client-3", "/$export", 3),
+        ("client-4", "/Group/g1/$export", 2),
+    ]
 
     def run(job: tuple[str, str, int]) -> int:
         client_id, path, _ = job
