@@ -1,0 +1,120 @@
+"""The patient-access CLI commands end to end, the EHR-launch variant of launch.py, and the pulled
+records reaching the tenant's warehouse.
+"""
+
+import re
+import urllib.parse
+
+import duckdb
+import pytest
+from click.testing import CliRunner
+
+from medblocks_pipelines.cli import main
+from medblocks_pipelines.cli.patient_access import connect_via_consent_page
+from medblocks_pipelines.lib.errors import LaunchError
+from medblocks_pipelines.lib.smart.launch import begin_authorization, complete_authorization
+from medblocks_pipelines.lib.warehouse.build import build_warehouse, warehouse_path
+from medblocks_pipelines_tests.patient_access.conftest import RETURN_URL, PatientAccessEnv
+
+
+def test_cli_link_sync_refresh_revoke(pa_env: PatientAccessEnv) -> None:
+    org = pa_env.org("ehr")
+    sid = pa_env.add_source(org)
+    runner = CliRunner()
+    out = runner.invoke(main, ["connections", "link", "--tenant", "acme", "--patient-ref", "cli-1",
+                               "--source", sid, "--return-url", RETURN_URL,
+                               "--public-base-url", pa_env.web_base])
+    assert out.exit_code == 0, out.output
+    conn_id = re.search(r"connection (conn_\w+)", out.output).group(1)
+    url = out.output.strip().splitlines()[-1]
+    login = pa_env.logins(org)[0]
+    outcome = connect_via_consent_page(url, username=login.username, password=login.password,
+                                       stop_at=RETURN_URL, http=pa_env.http)
+    assert outcome.status == "active" and outcome.connection_id == conn_id
+
+    out = runner.invoke(main, ["sync", "patient-access", "--tenant", "acme", "--source", sid,
+                               "--in-process"])
+    assert out.exit_code == 0, out.output
+    assert "1 connections: {'success': 1}" in out.output
+
+    before = pa_env.cp.get_connection(conn_id)["token_expires_at"]
+    out = runner.invoke(main, ["connections", "refresh", conn_id])
+    assert out.exit_code == 0, out.output
+    assert pa_env.cp.get_connection(conn_id)["token_expires_at"] >= before
+    assert [e["event_type"] for e in pa_env.cp.connection_events(conn_id)].count(
+        "token.refreshed") == 1
+
+    build_warehouse("acme", settings=pa_env.settings, control_plane=pa_env.cp)
+    out = runner.invoke(main, ["connections", "revoke", conn_id, "--delete-data"])
+    assert out.exit_code == 0, out.output
+    assert "revoked (also at the source)" in out.output
+    assert "warehouse of acme rebuilt" in out.output
+    con = duckdb.connect(str(warehouse_path(pa_env.settings, "acme")), read_only=True)
+    try:
+        left = con.execute("SELECT count(*) FROM resources WHERE connection = ?",
+                           [conn_id]).fetchone()
+    finally:
+        con.close()
+    assert left == (0,)
+
+    out = runner.invoke(main, ["connections", "show", conn_id])
+    assert out.exit_code == 0
+    assert "revoked" in out.output
+
+
+def test_pulled_records_reach_the_warehouse(pa_env: PatientAccessEnv) -> None:
+    org = pa_env.org("ehr")
+    sid = pa_env.add_source(org)
+    conn_id, outcome = pa_env.connect(sid, pa_env.logins(org)[0])
+    runner = CliRunner()
+    out = runner.invoke(main, ["sync", "patient-access", "--tenant", "acme", "--source", sid,
+                               "--in-process"])
+    assert out.exit_code == 0, out.output
+    build_warehouse("acme", settings=pa_env.settings, control_plane=pa_env.cp)
+    con = duckdb.connect(str(warehouse_path(pa_env.settings, "acme")), read_only=True)
+    try:
+        rows = dict(con.execute(
+            "SELECT resource_type, count(*) FROM resources WHERE connection = ? "
+            "AND pattern = 'patient_access' GROUP BY 1", [conn_id]).fetchall())
+    finally:
+        con.close()
+    assert rows["Patient"] == 1 and rows["Observation"] > 0
+
+
+def test_ehr_launch_is_the_same_api_with_launch_and_iss(pa_env: PatientAccessEnv) -> None:
+    """What the clinician-workflow pattern will do: launch + iss from the EHR, aud = iss."""
+    org = pa_env.org("ehr")
+    sid = pa_env.add_source(org)
+    patient = pa_env.logins(org)[0].patient_id
+    minted = pa_env.sandbox.admin(org.org_id, "launch", {
+        "patient": patient, "user": "Practitioner/dr-1", "auto_approve": True})
+    conn_id = pa_env.cp.create_connection(tenant_id="acme", pattern="clinician_workflow",
+                                          source_id=sid)
+    req = begin_authorization(
+        pa_env.cp, conn_id, redirect_uri=pa_env.callback, http=pa_env.http,
+        launch=minted["launch"], iss=minted["iss"],
+        scopes=["launch", "openid", "fhirUser", "patient/Patient.rs", "patient/Observation.rs"],
+    )
+    q = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(req.url).query))
+    assert q["launch"] == minted["launch"] and q["aud"] == minted["iss"]
+    # The EHR user is signed in already and the app is pre-approved: straight back to us.
+    resp = pa_env.http.get(req.url)
+    assert resp.status_code == 302
+    callback = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(resp.headers["location"]).query))
+    outcome = complete_authorization(pa_env.cp, params=callback, http=pa_env.http)
+    assert outcome.ok, outcome
+    assert outcome.patient == patient
+    assert outcome.context.get("fhirUser", "").endswith("Practitioner/dr-1")
+    assert pa_env.cp.get_connection(conn_id)["state"] == "active"
+
+
+def test_ehr_launch_with_an_unknown_iss_is_refused(pa_env: PatientAccessEnv) -> None:
+    org = pa_env.org("ehr")
+    sid = pa_env.add_source(org)
+    conn_id = pa_env.cp.create_connection(tenant_id="acme", pattern="clinician_workflow",
+                                          source_id=sid)
+    with pytest.raises(LaunchError) as info:
+        begin_authorization(pa_env.cp, conn_id, redirect_uri=pa_env.callback, http=pa_env.http,
+                            launch="abc", iss="https://attacker.example/fhir")
+    assert info.value.reason == "unknown_iss"
+    assert pa_env.cp.get_connection(conn_id)["state"] == "failed"
