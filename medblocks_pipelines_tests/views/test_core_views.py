@@ -145,3 +145,32 @@ def test_core_views_equal_reference_on_carebundle_shapes() -> None:
         assert _canon(got) == _canon(evaluate_view(v, resources)), name
         exercised += bool(got)
     assert exercised >= 7
+
+
+@pytest.mark.parametrize(
+    ("file_text", "message"),
+    [
+        # not JSON at all
+        ("{not json", "not valid JSON"),
+        # JSON but not an object
+        ("[1, 2]", "must be a JSON object"),
+        # a view without a name cannot become a table
+        (json.dumps({"resource": "Patient", "select": [{"column": [
+            {"name": "id", "path": "id"}]}]}), "needs a 'name'"),
+        # unknown top-level key (typo of select)
+        (json.dumps({"name": "x", "resource": "Patient", "selects": []}), "unknown ViewDefinition"),
+    ],
+)
+def test_bad_user_view_files_name_the_file(tmp_path: Path, file_text: str, message: str) -> None:
+    (tmp_path / "mine.json").write_text(file_text)
+    with pytest.raises(ViewDefinitionError, match=message) as info:
+        load_core_views(user_dir=tmp_path)
+    assert "mine.json" in str(info.value)
+
+
+def test_user_view_replaces_a_core_view_of_the_same_name(tmp_path: Path) -> None:
+    mine = {"name": "patient", "resource": "Patient", "select": [{"column": [
+        {"name": "pid", "path": "id"}]}]}
+    (tmp_path / "patient.json").write_text(json.dumps(mine))
+    views = load_core_views(user_dir=tmp_path)
+    assert set(views) == CORE and views["patient"]["select"][0]["column"][0]["name"] == "pid"

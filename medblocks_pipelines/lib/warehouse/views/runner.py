@@ -87,9 +87,9 @@ def load_views(directory: Path) -> dict[str, dict[str, Any]]:
             raise ViewDefinitionError(f"{path.name}: a ViewDefinition must be a JSON object")
         try:
             compile_view(view)
+            name = view_table_name(view)
         except ViewDefinitionError as exc:
             raise ViewDefinitionError(f"{path.name}: {exc}") from exc
-        name = view_table_name(view)
         if name in views:
             raise ViewDefinitionError(f"{path.name}: duplicate view name {name!r}")
         views[name] = view
