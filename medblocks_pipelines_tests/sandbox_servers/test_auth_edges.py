@@ -1,6 +1,8 @@
 """Edge cases of the sandbox authorization server: cross-client misuse, missing fields, JWKS
 failures, includes that obey scopes, introspection by client authentication, role checks."""
 
+from typing import Any
+
 import pytest
 
 from medblocks_pipelines.sandbox.auth import narrow_scopes, parse_scope
@@ -214,7 +216,13 @@ def test_admin_guard_checks_the_socket_peer(peer: tuple | None, loopback: bool) 
 
     from medblocks_pipelines.sandbox.ehr import _is_loopback
 
-    scope = {"type": "http", "method": "GET", "path": "/", "headers": [], "client": peer}
+    scope: dict[str, Any] = {
+        "type": "http",
+        "method": "GET",
+        "path": "/",
+        "headers": [],
+        "client": peer,
+    }
     assert _is_loopback(Request(scope)) is loopback
 
 

@@ -155,7 +155,8 @@ def test_wrong_algorithms_are_refused(ehr: Server, rsa_key: KeyPair, alg: str) -
             headers={"kid": rsa_key.kid, "typ": "JWT"},
         )
     elif alg == "none":
-        raw = jwt.encode(claims, None, algorithm="none", headers={"kid": rsa_key.kid, "typ": "JWT"})
+        # An unsigned token: header.payload. with an empty signature (RFC 7519 §6).
+        raw = jwt.encode(claims, "", algorithm="none", headers={"kid": rsa_key.kid, "typ": "JWT"})
     else:
         raw = assertion(rsa_key, "svc", token_url, alg="RS256")
     resp = ehr.http.post(

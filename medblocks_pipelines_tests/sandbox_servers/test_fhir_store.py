@@ -4,6 +4,7 @@ Pure in-process (no sockets): the store is a library that the REST and Bulk serv
 """
 
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 
@@ -49,9 +50,9 @@ def test_versions_and_deletions() -> None:
     updated = store.put({**first, "clinicalStatus": {"coding": [{"code": "resolved"}]}})
     assert updated["meta"]["versionId"] == "2"
     assert updated["meta"]["lastUpdated"] > first["meta"]["lastUpdated"]
-    assert store.vread("Condition", "cond1", "1").resource["clinicalStatus"] == {  # type: ignore[union-attr]
-        "coding": [{"code": "active"}]
-    }
+    v1 = store.vread("Condition", "cond1", "1")
+    assert v1 is not None and v1.resource is not None
+    assert v1.resource["clinicalStatus"] == {"coding": [{"code": "active"}]}
     assert store.delete("Condition", "cond1") is True
     assert store.delete("Condition", "cond1") is False  # already deleted
     assert (
@@ -68,7 +69,7 @@ def test_versions_and_deletions() -> None:
 
 
 def test_put_copies_its_input() -> None:
-    resource = {"resourceType": "Patient", "id": "x", "name": [{"family": "A"}]}
+    resource: dict[str, Any] = {"resourceType": "Patient", "id": "x", "name": [{"family": "A"}]}
     store = FhirStore([resource])
     resource["name"][0]["family"] = "changed in place"
     assert store.get("Patient", "x")["name"][0]["family"] == "A"  # type: ignore[index]
