@@ -137,3 +137,34 @@ def test_expire_token_fault_expires_in_the_as(sandbox: SandboxHandle, mercy: Ser
     assert mercy.http.get(f"{mercy.fhir}/Patient", headers=auth).status_code == 401
     # Expired for real: introspection says inactive.
     assert mercy.auth.validate_access_token(token) is None
+
+
+def test_revoke_refresh_fault_revokes_the_grant_in_the_as(
+    sandbox: SandboxHandle, mercy: Server
+) -> None:
+    from medblocks_pipelines_tests.sandbox_servers.helpers import (
+        AuthRequest,
+        register_public,
+        standalone_token,
+    )
+
+    register_public(mercy, client_id="pat-2")
+    body = standalone_token(mercy, AuthRequest(client_id="pat-2"))
+    added = mercy.http.post(
+        f"{mercy.base}/_sandbox/faults",
+        json={"kind": "revoke_refresh", "client_id": "pat-2", "count": 1},
+        headers={"X-Sandbox-Admin": sandbox.admin_secret},
+    )
+    assert added.status_code in (200, 201), added.text
+    refresh = {
+        "grant_type": "refresh_token",
+        "refresh_token": body["refresh_token"],
+        "client_id": "pat-2",
+    }
+    first = mercy.http.post(mercy.smart()["token_endpoint"], data=refresh)
+    assert first.status_code == 400 and first.json()["error"] == "invalid_grant"
+    # The fault is gone, but the grant was revoked for real: the same token still fails.
+    again = mercy.http.post(mercy.smart()["token_endpoint"], data=refresh)
+    assert again.json()["error"] == "invalid_grant"
+    auth = {"Authorization": f"Bearer {body['access_token']}"}
+    assert mercy.http.get(f"{mercy.fhir}/Patient/p1", headers=auth).status_code == 401
