@@ -1110,7 +1110,7 @@ PRACTITIONER_FAMILY = (
 PRACTITIONER_QUALIFICATIONS = (
     ("MD", "Doctor of Medicine"),
     ("DO", "Doctor of Osteopathy"),
-    ("NP", "Nurse practitioner"),
+    ("NP", "Nurse Practitioner"),
 )
 
 # preventive visit E/M codes by age band (CPT 9938x/9939x: established patient)

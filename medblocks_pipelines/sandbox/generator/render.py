@@ -1303,7 +1303,7 @@ def render_eob(
     clinician: Clinician,
 ) -> Resource:
     """One adjudicated claim (C4BB EOB) for an encounter: ICD-10-CM diagnoses, CPT/HCPCS lines."""
-    received = e.end + timedelta(days=3)
+    received = e.end + timedelta(days=min(3, e.claim_lag_days))
     processed = e.end + timedelta(days=e.claim_lag_days)
     prac_id, prov_org_id = ensure_provider(st, clinician, care_org, processed)
     inpatient = e.kind == "inpatient"
