@@ -31,6 +31,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Mount, Route
 from starlette.types import ASGIApp
 
+from medblocks_pipelines.lib.errors import ConfigError
 from medblocks_pipelines.sandbox.auth import Login
 from medblocks_pipelines.sandbox.ehr import ADMIN_HEADER, ChangeSet, OrgConfig, create_ehr_app
 from medblocks_pipelines.sandbox.fhir_store import FhirStore, Resource
@@ -544,15 +545,19 @@ def start_sandbox(
     names = list(roles) if roles is not None else known
     unknown = [n for n in names if n not in known]
     if unknown:
-        raise ValueError(f"unknown sandbox roles: {unknown}; known: {known}")
+        raise ConfigError(f"unknown sandbox roles: {unknown}; known: {known}")
     socks: dict[str, socket.socket] = {}
     try:
         for n, name in enumerate(names):
             socks[name] = bind_socket(host, base_port + n if base_port else 0)
-    except OSError:
+    except OSError as exc:
         for s in socks.values():
             s.close()
-        raise
+        port = base_port + len(socks) if base_port else 0
+        raise ConfigError(
+            f"sandbox: cannot listen on {host}:{port} ({exc.strerror})",
+            hint="another sandbox may be running; pick another --port, or 0 for free ports",
+        ) from exc
     urls = {name: f"http://{host}:{s.getsockname()[1]}" for name, s in socks.items()}
     options = {
         **dict(role_options or {}),
