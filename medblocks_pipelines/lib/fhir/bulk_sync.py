@@ -490,6 +490,64 @@ def _current_manifest(cp: ControlPlane, client: BulkClient, row: dict[str, Any])
     raise TransientError("the export is not complete yet", retry_after=st.retry_after)
 
 
+#: Small plain files of one type are appended into a batch of up to this size before landing:
+#: each landing has a fixed cost, and servers such as HAPI write ~1000 resources per file.
+COALESCE_BYTES = 64 << 20
+
+
+class _Batches:
+    """Per-type batch files of downloaded plain NDJSON, landed when large enough."""
+
+    def __init__(self, writer: LakeWriter, work: Path, export_id: str,
+                 received: Counter[str], limit: int = COALESCE_BYTES) -> None:
+        self.writer, self.work, self.export_id = writer, work, export_id
+        self.received, self.limit = received, limit
+        self.open: dict[str, tuple[Path, Any, int]] = {}
+        self.serial = 0
+
+    def land_file(self, path: Path, rtype: str, origin: str) -> None:
+        before = self.writer.stats.landed + self.writer.stats.quarantined
+        self.writer.add_ndjson_file(path, origin=origin)
+        self.received[rtype] += self.writer.stats.landed + self.writer.stats.quarantined - before
+
+    def add(self, got: DownloadResult, rtype: str) -> None:
+        if got.gzip:
+            origin = f"{self.export_id}/{Path(urlsplit(got.url).path).name}"
+            self.land_file(got.path, rtype, origin)
+            return
+        if rtype not in self.open:
+            self.serial += 1
+            path = self.work / f"batch-{self.serial:05d}.ndjson"
+            self.open[rtype] = (path, open(path, "wb"), 0)  # noqa: SIM115 (closed in flush)
+        path, fh, size = self.open[rtype]
+        with open(got.path, "rb") as src:
+            shutil.copyfileobj(src, fh, 1 << 20)
+            if got.bytes:
+                src.seek(-1, 2)
+                if src.read(1) != b"\n":
+                    fh.write(b"\n")
+        size += got.bytes
+        self.open[rtype] = (path, fh, size)
+        if size >= self.limit:
+            self.flush(rtype)
+
+    def flush(self, rtype: str) -> None:
+        path, fh, _ = self.open.pop(rtype)
+        fh.close()
+        self.land_file(path, rtype, f"{self.export_id}/{rtype}/{path.stem}")
+        path.unlink(missing_ok=True)
+
+    def flush_all(self) -> None:
+        for rtype in list(self.open):
+            self.flush(rtype)
+
+    def close(self) -> None:
+        for path, fh, _ in self.open.values():
+            fh.close()
+            path.unlink(missing_ok=True)
+        self.open.clear()
+
+
 def _download_and_land(
     client: BulkClient,
     manifest: Manifest,
@@ -510,41 +568,43 @@ def _download_and_land(
     codes: Counter[str] = Counter()
     attachment_urls: list[str] = []
     failures: list[str] = []
-    with cf.ThreadPoolExecutor(max_workers=cfg.max_parallel,
-                               thread_name_prefix="bulk-dl") as pool:
-        futures = {
-            pool.submit(client.download, item.url, work / _file_name(item, n),
-                        requires_token=manifest.requires_access_token): item
-            for n, item in enumerate(items)
-        }
-        for fut in cf.as_completed(futures):
-            item = futures[fut]
-            try:
-                got: DownloadResult = fut.result()
-            except (TransientError, ProtocolError) as exc:
-                failures.append(f"{item.kind} file ({type(exc).__name__})")
-                continue
-            report.files += 1
-            report.bytes_downloaded += got.bytes
-            report.resumed_bytes += got.resumed_bytes
-            origin = f"{report.export_id}/{Path(urlsplit(item.url).path).name}"
-            if item.kind == "output":
-                before = writer.stats.landed + writer.stats.quarantined
-                writer.add_ndjson_file(got.path, origin=origin)
-                received[item.type or "?"] += (
-                    writer.stats.landed + writer.stats.quarantined - before)
-                if cfg.attachments and item.type == "DocumentReference":
-                    attachment_urls.extend(_attachment_urls(got.path, got.gzip))
-            elif item.kind == "deleted":
-                _land_deleted(got, writer, manifest.transaction_time, origin)
-            else:
-                errors_dir.mkdir(parents=True, exist_ok=True)
-                _count_outcomes(got, errors, codes, writer, origin)
-                shutil.copyfile(got.path, errors_dir / got.path.name)
-            got.path.unlink(missing_ok=True)
-            done += 1
-            if progress is not None:
-                progress("files", done, total)
+    batches = _Batches(writer, work, report.export_id, received)
+    try:
+        with cf.ThreadPoolExecutor(max_workers=cfg.max_parallel,
+                                   thread_name_prefix="bulk-dl") as pool:
+            futures = {
+                pool.submit(client.download, item.url, work / _file_name(item, n),
+                            requires_token=manifest.requires_access_token): item
+                for n, item in enumerate(items)
+            }
+            for fut in cf.as_completed(futures):
+                item = futures[fut]
+                try:
+                    got: DownloadResult = fut.result()
+                except (TransientError, ProtocolError) as exc:
+                    failures.append(f"{item.kind} file ({type(exc).__name__})")
+                    continue
+                report.files += 1
+                report.bytes_downloaded += got.bytes
+                report.resumed_bytes += got.resumed_bytes
+                origin = f"{report.export_id}/{Path(urlsplit(item.url).path).name}"
+                if item.kind == "output":
+                    if cfg.attachments and item.type == "DocumentReference":
+                        attachment_urls.extend(_attachment_urls(got.path, got.gzip))
+                    batches.add(got, item.type or "?")
+                elif item.kind == "deleted":
+                    _land_deleted(got, writer, manifest.transaction_time, origin)
+                else:
+                    errors_dir.mkdir(parents=True, exist_ok=True)
+                    _count_outcomes(got, errors, codes, writer, origin)
+                    shutil.copyfile(got.path, errors_dir / got.path.name)
+                got.path.unlink(missing_ok=True)
+                done += 1
+                if progress is not None:
+                    progress("files", done, total)
+        batches.flush_all()
+    finally:
+        batches.close()
     report.received_by_type = dict(received)
     report.error_entries = dict(errors)
     report.error_codes = dict(codes)
