@@ -50,10 +50,28 @@ def generate(n_patients: int, seed: int) -> pl.DataFrame:
     orgs = people.default_organizations()
     today = date(2026, 11, 1)
     rng = random.Random(seed)
-    rows: dict[str, list[object]] = {c: [] for c in (
-        "patient_key", "source", "pattern", "organization", "connection", "given", "middle",
-        "family", "maiden", "gender", "birth_date", "address_line", "postal_code", "phone",
-        "email", "ssn", "true_person")}
+    rows: dict[str, list[object]] = {
+        c: []
+        for c in (
+            "patient_key",
+            "source",
+            "pattern",
+            "organization",
+            "connection",
+            "given",
+            "middle",
+            "family",
+            "maiden",
+            "gender",
+            "birth_date",
+            "address_line",
+            "postal_code",
+            "phone",
+            "email",
+            "ssn",
+            "true_person",
+        )
+    }
     counts, weights = zip(*ORG_COUNT_WEIGHTS, strict=True)
     i = 0
     last = None
@@ -69,9 +87,12 @@ def generate(n_patients: int, seed: int) -> pl.DataFrame:
         k = rng.choices(counts, weights)[0]
         for n_org, org in enumerate(rng.sample(orgs, k)):
             demo = people.noisy_copy(
-                rng, person, org,
+                rng,
+                person,
+                org,
                 first_seen_before_marriage=person.maiden_name is not None
-                and n_org > 0 and rng.random() < 0.3,
+                and n_org > 0
+                and rng.random() < 0.3,
             )
             rows["patient_key"].append(f"{org.id}/Patient/{pid}")
             rows["source"].append(org.id)
@@ -119,8 +140,10 @@ def main() -> None:
     gen_s = time.perf_counter() - t0
     truth = raw.select("patient_key", truth="true_person")
     n_persons = truth["truth"].n_unique()
-    print(f"source patients: {raw.height:,}  persons: {n_persons:,}  (generated in {gen_s:.1f} s, "
-          f"peak RSS {peak_rss_mb():,.0f} MB)")
+    print(
+        f"source patients: {raw.height:,}  persons: {n_persons:,}  (generated in {gen_s:.1f} s, "
+        f"peak RSS {peak_rss_mb():,.0f} MB)"
+    )
 
     base, base_s = baseline(raw.drop("true_person"))
     base_m = pairwise_metrics_frame(base.join(truth, on="patient_key"))
@@ -135,20 +158,32 @@ def main() -> None:
 
     print()
     print(f"{'linker':<28}{'precision':>10}{'recall':>10}{'F1':>8}{'time s':>10}{'rec/s':>12}")
-    for name, mm, secs in (("baseline exact name+DOB", base_m, base_s), ("splink + rules", m, link_s)):
+    for name, mm, secs in (
+        ("baseline exact name+DOB", base_m, base_s),
+        ("splink + rules", m, link_s),
+    ):
         p, r = float(mm["precision"]), float(mm["recall"])
         f1 = 2 * p * r / (p + r) if p + r else 0.0
         print(f"{name:<28}{p:>10.4f}{r:>10.4f}{f1:>8.4f}{secs:>10.1f}{raw.height / secs:>12,.0f}")
     print()
-    print(f"true pairs {m['true_pairs']:,}; splink predicted {m['predicted_pairs']:,} "
-          f"(fp {m['fp']:,}, fn {m['fn']:,}); baseline predicted {base_m['predicted_pairs']:,} "
-          f"(fp {base_m['fp']:,}, fn {base_m['fn']:,})")
-    print(f"ratios splink/baseline: recall x{float(m['recall']) / max(float(base_m['recall']), 1e-9):.2f}, "
-          f"time x{link_s / max(base_s, 1e-9):.1f}")
-    print(f"splink stages (s): " + ", ".join(f"{k} {v:.1f}" for k, v in res.timings.items())
-          + f"; u trained: {res.trained}")
-    print(f"candidate edges {res.edges.height:,}; vetoed "
-          f"{res.edges.filter(~pl.col('accepted')).height:,}; persons {res.persons.height:,}")
+    print(
+        f"true pairs {m['true_pairs']:,}; splink predicted {m['predicted_pairs']:,} "
+        f"(fp {m['fp']:,}, fn {m['fn']:,}); baseline predicted {base_m['predicted_pairs']:,} "
+        f"(fp {base_m['fp']:,}, fn {base_m['fn']:,})"
+    )
+    print(
+        f"ratios splink/baseline: recall x{float(m['recall']) / max(float(base_m['recall']), 1e-9):.2f}, "
+        f"time x{link_s / max(base_s, 1e-9):.1f}"
+    )
+    print(
+        "splink stages (s): "
+        + ", ".join(f"{k} {v:.1f}" for k, v in res.timings.items())
+        + f"; u trained: {res.trained}"
+    )
+    print(
+        f"candidate edges {res.edges.height:,}; vetoed "
+        f"{res.edges.filter(~pl.col('accepted')).height:,}; persons {res.persons.height:,}"
+    )
     print(f"peak RSS: {rss:,.0f} MB (after generation + baseline: {rss_after_base:,.0f} MB)")
     targets = float(m["precision"]) >= 0.99 and float(m["recall"]) >= 0.95
     print(f"targets precision >= 0.99 and recall >= 0.95: {'met' if targets else 'NOT met'}")

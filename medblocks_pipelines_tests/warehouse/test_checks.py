@@ -21,26 +21,34 @@ def test_all_checks_pass_on_a_good_build(built: Built, wh: duckdb.DuckDBPyConnec
     ("sql", "failing"),
     [
         # a person vanishes: its links and facts point nowhere
-        ("DELETE FROM persons WHERE person_id = (SELECT min(person_id) FROM persons)",
-         {"every_row_has_person"}),
+        (
+            "DELETE FROM persons WHERE person_id = (SELECT min(person_id) FROM persons)",
+            {"every_row_has_person"},
+        ),
         # a fact source points at a resource that is not in the warehouse
-        ("UPDATE fact_sources SET resource_key = 'x/Condition/ghost' "
-         "WHERE rowid = (SELECT min(rowid) FROM fact_sources)",
-         {"referential_integrity"}),
+        (
+            "UPDATE fact_sources SET resource_key = 'x/Condition/ghost' "
+            "WHERE rowid = (SELECT min(rowid) FROM fact_sources)",
+            {"referential_integrity"},
+        ),
         # provenance lost on a view table
-        ("UPDATE condition SET source = NULL WHERE rowid = (SELECT min(rowid) FROM condition)",
-         {"every_row_has_provenance"}),
+        (
+            "UPDATE condition SET source = NULL WHERE rowid = (SELECT min(rowid) FROM condition)",
+            {"every_row_has_provenance"},
+        ),
         # a fact without any source
-        ("DELETE FROM fact_sources WHERE fact_id = (SELECT min(fact_id) FROM facts)",
-         {"every_row_has_provenance"}),
+        (
+            "DELETE FROM fact_sources WHERE fact_id = (SELECT min(fact_id) FROM facts)",
+            {"every_row_has_provenance"},
+        ),
         # a view failed to build
-        ("INSERT INTO view_errors VALUES ('broken_view', 'ViewDefinitionError')",
-         {"views_compiled"}),
+        (
+            "INSERT INTO view_errors VALUES ('broken_view', 'ViewDefinitionError')",
+            {"views_compiled"},
+        ),
     ],
 )
-def test_checks_catch_faults(
-    built: Built, sql: str, failing: set[str], tmp_path: Path
-) -> None:
+def test_checks_catch_faults(built: Built, sql: str, failing: set[str], tmp_path: Path) -> None:
     copy = tmp_path / "copy.duckdb"
     shutil.copy(built.result.path, copy)
     with duckdb.connect(str(copy)) as con:
@@ -64,7 +72,9 @@ def test_row_count_check_flags_a_collapse() -> None:
 
 def test_quarantine_growth_check() -> None:
     prev = {"quarantine": 10, "resource_versions": 1000}
-    assert quality.check_quarantine_growth({"quarantine": 12, "resource_versions": 1100}, prev).passed
+    assert quality.check_quarantine_growth(
+        {"quarantine": 12, "resource_versions": 1100}, prev
+    ).passed
     grown = quality.check_quarantine_growth({"quarantine": 60, "resource_versions": 1100}, prev)
     assert not grown.passed and grown.metadata["new_quarantined"] == 50
 

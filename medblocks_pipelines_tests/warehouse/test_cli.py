@@ -45,8 +45,20 @@ def _run(*args: str) -> tuple[int, str]:
 
 def test_evaluate_reports_pairwise_metrics(tenant_built: tuple[Path, list]) -> None:
     truth, rows = tenant_built
-    code, out = _run("warehouse", "identity", "evaluate", "--tenant", TENANT, "--truth", str(truth),
-                     "--json", "--min-precision", "0.99", "--min-recall", "0.95")
+    code, out = _run(
+        "warehouse",
+        "identity",
+        "evaluate",
+        "--tenant",
+        TENANT,
+        "--truth",
+        str(truth),
+        "--json",
+        "--min-precision",
+        "0.99",
+        "--min-recall",
+        "0.95",
+    )
     assert code == 0, out
     metrics = json.loads(out)
     assert metrics["records"] == len(rows) and metrics["unmatched_truth_records"] == 0
@@ -62,8 +74,17 @@ def test_evaluate_fails_below_the_minimum(tenant_built: tuple[Path, list], tmp_p
         w.writerow(["patient_key", "person_id"])
         for i, (org, pid, _) in enumerate(rows):
             w.writerow([f"{org}/Patient/{pid}", f"solo-{i}"])
-    code, out = _run("warehouse", "identity", "evaluate", "--tenant", TENANT, "--truth",
-                     str(lonely), "--min-precision", "0.5")
+    code, out = _run(
+        "warehouse",
+        "identity",
+        "evaluate",
+        "--tenant",
+        TENANT,
+        "--truth",
+        str(lonely),
+        "--min-precision",
+        "0.5",
+    )
     assert code == 1 and "below the required minimum" in out
 
 

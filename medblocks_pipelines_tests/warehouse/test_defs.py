@@ -22,11 +22,13 @@ BULK = "backend/bulk_resources"
 
 def test_debounce_waits_for_quiet() -> None:
     """Landings 10 s apart keep a tenant pending until 60 s of quiet."""
-    due, cur = plan_rebuilds({}, [(BULK, 5, "acme.mercy", 1000.0)], now=1010, quiet_s=60,
-                             max_wait_s=600)
+    due, cur = plan_rebuilds(
+        {}, [(BULK, 5, "acme.mercy", 1000.0)], now=1010, quiet_s=60, max_wait_s=600
+    )
     assert due == [] and cur["pending"]["acme"]["storage_id"] == 5
-    due, cur = plan_rebuilds(cur, [(BULK, 9, "acme.lakeside", 1050.0)], now=1060, quiet_s=60,
-                             max_wait_s=600)
+    due, cur = plan_rebuilds(
+        cur, [(BULK, 9, "acme.lakeside", 1050.0)], now=1060, quiet_s=60, max_wait_s=600
+    )
     assert due == []
     due, cur = plan_rebuilds(cur, [], now=1111, quiet_s=60, max_wait_s=600)
     assert due == [("acme", 9)] and cur["pending"] == {} and cur["after"][BULK] == 9
@@ -36,13 +38,23 @@ def test_debounce_has_a_deadline_and_keeps_tenants_apart() -> None:
     cur: dict = {}
     due: list = []
     for i in range(0, 700, 30):  # a steady trickle never goes quiet
-        due, cur = plan_rebuilds(cur, [(BULK, i + 1, "acme.mercy", 1000.0 + i)], now=1000.0 + i,
-                                 quiet_s=60, max_wait_s=600)
+        due, cur = plan_rebuilds(
+            cur,
+            [(BULK, i + 1, "acme.mercy", 1000.0 + i)],
+            now=1000.0 + i,
+            quiet_s=60,
+            max_wait_s=600,
+        )
         if due:
             break
     assert due == [("acme", 601)]
-    due, cur = plan_rebuilds({}, [(BULK, 1, "acme.a", 0.0), (BULK, 2, "beta.b", 100.0)],
-                             now=120, quiet_s=60, max_wait_s=600)
+    due, cur = plan_rebuilds(
+        {},
+        [(BULK, 1, "acme.a", 0.0), (BULK, 2, "beta.b", 100.0)],
+        now=120,
+        quiet_s=60,
+        max_wait_s=600,
+    )
     assert due == [("acme", 1)] and set(cur["pending"]) == {"beta"}
 
 

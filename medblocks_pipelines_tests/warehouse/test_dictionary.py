@@ -15,7 +15,7 @@ def test_dictionary_documents_every_column(wh: duckdb.DuckDBPyConnection) -> Non
     md = data_dictionary_markdown(wh)
     for table in TABLE_DOCS:
         assert f"## `{table}`" in md
-        for (col, *_rest) in wh.execute(f'DESCRIBE "{table}"').fetchall():
+        for col, *_rest in wh.execute(f'DESCRIBE "{table}"').fetchall():
             assert f"| `{col}` |" in md
     for name in load_core_views(user_dir=None):
         assert f"## `{name}`" in md

@@ -6,9 +6,17 @@ import pytest
 from medblocks_pipelines.lib.warehouse.standardise import standardise_demographics
 
 BASE = {
-    "given": "Ann", "middle": None, "family": "Lee", "maiden": None, "gender": "female",
-    "birth_date": "1970-01-02", "address_line": "1 Main St", "postal_code": "97201",
-    "phone": "503-555-0101", "email": "a@b.org", "ssn": "900-00-0001",
+    "given": "Ann",
+    "middle": None,
+    "family": "Lee",
+    "maiden": None,
+    "gender": "female",
+    "birth_date": "1970-01-02",
+    "address_line": "1 Main St",
+    "postal_code": "97201",
+    "phone": "503-555-0101",
+    "email": "a@b.org",
+    "ssn": "900-00-0001",
 }
 
 

@@ -21,7 +21,9 @@ def _truth_groups(built: Built) -> dict[str, set[str]]:
     return groups
 
 
-def test_fact_dedup_pairwise_precision_and_recall(built: Built, wh: duckdb.DuckDBPyConnection) -> None:
+def test_fact_dedup_pairwise_precision_and_recall(
+    built: Built, wh: duckdb.DuckDBPyConnection
+) -> None:
     truth = _truth_groups(built)
     known = {k for g in truth.values() for k in g}
     pred: dict[str, set[str]] = defaultdict(set)
@@ -41,7 +43,8 @@ def test_a_condition_from_ehr_claim_and_network_is_one_fact(
     truth = _truth_groups(built)
     kinds = {org: PATTERN_OF_ORG[org] for org in PATTERN_OF_ORG}
     three_way = [
-        keys for fact, keys in truth.items()
+        keys
+        for fact, keys in truth.items()
         if "/cond/" in fact
         and {kinds[k.split("/")[0]] for k in keys} >= {"backend", "patient_access", "network"}
     ]
@@ -87,7 +90,9 @@ def test_every_mention_is_reachable(wh: duckdb.DuckDBPyConnection) -> None:
         "'Encounter', 'Immunization', 'Procedure', 'MedicationRequest', 'AllergyIntolerance', "
         "'DiagnosticReport')"
     ).fetchone()
-    m = wh.execute("SELECT count(DISTINCT resource_key) FROM fact_mentions WHERE NOT is_claim").fetchone()
+    m = wh.execute(
+        "SELECT count(DISTINCT resource_key) FROM fact_mentions WHERE NOT is_claim"
+    ).fetchone()
     assert n and m and n[0] == m[0]
 
 
@@ -112,54 +117,112 @@ def test_view_tables_carry_provenance(wh: duckdb.DuckDBPyConnection) -> None:
     views = [r[0] for r in wh.execute("SELECT view FROM view_tables").fetchall()]
     assert {"patient", "condition", "observation", "explanation_of_benefit"} <= set(views)
     cols = {r[0] for r in wh.execute("DESCRIBE condition").fetchall()}
-    assert {"tenant", "pattern", "source", "organization", "connection", "resource_key",
-            "fetched_at"} <= cols
+    assert {
+        "tenant",
+        "pattern",
+        "source",
+        "organization",
+        "connection",
+        "resource_key",
+        "fetched_at",
+    } <= cols
     assert wh.execute("SELECT count(*) FROM view_errors").fetchone() == (0,)
 
 
 def _minimal(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, list[dict[str, object]]]:
     settings = get_settings(tmp_path_factory.mktemp("mini") / "data")
     settings.ensure_dirs()
-    patient = {"resourceType": "Patient", "id": "p1", "name": [{"family": "Lee", "given": ["Ann"]}],
-               "gender": "female", "birthDate": "1970-01-02"}
+    patient = {
+        "resourceType": "Patient",
+        "id": "p1",
+        "name": [{"family": "Lee", "given": ["Ann"]}],
+        "gender": "female",
+        "birthDate": "1970-01-02",
+    }
     cond = {
-        "resourceType": "Condition", "id": "c1", "subject": {"reference": "Patient/p1"},
+        "resourceType": "Condition",
+        "id": "c1",
+        "subject": {"reference": "Patient/p1"},
         "category": [{"coding": [{"code": "problem-list-item"}]}],
-        "code": {"coding": [
-            {"system": "http://snomed.info/sct", "code": "44054006", "display": "Diabetes"},
-            {"system": "http://hl7.org/fhir/sid/icd-10-cm", "code": "E11.9"}]},
+        "code": {
+            "coding": [
+                {"system": "http://snomed.info/sct", "code": "44054006", "display": "Diabetes"},
+                {"system": "http://hl7.org/fhir/sid/icd-10-cm", "code": "E11.9"},
+            ]
+        },
         "onsetDateTime": "2020-01-01",
     }
     claim = {
-        "resourceType": "ExplanationOfBenefit", "id": "e1", "patient": {"reference": "Patient/p1"},
+        "resourceType": "ExplanationOfBenefit",
+        "id": "e1",
+        "patient": {"reference": "Patient/p1"},
         "billablePeriod": {"start": "2024-03-01"},
         # the payer sends the ICD-10-CM code without its dot and through the OID
-        "diagnosis": [{"sequence": 1, "diagnosisCodeableConcept": {"coding": [
-            {"system": "urn:oid:2.16.840.1.113883.6.90", "code": "E119"}]}}],
-        "item": [{"sequence": 1, "productOrService": {"coding": [
-            {"system": "http://www.ama-assn.org/go/cpt", "code": "99213"}]}},
-                 {"sequence": 2, "productOrService": {"coding": [
-            {"system": "http://www.ama-assn.org/go/cpt", "code": "90686"}]},
-                  "servicedDate": "2024-03-01"}],
+        "diagnosis": [
+            {
+                "sequence": 1,
+                "diagnosisCodeableConcept": {
+                    "coding": [{"system": "urn:oid:2.16.840.1.113883.6.90", "code": "E119"}]
+                },
+            }
+        ],
+        "item": [
+            {
+                "sequence": 1,
+                "productOrService": {
+                    "coding": [{"system": "http://www.ama-assn.org/go/cpt", "code": "99213"}]
+                },
+            },
+            {
+                "sequence": 2,
+                "productOrService": {
+                    "coding": [{"system": "http://www.ama-assn.org/go/cpt", "code": "90686"}]
+                },
+                "servicedDate": "2024-03-01",
+            },
+        ],
     }
-    imm = {"resourceType": "Immunization", "id": "i1", "patient": {"reference": "Patient/p1"},
-           "status": "completed", "occurrenceDateTime": "2024-03-01T10:00:00-08:00",
-           "vaccineCode": {"coding": [{"system": "http://hl7.org/fhir/sid/cvx", "code": "150"}]}}
-    enc = {"resourceType": "Encounter", "id": "n1", "subject": {"reference": "Patient/p1"},
-           "status": "finished", "period": {"start": "2024-03-01T09:30:00-08:00"},
-           "type": [{"coding": [
-               {"system": "http://snomed.info/sct", "code": "185345009"},
-               {"system": "http://www.ama-assn.org/go/cpt", "code": "99213"}]}]}
+    imm = {
+        "resourceType": "Immunization",
+        "id": "i1",
+        "patient": {"reference": "Patient/p1"},
+        "status": "completed",
+        "occurrenceDateTime": "2024-03-01T10:00:00-08:00",
+        "vaccineCode": {"coding": [{"system": "http://hl7.org/fhir/sid/cvx", "code": "150"}]},
+    }
+    enc = {
+        "resourceType": "Encounter",
+        "id": "n1",
+        "subject": {"reference": "Patient/p1"},
+        "status": "finished",
+        "period": {"start": "2024-03-01T09:30:00-08:00"},
+        "type": [
+            {
+                "coding": [
+                    {"system": "http://snomed.info/sct", "code": "185345009"},
+                    {"system": "http://www.ama-assn.org/go/cpt", "code": "99213"},
+                ]
+            }
+        ],
+    }
     return settings, [
         {"source": "ehr", "pattern": "backend", "resources": [patient, cond, imm, enc]},
-        {"source": "payer", "pattern": "patient_access",
-         "resources": [{**patient, "id": "m1"}, {**claim, "patient": {"reference": "Patient/m1"}}]},
+        {
+            "source": "payer",
+            "pattern": "patient_access",
+            "resources": [
+                {**patient, "id": "m1"},
+                {**claim, "patient": {"reference": "Patient/m1"}},
+            ],
+        },
     ]
 
 
 def _land(settings: object, batches: list[dict[str, object]], run_id: str) -> None:
     for b in batches:
-        prov = Provenance(TENANT, str(b["pattern"]), str(b["source"]), str(b["source"]), None, run_id)
+        prov = Provenance(
+            TENANT, str(b["pattern"]), str(b["source"]), str(b["source"]), None, run_id
+        )
         with LakeWriter(settings.lake_root, prov) as w:  # type: ignore[attr-defined]
             for r in b["resources"]:  # type: ignore[attr-defined]
                 w.add(json.dumps(r))
@@ -172,8 +235,12 @@ def test_claim_codes_meet_clinical_codes_and_tombstones_flow_through(
     _land(settings, batches, "run-1")
     res = build_warehouse(TENANT, settings=settings)  # type: ignore[arg-type]
     with duckdb.connect(str(res.path), read_only=True) as con:
-        facts = dict(con.execute("SELECT kind, n_sources FROM facts WHERE kind IN "
-                                 "('condition', 'immunization', 'encounter')").fetchall())
+        facts = dict(
+            con.execute(
+                "SELECT kind, n_sources FROM facts WHERE kind IN "
+                "('condition', 'immunization', 'encounter')"
+            ).fetchall()
+        )
         assert facts == {"condition": 2, "immunization": 2, "encounter": 2}
         assert con.execute("SELECT count(*) FROM persons").fetchone() == (1,)
     # the EHR retracts the condition: the claim still states it, the fact stays with one source
@@ -182,7 +249,9 @@ def test_claim_codes_meet_clinical_codes_and_tombstones_flow_through(
         w.add_tombstone("Condition", "c1")
     res = build_warehouse(TENANT, settings=settings)  # type: ignore[arg-type]
     with duckdb.connect(str(res.path), read_only=True) as con:
-        row = con.execute("SELECT n_sources, sources FROM facts WHERE kind = 'condition'").fetchone()
+        row = con.execute(
+            "SELECT n_sources, sources FROM facts WHERE kind = 'condition'"
+        ).fetchone()
         assert row == (1, ["payer"])
     # the payer retracts the claim: no source states the condition any more
     prov = Provenance(TENANT, "patient_access", "payer", "payer", None, "run-3")
@@ -203,5 +272,7 @@ def test_rebuild_is_idempotent(built: Built, tmp_path_factory: pytest.TempPathFa
         facts = con.execute("SELECT fact_id, n_sources FROM facts ORDER BY fact_id").fetchall()
         persons = con.execute("SELECT person_id FROM persons ORDER BY 1").fetchall()
     with built.connect() as old:
-        assert facts == old.execute("SELECT fact_id, n_sources FROM facts ORDER BY fact_id").fetchall()
+        assert (
+            facts == old.execute("SELECT fact_id, n_sources FROM facts ORDER BY fact_id").fetchall()
+        )
         assert persons == old.execute("SELECT person_id FROM persons ORDER BY 1").fetchall()

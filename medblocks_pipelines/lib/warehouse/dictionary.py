@@ -171,8 +171,9 @@ def sample_warehouse(root: Path) -> Path:
     settings.ensure_dirs()
     pop = generate_population(PopulationSpec(seed=1, persons=5))
     for org in pop.organizations:
-        with LakeWriter(settings.lake_root, Provenance("sample", "backend", org.id, org.id, None,
-                                                       "sample")) as w:
+        with LakeWriter(
+            settings.lake_root, Provenance("sample", "backend", org.id, org.id, None, "sample")
+        ) as w:
             for r in pop.resources_for(org.id):
                 w.add(json.dumps(r))
     return build_warehouse("sample", settings=settings).path

@@ -207,9 +207,7 @@ def deterministic_edges(
         parts.append(_star_edges(with_ref, "patient_key", "patient_ref", "patient_ref"))
     ids = std.select("patient_key", "identifiers").explode("identifiers")
     parts.append(_star_edges(ids, "patient_key", "identifiers", "identifier:"))
-    ssn_dob = std.select(
-        "patient_key", ssn_dob=pl.concat_str("ssn_std", "dob_str", separator="|")
-    )
+    ssn_dob = std.select("patient_key", ssn_dob=pl.concat_str("ssn_std", "dob_str", separator="|"))
     parts.append(_star_edges(ssn_dob, "patient_key", "ssn_dob", "ssn+dob"))
     return pl.concat(parts, how="vertical_relaxed")
 
@@ -218,7 +216,7 @@ def deterministic_edges(
 # probabilistic model (splink)
 
 
-def splink_settings(link_type: str = "dedupe_only") -> Any:
+def splink_settings() -> Any:
     """The splink model: comparisons with prior m/u probabilities and the blocking rules.
 
     Priors: m is the chance a true match shows the level (from the noise a registration adds: ~20%
@@ -240,7 +238,7 @@ def splink_settings(link_type: str = "dedupe_only") -> Any:
         "AND substr(dob_str_l, 9, 2) = substr(dob_str_r, 6, 2)) "
         "OR abs(date_diff('day', CAST(dob_str_l AS DATE), CAST(dob_str_r AS DATE))) <= 1"
     )
-    comparisons = [
+    comparisons: list[Any] = [
         cl.CustomComparison(
             output_column_name="given",
             comparison_levels=[
@@ -312,7 +310,7 @@ def splink_settings(link_type: str = "dedupe_only") -> Any:
             ],
         ),
     ]
-    blocking = [
+    blocking: list[Any] = [
         block_on("dob_str"),
         block_on("ssn_std"),
         block_on("email_std"),
@@ -321,7 +319,7 @@ def splink_settings(link_type: str = "dedupe_only") -> Any:
         block_on("given_std", "address_std"),
     ]
     return SettingsCreator(
-        link_type=link_type,
+        link_type="dedupe_only",
         unique_id_column_name="unique_id",
         comparisons=comparisons,
         blocking_rules_to_generate_predictions=blocking,
@@ -440,11 +438,13 @@ def _level_labels(linker: Any) -> dict[str, list[tuple[float, str]]]:
 def _label_expr(mw: pl.Expr, levels: list[tuple[float, str]]) -> pl.Expr:
     """The label of the level whose weight is nearest to ``mw`` (0 with no exact level = null)."""
     expr: Any = pl.lit("null")
-    best = None
+    best: Any = None
     for weight, label in levels:
         cond = (mw - weight).abs() < 1e-6
-        best = pl.when(cond).then(pl.lit(label)) if best is None else best.when(cond).then(
-            pl.lit(label)
+        best = (
+            pl.when(cond).then(pl.lit(label))
+            if best is None
+            else best.when(cond).then(pl.lit(label))
         )
     return best.otherwise(expr) if best is not None else expr
 
@@ -452,14 +452,18 @@ def _label_expr(mw: pl.Expr, levels: list[tuple[float, str]]) -> pl.Expr:
 def apply_vetoes(edges: pl.DataFrame, std: pl.DataFrame) -> pl.DataFrame:
     """Mark probabilistic edges that conflict on given name or SSN as not accepted (twins guard)."""
     attrs = std.select("patient_key", "given_std", "given_variants", "ssn_std", "sex", "dob")
-    e = (
-        edges.join(
-            attrs.rename(lambda c: c + "_l"), left_on="key_l", right_on="patient_key_l",
-            how="left", maintain_order="left",
-        ).join(
-            attrs.rename(lambda c: c + "_r"), left_on="key_r", right_on="patient_key_r",
-            how="left", maintain_order="left",
-        )
+    e = edges.join(
+        attrs.rename(lambda c: c + "_l"),
+        left_on="key_l",
+        right_on="patient_key_l",
+        how="left",
+        maintain_order="left",
+    ).join(
+        attrs.rename(lambda c: c + "_r"),
+        left_on="key_r",
+        right_on="patient_key_r",
+        how="left",
+        maintain_order="left",
     )
     con = duckdb.connect()
     try:
@@ -498,8 +502,10 @@ def apply_vetoes(edges: pl.DataFrame, std: pl.DataFrame) -> pl.DataFrame:
         & (pl.col("ssn_std_l") != pl.col("ssn_std_r"))
     )
     dl, dr = pl.col("dob_l"), pl.col("dob_r")
-    swapped = (dl.dt.year() == dr.dt.year()) & (dl.dt.month() == dr.dt.day()) & (
-        dl.dt.day() == dr.dt.month()
+    swapped = (
+        (dl.dt.year() == dr.dt.year())
+        & (dl.dt.month() == dr.dt.day())
+        & (dl.dt.day() == dr.dt.month())
     )
     # a full birth-date disagreement (not a day/month swap or a one-day slip) is another person
     # unless the SSN agrees: names and e-mails (built from names) collide far more than dates
@@ -520,9 +526,7 @@ def apply_vetoes(edges: pl.DataFrame, std: pl.DataFrame) -> pl.DataFrame:
         .then(pl.lit("birth dates conflict"))
         .otherwise(None)
     )
-    return e.with_columns(veto=veto).select(
-        *edges.columns, "veto"
-    )
+    return e.with_columns(veto=veto).select(*edges.columns, "veto")
 
 
 # --------------------------------------------------------------------------------------------
@@ -583,21 +587,31 @@ def link_patients(
     prob = prob.filter(pl.col("match_probability") >= opts.threshold)
     all_edges = pl.concat([det, prob], how="vertical_relaxed")
     # one row per pair and rule; a pair found by a rule and by the model keeps both
-    all_edges = all_edges.with_columns(
-        key_a=pl.min_horizontal("key_l", "key_r"), key_b=pl.max_horizontal("key_l", "key_r")
-    ).select(
-        key_l=pl.col("key_a"),
-        key_r=pl.col("key_b"),
-        rule=pl.col("rule"),
-        match_probability=pl.col("match_probability"),
-        match_weight=pl.col("match_weight"),
-        evidence=pl.col("evidence"),
-    ).unique(subset=["key_l", "key_r", "rule"], keep="first").sort("key_l", "key_r", "rule")
+    all_edges = (
+        all_edges.with_columns(
+            key_a=pl.min_horizontal("key_l", "key_r"), key_b=pl.max_horizontal("key_l", "key_r")
+        )
+        .select(
+            key_l=pl.col("key_a"),
+            key_r=pl.col("key_b"),
+            rule=pl.col("rule"),
+            match_probability=pl.col("match_probability"),
+            match_weight=pl.col("match_weight"),
+            evidence=pl.col("evidence"),
+        )
+        .unique(subset=["key_l", "key_r", "rule"], keep="first")
+        .sort("key_l", "key_r", "rule")
+    )
     all_edges = apply_vetoes(all_edges, std).with_columns(accepted=pl.col("veto").is_null())
     keys = std.get_column("patient_key").to_list()
     accepted = all_edges.filter(pl.col("accepted"))
     roots = connected_components(
-        keys, zip(accepted.get_column("key_l").to_list(), accepted.get_column("key_r").to_list())
+        keys,
+        zip(
+            accepted.get_column("key_l").to_list(),
+            accepted.get_column("key_r").to_list(),
+            strict=True,
+        ),
     )
     root_df = pl.DataFrame(
         {"patient_key": list(roots), "root": list(roots.values())},
@@ -638,24 +652,34 @@ def _links_table(std: pl.DataFrame, roots: pl.DataFrame, accepted: pl.DataFrame)
     both = pl.concat(
         [
             accepted.select(
-                patient_key="key_l", linked_to="key_r", rule="rule",
-                score="match_probability", match_weight="match_weight", evidence="evidence",
+                patient_key="key_l",
+                linked_to="key_r",
+                rule="rule",
+                score="match_probability",
+                match_weight="match_weight",
+                evidence="evidence",
             ),
             accepted.select(
-                patient_key="key_r", linked_to="key_l", rule="rule",
-                score="match_probability", match_weight="match_weight", evidence="evidence",
+                patient_key="key_r",
+                linked_to="key_l",
+                rule="rule",
+                score="match_probability",
+                match_weight="match_weight",
+                evidence="evidence",
             ),
         ]
-    ).with_columns(
-        rank=pl.col("rule").replace_strict(_RULE_RANK, default=1, return_dtype=pl.Int32)
-    )
+    ).with_columns(rank=pl.col("rule").replace_strict(_RULE_RANK, default=1, return_dtype=pl.Int32))
     best = both.sort(
         ["patient_key", "rank", "score", "linked_to"], descending=[False, False, True, False]
     ).unique(subset=["patient_key"], keep="first")
     n_edges = both.group_by("patient_key").agg(n_links=pl.len())
     out = (
         std.select(
-            "patient_key", "source", "pattern", "organization", "connection",
+            "patient_key",
+            "source",
+            "pattern",
+            "organization",
+            "connection",
         )
         .join(roots.select("patient_key", "person_id"), on="patient_key", how="left")
         .join(best.drop("rank"), on="patient_key", how="left")
@@ -772,9 +796,7 @@ def write_identity_tables(con: duckdb.DuckDBPyConnection, result: IdentityResult
     links = result.links.to_arrow()  # noqa: F841
     edges = result.edges.to_arrow()  # noqa: F841
     con.execute("CREATE OR REPLACE TABLE persons AS SELECT * FROM persons ORDER BY person_id")
-    con.execute(
-        "CREATE OR REPLACE TABLE patient_links AS SELECT * FROM links ORDER BY patient_key"
-    )
+    con.execute("CREATE OR REPLACE TABLE patient_links AS SELECT * FROM links ORDER BY patient_key")
     con.execute(
         "CREATE OR REPLACE TABLE identity_edges AS SELECT * FROM edges ORDER BY key_l, key_r, rule"
     )
@@ -782,8 +804,9 @@ def write_identity_tables(con: duckdb.DuckDBPyConnection, result: IdentityResult
 
 def empty_identity_result() -> IdentityResult:
     """An identity result with no rows (a tenant without Patient resources)."""
-    raw = pl.DataFrame(schema={c: pl.String for c in RAW_COLUMNS[:-1]} | {
-        "identifiers": pl.List(pl.String)})
+    raw = pl.DataFrame(
+        schema={c: pl.String for c in RAW_COLUMNS[:-1]} | {"identifiers": pl.List(pl.String)}
+    )
     return link_patients(raw)
 
 

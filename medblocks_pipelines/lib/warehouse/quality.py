@@ -58,11 +58,11 @@ def check_row_counts(
         )
     emptied = sorted(t for t, n in previous.items() if n > 0 and counts.get(t, 0) == 0)
     shrunk = sorted(
-        t
-        for t, n in previous.items()
-        if n > 0 and 0 < counts.get(t, 0) < n * (1 - max_shrink)
+        t for t, n in previous.items() if n > 0 and 0 < counts.get(t, 0) < n * (1 - max_shrink)
     )
-    changes = {t: counts.get(t, 0) - previous.get(t, 0) for t in sorted(set(counts) | set(previous))}
+    changes = {
+        t: counts.get(t, 0) - previous.get(t, 0) for t in sorted(set(counts) | set(previous))
+    }
     return CheckOutcome(
         "row_counts",
         not emptied and not shrunk,
@@ -90,7 +90,8 @@ def check_person(con: duckdb.DuckDBPyConnection) -> CheckOutcome:
         )
     if "fact_mentions" in tables:
         missing["fact_mentions"] = _scalar(
-            con, "SELECT count(*) FROM fact_mentions WHERE fact_id IS NOT NULL AND person_id IS NULL"
+            con,
+            "SELECT count(*) FROM fact_mentions WHERE fact_id IS NOT NULL AND person_id IS NULL",
         )
     unlinked = (
         _scalar(con, "SELECT count(*) FROM fact_mentions WHERE person_id IS NULL")
@@ -297,7 +298,9 @@ def summary_markdown(
         lines.append("| check | result |")
         lines.append("|---|---|")
         for c in checks:
-            lines.append(f"| {c.name} | {'passed' if c.passed else 'FAILED (' + c.severity + ')'} |")
+            lines.append(
+                f"| {c.name} | {'passed' if c.passed else 'FAILED (' + c.severity + ')'} |"
+            )
         lines.append("")
     lines.append("| table | rows |")
     lines.append("|---|---|")

@@ -120,11 +120,7 @@ _PLACEHOLDER_SSNS = ["000000000", "111111111", "123456789", "999999999", "888888
 def name_expr(col: str | pl.Expr) -> pl.Expr:
     """A name standardised to upper-case A-Z only (accents folded, punctuation and spaces removed)."""
     expr = pl.col(col) if isinstance(col, str) else col
-    out = (
-        expr.str.normalize("NFKD")
-        .str.replace_all(r"[^A-Za-z]", "")
-        .str.to_uppercase()
-    )
+    out = expr.str.normalize("NFKD").str.replace_all(r"[^A-Za-z]", "").str.to_uppercase()
     return pl.when(out.str.len_chars() > 0).then(out).otherwise(None)
 
 
@@ -133,8 +129,10 @@ def given_variants_expr(col: str) -> pl.Expr:
     std = name_expr(col)
     mapping = {k: list(v) for k, v in NICKNAMES.items()}
     formal = std.replace_strict(mapping, default=[], return_dtype=pl.List(pl.String))
-    return pl.when(std.is_null()).then(None).otherwise(
-        pl.concat_list(std, formal).list.unique().list.sort()
+    return (
+        pl.when(std.is_null())
+        .then(None)
+        .otherwise(pl.concat_list(std, formal).list.unique().list.sort())
     )
 
 
@@ -150,9 +148,7 @@ def address_line_expr(col: str) -> pl.Expr:
         .str.replace_all(r"\s+", " ")
         .str.strip_chars()
     )
-    words = s.str.split(" ").list.eval(
-        pl.element().replace(STREET_ABBREVIATIONS)
-    )
+    words = s.str.split(" ").list.eval(pl.element().replace(STREET_ABBREVIATIONS))
     out = words.list.join(" ")
     return pl.when(out.str.len_chars() > 0).then(out).otherwise(None)
 
@@ -166,9 +162,11 @@ def postcode_expr(col: str) -> pl.Expr:
 def phone_expr(col: str) -> pl.Expr:
     """A US phone number as ten digits (country code and punctuation removed)."""
     digits = pl.col(col).str.replace_all(r"[^0-9]", "")
-    ten = pl.when((digits.str.len_chars() == 11) & digits.str.starts_with("1")).then(
-        digits.str.slice(1)
-    ).otherwise(digits)
+    ten = (
+        pl.when((digits.str.len_chars() == 11) & digits.str.starts_with("1"))
+        .then(digits.str.slice(1))
+        .otherwise(digits)
+    )
     return pl.when(ten.str.len_chars() == 10).then(ten).otherwise(None)
 
 

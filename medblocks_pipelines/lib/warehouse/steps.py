@@ -77,9 +77,7 @@ def views_step(con: duckdb.DuckDBPyConnection, ctx: BuildContext) -> dict[str, i
             continue
         row = con.execute(f'SELECT count(*) FROM "{name}"').fetchone()
         counts[name] = int(row[0]) if row else 0
-        tables.append(
-            {"view": name, "resource": str(view.get("resource")), "rows": counts[name]}
-        )
+        tables.append({"view": name, "resource": str(view.get("resource")), "rows": counts[name]})
     err_arrow = pa.Table.from_pylist(  # noqa: F841 (used by name)
         errors, schema=pa.schema([("view", pa.string()), ("error", pa.string())])
     )

@@ -114,26 +114,87 @@ _CVX = "http://hl7.org/fhir/sid/cvx"
 _CPT = "http://www.ama-assn.org/go/cpt"
 VACCINE_GROUPS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "influenza": (
-        ("88", "135", "140", "141", "144", "149", "150", "153", "155", "158", "161", "166",
-         "168", "171", "185", "186", "197", "205"),
-        ("90630", "90653", "90654", "90655", "90656", "90657", "90658", "90660", "90661",
-         "90662", "90672", "90673", "90674", "90682", "90685", "90686", "90687", "90688",
-         "90689", "90694", "90756"),
+        (
+            "88",
+            "135",
+            "140",
+            "141",
+            "144",
+            "149",
+            "150",
+            "153",
+            "155",
+            "158",
+            "161",
+            "166",
+            "168",
+            "171",
+            "185",
+            "186",
+            "197",
+            "205",
+        ),
+        (
+            "90630",
+            "90653",
+            "90654",
+            "90655",
+            "90656",
+            "90657",
+            "90658",
+            "90660",
+            "90661",
+            "90662",
+            "90672",
+            "90673",
+            "90674",
+            "90682",
+            "90685",
+            "90686",
+            "90687",
+            "90688",
+            "90689",
+            "90694",
+            "90756",
+        ),
     ),
     "tdap": (("115",), ("90715",)),
     "td": (("09", "113", "138", "139"), ("90714", "90718")),
     "pneumococcal-conjugate": (("133", "152", "215", "216"), ("90670", "90671", "90677")),
     "pneumococcal-polysaccharide": (("33", "109"), ("90732",)),
     "zoster": (("121", "187", "188"), ("90736", "90750")),
-    "hepatitis-b": (("08", "43", "44", "45", "189"), ("90739", "90740", "90743", "90744",
-                                                       "90746", "90747")),
+    "hepatitis-b": (
+        ("08", "43", "44", "45", "189"),
+        ("90739", "90740", "90743", "90744", "90746", "90747"),
+    ),
     "hpv": (("62", "118", "137", "165"), ("90649", "90650", "90651")),
     "mmr": (("03",), ("90707",)),
     "varicella": (("21",), ("90716",)),
-    "covid-19": (("207", "208", "210", "211", "212", "213", "217", "218", "219", "221", "228",
-                  "229", "300", "301", "302", "309", "310", "311", "312", "313"),
-                 ("91300", "91301", "91303", "91304", "91318", "91319", "91320", "91321",
-                  "91322")),
+    "covid-19": (
+        (
+            "207",
+            "208",
+            "210",
+            "211",
+            "212",
+            "213",
+            "217",
+            "218",
+            "219",
+            "221",
+            "228",
+            "229",
+            "300",
+            "301",
+            "302",
+            "309",
+            "310",
+            "311",
+            "312",
+            "313",
+        ),
+        ("91300", "91301", "91303", "91304", "91318", "91319", "91320", "91321", "91322"),
+    ),
 }
 
 
@@ -153,8 +214,10 @@ _CODING = '[{"system":"VARCHAR","code":"VARCHAR","display":"VARCHAR"}]'
 _CC = '{"coding":' + _CODING + ',"text":"VARCHAR"}'
 
 # One SELECT per mention source; all produce the same columns. {cols} = provenance of `resources`.
-_PROV = "r.resource_key, r.resource_type, r.source, r.pattern, r.organization, r.connection, " \
+_PROV = (
+    "r.resource_key, r.resource_type, r.source, r.pattern, r.organization, r.connection, "
     "r.fetched_at, r.run_id"
+)
 
 _PATIENT_KEY = (
     "CASE WHEN regexp_matches({ref}, '(^|/)Patient/[^/]+$') THEN r.source || '/Patient/' || "
@@ -368,8 +431,10 @@ def _norm_code(system: pl.Expr, code: pl.Expr) -> pl.Expr:
     # ICD-10 codes arrive with and without the dot (E11.9 / E119)
     icd = system.str.contains("icd-10")
     code = code.str.strip_chars()
-    return pl.when(icd).then(code.str.replace_all(".", "", literal=True).str.to_uppercase()).otherwise(
-        code
+    return (
+        pl.when(icd)
+        .then(code.str.replace_all(".", "", literal=True).str.to_uppercase())
+        .otherwise(code)
     )
 
 
@@ -447,9 +512,8 @@ def match_facts(mentions: pl.DataFrame, person_of: pl.DataFrame) -> pl.DataFrame
     Returns the mentions with ``mention_id``, ``person_id``, ``concept``, ``day``, ``fact_id``.
     """
     m = mentions.with_columns(
-        mention_id=pl.col("resource_key") + pl.when(pl.col("element") != "").then(
-            "#" + pl.col("element")
-        ).otherwise(pl.lit("")),
+        mention_id=pl.col("resource_key")
+        + pl.when(pl.col("element") != "").then("#" + pl.col("element")).otherwise(pl.lit("")),
         day=pl.col("date_str").str.slice(0, 10).str.to_date("%Y-%m-%d", strict=False),
     ).join(person_of, on="patient_key", how="left")
 
@@ -462,14 +526,22 @@ def match_facts(mentions: pl.DataFrame, person_of: pl.DataFrame) -> pl.DataFrame
         )
         .group_by("mention_id")
         .agg(pl.col("is_vaccine").any())
-        .select("mention_id", new_kind=pl.when("is_vaccine").then(pl.lit("immunization"))
-                .otherwise(pl.lit("procedure")))
+        .select(
+            "mention_id",
+            new_kind=pl.when("is_vaccine")
+            .then(pl.lit("immunization"))
+            .otherwise(pl.lit("procedure")),
+        )
     )
-    m = m.join(line_kind, on="mention_id", how="left").with_columns(
-        kind=pl.when(pl.col("kind") == "claim_line")
-        .then(pl.col("new_kind").fill_null("procedure"))
-        .otherwise(pl.col("kind"))
-    ).drop("new_kind")
+    m = (
+        m.join(line_kind, on="mention_id", how="left")
+        .with_columns(
+            kind=pl.when(pl.col("kind") == "claim_line")
+            .then(pl.col("new_kind").fill_null("procedure"))
+            .otherwise(pl.col("kind"))
+        )
+        .drop("new_kind")
+    )
     codes = codes.drop("kind").join(m.select("mention_id", "kind"), on="mention_id")
     cmap = concept_map(codes)
     concept_of = (
@@ -499,12 +571,16 @@ def match_facts(mentions: pl.DataFrame, person_of: pl.DataFrame) -> pl.DataFrame
         .unique()
         .with_columns(has_chronic=pl.lit(True))
     )
-    m = m.join(chronic_keys, on=["kind", "person_id", "concept"], how="left").with_columns(
-        chronic_group=pl.col("has_chronic").fill_null(False)
-        & (pl.col("chronic").fill_null(False) | pl.col("is_claim"))
-        | (pl.col("kind") == "allergy")
-        | ((pl.col("kind") == "result") & pl.col("chronic").fill_null(False))
-    ).drop("has_chronic")
+    m = (
+        m.join(chronic_keys, on=["kind", "person_id", "concept"], how="left")
+        .with_columns(
+            chronic_group=pl.col("has_chronic").fill_null(False)
+            & (pl.col("chronic").fill_null(False) | pl.col("is_claim"))
+            | (pl.col("kind") == "allergy")
+            | ((pl.col("kind") == "result") & pl.col("chronic").fill_null(False))
+        )
+        .drop("has_chronic")
+    )
 
     with_person = m.filter(pl.col("person_id").is_not_null())
     window = pl.col("kind").replace_strict(
@@ -599,30 +675,27 @@ def _rank(kind: str, system: str | None, cache: dict[str, int]) -> int:
 def build_facts(mentions: pl.DataFrame) -> pl.DataFrame:
     """One row per fact from the matched mentions."""
     matched = mentions.filter(pl.col("fact_id").is_not_null())
-    facts = (
-        matched.group_by("fact_id")
-        .agg(
-            kind=pl.col("kind").first(),
-            person_id=pl.col("person_id").first(),
-            concept=pl.col("concept").first(),
-            text=pl.col("text").drop_nulls().mode().sort().first(),
-            effective_date=pl.col("day").min(),
-            last_date=pl.col("day").max(),
-            value_num=pl.col("value_num").drop_nulls().first(),
-            value_unit=pl.col("value_unit").drop_nulls().first(),
-            value_text=pl.col("value_text").drop_nulls().first(),
-            status=pl.col("status").filter(~pl.col("is_claim")).drop_nulls().first(),
-            category=pl.col("category").filter(~pl.col("is_claim")).drop_nulls().first(),
-            n_mentions=pl.len(),
-            n_sources=pl.col("source").n_unique(),
-            n_resources=pl.col("resource_key").n_unique(),
-            sources=pl.col("source").unique().sort(),
-            patterns=pl.col("pattern").unique().sort(),
-            from_claims=pl.col("is_claim").any(),
-            from_clinical=(~pl.col("is_claim")).any(),
-            first_fetched_at=pl.col("fetched_at").min(),
-            last_fetched_at=pl.col("fetched_at").max(),
-        )
+    facts = matched.group_by("fact_id").agg(
+        kind=pl.col("kind").first(),
+        person_id=pl.col("person_id").first(),
+        concept=pl.col("concept").first(),
+        text=pl.col("text").drop_nulls().mode().sort().first(),
+        effective_date=pl.col("day").min(),
+        last_date=pl.col("day").max(),
+        value_num=pl.col("value_num").drop_nulls().first(),
+        value_unit=pl.col("value_unit").drop_nulls().first(),
+        value_text=pl.col("value_text").drop_nulls().first(),
+        status=pl.col("status").filter(~pl.col("is_claim")).drop_nulls().first(),
+        category=pl.col("category").filter(~pl.col("is_claim")).drop_nulls().first(),
+        n_mentions=pl.len(),
+        n_sources=pl.col("source").n_unique(),
+        n_resources=pl.col("resource_key").n_unique(),
+        sources=pl.col("source").unique().sort(),
+        patterns=pl.col("pattern").unique().sort(),
+        from_claims=pl.col("is_claim").any(),
+        from_clinical=(~pl.col("is_claim")).any(),
+        first_fetched_at=pl.col("fetched_at").min(),
+        last_fetched_at=pl.col("fetched_at").max(),
     )
     return facts.join(_pick_code(matched), on="fact_id", how="left").sort("kind", "fact_id")
 
@@ -683,9 +756,7 @@ def write_unified_tables(
         """
     )
     for kind, view in KIND_VIEWS.items():
-        con.execute(
-            f"CREATE OR REPLACE VIEW {view} AS SELECT * FROM facts WHERE kind = '{kind}'"
-        )
+        con.execute(f"CREATE OR REPLACE VIEW {view} AS SELECT * FROM facts WHERE kind = '{kind}'")
 
 
 def fact_pairs(groups: Iterable[Iterable[str]]) -> set[tuple[str, str]]:
