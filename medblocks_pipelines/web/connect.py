@@ -9,6 +9,8 @@ Routes (mounted by ``web/app.py``)::
                                    source's authorize endpoint (an auto-submitting form for POST)
     GET  /connect/callback         the redirect_uri we register at sources: state check, code
                                    exchange -> 302 to the tenant's return URL (or a small page)
+    DELETE /connect/connections/{id}  tenant key: revoke (tokens revoked at the source, data
+                                   deleted per the tenant's delete_on_revoke, warehouse rebuilt)
 
 Errors are short pages or JSON without tokens, codes or patient data. ``ctx.extra["http"]`` may
 hold an ``httpx.Client`` (tests inject transports that way).
@@ -29,6 +31,7 @@ from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Re
 from starlette.routing import BaseRoute, Route
 
 from medblocks_pipelines.lib.errors import LaunchError, MedblocksError, NotFound
+from medblocks_pipelines.lib.fhir.pull import revoke_connection
 from medblocks_pipelines.lib.registry import ControlPlane
 from medblocks_pipelines.lib.smart.launch import (
     begin_authorization,
@@ -36,8 +39,11 @@ from medblocks_pipelines.lib.smart.launch import (
     create_connect_link,
     resolve_link,
 )
+from medblocks_pipelines.lib.warehouse.build import build_warehouse, warehouse_path
 
 CALLBACK_PATH = "/connect/callback"
+#: The browser-session cookie that ties a launch's state to the browser that started it.
+SESSION_COOKIE = "mb_connect_session"
 _NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 
 
@@ -162,23 +168,31 @@ def routes(ctx: Any) -> list[BaseRoute]:
 
     def start(request: Request) -> Response:
         cp: ControlPlane = ctx.control_plane
+        binding = secrets.token_urlsafe(32)
         try:
             conn_id = resolve_link(cp, request.path_params["token"])
-            req = begin_authorization(cp, conn_id, redirect_uri=redirect_uri, http=http())
+            req = begin_authorization(cp, conn_id, redirect_uri=redirect_uri, http=http(),
+                                      session_binding=binding)
         except LaunchError as exc:
             return _page("Cannot connect", f"This link cannot be used ({exc.reason}).", 400)
         except MedblocksError as exc:
             return _page("Cannot connect", f"The record system is not reachable now "
                          f"({type(exc).__name__}); try again later.", 502)
-        if req.method == "POST":
-            return _autopost(req.endpoint, req.form)
-        return RedirectResponse(req.url, status_code=302, headers=_NO_STORE)
+        resp: Response = (
+            _autopost(req.endpoint, req.form) if req.method == "POST"
+            else RedirectResponse(req.url, status_code=302, headers=_NO_STORE)
+        )
+        # SameSite=Lax: sent on the top-level redirect back from the authorization server.
+        resp.set_cookie(SESSION_COOKIE, binding, max_age=15 * 60, path="/connect", httponly=True,
+                        samesite="lax", secure=ctx.public_base_url.startswith("https://"))
+        return resp
 
     def callback(request: Request) -> Response:
         cp: ControlPlane = ctx.control_plane
         params = dict(request.query_params)
         try:
-            outcome = complete_authorization(cp, params=params, http=http())
+            outcome = complete_authorization(cp, params=params, http=http(),
+                                             session_binding=request.cookies.get(SESSION_COOKIE))
         except LaunchError as exc:
             # No pending connection matches: nothing to blame, nothing to redirect to.
             return _page("Connection refused", f"This sign-in response is not valid ({exc.reason}).",
@@ -189,8 +203,36 @@ def routes(ctx: Any) -> list[BaseRoute]:
             return _page("Connected", "Your records are connected. You can close this window.")
         return _page("Not connected", f"The connection was not made ({outcome.reason}).", 400)
 
+    def revoke(connection_id: str, header: str) -> Response:
+        cp: ControlPlane = ctx.control_plane
+        try:
+            conn = cp.get_connection(connection_id)
+        except NotFound:
+            conn = None
+        presented = header[7:].strip() if header.lower().startswith("bearer ") else ""
+        # Same answer for "no such connection" and "not yours": ids are not an oracle.
+        if conn is None or conn["pattern"] != "patient_access" or not check_api_key(
+            cp, conn["tenant_id"], presented
+        ):
+            return JSONResponse({"error": "unauthorized"}, status_code=401,
+                                headers={"WWW-Authenticate": 'Bearer realm="connect"'})
+        result = revoke_connection(cp, connection_id, lake_root=ctx.settings.lake_root,
+                                   http=http(), reason="revoked by the tenant's app")
+        rebuilt = False
+        if result.rows_deleted and warehouse_path(ctx.settings, conn["tenant_id"]).exists():
+            build_warehouse(conn["tenant_id"], settings=ctx.settings, control_plane=cp)
+            rebuilt = True
+        return JSONResponse({"connection_id": connection_id, "state": "revoked",
+                             "revoked_at_source": result.revoked_at_source,
+                             "rows_deleted": result.rows_deleted, "warehouse_rebuilt": rebuilt})
+
+    async def revoke_async(request: Request) -> Response:
+        return await run_in_threadpool(revoke, request.path_params["connection_id"],
+                                       request.headers.get("authorization", ""))
+
     return [
         Route("/connect/links", create_link_async, methods=["POST"]),
+        Route("/connect/connections/{connection_id}", revoke_async, methods=["DELETE"]),
         Route("/connect/start/{token}", start, methods=["GET"]),
         Route(CALLBACK_PATH, callback, methods=["GET"]),
     ]

@@ -11,6 +11,7 @@ import hashlib
 import json
 import urllib.parse
 
+import httpx
 import pytest
 
 from medblocks_pipelines.cli.patient_access import connect_via_consent_page
@@ -256,3 +257,52 @@ def test_unknown_link_is_refused(pa_env: PatientAccessEnv) -> None:
 def test_callback_without_a_known_state_is_refused(pa_env: PatientAccessEnv, query: str) -> None:
     resp = pa_env.http.get(f"{pa_env.web_base}/connect/callback{query}")
     assert resp.status_code == 400
+
+
+def test_callback_from_another_browser_is_refused(pa_env: PatientAccessEnv) -> None:
+    """The state is tied to the browser that opened the link (a session cookie): a callback URL
+    carried to another browser (login CSRF) is refused, and the right browser still succeeds."""
+    org = pa_env.org("ehr")
+    sid = pa_env.add_source(org)
+    login = pa_env.logins(org)[0]
+    captured: list[str] = []
+    link = create_connect_link(pa_env.cp, tenant_id="acme", source_id=sid, patient_ref="p",
+                               public_base_url=pa_env.web_base, return_url=RETURN_URL)
+
+    def steal(url: str) -> str:
+        captured.append(url)
+        with httpx.Client() as other_browser:
+            assert other_browser.get(url).status_code == 400
+        return url
+
+    outcome = connect_via_consent_page(link.url, username=login.username, password=login.password,
+                                       stop_at=RETURN_URL, http=pa_env.http, tamper=steal)
+    assert captured and outcome.status == "active"
+
+
+def test_long_scope_lists_use_post_authorization(pa_env: PatientAccessEnv) -> None:
+    org = pa_env.org("ehr")
+    many = ["launch/patient", "openid", "fhirUser", "offline_access"] + [
+        f"patient/Observation.rs?code=http://loinc.org|{1000 + i}-{i % 10}" for i in range(60)
+    ] + ["patient/Patient.rs", "patient/Encounter.rs"]
+    sid = pa_env.add_source(org, config={"scopes": many})
+    link = create_connect_link(pa_env.cp, tenant_id="acme", source_id=sid, patient_ref="p",
+                               public_base_url=pa_env.web_base, return_url=RETURN_URL)
+    page = pa_env.http.get(link.url)
+    assert page.status_code == 200 and 'method="post"' in page.text  # auto-submitting form
+    login = pa_env.logins(org)[0]
+    outcome = connect_via_consent_page(link.url, username=login.username, password=login.password,
+                                       stop_at=RETURN_URL, http=pa_env.http)
+    assert outcome.status == "active"
+
+
+def test_tenant_revokes_through_the_api(pa_env: PatientAccessEnv) -> None:
+    org = pa_env.org("ehr")
+    sid = pa_env.add_source(org)
+    conn_id, _ = pa_env.connect(sid, pa_env.logins(org)[0])
+    key = issue_connect_api_key(pa_env.cp, "acme")
+    url = f"{pa_env.web_base}/connect/connections/{conn_id}"
+    assert pa_env.http.delete(url).status_code == 401
+    resp = pa_env.http.delete(url, headers={"Authorization": f"Bearer {key}"})
+    assert resp.status_code == 200 and resp.json()["revoked_at_source"] is True
+    assert pa_env.cp.get_connection(conn_id)["state"] == "revoked"

@@ -25,6 +25,7 @@ PKCE ``S256`` always (the verifier lives in the vault); ``aud`` is the source's 
 
 import base64
 import hashlib
+import hmac
 import json
 import secrets
 import time
@@ -253,12 +254,15 @@ def begin_authorization(
     launch: str | None = None,
     iss: str | None = None,
     extra_params: Mapping[str, str] | None = None,
+    session_binding: str | None = None,
 ) -> AuthorizationRequest:
     """Build the authorization request of a pending connection and remember its state.
 
     Standalone launch: ``aud`` is the source's FHIR base. EHR launch: pass ``launch`` and ``iss``;
     ``iss`` must equal the source's registered FHIR base (our allowlist), the ``launch`` scope is
-    added and ``launch`` is sent back unchanged. Every step is a connection event.
+    added and ``launch`` is sent back unchanged. ``session_binding`` (a random value the web layer
+    also sets as a cookie in the user's browser) ties the state to that browser session: the
+    callback must present the same value. Every step is a connection event.
     """
     conn = cp.get_connection(connection_id)
     if conn["state"] != "pending":
@@ -326,6 +330,9 @@ def begin_authorization(
             "nonce": params.get("nonce"),
             "created_at": time.time(),
             "token_endpoint": smart["token_endpoint"],
+            "session_sha256": (
+                hashlib.sha256(session_binding.encode()).hexdigest() if session_binding else None
+            ),
         }),
         tenant_id=conn["tenant_id"],
     )
@@ -351,12 +358,18 @@ def begin_authorization(
 # Callback
 # ---------------------------------------------------------------------------------------------
 def complete_authorization(
-    cp: ControlPlane, *, params: Mapping[str, str], http: httpx.Client
+    cp: ControlPlane,
+    *,
+    params: Mapping[str, str],
+    http: httpx.Client,
+    session_binding: str | None = None,
 ) -> LaunchOutcome:
     """Handle the redirect back from the authorization server.
 
-    Raises :class:`LaunchError` (``state_mismatch``) when ``state`` is missing, unknown or already used:
-    no connection can be blamed then. Everything else ends in an outcome: ``active`` on success, or a
+    Raises :class:`LaunchError` (``state_mismatch``) when ``state`` is missing, unknown or already used,
+    or (``session_mismatch``) when the authorization was started with a session binding and this
+    browser does not present it: no connection can be blamed then, and the state stays usable by
+    the browser that started it. Everything else ends in an outcome: ``active`` on success, or a
     ``failed`` connection with the reason (``access_denied``, ``invalid_grant``, ``no_patient``...).
     """
     state = params.get("state")
@@ -364,10 +377,18 @@ def complete_authorization(
         raise LaunchError("callback without state", reason="state_mismatch")
     name = state_secret_name(state)
     secret = cp.vault.get(name)
-    # Consume the state at once: a second callback with the same state finds nothing.
-    if secret is None or not cp.vault.delete(name):
+    if secret is None:
         raise LaunchError("callback state is unknown or was already used", reason="state_mismatch")
     pending = json.loads(secret.reveal())
+    expected = pending.get("session_sha256")
+    if expected and not hmac.compare_digest(
+        expected, hashlib.sha256((session_binding or "").encode()).hexdigest()
+    ):
+        # Another browser brought this code and state (login CSRF): refuse, keep the state.
+        raise LaunchError("callback comes from another browser session", reason="session_mismatch")
+    # Consume the state at once: a second callback with the same state finds nothing.
+    if not cp.vault.delete(name):
+        raise LaunchError("callback state is unknown or was already used", reason="state_mismatch")
     conn_id: str = pending["connection_id"]
     conn = cp.get_connection(conn_id)
     if conn["state"] != "pending":
