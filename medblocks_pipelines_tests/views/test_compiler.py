@@ -286,3 +286,25 @@ def test_wrong_json_types_in_data_give_null_not_a_failed_build() -> None:
 )
 def test_fhirpath_parser(expr: str, expected: fp.Node) -> None:
     assert fp.parse(expr) == expected
+
+
+@pytest.mark.parametrize(
+    ("expr", "expected"),
+    [
+        # same instant in two time zones
+        ("@2024-05-01T10:00:00-07:00 = @2024-05-01T17:00:00Z", True),
+        ("@2024-05-01T10:00:00-07:00 > @2024-05-01T16:00:00Z", True),
+        # same precision: text order
+        ("@2024-05-01 < @2024-05-02", True),
+        # different precision, equal on the common part: unknown
+        ("@2024-05 = @2024-05-01", None),
+        ("@2024-05-01 < @2024-05-01T10:00:00Z", None),
+        # different precision, different common part: decided
+        ("@2024-04 < @2024-05-01", True),
+        ("@2023 = @2024-05-01", False),
+    ],
+)
+def test_date_comparisons_follow_fhirpath(expr: str, expected: bool | None) -> None:
+    c = duckdb.connect()
+    resources_table(c, ['{"resourceType":"Patient","id":"p"}'])
+    assert rows(c, view("Patient", col("x", expr)))[0]["x"] is expected

@@ -42,6 +42,7 @@ from medblocks_pipelines.lib.warehouse.views.schema import (
 __all__ = ["CompiledView", "OutputColumn", "compile_view"]
 
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+_DATE_TYPES = frozenset({"date", "dateTime", "instant"})
 _REF_KEY = r"([A-Za-z]+)/([A-Za-z0-9\-\.]{1,64})(/_history/[^/]*)?$"
 
 # The ViewDefinition constant value[x] types, with the FHIR type each stands for.
@@ -395,6 +396,8 @@ class _Compiler:
                 )
             a = self.single(left, f"operator {op}")
             b = self.single(right, f"operator {op}")
+            if left.ftype in _DATE_TYPES and right.ftype in _DATE_TYPES:
+                return _Val(self.date_compare(a, b, op), "boolean")
             return _Val(f"(({a}) {op} ({b}))", "boolean")
         if op in ("+", "-", "*", "/", "div", "mod", "&"):
             return self.arithmetic(op, left, right)
@@ -437,9 +440,29 @@ class _Compiler:
                 f"(CASE WHEN coalesce(len({la}), 0) = 0 OR coalesce(len({lb}), 0) = 0 "
                 f"THEN NULL ELSE ({la}) = ({lb}) END)"
             )
+        elif left.ftype in _DATE_TYPES and right.ftype in _DATE_TYPES:
+            sql = self.date_compare(left.sql, right.sql, "=")
         else:
             sql = f"(({left.sql}) = ({right.sql}))"
         return _Val(f"(NOT {sql})" if negate else sql, "boolean")
+
+    @staticmethod
+    def date_compare(a: str, b: str, op: str) -> str:
+        """FHIRPath date/time comparison on ISO text (FHIRPath 6.1.1, 6.2).
+
+        Two values with a time of day compare as instants (time zones honoured); values of the
+        same precision compare as text; different precisions compare on the common date part,
+        and are unknown (empty) when that part is equal.
+        """
+        n = f"least(length({a}), length({b}), 10)"
+        return (
+            f"(CASE WHEN ({a}) IS NULL OR ({b}) IS NULL THEN NULL "
+            f"WHEN length({a}) >= 19 AND length({b}) >= 19 "
+            f"THEN TRY_CAST({a} AS TIMESTAMPTZ) {op} TRY_CAST({b} AS TIMESTAMPTZ) "
+            f"WHEN length({a}) = length({b}) THEN ({a}) {op} ({b}) "
+            f"WHEN substr({a}, 1, {n}) = substr({b}, 1, {n}) THEN NULL "
+            f"ELSE substr({a}, 1, {n}) {op} substr({b}, 1, {n}) END)"
+        )
 
     def arithmetic(self, op: str, left: _Val, right: _Val) -> _Val:
         ca, cb = category(left.ftype), category(right.ftype)
