@@ -308,3 +308,36 @@ def test_date_comparisons_follow_fhirpath(expr: str, expected: bool | None) -> N
     c = duckdb.connect()
     resources_table(c, ['{"resourceType":"Patient","id":"p"}'])
     assert rows(c, view("Patient", col("x", expr)))[0]["x"] is expected
+
+
+def test_resource_variables_inside_foreach_and_choice_exists(
+    con: duckdb.DuckDBPyConnection,
+) -> None:
+    v = {"resource": "Observation", "where": [{"path": "value.exists()"}], "select": [
+        {"forEachOrNull": "component", "column": [
+            col("obs", "%resource.getResourceKey()"),
+            col("subject", "%resource.subject.getReferenceKey(Patient)"),
+            col("n", "%rowIndex"),
+            col("label", "iif(value.ofType(Quantity).exists(), 'quantity')")]}]}
+    got = rows(con, v)
+    # bp-1 has no value of its own, so only lab-1, obs-int, obs-bool and obs-neg pass the where
+    assert sorted({r["obs"] for r in got}) == ["lab-1", "obs-bool", "obs-int", "obs-neg"]
+    assert all(r["n"] == 0 and r["label"] is None for r in got)
+    assert {r["obs"]: r["subject"] for r in got}["lab-1"] == "pat-a"
+
+
+@pytest.mark.parametrize(
+    ("constant", "path", "expected_ids"),
+    [
+        ({"name": "c", "valueCode": "male"}, "gender = %c", ["pat-a"]),
+        ({"name": "c", "valueBoolean": False}, "deceased.ofType(boolean) = %c", ["pat-b"]),
+        ({"name": "c", "valueInteger": 2}, "name.count() = %c", ["pat-a"]),
+        ({"name": "c", "valueDate": "1970-06"}, "birthDate = %c", ["pat-a"]),
+        ({"name": "c", "valueDecimal": 2.5}, "name.count() < %c", ["pat-a", "pat-b", "pat-c"]),
+        ({"name": "c", "valueUri": "urn:mrn"}, "identifier.system contains %c", ["pat-a"]),
+    ],
+)
+def test_constants_in_where(con: duckdb.DuckDBPyConnection, constant: dict[str, Any],
+                            path: str, expected_ids: list[str]) -> None:
+    v = view("Patient", col("id", "id"), constant=[constant], where=[{"path": path}])
+    assert sorted(r["id"] for r in rows(con, v)) == expected_ids

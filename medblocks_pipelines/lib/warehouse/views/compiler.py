@@ -728,7 +728,8 @@ class _Compiler:
             sep = self.single(sep_val, "join()")
         lst = self.as_list(base)
         if category(base.ftype) not in ("text", "empty"):
-            lst = f"list_transform({lst}, lambda _j: CAST(_j AS VARCHAR))"
+            j = self.var()
+            lst = f"list_transform({lst}, lambda {j}: CAST({j} AS VARCHAR))"
         return _Val(f"coalesce(array_to_string({lst}, {sep}), '')", "string")
 
     def string_fn(self, base: _Val, args: tuple[fp.Node, ...], ctx: _Ctx, name: str,
