@@ -323,3 +323,35 @@ def test_tiny_worlds_generate_and_evolve(persons: int) -> None:
     assert pop.resources_for("mercy-general", "Organization")
     changes = evolve(pop, 1)
     assert bool(changes.created) == (persons > 0)
+
+
+def _dt(s: str) -> datetime:
+    return datetime.fromisoformat(s.replace("Z", "+00:00"))
+
+
+def test_timestamps_are_causally_ordered(pop: Population) -> None:
+    births = {}
+    for org in pop.org_ids:
+        for p in pop.patients_for(org):
+            births[(org, p["id"])] = p["birthDate"]
+    checked = 0
+    for org in pop.org_ids:
+        for r in pop.resources_for(org):
+            lu = _dt(r["meta"]["lastUpdated"])
+            t = r["resourceType"]
+            if t == "Encounter":
+                start, end = _dt(r["period"]["start"]), _dt(r["period"]["end"])
+                assert start < end <= lu
+                pid = r["subject"]["reference"].removeprefix("Patient/")
+                assert births[(org, pid)] < r["period"]["start"][:10]
+                checked += 1
+            elif t == "Observation" and "effectiveDateTime" in r:
+                assert _dt(r["effectiveDateTime"]) <= lu
+                if "issued" in r:
+                    assert _dt(r["effectiveDateTime"]) <= _dt(r["issued"]) <= lu
+                checked += 1
+            elif t == "ExplanationOfBenefit":
+                assert r["billablePeriod"]["start"] <= r["created"][:10]
+                assert _dt(r["created"]) <= lu
+                checked += 1
+    assert checked > 1000

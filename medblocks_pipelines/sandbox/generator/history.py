@@ -188,7 +188,13 @@ def make_history(
                 )
             )
             n += 1
-    encs = [e for e in encs if e.end < reference - timedelta(hours=2)]
+    # nothing before the reference date's claims horizon, nothing before the first weeks of life
+    born = datetime.fromisoformat(person.birth_date).replace(tzinfo=reference.tzinfo)
+    encs = [
+        e
+        for e in encs
+        if e.end < reference - timedelta(hours=2) and e.start > born + timedelta(days=14)
+    ]
     encs.sort(key=lambda e: (e.start, e.n))
 
     problem_lists: dict[str, list[str]] = {}
