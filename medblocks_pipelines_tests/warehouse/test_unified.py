@@ -276,3 +276,59 @@ def test_rebuild_is_idempotent(built: Built, tmp_path_factory: pytest.TempPathFa
             facts == old.execute("SELECT fact_id, n_sources FROM facts ORDER BY fact_id").fetchall()
         )
         assert persons == old.execute("SELECT person_id FROM persons ORDER BY 1").fetchall()
+
+
+def test_network_facts_merge_the_same_after_ccda_conversion(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """The network pattern lands FHIR converted from C-CDA: its facts merge with the EHR's and the
+    payer's as the network organizations' own FHIR would (conditions, immunizations, results,
+    medications, procedures)."""
+    from medblocks_pipelines.lib.network.ccda import SourceDocument, convert_ccda
+    from medblocks_pipelines.sandbox.gateway.app import _load
+    from medblocks_pipelines.sandbox.gateway.render import render_ccd
+    from medblocks_pipelines.sandbox.generator import PopulationSpec, generate_population
+
+    pop = generate_population(PopulationSpec(seed=11, persons=15))
+
+    def build(via_ccda: bool) -> dict[str, int]:
+        settings = get_settings(tmp_path_factory.mktemp("ccda") / "data")
+        settings.ensure_dirs()
+        for org in pop.organizations:
+            if org.kind == "network" and via_ccda:
+                continue
+            prov = Provenance(TENANT, PATTERN_OF_ORG[org.id], org.id, org.id, None, "r1")
+            with LakeWriter(settings.lake_root, prov) as w:
+                for r in pop.resources_for(org.id):
+                    w.add(json.dumps(r))
+        if via_ccda:
+            for com in _load(pop, None).values():
+                prov = Provenance(TENANT, "network", com.org.id, com.org.id, None, "r1")
+                with LakeWriter(settings.lake_root, prov) as w:
+                    for pid, patient in com.patients.items():
+                        uid = com.doc_uid(pid, "ccd")
+                        xml = render_ccd(
+                            patient,
+                            com.resources.get(pid, []),
+                            org={"name": com.org.name, "oid": com.oid},
+                            document_id=uid,
+                        )
+                        doc = convert_ccda(xml, SourceDocument(com.hcid, com.repository, uid))
+                        for r in doc.resources:
+                            w.add(json.dumps(r))
+        res = build_warehouse(TENANT, settings=settings)
+        with duckdb.connect(str(res.path), read_only=True) as con:
+            rows = con.execute(
+                "SELECT kind, count(*) FROM facts WHERE list_contains(patterns, 'network') "
+                "AND len(patterns) > 1 GROUP BY 1"
+            ).fetchall()
+            persons = con.execute("SELECT count(*) FROM persons WHERE n_patterns >= 3").fetchone()
+        out = {str(k): int(n) for k, n in rows}
+        out["persons_3_patterns"] = int(persons[0]) if persons else 0
+        return out
+
+    raw, converted = build(False), build(True)
+    for kind in ("condition", "immunization", "result", "medication", "procedure"):
+        assert raw.get(kind, 0) > 0 or kind in ("medication", "procedure")
+        assert converted.get(kind, 0) >= 0.9 * raw.get(kind, 0), (kind, raw, converted)
+    assert converted["persons_3_patterns"] == raw["persons_3_patterns"] > 0
