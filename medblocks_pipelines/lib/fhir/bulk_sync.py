@@ -590,7 +590,8 @@ def _download_and_land(
                 origin = f"{report.export_id}/{Path(urlsplit(item.url).path).name}"
                 if item.kind == "output":
                     if cfg.attachments and item.type == "DocumentReference":
-                        attachment_urls.extend(_attachment_urls(got.path, got.gzip))
+                        attachment_urls.extend(
+                            _attachment_urls(got.path, got.gzip, cfg.fhir_base_url))
                     batches.add(got, item.type or "?")
                 elif item.kind == "deleted":
                     _land_deleted(got, writer, manifest.transaction_time, origin)
@@ -666,7 +667,8 @@ def _count_outcomes(got: DownloadResult, severities: Counter[str], codes: Counte
                 codes[str(issue.get("code", "unknown"))] += 1
 
 
-def _attachment_urls(path: Path, gzipped: bool) -> list[str]:
+def _attachment_urls(path: Path, gzipped: bool, base: str) -> list[str]:
+    """Attachment URLs of DocumentReferences; relative ones (``Binary/x``) resolve on the base."""
     urls = []
     for raw in iter_lines(path, gzipped=gzipped):
         try:
@@ -676,7 +678,11 @@ def _attachment_urls(path: Path, gzipped: bool) -> list[str]:
         for content in doc.get("content") or [] if isinstance(doc, dict) else []:
             att = content.get("attachment") if isinstance(content, dict) else None
             url = att.get("url") if isinstance(att, dict) else None
-            if isinstance(url, str) and urlsplit(url).scheme in ("http", "https"):
+            if not isinstance(url, str) or not url:
+                continue
+            if not urlsplit(url).scheme:
+                url = base.rstrip("/") + "/" + url.lstrip("/")
+            if urlsplit(url).scheme in ("http", "https"):
                 urls.append(url)
     return urls
 
@@ -694,7 +700,10 @@ def _download_attachments(client: BulkClient, urls: list[str], settings: Setting
         if (folder / name).exists() or (folder / (name + ".gz")).exists():
             n += 1
             continue
-        client.download(url, folder / name, requires_token=manifest.requires_access_token)
+        # With requiresAccessToken the same token works on attachments (SPECS §3.3); the client
+        # still sends it only to the FHIR server's origin.
+        client.download(url, folder / name, requires_token=manifest.requires_access_token,
+                        accept="*/*")
         n += 1
     return n
 
