@@ -10,7 +10,8 @@ import dagster as dg
 
 from medblocks_pipelines.defs.shared.partitions import backend_org_partitions
 from medblocks_pipelines.defs.shared.resources import PlatformResource
-from medblocks_pipelines.lib.errors import ConfigError
+from medblocks_pipelines.lib.errors import ConfigError, TransientError
+from medblocks_pipelines.lib.fhir.bulk import clamp_wait
 from medblocks_pipelines.lib.fhir.bulk_sync import in_flight_export, kickoff_export, land_export
 from medblocks_pipelines.lib.partitions import split_partition_key
 
@@ -42,9 +43,14 @@ def bulk_export(
 ) -> dg.MaterializeResult:
     """Kick off (or reuse the organization's in-flight export) and report what was asked."""
     tenant, org_id = split_partition_key(context.partition_key)
-    result = kickoff_export(
-        platform.control_plane, tenant, org_id, full=config.full, run_id=context.run_id
-    )
+    try:
+        result = kickoff_export(
+            platform.control_plane, tenant, org_id, full=config.full, run_id=context.run_id
+        )
+    except TransientError as exc:
+        # 429 (one export at a time) or 5xx: retry the step after the server's Retry-After.
+        wait = clamp_wait(exc.retry_after, 30.0, lo=5.0, hi=600.0)
+        raise dg.RetryRequested(max_retries=3, seconds_to_wait=wait) from exc
     for warning in result.warnings:
         context.log.warning(warning)
     if result.reused:

@@ -30,7 +30,13 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from medblocks_pipelines.lib.errors import ConfigError, NotFound, ProtocolError, TransientError
+from medblocks_pipelines.lib.errors import (
+    ConfigError,
+    MedblocksError,
+    NotFound,
+    ProtocolError,
+    TransientError,
+)
 from medblocks_pipelines.lib.fhir.bulk import (
     GROUP,
     SYSTEM,
@@ -467,7 +473,11 @@ def land_export(
         return report
     except Exception as exc:
         cp.finish_pull(pull_id, status="failed", counts={}, error=type(exc).__name__)
-        cp.update_bulk_export(export_id, status="ready", error=f"{type(exc).__name__}: {exc}"[:500])
+        # Our own errors carry ids and counts only; anything else is named, not quoted (a parser
+        # message could echo record content).
+        detail = f"{type(exc).__name__}: {exc}" if isinstance(exc, MedblocksError) else (
+            type(exc).__name__)
+        cp.update_bulk_export(export_id, status="ready", error=detail[:500])
         raise
     finally:
         if own:

@@ -53,21 +53,21 @@ class SigningKey:
             key = serialization.load_pem_private_key(self.private_pem.encode(), password=None)
         except (ValueError, TypeError) as exc:
             raise ConfigError(f"signing key {self.kid} is not a valid PEM private key") from exc
-        if self.alg == "RS384" and not isinstance(key, rsa.RSAPrivateKey):
-            raise ConfigError(f"signing key {self.kid} is not an RSA key")
-        if self.alg == "ES384" and not (
-            isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1"
-        ):
+        if self.alg == "RS384":
+            if not isinstance(key, rsa.RSAPrivateKey):
+                raise ConfigError(f"signing key {self.kid} is not an RSA key")
+            return key
+        if not (isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1"):
             raise ConfigError(f"signing key {self.kid} is not a P-384 EC key")
         return key
 
     def public_jwk(self) -> dict[str, Any]:
         """The public JWK (bare key material plus ``kid``, ``alg``, ``use``, ``key_ops``)."""
-        public = self._private().public_key()
-        if self.alg == "RS384":
-            jwk = json.loads(RSAAlgorithm.to_jwk(public))
+        private = self._private()
+        if isinstance(private, rsa.RSAPrivateKey):
+            jwk = json.loads(RSAAlgorithm.to_jwk(private.public_key()))
         else:
-            jwk = json.loads(ECAlgorithm.to_jwk(public))
+            jwk = json.loads(ECAlgorithm.to_jwk(private.public_key()))
         jwk = {k: v for k, v in jwk.items() if k in ("kty", "n", "e", "crv", "x", "y")}
         jwk.update({"kid": self.kid, "alg": self.alg, "use": "sig", "key_ops": ["verify"]})
         return jwk
