@@ -22,8 +22,8 @@ def _digest(root: Path) -> dict[str, str]:
 
 
 def test_same_seed_gives_byte_identical_output(tmp_path: Path) -> None:
-    a = generate_population(PopulationSpec(seed=11, persons=40))
-    b = generate_population(PopulationSpec(seed=11, persons=40))
+    a = generate_population(PopulationSpec(seed=11, persons=25))
+    b = generate_population(PopulationSpec(seed=11, persons=25))
     write_ndjson(a, tmp_path / "a")
     write_ndjson(b, tmp_path / "b")
     da, db = _digest(tmp_path / "a"), _digest(tmp_path / "b")

@@ -1,7 +1,5 @@
 """evolve(): incremental change sets with new versions, new resources and deletions."""
 
-import copy
-
 import pytest
 
 from medblocks_pipelines.lib.errors import GeneratorError
@@ -13,15 +11,10 @@ from medblocks_pipelines.sandbox.generator import (
 )
 
 
-@pytest.fixture(scope="module")
-def _pristine() -> Population:
-    return generate_population(PopulationSpec(seed=21, persons=60))
-
-
 @pytest.fixture
-def fresh(_pristine: Population) -> Population:
-    """A private copy per test: evolve() mutates the population in place."""
-    return copy.deepcopy(_pristine)
+def fresh() -> Population:
+    """A private world per test: evolve() mutates the population in place."""
+    return generate_population(PopulationSpec(seed=21, persons=35))
 
 
 def _snapshot(pop: Population) -> dict[tuple[str, str, str], dict]:

@@ -31,7 +31,7 @@ def test_exact_count_and_valid_json(tmp_path: Path, n: int) -> None:
 
 
 def test_ids_unique_and_patient_references_resolve(tmp_path: Path) -> None:
-    stream_bulk_ndjson(tmp_path, resources=20000, seed=4)
+    stream_bulk_ndjson(tmp_path, resources=8000, seed=4)
     rows = _lines(tmp_path)
     keys = Counter((r["resourceType"], r["id"]) for r in rows)
     assert max(keys.values()) == 1
@@ -106,7 +106,7 @@ def test_bad_arguments_raise(tmp_path: Path) -> None:
 def test_per_org_layout_with_identity_truth(tmp_path: Path) -> None:
     import csv
 
-    stats = stream_bulk_ndjson(tmp_path, resources=25000, seed=3, per_org=True, truth=True)
+    stats = stream_bulk_ndjson(tmp_path, resources=12000, seed=3, per_org=True, truth=True)
     assert all("/" in name for name in stats["files"])
     patients: dict[tuple[str, str], dict] = {}
     for path in tmp_path.glob("*/Patient.ndjson"):
