@@ -189,7 +189,7 @@ def test_429_storm_and_transient_faults_lose_nothing(pa_env: PatientAccessEnv) -
     clean = pull(pa_env, [conn_id], run_id="clean", full=True).results[0]
     faults = pa_env.faults(org)
     cid = pa_env.clients[sid]
-    faults.add("rate_limit", client_id=cid, limit=8, window=1.0)
+    faults.add("rate_limit", client_id=cid, limit=12, window=1.0)
     faults.add("error_burst", client_id=cid, count=3, status=503)
     faults.add("html_200", client_id=cid, count=2)
     faults.add("drop_connection", client_id=cid, count=1, after_bytes=40)
@@ -295,10 +295,10 @@ def test_one_failed_connection_does_not_fail_the_batch(pa_env: PatientAccessEnv)
 
 def test_source_rate_limit_is_never_breached(pa_env: PatientAccessEnv) -> None:
     org = pa_env.org("ehr")
-    sid = pa_env.add_source(org, config={"rate_limit": {"requests": 10, "per_seconds": 1.0},
+    sid = pa_env.add_source(org, config={"rate_limit": {"requests": 15, "per_seconds": 1.0},
                                          "concurrency": 3})
     ids = connect_n(pa_env, sid, org, 2)
-    pa_env.faults(org).add("rate_limit", client_id=pa_env.clients[sid], limit=10, window=1.0,
+    pa_env.faults(org).add("rate_limit", client_id=pa_env.clients[sid], limit=15, window=1.0,
                            path="/fhir/")
     try:
         batch = pull_batch(pa_env.cp, ids, lake_root=pa_env.settings.lake_root, run_id="rl",
