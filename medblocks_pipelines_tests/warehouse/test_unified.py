@@ -332,3 +332,81 @@ def test_network_facts_merge_the_same_after_ccda_conversion(
         assert raw.get(kind, 0) > 0 or kind in ("medication", "procedure")
         assert converted.get(kind, 0) >= 0.9 * raw.get(kind, 0), (kind, raw, converted)
     assert converted["persons_3_patterns"] == raw["persons_3_patterns"] > 0
+
+
+def test_odd_shapes_neither_crash_nor_vanish(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """JSON that is valid but not shaped as expected (strings for lists, numbers for dates,
+    absolute references, undated events) is carried as mentions, never dropped."""
+    settings = get_settings(tmp_path_factory.mktemp("odd") / "data")
+    settings.ensure_dirs()
+    odd = [
+        {
+            "resourceType": "Patient",
+            "id": "w1",
+            "name": "Bob",
+            "birthDate": 123,
+            "telecom": {"system": "phone"},
+            "identifier": "x",
+        },
+        {
+            "resourceType": "Patient",
+            "id": "w2",
+            "name": [{"given": "Ann", "family": ["Lee"]}],
+            "gender": 5,
+            "birthDate": "19-01-01",
+        },
+        {
+            "resourceType": "Condition",
+            "id": "c1",
+            "subject": "Patient/w1",
+            "code": "abc",
+            "onsetDateTime": 20200101,
+        },
+        {
+            "resourceType": "Condition",
+            "id": "c2",
+            "subject": {"reference": "https://x.example/fhir/Patient/w2"},
+            "code": {"coding": [{"system": "http://snomed.info/sct", "code": "1"}]},
+        },
+        {
+            "resourceType": "Observation",
+            "id": "o1",
+            "subject": {"reference": "Patient/w2"},
+            "code": {"coding": [{"system": "http://loinc.org", "code": "1-1"}]},
+            "valueQuantity": {"value": "abc"},
+            "component": "x",
+        },
+        {
+            "resourceType": "ExplanationOfBenefit",
+            "id": "e1",
+            "patient": {"reference": "Patient/w2"},
+            "diagnosis": {"x": 1},
+            "item": [{"productOrService": "x"}],
+        },
+        {
+            "resourceType": "MedicationRequest",
+            "id": "m1",
+            "subject": {"reference": "Patient/w2"},
+            "medicationReference": {"reference": "Medication/none"},
+        },
+        {"resourceType": "Encounter", "id": "n1", "subject": {"reference": "Group/g1"}},
+    ]
+    with LakeWriter(
+        settings.lake_root, Provenance(TENANT, "backend", "src", "org", None, "r")
+    ) as w:
+        for r in odd:
+            w.add(json.dumps(r))
+    res = build_warehouse(TENANT, settings=settings)
+    with duckdb.connect(str(res.path), read_only=True) as con:
+        assert con.execute("SELECT count(*) FROM patient_links").fetchone() == (2,)
+        rows = dict(con.execute("SELECT mention_id, person_id FROM fact_mentions").fetchall())
+    assert set(rows) == {
+        "src/Condition/c1",
+        "src/Condition/c2",
+        "src/Observation/o1",
+        "src/MedicationRequest/m1",
+        "src/ExplanationOfBenefit/e1#billablePeriod",
+        "src/Encounter/n1",
+    }
+    assert rows["src/Condition/c2"] is not None  # an absolute reference still finds its patient
+    assert rows["src/Encounter/n1"] is None  # a Group subject is no person: kept, not matched

@@ -50,6 +50,8 @@ from typing import Any
 import duckdb
 import polars as pl
 
+from medblocks_pipelines.lib.errors import WarehouseError
+
 KINDS = (
     "condition",
     "medication",
@@ -607,7 +609,8 @@ def match_facts(mentions: pl.DataFrame, person_of: pl.DataFrame) -> pl.DataFrame
         occurrence=pl.when(pl.col("chronic_group"))
         .then(pl.lit(0, dtype=pl.UInt32))
         .otherwise(
-            pl.col("date_str")
+            # undated events rank by id, so they are never lost to a null rank
+            pl.coalesce(pl.col("date_str"), pl.col("mention_id"))
             .rank("ordinal")
             .over([*cluster_cols, "source", "is_claim"], order_by="mention_id")
             .cast(pl.UInt32)
@@ -615,7 +618,7 @@ def match_facts(mentions: pl.DataFrame, person_of: pl.DataFrame) -> pl.DataFrame
     )
     cluster_cols = [*cluster_cols, "occurrence"]
     first = ordered.group_by(cluster_cols).agg(first_mention=pl.col("mention_id").min())
-    ordered = ordered.join(first, on=cluster_cols).with_columns(
+    ordered = ordered.join(first, on=cluster_cols, nulls_equal=True).with_columns(
         fact_id=pl.struct("kind", "first_mention").map_batches(
             lambda s: pl.Series(
                 [_fact_id(r["kind"], r["first_mention"]) for r in s.to_list()], dtype=pl.String
@@ -628,6 +631,12 @@ def match_facts(mentions: pl.DataFrame, person_of: pl.DataFrame) -> pl.DataFrame
     )
     keep = [c for c in m.columns] + ["fact_id"]
     out = pl.concat([ordered.select(keep), no_person.select(keep)], how="vertical_relaxed")
+    if out.height != mentions.height:
+        # matching must never lose (or invent) a statement of a source
+        raise WarehouseError(
+            f"fact matching kept {out.height} of {mentions.height} mentions",
+            hint="a bug in the matching rules; the previous warehouse stays published",
+        )
     return out.join(
         codes.group_by("mention_id").agg(codes=pl.col("sc").unique().sort()),
         on="mention_id",
