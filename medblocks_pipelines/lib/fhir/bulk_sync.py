@@ -3,8 +3,8 @@
 Used by the Dagster assets and sensor in ``defs/backend`` and by ``medblocks sync backend``; no
 Dagster import here. Where things live:
 
-* source config (``cp.add_source(..., config=...)``): ``client_id``, ``scope`` (default
-  ``system/*.rs``), ``jku`` (true: send our JWKS URL, needed by Epic), ``jwks_url``,
+* source config (``cp.add_source(..., config=...)``): ``backend_client_id`` (or ``client_id``),
+  ``backend_scope`` (or ``scope``; default ``system/*.rs``), ``jku`` (true: send our JWKS URL, needed by Epic), ``jwks_url``,
   ``max_parallel_downloads`` (per-source limit, default 4), ``attachments`` (bool),
   ``accept_gzip`` (default true);
 * organization config: ``group_id``, ``level`` (``system``/``patient``/``group``; default group
@@ -101,7 +101,9 @@ def org_config(cp: ControlPlane, tenant: str, org_id: str,
     base = src.get("fhir_base_url")
     if not base:
         raise ConfigError(f"source {src['id']} has no FHIR base URL")
-    client_id = ocfg.get("client_id") or scfg.get("client_id")
+    # backend_* keys win: a source shared with patient access has its own client_id there.
+    client_id = (ocfg.get("client_id") or scfg.get("backend_client_id")
+                 or scfg.get("client_id"))
     if not client_id:
         raise ConfigError(f"no backend client_id for organization {org_id}",
                           hint="set client_id in the source or organization config")
@@ -135,7 +137,8 @@ def org_config(cp: ControlPlane, tenant: str, org_id: str,
         vendor=str(src.get("vendor") or "generic"),
         fhir_base_url=base,
         client_id=str(client_id),
-        scope=str(ocfg.get("scope") or scfg.get("scope") or DEFAULT_SCOPE),
+        scope=str(ocfg.get("scope") or scfg.get("backend_scope") or scfg.get("scope")
+                  or DEFAULT_SCOPE),
         jku=jku,
         request=req,
         max_parallel=max(1, int(scfg.get("max_parallel_downloads", 4))),
