@@ -121,3 +121,39 @@ def test_online_access_gives_refresh_token(ehr: Server) -> None:
     code = get_code(ehr, req)
     body = exchange(ehr, req, code).json()
     assert body["refresh_token"] and "online_access" in body["scope"].split()
+
+
+def test_concurrent_refresh_with_one_token_kills_the_grant(ehr: Server) -> None:
+    """SPECS §1.7: two refreshes of the same token race; the loser looks like a replay, so
+    the server revokes the grant (why clients must keep one refresher per grant)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    register_public(ehr)
+    body = standalone_token(ehr)
+    url = ehr.smart()["token_endpoint"]
+    data = {
+        "grant_type": "refresh_token",
+        "refresh_token": body["refresh_token"],
+        "client_id": "app",
+    }
+
+    def refresh(_: int) -> httpx.Response:
+        with httpx.Client(timeout=10) as client:
+            return client.post(url, data=data)
+
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(refresh, range(2)))
+    statuses = sorted(r.status_code for r in results)
+    assert statuses == [200, 400]
+    winner = next(r.json() for r in results if r.status_code == 200)
+    follow = ehr.http.post(url, data={**data, "refresh_token": winner["refresh_token"]})
+    assert follow.json()["error"] == "invalid_grant"
+
+
+def test_token_errors_are_not_cached_and_xml_is_not_acceptable(ehr: Server) -> None:
+    resp = ehr.http.post(ehr.smart()["token_endpoint"], data={"grant_type": "nope"})
+    assert resp.status_code == 401 and resp.headers["cache-control"] == "no-store"
+    xml = ehr.http.get(f"{ehr.fhir}/metadata", headers={"Accept": "application/fhir+xml"})
+    assert xml.status_code == 406
