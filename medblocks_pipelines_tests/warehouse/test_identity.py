@@ -255,3 +255,63 @@ def test_counting_metrics_equal_listing_metrics(
     truth = _truth(pop300)
     frame = pl.DataFrame({"pred": [pred[k] for k in truth], "truth": list(truth.values())})
     assert identity.pairwise_metrics_frame(frame) == pairwise_metrics(pred, truth)
+
+
+def test_patient_ref_goes_only_to_the_connected_patient() -> None:
+    """A portal may return more than one Patient (a dependant); only the one who authorized the
+    connection (its source_patient_id) carries the tenant's patient reference."""
+    rows = [
+        _patient(
+            "a/Patient/1", given="Ann", family="Lee", birth_date="1970-01-02", connection="c1"
+        ),
+        _patient(
+            "a/Patient/2", given="Tim", family="Lee", birth_date="2012-03-04", connection="c1"
+        ),
+        _patient(
+            "b/Patient/9", given="Zoe", family="Park", birth_date="1981-05-06", connection="c2"
+        ),
+    ]
+    res = link_patients(
+        _frame(rows),
+        patient_refs={"c1": "user-7", "c2": "user-7"},
+        connection_patients={"c1": "a/Patient/1", "c2": "b/Patient/9"},
+    )
+    persons = dict(zip(res.links["patient_key"], res.links["person_id"], strict=True))
+    assert persons["a/Patient/1"] == persons["b/Patient/9"] != persons["a/Patient/2"]
+
+
+def test_identity_step_reads_patient_refs_from_the_control_plane(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    from medblocks_pipelines.lib.settings import get_settings
+    from medblocks_pipelines.lib.warehouse.build import build_warehouse
+    from medblocks_pipelines.lib.warehouse.lake import LakeWriter, Provenance
+    from medblocks_pipelines_tests.warehouse.conftest import FakeControlPlane
+
+    settings = get_settings(tmp_path_factory.mktemp("refs") / "data")
+    settings.ensure_dirs()
+    for source, pid, given, conn in (
+        ("portal-a", "1", "Ann", "c1"),
+        ("portal-b", "9", "Zoe", "c2"),
+    ):
+        prov = Provenance("acme", "patient_access", source, None, conn, "r1")
+        with LakeWriter(settings.lake_root, prov) as w:
+            w.add(json.dumps({"resourceType": "Patient", "id": pid, "name": [{"given": [given]}]}))
+    cp = FakeControlPlane(
+        [
+            {
+                "id": c,
+                "tenant_id": "acme",
+                "pattern": "patient_access",
+                "patient_ref": "user-7",
+                "source_id": s,
+                "source_patient_id": p,
+            }
+            for c, s, p in (("c1", "portal-a", "1"), ("c2", "portal-b", "9"))
+        ]
+    )
+    res = build_warehouse("acme", settings=settings, control_plane=cp)
+    with duckdb.connect(str(res.path), read_only=True) as con:
+        assert con.execute("SELECT count(*) FROM persons").fetchone() == (1,)
+        rules = {r[0] for r in con.execute("SELECT rule FROM patient_links").fetchall()}
+    assert rules == {"patient_ref"}

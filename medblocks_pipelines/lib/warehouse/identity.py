@@ -162,6 +162,21 @@ def patient_refs_from_control_plane(control_plane: Any, tenant: str) -> dict[str
     return out
 
 
+def connection_patient_keys(control_plane: Any, tenant: str) -> dict[str, str]:
+    """connection id -> ``source/Patient/id`` of the patient who authorized it, when known.
+
+    Only that Patient carries the connection's patient_ref: other Patient resources a portal returns
+    (a family member's, a linked record) are not the connected person.
+    """
+    if control_plane is None:
+        return {}
+    out: dict[str, str] = {}
+    for c in control_plane.list_connections(tenant_id=tenant, pattern="patient_access"):
+        if c.get("patient_ref") and c.get("source_patient_id") and c.get("source_id"):
+            out[str(c["id"])] = f"{c['source_id']}/Patient/{c['source_patient_id']}"
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # deterministic rules
 
@@ -194,16 +209,31 @@ def _star_edges(groups: pl.DataFrame, key_col: str, group_col: str, rule: str) -
 
 
 def deterministic_edges(
-    std: pl.DataFrame, patient_refs: Mapping[str, str] | None = None
+    std: pl.DataFrame,
+    patient_refs: Mapping[str, str] | None = None,
+    connection_patients: Mapping[str, str] | None = None,
 ) -> pl.DataFrame:
-    """Edges from trustworthy identifiers: patient_ref, identifier system+value, SSN+birth date."""
+    """Edges from trustworthy identifiers: patient_ref, identifier system+value, SSN+birth date.
+
+    ``patient_refs``: connection -> tenant patient reference; ``connection_patients``: connection ->
+    the patient key of the person who authorized it (when known, only that Patient gets the ref).
+    """
     parts: list[pl.DataFrame] = []
     if patient_refs:
+        cp = connection_patients or {}
         refs = pl.DataFrame(
-            {"connection": list(patient_refs), "patient_ref": list(patient_refs.values())},
-            schema={"connection": pl.String, "patient_ref": pl.String},
+            {
+                "connection": list(patient_refs),
+                "patient_ref": list(patient_refs.values()),
+                "own_key": [cp.get(c) for c in patient_refs],
+            },
+            schema={"connection": pl.String, "patient_ref": pl.String, "own_key": pl.String},
         )
-        with_ref = std.select("patient_key", "connection").join(refs, on="connection")
+        with_ref = (
+            std.select("patient_key", "connection")
+            .join(refs, on="connection")
+            .filter(pl.col("own_key").is_null() | (pl.col("own_key") == pl.col("patient_key")))
+        )
         parts.append(_star_edges(with_ref, "patient_key", "patient_ref", "patient_ref"))
     ids = std.select("patient_key", "identifiers").explode("identifiers")
     parts.append(_star_edges(ids, "patient_key", "identifiers", "identifier:"))
@@ -564,6 +594,7 @@ def link_patients(
     raw: pl.DataFrame,
     *,
     patient_refs: Mapping[str, str] | None = None,
+    connection_patients: Mapping[str, str] | None = None,
     options: IdentityOptions | None = None,
 ) -> IdentityResult:
     """Link source patients (raw demographics as from :func:`extract_source_patients`) to persons."""
@@ -576,7 +607,7 @@ def link_patients(
     timings["standardise"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    det = deterministic_edges(std, patient_refs)
+    det = deterministic_edges(std, patient_refs, connection_patients)
     timings["deterministic"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -813,9 +844,11 @@ def empty_identity_result() -> IdentityResult:
 def identity_step(con: duckdb.DuckDBPyConnection, ctx: Any) -> dict[str, int]:
     """Warehouse step: link the tenant's source patients into persons."""
     raw = extract_source_patients(con)
-    refs = patient_refs_from_control_plane(getattr(ctx, "control_plane", None), ctx.tenant)
+    cp = getattr(ctx, "control_plane", None)
+    refs = patient_refs_from_control_plane(cp, ctx.tenant)
+    own = connection_patient_keys(cp, ctx.tenant)
     opts = IdentityOptions(**(getattr(ctx, "options", {}) or {}).get("identity", {}))
-    result = link_patients(raw, patient_refs=refs, options=opts)
+    result = link_patients(raw, patient_refs=refs, connection_patients=own, options=opts)
     write_identity_tables(con, result)
     return {
         "persons": result.persons.height,
