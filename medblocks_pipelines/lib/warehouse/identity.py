@@ -3,8 +3,10 @@
 A *source patient* is one Patient resource at one source (key ``source/Patient/id``). A *person* is a
 cluster of source patients that are the same human. Edges come from three places, strongest first:
 
-1. ``patient_ref`` — patient-access connections already know their person: every Patient landed through
-   connections that carry the same tenant ``patient_ref`` is the same person (score 1.0).
+1. ``patient_ref`` — patient-access connections already know their person: the Patient of every
+   connection that carries the same tenant ``patient_ref`` is the same person (score 1.0). When the
+   connection records its ``source_patient_id`` only that Patient gets the reference; otherwise every
+   Patient landed through the connection does.
 2. ``identifier:<system>`` — the same identifier system and value (an organization's MRN, a payer's member
    id): the same registration seen twice (score 1.0).
 3. ``ssn+dob`` — the same SSN and the same birth date (score 1.0). An SSN alone is not enough: placeholder
@@ -23,6 +25,10 @@ twins share birth date, address, phone and family name, and the independence ass
 of Fellegi-Sunter would otherwise merge them. Vetoed edges are kept (``accepted = false``, ``veto``) so
 the decision is auditable; ``persons.conflicts`` counts vetoed pairs that still ended in one person
 through other links (a person to review).
+
+Demographics are read from the landed JSON (``resources``), not from the ``patient`` view table: linkage
+needs every name (maiden names), every identifier (SSN, MRNs) and the current address, where the view
+keeps one value per column for analysts.
 
 Clusters are connected components of the accepted edges. ``person_id`` is derived from the smallest
 member key of the cluster (a hash of it), so it is stable across rebuilds as long as that member stays.

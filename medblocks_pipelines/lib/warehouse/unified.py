@@ -1,6 +1,7 @@
 """The unified record: clinical facts deduplicated across sources, each with all its provenance.
 
-Every source record that states a fact is a *mention*: a Condition, an Encounter, an Observation, an
+Every source record that states a fact is a *mention* (read from the landed JSON, not the view tables,
+because matching needs every coding of a CodeableConcept and every claim element): a Condition, an Encounter, an Observation, an
 Immunization, a Procedure, a MedicationRequest, an AllergyIntolerance, or one element of a claim (an
 ExplanationOfBenefit diagnosis, line item or the claim's encounter). DuckDB pulls the mentions out of the
 landed JSON; Polars matches them into *facts*; DuckDB stores the tables.
