@@ -129,6 +129,35 @@ def parse_scope(text: str) -> ResourceScope | None:
     return ResourceScope(ctx, match["type"], frozenset(letters), query, v1)
 
 
+_PLAIN_SCOPES = {
+    "launch": "Open in the context of your current EHR session",
+    "launch/patient": "Know which patient record is open",
+    "launch/encounter": "Know which visit is open",
+    "openid": "Know who you are",
+    "fhirUser": "Know who you are",
+    "profile": "Know who you are",
+    "offline_access": "Keep access after you sign out, until you revoke it",
+    "online_access": "Keep access while you stay signed in",
+}
+_VERBS = {"c": "create", "r": "read", "u": "update", "d": "delete", "s": "search"}
+
+
+def describe_scope(text: str) -> str:
+    """A plain-language description of a scope for the consent page."""
+    if text in _PLAIN_SCOPES:
+        return _PLAIN_SCOPES[text]
+    scope = parse_scope(text)
+    if scope is None:
+        return "Other access"
+    verbs = ", ".join(_VERBS[c] for c in _ORDER if c in scope.perms)
+    what = "all record types" if scope.resource_type == "*" else f"{scope.resource_type} records"
+    whose = {"patient": "of this patient", "user": "you can see", "system": "of everyone"}[
+        scope.context
+    ]
+    filtered = " (only some)" if scope.query else ""
+    return f"{verbs.capitalize()} {what} {whose}{filtered}"
+
+
 def narrow_scopes(
     requested: Iterable[str], ceiling: Iterable[str], *, contexts: Iterable[str]
 ) -> list[str]:
@@ -935,7 +964,7 @@ class AuthServer:
             patient_line = f" to the record of <strong>{html.escape(name)}</strong>"
         items = "\n".join(
             f'  <li><label><input type="checkbox" name="scope" value="{html.escape(s)}" checked>'
-            f" <code>{html.escape(s)}</code></label></li>"
+            f" {html.escape(describe_scope(s))} <code>{html.escape(s)}</code></label></li>"
             for s in pending.scopes
         )
         page = Template((_TEMPLATES / "consent.html").read_text()).substitute(

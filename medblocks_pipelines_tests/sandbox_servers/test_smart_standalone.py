@@ -59,6 +59,7 @@ def test_full_standalone_launch_through_consent_page(ehr: Server) -> None:
     assert consent_page.status_code == 200
     assert "Alice Smith" in consent_page.text
     assert consent_page.headers["x-frame-options"] == "DENY"
+    assert "Read, search all record types of this patient" in consent_page.text
     assert consent_page.headers["cache-control"] == "no-store"
     params = redirect_params(consent(ehr, consent_page))
     assert params["state"] == req.state and "code" in params
