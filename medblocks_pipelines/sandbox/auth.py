@@ -327,15 +327,15 @@ class _Grant:
     fhir_user: str | None
     context: dict[str, Any]
     refresh_expires_at: float | None
-    current_refresh: str | None = None
+    current_refresh: str | None = field(default=None, repr=False)
     revoked: bool = False
-    access_tokens: set[str] = field(default_factory=set)
-    refresh_tokens: set[str] = field(default_factory=set)
+    access_tokens: set[str] = field(default_factory=set, repr=False)
+    refresh_tokens: set[str] = field(default_factory=set, repr=False)
 
 
 @dataclass
 class _Pending:
-    request_id: str
+    request_id: str = field(repr=False)
     client: ClientRegistration
     redirect_uri: str
     state: str
@@ -345,7 +345,7 @@ class _Pending:
     launch: dict[str, Any] | None
     created: float
     login: "Login | None" = None
-    consent_token: str | None = None
+    consent_token: str | None = field(default=None, repr=False)
 
 
 @dataclass
