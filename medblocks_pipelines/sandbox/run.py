@@ -149,8 +149,8 @@ class RoleContext:
 
     name: str
     base_url: str
-    population: Any
-    admin_secret: str
+    population: Any = field(repr=False)
+    admin_secret: str = field(repr=False)
     role_urls: Mapping[str, str]
     options: Mapping[str, Any] = field(default_factory=dict)
     #: Roles built before this one (start order: ehr, payer, gateway, cds_ehr, others), so a
@@ -420,7 +420,7 @@ class SandboxHandle:
 
     host: str
     admin_secret: str = field(repr=False)
-    population: Any
+    population: Any = field(repr=False)
     role_urls: dict[str, str]
     orgs: list[OrgEndpoint]
     roles: dict[str, RoleApp]
