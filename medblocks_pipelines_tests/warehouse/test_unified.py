@@ -410,3 +410,43 @@ def test_odd_shapes_neither_crash_nor_vanish(tmp_path_factory: pytest.TempPathFa
     }
     assert rows["src/Condition/c2"] is not None  # an absolute reference still finds its patient
     assert rows["src/Encounter/n1"] is None  # a Group subject is no person: kept, not matched
+
+
+def test_a_resource_landed_through_two_patterns_counts_both(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """The same EHR read by backend sync and through a patient's portal connection is one resource
+    (one resource_key), but the person and the fact remember both patterns."""
+    settings = get_settings(tmp_path_factory.mktemp("two") / "data")
+    settings.ensure_dirs()
+    patient = {
+        "resourceType": "Patient",
+        "id": "p1",
+        "name": [{"family": "Lee", "given": ["Ann"]}],
+        "birthDate": "1970-01-02",
+    }
+    allergy = {
+        "resourceType": "AllergyIntolerance",
+        "id": "a1",
+        "patient": {"reference": "Patient/p1"},
+        "code": {"coding": [{"system": "http://snomed.info/sct", "code": "762952008"}]},
+    }
+    for pattern, conn in (("backend", None), ("patient_access", "c1")):
+        with LakeWriter(
+            settings.lake_root, Provenance(TENANT, pattern, "ehr", "org", conn, pattern)
+        ) as w:
+            w.add(json.dumps(patient))
+            w.add(json.dumps(allergy))
+    res = build_warehouse(TENANT, settings=settings)
+    with duckdb.connect(str(res.path), read_only=True) as con:
+        assert con.execute("SELECT count(*) FROM resources").fetchone() == (2,)
+        assert con.execute("SELECT patterns, n_patterns FROM persons").fetchone() == (
+            ["backend", "patient_access"],
+            2,
+        )
+        assert con.execute("SELECT patterns FROM facts").fetchone() == (
+            ["backend", "patient_access"],
+        )
+        assert con.execute("SELECT patterns_seen FROM fact_sources").fetchone() == (
+            ["backend", "patient_access"],
+        )

@@ -33,7 +33,8 @@ TABLE_DOCS: dict[str, tuple[str, dict[str, str]]] = {
             "person_id": "Stable id: a hash of the cluster's smallest source patient key",
             "n_source_patients": "Source patients linked to this person",
             "n_sources": "Distinct sources that know the person",
-            "patterns": "Patterns through which the person's records arrived",
+            "patterns": "Patterns through which the person's records arrived (every landing, "
+            "not only the latest version's)",
             "n_patterns": "Number of distinct patterns",
             "patient_keys": "The linked source patient keys",
             "conflicts": "Vetoed pairs (e.g. twin-like name conflicts) that still ended in this "
@@ -53,6 +54,7 @@ TABLE_DOCS: dict[str, tuple[str, dict[str, str]]] = {
             "evidence": "JSON: per comparison (given, family, dob, sex, address, phone, email, ssn) "
             "the agreement level and its partial match weight",
             "n_links": "Accepted links touching this source patient",
+            "patterns_seen": "Every pattern this Patient resource arrived through",
         },
     ),
     "identity_edges": (
@@ -89,7 +91,7 @@ TABLE_DOCS: dict[str, tuple[str, dict[str, str]]] = {
             "effective_date": "Earliest date stated by any source",
             "last_date": "Latest date stated by any source",
             "n_sources": "Distinct sources stating the fact",
-            "patterns": "Patterns through which it was stated",
+            "patterns": "Patterns through which it was stated (every landing of its sources)",
             "from_clinical": "Stated by a clinical record",
             "from_claims": "Stated by a claim",
         },
@@ -97,7 +99,10 @@ TABLE_DOCS: dict[str, tuple[str, dict[str, str]]] = {
     "fact_sources": (
         "Provenance links: fact -> every resource (and claim element) that states it, with source, "
         "pattern, organization, connection, fetched_at and run.",
-        {},
+        {
+            "pattern": "Pattern of the resource's latest version",
+            "patterns_seen": "Every pattern the resource arrived through",
+        },
     ),
     "view_tables": ("The ViewDefinition tables built, with their row counts.", {}),
     "view_errors": ("ViewDefinitions that failed to build (name and error class).", {}),

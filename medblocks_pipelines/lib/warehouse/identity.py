@@ -839,6 +839,59 @@ def write_identity_tables(con: duckdb.DuckDBPyConnection, result: IdentityResult
     )
 
 
+def ensure_landed_patterns(con: duckdb.DuckDBPyConnection) -> bool:
+    """Create temp table ``landed_patterns`` (resource_key -> every pattern it arrived through).
+
+    The ``resources`` table keeps one row per resource at a source, with the pattern of its latest
+    version; the same Patient read through backend sync and through a patient's portal connection is
+    one row. The lake (the build's ``lake_rows``) remembers every landing. False without a lake.
+    """
+    try:
+        con.execute(
+            """
+            CREATE OR REPLACE TEMP TABLE landed_patterns AS
+            SELECT source || '/' || resource_type || '/' || resource_id AS resource_key,
+                   list_sort(list(DISTINCT pattern)) AS patterns
+            FROM lake_rows WHERE NOT deleted
+            GROUP BY 1
+            """
+        )
+    except duckdb.CatalogException:
+        return False
+    return True
+
+
+def apply_landed_patterns(con: duckdb.DuckDBPyConnection) -> None:
+    """Widen ``patient_links`` (``patterns_seen``) and ``persons.patterns`` to every landing."""
+    if not ensure_landed_patterns(con):
+        con.execute(
+            "CREATE OR REPLACE TABLE patient_links AS SELECT *, [pattern] AS patterns_seen "
+            "FROM patient_links ORDER BY patient_key"
+        )
+        return
+    con.execute(
+        """
+        CREATE OR REPLACE TABLE patient_links AS
+        SELECT l.*, coalesce(lp.patterns, [l.pattern]) AS patterns_seen
+        FROM patient_links l LEFT JOIN landed_patterns lp ON lp.resource_key = l.patient_key
+        ORDER BY l.patient_key
+        """
+    )
+    con.execute(
+        """
+        CREATE OR REPLACE TABLE persons AS
+        SELECT p.* REPLACE (coalesce(x.patterns, p.patterns) AS patterns,
+                            CAST(coalesce(len(x.patterns), p.n_patterns) AS UINTEGER) AS n_patterns)
+        FROM persons p
+        LEFT JOIN (
+            SELECT person_id, list_sort(list_distinct(flatten(list(patterns_seen)))) AS patterns
+            FROM patient_links GROUP BY 1
+        ) x USING (person_id)
+        ORDER BY person_id
+        """
+    )
+
+
 def empty_identity_result() -> IdentityResult:
     """An identity result with no rows (a tenant without Patient resources)."""
     raw = pl.DataFrame(
@@ -856,6 +909,7 @@ def identity_step(con: duckdb.DuckDBPyConnection, ctx: Any) -> dict[str, int]:
     opts = IdentityOptions(**(getattr(ctx, "options", {}) or {}).get("identity", {}))
     result = link_patients(raw, patient_refs=refs, connection_patients=own, options=opts)
     write_identity_tables(con, result)
+    apply_landed_patterns(con)
     return {
         "persons": result.persons.height,
         "patient_links": result.links.height,

@@ -765,6 +765,34 @@ def write_unified_tables(
         ORDER BY fact_id, resource_key, element
         """
     )
+    # the same resource may have arrived through several patterns (see identity.landed_patterns)
+    from medblocks_pipelines.lib.warehouse.identity import ensure_landed_patterns
+
+    if ensure_landed_patterns(con):
+        con.execute(
+            """
+            CREATE OR REPLACE TABLE fact_sources AS
+            SELECT s.*, coalesce(lp.patterns, [s.pattern]) AS patterns_seen
+            FROM fact_sources s LEFT JOIN landed_patterns lp USING (resource_key)
+            ORDER BY s.fact_id, s.resource_key, s.element
+            """
+        )
+        con.execute(
+            """
+            CREATE OR REPLACE TABLE facts AS
+            SELECT f.* REPLACE (coalesce(x.patterns, f.patterns) AS patterns)
+            FROM facts f LEFT JOIN (
+                SELECT fact_id, list_sort(list_distinct(flatten(list(patterns_seen)))) AS patterns
+                FROM fact_sources GROUP BY 1
+            ) x USING (fact_id)
+            ORDER BY f.kind, f.person_id, f.effective_date, f.fact_id
+            """
+        )
+    else:
+        con.execute(
+            "CREATE OR REPLACE TABLE fact_sources AS SELECT *, [pattern] AS patterns_seen "
+            "FROM fact_sources ORDER BY fact_id, resource_key, element"
+        )
     for kind, view in KIND_VIEWS.items():
         con.execute(f"CREATE OR REPLACE VIEW {view} AS SELECT * FROM facts WHERE kind = '{kind}'")
 
