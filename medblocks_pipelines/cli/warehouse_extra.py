@@ -148,3 +148,40 @@ def identity_explain(tenant: str, patient_key: str, other_key: str | None) -> No
         if evidence:
             for comp, level in json.loads(evidence).items():
                 click.echo(f"      {comp}: {level['level']} ({level['weight']:+.2f})")
+
+
+@identity.command("persons")
+@click.option("--tenant", required=True)
+@click.option("--min-patterns", type=int, default=2, show_default=True)
+@click.option("--limit", type=int, default=20, show_default=True)
+def identity_persons(tenant: str, min_patterns: int, limit: int) -> None:
+    """Persons linked across patterns, with their sources and deduplicated fact counts."""
+    with open_warehouse(tenant, settings=get_settings()) as con:
+        total = con.execute(
+            "SELECT count(*) FROM persons WHERE n_patterns >= ?", [min_patterns]
+        ).fetchone()
+        rows = con.execute(
+            """
+            SELECT p.person_id, p.n_patterns, array_to_string(p.patterns, ', '), p.n_sources,
+                   p.n_source_patients,
+                   (SELECT count(*) FROM facts f WHERE f.person_id = p.person_id),
+                   (SELECT count(*) FROM facts f WHERE f.person_id = p.person_id
+                                                   AND f.n_sources > 1)
+            FROM persons p WHERE p.n_patterns >= ?
+            ORDER BY p.n_patterns DESC, p.n_sources DESC, p.person_id LIMIT ?
+            """,
+            [min_patterns, limit],
+        ).fetchall()
+    print_table(
+        f"{total[0] if total else 0:,} persons of {tenant} seen through >= {min_patterns} patterns",
+        [
+            "person",
+            "patterns",
+            "which",
+            "sources",
+            "source patients",
+            "facts",
+            "multi-source facts",
+        ],
+        [list(r) for r in rows],
+    )

@@ -106,3 +106,9 @@ def test_stats_and_explain_show_ids_and_levels_only(tenant_built: tuple[Path, li
     assert code == 0 and "-> person-" in out
     code, out = _run("warehouse", "identity", "explain", "--tenant", TENANT, "nope/Patient/1")
     assert code == 1 and "no source patient" in out
+
+
+def test_persons_across_patterns(tenant_built: tuple[Path, list]) -> None:
+    code, out = _run("warehouse", "identity", "persons", "--tenant", TENANT, "--min-patterns", "4")
+    assert code == 0 and "seen through >= 4 patterns" in out
+    assert "clinician_workflow" in out and "person-" in out
