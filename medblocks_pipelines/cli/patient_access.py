@@ -10,6 +10,7 @@ redirects to the source's real login and consent pages, fills and submits their 
 follows the redirect back to our callback. Nothing goes around the authorization server.
 """
 
+import contextlib
 import urllib.parse
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -189,6 +190,30 @@ def connect_patients(
     return out
 
 
+def simulate_portal_revocation(sandbox: Any, cp: Any, connection_id: str) -> str:
+    """Demo helper: the patient revokes our app in the sandbox portal; we find out on refresh.
+
+    Revokes the connection's grant at the sandbox (admin API, as the portal would), then asks for a
+    token refresh as the next pull would: the source answers ``invalid_grant`` and the connection
+    becomes ``refresh_failed`` (with an event and a ``connection.refresh_failed`` outbox row).
+    Returns the connection's new state.
+    """
+    from medblocks_pipelines.lib.errors import AuthError
+    from medblocks_pipelines.lib.smart.tokens import TokenManager
+
+    conn = cp.get_connection(connection_id)
+    source = cp.get_source(conn["source_id"])
+    org = next(o for o in sandbox.orgs if o.fhir_base == source["fhir_base_url"].rstrip("/"))
+    sandbox.admin(org.org_id, "revoke-grant", {"client_id": source["config"]["client_id"],
+                                               "patient": conn["source_patient_id"]})
+    with httpx.Client(timeout=20.0) as http:
+        manager = TokenManager(cp, connection_id, http=http)
+        # Expected to raise: the refresh is refused and the connection moves to refresh_failed.
+        with contextlib.suppress(AuthError):
+            manager.refresh(stale=manager.access_token())
+    return str(cp.get_connection(connection_id)["state"])
+
+
 # ---------------------------------------------------------------------------------------------
 # commands
 # ---------------------------------------------------------------------------------------------
@@ -278,7 +303,7 @@ def sync_patient_access(tenant: str, source: str, all_active: bool, full: bool,
 
         result = run_job(
             "patient_access_pull_job", partition_key=key,
-            run_config={"ops": {"patient_access_records": {"config": {
+            run_config={"ops": {"patient_access__records": {"config": {
                 "all_active": all_active, "full": full}}}},
             tags={"medblocks/tenant": tenant, "medblocks/source": source},
         )
@@ -313,5 +338,6 @@ __all__ = [
     "connections_link",
     "connections_refresh",
     "connections_revoke",
+    "simulate_portal_revocation",
     "sync_patient_access",
 ]

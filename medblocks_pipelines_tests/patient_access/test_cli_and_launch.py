@@ -118,3 +118,18 @@ def test_ehr_launch_with_an_unknown_iss_is_refused(pa_env: PatientAccessEnv) -> 
                             launch="abc", iss="https://attacker.example/fhir")
     assert info.value.reason == "unknown_iss"
     assert pa_env.cp.get_connection(conn_id)["state"] == "failed"
+
+
+def test_demo_helpers_connect_and_refresh_failed(pa_env: PatientAccessEnv) -> None:
+    """The two helpers the lead's demo calls: connect patients, then show refresh_failed."""
+    from medblocks_pipelines.cli.patient_access import connect_patients, simulate_portal_revocation
+
+    org = pa_env.org("ehr")
+    sid = pa_env.add_source(org)
+    outcomes = connect_patients(pa_env.cp, tenant_id="acme", source_id=sid,
+                                logins=pa_env.logins(org)[:2], public_base_url=pa_env.web_base,
+                                http=pa_env.http)
+    assert [o.status for o in outcomes] == ["active", "active"]
+    victim = outcomes[0].connection_id
+    assert simulate_portal_revocation(pa_env.sandbox, pa_env.cp, victim) == "refresh_failed"
+    assert pa_env.cp.get_connection(outcomes[1].connection_id)["state"] == "active"

@@ -616,7 +616,8 @@ def revoke_connection(
     The caller rebuilds the tenant's warehouse when ``rows_deleted`` is non-zero.
     """
     conn = cp.get_connection(connection_id)
-    if conn["state"] != "revoked":
+    # A failed launch never became a grant: clean up without a (forbidden) state change.
+    if conn["state"] not in ("revoked", "failed"):
         cp.transition(connection_id, "revoked", reason=reason)
     revoked_remote = False
     secret = cp.vault.get(tokens_secret_name(connection_id))
