@@ -81,7 +81,7 @@ def _submit(
     if method == "POST":
         return client.post(action, content=fields_to_body(fields),
                            headers={"Content-Type": "application/x-www-form-urlencoded"})
-    return client.get(action, params=fields)
+    return client.get(action, params=urllib.parse.urlencode(fields))
 
 
 def fields_to_body(fields: list[tuple[str, str]]) -> bytes:

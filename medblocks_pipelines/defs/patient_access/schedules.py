@@ -24,7 +24,7 @@ from medblocks_pipelines.lib.partitions import partition_key
 )
 def patient_access_due_schedule(
     context: dg.ScheduleEvaluationContext, platform: PlatformResource
-) -> dg.SensorResult | dg.SkipReason | list[dg.RunRequest]:
+) -> dg.SkipReason | list[dg.RunRequest]:
     """Request a pull for every tenant.source that has active connections due now."""
     cp = platform.control_plane
     now = datetime.now(UTC)

@@ -330,8 +330,8 @@ class FhirClient:
                 headers["Authorization"] = f"Bearer {token}"
             self.stats.requests += 1
             try:
-                resp = self.http.request(method, url, params=params, headers=headers,
-                                         timeout=self.timeout)
+                resp = self.http.request(method, url, params=params,  # type: ignore[arg-type]
+                                         headers=headers, timeout=self.timeout)
             except httpx.TransportError as exc:
                 reason = type(exc).__name__
                 attempt = self._retry_or_raise(attempt, reason, None)
@@ -357,7 +357,7 @@ class FhirClient:
                 attempt = self._retry_or_raise(attempt, "html_instead_of_json", None)
                 continue
             if status >= 400:
-                issues = ()
+                issues: tuple[str, ...] = ()
                 if "json" in resp.headers.get("content-type", ""):
                     try:
                         issues = tuple(c for _s, c in outcome_issues(resp.json()))

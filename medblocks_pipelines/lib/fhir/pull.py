@@ -551,8 +551,9 @@ def pull_batch(
                         client_options=client_options,
                     )
                 except Exception as exc:  # noqa: BLE001 (one connection never fails the batch)
-                    res = PullResult(cid, status="failed", error=f"crash:{type(exc).__name__}")
-                    res.failures[res.error] += 1
+                    reason = f"crash:{type(exc).__name__}"
+                    res = PullResult(cid, status="failed", error=reason)
+                    res.failures[reason] += 1
                 with lock:
                     batch.results.append(res)
                     batch.requests += res.requests

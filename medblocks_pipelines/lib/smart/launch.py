@@ -540,7 +540,7 @@ def verify_id_token(
     except (httpx.HTTPError, ValueError, jwt.PyJWTError) as exc:
         raise AuthError(f"id_token keys could not be fetched ({type(exc).__name__})") from exc
     allowed = [a for a in algs if a in ("RS256", "RS384", "RS512", "ES256", "ES384", "PS256")]
-    alg = header.get("alg")
+    alg = str(header.get("alg"))
     if alg not in allowed:
         raise AuthError(f"id_token alg {alg!r} is not allowed")
     keys = [k for k in keyset.keys if header.get("kid") in (None, k.key_id)]
