@@ -30,7 +30,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from medblocks_pipelines.lib.errors import LaunchError, MedblocksError, NotFound
+from medblocks_pipelines.lib.errors import ConfigError, LaunchError, MedblocksError, NotFound
 from medblocks_pipelines.lib.fhir.pull import revoke_connection
 from medblocks_pipelines.lib.registry import ControlPlane
 from medblocks_pipelines.lib.smart.launch import (
@@ -175,6 +175,9 @@ def routes(ctx: Any) -> list[BaseRoute]:
                                       session_binding=binding)
         except LaunchError as exc:
             return _page("Cannot connect", f"This link cannot be used ({exc.reason}).", 400)
+        except ConfigError:
+            return _page("Cannot connect", "This app is not set up for this record system yet.",
+                         500)
         except MedblocksError as exc:
             return _page("Cannot connect", f"The record system is not reachable now "
                          f"({type(exc).__name__}); try again later.", 502)
