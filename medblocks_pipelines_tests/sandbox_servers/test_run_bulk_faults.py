@@ -168,3 +168,44 @@ def test_revoke_refresh_fault_revokes_the_grant_in_the_as(
     assert again.json()["error"] == "invalid_grant"
     auth = {"Authorization": f"Bearer {body['access_token']}"}
     assert mercy.http.get(f"{mercy.fhir}/Patient/p1", headers=auth).status_code == 401
+
+
+def test_huge_page_fault_reaches_the_search(
+    sandbox: SandboxHandle, mercy: Server, backend: dict
+) -> None:
+    mercy.http.post(
+        f"{mercy.base}/_sandbox/faults",
+        json={"kind": "huge_page", "page_size": 500, "count": 1},
+        headers={"X-Sandbox-Admin": sandbox.admin_secret},
+    )
+    big = mercy.http.get(f"{mercy.fhir}/Observation?_count=2", headers=backend).json()
+    assert len(big["entry"]) == 10 and not [lk for lk in big["link"] if lk["relation"] == "next"]
+    # huge_page stays until the rules are cleared.
+    cleared = mercy.http.delete(
+        f"{mercy.base}/_sandbox/faults", headers={"X-Sandbox-Admin": sandbox.admin_secret}
+    )
+    assert cleared.status_code == 204
+    small = mercy.http.get(f"{mercy.fhir}/Observation?_count=2", headers=backend).json()
+    assert len(small["entry"]) == 2
+
+
+def test_epic_profile_org_requires_a_jwks_url() -> None:
+    handle = start_sandbox(
+        base_port=0, population=FakePopulation(), roles=["ehr"], profiles={"mercy": "epic"}
+    )
+    try:
+        key = make_key("RS384")
+        with httpx.Client(timeout=10) as http:
+            resp = http.post(
+                f"{handle.org('mercy').admin_url}/clients",
+                json={
+                    "client_id": "svc",
+                    "token_endpoint_auth_method": "private_key_jwt",
+                    "jwks": {"keys": [key.public_jwk]},
+                },
+                headers={"X-Admin-Secret": handle.admin_secret},
+            )
+        assert resp.status_code == 400
+        assert handle.org_handles("mercy")["auth"].config.require_jwks_url is True
+    finally:
+        handle.stop()
