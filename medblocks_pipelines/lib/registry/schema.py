@@ -191,7 +191,7 @@ events = sa.Table(
 )
 
 # Modules that add tables to ``metadata``; imported lazily to keep this module import-light.
-EXTRA_TABLE_MODULES: tuple[str, ...] = ()
+EXTRA_TABLE_MODULES: tuple[str, ...] = ("medblocks_pipelines.lib.network.tables",)
 
 
 def load_all_tables() -> sa.MetaData:
