@@ -18,7 +18,9 @@ Dagster import here. Where things live:
 import concurrent.futures as cf
 import json
 import os
+import queue
 import shutil
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -82,6 +84,7 @@ class OrgConfig:
     jku: str | None
     request: ExportRequest
     max_parallel: int
+    land_workers: int
     attachments: bool
     accept_gzip: bool
     cadence: str | None
@@ -142,6 +145,7 @@ def org_config(cp: ControlPlane, tenant: str, org_id: str,
         jku=jku,
         request=req,
         max_parallel=max(1, int(scfg.get("max_parallel_downloads", 4))),
+        land_workers=max(1, int(scfg.get("land_workers", 2))),
         attachments=bool(scfg.get("attachments", False) or ocfg.get("attachments", False)),
         accept_gzip=bool(scfg.get("accept_gzip", True)),
         cadence=ocfg.get("cadence") or scfg.get("cadence"),
@@ -509,24 +513,52 @@ COALESCE_BYTES = 64 << 20
 
 
 class _Batches:
-    """Per-type batch files of downloaded plain NDJSON, landed when large enough."""
+    """Per-type batch files of downloaded plain NDJSON, landed when large enough.
+
+    Landing runs on ``workers`` threads, each with its own :class:`LakeWriter` (the lake is
+    append-only files, so writers never touch each other's output; DuckDB releases the GIL).
+    :meth:`finish` waits for them and merges their stats into the main writer's.
+    """
 
     def __init__(self, writer: LakeWriter, work: Path, export_id: str,
-                 received: Counter[str], limit: int = COALESCE_BYTES) -> None:
+                 received: Counter[str], *, workers: int = 2,
+                 limit: int = COALESCE_BYTES) -> None:
         self.writer, self.work, self.export_id = writer, work, export_id
         self.received, self.limit = received, limit
         self.open: dict[str, tuple[Path, Any, int]] = {}
         self.serial = 0
+        self._lock = threading.Lock()
+        self._writers: queue.Queue[LakeWriter] = queue.Queue()
+        self._all = [LakeWriter(writer.root, writer.prov) for _ in range(max(1, workers))]
+        for w in self._all:
+            self._writers.put(w)
+        self._pool = cf.ThreadPoolExecutor(max_workers=len(self._all),
+                                           thread_name_prefix="bulk-land")
+        self._futures: list[cf.Future[None]] = []
 
-    def land_file(self, path: Path, rtype: str, origin: str) -> None:
-        before = self.writer.stats.landed + self.writer.stats.quarantined
-        self.writer.add_ndjson_file(path, origin=origin)
-        self.received[rtype] += self.writer.stats.landed + self.writer.stats.quarantined - before
+    def _land(self, path: Path, rtype: str, origin: str, remove: bool) -> None:
+        w = self._writers.get()
+        try:
+            before = w.stats.landed + w.stats.quarantined
+            w.add_ndjson_file(path, origin=origin)
+            got = w.stats.landed + w.stats.quarantined - before
+        finally:
+            self._writers.put(w)
+            if remove:
+                path.unlink(missing_ok=True)
+        with self._lock:
+            self.received[rtype] += got
+
+    def land_file(self, path: Path, rtype: str, origin: str, *, remove: bool) -> None:
+        # Bound the queue: a landing backlog would hold downloaded files on disk.
+        while sum(not f.done() for f in self._futures) >= 2 * len(self._all):
+            cf.wait(self._futures, return_when=cf.FIRST_COMPLETED)
+        self._futures.append(self._pool.submit(self._land, path, rtype, origin, remove))
 
     def add(self, got: DownloadResult, rtype: str) -> None:
         if got.gzip:
             origin = f"{self.export_id}/{Path(urlsplit(got.url).path).name}"
-            self.land_file(got.path, rtype, origin)
+            self.land_file(got.path, rtype, origin, remove=True)
             return
         if rtype not in self.open:
             self.serial += 1
@@ -539,6 +571,7 @@ class _Batches:
                 src.seek(-1, 2)
                 if src.read(1) != b"\n":
                     fh.write(b"\n")
+        got.path.unlink(missing_ok=True)
         size += got.bytes
         self.open[rtype] = (path, fh, size)
         if size >= self.limit:
@@ -547,18 +580,31 @@ class _Batches:
     def flush(self, rtype: str) -> None:
         path, fh, _ = self.open.pop(rtype)
         fh.close()
-        self.land_file(path, rtype, f"{self.export_id}/{rtype}/{path.stem}")
-        path.unlink(missing_ok=True)
+        self.land_file(path, rtype, f"{self.export_id}/{rtype}/{path.stem}", remove=True)
 
-    def flush_all(self) -> None:
+    def finish(self) -> None:
+        """Land what is left, wait for every landing, merge stats (raises the first error)."""
         for rtype in list(self.open):
             self.flush(rtype)
+        for fut in self._futures:
+            fut.result()
 
     def close(self) -> None:
+        """Stop workers, close writers (flushing their quarantine rows), merge their stats."""
+        self._pool.shutdown(wait=True)
         for path, fh, _ in self.open.values():
             fh.close()
             path.unlink(missing_ok=True)
         self.open.clear()
+        main = self.writer.stats
+        for w in self._all:
+            stats = w.close()
+            main.counts_by_type.update(stats.counts_by_type)
+            main.quarantined += stats.quarantined
+            main.quarantine_reasons.update(stats.quarantine_reasons)
+            main.files += stats.files
+            main.bytes += stats.bytes
+        self._all = []
 
 
 def _download_and_land(
@@ -581,7 +627,7 @@ def _download_and_land(
     codes: Counter[str] = Counter()
     attachment_urls: list[str] = []
     failures: list[str] = []
-    batches = _Batches(writer, work, report.export_id, received)
+    batches = _Batches(writer, work, report.export_id, received, workers=cfg.land_workers)
     try:
         with cf.ThreadPoolExecutor(max_workers=cfg.max_parallel,
                                    thread_name_prefix="bulk-dl") as pool:
@@ -605,18 +651,19 @@ def _download_and_land(
                     if cfg.attachments and item.type == "DocumentReference":
                         attachment_urls.extend(
                             _attachment_urls(got.path, got.gzip, cfg.fhir_base_url))
-                    batches.add(got, item.type or "?")
+                    batches.add(got, item.type or "?")  # the batch owns (and removes) the file
                 elif item.kind == "deleted":
                     _land_deleted(got, writer, manifest.transaction_time, origin)
                 else:
                     errors_dir.mkdir(parents=True, exist_ok=True)
                     _count_outcomes(got, errors, codes, writer, origin)
                     shutil.copyfile(got.path, errors_dir / got.path.name)
-                got.path.unlink(missing_ok=True)
+                if item.kind != "output":
+                    got.path.unlink(missing_ok=True)
                 done += 1
                 if progress is not None:
                     progress("files", done, total)
-        batches.flush_all()
+        batches.finish()
     finally:
         batches.close()
     report.received_by_type = dict(received)
