@@ -146,6 +146,13 @@ class _Val:
     # SQL of the element's JSON text when available (the resource root, repeat elements).
     raw: str | None = None
     is_resource: bool = False
+    # Fusion hints, each valid only while its first item equals ``sql``:
+    # chain = (sql, source list, accessor) for list_filter(list_transform(source, v -> v<acc>)),
+    # so that a.b.c over a list is one transform, not three;
+    # filtered = (sql, source list, var, condition) for list_filter(source, var -> condition),
+    # so that where(...).exists() tests the condition without building the filtered list.
+    chain: tuple[str, str, str] | None = None
+    filtered: tuple[str, str, str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -261,25 +268,31 @@ class _Compiler:
         else:
             child = base.spec.child(name, is_list)
         key = _ident(name)
+        chain: tuple[str, str, str] | None = None
         if not base.many:
             sql = f"({base.sql}).{key}"
             many = is_list
         else:
             v = self.var()
+            if base.chain is not None and base.chain[0] == base.sql:
+                source, accessor = base.chain[1], base.chain[2] + "." + key
+            else:
+                source, accessor = base.sql, "." + key
             if is_list:
-                sql = f"flatten(list_transform({base.sql}, lambda {v}: {v}.{key}))"
+                sql = f"flatten(list_transform({source}, lambda {v}: {v}{accessor}))"
             else:
                 w = self.var()
                 sql = (
-                    f"list_filter(list_transform({base.sql}, lambda {v}: {v}.{key}), "
+                    f"list_filter(list_transform({source}, lambda {v}: {v}{accessor}), "
                     f"lambda {w}: {w} IS NOT NULL)"
                 )
+                chain = (sql, source, accessor)
             many = True
         if ftype == "decimal":
             target = DECIMAL_SQL + ("[]" if many else "")
             return _Val(f"CAST({sql} AS {target})", ftype, many,
                         decimal_leaf=(base.spec, name, is_list), decimal_text=sql)
-        return _Val(sql, ftype, many, spec=child)
+        return _Val(sql, ftype, many, spec=child, chain=chain)
 
     def type_matches(self, want: str, have: str) -> bool:
         want = want.removeprefix("FHIR.").removeprefix("System.")
@@ -568,8 +581,9 @@ class _Compiler:
             raise ViewDefinitionError("where() on a choice element needs ofType(<type>) first")
         v, cond = self.criteria(base, args[0], ctx, "where")
         if base.many:
-            return replace(base, sql=f"list_filter({base.sql}, lambda {v}: {cond})",
-                           decimal_leaf=None)
+            sql = f"list_filter({base.sql}, lambda {v}: {cond})"
+            return replace(base, sql=sql, decimal_leaf=None,
+                           filtered=(sql, base.sql, v, cond))
         # A single value: bind it through a one-element list so the criteria can name it.
         return replace(base, sql=f"list_filter([{base.sql}], lambda {v}: {cond})[1]",
                        decimal_leaf=None)
@@ -588,6 +602,9 @@ class _Compiler:
             return "(" + " OR ".join(parts) + ")"
         if base.ftype == "empty":
             return "false"
+        if base.filtered is not None and base.filtered[0] == base.sql:
+            _sql, source, v, cond = base.filtered
+            return f"coalesce(list_bool_or(list_transform({source}, lambda {v}: {cond})), false)"
         if base.many:
             return f"(coalesce(len({base.sql}), 0) > 0)"
         return f"(({base.sql}) IS NOT NULL)"
