@@ -1,31 +1,14 @@
 """The unified record: clinical facts deduplicated across sources, each with all its provenance.
 
-Every source record that states a fact is a *mention* (read from the landed JSON, not the view tables,
-because matching needs every coding of a CodeableConcept and every claim element): a Condition, an Encounter, an Observation, an
-Immunization, a Procedure, a MedicationRequest, an AllergyIntolerance, or one element of a claim (an
-ExplanationOfBenefit diagnosis, line item or the claim's encounter). DuckDB pulls the mentions out of the
-landed JSON; Polars matches them into *facts*; DuckDB stores the tables.
+Every source record that states a fact is a *mention*: a Condition, an Encounter, an Observation, a
+DiagnosticReport, an Immunization, a Procedure, a MedicationRequest, an AllergyIntolerance, or one
+element of a claim (an ExplanationOfBenefit diagnosis, line item or the claim's encounter). DuckDB pulls
+the mentions out of the landed JSON (not the view tables: matching needs every coding of a
+CodeableConcept and every claim element); Polars matches them into *facts*; DuckDB stores the tables.
 
 Matching (same person always required; ``person_id`` comes from identity):
 
-==============  ==========================================================================================
-kind            same fact when
-==============  ==========================================================================================
-condition       same concept; a problem-list condition (or a claim diagnosis of a condition that is on a
-                problem list for the person) is one fact whatever the dates; otherwise (encounter
-                diagnoses, other claim diagnoses) onset/billing dates chained within 7 days
-medication      same concept; active orders are one fact; other orders chained within 7 days (authoredOn)
-allergy         same concept, whatever the dates
-immunization    same vaccine group (CVX or the CPT of the vaccine product, grouped by vaccine family),
-                occurrence dates within 1 day
-result          same LOINC concept, same effective day, same value (numbers rounded to 3 decimals, or
-                the coded/text value); social-history observations (smoking status) are states:
-                same concept and value, whatever the dates
-report          same LOINC panel concept, same effective day
-encounter       same type concept (a claim's first line, the E/M service, against the type codes) and
-                same start day (a claim's billable period start counts as the start)
-procedure       same concept, performed/service dates within 1 day
-==============  ==========================================================================================
+see :data:`MATCHING_RULES` (one rule per kind, rendered into docs/DATA_DICTIONARY.md).
 
 Events (everything but problem-list conditions, allergies, social history and active orders) also
 obey: one source never states one event twice, so two same-day events at one source are two facts; the
@@ -39,8 +22,9 @@ both codes together. ICD-10 codes are compared without dots, systems by canonica
 Tables: ``fact_mentions`` (every mention, merged or not: the non-merged rows stay reachable),
 ``facts`` (one row per fact), ``fact_sources`` (fact -> resource_key, element, provenance) and the views
 ``facts_conditions``, ``facts_medications``, ``facts_allergies``, ``facts_immunizations``,
-``facts_results``, ``facts_reports``, ``facts_encounters``, ``facts_procedures``. Facts are rebuilt from the current
-``resources`` table, where tombstones are already applied, so a fact disappears with its last source.
+``facts_results``, ``facts_reports``, ``facts_encounters``, ``facts_procedures``. Facts are rebuilt
+from the current ``resources`` table, where tombstones are already applied, so a fact disappears with
+its last source.
 """
 
 import hashlib
@@ -52,6 +36,25 @@ import duckdb
 import polars as pl
 
 from medblocks_pipelines.lib.errors import WarehouseError
+
+MATCHING_RULES: dict[str, str] = {
+    "condition": "same concept; a problem-list condition (or a claim diagnosis of a condition on "
+    "the person's problem list) is one fact whatever the dates; otherwise (encounter diagnoses, other "
+    "claim diagnoses) onset/billing dates chained within 7 days",
+    "medication": "same concept; active orders are one fact; other orders chained within 7 days "
+    "(authoredOn)",
+    "allergy": "same concept, whatever the dates",
+    "immunization": "same vaccine group (CVX, or the CPT of the vaccine product, grouped by vaccine "
+    "family), occurrence dates within 1 day",
+    "result": "same LOINC concept, same effective day, same value (numbers rounded to 3 decimals, "
+    "else the coded/text value, panel components included); social-history observations (smoking "
+    "status) are states: same concept and value, whatever the dates",
+    "report": "same LOINC panel concept, same effective day",
+    "encounter": "same type concept (a claim's first line, the E/M service, against the type codes) "
+    "and same start day (a claim's billable period start counts as the start)",
+    "procedure": "same concept (a claim line's CPT/HCPCS against the procedure's codes), dates within "
+    "1 day",
+}
 
 KINDS = (
     "condition",
@@ -811,9 +814,11 @@ def fact_pairs(groups: Iterable[Iterable[str]]) -> set[tuple[str, str]]:
 def describe_rules() -> str:
     """The matching rules as markdown (for the data dictionary)."""
     doc = __doc__ or ""
-    start = doc.index("Matching")
-    end = doc.index("A *concept*")
-    return doc[start:end].strip()
+    table = ["| kind | same fact when |", "|---|---|"]
+    table += [f"| {kind} | {rule} |" for kind, rule in MATCHING_RULES.items()]
+    head = "Matching (same person always required; `person_id` comes from identity):"
+    rest = doc[doc.index("Events (everything but") : doc.index("Tables: ")].strip()
+    return "\n".join([head, "", *table, "", rest])
 
 
 def dumps(value: Any) -> str:
