@@ -293,6 +293,13 @@ def build_org_app(
         )
         extra_routes = list(bulk_server.routes())
         handles["bulk"] = bulk_server
+    admin_routes = list(
+        faults.fault_admin_routes(injector, prefix="/_sandbox/faults", admin_token=admin_secret)
+    )
+    if bulk_server is not None:
+        admin_routes += bulk.bulk_admin_routes(
+            bulk_server, prefix="/_sandbox/bulk", admin_token=admin_secret
+        )
     # Paths inside a mounted app keep the mount prefix: exempt `{mount}/_admin`, `{mount}/_sandbox`.
     mount = urllib.parse.urlsplit(base_url).path.rstrip("/")
     middleware = [
@@ -314,9 +321,7 @@ def build_org_app(
             middleware=middleware,
             evolver=evolver,
             extra_routes=extra_routes,
-            root_routes=faults.fault_admin_routes(
-                injector, prefix="/_sandbox/faults", admin_token=admin_secret
-            ),
+            root_routes=admin_routes,
         )
     else:
         app = create_ehr_app(
@@ -328,9 +333,7 @@ def build_org_app(
             profile=vendor,
             evolver=evolver,
             extra_routes=extra_routes,
-            root_routes=faults.fault_admin_routes(
-                injector, prefix="/_sandbox/faults", admin_token=admin_secret
-            ),
+            root_routes=admin_routes,
         )
     holder["app"] = app
     auth = app.state.auth_server
@@ -358,6 +361,7 @@ def _org_role(kind: str) -> RoleFactory:
         endpoints: list[OrgEndpoint] = []
         handles: dict[str, Any] = {}
         closers: list[Callable[[], None]] = []
+        presigning: list[Any] = []
         for org in _orgs_of(pop, kind):
             if kind == "payer":
                 from medblocks_pipelines.sandbox.payer import load_payer_store
@@ -382,9 +386,24 @@ def _org_role(kind: str) -> RoleFactory:
             )
             if "bulk" in h:
                 closers.append(h["bulk"].close)
+                if h["bulk"].profile.presigned_redirects:
+                    presigning.append(h["bulk"])
             routes.append(Mount(f"/{org.id}", app=app))
             endpoints.append(OrgEndpoint(org.id, org.name, kind, kind, base))
             handles[org.id] = h
+
+        if presigning:
+            # Oracle-like profiles answer file URLs with a 307 to a presigned URL on another
+            # origin: one file host, on its own loopback port, for every such org.
+            from medblocks_pipelines.sandbox import bulk
+
+            host = urllib.parse.urlsplit(ctx.base_url).hostname or "127.0.0.1"
+            storage = ServerThread(
+                bind_socket(host, 0), bulk.presigned_storage_app(presigning), name="presigned"
+            ).start()
+            for server in presigning:
+                server.storage_base_url = storage.url
+            closers.append(storage.stop)
 
         async def index(request: Any) -> JSONResponse:
             return JSONResponse(
