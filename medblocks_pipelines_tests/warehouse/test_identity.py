@@ -315,3 +315,19 @@ def test_identity_step_reads_patient_refs_from_the_control_plane(
         assert con.execute("SELECT count(*) FROM persons").fetchone() == (1,)
         rules = {r[0] for r in con.execute("SELECT rule FROM patient_links").fetchall()}
     assert rules == {"patient_ref"}
+
+
+def test_failed_training_falls_back_to_the_priors(
+    pop300: Population, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from splink.internals.linker_components.training import LinkerTraining
+
+    def boom(self: object, **kwargs: object) -> None:
+        raise RuntimeError("no comparisons sampled")
+
+    monkeypatch.setattr(LinkerTraining, "estimate_u_using_random_sampling", boom)
+    res = link_patients(_raw_from(pop300))
+    assert not res.trained
+    pred = dict(zip(res.links["patient_key"], res.links["person_id"], strict=True))
+    m = pairwise_metrics(pred, _truth(pop300))
+    assert m["precision"] >= 0.99 and m["recall"] >= 0.95
