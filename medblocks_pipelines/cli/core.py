@@ -387,18 +387,41 @@ def serve(host: str, port: int) -> None:
     type=int,
     help="First port; each sandbox server takes the next one.",
 )
-@click.option("--persons", default=200, show_default=True, type=int)
+@click.option(
+    "--persons", default=100, show_default=True, type=int, help="Size of the synthetic population."
+)
 @click.option("--seed", default=42, show_default=True, type=int)
-def sandbox(host: str, base_port: int, persons: int, seed: int) -> None:
+@click.option(
+    "--profile",
+    "profiles",
+    multiple=True,
+    metavar="ORG=PROFILE",
+    help="Vendor profile of an org: strict (default), epic or oracle. Repeatable.",
+)
+def sandbox(host: str, base_port: int, persons: int, seed: int, profiles: tuple[str, ...]) -> None:
     """Start the spec-faithful sandbox (EHRs, payer, gateway, CDS-calling EHR) on loopback."""
     import time
 
     from medblocks_pipelines.sandbox.run import start_sandbox
 
-    handle = start_sandbox(host=host, base_port=base_port, persons=persons, seed=seed)
-    rows = handle.describe()
-    print_table(
-        "sandbox", list(rows[0].keys()) if rows else ["role"], [list(r.values()) for r in rows]
+    chosen: dict[str, str] = {}
+    for item in profiles:
+        org, sep, name = item.partition("=")
+        if not sep:
+            raise ConfigError("--profile takes ORG=PROFILE, e.g. lakeside-clinic=oracle")
+        chosen[org] = name
+    handle = start_sandbox(
+        host=host, base_port=base_port, persons=persons, seed=seed, profiles=chosen
+    )
+    table = Table(title=f"sandbox: {persons} persons, started in {handle.started_in:.1f}s")
+    for col in ("role", "org", "kind", "url"):
+        table.add_column(col, overflow="fold")
+    for row in handle.describe():
+        table.add_row(row["role"], row["org"] or "-", row["kind"] or "-", row["url"])
+    console.print(table)
+    click.echo(
+        "Admin API: header X-Admin-Secret on {org}/_admin/*; choose the secret by setting "
+        "MEDBLOCKS_SANDBOX_ADMIN_SECRET before starting."
     )
     click.echo("Ctrl-C to stop.")
     try:

@@ -76,3 +76,49 @@ def test_verbose_shows_the_stack(settings: Settings) -> None:
         main, ["--verbose", "warehouse", "query", "--tenant", "x", "SELECT 1"]
     )
     assert isinstance(result.exception, WarehouseError)
+
+
+def test_sandbox_command_starts_every_role_and_answers(tmp_path: Path) -> None:
+    """`medblocks sandbox --port 0` prints a URL table; the printed EHR base answers FHIR."""
+    import re
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "medblocks_pipelines.cli",
+            "sandbox",
+            "--port",
+            "0",
+            "--persons",
+            "20",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**__import__("os").environ, "COLUMNS": "200"},
+    )
+    try:
+        assert proc.stdout is not None
+        lines: list[str] = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            lines.append(line)
+            if "Ctrl-C to stop" in line or not line:
+                break
+        out = "".join(lines)
+        for role in ("ehr", "payer", "gateway"):
+            assert f" {role} " in out, out
+        base = re.search(r"(http://127\.0\.0\.1:\d+/mercy-general/fhir)", out)
+        assert base, out
+        meta = httpx.get(base.group(1) + "/metadata", timeout=10)
+        assert meta.status_code == 200 and meta.json()["resourceType"] == "CapabilityStatement"
+    finally:
+        proc.terminate()
+        proc.wait(10)
