@@ -1,0 +1,1 @@
+"""Operations: webhooks from the outbox, exports to files, object storage and FHIR servers."""
