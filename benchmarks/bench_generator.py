@@ -29,11 +29,13 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _child_generator(n: int, out: Path, files_per_type: int, seed: int) -> dict:
+def _child_generator(n: int, out: Path, files_per_type: int, seed: int, sample: int) -> dict:
     from medblocks_pipelines.sandbox.generator import stream_bulk_ndjson
 
     t0 = time.perf_counter()
-    stats = stream_bulk_ndjson(out, resources=n, seed=seed, files_per_type=files_per_type)
+    stats = stream_bulk_ndjson(
+        out, resources=n, seed=seed, files_per_type=files_per_type, sample_persons=sample
+    )
     seconds = time.perf_counter() - t0
     return {
         "resources": stats["resources"],
@@ -108,6 +110,8 @@ def _run_child(kind: str, n: int, out: Path, args: argparse.Namespace) -> dict:
         str(args.files_per_type),
         "--seed",
         str(args.seed),
+        "--sample-persons",
+        str(args.sample_persons),
     ]
     done = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -129,13 +133,16 @@ def main() -> None:
     ap.add_argument("--files-per-type", type=int, default=1)
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--rich-persons", type=int, default=300)
+    ap.add_argument("--sample-persons", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, default=None, help="keep output here (default: temp)")
     ap.add_argument("--child", choices=("generator", "baseline", "rich"), help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     if args.child:
         if args.child == "generator":
-            r = _child_generator(args.resources, args.out, args.files_per_type, args.seed)
+            r = _child_generator(
+                args.resources, args.out, args.files_per_type, args.seed, args.sample_persons
+            )
         elif args.child == "baseline":
             r = _child_baseline(args.resources, args.out, args.seed)
         else:
@@ -145,6 +152,8 @@ def main() -> None:
 
     root = args.out or Path(tempfile.mkdtemp(prefix="bench_generator_"))
     n = args.resources
+    # the same sample (shapes) for N and N/10, so the RSS comparison isolates N
+    args.sample_persons = 16 if n <= 200_000 else 48
     try:
         small = _run_child("generator", max(1, n // 10), root / "gen_small", args)
         shutil.rmtree(root / "gen_small", ignore_errors=True)

@@ -289,6 +289,7 @@ def stream_bulk_ndjson(
     per_org: bool = False,
     truth: bool = False,
     buffer_bytes: int = 4 << 20,
+    sample_persons: int | None = None,
 ) -> dict[str, Any]:
     """Write exactly `resources` FHIR resources as NDJSON under `out_dir`, streaming.
 
@@ -302,14 +303,15 @@ def stream_bulk_ndjson(
     copies go round-robin over them); `per_org` puts them under `<out>/<org>/`. `truth` also
     writes `<out>/truth/identity.csv` (org_id, source_patient_id, person_id) and
     `<out>/truth/facts.csv` (fact_id, org_id, resource_type, resource_id). Memory stays
-    bounded by the sample and `buffer_bytes` (all buffers together). Returns stats: resources,
+    bounded by the sample (`sample_persons`, default 16, or 48 above 200k resources) and
+    `buffer_bytes` (all buffers together). Returns stats: resources,
     bytes, seconds, patients (family copies), by_type, files.
     """
     if resources < 0 or files_per_type < 1:
         raise GeneratorError("resources must be >= 0 and files_per_type >= 1")
     t0 = time.perf_counter()
     # more sample families for big runs: more distinct histories, compile cost paid once
-    sample = 16 if resources <= 200_000 else 48
+    sample = sample_persons or (16 if resources <= 200_000 else 48)
     shared, blocks = _compiled(seed, tuple(orgs) if orgs else None, sample)
     if not blocks:
         raise GeneratorError("no patient blocks to stream from the selected orgs")
