@@ -341,3 +341,42 @@ def test_constants_in_where(con: duckdb.DuckDBPyConnection, constant: dict[str, 
                             path: str, expected_ids: list[str]) -> None:
     v = view("Patient", col("id", "id"), constant=[constant], where=[{"path": path}])
     assert sorted(r["id"] for r in rows(con, v)) == expected_ids
+
+
+@pytest.mark.parametrize(
+    ("reference", "typed", "untyped"),
+    [
+        ("Patient/p1", "p1", "p1"),
+        # absolute URL with a version: the key is the id
+        ("https://ehr.example/fhir/Patient/p1/_history/7", "p1", "p1"),
+        # the type must be a whole segment
+        ("MyPatient/p1", None, "p1"),
+        # another type
+        ("Group/g1", None, "g1"),
+        # contained and logical references have no key
+        ("#contained-1", None, None),
+        ("urn:uuid:53fefa32-fcbb-4ff8-8a92-55ee120877b7", None, None),
+    ],
+)
+def test_reference_keys(reference: str, typed: str | None, untyped: str | None) -> None:
+    c = duckdb.connect()
+    resources_table(c, [json.dumps({"resourceType": "Observation", "id": "o",
+                                    "subject": {"reference": reference}})])
+    got = rows(c, view("Observation", col("t", "subject.getReferenceKey(Patient)"),
+                       col("u", "subject.getReferenceKey()")))
+    assert got == [{"t": typed, "u": untyped}]
+
+
+def test_first_takes_the_first_present_value() -> None:
+    # first() on a list where the first coding has no code must skip it (not return NULL).
+    c = duckdb.connect()
+    resources_table(c, ['{"resourceType":"Observation","id":"o","code":{"coding":['
+                        '{"display":"no code"},{"code":"b"},{"code":"c"}]}}'])
+    got = rows(c, view("Observation", col("f", "code.coding.code.first()"),
+                       col("l", "code.coding.code.last()")))
+    assert got == [{"f": "b", "l": "c"}]
+
+
+def test_getreferencekey_type_must_be_a_resource_type() -> None:
+    with pytest.raises(ViewDefinitionError, match="not a resource type"):
+        compile_view(view("Observation", col("x", "subject.getReferenceKey('a|b')")))

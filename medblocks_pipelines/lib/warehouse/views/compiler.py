@@ -43,7 +43,9 @@ __all__ = ["CompiledView", "OutputColumn", "compile_view"]
 
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 _DATE_TYPES = frozenset({"date", "dateTime", "instant"})
-_REF_KEY = r"([A-Za-z]+)/([A-Za-z0-9\-\.]{1,64})(/_history/[^/]*)?$"
+# A reference's key: the id after "<Type>/" (relative or absolute URL, _history stripped); the
+# type must be a whole path segment. FHIR ids are [A-Za-z0-9-.]{1,64}.
+_REF_KEY = r"(?:^|/){type}/([A-Za-z0-9\-\.]{{1,64}})(?:/_history/[^/]*)?$"
 
 # The ViewDefinition constant value[x] types, with the FHIR type each stands for.
 _CONSTANT_TYPES = {
@@ -634,6 +636,11 @@ class _Compiler:
         self.nargs("first", args, 0, 0)
         if not base.many:
             return base
+        if base.chain is not None and base.chain[0] == base.sql:
+            # Most lists have the value on their first element: try that before building the
+            # filtered list (coalesce evaluates its second argument only where the first is NULL).
+            _sql, source, accessor = base.chain
+            return self.pick(base, f"coalesce(({source})[1]{accessor}, ({base.sql})[1])")
         return self.pick(base, f"({base.sql})[1]")
 
     def fn_last(self, base: _Val, args: tuple[fp.Node, ...], ctx: _Ctx) -> _Val:
@@ -837,12 +844,13 @@ class _Compiler:
         want = self.type_arg("getReferenceKey", args[0]) if args else None
         ref = self.member(base, "reference")
 
+        if want is not None and not re.fullmatch(r"[A-Z][A-Za-z]+", want):
+            raise ViewDefinitionError(f"getReferenceKey(): {want!r} is not a resource type")
+        pattern = _q(_REF_KEY.format(type=want or "[A-Z][A-Za-z]+"))
+
         def key(s: str) -> str:
-            ident = f"nullif(regexp_extract({s}, {_q(_REF_KEY)}, 2), '')"
-            if want is None:
-                return ident
-            return f"(CASE WHEN regexp_extract({s}, {_q(_REF_KEY)}, 1) = {_q(want)} " \
-                   f"THEN {ident} END)"
+            # One regular expression per reference; the type is part of the pattern.
+            return f"nullif(regexp_extract({s}, {pattern}, 1), '')"
 
         if not ref.many:
             return _Val(key(ref.sql), "string")

@@ -20,7 +20,7 @@ from medblocks_pipelines.lib.errors import ViewDefinitionError
 
 __all__ = ["evaluate_view"]
 
-_REF = re.compile(r"([A-Za-z]+)/([A-Za-z0-9\-\.]{1,64})(/_history/[^/]*)?$")
+_REF = re.compile(r"(?:^|/)([A-Z][A-Za-z]+)/([A-Za-z0-9\-\.]{1,64})(?:/_history/[^/]*)?$")
 
 
 def _resource_key(inputs: list[Any]) -> list[Any]:
