@@ -17,14 +17,18 @@ cluster of source patients that are the same human. Edges come from three places
    are fixed priors (documented below) so a build is reproducible and fast; on tiny data the priors are
    used as they are.
 
-Probabilistic links are *vetoed* when the two records carry conflicting given names (no shared
-nickname/formal form, Jaro-Winkler < 0.88 and more than one edit apart; or different given names and
-different sexes, so a shared nickname such as Alex does not join Alexander and Alexandra) or two
-different SSNs, or different birth dates (beyond a day/month swap or one day) without an SSN match:
-twins share birth date, address, phone and family name, and the independence assumption
-of Fellegi-Sunter would otherwise merge them. Vetoed edges are kept (``accepted = false``, ``veto``) so
-the decision is auditable; ``persons.conflicts`` counts vetoed pairs that still ended in one person
-through other links (a person to review).
+Probabilistic links are *vetoed* (twins share birth date, address, phone and family name, and the
+independence assumption of Fellegi-Sunter would otherwise merge them) when:
+
+- the given names conflict: no shared nickname/formal form, and the closest forms are more than one
+  edit apart with Jaro-Winkler < 0.88; or the names differ and the sexes differ, so a nickname shared
+  across sexes (Alex) does not join Alexander and Alexandra. A matching SSN overrides this veto;
+- both SSNs are present and differ;
+- the birth dates differ by more than a day/month swap or one day, without an SSN match.
+
+Vetoed edges are kept (``accepted = false``, ``veto``) so the decision is auditable;
+``persons.conflicts`` counts vetoed pairs that still ended in one person through other links (a person
+to review).
 
 Demographics are read from the landed JSON (``resources``), not from the ``patient`` view table: linkage
 needs every name (maiden names), every identifier (SSN, MRNs) and the current address, where the view
@@ -503,11 +507,20 @@ def apply_vetoes(edges: pl.DataFrame, std: pl.DataFrame) -> pl.DataFrame:
     )
     con = duckdb.connect()
     try:
-        arrow = e.select("given_std_l", "given_std_r").to_arrow()  # noqa: F841 (used by name)
+        arrow = e.select("given_variants_l", "given_variants_r").to_arrow()  # noqa: F841
+        # the closest pair of name forms: a nickname against a misspelt formal name (Jen /
+        # Jennier) is one slip away from a shared form
         jw = pl.from_arrow(
             con.sql(
-                "SELECT coalesce(jaro_winkler_similarity(given_std_l, given_std_r), 1.0) AS jw, "
-                "coalesce(damerau_levenshtein(given_std_l, given_std_r), 0) AS dl FROM arrow"
+                """
+                SELECT coalesce(list_max(flatten(list_transform(given_variants_l, lambda a:
+                           list_transform(given_variants_r, lambda b:
+                               jaro_winkler_similarity(a, b))))), 1.0) AS jw,
+                       coalesce(list_min(flatten(list_transform(given_variants_l, lambda a:
+                           list_transform(given_variants_r, lambda b:
+                               damerau_levenshtein(a, b))))), 0) AS dl
+                FROM arrow
+                """
             ).to_arrow_table()
         )
     finally:
@@ -537,6 +550,8 @@ def apply_vetoes(edges: pl.DataFrame, std: pl.DataFrame) -> pl.DataFrame:
         & pl.col("ssn_std_r").is_not_null()
         & (pl.col("ssn_std_l") != pl.col("ssn_std_r"))
     )
+    # the same SSN outweighs a name slip (twins have different SSNs)
+    given_conflict = given_conflict & ~(pl.col("ssn_std_l") == pl.col("ssn_std_r")).fill_null(False)
     dl, dr = pl.col("dob_l"), pl.col("dob_r")
     swapped = (
         (dl.dt.year() == dr.dt.year())
