@@ -380,3 +380,21 @@ def test_first_takes_the_first_present_value() -> None:
 def test_getreferencekey_type_must_be_a_resource_type() -> None:
     with pytest.raises(ViewDefinitionError, match="not a resource type"):
         compile_view(view("Observation", col("x", "subject.getReferenceKey('a|b')")))
+
+
+def test_ansi_type_tag_casts_and_rejects_injection(con: duckdb.DuckDBPyConnection) -> None:
+    tag = [{"name": "ansi/type", "value": "TIMESTAMP WITH TIME ZONE"}]
+    v = view("Observation", col("id", "id"), col("issued", "issued", tag=tag),
+             col("d", "value.ofType(Quantity).value", tag=[{"name": "ansi/type",
+                                                            "value": "DECIMAL(20,9)"}]))
+    compiled = compile_view(v)
+    assert [c.sql_type for c in compiled.columns] == [
+        "VARCHAR", "TIMESTAMP WITH TIME ZONE", "DECIMAL(20,9)"]
+    got = by_id(rows(con, v))
+    assert str(got["lab-1"]["issued"].isoformat()).startswith("2024-05-03T00:00:00")
+    assert got["lab-1"]["d"] is None  # 12345678901234.123456789 does not fit DECIMAL(20,9)
+    assert got["obs-neg"]["d"] == Decimal("-0.5")
+    bad = view("Patient", col("x", "id", tag=[{"name": "ansi/type",
+                                               "value": "VARCHAR); DROP TABLE resources; --"}]))
+    with pytest.raises(ViewDefinitionError, match="invalid ansi/type"):
+        compile_view(bad)

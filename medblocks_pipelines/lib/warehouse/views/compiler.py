@@ -1084,6 +1084,13 @@ class _Compiler:
                 )
             sql = f"CAST({self.single(v, 'column ' + name)} AS {base_sql})"
             out_type = base_sql
+        ansi = _ansi_type(col.get("tag"), name)
+        if ansi is not None:
+            # The spec's "ansi/type" hint: the database type the author wants (for example
+            # TIMESTAMP WITH TIME ZONE for instants); a value that does not convert becomes NULL.
+            target = f"{ansi}[]" if collection else ansi
+            sql = f"TRY_CAST({sql} AS {target})"
+            out_type = target
         description = col.get("description")
         return OutputColumn(name, out_type, fhir_type, bool(collection),
                             description if isinstance(description, str) else None, path), sql
@@ -1220,6 +1227,24 @@ class _Compiler:
         for p in reversed(multis):
             sql = f"flatten(list_transform({p.multi}, lambda {names[id(p)]}: {sql}))"
         return _Part(cols, singles, sql)
+
+
+_ANSI = re.compile(r"^[A-Za-z][A-Za-z ]{0,40}(\(\d{1,2}(, ?\d{1,2})?\))?$")
+
+
+def _ansi_type(tags: Any, column: str) -> str | None:
+    """The column's ``ansi/type`` tag value, checked to be a plain SQL type name."""
+    if tags is None:
+        return None
+    if not isinstance(tags, list) or not all(isinstance(t, dict) for t in tags):
+        raise ViewDefinitionError(f"column {column!r}: 'tag' must be a list of objects")
+    for tag in tags:
+        if tag.get("name") == "ansi/type":
+            value = tag.get("value")
+            if not isinstance(value, str) or not _ANSI.match(value.strip()):
+                raise ViewDefinitionError(f"column {column!r}: invalid ansi/type {value!r}")
+            return value.strip().upper()
+    return None
 
 
 def _constants(raw: Any) -> dict[str, _Val]:
