@@ -1,6 +1,6 @@
 """View build throughput: compiled ViewDefinitions beside hand-written DuckDB and fhirpathpy.
 
-    .venv/bin/python benchmarks/bench_views.py [--resources N] [--sample K] [--repeat R]
+    .venv/bin/python benchmarks/bench_views.py [--resources N | --size N] [--sample K] [--repeat R]
 
 Generates N resources with the sandbox generator (``stream_bulk_ndjson``), loads them into an
 in-memory DuckDB table shaped like the warehouse ``resources`` table (JSON text + provenance),
@@ -426,7 +426,8 @@ def timed(con: duckdb.DuckDBPyConnection, sql: str) -> tuple[float, int]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--resources", type=int, default=1_000_000)
+    ap.add_argument("--resources", "--size", type=int, default=1_000_000,
+                    help="resources to generate (default 1,000,000)")
     ap.add_argument("--sample", type=int, default=2000,
                     help="resources per view for the fhirpathpy evaluation")
     ap.add_argument("--repeat", type=int, default=2, help="best of R runs per DuckDB timing")
