@@ -183,7 +183,6 @@ def generate_population(spec: PopulationSpec | None = None) -> Population:
     sources: list[SourcePatient] = []
     logins: list[PortalLogin] = []
     usernames: dict[str, set[str]] = {o.id: set() for o in orgs}
-    mrn_counter = {o.id: 0 for o in orgs}
     by_person: dict[str, History] = {}
     duplicates: list[tuple[str, str, str]] = []
     for p in persons:
@@ -208,7 +207,6 @@ def generate_population(spec: PopulationSpec | None = None) -> Population:
                 and n_org > 0
                 and demo_rng.random() < 0.6,
             )
-            mrn_counter[org_id] += 1
             if org.kind == "payer":
                 mrn = f"SHP{demo_rng.randrange(10**8, 10**9)}"
             elif org.id_style == "numeric":

@@ -11,7 +11,6 @@ import base64
 import hashlib
 import random
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -20,7 +19,7 @@ from medblocks_pipelines.sandbox.generator import codes
 from medblocks_pipelines.sandbox.generator.codes import coding
 from medblocks_pipelines.sandbox.generator.history import Encounter, History
 from medblocks_pipelines.sandbox.generator.model import Address, OrgInfo
-from medblocks_pipelines.sandbox.generator.people import SourceDemographics, make_npi
+from medblocks_pipelines.sandbox.generator.people import SourceDemographics, npi_check_digit
 
 Resource = dict[str, Any]
 LOCAL_OFFSET = timedelta(hours=-7)
@@ -68,8 +67,6 @@ def roster(org: OrgInfo, size: int = 6) -> list[Clinician]:
     out = []
     for i in range(size):
         nine = "1" + "".join(str(rng.randrange(10)) for _ in range(8))
-        from medblocks_pipelines.sandbox.generator.people import npi_check_digit
-
         out.append(
             Clinician(
                 given=rng.choice(codes.PRACTITIONER_GIVEN),
@@ -80,9 +77,6 @@ def roster(org: OrgInfo, size: int = 6) -> list[Clinician]:
             )
         )
     return out
-
-
-_ = make_npi  # re-exported for callers that need ad-hoc NPIs
 
 
 @dataclass
@@ -1544,6 +1538,3 @@ def render_payer(
         if e.end + timedelta(days=e.claim_lag_days) > reference:
             continue  # claims lag: not adjudicated yet
         render_eob(st, ctx, e, cov_id, orgs[e.org], rosters[e.org][e.practitioner])
-
-
-Builder = Callable[..., None]
