@@ -238,10 +238,42 @@ def test_repeat_has_no_depth_limit() -> None:
     assert [r["i"] for r in got] == list(range(81))
 
 
-def test_repeat_below_the_resource_is_refused() -> None:
+def test_repeat_below_the_resource() -> None:
+    qr = {"resourceType": "QuestionnaireResponse", "id": "q", "item": [
+        {"linkId": "g1", "item": [{"linkId": "g1.1", "answer": [
+            {"valueString": "x", "item": [{"linkId": "g1.1.1"}]}]}]},
+        {"linkId": "g2"}]}
+    c = duckdb.connect()
+    resources_table(c, [json.dumps(qr)])
+    v = {"resource": "QuestionnaireResponse", "select": [
+        {"forEach": "item", "column": [col("group", "linkId")], "select": [
+            {"repeat": ["item", "answer.item"], "column": [
+                col("l", "linkId"), col("i", "%rowIndex")]}]}]}
+    got = run_view(c, v, passthrough_columns=[]).to_pylist()
+    assert [(r["group"], r["l"], r["i"]) for r in got] == [
+        ("g1", "g1.1", 0), ("g1", "g1.1.1", 1)]
+
+
+def test_repeat_below_the_resource_has_a_depth_limit_that_raises() -> None:
+    from medblocks_pipelines.lib.warehouse.views.compiler import NESTED_REPEAT_DEPTH
+
+    item: dict[str, Any] = {"linkId": "leaf"}
+    for n in range(NESTED_REPEAT_DEPTH + 1):
+        item = {"linkId": str(n), "item": [item]}
+    c = duckdb.connect()
+    resources_table(c, [json.dumps({"resourceType": "QuestionnaireResponse", "id": "q",
+                                    "item": [{"linkId": "top", "item": [item]}]})])
     v = {"resource": "QuestionnaireResponse", "select": [
         {"forEach": "item", "select": [{"repeat": ["item"], "column": [col("l", "linkId")]}]}]}
-    with pytest.raises(ViewDefinitionError, match="repeat is supported on the resource"):
+    with pytest.raises(duckdb.Error, match="deeper than"):
+        run_view(c, v, passthrough_columns=[])
+
+
+def test_repeat_path_also_read_as_a_structure_is_refused() -> None:
+    v = {"resource": "QuestionnaireResponse", "select": [
+        {"forEach": "item", "column": [col("n", "item.linkId.count()")],
+         "select": [{"repeat": ["item"], "column": [col("l", "linkId")]}]}]}
+    with pytest.raises(ViewDefinitionError, match="both as a value and a structure"):
         compile_view(v)
 
 

@@ -14,7 +14,8 @@ How it works (spec: https://build.fhir.org/ig/FHIR/sql-on-fhir-v2/):
   a list of row structs; siblings combine by a list cartesian product, ``unionAll`` is
   ``list_concat``, and the top level ``unnest``\\ s the list. ``%rowIndex`` is the lambda index.
 * ``repeat`` walks the tree as JSON (so every depth has the same type) with a recursive CTE per
-  resource, to any depth, in document order.
+  resource, to any depth, in document order; below the resource (inside ``forEach``) the walk
+  is unrolled to :data:`NESTED_REPEAT_DEPTH` levels and deeper data raises.
 
 Invalid views raise :class:`~medblocks_pipelines.lib.errors.ViewDefinitionError` before any SQL
 runs: structure, unknown elements and functions, non-boolean ``where``, union column mismatches.
@@ -43,6 +44,8 @@ __all__ = ["CompiledView", "OutputColumn", "compile_view"]
 
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 _DATE_TYPES = frozenset({"date", "dateTime", "instant"})
+# Levels a repeat below the resource is unrolled to (the top-level repeat has no limit).
+NESTED_REPEAT_DEPTH = 8
 # A reference's key: the id after "<Type>/" (relative or absolute URL, _history stripped); the
 # type must be a whole path segment. FHIR ids are [A-Za-z0-9-.]{1,64}.
 _REF_KEY = r"(?:^|/){type}/([A-Za-z0-9\-\.]{{1,64}})(?:/_history/[^/]*)?$"
@@ -934,8 +937,8 @@ class _Compiler:
 
     # ---- repeat --------------------------------------------------------------------------
     def repeat(self, focus: _Val, paths: list[str]) -> _Val:
-        if not focus.is_resource or focus.raw is None:
-            raise ViewDefinitionError("repeat is supported on the resource itself (top level)")
+        if focus.spec is None:
+            raise ViewDefinitionError("repeat needs a complex element as its focus")
         chains: list[list[str]] = []
         for path in paths:
             node = fp.parse(path)
@@ -987,9 +990,15 @@ class _Compiler:
                             nxt = nxt[0]
                         cur = nxt
             s = self.var("s")
+            spec = _q(json.dumps(structure, separators=(",", ":")))
+            return (f"coalesce(list_transform([from_json({json_sql}, {spec})], "
+                    f"lambda {s}: {lists_from(s, chain_steps)})[1], [])")
+
+        def lists_from(struct_sql: str, chain_steps: list[list[tuple[str, bool, str]]]) -> str:
+            """The JSON children reached by the chains from a parsed struct, concatenated."""
             lists = []
             for steps in chain_steps:
-                val = _Val(s, "x")
+                val = _Val(struct_sql, "x")
                 many = False
                 for name, is_list, _t in steps:
                     key = _ident(name)
@@ -1010,9 +1019,12 @@ class _Compiler:
             body = lists[0]
             for other in lists[1:]:
                 body = f"list_concat({body}, {other})"
-            spec = _q(json.dumps(structure, separators=(",", ":")))
-            return (f"coalesce(list_transform([from_json({json_sql}, {spec})], "
-                    f"lambda {s}: {body})[1], [])")
+            return body
+
+        elem_spec = _Spec()
+        j = self.var("j")
+        if not (focus.is_resource and focus.raw is not None):
+            return self.nested_repeat(focus, first, deeper, elem_type, children, lists_from)
 
         # A recursive CTE walks the tree to any depth; the path of child positions sorts the
         # nodes into document (pre-)order. It is hoisted into the scan so that it never ends up
@@ -1032,11 +1044,50 @@ class _Compiler:
         sql = (f"(WITH RECURSIVE {cte}(k, j) AS (SELECT [o.i], o.x FROM "
                f"{level(first_level)} AS o{recursive}) SELECT list(j ORDER BY k) FROM {cte})")
         self.hoisted.append((cte, sql))
-        elem_spec = _Spec()
-        j = self.var("j")
         elements = (f"list_transform(__mb_src.{cte}, lambda {j}: "
                     f"from_json({j}, {self.placeholder(elem_spec)}))")
         return _Val(elements, elem_type, True, spec=elem_spec)
+
+    def nested_repeat(
+        self,
+        focus: _Val,
+        first: list[list[tuple[str, bool, str]]],
+        deeper: list[list[tuple[str, bool, str]]],
+        elem_type: str,
+        children: Callable[[str, list[list[tuple[str, bool, str]]]], str],
+        lists_from: Callable[[str, list[list[tuple[str, bool, str]]]], str],
+    ) -> _Val:
+        """``repeat`` below the resource (inside forEach or another repeat).
+
+        No subquery may run inside a lambda, so the walk is unrolled to
+        :data:`NESTED_REPEAT_DEPTH` levels (DuckDB's binder cost grows fast with lambda nesting);
+        deeper data raises at run time rather than being dropped.
+        """
+        assert focus.spec is not None
+        for steps in first:
+            # The first level is read as JSON from the focus' own parse.
+            spec = focus.spec
+            for idx, (name, is_list, _t) in enumerate(steps):
+                if idx == len(steps) - 1:
+                    spec.leaf(name, "JSON", is_list)
+                else:
+                    spec = spec.child(name, is_list)
+
+        def descend(level_list: str, depth: int) -> str:
+            if depth == NESTED_REPEAT_DEPTH:
+                return (f"(CASE WHEN coalesce(len({level_list}), 0) > 0 THEN CAST(error("
+                        f"'repeat below the resource nests deeper than {NESTED_REPEAT_DEPTH} "
+                        f"levels') AS JSON[]) ELSE CAST([] AS JSON[]) END)")
+            v = self.var("x")
+            inner = descend(children(v, deeper), depth + 1) if deeper else "CAST([] AS JSON[])"
+            return f"flatten(list_transform({level_list}, lambda {v}: list_concat([{v}], {inner})))"
+
+        all_json = descend(f"CAST({lists_from(focus.sql, first)} AS JSON[])", 0)
+        elem_spec = _Spec()
+        j = self.var("j")
+        sql = (f"list_transform({all_json}, lambda {j}: "
+               f"from_json({j}, {self.placeholder(elem_spec)}))")
+        return _Val(sql, elem_type, True, spec=elem_spec)
 
     # ---- select structure ----------------------------------------------------------------
     def column(self, col: Any, ctx: _Ctx) -> tuple[OutputColumn, str]:
