@@ -173,3 +173,21 @@ class SoapFault(ProtocolError):
 
 class GatewayTimeout(TransientError):
     """Raised when a responding gateway does not answer within its per-gateway timeout."""
+
+
+class CdsRequestError(ProtocolError):
+    """Raised when a CDS Hooks call is refused: a JWT that fails verification (401), a malformed
+    hook request (400), data the service needs that can be had neither from prefetch nor from the
+    FHIR server (412). `status` is the HTTP status to answer, `reason` a short machine code
+    (`bad_signature`, `unknown_issuer`, `replayed_jti`, `missing_context`...)."""
+
+    def __init__(self, message: str, *, status: int, reason: str, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.status = status
+        self.reason = reason
+
+
+class ExportError(MedblocksError):
+    """Raised when an export run cannot write to its destination (folder, object store, FHIR
+    server) or another run of the same destination is in progress. Carries our ids and the
+    error class only, never the destination's response body."""

@@ -1,0 +1,263 @@
+"""A read-only, in-memory index of a tenant's published warehouse for CDS Hooks answers.
+
+The warehouse build publishes ``<warehouse_dir>/<tenant>.duckdb`` by an atomic rename. The index
+opens the published file read-only, copies what the cards need into memory and closes it at once,
+so a build never waits on us and we never wait on a build:
+
+* ``patient_person``: source patient key (``source/Patient/id``, the patient's id at the calling
+  organization's source) -> person, from ``patient_links`` (identity);
+* ``identifier_person``: ``system|value`` of every Patient identifier (MRNs, member ids; not SSNs)
+  -> person, for a patient the warehouse knows only by identifier (ambiguous ones are dropped);
+* ``facts``: the unified record (``facts`` with the organizations and patterns of ``fact_sources``
+  and the codes of ``fact_mentions``) as one Polars frame sorted by person, plus each person's row
+  range, so a lookup is a dict hit and a slice.
+
+:meth:`TenantIndex.current` checks the file's inode/mtime/size at most once a second; a change is
+loaded in a background thread while the last good snapshot keeps answering. A file that is
+missing, half written or lacks the tables leaves the last good snapshot in place.
+"""
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import polars as pl
+
+from medblocks_pipelines.lib.errors import WarehouseError
+
+log = logging.getLogger(__name__)
+
+CHECK_INTERVAL = 1.0
+RETRY_FAILED_AFTER = 30.0
+SSN_SYSTEMS = ("http://hl7.org/fhir/sid/us-ssn", "urn:oid:2.16.840.1.113883.4.1")
+
+_FACTS_SQL = """
+WITH orgs AS (
+    SELECT fact_id,
+           list(DISTINCT organization) FILTER (WHERE organization IS NOT NULL) AS organizations,
+           max(fetched_at) AS fetched_at
+    FROM fact_sources GROUP BY fact_id
+), codes AS (
+    SELECT fact_id, list(DISTINCT c) AS codes
+    FROM (SELECT fact_id, unnest(codes) AS c FROM fact_mentions WHERE fact_id IS NOT NULL)
+    GROUP BY fact_id
+)
+SELECT f.person_id, f.fact_id, f.kind, f.code_system, f.code, f.display, f.text,
+       f.effective_date, f.last_date, f.value_num, f.value_unit, f.value_text, f.status,
+       f.category, f.sources, f.patterns, f.from_claims,
+       coalesce(o.organizations, []::VARCHAR[]) AS organizations,
+       coalesce(c.codes, []::VARCHAR[]) AS codes
+FROM facts f LEFT JOIN orgs o USING (fact_id) LEFT JOIN codes c USING (fact_id)
+WHERE f.person_id IS NOT NULL
+ORDER BY f.person_id, f.last_date DESC NULLS LAST, f.fact_id
+"""
+
+_IDENT_SQL = """
+WITH ids AS (
+    SELECT pl.person_id,
+           unnest(from_json(r.resource, '{"identifier":[{"system":"VARCHAR","value":"VARCHAR"}]}')
+                  .identifier) AS i
+    FROM patient_links pl JOIN resources r ON r.resource_key = pl.patient_key
+)
+SELECT i.system || '|' || i.value AS ident, min(person_id) AS person_id,
+       count(DISTINCT person_id) AS n
+FROM ids
+WHERE i.system IS NOT NULL AND i.value IS NOT NULL AND i.system NOT IN ?
+GROUP BY 1
+"""
+
+
+@dataclass
+class Snapshot:
+    """One loaded warehouse: the lookups the cards need, and where they came from."""
+
+    signature: tuple[int, int, int]
+    loaded_at: float
+    built_at: str | None
+    patient_person: dict[str, str]
+    identifier_person: dict[str, str]
+    facts: pl.DataFrame = field(repr=False)
+    ranges: dict[str, tuple[int, int]] = field(repr=False)
+    person_sources: dict[str, list[str]] = field(repr=False)
+    load_seconds: float = 0.0
+
+    @property
+    def persons(self) -> int:
+        """Number of persons with at least one source patient."""
+        return len(self.person_sources)
+
+    def person_for(self, source: str, patient_id: str,
+                   identifiers: list[str] | None = None) -> str | None:
+        """The person of ``Patient/patient_id`` at ``source``, else of one of ``identifiers``."""
+        person = self.patient_person.get(f"{source}/Patient/{patient_id}")
+        if person is not None:
+            return person
+        for ident in identifiers or []:
+            person = self.identifier_person.get(ident)
+            if person is not None:
+                return person
+        return None
+
+    def facts_of(self, person_id: str) -> list[dict[str, Any]]:
+        """The person's facts, most recent first (dicts; empty when none)."""
+        rng = self.ranges.get(person_id)
+        if rng is None:
+            return []
+        return self.facts.slice(rng[0], rng[1]).to_dicts()
+
+
+def file_signature(path: Path) -> tuple[int, int, int] | None:
+    """(inode, mtime_ns, size) of the published file, or None when it does not exist."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def load_snapshot(path: Path) -> Snapshot:
+    """Read what the cards need from the published warehouse at ``path`` (read-only)."""
+    started = time.perf_counter()
+    for _attempt in range(3):
+        before = file_signature(path)
+        if before is None:
+            raise WarehouseError("no published warehouse")
+        try:
+            con = duckdb.connect(str(path), read_only=True)
+        except duckdb.Error as exc:
+            raise WarehouseError(f"the warehouse cannot be opened ({type(exc).__name__})") from exc
+        try:
+            links = con.execute(
+                "SELECT patient_key, person_id, source FROM patient_links "
+                "WHERE person_id IS NOT NULL"
+            ).fetchall()
+            idents = con.execute(_IDENT_SQL, [list(SSN_SYSTEMS)]).fetchall()
+            facts = con.sql(_FACTS_SQL).pl()
+            try:
+                row = con.execute("SELECT CAST(max(built_at) AS VARCHAR) FROM build_info").fetchall()
+                built_at = row[0][0] if row else None
+            except duckdb.Error:
+                built_at = None
+        except duckdb.Error as exc:
+            raise WarehouseError(
+                f"the warehouse lacks identity or unified-record tables ({type(exc).__name__})"
+            ) from exc
+        finally:
+            con.close()
+        after = file_signature(path)
+        if after == before and before is not None:
+            break
+        # Republished while we read: read the new one instead of labelling it with a stale signature.
+    else:
+        raise WarehouseError("the warehouse kept changing while it was read")
+    patient_person: dict[str, str] = {}
+    person_sources: dict[str, list[str]] = {}
+    for key, person, source in links:
+        patient_person[key] = person
+        srcs = person_sources.setdefault(person, [])
+        if source not in srcs:
+            srcs.append(source)
+    identifier_person = {ident: person for ident, person, n in idents if n == 1}
+    ranges: dict[str, tuple[int, int]] = {}
+    if facts.height:
+        runs = (
+            facts.select(pl.col("person_id")).with_row_index("row")
+            .group_by("person_id", maintain_order=True)
+            .agg(pl.col("row").min().alias("start"), pl.len().alias("n"))
+        )
+        ranges = {p: (int(s), int(n)) for p, s, n in runs.iter_rows()}
+    return Snapshot(
+        signature=before, loaded_at=time.time(), built_at=built_at,
+        patient_person=patient_person, identifier_person=identifier_person, facts=facts,
+        ranges=ranges, person_sources=person_sources,
+        load_seconds=time.perf_counter() - started,
+    )
+
+
+class TenantIndex:
+    """The latest good snapshot of one tenant's warehouse, refreshed without blocking readers."""
+
+    def __init__(self, path: Path, *, loader: Callable[[Path], Snapshot] = load_snapshot) -> None:
+        self.path = path
+        self.loader = loader
+        self._snapshot: Snapshot | None = None
+        self._lock = threading.Lock()
+        self._loading = False
+        self._last_check = 0.0
+        self._failed: tuple[tuple[int, int, int] | None, float] | None = None
+        self.last_error: str | None = None
+        self.loads = 0
+
+    def current(self) -> Snapshot | None:
+        """The snapshot to answer from (None only when no good warehouse was ever read)."""
+        now = time.monotonic()
+        if now - self._last_check >= CHECK_INTERVAL or self._snapshot is None:
+            self._last_check = now
+            sig = file_signature(self.path)
+            snap = self._snapshot
+            if sig is not None and (snap is None or snap.signature != sig) and not self._recently_failed(sig):
+                if snap is None:
+                    self._load(sig)  # nothing to serve yet: the first load is synchronous
+                else:
+                    self._load_in_background(sig)
+        return self._snapshot
+
+    def _recently_failed(self, sig: tuple[int, int, int]) -> bool:
+        failed = self._failed
+        return failed is not None and failed[0] == sig and time.monotonic() - failed[1] < RETRY_FAILED_AFTER
+
+    def _load(self, sig: tuple[int, int, int]) -> None:
+        with self._lock:
+            if self._loading or (self._snapshot is not None and self._snapshot.signature == sig):
+                return
+            self._loading = True
+        try:
+            snap = self.loader(self.path)
+            self._snapshot = snap
+            self.loads += 1
+            self.last_error = None
+            log.info("cds index loaded %s persons in %.2fs", snap.persons, snap.load_seconds)
+        except WarehouseError as exc:
+            # Keep serving the last good snapshot; try this file again later.
+            self._failed = (sig, time.monotonic())
+            self.last_error = str(exc)
+            log.warning("cds index kept the last good warehouse: %s", exc)
+        finally:
+            with self._lock:
+                self._loading = False
+
+    def _load_in_background(self, sig: tuple[int, int, int]) -> None:
+        with self._lock:
+            if self._loading:
+                return
+        threading.Thread(target=self._load, args=(sig,), name="cds-index-load",
+                         daemon=True).start()
+
+    def wait_loaded(self, timeout: float = 10.0) -> None:
+        """Block until no load is running (tests)."""
+        deadline = time.monotonic() + timeout
+        while self._loading and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+
+class WarehouseIndexes:
+    """One :class:`TenantIndex` per tenant, over ``<warehouse_dir>/<tenant>.duckdb``."""
+
+    def __init__(self, path_of: Callable[[str], Path]) -> None:
+        self.path_of = path_of
+        self._by_tenant: dict[str, TenantIndex] = {}
+        self._lock = threading.Lock()
+
+    def for_tenant(self, tenant_id: str) -> TenantIndex:
+        """The tenant's index (created on first use)."""
+        idx = self._by_tenant.get(tenant_id)
+        if idx is None:
+            with self._lock:
+                idx = self._by_tenant.setdefault(tenant_id, TenantIndex(self.path_of(tenant_id)))
+        return idx

@@ -1,0 +1,361 @@
+"""The CDS Hooks 2.0 service: discovery, hook calls, feedback (SPECS §4), transport-free.
+
+``web/cds.py`` puts this on HTTP; everything here takes the ``Authorization`` header, the exact URL
+called and the raw body, and returns a JSON-able dict or raises :class:`CdsRequestError` carrying
+the status (400 malformed, 401 refused JWT, 404 unknown service, 412 data not obtainable).
+
+A hook call: verify the JWT (:mod:`lib.cds.security`: the issuer picks the organization, the
+organization its tenant) -> validate the request for the hook -> find the person through the
+caller's patient id at the organization's source (identity tables), else through the Patient's
+identifiers (prefetch ``patient``, or fetched from ``fhirServer`` with ``fhirAuthorization``) ->
+cards from the tenant's warehouse index (:mod:`lib.cds.index`, :mod:`lib.cds.cards`). Every
+answered call is an audit-log row (counts and our ids only).
+"""
+
+import json
+import logging
+import re
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from datetime import UTC, date, datetime
+from typing import Any
+
+import httpx
+import sqlalchemy as sa
+
+from medblocks_pipelines.lib.cds import cards as card_rules
+from medblocks_pipelines.lib.cds.index import WarehouseIndexes
+from medblocks_pipelines.lib.cds.security import CdsAuthenticator, CdsClient
+from medblocks_pipelines.lib.cds.tables import cds_feedback, ensure_tables
+from medblocks_pipelines.lib.errors import CdsRequestError
+
+log = logging.getLogger(__name__)
+
+PATIENT_PREFETCH = {"patient": "Patient/{{context.patientId}}"}
+SERVICES: tuple[dict[str, Any], ...] = (
+    {
+        "hook": "patient-view",
+        "id": "medblocks-patient-view",
+        "title": "Unified record: beyond this chart",
+        "description": "What other organizations, payers and the network hold for this patient, "
+                       "and care gaps the combined record shows.",
+        "prefetch": PATIENT_PREFETCH,
+    },
+    {
+        "hook": "order-select",
+        "id": "medblocks-order-select",
+        "title": "Unified record: order checks",
+        "description": "Duplicate tests done elsewhere, allergies and interactions with "
+                       "medications recorded at other organizations.",
+        "prefetch": PATIENT_PREFETCH,
+    },
+    {
+        "hook": "order-sign",
+        "id": "medblocks-order-sign",
+        "title": "Unified record: order checks at signing",
+        "description": "The order-select checks over every draft order being signed.",
+        "prefetch": PATIENT_PREFETCH,
+    },
+)
+BY_ID = {s["id"]: s for s in SERVICES}
+USER_RE = re.compile(r"^(Practitioner|PractitionerRole|Patient|RelatedPerson)/[A-Za-z0-9\-.]{1,64}$")
+ID_RE = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
+MAX_BODY = 2_000_000
+FETCH_TIMEOUT = 3.0
+NAMES_TTL = 30.0
+
+
+def _bad(message: str, reason: str = "invalid_request") -> CdsRequestError:
+    return CdsRequestError(message, status=400, reason=reason)
+
+
+def _is_outcome(value: Any) -> bool:
+    return isinstance(value, dict) and value.get("resourceType") == "OperationOutcome"
+
+
+class CdsService:
+    """Discovery, hook calls and feedback for every organization of every tenant."""
+
+    def __init__(
+        self,
+        cp: Any,
+        *,
+        public_base_url: str,
+        warehouse_path_of: Callable[[str], Any],
+        http: httpx.Client | None = None,
+        authenticator: CdsAuthenticator | None = None,
+        today: Callable[[], date] | None = None,
+        app_url: str | None = None,
+    ) -> None:
+        self.cp = cp
+        self.base = public_base_url.rstrip("/")
+        self.http = http or httpx.Client(timeout=FETCH_TIMEOUT)
+        self.auth = authenticator or CdsAuthenticator(cp, http=self.http)
+        self.indexes = WarehouseIndexes(warehouse_path_of)
+        self.today = today or (lambda: datetime.now(UTC).date())
+        self.app_url = app_url if app_url is not None else f"{self.base}/ehr/launch"
+        self._names: tuple[float, dict[str, Any]] | None = None
+        self._names_lock = threading.Lock()
+        ensure_tables(cp.engine)
+
+    # -- URLs -----------------------------------------------------------------------------------
+    @property
+    def discovery_url(self) -> str:
+        """The exact URL of discovery (the ``aud`` a discovery JWT must carry)."""
+        return f"{self.base}/cds-services"
+
+    def service_url(self, service_id: str) -> str:
+        """The exact URL of one service."""
+        return f"{self.base}/cds-services/{service_id}"
+
+    # -- discovery --------------------------------------------------------------------------------
+    def discovery(self, authorization: str | None) -> dict[str, Any]:
+        """``{"services": [...]}`` after verifying the caller's JWT."""
+        self.auth.verify(authorization, url=self.discovery_url)
+        return {"services": [dict(s) for s in SERVICES]}
+
+    # -- registry names (cached) -------------------------------------------------------------------
+    def _registry_names(self) -> dict[str, Any]:
+        now = time.monotonic()
+        cached = self._names
+        if cached is not None and now - cached[0] < NAMES_TTL:
+            return cached[1]
+        with self._names_lock:
+            sources = self.cp.list_sources()
+            orgs = self.cp.list_organizations()
+            names = {
+                "source_names": {s["id"]: s["name"] for s in sources},
+                "source_kinds": {s["id"]: s["kind"] for s in sources},
+                "source_bases": {s["id"]: s.get("fhir_base_url") for s in sources},
+                "organization_names": {o["id"]: o["name"] for o in orgs},
+            }
+            self._names = (now, names)
+        return names
+
+    # -- hook calls --------------------------------------------------------------------------------
+    def call(self, service_id: str, authorization: str | None, raw: bytes) -> dict[str, Any]:
+        """Answer one hook call; raises :class:`CdsRequestError` for every refusal."""
+        service = BY_ID.get(service_id)
+        if service is None:
+            raise CdsRequestError("no such CDS service", status=404, reason="unknown_service")
+        client = self.auth.verify(authorization, url=self.service_url(service_id))
+        body = self._parse(raw)
+        request = self._validate(service, body)
+        names = self._registry_names()
+        self._check_fhir_server(request, client, names)
+        ctx = request["context"]
+        index = self.indexes.for_tenant(client.tenant_id)
+        snap = index.current()
+        patient_id = ctx["patientId"]
+        person = snap.person_for(client.source_id, patient_id) if snap else None
+        if person is None and snap is not None:
+            patient = self._prefetched("patient", f"Patient/{patient_id}", request, required=True)
+            identifiers = [
+                f"{i['system']}|{i['value']}" for i in (patient or {}).get("identifier") or []
+                if isinstance(i, dict) and isinstance(i.get("system"), str)
+                and isinstance(i.get("value"), str)
+            ]
+            person = snap.person_for(client.source_id, patient_id, identifiers)
+        cards: list[dict[str, Any]] = []
+        if person is not None and snap is not None:
+            facts = snap.facts_of(person)
+            cctx = card_rules.CardContext(
+                service_id=service_id, person_id=person, here_source=client.source_id,
+                patient_id=patient_id, today=self.today(),
+                source_names=names["source_names"], source_kinds=names["source_kinds"],
+                organization_names=names["organization_names"], app_url=self.app_url,
+            )
+            if service["hook"] == "patient-view":
+                cards = card_rules.patient_view_cards(facts, cctx)
+            else:
+                cards = card_rules.order_cards(request["orders"], facts, cctx)
+        self.cp.audit(
+            tenant_id=client.tenant_id, actor=f"cds:{client.organization_id}",
+            action=f"cds.{service['hook']}", decision="allowed", person_id=person,
+            purpose="treatment",
+            evidence={"hook_instance": request["hookInstance"], "cards": len(cards),
+                      "person_found": person is not None, "warehouse": snap is not None},
+        )
+        return {"cards": cards}
+
+    @staticmethod
+    def _parse(raw: bytes) -> dict[str, Any]:
+        if len(raw) > MAX_BODY:
+            raise CdsRequestError("request body too large", status=413, reason="too_large")
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise _bad("the body is not JSON") from exc
+        if not isinstance(body, dict):
+            raise _bad("the body must be a JSON object")
+        return body
+
+    def _validate(self, service: Mapping[str, Any], body: dict[str, Any]) -> dict[str, Any]:
+        hook = body.get("hook")
+        if hook != service["hook"]:
+            raise _bad(f"hook must be {service['hook']}")
+        instance = body.get("hookInstance")
+        try:
+            uuid.UUID(str(instance))
+        except ValueError as exc:
+            raise _bad("hookInstance must be a UUID") from exc
+        if not isinstance(instance, str):
+            raise _bad("hookInstance must be a UUID")
+        ctx = body.get("context")
+        if not isinstance(ctx, dict):
+            raise _bad("context is required and must be an object")
+        user, patient = ctx.get("userId"), ctx.get("patientId")
+        if not isinstance(user, str) or not USER_RE.match(user):
+            raise _bad("context.userId must be a Practitioner, PractitionerRole, Patient or "
+                       "RelatedPerson reference")
+        if not isinstance(patient, str) or not ID_RE.match(patient):
+            raise _bad("context.patientId must be a FHIR id")
+        enc = ctx.get("encounterId")
+        if enc is not None and (not isinstance(enc, str) or not ID_RE.match(enc)):
+            raise _bad("context.encounterId must be a FHIR id")
+        auth = body.get("fhirAuthorization")
+        server = body.get("fhirServer")
+        if auth is not None:
+            if not isinstance(auth, dict):
+                raise _bad("fhirAuthorization must be an object")
+            for key in ("access_token", "token_type", "scope", "subject"):
+                if not isinstance(auth.get(key), str) or not auth.get(key):
+                    raise _bad(f"fhirAuthorization.{key} is required")
+            if not isinstance(auth.get("expires_in"), int):
+                raise _bad("fhirAuthorization.expires_in is required")
+            if str(auth["token_type"]).lower() != "bearer":
+                raise _bad("fhirAuthorization.token_type must be Bearer")
+            if not isinstance(server, str) or not server:
+                raise _bad("fhirServer is required with fhirAuthorization")
+        if server is not None and (not isinstance(server, str)
+                                   or not server.startswith(("https://", "http://"))):
+            raise _bad("fhirServer must be an absolute URL")
+        prefetch = body.get("prefetch")
+        if prefetch is not None and not isinstance(prefetch, dict):
+            raise _bad("prefetch must be an object")
+        out = {"hookInstance": instance, "context": ctx, "fhirServer": server,
+               "fhirAuthorization": auth, "prefetch": prefetch or {}, "orders": []}
+        if hook in ("order-select", "order-sign"):
+            out["orders"] = self._orders(hook, ctx)
+        return out
+
+    @staticmethod
+    def _orders(hook: str, ctx: Mapping[str, Any]) -> list[dict[str, Any]]:
+        bundle = ctx.get("draftOrders")
+        if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
+            raise _bad("context.draftOrders must be a Bundle")
+        entries = bundle.get("entry") or []
+        if not isinstance(entries, list):
+            raise _bad("context.draftOrders.entry must be an array")
+        resources = []
+        for e in entries:
+            res = e.get("resource") if isinstance(e, dict) else None
+            if not isinstance(res, dict) or not isinstance(res.get("resourceType"), str) or \
+                    not isinstance(res.get("id"), str):
+                raise _bad("every draftOrders entry needs a resource with resourceType and id")
+            resources.append(res)
+        if hook == "order-sign":
+            return resources
+        selections = ctx.get("selections")
+        if not isinstance(selections, list) or not selections or not all(
+            isinstance(s, str) for s in selections
+        ):
+            raise _bad("context.selections must be a non-empty array of references")
+        by_ref = {f"{r['resourceType']}/{r['id']}": r for r in resources}
+        missing = [s for s in selections if s not in by_ref]
+        if missing:
+            raise _bad("context.selections must reference resources in draftOrders")
+        return [by_ref[s] for s in selections]
+
+    def _check_fhir_server(self, request: Mapping[str, Any], client: CdsClient,
+                           names: Mapping[str, Any]) -> None:
+        server = request.get("fhirServer")
+        if server is None or request.get("fhirAuthorization") is None:
+            return
+        base = str(names["source_bases"].get(client.source_id) or "").rstrip("/")
+        if server.rstrip("/") != base:
+            # The token would go to a server the organization never registered: refuse to use it.
+            raise _bad("fhirServer is not this organization's registered FHIR server",
+                       "unknown_fhir_server")
+
+    def _prefetched(self, key: str, path: str, request: Mapping[str, Any], *,
+                    required: bool) -> dict[str, Any] | None:
+        """A prefetch value: given, ``null`` (no data), else fetched; 412 when required and unobtainable."""
+        prefetch = request["prefetch"]
+        if key in prefetch:
+            value = prefetch[key]
+            if value is None:
+                return None  # the EHR filled it: there is no data
+            if isinstance(value, dict) and not _is_outcome(value):
+                return value
+            # An OperationOutcome (or junk) is a prefetch error: try the FHIR server ourselves.
+        server, auth = request.get("fhirServer"), request.get("fhirAuthorization")
+        if server and auth:
+            try:
+                resp = self.http.get(
+                    f"{server.rstrip('/')}/{path}", timeout=FETCH_TIMEOUT,
+                    headers={"Authorization": f"Bearer {auth['access_token']}",
+                             "Accept": "application/fhir+json"},
+                )
+                if resp.status_code == 200:
+                    value = resp.json()
+                    if isinstance(value, dict) and value.get("resourceType") == path.split("/")[0]:
+                        return value
+                elif resp.status_code == 404:
+                    return None
+            except (httpx.HTTPError, ValueError) as exc:
+                log.warning("cds prefetch fetch failed: %s", type(exc).__name__)
+        if required:
+            raise CdsRequestError(f"prefetch {key} is needed and could not be obtained",
+                                  status=412, reason="prefetch_unavailable")
+        return None
+
+    # -- feedback ------------------------------------------------------------------------------------
+    def feedback(self, service_id: str, authorization: str | None, raw: bytes) -> dict[str, Any]:
+        """Store card feedback (SPECS §4.5), de-duplicated; returns counts."""
+        if service_id not in BY_ID:
+            raise CdsRequestError("no such CDS service", status=404, reason="unknown_service")
+        client = self.auth.verify(authorization, url=f"{self.service_url(service_id)}/feedback")
+        body = self._parse(raw)
+        items = body.get("feedback")
+        if not isinstance(items, list) or not items:
+            raise _bad("feedback must be a non-empty array")
+        rows = []
+        for item in items:
+            if not isinstance(item, dict):
+                raise _bad("each feedback item must be an object")
+            card, outcome, ts = item.get("card"), item.get("outcome"), item.get("outcomeTimestamp")
+            if not isinstance(card, str) or outcome not in ("accepted", "overridden"):
+                raise _bad("feedback needs card and outcome accepted|overridden")
+            if not isinstance(ts, str):
+                raise _bad("feedback needs outcomeTimestamp")
+            try:
+                datetime.fromisoformat(ts.replace("Z", "+00:00"))
+            except ValueError as exc:
+                raise _bad("outcomeTimestamp must be an RFC 3339 date-time") from exc
+            accepted = item.get("acceptedSuggestions")
+            if outcome == "accepted" and (not isinstance(accepted, list) or not accepted or not all(
+                isinstance(a, dict) and isinstance(a.get("id"), str) for a in accepted
+            )):
+                raise _bad("accepted feedback needs acceptedSuggestions with ids")
+            reason = item.get("overrideReason")
+            if reason is not None and not isinstance(reason, dict):
+                raise _bad("overrideReason must be an object")
+            rows.append({
+                "tenant_id": client.tenant_id, "organization_id": client.organization_id,
+                "service_id": service_id, "card": card[:100], "outcome": outcome,
+                "outcome_timestamp": ts[:40],
+                "accepted_suggestions": [a["id"] for a in accepted or []],
+                "override_reason": reason, "received_at": datetime.now(UTC),
+            })
+        stored = 0
+        for row in rows:
+            try:
+                with self.cp.engine.begin() as conn:
+                    conn.execute(cds_feedback.insert().values(**row))
+                stored += 1
+            except sa.exc.IntegrityError:
+                pass  # the same feedback again: already kept
+        return {"stored": stored, "duplicates": len(rows) - stored}
