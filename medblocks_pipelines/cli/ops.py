@@ -6,13 +6,17 @@ Mounted by the lead through ``PLUGINS`` in ``medblocks_pipelines/cli/__init__.py
 """
 
 import json
+import os
 from datetime import datetime
 
 import click
 import httpx
 
 from medblocks_pipelines.cli.core import control_plane, print_table
+from medblocks_pipelines.lib.errors import ConfigError
+from medblocks_pipelines.lib.ops import exports as ex
 from medblocks_pipelines.lib.ops import webhooks as wh
+from medblocks_pipelines.lib.settings import get_settings
 
 
 def _fmt(value: object) -> object:
@@ -124,3 +128,121 @@ def webhooks_attempts(endpoint_id: str, limit: int) -> None:
         ["delivery", "attempt", "at", "outcome", "status", "error"],
         rows,
     )
+
+
+# -- exports ---------------------------------------------------------------------------------
+@click.group()
+def exports() -> None:
+    """Export destinations: NDJSON/Parquet folders or S3 buckets, and FHIR servers."""
+
+
+@exports.command("add")
+@click.argument("destination_id")
+@click.option("--tenant", "tenant_id", required=True)
+@click.option("--kind", type=click.Choice(list(ex.KINDS)), required=True)
+@click.option("--url", required=True, help="Folder, s3://bucket/prefix or FHIR base URL.")
+@click.option("--config", "config_json", default=None, help="JSON: gzip, resource_types, ...")
+@click.option(
+    "--credentials-env",
+    default=None,
+    help="Name of an env var holding credentials JSON (kept in the vault).",
+)
+def exports_add(
+    destination_id: str,
+    tenant_id: str,
+    kind: str,
+    url: str,
+    config_json: str | None,
+    credentials_env: str | None,
+) -> None:
+    """Create or update a destination."""
+    config = json.loads(config_json) if config_json else {}
+    creds = None
+    if credentials_env:
+        raw = os.environ.get(credentials_env)
+        if not raw:
+            raise ConfigError(f"environment variable {credentials_env} is not set")
+        creds = json.loads(raw)
+    ex.add_destination(
+        control_plane(),
+        id=destination_id,
+        tenant_id=tenant_id,
+        kind=kind,
+        url=url,
+        config=config,
+        credentials=creds,
+    )
+    click.echo(f"export destination {destination_id} saved")
+
+
+@exports.command("list")
+@click.option("--tenant", "tenant_id", default=None)
+def exports_list(tenant_id: str | None) -> None:
+    """List destinations and their last committed export."""
+    cp = control_plane()
+    rows = [
+        [
+            d["id"],
+            d["tenant_id"],
+            d["kind"],
+            d["url"],
+            "yes" if d["enabled"] else "no",
+            cp.get_watermark(ex.watermark_key(d["id"])),
+        ]
+        for d in ex.list_destinations(cp, tenant_id=tenant_id)
+    ]
+    print_table("export destinations", ["id", "tenant", "kind", "url", "enabled", "last seq"], rows)
+
+
+@exports.command("run")
+@click.argument("destination_id")
+def exports_run(destination_id: str) -> None:
+    """Run one destination's export now (outside Dagster)."""
+    res = ex.run_export(control_plane(), get_settings(), destination_id)
+    click.echo(
+        f"export {destination_id} {res.mode} #{res.seq}: {res.exported} resources, "
+        f"{res.deleted} deletions, {res.bytes} bytes in {res.duration_s:.1f}s"
+    )
+
+
+@exports.command("runs")
+@click.option("--destination", "destination_id", default=None)
+@click.option("--limit", default=20, show_default=True)
+def exports_runs(destination_id: str | None, limit: int) -> None:
+    """Recent export runs with status, counts and errors."""
+    runs = ex.list_runs(control_plane(), destination_id=destination_id)[:limit]
+    rows = [
+        [
+            r["id"],
+            r["destination_id"],
+            r["seq"],
+            r["mode"],
+            r["status"],
+            (r["counts"] or {}).get("exported"),
+            (r["counts"] or {}).get("deleted"),
+            _fmt(r["started_at"]),
+            r["error"],
+        ]
+        for r in runs
+    ]
+    print_table(
+        "export runs",
+        ["id", "destination", "seq", "mode", "status", "exported", "deleted", "started", "error"],
+        rows,
+    )
+
+
+@exports.command("pause")
+@click.argument("destination_id")
+def exports_pause(destination_id: str) -> None:
+    """Skip this destination in scheduled runs."""
+    ex.set_destination_enabled(control_plane(), destination_id, False)
+    click.echo(f"export destination {destination_id} paused")
+
+
+@exports.command("resume")
+@click.argument("destination_id")
+def exports_resume(destination_id: str) -> None:
+    """Include this destination in scheduled runs again."""
+    ex.set_destination_enabled(control_plane(), destination_id, True)
+    click.echo(f"export destination {destination_id} resumed")
