@@ -22,6 +22,9 @@ from medblocks_pipelines.lib.warehouse.views.schema import PRIMITIVE_TYPES, load
 from .conftest import FIXTURES, resources_table
 
 
+_KEYWORDS = {"div", "mod", "and", "or", "xor", "implies", "true", "false"}
+
+
 def leaf_paths(resource: dict[str, Any]) -> set[str]:
     """FHIRPath of every primitive value in ``resource`` (unknown elements skipped)."""
     schema = load_schema()
@@ -34,7 +37,9 @@ def leaf_paths(resource: dict[str, Any]) -> set[str]:
             el = schema.element(tname, key)
             if el is None or el.type == "Resource":
                 continue
-            step = key if el.choice_of is None else f"{el.choice_of}.ofType({el.type})"
+            # FHIRPath keywords (Narrative.div) must be written as delimited identifiers
+            name = f"`{key}`" if key in _KEYWORDS else key
+            step = name if el.choice_of is None else f"{el.choice_of}.ofType({el.type})"
             path = f"{prefix}.{step}" if prefix else step
             if el.type in PRIMITIVE_TYPES:
                 out.add(path)
@@ -97,3 +102,14 @@ def test_every_leaf_path_of_the_generated_population(tmp_path: Path) -> None:
     assert len(by_type) >= 10
     for rtype, lines in sorted(by_type.items()):
         _compare(lines, rtype, sorted(paths[rtype]))
+
+
+def test_every_leaf_path_of_carebundle_shapes() -> None:
+    carebundle = pytest.importorskip("carebundle")
+    ndjson = carebundle.to_ndjson(carebundle.generate_cohort(count=6, seed=9))
+    for rtype, text in sorted(ndjson.items()):
+        lines = [ln for ln in text.splitlines() if ln]
+        paths: set[str] = set()
+        for line in lines:
+            paths.update(leaf_paths(json.loads(line)))
+        _compare(lines, rtype, sorted(paths))
