@@ -21,7 +21,6 @@ from medblocks_pipelines.lib.warehouse.views.schema import PRIMITIVE_TYPES, load
 
 from .conftest import FIXTURES, resources_table
 
-
 _KEYWORDS = {"div", "mod", "and", "or", "xor", "implies", "true", "false"}
 
 
