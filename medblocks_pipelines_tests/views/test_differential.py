@@ -72,13 +72,15 @@ def _compare(lines: list[str], resource_type: str, paths: list[str]) -> None:
         columns.append({"name": f"c{n}", "path": path, "collection": True})
         columns.append({"name": f"n{n}", "path": f"{path}.count()"})
         columns.append({"name": f"e{n}", "path": f"{path}.exists()"})
+        columns.append({"name": f"f{n}", "path": f"{path}.first()"})
+        columns.append({"name": f"l{n}", "path": f"{path}.last()"})
     view = {"resource": resource_type, "select": [{"column": columns}]}
     got = {r["rid"]: r for r in run_view(con, view, passthrough_columns=[]).to_pylist()}
     expected = {r["rid"]: r for r in evaluate_view(view, resources)}
     assert got.keys() == expected.keys()
     for rid, row in expected.items():
         for n, path in enumerate(paths):
-            for key in (f"c{n}", f"n{n}", f"e{n}"):
+            for key in (f"c{n}", f"n{n}", f"e{n}", f"f{n}", f"l{n}"):
                 assert _norm(got[rid][key]) == _norm(row[key]), (rid, path, key)
 
 
