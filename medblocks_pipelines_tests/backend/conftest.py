@@ -192,3 +192,14 @@ def _fresh_defs_state_storage() -> Iterator[None]:
     defs_state._current_storage.set(None)
     yield
     defs_state._current_storage.set(None)
+
+
+@pytest.fixture
+def live_defs_state() -> Iterator[Any]:
+    """A throwaway Dagster instance whose defs-state storage definitions loading reads (runs
+    launched through `cli.runtime.run_job` load the code location)."""
+    import dagster as dg
+    from dagster._core.storage.defs_state.base import set_defs_state_storage
+
+    with dg.instance_for_test() as inst, set_defs_state_storage(inst.defs_state_storage):
+        yield inst

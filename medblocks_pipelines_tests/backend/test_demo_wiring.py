@@ -26,17 +26,17 @@ def sandbox():  # type: ignore[no-untyped-def]
         handle.stop()
 
 
-def test_two_orgs_then_incremental(env: Env, sandbox) -> None:  # type: ignore[no-untyped-def]
+def test_two_orgs_then_incremental(env: Env, sandbox, live_defs_state) -> None:  # type: ignore[no-untyped-def]
     orgs = [o.org_id for o in sandbox.orgs_of("ehr")][:2]
     assert len(orgs) == 2
     setup_sandbox_backend(env.cp, sandbox, TENANT, orgs, jwks_url=env.jwks_url)
     first = {org: run_backend_sync(env.cp, env.settings, TENANT, org, min_wait=0.05,
-                                   timeout=30) for org in orgs}
+                                   timeout=30, instance=live_defs_state) for org in orgs}
     for md in first.values():
         assert md["status"] == "success" and md["landed"] > 0 and md["deleted"] == 0
     sandbox.apply_changes(1)
     second = {org: run_backend_sync(env.cp, env.settings, TENANT, org, min_wait=0.05,
-                                    timeout=30) for org in orgs}
+                                    timeout=30, instance=live_defs_state) for org in orgs}
     for org in orgs:
         assert second[org]["since"] == first[org]["watermark"]
         # far fewer resources than the full export: only what changed

@@ -77,7 +77,7 @@ def test_keys_cli(env: Env) -> None:
     assert out.exit_code == 1 and "active signing key" in out.output
 
 
-def test_sync_backend_cli_full_then_incremental(env: Env) -> None:
+def test_sync_backend_cli_full_then_incremental(env: Env, live_defs_state: object) -> None:
     from medblocks_pipelines.cli import main
 
     ehr = env.add_org("mercy-general")
