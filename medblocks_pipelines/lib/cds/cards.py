@@ -74,6 +74,8 @@ class CardContext:
     here_source: str
     patient_id: str
     today: date
+    #: Every source id that is this EHR (registered twice: bulk sync and launch clients).
+    here_sources: frozenset[str] = frozenset()
     source_names: Mapping[str, str] = field(default_factory=dict)
     source_kinds: Mapping[str, str] = field(default_factory=dict)
     organization_names: Mapping[str, str] = field(default_factory=dict)
@@ -116,13 +118,14 @@ def _md(text: str) -> str:
     return "".join("\\" + c if c in "\\`*_[]#|<>" else c for c in text)
 
 
-def _elsewhere(fact: Mapping[str, Any], here: str) -> list[str]:
-    return [s for s in fact.get("sources") or [] if s != here]
+def _elsewhere(fact: Mapping[str, Any], ctx: "CardContext") -> list[str]:
+    here = ctx.here_sources or {ctx.here_source}
+    return [s for s in fact.get("sources") or [] if s not in here]
 
 
 def provenance(fact: Mapping[str, Any], ctx: CardContext) -> str:
     """``source · organization · pattern · date`` for one fact, the sources other than the caller's."""
-    srcs = _elsewhere(fact, ctx.here_source) or list(fact.get("sources") or [])
+    srcs = _elsewhere(fact, ctx) or list(fact.get("sources") or [])
     source = ", ".join(ctx.source_names.get(s, s) for s in srcs) or "unknown source"
     orgs = ", ".join(ctx.organization_names.get(o, o) for o in fact.get("organizations") or [])
     patterns = ", ".join(PATTERN_LABELS.get(p, p) for p in fact.get("patterns") or [])
@@ -152,7 +155,7 @@ def _links(ctx: CardContext) -> list[dict[str, Any]]:
 
 
 def _origin_of(fact: Mapping[str, Any], ctx: CardContext) -> str:
-    srcs = _elsewhere(fact, ctx.here_source)
+    srcs = _elsewhere(fact, ctx)
     if any(ctx.source_kinds.get(s) == "payer" for s in srcs) or fact.get("from_claims"):
         return "payers"
     if "network" in (fact.get("patterns") or []) or any(
@@ -169,13 +172,14 @@ def beyond_this_ehr(facts: Sequence[Mapping[str, Any]], ctx: CardContext) -> dic
     """What the record holds that this EHR's source does not state (None when nothing)."""
     outside = [
         f for f in facts
-        if _elsewhere(f, ctx.here_source) and ctx.here_source not in (f.get("sources") or [])
+        if _elsewhere(f, ctx)
+        and not (ctx.here_sources or {ctx.here_source}) & set(f.get("sources") or [])
     ]
     if not outside:
         return None
     kinds = Counter(str(f["kind"]) for f in outside)
     origins = Counter(_origin_of(f, ctx) for f in outside)
-    sources = sorted({s for f in outside for s in _elsewhere(f, ctx.here_source)})
+    sources = sorted({s for f in outside for s in _elsewhere(f, ctx)})
     counts = ", ".join(f"{n} {KIND_LABELS.get(k, k)}" for k, n in kinds.most_common())
     summary = f"{len(outside)} items from {len(sources)} other source" + (
         "s" if len(sources) != 1 else "") + " not in this chart"
@@ -314,7 +318,7 @@ def duplicate_order(order: Mapping[str, Any], facts: Sequence[Mapping[str, Any]]
         if f["kind"] not in ("result", "report", "procedure"):
             continue
         when = _day(f.get("last_date"))
-        if when is None or (ctx.today - when).days > window or not _elsewhere(f, ctx.here_source):
+        if when is None or (ctx.today - when).days > window or not _elsewhere(f, ctx):
             continue
         if wanted & set(f.get("codes") or []):
             hits.append((when, f))
@@ -351,7 +355,7 @@ def medication_alerts(order: Mapping[str, Any], facts: Sequence[Mapping[str, Any
     cards: list[dict[str, Any]] = []
     expanded = _expand(drafted)
     for f in facts:
-        if f["kind"] != "allergy" or not _elsewhere(f, ctx.here_source):
+        if f["kind"] != "allergy" or not _elsewhere(f, ctx):
             continue
         allergic = _rx(f.get("codes") or [])
         if not allergic or not (_expand(allergic) & expanded):
@@ -373,7 +377,7 @@ def medication_alerts(order: Mapping[str, Any], facts: Sequence[Mapping[str, Any
             "links": _links(ctx),
         }))
     for f in facts:
-        if f["kind"] != "medication" or not _elsewhere(f, ctx.here_source):
+        if f["kind"] != "medication" or not _elsewhere(f, ctx):
             continue
         if str(f.get("status") or "active") not in ("active", "on-hold", "draft"):
             continue

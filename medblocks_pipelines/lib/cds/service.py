@@ -149,7 +149,15 @@ class CdsService:
         index = self.indexes.for_tenant(client.tenant_id)
         snap = index.current()
         patient_id = ctx["patientId"]
-        person = snap.person_for(client.source_id, patient_id) if snap else None
+        base = str(names["source_bases"].get(client.source_id) or "").rstrip("/")
+        here = frozenset({client.source_id} | {
+            sid for sid, b in names["source_bases"].items() if base and str(b or "").rstrip("/") == base
+        })
+        person = None
+        for sid in sorted(here, key=lambda s: s != client.source_id):
+            person = snap.person_for(sid, patient_id) if snap else None
+            if person is not None:
+                break
         if person is None and snap is not None:
             patient = self._prefetched("patient", f"Patient/{patient_id}", request, required=True)
             identifiers = [
@@ -163,7 +171,7 @@ class CdsService:
             facts = snap.facts_of(person)
             cctx = card_rules.CardContext(
                 service_id=service_id, person_id=person, here_source=client.source_id,
-                patient_id=patient_id, today=self.today(),
+                here_sources=here, patient_id=patient_id, today=self.today(),
                 source_names=names["source_names"], source_kinds=names["source_kinds"],
                 organization_names=names["organization_names"], app_url=self.app_url,
             )
