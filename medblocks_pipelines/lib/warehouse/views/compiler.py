@@ -148,7 +148,7 @@ class _Val:
     # A decimal element: where to switch it to text, and the text expression, for boundaries.
     decimal_leaf: tuple[_Spec, str, bool] | None = None
     decimal_text: str | None = None
-    # SQL of the element's JSON text when available (the resource root, repeat elements).
+    # SQL of the element's JSON text, where the scan has it (the resource root only).
     raw: str | None = None
     is_resource: bool = False
     # Fusion hints, each valid only while its first item equals ``sql``:
@@ -202,7 +202,6 @@ class _Compiler:
     strict_cardinality: bool = True
     counter: int = 0
     specs: list[_Spec] = field(default_factory=list)
-    resource_column: str = "resource"
     # Subqueries computed once per resource in the scan (repeat), as (alias, sql).
     hoisted: list[tuple[str, str]] = field(default_factory=list)
 
@@ -1031,7 +1030,8 @@ class _Compiler:
         # inside a lambda, where DuckDB allows no subqueries.
         n = len(self.hoisted)
         cte = f"__mb_rep{n}"
-        first_level = children('__mb_t.' + _ident(self.resource_column), first)
+        assert focus.raw is not None
+        first_level = children(focus.raw, first)
 
         def level(children_sql: str) -> str:
             return (f"(SELECT unnest({children_sql}) AS x, "
@@ -1370,10 +1370,11 @@ def compile_view(
     name = view.get("name") if isinstance(view.get("name"), str) else resource.lower()
     assert isinstance(name, str)
 
-    comp = _Compiler(schema, resource, _constants(view.get("constant")), strict_cardinality,
-                     resource_column=resource_column)
+    comp = _Compiler(schema, resource, _constants(view.get("constant")), strict_cardinality)
     root_spec = _Spec()
-    root = _Val("__mb_r", resource, spec=root_spec, raw="__mb_raw", is_resource=True)
+    # raw: the resource's JSON text in the scan (read again by repeat's recursive CTE)
+    root = _Val("__mb_r", resource, spec=root_spec, raw=f"__mb_t.{_ident(resource_column)}",
+                is_resource=True)
     ctx = _Ctx(focus=root, root=root, row_index="CAST(0 AS BIGINT)")
     part = comp.body({"select": selects}, ctx)
 
