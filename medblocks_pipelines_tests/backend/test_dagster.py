@@ -90,6 +90,8 @@ def test_kickoff_sensor_land_and_rerun_without_duplicates(
     assert lmd["quarantined"] == 0 and lmd["deleted"] == 0
     assert lmd["watermark"] and lmd["count_mismatches"] == {}
     assert set(lmd["by_type"]) >= {"Patient", "Observation"}
+    evaluations = {e.check_name: e.passed for e in land.get_asset_check_evaluations()}
+    assert evaluations == {"manifest_counts_match": True, "no_quarantined_rows": True}
 
     build_warehouse(TENANT, settings=env.settings, steps=[])
     with open_warehouse(TENANT, settings=env.settings) as con:

@@ -75,6 +75,12 @@ def bulk_export(
     owners=["team:data-platform"],
     pool="backend_bulk_download",
     tags={"medblocks/pattern": "backend"},
+    check_specs=[
+        dg.AssetCheckSpec("manifest_counts_match", asset=["backend", "bulk_resources"],
+                          description="Lines received per type equal the manifest's counts."),
+        dg.AssetCheckSpec("no_quarantined_rows", asset=["backend", "bulk_resources"],
+                          description="Every received line landed (none quarantined)."),
+    ],
     description="Downloads every file of a completed export (parallel, per-source limit, resumable) "
     "and lands it in the lake: resources, tombstones from `deleted`, error-file outcomes counted; "
     "then moves the watermark and DELETEs the export.",
@@ -96,7 +102,22 @@ def bulk_resources(
     for warning in report.warnings:
         context.log.warning(warning)
     md = report.as_metadata()
+    checks = [
+        dg.AssetCheckResult(
+            check_name="manifest_counts_match",
+            passed=not report.count_mismatches,
+            severity=dg.AssetCheckSeverity.WARN,
+            metadata={"mismatched_types": len(report.count_mismatches)},
+        ),
+        dg.AssetCheckResult(
+            check_name="no_quarantined_rows",
+            passed=report.quarantined == 0,
+            severity=dg.AssetCheckSeverity.WARN,
+            metadata={"quarantined": report.quarantined},
+        ),
+    ]
     return dg.MaterializeResult(
+        check_results=checks,
         metadata={
             "export_id": export_id,
             "status": md["status"],
