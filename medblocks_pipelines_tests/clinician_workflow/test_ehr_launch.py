@@ -1,0 +1,190 @@
+"""SMART EHR launch against the real sandbox EHR, and the sandbox CDS client calling our service:
+both directions over loopback sockets."""
+
+from collections.abc import Iterator
+from datetime import date
+from typing import Any
+
+import httpx
+import pytest
+import sqlalchemy as sa
+
+import medblocks_pipelines.sandbox.cds_ehr  # noqa: F401  (registers the cds_ehr role)
+from medblocks_pipelines.lib.cds.synthetic import write_warehouse
+from medblocks_pipelines.lib.network.tables import network_relationship_events
+from medblocks_pipelines.lib.registry import open_control_plane
+from medblocks_pipelines.lib.settings import Settings
+from medblocks_pipelines.lib.warehouse.build import warehouse_path
+from medblocks_pipelines.sandbox.cds_ehr.demo import (
+    demo_orders,
+    first_patient,
+    launch_in_browser,
+    run_clinician_demo,
+    setup_clinician_org,
+)
+from medblocks_pipelines.sandbox.run import SandboxHandle, serve, start_sandbox
+from medblocks_pipelines.web.app import create_app
+from medblocks_pipelines_tests.clinician_workflow.cards_check import assert_valid_response
+from medblocks_pipelines_tests.clinician_workflow.conftest import LOINC, RX, SCT, fact
+
+TENANT = "acme"
+ORG = "mercy-general"
+
+
+@pytest.fixture(scope="module")
+def sandbox() -> Iterator[SandboxHandle]:
+    handle = start_sandbox(base_port=0, persons=8, seed=7, roles=["ehr", "cds_ehr"])
+    try:
+        yield handle
+    finally:
+        handle.stop()
+
+
+def _warehouse(settings: Settings, source: str, patient: str) -> None:
+    """P1 is the sandbox patient at `source`, with records from another EHR and a payer."""
+    today = date.today()
+    person = "P1"
+    facts = [
+        fact("f-dm", person, "condition", [f"{SCT}|44054006"], "Diabetes mellitus type 2", 400,
+             ["lakeside-clinic"], ["backend"], status="active"),
+        fact("f-pen", person, "allergy", [f"{RX}|70618"], "penicillin", 900, ["summit"],
+             ["patient_access"], status="active"),
+        fact("f-a1c", person, "result", [f"{LOINC}|4548-4"], "Hemoglobin A1c", 300,
+             ["lakeside-clinic"], ["network"], value_num=8.1, value_unit="%"),
+    ]
+    for f in facts:  # dates relative to the real today (the sandbox EHR has no clock override)
+        f["last_date"] = f["effective_date"] = today.fromordinal(
+            today.toordinal() - (date(2026, 6, 1) - f["last_date"]).days)
+    write_warehouse(warehouse_path(settings, TENANT), facts=facts, links=[
+        {"patient_key": f"{source}/Patient/{patient}", "source": source, "person_id": person},
+        {"patient_key": f"lakeside-clinic/Patient/x{patient}", "source": "lakeside-clinic",
+         "person_id": person}])
+
+
+@pytest.fixture
+def env(settings: Settings, sandbox: SandboxHandle) -> Iterator[dict[str, Any]]:
+    cp = open_control_plane(settings)
+    cp.add_tenant(TENANT, "Acme Health")
+    with serve(lambda base: create_app(public_base_url=base, settings=settings)) as web:
+        ids = setup_clinician_org(sandbox, cp, tenant=TENANT, org=ORG, web_base=web)
+        patient = first_patient(sandbox, ORG)
+        _warehouse(settings, ids["source_id"], patient)
+        yield {"cp": cp, "web": web, "patient": patient, **ids}
+    cp.engine.dispose()
+
+
+def test_ehr_launch_opens_the_app_with_context(env: dict[str, Any], sandbox: SandboxHandle) -> None:
+    cp = env["cp"]
+    page = launch_in_browser(sandbox, org=ORG, patient=env["patient"], web_base=env["web"],
+                             encounter="enc-1")
+    assert page.status_code == 200, page.text
+    assert page.url.path.startswith("/ehr/app/")
+    assert 'id="patient-banner"' in page.text and 'id="record"' in page.text
+    assert "Diabetes mellitus type 2" in page.text and "exchange network" in page.text
+    conn = cp.get_connection(page.url.path.rsplit("/", 1)[-1])
+    assert conn["pattern"] == "clinician_workflow" and conn["state"] == "active"
+    assert conn["source_patient_id"] == env["patient"]
+    assert conn["organization_id"] == env["organization_id"]
+    launch_ctx = conn["context"]["launch_context"]
+    assert launch_ctx["encounter"] == "enc-1"
+    assert launch_ctx["fhirUser"].endswith("Practitioner/sandbox-clinician")
+    assert "launch" in conn["scopes_granted"].split()
+    assert cp.vault.names(f"conn/{conn['id']}/")  # tokens are in the vault
+    events = [e["type"] for e in cp.list_events(tenant_id=TENANT)]
+    assert "connection.activated" in events and "clinician.launch" in events
+    with cp.engine.connect() as c:
+        rel = c.execute(sa.select(network_relationship_events)).mappings().all()
+    assert [(r["person_id"], r["kind"], r["organization_id"]) for r in rel] == [
+        ("P1", "ehr_launch", env["organization_id"])]
+
+
+def test_unknown_iss_is_refused_without_redirect(env: dict[str, Any]) -> None:
+    with httpx.Client(timeout=10) as browser:
+        resp = browser.get(f"{env['web']}/ehr/launch",
+                           params={"iss": "https://attacker.example/fhir", "launch": "x"})
+    assert resp.status_code == 400 and "unknown_iss" in resp.text
+    assert "location" not in resp.headers
+    assert env["cp"].list_connections(pattern="clinician_workflow") == []
+    with httpx.Client(timeout=10) as browser:
+        resp = browser.get(f"{env['web']}/ehr/launch")
+    assert resp.status_code == 400
+
+
+def test_app_page_needs_the_launching_browser(env: dict[str, Any], sandbox: SandboxHandle) -> None:
+    page = launch_in_browser(sandbox, org=ORG, patient=env["patient"], web_base=env["web"])
+    assert page.status_code == 200
+    with httpx.Client(timeout=10) as other_browser:
+        resp = other_browser.get(str(page.url))
+        assert resp.status_code == 403 and "Diabetes" not in resp.text
+        resp = other_browser.get(f"{env['web']}/ehr/app/no-such-connection")
+        assert resp.status_code == 403
+
+
+def test_callback_replay_and_forged_state_are_refused(env: dict[str, Any],
+                                                      sandbox: SandboxHandle) -> None:
+    launcher = sandbox.role_urls["cds_ehr"]
+    with httpx.Client(timeout=30, follow_redirects=False) as browser:
+        r = browser.get(f"{launcher}/launch", params={
+            "org": ORG, "patient": env["patient"], "app": f"{env['web']}/ehr/launch"})
+        hops = 0
+        while r.status_code in (302, 303) and "/ehr/callback" not in r.headers["location"]:
+            r = browser.get(r.headers["location"])
+            hops += 1
+            assert hops < 10
+        callback = r.headers["location"]
+        assert browser.get(callback).status_code == 302  # first use: to the app page
+        replay = browser.get(callback)
+        assert replay.status_code == 400 and "state_mismatch" in replay.text
+        forged = browser.get(f"{env['web']}/ehr/callback", params={"code": "x", "state": "y"})
+        assert forged.status_code == 400
+
+
+def test_sandbox_ehr_fires_hooks_with_signed_jwt_and_prefetch(
+    env: dict[str, Any], sandbox: SandboxHandle
+) -> None:
+    client = sandbox.roles["cds_ehr"].extra["client"]
+    view = client.fire(org=ORG, service_base=env["web"], hook="patient-view",
+                       patient=env["patient"])
+    assert view["status"] == 200, view["body"]
+    assert view["request"]["prefetch"]["patient"]["id"] == env["patient"]  # filled from the EHR
+    cards = assert_valid_response(view["body"])
+    topics = {c["source"]["topic"]["code"] for c in cards}
+    assert topics == {"records-elsewhere", "care-gap"}
+    select = client.fire(org=ORG, service_base=env["web"], hook="order-select",
+                         patient=env["patient"], orders=demo_orders(env["patient"]),
+                         selections=["MedicationRequest/draft-amox"])
+    cards = assert_valid_response(select["body"])
+    assert [c["source"]["topic"]["code"] for c in cards] == ["allergy"]
+    # Fault modes: an unknown patient with an OperationOutcome prefetch and no FHIR access: 412.
+    bad = client.fire(org=ORG, service_base=env["web"], hook="patient-view", patient="nobody",
+                      prefetch_mode="outcome")
+    assert bad["status"] == 412
+    nulls = client.fire(org=ORG, service_base=env["web"], hook="patient-view", patient="nobody",
+                        prefetch_mode="null")
+    assert nulls["status"] == 200 and nulls["body"] == {"cards": []}
+
+
+def test_admin_fire_over_http_needs_the_secret(env: dict[str, Any], sandbox: SandboxHandle) -> None:
+    url = f"{sandbox.role_urls['cds_ehr']}/_admin/fire"
+    body = {"org": ORG, "service_base": env["web"], "hook": "patient-view",
+            "patient": env["patient"]}
+    with httpx.Client(timeout=30) as http:
+        assert http.post(url, json=body).status_code == 403
+        resp = http.post(url, json=body, headers={"X-Admin-Secret": sandbox.admin_secret})
+        assert resp.status_code == 200 and resp.json()["status"] == 200
+        jwks = http.get(f"{sandbox.role_urls['cds_ehr']}/jwks.json").json()
+        assert jwks["keys"][0]["kty"] == "EC" and "d" not in jwks["keys"][0]
+
+
+def test_run_clinician_demo(settings: Settings, sandbox: SandboxHandle) -> None:
+    cp = open_control_plane(settings)
+    cp.add_tenant(TENANT, "Acme Health")
+    patient = first_patient(sandbox, ORG)
+    _warehouse(settings, f"{ORG}-cw", patient)
+    result = run_clinician_demo(sandbox, cp, settings, tenant=TENANT, org=ORG)
+    assert result["app_status"] == 200 and result["app_has_record"]
+    assert result["connection_id"]
+    assert result["patient_view"]["status"] == 200 and len(result["patient_view"]["cards"]) == 2
+    assert result["order_select"]["status"] == 200
+    assert {c["source"]["topic"]["code"] for c in result["order_select"]["cards"]} == {"allergy"}
+    cp.engine.dispose()
