@@ -12,6 +12,7 @@ import dagster as dg
 
 from medblocks_pipelines.defs.backend.assets import backend_land_job
 from medblocks_pipelines.defs.shared.resources import PlatformResource
+from medblocks_pipelines.lib.errors import ConfigError, NotFound
 from medblocks_pipelines.lib.fhir.bulk_sync import due_exports, poll_export
 from medblocks_pipelines.lib.partitions import partition_key, split_partition_key
 
@@ -34,7 +35,15 @@ def backend_bulk_export_sensor(
     launched: list[str] = json.loads(context.cursor) if context.cursor else []
     polled = failed = 0
     for row in due_exports(cp, limit=MAX_POLLS_PER_TICK):
-        st = poll_export(cp, row["id"])
+        try:
+            st = poll_export(cp, row["id"])
+        except (NotFound, ConfigError) as exc:
+            # The organization or its config is gone: this export can never land. Record it
+            # (one bad row must not stall every other export's polling).
+            cp.update_bulk_export(row["id"], status="failed", error=f"config: {exc}"[:500])
+            context.log.warning(f"export {row['id']} abandoned: {exc}")
+            failed += 1
+            continue
         polled += 1
         if st.state == "failed":
             failed += 1
