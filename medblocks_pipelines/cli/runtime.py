@@ -4,6 +4,7 @@ The embedded default keeps its Dagster instance under ``<data_dir>/dagster_home`
 server); production sets ``DAGSTER_HOME`` to a folder holding the PostgreSQL ``dagster.yaml``.
 """
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -84,10 +85,14 @@ def run_job(
         job = load_definitions().resolve_job_def(job_name)
     except Exception as exc:
         raise ConfigError(f"no Dagster job named {job_name}") from exc
+    config = dict(run_config or {})
+    # Runs show their logs in the UI; the terminal gets warnings only unless --verbose (DEBUG logging).
+    level = "DEBUG" if logging.getLogger().isEnabledFor(logging.DEBUG) else "WARNING"
+    config.setdefault("loggers", {"console": {"config": {"log_level": level}}})
     result = job.execute_in_process(
         instance=instance,
         partition_key=partition_key,
-        run_config=run_config or {},
+        run_config=config,
         tags=tags or {},
         raise_on_error=False,
     )

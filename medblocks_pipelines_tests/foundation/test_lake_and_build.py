@@ -239,3 +239,24 @@ def test_missing_warehouse_is_a_clear_error(settings: Settings) -> None:
 
     with pytest.raises(WarehouseError, match="no warehouse for tenant nobody"):
         open_warehouse("nobody", settings=settings)
+
+
+def test_sightings_keep_every_relationship_that_delivered_a_resource(settings: Settings) -> None:
+    """The same EHR record via a backend export and a patient's connection: one current row,
+    two sightings with their own provenance."""
+    with LakeWriter(settings.lake_root, _prov("bulk-1")) as w:
+        w.add(_obs(1))
+        w.add(_obs(2))
+    with LakeWriter(settings.lake_root, _prov("pull-1", "patient_access", "conn-9")) as w:
+        w.add(_obs(1))
+    build_warehouse("acme", settings=settings, steps=[])
+    with open_warehouse("acme", settings=settings) as con:
+        assert con.execute("SELECT count(*) FROM resources").fetchone()[0] == 2
+        rows = con.execute(
+            "SELECT resource_key, pattern, connection FROM resource_sightings ORDER BY ALL"
+        ).fetchall()
+    assert rows == [
+        ("mercy-ehr/Observation/o1", "backend", None),
+        ("mercy-ehr/Observation/o1", "patient_access", "conn-9"),
+        ("mercy-ehr/Observation/o2", "backend", None),
+    ]

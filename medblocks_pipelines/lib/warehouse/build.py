@@ -10,6 +10,8 @@ Base tables:
   ``(source, resource_type, resource_id, content_hash)``, keeping the first fetch (so re-runs change nothing).
 - ``resources``: the latest version of each resource per source, tombstones applied.
 - ``tombstones``: deletions reported by sources.
+- ``resource_sightings``: each current resource with every pattern, organization and connection
+  that delivered it (first and last fetch, number of runs).
 - ``quarantine``: bad records with their reason, deduplicated.
 - ``pull_history``: the control plane's pull rows for this tenant.
 Then each step in ``steps`` adds its tables (views, identity, unified record).
@@ -183,6 +185,24 @@ def build_base_tables(
           ON v.resource_key = l.resource_key AND v.content_hash = l.content_hash
         WHERE NOT l.deleted
         ORDER BY v.resource_type, v.source, v.resource_id
+        """
+    )
+
+    # Every relationship that delivered each current resource: the same EHR record can arrive by a
+    # backend export and by a patient's own connection; `resources` keeps one row, this keeps both.
+    con.execute(
+        """
+        CREATE TABLE resource_sightings AS
+        SELECT v.resource_key, l.pattern, l.organization, l.connection,
+               min(l.fetched_at) AS first_fetched_at, max(l.fetched_at) AS last_fetched_at,
+               count(DISTINCT l.run_id) AS runs
+        FROM lake_rows l
+        JOIN resources v
+          ON v.source = l.source AND v.resource_type = l.resource_type
+         AND v.resource_id = l.resource_id
+        WHERE NOT l.deleted
+        GROUP BY ALL
+        ORDER BY ALL
         """
     )
 
