@@ -188,3 +188,61 @@ def test_run_clinician_demo(settings: Settings, sandbox: SandboxHandle) -> None:
     assert result["order_select"]["status"] == 200
     assert {c["source"]["topic"]["code"] for c in result["order_select"]["cards"]} == {"allergy"}
     cp.engine.dispose()
+
+
+def test_launch_sensor_dedupes_and_the_sync_lands_the_patient(
+    env: dict[str, Any], sandbox: SandboxHandle, settings: Settings
+) -> None:
+    import dagster as dg
+
+    from medblocks_pipelines.defs.clinician_workflow.assets import clinician_workflow_records
+    from medblocks_pipelines.defs.clinician_workflow.sensors import clinician_launch_sensor
+    from medblocks_pipelines.defs.shared.resources import PlatformResource
+
+    for _ in range(2):  # the clinician opens the same chart twice
+        page = launch_in_browser(sandbox, org=ORG, patient=env["patient"], web_base=env["web"])
+        assert page.status_code == 200
+    first_conn = env["cp"].list_connections(pattern="clinician_workflow")[0]["id"]
+    platform = PlatformResource(data_dir=str(settings.data_dir))
+    with dg.instance_for_test() as instance:
+        ctx = dg.build_sensor_context(instance=instance, resources={"platform": platform})
+        result = clinician_launch_sensor(ctx)
+        assert len(result.run_requests) == 1
+        req = result.run_requests[0]
+        key = f"{TENANT}.{env['organization_id']}"
+        assert req.partition_key == key
+        ids = req.run_config["ops"]["clinician_workflow__records"]["config"]["connection_ids"]
+        assert ids == [first_conn]
+        assert req.tags["medblocks/source"] == env["source_id"]
+        # The next tick sees nothing new.
+        again = clinician_launch_sensor(dg.build_sensor_context(
+            instance=instance, resources={"platform": platform}, cursor=result.cursor))
+        assert not again.run_requests
+        instance.add_dynamic_partitions("clinician_orgs", [key])
+        out = dg.materialize([clinician_workflow_records], partition_key=key, instance=instance,
+                             resources={"platform": platform}, run_config=req.run_config)
+        assert out.success
+        meta = out.asset_materializations_for_node("clinician_workflow__records")[0].metadata
+        assert meta["connections_pulled"].value == 1
+        assert meta["resources"].value > 0
+    assert list(settings.lake_root.rglob("*.parquet"))
+
+
+def test_plan_syncs_dedupes_per_patient_and_org() -> None:
+    from medblocks_pipelines.defs.clinician_workflow.sensors import DEDUPE_SECONDS, plan_syncs
+
+    def ev(cid: str, org: str = "o1", tenant: str = "t") -> dict[str, Any]:
+        return {"type": "clinician.launch", "tenant_id": tenant, "payload": {
+            "connection_id": cid, "organization_id": org, "pattern": "clinician_workflow"}}
+
+    patient_of = {"c1": "p1", "c2": "p1", "c3": "p2", "c4": "p1", "c5": None}
+    plan, recent, deduped = plan_syncs([ev("c1"), ev("c2"), ev("c3"), ev("c4", org="o2"),
+                                        ev("c5")], recent={}, now=1000.0, patient_of=patient_of)
+    assert plan == {("t", "o1"): ["c1", "c3"], ("t", "o2"): ["c4"]} and deduped == 1
+    # Within the window the same patient is skipped; after it, synced again.
+    plan2, _, d2 = plan_syncs([ev("c2")], recent=recent, now=1000.0 + DEDUPE_SECONDS - 1,
+                              patient_of=patient_of)
+    assert plan2 == {} and d2 == 1
+    plan3, _, _ = plan_syncs([ev("c2")], recent=recent, now=1000.0 + DEDUPE_SECONDS + 1,
+                             patient_of=patient_of)
+    assert plan3 == {("t", "o1"): ["c2"]}
