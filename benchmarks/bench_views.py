@@ -430,7 +430,7 @@ def main() -> None:
                     help="resources to generate (default 1,000,000)")
     ap.add_argument("--sample", type=int, default=2000,
                     help="resources per view for the fhirpathpy evaluation")
-    ap.add_argument("--repeat", type=int, default=2, help="best of R runs per DuckDB timing")
+    ap.add_argument("--repeat", type=int, default=3, help="best of R runs per DuckDB timing")
     ap.add_argument("--seed", type=int, default=1)
     args = ap.parse_args()
 
