@@ -52,7 +52,7 @@ def routes(ctx: Any) -> list[BaseRoute]:
 
     async def discovery(request: Request) -> Response:
         try:
-            service = await run_in_threadpool(get_service, ctx)
+            service = ctx.extra.get("cds_service") or await run_in_threadpool(get_service, ctx)
             body = await run_in_threadpool(service.discovery,
                                            request.headers.get("authorization"))
         except CdsRequestError as exc:
@@ -66,7 +66,7 @@ def routes(ctx: Any) -> list[BaseRoute]:
                                  "detail": "the body must be application/json"}, status_code=415)
         raw = await request.body()
         try:
-            service = await run_in_threadpool(get_service, ctx)
+            service = ctx.extra.get("cds_service") or await run_in_threadpool(get_service, ctx)
             body = await run_in_threadpool(service.call, request.path_params["service_id"],
                                            request.headers.get("authorization"), raw)
         except CdsRequestError as exc:
@@ -80,7 +80,7 @@ def routes(ctx: Any) -> list[BaseRoute]:
                                  "detail": "the body must be application/json"}, status_code=415)
         raw = await request.body()
         try:
-            service = await run_in_threadpool(get_service, ctx)
+            service = ctx.extra.get("cds_service") or await run_in_threadpool(get_service, ctx)
             body = await run_in_threadpool(service.feedback, request.path_params["service_id"],
                                            request.headers.get("authorization"), raw)
         except CdsRequestError as exc:

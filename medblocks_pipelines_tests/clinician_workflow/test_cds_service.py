@@ -248,3 +248,22 @@ def test_broken_rebuild_keeps_serving_the_last_published(cds_env: CdsEnv) -> Non
             break
         time.sleep(0.2)
     assert resp.json() == {"cards": []}
+
+
+def test_a_second_source_of_the_same_ehr_counts_as_this_chart(cds_env: CdsEnv) -> None:
+    # The same EHR registered twice (bulk sync client + launch client): same FHIR base.
+    cds_env.cp.add_source("ehr-a-bulk", "Mercy EHR (bulk)", "sandbox", "ehr",
+                          cds_env.stub.fhir_base, ["backend"])
+    facts = default_facts()
+    for f in facts:
+        if f["fact_id"] == "f-lipid":
+            f["sources"] = f["organizations"] = ["ehr-a-bulk"]
+    # The patient is linked only through the bulk source's key.
+    links = [{"patient_key": "ehr-a-bulk/Patient/a1", "source": "ehr-a-bulk", "person_id": "P1"},
+             {"patient_key": "ehr-b/Patient/b1", "source": "ehr-b", "person_id": "P1"}]
+    cds_env.publish(facts=facts, links=links)
+    cards = cds_env.hook("medblocks-patient-view",
+                         patient_view(prefetch={"patient": None})).json()["cards"]
+    beyond = next(c for c in cards if c["source"]["topic"]["code"] == "records-elsewhere")
+    assert beyond["summary"].startswith("3 items from 2 other sources")
+    assert "Cholesterol" not in beyond["detail"]

@@ -17,6 +17,7 @@ loaded in a background thread while the last good snapshot keeps answering. A fi
 missing, half written or lacks the tables leaves the last good snapshot in place.
 """
 
+import gc
 import logging
 import os
 import threading
@@ -84,7 +85,7 @@ class Snapshot:
     identifier_person: dict[str, str]
     facts: pl.DataFrame = field(repr=False)
     ranges: dict[str, tuple[int, int]] = field(repr=False)
-    person_sources: dict[str, list[str]] = field(repr=False)
+    person_sources: dict[str, tuple[str, ...]] = field(repr=False)
     load_seconds: float = 0.0
 
     @property
@@ -157,12 +158,15 @@ def load_snapshot(path: Path) -> Snapshot:
     else:
         raise WarehouseError("the warehouse kept changing while it was read")
     patient_person: dict[str, str] = {}
-    person_sources: dict[str, list[str]] = {}
+    sources_of: dict[str, list[str]] = {}
     for key, person, source in links:
         patient_person[key] = person
-        srcs = person_sources.setdefault(person, [])
+        srcs = sources_of.setdefault(person, [])
         if source not in srcs:
             srcs.append(source)
+    # Tuples of strings are untracked by the garbage collector: no GC pauses over 100k persons.
+    person_sources = {p: tuple(s) for p, s in sources_of.items()}
+    del sources_of
     identifier_person = {ident: person for ident, person, n in idents if n == 1}
     ranges: dict[str, tuple[int, int]] = {}
     if facts.height:
@@ -219,6 +223,10 @@ class TenantIndex:
             self._loading = True
         try:
             snap = self.loader(self.path)
+            # The snapshot lives until the next publish: move it (and what came before) out of the
+            # collector's generations, so a full collection never walks it mid-request.
+            gc.collect()
+            gc.freeze()
             self._snapshot = snap
             self.loads += 1
             self.last_error = None
