@@ -20,6 +20,7 @@ missing, half written or lacks the tables leaves the last good snapshot in place
 import gc
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 
 CHECK_INTERVAL = 1.0
 RETRY_FAILED_AFTER = 30.0
+LOAD_MEMORY_LIMIT = "512MB"
 SSN_SYSTEMS = ("http://hl7.org/fhir/sid/us-ssn", "urn:oid:2.16.840.1.113883.4.1")
 
 _FACTS_SQL = """
@@ -134,6 +136,9 @@ def load_snapshot(path: Path) -> Snapshot:
         except duckdb.Error as exc:
             raise WarehouseError(f"the warehouse cannot be opened ({type(exc).__name__})") from exc
         try:
+            # A background load must not take the serving process's memory and cores.
+            con.execute("SET threads = 1")
+            con.execute(f"SET memory_limit = '{LOAD_MEMORY_LIMIT}'")
             links = con.execute(
                 "SELECT patient_key, person_id, source FROM patient_links "
                 "WHERE person_id IS NOT NULL"
@@ -159,7 +164,9 @@ def load_snapshot(path: Path) -> Snapshot:
         raise WarehouseError("the warehouse kept changing while it was read")
     patient_person: dict[str, str] = {}
     sources_of: dict[str, list[str]] = {}
+    intern = sys.intern  # one str object per person id, however many keys point at it
     for key, person, source in links:
+        person = intern(person)
         patient_person[key] = person
         srcs = sources_of.setdefault(person, [])
         if source not in srcs:
@@ -167,7 +174,9 @@ def load_snapshot(path: Path) -> Snapshot:
     # Tuples of strings are untracked by the garbage collector: no GC pauses over 100k persons.
     person_sources = {p: tuple(s) for p, s in sources_of.items()}
     del sources_of
-    identifier_person = {ident: person for ident, person, n in idents if n == 1}
+    del links
+    identifier_person = {ident: intern(person) for ident, person, n in idents if n == 1}
+    del idents
     ranges: dict[str, tuple[int, int]] = {}
     if facts.height:
         runs = (
