@@ -35,9 +35,15 @@ def _sign_all(key_json: str, aud: str, n: int) -> list[str]:
 
     key = SigningKey.from_json(key_json)
     now = int(time.time())
-    return [jwt.encode({"iss": ISS, "aud": aud, "iat": now, "exp": now + 900,
-                        "jti": str(uuid.uuid4())}, key.private_pem, algorithm=key.alg,
-                       headers={"kid": key.kid, "typ": "JWT"}) for _ in range(n)]
+    return [
+        jwt.encode(
+            {"iss": ISS, "aud": aud, "iat": now, "exp": now + 900, "jti": str(uuid.uuid4())},
+            key.private_pem,
+            algorithm=key.alg,
+            headers={"kid": key.kid, "typ": "JWT"},
+        )
+        for _ in range(n)
+    ]
 
 
 def _load(args: dict[str, Any], out: Any) -> None:
@@ -50,9 +56,14 @@ def _load(args: dict[str, Any], out: Any) -> None:
     bodies = []
     for _ in range(n):
         pid = f"a{rng.randrange(args['persons'])}"
-        bodies.append({"hook": "patient-view", "hookInstance": str(uuid.uuid4()),
-                       "context": {"userId": "Practitioner/bench", "patientId": pid},
-                       "prefetch": {"patient": None}})
+        bodies.append(
+            {
+                "hook": "patient-view",
+                "hookInstance": str(uuid.uuid4()),
+                "context": {"userId": "Practitioner/bench", "patientId": pid},
+                "prefetch": {"patient": None},
+            }
+        )
 
     async def run() -> tuple[list[float], int, float]:
         lat: list[float] = []
@@ -95,13 +106,26 @@ def _load(args: dict[str, Any], out: Any) -> None:
     out.put({"lat": lat, "errors": errors, "elapsed": elapsed})
 
 
-def _measure(url: str, method: str, key_json: str, *, persons: int, n: int, rate: float,
-             closed: int = 0) -> dict[str, float]:
+def _measure(
+    url: str, method: str, key_json: str, *, persons: int, n: int, rate: float, closed: int = 0
+) -> dict[str, float]:
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    p = ctx.Process(target=_load, args=({"url": url, "method": method, "key": key_json,
-                                         "persons": persons, "n": n, "rate": rate,
-                                         "closed": closed}, q))
+    p = ctx.Process(
+        target=_load,
+        args=(
+            {
+                "url": url,
+                "method": method,
+                "key": key_json,
+                "persons": persons,
+                "n": n,
+                "rate": rate,
+                "closed": closed,
+            },
+            q,
+        ),
+    )
     p.start()
     res = q.get(timeout=600)
     p.join(timeout=30)
@@ -110,9 +134,16 @@ def _measure(url: str, method: str, key_json: str, *, persons: int, n: int, rate
     def pct(x: float) -> float:
         return lat[min(len(lat) - 1, int(x * len(lat)))] * 1000
 
-    return {"n": len(lat), "errors": res["errors"], "rps": len(lat) / res["elapsed"],
-            "p50": pct(0.50), "p90": pct(0.90), "p99": pct(0.99), "max": lat[-1] * 1000,
-            "mean": statistics.fmean(lat) * 1000}
+    return {
+        "n": len(lat),
+        "errors": res["errors"],
+        "rps": len(lat) / res["elapsed"],
+        "p50": pct(0.50),
+        "p90": pct(0.90),
+        "p99": pct(0.99),
+        "max": lat[-1] * 1000,
+        "mean": statistics.fmean(lat) * 1000,
+    }
 
 
 def main() -> None:
@@ -147,21 +178,35 @@ def main() -> None:
     key = generate_signing_key("ES384", kid="bench")
     cp.add_tenant("bench", "Bench")
     for sid, kind in (("ehr-a", "ehr"), ("ehr-b", "ehr"), ("payer-x", "payer")):
-        cp.add_source(sid, sid, "sandbox", kind, f"http://{sid}.example/fhir",
-                      ["clinician_workflow", "backend"])
-    cp.add_organization("ehr-a", "bench", "ehr-a", "EHR A", config={"cds": {
-        "iss": ISS, "jwks": {"keys": [key.public_jwk()]}}})
+        cp.add_source(
+            sid,
+            sid,
+            "sandbox",
+            kind,
+            f"http://{sid}.example/fhir",
+            ["clinician_workflow", "backend"],
+        )
+    cp.add_organization(
+        "ehr-a",
+        "bench",
+        "ehr-a",
+        "EHR A",
+        config={"cds": {"iss": ISS, "jwks": {"keys": [key.public_jwk()]}}},
+    )
 
     t = time.perf_counter()
     path = warehouse_path(settings, "bench")
     # Written in a child process, so the server's RSS is the index's, not DuckDB's write buffers.
     writer = mp.get_context("spawn").Process(
-        target=write_synthetic_warehouse, args=(path,), kwargs={"persons": opts.persons})
+        target=write_synthetic_warehouse, args=(path,), kwargs={"persons": opts.persons}
+    )
     writer.start()
     writer.join()
     write_s = time.perf_counter() - t
-    print(f"warehouse: {opts.persons:,} persons, {path.stat().st_size / 1e6:.1f} MB, "
-          f"written in {write_s:.1f} s")
+    print(
+        f"warehouse: {opts.persons:,} persons, {path.stat().st_size / 1e6:.1f} MB, "
+        f"written in {write_s:.1f} s"
+    )
 
     n = int(opts.rate * opts.seconds)
     with serve(lambda base: create_app(public_base_url=base, settings=settings)) as web:
@@ -175,10 +220,17 @@ def main() -> None:
         # Warm-up: the first call loads the index (synchronously: nothing to serve before it).
         warm = _sign_all(key.to_json(), pv_url, 1)[0]
         t = time.perf_counter()
-        r = httpx.post(pv_url, json={"hook": "patient-view", "hookInstance": str(uuid.uuid4()),
-                                     "context": {"userId": "Practitioner/b", "patientId": "a0"},
-                                     "prefetch": {"patient": None}},
-                       headers={"Authorization": f"Bearer {warm}"}, timeout=600)
+        r = httpx.post(
+            pv_url,
+            json={
+                "hook": "patient-view",
+                "hookInstance": str(uuid.uuid4()),
+                "context": {"userId": "Practitioner/b", "patientId": "a0"},
+                "prefetch": {"patient": None},
+            },
+            headers={"Authorization": f"Bearer {warm}"},
+            timeout=600,
+        )
         load_s = time.perf_counter() - t
         assert r.status_code == 200 and r.json()["cards"], r.text[:300]
         print(f"index load (first call): {load_s:.1f} s; sample cards: {len(r.json()['cards'])}")
@@ -190,25 +242,47 @@ def main() -> None:
         head = f"{'endpoint':<22}{'n':>6}{'err':>5}{'req/s':>8}{'p50':>8}{'p90':>8}{'p99':>8}{'max':>8}"
         print(head)
         for name, m in (("discovery (floor)", disc), ("patient-view", pv)):
-            print(f"{name:<22}{m['n']:>6}{m['errors']:>5}{m['rps']:>8.1f}{m['p50']:>8.1f}"
-                  f"{m['p90']:>8.1f}{m['p99']:>8.1f}{m['max']:>8.1f}")
-        print(f"patient-view / discovery: p50 x{pv['p50'] / disc['p50']:.2f}, "
-              f"p99 x{pv['p99'] / disc['p99']:.2f}; target p99 <= 50 ms: "
-              f"{'met' if pv['p99'] <= 50 else 'NOT met'}")
+            print(
+                f"{name:<22}{m['n']:>6}{m['errors']:>5}{m['rps']:>8.1f}{m['p50']:>8.1f}"
+                f"{m['p90']:>8.1f}{m['p99']:>8.1f}{m['max']:>8.1f}"
+            )
+        print(
+            f"patient-view / discovery: p50 x{pv['p50'] / disc['p50']:.2f}, "
+            f"p99 x{pv['p99'] / disc['p99']:.2f}; target p99 <= 50 ms: "
+            f"{'met' if pv['p99'] <= 50 else 'NOT met'}"
+        )
 
         print(f"\nclosed loop, 8 in flight, {opts.burst} requests (saturation throughput):")
-        dsat = _measure(disc_url, "GET", key.to_json(), persons=opts.persons, n=opts.burst,
-                        rate=opts.rate, closed=8)
-        psat = _measure(pv_url, "POST", key.to_json(), persons=opts.persons, n=opts.burst,
-                        rate=opts.rate, closed=8)
+        dsat = _measure(
+            disc_url,
+            "GET",
+            key.to_json(),
+            persons=opts.persons,
+            n=opts.burst,
+            rate=opts.rate,
+            closed=8,
+        )
+        psat = _measure(
+            pv_url,
+            "POST",
+            key.to_json(),
+            persons=opts.persons,
+            n=opts.burst,
+            rate=opts.rate,
+            closed=8,
+        )
         for name, m in (("discovery (floor)", dsat), ("patient-view", psat)):
-            print(f"{name:<22}{m['rps']:>8.1f} req/s  p50 {m['p50']:.1f} ms  p99 {m['p99']:.1f} ms"
-                  f"  errors {m['errors']}")
+            print(
+                f"{name:<22}{m['rps']:>8.1f} req/s  p50 {m['p50']:.1f} ms  p99 {m['p99']:.1f} ms"
+                f"  errors {m['errors']}"
+            )
         print(f"patient-view / discovery throughput: x{psat['rps'] / dsat['rps']:.2f}")
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"\nserver peak RSS: {rss:.0f} MB (before the index {rss_before:.0f} MB, after loading it "
-          f"{rss_after_load:.0f} MB); "
-          f"cpus: {os.cpu_count()}; python {sys.version.split()[0]}")
+    print(
+        f"\nserver peak RSS: {rss:.0f} MB (before the index {rss_before:.0f} MB, after loading it "
+        f"{rss_after_load:.0f} MB); "
+        f"cpus: {os.cpu_count()}; python {sys.version.split()[0]}"
+    )
     cp.engine.dispose()
 
 

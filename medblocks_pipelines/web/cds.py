@@ -28,8 +28,9 @@ log = logging.getLogger(__name__)
 
 def _error(exc: CdsRequestError) -> JSONResponse:
     headers = {"WWW-Authenticate": 'Bearer realm="cds-services"'} if exc.status == 401 else None
-    return JSONResponse({"error": exc.reason, "detail": str(exc)}, status_code=exc.status,
-                        headers=headers)
+    return JSONResponse(
+        {"error": exc.reason, "detail": str(exc)}, status_code=exc.status, headers=headers
+    )
 
 
 def get_service(ctx: Any) -> Any:
@@ -39,9 +40,11 @@ def get_service(ctx: Any) -> Any:
         from medblocks_pipelines.lib.cds.service import CdsService
 
         service = CdsService(
-            ctx.control_plane, public_base_url=ctx.public_base_url,
+            ctx.control_plane,
+            public_base_url=ctx.public_base_url,
             warehouse_path_of=lambda tenant: warehouse_path(ctx.settings, tenant),
-            http=ctx.extra.get("http"), today=ctx.extra.get("cds_today"),
+            http=ctx.extra.get("http"),
+            today=ctx.extra.get("cds_today"),
         )
         ctx.extra["cds_service"] = service
     return service
@@ -53,8 +56,7 @@ def routes(ctx: Any) -> list[BaseRoute]:
     async def discovery(request: Request) -> Response:
         try:
             service = ctx.extra.get("cds_service") or await run_in_threadpool(get_service, ctx)
-            body = await run_in_threadpool(service.discovery,
-                                           request.headers.get("authorization"))
+            body = await run_in_threadpool(service.discovery, request.headers.get("authorization"))
         except CdsRequestError as exc:
             log.info("cds discovery refused: %s", exc.reason)
             return _error(exc)
@@ -62,13 +64,19 @@ def routes(ctx: Any) -> list[BaseRoute]:
 
     async def call(request: Request) -> Response:
         if "json" not in request.headers.get("content-type", ""):
-            return JSONResponse({"error": "unsupported_media_type",
-                                 "detail": "the body must be application/json"}, status_code=415)
+            return JSONResponse(
+                {"error": "unsupported_media_type", "detail": "the body must be application/json"},
+                status_code=415,
+            )
         raw = await request.body()
         try:
             service = ctx.extra.get("cds_service") or await run_in_threadpool(get_service, ctx)
-            body = await run_in_threadpool(service.call, request.path_params["service_id"],
-                                           request.headers.get("authorization"), raw)
+            body = await run_in_threadpool(
+                service.call,
+                request.path_params["service_id"],
+                request.headers.get("authorization"),
+                raw,
+            )
         except CdsRequestError as exc:
             log.info("cds call refused: %s", exc.reason)
             return _error(exc)
@@ -76,13 +84,19 @@ def routes(ctx: Any) -> list[BaseRoute]:
 
     async def feedback(request: Request) -> Response:
         if "json" not in request.headers.get("content-type", ""):
-            return JSONResponse({"error": "unsupported_media_type",
-                                 "detail": "the body must be application/json"}, status_code=415)
+            return JSONResponse(
+                {"error": "unsupported_media_type", "detail": "the body must be application/json"},
+                status_code=415,
+            )
         raw = await request.body()
         try:
             service = ctx.extra.get("cds_service") or await run_in_threadpool(get_service, ctx)
-            body = await run_in_threadpool(service.feedback, request.path_params["service_id"],
-                                           request.headers.get("authorization"), raw)
+            body = await run_in_threadpool(
+                service.feedback,
+                request.path_params["service_id"],
+                request.headers.get("authorization"),
+                raw,
+            )
         except CdsRequestError as exc:
             log.info("cds feedback refused: %s", exc.reason)
             return _error(exc)

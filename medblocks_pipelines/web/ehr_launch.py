@@ -34,20 +34,27 @@ CALLBACK_PATH = "/ehr/callback"
 SESSION_COOKIE = "mb_ehr_session"
 _NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 KIND_TITLES = {
-    "condition": "Conditions", "medication": "Medications", "allergy": "Allergies",
-    "result": "Results", "report": "Reports", "immunization": "Immunizations",
-    "procedure": "Procedures", "encounter": "Encounters",
+    "condition": "Conditions",
+    "medication": "Medications",
+    "allergy": "Allergies",
+    "result": "Results",
+    "report": "Reports",
+    "immunization": "Immunizations",
+    "procedure": "Procedures",
+    "encounter": "Encounters",
 }
 PATTERN_LABELS = {
-    "backend": "EHR bulk sync", "patient_access": "patient-authorized access",
-    "clinician_workflow": "EHR launch", "network": "exchange network",
+    "backend": "EHR bulk sync",
+    "patient_access": "patient-authorized access",
+    "clinician_workflow": "EHR launch",
+    "network": "exchange network",
 }
 ROWS_PER_KIND = 10
 
 
 def _page(title: str, body_html: str, status: int = 200) -> HTMLResponse:
     doc = (
-        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">"
+        '<!doctype html><html lang="en"><head><meta charset="utf-8">'
         f"<title>{html.escape(title)}</title><style>body{{font-family:sans-serif;margin:1rem}}"
         ".banner{background:#eef;padding:.5rem 1rem;border-radius:4px}"
         "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px;"
@@ -77,7 +84,7 @@ def _banner(patient: dict[str, Any]) -> str:
 
 def _summary(facts: list[dict[str, Any]], names: dict[str, Any]) -> str:
     if not facts:
-        return "<p id=\"record\">The unified record holds nothing more for this patient yet.</p>"
+        return '<p id="record">The unified record holds nothing more for this patient yet.</p>'
     out = ['<div id="record"><h2>Unified record</h2>']
     by_kind: dict[str, list[dict[str, Any]]] = {}
     for f in facts:
@@ -86,9 +93,11 @@ def _summary(facts: list[dict[str, Any]], names: dict[str, Any]) -> str:
         rows = by_kind.get(kind)
         if not rows:
             continue
-        out.append(f"<h3>{KIND_TITLES[kind]} ({len(rows)})</h3><table><tr><th>item</th>"
-                   "<th>value</th><th>date</th><th>sources</th><th>organizations</th>"
-                   "<th>patterns</th></tr>")
+        out.append(
+            f"<h3>{KIND_TITLES[kind]} ({len(rows)})</h3><table><tr><th>item</th>"
+            "<th>value</th><th>date</th><th>sources</th><th>organizations</th>"
+            "<th>patterns</th></tr>"
+        )
         for f in rows[:ROWS_PER_KIND]:
             value = ""
             if f.get("value_num") is not None:
@@ -96,11 +105,18 @@ def _summary(facts: list[dict[str, Any]], names: dict[str, Any]) -> str:
             elif f.get("value_text"):
                 value = str(f["value_text"])
             srcs = ", ".join(names["source_names"].get(s, s) for s in f.get("sources") or [])
-            orgs = ", ".join(names["organization_names"].get(o, o)
-                             for o in f.get("organizations") or [])
+            orgs = ", ".join(
+                names["organization_names"].get(o, o) for o in f.get("organizations") or []
+            )
             pats = ", ".join(PATTERN_LABELS.get(p, p) for p in f.get("patterns") or [])
-            cells = [str(f.get("display") or f.get("text") or f.get("code") or ""), value,
-                     str(f.get("last_date") or ""), srcs, orgs, pats]
+            cells = [
+                str(f.get("display") or f.get("text") or f.get("code") or ""),
+                value,
+                str(f.get("last_date") or ""),
+                srcs,
+                orgs,
+                pats,
+            ]
             out.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
         out.append("</table>")
     out.append("</div>")
@@ -134,39 +150,67 @@ def routes(ctx: Any) -> list[BaseRoute]:
             return _message("Cannot launch", "The EHR must send iss and launch.", 400)
         binding = secrets.token_urlsafe(32)
         try:
-            req = start_ehr_launch(cp, iss=iss, launch=launch_id, redirect_uri=redirect_uri,
-                                   http=http(), session_binding=binding)
+            req = start_ehr_launch(
+                cp,
+                iss=iss,
+                launch=launch_id,
+                redirect_uri=redirect_uri,
+                http=http(),
+                session_binding=binding,
+            )
         except LaunchError as exc:
             return _message("Cannot launch", f"This launch is not accepted ({exc.reason}).", 400)
         except MedblocksError as exc:
-            return _message("Cannot launch", f"The EHR is not reachable now "
-                            f"({type(exc).__name__}).", 502)
+            return _message(
+                "Cannot launch", f"The EHR is not reachable now ({type(exc).__name__}).", 502
+            )
         if req.method == "POST":
-            fields = "".join(f'<input type="hidden" name="{html.escape(k)}" '
-                             f'value="{html.escape(v)}">' for k, v in req.form.items())
-            resp: Response = _page("Redirecting", f'<form method="post" '
-                                   f'action="{html.escape(req.endpoint)}">{fields}<button>'
-                                   "Continue</button></form>")
+            fields = "".join(
+                f'<input type="hidden" name="{html.escape(k)}" value="{html.escape(v)}">'
+                for k, v in req.form.items()
+            )
+            resp: Response = _page(
+                "Redirecting",
+                f'<form method="post" '
+                f'action="{html.escape(req.endpoint)}">{fields}<button>'
+                "Continue</button></form>",
+            )
         else:
             resp = RedirectResponse(req.url, status_code=302, headers=_NO_STORE)
-        resp.set_cookie(SESSION_COOKIE, binding, max_age=8 * 3600, path="/ehr", httponly=True,
-                        samesite="lax", secure=secure)
+        resp.set_cookie(
+            SESSION_COOKIE,
+            binding,
+            max_age=8 * 3600,
+            path="/ehr",
+            httponly=True,
+            samesite="lax",
+            secure=secure,
+        )
         return resp
 
     def callback(request: Request) -> Response:
         cp: ControlPlane = ctx.control_plane
         try:
-            result = finish_ehr_launch(cp, params=dict(request.query_params), http=http(),
-                                       session_binding=request.cookies.get(SESSION_COOKIE),
-                                       person_of=person_of)
+            result = finish_ehr_launch(
+                cp,
+                params=dict(request.query_params),
+                http=http(),
+                session_binding=request.cookies.get(SESSION_COOKIE),
+                person_of=person_of,
+            )
         except LaunchError as exc:
-            return _message("Launch refused", f"This sign-in response is not valid "
-                            f"({exc.reason}).", 400)
+            return _message(
+                "Launch refused", f"This sign-in response is not valid ({exc.reason}).", 400
+            )
         if not result.ok:
-            return _message("Launch failed", f"The EHR did not authorize the app "
-                            f"({result.reason}).", 400)
-        return RedirectResponse(f"{ctx.public_base_url}/ehr/app/{result.connection_id}",
-                                status_code=302, headers=_NO_STORE)
+            return _message(
+                "Launch failed", f"The EHR did not authorize the app ({result.reason}).", 400
+            )
+        return RedirectResponse(
+            f"{ctx.public_base_url}/ehr/app/{result.connection_id}",
+            status_code=302,
+            headers=_NO_STORE,
+        )
 
     def app_page(request: Request) -> Response:
         import hashlib
@@ -181,8 +225,11 @@ def routes(ctx: Any) -> list[BaseRoute]:
         cookie = request.cookies.get(SESSION_COOKIE) or ""
         expected = ((conn or {}).get("context") or {}).get("app_session_sha256") or ""
         # Same answer for unknown and not-yours: connection ids are not an oracle.
-        if conn is None or conn["pattern"] != PATTERN or not expected or not hmac.compare_digest(
-            expected, hashlib.sha256(cookie.encode()).hexdigest()
+        if (
+            conn is None
+            or conn["pattern"] != PATTERN
+            or not expected
+            or not hmac.compare_digest(expected, hashlib.sha256(cookie.encode()).hexdigest())
         ):
             return _message("Not available", "Open this app from the EHR.", 403)
         if conn["state"] != "active":
@@ -196,13 +243,18 @@ def routes(ctx: Any) -> list[BaseRoute]:
 
                 token = TokenManager(cp, conn_id, http=http()).access_token()
                 base = str(cp.get_source(conn["source_id"])["fhir_base_url"]).rstrip("/")
-                resp = http().get(f"{base}/Patient/{patient_id}", timeout=10.0, headers={
-                    "Authorization": f"Bearer {token}", "Accept": "application/fhir+json"})
+                resp = http().get(
+                    f"{base}/Patient/{patient_id}",
+                    timeout=10.0,
+                    headers={"Authorization": f"Bearer {token}", "Accept": "application/fhir+json"},
+                )
                 if resp.status_code == 200:
                     parts.append(_banner(resp.json()))
             except (MedblocksError, httpx.HTTPError, ValueError):
-                parts.append('<div class="banner" id="patient-banner">Patient details are '
-                             "not available now.</div>")
+                parts.append(
+                    '<div class="banner" id="patient-banner">Patient details are '
+                    "not available now.</div>"
+                )
         service = cds()
         snap = service.indexes.for_tenant(conn["tenant_id"]).current()
         facts: list[dict[str, Any]] = []

@@ -73,38 +73,111 @@ def stub_ehr_app(stub_holder: dict[str, StubEhr]) -> Starlette:
             return JSONResponse({"resourceType": "OperationOutcome"}, status_code=404)
         return JSONResponse(stub.patients[pid])
 
-    return Starlette(routes=[
-        Route("/jwks.json", jwks), Route("/evil/jwks.json", evil),
-        Route("/fhir/Patient/{pid}", patient),
-    ])
+    return Starlette(
+        routes=[
+            Route("/jwks.json", jwks),
+            Route("/evil/jwks.json", evil),
+            Route("/fhir/Patient/{pid}", patient),
+        ]
+    )
 
 
-def fact(fid: str, person: str, kind: str, codes: list[str], display: str, days_ago: int,
-         sources: list[str], patterns: list[str], **extra: Any) -> dict[str, Any]:
+def fact(
+    fid: str,
+    person: str,
+    kind: str,
+    codes: list[str],
+    display: str,
+    days_ago: int,
+    sources: list[str],
+    patterns: list[str],
+    **extra: Any,
+) -> dict[str, Any]:
     when = TODAY - timedelta(days=days_ago)
     system, _, code = codes[0].partition("|")
-    return {"fact_id": fid, "person_id": person, "kind": kind, "code_system": system,
-            "code": code, "display": display, "effective_date": when, "last_date": when,
-            "sources": sources, "patterns": patterns, "organizations": sources, "codes": codes,
-            "from_claims": False, **extra}
+    return {
+        "fact_id": fid,
+        "person_id": person,
+        "kind": kind,
+        "code_system": system,
+        "code": code,
+        "display": display,
+        "effective_date": when,
+        "last_date": when,
+        "sources": sources,
+        "patterns": patterns,
+        "organizations": sources,
+        "codes": codes,
+        "from_claims": False,
+        **extra,
+    }
 
 
 def default_facts() -> list[dict[str, Any]]:
     """Person P1 (Patient/a1 at ehr-a): diabetic at ehr-a, HbA1c 200 days ago at ehr-b, a
     penicillin allergy at ehr-b, simvastatin per the payer, a lipid panel 10 days ago at ehr-b."""
     return [
-        fact("f-dm", "P1", "condition", [f"{SCT}|44054006"], "Diabetes mellitus type 2", 900,
-             ["ehr-a", "ehr-b"], ["backend"], status="active"),
-        fact("f-a1c", "P1", "result", [f"{LOINC}|4548-4"], "Hemoglobin A1c", 200, ["ehr-b"],
-             ["backend"], value_num=7.9, value_unit="%"),
-        fact("f-pen", "P1", "allergy", [f"{RX}|70618", f"{SCT}|764146007"], "penicillin", 2000,
-             ["ehr-b"], ["patient_access"], status="active"),
-        fact("f-simva", "P1", "medication", [f"{RX}|36567"], "simvastatin", 20, ["payer-x"],
-             ["patient_access"], status="active", from_claims=True),
-        fact("f-lipid", "P1", "result", [f"{LOINC}|2093-3"], "Cholesterol", 10, ["ehr-b"],
-             ["backend"], value_num=190.0, value_unit="mg/dL"),
-        fact("f-own", "P1", "encounter", [f"{SCT}|185349003"], "Check up", 5, ["ehr-a"],
-             ["backend"]),
+        fact(
+            "f-dm",
+            "P1",
+            "condition",
+            [f"{SCT}|44054006"],
+            "Diabetes mellitus type 2",
+            900,
+            ["ehr-a", "ehr-b"],
+            ["backend"],
+            status="active",
+        ),
+        fact(
+            "f-a1c",
+            "P1",
+            "result",
+            [f"{LOINC}|4548-4"],
+            "Hemoglobin A1c",
+            200,
+            ["ehr-b"],
+            ["backend"],
+            value_num=7.9,
+            value_unit="%",
+        ),
+        fact(
+            "f-pen",
+            "P1",
+            "allergy",
+            [f"{RX}|70618", f"{SCT}|764146007"],
+            "penicillin",
+            2000,
+            ["ehr-b"],
+            ["patient_access"],
+            status="active",
+        ),
+        fact(
+            "f-simva",
+            "P1",
+            "medication",
+            [f"{RX}|36567"],
+            "simvastatin",
+            20,
+            ["payer-x"],
+            ["patient_access"],
+            status="active",
+            from_claims=True,
+        ),
+        fact(
+            "f-lipid",
+            "P1",
+            "result",
+            [f"{LOINC}|2093-3"],
+            "Cholesterol",
+            10,
+            ["ehr-b"],
+            ["backend"],
+            value_num=190.0,
+            value_unit="mg/dL",
+        ),
+        fact(
+            "f-own", "P1", "encounter", [f"{SCT}|185349003"], "Check up", 5, ["ehr-a"], ["backend"]
+        ),
     ]
 
 
@@ -117,9 +190,16 @@ def default_links() -> list[dict[str, Any]]:
 
 
 def default_patients() -> list[dict[str, Any]]:
-    return [{"patient_key": "ehr-b/Patient/b1", "resource": {
-        "resourceType": "Patient", "id": "b1",
-        "identifier": [{"system": "urn:mrn:ehr-b", "value": "MRN-B1"}]}}]
+    return [
+        {
+            "patient_key": "ehr-b/Patient/b1",
+            "resource": {
+                "resourceType": "Patient",
+                "id": "b1",
+                "identifier": [{"system": "urn:mrn:ehr-b", "value": "MRN-B1"}],
+            },
+        }
+    ]
 
 
 @dataclass
@@ -130,12 +210,24 @@ class CdsEnv:
     stub: StubEhr
     http: httpx.Client
 
-    def sign(self, aud: str, *, key: SigningKey | None = None, headers: dict[str, Any] | None = None,
-             alg: str | None = None, **claims: Any) -> str:
+    def sign(
+        self,
+        aud: str,
+        *,
+        key: SigningKey | None = None,
+        headers: dict[str, Any] | None = None,
+        alg: str | None = None,
+        **claims: Any,
+    ) -> str:
         key = key or self.stub.keys[0]
         now = int(time.time())
-        body: dict[str, Any] = {"iss": ISS, "aud": aud, "exp": now + 300, "iat": now,
-                                "jti": str(uuid.uuid4())}
+        body: dict[str, Any] = {
+            "iss": ISS,
+            "aud": aud,
+            "exp": now + 300,
+            "iat": now,
+            "jti": str(uuid.uuid4()),
+        }
         body.update(claims)
         body = {k: v for k, v in body.items() if v is not None}
         hdr = {"kid": key.kid, "typ": "JWT", **(headers or {})}
@@ -144,38 +236,61 @@ class CdsEnv:
     def url(self, path: str) -> str:
         return f"{self.web}{path}"
 
-    def hook(self, service: str, body: dict[str, Any], *, token: str | None = None,
-             **kw: Any) -> httpx.Response:
+    def hook(
+        self, service: str, body: dict[str, Any], *, token: str | None = None, **kw: Any
+    ) -> httpx.Response:
         url = self.url(f"/cds-services/{service}")
         token = token if token is not None else self.sign(url)
         return self.http.post(url, json=body, headers={"Authorization": f"Bearer {token}"}, **kw)
 
-    def publish(self, *, facts: list[dict[str, Any]] | None = None,
-                links: list[dict[str, Any]] | None = None) -> None:
-        write_warehouse(warehouse_path(self.settings, TENANT),
-                        links=default_links() if links is None else links,
-                        facts=default_facts() if facts is None else facts,
-                        patients=default_patients())
+    def publish(
+        self,
+        *,
+        facts: list[dict[str, Any]] | None = None,
+        links: list[dict[str, Any]] | None = None,
+    ) -> None:
+        write_warehouse(
+            warehouse_path(self.settings, TENANT),
+            links=default_links() if links is None else links,
+            facts=default_facts() if facts is None else facts,
+            patients=default_patients(),
+        )
 
 
 def patient_view(patient: str = "a1", **extra: Any) -> dict[str, Any]:
-    return {"hook": "patient-view", "hookInstance": str(uuid.uuid4()),
-            "context": {"userId": "Practitioner/dr1", "patientId": patient}, **extra}
+    return {
+        "hook": "patient-view",
+        "hookInstance": str(uuid.uuid4()),
+        "context": {"userId": "Practitioner/dr1", "patientId": patient},
+        **extra,
+    }
 
 
-def order_select(orders: list[dict[str, Any]], selections: list[str] | None = None,
-                 patient: str = "a1") -> dict[str, Any]:
-    return {"hook": "order-select", "hookInstance": str(uuid.uuid4()), "context": {
-        "userId": "Practitioner/dr1", "patientId": patient,
-        "selections": selections or [f"{o['resourceType']}/{o['id']}" for o in orders],
-        "draftOrders": {"resourceType": "Bundle", "type": "collection",
-                        "entry": [{"resource": o} for o in orders]}}}
+def order_select(
+    orders: list[dict[str, Any]], selections: list[str] | None = None, patient: str = "a1"
+) -> dict[str, Any]:
+    return {
+        "hook": "order-select",
+        "hookInstance": str(uuid.uuid4()),
+        "context": {
+            "userId": "Practitioner/dr1",
+            "patientId": patient,
+            "selections": selections or [f"{o['resourceType']}/{o['id']}" for o in orders],
+            "draftOrders": {
+                "resourceType": "Bundle",
+                "type": "collection",
+                "entry": [{"resource": o} for o in orders],
+            },
+        },
+    }
 
 
 @pytest.fixture(scope="session")
 def ehr_keys() -> list[SigningKey]:
-    return [generate_signing_key("ES384", kid="ehr-es384"),
-            generate_signing_key("RS384", kid="ehr-rs384")]
+    return [
+        generate_signing_key("ES384", kid="ehr-es384"),
+        generate_signing_key("RS384", kid="ehr-rs384"),
+    ]
 
 
 @pytest.fixture
@@ -185,19 +300,29 @@ def cds_env(settings: Settings, ehr_keys: list[SigningKey]) -> Iterator[CdsEnv]:
     with serve(lambda base: stub_ehr_app(holder)) as stub_base:
         stub = holder["stub"] = StubEhr(base=stub_base, keys=list(ehr_keys))
         cp.add_tenant(TENANT, "Acme Health")
-        cp.add_source(SOURCE, "Mercy EHR", "sandbox", "ehr", stub.fhir_base,
-                      ["clinician_workflow"])
-        cp.add_source("ehr-b", "Riverside Clinic", "sandbox", "ehr", "http://b.example/fhir",
-                      ["backend"])
-        cp.add_source("payer-x", "Blue Payer", "sandbox", "payer", "http://x.example/fhir",
-                      ["patient_access"])
-        cp.add_organization(ORG, TENANT, SOURCE, "Mercy Hospital", config={"cds": {
-            "iss": ISS, "jwks_url": stub.jwks_url}})
+        cp.add_source(SOURCE, "Mercy EHR", "sandbox", "ehr", stub.fhir_base, ["clinician_workflow"])
+        cp.add_source(
+            "ehr-b", "Riverside Clinic", "sandbox", "ehr", "http://b.example/fhir", ["backend"]
+        )
+        cp.add_source(
+            "payer-x", "Blue Payer", "sandbox", "payer", "http://x.example/fhir", ["patient_access"]
+        )
+        cp.add_organization(
+            ORG,
+            TENANT,
+            SOURCE,
+            "Mercy Hospital",
+            config={"cds": {"iss": ISS, "jwks_url": stub.jwks_url}},
+        )
         cp.add_organization("riverside", TENANT, "ehr-b", "Riverside Clinic")
-        with httpx.Client(timeout=30.0) as http, serve(
-            lambda base: create_app(public_base_url=base, settings=settings,
-                                    cds_today=lambda: TODAY)
-        ) as web:
+        with (
+            httpx.Client(timeout=30.0) as http,
+            serve(
+                lambda base: create_app(
+                    public_base_url=base, settings=settings, cds_today=lambda: TODAY
+                )
+            ) as web,
+        ):
             env = CdsEnv(settings=settings, cp=cp, web=web, stub=stub, http=http)
             env.publish()
             yield env

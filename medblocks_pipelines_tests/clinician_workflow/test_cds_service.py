@@ -64,8 +64,9 @@ def test_recent_a1c_closes_the_gap(cds_env: CdsEnv) -> None:
     cds_env.hook("medblocks-patient-view", patient_view(prefetch={"patient": None}))
     deadline = time.time() + 10
     while time.time() < deadline:
-        cards = cds_env.hook("medblocks-patient-view",
-                             patient_view(prefetch={"patient": None})).json()["cards"]
+        cards = cds_env.hook(
+            "medblocks-patient-view", patient_view(prefetch={"patient": None})
+        ).json()["cards"]
         if not any(c["source"]["topic"]["code"] == "care-gap" for c in cards):
             break
         time.sleep(0.2)
@@ -73,8 +74,7 @@ def test_recent_a1c_closes_the_gap(cds_env: CdsEnv) -> None:
 
 
 def test_unknown_patient_with_null_prefetch_gets_no_cards(cds_env: CdsEnv) -> None:
-    resp = cds_env.hook("medblocks-patient-view",
-                        patient_view("zz9", prefetch={"patient": None}))
+    resp = cds_env.hook("medblocks-patient-view", patient_view("zz9", prefetch={"patient": None}))
     assert resp.status_code == 200 and resp.json() == {"cards": []}
 
 
@@ -86,14 +86,25 @@ def test_unknown_patient_without_prefetch_or_server_is_412(cds_env: CdsEnv) -> N
 
 def test_operation_outcome_prefetch_is_fetched_from_the_fhir_server(cds_env: CdsEnv) -> None:
     # Patient/x7 at ehr-a is not in the warehouse, but its MRN at ehr-b is: link by identifier.
-    cds_env.stub.patients["x7"] = {"resourceType": "Patient", "id": "x7", "identifier": [
-        {"system": "urn:mrn:ehr-b", "value": "MRN-B1"}]}
-    body = patient_view("x7", prefetch={"patient": {"resourceType": "OperationOutcome",
-                                                    "issue": [{"severity": "error"}]}})
+    cds_env.stub.patients["x7"] = {
+        "resourceType": "Patient",
+        "id": "x7",
+        "identifier": [{"system": "urn:mrn:ehr-b", "value": "MRN-B1"}],
+    }
+    body = patient_view(
+        "x7",
+        prefetch={
+            "patient": {"resourceType": "OperationOutcome", "issue": [{"severity": "error"}]}
+        },
+    )
     body["fhirServer"] = cds_env.stub.fhir_base
-    body["fhirAuthorization"] = {"access_token": FHIR_TOKEN, "token_type": "Bearer",
-                                 "expires_in": 300, "scope": "user/Patient.rs",
-                                 "subject": "medblocks-cds"}
+    body["fhirAuthorization"] = {
+        "access_token": FHIR_TOKEN,
+        "token_type": "Bearer",
+        "expires_in": 300,
+        "scope": "user/Patient.rs",
+        "subject": "medblocks-cds",
+    }
     resp = cds_env.hook("medblocks-patient-view", body)
     assert resp.status_code == 200, resp.text
     assert "/fhir/Patient/x7" in cds_env.stub.hits
@@ -108,22 +119,37 @@ def test_operation_outcome_prefetch_without_server_is_412(cds_env: CdsEnv) -> No
 def test_fhir_server_other_than_the_registered_one_is_refused(cds_env: CdsEnv) -> None:
     body = patient_view("x7")
     body["fhirServer"] = "http://127.0.0.1:9/fhir"
-    body["fhirAuthorization"] = {"access_token": FHIR_TOKEN, "token_type": "Bearer",
-                                 "expires_in": 300, "scope": "user/Patient.rs", "subject": "x"}
+    body["fhirAuthorization"] = {
+        "access_token": FHIR_TOKEN,
+        "token_type": "Bearer",
+        "expires_in": 300,
+        "scope": "user/Patient.rs",
+        "subject": "x",
+    }
     resp = cds_env.hook("medblocks-patient-view", body)
     assert resp.status_code == 400 and resp.json()["error"] == "unknown_fhir_server"
 
 
 def _service_request(code: str, rid: str = "sr1") -> dict:
-    return {"resourceType": "ServiceRequest", "id": rid, "status": "draft", "intent": "order",
-            "subject": {"reference": "Patient/a1"},
-            "code": {"coding": [{"system": LOINC, "code": code}]}}
+    return {
+        "resourceType": "ServiceRequest",
+        "id": rid,
+        "status": "draft",
+        "intent": "order",
+        "subject": {"reference": "Patient/a1"},
+        "code": {"coding": [{"system": LOINC, "code": code}]},
+    }
 
 
 def _med_request(rx: str, rid: str = "mr1") -> dict:
-    return {"resourceType": "MedicationRequest", "id": rid, "status": "draft", "intent": "order",
-            "subject": {"reference": "Patient/a1"},
-            "medicationCodeableConcept": {"coding": [{"system": RX, "code": rx}]}}
+    return {
+        "resourceType": "MedicationRequest",
+        "id": rid,
+        "status": "draft",
+        "intent": "order",
+        "subject": {"reference": "Patient/a1"},
+        "medicationCodeableConcept": {"coding": [{"system": RX, "code": rx}]},
+    }
 
 
 def test_order_select_duplicate_lab(cds_env: CdsEnv) -> None:
@@ -134,8 +160,11 @@ def test_order_select_duplicate_lab(cds_env: CdsEnv) -> None:
     assert card["summary"] == "Possible duplicate: Cholesterol done 10 days ago elsewhere"
     assert "Riverside Clinic" in card["detail"] and "190" in card["detail"]
     action = card["suggestions"][0]["actions"][0]
-    assert action == {"type": "delete", "description": "Remove draft order ServiceRequest/sr1",
-                      "resourceId": "ServiceRequest/sr1"}
+    assert action == {
+        "type": "delete",
+        "description": "Remove draft order ServiceRequest/sr1",
+        "resourceId": "ServiceRequest/sr1",
+    }
     # The A1c was 200 days ago: outside the lab window, no duplicate.
     resp = cds_env.hook("medblocks-order-select", order_select([_service_request("4548-4")]))
     assert resp.json() == {"cards": []}
@@ -145,8 +174,9 @@ def test_order_select_allergy_class_and_interaction(cds_env: CdsEnv) -> None:
     amox = _med_request("723", "amox")
     amlo = _med_request("17767", "amlo")
     other = _service_request("2093-3", "unselected")
-    body = order_select([amox, amlo, other], selections=["MedicationRequest/amox",
-                                                         "MedicationRequest/amlo"])
+    body = order_select(
+        [amox, amlo, other], selections=["MedicationRequest/amox", "MedicationRequest/amlo"]
+    )
     cards = assert_valid_response(cds_env.hook("medblocks-order-select", body).json())
     topics = sorted(c["source"]["topic"]["code"] for c in cards)
     assert topics == ["allergy", "interaction"]  # the unselected lab is not checked
@@ -174,15 +204,32 @@ def test_card_uuids_are_stable_across_calls(cds_env: CdsEnv) -> None:
 def test_malformed_requests_are_400_with_a_reason(cds_env: CdsEnv) -> None:
     url = "medblocks-patient-view"
     cases = [
-        ({"hook": "order-select", "hookInstance": str(uuid.uuid4()),
-          "context": {"userId": "Practitioner/1", "patientId": "a1"}}, "hook must be"),
+        (
+            {
+                "hook": "order-select",
+                "hookInstance": str(uuid.uuid4()),
+                "context": {"userId": "Practitioner/1", "patientId": "a1"},
+            },
+            "hook must be",
+        ),
         ({**patient_view(), "hookInstance": "not-a-uuid"}, "hookInstance"),
         ({"hook": "patient-view", "hookInstance": str(uuid.uuid4())}, "context"),
         ({**patient_view(), "context": {"userId": "Device/1", "patientId": "a1"}}, "userId"),
         ({**patient_view(), "context": {"userId": "Practitioner/1"}}, "patientId"),
         ({**patient_view(), "prefetch": []}, "prefetch"),
-        ({**patient_view(), "fhirAuthorization": {"access_token": "t", "token_type": "Bearer",
-          "expires_in": 1, "scope": "s", "subject": "x"}}, "fhirServer is required"),
+        (
+            {
+                **patient_view(),
+                "fhirAuthorization": {
+                    "access_token": "t",
+                    "token_type": "Bearer",
+                    "expires_in": 1,
+                    "scope": "s",
+                    "subject": "x",
+                },
+            },
+            "fhirServer is required",
+        ),
     ]
     for body, expected in cases:
         resp = cds_env.hook(url, body)
@@ -195,29 +242,47 @@ def test_malformed_requests_are_400_with_a_reason(cds_env: CdsEnv) -> None:
     no_bundle["context"]["draftOrders"] = {"resourceType": "Patient"}
     assert cds_env.hook("medblocks-order-select", no_bundle).status_code == 400
     token = cds_env.sign(cds_env.url("/cds-services/medblocks-patient-view"))
-    resp = cds_env.http.post(cds_env.url("/cds-services/medblocks-patient-view"),
-                             content=b"{not json", headers={
-                                 "Authorization": f"Bearer {token}",
-                                 "Content-Type": "application/json"})
+    resp = cds_env.http.post(
+        cds_env.url("/cds-services/medblocks-patient-view"),
+        content=b"{not json",
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+    )
     assert resp.status_code == 400 and resp.json()["error"] == "invalid_request"
     assert cds_env.hook("no-such-service", patient_view()).status_code == 404
 
 
 def test_feedback_is_stored_once(cds_env: CdsEnv) -> None:
-    cards = cds_env.hook("medblocks-patient-view",
-                         patient_view(prefetch={"patient": None})).json()["cards"]
+    cards = cds_env.hook("medblocks-patient-view", patient_view(prefetch={"patient": None})).json()[
+        "cards"
+    ]
     gap = next(c for c in cards if c["source"]["topic"]["code"] == "care-gap")
     url = cds_env.url("/cds-services/medblocks-patient-view/feedback")
-    body = {"feedback": [{"card": gap["uuid"], "outcome": "accepted",
-                          "acceptedSuggestions": [{"id": gap["suggestions"][0]["uuid"]}],
-                          "outcomeTimestamp": "2026-06-01T10:00:00Z"}]}
-    first = cds_env.http.post(url, json=body, headers={"Authorization": f"Bearer {cds_env.sign(url)}"})
-    again = cds_env.http.post(url, json=body, headers={"Authorization": f"Bearer {cds_env.sign(url)}"})
+    body = {
+        "feedback": [
+            {
+                "card": gap["uuid"],
+                "outcome": "accepted",
+                "acceptedSuggestions": [{"id": gap["suggestions"][0]["uuid"]}],
+                "outcomeTimestamp": "2026-06-01T10:00:00Z",
+            }
+        ]
+    }
+    first = cds_env.http.post(
+        url, json=body, headers={"Authorization": f"Bearer {cds_env.sign(url)}"}
+    )
+    again = cds_env.http.post(
+        url, json=body, headers={"Authorization": f"Bearer {cds_env.sign(url)}"}
+    )
     assert first.json() == {"stored": 1, "duplicates": 0}
     assert again.json() == {"stored": 0, "duplicates": 1}
-    bad = {"feedback": [{"card": gap["uuid"], "outcome": "accepted",
-                         "outcomeTimestamp": "2026-06-01T10:00:00Z"}]}
-    resp = cds_env.http.post(url, json=bad, headers={"Authorization": f"Bearer {cds_env.sign(url)}"})
+    bad = {
+        "feedback": [
+            {"card": gap["uuid"], "outcome": "accepted", "outcomeTimestamp": "2026-06-01T10:00:00Z"}
+        ]
+    }
+    resp = cds_env.http.post(
+        url, json=bad, headers={"Authorization": f"Bearer {cds_env.sign(url)}"}
+    )
     assert resp.status_code == 400 and "acceptedSuggestions" in resp.json()["detail"]
 
 
@@ -252,18 +317,22 @@ def test_broken_rebuild_keeps_serving_the_last_published(cds_env: CdsEnv) -> Non
 
 def test_a_second_source_of_the_same_ehr_counts_as_this_chart(cds_env: CdsEnv) -> None:
     # The same EHR registered twice (bulk sync client + launch client): same FHIR base.
-    cds_env.cp.add_source("ehr-a-bulk", "Mercy EHR (bulk)", "sandbox", "ehr",
-                          cds_env.stub.fhir_base, ["backend"])
+    cds_env.cp.add_source(
+        "ehr-a-bulk", "Mercy EHR (bulk)", "sandbox", "ehr", cds_env.stub.fhir_base, ["backend"]
+    )
     facts = default_facts()
     for f in facts:
         if f["fact_id"] == "f-lipid":
             f["sources"] = f["organizations"] = ["ehr-a-bulk"]
     # The patient is linked only through the bulk source's key.
-    links = [{"patient_key": "ehr-a-bulk/Patient/a1", "source": "ehr-a-bulk", "person_id": "P1"},
-             {"patient_key": "ehr-b/Patient/b1", "source": "ehr-b", "person_id": "P1"}]
+    links = [
+        {"patient_key": "ehr-a-bulk/Patient/a1", "source": "ehr-a-bulk", "person_id": "P1"},
+        {"patient_key": "ehr-b/Patient/b1", "source": "ehr-b", "person_id": "P1"},
+    ]
     cds_env.publish(facts=facts, links=links)
-    cards = cds_env.hook("medblocks-patient-view",
-                         patient_view(prefetch={"patient": None})).json()["cards"]
+    cards = cds_env.hook("medblocks-patient-view", patient_view(prefetch={"patient": None})).json()[
+        "cards"
+    ]
     beyond = next(c for c in cards if c["source"]["topic"]["code"] == "records-elsewhere")
     assert beyond["summary"].startswith("3 items from 2 other sources")
     assert "Cholesterol" not in beyond["detail"]

@@ -45,20 +45,57 @@ def _warehouse(settings: Settings, source: str, patient: str) -> None:
     today = date.today()
     person = "P1"
     facts = [
-        fact("f-dm", person, "condition", [f"{SCT}|44054006"], "Diabetes mellitus type 2", 400,
-             ["lakeside-clinic"], ["backend"], status="active"),
-        fact("f-pen", person, "allergy", [f"{RX}|70618"], "penicillin", 900, ["summit"],
-             ["patient_access"], status="active"),
-        fact("f-a1c", person, "result", [f"{LOINC}|4548-4"], "Hemoglobin A1c", 300,
-             ["lakeside-clinic"], ["network"], value_num=8.1, value_unit="%"),
+        fact(
+            "f-dm",
+            person,
+            "condition",
+            [f"{SCT}|44054006"],
+            "Diabetes mellitus type 2",
+            400,
+            ["lakeside-clinic"],
+            ["backend"],
+            status="active",
+        ),
+        fact(
+            "f-pen",
+            person,
+            "allergy",
+            [f"{RX}|70618"],
+            "penicillin",
+            900,
+            ["summit"],
+            ["patient_access"],
+            status="active",
+        ),
+        fact(
+            "f-a1c",
+            person,
+            "result",
+            [f"{LOINC}|4548-4"],
+            "Hemoglobin A1c",
+            300,
+            ["lakeside-clinic"],
+            ["network"],
+            value_num=8.1,
+            value_unit="%",
+        ),
     ]
     for f in facts:  # dates relative to the real today (the sandbox EHR has no clock override)
         f["last_date"] = f["effective_date"] = today.fromordinal(
-            today.toordinal() - (date(2026, 6, 1) - f["last_date"]).days)
-    write_warehouse(warehouse_path(settings, TENANT), facts=facts, links=[
-        {"patient_key": f"{source}/Patient/{patient}", "source": source, "person_id": person},
-        {"patient_key": f"lakeside-clinic/Patient/x{patient}", "source": "lakeside-clinic",
-         "person_id": person}])
+            today.toordinal() - (date(2026, 6, 1) - f["last_date"]).days
+        )
+    write_warehouse(
+        warehouse_path(settings, TENANT),
+        facts=facts,
+        links=[
+            {"patient_key": f"{source}/Patient/{patient}", "source": source, "person_id": person},
+            {
+                "patient_key": f"lakeside-clinic/Patient/x{patient}",
+                "source": "lakeside-clinic",
+                "person_id": person,
+            },
+        ],
+    )
 
 
 @pytest.fixture
@@ -75,8 +112,9 @@ def env(settings: Settings, sandbox: SandboxHandle) -> Iterator[dict[str, Any]]:
 
 def test_ehr_launch_opens_the_app_with_context(env: dict[str, Any], sandbox: SandboxHandle) -> None:
     cp = env["cp"]
-    page = launch_in_browser(sandbox, org=ORG, patient=env["patient"], web_base=env["web"],
-                             encounter="enc-1")
+    page = launch_in_browser(
+        sandbox, org=ORG, patient=env["patient"], web_base=env["web"], encounter="enc-1"
+    )
     assert page.status_code == 200, page.text
     assert page.url.path.startswith("/ehr/app/")
     assert 'id="patient-banner"' in page.text and 'id="record"' in page.text
@@ -95,13 +133,16 @@ def test_ehr_launch_opens_the_app_with_context(env: dict[str, Any], sandbox: San
     with cp.engine.connect() as c:
         rel = c.execute(sa.select(network_relationship_events)).mappings().all()
     assert [(r["person_id"], r["kind"], r["organization_id"]) for r in rel] == [
-        ("P1", "ehr_launch", env["organization_id"])]
+        ("P1", "ehr_launch", env["organization_id"])
+    ]
 
 
 def test_unknown_iss_is_refused_without_redirect(env: dict[str, Any]) -> None:
     with httpx.Client(timeout=10) as browser:
-        resp = browser.get(f"{env['web']}/ehr/launch",
-                           params={"iss": "https://attacker.example/fhir", "launch": "x"})
+        resp = browser.get(
+            f"{env['web']}/ehr/launch",
+            params={"iss": "https://attacker.example/fhir", "launch": "x"},
+        )
     assert resp.status_code == 400 and "unknown_iss" in resp.text
     assert "location" not in resp.headers
     assert env["cp"].list_connections(pattern="clinician_workflow") == []
@@ -120,12 +161,15 @@ def test_app_page_needs_the_launching_browser(env: dict[str, Any], sandbox: Sand
         assert resp.status_code == 403
 
 
-def test_callback_replay_and_forged_state_are_refused(env: dict[str, Any],
-                                                      sandbox: SandboxHandle) -> None:
+def test_callback_replay_and_forged_state_are_refused(
+    env: dict[str, Any], sandbox: SandboxHandle
+) -> None:
     launcher = sandbox.role_urls["cds_ehr"]
     with httpx.Client(timeout=30, follow_redirects=False) as browser:
-        r = browser.get(f"{launcher}/launch", params={
-            "org": ORG, "patient": env["patient"], "app": f"{env['web']}/ehr/launch"})
+        r = browser.get(
+            f"{launcher}/launch",
+            params={"org": ORG, "patient": env["patient"], "app": f"{env['web']}/ehr/launch"},
+        )
         hops = 0
         while r.status_code in (302, 303) and "/ehr/callback" not in r.headers["location"]:
             r = browser.get(r.headers["location"])
@@ -143,31 +187,51 @@ def test_sandbox_ehr_fires_hooks_with_signed_jwt_and_prefetch(
     env: dict[str, Any], sandbox: SandboxHandle
 ) -> None:
     client = sandbox.roles["cds_ehr"].extra["client"]
-    view = client.fire(org=ORG, service_base=env["web"], hook="patient-view",
-                       patient=env["patient"])
+    view = client.fire(
+        org=ORG, service_base=env["web"], hook="patient-view", patient=env["patient"]
+    )
     assert view["status"] == 200, view["body"]
     assert view["request"]["prefetch"]["patient"]["id"] == env["patient"]  # filled from the EHR
     cards = assert_valid_response(view["body"])
     topics = {c["source"]["topic"]["code"] for c in cards}
     assert topics == {"records-elsewhere", "care-gap"}
-    select = client.fire(org=ORG, service_base=env["web"], hook="order-select",
-                         patient=env["patient"], orders=demo_orders(env["patient"]),
-                         selections=["MedicationRequest/draft-amox"])
+    select = client.fire(
+        org=ORG,
+        service_base=env["web"],
+        hook="order-select",
+        patient=env["patient"],
+        orders=demo_orders(env["patient"]),
+        selections=["MedicationRequest/draft-amox"],
+    )
     cards = assert_valid_response(select["body"])
     assert [c["source"]["topic"]["code"] for c in cards] == ["allergy"]
     # Fault modes: an unknown patient with an OperationOutcome prefetch and no FHIR access: 412.
-    bad = client.fire(org=ORG, service_base=env["web"], hook="patient-view", patient="nobody",
-                      prefetch_mode="outcome")
+    bad = client.fire(
+        org=ORG,
+        service_base=env["web"],
+        hook="patient-view",
+        patient="nobody",
+        prefetch_mode="outcome",
+    )
     assert bad["status"] == 412
-    nulls = client.fire(org=ORG, service_base=env["web"], hook="patient-view", patient="nobody",
-                        prefetch_mode="null")
+    nulls = client.fire(
+        org=ORG,
+        service_base=env["web"],
+        hook="patient-view",
+        patient="nobody",
+        prefetch_mode="null",
+    )
     assert nulls["status"] == 200 and nulls["body"] == {"cards": []}
 
 
 def test_admin_fire_over_http_needs_the_secret(env: dict[str, Any], sandbox: SandboxHandle) -> None:
     url = f"{sandbox.role_urls['cds_ehr']}/_admin/fire"
-    body = {"org": ORG, "service_base": env["web"], "hook": "patient-view",
-            "patient": env["patient"]}
+    body = {
+        "org": ORG,
+        "service_base": env["web"],
+        "hook": "patient-view",
+        "patient": env["patient"],
+    }
     with httpx.Client(timeout=30) as http:
         assert http.post(url, json=body).status_code == 403
         resp = http.post(url, json=body, headers={"X-Admin-Secret": sandbox.admin_secret})
@@ -215,12 +279,20 @@ def test_launch_sensor_dedupes_and_the_sync_lands_the_patient(
         assert ids == [first_conn]
         assert req.tags["medblocks/source"] == env["source_id"]
         # The next tick sees nothing new.
-        again = clinician_launch_sensor(dg.build_sensor_context(
-            instance=instance, resources={"platform": platform}, cursor=result.cursor))
+        again = clinician_launch_sensor(
+            dg.build_sensor_context(
+                instance=instance, resources={"platform": platform}, cursor=result.cursor
+            )
+        )
         assert not again.run_requests
         instance.add_dynamic_partitions("clinician_orgs", [key])
-        out = dg.materialize([clinician_workflow_records], partition_key=key, instance=instance,
-                             resources={"platform": platform}, run_config=req.run_config)
+        out = dg.materialize(
+            [clinician_workflow_records],
+            partition_key=key,
+            instance=instance,
+            resources={"platform": platform},
+            run_config=req.run_config,
+        )
         assert out.success
         meta = out.asset_materializations_for_node("clinician_workflow__records")[0].metadata
         assert meta["connections_pulled"].value == 1
@@ -232,17 +304,30 @@ def test_plan_syncs_dedupes_per_patient_and_org() -> None:
     from medblocks_pipelines.defs.clinician_workflow.sensors import DEDUPE_SECONDS, plan_syncs
 
     def ev(cid: str, org: str = "o1", tenant: str = "t") -> dict[str, Any]:
-        return {"type": "clinician.launch", "tenant_id": tenant, "payload": {
-            "connection_id": cid, "organization_id": org, "pattern": "clinician_workflow"}}
+        return {
+            "type": "clinician.launch",
+            "tenant_id": tenant,
+            "payload": {
+                "connection_id": cid,
+                "organization_id": org,
+                "pattern": "clinician_workflow",
+            },
+        }
 
     patient_of = {"c1": "p1", "c2": "p1", "c3": "p2", "c4": "p1", "c5": None}
-    plan, recent, deduped = plan_syncs([ev("c1"), ev("c2"), ev("c3"), ev("c4", org="o2"),
-                                        ev("c5")], recent={}, now=1000.0, patient_of=patient_of)
+    plan, recent, deduped = plan_syncs(
+        [ev("c1"), ev("c2"), ev("c3"), ev("c4", org="o2"), ev("c5")],
+        recent={},
+        now=1000.0,
+        patient_of=patient_of,
+    )
     assert plan == {("t", "o1"): ["c1", "c3"], ("t", "o2"): ["c4"]} and deduped == 1
     # Within the window the same patient is skipped; after it, synced again.
-    plan2, _, d2 = plan_syncs([ev("c2")], recent=recent, now=1000.0 + DEDUPE_SECONDS - 1,
-                              patient_of=patient_of)
+    plan2, _, d2 = plan_syncs(
+        [ev("c2")], recent=recent, now=1000.0 + DEDUPE_SECONDS - 1, patient_of=patient_of
+    )
     assert plan2 == {} and d2 == 1
-    plan3, _, _ = plan_syncs([ev("c2")], recent=recent, now=1000.0 + DEDUPE_SECONDS + 1,
-                             patient_of=patient_of)
+    plan3, _, _ = plan_syncs(
+        [ev("c2")], recent=recent, now=1000.0 + DEDUPE_SECONDS + 1, patient_of=patient_of
+    )
     assert plan3 == {("t", "o1"): ["c2"]}

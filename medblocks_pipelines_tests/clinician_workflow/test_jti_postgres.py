@@ -27,16 +27,25 @@ def test_replay_refused_across_authenticators_on_postgres(
     key = generate_signing_key("RS384", kid="pg")
     tenant = f"t{uuid.uuid4().hex[:8]}"
     cp.add_tenant(tenant, "T")
-    cp.add_source(f"{tenant}-src", "S", "sandbox", "ehr", "http://s.example/fhir",
-                  ["clinician_workflow"])
+    cp.add_source(
+        f"{tenant}-src", "S", "sandbox", "ehr", "http://s.example/fhir", ["clinician_workflow"]
+    )
     iss = f"https://{tenant}.example"
-    cp.add_organization(f"{tenant}-org", tenant, f"{tenant}-src", "O", config={"cds": {
-        "iss": iss, "jwks": {"keys": [key.public_jwk()]}}})
+    cp.add_organization(
+        f"{tenant}-org",
+        tenant,
+        f"{tenant}-src",
+        "O",
+        config={"cds": {"iss": iss, "jwks": {"keys": [key.public_jwk()]}}},
+    )
     url = "http://us.example/cds-services/medblocks-patient-view"
     now = int(time.time())
-    token = jwt.encode({"iss": iss, "aud": url, "iat": now, "exp": now + 60,
-                        "jti": str(uuid.uuid4())}, key.private_pem, algorithm="RS384",
-                       headers={"kid": "pg", "typ": "JWT"})
+    token = jwt.encode(
+        {"iss": iss, "aud": url, "iat": now, "exp": now + 60, "jti": str(uuid.uuid4())},
+        key.private_pem,
+        algorithm="RS384",
+        headers={"kid": "pg", "typ": "JWT"},
+    )
     first, second = CdsAuthenticator(cp), CdsAuthenticator(cp)
     assert first.verify(f"Bearer {token}", url=url).tenant_id == tenant
     with pytest.raises(CdsRequestError) as err:

@@ -24,8 +24,14 @@ def population() -> Any:
 def test_index_over_a_real_build(settings: Settings, population: Any) -> None:
     orgs = [o.id for o in population.organizations if o.kind == "ehr"][:2]
     for org in orgs:
-        prov = Provenance(tenant="acme", pattern="backend", source=org, organization=org,
-                          connection=None, run_id=f"run-{org}")
+        prov = Provenance(
+            tenant="acme",
+            pattern="backend",
+            source=org,
+            organization=org,
+            connection=None,
+            run_id=f"run-{org}",
+        )
         with LakeWriter(settings.lake_root, prov) as w:
             for res in population.resources_for(org):
                 w.add(res)
@@ -48,10 +54,17 @@ def test_index_over_a_real_build(settings: Settings, population: Any) -> None:
     here, other, patient_id, person, facts = best
     assert snap.person_for(here, patient_id) == person
     assert all(f["codes"] for f in facts if f["kind"] in ("condition", "result"))
-    cards = patient_view_cards(facts, CardContext(
-        service_id="medblocks-patient-view", person_id=person, here_source=here,
-        patient_id=patient_id, today=__import__("datetime").date.today(),
-        app_url="http://app.example/ehr/launch"))
+    cards = patient_view_cards(
+        facts,
+        CardContext(
+            service_id="medblocks-patient-view",
+            person_id=person,
+            here_source=here,
+            patient_id=patient_id,
+            today=__import__("datetime").date.today(),
+            app_url="http://app.example/ehr/launch",
+        ),
+    )
     beyond = next(c for c in cards if c["source"]["topic"]["code"] == "records-elsewhere")
     assert_no_empty(beyond)
     assert f"source: {other}" in beyond["detail"] and "pattern: EHR bulk sync" in beyond["detail"]

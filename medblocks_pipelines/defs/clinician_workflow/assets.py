@@ -7,6 +7,7 @@ the token that launch granted), through the single-connection pull of ``lib.fhir
 
 import uuid
 from datetime import UTC, datetime
+from typing import Any
 
 import dagster as dg
 
@@ -43,29 +44,34 @@ def clinician_workflow_records(
     tenant, org = split_partition_key(context.partition_key)
     cp = platform.control_plane
     active = {
-        c["id"] for c in cp.list_connections(tenant_id=tenant, pattern=PATTERN, state="active",
-                                             organization_id=org)
+        c["id"]
+        for c in cp.list_connections(
+            tenant_id=tenant, pattern=PATTERN, state="active", organization_id=org
+        )
     }
     ids = [c for c in config.connection_ids if c in active]
     skipped = len(config.connection_ids) - len(ids)
     run_id = context.run_id or f"cw-{uuid.uuid4().hex[:12]}"
-    meta: dict[str, object] = {"connections_pulled": 0, "resources": 0}
+    meta: dict[str, Any] = {"connections_pulled": 0, "resources": 0}
     if ids:
-        batch = pull_batch(cp, ids, lake_root=platform.settings.lake_root, run_id=run_id,
-                           full=config.full)
+        batch = pull_batch(
+            cp, ids, lake_root=platform.settings.lake_root, run_id=run_id, full=config.full
+        )
         meta = batch.as_metadata()
         for cid in ids:
             cp.record_event(cid, "clinician.synced", {"run_id": run_id})
     else:
         context.log.info("no active launch connections to sync in this run")
-    return dg.MaterializeResult(metadata={
-        "connections_pulled": int(meta.get("connections_pulled", 0) or 0),  # type: ignore[call-overload]
-        "connections_skipped": skipped,
-        "resources": int(meta.get("resources", 0) or 0),  # type: ignore[call-overload]
-        "resources_by_type": dg.MetadataValue.json(meta.get("resources_by_type", {})),
-        "by_status": dg.MetadataValue.json(meta.get("by_status", {})),
-        "synced_at": datetime.now(UTC).isoformat(),
-    })
+    return dg.MaterializeResult(
+        metadata={
+            "connections_pulled": int(meta.get("connections_pulled", 0) or 0),
+            "connections_skipped": skipped,
+            "resources": int(meta.get("resources", 0) or 0),
+            "resources_by_type": dg.MetadataValue.json(meta.get("resources_by_type", {})),
+            "by_status": dg.MetadataValue.json(meta.get("by_status", {})),
+            "synced_at": datetime.now(UTC).isoformat(),
+        }
+    )
 
 
 clinician_sync_job = dg.define_asset_job(

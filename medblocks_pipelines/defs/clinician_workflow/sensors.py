@@ -72,33 +72,45 @@ def clinician_launch_sensor(
         cid = (ev.get("payload") or {}).get("connection_id")
         if cid:
             patient_of[cid] = cp.get_connection(cid).get("source_patient_id")
-    plan, recent, deduped = plan_syncs(launches, recent=state.get("recent", {}), now=time.time(),
-                                       patient_of=patient_of)
+    plan, recent, deduped = plan_syncs(
+        launches, recent=state.get("recent", {}), now=time.time(), patient_of=patient_of
+    )
     cursor = json.dumps({"last": last, "recent": recent})
     if not plan:
-        return dg.SensorResult(skip_reason=f"no new launches ({deduped} deduplicated)",
-                               cursor=cursor)
+        return dg.SensorResult(
+            skip_reason=f"no new launches ({deduped} deduplicated)", cursor=cursor
+        )
     source_of = {
-        (ev["tenant_id"], (ev.get("payload") or {}).get("organization_id")):
-        (ev.get("payload") or {}).get("source_id") for ev in launches
+        (ev["tenant_id"], (ev.get("payload") or {}).get("organization_id")): (
+            ev.get("payload") or {}
+        ).get("source_id")
+        for ev in launches
     }
     requests = []
     keys = []
     for (tenant, org), ids in sorted(plan.items()):
         key = partition_key(tenant, org)
         keys.append(key)
-        requests.append(dg.RunRequest(
-            run_key=f"cw-launch:{key}:{ids[0]}:{len(ids)}",
-            partition_key=key,
-            run_config={"ops": {"clinician_workflow__records": {"config": {
-                "connection_ids": ids}}}},
-            tags={"medblocks/tenant": tenant, "medblocks/source": str(source_of.get((tenant, org))),
-                  "medblocks/trigger": "ehr_launch"},
-        ))
+        requests.append(
+            dg.RunRequest(
+                run_key=f"cw-launch:{key}:{ids[0]}:{len(ids)}",
+                partition_key=key,
+                run_config={
+                    "ops": {"clinician_workflow__records": {"config": {"connection_ids": ids}}}
+                },
+                tags={
+                    "medblocks/tenant": tenant,
+                    "medblocks/source": str(source_of.get((tenant, org))),
+                    "medblocks/trigger": "ehr_launch",
+                },
+            )
+        )
     existing = set(context.instance.get_dynamic_partitions(clinician_org_partitions.name or ""))
     missing = sorted(set(keys) - existing)
     return dg.SensorResult(
-        run_requests=requests, cursor=cursor,
+        run_requests=requests,
+        cursor=cursor,
         dynamic_partitions_requests=(
-            [clinician_org_partitions.build_add_request(missing)] if missing else []),
+            [clinician_org_partitions.build_add_request(missing)] if missing else []
+        ),
     )

@@ -59,9 +59,14 @@ PATTERN_LABELS = {
     "network": "exchange network",
 }
 KIND_LABELS = {
-    "condition": "conditions", "medication": "medications", "allergy": "allergies",
-    "immunization": "immunizations", "result": "results", "report": "reports",
-    "encounter": "encounters", "procedure": "procedures",
+    "condition": "conditions",
+    "medication": "medications",
+    "allergy": "allergies",
+    "immunization": "immunizations",
+    "result": "results",
+    "report": "reports",
+    "encounter": "encounters",
+    "procedure": "procedures",
 }
 
 
@@ -142,16 +147,25 @@ def provenance(fact: Mapping[str, Any], ctx: CardContext) -> str:
 def _source(ctx: CardContext, topic: str | None = None) -> dict[str, Any]:
     src: dict[str, Any] = {"label": ctx.label}
     if topic:
-        src["topic"] = {"system": "https://medblocks.com/cds/topics", "code": topic,
-                        "display": topic.replace("-", " ")}
+        src["topic"] = {
+            "system": "https://medblocks.com/cds/topics",
+            "code": topic,
+            "display": topic.replace("-", " "),
+        }
     return src
 
 
 def _links(ctx: CardContext) -> list[dict[str, Any]]:
     if not ctx.app_url:
         return []
-    return [{"label": "Open the unified record", "url": ctx.app_url, "type": "smart",
-             "appContext": f"person-view:{ctx.service_id}"}]
+    return [
+        {
+            "label": "Open the unified record",
+            "url": ctx.app_url,
+            "type": "smart",
+            "appContext": f"person-view:{ctx.service_id}",
+        }
+    ]
 
 
 def _origin_of(fact: Mapping[str, Any], ctx: CardContext) -> str:
@@ -171,7 +185,8 @@ def _origin_of(fact: Mapping[str, Any], ctx: CardContext) -> str:
 def beyond_this_ehr(facts: Sequence[Mapping[str, Any]], ctx: CardContext) -> dict[str, Any] | None:
     """What the record holds that this EHR's source does not state (None when nothing)."""
     outside = [
-        f for f in facts
+        f
+        for f in facts
         if _elsewhere(f, ctx)
         and not (ctx.here_sources or {ctx.here_source}) & set(f.get("sources") or [])
     ]
@@ -181,27 +196,39 @@ def beyond_this_ehr(facts: Sequence[Mapping[str, Any]], ctx: CardContext) -> dic
     origins = Counter(_origin_of(f, ctx) for f in outside)
     sources = sorted({s for f in outside for s in _elsewhere(f, ctx)})
     counts = ", ".join(f"{n} {KIND_LABELS.get(k, k)}" for k, n in kinds.most_common())
-    summary = f"{len(outside)} items from {len(sources)} other source" + (
-        "s" if len(sources) != 1 else "") + " not in this chart"
-    lines = [f"**Not in this chart:** {_md(counts)}.", "",
-             "**From:** " + _md(", ".join(f"{o} ({n})" for o, n in origins.most_common())) + ".",
-             "", "**Most recent:**", ""]
+    summary = (
+        f"{len(outside)} items from {len(sources)} other source"
+        + ("s" if len(sources) != 1 else "")
+        + " not in this chart"
+    )
+    lines = [
+        f"**Not in this chart:** {_md(counts)}.",
+        "",
+        "**From:** " + _md(", ".join(f"{o} ({n})" for o, n in origins.most_common())) + ".",
+        "",
+        "**Most recent:**",
+        "",
+    ]
     dated = sorted(outside, key=lambda f: _day(f.get("last_date")) or date.min, reverse=True)
     for f in dated[:RECENT_ITEMS]:
         value = ""
         if f.get("value_num") is not None:
-            value = f" = {f['value_num']:g}" + (f" {f['value_unit']}" if f.get("value_unit") else "")
+            value = f" = {f['value_num']:g}" + (
+                f" {f['value_unit']}" if f.get("value_unit") else ""
+            )
         elif f.get("value_text"):
             value = f" = {f['value_text']}"
         lines.append(f"- {_md(_name(f) + value)} ({_md(str(f['kind']))}); {provenance(f, ctx)}")
-    return _clean({
-        "uuid": _uuid(ctx, "beyond_this_ehr", str(len(outside))),
-        "summary": summary[:139],
-        "detail": "\n".join(lines),
-        "indicator": "info",
-        "source": _source(ctx, "records-elsewhere"),
-        "links": _links(ctx),
-    })
+    return _clean(
+        {
+            "uuid": _uuid(ctx, "beyond_this_ehr", str(len(outside))),
+            "summary": summary[:139],
+            "detail": "\n".join(lines),
+            "indicator": "info",
+            "source": _source(ctx, "records-elsewhere"),
+            "links": _links(ctx),
+        }
+    )
 
 
 def _is_diabetes(fact: Mapping[str, Any]) -> bool:
@@ -216,11 +243,18 @@ def _is_diabetes(fact: Mapping[str, Any]) -> bool:
 
 def a1c_overdue(facts: Sequence[Mapping[str, Any]], ctx: CardContext) -> dict[str, Any] | None:
     """A diabetic with no HbA1c within ``A1C_INTERVAL_DAYS`` (None when not applicable)."""
-    diabetes = [f for f in facts if f["kind"] == "condition" and _is_diabetes(f)
-                and str(f.get("status") or "active") not in ("resolved", "inactive", "entered-in-error")]
+    diabetes = [
+        f
+        for f in facts
+        if f["kind"] == "condition"
+        and _is_diabetes(f)
+        and str(f.get("status") or "active") not in ("resolved", "inactive", "entered-in-error")
+    ]
     if not diabetes:
         return None
-    a1cs = [f for f in facts if f["kind"] == "result" and A1C_CODES.intersection(f.get("codes") or [])]
+    a1cs = [
+        f for f in facts if f["kind"] == "result" and A1C_CODES.intersection(f.get("codes") or [])
+    ]
     last = max(a1cs, key=lambda f: _day(f.get("last_date")) or date.min, default=None)
     last_day = _day(last.get("last_date")) if last else None
     if last_day is not None and (ctx.today - last_day).days <= A1C_INTERVAL_DAYS:
@@ -228,45 +262,80 @@ def a1c_overdue(facts: Sequence[Mapping[str, Any]], ctx: CardContext) -> dict[st
     if last_day is None:
         summary = "HbA1c overdue: diabetes on record and no HbA1c result in any source"
     else:
-        summary = (f"HbA1c overdue: last result {last_day.isoformat()}, "
-                   f"{(ctx.today - last_day).days} days ago (across all sources)")
-    lines = [f"Diabetes is recorded ({_md(_name(diabetes[0]))}); guidelines call for an HbA1c "
-             f"at least every {A1C_INTERVAL_DAYS // 30} months.", "",
-             f"- Condition: {provenance(diabetes[0], ctx)}"]
+        summary = (
+            f"HbA1c overdue: last result {last_day.isoformat()}, "
+            f"{(ctx.today - last_day).days} days ago (across all sources)"
+        )
+    lines = [
+        f"Diabetes is recorded ({_md(_name(diabetes[0]))}); guidelines call for an HbA1c "
+        f"at least every {A1C_INTERVAL_DAYS // 30} months.",
+        "",
+        f"- Condition: {provenance(diabetes[0], ctx)}",
+    ]
     if last is not None:
-        val = f" = {last['value_num']:g} {last.get('value_unit') or ''}".rstrip() if last.get(
-            "value_num") is not None else ""
+        val = (
+            f" = {last['value_num']:g} {last.get('value_unit') or ''}".rstrip()
+            if last.get("value_num") is not None
+            else ""
+        )
         lines.append(f"- Last HbA1c{_md(val)}: {provenance(last, ctx)}")
     order = {
-        "resourceType": "ServiceRequest", "status": "draft", "intent": "proposal",
-        "code": {"coding": [{"system": LOINC, "code": "4548-4",
-                             "display": "Hemoglobin A1c/Hemoglobin.total in Blood"}]},
+        "resourceType": "ServiceRequest",
+        "status": "draft",
+        "intent": "proposal",
+        "code": {
+            "coding": [
+                {
+                    "system": LOINC,
+                    "code": "4548-4",
+                    "display": "Hemoglobin A1c/Hemoglobin.total in Blood",
+                }
+            ]
+        },
         "subject": {"reference": f"Patient/{ctx.patient_id}"},
     }
-    return _clean({
-        "uuid": _uuid(ctx, "a1c_overdue", last_day.isoformat() if last_day else "never"),
-        "summary": summary[:139],
-        "detail": "\n".join(lines),
-        "indicator": "warning",
-        "source": _source(ctx, "care-gap"),
-        "suggestions": [{
-            "label": "Order HbA1c", "uuid": _uuid(ctx, "a1c_overdue", "order"),
-            "isRecommended": True,
-            "actions": [{"type": "create", "description": "Order a hemoglobin A1c test",
-                         "resource": order}],
-        }],
-        "selectionBehavior": "at-most-one",
-        "overrideReasons": [
-            {"system": "https://medblocks.com/cds/override", "code": "done-elsewhere",
-             "display": "Done elsewhere, result not yet received"},
-            {"system": "https://medblocks.com/cds/override", "code": "not-indicated",
-             "display": "Not clinically indicated"},
-        ],
-        "links": _links(ctx),
-    })
+    return _clean(
+        {
+            "uuid": _uuid(ctx, "a1c_overdue", last_day.isoformat() if last_day else "never"),
+            "summary": summary[:139],
+            "detail": "\n".join(lines),
+            "indicator": "warning",
+            "source": _source(ctx, "care-gap"),
+            "suggestions": [
+                {
+                    "label": "Order HbA1c",
+                    "uuid": _uuid(ctx, "a1c_overdue", "order"),
+                    "isRecommended": True,
+                    "actions": [
+                        {
+                            "type": "create",
+                            "description": "Order a hemoglobin A1c test",
+                            "resource": order,
+                        }
+                    ],
+                }
+            ],
+            "selectionBehavior": "at-most-one",
+            "overrideReasons": [
+                {
+                    "system": "https://medblocks.com/cds/override",
+                    "code": "done-elsewhere",
+                    "display": "Done elsewhere, result not yet received",
+                },
+                {
+                    "system": "https://medblocks.com/cds/override",
+                    "code": "not-indicated",
+                    "display": "Not clinically indicated",
+                },
+            ],
+            "links": _links(ctx),
+        }
+    )
 
 
-def patient_view_cards(facts: Sequence[Mapping[str, Any]], ctx: CardContext) -> list[dict[str, Any]]:
+def patient_view_cards(
+    facts: Sequence[Mapping[str, Any]], ctx: CardContext
+) -> list[dict[str, Any]]:
     """Cards for patient-view."""
     return [c for c in (beyond_this_ehr(facts, ctx), a1c_overdue(facts, ctx)) if c]
 
@@ -279,8 +348,10 @@ def codes_of(concept: Any) -> set[str]:
     out: set[str] = set()
     if isinstance(concept, dict):
         for c in concept.get("coding") or []:
-            if isinstance(c, dict) and isinstance(c.get("system"), str) and isinstance(
-                c.get("code"), str
+            if (
+                isinstance(c, dict)
+                and isinstance(c.get("system"), str)
+                and isinstance(c.get("code"), str)
             ):
                 out.add(f"{c['system'].rstrip('/')}|{c['code']}")
     return out
@@ -299,13 +370,18 @@ def _expand(rx: set[str]) -> set[str]:
 
 
 def _delete_suggestion(ctx: CardContext, rule: str, ref: str, label: str) -> dict[str, Any]:
-    return {"label": label, "uuid": _uuid(ctx, rule, ref, "delete"),
-            "actions": [{"type": "delete", "description": f"Remove draft order {ref}",
-                         "resourceId": ref}]}
+    return {
+        "label": label,
+        "uuid": _uuid(ctx, rule, ref, "delete"),
+        "actions": [
+            {"type": "delete", "description": f"Remove draft order {ref}", "resourceId": ref}
+        ],
+    }
 
 
-def duplicate_order(order: Mapping[str, Any], facts: Sequence[Mapping[str, Any]],
-                    ctx: CardContext) -> dict[str, Any] | None:
+def duplicate_order(
+    order: Mapping[str, Any], facts: Sequence[Mapping[str, Any]], ctx: CardContext
+) -> dict[str, Any] | None:
     """The same lab or imaging done recently at another source."""
     wanted = codes_of(order.get("code"))
     if not wanted:
@@ -330,23 +406,31 @@ def duplicate_order(order: Mapping[str, Any], facts: Sequence[Mapping[str, Any]]
     value = ""
     if f.get("value_num") is not None:
         value = f" Result: {f['value_num']:g} {f.get('value_unit') or ''}".rstrip() + "."
-    return _clean({
-        "uuid": _uuid(ctx, "duplicate_order", ref, when.isoformat()),
-        "summary": (summary if len(summary) < 140 else summary[:136] + "..."),
-        "detail": f"The same test was done within {window} days.{_md(value)}\n\n"
-                  f"- {provenance(f, ctx)}",
-        "indicator": "warning",
-        "source": _source(ctx, "duplicate-order"),
-        "suggestions": [_delete_suggestion(ctx, "duplicate_order", ref, "Cancel this order")],
-        "selectionBehavior": "at-most-one",
-        "overrideReasons": [{"system": "https://medblocks.com/cds/override",
-                             "code": "repeat-indicated", "display": "Repeat is clinically indicated"}],
-        "links": _links(ctx),
-    })
+    return _clean(
+        {
+            "uuid": _uuid(ctx, "duplicate_order", ref, when.isoformat()),
+            "summary": (summary if len(summary) < 140 else summary[:136] + "..."),
+            "detail": f"The same test was done within {window} days.{_md(value)}\n\n"
+            f"- {provenance(f, ctx)}",
+            "indicator": "warning",
+            "source": _source(ctx, "duplicate-order"),
+            "suggestions": [_delete_suggestion(ctx, "duplicate_order", ref, "Cancel this order")],
+            "selectionBehavior": "at-most-one",
+            "overrideReasons": [
+                {
+                    "system": "https://medblocks.com/cds/override",
+                    "code": "repeat-indicated",
+                    "display": "Repeat is clinically indicated",
+                }
+            ],
+            "links": _links(ctx),
+        }
+    )
 
 
-def medication_alerts(order: Mapping[str, Any], facts: Sequence[Mapping[str, Any]],
-                      ctx: CardContext) -> list[dict[str, Any]]:
+def medication_alerts(
+    order: Mapping[str, Any], facts: Sequence[Mapping[str, Any]], ctx: CardContext
+) -> list[dict[str, Any]]:
     """Allergy and interaction cards for one drafted MedicationRequest."""
     drafted = _rx(codes_of(order.get("medicationCodeableConcept")))
     if not drafted:
@@ -361,21 +445,35 @@ def medication_alerts(order: Mapping[str, Any], facts: Sequence[Mapping[str, Any
         if not allergic or not (_expand(allergic) & expanded):
             continue
         same = bool(allergic & drafted)
-        summary = (f"Allergy to {_name(f)} recorded elsewhere" if same
-                   else f"Allergy to {_name(f)} recorded elsewhere: same drug class")
-        cards.append(_clean({
-            "uuid": _uuid(ctx, "allergy", ref, str(f["fact_id"])),
-            "summary": summary[:139],
-            "detail": f"The drafted medication may trigger a recorded allergy.\n\n"
-                      f"- {provenance(f, ctx)}",
-            "indicator": "critical",
-            "source": _source(ctx, "allergy"),
-            "suggestions": [_delete_suggestion(ctx, "allergy", ref, "Remove this medication")],
-            "selectionBehavior": "at-most-one",
-            "overrideReasons": [{"system": "https://medblocks.com/cds/override",
-                                 "code": "tolerated", "display": "Patient has tolerated it before"}],
-            "links": _links(ctx),
-        }))
+        summary = (
+            f"Allergy to {_name(f)} recorded elsewhere"
+            if same
+            else f"Allergy to {_name(f)} recorded elsewhere: same drug class"
+        )
+        cards.append(
+            _clean(
+                {
+                    "uuid": _uuid(ctx, "allergy", ref, str(f["fact_id"])),
+                    "summary": summary[:139],
+                    "detail": f"The drafted medication may trigger a recorded allergy.\n\n"
+                    f"- {provenance(f, ctx)}",
+                    "indicator": "critical",
+                    "source": _source(ctx, "allergy"),
+                    "suggestions": [
+                        _delete_suggestion(ctx, "allergy", ref, "Remove this medication")
+                    ],
+                    "selectionBehavior": "at-most-one",
+                    "overrideReasons": [
+                        {
+                            "system": "https://medblocks.com/cds/override",
+                            "code": "tolerated",
+                            "display": "Patient has tolerated it before",
+                        }
+                    ],
+                    "links": _links(ctx),
+                }
+            )
+        )
     for f in facts:
         if f["kind"] != "medication" or not _elsewhere(f, ctx):
             continue
@@ -387,22 +485,30 @@ def medication_alerts(order: Mapping[str, Any], facts: Sequence[Mapping[str, Any
                 advice = INTERACTIONS.get(frozenset({a, b}))
                 if advice is None:
                     continue
-                cards.append(_clean({
-                    "uuid": _uuid(ctx, "interaction", ref, str(f["fact_id"])),
-                    "summary": f"Interaction with {_name(f)} prescribed elsewhere"[:139],
-                    "detail": f"{_md(advice)}.\n\n- {provenance(f, ctx)}",
-                    "indicator": "warning",
-                    "source": _source(ctx, "interaction"),
-                    "suggestions": [_delete_suggestion(ctx, "interaction", ref,
-                                                       "Remove this medication")],
-                    "selectionBehavior": "at-most-one",
-                    "links": _links(ctx),
-                }))
+                cards.append(
+                    _clean(
+                        {
+                            "uuid": _uuid(ctx, "interaction", ref, str(f["fact_id"])),
+                            "summary": f"Interaction with {_name(f)} prescribed elsewhere"[:139],
+                            "detail": f"{_md(advice)}.\n\n- {provenance(f, ctx)}",
+                            "indicator": "warning",
+                            "source": _source(ctx, "interaction"),
+                            "suggestions": [
+                                _delete_suggestion(
+                                    ctx, "interaction", ref, "Remove this medication"
+                                )
+                            ],
+                            "selectionBehavior": "at-most-one",
+                            "links": _links(ctx),
+                        }
+                    )
+                )
     return cards
 
 
-def order_cards(orders: Sequence[Mapping[str, Any]], facts: Sequence[Mapping[str, Any]],
-                ctx: CardContext) -> list[dict[str, Any]]:
+def order_cards(
+    orders: Sequence[Mapping[str, Any]], facts: Sequence[Mapping[str, Any]], ctx: CardContext
+) -> list[dict[str, Any]]:
     """Cards for order-select (the selected drafts) and order-sign (every draft)."""
     cards: list[dict[str, Any]] = []
     for order in orders:

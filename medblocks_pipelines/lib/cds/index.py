@@ -95,8 +95,9 @@ class Snapshot:
         """Number of persons with at least one source patient."""
         return len(self.person_sources)
 
-    def person_for(self, source: str, patient_id: str,
-                   identifiers: list[str] | None = None) -> str | None:
+    def person_for(
+        self, source: str, patient_id: str, identifiers: list[str] | None = None
+    ) -> str | None:
         """The person of ``Patient/patient_id`` at ``source``, else of one of ``identifiers``."""
         person = self.patient_person.get(f"{source}/Patient/{patient_id}")
         if person is not None:
@@ -146,7 +147,9 @@ def load_snapshot(path: Path) -> Snapshot:
             idents = con.execute(_IDENT_SQL, [list(SSN_SYSTEMS)]).fetchall()
             facts = con.sql(_FACTS_SQL).pl()
             try:
-                row = con.execute("SELECT CAST(max(built_at) AS VARCHAR) FROM build_info").fetchall()
+                row = con.execute(
+                    "SELECT CAST(max(built_at) AS VARCHAR) FROM build_info"
+                ).fetchall()
                 built_at = row[0][0] if row else None
             except duckdb.Error:
                 built_at = None
@@ -180,15 +183,21 @@ def load_snapshot(path: Path) -> Snapshot:
     ranges: dict[str, tuple[int, int]] = {}
     if facts.height:
         runs = (
-            facts.select(pl.col("person_id")).with_row_index("row")
+            facts.select(pl.col("person_id"))
+            .with_row_index("row")
             .group_by("person_id", maintain_order=True)
             .agg(pl.col("row").min().alias("start"), pl.len().alias("n"))
         )
         ranges = {p: (int(s), int(n)) for p, s, n in runs.iter_rows()}
     return Snapshot(
-        signature=before, loaded_at=time.time(), built_at=built_at,
-        patient_person=patient_person, identifier_person=identifier_person, facts=facts,
-        ranges=ranges, person_sources=person_sources,
+        signature=before,
+        loaded_at=time.time(),
+        built_at=built_at,
+        patient_person=patient_person,
+        identifier_person=identifier_person,
+        facts=facts,
+        ranges=ranges,
+        person_sources=person_sources,
         load_seconds=time.perf_counter() - started,
     )
 
@@ -214,7 +223,11 @@ class TenantIndex:
             self._last_check = now
             sig = file_signature(self.path)
             snap = self._snapshot
-            if sig is not None and (snap is None or snap.signature != sig) and not self._recently_failed(sig):
+            if (
+                sig is not None
+                and (snap is None or snap.signature != sig)
+                and not self._recently_failed(sig)
+            ):
                 if snap is None:
                     self._load(sig)  # nothing to serve yet: the first load is synchronous
                 else:
@@ -223,7 +236,11 @@ class TenantIndex:
 
     def _recently_failed(self, sig: tuple[int, int, int]) -> bool:
         failed = self._failed
-        return failed is not None and failed[0] == sig and time.monotonic() - failed[1] < RETRY_FAILED_AFTER
+        return (
+            failed is not None
+            and failed[0] == sig
+            and time.monotonic() - failed[1] < RETRY_FAILED_AFTER
+        )
 
     def _load(self, sig: tuple[int, int, int]) -> None:
         with self._lock:
@@ -253,8 +270,7 @@ class TenantIndex:
         with self._lock:
             if self._loading:
                 return
-        threading.Thread(target=self._load, args=(sig,), name="cds-index-load",
-                         daemon=True).start()
+        threading.Thread(target=self._load, args=(sig,), name="cds-index-load", daemon=True).start()
 
     def wait_loaded(self, timeout: float = 10.0) -> None:
         """Block until no load is running (tests)."""

@@ -51,7 +51,12 @@ def organization_for_iss(cp: ControlPlane, iss: str) -> dict[str, Any]:
 
 
 def start_ehr_launch(
-    cp: ControlPlane, *, iss: str, launch: str, redirect_uri: str, http: httpx.Client,
+    cp: ControlPlane,
+    *,
+    iss: str,
+    launch: str,
+    redirect_uri: str,
+    http: httpx.Client,
     session_binding: str,
 ) -> AuthorizationRequest:
     """Create the pending connection and the authorization request of one EHR launch."""
@@ -60,8 +65,11 @@ def start_ehr_launch(
     org = organization_for_iss(cp, iss)
     source = cp.get_source(org["source_id"])
     conn_id = cp.create_connection(
-        tenant_id=org["tenant_id"], pattern=PATTERN, source_id=org["source_id"],
-        organization_id=org["id"], context={
+        tenant_id=org["tenant_id"],
+        pattern=PATTERN,
+        source_id=org["source_id"],
+        organization_id=org["id"],
+        context={
             "launch_kind": "ehr",
             "app_session_sha256": hashlib.sha256(session_binding.encode()).hexdigest(),
         },
@@ -70,8 +78,14 @@ def start_ehr_launch(
     scopes = ((org.get("config") or {}).get("ehr_launch") or {}).get("scopes")
     # begin_authorization checks iss against the source's FHIR base too, and adds `launch`.
     return begin_authorization(
-        cp, conn_id, redirect_uri=redirect_uri, http=http, launch=launch,
-        iss=str(source["fhir_base_url"]), scopes=scopes, session_binding=session_binding,
+        cp,
+        conn_id,
+        redirect_uri=redirect_uri,
+        http=http,
+        launch=launch,
+        iss=str(source["fhir_base_url"]),
+        scopes=scopes,
+        session_binding=session_binding,
     )
 
 
@@ -86,8 +100,12 @@ class EhrLaunchResult:
 
 
 def finish_ehr_launch(
-    cp: ControlPlane, *, params: Mapping[str, str], http: httpx.Client,
-    session_binding: str | None, person_of: Any = None,
+    cp: ControlPlane,
+    *,
+    params: Mapping[str, str],
+    http: httpx.Client,
+    session_binding: str | None,
+    person_of: Any = None,
 ) -> EhrLaunchResult:
     """Complete the callback; record the launch event and the treatment relationship.
 
@@ -95,36 +113,58 @@ def finish_ehr_launch(
     warehouse identity tables (the relationship is recorded on the source patient key otherwise).
     """
     outcome = complete_authorization(cp, params=params, http=http, session_binding=session_binding)
-    conn = cp.get_connection(outcome.connection_id)
+    if outcome.connection_id is None:
+        raise LaunchError("the callback matches no launch", reason="state_mismatch")
+    conn_id: str = outcome.connection_id
+    conn = cp.get_connection(conn_id)
     if conn["pattern"] != PATTERN:
         raise LaunchError("this callback is not an EHR launch", reason="state_mismatch")
     if not outcome.ok:
-        return EhrLaunchResult(outcome.connection_id, False, outcome.reason)
+        return EhrLaunchResult(conn_id, False, outcome.reason)
     patient = outcome.patient
     context = dict(outcome.context or {})
-    launch_context = {k: context[k] for k in ("encounter", "fhirUser", "fhirContext",
-                                              "need_patient_banner", "intent", "tenant")
-                      if k in context}
+    launch_context = {
+        k: context[k]
+        for k in ("encounter", "fhirUser", "fhirContext", "need_patient_banner", "intent", "tenant")
+        if k in context
+    }
     now = datetime.now(UTC)
-    cp.record_event(outcome.connection_id, "ehr.launched", {
-        "has_patient": bool(patient), "has_encounter": "encounter" in context,
-        "fhir_context_items": len(context.get("fhirContext") or []),
-    })
-    cp.emit_event(conn["tenant_id"], LAUNCH_EVENT, {
-        "connection_id": outcome.connection_id, "pattern": PATTERN,
-        "source_id": conn["source_id"], "organization_id": conn["organization_id"],
-        "at": now.isoformat(),
-    })
+    cp.record_event(
+        conn_id,
+        "ehr.launched",
+        {
+            "has_patient": bool(patient),
+            "has_encounter": "encounter" in context,
+            "fhir_context_items": len(context.get("fhirContext") or []),
+        },
+    )
+    cp.emit_event(
+        conn["tenant_id"],
+        LAUNCH_EVENT,
+        {
+            "connection_id": conn_id,
+            "pattern": PATTERN,
+            "source_id": conn["source_id"],
+            "organization_id": conn["organization_id"],
+            "at": now.isoformat(),
+        },
+    )
     if patient:
         from medblocks_pipelines.lib.network.query import record_relationship_event
 
         person = person_of(conn["tenant_id"], conn["source_id"], patient) if person_of else None
         record_relationship_event(
-            cp, tenant=conn["tenant_id"],
+            cp,
+            tenant=conn["tenant_id"],
             person=person or f"{conn['source_id']}/Patient/{patient}",
-            kind="ehr_launch", ref=f"ehr_launch:{outcome.connection_id}",
-            organization=conn["organization_id"], at=now,
-            detail={"connection_id": outcome.connection_id, "person_resolved": person is not None,
-                    "has_encounter": "encounter" in launch_context},
+            kind="ehr_launch",
+            ref=f"ehr_launch:{conn_id}",
+            organization=conn["organization_id"],
+            at=now,
+            detail={
+                "connection_id": conn_id,
+                "person_resolved": person is not None,
+                "has_encounter": "encounter" in launch_context,
+            },
         )
-    return EhrLaunchResult(outcome.connection_id, True, None, patient)
+    return EhrLaunchResult(conn_id, True, None, patient)

@@ -87,9 +87,12 @@ class CdsAuthenticator:
         self._orgs = (now, orgs)
         return orgs
 
-    def _matches(self, orgs: list[dict[str, Any]], iss: str, tenant_claim: Any) -> list[dict[str, Any]]:
+    def _matches(
+        self, orgs: list[dict[str, Any]], iss: str, tenant_claim: Any
+    ) -> list[dict[str, Any]]:
         matches = [
-            o for o in orgs
+            o
+            for o in orgs
             if str((o["config"]["cds"] or {}).get("iss", "")).rstrip("/") == iss.rstrip("/")
         ]
         if len(matches) > 1:
@@ -97,7 +100,8 @@ class CdsAuthenticator:
             if not isinstance(tenant_claim, str) or not tenant_claim:
                 return []
             matches = [
-                o for o in matches
+                o
+                for o in matches
                 if tenant_claim in (o["id"], (o["config"]["cds"] or {}).get("tenant"))
             ]
         return matches
@@ -107,8 +111,9 @@ class CdsAuthenticator:
         matches = self._matches(self._organizations(), iss, tenant_claim)
         if len(matches) != 1:
             # An organization configured moments ago: look again, at most once a second.
-            matches = self._matches(self._organizations(max_age=ORG_MISS_RECHECK), iss,
-                                    tenant_claim)
+            matches = self._matches(
+                self._organizations(max_age=ORG_MISS_RECHECK), iss, tenant_claim
+            )
         if len(matches) != 1:
             raise _refuse("the JWT issuer is not allow-listed", "unknown_issuer")
         return matches[0]
@@ -120,8 +125,9 @@ class CdsAuthenticator:
             resp.raise_for_status()
             keyset = jwt.PyJWKSet.from_dict(resp.json())
         except (httpx.HTTPError, ValueError, jwt.PyJWTError) as exc:
-            raise _refuse(f"the issuer's JWKS is unavailable ({type(exc).__name__})",
-                          "jwks_unavailable") from exc
+            raise _refuse(
+                f"the issuer's JWKS is unavailable ({type(exc).__name__})", "jwks_unavailable"
+            ) from exc
         with self._lock:
             self._jwks[url] = (time.monotonic(), keyset)
         return keyset
@@ -197,7 +203,12 @@ class CdsAuthenticator:
         now = self.clock()
         try:
             claims = jwt.decode(
-                token, key=key.key, algorithms=[alg], audience=url, issuer=iss, leeway=SKEW,
+                token,
+                key=key.key,
+                algorithms=[alg],
+                audience=url,
+                issuer=iss,
+                leeway=SKEW,
                 options={"require": ["iss", "aud", "exp", "iat", "jti"], "verify_iat": False},
             )
         except jwt.ExpiredSignatureError as exc:
@@ -219,8 +230,13 @@ class CdsAuthenticator:
         if not isinstance(jti, str) or not jti or len(jti) > 200:
             raise _refuse("the JWT jti is not a usable string", "missing_claim")
         self._remember_jti(iss, jti, float(exp))
-        return CdsClient(organization_id=org["id"], tenant_id=org["tenant_id"],
-                         source_id=org["source_id"], iss=iss, claims=claims)
+        return CdsClient(
+            organization_id=org["id"],
+            tenant_id=org["tenant_id"],
+            source_id=org["source_id"],
+            iss=iss,
+            claims=claims,
+        )
 
     def _remember_jti(self, iss: str, jti: str, exp: float) -> None:
         expires = datetime.fromtimestamp(exp + SKEW, UTC)

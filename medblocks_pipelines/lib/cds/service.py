@@ -40,7 +40,7 @@ SERVICES: tuple[dict[str, Any], ...] = (
         "id": "medblocks-patient-view",
         "title": "Unified record: beyond this chart",
         "description": "What other organizations, payers and the network hold for this patient, "
-                       "and care gaps the combined record shows.",
+        "and care gaps the combined record shows.",
         "prefetch": PATIENT_PREFETCH,
     },
     {
@@ -48,7 +48,7 @@ SERVICES: tuple[dict[str, Any], ...] = (
         "id": "medblocks-order-select",
         "title": "Unified record: order checks",
         "description": "Duplicate tests done elsewhere, allergies and interactions with "
-                       "medications recorded at other organizations.",
+        "medications recorded at other organizations.",
         "prefetch": PATIENT_PREFETCH,
     },
     {
@@ -60,7 +60,9 @@ SERVICES: tuple[dict[str, Any], ...] = (
     },
 )
 BY_ID = {s["id"]: s for s in SERVICES}
-USER_RE = re.compile(r"^(Practitioner|PractitionerRole|Patient|RelatedPerson)/[A-Za-z0-9\-.]{1,64}$")
+USER_RE = re.compile(
+    r"^(Practitioner|PractitionerRole|Patient|RelatedPerson)/[A-Za-z0-9\-.]{1,64}$"
+)
 ID_RE = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 MAX_BODY = 2_000_000
 FETCH_TIMEOUT = 3.0
@@ -150,9 +152,14 @@ class CdsService:
         snap = index.current()
         patient_id = ctx["patientId"]
         base = str(names["source_bases"].get(client.source_id) or "").rstrip("/")
-        here = frozenset({client.source_id} | {
-            sid for sid, b in names["source_bases"].items() if base and str(b or "").rstrip("/") == base
-        })
+        here = frozenset(
+            {client.source_id}
+            | {
+                sid
+                for sid, b in names["source_bases"].items()
+                if base and str(b or "").rstrip("/") == base
+            }
+        )
         person = None
         for sid in sorted(here, key=lambda s: s != client.source_id):
             person = snap.person_for(sid, patient_id) if snap else None
@@ -161,8 +168,10 @@ class CdsService:
         if person is None and snap is not None:
             patient = self._prefetched("patient", f"Patient/{patient_id}", request, required=True)
             identifiers = [
-                f"{i['system']}|{i['value']}" for i in (patient or {}).get("identifier") or []
-                if isinstance(i, dict) and isinstance(i.get("system"), str)
+                f"{i['system']}|{i['value']}"
+                for i in (patient or {}).get("identifier") or []
+                if isinstance(i, dict)
+                and isinstance(i.get("system"), str)
                 and isinstance(i.get("value"), str)
             ]
             person = snap.person_for(client.source_id, patient_id, identifiers)
@@ -170,21 +179,34 @@ class CdsService:
         if person is not None and snap is not None:
             facts = snap.facts_of(person)
             cctx = card_rules.CardContext(
-                service_id=service_id, person_id=person, here_source=client.source_id,
-                here_sources=here, patient_id=patient_id, today=self.today(),
-                source_names=names["source_names"], source_kinds=names["source_kinds"],
-                organization_names=names["organization_names"], app_url=self.app_url,
+                service_id=service_id,
+                person_id=person,
+                here_source=client.source_id,
+                here_sources=here,
+                patient_id=patient_id,
+                today=self.today(),
+                source_names=names["source_names"],
+                source_kinds=names["source_kinds"],
+                organization_names=names["organization_names"],
+                app_url=self.app_url,
             )
             if service["hook"] == "patient-view":
                 cards = card_rules.patient_view_cards(facts, cctx)
             else:
                 cards = card_rules.order_cards(request["orders"], facts, cctx)
         self.cp.audit(
-            tenant_id=client.tenant_id, actor=f"cds:{client.organization_id}",
-            action=f"cds.{service['hook']}", decision="allowed", person_id=person,
+            tenant_id=client.tenant_id,
+            actor=f"cds:{client.organization_id}",
+            action=f"cds.{service['hook']}",
+            decision="allowed",
+            person_id=person,
             purpose="treatment",
-            evidence={"hook_instance": request["hookInstance"], "cards": len(cards),
-                      "person_found": person is not None, "warehouse": snap is not None},
+            evidence={
+                "hook_instance": request["hookInstance"],
+                "cards": len(cards),
+                "person_found": person is not None,
+                "warehouse": snap is not None,
+            },
         )
         return {"cards": cards}
 
@@ -216,8 +238,10 @@ class CdsService:
             raise _bad("context is required and must be an object")
         user, patient = ctx.get("userId"), ctx.get("patientId")
         if not isinstance(user, str) or not USER_RE.match(user):
-            raise _bad("context.userId must be a Practitioner, PractitionerRole, Patient or "
-                       "RelatedPerson reference")
+            raise _bad(
+                "context.userId must be a Practitioner, PractitionerRole, Patient or "
+                "RelatedPerson reference"
+            )
         if not isinstance(patient, str) or not ID_RE.match(patient):
             raise _bad("context.patientId must be a FHIR id")
         enc = ctx.get("encounterId")
@@ -237,14 +261,21 @@ class CdsService:
                 raise _bad("fhirAuthorization.token_type must be Bearer")
             if not isinstance(server, str) or not server:
                 raise _bad("fhirServer is required with fhirAuthorization")
-        if server is not None and (not isinstance(server, str)
-                                   or not server.startswith(("https://", "http://"))):
+        if server is not None and (
+            not isinstance(server, str) or not server.startswith(("https://", "http://"))
+        ):
             raise _bad("fhirServer must be an absolute URL")
         prefetch = body.get("prefetch")
         if prefetch is not None and not isinstance(prefetch, dict):
             raise _bad("prefetch must be an object")
-        out = {"hookInstance": instance, "context": ctx, "fhirServer": server,
-               "fhirAuthorization": auth, "prefetch": prefetch or {}, "orders": []}
+        out: dict[str, Any] = {
+            "hookInstance": instance,
+            "context": ctx,
+            "fhirServer": server,
+            "fhirAuthorization": auth,
+            "prefetch": prefetch or {},
+            "orders": [],
+        }
         if hook in ("order-select", "order-sign"):
             out["orders"] = self._orders(hook, ctx)
         return out
@@ -260,15 +291,20 @@ class CdsService:
         resources = []
         for e in entries:
             res = e.get("resource") if isinstance(e, dict) else None
-            if not isinstance(res, dict) or not isinstance(res.get("resourceType"), str) or \
-                    not isinstance(res.get("id"), str):
+            if (
+                not isinstance(res, dict)
+                or not isinstance(res.get("resourceType"), str)
+                or not isinstance(res.get("id"), str)
+            ):
                 raise _bad("every draftOrders entry needs a resource with resourceType and id")
             resources.append(res)
         if hook == "order-sign":
             return resources
         selections = ctx.get("selections")
-        if not isinstance(selections, list) or not selections or not all(
-            isinstance(s, str) for s in selections
+        if (
+            not isinstance(selections, list)
+            or not selections
+            or not all(isinstance(s, str) for s in selections)
         ):
             raise _bad("context.selections must be a non-empty array of references")
         by_ref = {f"{r['resourceType']}/{r['id']}": r for r in resources}
@@ -277,19 +313,23 @@ class CdsService:
             raise _bad("context.selections must reference resources in draftOrders")
         return [by_ref[s] for s in selections]
 
-    def _check_fhir_server(self, request: Mapping[str, Any], client: CdsClient,
-                           names: Mapping[str, Any]) -> None:
+    def _check_fhir_server(
+        self, request: Mapping[str, Any], client: CdsClient, names: Mapping[str, Any]
+    ) -> None:
         server = request.get("fhirServer")
         if server is None or request.get("fhirAuthorization") is None:
             return
         base = str(names["source_bases"].get(client.source_id) or "").rstrip("/")
         if server.rstrip("/") != base:
             # The token would go to a server the organization never registered: refuse to use it.
-            raise _bad("fhirServer is not this organization's registered FHIR server",
-                       "unknown_fhir_server")
+            raise _bad(
+                "fhirServer is not this organization's registered FHIR server",
+                "unknown_fhir_server",
+            )
 
-    def _prefetched(self, key: str, path: str, request: Mapping[str, Any], *,
-                    required: bool) -> dict[str, Any] | None:
+    def _prefetched(
+        self, key: str, path: str, request: Mapping[str, Any], *, required: bool
+    ) -> dict[str, Any] | None:
         """A prefetch value: given, ``null`` (no data), else fetched; 412 when required and unobtainable."""
         prefetch = request["prefetch"]
         if key in prefetch:
@@ -303,9 +343,12 @@ class CdsService:
         if server and auth:
             try:
                 resp = self.http.get(
-                    f"{server.rstrip('/')}/{path}", timeout=FETCH_TIMEOUT,
-                    headers={"Authorization": f"Bearer {auth['access_token']}",
-                             "Accept": "application/fhir+json"},
+                    f"{server.rstrip('/')}/{path}",
+                    timeout=FETCH_TIMEOUT,
+                    headers={
+                        "Authorization": f"Bearer {auth['access_token']}",
+                        "Accept": "application/fhir+json",
+                    },
                 )
                 if resp.status_code == 200:
                     value = resp.json()
@@ -316,8 +359,11 @@ class CdsService:
             except (httpx.HTTPError, ValueError) as exc:
                 log.warning("cds prefetch fetch failed: %s", type(exc).__name__)
         if required:
-            raise CdsRequestError(f"prefetch {key} is needed and could not be obtained",
-                                  status=412, reason="prefetch_unavailable")
+            raise CdsRequestError(
+                f"prefetch {key} is needed and could not be obtained",
+                status=412,
+                reason="prefetch_unavailable",
+            )
         return None
 
     # -- feedback ------------------------------------------------------------------------------------
@@ -344,20 +390,28 @@ class CdsService:
             except ValueError as exc:
                 raise _bad("outcomeTimestamp must be an RFC 3339 date-time") from exc
             accepted = item.get("acceptedSuggestions")
-            if outcome == "accepted" and (not isinstance(accepted, list) or not accepted or not all(
-                isinstance(a, dict) and isinstance(a.get("id"), str) for a in accepted
-            )):
+            if outcome == "accepted" and (
+                not isinstance(accepted, list)
+                or not accepted
+                or not all(isinstance(a, dict) and isinstance(a.get("id"), str) for a in accepted)
+            ):
                 raise _bad("accepted feedback needs acceptedSuggestions with ids")
             reason = item.get("overrideReason")
             if reason is not None and not isinstance(reason, dict):
                 raise _bad("overrideReason must be an object")
-            rows.append({
-                "tenant_id": client.tenant_id, "organization_id": client.organization_id,
-                "service_id": service_id, "card": card[:100], "outcome": outcome,
-                "outcome_timestamp": ts[:40],
-                "accepted_suggestions": [a["id"] for a in accepted or []],
-                "override_reason": reason, "received_at": datetime.now(UTC),
-            })
+            rows.append(
+                {
+                    "tenant_id": client.tenant_id,
+                    "organization_id": client.organization_id,
+                    "service_id": service_id,
+                    "card": card[:100],
+                    "outcome": outcome,
+                    "outcome_timestamp": ts[:40],
+                    "accepted_suggestions": [a["id"] for a in accepted or []],
+                    "override_reason": reason,
+                    "received_at": datetime.now(UTC),
+                }
+            )
         stored = 0
         for row in rows:
             try:

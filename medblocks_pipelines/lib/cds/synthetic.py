@@ -15,11 +15,23 @@ import duckdb
 import polars as pl
 
 FACT_COLUMNS: dict[str, Any] = {
-    "person_id": pl.Utf8, "fact_id": pl.Utf8, "kind": pl.Utf8, "code_system": pl.Utf8,
-    "code": pl.Utf8, "display": pl.Utf8, "text": pl.Utf8, "effective_date": pl.Date,
-    "last_date": pl.Date, "value_num": pl.Float64, "value_unit": pl.Utf8, "value_text": pl.Utf8,
-    "status": pl.Utf8, "category": pl.Utf8, "sources": pl.List(pl.Utf8),
-    "patterns": pl.List(pl.Utf8), "from_claims": pl.Boolean,
+    "person_id": pl.Utf8,
+    "fact_id": pl.Utf8,
+    "kind": pl.Utf8,
+    "code_system": pl.Utf8,
+    "code": pl.Utf8,
+    "display": pl.Utf8,
+    "text": pl.Utf8,
+    "effective_date": pl.Date,
+    "last_date": pl.Date,
+    "value_num": pl.Float64,
+    "value_unit": pl.Utf8,
+    "value_text": pl.Utf8,
+    "status": pl.Utf8,
+    "category": pl.Utf8,
+    "sources": pl.List(pl.Utf8),
+    "patterns": pl.List(pl.Utf8),
+    "from_claims": pl.Boolean,
 }
 
 
@@ -42,23 +54,48 @@ def write_warehouse(
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.unlink(missing_ok=True)
     link_df = pl.DataFrame(
-        [{"patient_key": r["patient_key"], "source": r["source"], "person_id": r["person_id"],
-          "pattern": r.get("pattern", "backend"), "organization": r.get("organization")}
-         for r in links],
-        schema={"patient_key": pl.Utf8, "source": pl.Utf8, "person_id": pl.Utf8,
-                "pattern": pl.Utf8, "organization": pl.Utf8},
+        [
+            {
+                "patient_key": r["patient_key"],
+                "source": r["source"],
+                "person_id": r["person_id"],
+                "pattern": r.get("pattern", "backend"),
+                "organization": r.get("organization"),
+            }
+            for r in links
+        ],
+        schema={
+            "patient_key": pl.Utf8,
+            "source": pl.Utf8,
+            "person_id": pl.Utf8,
+            "pattern": pl.Utf8,
+            "organization": pl.Utf8,
+        },
     )
     res_df = pl.DataFrame(
-        [{"resource_key": p["patient_key"], "resource_type": "Patient",
-          "resource": json.dumps(p["resource"])} for p in patients],
+        [
+            {
+                "resource_key": p["patient_key"],
+                "resource_type": "Patient",
+                "resource": json.dumps(p["resource"]),
+            }
+            for p in patients
+        ],
         schema={"resource_key": pl.Utf8, "resource_type": pl.Utf8, "resource": pl.Utf8},
     )
     fact_df = pl.DataFrame(
         [{k: f.get(k) for k in FACT_COLUMNS} for f in facts], schema=FACT_COLUMNS
     )
     src_df = pl.DataFrame(
-        [{"fact_id": f["fact_id"], "organization": o, "pattern": (f.get("patterns") or [None])[0]}
-         for f in facts for o in (f.get("organizations") or [None])],
+        [
+            {
+                "fact_id": f["fact_id"],
+                "organization": o,
+                "pattern": (f.get("patterns") or [None])[0],
+            }
+            for f in facts
+            for o in (f.get("organizations") or [None])
+        ],
         schema={"fact_id": pl.Utf8, "organization": pl.Utf8, "pattern": pl.Utf8},
     )
     men_df = pl.DataFrame(

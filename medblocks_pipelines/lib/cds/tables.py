@@ -35,8 +35,9 @@ cds_feedback = sa.Table(
     sa.Column("accepted_suggestions", sa.JSON, nullable=False, default=list),
     sa.Column("override_reason", sa.JSON),
     sa.Column("received_at", sa.DateTime(timezone=True), nullable=False),
-    sa.UniqueConstraint("service_id", "card", "outcome", "outcome_timestamp",
-                        name="uq_cds_feedback_once"),
+    sa.UniqueConstraint(
+        "service_id", "card", "outcome", "outcome_timestamp", name="uq_cds_feedback_once"
+    ),
 )
 
 TABLES = (cds_jti, cds_feedback)

@@ -59,8 +59,9 @@ class CdsEhr:
     base_url: str
     orgs: Mapping[str, Any] = field(repr=False)  # org id -> handles of the `ehr` role (store, auth)
     org_bases: Mapping[str, str] = field(default_factory=dict)  # org id -> FHIR base
-    key: SigningKey = field(default_factory=lambda: generate_signing_key("ES384", kid="cds-ehr-1"),
-                            repr=False)
+    key: SigningKey = field(
+        default_factory=lambda: generate_signing_key("ES384", kid="cds-ehr-1"), repr=False
+    )
     http: httpx.Client = field(default_factory=lambda: httpx.Client(timeout=30.0), repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -79,14 +80,26 @@ class CdsEhr:
         return {"keys": [self.key.public_jwk()]}
 
     # -- SMART EHR launch -----------------------------------------------------------------------
-    def launch_url(self, *, org: str, patient: str, app: str, encounter: str | None = None,
-                   user: str = "Practitioner/sandbox-clinician",
-                   fhir_context: Sequence[Mapping[str, Any]] | None = None) -> str:
+    def launch_url(
+        self,
+        *,
+        org: str,
+        patient: str,
+        app: str,
+        encounter: str | None = None,
+        user: str = "Practitioner/sandbox-clinician",
+        fhir_context: Sequence[Mapping[str, Any]] | None = None,
+    ) -> str:
         """Mint a launch at ``org`` and return the app's launch URL with ``iss`` and ``launch``."""
         auth = self.orgs[org]["auth"]
-        launch = auth.mint_launch(patient=patient, encounter=encounter, user=user,
-                                  fhir_context=fhir_context, need_patient_banner=True,
-                                  auto_approve=True)
+        launch = auth.mint_launch(
+            patient=patient,
+            encounter=encounter,
+            user=user,
+            fhir_context=fhir_context,
+            need_patient_banner=True,
+            auto_approve=True,
+        )
         query = urllib.parse.urlencode({"iss": self.org_bases[org], "launch": launch})
         return app + ("&" if "?" in app else "?") + query
 
@@ -94,16 +107,26 @@ class CdsEhr:
     def sign(self, aud: str, *, lifetime: int = 300) -> str:
         """A CDS Hooks JWT for a call to ``aud`` (SPECS §4.6)."""
         now = int(time.time())
-        claims = {"iss": self.iss, "aud": aud, "exp": now + lifetime, "iat": now,
-                  "jti": str(uuid.uuid4())}
-        return jwt.encode(claims, self.key.private_pem, algorithm=self.key.alg,
-                          headers={"kid": self.key.kid, "typ": "JWT", "jku": self.jwks_url})
+        claims = {
+            "iss": self.iss,
+            "aud": aud,
+            "exp": now + lifetime,
+            "iat": now,
+            "jti": str(uuid.uuid4()),
+        }
+        return jwt.encode(
+            claims,
+            self.key.private_pem,
+            algorithm=self.key.alg,
+            headers={"kid": self.key.kid, "typ": "JWT", "jku": self.jwks_url},
+        )
 
     def discover(self, service_base: str) -> list[dict[str, Any]]:
         """The services a CDS service base offers (signed discovery call)."""
         url = f"{service_base.rstrip('/')}/cds-services"
-        resp = self.http.get(url, headers={"Authorization": f"Bearer {self.sign(url)}",
-                                           "Accept": "application/json"})
+        resp = self.http.get(
+            url, headers={"Authorization": f"Bearer {self.sign(url)}", "Accept": "application/json"}
+        )
         resp.raise_for_status()
         return list(resp.json().get("services") or [])
 
@@ -128,26 +151,41 @@ class CdsEhr:
             return store.get(parts[0], parts[1])  # None: no data, sent as null
         params = [(k, v) for k, v in urllib.parse.parse_qsl(query) if not k.startswith("_")]
         found = store.search(parts[0], params)
-        return {"resourceType": "Bundle", "type": "searchset", "total": len(found),
-                "entry": [{"resource": r} for r in found]}
+        return {
+            "resourceType": "Bundle",
+            "type": "searchset",
+            "total": len(found),
+            "entry": [{"resource": r} for r in found],
+        }
 
-    def build_request(self, *, org: str, hook: str, patient: str, user: str,
-                      prefetch_templates: Mapping[str, str], prefetch_mode: str = "fill",
-                      orders: Sequence[Mapping[str, Any]] = (),
-                      selections: Sequence[str] | None = None,
-                      encounter: str | None = None) -> dict[str, Any]:
+    def build_request(
+        self,
+        *,
+        org: str,
+        hook: str,
+        patient: str,
+        user: str,
+        prefetch_templates: Mapping[str, str],
+        prefetch_mode: str = "fill",
+        orders: Sequence[Mapping[str, Any]] = (),
+        selections: Sequence[str] | None = None,
+        encounter: str | None = None,
+    ) -> dict[str, Any]:
         """The hook request body (context per hook, prefetch per mode)."""
         context: dict[str, Any] = {"userId": user, "patientId": patient}
         if encounter:
             context["encounterId"] = encounter
         if hook in ("order-select", "order-sign"):
-            context["draftOrders"] = {"resourceType": "Bundle", "type": "collection",
-                                      "entry": [{"resource": dict(o)} for o in orders]}
+            context["draftOrders"] = {
+                "resourceType": "Bundle",
+                "type": "collection",
+                "entry": [{"resource": dict(o)} for o in orders],
+            }
             if hook == "order-select":
-                context["selections"] = list(selections or [
-                    f"{o['resourceType']}/{o['id']}" for o in orders])
-        body: dict[str, Any] = {"hook": hook, "hookInstance": str(uuid.uuid4()),
-                                "context": context}
+                context["selections"] = list(
+                    selections or [f"{o['resourceType']}/{o['id']}" for o in orders]
+                )
+        body: dict[str, Any] = {"hook": hook, "hookInstance": str(uuid.uuid4()), "context": context}
         if prefetch_mode == "omit" or not prefetch_templates:
             return body
         prefetch: dict[str, Any] = {}
@@ -155,8 +193,12 @@ class CdsEhr:
             if prefetch_mode == "null":
                 prefetch[key] = None
             elif prefetch_mode == "outcome":
-                prefetch[key] = {"resourceType": "OperationOutcome", "issue": [
-                    {"severity": "error", "code": "exception", "diagnostics": "prefetch failed"}]}
+                prefetch[key] = {
+                    "resourceType": "OperationOutcome",
+                    "issue": [
+                        {"severity": "error", "code": "exception", "diagnostics": "prefetch failed"}
+                    ],
+                }
             else:
                 try:
                     prefetch[key] = self._fill(template, org, context, user)
@@ -165,21 +207,38 @@ class CdsEhr:
         body["prefetch"] = prefetch
         return body
 
-    def fire(self, *, org: str, service_base: str, hook: str, patient: str,
-             user: str = "Practitioner/sandbox-clinician", orders: Sequence[Mapping[str, Any]] = (),
-             selections: Sequence[str] | None = None, prefetch_mode: str = "fill",
-             service_id: str | None = None, encounter: str | None = None) -> dict[str, Any]:
+    def fire(
+        self,
+        *,
+        org: str,
+        service_base: str,
+        hook: str,
+        patient: str,
+        user: str = "Practitioner/sandbox-clinician",
+        orders: Sequence[Mapping[str, Any]] = (),
+        selections: Sequence[str] | None = None,
+        prefetch_mode: str = "fill",
+        service_id: str | None = None,
+        encounter: str | None = None,
+    ) -> dict[str, Any]:
         """Discover, build and send one hook call; returns status, body and the request sent."""
         services = self.discover(service_base)
         sid = service_id or HOOK_SERVICE_IDS.get(hook)
-        service = next((s for s in services if s.get("id") == sid and s.get("hook") == hook),
-                       None) or next((s for s in services if s.get("hook") == hook), None)
+        service = next(
+            (s for s in services if s.get("id") == sid and s.get("hook") == hook), None
+        ) or next((s for s in services if s.get("hook") == hook), None)
         if service is None:
             return {"status": 404, "body": {"error": "no service for this hook"}, "request": {}}
         body = self.build_request(
-            org=org, hook=hook, patient=patient, user=user,
-            prefetch_templates=service.get("prefetch") or {}, prefetch_mode=prefetch_mode,
-            orders=orders, selections=selections, encounter=encounter,
+            org=org,
+            hook=hook,
+            patient=patient,
+            user=user,
+            prefetch_templates=service.get("prefetch") or {},
+            prefetch_mode=prefetch_mode,
+            orders=orders,
+            selections=selections,
+            encounter=encounter,
         )
         url = f"{service_base.rstrip('/')}/cds-services/{service['id']}"
         resp = self.http.post(url, json=body, headers={"Authorization": f"Bearer {self.sign(url)}"})
@@ -211,9 +270,13 @@ def cds_ehr_role(ctx: RoleContext) -> RoleApp:
         org, patient, app = q.get("org"), q.get("patient"), q.get("app")
         if not org or org not in orgs or not patient or not app:
             return JSONResponse({"error": "org, patient and app are required"}, status_code=400)
-        url = client.launch_url(org=org, patient=patient, app=app,
-                                encounter=q.get("encounter"),
-                                user=q.get("user") or "Practitioner/sandbox-clinician")
+        url = client.launch_url(
+            org=org,
+            patient=patient,
+            app=app,
+            encounter=q.get("encounter"),
+            user=q.get("user") or "Practitioner/sandbox-clinician",
+        )
         return RedirectResponse(url, status_code=302)
 
     async def admin_launch(request: Request) -> Response:
@@ -223,17 +286,26 @@ def cds_ehr_role(ctx: RoleContext) -> RoleApp:
         org = body.get("org")
         if org not in orgs or not body.get("patient") or not body.get("app"):
             return JSONResponse({"error": "org, patient and app are required"}, status_code=400)
-        url = client.launch_url(org=org, patient=body["patient"], app=body["app"],
-                                encounter=body.get("encounter"),
-                                user=body.get("user") or "Practitioner/sandbox-clinician")
+        url = client.launch_url(
+            org=org,
+            patient=body["patient"],
+            app=body["app"],
+            encounter=body.get("encounter"),
+            user=body.get("user") or "Practitioner/sandbox-clinician",
+        )
         return JSONResponse({"url": url, "iss": bases[org]})
 
     def _fire(body: dict[str, Any]) -> dict[str, Any]:
         return client.fire(
-            org=body["org"], service_base=body["service_base"], hook=body["hook"],
-            patient=body["patient"], user=body.get("user") or "Practitioner/sandbox-clinician",
-            orders=body.get("orders") or [], selections=body.get("selections"),
-            prefetch_mode=body.get("prefetch_mode") or "fill", service_id=body.get("service_id"),
+            org=body["org"],
+            service_base=body["service_base"],
+            hook=body["hook"],
+            patient=body["patient"],
+            user=body.get("user") or "Practitioner/sandbox-clinician",
+            orders=body.get("orders") or [],
+            selections=body.get("selections"),
+            prefetch_mode=body.get("prefetch_mode") or "fill",
+            service_id=body.get("service_id"),
             encounter=body.get("encounter"),
         )
 
@@ -247,21 +319,28 @@ def cds_ehr_role(ctx: RoleContext) -> RoleApp:
         except ValueError:
             return JSONResponse({"error": "JSON body required"}, status_code=400)
         need = ("org", "service_base", "hook", "patient")
-        if not isinstance(body, dict) or any(not body.get(k) for k in need) or \
-                body["org"] not in orgs:
+        if (
+            not isinstance(body, dict)
+            or any(not body.get(k) for k in need)
+            or body["org"] not in orgs
+        ):
             return JSONResponse({"error": f"{', '.join(need)} are required"}, status_code=400)
         try:
             result = await run_in_threadpool(_fire, body)
         except httpx.HTTPError as exc:
-            return JSONResponse({"error": f"CDS service unreachable ({type(exc).__name__})"},
-                                status_code=502)
+            return JSONResponse(
+                {"error": f"CDS service unreachable ({type(exc).__name__})"}, status_code=502
+            )
         return JSONResponse(result)
 
-    app = Starlette(routes=[
-        Route("/jwks.json", jwks), Route("/launch", launch),
-        Route("/_admin/launch", admin_launch, methods=["POST"]),
-        Route("/_admin/fire", admin_fire, methods=["POST"]),
-    ])
+    app = Starlette(
+        routes=[
+            Route("/jwks.json", jwks),
+            Route("/launch", launch),
+            Route("/_admin/launch", admin_launch, methods=["POST"]),
+            Route("/_admin/fire", admin_fire, methods=["POST"]),
+        ]
+    )
     return RoleApp(app=app, orgs=[], close=client.http.close, extra={"client": client})
 
 

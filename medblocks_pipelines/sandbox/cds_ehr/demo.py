@@ -23,22 +23,53 @@ def demo_orders(patient: str) -> list[dict[str, Any]]:
     """Draft orders of the demo: an HbA1c, a lipid panel and amoxicillin (penicillin class)."""
     subject = {"reference": f"Patient/{patient}"}
     return [
-        {"resourceType": "ServiceRequest", "id": "draft-a1c", "status": "draft",
-         "intent": "order", "subject": subject, "code": {"coding": [
-             {"system": LOINC, "code": "4548-4",
-              "display": "Hemoglobin A1c/Hemoglobin.total in Blood"}]}},
-        {"resourceType": "ServiceRequest", "id": "draft-lipid", "status": "draft",
-         "intent": "order", "subject": subject, "code": {"coding": [
-             {"system": LOINC, "code": "57698-3", "display": "Lipid panel"}]}},
-        {"resourceType": "MedicationRequest", "id": "draft-amox", "status": "draft",
-         "intent": "order", "subject": subject, "medicationCodeableConcept": {"coding": [
-             {"system": RXNORM, "code": "308182", "display": "amoxicillin 250 MG Oral Capsule"},
-             {"system": RXNORM, "code": "723", "display": "amoxicillin"}]}},
+        {
+            "resourceType": "ServiceRequest",
+            "id": "draft-a1c",
+            "status": "draft",
+            "intent": "order",
+            "subject": subject,
+            "code": {
+                "coding": [
+                    {
+                        "system": LOINC,
+                        "code": "4548-4",
+                        "display": "Hemoglobin A1c/Hemoglobin.total in Blood",
+                    }
+                ]
+            },
+        },
+        {
+            "resourceType": "ServiceRequest",
+            "id": "draft-lipid",
+            "status": "draft",
+            "intent": "order",
+            "subject": subject,
+            "code": {"coding": [{"system": LOINC, "code": "57698-3", "display": "Lipid panel"}]},
+        },
+        {
+            "resourceType": "MedicationRequest",
+            "id": "draft-amox",
+            "status": "draft",
+            "intent": "order",
+            "subject": subject,
+            "medicationCodeableConcept": {
+                "coding": [
+                    {
+                        "system": RXNORM,
+                        "code": "308182",
+                        "display": "amoxicillin 250 MG Oral Capsule",
+                    },
+                    {"system": RXNORM, "code": "723", "display": "amoxicillin"},
+                ]
+            },
+        },
     ]
 
 
-def setup_clinician_org(sandbox: Any, cp: ControlPlane, *, tenant: str, org: str,
-                        web_base: str) -> dict[str, str]:
+def setup_clinician_org(
+    sandbox: Any, cp: ControlPlane, *, tenant: str, org: str, web_base: str
+) -> dict[str, str]:
     """Register our app at sandbox org ``org`` and the source/organization in our registry.
 
     Reuses a registry source of that FHIR base that already has the ``clinician_workflow``
@@ -48,25 +79,41 @@ def setup_clinician_org(sandbox: Any, cp: ControlPlane, *, tenant: str, org: str
     endpoint = sandbox.org(org)
     cds_client = sandbox.roles["cds_ehr"].extra["client"]
     client_id = f"medblocks-clinician-{tenant}"
-    sandbox.admin(org, "clients", {
-        "client_id": client_id, "token_endpoint_auth_method": "none",
-        "redirect_uris": [f"{web_base}/ehr/callback"], "name": "Medblocks clinician app",
-    })
+    sandbox.admin(
+        org,
+        "clients",
+        {
+            "client_id": client_id,
+            "token_endpoint_auth_method": "none",
+            "redirect_uris": [f"{web_base}/ehr/callback"],
+            "name": "Medblocks clinician app",
+        },
+    )
     source_id = None
     for s in cp.list_sources():
-        if str(s.get("fhir_base_url") or "").rstrip("/") == endpoint.fhir_base and \
-                "clinician_workflow" in (s.get("patterns") or []):
+        if str(s.get("fhir_base_url") or "").rstrip(
+            "/"
+        ) == endpoint.fhir_base and "clinician_workflow" in (s.get("patterns") or []):
             source_id = s["id"]
     if source_id is None:
         source_id = f"{org}-cw"
-        cp.add_source(source_id, f"{endpoint.name} (EHR launch)", "sandbox", "ehr",
-                      endpoint.fhir_base, ["clinician_workflow"], config={"client_id": client_id})
+        cp.add_source(
+            source_id,
+            f"{endpoint.name} (EHR launch)",
+            "sandbox",
+            "ehr",
+            endpoint.fhir_base,
+            ["clinician_workflow"],
+            config={"client_id": client_id},
+        )
     else:
         src = cp.get_source(source_id)
         cp.update_source(source_id, config={**(src.get("config") or {}), "client_id": client_id})
     cds_cfg = {"iss": cds_client.iss, "jwks_url": cds_client.jwks_url}
-    org_id = next((o["id"] for o in cp.list_organizations(tenant_id=tenant)
-                   if o["source_id"] == source_id), None)
+    org_id = next(
+        (o["id"] for o in cp.list_organizations(tenant_id=tenant) if o["source_id"] == source_id),
+        None,
+    )
     if org_id is None:
         org_id = source_id if source_id != org else org
         try:
@@ -81,8 +128,9 @@ def setup_clinician_org(sandbox: Any, cp: ControlPlane, *, tenant: str, org: str
     return {"source_id": source_id, "organization_id": org_id, "client_id": client_id}
 
 
-def launch_in_browser(sandbox: Any, *, org: str, patient: str, web_base: str,
-                      encounter: str | None = None) -> httpx.Response:
+def launch_in_browser(
+    sandbox: Any, *, org: str, patient: str, web_base: str, encounter: str | None = None
+) -> httpx.Response:
     """The EHR opens our launch URL; a browser follows every redirect to our app page."""
     launcher = sandbox.role_urls["cds_ehr"]
     with httpx.Client(timeout=30.0, follow_redirects=True) as browser:
@@ -100,9 +148,16 @@ def first_patient(sandbox: Any, org: str) -> str:
     return next(iter(store.iter_type("Patient")))["id"]
 
 
-def run_clinician_demo(sandbox: Any, cp: ControlPlane, settings: Any, *, tenant: str, org: str,
-                       patient: str | None = None,
-                       orders: list[Mapping[str, Any]] | None = None) -> dict[str, Any]:
+def run_clinician_demo(
+    sandbox: Any,
+    cp: ControlPlane,
+    settings: Any,
+    *,
+    tenant: str,
+    org: str,
+    patient: str | None = None,
+    orders: list[Mapping[str, Any]] | None = None,
+) -> dict[str, Any]:
     """EHR launch + patient-view + order-select against our app on a loopback port.
 
     ``sandbox`` is a running ``SandboxHandle`` with the ``ehr`` and ``cds_ehr`` roles; ``org`` a
@@ -119,8 +174,9 @@ def run_clinician_demo(sandbox: Any, cp: ControlPlane, settings: Any, *, tenant:
         conn_id = page.url.path.rsplit("/", 1)[-1] if "/ehr/app/" in page.url.path else None
         view = cds_client.fire(org=org, service_base=web, hook="patient-view", patient=patient)
         drafts = list(orders) if orders is not None else demo_orders(patient)
-        select = cds_client.fire(org=org, service_base=web, hook="order-select",
-                                 patient=patient, orders=drafts)
+        select = cds_client.fire(
+            org=org, service_base=web, hook="order-select", patient=patient, orders=drafts
+        )
     return {
         **ids,
         "patient": patient,
