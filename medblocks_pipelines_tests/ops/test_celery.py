@@ -132,6 +132,7 @@ def _snapshot(path: Path) -> tuple[list[tuple[Any, ...]], dict[str, int]]:
 def worker_env(tmp_path: Path) -> Iterator[dict[str, str]]:
     """PostgreSQL for Dagster and the control plane, a Dagster home, a unique Celery queue."""
     _require("RabbitMQ (5672)", _port_open(5672))
+    _require("PostgreSQL (5432)", _port_open(5432))
     with (
         fresh_pg_database("celery_dagster") as dagster_url,
         fresh_pg_database("celery_cp") as cp_url,
