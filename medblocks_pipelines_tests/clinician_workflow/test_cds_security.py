@@ -278,3 +278,19 @@ def test_shared_issuer_needs_the_tenant_claim(cds_env: CdsEnv) -> None:
     assert getattr(err.value, "reason", None) == "unknown_issuer"
     client = auth.verify(f"Bearer {cds_env.sign(url, tenant='dup-tenant')}", url=url)
     assert client.organization_id == "dup" and client.source_id == "ehr-d"
+
+
+def test_unreachable_jwks_is_a_refusal_not_a_crash(cds_env: CdsEnv) -> None:
+    cds_env.cp.add_source(
+        "ehr-e", "Down EHR", "sandbox", "ehr", "http://e.example/fhir", ["clinician_workflow"]
+    )
+    cds_env.cp.add_organization(
+        "down",
+        "acme",
+        "ehr-e",
+        "Down",
+        config={"cds": {"iss": "https://down.example", "jwks_url": "http://127.0.0.1:9/jwks.json"}},
+    )
+    time.sleep(1.1)
+    token = cds_env.sign(cds_env.url(SERVICE), iss="https://down.example")
+    _refused(cds_env, token, "jwks_unavailable")

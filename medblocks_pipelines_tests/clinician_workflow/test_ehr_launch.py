@@ -331,3 +331,81 @@ def test_plan_syncs_dedupes_per_patient_and_org() -> None:
         [ev("c2")], recent=recent, now=1000.0 + DEDUPE_SECONDS + 1, patient_of=patient_of
     )
     assert plan3 == {("t", "o1"): ["c2"]}
+
+
+def test_demo_setup_beside_an_existing_backend_source(
+    settings: Settings, sandbox: SandboxHandle
+) -> None:
+    """The demo's registry already has the EHR as a backend source and organization."""
+    cp = open_control_plane(settings)
+    cp.add_tenant(TENANT, "Acme Health")
+    endpoint = sandbox.org(ORG)
+    cp.add_source(
+        ORG,
+        endpoint.name,
+        "sandbox",
+        "ehr",
+        endpoint.fhir_base,
+        ["backend"],
+        config={"client_id": "backend-client"},
+    )
+    cp.add_organization(ORG, TENANT, ORG, endpoint.name)
+    patient = first_patient(sandbox, ORG)
+    _warehouse(settings, ORG, patient)  # the data arrived through the backend source
+    result = run_clinician_demo(sandbox, cp, settings, tenant=TENANT, org=ORG)
+    assert result["source_id"] == f"{ORG}-cw" and result["organization_id"] == f"{ORG}-cw"
+    assert cp.get_source(ORG)["config"]["client_id"] == "backend-client"  # untouched
+    assert result["app_status"] == 200 and result["app_has_record"]
+    assert len(result["patient_view"]["cards"]) == 2
+    cp.engine.dispose()
+
+
+def test_cli_cds_fire_and_sync_without_launch(
+    env: dict[str, Any], sandbox: SandboxHandle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from click.testing import CliRunner
+
+    from medblocks_pipelines.cli.clinician_workflow import cds, latest_launch
+    from medblocks_pipelines.lib.errors import ConfigError
+
+    monkeypatch.setenv("MEDBLOCKS_SANDBOX_ADMIN_SECRET", sandbox.admin_secret)
+    runner = CliRunner()
+    out = runner.invoke(
+        cds,
+        [
+            "fire",
+            "--hook",
+            "patient-view",
+            "--org",
+            ORG,
+            "--patient",
+            env["patient"],
+            "--service-base",
+            env["web"],
+            "--sandbox-url",
+            sandbox.role_urls["cds_ehr"],
+        ],
+    )
+    assert out.exit_code == 0, out.output
+    assert "HTTP 200" in out.output and "[warning] HbA1c overdue" in out.output
+    out = runner.invoke(
+        cds,
+        [
+            "fire",
+            "--hook",
+            "order-select",
+            "--org",
+            ORG,
+            "--patient",
+            env["patient"],
+            "--service-base",
+            env["web"],
+            "--sandbox-url",
+            sandbox.role_urls["cds_ehr"],
+            "--prefetch",
+            "outcome",
+        ],
+    )
+    assert out.exit_code == 0 and "[critical] Allergy to penicillin" in out.output
+    with pytest.raises(ConfigError):
+        latest_launch(env["cp"], tenant=TENANT, org=env["organization_id"], patient="nobody")
