@@ -430,3 +430,11 @@ def test_ansi_type_tag_casts_and_rejects_injection(con: duckdb.DuckDBPyConnectio
                                                "value": "VARCHAR); DROP TABLE resources; --"}]))
     with pytest.raises(ViewDefinitionError, match="invalid ansi/type"):
         compile_view(bad)
+
+
+def test_empty_literal_inside_an_expression(con: duckdb.DuckDBPyConnection) -> None:
+    v = view("Patient", col("id", "id"), col("x", "iif(active, gender, {})"),
+             col("e", "{}.exists()"))
+    got = by_id(rows(con, v))
+    assert got["pat-a"]["x"] == "male" and got["pat-c"]["x"] is None
+    assert got["pat-a"]["e"] is False

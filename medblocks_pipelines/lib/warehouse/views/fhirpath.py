@@ -110,6 +110,7 @@ class TypeOp(Node):
 _TOKEN = re.compile(
     r"""
     (?P<ws>\s+|//[^\n]*|/\*.*?\*/)
+  | (?P<empty>\{\s*\})
   | (?P<datetime>@T?[0-9][0-9:\-T.+Z]*)
   | (?P<number>[0-9]+(?:\.[0-9]+)?)
   | (?P<string>'(?:[^'\\]|\\.)*')
@@ -334,8 +335,9 @@ class _Parser:
             node = self.binary(0)
             self.expect(")")
             return node
-        if tok.kind == "op" and tok.text == "{":
-            raise self.error("unexpected '{'")
+        if tok.kind == "empty":
+            self.take()
+            return Literal(None, "empty")
         if tok.kind == "ident" and tok.text in ("true", "false"):
             self.take()
             return Literal(tok.text == "true", "boolean")
@@ -352,6 +354,4 @@ def parse(expression: str) -> Node:
         )
     if not expression.strip():
         raise ViewDefinitionError("empty FHIRPath expression")
-    if expression.strip() == "{}":
-        return Literal(None, "empty")
     return _Parser(expression).parse()
