@@ -331,3 +331,78 @@ def test_delivery_on_postgresql(
         wh.deliver_due(pg, now=now + timedelta(seconds=5), http=http)
     assert [r.verified for r in receiver.on("pg")] == [True, True]
     assert [a["outcome"] for a in wh.list_attempts(pg)][-2:] == ["http_error", "success"]
+
+
+@pytest.mark.postgres
+def test_concurrent_workers_deliver_each_message_once_on_postgresql(
+    settings: Settings, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Three sensor ticks racing on PostgreSQL: the fan-out table and the claim keep it to one send.
+    import threading
+
+    from medblocks_pipelines.lib.settings import get_settings
+    from medblocks_pipelines_tests.conftest import fresh_pg_database
+
+    with fresh_pg_database("webhooks_race") as url:
+        monkeypatch.setenv("MEDBLOCKS_DATABASE_URL", url)
+        pg = open_control_plane(get_settings())
+        pg.add_tenant("acme", "Acme")
+        _endpoint(pg, receiver, "race")
+        for i in range(20):
+            pg.emit_event("acme", "sync.completed", {"n": i})
+        barrier = threading.Barrier(3)
+        errors: list[BaseException] = []
+        now = utcnow()
+
+        def tick() -> None:
+            try:
+                barrier.wait()
+                with httpx.Client() as http:
+                    wh.deliver_due(pg, now=now, http=http)
+            except BaseException as exc:  # surfaced below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=tick) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        # A tick that lost every race leaves nothing behind for the next one to send twice.
+        with httpx.Client() as http:
+            wh.deliver_due(pg, now=now + timedelta(minutes=5), http=http)
+        pg.engine.dispose()
+    assert errors == []
+    got = sorted(r.payload["data"]["n"] for r in receiver.on("race"))
+    assert got == list(range(20))
+
+
+@pytest.mark.postgres
+def test_fan_out_loses_a_race_cleanly_on_postgresql(
+    settings: Settings, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Another worker holds an uncommitted fan-out of the same event: ours waits, then backs off.
+    import threading
+    import time
+
+    from medblocks_pipelines.lib.settings import get_settings
+    from medblocks_pipelines_tests.conftest import fresh_pg_database
+
+    with fresh_pg_database("webhooks_fanout") as url:
+        monkeypatch.setenv("MEDBLOCKS_DATABASE_URL", url)
+        pg = open_control_plane(get_settings())
+        pg.add_tenant("acme", "Acme")
+        _endpoint(pg, receiver, "f")
+        event_id = pg.emit_event("acme", "sync.completed", {"n": 1})
+        now = utcnow()
+        out: dict[str, tuple[int, int]] = {}
+        with pg.engine.connect() as other:
+            tx = other.begin()
+            other.execute(ot.webhook_fanout.insert().values(event_id=event_id, at=now))
+            worker = threading.Thread(target=lambda: out.setdefault("r", wh.fan_out(pg, now=now)))
+            worker.start()
+            time.sleep(0.5)
+            tx.commit()
+            worker.join(timeout=30)
+        assert out["r"] == (0, 0)
+        assert wh.list_deliveries(pg) == []  # the winner (here: the bare insert) owns it
+        pg.engine.dispose()

@@ -292,6 +292,15 @@ def fan_out(
 ) -> tuple[int, int]:
     """Create deliveries for outbox events not yet fanned out; returns (events, deliveries)."""
     ot.ensure_tables(cp.engine)
+    try:
+        return _fan_out(cp, now=now, policy=policy)
+    except sa.exc.IntegrityError:
+        # Another worker fanned out the same events at the same moment (webhook_fanout's primary
+        # key refused the second); its transaction made the deliveries, this one rolled back.
+        return 0, 0
+
+
+def _fan_out(cp: ControlPlane, *, now: datetime, policy: DeliveryPolicy) -> tuple[int, int]:
     events_done = deliveries = 0
     with cp.engine.begin() as conn:
         cursor = _cursor(conn)
