@@ -438,3 +438,29 @@ def test_empty_literal_inside_an_expression(con: duckdb.DuckDBPyConnection) -> N
     got = by_id(rows(con, v))
     assert got["pat-a"]["x"] == "male" and got["pat-c"]["x"] is None
     assert got["pat-a"]["e"] is False
+
+
+def test_quotes_in_constants_and_literals_cannot_break_out(
+    con: duckdb.DuckDBPyConnection,
+) -> None:
+    evil = "x'); DROP TABLE resources; --"
+    v = view("Patient", col("id", "id"), col("c", "%evil"), col("l", r"'it\'s'"),
+             col("u", "extension('" + evil.replace("'", "\\'") + "').exists()"),
+             constant=[{"name": "evil", "valueString": evil}],
+             where=[{"path": "name.family != %evil"}])
+    got = rows(con, v)
+    assert {r["c"] for r in got} == {evil} and {r["l"] for r in got} == {"it's"}
+    assert all(r["u"] is False for r in got)
+    assert con.execute("SELECT count(*) FROM resources").fetchall() == [(21,)]
+
+
+def test_empty_table_and_other_types_are_ignored() -> None:
+    c = duckdb.connect()
+    resources_table(c, ['{"resourceType":"Observation","id":"o"}'])
+    compiled = compile_view(view("Patient", col("id", "id"), col("n", "name.family",
+                                                                  collection=True)))
+    table = c.sql(compiled.sql).to_arrow_table()
+    assert table.num_rows == 0 and table.column_names == ["id", "n"]
+    assert str(table.schema.field("n").type.value_type) == "string"
+    assert compile_view(view("Patient", col("id", "id"))).sql == compile_view(
+        view("Patient", col("id", "id"))).sql  # deterministic SQL
