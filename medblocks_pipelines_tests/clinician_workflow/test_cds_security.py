@@ -294,3 +294,18 @@ def test_unreachable_jwks_is_a_refusal_not_a_crash(cds_env: CdsEnv) -> None:
     time.sleep(1.1)
     token = cds_env.sign(cds_env.url(SERVICE), iss="https://down.example")
     _refused(cds_env, token, "jwks_unavailable")
+
+
+def test_refusals_of_a_known_issuer_are_audited(cds_env: CdsEnv) -> None:
+    token = cds_env.sign(cds_env.url(SERVICE))
+    assert _call(cds_env, token).status_code == 200
+    _refused(cds_env, token, "replayed_jti")
+    with cds_env.cp.engine.connect() as conn:
+        rows = (
+            conn.execute(sa.select(audit_log).where(audit_log.c.decision == "refused"))
+            .mappings()
+            .all()
+        )
+    assert [(r["tenant_id"], r["actor"], r["reason"]) for r in rows] == [
+        ("acme", "cds:mercy", "replayed_jti")
+    ]

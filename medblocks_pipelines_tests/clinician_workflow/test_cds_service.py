@@ -336,3 +336,19 @@ def test_a_second_source_of_the_same_ehr_counts_as_this_chart(cds_env: CdsEnv) -
     beyond = next(c for c in cards if c["source"]["topic"]["code"] == "records-elsewhere")
     assert beyond["summary"].startswith("3 items from 2 other sources")
     assert "Cholesterol" not in beyond["detail"]
+
+
+def test_fhir_authorization_for_another_patient_is_refused(cds_env: CdsEnv) -> None:
+    body = patient_view("x7")
+    body["fhirServer"] = cds_env.stub.fhir_base
+    body["fhirAuthorization"] = {
+        "access_token": FHIR_TOKEN,
+        "token_type": "Bearer",
+        "expires_in": 300,
+        "scope": "patient/Patient.rs",
+        "subject": "medblocks-cds",
+        "patient": "someone-else",
+    }
+    resp = cds_env.hook("medblocks-patient-view", body)
+    assert resp.status_code == 400 and "fhirAuthorization.patient" in resp.json()["detail"]
+    assert "/fhir/Patient/x7" not in cds_env.stub.hits

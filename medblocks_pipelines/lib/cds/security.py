@@ -18,6 +18,7 @@ JWKS documents are cached per URL (``JWKS_TTL``); an unknown ``kid`` refetches a
 ``KID_REFETCH_INTERVAL`` (key rotation), so a flood of forged kids cannot hammer the EHR.
 """
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -31,6 +32,8 @@ import sqlalchemy as sa
 
 from medblocks_pipelines.lib.cds.tables import cds_jti, ensure_tables
 from medblocks_pipelines.lib.errors import CdsRequestError
+
+log = logging.getLogger(__name__)
 
 ALLOWED_ALGS = frozenset(
     {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512"}
@@ -196,6 +199,35 @@ class CdsAuthenticator:
         if not isinstance(iss, str) or not iss:
             raise _refuse("the JWT has no iss", "missing_claim")
         org = self.organization_for(iss, unverified.get("tenant"))
+        try:
+            return self._verify_for(org, token, header, alg, iss, url)
+        except CdsRequestError as exc:
+            # The issuer is one of the tenant's organizations: its refusals belong in its audit
+            # log (replays, expired or misaddressed tokens are how a leaked token shows up).
+            self._audit_refusal(org, exc.reason)
+            raise
+
+    def _audit_refusal(self, org: Mapping[str, Any], reason: str) -> None:
+        try:
+            self.cp.audit(
+                tenant_id=org["tenant_id"],
+                actor=f"cds:{org['id']}",
+                action="cds.authenticate",
+                decision="refused",
+                reason=reason,
+            )
+        except Exception:  # noqa: BLE001 - an audit failure must not turn a 401 into a 500
+            log.warning("cds refusal could not be audited")
+
+    def _verify_for(
+        self,
+        org: dict[str, Any],
+        token: str,
+        header: Mapping[str, Any],
+        alg: str,
+        iss: str,
+        url: str,
+    ) -> CdsClient:
         key = self._key(org, header)
         if key.algorithm_name != alg and "alg" in getattr(key, "_jwk_data", {}):
             # A key published for one algorithm is not used with another (RFC 7517 §4.4).

@@ -259,6 +259,9 @@ class CdsService:
                 raise _bad("fhirAuthorization.expires_in is required")
             if str(auth["token_type"]).lower() != "bearer":
                 raise _bad("fhirAuthorization.token_type must be Bearer")
+            if auth.get("patient") is not None and auth.get("patient") != patient:
+                # A token for another patient's record must not be used for this one.
+                raise _bad("fhirAuthorization.patient is not context.patientId")
             if not isinstance(server, str) or not server:
                 raise _bad("fhirServer is required with fhirAuthorization")
         if server is not None and (
