@@ -21,6 +21,7 @@ import fcntl
 import json
 import os
 import secrets
+import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -40,6 +41,9 @@ from medblocks_pipelines.lib.warehouse.lake import (
     quarantine_glob,
     resources_glob,
 )
+
+# DuckDB memory for a build (the rest spills to disk): a tenant of any size builds in bounded RSS.
+WAREHOUSE_MEMORY_LIMIT = os.environ.get("MEDBLOCKS_WAREHOUSE_MEMORY_LIMIT", "1GB")
 
 PROVENANCE_COLUMNS = (
     "tenant",
@@ -184,7 +188,6 @@ def build_base_tables(
         FROM latest l JOIN resource_versions v
           ON v.resource_key = l.resource_key AND v.content_hash = l.content_hash
         WHERE NOT l.deleted
-        ORDER BY v.resource_type, v.source, v.resource_id
         """
     )
 
@@ -302,7 +305,10 @@ def build_warehouse(
         try:
             con = duckdb.connect(str(tmp))
             try:
-                con.execute("SET preserve_insertion_order=true")
+                # Bounded memory whatever the lake size: DuckDB spills past the limit.
+                con.execute(f"SET memory_limit='{WAREHOUSE_MEMORY_LIMIT}'")
+                spill = settings.warehouse_dir / f".spill-{normalise_id(tenant)}"
+                con.execute(f"SET temp_directory='{spill}'")
                 t0 = time.perf_counter()
                 build_base_tables(con, settings, tenant, pulls)
                 timings["base"] = time.perf_counter() - t0
@@ -323,6 +329,9 @@ def build_warehouse(
         finally:
             tmp.unlink(missing_ok=True)
             Path(str(tmp) + ".wal").unlink(missing_ok=True)
+            shutil.rmtree(
+                settings.warehouse_dir / f".spill-{normalise_id(tenant)}", ignore_errors=True
+            )
     return BuildResult(
         tenant=tenant,
         path=final,

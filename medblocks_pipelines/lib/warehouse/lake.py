@@ -70,6 +70,10 @@ QUARANTINE_SCHEMA = pa.schema(
     ]
 )
 
+# DuckDB memory per landing connection: files are landed one at a time, so RSS stays bounded
+# whatever the export size (DuckDB spills beyond it).
+LANDING_MEMORY_LIMIT = os.environ.get("MEDBLOCKS_LANDING_MEMORY_LIMIT", "512MB")
+
 # Quarantined raw payloads are capped: enough to diagnose, not a way to fill the disk.
 MAX_RAW_CHARS = 1_000_000
 
@@ -272,8 +276,10 @@ class LakeWriter:
     def add_ndjson_file(self, path: str | os.PathLike[str], *, origin: str | None = None) -> None:
         """Land a whole (optionally gzipped) NDJSON file at DuckDB scan speed.
 
-        DuckDB reads the objects and writes the Parquet files; files with malformed lines fall back to
-        a line-by-line pass so every bad line is quarantined with its line number and reason.
+        Each line is parsed once: DuckDB reads the objects, extracts the four fields the lake needs
+        in one multi-path ``json_extract`` into a temporary table, and writes the Parquet files from
+        it. A file with malformed lines falls back to a line-by-line pass, so every bad line is
+        quarantined with its line number and reason.
         """
         path = Path(path)
         origin = origin or path.name
@@ -282,13 +288,38 @@ class LakeWriter:
         con = duckdb.connect()
         try:
             con.execute("SET preserve_insertion_order=false")
-            con.execute("SET memory_limit='512MB'")
-            src = f"read_ndjson_objects('{_sql_str(str(path))}', ignore_errors=true)"
-            bad = con.execute(f"SELECT count(*) FROM {src} WHERE json IS NULL").fetchone()
+            con.execute(f"SET memory_limit='{LANDING_MEMORY_LIMIT}'")
+            # json_extract gives JSON values: a string starts with '"'; anything else (a number,
+            # an object, null) is as unusable for resourceType/id as no value. ->> '$' unquotes.
+            con.execute(
+                f"""
+                CREATE TEMP TABLE rows AS
+                SELECT raw, recno,
+                       CASE WHEN raw IS NULL THEN 'malformed JSON'
+                            WHEN NOT starts_with(ltrim(raw), '{{') THEN 'not a JSON object'
+                            WHEN f[1] IS NULL OR NOT starts_with(f[1]::VARCHAR, '"')
+                                 OR f[1]::VARCHAR = '""' THEN 'missing resourceType'
+                            WHEN f[2] IS NULL OR NOT starts_with(f[2]::VARCHAR, '"')
+                                 OR f[2]::VARCHAR = '""' THEN 'missing id'
+                       END AS reason,
+                       f[1] ->> '$' AS rtype, f[2] ->> '$' AS rid,
+                       CASE WHEN f[3]::VARCHAR <> 'null' THEN f[3] ->> '$' END AS vid,
+                       CASE WHEN f[4]::VARCHAR <> 'null' THEN f[4] ->> '$' END AS lu
+                FROM (
+                    SELECT json::VARCHAR AS raw,
+                           json_extract(json, ['$.resourceType', '$.id', '$.meta.versionId',
+                                               '$.meta.lastUpdated']) AS f,
+                           row_number() OVER () AS recno
+                    FROM read_ndjson_objects('{_sql_str(str(path))}', ignore_errors=true)
+                )
+                """
+            )
+            bad = con.execute("SELECT count(*) FROM rows WHERE raw IS NULL").fetchone()
             if bad and bad[0]:
+                con.execute("DROP TABLE rows")
                 self._add_lines_slow(path, origin)
                 return
-            self._copy_fast(con, src, origin)
+            self._copy_fast(con, origin)
         finally:
             con.close()
 
@@ -301,52 +332,31 @@ class LakeWriter:
                     continue
                 self.add(line, origin=f"{origin}:{lineno}")
 
-    def _copy_fast(self, con: duckdb.DuckDBPyConnection, src: str, origin: str) -> None:
+    def _copy_fast(self, con: duckdb.DuckDBPyConnection, origin: str) -> None:
         p = self.prov
         fetched = self._fetched_at.isoformat()
-        con.execute(
-            f"""
-            CREATE TEMP TABLE objs AS
-            SELECT json AS raw,
-                   row_number() OVER () AS recno,
-                   CASE WHEN json_type(json) <> 'OBJECT' THEN 'not a JSON object'
-                        WHEN json_type(json, '$.resourceType') IS DISTINCT FROM 'VARCHAR'
-                             OR json ->> '$.resourceType' = '' THEN 'missing resourceType'
-                        WHEN json_type(json, '$.id') IS DISTINCT FROM 'VARCHAR'
-                             OR json ->> '$.id' = '' THEN 'missing id'
-                   END AS reason
-            FROM {src}
-            """
-        )
         for raw, reason, recno in con.execute(
-            "SELECT raw::VARCHAR, reason, recno FROM objs WHERE reason IS NOT NULL ORDER BY recno"
+            "SELECT raw, reason, recno FROM rows WHERE reason IS NOT NULL ORDER BY recno"
         ).fetchall():
             self.quarantine(raw, reason, origin=f"{origin}#{recno}")
-        types = [
-            r[0]
-            for r in con.execute(
-                "SELECT DISTINCT raw ->> '$.resourceType' FROM objs WHERE reason IS NULL"
-            ).fetchall()
-        ]
-        for rtype in types:
+        counts = con.execute(
+            "SELECT rtype, count(*) FROM rows WHERE reason IS NULL GROUP BY rtype ORDER BY rtype"
+        ).fetchall()
+        for rtype, n in counts:
             out = self._next_path(rtype)
             tmp = out.with_name(out.name + ".tmp")
             con.execute(
                 f"""
                 COPY (
-                  SELECT raw::VARCHAR AS resource,
-                         raw ->> '$.resourceType' AS resource_type,
-                         raw ->> '$.id' AS resource_id,
-                         raw ->> '$.meta.versionId' AS version_id,
-                         raw ->> '$.meta.lastUpdated' AS last_updated,
-                         md5(raw::VARCHAR) AS content_hash,
+                  SELECT raw AS resource, rtype AS resource_type, rid AS resource_id,
+                         vid AS version_id, lu AS last_updated, md5(raw) AS content_hash,
                          false AS deleted,
                          ? AS tenant, ? AS pattern, ? AS source,
                          ?::VARCHAR AS organization, ?::VARCHAR AS connection,
                          ?::TIMESTAMPTZ AS fetched_at, ? AS run_id,
                          ? || '#' || recno AS origin
-                  FROM objs
-                  WHERE reason IS NULL AND raw ->> '$.resourceType' = ?
+                  FROM rows
+                  WHERE reason IS NULL AND rtype = ?
                 ) TO '{_sql_str(str(tmp))}' (FORMAT parquet, COMPRESSION zstd)
                 """,
                 [
@@ -361,12 +371,11 @@ class LakeWriter:
                     rtype,
                 ],
             )
-            n = con.execute(f"SELECT count(*) FROM read_parquet('{_sql_str(str(tmp))}')").fetchone()
             os.replace(tmp, out)
-            self.stats.counts_by_type[rtype] += int(n[0]) if n else 0
+            self.stats.counts_by_type[rtype] += int(n)
             self.stats.files += 1
             self.stats.bytes += out.stat().st_size
-        con.execute("DROP TABLE objs")
+        con.execute("DROP TABLE rows")
 
     def _append(self, rtype: str, row: tuple[Any, ...]) -> None:
         rows = self._rows[rtype]
