@@ -546,7 +546,7 @@ def _write_lines(
     with fs.open(path, "wb") as raw:
         if gz:
             # mtime=0: the same content gives the same bytes, so a retry rewrites identical objects.
-            with gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as fh:
+            with gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, compresslevel=6) as fh:
                 for data in chunks:
                     fh.write(data)
         else:

@@ -13,6 +13,7 @@ The lead adds this module to ``EXTRA_TABLE_MODULES`` (and a migration); until th
 :func:`ensure_tables` creates the tables.
 """
 
+import weakref
 from typing import Any
 
 import sqlalchemy as sa
@@ -140,6 +141,12 @@ TABLES = (
 )
 
 
+_ENSURED: "weakref.WeakSet[sa.Engine]" = weakref.WeakSet()
+
+
 def ensure_tables(engine: sa.Engine) -> None:
-    """Create the operations tables if they are missing (idempotent)."""
+    """Create the operations tables if they are missing (idempotent, once per engine)."""
+    if engine in _ENSURED:
+        return
     metadata.create_all(engine, tables=list(TABLES), checkfirst=True)
+    _ENSURED.add(engine)
