@@ -18,7 +18,6 @@ from medblocks_pipelines.defs.backend.assets import (
 from medblocks_pipelines.defs.backend.schedules import backend_cadence_schedule, fires_between
 from medblocks_pipelines.defs.backend.sensors import (
     backend_bulk_export_sensor,
-    backend_warehouse_sensor,
 )
 from medblocks_pipelines.defs.shared.resources import PlatformResource
 from medblocks_pipelines.lib.fhir.bulk_sync import kickoff_export
@@ -81,9 +80,7 @@ def test_kickoff_sensor_land_and_rerun_without_duplicates(
     land = dg.materialize([bulk_resources], partition_key=KEY, instance=instance,
                           resources={"platform": platform}, run_config=req.run_config)
     assert land.success
-    # the tenant warehouse is requested downstream of the landed export
-    (wh,) = list(backend_warehouse_sensor(dg.build_sensor_context(instance=instance)))
-    assert isinstance(wh, dg.RunRequest) and wh.partition_key == TENANT
+    # (the tenant warehouse rebuild after a landing is the warehouse's debounced sensor's job)
     lmd = {k: v.value for k, v in
            land.asset_materializations_for_node("backend__bulk_resources")[0].metadata.items()}
     assert lmd["landed"] > 0 and lmd["files"] > 0 and lmd["bytes"] > 0
@@ -176,6 +173,7 @@ def test_definitions_snapshot() -> None:
         assert d.resolve_job_def("backend_kickoff_job") and d.resolve_job_def("backend_land_job")
         assert d.resolve_sensor_def("backend_bulk_export_sensor")
         assert d.resolve_schedule_def("backend_cadence_schedule")
-        assert d.resolve_sensor_def("backend_warehouse_sensor").job_name == "tenant_warehouse_job"
+        # One rebuild path for every pattern: the debounced warehouse sensor watches this asset.
+        assert d.resolve_sensor_def("warehouse_on_landing_sensor")
         node = d.resolve_assets_def(["backend", "bulk_resources"])
         assert json.dumps(node.partitions_def.name) == '"backend_orgs"'  # type: ignore[union-attr]

@@ -14,7 +14,7 @@ from medblocks_pipelines.defs.backend.assets import backend_land_job
 from medblocks_pipelines.defs.shared.resources import PlatformResource
 from medblocks_pipelines.lib.errors import ConfigError, NotFound
 from medblocks_pipelines.lib.fhir.bulk_sync import due_exports, poll_export
-from medblocks_pipelines.lib.partitions import partition_key, split_partition_key
+from medblocks_pipelines.lib.partitions import partition_key
 
 MAX_POLLS_PER_TICK = 20
 
@@ -73,27 +73,3 @@ def backend_bulk_export_sensor(
             cursor=cursor,
         )
     return dg.SensorResult(run_requests=requests, cursor=cursor)
-
-
-@dg.asset_sensor(
-    asset_key=dg.AssetKey(["backend", "bulk_resources"]),
-    name="backend_warehouse_sensor",
-    job_name="tenant_warehouse_job",
-    minimum_interval_seconds=60,
-    default_status=dg.DefaultSensorStatus.RUNNING,
-    description="Rebuilds a tenant's warehouse after a backend export of one of its "
-    "organizations has landed (the warehouse is downstream of the lake).",
-)
-def backend_warehouse_sensor(
-    context: dg.SensorEvaluationContext, asset_event: dg.EventLogEntry
-) -> dg.RunRequest | dg.SkipReason:
-    """One warehouse build per landed materialization (the warehouse pool serializes builds)."""
-    materialization = asset_event.asset_materialization
-    if materialization is None or materialization.partition is None:
-        return dg.SkipReason("landed event without a partition")
-    tenant = split_partition_key(materialization.partition)[0]
-    return dg.RunRequest(
-        run_key=f"warehouse-after:{asset_event.run_id}:{materialization.partition}",
-        partition_key=tenant,
-        tags={"medblocks/tenant": tenant},
-    )
