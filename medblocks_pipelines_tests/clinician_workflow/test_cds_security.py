@@ -309,3 +309,23 @@ def test_refusals_of_a_known_issuer_are_audited(cds_env: CdsEnv) -> None:
     assert [(r["tenant_id"], r["actor"], r["reason"]) for r in rows] == [
         ("acme", "cds:mercy", "replayed_jti")
     ]
+
+
+def test_expired_jtis_are_purged(cds_env: CdsEnv) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from medblocks_pipelines.lib.cds.security import CdsAuthenticator
+    from medblocks_pipelines.lib.cds.tables import cds_jti
+
+    auth = CdsAuthenticator(cds_env.cp)
+    with cds_env.cp.engine.begin() as conn:
+        conn.execute(
+            cds_jti.insert().values(
+                iss=ISS, jti="old", expires_at=datetime.now(UTC) - timedelta(minutes=5)
+            )
+        )
+    url = cds_env.url(SERVICE)
+    auth.verify(f"Bearer {cds_env.sign(url)}", url=url)  # the first call purges
+    with cds_env.cp.engine.connect() as conn:
+        jtis = [r.jti for r in conn.execute(sa.select(cds_jti.c.jti))]
+    assert "old" not in jtis and len(jtis) == 1

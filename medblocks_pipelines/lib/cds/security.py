@@ -44,6 +44,7 @@ JWKS_TTL = 300.0
 KID_REFETCH_INTERVAL = 30.0
 ORG_CACHE_TTL = 10.0
 ORG_MISS_RECHECK = 1.0
+PURGE_INTERVAL = 600.0
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,7 @@ class CdsAuthenticator:
         self._orgs: tuple[float, list[dict[str, Any]]] | None = None
         self._jwks: dict[str, tuple[float, jwt.PyJWKSet]] = {}
         self._last_refetch: dict[str, float] = {}
+        self._last_purge = 0.0
         ensure_tables(cp.engine)
 
     # -- registry -------------------------------------------------------------------------------
@@ -262,6 +264,9 @@ class CdsAuthenticator:
         if not isinstance(jti, str) or not jti or len(jti) > 200:
             raise _refuse("the JWT jti is not a usable string", "missing_claim")
         self._remember_jti(iss, jti, float(exp))
+        if time.monotonic() - self._last_purge > PURGE_INTERVAL:
+            self._last_purge = time.monotonic()
+            self.purge_expired()  # expired jtis can never verify again: keep the table small
         return CdsClient(
             organization_id=org["id"],
             tenant_id=org["tenant_id"],
