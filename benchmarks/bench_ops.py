@@ -163,6 +163,7 @@ def main() -> None:
 
             os.environ["MEDBLOCKS_SECRET_KEY"] = Fernet.generate_key().decode()
         os.environ.pop("MEDBLOCKS_DATABASE_URL", None)
+        os.environ["MEDBLOCKS_WEBHOOK_ALLOW_PRIVATE"] = "1"  # the receiver is on loopback
         bench_webhooks(root, args.events)
         bench_exports(root, args.resources)
     print(f"peak RSS {peak_rss_mib():.0f} MiB")

@@ -20,6 +20,12 @@ from medblocks_pipelines.lib.settings import Settings
 from medblocks_pipelines.sandbox.run import ServerThread, bind_socket
 
 
+@pytest.fixture(autouse=True)
+def _loopback_receivers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Receivers here live on 127.0.0.1, which production refuses (SSRF guard)."""
+    monkeypatch.setenv("MEDBLOCKS_WEBHOOK_ALLOW_PRIVATE", "1")
+
+
 @pytest.fixture
 def cp(settings: Settings) -> ControlPlane:
     """A fresh SQLite control plane with one tenant (acme) and one source."""

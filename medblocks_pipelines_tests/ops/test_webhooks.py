@@ -95,6 +95,25 @@ def test_filters_and_tenants(cp: ControlPlane, receiver: Receiver) -> None:
     assert receiver.on("other") == []
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:8080/hook",  # loopback
+        "http://10.1.2.3/hook",  # private
+        "http://169.254.169.254/latest/meta-data",  # cloud metadata (link-local)
+        "http://[::1]/hook",  # IPv6 loopback
+        "http://localhost/hook",  # a name resolving to loopback
+    ],
+)
+def test_private_receivers_are_refused_by_default(
+    cp: ControlPlane, url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("MEDBLOCKS_WEBHOOK_ALLOW_PRIVATE")
+    with pytest.raises(ConfigError, match="non-public"):
+        wh.add_endpoint(cp, tenant_id="acme", url=url)
+    assert wh.list_endpoints(cp) == []
+
+
 def test_unknown_filter_and_bad_url_are_refused(cp: ControlPlane) -> None:
     with pytest.raises(ConfigError):
         wh.add_endpoint(cp, tenant_id="acme", url="http://127.0.0.1/x", event_types=["nope"])

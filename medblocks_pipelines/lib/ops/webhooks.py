@@ -23,8 +23,11 @@ seconds of the attempt) and ``webhook-signature`` (``v1,`` + base64 HMAC-SHA256 
 """
 
 import base64
+import ipaddress
 import json
+import os
 import secrets as pysecrets
+import socket
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -156,6 +159,25 @@ def _check_filter(event_types: Iterable[str]) -> list[str]:
     return out
 
 
+def check_public_host(host: str) -> None:
+    """Refuse receivers on loopback, private, link-local or reserved addresses (SSRF: a tenant
+    must not make the platform call its own network or cloud metadata), unless
+    ``MEDBLOCKS_WEBHOOK_ALLOW_PRIVATE=1`` (the embedded default and tests on loopback)."""
+    if os.environ.get("MEDBLOCKS_WEBHOOK_ALLOW_PRIVATE") == "1":
+        return
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except socket.gaierror as exc:
+        raise ConfigError(f"webhook host {host!r} does not resolve") from exc
+    for info in infos:
+        addr = ipaddress.ip_address(info[4][0])
+        if not addr.is_global or addr.is_multicast:
+            raise ConfigError(
+                f"webhook host {host!r} resolves to a non-public address",
+                hint="set MEDBLOCKS_WEBHOOK_ALLOW_PRIVATE=1 only on a trusted network",
+            )
+
+
 # -- endpoints -------------------------------------------------------------------------------
 def add_endpoint(
     cp: ControlPlane,
@@ -173,6 +195,7 @@ def add_endpoint(
     parsed = httpx.URL(url)
     if parsed.scheme not in ("http", "https") or not parsed.host:
         raise ConfigError(f"webhook URL must be http(s) with a host, got scheme {parsed.scheme!r}")
+    check_public_host(parsed.host)
     filters = _check_filter(event_types)
     secret = secret or new_secret()
     Webhook(secret)  # fails early on a secret the library cannot use
