@@ -32,7 +32,6 @@ from medblocks_pipelines.lib.network.policy import (
 )
 from medblocks_pipelines.lib.network.tables import (
     aware,
-    ensure_tables,
     network_documents,
     network_queries,
     network_relationship_events,
@@ -97,7 +96,6 @@ def record_relationship_event(
     detail: dict[str, Any] | None = None,
 ) -> int:
     """Record an encounter/appointment/order... for ``person`` (idempotent on ``ref``)."""
-    ensure_tables(cp.engine)
     t = network_relationship_events
     with cp.engine.begin() as conn:
         row = conn.execute(sa.select(t.c.id).where(t.c.tenant_id == tenant, t.c.ref == ref)).first()
@@ -137,7 +135,6 @@ def gather_evidence(
     ``aliases`` are other ids of the same person (its linked source patients); a connection or
     event recorded under any of them counts.
     """
-    ensure_tables(cp.engine)
     ids = {person, *(aliases or set())}
     out: list[Evidence] = []
     for conn in cp.list_connections(tenant_id=tenant, pattern="clinician_workflow"):
@@ -190,7 +187,6 @@ def prior_queries(cp: Any, *, tenant: str, person: str, purpose: str) -> list[Pr
 
 def last_query_at(cp: Any, *, tenant: str, person: str) -> datetime | None:
     """When ``person`` was last queried (allowed) for this tenant, any purpose."""
-    ensure_tables(cp.engine)
     t = network_queries
     with cp.engine.connect() as c:
         v = c.execute(
@@ -361,7 +357,6 @@ def run_network_query(
     Never raises for a refusal: the result says ``allowed=False`` with the reason. Raises
     :class:`ConfigError` when the tenant or network is not configured for network queries.
     """
-    ensure_tables(cp.engine)
     now = now or datetime.now(UTC)
     run_id = run_id or f"net-{uuid.uuid4().hex[:12]}"
     tenant_row = cp.get_tenant(tenant)

@@ -8,7 +8,7 @@ import sqlalchemy as sa
 from medblocks_pipelines.lib.errors import ConfigError
 from medblocks_pipelines.lib.network.policy import tenant_network_settings
 from medblocks_pipelines.lib.network.query import last_query_at
-from medblocks_pipelines.lib.network.tables import aware, ensure_tables, network_relationship_events
+from medblocks_pipelines.lib.network.tables import aware, network_relationship_events
 from medblocks_pipelines.lib.partitions import normalise_id, partition_key, split_partition_key
 
 
@@ -61,7 +61,6 @@ def triggered_persons(
     Persons queried (allowed) within ``requery_after`` are left out: a launch every hour does not
     re-query the network every hour. Returns (found, new event cursor, new connection cursor).
     """
-    ensure_tables(cp.engine)
     found: dict[str, dict[str, set[str]]] = {}
     t = network_relationship_events
     max_event = after_event_id

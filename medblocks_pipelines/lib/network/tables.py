@@ -8,7 +8,7 @@
   relationship or a clinical event for a person at an organization (written by other patterns or
   by an operator; read by the policy and by the trigger sensor).
 
-The lead adds this module to ``EXTRA_TABLE_MODULES``; until then :func:`ensure_tables` creates them.
+They are part of the control plane's migrations (``EXTRA_TABLE_MODULES``, revision 0002).
 """
 
 from datetime import UTC, datetime
@@ -88,11 +88,6 @@ network_relationship_events = sa.Table(
 )
 
 TABLES = (network_documents, network_queries, network_relationship_events)
-
-
-def ensure_tables(engine: sa.Engine) -> None:
-    """Create the network tables if they are missing (idempotent)."""
-    metadata.create_all(engine, tables=list(TABLES), checkfirst=True)
 
 
 def utcnow() -> datetime:
