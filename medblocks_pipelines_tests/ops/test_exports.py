@@ -447,3 +447,38 @@ def test_exports_cli(
     assert res.exit_code == 0 and "backfill #1: 5 resources" in res.output, res.output
     for args in (["list"], ["runs"], ["pause", "cli-dest"], ["resume", "cli-dest"]):
         assert runner.invoke(exports_cli, args).exit_code == 0
+
+
+def test_sensor_requests_an_export_after_a_warehouse_build(
+    cp: ControlPlane, warehouse: Settings, tmp_path: Path
+) -> None:
+    import dagster as dg
+
+    from medblocks_pipelines.defs.shared.exports import (
+        WAREHOUSE_KEY,
+        exports_after_warehouse_sensor,
+    )
+    from medblocks_pipelines.defs.shared.resources import PlatformResource
+
+    instance = dg.DagsterInstance.ephemeral()
+    platform = PlatformResource(data_dir=str(warehouse.data_dir))
+    for tenant in ("acme", "other", "acme"):
+        instance.report_runless_asset_event(
+            dg.AssetMaterialization(asset_key=WAREHOUSE_KEY, partition=tenant)
+        )
+    with dg.build_sensor_context(instance=instance, resources={"platform": platform}) as ctx:
+        result = exports_after_warehouse_sensor(ctx)
+    assert result.run_requests == []  # no destinations yet
+    cursor = result.cursor
+
+    ex.add_destination(cp, id="s1", tenant_id="acme", kind="ndjson", url=str(tmp_path / "s"))
+    for tenant in ("acme", "other", "acme"):
+        instance.report_runless_asset_event(
+            dg.AssetMaterialization(asset_key=WAREHOUSE_KEY, partition=tenant)
+        )
+    with dg.build_sensor_context(
+        instance=instance, cursor=cursor, resources={"platform": platform}
+    ) as ctx:
+        result = exports_after_warehouse_sensor(ctx)
+    assert [r.partition_key for r in result.run_requests] == ["acme"]
+    assert int(result.cursor) > int(cursor)

@@ -76,3 +76,46 @@ tenant_export_job = dg.define_asset_job(
     partitions_def=tenant_partitions,
     description="Export a tenant's warehouse changes to its destinations.",
 )
+
+
+WAREHOUSE_KEY = dg.AssetKey(["warehouse", "tenant_warehouse"])
+
+
+@dg.sensor(
+    name="exports_after_warehouse_sensor",
+    job=tenant_export_job,
+    minimum_interval_seconds=30,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Requests a tenant's export run after each new build of its warehouse, for "
+    "tenants with at least one enabled export destination.",
+)
+def exports_after_warehouse_sensor(
+    context: dg.SensorEvaluationContext, platform: PlatformResource
+) -> dg.SensorResult:
+    """Every warehouse materialization since the cursor (storage id) becomes one run request."""
+    after = int(context.cursor) if context.cursor else None
+    records = context.instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=WAREHOUSE_KEY, after_storage_id=after),
+        limit=500,
+        ascending=True,
+    ).records
+    if not records:
+        return dg.SensorResult(skip_reason="no new warehouse builds")
+    with_destinations = {
+        d["tenant_id"] for d in list_destinations(platform.control_plane, enabled_only=True)
+    }
+    requests: dict[str, dg.RunRequest] = {}
+    for record in records:
+        tenant = record.partition_key
+        if tenant and tenant in with_destinations:
+            # Several builds of one tenant since the last tick need one export, not several.
+            requests[tenant] = dg.RunRequest(
+                run_key=f"export-{tenant}-{record.storage_id}",
+                partition_key=tenant,
+                tags={"medblocks/tenant": tenant},
+            )
+    return dg.SensorResult(
+        run_requests=list(requests.values()),
+        cursor=str(records[-1].storage_id),
+        skip_reason=None if requests else "new builds, but no export destinations",
+    )
