@@ -482,3 +482,29 @@ def test_sensor_requests_an_export_after_a_warehouse_build(
         result = exports_after_warehouse_sensor(ctx)
     assert [r.partition_key for r in result.run_requests] == ["acme"]
     assert int(result.cursor) > int(cursor)
+
+
+@pytest.mark.postgres
+def test_exports_with_a_postgresql_control_plane(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from medblocks_pipelines.lib.registry import open_control_plane
+    from medblocks_pipelines.lib.settings import get_settings
+    from medblocks_pipelines_tests.conftest import fresh_pg_database
+
+    with fresh_pg_database("exports") as url:
+        monkeypatch.setenv("MEDBLOCKS_DATABASE_URL", url)
+        pg_settings = get_settings()
+        pg = open_control_plane(pg_settings)
+        pg.add_tenant("acme", "Acme")
+        _land(pg_settings, "run-1", [_patient("p1", "Ng"), _obs("o1", "p1", "7.10")])
+        _build(pg, pg_settings)
+        ex.add_destination(pg, id="pgd", tenant_id="acme", kind="ndjson", url=str(tmp_path / "o"))
+        assert ex.run_export(pg, pg_settings, "pgd").exported == 2
+        _land(pg_settings, "run-2", [_patient("p1", "Ng-Smith", "2")])
+        _build(pg, pg_settings)
+        second = ex.run_export(pg, pg_settings, "pgd")
+        assert (second.seq, second.counts_by_type) == (2, {"Patient": 1})
+        assert pg.get_watermark(ex.watermark_key("pgd")) == "2"
+        assert [e["type"] for e in pg.list_events(tenant_id="acme")] == ["export.completed"] * 2
+        pg.engine.dispose()
