@@ -53,8 +53,12 @@ def _serve(directory: str, port_file: str) -> None:
     holder: dict[str, Any] = {}
 
     def factory(base: str) -> Any:
-        app, handles = build_org_app(OrgConfig(org_id="bench", name="Bench"), FhirStore(),
-                                     base_url=base, admin_secret=ADMIN_SECRET)
+        app, handles = build_org_app(
+            OrgConfig(org_id="bench", name="Bench"),
+            FhirStore(),
+            base_url=base,
+            admin_secret=ADMIN_SECRET,
+        )
         bulk = handles["bulk"]
         bulk.source = NdjsonDirSource(directory)  # unfiltered system export: files as they are
         bulk.config.export_seconds = 0.0
@@ -97,14 +101,27 @@ def prepare_registry(base: str, data_dir: Path, *, parallel: int, gzip: bool) ->
     cp = open_control_plane(settings)
     keys = KeyStore(cp.vault)
     keys.generate("ES384")
-    resp = httpx.post(f"{base}/_admin/clients", headers={ADMIN_HEADER: ADMIN_SECRET}, json={
-        "client_id": CLIENT_ID, "token_endpoint_auth_method": "private_key_jwt",
-        "jwks": keys.jwks(), "scopes": ["system/*.rs"]})
+    resp = httpx.post(
+        f"{base}/_admin/clients",
+        headers={ADMIN_HEADER: ADMIN_SECRET},
+        json={
+            "client_id": CLIENT_ID,
+            "token_endpoint_auth_method": "private_key_jwt",
+            "jwks": keys.jwks(),
+            "scopes": ["system/*.rs"],
+        },
+    )
     resp.raise_for_status()
     cp.add_tenant("bench", "Bench")
-    cp.add_source("bench-ehr", "Bench EHR", "generic", "ehr", f"{base}/fhir", ["backend"],
-                  {"client_id": CLIENT_ID, "max_parallel_downloads": parallel,
-                   "accept_gzip": gzip})
+    cp.add_source(
+        "bench-ehr",
+        "Bench EHR",
+        "generic",
+        "ehr",
+        f"{base}/fhir",
+        ["backend"],
+        {"client_id": CLIENT_ID, "max_parallel_downloads": parallel, "accept_gzip": gzip},
+    )
     cp.add_organization("bench-org", "bench", "bench-ehr", "Bench Org", {"level": "system"})
     return settings, cp
 
@@ -137,12 +154,13 @@ def main() -> None:
     try:
         t0 = time.perf_counter()
         gen = generate(work / "src", args.resources, args.files_per_type)
-        print(f"generated {args.resources:,} resources in {time.perf_counter() - t0:.1f} s "
-              f"({sum(p.stat().st_size for p in (work / 'src').glob('*.ndjson*')) / 1e6:,.0f} MB)")
+        print(
+            f"generated {args.resources:,} resources in {time.perf_counter() - t0:.1f} s "
+            f"({sum(p.stat().st_size for p in (work / 'src').glob('*.ndjson*')) / 1e6:,.0f} MB)"
+        )
         del gen
         proc, base = start_server(work / "src", work)
-        settings, cp = prepare_registry(base, work / "data", parallel=args.parallel,
-                                        gzip=args.gzip)
+        settings, cp = prepare_registry(base, work / "data", parallel=args.parallel, gzip=args.gzip)
         kicked = kickoff_export(cp, "bench", "bench-org", run_id="bench")
         row = wait_for_export(cp, kicked.export_id, min_wait=0.05, timeout=600)
         manifest = parse_manifest(row["manifest"])
@@ -152,8 +170,11 @@ def main() -> None:
         with make_http() as http:
             client = make_client(cp, cfg, http)
             token = client.auth.token() if client.auth else ""
-            headers = {"Authorization": f"Bearer {token}", "Accept": "application/fhir+ndjson",
-                       "Accept-Encoding": "gzip" if args.gzip else "identity"}
+            headers = {
+                "Authorization": f"Bearer {token}",
+                "Accept": "application/fhir+ndjson",
+                "Accept-Encoding": "gzip" if args.gzip else "identity",
+            }
 
             def plain() -> int:
                 """(1) one GET after another, bytes to disk."""
@@ -161,8 +182,10 @@ def main() -> None:
                 target.mkdir()
                 total = 0
                 for n, url in enumerate(urls):
-                    with http.stream("GET", url, headers=headers) as resp, \
-                            open(target / f"{n}.ndjson", "wb") as fh:
+                    with (
+                        http.stream("GET", url, headers=headers) as resp,
+                        open(target / f"{n}.ndjson", "wb") as fh,
+                    ):
                         resp.raise_for_status()
                         for chunk in resp.iter_raw():
                             fh.write(chunk)
@@ -174,11 +197,16 @@ def main() -> None:
                 """(2) BulkClient.download with the per-source parallel limit."""
                 target = work / "ours"
                 with cf.ThreadPoolExecutor(args.parallel) as pool:
-                    results = list(pool.map(
-                        lambda nu: client.download(
-                            nu[1], target / f"{nu[0]}.ndjson",
-                            requires_token=manifest.requires_access_token),
-                        enumerate(urls)))
+                    results = list(
+                        pool.map(
+                            lambda nu: client.download(
+                                nu[1],
+                                target / f"{nu[0]}.ndjson",
+                                requires_token=manifest.requires_access_token,
+                            ),
+                            enumerate(urls),
+                        )
+                    )
                 shutil.rmtree(target)
                 return sum(r.bytes for r in results)
 
@@ -196,10 +224,14 @@ def main() -> None:
         assert ours_bytes == plain_bytes, (ours_bytes, plain_bytes)
         mb = plain_bytes / 1e6
         print(f"files: {len(urls)}, {mb:,.1f} MB, gzip={args.gzip}, parallel={args.parallel}")
-        print(f"plain sequential httpx : {len(urls) / plain_s:8.1f} files/s  "
-              f"{mb / plain_s:8.1f} MB/s  ({plain_s:.2f} s)")
-        print(f"BulkClient.download    : {len(urls) / ours_s:8.1f} files/s  "
-              f"{mb / ours_s:8.1f} MB/s  ({ours_s:.2f} s)")
+        print(
+            f"plain sequential httpx : {len(urls) / plain_s:8.1f} files/s  "
+            f"{mb / plain_s:8.1f} MB/s  ({plain_s:.2f} s)"
+        )
+        print(
+            f"BulkClient.download    : {len(urls) / ours_s:8.1f} files/s  "
+            f"{mb / ours_s:8.1f} MB/s  ({ours_s:.2f} s)"
+        )
         print(f"ratio ours/plain (MB/s): {plain_s / ours_s:.2f}")
         print(f"peak RSS (client process): {peak_rss_mib():.0f} MiB")
     finally:

@@ -42,7 +42,7 @@ def baseline(directory: str) -> None:
     rows = 0
     for rtype, files in sorted(by_type.items()):
         con.execute(
-            f'CREATE TABLE "{rtype}" AS SELECT * FROM read_json(?, format=\'newline_delimited\', '
+            f"CREATE TABLE \"{rtype}\" AS SELECT * FROM read_json(?, format='newline_delimited', "
             "union_by_name=true, maximum_object_size=67108864)",
             [files],
         )
@@ -52,8 +52,11 @@ def baseline(directory: str) -> None:
     seconds = time.perf_counter() - t0
     out.unlink(missing_ok=True)
     # VmHWM is this process's own peak (ru_maxrss would carry the parent's over fork/exec).
-    hwm = next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines()
-               if line.startswith("VmHWM:"))
+    hwm = next(
+        int(line.split()[1])
+        for line in Path("/proc/self/status").read_text().splitlines()
+        if line.startswith("VmHWM:")
+    )
     print(json.dumps({"seconds": seconds, "rows": rows, "rss_mib": hwm / 1024}))
 
 
@@ -82,24 +85,36 @@ def main() -> None:
     try:
         t0 = time.perf_counter()
         # In a child process: the generator's memory is not the ingest's.
-        subprocess.run([sys.executable, __file__, "--generate", str(work / "src"),
-                        str(args.resources), str(args.files_per_type)], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--generate",
+                str(work / "src"),
+                str(args.resources),
+                str(args.files_per_type),
+            ],
+            check=True,
+        )
         src_bytes = sum(p.stat().st_size for p in (work / "src").glob("*.ndjson*"))
         mb = src_bytes / 1e6
-        print(f"generated {args.resources:,} resources, {mb:,.0f} MB NDJSON in "
-              f"{time.perf_counter() - t0:.1f} s")
+        print(
+            f"generated {args.resources:,} resources, {mb:,.0f} MB NDJSON in "
+            f"{time.perf_counter() - t0:.1f} s"
+        )
         proc, base = start_server(work / "src", work)
-        settings, cp = prepare_registry(base, work / "data", parallel=args.parallel,
-                                        gzip=args.gzip)
+        settings, cp = prepare_registry(base, work / "data", parallel=args.parallel, gzip=args.gzip)
 
         t0 = time.perf_counter()
-        report = sync_organization(cp, settings, "bench", "bench-org", run_id="bench-run",
-                                   min_wait=0.05, timeout=3600)
+        report = sync_organization(
+            cp, settings, "bench", "bench-org", run_id="bench-run", min_wait=0.05, timeout=3600
+        )
         t_land = time.perf_counter() - t0
         rss_land = peak_rss_mib()
         t1 = time.perf_counter()
-        built = build_warehouse("bench", settings=settings, steps=[], control_plane=cp,
-                                run_id="bench-build")
+        built = build_warehouse(
+            "bench", settings=settings, steps=[], control_plane=cp, run_id="bench-build"
+        )
         t_wh = time.perf_counter() - t1
         ours_s = t_land + t_wh
         landed = report.landed
@@ -107,23 +122,35 @@ def main() -> None:
         assert built.table_counts.get("resources") == args.resources, built.table_counts
         ours_rss = peak_rss_mib()
 
-        res = subprocess.run([sys.executable, __file__, "--baseline", str(work / "src")],
-                             check=True, capture_output=True, text=True)
+        res = subprocess.run(
+            [sys.executable, __file__, "--baseline", str(work / "src")],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
         base_md = json.loads(res.stdout.strip().splitlines()[-1])
         assert base_md["rows"] == args.resources, base_md
 
-        print(f"export: {report.files} files, {report.bytes_downloaded / 1e6:,.0f} MB on the "
-              f"wire, gzip={args.gzip}, parallel={args.parallel}, quarantined "
-              f"{report.quarantined}, mismatches {report.count_mismatches or 'none'}")
+        print(
+            f"export: {report.files} files, {report.bytes_downloaded / 1e6:,.0f} MB on the "
+            f"wire, gzip={args.gzip}, parallel={args.parallel}, quarantined "
+            f"{report.quarantined}, mismatches {report.count_mismatches or 'none'}"
+        )
         print(f"ours: download+land {t_land:.1f} s, warehouse base tables {t_wh:.1f} s")
-        print(f"ours (export->lake->warehouse): {landed / ours_s:10,.0f} resources/s "
-              f"{mb / ours_s:8.1f} MB/s  ({ours_s:.1f} s)")
-        print(f"DuckDB read_json, same files  : {base_md['rows'] / base_md['seconds']:10,.0f} "
-              f"resources/s {mb / base_md['seconds']:8.1f} MB/s  ({base_md['seconds']:.1f} s)")
+        print(
+            f"ours (export->lake->warehouse): {landed / ours_s:10,.0f} resources/s "
+            f"{mb / ours_s:8.1f} MB/s  ({ours_s:.1f} s)"
+        )
+        print(
+            f"DuckDB read_json, same files  : {base_md['rows'] / base_md['seconds']:10,.0f} "
+            f"resources/s {mb / base_md['seconds']:8.1f} MB/s  ({base_md['seconds']:.1f} s)"
+        )
         print(f"ratio ours/read_json: {base_md['seconds'] / ours_s:.2f} (target >= 0.5)")
-        print(f"peak RSS: ours {ours_rss:,.0f} MiB (after landing {rss_land:,.0f}; "
-              "target <= 1024), "
-              f"read_json {base_md['rss_mib']:,.0f} MiB")
+        print(
+            f"peak RSS: ours {ours_rss:,.0f} MiB (after landing {rss_land:,.0f}; "
+            "target <= 1024), "
+            f"read_json {base_md['rss_mib']:,.0f} MiB"
+        )
     finally:
         if proc is not None:
             proc.terminate()

@@ -52,15 +52,19 @@ def run_backend_sync(
     md = kick.asset_materializations_for_node("backend__bulk_export")[0].metadata
     export_id = str(md["export_id"].value)
     if show_progress:
-        with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                      console=console, transient=True) as bar:
+        with Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+        ) as bar:
             task = bar.add_task(f"export {export_id}: waiting", total=None)
 
             def on_status(st: Any) -> None:
                 bar.update(task, description=f"export {export_id}: {st.progress or st.state}")
 
-            wait_for_export(cp, export_id, timeout=timeout, min_wait=min_wait,
-                            on_status=on_status)
+            wait_for_export(cp, export_id, timeout=timeout, min_wait=min_wait, on_status=on_status)
     else:
         wait_for_export(cp, export_id, timeout=timeout, min_wait=min_wait)
     land = run_job(
@@ -103,20 +107,37 @@ def setup_sandbox_backend(
     out: dict[str, str] = {}
     for org_id in org_ids:
         endpoint = handle.org(org_id)
-        body: dict[str, Any] = {"client_id": client_id,
-                                "token_endpoint_auth_method": "private_key_jwt",
-                                "scopes": ["system/*.rs"], "name": "medblocks backend"}
+        body: dict[str, Any] = {
+            "client_id": client_id,
+            "token_endpoint_auth_method": "private_key_jwt",
+            "scopes": ["system/*.rs"],
+            "name": "medblocks backend",
+        }
         if jwks_url:
             body["jwks_uri"] = jwks_url
         else:
             body["jwks"] = keys.jwks()
         handle.admin(org_id, "clients", body)
         store = handle.org_handles(org_id)["store"]
-        members = [{"entity": {"reference": f"Patient/{p['id']}"}}
-                   for p in store.iter_type("Patient")]
-        handle.admin(org_id, "apply-changes", {"upserts": [{
-            "resourceType": "Group", "id": "backend-cohort", "type": "person", "actual": True,
-            "name": "Backend sync cohort", "member": members}]})
+        members = [
+            {"entity": {"reference": f"Patient/{p['id']}"}} for p in store.iter_type("Patient")
+        ]
+        handle.admin(
+            org_id,
+            "apply-changes",
+            {
+                "upserts": [
+                    {
+                        "resourceType": "Group",
+                        "id": "backend-cohort",
+                        "type": "person",
+                        "actual": True,
+                        "name": "Backend sync cohort",
+                        "member": members,
+                    }
+                ]
+            },
+        )
         profile = handle.org_handles(org_id).get("profile")
         vendor = getattr(profile, "name", "generic")
         vendor = "generic" if vendor == "strict" else vendor
@@ -124,18 +145,28 @@ def setup_sandbox_backend(
         src = sources.get(endpoint.fhir_base)
         if src is None:
             source_id = f"{org_id}-ehr"
-            cp.add_source(source_id, f"{endpoint.name} EHR", vendor, "ehr", endpoint.fhir_base,
-                          ["backend"], extra)
+            cp.add_source(
+                source_id,
+                f"{endpoint.name} EHR",
+                vendor,
+                "ehr",
+                endpoint.fhir_base,
+                ["backend"],
+                extra,
+            )
         else:
             source_id = src["id"]
-            cp.update_source(source_id,
-                             patterns=sorted({*(src.get("patterns") or []), "backend"}),
-                             config={**(src.get("config") or {}), **extra})
+            cp.update_source(
+                source_id,
+                patterns=sorted({*(src.get("patterns") or []), "backend"}),
+                config={**(src.get("config") or {}), **extra},
+            )
         org_cfg = {"group_id": "backend-cohort", **({"cadence": cadence} if cadence else {})}
         existing = {o["id"]: o for o in cp.list_organizations()}
         if org_id in existing:
-            cp.update_organization(org_id, config={**(existing[org_id].get("config") or {}),
-                                                   **org_cfg})
+            cp.update_organization(
+                org_id, config={**(existing[org_id].get("config") or {}), **org_cfg}
+            )
         else:
             cp.add_organization(org_id, tenant, source_id, endpoint.name, org_cfg)
         out[org_id] = source_id
@@ -146,17 +177,31 @@ def setup_sandbox_backend(
 @click.option("--tenant", required=True)
 @click.option("--org", "org_id", required=True, help="Organization that authorized the sync.")
 @click.option("--full", is_flag=True, help="Clear the watermark: export everything again.")
-@click.option("--timeout", default=3600.0, show_default=True, type=float,
-              help="Seconds to wait for the export to complete.")
+@click.option(
+    "--timeout",
+    default=3600.0,
+    show_default=True,
+    type=float,
+    help="Seconds to wait for the export to complete.",
+)
 def sync_backend(tenant: str, org_id: str, full: bool, timeout: float) -> None:
     """Bulk-export an organization's cohort (incremental by _since) and land it."""
     from medblocks_pipelines.cli.core import control_plane, print_table
     from medblocks_pipelines.lib.settings import get_settings
 
-    md = run_backend_sync(control_plane(), get_settings(), tenant, org_id, full=full,
-                          timeout=timeout, show_progress=True)
-    rows = [[t, f"{n:,}", f"{md['expected_by_type'].get(t, '-')}"]
-            for t, n in sorted(md["by_type"].items())]
+    md = run_backend_sync(
+        control_plane(),
+        get_settings(),
+        tenant,
+        org_id,
+        full=full,
+        timeout=timeout,
+        show_progress=True,
+    )
+    rows = [
+        [t, f"{n:,}", f"{md['expected_by_type'].get(t, '-')}"]
+        for t, n in sorted(md["by_type"].items())
+    ]
     print_table(f"landed from {org_id}", ["type", "landed", "manifest"], rows)
     click.echo(
         f"{md['landed']:,} resources, {md['deleted']} deleted, {md['quarantined']} quarantined, "
@@ -164,8 +209,9 @@ def sync_backend(tenant: str, org_id: str, full: bool, timeout: float) -> None:
         f"status {md['status']}; next _since {md['watermark']}"
     )
     if md["count_mismatches"]:
-        click.secho(f"counts differ from the manifest: {json.dumps(md['count_mismatches'])}",
-                    fg="yellow")
+        click.secho(
+            f"counts differ from the manifest: {json.dumps(md['count_mismatches'])}", fg="yellow"
+        )
     if md["error_entries"]:
         click.secho(f"error-file issues: {json.dumps(md['error_entries'])}", fg="yellow")
 
@@ -204,25 +250,40 @@ def keys_list() -> None:
 
     from medblocks_pipelines.cli.core import print_table
 
-    rows = [[s.kid, s.key.alg, s.state,
-             datetime.fromtimestamp(s.published_at, UTC).isoformat(timespec="seconds")]
-            for s in _store().all()]
+    rows = [
+        [
+            s.kid,
+            s.key.alg,
+            s.state,
+            datetime.fromtimestamp(s.published_at, UTC).isoformat(timespec="seconds"),
+        ]
+        for s in _store().all()
+    ]
     print_table("signing keys", ["kid", "alg", "state", "published"], rows)
 
 
 @keys.command("rotate")
 @click.option("--alg", type=click.Choice(["RS384", "ES384"]), default=None)
-@click.option("--publish-wait", default=300.0, show_default=True, type=float,
-              help="Seconds a new key must be published before it signs (JWKS max-age).")
+@click.option(
+    "--publish-wait",
+    default=300.0,
+    show_default=True,
+    type=float,
+    help="Seconds a new key must be published before it signs (JWKS max-age).",
+)
 def keys_rotate(alg: str | None, publish_wait: float) -> None:
     """One rotation step: publish a new key, or (once published long enough) switch to it."""
     stored = _store().rotate(alg=alg, publish_wait=publish_wait)
     if stored.state == "next":
-        click.echo(f"key {stored.kid} published; run `keys rotate` again after "
-                   f"{int(publish_wait)} s to sign with it")
+        click.echo(
+            f"key {stored.kid} published; run `keys rotate` again after "
+            f"{int(publish_wait)} s to sign with it"
+        )
     else:
-        click.echo(f"key {stored.kid} is now active; the old key is retiring "
-                   "(remove it with `keys retire KID` once no server needs it)")
+        click.echo(
+            f"key {stored.kid} is now active; the old key is retiring "
+            "(remove it with `keys retire KID` once no server needs it)"
+        )
 
 
 @keys.command("retire")

@@ -31,10 +31,15 @@ def views() -> None:
 
 
 @views.command("test")
-@click.argument("directory", required=False,
-                type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="Write the test report (JSON, standard SQL on FHIR format) here.")
+@click.argument(
+    "directory", required=False, type=click.Path(exists=True, file_okay=False, path_type=Path)
+)
+@click.option(
+    "--report",
+    "report_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the test report (JSON, standard SQL on FHIR format) here.",
+)
 def test_command(directory: Path | None, report_path: Path | None) -> None:
     """Run the conformance suite in DIRECTORY (default: MEDBLOCKS_SOF_TESTS or ../shared)."""
     if directory is None:
@@ -91,8 +96,12 @@ def show_command(name: str) -> None:
 @views.command("compile")
 @click.argument("target")
 @click.option("--table", default="resources", show_default=True, help="Table to read from.")
-@click.option("--provenance/--no-provenance", default=True, show_default=True,
-              help="Carry the provenance columns of the resources table.")
+@click.option(
+    "--provenance/--no-provenance",
+    default=True,
+    show_default=True,
+    help="Carry the provenance columns of the resources table.",
+)
 def compile_command(target: str, table: str, provenance: bool) -> None:
     """Print the DuckDB SQL of TARGET (a ViewDefinition JSON file or a view name)."""
     path = Path(target)
@@ -103,8 +112,9 @@ def compile_command(target: str, table: str, provenance: bool) -> None:
             raise ViewDefinitionError(f"{path.name}: not valid JSON ({exc.msg})") from exc
     else:
         view = _get(target)
-    compiled = compile_view(view, table=table,
-                            passthrough_columns=PROVENANCE_COLUMNS if provenance else ())
+    compiled = compile_view(
+        view, table=table, passthrough_columns=PROVENANCE_COLUMNS if provenance else ()
+    )
     click.echo(compiled.sql)
 
 

@@ -43,8 +43,15 @@ def org_store(org_id: str) -> FhirStore:
     store = FhirStore()
     store.put_many(population().resources_for(org_id))
     members = [{"entity": {"reference": f"Patient/{p['id']}"}} for p in store.iter_type("Patient")]
-    store.put({"resourceType": "Group", "id": "cohort", "type": "person", "actual": True,
-               "member": members})
+    store.put(
+        {
+            "resourceType": "Group",
+            "id": "cohort",
+            "type": "person",
+            "actual": True,
+            "member": members,
+        }
+    )
     return store
 
 
@@ -78,8 +85,12 @@ class Ehr:
         return self.handles["auth"]
 
     def admin(self, path: str, body: dict[str, Any]) -> httpx.Response:
-        return httpx.post(f"{self.base_url}/_admin/{path}", json=body,
-                          headers={ADMIN_HEADER: ADMIN_SECRET}, timeout=10)
+        return httpx.post(
+            f"{self.base_url}/_admin/{path}",
+            json=body,
+            headers={ADMIN_HEADER: ADMIN_SECRET},
+            timeout=10,
+        )
 
 
 @dataclass
@@ -105,8 +116,11 @@ class Env:
         """Start an EHR for ``org_id``, register our client there, add it to the registry."""
         assert self.start_ehr is not None
         ehr = self.start_ehr(org_id, profile)
-        body: dict[str, Any] = {"client_id": CLIENT_ID, "token_endpoint_auth_method":
-                                "private_key_jwt", "scopes": ["system/*.rs"]}
+        body: dict[str, Any] = {
+            "client_id": CLIENT_ID,
+            "token_endpoint_auth_method": "private_key_jwt",
+            "scopes": ["system/*.rs"],
+        }
         if register == "jwks_uri":
             body["jwks_uri"] = self.jwks_url
         else:
@@ -116,13 +130,26 @@ class Env:
         if not any(t["id"] == tenant for t in self.cp.list_tenants()):
             self.cp.add_tenant(tenant, tenant.title())
         self.cp.add_source(
-            f"src-{org_id}", f"EHR of {org_id}", profile if profile != "strict" else "generic",
-            "ehr", ehr.fhir_base, ["backend"],
-            {"client_id": CLIENT_ID, "jwks_url": self.jwks_url, "max_parallel_downloads": 3,
-             **(source_config or {})},
+            f"src-{org_id}",
+            f"EHR of {org_id}",
+            profile if profile != "strict" else "generic",
+            "ehr",
+            ehr.fhir_base,
+            ["backend"],
+            {
+                "client_id": CLIENT_ID,
+                "jwks_url": self.jwks_url,
+                "max_parallel_downloads": 3,
+                **(source_config or {}),
+            },
         )
-        self.cp.add_organization(org_id, tenant, f"src-{org_id}", org_id.title(),
-                                 {"group_id": "cohort", **(org_config or {})})
+        self.cp.add_organization(
+            org_id,
+            tenant,
+            f"src-{org_id}",
+            org_id.title(),
+            {"group_id": "cohort", **(org_config or {})},
+        )
         return ehr
 
 
@@ -154,8 +181,11 @@ def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Env]:
 
         def factory(base: str) -> Any:
             app, handles = build_org_app(
-                OrgConfig(org_id=org_id, name=org_id.title()), org_store(org_id),
-                base_url=base, admin_secret=ADMIN_SECRET, profile=profile,
+                OrgConfig(org_id=org_id, name=org_id.title()),
+                org_store(org_id),
+                base_url=base,
+                admin_secret=ADMIN_SECRET,
+                profile=profile,
             )
             holder.update(handles)
             holder["base"] = base

@@ -29,16 +29,21 @@ def test_claims_and_header_verify_against_public_jwk(key: SigningKey) -> None:
     header = jwt.get_unverified_header(token)
     assert header == {"alg": key.alg, "kid": key.kid, "typ": "JWT"}
     public = jwt.PyJWK(key.public_jwk(), algorithm=key.alg)
-    claims = jwt.decode(token, public.key, algorithms=[key.alg], audience=TOKEN_URL,
-                        options={"verify_exp": False})
+    claims = jwt.decode(
+        token, public.key, algorithms=[key.alg], audience=TOKEN_URL, options={"verify_exp": False}
+    )
     assert claims["iss"] == claims["sub"] == "app-1"
     assert claims["exp"] - claims["iat"] == 300
     assert claims["iat"] == 1_700_000_000
 
 
 def test_jti_is_unique_and_jku_is_carried(key: SigningKey) -> None:
-    a = make_client_assertion(client_id="c", token_endpoint=TOKEN_URL, key=key,
-                              jku="https://us.example/.well-known/jwks.json")
+    a = make_client_assertion(
+        client_id="c",
+        token_endpoint=TOKEN_URL,
+        key=key,
+        jku="https://us.example/.well-known/jwks.json",
+    )
     b = make_client_assertion(client_id="c", token_endpoint=TOKEN_URL, key=key)
     ja = jwt.decode(a, options={"verify_signature": False})["jti"]
     jb = jwt.decode(b, options={"verify_signature": False})["jti"]
@@ -74,5 +79,4 @@ def test_round_trip_and_mismatched_alg(key: SigningKey) -> None:
 
 
 def test_assertion_form() -> None:
-    assert assertion_form("abc") == {"client_assertion_type": JWT_BEARER,
-                                      "client_assertion": "abc"}
+    assert assertion_form("abc") == {"client_assertion_type": JWT_BEARER, "client_assertion": "abc"}

@@ -60,9 +60,11 @@ def test_retry_after_http_date() -> None:
 
 @pytest.mark.parametrize(
     ("asked", "fallback", "expected"),
-    [(18000.0, 1.0, 300.0),  # Cerner's 5 h is clamped to 300 s
-     (0.0, 1.0, 1.0),  # never hammer
-     (None, 8.0, 8.0)],  # no header: the client's own backoff
+    [
+        (18000.0, 1.0, 300.0),  # Cerner's 5 h is clamped to 300 s
+        (0.0, 1.0, 1.0),  # never hammer
+        (None, 8.0, 8.0),
+    ],  # no header: the client's own backoff
 )
 def test_clamp_wait(asked: float | None, fallback: float, expected: float) -> None:
     assert clamp_wait(asked, fallback) == expected
@@ -71,22 +73,35 @@ def test_clamp_wait(asked: float | None, fallback: float, expected: float) -> No
 # -- manifest -----------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("value", "expected"),
-    [(True, True), (False, False), ("true", True), ("TRUE", True), ("false", False),
-     (None, True), ("yes", True), (1, True)],
+    [
+        (True, True),
+        (False, False),
+        ("true", True),
+        ("TRUE", True),
+        ("false", False),
+        (None, True),
+        ("yes", True),
+        (1, True),
+    ],
 )
 def test_requires_access_token_coercion(value: Any, expected: bool) -> None:
     assert coerce_bool(value, default=True) is expected
 
 
 def test_manifest_parsing_and_counts() -> None:
-    m = parse_manifest({
-        "transactionTime": "2026-01-01T00:00:00Z", "requiresAccessToken": "true",
-        "output": [{"type": "Patient", "url": f"{BASE}/f/1", "count": 2},
-                   {"type": "Patient", "url": f"{BASE}/f/2", "count": 3},
-                   {"type": "Observation", "url": f"{BASE}/f/3"}],
-        "deleted": [{"type": "Bundle", "url": f"{BASE}/f/4"}],
-        "outcome": [{"type": "OperationOutcome", "url": f"{BASE}/f/5"}],  # STU4 name
-    })
+    m = parse_manifest(
+        {
+            "transactionTime": "2026-01-01T00:00:00Z",
+            "requiresAccessToken": "true",
+            "output": [
+                {"type": "Patient", "url": f"{BASE}/f/1", "count": 2},
+                {"type": "Patient", "url": f"{BASE}/f/2", "count": 3},
+                {"type": "Observation", "url": f"{BASE}/f/3"},
+            ],
+            "deleted": [{"type": "Bundle", "url": f"{BASE}/f/4"}],
+            "outcome": [{"type": "OperationOutcome", "url": f"{BASE}/f/5"}],  # STU4 name
+        }
+    )
     assert m.requires_access_token is True
     assert m.expected_counts == {"Patient": 5}  # Observation has no count: not checked
     assert [i.kind for i in m.items] == ["output"] * 3 + ["deleted", "error"]
@@ -108,9 +123,13 @@ def test_bad_manifests_are_refused(body: dict[str, Any]) -> None:
 
 # -- request shaping ----------------------------------------------------------------------------
 def test_oracle_profile_adapts_request() -> None:
-    req = ExportRequest(level=SYSTEM, group_id="g", types=("Observation", "Coverage"),
-                        type_filters=("Observation?category=laboratory",),
-                        elements=("id",))
+    req = ExportRequest(
+        level=SYSTEM,
+        group_id="g",
+        types=("Observation", "Coverage"),
+        type_filters=("Observation?category=laboratory",),
+        elements=("id",),
+    )
     shaped, warnings = adapt_request(req, PROFILES["oracle"])
     assert shaped.level == GROUP
     assert shaped.types == ("Observation",)
@@ -120,13 +139,15 @@ def test_oracle_profile_adapts_request() -> None:
     with pytest.raises(ConfigError):
         adapt_request(ExportRequest(level=SYSTEM), PROFILES["oracle"])
     with pytest.raises(ConfigError):
-        adapt_request(ExportRequest(level=GROUP, group_id="g", patients=("p1",)),
-                      PROFILES["oracle"])
+        adapt_request(
+            ExportRequest(level=GROUP, group_id="g", patients=("p1",)), PROFILES["oracle"]
+        )
 
 
 def test_patient_parameter_forces_post() -> None:
-    shaped, _ = adapt_request(ExportRequest(level=GROUP, group_id="g", patients=("p1",)),
-                              PROFILES["generic"])
+    shaped, _ = adapt_request(
+        ExportRequest(level=GROUP, group_id="g", patients=("p1",)), PROFILES["generic"]
+    )
     assert shaped.method == "POST"
     with pytest.raises(ConfigError):
         adapt_request(ExportRequest(level=SYSTEM, patients=("p1",)), PROFILES["generic"])
@@ -156,54 +177,80 @@ class FakeServer:
         self.requests.append(request)
         url = str(request.url)
         if url.endswith("/.well-known/smart-configuration"):
-            return httpx.Response(200, json={
-                "token_endpoint": "https://ehr.example/auth/token", "capabilities": [],
-                "token_endpoint_auth_methods_supported": ["private_key_jwt"]})
+            return httpx.Response(
+                200,
+                json={
+                    "token_endpoint": "https://ehr.example/auth/token",
+                    "capabilities": [],
+                    "token_endpoint_auth_methods_supported": ["private_key_jwt"],
+                },
+            )
         if url == "https://ehr.example/auth/token":
             if self.token_status != 200:
-                return httpx.Response(self.token_status, json={"error": "invalid_client",
-                                                               "error_description": "secret"})
+                return httpx.Response(
+                    self.token_status,
+                    json={"error": "invalid_client", "error_description": "secret"},
+                )
             self.tokens += 1
-            return httpx.Response(200, json={"access_token": f"tok{self.tokens}",
-                                             "token_type": "bearer", "expires_in": 300,
-                                             "scope": "system/*.rs"})
+            return httpx.Response(
+                200,
+                json={
+                    "access_token": f"tok{self.tokens}",
+                    "token_type": "bearer",
+                    "expires_in": 300,
+                    "scope": "system/*.rs",
+                },
+            )
         if "$export" in url:
             if self.kickoff_status != 202:
-                return httpx.Response(self.kickoff_status, json={
-                    "resourceType": "OperationOutcome",
-                    "issue": [{"severity": "error", "code": "not-supported"}]},
-                    headers={"Retry-After": "7"})
+                return httpx.Response(
+                    self.kickoff_status,
+                    json={
+                        "resourceType": "OperationOutcome",
+                        "issue": [{"severity": "error", "code": "not-supported"}],
+                    },
+                    headers={"Retry-After": "7"},
+                )
             return httpx.Response(202, headers={"Content-Location": "/fhir/status/1"})
         if url.startswith(f"{BASE}/file/redirect"):
             return httpx.Response(307, headers={"Location": "https://bucket.example/obj?sig=1"})
         if url.startswith("https://bucket.example/"):
             if "authorization" in request.headers:
-                return httpx.Response(400, text="<Error>two auth mechanisms</Error>",
-                                      headers={"Content-Type": "application/xml"})
+                return httpx.Response(
+                    400,
+                    text="<Error>two auth mechanisms</Error>",
+                    headers={"Content-Type": "application/xml"},
+                )
             return httpx.Response(200, stream=Body(b'{"resourceType":"Patient","id":"1"}\n'))
         if url.startswith(f"{BASE}/file/expiring"):
             if request.headers.get("authorization") == "Bearer tok1":
                 return httpx.Response(401)
             return httpx.Response(200, stream=Body(b'{"resourceType":"Patient","id":"2"}\n'))
         if url.startswith(f"{BASE}/file/html"):
-            return httpx.Response(200, stream=Body(b"<html>maintenance</html>"),
-                                  headers={"Content-Type": "text/html"})
+            return httpx.Response(
+                200, stream=Body(b"<html>maintenance</html>"), headers={"Content-Type": "text/html"}
+            )
         return httpx.Response(404)
 
 
 def _client(server: FakeServer, **kw: Any) -> BulkClient:
     http = httpx.Client(transport=httpx.MockTransport(server.handler))
-    auth = BackendAuth(client_id="app", scope="system/*.rs", key=KEY, http=http,
-                       fhir_base_url=BASE)
+    auth = BackendAuth(client_id="app", scope="system/*.rs", key=KEY, http=http, fhir_base_url=BASE)
     return BulkClient(BASE, http=http, auth=auth, sleep=lambda s: None, **kw)
 
 
 def test_kickoff_get_joins_type_once_and_resolves_location() -> None:
     server = FakeServer()
     client = _client(server)
-    url = client.kickoff(ExportRequest(level=GROUP, group_id="g1", since="2026-01-01T00:00:00Z",
-                                       types=("Patient", "Observation"),
-                                       type_filters=("Observation?status=final",)))
+    url = client.kickoff(
+        ExportRequest(
+            level=GROUP,
+            group_id="g1",
+            since="2026-01-01T00:00:00Z",
+            types=("Patient", "Observation"),
+            type_filters=("Observation?status=final",),
+        )
+    )
     assert url == "https://ehr.example/fhir/status/1"
     kick = next(r for r in server.requests if "$export" in str(r.url))
     assert kick.url.params.get_list("_type") == ["Patient,Observation"]
@@ -213,16 +260,16 @@ def test_kickoff_get_joins_type_once_and_resolves_location() -> None:
     # the assertion went to the discovered token endpoint with the right audience
     tok = next(r for r in server.requests if str(r.url).endswith("/auth/token"))
     form = dict(x.split("=", 1) for x in tok.content.decode().split("&"))
-    claims = jwt.decode(form["client_assertion"].replace("%2F", "/"),
-                        options={"verify_signature": False})
+    claims = jwt.decode(
+        form["client_assertion"].replace("%2F", "/"), options={"verify_signature": False}
+    )
     assert claims["aud"] == "https://ehr.example/auth/token"
 
 
 def test_kickoff_post_sends_parameters_with_patients() -> None:
     server = FakeServer()
     client = _client(server)
-    client.kickoff(ExportRequest(level=GROUP, group_id="g1", patients=("p1", "p2"),
-                                 method="POST"))
+    client.kickoff(ExportRequest(level=GROUP, group_id="g1", patients=("p1", "p2"), method="POST"))
     kick = next(r for r in server.requests if "$export" in str(r.url))
     body = json.loads(kick.content)
     assert kick.method == "POST" and body["resourceType"] == "Parameters"
@@ -230,9 +277,16 @@ def test_kickoff_post_sends_parameters_with_patients() -> None:
     assert refs == ["Patient/p1", "Patient/p2"]
 
 
-@pytest.mark.parametrize(("status", "error"), [(400, KickoffRefused), (422, KickoffRefused),
-                                               (429, TransientError), (503, TransientError),
-                                               (403, AuthError)])
+@pytest.mark.parametrize(
+    ("status", "error"),
+    [
+        (400, KickoffRefused),
+        (422, KickoffRefused),
+        (429, TransientError),
+        (503, TransientError),
+        (403, AuthError),
+    ],
+)
 def test_kickoff_errors(status: int, error: type[Exception]) -> None:
     server = FakeServer()
     server.kickoff_status = status
@@ -253,18 +307,19 @@ def test_refused_token_message_has_no_description() -> None:
 
 def test_cross_origin_redirect_drops_authorization(tmp_path: Any) -> None:
     server = FakeServer()
-    got = _client(server).download(f"{BASE}/file/redirect", tmp_path / "a.ndjson",
-                                   requires_token=True)
+    got = _client(server).download(
+        f"{BASE}/file/redirect", tmp_path / "a.ndjson", requires_token=True
+    )
     assert got.path.read_bytes().startswith(b'{"resourceType":"Patient"')
-    first, second = [r for r in server.requests if "file/redirect" in str(r.url)
-                     or "bucket" in str(r.url)]
+    first, second = [
+        r for r in server.requests if "file/redirect" in str(r.url) or "bucket" in str(r.url)
+    ]
     assert "authorization" in first.headers and "authorization" not in second.headers
 
 
 def test_no_token_when_not_required(tmp_path: Any) -> None:
     server = FakeServer()
-    _client(server).download(f"{BASE}/file/expiring", tmp_path / "b.ndjson",
-                             requires_token=False)
+    _client(server).download(f"{BASE}/file/expiring", tmp_path / "b.ndjson", requires_token=False)
     assert all("authorization" not in r.headers for r in server.requests)
 
 
@@ -297,8 +352,14 @@ def test_token_is_cached_until_near_expiry() -> None:
     server = FakeServer()
     now = [1000.0]
     http = httpx.Client(transport=httpx.MockTransport(server.handler))
-    auth = BackendAuth(client_id="app", scope="system/*.rs", key=KEY, http=http,
-                       token_endpoint="https://ehr.example/auth/token", clock=lambda: now[0])
+    auth = BackendAuth(
+        client_id="app",
+        scope="system/*.rs",
+        key=KEY,
+        http=http,
+        token_endpoint="https://ehr.example/auth/token",
+        clock=lambda: now[0],
+    )
     assert auth.token() == "tok1"
     now[0] += 200
     assert auth.token() == "tok1"  # still fresh
@@ -316,25 +377,27 @@ def test_token_is_cached_until_near_expiry() -> None:
     [
         (202, None, {"Retry-After": "5", "X-Progress": "50%"}, "in_progress"),
         (429, None, {"Retry-After": "9"}, "in_progress"),  # polled too fast
-        (500, {"resourceType": "OperationOutcome", "issue": [{"code": "transient"}]}, {},
-         "in_progress"),  # the status check failed, not the job
-        (500, {"resourceType": "OperationOutcome", "issue": [{"code": "exception"}]}, {},
-         "failed"),
-        (404, {"resourceType": "OperationOutcome", "issue": [{"code": "not-found"}]}, {},
-         "failed"),
+        (
+            500,
+            {"resourceType": "OperationOutcome", "issue": [{"code": "transient"}]},
+            {},
+            "in_progress",
+        ),  # the status check failed, not the job
+        (500, {"resourceType": "OperationOutcome", "issue": [{"code": "exception"}]}, {}, "failed"),
+        (404, {"resourceType": "OperationOutcome", "issue": [{"code": "not-found"}]}, {}, "failed"),
         (200, {"transactionTime": "t", "output": []}, {}, "complete"),
     ],
 )
-def test_status_classification(status: int, body: Any, headers: dict[str, str],
-                               state: str) -> None:
+def test_status_classification(status: int, body: Any, headers: dict[str, str], state: str) -> None:
     def handler(request: httpx.Request) -> httpx.Response:
         if request.url.path.endswith("token"):
             return httpx.Response(200, json={"access_token": "t", "token_type": "bearer"})
         return httpx.Response(status, json=body, headers=headers)
 
     http = httpx.Client(transport=httpx.MockTransport(handler))
-    auth = BackendAuth(client_id="a", scope="s", key=KEY, http=http,
-                       token_endpoint="https://ehr.example/token")
+    auth = BackendAuth(
+        client_id="a", scope="s", key=KEY, http=http, token_endpoint="https://ehr.example/token"
+    )
     st = BulkClient(BASE, http=http, auth=auth).status(f"{BASE}/status/1")
     assert st.state == state
     if "Retry-After" in headers:

@@ -39,12 +39,16 @@ def _platform(env: Env) -> PlatformResource:
     return PlatformResource(data_dir=str(env.settings.data_dir))
 
 
-def _tick_until_ready(env: Env, instance: dg.DagsterInstance, cursor: str | None = None,
-                      ) -> dg.SensorResult:
+def _tick_until_ready(
+    env: Env,
+    instance: dg.DagsterInstance,
+    cursor: str | None = None,
+) -> dg.SensorResult:
     deadline = time.monotonic() + 20
     while True:
-        ctx = dg.build_sensor_context(instance=instance, cursor=cursor,
-                                      resources={"platform": _platform(env)})
+        ctx = dg.build_sensor_context(
+            instance=instance, cursor=cursor, resources={"platform": _platform(env)}
+        )
         result = backend_bulk_export_sensor(ctx)
         assert isinstance(result, dg.SensorResult)
         if result.run_requests:
@@ -59,8 +63,9 @@ def test_kickoff_sensor_land_and_rerun_without_duplicates(
 ) -> None:
     env.add_org("mercy-general")
     platform = _platform(env)
-    res = dg.materialize([bulk_export], partition_key=KEY, instance=instance,
-                         resources={"platform": platform})
+    res = dg.materialize(
+        [bulk_export], partition_key=KEY, instance=instance, resources={"platform": platform}
+    )
     assert res.success
     md = res.asset_materializations_for_node("backend__bulk_export")[0].metadata
     export_id = md["export_id"].value
@@ -73,16 +78,28 @@ def test_kickoff_sensor_land_and_rerun_without_duplicates(
     assert req.tags["medblocks/source"] == "src-mercy-general"
     assert req.run_config["ops"]["backend__bulk_resources"]["config"]["export_id"] == export_id
     # The cursor remembers the launch: the next tick does not request it again.
-    again = backend_bulk_export_sensor(dg.build_sensor_context(
-        instance=instance, cursor=result.cursor, resources={"platform": platform}))
+    again = backend_bulk_export_sensor(
+        dg.build_sensor_context(
+            instance=instance, cursor=result.cursor, resources={"platform": platform}
+        )
+    )
     assert not again.run_requests
 
-    land = dg.materialize([bulk_resources], partition_key=KEY, instance=instance,
-                          resources={"platform": platform}, run_config=req.run_config)
+    land = dg.materialize(
+        [bulk_resources],
+        partition_key=KEY,
+        instance=instance,
+        resources={"platform": platform},
+        run_config=req.run_config,
+    )
     assert land.success
     # (the tenant warehouse rebuild after a landing is the warehouse's debounced sensor's job)
-    lmd = {k: v.value for k, v in
-           land.asset_materializations_for_node("backend__bulk_resources")[0].metadata.items()}
+    lmd = {
+        k: v.value
+        for k, v in land.asset_materializations_for_node("backend__bulk_resources")[
+            0
+        ].metadata.items()
+    }
     assert lmd["landed"] > 0 and lmd["files"] > 0 and lmd["bytes"] > 0
     assert lmd["quarantined"] == 0 and lmd["deleted"] == 0
     assert lmd["watermark"] and lmd["count_mismatches"] == {}
@@ -92,28 +109,40 @@ def test_kickoff_sensor_land_and_rerun_without_duplicates(
 
     build_warehouse(TENANT, settings=env.settings, steps=[])
     with open_warehouse(TENANT, settings=env.settings) as con:
-        first = con.execute("SELECT count(*), count(DISTINCT resource_key) FROM resources"
-                            ).fetchone()
+        first = con.execute(
+            "SELECT count(*), count(DISTINCT resource_key) FROM resources"
+        ).fetchone()
     assert first is not None and first[0] == first[1] == lmd["landed"]
 
     # Full re-sync of the same data: new export, landed again; the warehouse has no duplicates.
-    res2 = dg.materialize([bulk_export], partition_key=KEY, instance=instance,
-                          resources={"platform": platform},
-                          run_config={"ops": {"backend__bulk_export": {"config": {"full": True}}}})
-    export2 = res2.asset_materializations_for_node("backend__bulk_export")[0].metadata[
-        "export_id"].value
+    res2 = dg.materialize(
+        [bulk_export],
+        partition_key=KEY,
+        instance=instance,
+        resources={"platform": platform},
+        run_config={"ops": {"backend__bulk_export": {"config": {"full": True}}}},
+    )
+    export2 = (
+        res2.asset_materializations_for_node("backend__bulk_export")[0].metadata["export_id"].value
+    )
     assert export2 != export_id
     _tick_until_ready(env, instance, cursor=result.cursor)
-    job = dg.Definitions(assets=[bulk_export, bulk_resources], jobs=[backend_land_job],
-                         resources={"platform": platform}).resolve_job_def("backend_land_job")
+    job = dg.Definitions(
+        assets=[bulk_export, bulk_resources],
+        jobs=[backend_land_job],
+        resources={"platform": platform},
+    ).resolve_job_def("backend_land_job")
     land2 = job.execute_in_process(
-        instance=instance, partition_key=KEY,
-        run_config={"ops": {"backend__bulk_resources": {"config": {"export_id": export2}}}})
+        instance=instance,
+        partition_key=KEY,
+        run_config={"ops": {"backend__bulk_resources": {"config": {"export_id": export2}}}},
+    )
     assert land2.success
     build_warehouse(TENANT, settings=env.settings, steps=[])
     with open_warehouse(TENANT, settings=env.settings) as con:
-        second = con.execute("SELECT count(*), count(DISTINCT resource_key) FROM resources"
-                             ).fetchone()
+        second = con.execute(
+            "SELECT count(*), count(DISTINCT resource_key) FROM resources"
+        ).fetchone()
     assert second == first
 
 
@@ -123,8 +152,10 @@ def test_sensor_resumes_export_after_crash(env: Env, instance: dg.DagsterInstanc
     kicked = kickoff_export(env.cp, TENANT, "mercy-general", run_id="crashed-run")
     # no run, no CLI: the sensor alone finds and polls it
     result = _tick_until_ready(env, instance)
-    assert [r.run_config["ops"]["backend__bulk_resources"]["config"]["export_id"]
-            for r in result.run_requests] == [kicked.export_id]
+    assert [
+        r.run_config["ops"]["backend__bulk_resources"]["config"]["export_id"]
+        for r in result.run_requests
+    ] == [kicked.export_id]
     assert env.cp.get_bulk_export(kicked.export_id)["status"] == "ready"
 
 
@@ -135,8 +166,9 @@ def test_sensor_records_failed_export(env: Env, instance: dg.DagsterInstance) ->
     deadline = time.monotonic() + 10
     while env.cp.get_bulk_export(kicked.export_id)["status"] == "kicked_off":
         assert time.monotonic() < deadline
-        result = backend_bulk_export_sensor(dg.build_sensor_context(
-            instance=instance, resources={"platform": _platform(env)}))
+        result = backend_bulk_export_sensor(
+            dg.build_sensor_context(instance=instance, resources={"platform": _platform(env)})
+        )
         assert not result.run_requests
         time.sleep(0.3)
     row = env.cp.get_bulk_export(kicked.export_id)
@@ -147,14 +179,17 @@ def test_cadence_schedule_requests_due_orgs(env: Env, instance: dg.DagsterInstan
     env.add_org("mercy-general", org_config={"cadence": "0 * * * *"})
     platform = _platform(env)
     at = datetime(2026, 11, 28, 10, 0, tzinfo=UTC)
-    ctx = dg.build_schedule_context(instance=instance, scheduled_execution_time=at,
-                                    resources={"platform": platform})
+    ctx = dg.build_schedule_context(
+        instance=instance, scheduled_execution_time=at, resources={"platform": platform}
+    )
     reqs = backend_cadence_schedule(ctx)
     assert isinstance(reqs, list) and [r.partition_key for r in reqs] == [KEY]
     assert reqs[0].run_key == f"{KEY}:2026-11-28T10:00:00+00:00"
-    later = dg.build_schedule_context(instance=instance,
-                                      scheduled_execution_time=at.replace(minute=30),
-                                      resources={"platform": platform})
+    later = dg.build_schedule_context(
+        instance=instance,
+        scheduled_execution_time=at.replace(minute=30),
+        resources={"platform": platform},
+    )
     assert isinstance(backend_cadence_schedule(later), dg.SkipReason)
     assert len(fires_between("0 2 * * *", at.replace(day=1), at)) == 27
 

@@ -30,13 +30,21 @@ def test_two_orgs_then_incremental(env: Env, sandbox, live_defs_state) -> None: 
     orgs = [o.org_id for o in sandbox.orgs_of("ehr")][:2]
     assert len(orgs) == 2
     setup_sandbox_backend(env.cp, sandbox, TENANT, orgs, jwks_url=env.jwks_url)
-    first = {org: run_backend_sync(env.cp, env.settings, TENANT, org, min_wait=0.05,
-                                   timeout=30, instance=live_defs_state) for org in orgs}
+    first = {
+        org: run_backend_sync(
+            env.cp, env.settings, TENANT, org, min_wait=0.05, timeout=30, instance=live_defs_state
+        )
+        for org in orgs
+    }
     for md in first.values():
         assert md["status"] == "success" and md["landed"] > 0 and md["deleted"] == 0
     sandbox.apply_changes(1)
-    second = {org: run_backend_sync(env.cp, env.settings, TENANT, org, min_wait=0.05,
-                                    timeout=30, instance=live_defs_state) for org in orgs}
+    second = {
+        org: run_backend_sync(
+            env.cp, env.settings, TENANT, org, min_wait=0.05, timeout=30, instance=live_defs_state
+        )
+        for org in orgs
+    }
     for org in orgs:
         assert second[org]["since"] == first[org]["watermark"]
         # far fewer resources than the full export: only what changed
@@ -46,5 +54,6 @@ def test_two_orgs_then_incremental(env: Env, sandbox, live_defs_state) -> None: 
     with open_warehouse(TENANT, settings=env.settings) as con:
         n, distinct, orgs_seen = con.execute(
             "SELECT count(*), count(DISTINCT resource_key), count(DISTINCT organization) "
-            "FROM resources").fetchone()  # type: ignore[misc]
+            "FROM resources"
+        ).fetchone()  # type: ignore[misc]
     assert n == distinct and orgs_seen == 2

@@ -27,8 +27,9 @@ FILES = r"/bulk-files/"
 
 
 def _sync(env: Env, run_id: str = "run-1", **kw: object):  # type: ignore[no-untyped-def]
-    return sync_organization(env.cp, env.settings, TENANT, ORG, run_id=run_id, min_wait=0.05,
-                             timeout=40, **kw)  # type: ignore[arg-type]
+    return sync_organization(
+        env.cp, env.settings, TENANT, ORG, run_id=run_id, min_wait=0.05, timeout=40, **kw
+    )  # type: ignore[arg-type]
 
 
 def test_kickoff_refused_saves_nothing(env: Env) -> None:
@@ -53,10 +54,12 @@ def test_export_failing_midway(env: Env) -> None:
 @pytest.mark.parametrize("form", ["seconds", "http-date"])  # Retry-After in both forms
 def test_429_storm_on_status_and_files(env: Env, form: str) -> None:
     ehr = env.add_org(ORG)
-    ehr.faults.add("rate_limit", path=r"/bulk-(status|files)/", limit=2, window=1.0,
-                   retry_after_form=form)
-    env.cp.update_organization(ORG, config={"group_id": "cohort",
-                                            "types": ["Patient", "Condition", "Encounter"]})
+    ehr.faults.add(
+        "rate_limit", path=r"/bulk-(status|files)/", limit=2, window=1.0, retry_after_form=form
+    )
+    env.cp.update_organization(
+        ORG, config={"group_id": "cohort", "types": ["Patient", "Condition", "Encounter"]}
+    )
     report = _sync(env)
     assert report.status == "success"
     assert report.landed == sum(report.expected_by_type.values())
@@ -113,9 +116,15 @@ def test_token_expiry_during_downloads(env: Env) -> None:
 def test_informational_error_file_is_success_with_warning(env: Env) -> None:
     scope = "system/Patient.rs system/Observation.rs"
     ehr = env.add_org(ORG, source_config={"scope": scope})
-    resp = ehr.admin("clients", {"client_id": CLIENT_ID, "token_endpoint_auth_method":
-                                 "private_key_jwt", "jwks_uri": env.jwks_url,
-                                 "scopes": scope.split()})
+    resp = ehr.admin(
+        "clients",
+        {
+            "client_id": CLIENT_ID,
+            "token_endpoint_auth_method": "private_key_jwt",
+            "jwks_uri": env.jwks_url,
+            "scopes": scope.split(),
+        },
+    )
     assert resp.status_code == 201
     report = _sync(env)
     assert set(report.counts_by_type) == {"Patient", "Observation"}
@@ -133,8 +142,13 @@ def test_failed_land_then_rerun_has_no_duplicates(env: Env) -> None:
     first_file = ehr.bulk.jobs()[0].files[0].name
     ehr.faults.add("error_burst", path=first_file, count=100, status=503)
     with pytest.raises(TransientError):
-        land_export(env.cp, env.settings, kicked.export_id, run_id="land-1",
-                    client_kwargs={"max_attempts": 2, "backoff_base": 0.01})
+        land_export(
+            env.cp,
+            env.settings,
+            kicked.export_id,
+            run_id="land-1",
+            client_kwargs={"max_attempts": 2, "backoff_base": 0.01},
+        )
     assert env.cp.get_watermark(watermark_key(TENANT, ORG)) is None
     assert env.cp.get_bulk_export(kicked.export_id)["status"] == "ready"
     assert ehr.bulk.jobs(), "the export must not be deleted after a failed land"
@@ -147,13 +161,15 @@ def test_failed_land_then_rerun_has_no_duplicates(env: Env) -> None:
     build_warehouse(TENANT, settings=env.settings, steps=[])
     with open_warehouse(TENANT, settings=env.settings) as con:
         n, distinct = con.execute(
-            "SELECT count(*), count(DISTINCT resource_key) FROM resources").fetchone()  # type: ignore[misc]
+            "SELECT count(*), count(DISTINCT resource_key) FROM resources"
+        ).fetchone()  # type: ignore[misc]
     assert n == distinct == report.landed
 
 
 def test_oracle_profile_presigned_redirects_and_one_export(env: Env) -> None:
-    ehr = env.add_org(ORG, profile="oracle",
-                      org_config={"types": ["Patient", "Condition", "Observation"]})
+    ehr = env.add_org(
+        ORG, profile="oracle", org_config={"types": ["Patient", "Condition", "Observation"]}
+    )
     assert ehr.storage_url and ehr.storage_url != ehr.base_url
     first = kickoff_export(env.cp, TENANT, ORG, run_id="a")
     # a second kick-off while one is in flight reuses it instead of drawing a 429
@@ -178,8 +194,14 @@ def test_oracle_profile_refuses_system_level(env: Env) -> None:
 
 def test_epic_profile_needs_jwks_url_and_jku(env: Env) -> None:
     ehr = env.add_org(ORG, profile="epic", org_config={"types": ["Patient"]})
-    inline = ehr.admin("clients", {"client_id": "inline", "token_endpoint_auth_method":
-                                   "private_key_jwt", "jwks": {"keys": []}})
+    inline = ehr.admin(
+        "clients",
+        {
+            "client_id": "inline",
+            "token_endpoint_auth_method": "private_key_jwt",
+            "jwks": {"keys": []},
+        },
+    )
     assert inline.status_code == 400
     report = _sync(env)
     assert report.counts_by_type == {"Patient": sum(1 for _ in ehr.store.iter_type("Patient"))}
@@ -194,15 +216,21 @@ def test_html_maintenance_page_on_status_is_retried(env: Env) -> None:
 
 def test_unknown_token_is_refused_clearly(env: Env) -> None:
     ehr = env.add_org(ORG)
-    resp = httpx.get(f"{ehr.fhir_base}/Group/cohort/$export",
-                     headers={"Accept": "application/fhir+json", "Prefer": "respond-async",
-                              "Authorization": "Bearer nope"})
+    resp = httpx.get(
+        f"{ehr.fhir_base}/Group/cohort/$export",
+        headers={
+            "Accept": "application/fhir+json",
+            "Prefer": "respond-async",
+            "Authorization": "Bearer nope",
+        },
+    )
     assert resp.status_code == 401
 
 
 def test_attachments_downloaded_when_configured(env: Env) -> None:
-    ehr = env.add_org(ORG, source_config={"attachments": True},
-                      org_config={"types": ["DocumentReference"]})
+    ehr = env.add_org(
+        ORG, source_config={"attachments": True}, org_config={"types": ["DocumentReference"]}
+    )
     docs = sum(1 for _ in ehr.store.iter_type("DocumentReference"))
     assert docs > 0
     report = _sync(env)

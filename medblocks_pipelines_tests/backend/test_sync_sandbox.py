@@ -35,8 +35,9 @@ def _compartment_counts(ehr) -> Counter[str]:  # type: ignore[no-untyped-def]
 
 def test_full_then_incremental_sync(env: Env) -> None:
     ehr = env.add_org("mercy-general")
-    report = sync_organization(env.cp, env.settings, TENANT, "mercy-general", run_id="run-1",
-                               min_wait=0.05, timeout=30)
+    report = sync_organization(
+        env.cp, env.settings, TENANT, "mercy-general", run_id="run-1", min_wait=0.05, timeout=30
+    )
     expected = _compartment_counts(ehr)
     assert report.counts_by_type == dict(expected)
     assert report.status == "success", report.as_metadata()
@@ -59,8 +60,9 @@ def test_full_then_incremental_sync(env: Env) -> None:
     ehr.store.put(changed)
     ehr.store.delete("Condition", cond["id"])
 
-    second = sync_organization(env.cp, env.settings, TENANT, "mercy-general", run_id="run-2",
-                               min_wait=0.05, timeout=30)
+    second = sync_organization(
+        env.cp, env.settings, TENANT, "mercy-general", run_id="run-2", min_wait=0.05, timeout=30
+    )
     assert second.since == report.watermark
     assert second.counts_by_type == {"Observation": 1}
     assert second.deleted == 1

@@ -17,8 +17,9 @@ def load_ndjson(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line, parse_float=Decimal) for line in path.read_text().splitlines() if line]
 
 
-def resources_table(con: duckdb.DuckDBPyConnection, lines: Iterable[str],
-                    *, table: str = "resources") -> None:
+def resources_table(
+    con: duckdb.DuckDBPyConnection, lines: Iterable[str], *, table: str = "resources"
+) -> None:
     """Create a warehouse-shaped table from raw JSON lines (text kept byte for byte)."""
     con.execute(
         f"CREATE OR REPLACE TABLE {table} (resource VARCHAR, resource_type VARCHAR, "
@@ -30,9 +31,22 @@ def resources_table(con: duckdb.DuckDBPyConnection, lines: Iterable[str],
     for n, line in enumerate(lines):
         head = json.loads(line)
         source = f"src-{n % 2}"
-        rows.append((line, head.get("resourceType"), head.get("id"), "tenant-a", "backend",
-                     source, "org-1", None, "1", "2024-06-01T00:00:00Z", "run-1",
-                     f"{source}/{head.get('resourceType')}/{head.get('id')}"))
+        rows.append(
+            (
+                line,
+                head.get("resourceType"),
+                head.get("id"),
+                "tenant-a",
+                "backend",
+                source,
+                "org-1",
+                None,
+                "1",
+                "2024-06-01T00:00:00Z",
+                "run-1",
+                f"{source}/{head.get('resourceType')}/{head.get('id')}",
+            )
+        )
     con.executemany(f"INSERT INTO {table} VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
 
 

@@ -27,10 +27,24 @@ def test_views_test_writes_the_report_and_passes(tmp_path: Path) -> None:
 
 
 def test_views_test_exits_non_zero_on_failure(tmp_path: Path) -> None:
-    (tmp_path / "bad.json").write_text(json.dumps({
-        "title": "bad", "resources": [{"resourceType": "Patient", "id": "p"}],
-        "tests": [{"title": "wrong", "view": {"resource": "Patient", "select": [
-            {"column": [{"name": "id", "path": "id"}]}]}, "expect": [{"id": "q"}]}]}))
+    (tmp_path / "bad.json").write_text(
+        json.dumps(
+            {
+                "title": "bad",
+                "resources": [{"resourceType": "Patient", "id": "p"}],
+                "tests": [
+                    {
+                        "title": "wrong",
+                        "view": {
+                            "resource": "Patient",
+                            "select": [{"column": [{"name": "id", "path": "id"}]}],
+                        },
+                        "expect": [{"id": "q"}],
+                    }
+                ],
+            }
+        )
+    )
     report = tmp_path / "r.json"
     result = CliRunner().invoke(views, ["test", str(tmp_path), "--report", str(report)])
     assert result.exit_code == 1
@@ -51,18 +65,31 @@ def test_list_show_compile_dictionary(tmp_path: Path, monkeypatch: pytest.Monkey
     assert compiled.exit_code == 0 and "from_json" in compiled.output
     assert '"tenant"' in compiled.output
     f = tmp_path / "v.json"
-    f.write_text(json.dumps({"resource": "Patient", "select": [
-        {"column": [{"name": "g", "path": "gender"}]}]}))
+    f.write_text(
+        json.dumps(
+            {"resource": "Patient", "select": [{"column": [{"name": "g", "path": "gender"}]}]}
+        )
+    )
     bare = runner.invoke(views, ["compile", str(f), "--no-provenance", "--table", "t"])
-    assert bare.exit_code == 0 and "FROM t AS __mb_t WHERE" in bare.output and '"tenant"' not in bare.output
+    assert (
+        bare.exit_code == 0
+        and "FROM t AS __mb_t WHERE" in bare.output
+        and '"tenant"' not in bare.output
+    )
     dictionary = runner.invoke(views, ["dictionary"])
     assert dictionary.exit_code == 0 and "## `coverage`" in dictionary.output
 
 
 def test_compile_of_an_invalid_file_is_a_clear_error(tmp_path: Path) -> None:
     f = tmp_path / "v.json"
-    f.write_text(json.dumps({"resource": "Patient", "select": [
-        {"column": [{"name": "g", "path": "gender.nosuch()"}]}]}))
+    f.write_text(
+        json.dumps(
+            {
+                "resource": "Patient",
+                "select": [{"column": [{"name": "g", "path": "gender.nosuch()"}]}],
+            }
+        )
+    )
     result = CliRunner().invoke(views, ["compile", str(f)])
     assert result.exit_code != 0
     assert "unknown or unsupported FHIRPath function nosuch()" in str(result.exception)

@@ -50,21 +50,43 @@ def rows(con: duckdb.DuckDBPyConnection, v: dict[str, Any]) -> list[dict[str, An
         # duplicate column
         (view("Patient", col("a", "id"), col("a", "gender")), "duplicate column"),
         # constant with two values
-        (view("Patient", col("a", "%c"), constant=[{"name": "c", "valueString": "x",
-                                                      "valueInteger": 1}]), "exactly one"),
+        (
+            view(
+                "Patient",
+                col("a", "%c"),
+                constant=[{"name": "c", "valueString": "x", "valueInteger": 1}],
+            ),
+            "exactly one",
+        ),
         # unknown key in a select (typo of forEach)
-        ({"resource": "Patient", "select": [{"foreach": "name", "column": [col("a", "id")]}]},
-         "unknown select keys"),
+        (
+            {"resource": "Patient", "select": [{"foreach": "name", "column": [col("a", "id")]}]},
+            "unknown select keys",
+        ),
         # two iterators on one select
-        ({"resource": "Patient", "select": [{"forEach": "name", "forEachOrNull": "name",
-                                             "column": [col("a", "family")]}]}, "only one"),
+        (
+            {
+                "resource": "Patient",
+                "select": [
+                    {"forEach": "name", "forEachOrNull": "name", "column": [col("a", "family")]}
+                ],
+            },
+            "only one",
+        ),
         # boolean operator on strings
         (view("Patient", col("a", "gender and active")), "boolean operands"),
         # arithmetic on strings
         (view("Patient", col("a", "gender * 2")), "needs numbers"),
         # unionAll branches with different types
-        ({"resource": "Patient", "select": [{"unionAll": [
-            {"column": [col("a", "id")]}, {"column": [col("a", "active")]}]}]}, "types"),
+        (
+            {
+                "resource": "Patient",
+                "select": [
+                    {"unionAll": [{"column": [col("a", "id")]}, {"column": [col("a", "active")]}]}
+                ],
+            },
+            "types",
+        ),
         # quantity literal (not in the subset)
         (view("Observation", col("a", "value.ofType(Quantity).value > 5 'mg'")), "quantity"),
         # empty view
@@ -84,8 +106,13 @@ def test_passthrough_clash_is_an_error() -> None:
 
 
 def test_passthrough_columns_on_every_row_including_foreach(con: duckdb.DuckDBPyConnection) -> None:
-    v = {"resource": "Patient", "select": [
-        {"column": [col("id", "id")]}, {"forEach": "name", "column": [col("family", "family")]}]}
+    v = {
+        "resource": "Patient",
+        "select": [
+            {"column": [col("id", "id")]},
+            {"forEach": "name", "column": [col("family", "family")]},
+        ],
+    }
     compiled = compile_view(v, passthrough_columns=["tenant", "source", "fetched_at"])
     out = con.sql(compiled.sql).fetchall()
     assert compiled.column_names == ["tenant", "source", "fetched_at", "id", "family"]
@@ -94,32 +121,51 @@ def test_passthrough_columns_on_every_row_including_foreach(con: duckdb.DuckDBPy
 
 
 def test_decimals_are_exact_through_the_view(con: duckdb.DuckDBPyConnection) -> None:
-    v = {"resource": "Observation", "select": [
-        {"column": [col("id", "id"), col("v", "value.ofType(Quantity).value"),
+    v = {
+        "resource": "Observation",
+        "select": [
+            {
+                "column": [
+                    col("id", "id"),
+                    col("v", "value.ofType(Quantity).value"),
                     col("low", "referenceRange.first().low.value"),
-                    col("high", "referenceRange.first().high.value")]},
-    ]}
+                    col("high", "referenceRange.first().high.value"),
+                ]
+            },
+        ],
+    }
     got = by_id(rows(con, v))
     assert got["lab-1"]["v"] == Decimal("12345678901234.123456789")
     assert got["lab-1"]["low"] == Decimal("0.000000000000000001")
     assert got["lab-1"]["high"] == Decimal("99.5")
     assert got["obs-neg"]["v"] == Decimal("-0.5")
-    comp = {"resource": "Observation", "select": [{"forEach": "component", "column": [
-        col("v", "value.ofType(Quantity).value")]}]}
+    comp = {
+        "resource": "Observation",
+        "select": [{"forEach": "component", "column": [col("v", "value.ofType(Quantity).value")]}],
+    }
     values = [r["v"] for r in rows(con, comp) if r["v"] is not None]
     assert values == [Decimal("120.00000000000000001")]
 
 
 def test_choice_types_inside_foreach(con: duckdb.DuckDBPyConnection) -> None:
-    v = {"resource": "Observation", "where": [{"path": "id = 'bp-1'"}], "select": [
-        {"forEach": "component", "column": [
-            col("i", "%rowIndex"),
-            col("loinc", "code.coding.where(system = 'http://loinc.org').code.first()"),
-            col("q", "value.ofType(Quantity).value"),
-            col("cc", "value.ofType(CodeableConcept).coding.code.first()"),
-            col("s", "valueString"),
-            col("has_value", "value.exists()"),
-            col("absent", "dataAbsentReason.exists()")]}]}
+    v = {
+        "resource": "Observation",
+        "where": [{"path": "id = 'bp-1'"}],
+        "select": [
+            {
+                "forEach": "component",
+                "column": [
+                    col("i", "%rowIndex"),
+                    col("loinc", "code.coding.where(system = 'http://loinc.org').code.first()"),
+                    col("q", "value.ofType(Quantity).value"),
+                    col("cc", "value.ofType(CodeableConcept).coding.code.first()"),
+                    col("s", "valueString"),
+                    col("has_value", "value.exists()"),
+                    col("absent", "dataAbsentReason.exists()"),
+                ],
+            }
+        ],
+    }
     got = rows(con, v)
     assert [r["i"] for r in got] == [0, 1, 2, 3]
     assert [r["loinc"] for r in got] == ["8480-6", "8462-4", None, None]
@@ -138,8 +184,11 @@ def test_fhirpath_functions_on_real_shapes(con: duckdb.DuckDBPyConnection) -> No
         col("all_given", "name.given", collection=True),
         col("n_given", "name.given.count()"),
         col("last_given", "name.given.last()"),
-        col("race", f"extension('{race}').extension('ombCategory').value.ofType(Coding).code",
-            collection=True),
+        col(
+            "race",
+            f"extension('{race}').extension('ombCategory').value.ofType(Coding).code",
+            collection=True,
+        ),
         col("phones", "telecom.where(system = 'phone').value.join('|')"),
         col("upper", "name.where(use = 'official').family.upper()"),
         col("starts", r"name.where(use = 'official').family.startsWith('O\'')"),
@@ -147,8 +196,9 @@ def test_fhirpath_functions_on_real_shapes(con: duckdb.DuckDBPyConnection) -> No
         col("org_wrong", "managingOrganization.getReferenceKey(Patient)"),
         col("low", "birthDate.lowBoundary()"),
         col("high", "birthDate.highBoundary()"),
-        col("dead", "deceased.ofType(boolean) | deceased.ofType(dateTime).exists()",
-            collection=True),
+        col(
+            "dead", "deceased.ofType(boolean) | deceased.ofType(dateTime).exists()", collection=True
+        ),
         col("xor", "active xor deceased.ofType(boolean)"),
         col("implies", "active implies gender = 'male'"),
         col("iif", "iif(active, 'on', 'off')"),
@@ -187,14 +237,31 @@ def test_singleton_column_with_many_values_raises_at_run_time(
 
 
 def test_nested_foreach_unionall_and_foreachornull(con: duckdb.DuckDBPyConnection) -> None:
-    v = {"resource": "ExplanationOfBenefit", "select": [
-        {"column": [col("eob", "id")]},
-        {"forEachOrNull": "item", "column": [col("seq", "sequence")], "select": [
-            {"forEachOrNull": "adjudication", "column": [
-                col("cat", "category.coding.code.first()"), col("amt", "amount.value")]}]},
-        {"unionAll": [{"column": [col("kind", "'header'")]},
-                      {"forEach": "diagnosis", "column": [col("kind", "'dx'")]}]},
-    ]}
+    v = {
+        "resource": "ExplanationOfBenefit",
+        "select": [
+            {"column": [col("eob", "id")]},
+            {
+                "forEachOrNull": "item",
+                "column": [col("seq", "sequence")],
+                "select": [
+                    {
+                        "forEachOrNull": "adjudication",
+                        "column": [
+                            col("cat", "category.coding.code.first()"),
+                            col("amt", "amount.value"),
+                        ],
+                    }
+                ],
+            },
+            {
+                "unionAll": [
+                    {"column": [col("kind", "'header'")]},
+                    {"forEach": "diagnosis", "column": [col("kind", "'dx'")]},
+                ]
+            },
+        ],
+    }
     got = rows(con, v)
     eob1 = [r for r in got if r["eob"] == "eob-1"]
     # (3 adjudications + 1) x (1 header + 3 diagnoses)
@@ -206,17 +273,32 @@ def test_nested_foreach_unionall_and_foreachornull(con: duckdb.DuckDBPyConnectio
 
 
 def test_repeat_walks_nested_items_in_document_order() -> None:
-    qr = ('{"resourceType":"QuestionnaireResponse","id":"q","item":[{"linkId":"1","item":'
-          '[{"linkId":"1.1","answer":[{"valueString":"x","item":[{"linkId":"1.1.1"}]}]}]},'
-          '{"linkId":"2"}]}')
+    qr = (
+        '{"resourceType":"QuestionnaireResponse","id":"q","item":[{"linkId":"1","item":'
+        '[{"linkId":"1.1","answer":[{"valueString":"x","item":[{"linkId":"1.1.1"}]}]}]},'
+        '{"linkId":"2"}]}'
+    )
     c = duckdb.connect()
     resources_table(c, [qr])
-    v = {"resource": "QuestionnaireResponse", "select": [
-        {"repeat": ["item", "answer.item"], "column": [col("i", "%rowIndex"), col("l", "linkId")],
-         "select": [{"forEachOrNull": "answer", "column": [col("a", "value.ofType(string)")]}]}]}
+    v = {
+        "resource": "QuestionnaireResponse",
+        "select": [
+            {
+                "repeat": ["item", "answer.item"],
+                "column": [col("i", "%rowIndex"), col("l", "linkId")],
+                "select": [
+                    {"forEachOrNull": "answer", "column": [col("a", "value.ofType(string)")]}
+                ],
+            }
+        ],
+    }
     got = run_view(c, v, passthrough_columns=[]).to_pylist()
     assert [(r["i"], r["l"], r["a"]) for r in got] == [
-        (0, "1", None), (1, "1.1", "x"), (2, "1.1.1", None), (3, "2", None)]
+        (0, "1", None),
+        (1, "1.1", "x"),
+        (2, "1.1.1", None),
+        (3, "2", None),
+    ]
 
 
 def test_repeat_has_no_depth_limit() -> None:
@@ -224,12 +306,20 @@ def test_repeat_has_no_depth_limit() -> None:
     for n in range(40):
         item = {"linkId": str(n), "item": [item, {"linkId": f"{n}b"}]}
     c = duckdb.connect()
-    resources_table(c, [json.dumps({"resourceType": "QuestionnaireResponse", "id": "deep",
-                                    "item": [item]}),
-                        json.dumps({"resourceType": "QuestionnaireResponse", "id": "none"})])
-    v = {"resource": "QuestionnaireResponse", "select": [
-        {"column": [col("id", "id")]},
-        {"repeat": ["item"], "column": [col("l", "linkId"), col("i", "%rowIndex")]}]}
+    resources_table(
+        c,
+        [
+            json.dumps({"resourceType": "QuestionnaireResponse", "id": "deep", "item": [item]}),
+            json.dumps({"resourceType": "QuestionnaireResponse", "id": "none"}),
+        ],
+    )
+    v = {
+        "resource": "QuestionnaireResponse",
+        "select": [
+            {"column": [col("id", "id")]},
+            {"repeat": ["item"], "column": [col("l", "linkId"), col("i", "%rowIndex")]},
+        ],
+    }
     got = run_view(c, v, passthrough_columns=[]).to_pylist()
     assert len(got) == 81 and {r["id"] for r in got} == {"deep"}
     # document order: 39, 38, ..., 0, leaf, 0b, 1b, ..., 39b
@@ -239,19 +329,41 @@ def test_repeat_has_no_depth_limit() -> None:
 
 
 def test_repeat_below_the_resource() -> None:
-    qr = {"resourceType": "QuestionnaireResponse", "id": "q", "item": [
-        {"linkId": "g1", "item": [{"linkId": "g1.1", "answer": [
-            {"valueString": "x", "item": [{"linkId": "g1.1.1"}]}]}]},
-        {"linkId": "g2"}]}
+    qr = {
+        "resourceType": "QuestionnaireResponse",
+        "id": "q",
+        "item": [
+            {
+                "linkId": "g1",
+                "item": [
+                    {
+                        "linkId": "g1.1",
+                        "answer": [{"valueString": "x", "item": [{"linkId": "g1.1.1"}]}],
+                    }
+                ],
+            },
+            {"linkId": "g2"},
+        ],
+    }
     c = duckdb.connect()
     resources_table(c, [json.dumps(qr)])
-    v = {"resource": "QuestionnaireResponse", "select": [
-        {"forEach": "item", "column": [col("group", "linkId")], "select": [
-            {"repeat": ["item", "answer.item"], "column": [
-                col("l", "linkId"), col("i", "%rowIndex")]}]}]}
+    v = {
+        "resource": "QuestionnaireResponse",
+        "select": [
+            {
+                "forEach": "item",
+                "column": [col("group", "linkId")],
+                "select": [
+                    {
+                        "repeat": ["item", "answer.item"],
+                        "column": [col("l", "linkId"), col("i", "%rowIndex")],
+                    }
+                ],
+            }
+        ],
+    }
     got = run_view(c, v, passthrough_columns=[]).to_pylist()
-    assert [(r["group"], r["l"], r["i"]) for r in got] == [
-        ("g1", "g1.1", 0), ("g1", "g1.1.1", 1)]
+    assert [(r["group"], r["l"], r["i"]) for r in got] == [("g1", "g1.1", 0), ("g1", "g1.1.1", 1)]
 
 
 def test_repeat_below_the_resource_has_a_depth_limit_that_raises() -> None:
@@ -261,18 +373,39 @@ def test_repeat_below_the_resource_has_a_depth_limit_that_raises() -> None:
     for n in range(NESTED_REPEAT_DEPTH + 1):
         item = {"linkId": str(n), "item": [item]}
     c = duckdb.connect()
-    resources_table(c, [json.dumps({"resourceType": "QuestionnaireResponse", "id": "q",
-                                    "item": [{"linkId": "top", "item": [item]}]})])
-    v = {"resource": "QuestionnaireResponse", "select": [
-        {"forEach": "item", "select": [{"repeat": ["item"], "column": [col("l", "linkId")]}]}]}
+    resources_table(
+        c,
+        [
+            json.dumps(
+                {
+                    "resourceType": "QuestionnaireResponse",
+                    "id": "q",
+                    "item": [{"linkId": "top", "item": [item]}],
+                }
+            )
+        ],
+    )
+    v = {
+        "resource": "QuestionnaireResponse",
+        "select": [
+            {"forEach": "item", "select": [{"repeat": ["item"], "column": [col("l", "linkId")]}]}
+        ],
+    }
     with pytest.raises(duckdb.Error, match="deeper than"):
         run_view(c, v, passthrough_columns=[])
 
 
 def test_repeat_path_also_read_as_a_structure_is_refused() -> None:
-    v = {"resource": "QuestionnaireResponse", "select": [
-        {"forEach": "item", "column": [col("n", "item.linkId.count()")],
-         "select": [{"repeat": ["item"], "column": [col("l", "linkId")]}]}]}
+    v = {
+        "resource": "QuestionnaireResponse",
+        "select": [
+            {
+                "forEach": "item",
+                "column": [col("n", "item.linkId.count()")],
+                "select": [{"repeat": ["item"], "column": [col("l", "linkId")]}],
+            }
+        ],
+    }
     with pytest.raises(ViewDefinitionError, match="both as a value and a structure"):
         compile_view(v)
 
@@ -280,21 +413,30 @@ def test_repeat_path_also_read_as_a_structure_is_refused() -> None:
 def test_resource_type_filter_and_missing_type_column() -> None:
     c = duckdb.connect()
     c.execute("CREATE TABLE raw (resource VARCHAR)")
-    c.execute("INSERT INTO raw VALUES "
-              "('{\"resourceType\":\"Patient\",\"id\":\"p\"}'),"
-              "('{\"resourceType\":\"Observation\",\"id\":\"o\"}')")
-    compiled = compile_view(view("Patient", col("id", "id")), table="raw",
-                            resource_type_column=None)
+    c.execute(
+        "INSERT INTO raw VALUES "
+        '(\'{"resourceType":"Patient","id":"p"}\'),'
+        '(\'{"resourceType":"Observation","id":"o"}\')'
+    )
+    compiled = compile_view(
+        view("Patient", col("id", "id")), table="raw", resource_type_column=None
+    )
     assert c.sql(compiled.sql).fetchall() == [("p",)]
 
 
 def test_wrong_json_types_in_data_give_null_not_a_failed_build() -> None:
     # A source that sends "active": "maybe" or a string for a decimal must not kill the view.
     c = duckdb.connect()
-    resources_table(c, ['{"resourceType":"Patient","id":"p","active":"maybe","gender":7}',
-                        '{"resourceType":"Observation","id":"o","valueQuantity":{"value":"1x"}}'])
+    resources_table(
+        c,
+        [
+            '{"resourceType":"Patient","id":"p","active":"maybe","gender":7}',
+            '{"resourceType":"Observation","id":"o","valueQuantity":{"value":"1x"}}',
+        ],
+    )
     assert rows(c, view("Patient", col("a", "active"), col("g", "gender"))) == [
-        {"a": None, "g": "7"}]
+        {"a": None, "g": "7"}
+    ]
     assert rows(c, view("Observation", col("v", "value.ofType(Quantity).value"))) == [{"v": None}]
 
 
@@ -302,14 +444,28 @@ def test_wrong_json_types_in_data_give_null_not_a_failed_build() -> None:
     ("expr", "expected"),
     [
         # precedence: and binds tighter than or
-        ("a or b and c", fp.Binary("or", fp.Member(None, "a"),
-                                   fp.Binary("and", fp.Member(None, "b"), fp.Member(None, "c")))),
+        (
+            "a or b and c",
+            fp.Binary(
+                "or",
+                fp.Member(None, "a"),
+                fp.Binary("and", fp.Member(None, "b"), fp.Member(None, "c")),
+            ),
+        ),
         # indexer then member
-        ("name[1].family", fp.Member(fp.Index(fp.Member(None, "name"), fp.Literal(1, "integer")),
-                                     "family")),
+        (
+            "name[1].family",
+            fp.Member(fp.Index(fp.Member(None, "name"), fp.Literal(1, "integer")), "family"),
+        ),
         # escaped quote and delimited identifier
-        (r"`given`.where($this = 'O\'B')", fp.Call(fp.Member(None, "given"), "where", (
-            fp.Binary("=", fp.This(), fp.Literal("O'B", "string")),))),
+        (
+            r"`given`.where($this = 'O\'B')",
+            fp.Call(
+                fp.Member(None, "given"),
+                "where",
+                (fp.Binary("=", fp.This(), fp.Literal("O'B", "string")),),
+            ),
+        ),
         # constant and date literal
         ("%bd = @2020-01", fp.Binary("=", fp.Var("bd"), fp.Literal("2020-01", "date"))),
         # unary minus and decimal
@@ -345,12 +501,21 @@ def test_date_comparisons_follow_fhirpath(expr: str, expected: bool | None) -> N
 def test_resource_variables_inside_foreach_and_choice_exists(
     con: duckdb.DuckDBPyConnection,
 ) -> None:
-    v = {"resource": "Observation", "where": [{"path": "value.exists()"}], "select": [
-        {"forEachOrNull": "component", "column": [
-            col("obs", "%resource.getResourceKey()"),
-            col("subject", "%resource.subject.getReferenceKey(Patient)"),
-            col("n", "%rowIndex"),
-            col("label", "iif(value.ofType(Quantity).exists(), 'quantity')")]}]}
+    v = {
+        "resource": "Observation",
+        "where": [{"path": "value.exists()"}],
+        "select": [
+            {
+                "forEachOrNull": "component",
+                "column": [
+                    col("obs", "%resource.getResourceKey()"),
+                    col("subject", "%resource.subject.getReferenceKey(Patient)"),
+                    col("n", "%rowIndex"),
+                    col("label", "iif(value.ofType(Quantity).exists(), 'quantity')"),
+                ],
+            }
+        ],
+    }
     got = rows(con, v)
     # bp-1 has no value of its own, so only lab-1, obs-int, obs-bool and obs-neg pass the where
     assert sorted({r["obs"] for r in got}) == ["lab-1", "obs-bool", "obs-int", "obs-neg"]
@@ -369,8 +534,9 @@ def test_resource_variables_inside_foreach_and_choice_exists(
         ({"name": "c", "valueUri": "urn:mrn"}, "identifier.system contains %c", ["pat-a"]),
     ],
 )
-def test_constants_in_where(con: duckdb.DuckDBPyConnection, constant: dict[str, Any],
-                            path: str, expected_ids: list[str]) -> None:
+def test_constants_in_where(
+    con: duckdb.DuckDBPyConnection, constant: dict[str, Any], path: str, expected_ids: list[str]
+) -> None:
     v = view("Patient", col("id", "id"), constant=[constant], where=[{"path": path}])
     assert sorted(r["id"] for r in rows(con, v)) == expected_ids
 
@@ -392,20 +558,41 @@ def test_constants_in_where(con: duckdb.DuckDBPyConnection, constant: dict[str, 
 )
 def test_reference_keys(reference: str, typed: str | None, untyped: str | None) -> None:
     c = duckdb.connect()
-    resources_table(c, [json.dumps({"resourceType": "Observation", "id": "o",
-                                    "subject": {"reference": reference}})])
-    got = rows(c, view("Observation", col("t", "subject.getReferenceKey(Patient)"),
-                       col("u", "subject.getReferenceKey()")))
+    resources_table(
+        c,
+        [
+            json.dumps(
+                {"resourceType": "Observation", "id": "o", "subject": {"reference": reference}}
+            )
+        ],
+    )
+    got = rows(
+        c,
+        view(
+            "Observation",
+            col("t", "subject.getReferenceKey(Patient)"),
+            col("u", "subject.getReferenceKey()"),
+        ),
+    )
     assert got == [{"t": typed, "u": untyped}]
 
 
 def test_first_takes_the_first_present_value() -> None:
     # first() on a list where the first coding has no code must skip it (not return NULL).
     c = duckdb.connect()
-    resources_table(c, ['{"resourceType":"Observation","id":"o","code":{"coding":['
-                        '{"display":"no code"},{"code":"b"},{"code":"c"}]}}'])
-    got = rows(c, view("Observation", col("f", "code.coding.code.first()"),
-                       col("l", "code.coding.code.last()")))
+    resources_table(
+        c,
+        [
+            '{"resourceType":"Observation","id":"o","code":{"coding":['
+            '{"display":"no code"},{"code":"b"},{"code":"c"}]}}'
+        ],
+    )
+    got = rows(
+        c,
+        view(
+            "Observation", col("f", "code.coding.code.first()"), col("l", "code.coding.code.last()")
+        ),
+    )
     assert got == [{"f": "b", "l": "c"}]
 
 
@@ -416,25 +603,38 @@ def test_getreferencekey_type_must_be_a_resource_type() -> None:
 
 def test_ansi_type_tag_casts_and_rejects_injection(con: duckdb.DuckDBPyConnection) -> None:
     tag = [{"name": "ansi/type", "value": "TIMESTAMP WITH TIME ZONE"}]
-    v = view("Observation", col("id", "id"), col("issued", "issued", tag=tag),
-             col("d", "value.ofType(Quantity).value", tag=[{"name": "ansi/type",
-                                                            "value": "DECIMAL(20,9)"}]))
+    v = view(
+        "Observation",
+        col("id", "id"),
+        col("issued", "issued", tag=tag),
+        col(
+            "d",
+            "value.ofType(Quantity).value",
+            tag=[{"name": "ansi/type", "value": "DECIMAL(20,9)"}],
+        ),
+    )
     compiled = compile_view(v)
     assert [c.sql_type for c in compiled.columns] == [
-        "VARCHAR", "TIMESTAMP WITH TIME ZONE", "DECIMAL(20,9)"]
+        "VARCHAR",
+        "TIMESTAMP WITH TIME ZONE",
+        "DECIMAL(20,9)",
+    ]
     got = by_id(rows(con, v))
     assert str(got["lab-1"]["issued"].isoformat()).startswith("2024-05-03T00:00:00")
     assert got["lab-1"]["d"] is None  # 12345678901234.123456789 does not fit DECIMAL(20,9)
     assert got["obs-neg"]["d"] == Decimal("-0.5")
-    bad = view("Patient", col("x", "id", tag=[{"name": "ansi/type",
-                                               "value": "VARCHAR); DROP TABLE resources; --"}]))
+    bad = view(
+        "Patient",
+        col("x", "id", tag=[{"name": "ansi/type", "value": "VARCHAR); DROP TABLE resources; --"}]),
+    )
     with pytest.raises(ViewDefinitionError, match="invalid ansi/type"):
         compile_view(bad)
 
 
 def test_empty_literal_inside_an_expression(con: duckdb.DuckDBPyConnection) -> None:
-    v = view("Patient", col("id", "id"), col("x", "iif(active, gender, {})"),
-             col("e", "{}.exists()"))
+    v = view(
+        "Patient", col("id", "id"), col("x", "iif(active, gender, {})"), col("e", "{}.exists()")
+    )
     got = by_id(rows(con, v))
     assert got["pat-a"]["x"] == "male" and got["pat-c"]["x"] is None
     assert got["pat-a"]["e"] is False
@@ -444,10 +644,15 @@ def test_quotes_in_constants_and_literals_cannot_break_out(
     con: duckdb.DuckDBPyConnection,
 ) -> None:
     evil = "x'); DROP TABLE resources; --"
-    v = view("Patient", col("id", "id"), col("c", "%evil"), col("l", r"'it\'s'"),
-             col("u", "extension('" + evil.replace("'", "\\'") + "').exists()"),
-             constant=[{"name": "evil", "valueString": evil}],
-             where=[{"path": "name.family != %evil"}])
+    v = view(
+        "Patient",
+        col("id", "id"),
+        col("c", "%evil"),
+        col("l", r"'it\'s'"),
+        col("u", "extension('" + evil.replace("'", "\\'") + "').exists()"),
+        constant=[{"name": "evil", "valueString": evil}],
+        where=[{"path": "name.family != %evil"}],
+    )
     got = rows(con, v)
     assert {r["c"] for r in got} == {evil} and {r["l"] for r in got} == {"it's"}
     assert all(r["u"] is False for r in got)
@@ -457,10 +662,13 @@ def test_quotes_in_constants_and_literals_cannot_break_out(
 def test_empty_table_and_other_types_are_ignored() -> None:
     c = duckdb.connect()
     resources_table(c, ['{"resourceType":"Observation","id":"o"}'])
-    compiled = compile_view(view("Patient", col("id", "id"), col("n", "name.family",
-                                                                  collection=True)))
+    compiled = compile_view(
+        view("Patient", col("id", "id"), col("n", "name.family", collection=True))
+    )
     table = c.sql(compiled.sql).to_arrow_table()
     assert table.num_rows == 0 and table.column_names == ["id", "n"]
     assert str(table.schema.field("n").type.value_type) == "string"
-    assert compile_view(view("Patient", col("id", "id"))).sql == compile_view(
-        view("Patient", col("id", "id"))).sql  # deterministic SQL
+    assert (
+        compile_view(view("Patient", col("id", "id"))).sql
+        == compile_view(view("Patient", col("id", "id"))).sql
+    )  # deterministic SQL

@@ -23,9 +23,19 @@ from medblocks_pipelines.lib.warehouse.views.runner import _norm
 from .conftest import by_id, resources_table
 
 CORE = {
-    "patient", "encounter", "condition", "observation", "observation_component",
-    "medication_request", "allergy_intolerance", "immunization", "procedure",
-    "diagnostic_report", "document_reference", "coverage", "explanation_of_benefit",
+    "patient",
+    "encounter",
+    "condition",
+    "observation",
+    "observation_component",
+    "medication_request",
+    "allergy_intolerance",
+    "immunization",
+    "procedure",
+    "diagnostic_report",
+    "document_reference",
+    "coverage",
+    "explanation_of_benefit",
     "explanation_of_benefit_line",
 }
 
@@ -68,8 +78,15 @@ def test_every_row_carries_provenance(con: duckdb.DuckDBPyConnection) -> None:
         table = run_view(con, v)
         assert table.column_names[: len(PROVENANCE_COLUMNS)] == list(PROVENANCE_COLUMNS), name
         for row in table.to_pylist():
-            for key in ("tenant", "pattern", "source", "resource_key", "resource_id",
-                        "fetched_at", "run_id"):
+            for key in (
+                "tenant",
+                "pattern",
+                "source",
+                "resource_key",
+                "resource_id",
+                "fetched_at",
+                "run_id",
+            ):
                 assert row[key] is not None, (name, key)
 
 
@@ -83,7 +100,11 @@ def test_known_values(con: duckdb.DuckDBPyConnection) -> None:
     assert pat["pat-b"]["deceased"] is False and pat["pat-c"]["family_name"] is None
     comps = run_view(con, views["observation_component"]).to_pylist()
     assert [(c["observation_id"], c["component_index"], c["loinc_code"]) for c in comps] == [
-        ("bp-1", 0, "8480-6"), ("bp-1", 1, "8462-4"), ("bp-1", 2, None), ("bp-1", 3, None)]
+        ("bp-1", 0, "8480-6"),
+        ("bp-1", 1, "8462-4"),
+        ("bp-1", 2, None),
+        ("bp-1", 3, None),
+    ]
     assert comps[0]["value_quantity"] == Decimal("120.00000000000000001")
     obs = by_id(run_view(con, views["observation"]).to_pylist())
     assert obs["lab-1"]["value_quantity"] == Decimal("12345678901234.123456789")
@@ -94,19 +115,28 @@ def test_known_values(con: duckdb.DuckDBPyConnection) -> None:
     assert first["allowed_amount"] == Decimal("99.999999999999999999")
     assert first["net_amount"] == Decimal("150.10") and first["diagnosis_sequences"] == [1, 2]
     eob = by_id(run_view(con, views["explanation_of_benefit"]).to_pylist())
-    assert eob["eob-1"]["coverage_id"] == "cov-1" and eob["eob-1"]["principal_diagnosis_code"] \
-        == "E11.9"
+    assert (
+        eob["eob-1"]["coverage_id"] == "cov-1"
+        and eob["eob-1"]["principal_diagnosis_code"] == "E11.9"
+    )
     assert eob["eob-1"]["diagnosis_codes"] == ["I10", "E11.9"] and eob["eob-2"]["item_count"] == 0
     mr = by_id(run_view(con, views["medication_request"]).to_pylist())
     assert mr["mr-1"]["medication_code"] == "860975" and mr["mr-2"]["medication_id"] == "med-1"
     assert mr["mr-1"]["dose_value"] == Decimal("0.333333333333333333")
 
 
-def test_user_views_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                              con: duckdb.DuckDBPyConnection) -> None:
-    custom = {"resourceType": "ViewDefinition", "name": "patient_names", "resource": "Patient",
-              "select": [{"column": [{"name": "pid", "path": "getResourceKey()"}]},
-                         {"forEach": "name", "column": [{"name": "family", "path": "family"}]}]}
+def test_user_views_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, con: duckdb.DuckDBPyConnection
+) -> None:
+    custom = {
+        "resourceType": "ViewDefinition",
+        "name": "patient_names",
+        "resource": "Patient",
+        "select": [
+            {"column": [{"name": "pid", "path": "getResourceKey()"}]},
+            {"forEach": "name", "column": [{"name": "family", "path": "family"}]},
+        ],
+    }
     (tmp_path / "names.json").write_text(json.dumps(custom))
     monkeypatch.setenv("MEDBLOCKS_VIEWS_DIR", str(tmp_path))
     views = load_core_views()
@@ -114,9 +144,15 @@ def test_user_views_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     got = run_view(con, views["patient_names"]).to_pylist()
     assert sorted(str(r["family"]) for r in got) == ["None", "O'Brien", "Oldname"]
 
-    (tmp_path / "broken.json").write_text(json.dumps(
-        {"name": "broken", "resource": "Patient", "select": [{"column": [
-            {"name": "x", "path": "nosuch"}]}]}))
+    (tmp_path / "broken.json").write_text(
+        json.dumps(
+            {
+                "name": "broken",
+                "resource": "Patient",
+                "select": [{"column": [{"name": "x", "path": "nosuch"}]}],
+            }
+        )
+    )
     with pytest.raises(ViewDefinitionError, match="broken.json"):
         load_core_views()
 
@@ -155,8 +191,12 @@ def test_core_views_equal_reference_on_carebundle_shapes() -> None:
         # JSON but not an object
         ("[1, 2]", "must be a JSON object"),
         # a view without a name cannot become a table
-        (json.dumps({"resource": "Patient", "select": [{"column": [
-            {"name": "id", "path": "id"}]}]}), "needs a 'name'"),
+        (
+            json.dumps(
+                {"resource": "Patient", "select": [{"column": [{"name": "id", "path": "id"}]}]}
+            ),
+            "needs a 'name'",
+        ),
         # unknown top-level key (typo of select)
         (json.dumps({"name": "x", "resource": "Patient", "selects": []}), "unknown ViewDefinition"),
     ],
@@ -169,8 +209,11 @@ def test_bad_user_view_files_name_the_file(tmp_path: Path, file_text: str, messa
 
 
 def test_user_view_replaces_a_core_view_of_the_same_name(tmp_path: Path) -> None:
-    mine = {"name": "patient", "resource": "Patient", "select": [{"column": [
-        {"name": "pid", "path": "id"}]}]}
+    mine = {
+        "name": "patient",
+        "resource": "Patient",
+        "select": [{"column": [{"name": "pid", "path": "id"}]}],
+    }
     (tmp_path / "patient.json").write_text(json.dumps(mine))
     views = load_core_views(user_dir=tmp_path)
     assert set(views) == CORE and views["patient"]["select"][0]["column"][0]["name"] == "pid"

@@ -60,7 +60,9 @@ def _cases() -> list[Any]:
     for line in _lines():
         res = json.loads(line)
         by_type.setdefault(res["resourceType"], set()).update(leaf_paths(res))
-    return [pytest.param(rtype, sorted(paths), id=rtype) for rtype, paths in sorted(by_type.items())]
+    return [
+        pytest.param(rtype, sorted(paths), id=rtype) for rtype, paths in sorted(by_type.items())
+    ]
 
 
 def _compare(lines: list[str], resource_type: str, paths: list[str]) -> None:

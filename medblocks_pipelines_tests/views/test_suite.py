@@ -25,14 +25,18 @@ def _cases() -> list[Any]:
     for path in sorted(SUITE.glob("*.json")):
         suite = json.loads(path.read_text())
         for case in suite["tests"]:
-            out.append(pytest.param(path.name, suite.get("resources", []), case,
-                                    id=f"{path.stem}::{case['title']}"))
+            out.append(
+                pytest.param(
+                    path.name, suite.get("resources", []), case, id=f"{path.stem}::{case['title']}"
+                )
+            )
     return out
 
 
 @pytest.mark.parametrize(("file_name", "resources", "case"), _cases())
-def test_conformance_case(file_name: str | None, resources: list[dict[str, Any]] | None,
-                          case: dict[str, Any] | None) -> None:
+def test_conformance_case(
+    file_name: str | None, resources: list[dict[str, Any]] | None, case: dict[str, Any] | None
+) -> None:
     assert SUITE is not None and case is not None and resources is not None, (
         "SQL on FHIR suite not found: set MEDBLOCKS_SOF_TESTS or put shared/ beside the repo"
     )
@@ -64,14 +68,38 @@ def test_a_wrong_expectation_is_reported_as_a_failure(tmp_path: Path) -> None:
         "title": "self-check",
         "resources": [{"resourceType": "Patient", "id": "p1", "active": True}],
         "tests": [
-            {"title": "wrong value", "view": {"resource": "Patient", "select": [
-                {"column": [{"name": "id", "path": "id"}]}]}, "expect": [{"id": "p2"}]},
-            {"title": "missing error", "view": {"resource": "Patient", "select": [
-                {"column": [{"name": "id", "path": "id"}]}]}, "expectError": True},
-            {"title": "extra row", "view": {"resource": "Patient", "select": [
-                {"column": [{"name": "id", "path": "id"}]}]}, "expect": []},
-            {"title": "bool is not 1", "view": {"resource": "Patient", "select": [
-                {"column": [{"name": "a", "path": "active"}]}]}, "expect": [{"a": 1}]},
+            {
+                "title": "wrong value",
+                "view": {
+                    "resource": "Patient",
+                    "select": [{"column": [{"name": "id", "path": "id"}]}],
+                },
+                "expect": [{"id": "p2"}],
+            },
+            {
+                "title": "missing error",
+                "view": {
+                    "resource": "Patient",
+                    "select": [{"column": [{"name": "id", "path": "id"}]}],
+                },
+                "expectError": True,
+            },
+            {
+                "title": "extra row",
+                "view": {
+                    "resource": "Patient",
+                    "select": [{"column": [{"name": "id", "path": "id"}]}],
+                },
+                "expect": [],
+            },
+            {
+                "title": "bool is not 1",
+                "view": {
+                    "resource": "Patient",
+                    "select": [{"column": [{"name": "a", "path": "active"}]}],
+                },
+                "expect": [{"a": 1}],
+            },
         ],
     }
     (tmp_path / "self.json").write_text(json.dumps(suite))

@@ -76,10 +76,16 @@ def bulk_export(
     pool="backend_bulk_download",
     tags={"medblocks/pattern": "backend"},
     check_specs=[
-        dg.AssetCheckSpec("manifest_counts_match", asset=["backend", "bulk_resources"],
-                          description="Lines received per type equal the manifest's counts."),
-        dg.AssetCheckSpec("no_quarantined_rows", asset=["backend", "bulk_resources"],
-                          description="Every received line landed (none quarantined)."),
+        dg.AssetCheckSpec(
+            "manifest_counts_match",
+            asset=["backend", "bulk_resources"],
+            description="Lines received per type equal the manifest's counts.",
+        ),
+        dg.AssetCheckSpec(
+            "no_quarantined_rows",
+            asset=["backend", "bulk_resources"],
+            description="Every received line landed (none quarantined).",
+        ),
     ],
     description="Downloads every file of a completed export (parallel, per-source limit, resumable) "
     "and lands it in the lake: resources, tombstones from `deleted`, error-file outcomes counted; "
@@ -95,8 +101,10 @@ def bulk_resources(
     if not export_id:
         row = in_flight_export(cp, tenant, org_id)
         if row is None:
-            raise ConfigError(f"no export in flight for {context.partition_key}",
-                              hint="materialize backend/bulk_export first")
+            raise ConfigError(
+                f"no export in flight for {context.partition_key}",
+                hint="materialize backend/bulk_export first",
+            )
         export_id = row["id"]
     report = land_export(cp, platform.settings, export_id, run_id=context.run_id)
     for warning in report.warnings:
@@ -137,7 +145,7 @@ def bulk_resources(
             "duration_s": md["duration_s"],
             "watermark": md["watermark"] or "",
             "since": md["since"] or "(full export)",
-        }
+        },
     )
 
 

@@ -59,9 +59,14 @@ def backend_cadence_schedule(
             continue
         for fire in fires_between(cron, start, now):
             key = partition_key(org["tenant_id"], org["id"])
-            requests.append(dg.RunRequest(
-                run_key=f"{key}:{fire.isoformat()}",
-                partition_key=key,
-                tags={"medblocks/tenant": org["tenant_id"], "medblocks/source": org["source_id"]},
-            ))
+            requests.append(
+                dg.RunRequest(
+                    run_key=f"{key}:{fire.isoformat()}",
+                    partition_key=key,
+                    tags={
+                        "medblocks/tenant": org["tenant_id"],
+                        "medblocks/source": org["source_id"],
+                    },
+                )
+            )
     return requests or dg.SkipReason("no organization is due")

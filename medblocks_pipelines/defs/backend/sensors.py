@@ -57,16 +57,21 @@ def backend_bulk_export_sensor(
             dg.RunRequest(
                 run_key=f"land:{row['id']}",
                 partition_key=partition_key(row["tenant_id"], row["organization_id"]),
-                run_config={"ops": {"backend__bulk_resources": {"config": {
-                    "export_id": row["id"]}}}},
-                tags={"medblocks/tenant": row["tenant_id"], "medblocks/source": row["source_id"],
-                      "medblocks/export": row["id"]},
+                run_config={
+                    "ops": {"backend__bulk_resources": {"config": {"export_id": row["id"]}}}
+                },
+                tags={
+                    "medblocks/tenant": row["tenant_id"],
+                    "medblocks/source": row["source_id"],
+                    "medblocks/export": row["id"],
+                },
             )
         )
     # Keep only ids still waiting to land, so the cursor stays small.
     waiting = {r["id"] for r in cp.list_bulk_exports(status=("ready", "downloading"))}
-    cursor = json.dumps(sorted((set(launched) | {r.run_key[5:] for r in requests if r.run_key})
-                               & waiting))
+    cursor = json.dumps(
+        sorted((set(launched) | {r.run_key[5:] for r in requests if r.run_key}) & waiting)
+    )
     if not requests:
         return dg.SensorResult(
             skip_reason=f"polled {polled} export(s), {failed} failed, none newly ready",

@@ -53,8 +53,10 @@ class KickoffRefused(ProtocolError):
 
     def __init__(self, status: int, issue_codes: list[str]) -> None:
         codes = ", ".join(issue_codes) or "no OperationOutcome"
-        super().__init__(f"bulk kick-off refused: HTTP {status} ({codes})",
-                         hint="check the export parameters against the server's limits")
+        super().__init__(
+            f"bulk kick-off refused: HTTP {status} ({codes})",
+            hint="check the export parameters against the server's limits",
+        )
         self.status = status
         self.issue_codes = issue_codes
 
@@ -93,14 +95,36 @@ PROFILES = {
     "generic": ClientProfile("generic"),
     "epic": ClientProfile("epic", levels=frozenset({GROUP}), needs_jwks_url=True),
     "oracle": ClientProfile(
-        "oracle", levels=frozenset({GROUP}), supports_post=False, supports_elements=False,
-        supports_patient_param=False, type_filter_needs_type=True, one_export_at_a_time=True,
-        allowed_types=frozenset({
-            "AllergyIntolerance", "CarePlan", "CareTeam", "Condition", "Device",
-            "DiagnosticReport", "DocumentReference", "Encounter", "Goal", "Immunization",
-            "Location", "Medication", "MedicationRequest", "Observation", "Organization",
-            "Patient", "Practitioner", "Procedure", "Provenance",
-        }),
+        "oracle",
+        levels=frozenset({GROUP}),
+        supports_post=False,
+        supports_elements=False,
+        supports_patient_param=False,
+        type_filter_needs_type=True,
+        one_export_at_a_time=True,
+        allowed_types=frozenset(
+            {
+                "AllergyIntolerance",
+                "CarePlan",
+                "CareTeam",
+                "Condition",
+                "Device",
+                "DiagnosticReport",
+                "DocumentReference",
+                "Encounter",
+                "Goal",
+                "Immunization",
+                "Location",
+                "Medication",
+                "MedicationRequest",
+                "Observation",
+                "Organization",
+                "Patient",
+                "Practitioner",
+                "Procedure",
+                "Provenance",
+            }
+        ),
     ),
 }
 PROFILES["cerner"] = replace(PROFILES["oracle"], name="cerner")
@@ -128,10 +152,15 @@ class ExportRequest:
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready (stored with the export in the control plane)."""
         return {
-            "level": self.level, "group_id": self.group_id, "since": self.since,
-            "types": list(self.types), "type_filters": list(self.type_filters),
-            "elements": list(self.elements), "patients": list(self.patients),
-            "output_format": self.output_format, "method": self.method,
+            "level": self.level,
+            "group_id": self.group_id,
+            "since": self.since,
+            "types": list(self.types),
+            "type_filters": list(self.type_filters),
+            "elements": list(self.elements),
+            "patients": list(self.patients),
+            "output_format": self.output_format,
+            "method": self.method,
         }
 
 
@@ -236,8 +265,12 @@ def parse_manifest(body: Any) -> Manifest:
     if not isinstance(body, dict) or not isinstance(body.get("transactionTime"), str):
         raise ProtocolError("bulk manifest lacks transactionTime")
     items: list[ManifestItem] = []
-    for kind, key in (("output", "output"), ("deleted", "deleted"), ("error", "error"),
-                      ("error", "outcome")):
+    for kind, key in (
+        ("output", "output"),
+        ("deleted", "deleted"),
+        ("error", "error"),
+        ("error", "outcome"),
+    ):
         entries = body.get(key) or []
         if not isinstance(entries, list):
             raise ProtocolError(f"bulk manifest {key} is not an array")
@@ -248,11 +281,16 @@ def parse_manifest(body: Any) -> Manifest:
             if not urlsplit(url).scheme:
                 raise ProtocolError(f"bulk manifest {key} url is not absolute")
             count = entry.get("count")
-            items.append(ManifestItem(
-                kind, entry.get("type") if isinstance(entry.get("type"), str) else None, url,
-                int(count) if isinstance(count, int | float) and not isinstance(count, bool)
-                else None,
-            ))
+            items.append(
+                ManifestItem(
+                    kind,
+                    entry.get("type") if isinstance(entry.get("type"), str) else None,
+                    url,
+                    int(count)
+                    if isinstance(count, int | float) and not isinstance(count, bool)
+                    else None,
+                )
+            )
     # A missing flag is read as "token required": it is sent only to the FHIR origin anyway.
     requires = coerce_bool(body.get("requiresAccessToken"), default=True)
     return Manifest(body["transactionTime"], requires, tuple(items), body)
@@ -274,8 +312,9 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
     return max(0.0, when.timestamp() - (now if now is not None else time.time()))
 
 
-def clamp_wait(seconds: float | None, fallback: float, *, lo: float = MIN_WAIT,
-               hi: float = MAX_WAIT) -> float:
+def clamp_wait(
+    seconds: float | None, fallback: float, *, lo: float = MIN_WAIT, hi: float = MAX_WAIT
+) -> float:
     """A wait within ``[lo, hi]``; ``fallback`` when the server gave none."""
     return min(max(seconds if seconds is not None else fallback, lo), hi)
 
@@ -360,11 +399,16 @@ class BulkClient:
 
     def _wait_for(self, resp: httpx.Response, attempt: int) -> float:
         asked = parse_retry_after(resp.headers.get("retry-after"))
-        return clamp_wait(asked, self._backoff(attempt), lo=0.0 if asked is None else
-                          self.min_wait, hi=self.max_wait)
+        return clamp_wait(
+            asked,
+            self._backoff(attempt),
+            lo=0.0 if asked is None else self.min_wait,
+            hi=self.max_wait,
+        )
 
-    def _request(self, method: str, url: str, *, retry_auth: bool = True,
-                 **kwargs: Any) -> httpx.Response:
+    def _request(
+        self, method: str, url: str, *, retry_auth: bool = True, **kwargs: Any
+    ) -> httpx.Response:
         """One request with a fresh token; a 401 renews the token once."""
         headers = dict(kwargs.pop("headers", {}))
         sent = self._auth_headers(url)
@@ -412,13 +456,15 @@ class BulkClient:
         if req.method == "POST":
             body = {
                 "resourceType": "Parameters",
-                "parameter": [{"name": k, "valueString": v} for k, v in params] + [
+                "parameter": [{"name": k, "valueString": v} for k, v in params]
+                + [
                     {"name": "patient", "valueReference": {"reference": f"Patient/{p}"}}
                     for p in req.patients
                 ],
             }
-            resp = self._request("POST", url, headers={**headers, "Content-Type": FHIR_JSON},
-                                 json=body)
+            resp = self._request(
+                "POST", url, headers={**headers, "Content-Type": FHIR_JSON}, json=body
+            )
         else:
             resp = self._request("GET", url, headers=headers, params=params)
         if resp.status_code == 202:
@@ -432,7 +478,9 @@ class BulkClient:
                 retry_after=parse_retry_after(resp.headers.get("retry-after")),
             )
         if resp.status_code in (401, 403):
-            raise AuthError(f"bulk kick-off: HTTP {resp.status_code} ({', '.join(issue_codes(resp))})")
+            raise AuthError(
+                f"bulk kick-off: HTTP {resp.status_code} ({', '.join(issue_codes(resp))})"
+            )
         if 400 <= resp.status_code < 500:
             raise KickoffRefused(resp.status_code, issue_codes(resp))
         raise ProtocolError(f"bulk kick-off: unexpected HTTP {resp.status_code}")
@@ -447,28 +495,40 @@ class BulkClient:
         code = resp.status_code
         if code == 202:
             return ExportStatus(
-                "in_progress", parse_retry_after(resp.headers.get("retry-after")),
-                (resp.headers.get("x-progress") or "")[:100] or None, http_status=202,
+                "in_progress",
+                parse_retry_after(resp.headers.get("retry-after")),
+                (resp.headers.get("x-progress") or "")[:100] or None,
+                http_status=202,
             )
         if code == 200:
             try:
                 body = resp.json()
             except ValueError:
                 # An HTML maintenance page with 200 is a failed status check, not a manifest.
-                return ExportStatus("in_progress", None, "status answer was not JSON",
-                                    http_status=200)
+                return ExportStatus(
+                    "in_progress", None, "status answer was not JSON", http_status=200
+                )
             return ExportStatus("complete", manifest=body, http_status=200)
         codes = tuple(issue_codes(resp))
         if code == 429 or "transient" in codes or (code >= 500 and not codes):
             # Throttled, or the status check failed rather than the job (SPECS §3.2).
-            return ExportStatus("in_progress", parse_retry_after(resp.headers.get("retry-after")),
-                                f"HTTP {code}", http_status=code, issue_codes=codes)
+            return ExportStatus(
+                "in_progress",
+                parse_retry_after(resp.headers.get("retry-after")),
+                f"HTTP {code}",
+                http_status=code,
+                issue_codes=codes,
+            )
         return ExportStatus("failed", http_status=code, issue_codes=codes)
 
     def next_wait(self, status: ExportStatus, polls: int) -> float:
         """How long to wait before the next status request (clamped; exponential by default)."""
-        return clamp_wait(status.retry_after, min(self.max_wait, 2.0 ** min(polls, 8)),
-                          lo=self.min_wait, hi=self.max_wait)
+        return clamp_wait(
+            status.retry_after,
+            min(self.max_wait, 2.0 ** min(polls, 8)),
+            lo=self.min_wait,
+            hi=self.max_wait,
+        )
 
     def wait(
         self,
@@ -503,8 +563,12 @@ class BulkClient:
         return resp.status_code
 
     # -- download ------------------------------------------------------------------------------
-    def _open(self, url: str, headers: dict[str, str], requires_token: bool,
-              ) -> tuple[httpx.Response, str]:
+    def _open(
+        self,
+        url: str,
+        headers: dict[str, str],
+        requires_token: bool,
+    ) -> tuple[httpx.Response, str]:
         """Send a GET, following redirects ourselves: the token never crosses origins."""
         current = url
         for _ in range(6):
@@ -543,8 +607,10 @@ class BulkClient:
         resumed = 0
         last = "no attempt"
         for attempt in range(self.max_attempts):
-            headers = {"Accept": accept,
-                       "Accept-Encoding": "gzip" if self.accept_gzip else "identity"}
+            headers = {
+                "Accept": accept,
+                "Accept-Encoding": "gzip" if self.accept_gzip else "identity",
+            }
             if have and resumable and validator:
                 headers["Range"] = f"bytes={have}-"
                 headers["If-Range"] = validator
@@ -600,8 +666,9 @@ class BulkClient:
                 return DownloadResult(final_url, target, have, is_gz, attempt + 1, resumed)
             finally:
                 resp.close()
-        raise TransientError(f"bulk file download gave up after {self.max_attempts} attempts "
-                             f"({last})")
+        raise TransientError(
+            f"bulk file download gave up after {self.max_attempts} attempts ({last})"
+        )
 
 
 def _range_start(content_range: str | None) -> int:

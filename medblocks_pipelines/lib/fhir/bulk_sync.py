@@ -90,8 +90,9 @@ class OrgConfig:
     cadence: str | None
 
 
-def org_config(cp: ControlPlane, tenant: str, org_id: str,
-               *, public_jwks_url: str | None = None) -> OrgConfig:
+def org_config(
+    cp: ControlPlane, tenant: str, org_id: str, *, public_jwks_url: str | None = None
+) -> OrgConfig:
     """Read and check an organization's backend settings from the registry."""
     org = cp.get_organization(org_id)
     if org["tenant_id"] != tenant:
@@ -105,11 +106,12 @@ def org_config(cp: ControlPlane, tenant: str, org_id: str,
     if not base:
         raise ConfigError(f"source {src['id']} has no FHIR base URL")
     # backend_* keys win: a source shared with patient access has its own client_id there.
-    client_id = (ocfg.get("client_id") or scfg.get("backend_client_id")
-                 or scfg.get("client_id"))
+    client_id = ocfg.get("client_id") or scfg.get("backend_client_id") or scfg.get("client_id")
     if not client_id:
-        raise ConfigError(f"no backend client_id for organization {org_id}",
-                          hint="set client_id in the source or organization config")
+        raise ConfigError(
+            f"no backend client_id for organization {org_id}",
+            hint="set client_id in the source or organization config",
+        )
     profile = client_profile(src.get("vendor"))
     jku: str | None = None
     want_jku = scfg.get("jku", profile.needs_jwks_url)
@@ -117,11 +119,16 @@ def org_config(cp: ControlPlane, tenant: str, org_id: str,
         jku = want_jku
     elif want_jku:
         public = os.environ.get("MEDBLOCKS_PUBLIC_BASE_URL")
-        jku = scfg.get("jwks_url") or public_jwks_url or (
-            public.rstrip("/") + "/.well-known/jwks.json" if public else None)
+        jku = (
+            scfg.get("jwks_url")
+            or public_jwks_url
+            or (public.rstrip("/") + "/.well-known/jwks.json" if public else None)
+        )
         if not jku:
-            raise ConfigError(f"source {src['id']} needs our JWKS URL (jku)",
-                              hint="set jwks_url in the source config")
+            raise ConfigError(
+                f"source {src['id']} needs our JWKS URL (jku)",
+                hint="set jwks_url in the source config",
+            )
     group_id = ocfg.get("group_id")
     level = ocfg.get("level") or (GROUP if group_id else SYSTEM)
     req = ExportRequest(
@@ -140,8 +147,9 @@ def org_config(cp: ControlPlane, tenant: str, org_id: str,
         vendor=str(src.get("vendor") or "generic"),
         fhir_base_url=base,
         client_id=str(client_id),
-        scope=str(ocfg.get("scope") or scfg.get("backend_scope") or scfg.get("scope")
-                  or DEFAULT_SCOPE),
+        scope=str(
+            ocfg.get("scope") or scfg.get("backend_scope") or scfg.get("scope") or DEFAULT_SCOPE
+        ),
         jku=jku,
         request=req,
         max_parallel=max(1, int(scfg.get("max_parallel_downloads", 4))),
@@ -161,28 +169,43 @@ def make_http(timeout: float = 60.0) -> httpx.Client:
     )
 
 
-def make_client(cp: ControlPlane, cfg: OrgConfig, http: httpx.Client,
-                **client_kwargs: Any) -> BulkClient:
+def make_client(
+    cp: ControlPlane, cfg: OrgConfig, http: httpx.Client, **client_kwargs: Any
+) -> BulkClient:
     """A bulk client with a backend token source signing with our active key."""
     keys = KeyStore(cp.vault)
     auth = BackendAuth(
-        client_id=cfg.client_id, scope=cfg.scope, key=keys.active, http=http,
-        fhir_base_url=cfg.fhir_base_url, jku=cfg.jku,
+        client_id=cfg.client_id,
+        scope=cfg.scope,
+        key=keys.active,
+        http=http,
+        fhir_base_url=cfg.fhir_base_url,
+        jku=cfg.jku,
     )
-    return BulkClient(cfg.fhir_base_url, http=http, auth=auth,
-                      profile=client_profile(cfg.vendor), accept_gzip=cfg.accept_gzip,
-                      **client_kwargs)
+    return BulkClient(
+        cfg.fhir_base_url,
+        http=http,
+        auth=auth,
+        profile=client_profile(cfg.vendor),
+        accept_gzip=cfg.accept_gzip,
+        **client_kwargs,
+    )
 
 
 def backend_connection(cp: ControlPlane, cfg: OrgConfig) -> str:
     """The organization's backend connection (its client registration), created on first use."""
-    for conn in cp.list_connections(tenant_id=cfg.tenant, pattern=PATTERN,
-                                     organization_id=cfg.org_id):
+    for conn in cp.list_connections(
+        tenant_id=cfg.tenant, pattern=PATTERN, organization_id=cfg.org_id
+    ):
         if conn["state"] in ("pending", "active"):
             return str(conn["id"])
-    return cp.create_connection(tenant_id=cfg.tenant, pattern=PATTERN, source_id=cfg.source_id,
-                                organization_id=cfg.org_id,
-                                context={"client_id": cfg.client_id})
+    return cp.create_connection(
+        tenant_id=cfg.tenant,
+        pattern=PATTERN,
+        source_id=cfg.source_id,
+        organization_id=cfg.org_id,
+        context={"client_id": cfg.client_id},
+    )
 
 
 def _activate(cp: ControlPlane, connection_id: str) -> None:
@@ -250,8 +273,13 @@ def kickoff_export(
             http.close()
     _activate(cp, conn_id)
     export_id = cp.save_bulk_export(
-        tenant_id=tenant, source_id=cfg.source_id, organization_id=org_id,
-        connection_id=conn_id, polling_url=polling_url, request=req.as_dict(), since=since,
+        tenant_id=tenant,
+        source_id=cfg.source_id,
+        organization_id=org_id,
+        connection_id=conn_id,
+        polling_url=polling_url,
+        request=req.as_dict(),
+        since=since,
         run_id=run_id,
     )
     return KickoffResult(export_id, False, since, tuple(warnings))
@@ -299,22 +327,31 @@ def poll_export(
     counts = {**(row.get("counts") or {}), "_polls": polls}
     if st.state == "complete":
         manifest = parse_manifest(st.manifest)
-        cp.update_bulk_export(export_id, status="ready", manifest=manifest.raw,
-                              transaction_time=manifest.transaction_time, counts=counts)
+        cp.update_bulk_export(
+            export_id,
+            status="ready",
+            manifest=manifest.raw,
+            transaction_time=manifest.transaction_time,
+            counts=counts,
+        )
     elif st.state == "failed":
         cp.update_bulk_export(
-            export_id, status="failed", counts=counts,
+            export_id,
+            status="failed",
+            counts=counts,
             error=f"HTTP {st.http_status} ({', '.join(st.issue_codes) or 'no OperationOutcome'})",
         )
     else:
         wait = client.next_wait(st, polls)
-        cp.update_bulk_export(export_id, counts=counts,
-                              next_poll_at=datetime.now(UTC) + timedelta(seconds=wait))
+        cp.update_bulk_export(
+            export_id, counts=counts, next_poll_at=datetime.now(UTC) + timedelta(seconds=wait)
+        )
     return st
 
 
-def due_exports(cp: ControlPlane, *, now: datetime | None = None,
-                limit: int = 50) -> list[dict[str, Any]]:
+def due_exports(
+    cp: ControlPlane, *, now: datetime | None = None, limit: int = 50
+) -> list[dict[str, Any]]:
     """Kicked-off exports whose next poll time has come, oldest first."""
     now = now or datetime.now(UTC)
     out = []
@@ -416,8 +453,9 @@ def land_export(
     started = time.monotonic()
     row = cp.get_bulk_export(export_id)
     if row["status"] == "completed":
-        report = SyncReport(export_id, watermark=row.get("transaction_time"),
-                            since=row.get("since"))
+        report = SyncReport(
+            export_id, watermark=row.get("transaction_time"), since=row.get("since")
+        )
         report.warnings.append("export already landed; nothing to do")
         return report
     if row["status"] in ("failed", "cancelled"):
@@ -426,22 +464,27 @@ def land_export(
     cfg = org_config(cp, tenant, org_id)
     own = http is None
     http = http or make_http()
-    pull_id = cp.start_pull(tenant_id=tenant, pattern=PATTERN, source_id=cfg.source_id,
-                            organization_id=org_id, connection_id=row.get("connection_id"),
-                            run_id=run_id)
+    pull_id = cp.start_pull(
+        tenant_id=tenant,
+        pattern=PATTERN,
+        source_id=cfg.source_id,
+        organization_id=org_id,
+        connection_id=row.get("connection_id"),
+        run_id=run_id,
+    )
     report = SyncReport(export_id, since=row.get("since"))
     try:
         client = make_client(cp, cfg, http, **(client_kwargs or {}))
         manifest = _current_manifest(cp, client, row)
         cp.update_bulk_export(export_id, status="downloading", run_id=run_id)
         report.expected_by_type = manifest.expected_counts
-        prov = Provenance(tenant, PATTERN, cfg.source_id, org_id, row.get("connection_id"),
-                          run_id)
+        prov = Provenance(tenant, PATTERN, cfg.source_id, org_id, row.get("connection_id"), run_id)
         work = settings.data_dir / "bulk_work" / export_id / run_id[:12]
         errors_dir = settings.data_dir / "bulk_errors" / export_id
         with LakeWriter(settings.lake_root, prov) as writer:
-            _download_and_land(client, manifest, writer, report, work, errors_dir,
-                               cfg, settings, progress)
+            _download_and_land(
+                client, manifest, writer, report, work, errors_dir, cfg, settings, progress
+            )
             writer.flush()
         stats = writer.stats
         report.counts_by_type = dict(stats.counts_by_type)
@@ -454,7 +497,8 @@ def land_export(
                 report.count_mismatches[rtype] = {"manifest": expected, "received": got}
         if report.count_mismatches:
             report.warnings.append(
-                f"counts differ from the manifest for {len(report.count_mismatches)} type(s)")
+                f"counts differ from the manifest for {len(report.count_mismatches)} type(s)"
+            )
         serious = sum(n for s, n in report.error_entries.items() if s in ("error", "fatal"))
         if report.quarantined or report.count_mismatches or serious:
             report.status = "partial"
@@ -467,14 +511,23 @@ def land_export(
         report.duration_s = time.monotonic() - started
         counts = {
             **{k: v for k, v in (row.get("counts") or {}).items() if k.startswith("_")},
-            "landed": report.landed, "quarantined": report.quarantined,
-            "deleted": report.deleted, "files": report.files,
+            "landed": report.landed,
+            "quarantined": report.quarantined,
+            "deleted": report.deleted,
+            "files": report.files,
         }
-        cp.update_bulk_export(export_id, status="completed", counts=counts,
-                              transaction_time=manifest.transaction_time)
-        cp.finish_pull(pull_id, status=report.status,
-                       counts={**report.counts_by_type, "_deleted": report.deleted,
-                               "_quarantined": report.quarantined})
+        cp.update_bulk_export(
+            export_id, status="completed", counts=counts, transaction_time=manifest.transaction_time
+        )
+        cp.finish_pull(
+            pull_id,
+            status=report.status,
+            counts={
+                **report.counts_by_type,
+                "_deleted": report.deleted,
+                "_quarantined": report.quarantined,
+            },
+        )
         if row.get("connection_id"):
             cp.update_connection(row["connection_id"], last_pull_at=datetime.now(UTC))
         return report
@@ -482,8 +535,11 @@ def land_export(
         cp.finish_pull(pull_id, status="failed", counts={}, error=type(exc).__name__)
         # Our own errors carry ids and counts only; anything else is named, not quoted (a parser
         # message could echo record content).
-        detail = f"{type(exc).__name__}: {exc}" if isinstance(exc, MedblocksError) else (
-            type(exc).__name__)
+        detail = (
+            f"{type(exc).__name__}: {exc}"
+            if isinstance(exc, MedblocksError)
+            else (type(exc).__name__)
+        )
         cp.update_bulk_export(export_id, status="ready", error=detail[:500])
         raise
     finally:
@@ -497,8 +553,9 @@ def _current_manifest(cp: ControlPlane, client: BulkClient, row: dict[str, Any])
     st = client.status(row["polling_url"])
     if st.state == "complete":
         manifest = parse_manifest(st.manifest)
-        cp.update_bulk_export(row["id"], manifest=manifest.raw,
-                              transaction_time=manifest.transaction_time)
+        cp.update_bulk_export(
+            row["id"], manifest=manifest.raw, transaction_time=manifest.transaction_time
+        )
         return manifest
     if st.state == "failed" and row.get("manifest") is None:
         raise ExportFailed(st.http_status, list(st.issue_codes))
@@ -520,9 +577,16 @@ class _Batches:
     :meth:`finish` waits for them and merges their stats into the main writer's.
     """
 
-    def __init__(self, writer: LakeWriter, work: Path, export_id: str,
-                 received: Counter[str], *, workers: int = 2,
-                 limit: int = COALESCE_BYTES) -> None:
+    def __init__(
+        self,
+        writer: LakeWriter,
+        work: Path,
+        export_id: str,
+        received: Counter[str],
+        *,
+        workers: int = 2,
+        limit: int = COALESCE_BYTES,
+    ) -> None:
         self.writer, self.work, self.export_id = writer, work, export_id
         self.received, self.limit = received, limit
         self.open: dict[str, tuple[Path, Any, int]] = {}
@@ -532,8 +596,9 @@ class _Batches:
         self._all = [LakeWriter(writer.root, writer.prov) for _ in range(max(1, workers))]
         for w in self._all:
             self._writers.put(w)
-        self._pool = cf.ThreadPoolExecutor(max_workers=len(self._all),
-                                           thread_name_prefix="bulk-land")
+        self._pool = cf.ThreadPoolExecutor(
+            max_workers=len(self._all), thread_name_prefix="bulk-land"
+        )
         self._futures: list[cf.Future[None]] = []
 
     def _land(self, path: Path, rtype: str, origin: str, remove: bool) -> None:
@@ -629,11 +694,16 @@ def _download_and_land(
     failures: list[str] = []
     batches = _Batches(writer, work, report.export_id, received, workers=cfg.land_workers)
     try:
-        with cf.ThreadPoolExecutor(max_workers=cfg.max_parallel,
-                                   thread_name_prefix="bulk-dl") as pool:
+        with cf.ThreadPoolExecutor(
+            max_workers=cfg.max_parallel, thread_name_prefix="bulk-dl"
+        ) as pool:
             futures = {
-                pool.submit(client.download, item.url, work / _file_name(item, n),
-                            requires_token=manifest.requires_access_token): item
+                pool.submit(
+                    client.download,
+                    item.url,
+                    work / _file_name(item, n),
+                    requires_token=manifest.requires_access_token,
+                ): item
                 for n, item in enumerate(items)
             }
             for fut in cf.as_completed(futures):
@@ -650,7 +720,8 @@ def _download_and_land(
                 if item.kind == "output":
                     if cfg.attachments and item.type == "DocumentReference":
                         attachment_urls.extend(
-                            _attachment_urls(got.path, got.gzip, cfg.fhir_base_url))
+                            _attachment_urls(got.path, got.gzip, cfg.fhir_base_url)
+                        )
                     batches.add(got, item.type or "?")  # the batch owns (and removes) the file
                 elif item.kind == "deleted":
                     _land_deleted(got, writer, manifest.transaction_time, origin)
@@ -671,18 +742,24 @@ def _download_and_land(
     report.error_codes = dict(codes)
     if errors:
         report.warnings.append(
-            "export reported " + ", ".join(f"{n} {s}" for s, n in sorted(errors.items()))
-            + " issue(s) in its error files")
+            "export reported "
+            + ", ".join(f"{n} {s}" for s, n in sorted(errors.items()))
+            + " issue(s) in its error files"
+        )
     if failures:
-        raise TransientError(f"{len(failures)} of {total} bulk files could not be downloaded",
-                             hint="rerun the land job; landed files deduplicate")
+        raise TransientError(
+            f"{len(failures)} of {total} bulk files could not be downloaded",
+            hint="rerun the land job; landed files deduplicate",
+        )
     if attachment_urls:
         report.attachments = _download_attachments(
-            client, attachment_urls, settings, cfg, report.export_id, manifest)
+            client, attachment_urls, settings, cfg, report.export_id, manifest
+        )
 
 
-def _land_deleted(got: DownloadResult, writer: LakeWriter, transaction_time: str,
-                  origin: str) -> None:
+def _land_deleted(
+    got: DownloadResult, writer: LakeWriter, transaction_time: str, origin: str
+) -> None:
     """Each line is a transaction Bundle of ``DELETE Type/id`` entries (SPECS §3.2)."""
     for lineno, raw in enumerate(iter_lines(got.path, gzipped=got.gzip), start=1):
         if not raw.strip():
@@ -701,8 +778,12 @@ def _land_deleted(got: DownloadResult, writer: LakeWriter, transaction_time: str
             url = req.get("url") if isinstance(req, dict) else None
             parts = url.split("/") if isinstance(url, str) else []
             if not isinstance(req, dict) or req.get("method") != "DELETE" or len(parts) < 2:
-                writer.quarantine(json.dumps(entry), "deleted entry is not DELETE Type/id",
-                                  resource_type="Bundle", origin=f"{origin}:{lineno}")
+                writer.quarantine(
+                    json.dumps(entry),
+                    "deleted entry is not DELETE Type/id",
+                    resource_type="Bundle",
+                    origin=f"{origin}:{lineno}",
+                )
                 continue
             rtype, rid = parts[-2], parts[-1]
             resp = entry.get("response") if isinstance(entry.get("response"), dict) else {}
@@ -710,8 +791,13 @@ def _land_deleted(got: DownloadResult, writer: LakeWriter, transaction_time: str
             writer.add_tombstone(rtype, rid, deleted_at=str(when), origin=f"{origin}:{lineno}")
 
 
-def _count_outcomes(got: DownloadResult, severities: Counter[str], codes: Counter[str],
-                    writer: LakeWriter, origin: str) -> None:
+def _count_outcomes(
+    got: DownloadResult,
+    severities: Counter[str],
+    codes: Counter[str],
+    writer: LakeWriter,
+    origin: str,
+) -> None:
     for lineno, raw in enumerate(iter_lines(got.path, gzipped=got.gzip), start=1):
         if not raw.strip():
             continue
@@ -747,13 +833,18 @@ def _attachment_urls(path: Path, gzipped: bool, base: str) -> list[str]:
     return urls
 
 
-def _download_attachments(client: BulkClient, urls: list[str], settings: Settings,
-                          cfg: OrgConfig, export_id: str, manifest: Manifest) -> int:
+def _download_attachments(
+    client: BulkClient,
+    urls: list[str],
+    settings: Settings,
+    cfg: OrgConfig,
+    export_id: str,
+    manifest: Manifest,
+) -> int:
     """Fetch attachment content into ``<data>/attachments/tenant=T/source=S/`` (by URL hash)."""
     import hashlib
 
-    folder = (settings.data_dir / "attachments" / f"tenant={cfg.tenant}" /
-              f"source={cfg.source_id}")
+    folder = settings.data_dir / "attachments" / f"tenant={cfg.tenant}" / f"source={cfg.source_id}"
     n = 0
     for url in dict.fromkeys(urls):
         name = hashlib.sha256(url.encode()).hexdigest()[:32]
@@ -762,8 +853,9 @@ def _download_attachments(client: BulkClient, urls: list[str], settings: Setting
             continue
         # With requiresAccessToken the same token works on attachments (SPECS §3.3); the client
         # still sends it only to the FHIR server's origin.
-        client.download(url, folder / name, requires_token=manifest.requires_access_token,
-                        accept="*/*")
+        client.download(
+            url, folder / name, requires_token=manifest.requires_access_token, accept="*/*"
+        )
         n += 1
     return n
 
@@ -821,7 +913,8 @@ def sync_organization(
     """Kick off (or resume), wait and land one organization's export, without Dagster."""
     kicked = kickoff_export(cp, tenant, org_id, full=full, run_id=run_id, http=http)
     wait_for_export(cp, kicked.export_id, http=http, timeout=timeout, min_wait=min_wait)
-    report = land_export(cp, settings, kicked.export_id, run_id=run_id, http=http,
-                         progress=progress)
+    report = land_export(
+        cp, settings, kicked.export_id, run_id=run_id, http=http, progress=progress
+    )
     report.warnings = list(kicked.warnings) + report.warnings
     return report

@@ -119,10 +119,16 @@ class BackendAuth:
     def _fetch(self) -> BackendToken:
         endpoint = self.token_endpoint
         assertion = make_client_assertion(
-            client_id=self.client_id, token_endpoint=endpoint, key=self._signing_key(),
+            client_id=self.client_id,
+            token_endpoint=endpoint,
+            key=self._signing_key(),
             jku=self.jku,
         )
-        form = {"grant_type": "client_credentials", "scope": self.scope, **assertion_form(assertion)}
+        form = {
+            "grant_type": "client_credentials",
+            "scope": self.scope,
+            **assertion_form(assertion),
+        }
         started = self.clock()
         try:
             resp = self.http.post(endpoint, data=form, headers={"Accept": "application/json"})

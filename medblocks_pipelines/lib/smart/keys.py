@@ -57,8 +57,11 @@ class KeyStore:
                 continue
             data = json.loads(secret.reveal())
             out.append(
-                StoredKey(SigningKey.from_json(json.dumps(data["key"])), data["state"],
-                          float(data["published_at"]))
+                StoredKey(
+                    SigningKey.from_json(json.dumps(data["key"])),
+                    data["state"],
+                    float(data["published_at"]),
+                )
             )
         return sorted(out, key=lambda k: (k.published_at, k.kid))
 
@@ -90,8 +93,9 @@ class KeyStore:
     def generate(self, alg: str = "RS384") -> StoredKey:
         """Add a key: ``active`` when there is none yet, else ``next`` (published, not signing)."""
         has_active = any(s.state == "active" for s in self.all())
-        stored = StoredKey(generate_signing_key(alg), "next" if has_active else "active",
-                           float(self.clock()))
+        stored = StoredKey(
+            generate_signing_key(alg), "next" if has_active else "active", float(self.clock())
+        )
         self._save(stored)
         return stored
 

@@ -106,8 +106,9 @@ def main() -> None:
                 # reading R4 data with the R5 shape would silently yield NULL.
                 target.setdefault(ename, list(entry))
     resources = sorted(
-        t for t, els in merged.items() if "resourceType" not in els and "meta" in els
-        and "implicitRules" in els
+        t
+        for t, els in merged.items()
+        if "resourceType" not in els and "meta" in els and "implicitRules" in els
     )
     OUT.write_text(
         json.dumps({"resources": resources, "types": merged}, sort_keys=True, separators=(",", ":"))

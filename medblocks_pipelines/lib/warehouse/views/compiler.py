@@ -52,20 +52,65 @@ _REF_KEY = r"(?:^|/){type}/([A-Za-z0-9\-\.]{{1,64}})(?:/_history/[^/]*)?$"
 
 # The ViewDefinition constant value[x] types, with the FHIR type each stands for.
 _CONSTANT_TYPES = {
-    "valueBase64Binary": "base64Binary", "valueBoolean": "boolean", "valueCanonical": "canonical",
-    "valueCode": "code", "valueDate": "date", "valueDateTime": "dateTime",
-    "valueDecimal": "decimal", "valueId": "id", "valueInstant": "instant",
-    "valueInteger": "integer", "valueInteger64": "integer64", "valueOid": "oid",
-    "valueString": "string", "valuePositiveInt": "positiveInt", "valueTime": "time",
-    "valueUnsignedInt": "unsignedInt", "valueUri": "uri", "valueUrl": "url",
+    "valueBase64Binary": "base64Binary",
+    "valueBoolean": "boolean",
+    "valueCanonical": "canonical",
+    "valueCode": "code",
+    "valueDate": "date",
+    "valueDateTime": "dateTime",
+    "valueDecimal": "decimal",
+    "valueId": "id",
+    "valueInstant": "instant",
+    "valueInteger": "integer",
+    "valueInteger64": "integer64",
+    "valueOid": "oid",
+    "valueString": "string",
+    "valuePositiveInt": "positiveInt",
+    "valueTime": "time",
+    "valueUnsignedInt": "unsignedInt",
+    "valueUri": "uri",
+    "valueUrl": "url",
     "valueUuid": "uuid",
 }
-_VIEW_KEYS = {"resourceType", "url", "identifier", "name", "title", "meta", "status",
-              "experimental", "publisher", "contact", "description", "useContext", "copyright",
-              "resource", "resourceVersion", "fhirVersion", "constant", "select", "where", "id",
-              "text", "extension", "version", "date", "jurisdiction", "purpose", "profile"}
-_SELECT_KEYS = {"column", "select", "forEach", "forEachOrNull", "repeat", "unionAll", "id",
-                "extension"}
+_VIEW_KEYS = {
+    "resourceType",
+    "url",
+    "identifier",
+    "name",
+    "title",
+    "meta",
+    "status",
+    "experimental",
+    "publisher",
+    "contact",
+    "description",
+    "useContext",
+    "copyright",
+    "resource",
+    "resourceVersion",
+    "fhirVersion",
+    "constant",
+    "select",
+    "where",
+    "id",
+    "text",
+    "extension",
+    "version",
+    "date",
+    "jurisdiction",
+    "purpose",
+    "profile",
+}
+_SELECT_KEYS = {
+    "column",
+    "select",
+    "forEach",
+    "forEachOrNull",
+    "repeat",
+    "unionAll",
+    "id",
+    "extension",
+}
 _COLUMN_KEYS = {"name", "path", "description", "collection", "type", "tag", "id", "extension"}
 
 
@@ -253,9 +298,7 @@ class _Compiler:
         if base.ftype in PRIMITIVE_TYPES:
             raise ViewDefinitionError(f"primitive type {base.ftype} has no element {name!r}")
         if base.ftype == "Resource":
-            raise ViewDefinitionError(
-                "contained/polymorphic resources are not supported in views"
-            )
+            raise ViewDefinitionError("contained/polymorphic resources are not supported in views")
         element = self.schema.element(base.ftype, name)
         if element is not None:
             return self.navigate(base, element.name, element.type, element.is_list)
@@ -294,8 +337,13 @@ class _Compiler:
             many = True
         if ftype == "decimal":
             target = DECIMAL_SQL + ("[]" if many else "")
-            return _Val(f"CAST({sql} AS {target})", ftype, many,
-                        decimal_leaf=(base.spec, name, is_list), decimal_text=sql)
+            return _Val(
+                f"CAST({sql} AS {target})",
+                ftype,
+                many,
+                decimal_leaf=(base.spec, name, is_list),
+                decimal_text=sql,
+            )
         return _Val(sql, ftype, many, spec=child, chain=chain)
 
     def type_matches(self, want: str, have: str) -> bool:
@@ -350,8 +398,13 @@ class _Compiler:
                 raise ViewDefinitionError("an indexer needs an integer")
             i = self.single(idx, "indexer")
             if base.many:
-                return replace(base, sql=f"({base.sql})[({i}) + 1]", many=False,
-                               decimal_leaf=None, decimal_text=None)
+                return replace(
+                    base,
+                    sql=f"({base.sql})[({i}) + 1]",
+                    many=False,
+                    decimal_leaf=None,
+                    decimal_text=None,
+                )
             return replace(base, sql=f"(CASE WHEN ({i}) = 0 THEN {base.sql} END)")
         if isinstance(node, fp.Unary):
             v = self.expr(node.operand, ctx)
@@ -501,25 +554,36 @@ class _Compiler:
         if op in ("div", "mod"):
             fn = "//" if op == "div" else "%"
             if ints:
-                return _Val(f"(CASE WHEN ({b}) = 0 THEN NULL ELSE ({a}) {fn} ({b}) END)",
-                            "integer")
-            expr = (f"trunc(CAST({a} AS DOUBLE) / CAST({b} AS DOUBLE))" if op == "div"
-                    else f"(CAST({a} AS {DECIMAL_SQL}) % CAST({b} AS {DECIMAL_SQL}))")
-            return _Val(f"(CASE WHEN ({b}) = 0 THEN NULL ELSE CAST({expr} AS "
-                        f"{'BIGINT' if op == 'div' else DECIMAL_SQL}) END)",
-                        "integer" if op == "div" else "decimal")
+                return _Val(f"(CASE WHEN ({b}) = 0 THEN NULL ELSE ({a}) {fn} ({b}) END)", "integer")
+            expr = (
+                f"trunc(CAST({a} AS DOUBLE) / CAST({b} AS DOUBLE))"
+                if op == "div"
+                else f"(CAST({a} AS {DECIMAL_SQL}) % CAST({b} AS {DECIMAL_SQL}))"
+            )
+            return _Val(
+                f"(CASE WHEN ({b}) = 0 THEN NULL ELSE CAST({expr} AS "
+                f"{'BIGINT' if op == 'div' else DECIMAL_SQL}) END)",
+                "integer" if op == "div" else "decimal",
+            )
         if ints and op != "/":
             return _Val(f"(({a}) {op} ({b}))", "integer")
         if op == "*":
             # DECIMAL(38,18) * DECIMAL(38,18) has scale 36 and overflows at 100; scale 9 each
             # keeps an exact product with 18 places.
-            return _Val(f"CAST(CAST({a} AS DECIMAL(38,9)) * CAST({b} AS DECIMAL(38,9)) "
-                        f"AS {DECIMAL_SQL})", "decimal")
+            return _Val(
+                f"CAST(CAST({a} AS DECIMAL(38,9)) * CAST({b} AS DECIMAL(38,9)) AS {DECIMAL_SQL})",
+                "decimal",
+            )
         if op == "/":
-            return _Val(f"(CASE WHEN ({b}) = 0 THEN NULL ELSE CAST(CAST({a} AS {DECIMAL_SQL}) / "
-                        f"CAST({b} AS {DECIMAL_SQL}) AS {DECIMAL_SQL}) END)", "decimal")
-        return _Val(f"CAST(CAST({a} AS {DECIMAL_SQL}) {op} CAST({b} AS {DECIMAL_SQL}) "
-                    f"AS {DECIMAL_SQL})", "decimal")
+            return _Val(
+                f"(CASE WHEN ({b}) = 0 THEN NULL ELSE CAST(CAST({a} AS {DECIMAL_SQL}) / "
+                f"CAST({b} AS {DECIMAL_SQL}) AS {DECIMAL_SQL}) END)",
+                "decimal",
+            )
+        return _Val(
+            f"CAST(CAST({a} AS {DECIMAL_SQL}) {op} CAST({b} AS {DECIMAL_SQL}) AS {DECIMAL_SQL})",
+            "decimal",
+        )
 
     def union(self, left: _Val, right: _Val) -> _Val:
         if left.ftype == "empty":
@@ -531,13 +595,16 @@ class _Compiler:
             raise ViewDefinitionError("union (|) of complex values is not supported")
         if ca != cb:
             raise ViewDefinitionError(f"union (|) of {left.ftype} and {right.ftype}")
-        ftype = left.ftype if left.ftype == right.ftype else (
-            "decimal" if ca == "num" else "string")
+        ftype = (
+            left.ftype if left.ftype == right.ftype else ("decimal" if ca == "num" else "string")
+        )
         both = f"list_concat({self.as_list(left)}, {self.as_list(right)})"
         u, x, i = self.var("u"), self.var(), self.var("i")
         # Union removes duplicates but keeps the first occurrence's order (list_distinct does not).
-        sql = (f"list_transform([{both}], lambda {u}: list_filter({u}, lambda {x}, {i}: "
-               f"list_position({u}, {x}) = {i}))[1]")
+        sql = (
+            f"list_transform([{both}], lambda {u}: list_filter({u}, lambda {x}, {i}: "
+            f"list_position({u}, {x}) = {i}))[1]"
+        )
         return _Val(sql, ftype, True, spec=left.spec)
 
     # ---- functions -----------------------------------------------------------------------
@@ -567,9 +634,16 @@ class _Compiler:
         return ".".join(reversed(parts))
 
     def elem_ctx(self, base: _Val, ctx: _Ctx, var: str) -> _Ctx:
-        return replace(ctx, focus=replace(base, sql=var, many=False, decimal_leaf=None,
-                                          decimal_text=None if base.decimal_text is None
-                                          else var))
+        return replace(
+            ctx,
+            focus=replace(
+                base,
+                sql=var,
+                many=False,
+                decimal_leaf=None,
+                decimal_text=None if base.decimal_text is None else var,
+            ),
+        )
 
     def criteria(self, base: _Val, arg: fp.Node, ctx: _Ctx, what: str) -> tuple[str, str]:
         """(lambda var, SQL boolean) of a criteria evaluated per element of ``base``."""
@@ -586,11 +660,11 @@ class _Compiler:
         v, cond = self.criteria(base, args[0], ctx, "where")
         if base.many:
             sql = f"list_filter({base.sql}, lambda {v}: {cond})"
-            return replace(base, sql=sql, decimal_leaf=None,
-                           filtered=(sql, base.sql, v, cond))
+            return replace(base, sql=sql, decimal_leaf=None, filtered=(sql, base.sql, v, cond))
         # A single value: bind it through a one-element list so the criteria can name it.
-        return replace(base, sql=f"list_filter([{base.sql}], lambda {v}: {cond})[1]",
-                       decimal_leaf=None)
+        return replace(
+            base, sql=f"list_filter([{base.sql}], lambda {v}: {cond})[1]", decimal_leaf=None
+        )
 
     def fn_exists(self, base: _Val, args: tuple[fp.Node, ...], ctx: _Ctx) -> _Val:
         self.nargs("exists", args, 0, 1)
@@ -601,8 +675,9 @@ class _Compiler:
     def exists_sql(self, base: _Val) -> str:
         if base.choice is not None:
             assert base.choice_base is not None
-            parts = [self.exists_sql(self.member(base.choice_base, e))
-                     for e in base.choice.values()]
+            parts = [
+                self.exists_sql(self.member(base.choice_base, e)) for e in base.choice.values()
+            ]
             return "(" + " OR ".join(parts) + ")"
         if base.ftype == "empty":
             return "false"
@@ -631,8 +706,10 @@ class _Compiler:
         self.nargs("all", args, 1, 1)
         v, cond = self.criteria(base, args[0], ctx, "all")
         lst = self.as_list(base)
-        return _Val(f"(coalesce(len(list_filter({lst}, lambda {v}: NOT coalesce({cond}, false)))"
-                    f", 0) = 0)", "boolean")
+        return _Val(
+            f"(coalesce(len(list_filter({lst}, lambda {v}: NOT coalesce({cond}, false))), 0) = 0)",
+            "boolean",
+        )
 
     def fn_first(self, base: _Val, args: tuple[fp.Node, ...], ctx: _Ctx) -> _Val:
         self.nargs("first", args, 0, 0)
@@ -668,8 +745,9 @@ class _Compiler:
     def fn_skip(self, base: _Val, args: tuple[fp.Node, ...], ctx: _Ctx) -> _Val:
         self.nargs("skip", args, 1, 1)
         n = self.single(self.expr(args[0], ctx), "skip()")
-        return replace(base, sql=f"({self.as_list(base)})[({n}) + 1:]", many=True,
-                       decimal_leaf=None)
+        return replace(
+            base, sql=f"({self.as_list(base)})[({n}) + 1:]", many=True, decimal_leaf=None
+        )
 
     def fn_take(self, base: _Val, args: tuple[fp.Node, ...], ctx: _Ctx) -> _Val:
         self.nargs("take", args, 1, 1)
@@ -679,8 +757,10 @@ class _Compiler:
     def fn_distinct(self, base: _Val, args: tuple[fp.Node, ...], ctx: _Ctx) -> _Val:
         self.nargs("distinct", args, 0, 0)
         u, x, i = self.var("u"), self.var(), self.var("i")
-        sql = (f"list_transform([{self.as_list(base)}], lambda {u}: list_filter({u}, "
-               f"lambda {x}, {i}: list_position({u}, {x}) = {i}))[1]")
+        sql = (
+            f"list_transform([{self.as_list(base)}], lambda {u}: list_filter({u}, "
+            f"lambda {x}, {i}: list_position({u}, {x}) = {i}))[1]"
+        )
         return replace(base, sql=sql, many=True)
 
     def fn_select(self, base: _Val, args: tuple[fp.Node, ...], ctx: _Ctx) -> _Val:
@@ -690,16 +770,22 @@ class _Compiler:
         if proj.choice is not None:
             raise ViewDefinitionError("select() projecting a choice element needs ofType()")
         if not base.many:
-            return replace(proj, sql=f"list_transform([{base.sql}], lambda {v}: {proj.sql})[1]"
-                           if not proj.many else
-                           f"flatten(list_transform([{base.sql}], lambda {v}: {proj.sql}))",
-                           decimal_leaf=None, decimal_text=None)
+            return replace(
+                proj,
+                sql=f"list_transform([{base.sql}], lambda {v}: {proj.sql})[1]"
+                if not proj.many
+                else f"flatten(list_transform([{base.sql}], lambda {v}: {proj.sql}))",
+                decimal_leaf=None,
+                decimal_text=None,
+            )
         if proj.many:
             sql = f"flatten(list_transform({base.sql}, lambda {v}: {proj.sql}))"
         else:
             w = self.var()
-            sql = (f"list_filter(list_transform({base.sql}, lambda {v}: {proj.sql}), "
-                   f"lambda {w}: {w} IS NOT NULL)")
+            sql = (
+                f"list_filter(list_transform({base.sql}, lambda {v}: {proj.sql}), "
+                f"lambda {w}: {w} IS NOT NULL)"
+            )
         return replace(proj, sql=sql, many=True, decimal_leaf=None, decimal_text=None)
 
     def fn_ofType(self, base: _Val, args: tuple[fp.Node, ...], ctx: _Ctx) -> _Val:  # noqa: N802
@@ -725,7 +811,7 @@ class _Compiler:
         ext.spec.leaf("url", "VARCHAR", False)
         v = self.var()
         u = self.single(url, "extension()")
-        return replace(ext, sql=f"list_filter({ext.sql}, lambda {v}: {v}.\"url\" = {u})")
+        return replace(ext, sql=f'list_filter({ext.sql}, lambda {v}: {v}."url" = {u})')
 
     def fn_not(self, base: _Val, args: tuple[fp.Node, ...], ctx: _Ctx) -> _Val:
         self.nargs("not", args, 0, 0)
@@ -737,7 +823,8 @@ class _Compiler:
         a = self.expr(args[1], ctx)
         b = self.expr(args[2], ctx) if len(args) == 3 else _empty(a.ftype)
         if category(a.ftype) != category(b.ftype) and "empty" not in (
-            category(a.ftype), category(b.ftype)
+            category(a.ftype),
+            category(b.ftype),
         ):
             raise ViewDefinitionError("iif() branches must have the same type")
         sa, sb = self.single(a, "iif()"), self.single(b, "iif()")
@@ -758,8 +845,16 @@ class _Compiler:
             lst = f"list_transform({lst}, lambda {j}: CAST({j} AS VARCHAR))"
         return _Val(f"coalesce(array_to_string({lst}, {sep}), '')", "string")
 
-    def string_fn(self, base: _Val, args: tuple[fp.Node, ...], ctx: _Ctx, name: str,
-                  n: int, build: Callable[..., str], ftype: str) -> _Val:
+    def string_fn(
+        self,
+        base: _Val,
+        args: tuple[fp.Node, ...],
+        ctx: _Ctx,
+        name: str,
+        n: int,
+        build: Callable[..., str],
+        ftype: str,
+    ) -> _Val:
         self.nargs(name, args, n, n)
         if category(base.ftype) not in ("text", "empty"):
             raise ViewDefinitionError(f"{name}() needs a string, got {base.ftype}")
@@ -768,16 +863,19 @@ class _Compiler:
         return _Val(build(s, *params), ftype)
 
     def fn_startsWith(self, base: _Val, args: tuple[fp.Node, ...], ctx: _Ctx) -> _Val:  # noqa: N802
-        return self.string_fn(base, args, ctx, "startsWith", 1,
-                              lambda s, p: f"starts_with({s}, {p})", "boolean")
+        return self.string_fn(
+            base, args, ctx, "startsWith", 1, lambda s, p: f"starts_with({s}, {p})", "boolean"
+        )
 
     def fn_endsWith(self, base: _Val, args: tuple[fp.Node, ...], ctx: _Ctx) -> _Val:  # noqa: N802
-        return self.string_fn(base, args, ctx, "endsWith", 1,
-                              lambda s, p: f"suffix({s}, {p})", "boolean")
+        return self.string_fn(
+            base, args, ctx, "endsWith", 1, lambda s, p: f"suffix({s}, {p})", "boolean"
+        )
 
     def fn_contains(self, base: _Val, args: tuple[fp.Node, ...], ctx: _Ctx) -> _Val:
-        return self.string_fn(base, args, ctx, "contains", 1,
-                              lambda s, p: f"contains({s}, {p})", "boolean")
+        return self.string_fn(
+            base, args, ctx, "contains", 1, lambda s, p: f"contains({s}, {p})", "boolean"
+        )
 
     def fn_lower(self, base: _Val, args: tuple[fp.Node, ...], ctx: _Ctx) -> _Val:
         return self.string_fn(base, args, ctx, "lower", 0, lambda s: f"lower({s})", "string")
@@ -789,27 +887,45 @@ class _Compiler:
         return self.string_fn(base, args, ctx, "trim", 0, lambda s: f"trim({s})", "string")
 
     def fn_length(self, base: _Val, args: tuple[fp.Node, ...], ctx: _Ctx) -> _Val:
-        return self.string_fn(base, args, ctx, "length", 0,
-                              lambda s: f"CAST(length({s}) AS BIGINT)", "integer")
+        return self.string_fn(
+            base, args, ctx, "length", 0, lambda s: f"CAST(length({s}) AS BIGINT)", "integer"
+        )
 
     def fn_indexOf(self, base: _Val, args: tuple[fp.Node, ...], ctx: _Ctx) -> _Val:  # noqa: N802
-        return self.string_fn(base, args, ctx, "indexOf", 1,
-                              lambda s, p: f"CAST(strpos({s}, {p}) - 1 AS BIGINT)", "integer")
+        return self.string_fn(
+            base,
+            args,
+            ctx,
+            "indexOf",
+            1,
+            lambda s, p: f"CAST(strpos({s}, {p}) - 1 AS BIGINT)",
+            "integer",
+        )
 
     def fn_matches(self, base: _Val, args: tuple[fp.Node, ...], ctx: _Ctx) -> _Val:
-        return self.string_fn(base, args, ctx, "matches", 1,
-                              lambda s, p: f"regexp_full_match({s}, {p})", "boolean")
+        return self.string_fn(
+            base, args, ctx, "matches", 1, lambda s, p: f"regexp_full_match({s}, {p})", "boolean"
+        )
 
     def fn_replace(self, base: _Val, args: tuple[fp.Node, ...], ctx: _Ctx) -> _Val:
-        return self.string_fn(base, args, ctx, "replace", 2,
-                              lambda s, a, b: f"replace({s}, {a}, {b})", "string")
+        return self.string_fn(
+            base, args, ctx, "replace", 2, lambda s, a, b: f"replace({s}, {a}, {b})", "string"
+        )
 
     def fn_substring(self, base: _Val, args: tuple[fp.Node, ...], ctx: _Ctx) -> _Val:
         if len(args) == 1:
-            return self.string_fn(base, args, ctx, "substring", 1,
-                                  lambda s, a: f"substring({s}, ({a}) + 1)", "string")
-        return self.string_fn(base, args, ctx, "substring", 2,
-                              lambda s, a, b: f"substring({s}, ({a}) + 1, {b})", "string")
+            return self.string_fn(
+                base, args, ctx, "substring", 1, lambda s, a: f"substring({s}, ({a}) + 1)", "string"
+            )
+        return self.string_fn(
+            base,
+            args,
+            ctx,
+            "substring",
+            2,
+            lambda s, a, b: f"substring({s}, ({a}) + 1, {b})",
+            "string",
+        )
 
     def fn_toString(self, base: _Val, args: tuple[fp.Node, ...], ctx: _Ctx) -> _Val:  # noqa: N802
         self.nargs("toString", args, 0, 0)
@@ -857,8 +973,12 @@ class _Compiler:
         if not ref.many:
             return _Val(key(ref.sql), "string")
         v, w = self.var(), self.var()
-        return _Val(f"list_filter(list_transform({ref.sql}, lambda {v}: {key(v)}), "
-                    f"lambda {w}: {w} IS NOT NULL)", "string", True)
+        return _Val(
+            f"list_filter(list_transform({ref.sql}, lambda {v}: {key(v)}), "
+            f"lambda {w}: {w} IS NOT NULL)",
+            "string",
+            True,
+        )
 
     def fn_lowBoundary(self, base: _Val, args: tuple[fp.Node, ...], ctx: _Ctx) -> _Val:  # noqa: N802
         return self.boundary(base, args, low=True)
@@ -879,8 +999,9 @@ class _Compiler:
                 spec.leaf(ename, "VARCHAR", is_list)
             text = base.decimal_text or f"CAST({base.sql} AS VARCHAR)"
             t = self.single(replace(base, sql=text), name)
-            digits = f"(CASE WHEN strpos({t}, '.') > 0 THEN length({t}) - strpos({t}, '.') " \
-                     f"ELSE 0 END)"
+            digits = (
+                f"(CASE WHEN strpos({t}, '.') > 0 THEN length({t}) - strpos({t}, '.') ELSE 0 END)"
+            )
             half = f"CAST('0.' || repeat('0', {digits}) || '5' AS {DECIMAL_SQL})"
             sign = "-" if low else "+"
             return _Val(f"(CAST({t} AS {DECIMAL_SQL}) {sign} {half})", "decimal")
@@ -896,11 +1017,15 @@ class _Compiler:
     @staticmethod
     def date_boundary(s: str, low: bool) -> str:
         if low:
-            return (f"(CASE length({s}) WHEN 4 THEN {s} || '-01-01' WHEN 7 THEN {s} || '-01' "
-                    f"ELSE substr({s}, 1, 10) END)")
-        return (f"(CASE length({s}) WHEN 4 THEN {s} || '-12-31' WHEN 7 THEN "
-                f"strftime(last_day(CAST({s} || '-01' AS DATE)), '%Y-%m-%d') "
-                f"ELSE substr({s}, 1, 10) END)")
+            return (
+                f"(CASE length({s}) WHEN 4 THEN {s} || '-01-01' WHEN 7 THEN {s} || '-01' "
+                f"ELSE substr({s}, 1, 10) END)"
+            )
+        return (
+            f"(CASE length({s}) WHEN 4 THEN {s} || '-12-31' WHEN 7 THEN "
+            f"strftime(last_day(CAST({s} || '-01' AS DATE)), '%Y-%m-%d') "
+            f"ELSE substr({s}, 1, 10) END)"
+        )
 
     def datetime_boundary(self, s: str, low: bool) -> str:
         date_part = self.date_boundary(f"split_part({s}, 'T', 1)", low)
@@ -916,11 +1041,11 @@ class _Compiler:
             f"coalesce(rpad(substr({grp(4)}, 1, 3), 3, '{fill[2][0]}'), '{fill[2]}') || "
             f"coalesce({grp(5)}, '{fill[3]}')"
         )
-        return (f"(CASE WHEN strpos({s}, 'T') = 0 THEN {date_part} || 'T00:00:00.000+14:00' "
-                if low else
-                f"(CASE WHEN strpos({s}, 'T') = 0 THEN {date_part} || 'T23:59:59.999-12:00' ") + (
-            f"ELSE {date_part} || {time_part} END)"
-        )
+        return (
+            f"(CASE WHEN strpos({s}, 'T') = 0 THEN {date_part} || 'T00:00:00.000+14:00' "
+            if low
+            else f"(CASE WHEN strpos({s}, 'T') = 0 THEN {date_part} || 'T23:59:59.999-12:00' "
+        ) + (f"ELSE {date_part} || {time_part} END)")
 
     @staticmethod
     def time_boundary(s: str, low: bool) -> str:
@@ -930,9 +1055,11 @@ class _Compiler:
         def grp(n: int) -> str:
             return f"nullif(regexp_extract({s}, {pattern}, {n}), '')"
 
-        return (f"({grp(1)} || ':' || coalesce({grp(2)}, '{fill[0]}') || ':' || "
-                f"coalesce({grp(3)}, '{fill[1]}') || '.' || "
-                f"coalesce(rpad(substr({grp(4)}, 1, 3), 3, '{fill[2][0]}'), '{fill[2]}'))")
+        return (
+            f"({grp(1)} || ':' || coalesce({grp(2)}, '{fill[0]}') || ':' || "
+            f"coalesce({grp(3)}, '{fill[1]}') || '.' || "
+            f"coalesce(rpad(substr({grp(4)}, 1, 3), 3, '{fill[2][0]}'), '{fill[2]}'))"
+        )
 
     # ---- repeat --------------------------------------------------------------------------
     def repeat(self, focus: _Val, paths: list[str]) -> _Val:
@@ -990,8 +1117,10 @@ class _Compiler:
                         cur = nxt
             s = self.var("s")
             spec = _q(json.dumps(structure, separators=(",", ":")))
-            return (f"coalesce(list_transform([from_json({json_sql}, {spec})], "
-                    f"lambda {s}: {lists_from(s, chain_steps)})[1], [])")
+            return (
+                f"coalesce(list_transform([from_json({json_sql}, {spec})], "
+                f"lambda {s}: {lists_from(s, chain_steps)})[1], [])"
+            )
 
         def lists_from(struct_sql: str, chain_steps: list[list[tuple[str, bool, str]]]) -> str:
             """The JSON children reached by the chains from a parsed struct, concatenated."""
@@ -1007,12 +1136,16 @@ class _Compiler:
                     else:
                         v = self.var()
                         if is_list:
-                            val = _Val(f"flatten(list_transform({val.sql}, lambda {v}: {v}.{key}))",
-                                       "x")
+                            val = _Val(
+                                f"flatten(list_transform({val.sql}, lambda {v}: {v}.{key}))", "x"
+                            )
                         else:
                             w = self.var()
-                            val = _Val(f"list_filter(list_transform({val.sql}, lambda {v}: "
-                                       f"{v}.{key}), lambda {w}: {w} IS NOT NULL)", "x")
+                            val = _Val(
+                                f"list_filter(list_transform({val.sql}, lambda {v}: "
+                                f"{v}.{key}), lambda {w}: {w} IS NOT NULL)",
+                                "x",
+                            )
                         many = True
                 lists.append(val.sql if many else self.as_list(val))
             body = lists[0]
@@ -1034,18 +1167,25 @@ class _Compiler:
         first_level = children(focus.raw, first)
 
         def level(children_sql: str) -> str:
-            return (f"(SELECT unnest({children_sql}) AS x, "
-                    f"generate_subscripts({children_sql}, 1) AS i)")
+            return (
+                f"(SELECT unnest({children_sql}) AS x, generate_subscripts({children_sql}, 1) AS i)"
+            )
 
         recursive = ""
         if deeper:
-            recursive = (f" UNION ALL SELECT list_append(t.k, c.i), c.x FROM {cte} AS t, "
-                         f"LATERAL {level(children('t.j', deeper))} AS c")
-        sql = (f"(WITH RECURSIVE {cte}(k, j) AS (SELECT [o.i], o.x FROM "
-               f"{level(first_level)} AS o{recursive}) SELECT list(j ORDER BY k) FROM {cte})")
+            recursive = (
+                f" UNION ALL SELECT list_append(t.k, c.i), c.x FROM {cte} AS t, "
+                f"LATERAL {level(children('t.j', deeper))} AS c"
+            )
+        sql = (
+            f"(WITH RECURSIVE {cte}(k, j) AS (SELECT [o.i], o.x FROM "
+            f"{level(first_level)} AS o{recursive}) SELECT list(j ORDER BY k) FROM {cte})"
+        )
         self.hoisted.append((cte, sql))
-        elements = (f"list_transform(__mb_src.{cte}, lambda {j}: "
-                    f"from_json({j}, {self.placeholder(elem_spec)}))")
+        elements = (
+            f"list_transform(__mb_src.{cte}, lambda {j}: "
+            f"from_json({j}, {self.placeholder(elem_spec)}))"
+        )
         return _Val(elements, elem_type, True, spec=elem_spec)
 
     def nested_repeat(
@@ -1075,9 +1215,11 @@ class _Compiler:
 
         def descend(level_list: str, depth: int) -> str:
             if depth == NESTED_REPEAT_DEPTH:
-                return (f"(CASE WHEN coalesce(len({level_list}), 0) > 0 THEN CAST(error("
-                        f"'repeat below the resource nests deeper than {NESTED_REPEAT_DEPTH} "
-                        f"levels') AS JSON[]) ELSE CAST([] AS JSON[]) END)")
+                return (
+                    f"(CASE WHEN coalesce(len({level_list}), 0) > 0 THEN CAST(error("
+                    f"'repeat below the resource nests deeper than {NESTED_REPEAT_DEPTH} "
+                    f"levels') AS JSON[]) ELSE CAST([] AS JSON[]) END)"
+                )
             v = self.var("x")
             inner = descend(children(v, deeper), depth + 1) if deeper else "CAST([] AS JSON[])"
             return f"flatten(list_transform({level_list}, lambda {v}: list_concat([{v}], {inner})))"
@@ -1085,8 +1227,9 @@ class _Compiler:
         all_json = descend(f"CAST({lists_from(focus.sql, first)} AS JSON[])", 0)
         elem_spec = _Spec()
         j = self.var("j")
-        sql = (f"list_transform({all_json}, lambda {j}: "
-               f"from_json({j}, {self.placeholder(elem_spec)}))")
+        sql = (
+            f"list_transform({all_json}, lambda {j}: from_json({j}, {self.placeholder(elem_spec)}))"
+        )
         return _Val(sql, elem_type, True, spec=elem_spec)
 
     # ---- select structure ----------------------------------------------------------------
@@ -1143,8 +1286,14 @@ class _Compiler:
             sql = f"TRY_CAST({sql} AS {target})"
             out_type = target
         description = col.get("description")
-        return OutputColumn(name, out_type, fhir_type, bool(collection),
-                            description if isinstance(description, str) else None, path), sql
+        return OutputColumn(
+            name,
+            out_type,
+            fhir_type,
+            bool(collection),
+            description if isinstance(description, str) else None,
+            path,
+        ), sql
 
     def select(self, sel: Any, ctx: _Ctx) -> _Part:
         if not isinstance(sel, dict):
@@ -1160,8 +1309,10 @@ class _Compiler:
         kind = iterators[0]
         if kind == "repeat":
             paths = sel["repeat"]
-            if not isinstance(paths, list) or not paths or not all(
-                isinstance(p, str) for p in paths
+            if (
+                not isinstance(paths, list)
+                or not paths
+                or not all(isinstance(p, str) for p in paths)
             ):
                 raise ViewDefinitionError("repeat must be a non-empty list of FHIRPath strings")
             coll = self.repeat(ctx.focus, paths)
@@ -1175,15 +1326,23 @@ class _Compiler:
             if coll.ftype == "empty":
                 coll = _Val("[]", "empty", True)
         e, i = self.var("e"), self.var("i")
-        elem = replace(coll, sql=e, many=False, decimal_leaf=None, decimal_text=None, raw=None,
-                       is_resource=False)
+        elem = replace(
+            coll,
+            sql=e,
+            many=False,
+            decimal_leaf=None,
+            decimal_text=None,
+            raw=None,
+            is_resource=False,
+        )
         inner = self.body(sel, replace(ctx, focus=elem, row_index=f"({i} - 1)"))
         lst = self.as_list(coll)
         if kind == "forEachOrNull":
             # No element: one row evaluated against an empty focus (%rowIndex 0).
             lst = f"(CASE WHEN coalesce(len({lst}), 0) = 0 THEN [NULL] ELSE {lst} END)"
-        return _Part(inner.cols, None,
-                     f"flatten(list_transform({lst}, lambda {e}, {i}: {self.rows(inner)}))")
+        return _Part(
+            inner.cols, None, f"flatten(list_transform({lst}, lambda {e}, {i}: {self.rows(inner)}))"
+        )
 
     def rows(self, part: _Part) -> str:
         """The part as a list of row structs."""
@@ -1373,8 +1532,13 @@ def compile_view(
     comp = _Compiler(schema, resource, _constants(view.get("constant")), strict_cardinality)
     root_spec = _Spec()
     # raw: the resource's JSON text in the scan (read again by repeat's recursive CTE)
-    root = _Val("__mb_r", resource, spec=root_spec, raw=f"__mb_t.{_ident(resource_column)}",
-                is_resource=True)
+    root = _Val(
+        "__mb_r",
+        resource,
+        spec=root_spec,
+        raw=f"__mb_t.{_ident(resource_column)}",
+        is_resource=True,
+    )
     ctx = _Ctx(focus=root, root=root, row_index="CAST(0 AS BIGINT)")
     part = comp.body({"select": selects}, ctx)
 
@@ -1397,8 +1561,10 @@ def compile_view(
         raise ViewDefinitionError(f"view columns clash with passthrough columns {sorted(clash)}")
 
     pass_sql = [f"__mb_src.{_ident(c)}" for c in passthrough_columns]
-    src_cols = [*(_ident(c) for c in passthrough_columns),
-                f"from_json({_ident(resource_column)}, {comp.placeholder(root_spec)}) AS __mb_r"]
+    src_cols = [
+        *(_ident(c) for c in passthrough_columns),
+        f"from_json({_ident(resource_column)}, {comp.placeholder(root_spec)}) AS __mb_r",
+    ]
     src_cols.extend(f"{sql_} AS {alias}" for alias, sql_ in comp.hoisted)
     if resource_type_column is not None:
         filt = f"{_ident(resource_type_column)} = {_q(resource)}"
@@ -1411,12 +1577,24 @@ def compile_view(
         out = [*pass_sql, *(f"{single[c.name]} AS {_ident(c.name)}" for c in part.cols)]
         sql = f"SELECT {', '.join(out)}\nFROM ({src}) AS __mb_src{where_sql}"
     else:
-        inner = [*pass_sql, *(f"{sql_} AS {_ident(n)}" for n, sql_ in single.items()),
-                 f"unnest({part.multi}) AS __mb_row"]
-        outer = [*(f"__mb_src.{_ident(c)}" for c in passthrough_columns),
-                 *(f"__mb_src.{_ident(c.name)}" if c.name in single
-                   else f"__mb_row.{_ident(c.name)} AS {_ident(c.name)}" for c in part.cols)]
-        sql = (f"SELECT {', '.join(outer)}\nFROM (SELECT {', '.join(inner)}\n"
-               f"FROM ({src}) AS __mb_src{where_sql}) AS __mb_src")
-    return CompiledView(name, resource, comp.finish(sql), tuple(part.cols),
-                        tuple(passthrough_columns))
+        inner = [
+            *pass_sql,
+            *(f"{sql_} AS {_ident(n)}" for n, sql_ in single.items()),
+            f"unnest({part.multi}) AS __mb_row",
+        ]
+        outer = [
+            *(f"__mb_src.{_ident(c)}" for c in passthrough_columns),
+            *(
+                f"__mb_src.{_ident(c.name)}"
+                if c.name in single
+                else f"__mb_row.{_ident(c.name)} AS {_ident(c.name)}"
+                for c in part.cols
+            ),
+        ]
+        sql = (
+            f"SELECT {', '.join(outer)}\nFROM (SELECT {', '.join(inner)}\n"
+            f"FROM ({src}) AS __mb_src{where_sql}) AS __mb_src"
+        )
+    return CompiledView(
+        name, resource, comp.finish(sql), tuple(part.cols), tuple(passthrough_columns)
+    )

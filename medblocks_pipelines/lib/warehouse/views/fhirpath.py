@@ -123,8 +123,17 @@ _TOKEN = re.compile(
     re.VERBOSE | re.DOTALL,
 )
 
-_ESCAPES = {"'": "'", '"': '"', "`": "`", "\\": "\\", "/": "/", "f": "\f", "n": "\n",
-            "r": "\r", "t": "\t"}
+_ESCAPES = {
+    "'": "'",
+    '"': '"',
+    "`": "`",
+    "\\": "\\",
+    "/": "/",
+    "f": "\f",
+    "n": "\n",
+    "r": "\r",
+    "t": "\t",
+}
 
 
 def _unescape(body: str) -> str:
@@ -135,9 +144,12 @@ def _unescape(body: str) -> str:
         ch = body[i]
         if ch == "\\" and i + 1 < len(body):
             nxt = body[i + 1]
-            if nxt == "u" and i + 5 < len(body) + 0 and re.fullmatch(r"[0-9a-fA-F]{4}",
-                                                                   body[i + 2:i + 6]):
-                out.append(chr(int(body[i + 2:i + 6], 16)))
+            if (
+                nxt == "u"
+                and i + 5 < len(body) + 0
+                and re.fullmatch(r"[0-9a-fA-F]{4}", body[i + 2 : i + 6])
+            ):
+                out.append(chr(int(body[i + 2 : i + 6], 16)))
                 i += 6
                 continue
             out.append(_ESCAPES.get(nxt, nxt))

@@ -115,8 +115,14 @@ def _select(sel: Mapping[str, Any], focus: Any, env: dict[str, Any]) -> list[dic
         local = {**env, "rowIndex": index} if iterating else env
         parts: list[list[dict[str, Any]]] = []
         if sel.get("column"):
-            parts.append([{c["name"]: _column_value(c, _eval(c["path"], node, local))
-                           for c in sel["column"]}])
+            parts.append(
+                [
+                    {
+                        c["name"]: _column_value(c, _eval(c["path"], node, local))
+                        for c in sel["column"]
+                    }
+                ]
+            )
         for sub in sel.get("select", []):
             parts.append(_select(sub, node, local))
         if sel.get("unionAll"):
@@ -139,8 +145,9 @@ def _constants(view: Mapping[str, Any]) -> dict[str, Any]:
     return env
 
 
-def evaluate_view(view: Mapping[str, Any],
-                  resources: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+def evaluate_view(
+    view: Mapping[str, Any], resources: Iterable[Mapping[str, Any]]
+) -> list[dict[str, Any]]:
     """Rows of ``view`` over ``resources`` (plain dicts; parse JSON with Decimal floats)."""
     env = {**_constants(view), "rowIndex": 0}
     rows: list[dict[str, Any]] = []

@@ -36,8 +36,17 @@ DEFINITIONS_DIR = Path(__file__).with_name("definitions")
 # Columns of the warehouse ``resources`` table carried onto every view row when present, in the
 # order the warehouse build passes them (lib/warehouse/steps.py VIEW_PASSTHROUGH).
 PROVENANCE_COLUMNS: tuple[str, ...] = (
-    "tenant", "pattern", "source", "organization", "connection", "resource_key", "fetched_at",
-    "run_id", "resource_type", "resource_id", "version_id",
+    "tenant",
+    "pattern",
+    "source",
+    "organization",
+    "connection",
+    "resource_key",
+    "fetched_at",
+    "run_id",
+    "resource_type",
+    "resource_id",
+    "version_id",
 )
 
 
@@ -119,8 +128,10 @@ def data_dictionary(views: Mapping[str, Mapping[str, Any]] | Iterable[Mapping[st
         desc = view.get("description") or view.get("title")
         lines.append(f"{desc}" if desc else f"One row per {compiled.resource}.")
         lines.append("")
-        lines.append(f"Source resource: `{compiled.resource}`. Every row also carries the "
-                     "provenance columns " + ", ".join(f"`{c}`" for c in PROVENANCE_COLUMNS) + ".")
+        lines.append(
+            f"Source resource: `{compiled.resource}`. Every row also carries the "
+            "provenance columns " + ", ".join(f"`{c}`" for c in PROVENANCE_COLUMNS) + "."
+        )
         lines.append("")
         lines.append("| column | type | FHIRPath | description |")
         lines.append("|---|---|---|---|")
@@ -166,8 +177,10 @@ def _rows_equal(actual: list[dict[str, Any]], expected: list[dict[str, Any]]) ->
 
 
 def _load_fixture(con: duckdb.DuckDBPyConnection, resources: list[dict[str, Any]]) -> None:
-    con.execute("CREATE OR REPLACE TABLE resources (resource VARCHAR, resource_type VARCHAR, "
-                "resource_id VARCHAR)")
+    con.execute(
+        "CREATE OR REPLACE TABLE resources (resource VARCHAR, resource_type VARCHAR, "
+        "resource_id VARCHAR)"
+    )
     rows = [(json.dumps(r), r.get("resourceType"), r.get("id")) for r in resources]
     if rows:
         con.executemany("INSERT INTO resources VALUES (?, ?, ?)", rows)
@@ -195,9 +208,11 @@ def run_test_case(con: duckdb.DuckDBPyConnection, case: Mapping[str, Any]) -> di
     expected = list(case.get("expect", []))
     if _rows_equal(rows, expected):
         return {"passed": True}
-    return {"passed": False, "error": "rows differ",
-            "details": {"actual": json.loads(json.dumps(rows, default=str)),
-                        "expected": expected}}
+    return {
+        "passed": False,
+        "error": "rows differ",
+        "details": {"actual": json.loads(json.dumps(rows, default=str)), "expected": expected},
+    }
 
 
 def run_test_suite(directory: Path | str) -> dict[str, Any]:

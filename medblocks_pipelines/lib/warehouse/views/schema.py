@@ -31,9 +31,27 @@ DECIMAL_SQL = "DECIMAL(38,18)"
 INTEGER_TYPES = frozenset({"integer", "positiveInt", "unsignedInt", "integer64"})
 PRIMITIVE_TYPES = frozenset(
     {
-        "boolean", "integer", "positiveInt", "unsignedInt", "integer64", "decimal", "string",
-        "code", "id", "uri", "url", "canonical", "oid", "uuid", "markdown", "base64Binary",
-        "date", "dateTime", "instant", "time", "xhtml",
+        "boolean",
+        "integer",
+        "positiveInt",
+        "unsignedInt",
+        "integer64",
+        "decimal",
+        "string",
+        "code",
+        "id",
+        "uri",
+        "url",
+        "canonical",
+        "oid",
+        "uuid",
+        "markdown",
+        "base64Binary",
+        "date",
+        "dateTime",
+        "instant",
+        "time",
+        "xhtml",
     }
 )
 
