@@ -95,7 +95,8 @@ class RateLimiter:
     window holds more than ``limit - 1`` sends. That leaves one request of room for jitter between
     our clock and the server's. :meth:`pause_until` stops every caller (a 429's
     ``Retry-After`` applies to the whole client), and each 429 (:meth:`backoff`) widens the spacing a
-    little, up to ``max_widen``, because a server that counted one too many will do it again.
+    little, up to ``max_widen``, because a server that counted one too many will do it again;
+    ``recover_after`` sends without a 429 give half of the widening back.
     """
 
     def __init__(
@@ -105,6 +106,7 @@ class RateLimiter:
         *,
         margin: float = 0.02,
         max_widen: float = 0.15,
+        recover_after: int = 300,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
@@ -116,8 +118,10 @@ class RateLimiter:
         self.max_widen = max_widen
         self._base = per / limit
         self.interval = self._base
-        self._window = per * (1 + margin)
+        self._window = self._base_window = per * (1 + margin)
         self._cap = max(1, limit - 1)
+        self._calm = 0
+        self.recover_after = recover_after
         self._clock = clock
         self._sleep = sleep
         self._lock = threading.Lock()
@@ -154,6 +158,12 @@ class RateLimiter:
                     # (tried: catching up on a schedule drew 429s from a busy server).
                     self._sends.append(now)
                     self.sent += 1
+                    self._calm += 1
+                    if self._calm >= self.recover_after and self.interval > self._base:
+                        # A long run without 429s: give back half of the widening.
+                        self.interval = self._base + (self.interval - self._base) / 2
+                        self._window = self._base_window + (self._window - self._base_window) / 2
+                        self._calm = 0
                     return
                 wait = earliest - now
             self.waited += wait
@@ -175,6 +185,7 @@ class RateLimiter:
             self.interval = min(self.interval * 1.03, self._base * (1 + self.max_widen))
             self._window = min(self._window * 1.03, self.per * (1 + self.margin + self.max_widen))
             self._paused_until = max(self._paused_until, self._clock() + seconds)
+            self._calm = 0
 
 
 _LIMITERS: dict[str, RateLimiter] = {}
