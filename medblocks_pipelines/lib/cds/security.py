@@ -30,7 +30,7 @@ import httpx
 import jwt
 import sqlalchemy as sa
 
-from medblocks_pipelines.lib.cds.tables import cds_jti, ensure_tables
+from medblocks_pipelines.lib.cds.tables import cds_jti
 from medblocks_pipelines.lib.errors import CdsRequestError
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,6 @@ class CdsAuthenticator:
         self._jwks: dict[str, tuple[float, jwt.PyJWKSet]] = {}
         self._last_refetch: dict[str, float] = {}
         self._last_purge = 0.0
-        ensure_tables(cp.engine)
 
     # -- registry -------------------------------------------------------------------------------
     def _organizations(self, *, max_age: float = ORG_CACHE_TTL) -> list[dict[str, Any]]:

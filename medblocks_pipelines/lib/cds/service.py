@@ -28,7 +28,7 @@ import sqlalchemy as sa
 from medblocks_pipelines.lib.cds import cards as card_rules
 from medblocks_pipelines.lib.cds.index import WarehouseIndexes
 from medblocks_pipelines.lib.cds.security import CdsAuthenticator, CdsClient
-from medblocks_pipelines.lib.cds.tables import cds_feedback, ensure_tables
+from medblocks_pipelines.lib.cds.tables import cds_feedback
 from medblocks_pipelines.lib.errors import CdsRequestError
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,6 @@ class CdsService:
         self.app_url = app_url if app_url is not None else f"{self.base}/ehr/launch"
         self._names: tuple[float, dict[str, Any]] | None = None
         self._names_lock = threading.Lock()
-        ensure_tables(cp.engine)
 
     # -- URLs -----------------------------------------------------------------------------------
     @property

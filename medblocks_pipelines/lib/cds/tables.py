@@ -4,8 +4,7 @@
   SPECS §4.6). The primary key makes a concurrent replay fail in the database, across processes.
 - ``cds_feedback``: card feedback (SPECS §4.5), de-duplicated on (service, card, outcome, time).
 
-The lead may add this module to the registry's extra table modules; until then
-:func:`ensure_tables` creates them.
+The tables are part of the control plane's migrations (``EXTRA_TABLE_MODULES``, revision 0003).
 """
 
 from datetime import UTC, datetime
@@ -41,11 +40,6 @@ cds_feedback = sa.Table(
 )
 
 TABLES = (cds_jti, cds_feedback)
-
-
-def ensure_tables(engine: sa.Engine) -> None:
-    """Create the clinician-workflow tables if they are missing (idempotent)."""
-    metadata.create_all(engine, tables=list(TABLES), checkfirst=True)
 
 
 def utcnow() -> datetime:

@@ -108,7 +108,6 @@ def add_destination(
     ``bundle_size`` (fhir, default 200), ``endpoint_url`` and ``region`` (S3-compatible storage).
     ``credentials``: ``{"key", "secret"}`` for S3 or ``{"bearer_token"}`` for a FHIR server.
     """
-    ot.ensure_tables(cp.engine)
     check_id(id, "export destination")
     cp.get_tenant(tenant_id)
     if kind not in KINDS:
@@ -141,7 +140,6 @@ def add_destination(
 
 def get_destination(cp: ControlPlane, id: str) -> dict[str, Any]:
     """One destination row (no credentials)."""
-    ot.ensure_tables(cp.engine)
     with cp.engine.connect() as conn:
         row = conn.execute(
             sa.select(ot.export_destinations).where(ot.export_destinations.c.id == id)
@@ -155,7 +153,6 @@ def list_destinations(
     cp: ControlPlane, *, tenant_id: str | None = None, enabled_only: bool = False
 ) -> list[dict[str, Any]]:
     """Destinations ordered by id."""
-    ot.ensure_tables(cp.engine)
     d = ot.export_destinations
     q = sa.select(d).order_by(d.c.id)
     if tenant_id is not None:
@@ -181,7 +178,6 @@ def list_runs(
     cp: ControlPlane, *, destination_id: str | None = None, tenant_id: str | None = None
 ) -> list[dict[str, Any]]:
     """Export runs, newest first."""
-    ot.ensure_tables(cp.engine)
     r = ot.export_runs
     q = sa.select(r).order_by(r.c.id.desc())
     if destination_id is not None:

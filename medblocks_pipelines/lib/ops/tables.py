@@ -9,11 +9,9 @@
 - ``webhook_attempts``: every HTTP attempt of every delivery (status code, error class, duration).
 - ``export_destinations`` / ``export_runs``: per-tenant export targets and one row per export run.
 
-The lead adds this module to ``EXTRA_TABLE_MODULES`` (and a migration); until then
-:func:`ensure_tables` creates the tables.
+The tables are part of the control plane's migrations (``EXTRA_TABLE_MODULES``, revision 0003).
 """
 
-import weakref
 from typing import Any
 
 import sqlalchemy as sa
@@ -141,12 +139,5 @@ TABLES = (
 )
 
 
-_ENSURED: "weakref.WeakSet[sa.Engine]" = weakref.WeakSet()
 
 
-def ensure_tables(engine: sa.Engine) -> None:
-    """Create the operations tables if they are missing (idempotent, once per engine)."""
-    if engine in _ENSURED:
-        return
-    metadata.create_all(engine, tables=list(TABLES), checkfirst=True)
-    _ENSURED.add(engine)

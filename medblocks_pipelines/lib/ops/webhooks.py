@@ -190,7 +190,6 @@ def add_endpoint(
     now: datetime | None = None,
 ) -> tuple[str, str]:
     """Register an endpoint; returns ``(endpoint_id, signing_secret)`` (show the secret once)."""
-    ot.ensure_tables(cp.engine)
     cp.get_tenant(tenant_id)
     parsed = httpx.URL(url)
     if parsed.scheme not in ("http", "https") or not parsed.host:
@@ -221,7 +220,6 @@ def add_endpoint(
 
 def get_endpoint(cp: ControlPlane, endpoint_id: str) -> dict[str, Any]:
     """One endpoint row (no secret)."""
-    ot.ensure_tables(cp.engine)
     with cp.engine.connect() as conn:
         row = conn.execute(
             sa.select(ot.webhook_endpoints).where(ot.webhook_endpoints.c.id == endpoint_id)
@@ -235,7 +233,6 @@ def get_endpoint(cp: ControlPlane, endpoint_id: str) -> dict[str, Any]:
 
 def list_endpoints(cp: ControlPlane, *, tenant_id: str | None = None) -> list[dict[str, Any]]:
     """Endpoints, oldest first (no secrets)."""
-    ot.ensure_tables(cp.engine)
     q = sa.select(ot.webhook_endpoints).order_by(
         ot.webhook_endpoints.c.created_at, ot.webhook_endpoints.c.id
     )
@@ -314,7 +311,6 @@ def fan_out(
     cp: ControlPlane, *, now: datetime, policy: DeliveryPolicy = DeliveryPolicy()
 ) -> tuple[int, int]:
     """Create deliveries for outbox events not yet fanned out; returns (events, deliveries)."""
-    ot.ensure_tables(cp.engine)
     try:
         return _fan_out(cp, now=now, policy=policy)
     except sa.exc.IntegrityError:
@@ -617,7 +613,6 @@ def list_deliveries(
     cp: ControlPlane, *, endpoint_id: str | None = None, status: str | None = None
 ) -> list[dict[str, Any]]:
     """Deliveries, oldest first."""
-    ot.ensure_tables(cp.engine)
     d = ot.webhook_deliveries
     q = sa.select(d).order_by(d.c.id)
     if endpoint_id is not None:
@@ -630,7 +625,6 @@ def list_deliveries(
 
 def list_attempts(cp: ControlPlane, *, endpoint_id: str | None = None) -> list[dict[str, Any]]:
     """Every attempt, oldest first."""
-    ot.ensure_tables(cp.engine)
     a = ot.webhook_attempts
     q = sa.select(a).order_by(a.c.id)
     if endpoint_id is not None:

@@ -191,7 +191,11 @@ events = sa.Table(
 )
 
 # Modules that add tables to ``metadata``; imported lazily to keep this module import-light.
-EXTRA_TABLE_MODULES: tuple[str, ...] = ("medblocks_pipelines.lib.network.tables",)
+EXTRA_TABLE_MODULES: tuple[str, ...] = (
+    "medblocks_pipelines.lib.network.tables",
+    "medblocks_pipelines.lib.cds.tables",
+    "medblocks_pipelines.lib.ops.tables",
+)
 
 
 def load_all_tables() -> sa.MetaData:
