@@ -340,22 +340,60 @@ def network(state: DemoState) -> None:
 
 
 def clinician(state: DemoState) -> None:
-    """An EHR launch and CDS Hooks calls answered from the warehouse (if the pattern is present)."""
-    try:
-        from medblocks_pipelines.lib.cds.demo import run_clinician_demo
-    except ModuleNotFoundError:
-        state.console.print("[yellow]clinician workflow not installed; skipped")
+    """An EHR launches our app and calls our CDS services; cards come from the warehouse."""
+    if "cds_ehr" not in state.sandbox.roles:
+        state.console.print("[yellow]no CDS-calling EHR in this sandbox; skipped")
         return
+    from medblocks_pipelines.cli.runtime import run_job
+    from medblocks_pipelines.lib.partitions import partition_key
+    from medblocks_pipelines.sandbox.cds_ehr.demo import run_clinician_demo
+
+    # A patient whose record also arrived through the other patterns, so the cards have news.
+    patient = _cross_pattern_patient(state)
     out = run_clinician_demo(
-        state.sandbox,
-        state.cp,
-        state.settings,
-        tenant=TENANT,
-        org=EHR_ORGS[0],
-        web_base=state.web_base,
-        console=state.console,
+        state.sandbox, state.cp, state.settings, tenant=TENANT, org=EHR_ORGS[0], patient=patient
     )
     state.results["clinician"] = out
+    state.console.print(
+        f"EHR launch of our app for patient {out['patient']}: connection {out['connection_id']}, "
+        f"app page HTTP {out['app_status']}"
+    )
+    for hook in ("patient_view", "order_select"):
+        cards = out[hook]["cards"]
+        table = Table(title=f"CDS Hooks {hook.replace('_', '-')}: {len(cards)} cards")
+        for col in ("indicator", "summary", "source"):
+            table.add_column(col)
+        for card in cards:
+            table.add_row(card.get("indicator", ""), card.get("summary", ""),
+                          card.get("source", {}).get("label", ""))
+        state.console.print(table)
+    # The launch is an event: the sensor would turn it into a targeted sync within seconds; the
+    # demo runs that same job now, then rebuilds the warehouse.
+    org_id = out["organization_id"]
+    run_job(
+        "clinician_sync_job",
+        partition_key=partition_key(TENANT, org_id),
+        run_config={"ops": {"clinician_workflow__records": {"config": {
+            "connection_ids": [out["connection_id"]]}}}},
+        tags={"medblocks/tenant": TENANT},
+    )
+    build(state)
+
+
+def _cross_pattern_patient(state: DemoState) -> str | None:
+    from medblocks_pipelines.lib.warehouse.build import open_warehouse
+
+    with open_warehouse(TENANT, settings=state.settings) as con:
+        row = con.execute(
+            "SELECT split_part(l.patient_key, '/', 3) FROM patient_links l "
+            "JOIN resource_sightings s ON s.resource_key = l.patient_key "
+            f"WHERE l.patient_key LIKE '{EHR_ORGS[0]}/Patient/%' "
+            "AND l.person_id IN (SELECT l2.person_id FROM patient_links l2 "
+            "  JOIN resource_sightings s2 ON s2.resource_key = l2.patient_key "
+            "  GROUP BY 1 HAVING count(DISTINCT s2.pattern) >= 3) "
+            "ORDER BY 1 LIMIT 1"
+        ).fetchone()
+    return row[0] if row else None
 
 
 def build(state: DemoState) -> None:

@@ -29,6 +29,8 @@ PLUGINS: list[tuple[str, str | None, str]] = [
     ("medblocks_pipelines.cli.clinician_workflow:sync_clinician", "sync", "clinician"),
     ("medblocks_pipelines.cli.clinician_workflow:cds", None, "cds"),
     ("medblocks_pipelines.cli.warehouse_extra:identity", "warehouse", "identity"),
+    ("medblocks_pipelines.cli.ops:webhooks", None, "webhooks"),
+    ("medblocks_pipelines.cli.ops:exports", None, "exports"),
 ]
 
 

@@ -182,6 +182,7 @@ def register_role(name: str, factory: RoleFactory) -> None:
 #: Add a line here (or call `register_role`) to have `start_sandbox` start a new role.
 OPTIONAL_ROLES: dict[str, str] = {
     "gateway": "medblocks_pipelines.sandbox.gateway.app:gateway_role",
+    "cds_ehr": "medblocks_pipelines.sandbox.cds_ehr.app:cds_ehr_role",
 }
 
 
