@@ -1,0 +1,209 @@
+"""A patient connects by clicking through in a real headless Chromium: our connect link, the
+sandbox EHR's sign-in and consent pages, our callback, and the tenant's return page."""
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from medblocks_pipelines.lib.registry import ControlPlane
+from medblocks_pipelines.lib.smart.launch import ConnectLink, create_connect_link
+from medblocks_pipelines.lib.smart.tokens import tokens_secret_name
+from medblocks_pipelines.sandbox.run import SandboxHandle
+from medblocks_pipelines_tests.browser.conftest import PATIENT_ORG, TENANT, WAIT_SECONDS
+
+Shot = Callable[[str], Path]
+
+
+def _by() -> Any:
+    from selenium.webdriver.common.by import By
+
+    return By
+
+
+def wait_for(browser: Any, condition: Callable[[Any], Any], what: str) -> Any:
+    """Wait until ``condition(browser)`` is truthy; the failure names ``what`` and the page."""
+    from selenium.common.exceptions import TimeoutException
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    try:
+        return WebDriverWait(browser, WAIT_SECONDS, poll_frequency=0.05).until(condition)
+    except TimeoutException:
+        pytest.fail(f"timed out waiting for {what}; at {browser.current_url!r}: {browser.title!r}")
+
+
+def text_of(browser: Any, element_id: str) -> str:
+    return str(browser.find_element(_by().ID, element_id).text)
+
+
+def login(sandbox: SandboxHandle, index: int) -> Any:
+    """The ``index``-th sandbox portal login of the patient-access org."""
+    logins = [lg for lg in sandbox.population.logins if lg.org_id == PATIENT_ORG]
+    assert len(logins) > index, "the sandbox population has too few portal logins"
+    return logins[index]
+
+
+def open_link_to_login_page(
+    browser: Any, sandbox: SandboxHandle, cp: ControlPlane, web_base: str, return_url: str | None,
+    patient_ref: str,
+) -> ConnectLink:
+    """Create a connect link, open it, and wait for the EHR's sign-in form; returns the link."""
+    link = create_connect_link(
+        cp, tenant_id=TENANT, source_id=PATIENT_ORG, patient_ref=patient_ref,
+        public_base_url=web_base, return_url=return_url,
+    )
+    assert cp.get_connection(link.connection_id)["state"] == "pending"
+    browser.get(link.url)
+    By = _by()
+    wait_for(browser, lambda b: b.find_elements(By.ID, "username"), "the sandbox sign-in form")
+    # The link took the browser away from us to the EHR's own authorization server.
+    assert browser.current_url.startswith(sandbox.org(PATIENT_ORG).base_url)
+    assert not browser.current_url.startswith(web_base)
+    assert browser.title.startswith("Sign in")
+    return link
+
+
+def sign_in(browser: Any, username: str, password: str) -> None:
+    By = _by()
+    browser.find_element(By.ID, "username").send_keys(username)
+    browser.find_element(By.ID, "password").send_keys(password)
+    browser.find_element(By.CSS_SELECTOR, 'button[value="login"]').click()
+
+
+def wait_for_consent(browser: Any) -> None:
+    By = _by()
+    wait_for(
+        browser,
+        lambda b: b.find_elements(By.CSS_SELECTOR, 'button[value="approve"]'),
+        "the sandbox consent page",
+    )
+
+
+def test_patient_connects_by_clicking_through(
+    browser: Any, screenshot: Shot, sandbox: SandboxHandle, control_plane: ControlPlane,
+    web_base: str, tenant_app: str,
+) -> None:
+    cp, By = control_plane, _by()
+    who = login(sandbox, 0)
+    link = open_link_to_login_page(
+        browser, sandbox, cp, web_base, f"{tenant_app}/connected?from=email", "acme-user-1"
+    )
+    conn_id = link.connection_id
+    assert "Acme Health App" in browser.page_source  # the EHR names the app asking
+    screenshot("connect-1-login")
+
+    sign_in(browser, who.username, who.password)
+    wait_for_consent(browser)
+    boxes = browser.find_elements(By.CSS_SELECTOR, 'input[type="checkbox"][name="scope"]')
+    offered = [b.get_attribute("value") for b in boxes]
+    assert boxes and all(b.is_selected() for b in boxes)
+    assert any(s.startswith("patient/Observation.") for s in offered), offered
+    assert "offline_access" in offered  # we ask for a refresh token
+    assert who.username in browser.find_element(By.TAG_NAME, "body").text
+    screenshot("connect-2-consent")
+
+    browser.find_element(By.CSS_SELECTOR, 'button[value="approve"]').click()
+    wait_for(browser, lambda b: b.current_url.startswith(f"{tenant_app}/connected"),
+             "the tenant's return page")
+    wait_for(browser, lambda b: b.find_elements(By.ID, "status"), "the return page content")
+    assert text_of(browser, "status") == "active"
+    assert text_of(browser, "connection_id") == conn_id
+    assert text_of(browser, "reason") == ""
+    assert "from=email" in browser.current_url  # the tenant's own query is kept
+    # Nothing secret rides on the return URL.
+    for secret_word in ("code=", "state=", "token", who.password):
+        assert secret_word not in browser.current_url
+    screenshot("connect-3-return")
+
+    conn = cp.get_connection(conn_id)
+    assert conn["state"] == "active"
+    assert conn["source_patient_id"] == who.patient_id
+    assert conn["has_refresh_token"] is True
+    assert "patient/Observation" in str(conn["scopes_granted"])
+    blob = cp.vault.get(tokens_secret_name(conn_id))
+    assert blob is not None
+    tokens = json.loads(blob.reveal())
+    assert isinstance(tokens.get("refresh_token"), str) and tokens["refresh_token"]
+    assert isinstance(tokens.get("access_token"), str) and tokens["access_token"]
+
+    # Opening the same link again cannot start a second authorization for this connection.
+    browser.get(link.url)
+    wait_for(browser, lambda b: b.find_elements(By.TAG_NAME, "h1"), "our link page")
+    assert browser.current_url.startswith(web_base)
+    assert browser.find_element(By.TAG_NAME, "h1").text == "Cannot connect"
+    screenshot("connect-4-link-reused")
+    assert cp.get_connection(conn_id)["state"] == "active"
+
+
+@pytest.mark.parametrize(
+    ("where", "button"),
+    [("consent", 'button[value="deny"]'), ("login", 'button[value="deny"]')],
+    ids=["deny-on-consent", "cancel-on-sign-in"],
+)
+def test_patient_denies(
+    where: str, button: str, browser: Any, screenshot: Shot, sandbox: SandboxHandle,
+    control_plane: ControlPlane, web_base: str, tenant_app: str,
+) -> None:
+    cp, By = control_plane, _by()
+    who = login(sandbox, 1)
+    conn_id = open_link_to_login_page(
+        browser, sandbox, cp, web_base, f"{tenant_app}/connected", f"acme-deny-{where}"
+    ).connection_id
+    if where == "consent":
+        sign_in(browser, who.username, who.password)
+        wait_for_consent(browser)
+    # The sign-in page's Cancel is `formnovalidate`: it works with empty required fields.
+    browser.find_element(By.CSS_SELECTOR, button).click()
+    wait_for(browser, lambda b: b.current_url.startswith(f"{tenant_app}/connected"),
+             "the tenant's return page")
+    wait_for(browser, lambda b: b.find_elements(By.ID, "status"), "the return page content")
+    assert text_of(browser, "status") == "failed"
+    assert text_of(browser, "reason") == "access_denied"
+    assert text_of(browser, "connection_id") == conn_id
+    screenshot(f"deny-{where}-return")
+
+    conn = cp.get_connection(conn_id)
+    assert conn["state"] == "failed"
+    assert conn["state_reason"] == "access_denied"
+    assert conn["source_patient_id"] is None
+    assert cp.vault.get(tokens_secret_name(conn_id)) is None
+    assert not cp.vault.names(f"conn/{conn_id}/")
+
+
+def test_wrong_password_then_our_own_connected_page(
+    browser: Any, screenshot: Shot, sandbox: SandboxHandle, control_plane: ControlPlane,
+    web_base: str,
+) -> None:
+    """A wrong password keeps the patient on the sign-in page; without a return URL our own
+    callback page says the records are connected."""
+    cp, By = control_plane, _by()
+    who = login(sandbox, 2)
+    conn_id = open_link_to_login_page(
+        browser, sandbox, cp, web_base, None, "acme-no-return"
+    ).connection_id
+    sign_in(browser, who.username, who.password + "-wrong")
+    wait_for(browser, lambda b: "Wrong username or password" in b.page_source,
+             "the sign-in error")
+    assert not browser.find_elements(By.CSS_SELECTOR, 'button[value="approve"]')
+    screenshot("wrong-password")
+    assert cp.get_connection(conn_id)["state"] == "pending"  # a typo fails nothing
+
+    sign_in(browser, who.username, who.password)
+    wait_for_consent(browser)
+    browser.find_element(By.CSS_SELECTOR, 'button[value="approve"]').click()
+    wait_for(browser, lambda b: b.current_url.startswith(f"{web_base}/connect/callback"),
+             "our callback page")
+    wait_for(browser, lambda b: b.find_elements(By.TAG_NAME, "h1"), "our page heading")
+    assert browser.find_element(By.TAG_NAME, "h1").text == "Connected"
+    screenshot("connect-own-page")
+    conn = cp.get_connection(conn_id)
+    assert conn["state"] == "active" and conn["source_patient_id"] == who.patient_id
+
+    # The callback URL is single use: reloading it is refused and changes nothing.
+    browser.refresh()
+    wait_for(browser, lambda b: b.find_element(By.TAG_NAME, "h1").text != "Connected",
+             "the refusal of a replayed callback")
+    assert "Connection refused" in browser.find_element(By.TAG_NAME, "h1").text
+    assert cp.get_connection(conn_id)["state"] == "active"
