@@ -10,6 +10,7 @@ Screenshots go to ``artifacts/browser/`` at the repository root (gitignored), or
 ``MEDBLOCKS_BROWSER_ARTIFACTS``.
 """
 
+import base64
 import html
 import os
 import shutil
@@ -105,7 +106,9 @@ def browser_tools() -> BrowserTools:
 @pytest.fixture(scope="session")
 def artifacts_dir() -> Path:
     """Where screenshots are kept (created; old screenshots of these tests replaced)."""
-    path = Path(os.environ.get("MEDBLOCKS_BROWSER_ARTIFACTS") or REPO_ROOT / "artifacts" / "browser")
+    path = Path(
+        os.environ.get("MEDBLOCKS_BROWSER_ARTIFACTS") or REPO_ROOT / "artifacts" / "browser"
+    )
     path.mkdir(parents=True, exist_ok=True)
     for old in path.glob("*.png"):
         old.unlink()
@@ -180,7 +183,8 @@ def _return_page(request: Request) -> HTMLResponse:
     # The tenant's page: shows what our callback reported, escaped, under stable ids.
     q = request.query_params
     rows = "".join(
-        f'<p id="{k}">{html.escape(q.get(k, ""))}</p>' for k in ("status", "connection_id", "reason")
+        f'<p id="{k}">{html.escape(q.get(k, ""))}</p>'
+        for k in ("status", "connection_id", "reason")
     )
     return HTMLResponse(
         '<!doctype html><html lang="en"><head><meta charset="utf-8"><title>Acme: connection'
@@ -222,7 +226,12 @@ def screenshot(artifacts_dir: Path, browser: Any) -> Callable[[str], Path]:
 
     def take(name: str) -> Path:
         path = artifacts_dir / f"{name}.png"
-        assert browser.save_screenshot(str(path)), f"screenshot {name} was not written"
+        # The whole page, not just the window: long consent pages are what a reviewer wants.
+        shot = browser.execute_cdp_cmd(
+            "Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True}
+        )
+        path.write_bytes(base64.b64decode(shot["data"]))
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f"screenshot {name} is not a PNG"
         assert path.stat().st_size > 1000, f"screenshot {name} is empty"
         return path
 

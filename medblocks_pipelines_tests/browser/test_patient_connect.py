@@ -46,13 +46,21 @@ def login(sandbox: SandboxHandle, index: int) -> Any:
 
 
 def open_link_to_login_page(
-    browser: Any, sandbox: SandboxHandle, cp: ControlPlane, web_base: str, return_url: str | None,
+    browser: Any,
+    sandbox: SandboxHandle,
+    cp: ControlPlane,
+    web_base: str,
+    return_url: str | None,
     patient_ref: str,
 ) -> ConnectLink:
     """Create a connect link, open it, and wait for the EHR's sign-in form; returns the link."""
     link = create_connect_link(
-        cp, tenant_id=TENANT, source_id=PATIENT_ORG, patient_ref=patient_ref,
-        public_base_url=web_base, return_url=return_url,
+        cp,
+        tenant_id=TENANT,
+        source_id=PATIENT_ORG,
+        patient_ref=patient_ref,
+        public_base_url=web_base,
+        return_url=return_url,
     )
     assert cp.get_connection(link.connection_id)["state"] == "pending"
     browser.get(link.url)
@@ -82,8 +90,12 @@ def wait_for_consent(browser: Any) -> None:
 
 
 def test_patient_connects_by_clicking_through(
-    browser: Any, screenshot: Shot, sandbox: SandboxHandle, control_plane: ControlPlane,
-    web_base: str, tenant_app: str,
+    browser: Any,
+    screenshot: Shot,
+    sandbox: SandboxHandle,
+    control_plane: ControlPlane,
+    web_base: str,
+    tenant_app: str,
 ) -> None:
     cp, By = control_plane, _by()
     who = login(sandbox, 0)
@@ -105,8 +117,11 @@ def test_patient_connects_by_clicking_through(
     screenshot("connect-2-consent")
 
     browser.find_element(By.CSS_SELECTOR, 'button[value="approve"]').click()
-    wait_for(browser, lambda b: b.current_url.startswith(f"{tenant_app}/connected"),
-             "the tenant's return page")
+    wait_for(
+        browser,
+        lambda b: b.current_url.startswith(f"{tenant_app}/connected"),
+        "the tenant's return page",
+    )
     wait_for(browser, lambda b: b.find_elements(By.ID, "status"), "the return page content")
     assert text_of(browser, "status") == "active"
     assert text_of(browser, "connection_id") == conn_id
@@ -143,8 +158,14 @@ def test_patient_connects_by_clicking_through(
     ids=["deny-on-consent", "cancel-on-sign-in"],
 )
 def test_patient_denies(
-    where: str, button: str, browser: Any, screenshot: Shot, sandbox: SandboxHandle,
-    control_plane: ControlPlane, web_base: str, tenant_app: str,
+    where: str,
+    button: str,
+    browser: Any,
+    screenshot: Shot,
+    sandbox: SandboxHandle,
+    control_plane: ControlPlane,
+    web_base: str,
+    tenant_app: str,
 ) -> None:
     cp, By = control_plane, _by()
     who = login(sandbox, 1)
@@ -156,8 +177,11 @@ def test_patient_denies(
         wait_for_consent(browser)
     # The sign-in page's Cancel is `formnovalidate`: it works with empty required fields.
     browser.find_element(By.CSS_SELECTOR, button).click()
-    wait_for(browser, lambda b: b.current_url.startswith(f"{tenant_app}/connected"),
-             "the tenant's return page")
+    wait_for(
+        browser,
+        lambda b: b.current_url.startswith(f"{tenant_app}/connected"),
+        "the tenant's return page",
+    )
     wait_for(browser, lambda b: b.find_elements(By.ID, "status"), "the return page content")
     assert text_of(browser, "status") == "failed"
     assert text_of(browser, "reason") == "access_denied"
@@ -173,7 +197,10 @@ def test_patient_denies(
 
 
 def test_wrong_password_then_our_own_connected_page(
-    browser: Any, screenshot: Shot, sandbox: SandboxHandle, control_plane: ControlPlane,
+    browser: Any,
+    screenshot: Shot,
+    sandbox: SandboxHandle,
+    control_plane: ControlPlane,
     web_base: str,
 ) -> None:
     """A wrong password keeps the patient on the sign-in page; without a return URL our own
@@ -184,8 +211,7 @@ def test_wrong_password_then_our_own_connected_page(
         browser, sandbox, cp, web_base, None, "acme-no-return"
     ).connection_id
     sign_in(browser, who.username, who.password + "-wrong")
-    wait_for(browser, lambda b: "Wrong username or password" in b.page_source,
-             "the sign-in error")
+    wait_for(browser, lambda b: "Wrong username or password" in b.page_source, "the sign-in error")
     assert not browser.find_elements(By.CSS_SELECTOR, 'button[value="approve"]')
     screenshot("wrong-password")
     assert cp.get_connection(conn_id)["state"] == "pending"  # a typo fails nothing
@@ -193,8 +219,11 @@ def test_wrong_password_then_our_own_connected_page(
     sign_in(browser, who.username, who.password)
     wait_for_consent(browser)
     browser.find_element(By.CSS_SELECTOR, 'button[value="approve"]').click()
-    wait_for(browser, lambda b: b.current_url.startswith(f"{web_base}/connect/callback"),
-             "our callback page")
+    wait_for(
+        browser,
+        lambda b: b.current_url.startswith(f"{web_base}/connect/callback"),
+        "our callback page",
+    )
     wait_for(browser, lambda b: b.find_elements(By.TAG_NAME, "h1"), "our page heading")
     assert browser.find_element(By.TAG_NAME, "h1").text == "Connected"
     screenshot("connect-own-page")
@@ -203,7 +232,49 @@ def test_wrong_password_then_our_own_connected_page(
 
     # The callback URL is single use: reloading it is refused and changes nothing.
     browser.refresh()
-    wait_for(browser, lambda b: b.find_element(By.TAG_NAME, "h1").text != "Connected",
-             "the refusal of a replayed callback")
+    wait_for(
+        browser,
+        lambda b: b.find_element(By.TAG_NAME, "h1").text != "Connected",
+        "the refusal of a replayed callback",
+    )
     assert "Connection refused" in browser.find_element(By.TAG_NAME, "h1").text
     assert cp.get_connection(conn_id)["state"] == "active"
+
+
+def test_patient_unticks_scopes_and_we_record_what_was_granted(
+    browser: Any,
+    screenshot: Shot,
+    sandbox: SandboxHandle,
+    control_plane: ControlPlane,
+    web_base: str,
+    tenant_app: str,
+) -> None:
+    """The consent page lets the patient take scopes away; we keep what the EHR granted, not
+    what we asked for."""
+    cp, By = control_plane, _by()
+    who = login(sandbox, 3)
+    conn_id = open_link_to_login_page(
+        browser, sandbox, cp, web_base, f"{tenant_app}/connected", "acme-partial"
+    ).connection_id
+    sign_in(browser, who.username, who.password)
+    wait_for_consent(browser)
+    dropped = []
+    for box in browser.find_elements(By.CSS_SELECTOR, 'input[type="checkbox"][name="scope"]'):
+        value = str(box.get_attribute("value"))
+        if value.startswith(("patient/Observation.", "patient/Immunization.")):
+            box.click()
+            assert not box.is_selected()
+            dropped.append(value)
+    assert len(dropped) == 2, dropped
+    screenshot("partial-consent")
+    browser.find_element(By.CSS_SELECTOR, 'button[value="approve"]').click()
+    wait_for(browser, lambda b: b.find_elements(By.ID, "status"), "the tenant's return page")
+    assert text_of(browser, "status") == "active"
+
+    conn = cp.get_connection(conn_id)
+    granted = str(conn["scopes_granted"]).split()
+    requested = str(conn["scopes_requested"]).split()
+    assert set(dropped) <= set(requested)
+    assert not set(dropped) & set(granted)
+    assert "patient/Patient.rs" in granted or "patient/Patient.read" in granted
+    assert conn["has_refresh_token"] is True
