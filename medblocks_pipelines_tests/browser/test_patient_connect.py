@@ -2,6 +2,7 @@
 sandbox EHR's sign-in and consent pages, our callback, and the tenant's return page."""
 
 import json
+import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -9,7 +10,7 @@ from typing import Any
 import pytest
 
 from medblocks_pipelines.lib.registry import ControlPlane
-from medblocks_pipelines.lib.smart.launch import ConnectLink, create_connect_link
+from medblocks_pipelines.lib.smart.launch import MAX_GET_URL, ConnectLink, create_connect_link
 from medblocks_pipelines.lib.smart.tokens import tokens_secret_name
 from medblocks_pipelines.sandbox.run import SandboxHandle
 from medblocks_pipelines_tests.browser.conftest import PATIENT_ORG, TENANT, WAIT_SECONDS
@@ -278,3 +279,113 @@ def test_patient_unticks_scopes_and_we_record_what_was_granted(
     assert not set(dropped) & set(granted)
     assert "patient/Patient.rs" in granted or "patient/Patient.read" in granted
     assert conn["has_refresh_token"] is True
+
+
+#: Fine-grained SMART v2 scopes (category-filtered), as vendors with long scope lists ask for;
+#: together they push the authorize URL past 2000 characters.
+OBSERVATION_CATEGORIES = (
+    "laboratory",
+    "vital-signs",
+    "social-history",
+    "survey",
+    "exam",
+    "imaging",
+    "procedure",
+    "therapy",
+    "activity",
+)
+LONG_SCOPES = [
+    "launch/patient",
+    "openid",
+    "fhirUser",
+    "offline_access",
+    "patient/Patient.rs",
+    *(
+        "patient/Observation.rs?category="
+        f"http://terminology.hl7.org/CodeSystem/observation-category|{c}"
+        for c in OBSERVATION_CATEGORIES
+    ),
+    *(
+        f"patient/Condition.rs?category=http://terminology.hl7.org/CodeSystem/condition-category|{c}"
+        for c in ("problem-list-item", "encounter-diagnosis")
+    ),
+    *(
+        "patient/DocumentReference.rs?category="
+        f"http://hl7.org/fhir/us/core/CodeSystem/us-core-documentreference-category|{c}"
+        for c in ("clinical-note",)
+    ),
+    *(
+        f"patient/DiagnosticReport.rs?category=http://terminology.hl7.org/CodeSystem/v2-0074|{c}"
+        for c in ("LAB", "RAD", "CT", "NMR", "CUS", "PAT")
+    ),
+    "patient/Observation.rs?category=http://hl7.org/fhir/us/core/CodeSystem/us-core-category|sdoh",
+]
+
+
+@pytest.fixture(scope="module")
+def long_scope_source(sandbox: SandboxHandle, control_plane: ControlPlane, web_base: str) -> str:
+    """A second patient-access source at the same EHR whose scope list is long."""
+    endpoint = sandbox.org(PATIENT_ORG)
+    source_id = f"{PATIENT_ORG}-long-scopes"
+    control_plane.add_source(
+        source_id,
+        f"{endpoint.name} (fine-grained scopes)",
+        "sandbox",
+        "ehr",
+        endpoint.fhir_base,
+        ["patient_access"],
+        {"client_id": "medblocks-patient-app", "scopes": LONG_SCOPES},
+    )
+    return source_id
+
+
+def test_long_scope_list_goes_through_the_auto_posting_form(
+    browser: Any,
+    screenshot: Shot,
+    sandbox: SandboxHandle,
+    control_plane: ControlPlane,
+    web_base: str,
+    tenant_app: str,
+    long_scope_source: str,
+) -> None:
+    """Past 2000 characters we POST the authorization request (SPECS §1.3): our start page is a
+    form that submits itself; only a browser running it proves it works."""
+    cp, By = control_plane, _by()
+    who = login(sandbox, 4)
+    link = create_connect_link(
+        cp,
+        tenant_id=TENANT,
+        source_id=long_scope_source,
+        patient_ref="acme-long-scopes",
+        public_base_url=web_base,
+        return_url=f"{tenant_app}/connected",
+    )
+    browser.get(link.url)
+    wait_for(browser, lambda b: b.find_elements(By.ID, "username"), "the sandbox sign-in form")
+    assert browser.current_url.startswith(sandbox.org(PATIENT_ORG).base_url)
+    started = [
+        e
+        for e in cp.connection_events(link.connection_id)
+        if e["event_type"] == "launch.authorize_redirect"
+    ]
+    assert [e["detail"]["method"] for e in started] == ["POST"]
+    # POST because the GET URL would have been too long (not because POST is always used).
+    assert len(urllib.parse.urlencode({"scope": " ".join(LONG_SCOPES)})) > MAX_GET_URL
+    sign_in(browser, who.username, who.password)
+    wait_for_consent(browser)
+    offered = [
+        b.get_attribute("value")
+        for b in browser.find_elements(By.CSS_SELECTOR, 'input[type="checkbox"][name="scope"]')
+    ]
+    assert [s for s in offered if "category=" in str(s)] == [
+        s for s in LONG_SCOPES if "category=" in s
+    ]
+    assert "(only some)" in browser.find_element(By.TAG_NAME, "body").text
+    screenshot("long-scopes-consent")
+    browser.find_element(By.CSS_SELECTOR, 'button[value="approve"]').click()
+    wait_for(browser, lambda b: b.find_elements(By.ID, "status"), "the tenant's return page")
+    assert text_of(browser, "status") == "active"
+    conn = cp.get_connection(link.connection_id)
+    assert conn["state"] == "active" and conn["source_patient_id"] == who.patient_id
+    granted = set(str(conn["scopes_granted"]).split())
+    assert {s for s in LONG_SCOPES if s.startswith("patient/")} <= granted
