@@ -364,8 +364,11 @@ def clinician(state: DemoState) -> None:
         for col in ("indicator", "summary", "source"):
             table.add_column(col)
         for card in cards:
-            table.add_row(card.get("indicator", ""), card.get("summary", ""),
-                          card.get("source", {}).get("label", ""))
+            table.add_row(
+                card.get("indicator", ""),
+                card.get("summary", ""),
+                card.get("source", {}).get("label", ""),
+            )
         state.console.print(table)
     # The launch is an event: the sensor would turn it into a targeted sync within seconds; the
     # demo runs that same job now, then rebuilds the warehouse.
@@ -373,8 +376,13 @@ def clinician(state: DemoState) -> None:
     run_job(
         "clinician_sync_job",
         partition_key=partition_key(TENANT, org_id),
-        run_config={"ops": {"clinician_workflow__records": {"config": {
-            "connection_ids": [out["connection_id"]]}}}},
+        run_config={
+            "ops": {
+                "clinician_workflow__records": {
+                    "config": {"connection_ids": [out["connection_id"]]}
+                }
+            }
+        },
         tags={"medblocks/tenant": TENANT},
     )
     build(state)
@@ -440,10 +448,11 @@ def summary(state: DemoState) -> None:
                 + ", ".join(f"{r[0]} via {'+'.join(r[2])}" for r in rows[:3])
                 + ")"
             )
-    refused = [a for a in state.cp.list_audit(tenant_id=TENANT) if a["decision"] == "refused"]
+    queries = [a for a in state.cp.list_audit(tenant_id=TENANT) if a["action"] == "network.query"]
+    refused = [a for a in queries if a["decision"] == "refused"]
     state.console.print(
-        f"network audit log: {len(state.cp.list_audit(tenant_id=TENANT))} "
-        f"queries, {len(refused)} refused (`medblocks audit list --tenant {TENANT}`)"
+        f"network audit log: {len(queries)} queries, {len(refused)} refused "
+        f"(`medblocks audit list --tenant {TENANT}`)"
     )
     state.console.rule("[bold]next")
     state.console.print(f"DuckDB warehouse: [bold]{path}[/bold]")

@@ -25,8 +25,12 @@ def test_demo_runs_every_pattern_into_one_warehouse(
     cp = state.cp
     states = {c["state"] for c in cp.list_connections(tenant_id=TENANT, pattern="patient_access")}
     assert {"active", "refresh_failed"} <= states
-    decisions = sorted(a["decision"] for a in cp.list_audit(tenant_id=TENANT))
+    audit = cp.list_audit(tenant_id=TENANT)
+    decisions = sorted(a["decision"] for a in audit if a["action"] == "network.query")
     assert decisions == ["allowed", "refused"]
+    # The EHR's CDS Hooks calls were answered (and audited) for the launched patient.
+    assert any(a["action"] == "cds.patient-view" and a["decision"] == "allowed" for a in audit)
+    assert state.results["clinician"]["app_status"] == 200
     with open_warehouse(TENANT, settings=settings) as con:
         patterns = {
             r[0] for r in con.execute("SELECT DISTINCT pattern FROM resource_sightings").fetchall()

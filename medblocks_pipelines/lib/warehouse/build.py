@@ -7,7 +7,8 @@ Builds of one tenant are serialized by a file lock (and by a Dagster pool in the
 
 Base tables:
 - ``resource_versions``: every distinct version landed, deduplicated by
-  ``(source, resource_type, resource_id, content_hash)``, keeping the first fetch (so re-runs change nothing).
+  ``(source, resource_type, resource_id, content_hash)``, keeping the first fetch (so re-runs change
+  nothing); metadata only, with ``lake_file``/``lake_row`` pointing at the version's JSON in the lake.
 - ``resources``: the latest version of each resource per source, tombstones applied.
 - ``tombstones``: deletions reported by sources.
 - ``resource_sightings``: each current resource with every pattern, organization and connection
@@ -43,7 +44,7 @@ from medblocks_pipelines.lib.warehouse.lake import (
 )
 
 # DuckDB memory for a build (the rest spills to disk): a tenant of any size builds in bounded RSS.
-WAREHOUSE_MEMORY_LIMIT = os.environ.get("MEDBLOCKS_WAREHOUSE_MEMORY_LIMIT", "1GB")
+WAREHOUSE_MEMORY_LIMIT = os.environ.get("MEDBLOCKS_WAREHOUSE_MEMORY_LIMIT", "768MB")
 
 PROVENANCE_COLUMNS = (
     "tenant",
@@ -122,23 +123,29 @@ def build_base_tables(
     """Create the base tables from the lake into ``con``."""
     rglob = resources_glob(settings.lake_root, tenant)
     if _has_files(rglob):
+        # filename + file_row_number point at each row's text in the lake, so the JSON is read
+        # once, for the rows that become current, and never copied into resource_versions.
         con.execute(
             f"CREATE TEMP VIEW lake_rows AS SELECT * FROM read_parquet('{rglob}', "
-            "hive_partitioning=false, union_by_name=true)"
+            "hive_partitioning=false, union_by_name=true, filename=true, file_row_number=true)"
         )
     else:
         empty = _empty_arrow(RESOURCE_SCHEMA)  # noqa: F841 (referenced by name in SQL)
-        con.execute("CREATE TEMP TABLE lake_rows AS SELECT * FROM empty")
+        con.execute(
+            "CREATE TEMP TABLE lake_rows AS SELECT *, NULL::VARCHAR AS filename, "
+            "NULL::BIGINT AS file_row_number FROM empty"
+        )
 
     # One row per distinct version; the first fetch wins so a re-run reproduces the same rows.
+    # Metadata only: every version's JSON stays in the lake file the row points at.
     con.execute(
         """
         CREATE TABLE resource_versions AS
-        SELECT resource, resource_type, resource_id, version_id, last_updated,
+        SELECT resource_type, resource_id, version_id, last_updated,
                try_cast(last_updated AS TIMESTAMPTZ) AS last_updated_ts, content_hash,
                tenant, pattern, source, organization, connection,
                source || '/' || resource_type || '/' || resource_id AS resource_key,
-               fetched_at, run_id, origin
+               fetched_at, run_id, origin, filename AS lake_file, file_row_number AS lake_row
         FROM lake_rows
         WHERE NOT deleted
         QUALIFY row_number() OVER (
@@ -183,10 +190,12 @@ def build_base_tables(
                          fetched_at DESC, content_hash) = 1
         )
         SELECT v.resource_key, v.resource_type, v.resource_id, v.version_id, v.last_updated,
-               v.content_hash, v.resource, v.tenant, v.pattern, v.source, v.organization,
+               v.content_hash, r.resource, v.tenant, v.pattern, v.source, v.organization,
                v.connection, v.fetched_at, v.run_id
-        FROM latest l JOIN resource_versions v
+        FROM latest l
+        JOIN resource_versions v
           ON v.resource_key = l.resource_key AND v.content_hash = l.content_hash
+        JOIN lake_rows r ON r.filename = v.lake_file AND r.file_row_number = v.lake_row
         WHERE NOT l.deleted
         """
     )
