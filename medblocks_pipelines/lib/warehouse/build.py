@@ -172,33 +172,36 @@ def build_base_tables(
     # tombstone wins a tie, then versionId, then when we saw it.
     con.execute(
         """
-        CREATE TABLE resources AS
+        CREATE TEMP TABLE current_rows AS
         WITH states AS (
-            SELECT resource_key, source, resource_type, resource_id, false AS deleted,
-                   last_updated_ts AS ts, try_cast(version_id AS BIGINT) AS vnum, fetched_at,
-                   content_hash
+            SELECT resource_key, false AS deleted, last_updated_ts AS ts,
+                   try_cast(version_id AS BIGINT) AS vnum, fetched_at, content_hash,
+                   lake_file, lake_row
             FROM resource_versions
             UNION ALL
-            SELECT resource_key, source, resource_type, resource_id, true, deleted_at_ts, NULL,
-                   fetched_at, NULL
+            SELECT resource_key, true, deleted_at_ts, NULL, fetched_at, NULL, NULL, NULL
             FROM tombstones
-        ), latest AS (
-            SELECT * FROM states
-            QUALIFY row_number() OVER (
-                PARTITION BY resource_key
-                ORDER BY ts DESC NULLS LAST, deleted DESC, vnum DESC NULLS LAST,
-                         fetched_at DESC, content_hash) = 1
         )
-        SELECT v.resource_key, v.resource_type, v.resource_id, v.version_id, v.last_updated,
-               v.content_hash, r.resource, v.tenant, v.pattern, v.source, v.organization,
-               v.connection, v.fetched_at, v.run_id
-        FROM latest l
-        JOIN resource_versions v
-          ON v.resource_key = l.resource_key AND v.content_hash = l.content_hash
-        JOIN lake_rows r ON r.filename = v.lake_file AND r.file_row_number = v.lake_row
-        WHERE NOT l.deleted
+        SELECT lake_file, lake_row FROM states
+        QUALIFY row_number() OVER (
+            PARTITION BY resource_key
+            ORDER BY ts DESC NULLS LAST, deleted DESC, vnum DESC NULLS LAST,
+                     fetched_at DESC, content_hash) = 1
+            AND NOT deleted
         """
     )
+    # A semi-join on the small pointer table: only the current rows' JSON is read, never hashed.
+    con.execute(
+        """
+        CREATE TABLE resources AS
+        SELECT source || '/' || resource_type || '/' || resource_id AS resource_key,
+               resource_type, resource_id, version_id, last_updated, content_hash, resource,
+               tenant, pattern, source, organization, connection, fetched_at, run_id
+        FROM lake_rows
+        WHERE (filename, file_row_number) IN (SELECT (lake_file, lake_row) FROM current_rows)
+        """
+    )
+    con.execute("DROP TABLE current_rows")
 
     # Every relationship that delivered each current resource: the same EHR record can arrive by a
     # backend export and by a patient's own connection; `resources` keeps one row, this keeps both.
