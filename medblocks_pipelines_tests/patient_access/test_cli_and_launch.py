@@ -133,3 +133,19 @@ def test_demo_helpers_connect_and_refresh_failed(pa_env: PatientAccessEnv) -> No
     victim = outcomes[0].connection_id
     assert simulate_portal_revocation(pa_env.sandbox, pa_env.cp, victim) == "refresh_failed"
     assert pa_env.cp.get_connection(outcomes[1].connection_id)["state"] == "active"
+
+
+def test_cli_sync_runs_the_dagster_job(
+    pa_env: PatientAccessEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    home = pa_env.settings.data_dir / "dagster_home"
+    home.mkdir(parents=True, exist_ok=True)
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    org = pa_env.org("ehr")
+    sid = pa_env.add_source(org)
+    conn_id, outcome = pa_env.connect(sid, pa_env.logins(org)[0])
+    assert outcome.status == "active"
+    out = CliRunner().invoke(main, ["sync", "patient-access", "--tenant", "acme", "--source", sid])
+    assert out.exit_code == 0, out.output
+    assert "succeeded" in out.output
+    assert pa_env.cp.list_pulls(tenant_id="acme")[0]["connection_id"] == conn_id
