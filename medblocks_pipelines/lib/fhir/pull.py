@@ -358,8 +358,11 @@ def pull_connection(
         return result
     source = cp.get_source(conn["source_id"])
     cfg = source.get("config") or {}
+    # The relationship that authorized this pull is the connection's own pattern: a patient's
+    # consent (patient_access) or an EHR launch's targeted sync (clinician_workflow).
+    pattern = str(conn["pattern"])
     pull_id = cp.start_pull(
-        tenant_id=conn["tenant_id"], pattern=PATTERN, source_id=conn["source_id"],
+        tenant_id=conn["tenant_id"], pattern=pattern, source_id=conn["source_id"],
         organization_id=conn.get("organization_id"), connection_id=connection_id, run_id=run_id,
     )
     result.pull_id = pull_id
@@ -370,7 +373,7 @@ def pull_connection(
     client = FhirClient(str(source["fhir_base_url"]), http=http, tokens=tokens, limiter=limiter,
                         **dict(client_options or {}))
     prov = Provenance(
-        tenant=conn["tenant_id"], pattern=PATTERN, source=conn["source_id"],
+        tenant=conn["tenant_id"], pattern=pattern, source=conn["source_id"],
         organization=conn.get("organization_id"), connection=connection_id, run_id=run_id,
     )
     try:
@@ -518,9 +521,11 @@ def pull_batch(
     """
     started = time.perf_counter()
     own = http is None
-    by_source: dict[str, list[str]] = {}
+    # Grouped by source (one limiter and pool each) and pattern (one app registration each).
+    by_source: dict[tuple[str, str], list[str]] = {}
     for cid in connection_ids:
-        by_source.setdefault(cp.get_connection(cid)["source_id"], []).append(cid)
+        conn = cp.get_connection(cid)
+        by_source.setdefault((conn["source_id"], conn["pattern"]), []).append(cid)
     batch = BatchResult()
     lock = threading.Lock()
     max_workers = concurrency or 4
@@ -528,13 +533,13 @@ def pull_batch(
         timeout=30.0, limits=httpx.Limits(max_connections=max_workers * 2 + 4)
     )
     try:
-        for source_id, ids in by_source.items():
+        for (source_id, pattern), ids in by_source.items():
             source = cp.get_source(source_id)
             workers = concurrency or int((source.get("config") or {}).get("concurrency") or 4)
             try:
                 _smart, cap = source_discovery(cp, source_id, http=client)
                 supported = supported_types(cap)
-                auth = ClientAuth.from_source(source, cp)
+                auth = ClientAuth.from_source(source, cp, pattern=pattern)
             except MedblocksError as exc:
                 for cid in ids:
                     batch.results.append(PullResult(cid, status="failed",
@@ -648,7 +653,7 @@ def _revoke_at_source(
     own = http is None
     client = http or httpx.Client(timeout=10.0)
     try:
-        auth = ClientAuth.from_source(source, cp)
+        auth = ClientAuth.from_source(source, cp, pattern=conn["pattern"])
         form = {"token": str(token), "token_type_hint":
                 "refresh_token" if blob.get("refresh_token") else "access_token"}
         headers = auth.apply(form, token_endpoint=str(endpoint))

@@ -288,7 +288,7 @@ def begin_authorization(
     if methods is not None and "S256" not in methods:
         _fail(cp, connection_id, "no_pkce_s256")
         raise LaunchError(f"source {source['id']} does not support PKCE S256", reason="unsupported")
-    client = ClientAuth.from_source(source, cp)
+    client = ClientAuth.from_source(source, cp, pattern=conn["pattern"])
 
     scope_list = list(scopes) if scopes is not None else default_scopes(source, smart, cap)
     if launch is not None and "launch" not in scope_list:
@@ -414,7 +414,7 @@ def complete_authorization(
 
     source = cp.get_source(conn["source_id"])
     try:
-        client = ClientAuth.from_source(source, cp)
+        client = ClientAuth.from_source(source, cp, pattern=conn["pattern"])
         token_endpoint = str(pending["token_endpoint"])
         form = {
             "grant_type": "authorization_code",

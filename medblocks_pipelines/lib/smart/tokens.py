@@ -76,12 +76,17 @@ class ClientAuth:
     jku: str | None = None
 
     @classmethod
-    def from_source(cls, source: Mapping[str, Any], control_plane: ControlPlane) -> "ClientAuth":
+    def from_source(
+        cls, source: Mapping[str, Any], control_plane: ControlPlane, *, pattern: str | None = None
+    ) -> "ClientAuth":
         """Build from a source's ``config``: ``client_id``, ``client_auth`` and the vault names
         ``client_secret_secret`` (basic) or ``signing_key_secret`` (a SigningKey JSON; private_key_jwt).
+
+        One EHR serves several patterns, each with its own app registration (a patient-facing app,
+        an EHR-launched app, a backend client): ``<pattern>_client_id`` wins over ``client_id``.
         """
         cfg = source.get("config") or {}
-        client_id = cfg.get("client_id")
+        client_id = (pattern and cfg.get(f"{pattern}_client_id")) or cfg.get("client_id")
         if not client_id:
             raise ConfigError(
                 f"source {source.get('id')} has no client_id",
@@ -303,6 +308,7 @@ class TokenManager:
         conn = control_plane.get_connection(connection_id)
         self.tenant_id: str = conn["tenant_id"]
         self.source_id: str = conn["source_id"]
+        self.pattern: str = conn["pattern"]
 
     def __repr__(self) -> str:
         return f"TokenManager(connection={self.connection_id!r})"
@@ -310,7 +316,9 @@ class TokenManager:
     @property
     def client_auth(self) -> ClientAuth:
         if self._client_auth is None:
-            self._client_auth = ClientAuth.from_source(self.cp.get_source(self.source_id), self.cp)
+            self._client_auth = ClientAuth.from_source(
+                self.cp.get_source(self.source_id), self.cp, pattern=self.pattern
+            )
         return self._client_auth
 
     # -- reading -------------------------------------------------------------------------------

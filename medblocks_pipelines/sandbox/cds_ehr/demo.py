@@ -107,8 +107,12 @@ def setup_clinician_org(
             config={"client_id": client_id},
         )
     else:
+        # A source shared with other patterns keeps their registrations; this app has its own.
         src = cp.get_source(source_id)
-        cp.update_source(source_id, config={**(src.get("config") or {}), "client_id": client_id})
+        cp.update_source(
+            source_id,
+            config={**(src.get("config") or {}), "clinician_workflow_client_id": client_id},
+        )
     cds_cfg = {"iss": cds_client.iss, "jwks_url": cds_client.jwks_url}
     org_id = next(
         (o["id"] for o in cp.list_organizations(tenant_id=tenant) if o["source_id"] == source_id),
