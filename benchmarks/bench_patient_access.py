@@ -31,8 +31,14 @@ def _sandbox_child(conn: Any, persons: int, seed: int) -> None:
 
     handle = start_sandbox(base_port=0, persons=persons, seed=seed, roles=["ehr"])
     org = handle.orgs_of("ehr")[0]
-    conn.send({"secret": handle.admin_secret, "org_id": org.org_id, "name": org.name,
-               "base_url": org.base_url})
+    conn.send(
+        {
+            "secret": handle.admin_secret,
+            "org_id": org.org_id,
+            "name": org.name,
+            "base_url": org.base_url,
+        }
+    )
     conn.recv()  # wait for "stop"
     handle.stop()
 
@@ -69,15 +75,18 @@ def main() -> int:
     from medblocks_pipelines.web.app import create_app
 
     parent, child = mp.Pipe()
-    proc = mp.get_context("spawn").Process(target=_sandbox_child,
-                                           args=(child, args.persons, args.seed), daemon=True)
+    proc = mp.get_context("spawn").Process(
+        target=_sandbox_child, args=(child, args.persons, args.seed), daemon=True
+    )
     proc.start()
     info = parent.recv()
     base_url = info["base_url"]
     fhir_base = f"{base_url}/fhir"
-    logins = [lg for lg in generate_population(PopulationSpec(seed=args.seed,
-                                                              persons=args.persons)).logins
-              if lg.org_id == info["org_id"]]
+    logins = [
+        lg
+        for lg in generate_population(PopulationSpec(seed=args.seed, persons=args.persons)).logins
+        if lg.org_id == info["org_id"]
+    ]
     settings = get_settings()
     settings.ensure_dirs()
     cp = open_control_plane(settings)
@@ -87,29 +96,53 @@ def main() -> int:
     faults_url = f"{base_url}/_sandbox/faults"
     fault_hdr = {"X-Sandbox-Admin": info["secret"]}
     try:
-        with httpx.Client(timeout=60.0) as http, serve(
-            lambda base: create_app(public_base_url=base, settings=settings)
-        ) as web:
-            http.post(f"{base_url}/_admin/clients", headers=admin, json={
-                "client_id": client_id, "token_endpoint_auth_method": "none",
-                "redirect_uris": [f"{web}/connect/callback"], "name": "Bench"}).raise_for_status()
-            cp.add_source("bench-ehr", info["name"], "sandbox", "ehr", fhir_base,
-                          ["patient_access"], config={
-                              "client_id": client_id,
-                              "rate_limit": {"requests": args.limit, "per_seconds": 1.0},
-                              "concurrency": args.concurrency,
-                              "observation_categories_combined": True,
-                          })
+        with (
+            httpx.Client(timeout=60.0) as http,
+            serve(lambda base: create_app(public_base_url=base, settings=settings)) as web,
+        ):
+            http.post(
+                f"{base_url}/_admin/clients",
+                headers=admin,
+                json={
+                    "client_id": client_id,
+                    "token_endpoint_auth_method": "none",
+                    "redirect_uris": [f"{web}/connect/callback"],
+                    "name": "Bench",
+                },
+            ).raise_for_status()
+            cp.add_source(
+                "bench-ehr",
+                info["name"],
+                "sandbox",
+                "ehr",
+                fhir_base,
+                ["patient_access"],
+                config={
+                    "client_id": client_id,
+                    "rate_limit": {"requests": args.limit, "per_seconds": 1.0},
+                    "concurrency": args.concurrency,
+                    "observation_categories_combined": True,
+                },
+            )
             t0 = time.perf_counter()
             ids = []
             for i in range(args.connections):
                 login = logins[i % len(logins)]
-                link = create_connect_link(cp, tenant_id="bench", source_id="bench-ehr",
-                                           patient_ref=f"b{i}", public_base_url=web,
-                                           return_url="https://bench.example/done")
-                out = connect_via_consent_page(link.url, username=login.username,
-                                               password=login.password,
-                                               stop_at="https://bench.example/done", http=http)
+                link = create_connect_link(
+                    cp,
+                    tenant_id="bench",
+                    source_id="bench-ehr",
+                    patient_ref=f"b{i}",
+                    public_base_url=web,
+                    return_url="https://bench.example/done",
+                )
+                out = connect_via_consent_page(
+                    link.url,
+                    username=login.username,
+                    password=login.password,
+                    stop_at="https://bench.example/done",
+                    http=http,
+                )
                 if out.status != "active":
                     print(f"connection {i} failed: {out.reason}", file=sys.stderr)
                     return 1
@@ -118,16 +151,26 @@ def main() -> int:
             print(f"connected {len(ids)} patients through the consent page in {consent_s:.1f} s")
 
             # The slow, rate-limited EHR (FHIR paths only; the discovery GET is anonymous).
-            http.post(faults_url, headers=fault_hdr, json=[
-                {"kind": "latency", "path": "/fhir/", "seconds": args.latency},
-                {"kind": "rate_limit", "client_id": client_id, "path": "/fhir/",
-                 "limit": args.limit, "window": 1.0},
-            ]).raise_for_status()
+            http.post(
+                faults_url,
+                headers=fault_hdr,
+                json=[
+                    {"kind": "latency", "path": "/fhir/", "seconds": args.latency},
+                    {
+                        "kind": "rate_limit",
+                        "client_id": client_id,
+                        "path": "/fhir/",
+                        "limit": args.limit,
+                        "window": 1.0,
+                    },
+                ],
+            ).raise_for_status()
 
             tracemalloc.start()
             t1 = time.perf_counter()
-            batch = pull_batch(cp, ids, lake_root=settings.lake_root, run_id="bench",
-                               concurrency=args.concurrency)
+            batch = pull_batch(
+                cp, ids, lake_root=settings.lake_root, run_id="bench", concurrency=args.concurrency
+            )
             pull_s = time.perf_counter() - t1
             _cur, peak_traced = tracemalloc.get_traced_memory()
             tracemalloc.stop()
@@ -139,18 +182,26 @@ def main() -> int:
     bound_s = batch.requests / args.limit
     used = bound_s / pull_s if pull_s else 0.0
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"pulled {meta['connections_pulled']} connections: {meta['by_status']}, "
-          f"{meta['resources']:,} resources, {meta['quarantined']} quarantined")
-    print(f"requests: {batch.requests:,}  (429 answers: {meta['http_429']}, "
-          f"failures: {meta['failures_by_reason'] or 'none'})")
+    print(
+        f"pulled {meta['connections_pulled']} connections: {meta['by_status']}, "
+        f"{meta['resources']:,} resources, {meta['quarantined']} quarantined"
+    )
+    print(
+        f"requests: {batch.requests:,}  (429 answers: {meta['http_429']}, "
+        f"failures: {meta['failures_by_reason'] or 'none'})"
+    )
     print(f"pull time:              {pull_s:8.1f} s")
-    print(f"rate-limit bound:       {bound_s:8.1f} s   ({batch.requests} requests / "
-          f"{args.limit} per s, latency {args.latency * 1000:.0f} ms)")
+    print(
+        f"rate-limit bound:       {bound_s:8.1f} s   ({batch.requests} requests / "
+        f"{args.limit} per s, latency {args.latency * 1000:.0f} ms)"
+    )
     print(f"ratio bound/actual:     {used:8.3f}   (share of the rate limit used; target >= 0.90)")
     print(f"throughput:             {batch.requests / pull_s:8.2f} requests/s")
     print(f"breached the limit:     {'YES' if meta['http_429'] else 'no'}")
-    print(f"peak RSS:               {rss_mb:8.1f} MB   (tracemalloc peak of the pull "
-          f"{peak_traced / 2**20:.1f} MB)")
+    print(
+        f"peak RSS:               {rss_mb:8.1f} MB   (tracemalloc peak of the pull "
+        f"{peak_traced / 2**20:.1f} MB)"
+    )
     ok = meta["http_429"] == 0 and used >= 0.90 and meta["by_status"].get("success") == len(ids)
     tmp.cleanup()
     return 0 if ok else 2

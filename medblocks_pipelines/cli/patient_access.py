@@ -79,8 +79,11 @@ def _submit(
     action = urllib.parse.urljoin(str(page.url), form.get("action") or str(page.url))
     method = (form.get("method") or "get").upper()
     if method == "POST":
-        return client.post(action, content=fields_to_body(fields),
-                           headers={"Content-Type": "application/x-www-form-urlencoded"})
+        return client.post(
+            action,
+            content=fields_to_body(fields),
+            headers={"Content-Type": "application/x-www-form-urlencoded"},
+        )
     return client.get(action, params=urllib.parse.urlencode(fields))
 
 
@@ -129,21 +132,35 @@ def connect_via_consent_page(
                 continue
             if callback_seen:
                 # Our callback answered with a page (no return URL, or a refusal).
-                status = "active" if resp.status_code == 200 else (
-                    "refused" if "not valid" in resp.text else "failed")
-                return ConsentOutcome(None, status, None if status == "active" else "page",
-                                      str(resp.url), pages)
+                status = (
+                    "active"
+                    if resp.status_code == 200
+                    else ("refused" if "not valid" in resp.text else "failed")
+                )
+                return ConsentOutcome(
+                    None, status, None if status == "active" else "page", str(resp.url), pages
+                )
             forms = _forms(resp) if "html" in resp.headers.get("content-type", "") else []
             if not forms:
-                return ConsentOutcome(None, "error", f"http_{resp.status_code}", str(resp.url),
-                                      pages)
+                return ConsentOutcome(
+                    None, "error", f"http_{resp.status_code}", str(resp.url), pages
+                )
             names = {el.get("name") for el in forms[0].inputs}
             if "password" in names:
-                resp = _submit(client, resp, button="login",
-                               values={"username": username, "password": password})
+                resp = _submit(
+                    client,
+                    resp,
+                    button="login",
+                    values={"username": username, "password": password},
+                )
             elif "consent_token" in names:
-                resp = _submit(client, resp, button="approve" if approve else "deny", values={},
-                               uncheck=uncheck_scopes)
+                resp = _submit(
+                    client,
+                    resp,
+                    button="approve" if approve else "deny",
+                    values={},
+                    uncheck=uncheck_scopes,
+                )
             else:
                 # Our auto-submitting POST authorization form (long scope lists).
                 resp = _submit(client, resp, button=None, values={})
@@ -181,12 +198,22 @@ def connect_patients(
     out = []
     for login in logins:
         link = create_connect_link(
-            cp, tenant_id=tenant_id, source_id=source_id, patient_ref=f"ref-{login.patient_id}",
-            public_base_url=public_base_url, return_url=return_url,
+            cp,
+            tenant_id=tenant_id,
+            source_id=source_id,
+            patient_ref=f"ref-{login.patient_id}",
+            public_base_url=public_base_url,
+            return_url=return_url,
         )
-        out.append(connect_via_consent_page(link.url, username=login.username,
-                                            password=login.password, stop_at=return_url,
-                                            http=http))
+        out.append(
+            connect_via_consent_page(
+                link.url,
+                username=login.username,
+                password=login.password,
+                stop_at=return_url,
+                http=http,
+            )
+        )
     return out
 
 
@@ -204,8 +231,11 @@ def simulate_portal_revocation(sandbox: Any, cp: Any, connection_id: str) -> str
     conn = cp.get_connection(connection_id)
     source = cp.get_source(conn["source_id"])
     org = next(o for o in sandbox.orgs if o.fhir_base == source["fhir_base_url"].rstrip("/"))
-    sandbox.admin(org.org_id, "revoke-grant", {"client_id": source["config"]["client_id"],
-                                               "patient": conn["source_patient_id"]})
+    sandbox.admin(
+        org.org_id,
+        "revoke-grant",
+        {"client_id": source["config"]["client_id"], "patient": conn["source_patient_id"]},
+    )
     with httpx.Client(timeout=20.0) as http:
         manager = TokenManager(cp, connection_id, http=http)
         # Expected to raise: the refresh is refused and the connection moves to refresh_failed.
@@ -222,8 +252,13 @@ def simulate_portal_revocation(sandbox: Any, cp: Any, connection_id: str) -> str
 @click.option("--patient-ref", required=True, help="The tenant's own id for the patient.")
 @click.option("--source", required=True)
 @click.option("--return-url", help="Where the patient's browser goes after the consent.")
-@click.option("--public-base-url", envvar="MEDBLOCKS_PUBLIC_BASE_URL", default=DEFAULT_PUBLIC_BASE,
-              show_default=True, help="How browsers reach `medblocks serve`.")
+@click.option(
+    "--public-base-url",
+    envvar="MEDBLOCKS_PUBLIC_BASE_URL",
+    default=DEFAULT_PUBLIC_BASE,
+    show_default=True,
+    help="How browsers reach `medblocks serve`.",
+)
 def connections_link(
     tenant: str, patient_ref: str, source: str, return_url: str | None, public_base_url: str
 ) -> None:
@@ -231,19 +266,29 @@ def connections_link(
     from medblocks_pipelines.cli.core import control_plane
     from medblocks_pipelines.lib.smart.launch import create_connect_link
 
-    link = create_connect_link(control_plane(), tenant_id=tenant, source_id=source,
-                               patient_ref=patient_ref, public_base_url=public_base_url,
-                               return_url=return_url)
-    click.echo(f"connection {link.connection_id} (pending, link valid until "
-               f"{link.expires_at:%Y-%m-%d %H:%M} UTC)")
+    link = create_connect_link(
+        control_plane(),
+        tenant_id=tenant,
+        source_id=source,
+        patient_ref=patient_ref,
+        public_base_url=public_base_url,
+        return_url=return_url,
+    )
+    click.echo(
+        f"connection {link.connection_id} (pending, link valid until "
+        f"{link.expires_at:%Y-%m-%d %H:%M} UTC)"
+    )
     click.echo(link.url)
 
 
 @click.command()
 @click.argument("connection_id")
-@click.option("--delete-data/--keep-data", default=None,
-              help="Delete the connection's data from the lake and warehouse (default: the "
-              "tenant's delete_on_revoke setting).")
+@click.option(
+    "--delete-data/--keep-data",
+    default=None,
+    help="Delete the connection's data from the lake and warehouse (default: the "
+    "tenant's delete_on_revoke setting).",
+)
 def connections_revoke(connection_id: str, delete_data: bool | None) -> None:
     """Revoke a connection: pulls stop, tokens are revoked and destroyed, data optionally deleted."""
     from medblocks_pipelines.cli.core import control_plane
@@ -252,10 +297,13 @@ def connections_revoke(connection_id: str, delete_data: bool | None) -> None:
 
     cp = control_plane()
     settings = get_settings()
-    result = revoke_connection(cp, connection_id, lake_root=settings.lake_root,
-                               delete_data=delete_data)
-    click.echo(f"connection {connection_id} revoked"
-               + (" (also at the source)" if result.revoked_at_source else ""))
+    result = revoke_connection(
+        cp, connection_id, lake_root=settings.lake_root, delete_data=delete_data
+    )
+    click.echo(
+        f"connection {connection_id} revoked"
+        + (" (also at the source)" if result.revoked_at_source else "")
+    )
     if result.delete_data:
         click.echo(f"{result.rows_deleted} landed rows deleted")
         if result.rows_deleted:
@@ -263,8 +311,9 @@ def connections_revoke(connection_id: str, delete_data: bool | None) -> None:
 
             tenant = cp.get_connection(connection_id)["tenant_id"]
             build = build_warehouse(tenant, settings=settings, control_plane=cp)
-            click.echo(f"warehouse of {tenant} rebuilt: {build.table_counts.get('resources', 0)} "
-                       "resources")
+            click.echo(
+                f"warehouse of {tenant} rebuilt: {build.table_counts.get('resources', 0)} resources"
+            )
 
 
 @click.command()
@@ -286,13 +335,19 @@ def connections_refresh(connection_id: str) -> None:
 @click.command()
 @click.option("--tenant", required=True)
 @click.option("--source", required=True)
-@click.option("--all", "all_active", is_flag=True, help="Pull every active connection, not only "
-              "those due.")
+@click.option(
+    "--all", "all_active", is_flag=True, help="Pull every active connection, not only those due."
+)
 @click.option("--full", is_flag=True, help="Ignore the incremental watermark.")
-@click.option("--in-process/--dagster", default=False, show_default=True,
-              help="Run the pull directly instead of as a Dagster run.")
-def sync_patient_access(tenant: str, source: str, all_active: bool, full: bool,
-                        in_process: bool) -> None:
+@click.option(
+    "--in-process/--dagster",
+    default=False,
+    show_default=True,
+    help="Run the pull directly instead of as a Dagster run.",
+)
+def sync_patient_access(
+    tenant: str, source: str, all_active: bool, full: bool, in_process: bool
+) -> None:
     """Pull the tenant's patient-access connections at one source into the lake."""
     from medblocks_pipelines.cli.core import control_plane
 
@@ -302,9 +357,13 @@ def sync_patient_access(tenant: str, source: str, all_active: bool, full: bool,
         from medblocks_pipelines.cli.runtime import run_job
 
         result = run_job(
-            "patient_access_pull_job", partition_key=key,
-            run_config={"ops": {"patient_access__records": {"config": {
-                "all_active": all_active, "full": full}}}},
+            "patient_access_pull_job",
+            partition_key=key,
+            run_config={
+                "ops": {
+                    "patient_access__records": {"config": {"all_active": all_active, "full": full}}
+                }
+            },
             tags={"medblocks/tenant": tenant, "medblocks/source": source},
         )
         click.echo(f"run {result.run_id[:8]} succeeded")
@@ -315,18 +374,29 @@ def sync_patient_access(tenant: str, source: str, all_active: bool, full: bool,
     from medblocks_pipelines.lib.settings import get_settings
 
     if all_active:
-        ids = [c["id"] for c in cp.list_connections(tenant_id=tenant, pattern="patient_access",
-                                                    state="active", source_id=source)]
+        ids = [
+            c["id"]
+            for c in cp.list_connections(
+                tenant_id=tenant, pattern="patient_access", state="active", source_id=source
+            )
+        ]
     else:
         ids = due_connections(cp, tenant_id=tenant, source_id=source)
     if not ids:
         click.echo("no connections due")
         return
-    batch = pull_batch(cp, ids, lake_root=get_settings().lake_root,
-                       run_id=f"cli-{uuid.uuid4().hex[:12]}", full=full)
+    batch = pull_batch(
+        cp,
+        ids,
+        lake_root=get_settings().lake_root,
+        run_id=f"cli-{uuid.uuid4().hex[:12]}",
+        full=full,
+    )
     meta = batch.as_metadata()
-    click.echo(f"{meta['connections_pulled']} connections: {meta['by_status']}, "
-               f"{meta['resources']} resources, {meta['quarantined']} quarantined")
+    click.echo(
+        f"{meta['connections_pulled']} connections: {meta['by_status']}, "
+        f"{meta['resources']} resources, {meta['quarantined']} quarantined"
+    )
     if meta["failures_by_reason"]:
         click.echo(f"failures: {meta['failures_by_reason']}")
 

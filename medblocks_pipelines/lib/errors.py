@@ -164,7 +164,9 @@ class SoapFault(ProtocolError):
     """Raised when an IHE gateway answers with a SOAP 1.2 Fault; `code` and `subcode` are kept,
     the peer's reason text is on `reason` (not in the message)."""
 
-    def __init__(self, message: str, *, code: str | None = None, subcode: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, code: str | None = None, subcode: str | None = None
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.subcode = subcode

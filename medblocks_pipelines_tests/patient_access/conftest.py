@@ -56,18 +56,28 @@ class PatientAccessEnv:
         return self.sandbox.orgs_of(kind)[index]
 
     def add_source(
-        self, org: OrgEndpoint, *, source_id: str | None = None, config: dict[str, Any] | None = None,
+        self,
+        org: OrgEndpoint,
+        *,
+        source_id: str | None = None,
+        config: dict[str, Any] | None = None,
         register: dict[str, Any] | None = None,
     ) -> str:
         """Register a fresh client at ``org`` and add it to the registry as a source."""
         client_id = f"pa-{secrets.token_hex(4)}"
-        body = {"client_id": client_id, "token_endpoint_auth_method": "none",
-                "redirect_uris": [self.callback], "name": "Acme Health App", **(register or {})}
+        body = {
+            "client_id": client_id,
+            "token_endpoint_auth_method": "none",
+            "redirect_uris": [self.callback],
+            "name": "Acme Health App",
+            **(register or {}),
+        }
         answer = self.sandbox.admin(org.org_id, "clients", body)
         sid = source_id or org.org_id
         cfg = {"client_id": client_id, **(config or {})}
-        self.cp.add_source(sid, org.name, "sandbox", org.kind, org.fhir_base, ["patient_access"],
-                           config=cfg)
+        self.cp.add_source(
+            sid, org.name, "sandbox", org.kind, org.fhir_base, ["patient_access"], config=cfg
+        )
         self.clients[sid] = client_id
         if answer.get("client_secret"):
             self.cp.vault.put(f"source/{sid}/client_secret", answer["client_secret"])
@@ -82,18 +92,23 @@ class PatientAccessEnv:
     def auth(self, org: OrgEndpoint) -> Any:
         return self.sandbox.org_handles(org.org_id)["auth"]
 
-    def connect(
-        self, source_id: str, login: Any, **kwargs: Any
-    ) -> tuple[str, ConsentOutcome]:
+    def connect(self, source_id: str, login: Any, **kwargs: Any) -> tuple[str, ConsentOutcome]:
         """Create a link and go through the sandbox's login and consent pages."""
         link = create_connect_link(
-            self.cp, tenant_id=self.tenant, source_id=source_id,
-            patient_ref=f"ref-{login.patient_id[:6]}", public_base_url=self.web_base,
+            self.cp,
+            tenant_id=self.tenant,
+            source_id=source_id,
+            patient_ref=f"ref-{login.patient_id[:6]}",
+            public_base_url=self.web_base,
             return_url=RETURN_URL,
         )
         outcome = connect_via_consent_page(
-            link.url, username=login.username, password=login.password, stop_at=RETURN_URL,
-            http=self.http, **kwargs,
+            link.url,
+            username=login.username,
+            password=login.password,
+            stop_at=RETURN_URL,
+            http=self.http,
+            **kwargs,
         )
         return link.connection_id, outcome
 
@@ -103,11 +118,13 @@ def pa_env(settings: Settings, sandbox: SandboxHandle) -> Iterator[PatientAccess
     """Our web app (connect routes) on a loopback socket, with a fresh control plane."""
     cp = open_control_plane(settings)
     cp.add_tenant("acme", "Acme Health", {"delete_on_revoke": True})
-    with httpx.Client(timeout=30.0) as http, serve(
-        lambda base: create_app(public_base_url=base, settings=settings)
-    ) as web_base:
-        yield PatientAccessEnv(settings=settings, cp=cp, web_base=web_base, sandbox=sandbox,
-                               http=http)
+    with (
+        httpx.Client(timeout=30.0) as http,
+        serve(lambda base: create_app(public_base_url=base, settings=settings)) as web_base,
+    ):
+        yield PatientAccessEnv(
+            settings=settings, cp=cp, web_base=web_base, sandbox=sandbox, http=http
+        )
     cp.engine.dispose()
 
 
@@ -149,8 +166,9 @@ class RewriteResponses:
                 body = json.dumps(new).encode()
         headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
         headers.append((b"content-length", str(len(body)).encode()))
-        await send({"type": "http.response.start", "status": start.get("status", 500),
-                    "headers": headers})
+        await send(
+            {"type": "http.response.start", "status": start.get("status", 500), "headers": headers}
+        )
         await send({"type": "http.response.body", "body": body})
 
 
@@ -171,14 +189,19 @@ def custom_ehr(
     pop = env.sandbox.population
     store = FhirStore()
     store.put_many(pop.resources_for(src.org_id))
-    logins = tuple(Login(username=lg.username, password=lg.password, patient_id=lg.patient_id)
-                   for lg in pop.logins if lg.org_id == src.org_id)
+    logins = tuple(
+        Login(username=lg.username, password=lg.password, patient_id=lg.patient_id)
+        for lg in pop.logins
+        if lg.org_id == src.org_id
+    )
     secret = "custom-admin-secret"
 
     def factory(base: str) -> Any:
         app = create_ehr_app(
-            OrgConfig(org_id=org_id, name="Custom EHR", logins=logins), store,
-            base_url=base, admin_secret=secret,
+            OrgConfig(org_id=org_id, name="Custom EHR", logins=logins),
+            store,
+            base_url=base,
+            admin_secret=secret,
             resource_types=tuple(resource_types or EHR_TYPES),
         )
         return RewriteResponses(app, rewrite[0], rewrite[1]) if rewrite else app
@@ -186,11 +209,25 @@ def custom_ehr(
     with serve(factory) as base:
         endpoint = OrgEndpoint(org_id, "Custom EHR", "ehr", "ehr", base)
         client_id = f"pa-{secrets.token_hex(4)}"
-        resp = httpx.post(f"{base}/_admin/clients", headers={"X-Admin-Secret": secret},
-                          json={"client_id": client_id, "token_endpoint_auth_method": "none",
-                                "redirect_uris": [env.callback], "name": "Acme"})
+        resp = httpx.post(
+            f"{base}/_admin/clients",
+            headers={"X-Admin-Secret": secret},
+            json={
+                "client_id": client_id,
+                "token_endpoint_auth_method": "none",
+                "redirect_uris": [env.callback],
+                "name": "Acme",
+            },
+        )
         resp.raise_for_status()
-        env.cp.add_source(org_id, "Custom EHR", "sandbox", "ehr", endpoint.fhir_base,
-                          ["patient_access"], config={"client_id": client_id})
+        env.cp.add_source(
+            org_id,
+            "Custom EHR",
+            "sandbox",
+            "ehr",
+            endpoint.fhir_base,
+            ["patient_access"],
+            config={"client_id": client_id},
+        )
         env.clients[org_id] = client_id
         yield org_id, endpoint

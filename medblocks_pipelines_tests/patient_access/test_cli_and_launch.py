@@ -21,19 +21,35 @@ def test_cli_link_sync_refresh_revoke(pa_env: PatientAccessEnv) -> None:
     org = pa_env.org("ehr")
     sid = pa_env.add_source(org)
     runner = CliRunner()
-    out = runner.invoke(main, ["connections", "link", "--tenant", "acme", "--patient-ref", "cli-1",
-                               "--source", sid, "--return-url", RETURN_URL,
-                               "--public-base-url", pa_env.web_base])
+    out = runner.invoke(
+        main,
+        [
+            "connections",
+            "link",
+            "--tenant",
+            "acme",
+            "--patient-ref",
+            "cli-1",
+            "--source",
+            sid,
+            "--return-url",
+            RETURN_URL,
+            "--public-base-url",
+            pa_env.web_base,
+        ],
+    )
     assert out.exit_code == 0, out.output
     conn_id = re.search(r"connection (conn_\w+)", out.output).group(1)
     url = out.output.strip().splitlines()[-1]
     login = pa_env.logins(org)[0]
-    outcome = connect_via_consent_page(url, username=login.username, password=login.password,
-                                       stop_at=RETURN_URL, http=pa_env.http)
+    outcome = connect_via_consent_page(
+        url, username=login.username, password=login.password, stop_at=RETURN_URL, http=pa_env.http
+    )
     assert outcome.status == "active" and outcome.connection_id == conn_id
 
-    out = runner.invoke(main, ["sync", "patient-access", "--tenant", "acme", "--source", sid,
-                               "--in-process"])
+    out = runner.invoke(
+        main, ["sync", "patient-access", "--tenant", "acme", "--source", sid, "--in-process"]
+    )
     assert out.exit_code == 0, out.output
     assert "1 connections: {'success': 1}" in out.output
 
@@ -42,7 +58,8 @@ def test_cli_link_sync_refresh_revoke(pa_env: PatientAccessEnv) -> None:
     assert out.exit_code == 0, out.output
     assert pa_env.cp.get_connection(conn_id)["token_expires_at"] >= before
     assert [e["event_type"] for e in pa_env.cp.connection_events(conn_id)].count(
-        "token.refreshed") == 1
+        "token.refreshed"
+    ) == 1
 
     build_warehouse("acme", settings=pa_env.settings, control_plane=pa_env.cp)
     out = runner.invoke(main, ["connections", "revoke", conn_id, "--delete-data"])
@@ -51,8 +68,9 @@ def test_cli_link_sync_refresh_revoke(pa_env: PatientAccessEnv) -> None:
     assert "warehouse of acme rebuilt" in out.output
     con = duckdb.connect(str(warehouse_path(pa_env.settings, "acme")), read_only=True)
     try:
-        left = con.execute("SELECT count(*) FROM resources WHERE connection = ?",
-                           [conn_id]).fetchone()
+        left = con.execute(
+            "SELECT count(*) FROM resources WHERE connection = ?", [conn_id]
+        ).fetchone()
     finally:
         con.close()
     assert left == (0,)
@@ -67,15 +85,20 @@ def test_pulled_records_reach_the_warehouse(pa_env: PatientAccessEnv) -> None:
     sid = pa_env.add_source(org)
     conn_id, outcome = pa_env.connect(sid, pa_env.logins(org)[0])
     runner = CliRunner()
-    out = runner.invoke(main, ["sync", "patient-access", "--tenant", "acme", "--source", sid,
-                               "--in-process"])
+    out = runner.invoke(
+        main, ["sync", "patient-access", "--tenant", "acme", "--source", sid, "--in-process"]
+    )
     assert out.exit_code == 0, out.output
     build_warehouse("acme", settings=pa_env.settings, control_plane=pa_env.cp)
     con = duckdb.connect(str(warehouse_path(pa_env.settings, "acme")), read_only=True)
     try:
-        rows = dict(con.execute(
-            "SELECT resource_type, count(*) FROM resources WHERE connection = ? "
-            "AND pattern = 'patient_access' GROUP BY 1", [conn_id]).fetchall())
+        rows = dict(
+            con.execute(
+                "SELECT resource_type, count(*) FROM resources WHERE connection = ? "
+                "AND pattern = 'patient_access' GROUP BY 1",
+                [conn_id],
+            ).fetchall()
+        )
     finally:
         con.close()
     assert rows["Patient"] == 1 and rows["Observation"] > 0
@@ -86,13 +109,21 @@ def test_ehr_launch_is_the_same_api_with_launch_and_iss(pa_env: PatientAccessEnv
     org = pa_env.org("ehr")
     sid = pa_env.add_source(org)
     patient = pa_env.logins(org)[0].patient_id
-    minted = pa_env.sandbox.admin(org.org_id, "launch", {
-        "patient": patient, "user": "Practitioner/dr-1", "auto_approve": True})
-    conn_id = pa_env.cp.create_connection(tenant_id="acme", pattern="clinician_workflow",
-                                          source_id=sid)
+    minted = pa_env.sandbox.admin(
+        org.org_id,
+        "launch",
+        {"patient": patient, "user": "Practitioner/dr-1", "auto_approve": True},
+    )
+    conn_id = pa_env.cp.create_connection(
+        tenant_id="acme", pattern="clinician_workflow", source_id=sid
+    )
     req = begin_authorization(
-        pa_env.cp, conn_id, redirect_uri=pa_env.callback, http=pa_env.http,
-        launch=minted["launch"], iss=minted["iss"],
+        pa_env.cp,
+        conn_id,
+        redirect_uri=pa_env.callback,
+        http=pa_env.http,
+        launch=minted["launch"],
+        iss=minted["iss"],
         scopes=["launch", "openid", "fhirUser", "patient/Patient.rs", "patient/Observation.rs"],
     )
     q = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(req.url).query))
@@ -111,11 +142,18 @@ def test_ehr_launch_is_the_same_api_with_launch_and_iss(pa_env: PatientAccessEnv
 def test_ehr_launch_with_an_unknown_iss_is_refused(pa_env: PatientAccessEnv) -> None:
     org = pa_env.org("ehr")
     sid = pa_env.add_source(org)
-    conn_id = pa_env.cp.create_connection(tenant_id="acme", pattern="clinician_workflow",
-                                          source_id=sid)
+    conn_id = pa_env.cp.create_connection(
+        tenant_id="acme", pattern="clinician_workflow", source_id=sid
+    )
     with pytest.raises(LaunchError) as info:
-        begin_authorization(pa_env.cp, conn_id, redirect_uri=pa_env.callback, http=pa_env.http,
-                            launch="abc", iss="https://attacker.example/fhir")
+        begin_authorization(
+            pa_env.cp,
+            conn_id,
+            redirect_uri=pa_env.callback,
+            http=pa_env.http,
+            launch="abc",
+            iss="https://attacker.example/fhir",
+        )
     assert info.value.reason == "unknown_iss"
     assert pa_env.cp.get_connection(conn_id)["state"] == "failed"
 
@@ -126,9 +164,14 @@ def test_demo_helpers_connect_and_refresh_failed(pa_env: PatientAccessEnv) -> No
 
     org = pa_env.org("ehr")
     sid = pa_env.add_source(org)
-    outcomes = connect_patients(pa_env.cp, tenant_id="acme", source_id=sid,
-                                logins=pa_env.logins(org)[:2], public_base_url=pa_env.web_base,
-                                http=pa_env.http)
+    outcomes = connect_patients(
+        pa_env.cp,
+        tenant_id="acme",
+        source_id=sid,
+        logins=pa_env.logins(org)[:2],
+        public_base_url=pa_env.web_base,
+        http=pa_env.http,
+    )
     assert [o.status for o in outcomes] == ["active", "active"]
     victim = outcomes[0].connection_id
     assert simulate_portal_revocation(pa_env.sandbox, pa_env.cp, victim) == "refresh_failed"

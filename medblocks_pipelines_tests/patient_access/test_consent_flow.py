@@ -33,8 +33,14 @@ def authorize_params(env: PatientAccessEnv, link_url: str) -> dict[str, str]:
 def test_authorization_request_follows_the_spec(pa_env: PatientAccessEnv) -> None:
     org = pa_env.org("ehr")
     sid = pa_env.add_source(org)
-    link = create_connect_link(pa_env.cp, tenant_id="acme", source_id=sid, patient_ref="p-1",
-                               public_base_url=pa_env.web_base, return_url=RETURN_URL)
+    link = create_connect_link(
+        pa_env.cp,
+        tenant_id="acme",
+        source_id=sid,
+        patient_ref="p-1",
+        public_base_url=pa_env.web_base,
+        return_url=RETURN_URL,
+    )
     q = authorize_params(pa_env, link.url)
     assert q["response_type"] == "code"
     assert q["aud"] == org.fhir_base
@@ -70,13 +76,20 @@ def test_consent_approved_makes_an_active_connection(pa_env: PatientAccessEnv) -
     blob = json.loads(pa_env.cp.vault.get(tokens_secret_name(conn_id)).reveal())
     assert blob["refresh_token"] and blob["access_token"]
     events = [e["event_type"] for e in pa_env.cp.connection_events(conn_id)]
-    assert events == ["created", "link.created", "launch.authorize_redirect", "launch.callback",
-                      "token.received", "state.active"]
+    assert events == [
+        "created",
+        "link.created",
+        "launch.authorize_redirect",
+        "launch.callback",
+        "token.received",
+        "state.active",
+    ]
     received = pa_env.cp.connection_events(conn_id)[4]["detail"]
     assert received["id_token_verified"] is True
     # No secret material leaked into the registry or events.
-    dumped = json.dumps([conn["context"], [e["detail"] for e in pa_env.cp.connection_events(conn_id)]],
-                        default=str)
+    dumped = json.dumps(
+        [conn["context"], [e["detail"] for e in pa_env.cp.connection_events(conn_id)]], default=str
+    )
     assert blob["access_token"] not in dumped and blob["refresh_token"] not in dumped
 
 
@@ -96,8 +109,10 @@ def test_patient_narrows_the_grant(pa_env: PatientAccessEnv) -> None:
     org = pa_env.org("ehr")
     sid = pa_env.add_source(org)
     conn_id, outcome = pa_env.connect(
-        sid, pa_env.logins(org)[1],
-        uncheck_scopes=["patient/Observation.rs", "patient/Condition.rs"])
+        sid,
+        pa_env.logins(org)[1],
+        uncheck_scopes=["patient/Observation.rs", "patient/Condition.rs"],
+    )
     assert outcome.status == "active"
     conn = pa_env.cp.get_connection(conn_id)
     granted = ScopeSet.parse(conn["scopes_granted"])
@@ -121,10 +136,22 @@ def test_state_mismatch_is_refused_and_the_real_callback_still_works(
         q["state"] = "forged-" + q["state"][7:]
         return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(q)))
 
-    link = create_connect_link(pa_env.cp, tenant_id="acme", source_id=sid, patient_ref="p",
-                               public_base_url=pa_env.web_base, return_url=RETURN_URL)
-    outcome = connect_via_consent_page(link.url, username=login.username, password=login.password,
-                                       stop_at=RETURN_URL, http=pa_env.http, tamper=forge_state)
+    link = create_connect_link(
+        pa_env.cp,
+        tenant_id="acme",
+        source_id=sid,
+        patient_ref="p",
+        public_base_url=pa_env.web_base,
+        return_url=RETURN_URL,
+    )
+    outcome = connect_via_consent_page(
+        link.url,
+        username=login.username,
+        password=login.password,
+        stop_at=RETURN_URL,
+        http=pa_env.http,
+        tamper=forge_state,
+    )
     assert outcome.status == "refused"
     assert pa_env.cp.get_connection(link.connection_id)["state"] == "pending"
     # The genuine callback (same code and state) is then accepted once, and only once.
@@ -148,10 +175,22 @@ def test_bad_pkce_verifier_fails_the_connection(pa_env: PatientAccessEnv) -> Non
         pa_env.cp.vault.put(name, json.dumps(pending))
         return url
 
-    link = create_connect_link(pa_env.cp, tenant_id="acme", source_id=sid, patient_ref="p",
-                               public_base_url=pa_env.web_base, return_url=RETURN_URL)
-    outcome = connect_via_consent_page(link.url, username=login.username, password=login.password,
-                                       stop_at=RETURN_URL, http=pa_env.http, tamper=swap_verifier)
+    link = create_connect_link(
+        pa_env.cp,
+        tenant_id="acme",
+        source_id=sid,
+        patient_ref="p",
+        public_base_url=pa_env.web_base,
+        return_url=RETURN_URL,
+    )
+    outcome = connect_via_consent_page(
+        link.url,
+        username=login.username,
+        password=login.password,
+        stop_at=RETURN_URL,
+        http=pa_env.http,
+        tamper=swap_verifier,
+    )
     assert outcome.status == "failed" and outcome.reason == "invalid_grant"
     assert pa_env.cp.get_connection(link.connection_id)["state_reason"] == "invalid_grant"
 
@@ -171,8 +210,14 @@ def test_expired_code_fails_the_connection(pa_env: PatientAccessEnv) -> None:
 def test_v1_scope_syntax_per_source(pa_env: PatientAccessEnv) -> None:
     org = pa_env.org("ehr")
     sid = pa_env.add_source(org, config={"scope_syntax": "v1"})
-    link = create_connect_link(pa_env.cp, tenant_id="acme", source_id=sid, patient_ref="p",
-                               public_base_url=pa_env.web_base, return_url=RETURN_URL)
+    link = create_connect_link(
+        pa_env.cp,
+        tenant_id="acme",
+        source_id=sid,
+        patient_ref="p",
+        public_base_url=pa_env.web_base,
+        return_url=RETURN_URL,
+    )
     assert "patient/Observation.read" in authorize_params(pa_env, link.url)["scope"].split()
     conn_id, outcome = pa_env.connect(sid, pa_env.logins(org)[0])
     assert outcome.status == "active"
@@ -182,8 +227,11 @@ def test_v1_scope_syntax_per_source(pa_env: PatientAccessEnv) -> None:
 
 def test_confidential_client_secret_basic(pa_env: PatientAccessEnv) -> None:
     org = pa_env.org("ehr")
-    sid = pa_env.add_source(org, config={"client_auth": "client_secret_basic"},
-                            register={"token_endpoint_auth_method": "client_secret_basic"})
+    sid = pa_env.add_source(
+        org,
+        config={"client_auth": "client_secret_basic"},
+        register={"token_endpoint_auth_method": "client_secret_basic"},
+    )
     conn_id, outcome = pa_env.connect(sid, pa_env.logins(org)[0])
     assert outcome.status == "active"
 
@@ -191,9 +239,11 @@ def test_confidential_client_secret_basic(pa_env: PatientAccessEnv) -> None:
 def test_confidential_client_private_key_jwt(pa_env: PatientAccessEnv) -> None:
     org = pa_env.org("ehr")
     key = generate_signing_key("ES384")
-    sid = pa_env.add_source(org, config={"client_auth": "private_key_jwt"},
-                            register={"token_endpoint_auth_method": "private_key_jwt",
-                                      "jwks": jwks_of([key])})
+    sid = pa_env.add_source(
+        org,
+        config={"client_auth": "private_key_jwt"},
+        register={"token_endpoint_auth_method": "private_key_jwt", "jwks": jwks_of([key])},
+    )
     pa_env.cp.vault.put(f"source/{sid}/signing_key", key.to_json())
     conn_id, outcome = pa_env.connect(sid, pa_env.logins(org)[0])
     assert outcome.status == "active"
@@ -214,8 +264,14 @@ def test_payer_connection(pa_env: PatientAccessEnv) -> None:
     org = pa_env.org("payer")
     sid = pa_env.add_source(org)
     login = pa_env.logins(org)[0]
-    link = create_connect_link(pa_env.cp, tenant_id="acme", source_id=sid, patient_ref="p",
-                               public_base_url=pa_env.web_base, return_url=RETURN_URL)
+    link = create_connect_link(
+        pa_env.cp,
+        tenant_id="acme",
+        source_id=sid,
+        patient_ref="p",
+        public_base_url=pa_env.web_base,
+        return_url=RETURN_URL,
+    )
     scopes = authorize_params(pa_env, link.url)["scope"].split()
     assert "patient/ExplanationOfBenefit.rs" in scopes and "patient/Coverage.rs" in scopes
     assert "patient/Observation.rs" not in scopes
@@ -231,19 +287,27 @@ def test_tenant_link_endpoint(pa_env: PatientAccessEnv) -> None:
     url = f"{pa_env.web_base}/connect/links"
     body = {"tenant": "acme", "source": sid, "patient_ref": "t-42", "return_url": RETURN_URL}
     assert pa_env.http.post(url, json=body).status_code == 401
-    assert pa_env.http.post(url, json=body, headers={"Authorization": "Bearer wrong"}).status_code \
+    assert (
+        pa_env.http.post(url, json=body, headers={"Authorization": "Bearer wrong"}).status_code
         == 401
+    )
     bad = {**body, "return_url": "javascript:alert(1)"}
-    assert pa_env.http.post(url, json=bad, headers={"Authorization": f"Bearer {key}"}).status_code \
+    assert (
+        pa_env.http.post(url, json=bad, headers={"Authorization": f"Bearer {key}"}).status_code
         == 400
+    )
     resp = pa_env.http.post(url, json=body, headers={"Authorization": f"Bearer {key}"})
     assert resp.status_code == 201
     created = resp.json()
     assert created["url"].startswith(f"{pa_env.web_base}/connect/start/")
     login = pa_env.logins(org)[0]
-    outcome = connect_via_consent_page(created["url"], username=login.username,
-                                       password=login.password, stop_at=RETURN_URL,
-                                       http=pa_env.http)
+    outcome = connect_via_consent_page(
+        created["url"],
+        username=login.username,
+        password=login.password,
+        stop_at=RETURN_URL,
+        http=pa_env.http,
+    )
     assert outcome.connection_id == created["connection_id"] and outcome.status == "active"
     assert pa_env.cp.get_connection(created["connection_id"])["patient_ref"] == "t-42"
 
@@ -266,8 +330,14 @@ def test_callback_from_another_browser_is_refused(pa_env: PatientAccessEnv) -> N
     sid = pa_env.add_source(org)
     login = pa_env.logins(org)[0]
     captured: list[str] = []
-    link = create_connect_link(pa_env.cp, tenant_id="acme", source_id=sid, patient_ref="p",
-                               public_base_url=pa_env.web_base, return_url=RETURN_URL)
+    link = create_connect_link(
+        pa_env.cp,
+        tenant_id="acme",
+        source_id=sid,
+        patient_ref="p",
+        public_base_url=pa_env.web_base,
+        return_url=RETURN_URL,
+    )
 
     def steal(url: str) -> str:
         captured.append(url)
@@ -275,24 +345,43 @@ def test_callback_from_another_browser_is_refused(pa_env: PatientAccessEnv) -> N
             assert other_browser.get(url).status_code == 400
         return url
 
-    outcome = connect_via_consent_page(link.url, username=login.username, password=login.password,
-                                       stop_at=RETURN_URL, http=pa_env.http, tamper=steal)
+    outcome = connect_via_consent_page(
+        link.url,
+        username=login.username,
+        password=login.password,
+        stop_at=RETURN_URL,
+        http=pa_env.http,
+        tamper=steal,
+    )
     assert captured and outcome.status == "active"
 
 
 def test_long_scope_lists_use_post_authorization(pa_env: PatientAccessEnv) -> None:
     org = pa_env.org("ehr")
-    many = ["launch/patient", "openid", "fhirUser", "offline_access"] + [
-        f"patient/Observation.rs?code=http://loinc.org|{1000 + i}-{i % 10}" for i in range(60)
-    ] + ["patient/Patient.rs", "patient/Encounter.rs"]
+    many = (
+        ["launch/patient", "openid", "fhirUser", "offline_access"]
+        + [f"patient/Observation.rs?code=http://loinc.org|{1000 + i}-{i % 10}" for i in range(60)]
+        + ["patient/Patient.rs", "patient/Encounter.rs"]
+    )
     sid = pa_env.add_source(org, config={"scopes": many})
-    link = create_connect_link(pa_env.cp, tenant_id="acme", source_id=sid, patient_ref="p",
-                               public_base_url=pa_env.web_base, return_url=RETURN_URL)
+    link = create_connect_link(
+        pa_env.cp,
+        tenant_id="acme",
+        source_id=sid,
+        patient_ref="p",
+        public_base_url=pa_env.web_base,
+        return_url=RETURN_URL,
+    )
     page = pa_env.http.get(link.url)
     assert page.status_code == 200 and 'method="post"' in page.text  # auto-submitting form
     login = pa_env.logins(org)[0]
-    outcome = connect_via_consent_page(link.url, username=login.username, password=login.password,
-                                       stop_at=RETURN_URL, http=pa_env.http)
+    outcome = connect_via_consent_page(
+        link.url,
+        username=login.username,
+        password=login.password,
+        stop_at=RETURN_URL,
+        http=pa_env.http,
+    )
     assert outcome.status == "active"
 
 

@@ -21,8 +21,10 @@ def pattern_defs() -> dg.Definitions:
     return dg.Definitions(
         assets=[assets.patient_access_records],
         jobs=[assets.patient_access_pull_job],
-        sensors=[sensors.patient_access_new_connections_sensor,
-                 sensors.patient_access_refresh_failed_sensor],
+        sensors=[
+            sensors.patient_access_new_connections_sensor,
+            sensors.patient_access_refresh_failed_sensor,
+        ],
         schedules=[schedules.patient_access_due_schedule],
         resources={"platform": PlatformResource()},
     )
@@ -32,10 +34,13 @@ def test_definitions_snapshot() -> None:
     defs = pattern_defs()
     dg.Definitions.validate_loadable(defs)
     assert [k.to_user_string() for k in defs.resolve_all_asset_keys()] == ["patient_access/records"]
-    assert defs.resolve_job_def("patient_access_pull_job").partitions_def == \
-        patient_access_partitions
+    assert (
+        defs.resolve_job_def("patient_access_pull_job").partitions_def == patient_access_partitions
+    )
     assert sorted(s.name for s in defs.sensors) == [
-        "patient_access_new_connections_sensor", "patient_access_refresh_failed_sensor"]
+        "patient_access_new_connections_sensor",
+        "patient_access_refresh_failed_sensor",
+    ]
     assert [s.name for s in defs.schedules] == ["patient_access_due_schedule"]
     assert checks.no_refresh_failed_spec.name == "no_refresh_failed_connections"
 
@@ -57,7 +62,9 @@ def test_asset_pulls_a_batch_and_reports_metadata(pa_env: PatientAccessEnv) -> N
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions(patient_access_partitions.name, [key])
         result = dg.materialize(
-            [assets.patient_access_records], instance=instance, partition_key=key,
+            [assets.patient_access_records],
+            instance=instance,
+            partition_key=key,
             resources={"platform": PlatformResource()},
         )
         assert result.success
@@ -74,8 +81,12 @@ def test_asset_pulls_a_batch_and_reports_metadata(pa_env: PatientAccessEnv) -> N
         (check,) = result.get_asset_check_evaluations()
         assert check.passed
         # Nothing is due any more: a second run pulls nobody and says so.
-        again = dg.materialize([assets.patient_access_records], instance=instance,
-                               partition_key=key, resources={"platform": PlatformResource()})
+        again = dg.materialize(
+            [assets.patient_access_records],
+            instance=instance,
+            partition_key=key,
+            resources={"platform": PlatformResource()},
+        )
         meta2 = again.asset_materializations_for_node("patient_access__records")[0].metadata
         assert meta2["connections_pulled"].value == 0
 
@@ -83,8 +94,9 @@ def test_asset_pulls_a_batch_and_reports_metadata(pa_env: PatientAccessEnv) -> N
 def test_new_connections_sensor_batches_runs_from_a_cursor(pa_env: PatientAccessEnv) -> None:
     sid, ids = _connect(pa_env, 3)
     with dg.instance_for_test() as instance:
-        with dg.build_sensor_context(instance=instance,
-                                     resources={"platform": PlatformResource()}) as ctx:
+        with dg.build_sensor_context(
+            instance=instance, resources={"platform": PlatformResource()}
+        ) as ctx:
             result = sensors.patient_access_new_connections_sensor(ctx)
         assert len(result.run_requests) == 1  # one batch for the tenant.source, not one per patient
         (req,) = result.run_requests
@@ -93,8 +105,9 @@ def test_new_connections_sensor_batches_runs_from_a_cursor(pa_env: PatientAccess
         assert req.tags["medblocks/source"] == sid
         assert result.dynamic_partitions_requests  # the partition is created if missing
         # The cursor moves past the events: the next tick requests nothing.
-        with dg.build_sensor_context(instance=instance, cursor=result.cursor,
-                                     resources={"platform": PlatformResource()}) as ctx2:
+        with dg.build_sensor_context(
+            instance=instance, cursor=result.cursor, resources={"platform": PlatformResource()}
+        ) as ctx2:
             assert not sensors.patient_access_new_connections_sensor(ctx2).run_requests
 
 
@@ -102,8 +115,9 @@ def test_refresh_failed_is_flagged(pa_env: PatientAccessEnv) -> None:
     sid, ids = _connect(pa_env, 1)
     pa_env.cp.transition(ids[0], "refresh_failed", reason="refresh refused: invalid_grant")
     with dg.instance_for_test() as instance:
-        with dg.build_sensor_context(instance=instance,
-                                     resources={"platform": PlatformResource()}) as ctx:
+        with dg.build_sensor_context(
+            instance=instance, resources={"platform": PlatformResource()}
+        ) as ctx:
             result = sensors.patient_access_refresh_failed_sensor(ctx)
         (evaluation,) = result.asset_events
         assert evaluation.passed is False
@@ -115,7 +129,8 @@ def test_refresh_failed_is_flagged(pa_env: PatientAccessEnv) -> None:
 def test_schedule_requests_runs_where_connections_are_due(pa_env: PatientAccessEnv) -> None:
     sid, _ids = _connect(pa_env, 1)
     with dg.instance_for_test() as instance:
-        with dg.build_schedule_context(instance=instance,
-                                       resources={"platform": PlatformResource()}) as ctx:
+        with dg.build_schedule_context(
+            instance=instance, resources={"platform": PlatformResource()}
+        ) as ctx:
             requests = schedules.patient_access_due_schedule(ctx)
         assert [r.partition_key for r in requests] == [partition_key("acme", sid)]

@@ -43,14 +43,16 @@ class FakeTokens:
 
 def make(handler, **kw):  # type: ignore[no-untyped-def]
     sleeps: list[float] = []
-    client = FhirClient(BASE, http=httpx.Client(transport=httpx.MockTransport(handler)),
-                        sleep=sleeps.append, **kw)
+    client = FhirClient(
+        BASE, http=httpx.Client(transport=httpx.MockTransport(handler)), sleep=sleeps.append, **kw
+    )
     return client, sleeps
 
 
 def fhir(body: dict, status: int = 200, headers: dict | None = None) -> httpx.Response:
-    return httpx.Response(status, json=body, headers={"content-type": "application/fhir+json",
-                                                      **(headers or {})})
+    return httpx.Response(
+        status, json=body, headers={"content-type": "application/fhir+json", **(headers or {})}
+    )
 
 
 def test_retries_5xx_then_succeeds_with_backoff() -> None:
@@ -86,8 +88,9 @@ def test_retry_after_is_honoured(form: str) -> None:
 
 
 def test_gives_up_after_max_retries() -> None:
-    client, sleeps = make(lambda req: fhir({"resourceType": "OperationOutcome"}, 502),
-                          max_retries=2)
+    client, sleeps = make(
+        lambda req: fhir({"resourceType": "OperationOutcome"}, 502), max_retries=2
+    )
     with pytest.raises(TransientError):
         client.read("Patient", "p1")
     assert len(sleeps) == 2
@@ -132,8 +135,11 @@ def test_second_401_after_refresh_is_an_auth_error() -> None:
 
 
 def test_html_page_with_200_is_retried_then_refused() -> None:
-    page = httpx.Response(200, text="<!DOCTYPE html><html><body>maintenance</body></html>",
-                          headers={"content-type": "text/html"})
+    page = httpx.Response(
+        200,
+        text="<!DOCTYPE html><html><body>maintenance</body></html>",
+        headers={"content-type": "text/html"},
+    )
     client, sleeps = make(lambda req: page, max_retries=2)
     with pytest.raises(ProtocolError, match="HTML instead of FHIR JSON"):
         client.read("Patient", "p1")
@@ -141,9 +147,16 @@ def test_html_page_with_200_is_retried_then_refused() -> None:
 
 
 def test_operation_outcome_codes_in_error_without_diagnostics() -> None:
-    body = {"resourceType": "OperationOutcome",
-            "issue": [{"severity": "error", "code": "not-supported",
-                       "diagnostics": "Jane Doe born 1970 cannot be searched"}]}
+    body = {
+        "resourceType": "OperationOutcome",
+        "issue": [
+            {
+                "severity": "error",
+                "code": "not-supported",
+                "diagnostics": "Jane Doe born 1970 cannot be searched",
+            }
+        ],
+    }
     client, _ = make(lambda req: fhir(body, 400))
     with pytest.raises(FhirRequestError) as info:
         list(client.search("Observation", {"patient": "p1"}))
@@ -154,10 +167,18 @@ def test_operation_outcome_codes_in_error_without_diagnostics() -> None:
 
 def test_paging_follows_next_and_detects_a_loop() -> None:
     pages = {
-        "1": {"resourceType": "Bundle", "type": "searchset",
-              "link": [{"relation": "next", "url": f"{BASE}/Observation?page=2"}], "entry": []},
-        "2": {"resourceType": "Bundle", "type": "searchset",
-              "link": [{"relation": "next", "url": f"{BASE}/Observation?page=1"}], "entry": []},
+        "1": {
+            "resourceType": "Bundle",
+            "type": "searchset",
+            "link": [{"relation": "next", "url": f"{BASE}/Observation?page=2"}],
+            "entry": [],
+        },
+        "2": {
+            "resourceType": "Bundle",
+            "type": "searchset",
+            "link": [{"relation": "next", "url": f"{BASE}/Observation?page=1"}],
+            "entry": [],
+        },
     }
 
     def handler(req: httpx.Request) -> httpx.Response:
@@ -172,8 +193,11 @@ def test_paging_follows_next_and_detects_a_loop() -> None:
 
 
 def test_next_link_to_another_origin_is_refused() -> None:
-    bundle = {"resourceType": "Bundle", "type": "searchset",
-              "link": [{"relation": "next", "url": "https://evil.example/fhir/Observation?p=2"}]}
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "searchset",
+        "link": [{"relation": "next", "url": "https://evil.example/fhir/Observation?p=2"}],
+    }
     client, _ = make(lambda req: fhir(bundle), tokens=FakeTokens())
     with pytest.raises(PagingLoopError, match="another server"):
         list(client.search("Observation"))
@@ -186,8 +210,10 @@ def test_token_never_goes_to_another_origin() -> None:
 
 
 def test_decimals_survive_round_trip_exactly() -> None:
-    text = '{"resourceType":"Observation","id":"o1","valueQuantity":{"value":7.10,"unit":"mmol/L"},' \
-           '"component":[{"valueQuantity":{"value":1E-7}},{"valueInteger":3}],"x":true,"y":null}'
+    text = (
+        '{"resourceType":"Observation","id":"o1","valueQuantity":{"value":7.10,"unit":"mmol/L"},'
+        '"component":[{"valueQuantity":{"value":1E-7}},{"valueInteger":3}],"x":true,"y":null}'
+    )
     assert dumps_exact(loads_exact(text)) == text
     assert '"value":7.10' in dumps_exact(loads_exact(text))
 
@@ -222,7 +248,9 @@ def test_rate_limiter_never_puts_more_than_limit_in_any_window(limit: int, per: 
 
 def test_rate_limiter_pause_holds_everyone() -> None:
     now = [0.0]
-    limiter = RateLimiter(10, 1.0, clock=lambda: now[0], sleep=lambda s: now.__setitem__(0, now[0] + s))
+    limiter = RateLimiter(
+        10, 1.0, clock=lambda: now[0], sleep=lambda s: now.__setitem__(0, now[0] + s)
+    )
     limiter.acquire()
     limiter.pause_for(5.0)
     limiter.acquire()
@@ -252,8 +280,9 @@ def test_rate_limiter_bound_holds_when_sleeps_overshoot() -> None:
 
 def test_rate_limiter_widens_after_a_429_but_stays_bounded() -> None:
     now = [0.0]
-    limiter = RateLimiter(20, 1.0, clock=lambda: now[0],
-                          sleep=lambda s: now.__setitem__(0, now[0] + s))
+    limiter = RateLimiter(
+        20, 1.0, clock=lambda: now[0], sleep=lambda s: now.__setitem__(0, now[0] + s)
+    )
     base = limiter.interval
     for _ in range(50):
         limiter.backoff(0.0)

@@ -47,8 +47,15 @@ def connect_n(env: PatientAccessEnv, sid: str, org: Any, n: int) -> list[str]:
 
 
 def pull(env: PatientAccessEnv, ids: list[str], run_id: str = "r1", **kw: Any):  # type: ignore[no-untyped-def]
-    return pull_batch(env.cp, ids, lake_root=env.settings.lake_root, run_id=run_id,
-                      http=env.http, client_options=FAST, **kw)
+    return pull_batch(
+        env.cp,
+        ids,
+        lake_root=env.settings.lake_root,
+        run_id=run_id,
+        http=env.http,
+        client_options=FAST,
+        **kw,
+    )
 
 
 def truth(env: PatientAccessEnv, org: Any, patient_id: str) -> Counter[str]:
@@ -68,8 +75,16 @@ def test_pull_lands_the_record_with_provenance(pa_env: PatientAccessEnv) -> None
     landed = Counter(r[0] for r in rows)
     patient = pa_env.cp.get_connection(conn_id)["source_patient_id"]
     expected = truth(pa_env, org, patient)
-    for rtype in ("Encounter", "Condition", "Observation", "Immunization", "DocumentReference",
-                  "Procedure", "DiagnosticReport", "AllergyIntolerance"):
+    for rtype in (
+        "Encounter",
+        "Condition",
+        "Observation",
+        "Immunization",
+        "DocumentReference",
+        "Procedure",
+        "DiagnosticReport",
+        "AllergyIntolerance",
+    ):
         assert landed[rtype] == expected[rtype], rtype
     assert landed["Patient"] == 1
     # Documents' Binary content and referenced Practitioners came along.
@@ -97,8 +112,10 @@ def test_incremental_pull_uses_last_updated(pa_env: PatientAccessEnv) -> None:
     patient = pa_env.cp.get_connection(conn_id)["source_patient_id"]
     store = pa_env.sandbox.org_handles(org.org_id)["store"]
     enc = next(r for r in store.compartment(patient) if r["resourceType"] == "Encounter")
-    changed = {**enc, "status": "entered-in-error" if enc.get("status") != "entered-in-error"
-               else "finished"}
+    changed = {
+        **enc,
+        "status": "entered-in-error" if enc.get("status") != "entered-in-error" else "finished",
+    }
     pa_env.sandbox.admin(org.org_id, "apply-changes", {"upserts": [changed]})
     third = pull(pa_env, [conn_id], run_id="r3").results[0]
     assert third.counts["Encounter"] == 1
@@ -204,8 +221,17 @@ def test_429_storm_and_transient_faults_lose_nothing(pa_env: PatientAccessEnv) -
 
 
 def test_source_supporting_only_some_types(pa_env: PatientAccessEnv) -> None:
-    with custom_ehr(pa_env, resource_types=("Patient", "Condition", "Encounter", "Practitioner",
-                                            "Organization", "Location")) as (sid, endpoint):
+    with custom_ehr(
+        pa_env,
+        resource_types=(
+            "Patient",
+            "Condition",
+            "Encounter",
+            "Practitioner",
+            "Organization",
+            "Location",
+        ),
+    ) as (sid, endpoint):
         login = pa_env.logins(pa_env.org("ehr"))[0]
         conn_id, outcome = pa_env.connect(sid, login)
         assert outcome.status == "active"
@@ -216,17 +242,34 @@ def test_source_supporting_only_some_types(pa_env: PatientAccessEnv) -> None:
     assert res.status == "success", res
     assert res.skipped_types["Observation"] == "not_supported"
     assert set(k for k in res.counts if not k.startswith("_")) <= {
-        "Patient", "Condition", "Encounter", "Practitioner", "Organization", "Location"}
+        "Patient",
+        "Condition",
+        "Encounter",
+        "Practitioner",
+        "Organization",
+        "Location",
+    }
     assert res.counts["Condition"] >= 1
 
 
 def _outcome_entry(path: str, body: dict[str, Any]) -> dict[str, Any] | None:
     if body.get("resourceType") != "Bundle" or "/Condition" not in path:
         return None
-    body.setdefault("entry", []).append({
-        "resource": {"resourceType": "OperationOutcome", "issue": [
-            {"severity": "warning", "code": "incomplete", "diagnostics": "some rows withheld"}]},
-        "search": {"mode": "outcome"}})
+    body.setdefault("entry", []).append(
+        {
+            "resource": {
+                "resourceType": "OperationOutcome",
+                "issue": [
+                    {
+                        "severity": "warning",
+                        "code": "incomplete",
+                        "diagnostics": "some rows withheld",
+                    }
+                ],
+            },
+            "search": {"mode": "outcome"},
+        }
+    )
     return body
 
 
@@ -273,9 +316,14 @@ def test_malformed_resources_are_quarantined(pa_env: PatientAccessEnv) -> None:
         res = pull(pa_env, [conn_id]).results[0]
     assert res.quarantined == 2
     glob = quarantine_glob(pa_env.settings.lake_root, pa_env.tenant)
-    reasons = sorted(r[0] for r in duckdb.sql(
-        f"SELECT reason FROM read_parquet('{glob}', hive_partitioning=false) "
-        "WHERE connection = ?", params=[conn_id]).fetchall())
+    reasons = sorted(
+        r[0]
+        for r in duckdb.sql(
+            f"SELECT reason FROM read_parquet('{glob}', hive_partitioning=false) "
+            "WHERE connection = ?",
+            params=[conn_id],
+        ).fetchall()
+    )
     assert reasons == ["missing id", "not a JSON object"]
 
 
@@ -284,8 +332,9 @@ def test_one_failed_connection_does_not_fail_the_batch(pa_env: PatientAccessEnv)
     sid = pa_env.add_source(org)
     ids = connect_n(pa_env, sid, org, 2)
     victim = pa_env.cp.get_connection(ids[1])["source_patient_id"]
-    pa_env.sandbox.admin(org.org_id, "revoke-grant",
-                         {"client_id": pa_env.clients[sid], "patient": victim})
+    pa_env.sandbox.admin(
+        org.org_id, "revoke-grant", {"client_id": pa_env.clients[sid], "patient": victim}
+    )
     batch = pull(pa_env, ids)
     status = {r.connection_id: r.status for r in batch.results}
     assert status == {ids[0]: "success", ids[1]: "failed"}
@@ -295,14 +344,17 @@ def test_one_failed_connection_does_not_fail_the_batch(pa_env: PatientAccessEnv)
 
 def test_source_rate_limit_is_never_breached(pa_env: PatientAccessEnv) -> None:
     org = pa_env.org("ehr")
-    sid = pa_env.add_source(org, config={"rate_limit": {"requests": 15, "per_seconds": 1.0},
-                                         "concurrency": 3})
+    sid = pa_env.add_source(
+        org, config={"rate_limit": {"requests": 15, "per_seconds": 1.0}, "concurrency": 3}
+    )
     ids = connect_n(pa_env, sid, org, 2)
-    pa_env.faults(org).add("rate_limit", client_id=pa_env.clients[sid], limit=15, window=1.0,
-                           path="/fhir/")
+    pa_env.faults(org).add(
+        "rate_limit", client_id=pa_env.clients[sid], limit=15, window=1.0, path="/fhir/"
+    )
     try:
-        batch = pull_batch(pa_env.cp, ids, lake_root=pa_env.settings.lake_root, run_id="rl",
-                           http=pa_env.http)
+        batch = pull_batch(
+            pa_env.cp, ids, lake_root=pa_env.settings.lake_root, run_id="rl", http=pa_env.http
+        )
     finally:
         pa_env.faults(org).clear()
     assert all(r.status == "success" for r in batch.results)
@@ -318,8 +370,9 @@ def test_revoke_stops_pulls_and_deletes_data(pa_env: PatientAccessEnv) -> None:
     ids = connect_n(pa_env, sid, org, 2)
     pull(pa_env, ids)
     assert lake_rows(pa_env, ids[0]) and lake_rows(pa_env, ids[1])
-    result = revoke_connection(pa_env.cp, ids[0], lake_root=pa_env.settings.lake_root,
-                               http=pa_env.http)
+    result = revoke_connection(
+        pa_env.cp, ids[0], lake_root=pa_env.settings.lake_root, http=pa_env.http
+    )
     assert result.delete_data is True and result.rows_deleted > 0  # tenant delete_on_revoke
     assert result.revoked_at_source is True
     assert lake_rows(pa_env, ids[0]) == []
@@ -327,8 +380,11 @@ def test_revoke_stops_pulls_and_deletes_data(pa_env: PatientAccessEnv) -> None:
     assert pa_env.cp.get_connection(ids[0])["state"] == "revoked"
     assert pa_env.cp.vault.names(f"conn/{ids[0]}/") == []
     patient = pa_env.cp.get_connection(ids[0])["source_patient_id"]
-    grants = [g for g in pa_env.auth(org).grants()
-              if g["client_id"] == pa_env.clients[sid] and g["patient"] == patient]
+    grants = [
+        g
+        for g in pa_env.auth(org).grants()
+        if g["client_id"] == pa_env.clients[sid] and g["patient"] == patient
+    ]
     assert grants and all(g["revoked"] for g in grants)
     again = pull(pa_env, [ids[0]], run_id="r2").results[0]
     assert again.status == "failed" and again.requests == 0
@@ -336,15 +392,20 @@ def test_revoke_stops_pulls_and_deletes_data(pa_env: PatientAccessEnv) -> None:
 
 def test_plan_queries_respects_support_and_grant() -> None:
     granted = ScopeSet.parse("patient/Observation.rs patient/Condition.read patient/Goal.r")
-    queries, skipped = plan_queries(kind="ehr", patient_id="p1",
-                                    supported={"Observation", "Condition", "Goal"},
-                                    granted=granted, since="2026-01-01T00:00:00Z")
+    queries, skipped = plan_queries(
+        kind="ehr",
+        patient_id="p1",
+        supported={"Observation", "Condition", "Goal"},
+        granted=granted,
+        since="2026-01-01T00:00:00Z",
+    )
     labels = [q.label for q in queries]
     assert "Observation:laboratory" in labels and "Condition" in labels
     assert skipped["Goal"] == "not_granted" and skipped["Encounter"] == "not_supported"
     assert all(("_lastUpdated", "gt2026-01-01T00:00:00Z") in q.params for q in queries)
-    payer, _ = plan_queries(kind="payer", patient_id="p1", supported=set(),
-                            granted=ScopeSet.parse("patient/*.rs"))
+    payer, _ = plan_queries(
+        kind="payer", patient_id="p1", supported=set(), granted=ScopeSet.parse("patient/*.rs")
+    )
     assert [q.resource_type for q in payer] == ["Coverage", "ExplanationOfBenefit"]
 
 

@@ -20,9 +20,12 @@ from medblocks_pipelines_tests.patient_access.conftest import PatientAccessEnv
 PROCESSES = 3
 
 
-@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def test_one_refresher_across_processes(pa_env: PatientAccessEnv, backend: str,
-                                        request: pytest.FixtureRequest) -> None:
+@pytest.mark.parametrize(
+    "backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+)
+def test_one_refresher_across_processes(
+    pa_env: PatientAccessEnv, backend: str, request: pytest.FixtureRequest
+) -> None:
     org = pa_env.org("ehr")
     sid = pa_env.add_source(org)
     conn_id, outcome = pa_env.connect(sid, pa_env.logins(org)[0])
@@ -35,21 +38,30 @@ def test_one_refresher_across_processes(pa_env: PatientAccessEnv, backend: str,
         pg = open_control_plane(settings)
         source = pa_env.cp.get_source(sid)
         pg.add_tenant("acme", "Acme")
-        pg.add_source(sid, source["name"], source["vendor"], source["kind"],
-                      source["fhir_base_url"], source["patterns"], config=source["config"])
-        pg.create_connection(tenant_id="acme", pattern="patient_access", source_id=sid,
-                             id=conn_id)
+        pg.add_source(
+            sid,
+            source["name"],
+            source["vendor"],
+            source["kind"],
+            source["fhir_base_url"],
+            source["patterns"],
+            config=source["config"],
+        )
+        pg.create_connection(tenant_id="acme", pattern="patient_access", source_id=sid, id=conn_id)
         pg.transition(conn_id, "active")
-        pg.vault.put(tokens_secret_name(conn_id),
-                     pa_env.cp.vault.get(tokens_secret_name(conn_id)).reveal())
+        pg.vault.put(
+            tokens_secret_name(conn_id), pa_env.cp.vault.get(tokens_secret_name(conn_id)).reveal()
+        )
     cp = open_control_plane(settings, migrate_schema=False)
     stale = TokenManager(cp, conn_id, http=pa_env.http).access_token()
     ctx = mp.get_context("spawn")
     barrier, out = ctx.Barrier(PROCESSES), ctx.Queue()
     env_key = os.environ["MEDBLOCKS_SECRET_KEY"]
     assert env_key  # children inherit the vault key through the environment
-    procs = [ctx.Process(target=refresh_in_child, args=(settings, conn_id, stale, barrier, out))
-             for _ in range(PROCESSES)]
+    procs = [
+        ctx.Process(target=refresh_in_child, args=(settings, conn_id, stale, barrier, out))
+        for _ in range(PROCESSES)
+    ]
     for p in procs:
         p.start()
     results = [out.get(timeout=60) for _ in procs]
@@ -62,8 +74,9 @@ def test_one_refresher_across_processes(pa_env: PatientAccessEnv, backend: str,
     assert grants[0]["revoked"] is False
     # The new token works at the source.
     patient = pa_env.cp.get_connection(conn_id)["source_patient_id"]
-    resp = pa_env.http.get(f"{org.fhir_base}/Patient/{patient}",
-                           headers={"Authorization": f"Bearer {tokens.pop()}",
-                                    "Accept": "application/fhir+json"})
+    resp = pa_env.http.get(
+        f"{org.fhir_base}/Patient/{patient}",
+        headers={"Authorization": f"Bearer {tokens.pop()}", "Accept": "application/fhir+json"},
+    )
     assert resp.status_code == 200
     cp.engine.dispose()

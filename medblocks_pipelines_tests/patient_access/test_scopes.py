@@ -17,7 +17,10 @@ from medblocks_pipelines.lib.smart.scopes import (
         ("patient/Observation.write", "patient/Observation.cud"),  # v1 write == cud
         ("patient/*.*", "patient/*.cruds"),  # v1 star == cruds
         ("user/Patient.rs", "user/Patient.rs"),  # v2 kept
-        ("patient/Observation.rs?category=laboratory", "patient/Observation.rs?category=laboratory"),
+        (
+            "patient/Observation.rs?category=laboratory",
+            "patient/Observation.rs?category=laboratory",
+        ),
     ],
 )
 def test_resource_scopes_normalise_to_v2(text: str, expected: str) -> None:
@@ -47,8 +50,12 @@ def test_scope_set_merges_v1_and_v2_and_answers_questions() -> None:
         "patient/Condition.s offline_access"
     )
     assert granted.normalised() == [
-        "fhirUser", "launch/patient", "offline_access", "openid",
-        "patient/Condition.rs", "patient/Observation.rs",
+        "fhirUser",
+        "launch/patient",
+        "offline_access",
+        "openid",
+        "patient/Condition.rs",
+        "patient/Observation.rs",
     ]
     assert granted.can_search("Observation")
     assert granted.can_search("Condition")  # r and s granted separately still add up

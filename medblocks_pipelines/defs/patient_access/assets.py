@@ -49,8 +49,9 @@ def patient_access_records(
     cp = platform.control_plane
     active = {
         c["id"]
-        for c in cp.list_connections(tenant_id=tenant, pattern=PATTERN, state="active",
-                                     source_id=source)
+        for c in cp.list_connections(
+            tenant_id=tenant, pattern=PATTERN, state="active", source_id=source
+        )
     }
     if config.connection_ids:
         ids = [c for c in config.connection_ids if c in active]
@@ -61,8 +62,9 @@ def patient_access_records(
     ids = ids[: config.batch_size]
     run_id = context.run_id or f"pa-{uuid.uuid4().hex[:12]}"
     if ids:
-        batch = pull_batch(cp, ids, lake_root=platform.settings.lake_root, run_id=run_id,
-                           full=config.full)
+        batch = pull_batch(
+            cp, ids, lake_root=platform.settings.lake_root, run_id=run_id, full=config.full
+        )
         meta = batch.as_metadata()
         if batch.results and all((r.error or "").startswith("source:") for r in batch.results):
             raise dg.Failure(
@@ -72,8 +74,9 @@ def patient_access_records(
     else:
         context.log.info("no connections to pull in this run")
         meta = {"connections_pulled": 0, "resources": 0}
-    remaining = cp.list_connections(tenant_id=tenant, pattern=PATTERN, state="active",
-                                    source_id=source)
+    remaining = cp.list_connections(
+        tenant_id=tenant, pattern=PATTERN, state="active", source_id=source
+    )
     due_times = [c["next_pull_due"] for c in remaining if c.get("next_pull_due")]
     next_due = min(due_times) if due_times else None
     metadata: dict[str, dg.RawMetadataValue] = {

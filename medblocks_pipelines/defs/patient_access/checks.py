@@ -15,7 +15,9 @@ no_refresh_failed_spec = dg.AssetCheckSpec(
 )
 
 
-def refresh_failed_check(cp: ControlPlane, *, tenant_id: str, source_id: str) -> dg.AssetCheckResult:
+def refresh_failed_check(
+    cp: ControlPlane, *, tenant_id: str, source_id: str
+) -> dg.AssetCheckResult:
     """The check result for one tenant.source (counts and our connection ids only, no PHI)."""
     failed = refresh_failed_connections(cp, tenant_id=tenant_id, source_id=source_id)
     return dg.AssetCheckResult(

@@ -28,10 +28,12 @@ def patient_access_due_schedule(
     """Request a pull for every tenant.source that has active connections due now."""
     cp = platform.control_plane
     now = datetime.now(UTC)
-    pairs = sorted({
-        (c["tenant_id"], c["source_id"])
-        for c in cp.list_connections(pattern=PATTERN, state="active")
-    })
+    pairs = sorted(
+        {
+            (c["tenant_id"], c["source_id"])
+            for c in cp.list_connections(pattern=PATTERN, state="active")
+        }
+    )
     stamp = now.strftime("%Y%m%dT%H%M%S")
     requests = []
     for tenant, source in pairs:
@@ -39,12 +41,18 @@ def patient_access_due_schedule(
         if not due:
             continue
         key = partition_key(tenant, source)
-        requests.append(dg.RunRequest(
-            run_key=f"pa-due:{key}:{stamp}",
-            partition_key=key,
-            tags={"medblocks/tenant": tenant, "medblocks/source": source,
-                  "medblocks/trigger": "cadence", "medblocks/due": str(len(due))},
-        ))
+        requests.append(
+            dg.RunRequest(
+                run_key=f"pa-due:{key}:{stamp}",
+                partition_key=key,
+                tags={
+                    "medblocks/tenant": tenant,
+                    "medblocks/source": source,
+                    "medblocks/trigger": "cadence",
+                    "medblocks/due": str(len(due)),
+                },
+            )
+        )
     if not requests:
         return dg.SkipReason("no patient-access connections are due")
     return requests

@@ -23,8 +23,7 @@ def _events(platform: PlatformResource, cursor: str | None, type_: str) -> tuple
     rows = platform.control_plane.list_events(after_id=after, limit=EVENTS_PER_TICK)
     last = rows[-1]["id"] if rows else after
     picked = [
-        r for r in rows
-        if r["type"] == type_ and (r.get("payload") or {}).get("pattern") == PATTERN
+        r for r in rows if r["type"] == type_ and (r.get("payload") or {}).get("pattern") == PATTERN
     ]
     return picked, last
 
@@ -46,7 +45,8 @@ def patient_access_new_connections_sensor(
     for ev in events:
         payload = ev["payload"]
         by_partition.setdefault((ev["tenant_id"], payload["source_id"]), []).append(
-            payload["connection_id"])
+            payload["connection_id"]
+        )
     requests: list[dg.RunRequest] = []
     keys: list[str] = []
     for (tenant, source), ids in sorted(by_partition.items()):
@@ -54,24 +54,29 @@ def patient_access_new_connections_sensor(
         keys.append(key)
         for start in range(0, len(ids), BATCH):
             chunk = ids[start : start + BATCH]
-            requests.append(dg.RunRequest(
-                run_key=f"pa-new:{key}:{chunk[0]}:{len(chunk)}",
-                partition_key=key,
-                run_config={"ops": {"patient_access__records": {"config": {
-                    "connection_ids": chunk}}}},
-                tags={"medblocks/tenant": tenant, "medblocks/source": source,
-                      "medblocks/trigger": "new_connections"},
-            ))
+            requests.append(
+                dg.RunRequest(
+                    run_key=f"pa-new:{key}:{chunk[0]}:{len(chunk)}",
+                    partition_key=key,
+                    run_config={
+                        "ops": {"patient_access__records": {"config": {"connection_ids": chunk}}}
+                    },
+                    tags={
+                        "medblocks/tenant": tenant,
+                        "medblocks/source": source,
+                        "medblocks/trigger": "new_connections",
+                    },
+                )
+            )
     # A source added moments ago may not be a partition yet (the registry sensor runs every 30 s).
     existing = set(context.instance.get_dynamic_partitions(patient_access_partitions.name or ""))
     missing = sorted(set(keys) - existing)
-    partition_requests = (
-        [patient_access_partitions.build_add_request(missing)] if missing else []
-    )
+    partition_requests = [patient_access_partitions.build_add_request(missing)] if missing else []
     if not requests:
         return dg.SensorResult(skip_reason="no newly active connections", cursor=str(last))
-    return dg.SensorResult(run_requests=requests, cursor=str(last),
-                           dynamic_partitions_requests=partition_requests)
+    return dg.SensorResult(
+        run_requests=requests, cursor=str(last), dynamic_partitions_requests=partition_requests
+    )
 
 
 @dg.sensor(
@@ -89,21 +94,25 @@ def patient_access_refresh_failed_sensor(
     partitions = sorted({(ev["tenant_id"], ev["payload"]["source_id"]) for ev in events})
     evaluations: list[dg.AssetCheckEvaluation] = []
     for tenant, source in partitions:
-        failed = refresh_failed_connections(platform.control_plane, tenant_id=tenant,
-                                            source_id=source)
+        failed = refresh_failed_connections(
+            platform.control_plane, tenant_id=tenant, source_id=source
+        )
         context.log.warning(
-            f"{len(failed)} patient-access connection(s) of {tenant}.{source} are refresh_failed")
-        evaluations.append(dg.AssetCheckEvaluation(
-            asset_key=RECORDS_KEY,
-            check_name="no_refresh_failed_connections",
-            passed=not failed,
-            severity=dg.AssetCheckSeverity.WARN,
-            metadata={
-                "partition": partition_key(tenant, source),
-                "refresh_failed_connections": len(failed),
-                "connection_ids": dg.MetadataValue.json(failed[:50]),
-            },
-        ))
+            f"{len(failed)} patient-access connection(s) of {tenant}.{source} are refresh_failed"
+        )
+        evaluations.append(
+            dg.AssetCheckEvaluation(
+                asset_key=RECORDS_KEY,
+                check_name="no_refresh_failed_connections",
+                passed=not failed,
+                severity=dg.AssetCheckSeverity.WARN,
+                metadata={
+                    "partition": partition_key(tenant, source),
+                    "refresh_failed_connections": len(failed),
+                    "connection_ids": dg.MetadataValue.json(failed[:50]),
+                },
+            )
+        )
     if not evaluations:
         return dg.SensorResult(skip_reason="no refused refreshes", cursor=str(last))
     return dg.SensorResult(asset_events=evaluations, cursor=str(last))

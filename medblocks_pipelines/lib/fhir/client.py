@@ -341,8 +341,13 @@ class FhirClient:
                 headers["Authorization"] = f"Bearer {token}"
             self.stats.requests += 1
             try:
-                resp = self.http.request(method, url, params=params,  # type: ignore[arg-type]
-                                         headers=headers, timeout=self.timeout)
+                resp = self.http.request(
+                    method,
+                    url,
+                    params=params,  # type: ignore[arg-type]
+                    headers=headers,
+                    timeout=self.timeout,
+                )
             except httpx.TransportError as exc:
                 reason = type(exc).__name__
                 attempt = self._retry_or_raise(attempt, reason, None)
@@ -390,8 +395,9 @@ class FhirClient:
         if attempt >= self.max_retries:
             if reason == "html_instead_of_json":
                 raise ProtocolError("the server keeps answering HTML instead of FHIR JSON")
-            raise TransientError(f"gave up after {attempt + 1} attempts ({reason})",
-                                 retry_after=wait)
+            raise TransientError(
+                f"gave up after {attempt + 1} attempts ({reason})", retry_after=wait
+            )
         self.stats.retries += 1
         delay = wait if wait is not None else self._delay(attempt)
         self._sleep(min(delay, self.max_backoff * 4))

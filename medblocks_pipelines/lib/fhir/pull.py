@@ -58,12 +58,17 @@ from medblocks_pipelines.lib.warehouse.lake import LakeWriter, Provenance, delet
 PATTERN = "patient_access"
 #: Observation categories searched one by one (many servers require ``category``; SPECS §1.11).
 OBSERVATION_CATEGORIES: tuple[str, ...] = (
-    "laboratory", "vital-signs", "social-history", "survey", "sdoh",
+    "laboratory",
+    "vital-signs",
+    "social-history",
+    "survey",
+    "sdoh",
 )
 #: Types whose references we follow (SPECS §1.11: "plus the referenced Practitioner, Organization
 #: and Location"; Medication because MedicationRequest.medication can be a reference).
-FOLLOW_TYPES = frozenset({"Practitioner", "PractitionerRole", "Organization", "Location",
-                          "Medication"})
+FOLLOW_TYPES = frozenset(
+    {"Practitioner", "PractitionerRole", "Organization", "Location", "Medication"}
+)
 DEFAULT_CADENCE = timedelta(hours=24)
 #: Re-pull overlap: our clock and the server's may differ; landing dedupes what comes twice.
 WATERMARK_OVERLAP = timedelta(minutes=5)
@@ -107,11 +112,18 @@ def plan_queries(
         categories = cfg.get("observation_categories") or OBSERVATION_CATEGORIES
         obs: list[tuple[str, list[tuple[str, str]], str]]
         if cfg.get("observation_categories_combined"):
-            obs = [("Observation", [("patient", pid), ("category", ",".join(categories))],
-                    "Observation")]
+            obs = [
+                (
+                    "Observation",
+                    [("patient", pid), ("category", ",".join(categories))],
+                    "Observation",
+                )
+            ]
         else:
-            obs = [("Observation", [("patient", pid), ("category", c)], f"Observation:{c}")
-                   for c in categories]
+            obs = [
+                ("Observation", [("patient", pid), ("category", c)], f"Observation:{c}")
+                for c in categories
+            ]
         wanted = [
             ("AllergyIntolerance", [("patient", pid)], "AllergyIntolerance"),
             ("Condition", [("patient", pid)], "Condition"),
@@ -119,9 +131,15 @@ def plan_queries(
             ("Procedure", [("patient", pid)], "Procedure"),
             ("Encounter", [("patient", pid)], "Encounter"),
             *obs,
-            ("MedicationRequest",
-             [("patient", pid), ("intent", "order"), ("_include", "MedicationRequest:medication")],
-             "MedicationRequest"),
+            (
+                "MedicationRequest",
+                [
+                    ("patient", pid),
+                    ("intent", "order"),
+                    ("_include", "MedicationRequest:medication"),
+                ],
+                "MedicationRequest",
+            ),
             ("DiagnosticReport", [("patient", pid)], "DiagnosticReport"),
             ("DocumentReference", [("patient", pid)], "DocumentReference"),
             ("CarePlan", [("patient", pid), ("category", "assess-plan")], "CarePlan"),
@@ -174,8 +192,14 @@ class PullResult:
     def history_counts(self) -> dict[str, int]:
         """Counts for ``pull_history.counts``: by type plus a few ``_``-prefixed totals."""
         out = {k: int(v) for k, v in sorted(self.counts.items())}
-        out.update({"_quarantined": self.quarantined, "_duplicates": self.duplicates,
-                    "_requests": self.requests, "_failures": sum(self.failures.values())})
+        out.update(
+            {
+                "_quarantined": self.quarantined,
+                "_duplicates": self.duplicates,
+                "_requests": self.requests,
+                "_failures": sum(self.failures.values()),
+            }
+        )
         return out
 
 
@@ -232,7 +256,7 @@ class _Puller:
                 # Another server: our token must not go there (SPECS §1.11).
                 self.r.counts["_foreign_references_skipped"] += 1
                 return None
-            ref = ref[len(self.client.base_url) + 1:]
+            ref = ref[len(self.client.base_url) + 1 :]
         parts = ref.split("/")
         if len(parts) == 2 and all(parts):
             return parts[0], parts[1]
@@ -245,14 +269,16 @@ class _Puller:
         for page in self.client.search(query.resource_type, list(query.params)):
             for entry in page.bundle.get("entry") or []:
                 if not isinstance(entry, dict):
-                    self.w.quarantine(dumps_exact(entry), "bundle entry is not an object",
-                                      origin=query.label)
+                    self.w.quarantine(
+                        dumps_exact(entry), "bundle entry is not an object", origin=query.label
+                    )
                     self.r.quarantined += 1
                     continue
                 resource = entry.get("resource")
                 mode = (entry.get("search") or {}).get("mode")
                 if mode == "outcome" or (
-                    isinstance(resource, dict) and resource.get("resourceType") == "OperationOutcome"
+                    isinstance(resource, dict)
+                    and resource.get("resourceType") == "OperationOutcome"
                 ):
                     issues = outcome_issues(resource)
                     for severity, code in issues or [("error", "unknown")]:
@@ -261,8 +287,9 @@ class _Puller:
                         self.r.failures["outcome_in_searchset"] += 1
                     continue
                 if resource is None:
-                    self.w.quarantine(dumps_exact(entry), "bundle entry without a resource",
-                                      origin=query.label)
+                    self.w.quarantine(
+                        dumps_exact(entry), "bundle entry without a resource", origin=query.label
+                    )
                     self.r.quarantined += 1
                     continue
                 self.land(resource, origin=query.label)
@@ -288,8 +315,9 @@ class _Puller:
                 self.r.counts["_binary_foreign_skipped"] += 1
                 continue
             try:
-                resp = self.client.request("GET", absolute, accept="application/fhir+json",
-                                           expect_json=False)
+                resp = self.client.request(
+                    "GET", absolute, accept="application/fhir+json", expect_json=False
+                )
             except FhirRequestError as exc:
                 self.r.counts[f"_binary_http_{exc.status}"] += 1
                 continue
@@ -303,9 +331,15 @@ class _Puller:
                 continue
             # Raw content (the server ignored our Accept): keep it as a Binary resource.
             rid = urllib.parse.urlsplit(absolute).path.rstrip("/").split("/")[-1]
-            self.land({"resourceType": "Binary", "id": rid,
-                       "contentType": ctype or "application/octet-stream",
-                       "data": base64.b64encode(resp.content).decode()}, origin="binary")
+            self.land(
+                {
+                    "resourceType": "Binary",
+                    "id": rid,
+                    "contentType": ctype or "application/octet-stream",
+                    "data": base64.b64encode(resp.content).decode(),
+                },
+                origin="binary",
+            )
 
 
 def _last_updated(resource: Mapping[str, Any]) -> str | None:
@@ -362,19 +396,32 @@ def pull_connection(
     # consent (patient_access) or an EHR launch's targeted sync (clinician_workflow).
     pattern = str(conn["pattern"])
     pull_id = cp.start_pull(
-        tenant_id=conn["tenant_id"], pattern=pattern, source_id=conn["source_id"],
-        organization_id=conn.get("organization_id"), connection_id=connection_id, run_id=run_id,
+        tenant_id=conn["tenant_id"],
+        pattern=pattern,
+        source_id=conn["source_id"],
+        organization_id=conn.get("organization_id"),
+        connection_id=connection_id,
+        run_id=run_id,
     )
     result.pull_id = pull_id
     pulled_at = datetime.now(UTC)
     since = None if full else cp.get_watermark(watermark_key(connection_id))
     result.since = since
     tokens = TokenManager(cp, connection_id, http=http, client_auth=client_auth)
-    client = FhirClient(str(source["fhir_base_url"]), http=http, tokens=tokens, limiter=limiter,
-                        **dict(client_options or {}))
+    client = FhirClient(
+        str(source["fhir_base_url"]),
+        http=http,
+        tokens=tokens,
+        limiter=limiter,
+        **dict(client_options or {}),
+    )
     prov = Provenance(
-        tenant=conn["tenant_id"], pattern=pattern, source=conn["source_id"],
-        organization=conn.get("organization_id"), connection=connection_id, run_id=run_id,
+        tenant=conn["tenant_id"],
+        pattern=pattern,
+        source=conn["source_id"],
+        organization=conn.get("organization_id"),
+        connection=connection_id,
+        run_id=run_id,
     )
     try:
         with LakeWriter(lake_root, prov) as writer:
@@ -385,12 +432,19 @@ def pull_connection(
             patient = client.read("Patient", patient_id)
             # The Patient is read on every pull (no search to filter it), but what it references
             # is followed only when it changed since the last complete pull.
-            changed = since is None or _last_updated(patient) is None or (
-                str(_last_updated(patient)) > since)
+            changed = (
+                since is None
+                or _last_updated(patient) is None
+                or (str(_last_updated(patient)) > since)
+            )
             puller.land(patient, origin="Patient", follow=changed)
             queries, result.skipped_types = plan_queries(
-                kind=source.get("kind", "ehr"), patient_id=patient_id,
-                supported=supported or set(), granted=tokens.granted, since=since, config=cfg,
+                kind=source.get("kind", "ehr"),
+                patient_id=patient_id,
+                supported=supported or set(),
+                granted=tokens.granted,
+                since=since,
+                config=cfg,
             )
             for query in queries:
                 try:
@@ -542,17 +596,29 @@ def pull_batch(
                 auth = ClientAuth.from_source(source, cp, pattern=pattern)
             except MedblocksError as exc:
                 for cid in ids:
-                    batch.results.append(PullResult(cid, status="failed",
-                                                    error=f"source:{type(exc).__name__}"))
+                    batch.results.append(
+                        PullResult(cid, status="failed", error=f"source:{type(exc).__name__}")
+                    )
                 continue
             limiter = source_limiter(source)
 
-            def one(cid: str, limiter: RateLimiter | None = limiter, auth: ClientAuth = auth,
-                    supported: set[str] = supported) -> PullResult:
+            def one(
+                cid: str,
+                limiter: RateLimiter | None = limiter,
+                auth: ClientAuth = auth,
+                supported: set[str] = supported,
+            ) -> PullResult:
                 try:
                     res = pull_connection(
-                        cp, cid, lake_root=lake_root, run_id=run_id, http=client,
-                        limiter=limiter, client_auth=auth, supported=supported, full=full,
+                        cp,
+                        cid,
+                        lake_root=lake_root,
+                        run_id=run_id,
+                        http=client,
+                        limiter=limiter,
+                        client_auth=auth,
+                        supported=supported,
+                        full=full,
                         client_options=client_options,
                     )
                 except Exception as exc:  # noqa: BLE001 (one connection never fails the batch)
@@ -585,8 +651,9 @@ def due_connections(
 ) -> list[str]:
     """Active patient-access connections of a tenant and source whose next pull is due."""
     now = now or datetime.now(UTC)
-    rows = cp.list_connections(tenant_id=tenant_id, pattern=PATTERN, state="active",
-                               source_id=source_id)
+    rows = cp.list_connections(
+        tenant_id=tenant_id, pattern=PATTERN, state="active", source_id=source_id
+    )
     due = [r for r in rows if r.get("next_pull_due") is None or r["next_pull_due"] <= now]
     due.sort(key=lambda r: r.get("next_pull_due") or datetime.min.replace(tzinfo=UTC))
     ids = [r["id"] for r in due]
@@ -632,8 +699,9 @@ def revoke_connection(
     cp.vault.delete_prefix(f"conn/{connection_id}/")
     cp.record_event(connection_id, "tokens.revoked", {"at_source": revoked_remote})
     if delete_data is None:
-        delete_data = bool((cp.get_tenant(conn["tenant_id"])["settings"] or {}).get(
-            "delete_on_revoke"))
+        delete_data = bool(
+            (cp.get_tenant(conn["tenant_id"])["settings"] or {}).get("delete_on_revoke")
+        )
     removed = 0
     if delete_data:
         removed = delete_connection_data(lake_root, conn["tenant_id"], connection_id)
@@ -654,8 +722,10 @@ def _revoke_at_source(
     client = http or httpx.Client(timeout=10.0)
     try:
         auth = ClientAuth.from_source(source, cp, pattern=conn["pattern"])
-        form = {"token": str(token), "token_type_hint":
-                "refresh_token" if blob.get("refresh_token") else "access_token"}
+        form = {
+            "token": str(token),
+            "token_type_hint": "refresh_token" if blob.get("refresh_token") else "access_token",
+        }
         headers = auth.apply(form, token_endpoint=str(endpoint))
         resp = client.post(str(endpoint), data=form, headers=headers)
         return resp.status_code == 200
@@ -673,6 +743,7 @@ def refresh_failed_connections(
     """Patient-access connections whose refresh failed (the patient must connect again)."""
     return [
         r["id"]
-        for r in cp.list_connections(tenant_id=tenant_id, pattern=PATTERN, state="refresh_failed",
-                                     source_id=source_id)
+        for r in cp.list_connections(
+            tenant_id=tenant_id, pattern=PATTERN, state="refresh_failed", source_id=source_id
+        )
     ]

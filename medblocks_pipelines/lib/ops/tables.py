@@ -137,7 +137,3 @@ TABLES = (
     export_destinations,
     export_runs,
 )
-
-
-
-

@@ -63,15 +63,36 @@ from medblocks_pipelines.lib.smart.tokens import (
 
 #: US Core types a patient-access pull asks for when the server supports them (SPECS §1.11).
 US_CORE_PATIENT_TYPES: tuple[str, ...] = (
-    "Patient", "AllergyIntolerance", "CarePlan", "CareTeam", "Condition", "Device",
-    "DiagnosticReport", "DocumentReference", "Encounter", "Goal", "Immunization",
-    "MedicationRequest", "Observation", "Procedure", "Provenance",
+    "Patient",
+    "AllergyIntolerance",
+    "CarePlan",
+    "CareTeam",
+    "Condition",
+    "Device",
+    "DiagnosticReport",
+    "DocumentReference",
+    "Encounter",
+    "Goal",
+    "Immunization",
+    "MedicationRequest",
+    "Observation",
+    "Procedure",
+    "Provenance",
     # Referenced types a patient app needs to resolve (SPECS §1.11 last bullet) and Binary content.
-    "Practitioner", "PractitionerRole", "Organization", "Location", "Medication", "Binary",
+    "Practitioner",
+    "PractitionerRole",
+    "Organization",
+    "Location",
+    "Medication",
+    "Binary",
 )
 #: CMS Patient Access API types of a payer (SPECS §1.10).
 PAYER_TYPES: tuple[str, ...] = (
-    "Patient", "Coverage", "ExplanationOfBenefit", "Organization", "Practitioner",
+    "Patient",
+    "Coverage",
+    "ExplanationOfBenefit",
+    "Organization",
+    "Practitioner",
 )
 #: How long a started authorization may take before its callback is refused.
 PENDING_TTL_SECONDS = 15 * 60
@@ -193,7 +214,8 @@ def default_scopes(
     if cfg.get("resource_types"):
         types = [t for t in types if t in set(cfg["resource_types"])]
     return build_scopes(
-        types, v2=choose_v2(dict(smart_config), cfg.get("scope_syntax")),
+        types,
+        v2=choose_v2(dict(smart_config), cfg.get("scope_syntax")),
         template=cfg.get("scopes"),
     )
 
@@ -219,7 +241,10 @@ def create_connect_link(
     token = secrets.token_urlsafe(32)
     expires = datetime.now(UTC) + ttl
     conn_id = cp.create_connection(
-        tenant_id=tenant_id, pattern=pattern, source_id=source_id, patient_ref=patient_ref,
+        tenant_id=tenant_id,
+        pattern=pattern,
+        source_id=source_id,
+        patient_ref=patient_ref,
         context={"return_url": return_url} if return_url else {},
     )
     cp.vault.put(
@@ -239,8 +264,9 @@ def resolve_link(cp: ControlPlane, link_token: str) -> str:
         raise LaunchError("unknown connect link", reason="unknown_link")
     data = json.loads(secret.reveal())
     if float(data["expires_at"]) < time.time():
-        raise LaunchError("the connect link has expired", reason="link_expired",
-                          hint="ask the app for a new link")
+        raise LaunchError(
+            "the connect link has expired", reason="link_expired", hint="ask the app for a new link"
+        )
     return str(data["connection_id"])
 
 
@@ -266,14 +292,17 @@ def begin_authorization(
     """
     conn = cp.get_connection(connection_id)
     if conn["state"] != "pending":
-        raise LaunchError(f"connection {connection_id} is {conn['state']}, not pending",
-                          reason="not_pending")
+        raise LaunchError(
+            f"connection {connection_id} is {conn['state']}, not pending", reason="not_pending"
+        )
     source = cp.get_source(conn["source_id"])
     base = str(source.get("fhir_base_url") or "").rstrip("/")
     if iss is not None and iss.rstrip("/") != base:
         # An unknown iss would send the user (and later our token) to an attacker (SPECS §1.2).
         _fail(cp, connection_id, "unknown_iss")
-        raise LaunchError("iss is not the registered FHIR base of this source", reason="unknown_iss")
+        raise LaunchError(
+            "iss is not the registered FHIR base of this source", reason="unknown_iss"
+        )
     try:
         smart, cap = source_discovery(cp, conn["source_id"], http=http)
     except (ProtocolError, TransientError) as exc:
@@ -323,34 +352,50 @@ def begin_authorization(
         cp.vault.delete("launch_state/" + old)
     cp.vault.put(
         state_secret_name(state),
-        json.dumps({
-            "connection_id": connection_id,
-            "code_verifier": verifier,
-            "redirect_uri": redirect_uri,
-            "nonce": params.get("nonce"),
-            "created_at": time.time(),
-            "token_endpoint": smart["token_endpoint"],
-            "session_sha256": (
-                hashlib.sha256(session_binding.encode()).hexdigest() if session_binding else None
-            ),
-        }),
+        json.dumps(
+            {
+                "connection_id": connection_id,
+                "code_verifier": verifier,
+                "redirect_uri": redirect_uri,
+                "nonce": params.get("nonce"),
+                "created_at": time.time(),
+                "token_endpoint": smart["token_endpoint"],
+                "session_sha256": (
+                    hashlib.sha256(session_binding.encode()).hexdigest()
+                    if session_binding
+                    else None
+                ),
+            }
+        ),
         tenant_id=conn["tenant_id"],
     )
     context = dict(conn.get("context") or {})
-    context.update({
-        "state_hash": state_secret_name(state).split("/", 1)[1],
-        "aud": base,
-        "launch_kind": "ehr" if launch is not None else "standalone",
-    })
+    context.update(
+        {
+            "state_hash": state_secret_name(state).split("/", 1)[1],
+            "aud": base,
+            "launch_kind": "ehr" if launch is not None else "standalone",
+        }
+    )
     cp.update_connection(connection_id, scopes_requested=" ".join(scope_list), context=context)
-    cp.record_event(connection_id, "launch.authorize_redirect", {
-        "method": method, "scope_count": len(scope_list),
-        "scope_syntax": "v2" if any(".rs" in s for s in scope_list) else "v1",
-        "client_auth": client.method, "launch_kind": context["launch_kind"],
-    })
+    cp.record_event(
+        connection_id,
+        "launch.authorize_redirect",
+        {
+            "method": method,
+            "scope_count": len(scope_list),
+            "scope_syntax": "v2" if any(".rs" in s for s in scope_list) else "v1",
+            "client_auth": client.method,
+            "launch_kind": context["launch_kind"],
+        },
+    )
     return AuthorizationRequest(
-        connection_id=connection_id, method=method, url=url, endpoint=endpoint,
-        form=params if method == "POST" else {}, scopes=tuple(scope_list),
+        connection_id=connection_id,
+        method=method,
+        url=url,
+        endpoint=endpoint,
+        form=params if method == "POST" else {},
+        scopes=tuple(scope_list),
     )
 
 
@@ -392,20 +437,26 @@ def complete_authorization(
     conn_id: str = pending["connection_id"]
     conn = cp.get_connection(conn_id)
     if conn["state"] != "pending":
-        raise LaunchError(f"connection {conn_id} is {conn['state']}, not pending",
-                          reason="not_pending")
+        raise LaunchError(
+            f"connection {conn_id} is {conn['state']}, not pending", reason="not_pending"
+        )
     return_url = (conn.get("context") or {}).get("return_url")
 
     def failed(reason: str, detail: Mapping[str, Any] | None = None) -> LaunchOutcome:
         _fail(cp, conn_id, reason, detail)
-        return LaunchOutcome(conn_id, False, reason, _return_to(return_url, conn_id, "failed", reason))
+        return LaunchOutcome(
+            conn_id, False, reason, _return_to(return_url, conn_id, "failed", reason)
+        )
 
     if time.time() - float(pending["created_at"]) > PENDING_TTL_SECONDS:
         return failed("launch_expired")
     if params.get("error"):
         error = str(params["error"])[:64]
-        cp.record_event(conn_id, "launch.error_redirect", {
-            "error": error, "description": str(params.get("error_description") or "")[:200]})
+        cp.record_event(
+            conn_id,
+            "launch.error_redirect",
+            {"error": error, "description": str(params.get("error_description") or "")[:200]},
+        )
         return failed(error)
     code = params.get("code")
     if not code:
@@ -439,9 +490,15 @@ def complete_authorization(
     smart = cp.get_source(conn["source_id"]).get("smart_config") or {}
     try:
         claims = (
-            verify_id_token(tokens.id_token, smart_config=smart, client_id=client.client_id,
-                            nonce=pending.get("nonce"), http=http)
-            if tokens.id_token else {}
+            verify_id_token(
+                tokens.id_token,
+                smart_config=smart,
+                client_id=client.client_id,
+                nonce=pending.get("nonce"),
+                http=http,
+            )
+            if tokens.id_token
+            else {}
         )
     except AuthError as exc:
         return failed("id_token_invalid", {"error": str(exc)[:200]})
@@ -478,23 +535,33 @@ def complete_authorization(
         context=context,
         next_pull_due=datetime.now(UTC),
     )
-    cp.record_event(conn_id, "token.received", {
-        "scope_count": len(granted.normalised()),
-        "granted_differs": set(granted.normalised()) != set(requested.normalised()),
-        "has_refresh_token": tokens.refresh_token is not None,
-        "expires_in": tokens.expires_in,
-        "id_token_verified": bool(claims),
-    })
+    cp.record_event(
+        conn_id,
+        "token.received",
+        {
+            "scope_count": len(granted.normalised()),
+            "granted_differs": set(granted.normalised()) != set(requested.normalised()),
+            "has_refresh_token": tokens.refresh_token is not None,
+            "expires_in": tokens.expires_in,
+            "id_token_verified": bool(claims),
+        },
+    )
     try:
         cp.transition(conn_id, "active", reason="authorized")
     except InvalidTransition:
         # Revoked while the patient was on the consent page: keep the revocation, drop the tokens.
         cp.vault.delete_prefix(f"conn/{conn_id}/")
-        return LaunchOutcome(conn_id, False, "revoked", _return_to(return_url, conn_id, "failed",
-                                                                   "revoked"))
+        return LaunchOutcome(
+            conn_id, False, "revoked", _return_to(return_url, conn_id, "failed", "revoked")
+        )
     return LaunchOutcome(
-        conn_id, True, None, _return_to(return_url, conn_id, "active", None),
-        patient=patient, scopes_granted=str(granted), context=launch_context,
+        conn_id,
+        True,
+        None,
+        _return_to(return_url, conn_id, "active", None),
+        patient=patient,
+        scopes_granted=str(granted),
+        context=launch_context,
     )
 
 
@@ -527,7 +594,9 @@ def verify_id_token(
         raise AuthError("id_token is not a JWT") from exc
     issuer = unverified.get("iss")
     expected = smart_config.get("issuer")
-    if not isinstance(issuer, str) or (expected and issuer.rstrip("/") != str(expected).rstrip("/")):
+    if not isinstance(issuer, str) or (
+        expected and issuer.rstrip("/") != str(expected).rstrip("/")
+    ):
         raise AuthError("id_token iss does not match the server's issuer")
     try:
         oidc = http.get(issuer.rstrip("/") + "/.well-known/openid-configuration", timeout=10.0)
@@ -548,8 +617,13 @@ def verify_id_token(
         raise AuthError("id_token kid is not in the issuer's JWKS")
     try:
         claims = jwt.decode(
-            id_token, key=keys[0].key, algorithms=[alg], audience=client_id, issuer=issuer,
-            options={"require": ["exp", "iss", "aud", "sub"]}, leeway=30,
+            id_token,
+            key=keys[0].key,
+            algorithms=[alg],
+            audience=client_id,
+            issuer=issuer,
+            options={"require": ["exp", "iss", "aud", "sub"]},
+            leeway=30,
         )
     except jwt.PyJWTError as exc:
         raise AuthError(f"id_token failed verification ({type(exc).__name__})") from exc
@@ -558,7 +632,9 @@ def verify_id_token(
     return claims
 
 
-def _fail(cp: ControlPlane, conn_id: str, reason: str, detail: Mapping[str, Any] | None = None) -> None:
+def _fail(
+    cp: ControlPlane, conn_id: str, reason: str, detail: Mapping[str, Any] | None = None
+) -> None:
     try:
         cp.transition(conn_id, "failed", reason=reason, detail=detail)
     except InvalidTransition:

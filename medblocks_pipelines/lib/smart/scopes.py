@@ -24,11 +24,24 @@ _V1 = {"read": "rs", "write": "cud", "*": "cruds"}
 _ORDER = "cruds"
 
 #: The context, identity and refresh scopes a patient standalone launch asks for (SPECS §1.5).
-PATIENT_STANDALONE_EXTRAS: tuple[str, ...] = ("launch/patient", "openid", "fhirUser", "offline_access")
+PATIENT_STANDALONE_EXTRAS: tuple[str, ...] = (
+    "launch/patient",
+    "openid",
+    "fhirUser",
+    "offline_access",
+)
 #: Scopes that are neither resource scopes nor unknown: kept verbatim in a normalised set.
 CONTEXT_SCOPES = frozenset(
-    {"launch", "launch/patient", "launch/encounter", "openid", "fhirUser", "profile",
-     "offline_access", "online_access"}
+    {
+        "launch",
+        "launch/patient",
+        "launch/encounter",
+        "openid",
+        "fhirUser",
+        "profile",
+        "offline_access",
+        "online_access",
+    }
 )
 
 

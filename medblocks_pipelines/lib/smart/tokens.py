@@ -135,7 +135,9 @@ class ClientAuth:
         from medblocks_pipelines.lib.smart.assertion import assertion_form, make_client_assertion
 
         assertion = make_client_assertion(
-            client_id=self.client_id, token_endpoint=token_endpoint, key=self.signing_key,
+            client_id=self.client_id,
+            token_endpoint=token_endpoint,
+            key=self.signing_key,
             jku=self.jku,
         )
         form.update(assertion_form(assertion))
@@ -242,8 +244,9 @@ def store_tokens(
     control_plane: ControlPlane, connection_id: str, blob: Mapping[str, Any], *, tenant_id: str
 ) -> None:
     """Write a connection's token blob (first issue, after the code exchange)."""
-    control_plane.vault.put(tokens_secret_name(connection_id), json.dumps(dict(blob)),
-                            tenant_id=tenant_id)
+    control_plane.vault.put(
+        tokens_secret_name(connection_id), json.dumps(dict(blob)), tenant_id=tenant_id
+    )
 
 
 def _expires_dt(blob: Mapping[str, Any]) -> datetime | None:
@@ -376,15 +379,22 @@ class TokenManager:
             refresh_token = blob.get("refresh_token")
             if not refresh_token:
                 outcome["expired"] = True
-                raise AuthError(f"connection {self.connection_id}: token expired and no refresh "
-                                "token was granted")
+                raise AuthError(
+                    f"connection {self.connection_id}: token expired and no refresh "
+                    "token was granted"
+                )
             endpoint = blob.get("token_endpoint")
             if not endpoint:
                 raise ConfigError(f"connection {self.connection_id}: unknown token endpoint")
             resp = self._post_refresh(endpoint, refresh_token, auth)
             now = self.clock()
-            new = token_blob(resp, token_endpoint=endpoint, now=now,
-                             previous_refresh=refresh_token, previous_scope=blob.get("scope"))
+            new = token_blob(
+                resp,
+                token_endpoint=endpoint,
+                now=now,
+                previous_refresh=refresh_token,
+                previous_scope=blob.get("scope"),
+            )
             outcome["blob"], outcome["refreshed"] = new, True
             outcome["rotated"] = bool(resp.refresh_token) and resp.refresh_token != refresh_token
             return json.dumps(new)
