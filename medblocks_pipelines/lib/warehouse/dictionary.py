@@ -26,6 +26,46 @@ TABLE_DOCS: dict[str, tuple[str, dict[str, str]]] = {
             "fetched_at": "When we fetched this version (UTC)",
         },
     ),
+    "resource_versions": (
+        "Every distinct version landed, once: deduplicated by (source, type, id, content hash), "
+        "keeping the first fetch, so re-runs change nothing (base table, metadata only).",
+        {
+            "content_hash": "MD5 of the JSON text as fetched",
+            "lake_file": "The lake Parquet file holding this version's JSON",
+            "lake_row": "Row number of the version inside `lake_file`",
+        },
+    ),
+    "tombstones": (
+        "Deletions reported by sources (Bulk `deleted`, retractions): a resource whose newest "
+        "state is a tombstone is absent from `resources` (base table).",
+        {"deleted_at": "When the source says it was deleted (source time)"},
+    ),
+    "resource_sightings": (
+        "Each current resource with every relationship that delivered it: the same EHR record can "
+        "arrive through a backend export and a patient's own connection (base table).",
+        {
+            "first_fetched_at": "First time this relationship delivered the resource",
+            "last_fetched_at": "Most recent delivery",
+            "runs": "Number of runs that delivered it",
+        },
+    ),
+    "quarantine": (
+        "Records that could not be landed, with the reason and the raw text (capped at 1 MB), "
+        "deduplicated across re-runs (base table).",
+        {
+            "raw": "The payload as received",
+            "reason": "Why it was refused (malformed JSON, missing id, not a JSON object...)",
+            "origin": "File and line or record number it came from",
+        },
+    ),
+    "pull_history": (
+        "One row per pull (per connection, organization export or network query), copied from the "
+        "control plane at build time.",
+        {
+            "status": "running | success | partial | failed",
+            "counts": "JSON: resources landed by type",
+        },
+    ),
     "persons": (
         "One row per person: a cluster of source patients that are the same human (identity). "
         "Demographics are the most common standardised values across its source patients.",
