@@ -62,45 +62,36 @@ def routes(ctx: Any) -> list[BaseRoute]:
             return _error(exc)
         return JSONResponse(body)
 
-    async def call(request: Request) -> Response:
-        if "json" not in request.headers.get("content-type", ""):
-            return JSONResponse(
-                {"error": "unsupported_media_type", "detail": "the body must be application/json"},
-                status_code=415,
-            )
-        raw = await request.body()
-        try:
-            service = ctx.extra.get("cds_service") or await run_in_threadpool(get_service, ctx)
-            body = await run_in_threadpool(
-                service.call,
-                request.path_params["service_id"],
-                request.headers.get("authorization"),
-                raw,
-            )
-        except CdsRequestError as exc:
-            log.info("cds call refused: %s", exc.reason)
-            return _error(exc)
-        return JSONResponse(body)
+    def json_post(method: str, what: str) -> Any:
+        """A POST handler running ``service.<method>(service_id, authorization, body)``."""
 
-    async def feedback(request: Request) -> Response:
-        if "json" not in request.headers.get("content-type", ""):
-            return JSONResponse(
-                {"error": "unsupported_media_type", "detail": "the body must be application/json"},
-                status_code=415,
-            )
-        raw = await request.body()
-        try:
-            service = ctx.extra.get("cds_service") or await run_in_threadpool(get_service, ctx)
-            body = await run_in_threadpool(
-                service.feedback,
-                request.path_params["service_id"],
-                request.headers.get("authorization"),
-                raw,
-            )
-        except CdsRequestError as exc:
-            log.info("cds feedback refused: %s", exc.reason)
-            return _error(exc)
-        return JSONResponse(body)
+        async def handler(request: Request) -> Response:
+            if "json" not in request.headers.get("content-type", ""):
+                return JSONResponse(
+                    {
+                        "error": "unsupported_media_type",
+                        "detail": "the body must be application/json",
+                    },
+                    status_code=415,
+                )
+            raw = await request.body()
+            try:
+                service = ctx.extra.get("cds_service") or await run_in_threadpool(get_service, ctx)
+                body = await run_in_threadpool(
+                    getattr(service, method),
+                    request.path_params["service_id"],
+                    request.headers.get("authorization"),
+                    raw,
+                )
+            except CdsRequestError as exc:
+                log.info("cds %s refused: %s", what, exc.reason)
+                return _error(exc)
+            return JSONResponse(body)
+
+        return handler
+
+    call = json_post("call", "call")
+    feedback = json_post("feedback", "feedback")
 
     return [
         Route("/cds-services", discovery, methods=["GET"]),
