@@ -399,11 +399,23 @@ class LakeWriter:
         self._seq += 1
         return folder / f"{normalise_id(self.prov.run_id)}-{self._tag}-{self._seq:05d}.parquet"
 
+    def _provenance_arrays(self, n: int) -> dict[str, pa.Array]:
+        """The provenance columns every lake and quarantine row carries, for ``n`` rows."""
+        p = self.prov
+        return {
+            "tenant": pa.array([p.tenant] * n, pa.string()),
+            "pattern": pa.array([p.pattern] * n, pa.string()),
+            "source": pa.array([p.source] * n, pa.string()),
+            "organization": pa.array([p.organization] * n, pa.string()),
+            "connection": pa.array([p.connection] * n, pa.string()),
+            "fetched_at": pa.array([self._fetched_at] * n, pa.timestamp("us", tz="UTC")),
+            "run_id": pa.array([p.run_id] * n, pa.string()),
+        }
+
     def _flush_type(self, rtype: str) -> None:
         rows = self._rows.pop(rtype, [])
         if not rows:
             return
-        p = self.prov
         cols = list(zip(*rows, strict=True))
         n = len(rows)
         table = pa.table(
@@ -415,13 +427,7 @@ class LakeWriter:
                 "last_updated": pa.array(cols[4], pa.string()),
                 "content_hash": pa.array(cols[5], pa.string()),
                 "deleted": pa.array(cols[6], pa.bool_()),
-                "tenant": pa.array([p.tenant] * n, pa.string()),
-                "pattern": pa.array([p.pattern] * n, pa.string()),
-                "source": pa.array([p.source] * n, pa.string()),
-                "organization": pa.array([p.organization] * n, pa.string()),
-                "connection": pa.array([p.connection] * n, pa.string()),
-                "fetched_at": pa.array([self._fetched_at] * n, pa.timestamp("us", tz="UTC")),
-                "run_id": pa.array([p.run_id] * n, pa.string()),
+                **self._provenance_arrays(n),
                 "origin": pa.array(cols[7], pa.string()),
             },
             schema=RESOURCE_SCHEMA,
@@ -442,13 +448,7 @@ class LakeWriter:
                 "resource_type": pa.array(cols[2], pa.string()),
                 "origin": pa.array(cols[3], pa.string()),
                 "raw_hash": pa.array(cols[4], pa.string()),
-                "tenant": pa.array([p.tenant] * n, pa.string()),
-                "pattern": pa.array([p.pattern] * n, pa.string()),
-                "source": pa.array([p.source] * n, pa.string()),
-                "organization": pa.array([p.organization] * n, pa.string()),
-                "connection": pa.array([p.connection] * n, pa.string()),
-                "fetched_at": pa.array([self._fetched_at] * n, pa.timestamp("us", tz="UTC")),
-                "run_id": pa.array([p.run_id] * n, pa.string()),
+                **self._provenance_arrays(n),
             },
             schema=QUARANTINE_SCHEMA,
         )
