@@ -400,6 +400,7 @@ def serve(host: str, port: int) -> None:
 )
 def sandbox(host: str, base_port: int, persons: int, seed: int, profiles: tuple[str, ...]) -> None:
     """Start the spec-faithful sandbox (EHRs, payer, gateway, CDS-calling EHR) on loopback."""
+    import signal
     import time
 
     from medblocks_pipelines.sandbox.run import start_sandbox
@@ -424,6 +425,12 @@ def sandbox(host: str, base_port: int, persons: int, seed: int, profiles: tuple[
         "MEDBLOCKS_SANDBOX_ADMIN_SECRET before starting."
     )
     click.echo("Ctrl-C to stop.")
+
+    def _terminate(_signum: int, _frame: object) -> None:
+        # A service manager's SIGTERM stops the servers as cleanly as Ctrl-C does.
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         while True:
             time.sleep(3600)

@@ -120,5 +120,10 @@ def test_sandbox_command_starts_every_role_and_answers(tmp_path: Path) -> None:
         meta = httpx.get(base.group(1) + "/metadata", timeout=10)
         assert meta.status_code == 200 and meta.json()["resourceType"] == "CapabilityStatement"
     finally:
-        proc.terminate()
-        proc.wait(10)
+        proc.terminate()  # SIGTERM stops the servers cleanly, as Ctrl-C does
+        try:
+            code = proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    assert code == 0

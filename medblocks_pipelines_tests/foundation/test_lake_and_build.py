@@ -192,9 +192,10 @@ def test_run_killed_mid_write_then_rerun(settings: Settings, tmp_path: Path) -> 
     proc.wait()
     files = list(settings.lake_root.rglob("*.parquet"))
     assert files, "the killed run flushed some whole files"
-    landed = sum(
-        duckdb.execute(f"SELECT count(*) FROM read_parquet('{f}')").fetchone()[0] for f in files
-    )  # every published file is readable: no partial Parquet
+    with duckdb.connect() as con:  # every published file is readable: no partial Parquet
+        landed = sum(
+            con.execute(f"SELECT count(*) FROM read_parquet('{f}')").fetchall()[0][0] for f in files
+        )
     assert 0 < landed < N_KILLED, "the run was killed mid-write"
     build_warehouse("acme", settings=settings, steps=[])  # a build over the partial run works
 

@@ -150,7 +150,8 @@ def test_parquet_destination(cp: ControlPlane, warehouse: Settings, tmp_path: Pa
     res = ex.run_export(cp, warehouse, "pq")
     assert res.counts_by_type == {"Patient": 3}
     path = tmp_path / "pq" / "acme" / "pq" / "000001" / "Patient.parquet"
-    rows = duckdb.sql(f"SELECT resource_id, resource FROM '{path}' ORDER BY 1").fetchall()
+    with duckdb.connect() as con:
+        rows = con.execute(f"SELECT resource_id, resource FROM '{path}' ORDER BY 1").fetchall()
     assert [r[0] for r in rows] == ["p1", "p2", "p3"]
     assert json.loads(rows[0][1])["name"][0]["family"] == "Ng"
 

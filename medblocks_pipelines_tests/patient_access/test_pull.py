@@ -30,11 +30,12 @@ FAST = {"backoff": 0.05, "max_backoff": 2.0}
 
 def lake_rows(env: PatientAccessEnv, connection_id: str) -> list[tuple[Any, ...]]:
     glob = resources_glob(env.settings.lake_root, env.tenant)
-    return duckdb.sql(
-        f"SELECT resource_type, resource_id, pattern, source, connection, run_id "
-        f"FROM read_parquet('{glob}', hive_partitioning=false) WHERE connection = ?",
-        params=[connection_id],
-    ).fetchall()
+    with duckdb.connect() as con:  # our own connection: never the shared default one
+        return con.execute(
+            f"SELECT resource_type, resource_id, pattern, source, connection, run_id "
+            f"FROM read_parquet('{glob}', hive_partitioning=false) WHERE connection = ?",
+            [connection_id],
+        ).fetchall()
 
 
 def connect_n(env: PatientAccessEnv, sid: str, org: Any, n: int) -> list[str]:
@@ -316,14 +317,13 @@ def test_malformed_resources_are_quarantined(pa_env: PatientAccessEnv) -> None:
         res = pull(pa_env, [conn_id]).results[0]
     assert res.quarantined == 2
     glob = quarantine_glob(pa_env.settings.lake_root, pa_env.tenant)
-    reasons = sorted(
-        r[0]
-        for r in duckdb.sql(
+    with duckdb.connect() as con:
+        found = con.execute(
             f"SELECT reason FROM read_parquet('{glob}', hive_partitioning=false) "
             "WHERE connection = ?",
-            params=[conn_id],
+            [conn_id],
         ).fetchall()
-    )
+    reasons = sorted(r[0] for r in found)
     assert reasons == ["missing id", "not a JSON object"]
 
 
