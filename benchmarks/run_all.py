@@ -23,7 +23,7 @@ BENCHMARKS: dict[str, tuple[list[str], list[str]]] = {
     "views": (["--resources", "200000", "--sample", "500"], ["--resources", "1000000"]),
     "bulk_ingest": (["--resources", "200000"], ["--resources", "1000000"]),
     "bulk_download": (["--resources", "200000"], ["--resources", "1000000"]),
-    "patient_access": (["--connections", "200"], ["--connections", "1000"]),
+    "patient_access": (["--connections", "40"], ["--connections", "1000"]),
     "ccda": (["--size", "100"], ["--size", "500"]),
     "identity": (["--patients", "20000"], ["--patients", "100000"]),
     "cds": (["--persons", "10000"], ["--persons", "100000"]),
