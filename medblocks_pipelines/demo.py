@@ -457,9 +457,11 @@ def summary(state: DemoState) -> None:
     state.console.rule("[bold]next")
     state.console.print(f"DuckDB warehouse: [bold]{path}[/bold]")
     for title, sql in EXAMPLE_QUERIES:
-        state.console.print(f'  # {title}\n  duckdb -readonly {path} "{sql}"')
+        state.console.print(
+            f'  # {title}\n  .venv/bin/medblocks warehouse query --tenant {TENANT} "{sql}"'
+        )
     state.console.print(
-        '  or: .venv/bin/medblocks warehouse query --tenant acme "SELECT * FROM persons LIMIT 5"'
+        "  (any DuckDB client works too, read-only: duckdb.connect(path, read_only=True))"
     )
     state.console.print(
         "Dagster UI on the same instance: [bold]make ui[/bold] -> http://127.0.0.1:3000 "
