@@ -81,9 +81,15 @@ def run_job(
     """Execute ``job_name`` in-process for one partition and raise if it failed."""
     instance = instance or get_instance()
     sync_registry_partitions(instance)
+    # Definitions loading reads Dagster's defs-state storage from a context variable; point it at
+    # the instance this run records into, never at one an earlier caller has since closed.
+    from dagster._core.storage.defs_state.base import set_defs_state_storage
+
+    with set_defs_state_storage(instance.defs_state_storage):
+        definitions = load_definitions()
     try:
-        job = load_definitions().resolve_job_def(job_name)
-    except Exception as exc:
+        job = definitions.resolve_job_def(job_name)
+    except dg.DagsterInvariantViolationError as exc:
         raise ConfigError(f"no Dagster job named {job_name}") from exc
     config = dict(run_config or {})
     # Runs show their logs in the UI; the terminal gets warnings only unless --verbose (DEBUG logging).
