@@ -75,6 +75,18 @@ def _rows(rows: Iterable[sa.Row[Any]]) -> list[dict[str, Any]]:
     return [{k: _aware(v) for k, v in r._mapping.items()} for r in rows]
 
 
+def _outbox(
+    conn: sa.Connection, tenant_id: str, type: str, payload: Mapping[str, Any], at: datetime
+) -> int:
+    """Append an outbox event inside the caller's transaction (it commits with the change)."""
+    res = conn.execute(
+        t.events.insert().values(
+            tenant_id=tenant_id, type=type, payload=dict(payload), created_at=at
+        )
+    )
+    return int(res.inserted_primary_key[0])  # type: ignore[index]
+
+
 class ControlPlane:
     """Typed facade over the control-plane tables."""
 
@@ -314,21 +326,20 @@ class ControlPlane:
                 )
             )
             if to_state in _STATE_EVENTS:
-                conn.execute(
-                    t.events.insert().values(
-                        tenant_id=row["tenant_id"],
-                        type=_STATE_EVENTS[to_state],
-                        payload={
-                            "connection_id": connection_id,
-                            "pattern": row["pattern"],
-                            "source_id": row["source_id"],
-                            "organization_id": row["organization_id"],
-                            "from_state": from_state,
-                            "to_state": to_state,
-                            "reason": reason,
-                        },
-                        created_at=now,
-                    )
+                _outbox(
+                    conn,
+                    row["tenant_id"],
+                    _STATE_EVENTS[to_state],
+                    {
+                        "connection_id": connection_id,
+                        "pattern": row["pattern"],
+                        "source_id": row["source_id"],
+                        "organization_id": row["organization_id"],
+                        "from_state": from_state,
+                        "to_state": to_state,
+                        "reason": reason,
+                    },
+                    now,
                 )
         row.update(state=to_state, state_reason=reason, updated_at=now)
         return row
@@ -404,21 +415,20 @@ class ControlPlane:
             )
             if row is None:
                 raise NotFound(f"pull {pull_id} not found")
-            conn.execute(
-                t.events.insert().values(
-                    tenant_id=row["tenant_id"],
-                    type="sync.failed" if status == "failed" else "sync.completed",
-                    payload={
-                        "pull_id": pull_id,
-                        "pattern": row["pattern"],
-                        "source_id": row["source_id"],
-                        "organization_id": row["organization_id"],
-                        "connection_id": row["connection_id"],
-                        "status": status,
-                        "counts": dict(counts),
-                    },
-                    created_at=now,
-                )
+            _outbox(
+                conn,
+                row["tenant_id"],
+                "sync.failed" if status == "failed" else "sync.completed",
+                {
+                    "pull_id": pull_id,
+                    "pattern": row["pattern"],
+                    "source_id": row["source_id"],
+                    "organization_id": row["organization_id"],
+                    "connection_id": row["connection_id"],
+                    "status": status,
+                    "counts": dict(counts),
+                },
+                now,
             )
 
     def list_pulls(self, *, tenant_id: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
@@ -467,13 +477,12 @@ class ControlPlane:
             )
             audit_id = int(res.inserted_primary_key[0])  # type: ignore[index]
             if decision == "refused":
-                conn.execute(
-                    t.events.insert().values(
-                        tenant_id=tenant_id,
-                        type="network.query_refused",
-                        payload={"audit_id": audit_id, "purpose": purpose, "reason": reason},
-                        created_at=now,
-                    )
+                _outbox(
+                    conn,
+                    tenant_id,
+                    "network.query_refused",
+                    {"audit_id": audit_id, "purpose": purpose, "reason": reason},
+                    now,
                 )
         return audit_id
 
@@ -568,12 +577,7 @@ class ControlPlane:
     def emit_event(self, tenant_id: str, type: str, payload: Mapping[str, Any]) -> int:
         """Append an outbox event (for facts not already emitted by a state change)."""
         with self.engine.begin() as conn:
-            res = conn.execute(
-                t.events.insert().values(
-                    tenant_id=tenant_id, type=type, payload=dict(payload), created_at=utcnow()
-                )
-            )
-            return int(res.inserted_primary_key[0])  # type: ignore[index]
+            return _outbox(conn, tenant_id, type, payload, utcnow())
 
     def list_events(
         self, *, tenant_id: str | None = None, after_id: int = 0, limit: int = 1000
