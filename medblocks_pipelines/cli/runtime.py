@@ -62,6 +62,32 @@ def load_definitions() -> dg.Definitions:
     return defs()
 
 
+def _load_definitions_for(instance: dg.DagsterInstance) -> dg.Definitions:
+    """Load the code location against ``instance``'s defs-state, whatever the context says.
+
+    Dagster reads the defs-state storage from a context variable. Any Dagster context left to the
+    garbage collector (an instance entered inside a sensor or resource context that was never
+    exited) resets that variable when it is finalized, to whatever it held back then, possibly a
+    storage whose instance is gone. The load context is therefore built from this instance's
+    storage up front and pinned for the load, so a finalizer running mid-load cannot redirect it.
+    """
+    from dagster._core.definitions.definitions_load_context import (
+        DefinitionsLoadContext,
+        DefinitionsLoadType,
+    )
+    from dagster._core.definitions.repository_definition import RepositoryLoadData
+    from dagster._core.storage.defs_state.base import set_defs_state_storage
+
+    storage = instance.defs_state_storage
+    state_info = storage.get_latest_defs_state_info() if storage is not None else None
+    load_context = DefinitionsLoadContext(
+        DefinitionsLoadType.INITIALIZATION,
+        RepositoryLoadData(defs_state_info=state_info),
+    )
+    with set_defs_state_storage(storage), DefinitionsLoadContext.scoped(load_context):
+        return load_definitions()
+
+
 def sync_registry_partitions(instance: dg.DagsterInstance) -> dict[str, int]:
     """Bring dynamic partitions in line with the registry before running a partitioned job."""
     from medblocks_pipelines.defs.shared.resources import PlatformResource
@@ -81,12 +107,7 @@ def run_job(
     """Execute ``job_name`` in-process for one partition and raise if it failed."""
     instance = instance or get_instance()
     sync_registry_partitions(instance)
-    # Definitions loading reads Dagster's defs-state storage from a context variable; point it at
-    # the instance this run records into, never at one an earlier caller has since closed.
-    from dagster._core.storage.defs_state.base import set_defs_state_storage
-
-    with set_defs_state_storage(instance.defs_state_storage):
-        definitions = load_definitions()
+    definitions = _load_definitions_for(instance)
     try:
         job = definitions.resolve_job_def(job_name)
     except dg.DagsterInvariantViolationError as exc:

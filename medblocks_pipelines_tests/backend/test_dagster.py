@@ -212,3 +212,34 @@ def test_definitions_snapshot() -> None:
         assert d.resolve_sensor_def("warehouse_on_landing_sensor")
         node = d.resolve_assets_def(["backend", "bulk_resources"])
         assert json.dumps(node.partitions_def.name) == '"backend_orgs"'  # type: ignore[union-attr]
+
+
+def test_run_job_loads_definitions_even_when_the_state_variable_goes_stale(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A Dagster context finalized by the garbage collector mid-load resets the defs-state
+    context variable to a storage whose instance is gone (seen once on CI); the load must not
+    read that variable."""
+    import gc
+
+    from dagster._core.storage.defs_state import base as defs_state
+
+    from medblocks_pipelines.cli import runtime
+
+    with dg.instance_for_test() as gone:
+        stale = gone.defs_state_storage
+    del gone
+    gc.collect()
+    with pytest.raises(dg.DagsterInvariantViolationError):
+        stale.get_latest_defs_state_info()  # type: ignore[union-attr]
+
+    real_load = runtime.load_definitions
+
+    def load_after_a_finalizer() -> dg.Definitions:
+        defs_state._current_storage.set(stale)  # what the finalizer's reset(token) does
+        return real_load()
+
+    monkeypatch.setattr(runtime, "load_definitions", load_after_a_finalizer)
+    with dg.instance_for_test() as live:
+        definitions = runtime._load_definitions_for(live)
+    assert definitions.resolve_job_def("backend_land_job").name == "backend_land_job"
