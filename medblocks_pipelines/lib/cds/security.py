@@ -79,7 +79,9 @@ class CdsAuthenticator:
         self._orgs: tuple[float, list[dict[str, Any]]] | None = None
         self._jwks: dict[str, tuple[float, jwt.PyJWKSet]] = {}
         self._last_refetch: dict[str, float] = {}
-        self._last_purge = 0.0
+        # None until the first time: monotonic() counts from boot, so "0.0" would mean "just now"
+        # on a machine up for less than the interval.
+        self._last_purge: float | None = None
 
     # -- registry -------------------------------------------------------------------------------
     def _organizations(self, *, max_age: float = ORG_CACHE_TTL) -> list[dict[str, Any]]:
@@ -165,7 +167,8 @@ class CdsAuthenticator:
             return self._pick(keyset, kid)
         except CdsRequestError:
             # A new kid may mean the EHR rotated keys: refetch, but not more than once in a while.
-            if now - self._last_refetch.get(url, 0.0) < KID_REFETCH_INTERVAL:
+            last = self._last_refetch.get(url)
+            if last is not None and now - last < KID_REFETCH_INTERVAL:
                 raise
             self._last_refetch[url] = now
             return self._pick(self._fetch_jwks(url), kid)
@@ -263,8 +266,9 @@ class CdsAuthenticator:
         if not isinstance(jti, str) or not jti or len(jti) > 200:
             raise _refuse("the JWT jti is not a usable string", "missing_claim")
         self._remember_jti(iss, jti, float(exp))
-        if time.monotonic() - self._last_purge > PURGE_INTERVAL:
-            self._last_purge = time.monotonic()
+        now = time.monotonic()
+        if self._last_purge is None or now - self._last_purge > PURGE_INTERVAL:
+            self._last_purge = now
             self.purge_expired()  # expired jtis can never verify again: keep the table small
         return CdsClient(
             organization_id=org["id"],
