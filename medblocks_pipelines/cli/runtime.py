@@ -85,7 +85,10 @@ def _load_definitions_for(instance: dg.DagsterInstance) -> dg.Definitions:
         RepositoryLoadData(defs_state_info=state_info),
     )
     with set_defs_state_storage(storage), DefinitionsLoadContext.scoped(load_context):
-        return load_definitions()
+        definitions = load_definitions()
+        # Dagster builds the repository lazily, on the first resolve: build it here, pinned too.
+        definitions.get_repository_def()
+    return definitions
 
 
 def sync_registry_partitions(instance: dg.DagsterInstance) -> dict[str, int]:

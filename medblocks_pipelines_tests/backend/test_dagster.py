@@ -220,26 +220,27 @@ def test_run_job_loads_definitions_even_when_the_state_variable_goes_stale(
     """A Dagster context finalized by the garbage collector mid-load resets the defs-state
     context variable to a storage whose instance is gone (seen once on CI); the load must not
     read that variable."""
-    import gc
+    import copy
 
     from dagster._core.storage.defs_state import base as defs_state
 
     from medblocks_pipelines.cli import runtime
 
-    with dg.instance_for_test() as gone:
-        stale = gone.defs_state_storage
-    del gone
-    gc.collect()
-    with pytest.raises(dg.DagsterInvariantViolationError):
-        stale.get_latest_defs_state_info()  # type: ignore[union-attr]
-
-    real_load = runtime.load_definitions
-
-    def load_after_a_finalizer() -> dg.Definitions:
-        defs_state._current_storage.set(stale)  # what the finalizer's reset(token) does
-        return real_load()
-
-    monkeypatch.setattr(runtime, "load_definitions", load_after_a_finalizer)
     with dg.instance_for_test() as live:
+        # A storage whose instance is gone, exactly as the finalizer leaves the variable.
+        stale = copy.copy(live.defs_state_storage)
+        stale._instance_weakref = None  # type: ignore[union-attr]
+        with pytest.raises(dg.DagsterInvariantViolationError, match="weakref"):
+            stale.get_latest_defs_state_info()  # type: ignore[union-attr]
+
+        real_load = runtime.load_definitions
+
+        def load_after_a_finalizer() -> dg.Definitions:
+            defs_state._current_storage.set(stale)  # what the finalizer's reset(token) does
+            return real_load()
+
+        monkeypatch.setattr(runtime, "load_definitions", load_after_a_finalizer)
         definitions = runtime._load_definitions_for(live)
-    assert definitions.resolve_job_def("backend_land_job").name == "backend_land_job"
+        # ...or fires after the load, before the job is resolved (the repository is lazy).
+        defs_state._current_storage.set(stale)
+        assert definitions.resolve_job_def("backend_land_job").name == "backend_land_job"
