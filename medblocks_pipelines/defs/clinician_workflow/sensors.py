@@ -3,10 +3,10 @@
 Reads ``clinician.launch`` outbox events (written by the launch callback) after its cursor, looks
 up each launch's patient, and requests one run per ``tenant.org`` with the new connections. The same
 patient launched again at the same organization within ``DEDUPE_SECONDS`` is not synced again
-(a clinician re-opening a chart); the cursor keeps the last event id and the recent launches.
+(a clinician re-opening a chart); the cursor is a low-water mark over the outbox
+(``lib/registry/outbox``) plus the recent launches.
 """
 
-import json
 import time
 
 import dagster as dg
@@ -16,9 +16,9 @@ from medblocks_pipelines.defs.shared.partitions import clinician_org_partitions
 from medblocks_pipelines.defs.shared.resources import PlatformResource
 from medblocks_pipelines.lib.cds.launch import LAUNCH_EVENT, PATTERN
 from medblocks_pipelines.lib.partitions import partition_key
+from medblocks_pipelines.lib.registry.outbox import OutboxCursor, read_new_events
 
 DEDUPE_SECONDS = 600
-EVENTS_PER_TICK = 5000
 
 
 def plan_syncs(
@@ -61,11 +61,8 @@ def clinician_launch_sensor(
     context: dg.SensorEvaluationContext, platform: PlatformResource
 ) -> dg.SensorResult:
     """Read launch events after the cursor and request one sync run per tenant.org."""
-    state = json.loads(context.cursor) if context.cursor else {}
-    after = int(state.get("last", 0))
     cp = platform.control_plane
-    rows = cp.list_events(after_id=after, limit=EVENTS_PER_TICK)
-    last = rows[-1]["id"] if rows else after
+    rows, after = read_new_events(cp, OutboxCursor.parse(context.cursor))
     launches = [r for r in rows if r["type"] == LAUNCH_EVENT]
     patient_of = {}
     for ev in launches:
@@ -73,9 +70,10 @@ def clinician_launch_sensor(
         if cid:
             patient_of[cid] = cp.get_connection(cid).get("source_patient_id")
     plan, recent, deduped = plan_syncs(
-        launches, recent=state.get("recent", {}), now=time.time(), patient_of=patient_of
+        launches, recent=after.extra.get("recent", {}), now=time.time(), patient_of=patient_of
     )
-    cursor = json.dumps({"last": last, "recent": recent})
+    after.extra["recent"] = recent
+    cursor = after.dump()
     if not plan:
         return dg.SensorResult(
             skip_reason=f"no new launches ({deduped} deduplicated)", cursor=cursor

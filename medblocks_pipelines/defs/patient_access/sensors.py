@@ -1,7 +1,8 @@
 """Patient-access sensors: pull newly consented connections within seconds; flag refused refreshes.
 
-Both read the control plane's outbox (``events``) from a cursor (the last event id seen), so every
-activation is acted on exactly once, whichever process (web callback, CLI) wrote it.
+Both read the control plane's outbox (``events``) from a low-water cursor (``lib/registry/outbox``),
+so every activation is acted on once, whichever process (web callback, CLI) wrote it, even when
+PostgreSQL commits a lower event id after a higher one was read.
 """
 
 import dagster as dg
@@ -12,20 +13,18 @@ from medblocks_pipelines.defs.shared.partitions import patient_access_partitions
 from medblocks_pipelines.defs.shared.resources import PlatformResource
 from medblocks_pipelines.lib.fhir.pull import PATTERN, refresh_failed_connections
 from medblocks_pipelines.lib.partitions import partition_key
+from medblocks_pipelines.lib.registry.outbox import OutboxCursor, read_new_events
 
 #: Connections per run request: a run pulls a batch, never one run per patient.
 BATCH = 200
-EVENTS_PER_TICK = 5000
 
 
-def _events(platform: PlatformResource, cursor: str | None, type_: str) -> tuple[list[dict], int]:
-    after = int(cursor) if cursor else 0
-    rows = platform.control_plane.list_events(after_id=after, limit=EVENTS_PER_TICK)
-    last = rows[-1]["id"] if rows else after
+def _events(platform: PlatformResource, cursor: str | None, type_: str) -> tuple[list[dict], str]:
+    rows, after = read_new_events(platform.control_plane, OutboxCursor.parse(cursor))
     picked = [
         r for r in rows if r["type"] == type_ and (r.get("payload") or {}).get("pattern") == PATTERN
     ]
-    return picked, last
+    return picked, after.dump()
 
 
 @dg.sensor(
@@ -73,9 +72,9 @@ def patient_access_new_connections_sensor(
     missing = sorted(set(keys) - existing)
     partition_requests = [patient_access_partitions.build_add_request(missing)] if missing else []
     if not requests:
-        return dg.SensorResult(skip_reason="no newly active connections", cursor=str(last))
+        return dg.SensorResult(skip_reason="no newly active connections", cursor=last)
     return dg.SensorResult(
-        run_requests=requests, cursor=str(last), dynamic_partitions_requests=partition_requests
+        run_requests=requests, cursor=last, dynamic_partitions_requests=partition_requests
     )
 
 
@@ -114,5 +113,5 @@ def patient_access_refresh_failed_sensor(
             )
         )
     if not evaluations:
-        return dg.SensorResult(skip_reason="no refused refreshes", cursor=str(last))
-    return dg.SensorResult(asset_events=evaluations, cursor=str(last))
+        return dg.SensorResult(skip_reason="no refused refreshes", cursor=last)
+    return dg.SensorResult(asset_events=evaluations, cursor=last)
