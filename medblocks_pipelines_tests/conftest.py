@@ -80,3 +80,35 @@ def pg_dagster_url() -> Iterator[str]:
     """A separate fresh database for Dagster's own storage (it has its own alembic_version)."""
     with fresh_pg_database("dagster") as url:
         yield url
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """A real S3-compatible server (moto in server mode) on 127.0.0.1 with an ephemeral port."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, object]]:
+    """A new bucket on the moto server, with the standard AWS environment pointing at it (what
+    the lake and warehouse read) and a boto3 client to look at the bucket directly."""
+    import boto3
+
+    for var in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "MEDBLOCKS_STORAGE_OPTIONS"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    name = f"lake-{secrets.token_hex(4)}"
+    client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    client.create_bucket(Bucket=name)
+    yield name, client

@@ -297,9 +297,7 @@ def connections_revoke(connection_id: str, delete_data: bool | None) -> None:
 
     cp = control_plane()
     settings = get_settings()
-    result = revoke_connection(
-        cp, connection_id, lake_root=settings.lake_root, delete_data=delete_data
-    )
+    result = revoke_connection(cp, connection_id, lake_root=settings.lake, delete_data=delete_data)
     click.echo(
         f"connection {connection_id} revoked"
         + (" (also at the source)" if result.revoked_at_source else "")
@@ -388,7 +386,7 @@ def sync_patient_access(
     batch = pull_batch(
         cp,
         ids,
-        lake_root=get_settings().lake_root,
+        lake_root=get_settings().lake,
         run_id=f"cli-{uuid.uuid4().hex[:12]}",
         full=full,
     )

@@ -60,6 +60,10 @@ class WarehouseError(MedblocksError):
     """Raised when a warehouse build or read fails."""
 
 
+class StorageError(MedblocksError):
+    """Raised when object storage (the lake or published warehouses) cannot be read or written."""
+
+
 class ProtocolError(MedblocksError):
     """Raised when a peer breaks its protocol (malformed body, HTML instead of JSON...)."""
 

@@ -21,7 +21,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from medblocks_pipelines.lib.errors import CdsRequestError
-from medblocks_pipelines.lib.warehouse.build import warehouse_path
+from medblocks_pipelines.lib.warehouse.build import refresh_published, warehouse_path
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,12 @@ def get_service(ctx: Any) -> Any:
             ctx.control_plane,
             public_base_url=ctx.public_base_url,
             warehouse_path_of=lambda tenant: warehouse_path(ctx.settings, tenant),
+            # Warehouses published to object storage: keep this server's copy current.
+            warehouse_refresh_of=(
+                (lambda tenant: refresh_published(ctx.settings, tenant))
+                if ctx.settings.warehouse_url
+                else None
+            ),
             http=ctx.extra.get("http"),
             today=ctx.extra.get("cds_today"),
         )

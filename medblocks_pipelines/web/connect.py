@@ -264,7 +264,7 @@ def routes(ctx: Any) -> list[BaseRoute]:
         result = revoke_connection(
             cp,
             connection_id,
-            lake_root=ctx.settings.lake_root,
+            lake_root=ctx.settings.lake,
             http=http(),
             reason="revoked by the tenant's app",
         )

@@ -57,3 +57,42 @@ def test_two_orgs_then_incremental(env: Env, sandbox, live_defs_state) -> None: 
             "FROM resources"
         ).fetchone()  # type: ignore[misc]
     assert n == distinct and orgs_seen == 2
+
+
+def test_sync_and_build_through_dagster_into_object_storage(  # type: ignore[no-untyped-def]
+    env: Env, sandbox, live_defs_state, s3_bucket, monkeypatch
+) -> None:
+    """The same Dagster jobs with the lake and the warehouses in an S3-compatible store: lake
+    files and the published warehouse land in the bucket, and a machine that never built reads it."""
+    import dataclasses
+
+    from medblocks_pipelines.cli.runtime import run_job
+    from medblocks_pipelines.lib.settings import get_settings
+
+    bucket, client = s3_bucket
+    monkeypatch.setenv("MEDBLOCKS_LAKE_ROOT", f"s3://{bucket}/lake")
+    monkeypatch.setenv("MEDBLOCKS_WAREHOUSE_DIR", f"s3://{bucket}/warehouses")
+    org = [o.org_id for o in sandbox.orgs_of("ehr")][0]
+    setup_sandbox_backend(env.cp, sandbox, TENANT, [org], jwks_url=env.jwks_url)
+    md = run_backend_sync(
+        env.cp, env.settings, TENANT, org, min_wait=0.05, timeout=30, instance=live_defs_state
+    )
+    assert md["status"] == "success" and md["landed"] > 0
+    result = run_job("tenant_warehouse_job", partition_key=TENANT, instance=live_defs_state)
+    [mat] = result.asset_materializations_for_node("warehouse__tenant_warehouse")
+    assert mat.metadata["published"].value == f"s3://{bucket}/warehouses/{TENANT}.duckdb"
+    keys = [
+        o["Key"]
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+        for o in page.get("Contents", [])
+    ]
+    assert f"warehouses/{TENANT}.duckdb" in keys
+    lake_files = [k for k in keys if k.startswith("lake/")]
+    assert lake_files and all(k.endswith(".parquet") for k in lake_files)
+    assert mat.metadata["storage"].value["mirror_files"] == len(lake_files)  # type: ignore[index]
+    elsewhere = dataclasses.replace(
+        get_settings(env.settings.data_dir.parent / "other-machine"), database_url="unused"
+    )
+    with open_warehouse(TENANT, settings=elsewhere) as con:
+        (n,) = con.execute("SELECT count(*) FROM resources").fetchone()  # type: ignore[misc]
+    assert n == md["landed"]

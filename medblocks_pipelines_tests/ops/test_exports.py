@@ -221,20 +221,6 @@ def test_no_warehouse_is_a_clear_error(
 
 
 # -- S3 (moto server) --------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
-    """A real S3-compatible server (moto) on 127.0.0.1 with an ephemeral port."""
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        server.stop()
-
-
 def test_s3_destination(
     cp: ControlPlane, warehouse: Settings, s3_endpoint: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -55,7 +55,7 @@ def clinician_workflow_records(
     meta: dict[str, Any] = {"connections_pulled": 0, "resources": 0}
     if ids:
         batch = pull_batch(
-            cp, ids, lake_root=platform.settings.lake_root, run_id=run_id, full=config.full
+            cp, ids, lake_root=platform.settings.lake, run_id=run_id, full=config.full
         )
         meta = batch.as_metadata()
         for cid in ids:

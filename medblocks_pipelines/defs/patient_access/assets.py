@@ -63,7 +63,7 @@ def patient_access_records(
     run_id = context.run_id or f"pa-{uuid.uuid4().hex[:12]}"
     if ids:
         batch = pull_batch(
-            cp, ids, lake_root=platform.settings.lake_root, run_id=run_id, full=config.full
+            cp, ids, lake_root=platform.settings.lake, run_id=run_id, full=config.full
         )
         meta = batch.as_metadata()
         if batch.results and all((r.error or "").startswith("source:") for r in batch.results):

@@ -42,7 +42,7 @@ def ndjson_import(
     )
     prov = Provenance(tenant, "backend", org["source_id"], org_id, None, context.run_id)
     try:
-        with LakeWriter(platform.settings.lake_root, prov) as writer:
+        with LakeWriter(platform.settings.lake, prov) as writer:
             files = import_ndjson_folder(Path(config.path), writer)
     except Exception as exc:
         cp.finish_pull(pull_id, status="failed", counts={}, error=type(exc).__name__)

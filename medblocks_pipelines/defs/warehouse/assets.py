@@ -12,7 +12,7 @@ import dagster as dg
 
 from medblocks_pipelines.defs.shared.partitions import tenant_partitions
 from medblocks_pipelines.defs.shared.resources import PlatformResource
-from medblocks_pipelines.lib.warehouse.build import build_warehouse, open_warehouse
+from medblocks_pipelines.lib.warehouse.build import build_warehouse, open_warehouse, published_url
 from medblocks_pipelines.lib.warehouse.quality import (
     CheckOutcome,
     run_checks,
@@ -119,6 +119,12 @@ def tenant_warehouse(
             "dagster/row_count": counts.get("facts", 0),
             "table_counts": dg.MetadataValue.json(counts),
             "summary": dg.MetadataValue.md(summary_markdown(headline, counts, outcomes)),
+            **(
+                {"published": dg.MetadataValue.url(published_url(platform.settings, tenant))}
+                if platform.settings.warehouse_url
+                else {}
+            ),
+            **({"storage": dg.MetadataValue.json(result.storage)} if result.storage else {}),
         },
         check_results=[_check_result(o) for o in outcomes],
     )

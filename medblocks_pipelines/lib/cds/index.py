@@ -36,6 +36,8 @@ from medblocks_pipelines.lib.errors import WarehouseError
 log = logging.getLogger(__name__)
 
 CHECK_INTERVAL = 1.0
+# With warehouses published to object storage, how often a server asks whether a newer one exists.
+REFRESH_INTERVAL = float(os.environ.get("MEDBLOCKS_WAREHOUSE_POLL_SECONDS", "15"))
 RETRY_FAILED_AFTER = 30.0
 LOAD_MEMORY_LIMIT = "512MB"
 SSN_SYSTEMS = ("http://hl7.org/fhir/sid/us-ssn", "urn:oid:2.16.840.1.113883.4.1")
@@ -205,9 +207,22 @@ def load_snapshot(path: Path) -> Snapshot:
 class TenantIndex:
     """The latest good snapshot of one tenant's warehouse, refreshed without blocking readers."""
 
-    def __init__(self, path: Path, *, loader: Callable[[Path], Snapshot] = load_snapshot) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        loader: Callable[[Path], Snapshot] = load_snapshot,
+        refresh: Callable[[], object] | None = None,
+        refresh_interval: float = REFRESH_INTERVAL,
+    ) -> None:
         self.path = path
         self.loader = loader
+        # ``refresh`` brings ``path`` up to date from object storage (published warehouses); it
+        # runs off the request path except before the very first snapshot.
+        self.refresh = refresh
+        self.refresh_interval = refresh_interval
+        self._last_refresh: float | None = None
+        self._refreshing = False
         self._snapshot: Snapshot | None = None
         self._lock = threading.Lock()
         self._loading = False
@@ -219,6 +234,14 @@ class TenantIndex:
     def current(self) -> Snapshot | None:
         """The snapshot to answer from (None only when no good warehouse was ever read)."""
         now = time.monotonic()
+        if self.refresh is not None and (
+            self._last_refresh is None or now - self._last_refresh >= self.refresh_interval
+        ):
+            self._last_refresh = now
+            if self._snapshot is None:
+                self._refresh()
+            else:
+                self._refresh_in_background()
         if now - self._last_check >= CHECK_INTERVAL or self._snapshot is None:
             self._last_check = now
             sig = file_signature(self.path)
@@ -233,6 +256,24 @@ class TenantIndex:
                 else:
                     self._load_in_background(sig)
         return self._snapshot
+
+    def _refresh(self) -> None:
+        with self._lock:
+            if self._refreshing:
+                return
+            self._refreshing = True
+        try:
+            assert self.refresh is not None
+            self.refresh()
+        except Exception as exc:  # noqa: BLE001 (keep serving what we have; say why in the log)
+            self.last_error = str(exc)
+            log.warning("cds index could not refresh the published warehouse: %s", exc)
+        finally:
+            with self._lock:
+                self._refreshing = False
+
+    def _refresh_in_background(self) -> None:
+        threading.Thread(target=self._refresh, name="cds-index-refresh", daemon=True).start()
 
     def _recently_failed(self, sig: tuple[int, int, int]) -> bool:
         failed = self._failed
@@ -282,8 +323,14 @@ class TenantIndex:
 class WarehouseIndexes:
     """One :class:`TenantIndex` per tenant, over ``<warehouse_dir>/<tenant>.duckdb``."""
 
-    def __init__(self, path_of: Callable[[str], Path]) -> None:
+    def __init__(
+        self,
+        path_of: Callable[[str], Path],
+        *,
+        refresh_of: Callable[[str], object] | None = None,
+    ) -> None:
         self.path_of = path_of
+        self.refresh_of = refresh_of
         self._by_tenant: dict[str, TenantIndex] = {}
         self._lock = threading.Lock()
 
@@ -292,5 +339,10 @@ class WarehouseIndexes:
         idx = self._by_tenant.get(tenant_id)
         if idx is None:
             with self._lock:
-                idx = self._by_tenant.setdefault(tenant_id, TenantIndex(self.path_of(tenant_id)))
+                refresh_of = self.refresh_of
+                idx = self._by_tenant.get(tenant_id) or TenantIndex(
+                    self.path_of(tenant_id),
+                    refresh=(lambda: refresh_of(tenant_id)) if refresh_of else None,
+                )
+                self._by_tenant[tenant_id] = idx
         return idx

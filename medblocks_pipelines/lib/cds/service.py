@@ -86,6 +86,7 @@ class CdsService:
         *,
         public_base_url: str,
         warehouse_path_of: Callable[[str], Any],
+        warehouse_refresh_of: Callable[[str], object] | None = None,
         http: httpx.Client | None = None,
         authenticator: CdsAuthenticator | None = None,
         today: Callable[[], date] | None = None,
@@ -95,7 +96,7 @@ class CdsService:
         self.base = public_base_url.rstrip("/")
         self.http = http or httpx.Client(timeout=FETCH_TIMEOUT)
         self.auth = authenticator or CdsAuthenticator(cp, http=self.http)
-        self.indexes = WarehouseIndexes(warehouse_path_of)
+        self.indexes = WarehouseIndexes(warehouse_path_of, refresh_of=warehouse_refresh_of)
         self.today = today or (lambda: datetime.now(UTC).date())
         self.app_url = app_url if app_url is not None else f"{self.base}/ehr/launch"
         self._names: tuple[float, dict[str, Any]] | None = None

@@ -481,7 +481,7 @@ def land_export(
         prov = Provenance(tenant, PATTERN, cfg.source_id, org_id, row.get("connection_id"), run_id)
         work = settings.data_dir / "bulk_work" / export_id / run_id[:12]
         errors_dir = settings.data_dir / "bulk_errors" / export_id
-        with LakeWriter(settings.lake_root, prov) as writer:
+        with LakeWriter(settings.lake, prov) as writer:
             _download_and_land(
                 client, manifest, writer, report, work, errors_dir, cfg, settings, progress
             )
@@ -593,7 +593,7 @@ class _Batches:
         self.serial = 0
         self._lock = threading.Lock()
         self._writers: queue.Queue[LakeWriter] = queue.Queue()
-        self._all = [LakeWriter(writer.root, writer.prov) for _ in range(max(1, workers))]
+        self._all = [writer.sibling() for _ in range(max(1, workers))]
         for w in self._all:
             self._writers.put(w)
         self._pool = cf.ThreadPoolExecutor(

@@ -257,9 +257,9 @@ def _warehouse_rows(
     """Rows from the tenant's published warehouse, or nothing if it or the tables are missing."""
     import duckdb
 
-    from medblocks_pipelines.lib.warehouse.build import warehouse_path
+    from medblocks_pipelines.lib.warehouse.build import current_warehouse_path
 
-    path = warehouse_path(settings, tenant)
+    path = current_warehouse_path(settings, tenant)
     if not path.exists():
         return []
     try:
@@ -314,6 +314,10 @@ def resolve_demographics(
     )
     if rows:
         return ihe.Demographics.from_patient(json.loads(rows[0][0]))
+    if settings.lake_url:
+        from medblocks_pipelines.lib.warehouse.lake import mirror_tenant
+
+        mirror_tenant(settings.lake_url, settings.lake_root, tenant)
     pattern = resources_glob(settings.lake_root, tenant)
     con = duckdb.connect()
     try:
@@ -538,7 +542,7 @@ def _land(
             connection=None,
             run_id=run_id,
         )
-        with LakeWriter(settings.lake_root, prov) as w:
+        with LakeWriter(settings.lake, prov) as w:
             for doc in out.documents:
                 entry = entries.get(doc.key)
                 on_demand = bool(entry and entry.on_demand)

@@ -49,7 +49,7 @@ from medblocks_pipelines.lib.registry import ControlPlane
 from medblocks_pipelines.lib.registry import schema as rt
 from medblocks_pipelines.lib.registry.store import check_id
 from medblocks_pipelines.lib.settings import Settings
-from medblocks_pipelines.lib.warehouse.build import warehouse_path
+from medblocks_pipelines.lib.warehouse.build import current_warehouse_path
 
 KINDS = ("ndjson", "parquet", "fhir")
 SECRET_PREFIX = "export:"
@@ -219,7 +219,7 @@ def run_export(
     run_row = _start_run(cp, dest, seq, mode, run_id, now or datetime.now(UTC))
     state_dir = settings.data_dir / "exports" / tenant / destination_id
     try:
-        wh_file = warehouse_path(settings, tenant)
+        wh_file = current_warehouse_path(settings, tenant)
         if not wh_file.exists():
             raise ExportError(
                 f"no warehouse for tenant {tenant} yet",

@@ -3,7 +3,13 @@
 A build writes ``<warehouse_dir>/.<tenant>.<token>.building.duckdb``, checkpoints and closes it, then
 ``os.replace``-s it over ``<warehouse_dir>/<tenant>.duckdb``. Readers (analysts, the CDS service) that
 opened the old file keep reading it; new readers get the new one; nobody ever sees a half-built file.
-Builds of one tenant are serialized by a file lock (and by a Dagster pool in the pipelines).
+Builds of one tenant are serialized by a file lock, by a PostgreSQL advisory lock when the control
+plane is on PostgreSQL (builders on several machines), and by a Dagster pool in the pipelines.
+
+With an object-store lake (``settings.lake_url``) a build first mirrors the tenant's lake files to
+local disk, under the lock; with an object-store warehouse location (``settings.warehouse_url``) the
+published file is also uploaded there, and :func:`open_warehouse` on any machine reads the newest
+published copy (see ``lib/storage.py``).
 
 Base tables:
 - ``resource_versions``: every distinct version landed, deduplicated by
@@ -20,6 +26,7 @@ Then each step in ``steps`` adds its tables (views, identity, unified record).
 
 import fcntl
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -33,15 +40,19 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
-from medblocks_pipelines.lib.errors import WarehouseError
+from medblocks_pipelines.lib.errors import StorageError, WarehouseError
 from medblocks_pipelines.lib.partitions import normalise_id
 from medblocks_pipelines.lib.settings import Settings
+from medblocks_pipelines.lib.storage import fetch_if_changed, join, put_file, remember_signature
 from medblocks_pipelines.lib.warehouse.lake import (
     QUARANTINE_SCHEMA,
     RESOURCE_SCHEMA,
+    mirror_tenant,
     quarantine_glob,
     resources_glob,
 )
+
+log = logging.getLogger(__name__)
 
 # DuckDB memory for a build (the rest spills to disk): a tenant of any size builds in bounded RSS.
 WAREHOUSE_MEMORY_LIMIT = os.environ.get("MEDBLOCKS_WAREHOUSE_MEMORY_LIMIT", "768MB")
@@ -81,6 +92,7 @@ class BuildResult:
     table_counts: dict[str, int]
     duration_s: float
     step_timings: dict[str, float]
+    storage: dict[str, Any] = field(default_factory=dict)
 
 
 def warehouse_path(settings: Settings, tenant: str) -> Path:
@@ -90,15 +102,46 @@ def warehouse_path(settings: Settings, tenant: str) -> Path:
 
 @contextmanager
 def tenant_build_lock(settings: Settings, tenant: str) -> Iterator[None]:
-    """Serialize builds of one tenant across processes (a Dagster pool does it across runs too)."""
+    """Serialize builds of one tenant: across processes on this machine (a file lock) and, when
+    the control plane is on PostgreSQL, across machines (an advisory lock keyed by the tenant).
+    A Dagster pool does it across runs too."""
     settings.warehouse_dir.mkdir(parents=True, exist_ok=True)
     lock_path = settings.warehouse_dir / f".{normalise_id(tenant)}.lock"
     with open(lock_path, "w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
-            yield
+            with _cluster_lock(settings.database_url, f"warehouse-build:{normalise_id(tenant)}"):
+                yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@contextmanager
+def _cluster_lock(database_url: str, name: str) -> Iterator[None]:
+    """A session-level PostgreSQL advisory lock named ``name`` (nothing on SQLite: one machine)."""
+    from medblocks_pipelines.lib.registry.db import normalise_url
+
+    url = normalise_url(database_url)
+    if not url.startswith("postgresql"):
+        yield
+        return
+    import hashlib
+
+    import sqlalchemy as sa
+
+    key = int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big", signed=True)
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+            conn.commit()
+            try:
+                yield
+            finally:
+                conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                conn.commit()
+    finally:
+        engine.dispose()
 
 
 def default_steps() -> list[BuildStep]:
@@ -113,6 +156,10 @@ def _has_files(glob: str) -> bool:
     return Path(base).exists() and any(Path(base).rglob("*.parquet"))
 
 
+def _sql_str(value: str) -> str:
+    return value.replace("'", "''")
+
+
 def _empty_arrow(schema: pa.Schema) -> pa.Table:
     return schema.empty_table()
 
@@ -125,15 +172,22 @@ def build_base_tables(
     if _has_files(rglob):
         # filename + file_row_number point at each row's text in the lake, so the JSON is read
         # once, for the rows that become current, and never copied into resource_versions.
+        # lake_file names the file where the lake lives: the object-store URL when this build
+        # reads a local mirror of it, so the pointer means the same thing on every machine.
+        lake_file = "filename"
+        if settings.lake_url:
+            skip = len(str(settings.lake_root)) + 1
+            lake_file = f"'{_sql_str(settings.lake_url)}' || substr(filename, {skip})"
         con.execute(
-            f"CREATE TEMP VIEW lake_rows AS SELECT * FROM read_parquet('{rglob}', "
-            "hive_partitioning=false, union_by_name=true, filename=true, file_row_number=true)"
+            f"CREATE TEMP VIEW lake_rows AS SELECT *, {lake_file} AS lake_file "
+            f"FROM read_parquet('{_sql_str(rglob)}', hive_partitioning=false, "
+            "union_by_name=true, filename=true, file_row_number=true)"
         )
     else:
         empty = _empty_arrow(RESOURCE_SCHEMA)  # noqa: F841 (referenced by name in SQL)
         con.execute(
             "CREATE TEMP TABLE lake_rows AS SELECT *, NULL::VARCHAR AS filename, "
-            "NULL::BIGINT AS file_row_number FROM empty"
+            "NULL::BIGINT AS file_row_number, NULL::VARCHAR AS lake_file FROM empty"
         )
 
     # One row per distinct version; the first fetch wins so a re-run reproduces the same rows.
@@ -145,7 +199,7 @@ def build_base_tables(
                try_cast(last_updated AS TIMESTAMPTZ) AS last_updated_ts, content_hash,
                tenant, pattern, source, organization, connection,
                source || '/' || resource_type || '/' || resource_id AS resource_key,
-               fetched_at, run_id, origin, filename AS lake_file, file_row_number AS lake_row
+               fetched_at, run_id, origin, lake_file, file_row_number AS lake_row
         FROM lake_rows
         WHERE NOT deleted
         QUALIFY row_number() OVER (
@@ -198,7 +252,7 @@ def build_base_tables(
                resource_type, resource_id, version_id, last_updated, content_hash, resource,
                tenant, pattern, source, organization, connection, fetched_at, run_id
         FROM lake_rows
-        WHERE (filename, file_row_number) IN (SELECT (lake_file, lake_row) FROM current_rows)
+        WHERE (lake_file, file_row_number) IN (SELECT (lake_file, lake_row) FROM current_rows)
         """
     )
     con.execute("DROP TABLE current_rows")
@@ -226,7 +280,8 @@ def build_base_tables(
         con.execute(
             f"""
             CREATE TABLE quarantine AS
-            SELECT * FROM read_parquet('{qglob}', hive_partitioning=false, union_by_name=true)
+            SELECT * FROM read_parquet('{_sql_str(qglob)}', hive_partitioning=false,
+                                       union_by_name=true)
             QUALIFY row_number() OVER (
                 PARTITION BY source, origin, reason, raw_hash ORDER BY fetched_at, run_id) = 1
             """
@@ -308,7 +363,13 @@ def build_warehouse(
     )
     steps = default_steps() if steps is None else list(steps)
     final = warehouse_path(settings, tenant)
+    storage: dict[str, Any] = {}
     with tenant_build_lock(settings, tenant):
+        if settings.lake_url:
+            # Under the lock: this build sees every file landed before any earlier build finished.
+            storage.update(
+                mirror_tenant(settings.lake_url, settings.lake_root, tenant).as_metadata()
+            )
         tmp = (
             settings.warehouse_dir
             / f".{normalise_id(tenant)}.{secrets.token_hex(4)}.building.duckdb"
@@ -333,6 +394,12 @@ def build_warehouse(
             finally:
                 con.close()
             os.replace(tmp, final)
+            if settings.warehouse_url:
+                url = published_url(settings, tenant)
+                t0 = time.perf_counter()
+                storage["published_bytes"] = put_file(final, url)
+                storage["publish_seconds"] = round(time.perf_counter() - t0, 3)
+                remember_signature(url, final)
         except duckdb.Error as exc:
             raise WarehouseError(
                 f"warehouse build for tenant {tenant} failed: {type(exc).__name__}",
@@ -350,12 +417,45 @@ def build_warehouse(
         table_counts=counts,
         duration_s=time.perf_counter() - started,
         step_timings=timings,
+        storage=storage,
     )
+
+
+def published_url(settings: Settings, tenant: str) -> str:
+    """Where ``tenant``'s warehouse is published in object storage (``settings.warehouse_url``)."""
+    return join(str(settings.warehouse_url), f"{normalise_id(tenant)}.duckdb")
+
+
+def refresh_published(settings: Settings, tenant: str) -> bool:
+    """Bring this machine's copy of ``tenant``'s published warehouse up to date.
+
+    Downloads only when the published object changed. When the store cannot be reached but a local
+    copy exists, the local copy is kept (and the failure logged): readers get the last good
+    warehouse rather than an error. Returns True when a new copy arrived.
+    """
+    path = warehouse_path(settings, tenant)
+    try:
+        return fetch_if_changed(published_url(settings, tenant), path)
+    except StorageError as exc:
+        if path.exists():
+            log.warning("keeping the local warehouse of tenant %s: %s", tenant, exc)
+            return False
+        if "does not exist" in str(exc):
+            return False  # nothing published yet: open_warehouse says how to build it
+        raise
+
+
+def current_warehouse_path(settings: Settings, tenant: str) -> Path:
+    """The local file of ``tenant``'s warehouse, refreshed from object storage first when the
+    warehouses are published there (it may not exist: nothing built yet)."""
+    if settings.warehouse_url:
+        refresh_published(settings, tenant)
+    return warehouse_path(settings, tenant)
 
 
 def open_warehouse(tenant: str, *, settings: Settings) -> duckdb.DuckDBPyConnection:
     """Open ``tenant``'s published warehouse read-only (safe while a new build runs)."""
-    path = warehouse_path(settings, tenant)
+    path = current_warehouse_path(settings, tenant)
     if not path.exists():
         raise WarehouseError(
             f"no warehouse for tenant {tenant} yet",

@@ -7,6 +7,7 @@ descriptions live here. Regenerate with::
     .venv/bin/python -m medblocks_pipelines.lib.warehouse.dictionary > docs/DATA_DICTIONARY.md
 """
 
+import dataclasses
 import json
 import sys
 import tempfile
@@ -31,7 +32,10 @@ TABLE_DOCS: dict[str, tuple[str, dict[str, str]]] = {
         "keeping the first fetch, so re-runs change nothing (base table, metadata only).",
         {
             "content_hash": "MD5 of the JSON text as fetched",
-            "lake_file": "The lake Parquet file holding this version's JSON",
+            "lake_file": (
+                "The lake Parquet file holding this version's JSON "
+                "(its object-store URL when the lake is in object storage)"
+            ),
             "lake_row": "Row number of the version inside `lake_file`",
         },
     ),
@@ -212,7 +216,8 @@ def sample_warehouse(root: Path) -> Path:
     from medblocks_pipelines.lib.warehouse.lake import LakeWriter, Provenance
     from medblocks_pipelines.sandbox.generator import PopulationSpec, generate_population
 
-    settings = get_settings(root)
+    # A throwaway local lake and warehouse, whatever the environment points the real ones at.
+    settings = dataclasses.replace(get_settings(root), lake_url=None, warehouse_url=None)
     settings.ensure_dirs()
     pop = generate_population(PopulationSpec(seed=1, persons=5))
     for org in pop.organizations:

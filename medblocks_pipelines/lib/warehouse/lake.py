@@ -6,7 +6,9 @@ Layout (hive-style, so DuckDB and Polars prune by directory)::
     <lake>/quarantine/tenant=T/pattern=P/source=S/<run_id>-<n>.parquet
 
 Each file is written to ``*.parquet.tmp`` and renamed, so readers (and a warehouse build) never see a partial
-file, and a run killed mid-write leaves only whole files behind. Files are never rewritten: a re-run adds
+file, and a run killed mid-write leaves only whole files behind. With the lake in object storage
+(``s3://...``) each file is staged locally and uploaded as one object, which appears whole or not at
+all (see ``lib/storage.py``). Files are never rewritten: a re-run adds
 new files and the warehouse build deduplicates by ``(source, resource_type, resource_id, content_hash)``.
 
 The resource JSON is stored exactly as the source sent it (decimals such as ``7.10`` keep their precision).
@@ -19,6 +21,7 @@ import json
 import os
 import secrets
 import shutil
+import tempfile
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -32,6 +35,14 @@ import pyarrow.parquet as pq
 
 from medblocks_pipelines.lib.errors import LandingError
 from medblocks_pipelines.lib.partitions import normalise_id
+from medblocks_pipelines.lib.storage import (
+    MirrorStats,
+    is_remote,
+    join,
+    mirror,
+    open_fs,
+    storage_error,
+)
 
 RESOURCE_SCHEMA = pa.schema(
     [
@@ -137,23 +148,41 @@ def quarantine_glob(lake_root: Path, tenant: str) -> str:
     return str(lake_root / "quarantine" / f"tenant={normalise_id(tenant)}" / "**" / "*.parquet")
 
 
-def delete_connection_data(lake_root: Path, tenant: str, connection_id: str) -> int:
+def mirror_tenant(lake_url: str, lake_root: Path, tenant: str) -> MirrorStats:
+    """Bring this machine's mirror of one tenant's lake (resources and quarantine) up to date."""
+    total = MirrorStats()
+    for area in ("resources", "quarantine"):
+        part = f"tenant={normalise_id(tenant)}"
+        stats = mirror(join(lake_url, area, part), lake_root / area / part)
+        total.files += stats.files
+        total.downloaded += stats.downloaded
+        total.removed += stats.removed
+        total.bytes_downloaded += stats.bytes_downloaded
+        total.seconds += stats.seconds
+    return total
+
+
+def delete_connection_data(
+    lake_root: str | os.PathLike[str], tenant: str, connection_id: str
+) -> int:
     """Remove every landed row of one connection (revoked consent with delete policy).
 
     Files are immutable, so each affected file is rewritten without the connection's rows into a new
-    file (temp + rename) and the old one removed. Returns the number of rows removed.
+    file (temp + rename locally, one PUT in object storage) and the old one removed; the new file
+    is in place before the old one goes, so a concurrent build never misses the other rows.
+    Returns the number of rows removed.
     """
+    if is_remote(lake_root):
+        return _delete_connection_data_remote(str(lake_root), tenant, connection_id)
     removed = 0
-    base = lake_root / "resources" / f"tenant={normalise_id(tenant)}"
+    base = Path(lake_root) / "resources" / f"tenant={normalise_id(tenant)}"
     if not base.exists():
         return 0
     for path in sorted(base.rglob("*.parquet")):
         table = pq.read_table(path)
-        mask = pa.compute.equal(table["connection"], connection_id)
-        hits = pa.compute.sum(mask).as_py() or 0
+        keep, hits = _without_connection(table, connection_id)
         if not hits:
             continue
-        keep = table.filter(pa.compute.invert(mask))
         if keep.num_rows:
             tmp = path.with_name(path.name + ".tmp")
             pq.write_table(keep, tmp)
@@ -163,13 +192,53 @@ def delete_connection_data(lake_root: Path, tenant: str, connection_id: str) -> 
     return removed
 
 
+def _without_connection(table: pa.Table, connection_id: str) -> tuple[pa.Table, int]:
+    mask = pa.compute.equal(table["connection"], connection_id)
+    hits = pa.compute.sum(mask).as_py() or 0
+    return (table.filter(pa.compute.invert(mask)) if hits else table), int(hits)
+
+
+def _delete_connection_data_remote(lake_url: str, tenant: str, connection_id: str) -> int:
+    base = join(lake_url, "resources", f"tenant={normalise_id(tenant)}")
+    fs, root = open_fs(base)
+    try:
+        fs.invalidate_cache(root)
+        keys = sorted(
+            k for k in (fs.find(root) if fs.exists(root) else []) if k.endswith(".parquet")
+        )
+        removed = 0
+        for key in keys:
+            with fs.open(key, "rb") as fh:
+                table = pq.read_table(fh)
+            keep, hits = _without_connection(table, connection_id)
+            if not hits:
+                continue
+            if keep.num_rows:
+                folder, _, name = key.rpartition("/")
+                with fs.open(f"{folder}/r{name}", "wb") as out:
+                    pq.write_table(keep, out)
+            fs.rm_file(key)
+            removed += hits
+    except OSError as exc:
+        raise storage_error("rewrite lake files under", base, exc) from exc
+    return removed
+
+
 class LakeWriter:
     """Writes one run's rows into the lake. Use as a context manager; rows flush in batches."""
 
     def __init__(
         self, lake_root: str | os.PathLike[str], provenance: Provenance, *, batch_rows: int = 20_000
     ) -> None:
-        self.root = Path(lake_root)
+        # With an object-store lake, files are staged in a private local folder and uploaded
+        # whole; ``root`` is where files are staged (the lake itself when it is local).
+        self.lake = lake_root
+        self._remote: tuple[Any, str] | None = None
+        if is_remote(lake_root):
+            self._remote = open_fs(str(lake_root))
+            self.root = Path(tempfile.mkdtemp(prefix="medblocks-lake-"))
+        else:
+            self.root = Path(lake_root)
         self.prov = provenance
         self.batch_rows = batch_rows
         self.stats = LandingStats()
@@ -187,6 +256,10 @@ class LakeWriter:
 
     def __repr__(self) -> str:
         return f"LakeWriter(tenant={self.prov.tenant!r}, source={self.prov.source!r})"
+
+    def sibling(self) -> "LakeWriter":
+        """A new writer to the same lake with the same provenance (parallel landing threads)."""
+        return LakeWriter(self.lake, self.prov, batch_rows=self.batch_rows)
 
     # -- context manager -----------------------------------------------------------------------
     def __enter__(self) -> "LakeWriter":
@@ -371,10 +444,9 @@ class LakeWriter:
                     rtype,
                 ],
             )
-            os.replace(tmp, out)
+            self.stats.bytes += self._publish(tmp, out)
             self.stats.counts_by_type[rtype] += int(n)
             self.stats.files += 1
-            self.stats.bytes += out.stat().st_size
         con.execute("DROP TABLE rows")
 
     def _append(self, rtype: str, row: tuple[Any, ...]) -> None:
@@ -468,12 +540,34 @@ class LakeWriter:
         tmp = out.with_name(out.name + ".tmp")
         try:
             pq.write_table(table, tmp, compression="zstd")
-            os.replace(tmp, out)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             raise LandingError(f"cannot write lake file {out.name}: {exc.strerror}") from exc
+        self.stats.bytes += self._publish(tmp, out)
         self.stats.files += 1
-        self.stats.bytes += out.stat().st_size
+
+    def _publish(self, tmp: Path, out: Path) -> int:
+        """Move a complete staged file to its place in the lake; returns its size."""
+        size = tmp.stat().st_size
+        if self._remote is None:
+            try:
+                os.replace(tmp, out)
+            except OSError as exc:
+                tmp.unlink(missing_ok=True)
+                raise LandingError(f"cannot write lake file {out.name}: {exc.strerror}") from exc
+            return size
+        fs, base = self._remote
+        key = f"{base}/{out.relative_to(self.root).as_posix()}"
+        try:
+            fs.put_file(str(tmp), key)
+        except Exception as exc:  # noqa: BLE001 (any client error means the file is not stored)
+            raise LandingError(
+                f"cannot upload lake file {out.name}: {type(exc).__name__}",
+                hint="check the lake URL (MEDBLOCKS_LAKE_ROOT) and its credentials",
+            ) from exc
+        finally:
+            tmp.unlink(missing_ok=True)
+        return size
 
     def flush(self) -> None:
         """Write every buffered row now."""
@@ -484,8 +578,12 @@ class LakeWriter:
     def close(self) -> LandingStats:
         """Flush and finish; returns the stats. Idempotent."""
         if not self._closed:
-            self.flush()
-            self._closed = True
+            try:
+                self.flush()
+            finally:
+                self._closed = True
+                if self._remote is not None:
+                    shutil.rmtree(self.root, ignore_errors=True)
         return self.stats
 
 
