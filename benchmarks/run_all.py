@@ -28,6 +28,7 @@ BENCHMARKS: dict[str, tuple[list[str], list[str]]] = {
     "identity": (["--patients", "20000"], ["--patients", "100000"]),
     "cds": (["--persons", "10000"], ["--persons", "100000"]),
     "ops": ([], []),
+    "object_store": (["--resources", "200000"], ["--resources", "1000000"]),
 }
 
 
