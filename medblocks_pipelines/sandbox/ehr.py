@@ -7,6 +7,7 @@ Layout of one org app (mounted by `run.py` at `/{org_id}` of the EHR role's serv
     /fhir/{type}?...  /fhir/{type}/_search        search (Bundle searchset, total, paging)
     /fhir/{type}/{id}  /_history  /_history/{v}   read, instance history, vread
     /fhir/Patient/{id}/$everything                the patient's compartment and what it references
+    POST /fhir  POST|PUT|DELETE /fhir/{type}[/{id}]  writes, EHR orgs only (`fhir_writes.py`)
     /auth/...                                     the authorization server (`auth.AuthServer`)
     /_admin/...                                   loopback + `X-Admin-Secret` only
 
@@ -54,6 +55,7 @@ from medblocks_pipelines.sandbox.fhir_store import (
     parse_date_range,
     reference_key,
 )
+from medblocks_pipelines.sandbox.fhir_writes import FhirWrites
 
 FHIR_JSON = "application/fhir+json"
 FHIR_VERSION = "4.0.1"
@@ -141,8 +143,44 @@ def create_ehr_app(
     )
     for patient in store.iter_type("Patient"):
         auth.patient_names[patient["id"]] = _display_name(patient)
-    fhir = _FhirApi(store, auth, fhir_base, tuple(resource_types), tuple(instantiates))
+    # Writes (fhir_writes.py) for EHR orgs; the payer's Patient Access API stays read-only.
+    writable = org.kind == "ehr"
+    fhir = _FhirApi(
+        store, auth, fhir_base, tuple(resource_types), tuple(instantiates), writable=writable
+    )
     admin = _Admin(store, auth, admin_secret, evolver)
+    write_routes: list[BaseRoute] = []
+    app_write_routes: list[BaseRoute] = []
+    if writable:
+
+        def remember_patient(resource: Resource) -> None:
+            if resource["resourceType"] == "Patient":
+                auth.patient_names[resource["id"]] = _display_name(resource)
+
+        writes = FhirWrites(
+            store,
+            fhir_base,
+            resource_types,
+            allowed=lambda grants, resource: fhir._allowed(grants, resource, by_content=True),
+            forbid=fhir._forbid,
+            on_stored=remember_patient,
+        )
+        write_routes = [
+            Route("/", writes.bundle, methods=["POST"]),
+            Route("/{type}", writes.create, methods=["POST"]),
+            Route("/{type}/{id}", writes.update, methods=["PUT"]),
+            Route("/{type}/{id}", writes.delete, methods=["DELETE"]),
+        ]
+
+        async def base_without_slash(request: Request) -> Response:
+            # `POST [base]` as the spec writes it (the Mount alone would redirect to `[base]/`).
+            if request.method == "POST":
+                return await writes.bundle(request)
+            return await fhir.not_found(request)
+
+        app_write_routes = [
+            Route("/fhir", base_without_slash, methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
+        ]
     fhir_routes: list[BaseRoute] = [
         Route("/metadata", fhir.metadata, methods=["GET"]),
         Route("/.well-known/smart-configuration", fhir.smart_configuration, methods=["GET"]),
@@ -153,10 +191,12 @@ def create_ehr_app(
         Route("/{type}/{id}/_history", fhir.history, methods=["GET"]),
         Route("/{type}/{id}", fhir.read, methods=["GET"]),
         Route("/{type}", fhir.search_get, methods=["GET"]),
+        *write_routes,
         Route("/{rest:path}", fhir.not_found, methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),
     ]
     app = Starlette(
         routes=[
+            *app_write_routes,
             Mount("/fhir", routes=fhir_routes),
             Mount("/auth", routes=auth.routes()),
             Mount("/_admin", routes=admin.routes()),
@@ -239,12 +279,15 @@ class _FhirApi:
         fhir_base: str,
         types: tuple[str, ...],
         instantiates: tuple[str, ...],
+        *,
+        writable: bool = False,
     ) -> None:
         self.store = store
         self.auth = auth
         self.base = fhir_base
         self.types = types
         self.instantiates = instantiates
+        self.writable = writable
 
     # -- discovery -----------------------------------------------------------------------------
     async def smart_configuration(self, request: Request) -> Response:
@@ -259,6 +302,15 @@ class _FhirApi:
                 "type": rtype,
                 "interaction": [{"code": c} for c in ("read", "vread", "history-instance")],
             }
+            if self.writable:
+                entry["interaction"] += [{"code": c} for c in ("create", "update", "delete")]
+                entry.update(
+                    versioning="versioned-update",
+                    updateCreate=True,
+                    conditionalCreate=False,
+                    conditionalUpdate=False,
+                    conditionalDelete="not-supported",
+                )
             if rtype != "Binary":
                 entry["interaction"].append({"code": "search-type"})
                 entry["searchParam"] = [
@@ -281,7 +333,7 @@ class _FhirApi:
                 ]
             resources.append(entry)
         smart = self.auth.smart_configuration()
-        body = {
+        body: dict[str, Any] = {
             "resourceType": "CapabilityStatement",
             "status": "active",
             "date": format_instant(self.store.now()),
@@ -329,6 +381,8 @@ class _FhirApi:
                 }
             ],
         }
+        if self.writable:
+            body["rest"][0]["interaction"] = [{"code": "transaction"}, {"code": "batch"}]
         return fhir_response(body)
 
     # -- helpers -------------------------------------------------------------------------------
@@ -460,7 +514,7 @@ class _FhirApi:
 
     async def not_found(self, request: Request) -> Response:
         if request.method != "GET":
-            raise FhirHttpError(405, "not-supported", "this sandbox server is read-only")
+            raise FhirHttpError(405, "not-supported", f"{request.method} is not supported here")
         raise FhirHttpError(404, "not-found", "no such FHIR endpoint")
 
     # -- search --------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import json
 import re
 import threading
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any, Literal
@@ -628,6 +629,16 @@ class FhirStore:
             return now
 
     # -- writes --------------------------------------------------------------------------------
+    @contextmanager
+    def atomic(self) -> Iterator[None]:
+        """Hold the store lock for a block: its writes look like one change to other threads.
+
+        Readers and writers of other threads wait until the block ends (the lock is re-entrant,
+        so the store's own methods work inside it). Nothing is rolled back if the block raises.
+        """
+        with self._lock:
+            yield
+
     def put(
         self, resource: Resource, *, keep_last_updated: bool = False, copy: bool = True
     ) -> Resource:

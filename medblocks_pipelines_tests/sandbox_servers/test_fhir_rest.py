@@ -264,6 +264,10 @@ def test_post_search_and_summary_count(ehr: Server, alice: dict) -> None:
     assert count["total"] == 9 and "entry" not in count
 
 
-def test_write_methods_are_refused(ehr: Server, alice: dict) -> None:
+def test_writes_need_write_scopes_and_patch_is_not_supported(ehr: Server, alice: dict) -> None:
+    # A read-only patient token may not write (the write API itself: test_fhir_writes.py).
     resp = ehr.http.put(f"{ehr.fhir}/Patient/p1", json={}, headers=alice)
+    assert resp.status_code == 403
+    assert "insufficient_scope" in resp.headers["www-authenticate"]
+    resp = ehr.http.patch(f"{ehr.fhir}/Patient/p1", json=[], headers=alice)
     assert resp.status_code == 405
