@@ -1,8 +1,8 @@
-"""Exports over real servers: a folder, S3 (moto in server mode on loopback), a FHIR receiver.
+"""Exports over real servers: a folder, S3 (moto in server mode on loopback), FHIR servers.
 
-The sandbox EHR has no transaction endpoint, so the FHIR destination is tested against a small
-strict Starlette receiver here (``application/fhir+json``, transaction Bundles, PUT/DELETE by id,
-transaction-response with one status per entry).
+The FHIR destination is tested against the sandbox EHR's write API (R4B validation, SMART
+write scopes, our Backend Services token) and, for failure scripts, a small strict receiver here
+(``application/fhir+json``, transaction Bundles, PUT/DELETE by id, one status per entry).
 """
 
 import gzip
@@ -495,3 +495,77 @@ def test_exports_with_a_postgresql_control_plane(
         assert pg.get_watermark(ex.watermark_key("pgd")) == "2"
         assert [e["type"] for e in pg.list_events(tenant_id="acme")] == ["export.completed"] * 2
         pg.engine.dispose()
+
+
+# -- FHIR destination: the sandbox EHR ----------------------------------------------------------
+def test_fhir_destination_is_the_sandbox_ehr_with_backend_services_auth(
+    cp: ControlPlane, settings: Settings
+) -> None:
+    """Transactions into the sandbox EHR's write API (R4B-validated, SMART c/u/d scopes), with
+    our own SMART Backend Services token: a backfill, then a delta with an update and a delete."""
+    from medblocks_pipelines.lib.smart.keys import KeyStore
+    from medblocks_pipelines.sandbox.generator import PopulationSpec, generate_population
+    from medblocks_pipelines.sandbox.run import start_sandbox
+
+    keys = KeyStore(cp.vault)
+    keys.generate("ES384")
+    pop = generate_population(PopulationSpec(seed=77, persons=3))
+    org = pop.organizations[0].id
+    ours = {(r["resourceType"], r["id"]): r for r in pop.resources_for(org)}
+    prov = Provenance("acme", "backend", "mercy", "mercy-general", None, "run-1")
+    with LakeWriter(settings.lake, prov) as w:
+        for r in ours.values():
+            w.add(json.dumps(r))
+    _build(cp, settings)
+
+    with start_sandbox(base_port=0, persons=2, seed=5, roles=["ehr"]) as sb:
+        dest = sb.orgs_of("ehr")[0]
+        sb.admin(
+            dest.org_id,
+            "clients",
+            {
+                "client_id": "acme-exporter",
+                "token_endpoint_auth_method": "private_key_jwt",
+                "jwks": keys.jwks(),
+                "scopes": ["system/*.cud"],
+            },
+        )
+        store = sb.org_handles(dest.org_id)["store"]
+        ex.add_destination(
+            cp,
+            id="sandbox-ehr",
+            tenant_id="acme",
+            kind="fhir",
+            url=dest.fhir_base,
+            config={"auth": "smart-backend", "client_id": "acme-exporter", "bundle_size": 50},
+        )
+        first = ex.run_export(cp, settings, "sandbox-ehr")
+        assert first.mode == "backfill" and sum(first.counts_by_type.values()) == len(ours)
+        for (rtype, rid), resource in ours.items():
+            stored = store.get(rtype, rid)
+            assert stored is not None, (rtype, rid)
+            assert {k: v for k, v in stored.items() if k != "meta"} == {
+                k: v for k, v in resource.items() if k != "meta"
+            }
+
+        patient = next(r for (t, _), r in ours.items() if t == "Patient")
+        gone = next(rid for (t, rid) in ours if t == "Observation")
+        changed = {
+            **patient,
+            "meta": {"versionId": "9", "lastUpdated": "2030-01-01T00:00:00Z"},
+            "name": [{"family": "Renamed", "given": ["Pat"]}],
+        }
+        prov2 = Provenance("acme", "backend", "mercy", "mercy-general", None, "run-2")
+        with LakeWriter(settings.lake, prov2) as w:
+            w.add(json.dumps(changed))
+            w.add_tombstone("Observation", gone, deleted_at="2030-01-02T00:00:00Z")
+        _build(cp, settings)
+        delta = ex.run_export(cp, settings, "sandbox-ehr")
+        assert (delta.mode, delta.counts_by_type, delta.deleted) == ("delta", {"Patient": 1}, 1)
+        assert store.get("Patient", patient["id"])["name"][0]["family"] == "Renamed"
+        assert len(store.history("Patient", patient["id"])) == 2
+        assert store.get("Observation", gone) is None
+        # Re-running the delta sends nothing new and changes nothing at the destination.
+        again = ex.run_export(cp, settings, "sandbox-ehr")
+        assert sum(again.counts_by_type.values()) == 0 and again.deleted == 0
+        assert len(store.history("Patient", patient["id"])) == 2

@@ -43,7 +43,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import sqlalchemy as sa
 
-from medblocks_pipelines.lib.errors import ConfigError, ExportError, NotFound
+from medblocks_pipelines.lib.errors import ConfigError, ExportError, MedblocksError, NotFound
 from medblocks_pipelines.lib.ops import tables as ot
 from medblocks_pipelines.lib.registry import ControlPlane
 from medblocks_pipelines.lib.registry import schema as rt
@@ -107,6 +107,9 @@ def add_destination(
     base URL (fhir). ``config``: ``gzip`` (ndjson, default true), ``resource_types``, ``sources``,
     ``bundle_size`` (fhir, default 200), ``endpoint_url`` and ``region`` (S3-compatible storage).
     ``credentials``: ``{"key", "secret"}`` for S3 or ``{"bearer_token"}`` for a FHIR server.
+    A FHIR server that takes SMART Backend Services needs no stored secret: ``config``
+    ``{"auth": "smart-backend", "client_id": ..., "scope": "system/*.cu system/*.d"}`` signs a
+    client assertion with our active key (the one our JWKS publishes) for each token.
     """
     check_id(id, "export destination")
     cp.get_tenant(tenant_id)
@@ -115,6 +118,10 @@ def add_destination(
     cfg = dict(config or {})
     if kind == "fhir" and httpx.URL(url).scheme not in ("http", "https"):
         raise ConfigError("a FHIR destination needs an http(s) base URL")
+    if cfg.get("auth") not in (None, "bearer", "smart-backend"):
+        raise ConfigError("auth is 'bearer' (a stored token) or 'smart-backend'")
+    if cfg.get("auth") == "smart-backend" and not cfg.get("client_id"):
+        raise ConfigError("smart-backend auth needs the client_id registered at the destination")
     with cp.engine.begin() as conn:
         existing = conn.execute(
             sa.select(ot.export_destinations.c.tenant_id).where(ot.export_destinations.c.id == id)
@@ -229,7 +236,7 @@ def run_export(
         try:
             _prepare_delta(con, wh_file, state_dir, int(last) if last else None, dest["config"])
             if dest["kind"] == "fhir":
-                _send_fhir(con, dest, _credentials(cp, destination_id), result, http)
+                _send_fhir(con, dest, _credentials(cp, destination_id), result, http, cp=cp)
             else:
                 _write_files(con, dest, _credentials(cp, destination_id), result, tenant)
             _save_state(con, state_dir, seq)
@@ -590,6 +597,8 @@ def _send_fhir(
     creds: Mapping[str, str],
     result: ExportResult,
     http: httpx.Client | None,
+    *,
+    cp: ControlPlane | None = None,
 ) -> None:
     size = int(dest["config"].get("bundle_size", 200))
     headers = {
@@ -599,6 +608,13 @@ def _send_fhir(
     if creds.get("bearer_token"):
         headers["authorization"] = f"Bearer {creds['bearer_token']}"
     client = http or httpx.Client(timeout=60.0)
+    bearer = (
+        _BackendBearer(cp, dest, client) if dest["config"].get("auth") == "smart-backend" else None
+    )
+
+    def post(entries: list[bytes]) -> None:
+        _post_bundle(client, dest, headers, entries, result, bearer=bearer)
+
     try:
         for rtype in _types(con):
             entries: list[bytes] = []
@@ -626,10 +642,10 @@ def _send_fhir(
                     )
                     count += 1
                     if len(entries) >= size:
-                        _post_bundle(client, dest, headers, entries, result)
+                        post(entries)
                         entries = []
             if entries:
-                _post_bundle(client, dest, headers, entries, result)
+                post(entries)
             result.counts_by_type[rtype] = count
         rows = con.execute(
             "SELECT resource_type, resource_id FROM deleted ORDER BY resource_type, resource_id"
@@ -639,11 +655,43 @@ def _send_fhir(
                 json.dumps({"request": {"method": "DELETE", "url": f"{t}/{rid}"}}).encode()
                 for t, rid in rows[i : i + size]
             ]
-            _post_bundle(client, dest, headers, entries, result)
+            post(entries)
         result.deleted = len(rows)
     finally:
         if http is None:
             client.close()
+
+
+class _BackendBearer:
+    """``Authorization`` for a destination that takes SMART Backend Services tokens."""
+
+    def __init__(
+        self, cp: ControlPlane | None, dest: Mapping[str, Any], http: httpx.Client
+    ) -> None:
+        from medblocks_pipelines.lib.smart.backend import BackendAuth
+        from medblocks_pipelines.lib.smart.keys import KeyStore
+
+        if cp is None:
+            raise ExportError("smart-backend auth needs the control plane (our signing key)")
+        cfg = dest["config"]
+        self.auth = BackendAuth(
+            client_id=str(cfg["client_id"]),
+            scope=str(cfg.get("scope") or "system/*.cud"),
+            key=KeyStore(cp.vault).active,
+            http=http,
+            token_endpoint=cfg.get("token_endpoint"),
+            fhir_base_url=dest["url"],
+            jku=cfg.get("jku"),
+        )
+
+    def value(self) -> str:
+        try:
+            return f"Bearer {self.auth.token()}"
+        except MedblocksError as exc:
+            raise ExportError(f"no token for the FHIR destination: {exc}", hint=exc.hint) from exc
+
+    def expired(self, header: str) -> None:
+        self.auth.invalidate(header.removeprefix("Bearer "))
 
 
 def _post_bundle(
@@ -652,14 +700,24 @@ def _post_bundle(
     headers: dict[str, str],
     entries: list[bytes],
     result: ExportResult,
+    *,
+    bearer: "_BackendBearer | None" = None,
 ) -> None:
     body = b'{"resourceType":"Bundle","type":"transaction","entry":[' + b",".join(entries) + b"]}"
-    try:
-        resp = client.post(dest["url"].rstrip("/") + "/", content=body, headers=headers)
-    except httpx.HTTPError as exc:
-        raise ExportError(
-            f"FHIR destination {dest['id']} unreachable: {type(exc).__name__}"
-        ) from exc
+    for attempt in (1, 2):
+        sent = dict(headers)
+        if bearer is not None:
+            sent["authorization"] = bearer.value()
+        try:
+            resp = client.post(dest["url"].rstrip("/") + "/", content=body, headers=sent)
+        except httpx.HTTPError as exc:
+            raise ExportError(
+                f"FHIR destination {dest['id']} unreachable: {type(exc).__name__}"
+            ) from exc
+        if resp.status_code == 401 and bearer is not None and attempt == 1:
+            bearer.expired(sent["authorization"])  # revoked or expired early: one fresh token
+            continue
+        break
     if resp.status_code != 200:
         raise ExportError(
             f"FHIR destination {dest['id']} refused a transaction: HTTP {resp.status_code}",
