@@ -102,7 +102,12 @@ def land(lake: str | Path, files: list[Path]) -> float:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--resources", type=int, default=200_000)
+    ap.add_argument("--generate-into", help=argparse.SUPPRESS)  # child process: write NDJSON only
     args = ap.parse_args()
+    if args.generate_into:
+        files, n = write_ndjson(Path(args.generate_into), args.resources)
+        print(n)
+        return 0
 
     import boto3
 
@@ -122,7 +127,23 @@ def main() -> int:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(tmp)
-            files, n = write_ndjson(root / "ndjson", args.resources)
+            # The synthetic population is generated in a child process, so the peak RSS below
+            # is what landing, mirroring and building cost, not the generator's.
+            child = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--resources",
+                    str(args.resources),
+                    "--generate-into",
+                    str(root / "ndjson"),
+                ],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
+            n = int(child.stdout.strip().splitlines()[-1])
+            files = sorted((root / "ndjson").glob("*.ndjson"))
             raw_mb = sum(f.stat().st_size for f in files) / 1e6
             print(f"{n:,} resources, {raw_mb:.1f} MB NDJSON in {len(files)} files")
 
