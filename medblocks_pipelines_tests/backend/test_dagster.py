@@ -104,6 +104,13 @@ def test_kickoff_sensor_land_and_rerun_without_duplicates(
     assert lmd["quarantined"] == 0 and lmd["deleted"] == 0
     assert lmd["watermark"] and lmd["count_mismatches"] == {}
     assert set(lmd["by_type"]) >= {"Patient", "Observation"}
+    # What the UI shows at a glance: a table by type, failures by reason, a markdown summary.
+    table = {
+        r.data["resource_type"]: r.data["count"] for r in lmd["resources_by_type_table"].records
+    }
+    assert table == lmd["by_type"] and lmd["failures_by_reason_table"].records == []
+    assert f"| Patient | {lmd['by_type']['Patient']:,} |" in lmd["summary"]
+    assert f"source data as of {lmd['watermark']}" in lmd["summary"]
     evaluations = {e.check_name: e.passed for e in land.get_asset_check_evaluations()}
     assert evaluations == {"manifest_counts_match": True, "no_quarantined_rows": True}
 

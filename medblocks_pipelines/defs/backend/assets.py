@@ -10,6 +10,7 @@ import dagster as dg
 
 from medblocks_pipelines.defs.shared.partitions import backend_org_partitions
 from medblocks_pipelines.defs.shared.resources import PlatformResource
+from medblocks_pipelines.defs.shared.summaries import landing_metadata
 from medblocks_pipelines.lib.errors import ConfigError, TransientError
 from medblocks_pipelines.lib.fhir.bulk import clamp_wait
 from medblocks_pipelines.lib.fhir.bulk_sync import in_flight_export, kickoff_export, land_export
@@ -145,6 +146,28 @@ def bulk_resources(
             "duration_s": md["duration_s"],
             "watermark": md["watermark"] or "",
             "since": md["since"] or "(full export)",
+            **landing_metadata(
+                f"Bulk export {export_id} of {context.partition_key}: {md['status']}",
+                {
+                    "landed": md["landed"],
+                    "deleted": md["deleted"],
+                    "quarantined": md["quarantined"],
+                    "types whose count differs from the manifest": len(md["count_mismatches"]),
+                    "files": md["files"],
+                    "duration": f"{md['duration_s']} s",
+                },
+                md["by_type"],
+                {
+                    **md["quarantine_reasons"],
+                    **{f"error {c}": n for c, n in md["error_codes"].items()},
+                },
+                freshness=(
+                    f"source data as of {md['watermark']} (export transactionTime)"
+                    + (f", changes since {md['since']}" if md["since"] else ", full export")
+                    if md["watermark"]
+                    else None
+                ),
+            ),
         },
     )
 

@@ -13,6 +13,7 @@ import dagster as dg
 
 from medblocks_pipelines.defs.shared.partitions import clinician_org_partitions
 from medblocks_pipelines.defs.shared.resources import PlatformResource
+from medblocks_pipelines.defs.shared.summaries import landing_metadata
 from medblocks_pipelines.lib.cds.launch import PATTERN
 from medblocks_pipelines.lib.fhir.pull import pull_batch
 from medblocks_pipelines.lib.partitions import split_partition_key
@@ -70,6 +71,17 @@ def clinician_workflow_records(
             "resources_by_type": dg.MetadataValue.json(meta.get("resources_by_type", {})),
             "by_status": dg.MetadataValue.json(meta.get("by_status", {})),
             "synced_at": datetime.now(UTC).isoformat(),
+            **landing_metadata(
+                f"EHR-launch sync of {context.partition_key}",
+                {
+                    "connections pulled": int(meta.get("connections_pulled", 0) or 0),
+                    "connections skipped (no longer active)": skipped,
+                    "resources": int(meta.get("resources", 0) or 0),
+                },
+                meta.get("resources_by_type", {}),
+                meta.get("failures_by_reason", {}),
+                freshness="synced now (launch-triggered)",
+            ),
         }
     )
 

@@ -11,6 +11,7 @@ import dagster as dg
 
 from medblocks_pipelines.defs.network.partitions import network_partitions
 from medblocks_pipelines.defs.shared.resources import PlatformResource
+from medblocks_pipelines.defs.shared.summaries import landing_metadata
 from medblocks_pipelines.lib.errors import ConfigError
 from medblocks_pipelines.lib.network.query import run_network_query
 from medblocks_pipelines.lib.network.scope import resolve_scope
@@ -87,6 +88,22 @@ def network_query_results(
             "quarantined": totals["quarantined"],
             "partial_queries": totals["status_partial"],
             "failed_queries": totals["status_failed"],
+            **landing_metadata(
+                f"Network queries for {context.partition_key}",
+                {
+                    "queries": totals["queries"],
+                    "refused (purpose or relationship)": sum(refusals.values()),
+                    "documents retrieved": totals["documents_retrieved"],
+                    "resources extracted": sum(resources.values()),
+                    "quarantined": totals["quarantined"],
+                    "partial / failed queries": (
+                        f"{totals['status_partial']} / {totals['status_failed']}"
+                    ),
+                },
+                dict(resources),
+                {f"refused: {k}": v for k, v in refusals.items()},
+                freshness="queried now",
+            ),
         }
     )
 

@@ -16,6 +16,7 @@ from medblocks_pipelines.defs.patient_access.checks import (
 )
 from medblocks_pipelines.defs.shared.partitions import patient_access_partitions
 from medblocks_pipelines.defs.shared.resources import PlatformResource
+from medblocks_pipelines.defs.shared.summaries import landing_metadata
 from medblocks_pipelines.lib.fhir.pull import PATTERN, due_connections, pull_batch
 from medblocks_pipelines.lib.partitions import split_partition_key
 
@@ -91,6 +92,24 @@ def patient_access_records(
         "active_connections": len(remaining),
         "next_due": next_due.astimezone(UTC).isoformat() if next_due else "none",
         "pulled_at": datetime.now(UTC).isoformat(),
+        **landing_metadata(
+            f"Patient-access pull of {context.partition_key}",
+            {
+                "connections pulled": int(meta.get("connections_pulled", 0) or 0),
+                "resources": int(meta.get("resources", 0) or 0),
+                "quarantined": int(meta.get("quarantined", 0) or 0),
+                "active connections": len(remaining),
+                **{
+                    f"connections {k}": int(v) for k, v in sorted(meta.get("by_status", {}).items())
+                },
+            },
+            meta.get("resources_by_type", {}),
+            meta.get("failures_by_reason", {}),
+            freshness=(
+                "pulled now; next pull due "
+                + (next_due.astimezone(UTC).isoformat() if next_due else "(none scheduled)")
+            ),
+        ),
     }
     return dg.MaterializeResult(
         metadata=metadata,

@@ -4,6 +4,7 @@ import dagster as dg
 
 from medblocks_pipelines.defs.shared.partitions import backend_org_partitions
 from medblocks_pipelines.defs.shared.resources import PlatformResource
+from medblocks_pipelines.defs.shared.summaries import landing_metadata
 from medblocks_pipelines.lib.fhir.ndjson_import import import_ndjson_folder
 from medblocks_pipelines.lib.partitions import split_partition_key
 from medblocks_pipelines.lib.warehouse.lake import LakeWriter, Provenance
@@ -61,6 +62,12 @@ def ndjson_import(
             "quarantined": md["quarantined"],
             "by_type": dg.MetadataValue.json(md["by_type"]),
             "quarantine_reasons": dg.MetadataValue.json(md["quarantine_reasons"]),
+            **landing_metadata(
+                f"NDJSON import into {context.partition_key}",
+                {"files read": files, "landed": md["landed"], "quarantined": md["quarantined"]},
+                md["by_type"],
+                md["quarantine_reasons"],
+            ),
         }
     )
 
