@@ -29,6 +29,7 @@ BENCHMARKS: dict[str, tuple[list[str], list[str]]] = {
     "cds": (["--persons", "10000"], ["--persons", "100000"]),
     "ops": ([], []),
     "object_store": (["--resources", "200000"], ["--resources", "1000000"]),
+    "compaction": (["--pulls", "500"], ["--pulls", "2000"]),
 }
 
 

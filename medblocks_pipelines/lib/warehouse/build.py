@@ -365,6 +365,13 @@ def build_warehouse(
     final = warehouse_path(settings, tenant)
     storage: dict[str, Any] = {}
     with tenant_build_lock(settings, tenant):
+        if ctx.options.get("compact", True):
+            # Lake maintenance under the same lock: small files of a folder become one file.
+            from medblocks_pipelines.lib.warehouse.compaction import compact_tenant
+
+            compaction = compact_tenant(settings.lake, tenant)
+            if compaction.folders:
+                storage.update(compaction.as_metadata())
         if settings.lake_url:
             # Under the lock: this build sees every file landed before any earlier build finished.
             storage.update(

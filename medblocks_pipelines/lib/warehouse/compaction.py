@@ -1,0 +1,138 @@
+"""Lake compaction: many small Parquet files of one folder become one file, rows unchanged.
+
+Patient-access and EHR-launch pulls land one small file per resource type per connection per pull,
+so a tenant with thousands of connections grows tens of thousands of files a day, and every build
+lists and opens them all. Compaction rewrites the small files of one lake folder
+(``resources/tenant=T/pattern=P/source=S/resource_type=R/`` or ``quarantine/tenant=T/...``) into one
+file: every row and column is kept as landed (provenance, fetch time, run id, origin), so a build
+after compaction holds the same resources, versions, sightings and quarantine as before; only the
+internal ``resource_versions.lake_file``/``lake_row`` pointers name the new file.
+
+Safety: the combined file is complete (temp file + rename locally, one PUT in object storage)
+before any original is removed, and compaction runs under the tenant's build lock, so no build of
+that tenant reads the folder while it changes. Killed half-way, it leaves the originals and perhaps
+a complete combined copy of them: the build deduplicates rows that are identical in every column
+(``QUALIFY`` by content, then first fetch), and the next compaction finds the folder again.
+"""
+
+import os
+import secrets
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from medblocks_pipelines.lib.partitions import normalise_id
+from medblocks_pipelines.lib.storage import is_remote, join, open_fs, storage_error
+from medblocks_pipelines.lib.warehouse.lake import QUARANTINE_SCHEMA, RESOURCE_SCHEMA
+
+#: Files at most this large count as small.
+SMALL_FILE_BYTES = int(os.environ.get("MEDBLOCKS_COMPACT_SMALL_BYTES", 4 * 1024 * 1024))
+#: A folder is compacted once it holds at least this many small files.
+MIN_SMALL_FILES = int(os.environ.get("MEDBLOCKS_COMPACT_MIN_FILES", 32))
+
+
+@dataclass
+class CompactionStats:
+    """What one compaction pass did: counts and bytes only."""
+
+    folders: int = 0
+    files_in: int = 0
+    files_out: int = 0
+    rows: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    seconds: float = 0.0
+
+    def as_metadata(self) -> dict[str, Any]:
+        return {
+            "compacted_folders": self.folders,
+            "compacted_files_in": self.files_in,
+            "compacted_files_out": self.files_out,
+            "compacted_rows": self.rows,
+            "compaction_seconds": round(self.seconds, 3),
+        }
+
+
+def compact_tenant(
+    lake: str | os.PathLike[str],
+    tenant: str,
+    *,
+    min_files: int | None = None,
+    small_bytes: int | None = None,
+) -> CompactionStats:
+    """Compact every folder of ``tenant`` (resources and quarantine) that has enough small files.
+
+    ``lake`` is the lake itself (a folder or an object-store URL), never a mirror. Call under the
+    tenant's build lock (``build_warehouse`` does).
+    """
+    started = time.perf_counter()
+    min_files = MIN_SMALL_FILES if min_files is None else min_files
+    small_bytes = SMALL_FILE_BYTES if small_bytes is None else small_bytes
+    stats = CompactionStats()
+    remote = is_remote(lake)
+    fs, root = open_fs(str(lake)) if remote else open_fs(str(Path(lake).resolve()))
+    part = f"tenant={normalise_id(tenant)}"
+    try:
+        for area in ("resources", "quarantine"):
+            base = join(root, area, part)
+            fs.invalidate_cache(base)
+            if not fs.exists(base):
+                continue
+            by_folder: dict[str, list[tuple[str, int]]] = {}
+            for key, info in fs.find(base, detail=True).items():
+                size = int(info.get("size") or 0)
+                if key.endswith(".parquet") and size <= small_bytes:
+                    by_folder.setdefault(key.rpartition("/")[0], []).append((key, size))
+            for folder, files in sorted(by_folder.items()):
+                if len(files) >= min_files:
+                    schema = RESOURCE_SCHEMA if area == "resources" else QUARANTINE_SCHEMA
+                    _compact_folder(fs, folder, sorted(files), schema, remote=remote, stats=stats)
+    except OSError as exc:
+        raise storage_error("compact the lake under", str(lake), exc) from exc
+    stats.seconds = time.perf_counter() - started
+    return stats
+
+
+def _compact_folder(
+    fs: Any,
+    folder: str,
+    files: list[tuple[str, int]],
+    schema: pa.Schema,
+    *,
+    remote: bool,
+    stats: CompactionStats,
+) -> None:
+    tables = []
+    for key, _size in files:
+        with fs.open(key, "rb") as fh:
+            table = pq.read_table(fh)
+        # Both landing paths (pyarrow and DuckDB's COPY) write the lake schema; cast to it
+        # exactly so the files concatenate whatever physical types each writer chose.
+        tables.append(table.select(schema.names).cast(schema))
+    combined = pa.concat_tables(tables)
+    name = f"c-{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(3)}.parquet"
+    with tempfile.TemporaryDirectory(prefix="medblocks-compact-") as tmp:
+        staged = Path(tmp) / name
+        pq.write_table(combined, staged, compression="zstd")
+        size = staged.stat().st_size
+        if remote:
+            fs.put_file(str(staged), f"{folder}/{name}")
+        else:
+            final = Path(folder) / name
+            partial = final.with_name(name + ".tmp")
+            fs.put_file(str(staged), str(partial))
+            os.replace(partial, final)
+    # The combined file is in place: only now do the originals go.
+    for key, _size in files:
+        fs.rm_file(key)
+    stats.folders += 1
+    stats.files_in += len(files)
+    stats.files_out += 1
+    stats.rows += combined.num_rows
+    stats.bytes_in += sum(size for _k, size in files)
+    stats.bytes_out += size
