@@ -6,6 +6,8 @@ server); production sets ``DAGSTER_HOME`` to a folder holding the PostgreSQL ``d
 
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -62,14 +64,16 @@ def load_definitions() -> dg.Definitions:
     return defs()
 
 
-def _load_definitions_for(instance: dg.DagsterInstance) -> dg.Definitions:
-    """Load the code location against ``instance``'s defs-state, whatever the context says.
+@contextmanager
+def pinned_definitions_context(instance: dg.DagsterInstance) -> Iterator[None]:
+    """Pin Dagster's definitions-loading context to ``instance``'s defs-state for a block.
 
     Dagster reads the defs-state storage from a context variable. Any Dagster context left to the
-    garbage collector (an instance entered inside a sensor or resource context that was never
-    exited) resets that variable when it is finalized, to whatever it held back then, possibly a
-    storage whose instance is gone. The load context is therefore built from this instance's
-    storage up front and pinned for the load, so a finalizer running mid-load cannot redirect it.
+    garbage collector (an instance entered inside a sensor, resource or op context that was never
+    exited) resets that variable when it is finalized, to whatever it held back then: possibly a
+    storage whose instance is gone. That can happen before or during a load, and a load context
+    built with no state info reads the variable itself. So the load context is built here from
+    this instance's storage, with explicit (possibly empty) state info, and pinned for the block.
     """
     from dagster._core.definitions.definitions_load_context import (
         DefinitionsLoadContext,
@@ -77,14 +81,21 @@ def _load_definitions_for(instance: dg.DagsterInstance) -> dg.Definitions:
     )
     from dagster._core.definitions.repository_definition import RepositoryLoadData
     from dagster._core.storage.defs_state.base import set_defs_state_storage
+    from dagster_shared.serdes.objects.models.defs_state_info import DefsStateInfo
 
     storage = instance.defs_state_storage
     state_info = storage.get_latest_defs_state_info() if storage is not None else None
     load_context = DefinitionsLoadContext(
         DefinitionsLoadType.INITIALIZATION,
-        RepositoryLoadData(defs_state_info=state_info),
+        RepositoryLoadData(defs_state_info=state_info or DefsStateInfo(info_mapping={})),
     )
     with set_defs_state_storage(storage), DefinitionsLoadContext.scoped(load_context):
+        yield
+
+
+def _load_definitions_for(instance: dg.DagsterInstance) -> dg.Definitions:
+    """Load the code location against ``instance``'s defs-state, whatever the variable says."""
+    with pinned_definitions_context(instance):
         definitions = load_definitions()
         # Dagster builds the repository lazily, on the first resolve: build it here, pinned too.
         definitions.get_repository_def()
@@ -119,13 +130,14 @@ def run_job(
     # Runs show their logs in the UI; the terminal gets warnings only unless --verbose (DEBUG logging).
     level = "DEBUG" if logging.getLogger().isEnabledFor(logging.DEBUG) else "WARNING"
     config.setdefault("loggers", {"console": {"config": {"log_level": level}}})
-    result = job.execute_in_process(
-        instance=instance,
-        partition_key=partition_key,
-        run_config=config,
-        tags=tags or {},
-        raise_on_error=False,
-    )
+    with pinned_definitions_context(instance):
+        result = job.execute_in_process(
+            instance=instance,
+            partition_key=partition_key,
+            run_config=config,
+            tags=tags or {},
+            raise_on_error=False,
+        )
     if not result.success:
         failures = [
             e.event_specific_data.error.message.splitlines()[0]  # type: ignore[union-attr]

@@ -224,9 +224,9 @@ def test_definitions_snapshot() -> None:
 def test_run_job_loads_definitions_even_when_the_state_variable_goes_stale(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A Dagster context finalized by the garbage collector mid-load resets the defs-state
-    context variable to a storage whose instance is gone (seen once on CI); the load must not
-    read that variable."""
+    """A Dagster context finalized by the garbage collector resets the defs-state context
+    variable to a storage whose instance is gone (seen on CI before run_job, mid-load and before
+    resolve); loading and resolving must not read that variable."""
     import copy
 
     from dagster._core.storage.defs_state import base as defs_state
@@ -247,6 +247,8 @@ def test_run_job_loads_definitions_even_when_the_state_variable_goes_stale(
             return real_load()
 
         monkeypatch.setattr(runtime, "load_definitions", load_after_a_finalizer)
+        # ...already stale when run_job starts (a finalizer ran earlier in the test)...
+        defs_state._current_storage.set(stale)
         definitions = runtime._load_definitions_for(live)
         # ...or fires after the load, before the job is resolved (the repository is lazy).
         defs_state._current_storage.set(stale)
