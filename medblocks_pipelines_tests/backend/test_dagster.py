@@ -186,18 +186,20 @@ def test_cadence_schedule_requests_due_orgs(env: Env, instance: dg.DagsterInstan
     env.add_org("mercy-general", org_config={"cadence": "0 * * * *"})
     platform = _platform(env)
     at = datetime(2026, 11, 28, 10, 0, tzinfo=UTC)
-    ctx = dg.build_schedule_context(
+    # Schedule contexts enter an instance of their own: close them (`with`), never leave them to
+    # the garbage collector, whose late exit resets Dagster's defs-state variable to a dead one.
+    with dg.build_schedule_context(
         instance=instance, scheduled_execution_time=at, resources={"platform": platform}
-    )
-    reqs = backend_cadence_schedule(ctx)
+    ) as ctx:
+        reqs = backend_cadence_schedule(ctx)
     assert isinstance(reqs, list) and [r.partition_key for r in reqs] == [KEY]
     assert reqs[0].run_key == f"{KEY}:2026-11-28T10:00:00+00:00"
-    later = dg.build_schedule_context(
+    with dg.build_schedule_context(
         instance=instance,
         scheduled_execution_time=at.replace(minute=30),
         resources={"platform": platform},
-    )
-    assert isinstance(backend_cadence_schedule(later), dg.SkipReason)
+    ) as later:
+        assert isinstance(backend_cadence_schedule(later), dg.SkipReason)
     assert len(fires_between("0 2 * * *", at.replace(day=1), at)) == 27
 
 
