@@ -55,7 +55,7 @@ from medblocks_pipelines.sandbox.fhir_store import (
     parse_date_range,
     reference_key,
 )
-from medblocks_pipelines.sandbox.fhir_writes import FhirWrites
+from medblocks_pipelines.sandbox.fhir_writes import FhirWrites, accepts_json
 
 FHIR_JSON = "application/fhir+json"
 FHIR_VERSION = "4.0.1"
@@ -251,17 +251,7 @@ def _display_name(patient: Resource) -> str:
 
 
 def _check_accept(request: Request) -> None:
-    fmt = request.query_params.get("_format")
-    if fmt is not None and fmt not in ("json", "application/json", FHIR_JSON):
-        raise FhirHttpError(406, "not-supported", "this server speaks JSON only")
-    accept = request.headers.get("accept", "")
-    if not accept:
-        return
-    types = [a.split(";")[0].strip().lower() for a in accept.split(",")]
-    if not any(
-        t in ("*/*", "application/*", FHIR_JSON, "application/json", "application/json+fhir")
-        for t in types
-    ):
+    if not accepts_json(request):
         raise FhirHttpError(406, "not-supported", "this server speaks JSON only")
 
 

@@ -666,18 +666,24 @@ def _response_entry(result: _Result, prefer: str) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 # request helpers
 # ---------------------------------------------------------------------------------------------
-def _check_accept(request: Request) -> None:
+def accepts_json(request: Request) -> bool:
+    """Whether `_format` and `Accept` allow a JSON answer (the only format the sandbox speaks);
+    the read side (`ehr.py`) uses the same rule."""
     fmt = request.query_params.get("_format")
     if fmt is not None and fmt not in ("json", "application/json", FHIR_JSON):
-        raise WriteError(406, "not-supported", "this server speaks JSON only")
+        return False
     accept = request.headers.get("accept", "")
     if not accept:
-        return
+        return True
     types = [a.split(";")[0].strip().lower() for a in accept.split(",")]
-    if not any(
+    return any(
         t in ("*/*", "application/*", FHIR_JSON, "application/json", "application/json+fhir")
         for t in types
-    ):
+    )
+
+
+def _check_accept(request: Request) -> None:
+    if not accepts_json(request):
         raise WriteError(406, "not-supported", "this server speaks JSON only")
 
 
