@@ -241,10 +241,7 @@ class FhirWrites:
         """`POST [base]/{type}`."""
         rtype = request.path_params["type"]
         try:
-            self._check_type(rtype, None)
-            token = require_token(request)
-            _check_accept(request)
-            _check_query(request)
+            token = self._rest_prelude(request, rtype, None)
             if request.headers.get("if-none-exist") is not None:
                 raise WriteError(400, "not-supported", "conditional create is not supported")
             self._need(token, rtype, "c", None)
@@ -259,11 +256,7 @@ class FhirWrites:
         """`PUT [base]/{type}/{id}`."""
         rtype, rid = request.path_params["type"], request.path_params["id"]
         try:
-            self._check_type(rtype, None)
-            token = require_token(request)
-            _check_accept(request)
-            _check_query(request)
-            _check_id(rid, None)
+            token = self._rest_prelude(request, rtype, rid)
             self._need_put(token, rtype, None)
             if_match = _if_match(request.headers.get("if-match"), None)
             body = await _read_json(request)
@@ -278,11 +271,7 @@ class FhirWrites:
         """`DELETE [base]/{type}/{id}`: 204, also when the resource is absent or deleted."""
         rtype, rid = request.path_params["type"], request.path_params["id"]
         try:
-            self._check_type(rtype, None)
-            token = require_token(request)
-            _check_accept(request)
-            _check_query(request)
-            _check_id(rid, None)
+            token = self._rest_prelude(request, rtype, rid)
             self._need(token, rtype, "d", None)
             op = _Op(0, "DELETE", rtype, rid, None)
             op.if_match = _if_match(request.headers.get("if-match"), None)
@@ -291,6 +280,16 @@ class FhirWrites:
             return fhir_json(exc.outcome(), exc.status, exc.headers)
         headers = {"ETag": f'W/"{result.version}"'} if result.version else {}
         return Response(status_code=204, headers=headers)
+
+    def _rest_prelude(self, request: Request, rtype: str, rid: str | None) -> TokenInfo:
+        """The checks every REST write makes first, in order; returns the caller's token."""
+        self._check_type(rtype, None)
+        token = require_token(request)
+        _check_accept(request)
+        _check_query(request)
+        if rid is not None:
+            _check_id(rid, None)
+        return token
 
     # -- processing ----------------------------------------------------------------------------
     def _single(self, token: TokenInfo, op: _Op) -> _Result:
