@@ -123,6 +123,16 @@ def _summary(facts: list[dict[str, Any]], names: dict[str, Any]) -> str:
     return "".join(out)
 
 
+def _partition_cookie(resp: Response, name: str) -> None:
+    """Add the CHIPS ``Partitioned`` attribute to the ``name`` cookie the response sets
+    (Starlette only writes it on Python 3.14+, where ``http.cookies`` knows it)."""
+    prefix = f"{name}=".encode()
+    resp.raw_headers = [
+        (k, v + b"; Partitioned" if k == b"set-cookie" and v.startswith(prefix) else v)
+        for k, v in resp.raw_headers
+    ]
+
+
 def routes(ctx: Any) -> list[BaseRoute]:
     """The EHR-launch routes bound to ``ctx`` (a ``web.app.WebContext``)."""
     redirect_uri = f"{ctx.public_base_url}{CALLBACK_PATH}"
@@ -177,15 +187,21 @@ def routes(ctx: Any) -> list[BaseRoute]:
             )
         else:
             resp = RedirectResponse(req.url, status_code=302, headers=_NO_STORE)
+        # EHRs open launched apps embedded (an iframe or an embedded browser), so the launch and
+        # the callback run in a third-party context where only SameSite=None cookies are sent and
+        # browsers that block third-party cookies still keep partitioned (CHIPS) ones. Both need
+        # HTTPS; on plain http (loopback development) the cookie stays SameSite=Lax.
         resp.set_cookie(
             SESSION_COOKIE,
             binding,
             max_age=8 * 3600,
             path="/ehr",
             httponly=True,
-            samesite="lax",
+            samesite="none" if secure else "lax",
             secure=secure,
         )
+        if secure:
+            _partition_cookie(resp, SESSION_COOKIE)
         return resp
 
     def callback(request: Request) -> Response:

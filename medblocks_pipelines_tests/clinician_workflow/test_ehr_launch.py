@@ -409,3 +409,43 @@ def test_cli_cds_fire_and_sync_without_launch(
     assert out.exit_code == 0 and "[critical] Allergy to penicillin" in out.output
     with pytest.raises(ConfigError):
         latest_launch(env["cp"], tenant=TENANT, org=env["organization_id"], patient="nobody")
+
+
+@pytest.mark.parametrize(
+    ("base", "expected", "absent"),
+    [
+        ("https://app.example", ["samesite=none", "secure", "partitioned", "httponly"], []),
+        ("http://127.0.0.1:9", ["samesite=lax", "httponly"], ["secure", "partitioned"]),
+    ],
+)
+def test_launch_cookie_works_inside_an_ehr_iframe_over_https(
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+    base: str,
+    expected: list[str],
+    absent: list[str],
+) -> None:
+    """Over HTTPS the session cookie is third-party-safe (SameSite=None; Secure; Partitioned),
+    because EHRs embed launched apps; on plain http it stays Lax (browsers drop None without
+    Secure). The protocol itself is covered by the launch tests above; this checks the header."""
+    from types import SimpleNamespace
+
+    from medblocks_pipelines.web import ehr_launch
+
+    def fake_start(cp: Any, **kwargs: Any) -> Any:
+        return SimpleNamespace(method="GET", url="https://ehr.example/authorize?x=1")
+
+    monkeypatch.setattr(ehr_launch, "start_ehr_launch", fake_start)
+    open_control_plane(settings).engine.dispose()
+    # Served on loopback http; the app believes it is reached at ``base`` (its public URL).
+    with serve(lambda _b: create_app(public_base_url=base, settings=settings)) as web:
+        resp = httpx.get(
+            f"{web}/ehr/launch", params={"iss": "https://ehr.example/fhir", "launch": "l1"}
+        )
+    assert resp.status_code == 302
+    cookie = resp.headers["set-cookie"].lower()
+    assert cookie.startswith(f"{ehr_launch.SESSION_COOKIE}=")
+    for attr in expected:
+        assert attr in cookie
+    for attr in absent:
+        assert attr not in cookie
