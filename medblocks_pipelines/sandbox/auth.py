@@ -619,6 +619,43 @@ class AuthServer:
             self._launches[launch_id] = (self.clock() + self.config.launch_lifetime, ctx)
         return launch_id
 
+    def mint_cds_token(
+        self, *, client_id: str, patient: str, scopes: Sequence[str], user: str | None = None
+    ) -> dict[str, Any]:
+        """An access token for a CDS service, as an EHR puts in a hook's ``fhirAuthorization``
+        (CDS Hooks 2.0 §3.2.2): read-only patient scopes, no refresh token, normal lifetime.
+
+        Answers the ``fhirAuthorization`` object: ``access_token``, ``token_type``,
+        ``expires_in``, ``scope``, ``subject`` (the CDS client id) and ``patient``.
+        """
+        granted = [s for s in scopes if s.startswith("patient/")]
+        if not granted or any(
+            (parsed := parse_scope(s)) is None or not parsed.perms <= frozenset("rs")
+            for s in granted
+        ):
+            raise ValueError("CDS tokens carry read/search patient scopes only")
+        grant = _Grant(
+            grant_id=secrets.token_hex(8),
+            client_id=client_id,
+            scopes=tuple(granted),
+            patient=patient,
+            encounter=None,
+            fhir_user=user,
+            context={},
+            refresh_expires_at=None,
+        )
+        with self._lock:
+            self._grants[grant.grant_id] = grant
+        body = self._issue(grant, granted, with_refresh=False)
+        return {
+            "access_token": body["access_token"],
+            "token_type": "Bearer",
+            "expires_in": body["expires_in"],
+            "scope": body["scope"],
+            "subject": client_id,
+            "patient": patient,
+        }
+
     def expire_tokens(self, *, client_id: str | None = None, grant_id: str | None = None) -> int:
         """Make matching access tokens expired now (not revoked); returns how many."""
         now = self.clock()

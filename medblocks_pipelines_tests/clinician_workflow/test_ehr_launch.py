@@ -224,6 +224,47 @@ def test_sandbox_ehr_fires_hooks_with_signed_jwt_and_prefetch(
     assert nulls["status"] == 200 and nulls["body"] == {"cards": []}
 
 
+def test_service_fetches_from_the_sandbox_ehr_with_fhir_authorization(
+    env: dict[str, Any], sandbox: SandboxHandle
+) -> None:
+    """A patient the warehouse does not know at this source and no prefetch: the service must
+    read the Patient (for its identifiers) from the EHR. With `fhirServer` and a
+    `fhirAuthorization` token minted by the sandbox EHR it does; without them it answers 412."""
+    client = sandbox.roles["cds_ehr"].extra["client"]
+    store = sandbox.org_handles(ORG)["store"]
+    other = next(p for p in store.patient_ids() if p != env["patient"])
+    without = client.fire(
+        org=ORG,
+        service_base=env["web"],
+        hook="patient-view",
+        patient=other,
+        prefetch_mode="omit",
+    )
+    assert without["status"] == 412
+    fetched = client.fire(
+        org=ORG,
+        service_base=env["web"],
+        hook="patient-view",
+        patient=other,
+        prefetch_mode="omit",
+        fhir_authorization=True,
+    )
+    request = fetched["request"]
+    assert "prefetch" not in request and request["fhirServer"].endswith(f"/{ORG}/fhir")
+    auth = request["fhirAuthorization"]
+    assert auth["token_type"] == "Bearer" and auth["patient"] == other
+    assert auth["scope"] == "patient/*.rs" and auth["expires_in"] > 0
+    assert fetched["status"] == 200 and fetched["body"] == {"cards": []}, fetched["body"]
+    # The token is good for that patient's record and no one else's.
+    base, bearer = request["fhirServer"], {"Authorization": f"Bearer {auth['access_token']}"}
+    assert httpx.get(f"{base}/Patient/{other}", headers=bearer).status_code == 200
+    assert httpx.get(f"{base}/Patient/{env['patient']}", headers=bearer).status_code in (403, 404)
+    with pytest.raises(ValueError, match="read/search patient scopes only"):
+        sandbox.org_handles(ORG)["auth"].mint_cds_token(
+            client_id="cds-service", patient=other, scopes=["patient/*.cruds"]
+        )
+
+
 def test_admin_fire_over_http_needs_the_secret(env: dict[str, Any], sandbox: SandboxHandle) -> None:
     url = f"{sandbox.role_urls['cds_ehr']}/_admin/fire"
     body = {

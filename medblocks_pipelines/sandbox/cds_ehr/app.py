@@ -19,7 +19,8 @@ Routes (admin ones need ``X-Admin-Secret``)::
     POST /_admin/launch  {"org", "patient", "app", "encounter"?, "user"?} -> {"url", "iss"}
     POST /_admin/fire    {"org", "service_base", "hook", "patient", "user"?, "orders"?,
                           "selections"?, "prefetch_mode"?: "fill"|"omit"|"null"|"outcome",
-                          "service_id"?} -> {"status", "body", "request"}
+                          "service_id"?, "fhir_authorization"?: bool}
+                         -> {"status", "body", "request"}
 """
 
 import json
@@ -63,6 +64,8 @@ class CdsEhr:
         default_factory=lambda: generate_signing_key("ES384", kid="cds-ehr-1"), repr=False
     )
     http: httpx.Client = field(default_factory=lambda: httpx.Client(timeout=30.0), repr=False)
+    #: The ``subject`` of the FHIR tokens handed to CDS services (their OAuth client id).
+    cds_client_id: str = "cds-service"
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -170,8 +173,15 @@ class CdsEhr:
         orders: Sequence[Mapping[str, Any]] = (),
         selections: Sequence[str] | None = None,
         encounter: str | None = None,
+        fhir_authorization: bool = False,
     ) -> dict[str, Any]:
-        """The hook request body (context per hook, prefetch per mode)."""
+        """The hook request body (context per hook, prefetch per mode).
+
+        ``fhir_authorization`` adds ``fhirServer`` (the organization's FHIR base) and a
+        ``fhirAuthorization`` access token for the patient, minted by that organization's
+        authorization server with read-only patient scopes, so the service can fetch what the
+        prefetch lacks (CDS Hooks 2.0 §3.2.2).
+        """
         context: dict[str, Any] = {"userId": user, "patientId": patient}
         if encounter:
             context["encounterId"] = encounter
@@ -186,6 +196,11 @@ class CdsEhr:
                     selections or [f"{o['resourceType']}/{o['id']}" for o in orders]
                 )
         body: dict[str, Any] = {"hook": hook, "hookInstance": str(uuid.uuid4()), "context": context}
+        if fhir_authorization:
+            body["fhirServer"] = self.org_bases[org]
+            body["fhirAuthorization"] = self.orgs[org]["auth"].mint_cds_token(
+                client_id=self.cds_client_id, patient=patient, scopes=["patient/*.rs"], user=user
+            )
         if prefetch_mode == "omit" or not prefetch_templates:
             return body
         prefetch: dict[str, Any] = {}
@@ -220,6 +235,7 @@ class CdsEhr:
         prefetch_mode: str = "fill",
         service_id: str | None = None,
         encounter: str | None = None,
+        fhir_authorization: bool = False,
     ) -> dict[str, Any]:
         """Discover, build and send one hook call; returns status, body and the request sent."""
         services = self.discover(service_base)
@@ -239,6 +255,7 @@ class CdsEhr:
             orders=orders,
             selections=selections,
             encounter=encounter,
+            fhir_authorization=fhir_authorization,
         )
         url = f"{service_base.rstrip('/')}/cds-services/{service['id']}"
         resp = self.http.post(url, json=body, headers={"Authorization": f"Bearer {self.sign(url)}"})
@@ -307,6 +324,7 @@ def cds_ehr_role(ctx: RoleContext) -> RoleApp:
             prefetch_mode=body.get("prefetch_mode") or "fill",
             service_id=body.get("service_id"),
             encounter=body.get("encounter"),
+            fhir_authorization=bool(body.get("fhir_authorization")),
         )
 
     async def admin_fire(request: Request) -> Response:
