@@ -157,3 +157,22 @@ def test_compaction_in_object_storage(
     result = build_warehouse(TENANT, settings=settings, steps=[], options={"compact": False})
     assert result.storage["mirror_removed"] > 0 and result.storage["mirror_downloaded"] == 2
     assert _content(warehouse_path(settings, TENANT)) == expected
+
+
+def test_a_big_backlog_is_compacted_in_bounded_groups(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings.ensure_dirs()
+    _pulls(settings.lake, 40)
+    build_warehouse(TENANT, settings=settings, steps=[], options={"compact": False})
+    expected = _content(warehouse_path(settings, TENANT))
+    patient_files = [f for f in _files(settings) if "resource_type=Patient" in str(f)]
+    sizes = sorted(f.stat().st_size for f in patient_files)
+    # Room for about ten files per combined file: the 40 Patient files become four or five.
+    monkeypatch.setattr(compaction, "MAX_GROUP_BYTES", sizes[-1] * 10)
+    stats = compact_tenant(settings.lake, TENANT, min_files=8)
+    combined = [f for f in _files(settings) if "resource_type=Patient" in str(f)]
+    assert 4 <= len(combined) <= 5 and all(f.name.startswith("c-") for f in combined)
+    assert stats.folders == 2 and stats.files_out == len(combined) + 1  # + the quarantine folder
+    build_warehouse(TENANT, settings=settings, steps=[], options={"compact": False})
+    assert _content(warehouse_path(settings, TENANT)) == expected

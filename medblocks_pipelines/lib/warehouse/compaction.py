@@ -1,12 +1,13 @@
-"""Lake compaction: many small Parquet files of one folder become one file, rows unchanged.
+"""Lake compaction: the many small Parquet files of a folder become a few, rows unchanged.
 
 Patient-access and EHR-launch pulls land one small file per resource type per connection per pull,
 so a tenant with thousands of connections grows tens of thousands of files a day, and every build
 lists and opens them all. Compaction rewrites the small files of one lake folder
 (``resources/tenant=T/pattern=P/source=S/resource_type=R/`` or ``quarantine/tenant=T/...``) into one
-file: every row and column is kept as landed (provenance, fetch time, run id, origin), so a build
-after compaction holds the same resources, versions, sightings and quarantine as before; only the
-internal ``resource_versions.lake_file``/``lake_row`` pointers name the new file.
+file per ``MAX_GROUP_BYTES`` of input, so memory stays bounded whatever the backlog. Every row and
+column is kept as landed (provenance, fetch time, run id, origin), so a build after compaction
+holds the same resources, versions, sightings and quarantine as before; only the internal
+``resource_versions.lake_file``/``lake_row`` pointers name the new files.
 
 Safety: the combined file is complete (temp file + rename locally, one PUT in object storage)
 before any original is removed, and compaction runs under the tenant's build lock, so no build of
@@ -34,6 +35,9 @@ from medblocks_pipelines.lib.warehouse.lake import QUARANTINE_SCHEMA, RESOURCE_S
 SMALL_FILE_BYTES = int(os.environ.get("MEDBLOCKS_COMPACT_SMALL_BYTES", 4 * 1024 * 1024))
 #: A folder is compacted once it holds at least this many small files.
 MIN_SMALL_FILES = int(os.environ.get("MEDBLOCKS_COMPACT_MIN_FILES", 32))
+#: At most this many bytes of small files (as stored) go into one combined file, so memory stays
+#: bounded whatever the backlog: a folder with more becomes several combined files.
+MAX_GROUP_BYTES = int(os.environ.get("MEDBLOCKS_COMPACT_GROUP_BYTES", 64 * 1024 * 1024))
 
 
 @dataclass
@@ -91,11 +95,27 @@ def compact_tenant(
             for folder, files in sorted(by_folder.items()):
                 if len(files) >= min_files:
                     schema = RESOURCE_SCHEMA if area == "resources" else QUARANTINE_SCHEMA
-                    _compact_folder(fs, folder, sorted(files), schema, remote=remote, stats=stats)
+                    groups = _groups(sorted(files), MAX_GROUP_BYTES)
+                    for group in groups:
+                        _compact_folder(fs, folder, group, schema, remote=remote, stats=stats)
+                    stats.folders += bool(groups)
     except OSError as exc:
         raise storage_error("compact the lake under", str(lake), exc) from exc
     stats.seconds = time.perf_counter() - started
     return stats
+
+
+def _groups(files: list[tuple[str, int]], max_bytes: int) -> list[list[tuple[str, int]]]:
+    """Consecutive runs of files of at most ``max_bytes`` together (at least one file each)."""
+    groups: list[list[tuple[str, int]]] = [[]]
+    total = 0
+    for item in files:
+        if groups[-1] and total + item[1] > max_bytes:
+            groups.append([])
+            total = 0
+        groups[-1].append(item)
+        total += item[1]
+    return [g for g in groups if len(g) > 1]
 
 
 def _compact_folder(
@@ -130,7 +150,6 @@ def _compact_folder(
     # The combined file is in place: only now do the originals go.
     for key, _size in files:
         fs.rm_file(key)
-    stats.folders += 1
     stats.files_in += len(files)
     stats.files_out += 1
     stats.rows += combined.num_rows
