@@ -29,6 +29,7 @@ import polars as pl
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from medblocks_pipelines.lib.warehouse.identity import (  # noqa: E402
+    RAW_COLUMNS,
     IdentityOptions,
     link_patients,
     pairwise_metrics_frame,
@@ -50,28 +51,9 @@ def generate(n_patients: int, seed: int) -> pl.DataFrame:
     orgs = people.default_organizations()
     today = date(2026, 11, 1)
     rng = random.Random(seed)
-    rows: dict[str, list[object]] = {
-        c: []
-        for c in (
-            "patient_key",
-            "source",
-            "pattern",
-            "organization",
-            "connection",
-            "given",
-            "middle",
-            "family",
-            "maiden",
-            "gender",
-            "birth_date",
-            "address_line",
-            "postal_code",
-            "phone",
-            "email",
-            "ssn",
-            "true_person",
-        )
-    }
+    # identity's raw demographic columns (identifiers are added empty below) plus ground truth
+    columns = [c for c in RAW_COLUMNS if c != "identifiers"] + ["true_person"]
+    rows: dict[str, list[object]] = {c: [] for c in columns}
     counts, weights = zip(*ORG_COUNT_WEIGHTS, strict=True)
     i = 0
     last = None

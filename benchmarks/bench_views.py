@@ -33,22 +33,14 @@ import duckdb
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from medblocks_pipelines.lib.warehouse.views import compile_view, load_core_views  # noqa: E402
+from medblocks_pipelines.lib.warehouse.views import (  # noqa: E402
+    PROVENANCE_COLUMNS,
+    compile_view,
+    load_core_views,
+)
 from medblocks_pipelines.lib.warehouse.views.reference import evaluate_view  # noqa: E402
 
-PROV = [
-    "tenant",
-    "pattern",
-    "source",
-    "organization",
-    "connection",
-    "resource_key",
-    "fetched_at",
-    "run_id",
-    "resource_type",
-    "resource_id",
-    "version_id",
-]
+PROV = list(PROVENANCE_COLUMNS)
 LOINC, SCT, CVX = "http://loinc.org", "http://snomed.info/sct", "http://hl7.org/fhir/sid/cvx"
 ICD10, CPT = "http://hl7.org/fhir/sid/icd-10-cm", "http://www.ama-assn.org/go/cpt"
 US = "http://hl7.org/fhir/us/core/StructureDefinition/"

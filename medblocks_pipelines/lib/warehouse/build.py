@@ -57,17 +57,6 @@ log = logging.getLogger(__name__)
 # DuckDB memory for a build (the rest spills to disk): a tenant of any size builds in bounded RSS.
 WAREHOUSE_MEMORY_LIMIT = os.environ.get("MEDBLOCKS_WAREHOUSE_MEMORY_LIMIT", "768MB")
 
-PROVENANCE_COLUMNS = (
-    "tenant",
-    "pattern",
-    "source",
-    "organization",
-    "connection",
-    "resource_key",
-    "fetched_at",
-    "run_id",
-)
-
 
 @dataclass
 class BuildContext:

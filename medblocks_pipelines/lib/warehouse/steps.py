@@ -21,9 +21,10 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
-from medblocks_pipelines.lib.warehouse.build import PROVENANCE_COLUMNS, BuildContext, BuildStep
+from medblocks_pipelines.lib.warehouse.build import BuildContext, BuildStep
 from medblocks_pipelines.lib.warehouse.identity import identity_step
 from medblocks_pipelines.lib.warehouse.unified import unified_step
+from medblocks_pipelines.lib.warehouse.views.runner import PROVENANCE_COLUMNS
 
 # base and step tables a user view may not replace
 RESERVED_TABLES = frozenset(
@@ -45,8 +46,9 @@ RESERVED_TABLES = frozenset(
     }
 )
 
-# the provenance columns every view table carries (those `resources` has), plus the resource id
-VIEW_PASSTHROUGH = (*PROVENANCE_COLUMNS, "resource_type", "resource_id", "version_id")
+# the provenance columns every view table carries (those `resources` has), plus the resource id:
+# the views runner's own list, so `medblocks views run` and the build give the same columns
+VIEW_PASSTHROUGH = PROVENANCE_COLUMNS
 
 
 def _views(ctx: BuildContext) -> dict[str, dict[str, Any]]:

@@ -34,7 +34,7 @@ __all__ = [
 DEFINITIONS_DIR = Path(__file__).with_name("definitions")
 
 # Columns of the warehouse ``resources`` table carried onto every view row when present, in the
-# order the warehouse build passes them (lib/warehouse/steps.py VIEW_PASSTHROUGH).
+# order the warehouse build passes them (lib/warehouse/steps.py uses this list).
 PROVENANCE_COLUMNS: tuple[str, ...] = (
     "tenant",
     "pattern",
