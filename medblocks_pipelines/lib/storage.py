@@ -26,7 +26,7 @@ import json
 import os
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -161,6 +161,11 @@ class MirrorStats:
     removed: int = 0
     bytes_downloaded: int = 0
     seconds: float = 0.0
+
+    def add(self, other: "MirrorStats") -> None:
+        """Fold another pass's counts into these (several prefixes of one build)."""
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
     def as_metadata(self) -> dict[str, Any]:
         return {

@@ -153,12 +153,7 @@ def mirror_tenant(lake_url: str, lake_root: Path, tenant: str) -> MirrorStats:
     total = MirrorStats()
     for area in ("resources", "quarantine"):
         part = f"tenant={normalise_id(tenant)}"
-        stats = mirror(join(lake_url, area, part), lake_root / area / part)
-        total.files += stats.files
-        total.downloaded += stats.downloaded
-        total.removed += stats.removed
-        total.bytes_downloaded += stats.bytes_downloaded
-        total.seconds += stats.seconds
+        total.add(mirror(join(lake_url, area, part), lake_root / area / part))
     return total
 
 
