@@ -1,8 +1,8 @@
 """The official SQL on FHIR v2 conformance suite, run as it is: one pytest case per suite test.
 
-The suite copy lives outside the repository (``MEDBLOCKS_SOF_TESTS`` or
-``<repo>/../shared/sql-on-fhir-v2-tests``); CI has it beside the clone. Experimental cases
-(boundaries, join) are included.
+The suite is a verbatim copy of the upstream test files with their MIT licence, kept in
+``medblocks_pipelines_tests/fixtures/sql-on-fhir-v2-tests`` (``MEDBLOCKS_SOF_TESTS`` points elsewhere).
+Experimental cases (boundaries, join) are included.
 """
 
 import json
@@ -38,7 +38,7 @@ def test_conformance_case(
     file_name: str | None, resources: list[dict[str, Any]] | None, case: dict[str, Any] | None
 ) -> None:
     assert SUITE is not None and case is not None and resources is not None, (
-        "SQL on FHIR suite not found: set MEDBLOCKS_SOF_TESTS or put shared/ beside the repo"
+        "SQL on FHIR suite not found: medblocks_pipelines_tests/fixtures/sql-on-fhir-v2-tests"
     )
     con = duckdb.connect()
     try:

@@ -147,12 +147,13 @@ def data_dictionary(views: Mapping[str, Mapping[str, Any]] | Iterable[Mapping[st
 
 
 def default_suite_dir() -> Path | None:
-    """The suite copy: ``MEDBLOCKS_SOF_TESTS``, else ``<repo>/../shared/sql-on-fhir-v2-tests``."""
+    """The suite copy: ``MEDBLOCKS_SOF_TESTS``, else the verbatim copy (MIT, with its licence) kept in
+    the repository's test fixtures (``medblocks_pipelines_tests/fixtures/sql-on-fhir-v2-tests``)."""
     env = os.environ.get("MEDBLOCKS_SOF_TESTS")
     if env:
         return Path(env)
     repo = Path(__file__).resolve().parents[4]
-    candidate = repo.parent / "shared" / "sql-on-fhir-v2-tests"
+    candidate = repo / "medblocks_pipelines_tests" / "fixtures" / "sql-on-fhir-v2-tests"
     return candidate if candidate.is_dir() else None
 
 
