@@ -57,9 +57,12 @@ def test_cli_link_sync_refresh_revoke(pa_env: PatientAccessEnv) -> None:
     out = runner.invoke(main, ["connections", "refresh", conn_id])
     assert out.exit_code == 0, out.output
     assert pa_env.cp.get_connection(conn_id)["token_expires_at"] >= before
-    assert [e["event_type"] for e in pa_env.cp.connection_events(conn_id)].count(
-        "token.refreshed"
-    ) == 1
+    refreshed = [
+        e["detail"]
+        for e in pa_env.cp.connection_events(conn_id)
+        if e["event_type"] == "token.refreshed"
+    ]
+    assert [d["reason"] for d in refreshed] == ["forced"]
 
     build_warehouse("acme", settings=pa_env.settings, control_plane=pa_env.cp)
     out = runner.invoke(main, ["connections", "revoke", conn_id, "--delete-data"])
