@@ -35,14 +35,17 @@ class SharedClock:
 
 @contextmanager
 def sixty_second_tokens(env: PatientAccessEnv, org: Any, clock: Any = time.time) -> Iterator[None]:
-    """The org's authorization server issues 60 s access tokens and reads ``clock``."""
+    """The org's authorization server issues 60 s access tokens (set over its admin API, as
+    against ``medblocks sandbox``) and reads ``clock`` (in-process: the one seam with no HTTP)."""
     auth = env.auth(org)
-    saved = auth.config.access_token_lifetime, auth.clock
-    auth.config.access_token_lifetime, auth.clock = 60, clock
+    saved_life, saved_clock = auth.config.access_token_lifetime, auth.clock
+    env.sandbox.admin(org.org_id, "config", {"access_token_lifetime": 60})
+    auth.clock = clock
     try:
         yield
     finally:
-        auth.config.access_token_lifetime, auth.clock = saved
+        auth.clock = saved_clock
+        env.sandbox.admin(org.org_id, "config", {"access_token_lifetime": saved_life})
 
 
 def connect_one(env: PatientAccessEnv, org: Any) -> tuple[str, str]:
