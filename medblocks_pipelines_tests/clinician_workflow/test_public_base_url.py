@@ -2,7 +2,7 @@
 knows its public ``https://127.0.0.1:<port>/medblocks`` address only from
 ``MEDBLOCKS_PUBLIC_BASE_URL``.
 
-Covers: a hook call addressed to the public URL is accepted (its ``aud`` is that URL) and its card
+Covers: our JWKS at the public URL; a hook call addressed to the public URL is accepted (its ``aud`` is that URL) and its card
 links point at the public URL, whether the proxy passes the path prefix through or strips it;
 discovery and feedback likewise; tokens minted for the internal address or another public path are
 refused; and without the setting (``serve`` building ``http://host:port``) the public call is
@@ -81,6 +81,9 @@ def test_hook_addressed_to_the_public_url_is_accepted(
             links = [link["url"] for c in cards for link in c.get("links", [])]
             # Card links send the clinician to the public launch URL, not the internal address.
             assert links and set(links) == {f"{served.public}/ehr/launch"}
+            # Our JWKS is served at the URL we register (<public>/.well-known/jwks.json).
+            resp = http.get(f"{served.public}/.well-known/jwks.json")
+            assert resp.status_code == 200 and isinstance(resp.json()["keys"], list)
             # Discovery and feedback check their own public URLs too.
             url = env.url("/cds-services")
             resp = http.get(url, headers={"Authorization": f"Bearer {env.sign(url)}"})
@@ -106,7 +109,7 @@ def test_hook_addressed_to_the_public_url_is_accepted(
                     token=env.sign(aud),
                 )
                 assert resp.status_code == 401 and resp.json()["error"] == "wrong_audience"
-        assert served.proxy.forwarded >= 6  # every call above went through the proxy
+        assert served.proxy.forwarded >= 7  # every call above went through the proxy
 
 
 def test_without_the_public_base_url_the_public_call_is_refused(
