@@ -2,9 +2,9 @@
 knows its public ``https://127.0.0.1:<port>/medblocks`` address only from
 ``MEDBLOCKS_PUBLIC_BASE_URL``.
 
-Covers: our JWKS at the public URL; a hook call addressed to the public URL is accepted (its ``aud`` is that URL) and its card
-links point at the public URL, whether the proxy passes the path prefix through or strips it;
-discovery and feedback likewise; tokens minted for the internal address or another public path are
+Covers: a hook call addressed to the public URL is accepted (its ``aud`` is that URL) and its
+card links point at the public URL, whether the proxy passes the path prefix through or strips it;
+our JWKS answers at the public URL; discovery and feedback check their public URLs; tokens minted for the internal address or another public path are
 refused; and without the setting (``serve`` building ``http://host:port``) the public call is
 refused as ``wrong_audience``, which is what deployments saw before.
 """
