@@ -363,14 +363,26 @@ def vault_new_key() -> None:
 @click.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=int)
-def serve(host: str, port: int) -> None:
-    """Serve our web surfaces: CDS Hooks, SMART launch/callback, connect links, JWKS."""
+@click.option(
+    "--public-base-url",
+    envvar="MEDBLOCKS_PUBLIC_BASE_URL",
+    help="How EHRs and browsers reach us (https://host[/prefix] behind a TLS proxy); "
+    "default http://HOST:PORT.",
+)
+def serve(host: str, port: int, public_base_url: str | None) -> None:
+    """Serve our web surfaces: CDS Hooks, SMART launch/callback, connect links, JWKS.
+
+    Behind TLS or a reverse proxy, set MEDBLOCKS_PUBLIC_BASE_URL: redirect URIs, the JWKS URL,
+    the CDS Hooks ``aud`` check, card links and cookie paths are all built from it.
+    """
     import uvicorn
 
     from medblocks_pipelines.web.app import create_app
 
+    public = public_base_url or f"http://{host}:{port}"
+    click.echo(f"serving on http://{host}:{port}, public base URL {public}")
     uvicorn.run(
-        create_app(public_base_url=f"http://{host}:{port}"),
+        create_app(public_base_url=public),
         host=host,
         port=port,
         log_level="warning",

@@ -240,7 +240,7 @@ def simulate_portal_revocation(sandbox: Any, cp: Any, connection_id: str) -> str
         manager = TokenManager(cp, connection_id, http=http)
         # Expected to raise: the refresh is refused and the connection moves to refresh_failed.
         with contextlib.suppress(AuthError):
-            manager.refresh(stale=manager.access_token())
+            manager.force_refresh()
     return str(cp.get_connection(connection_id)["state"])
 
 
@@ -324,8 +324,8 @@ def connections_refresh(connection_id: str) -> None:
     cp = control_plane()
     with httpx.Client(timeout=20.0) as http:
         manager = TokenManager(cp, connection_id, http=http)
-        # Passing the current token as stale forces a refresh even if it is not near expiry.
-        manager.refresh(stale=manager.access_token())
+        # Even if the token is far from expiry (event reason: forced).
+        manager.force_refresh()
     conn = cp.get_connection(connection_id)
     click.echo(f"connection {connection_id} refreshed; token expires {conn['token_expires_at']}")
 

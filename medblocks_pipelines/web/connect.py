@@ -218,10 +218,10 @@ def routes(ctx: Any) -> list[BaseRoute]:
             SESSION_COOKIE,
             binding,
             max_age=15 * 60,
-            path="/connect",
+            path=f"{ctx.public_path}/connect",
             httponly=True,
             samesite="lax",
-            secure=ctx.public_base_url.startswith("https://"),
+            secure=ctx.secure,
         )
         return resp
 

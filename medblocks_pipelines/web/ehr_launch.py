@@ -136,7 +136,7 @@ def _partition_cookie(resp: Response, name: str) -> None:
 def routes(ctx: Any) -> list[BaseRoute]:
     """The EHR-launch routes bound to ``ctx`` (a ``web.app.WebContext``)."""
     redirect_uri = f"{ctx.public_base_url}{CALLBACK_PATH}"
-    secure = ctx.public_base_url.startswith("https://")
+    secure = ctx.secure
 
     def http() -> httpx.Client:
         client = ctx.extra.get("http")
@@ -195,7 +195,7 @@ def routes(ctx: Any) -> list[BaseRoute]:
             SESSION_COOKIE,
             binding,
             max_age=8 * 3600,
-            path="/ehr",
+            path=f"{ctx.public_path}/ehr",
             httponly=True,
             samesite="none" if secure else "lax",
             secure=secure,

@@ -39,7 +39,9 @@ def test_cli_link_sync_refresh_revoke(pa_env: PatientAccessEnv) -> None:
         ],
     )
     assert out.exit_code == 0, out.output
-    conn_id = re.search(r"connection (conn_\w+)", out.output).group(1)
+    found = re.search(r"connection (conn_\w+)", out.output)
+    assert found is not None, out.output
+    conn_id = found.group(1)
     url = out.output.strip().splitlines()[-1]
     login = pa_env.logins(org)[0]
     outcome = connect_via_consent_page(
@@ -57,9 +59,12 @@ def test_cli_link_sync_refresh_revoke(pa_env: PatientAccessEnv) -> None:
     out = runner.invoke(main, ["connections", "refresh", conn_id])
     assert out.exit_code == 0, out.output
     assert pa_env.cp.get_connection(conn_id)["token_expires_at"] >= before
-    assert [e["event_type"] for e in pa_env.cp.connection_events(conn_id)].count(
-        "token.refreshed"
-    ) == 1
+    refreshed = [
+        e["detail"]
+        for e in pa_env.cp.connection_events(conn_id)
+        if e["event_type"] == "token.refreshed"
+    ]
+    assert [d["reason"] for d in refreshed] == ["forced"]
 
     build_warehouse("acme", settings=pa_env.settings, control_plane=pa_env.cp)
     out = runner.invoke(main, ["connections", "revoke", conn_id, "--delete-data"])
@@ -173,9 +178,10 @@ def test_demo_helpers_connect_and_refresh_failed(pa_env: PatientAccessEnv) -> No
         http=pa_env.http,
     )
     assert [o.status for o in outcomes] == ["active", "active"]
-    victim = outcomes[0].connection_id
+    victim, other = outcomes[0].connection_id, outcomes[1].connection_id
+    assert victim is not None and other is not None
     assert simulate_portal_revocation(pa_env.sandbox, pa_env.cp, victim) == "refresh_failed"
-    assert pa_env.cp.get_connection(outcomes[1].connection_id)["state"] == "active"
+    assert pa_env.cp.get_connection(other)["state"] == "active"
 
 
 def test_cli_sync_runs_the_dagster_job(

@@ -8,7 +8,10 @@ Every connection's tokens live in the vault as one encrypted JSON blob, ``conn/<
 One blob (not one secret per token) so a rotation stores the new access *and* refresh token in one
 atomic write. Refresh follows SPECS §1.7:
 
-- refresh ``refresh_margin`` seconds before expiry, or once after a 401;
+- refresh shortly before expiry (a margin that scales with the token's lifetime, see
+  :func:`refresh_margin_for`: a 60 s token is used for ~51 s, a one-hour token for 59 minutes),
+  once after a 401, or when forced (``medblocks connections refresh``); each ``token.refreshed``
+  event says which: ``reason`` = ``before_expiry`` | ``after_401`` | ``forced``;
 - the refresh runs inside :meth:`Vault.update_with_lock` on the blob (``SELECT ... FOR UPDATE`` on
   PostgreSQL, ``BEGIN IMMEDIATE`` on SQLite), so one process at a time refreshes a grant; a waiter that
   finds a fresh access token when it gets the lock uses it instead of refreshing again;
@@ -50,6 +53,32 @@ REFUSED_GRANT_ERRORS = frozenset({"invalid_grant", "invalid_client", "unauthoriz
 TOKEN_KEYS = frozenset(
     {"access_token", "token_type", "expires_in", "scope", "refresh_token", "id_token"}
 )
+
+
+#: Why a grant was refreshed (the ``reason`` of a ``token.refreshed`` event).
+REFRESH_REASONS = frozenset({"before_expiry", "after_401", "forced"})
+#: Refresh-margin defaults: at most a minute, 15 % of the token's lifetime, at least 2 s.
+MAX_REFRESH_MARGIN = 60.0
+REFRESH_FRACTION = 0.15
+MIN_REFRESH_MARGIN = 2.0
+
+
+def refresh_margin_for(
+    lifetime: float | None,
+    *,
+    cap: float = MAX_REFRESH_MARGIN,
+    fraction: float = REFRESH_FRACTION,
+    floor: float = MIN_REFRESH_MARGIN,
+) -> float:
+    """Seconds before expiry at which a token of ``lifetime`` seconds is refreshed.
+
+    ``min(cap, max(floor, fraction * lifetime))``, and never more than half the lifetime: a fixed
+    60 s margin made every request of a pull refresh a 60 s token (the token was never "fresh").
+    An unknown lifetime (a blob written before ``obtained_at`` was kept) gets ``cap``.
+    """
+    if lifetime is None or lifetime <= 0:
+        return cap
+    return min(cap, max(floor, fraction * lifetime), lifetime / 2)
 
 
 def tokens_secret_name(connection_id: str) -> str:
@@ -265,6 +294,13 @@ class TokenProvider(Protocol):
     def refresh(self, *, stale: str | None = None) -> str: ...
 
 
+def _lifetime(blob: Mapping[str, Any]) -> float | None:
+    exp, got = blob.get("expires_at"), blob.get("obtained_at")
+    if exp is None or got is None:
+        return None
+    return float(exp) - float(got)
+
+
 class StaticToken:
     """A fixed bearer token (tests, one-off reads): refresh is impossible."""
 
@@ -294,14 +330,16 @@ class TokenManager:
         *,
         http: httpx.Client,
         client_auth: ClientAuth | None = None,
-        refresh_margin: float = 60.0,
+        refresh_margin: float = MAX_REFRESH_MARGIN,
+        refresh_fraction: float = REFRESH_FRACTION,
         clock: Callable[[], float] = time.time,
         timeout: float = 20.0,
     ) -> None:
         self.cp = control_plane
         self.connection_id = connection_id
         self.http = http
-        self.refresh_margin = refresh_margin
+        self.refresh_margin = refresh_margin  # the cap; see refresh_margin_for
+        self.refresh_fraction = refresh_fraction
         self.clock = clock
         self.timeout = timeout
         self._client_auth = client_auth
@@ -331,10 +369,19 @@ class TokenManager:
             raise AuthError(f"connection {self.connection_id} has no tokens in the vault")
         return json.loads(secret.reveal())
 
+    def margin(self, blob: Mapping[str, Any]) -> float:
+        """Seconds before this blob's expiry at which it is refreshed."""
+        return refresh_margin_for(
+            _lifetime(blob),
+            cap=self.refresh_margin,
+            fraction=self.refresh_fraction,
+            floor=min(MIN_REFRESH_MARGIN, self.refresh_margin),
+        )
+
     def _fresh(self, blob: Mapping[str, Any]) -> bool:
         exp = blob.get("expires_at")
-        # Unknown lifetime: use the token until the server says 401.
-        return exp is None or float(exp) - self.refresh_margin > self.clock()
+        # Unknown expiry: use the token until the server says 401.
+        return exp is None or float(exp) - self.margin(blob) > self.clock()
 
     @property
     def granted(self) -> ScopeSet:
@@ -351,19 +398,25 @@ class TokenManager:
             if self._fresh(self._blob):
                 return str(self._blob["access_token"])
             current = str(self._blob["access_token"])
-        return self.refresh(stale=current)
+            return self._refresh_locked(current, "before_expiry")
 
     # -- refreshing ----------------------------------------------------------------------------
     def refresh(self, *, stale: str | None = None) -> str:
-        """Refresh the grant (one refresher per grant across processes); returns the new token.
+        """Refresh the grant after a 401 (one refresher per grant across processes).
 
-        ``stale`` is the access token the caller saw fail or expire: if the stored token differs and
-        is fresh, another thread or process refreshed already and that token is returned.
+        ``stale`` is the access token the server refused: if the stored token differs and is
+        fresh, another thread or process refreshed already and that token is returned.
         """
         with self._lock:
-            return self._refresh_locked(stale)
+            return self._refresh_locked(stale, "after_401")
 
-    def _refresh_locked(self, stale: str | None) -> str:
+    def force_refresh(self) -> str:
+        """Refresh the grant now, whatever the current token's expiry (``reason: forced``)."""
+        with self._lock:
+            current = str((self._blob or self._load())["access_token"])
+            return self._refresh_locked(current, "forced")
+
+    def _refresh_locked(self, stale: str | None, reason: str) -> str:
         # Secret material (signing keys) is read now: nothing may touch the database under the
         # vault lock, because on SQLite that lock is the whole database's write lock.
         auth = self.client_auth
@@ -420,6 +473,7 @@ class TokenManager:
         self._blob = blob
         if outcome.get("refreshed"):
             self.refreshes += 1
+            life = _lifetime(blob)
             self.cp.update_connection(
                 self.connection_id,
                 token_expires_at=_expires_dt(blob),
@@ -428,7 +482,12 @@ class TokenManager:
             self.cp.record_event(
                 self.connection_id,
                 "token.refreshed",
-                {"rotated": bool(outcome.get("rotated")), "after_401": stale is not None},
+                {
+                    "reason": reason,
+                    "rotated": bool(outcome.get("rotated")),
+                    # the new token's lifetime (s), or null when the server gave none
+                    "expires_in": None if life is None else round(life),
+                },
             )
         return str(blob["access_token"])
 
