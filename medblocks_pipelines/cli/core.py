@@ -319,19 +319,34 @@ def warehouse_path_cmd(tenant: str) -> None:
     click.echo(str(warehouse_path(get_settings(), tenant)))
 
 
-@warehouse.command("query")
+@warehouse.command("query", context_settings={"ignore_unknown_options": True})
 @click.option("--tenant", required=True)
-@click.argument("sql")
-def warehouse_query(tenant: str, sql: str) -> None:
-    """Run read-only SQL against a tenant's warehouse."""
-    from medblocks_pipelines.lib.warehouse.build import open_warehouse
+@click.option(
+    "-f",
+    "--file",
+    "sql_file",
+    type=click.File("r"),
+    help="Read the SQL from FILE ('-' for stdin) instead of the argument.",
+)
+@click.option("--max-rows", default=200, show_default=True, type=int)
+@click.argument("sql", required=False)
+def warehouse_query(tenant: str, sql_file: Any, max_rows: int, sql: str | None) -> None:
+    """Run read-only SQL against a tenant's warehouse, confined to that warehouse.
 
-    with open_warehouse(tenant, settings=get_settings()) as con:
-        cur = con.execute(sql)
-        if cur.description is None:
-            return
-        rows = cur.fetchmany(200)
-        print_table("result", [d[0] for d in cur.description], [list(r) for r in rows])
+    Files, URLs, other databases, extensions, settings and writes are refused (one line says
+    why); get data out with `medblocks exports`. SQL may start with a `--` comment.
+    """
+    from medblocks_pipelines.lib.warehouse.sandboxed import run_confined
+
+    if (sql is None) == (sql_file is None):
+        raise click.UsageError("give the SQL as an argument or with -f FILE (one of them)")
+    text = sql if sql is not None else sql_file.read()
+    result = run_confined(tenant, text, settings=get_settings(), max_rows=max_rows)
+    if not result.columns:
+        return
+    print_table("result", result.columns, [list(r) for r in result.rows])
+    if result.truncated:
+        click.echo(f"(first {max_rows} rows; --max-rows to see more)")
 
 
 @click.group()
