@@ -430,10 +430,10 @@ def test_exports_cli(
         ["add", "cli-dest", "--tenant", "acme", "--kind", "parquet", "--url", str(tmp_path / "c")],
     )
     assert res.exit_code == 0, res.output
-    res = runner.invoke(exports_cli, ["run", "cli-dest"])
+    res = runner.invoke(exports_cli, ["run", "cli-dest", "--tenant", "acme"])
     assert res.exit_code == 0 and "backfill #1: 5 resources" in res.output, res.output
     for args in (["list"], ["runs"], ["pause", "cli-dest"], ["resume", "cli-dest"]):
-        assert runner.invoke(exports_cli, args).exit_code == 0
+        assert runner.invoke(exports_cli, [*args, "--tenant", "acme"]).exit_code == 0
 
 
 def test_sensor_requests_an_export_after_a_warehouse_build(

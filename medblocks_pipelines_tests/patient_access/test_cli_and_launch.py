@@ -54,7 +54,7 @@ def test_cli_link_sync_refresh_revoke(pa_env: PatientAccessEnv) -> None:
     assert "1 connections: {'success': 1}" in out.output
 
     before = pa_env.cp.get_connection(conn_id)["token_expires_at"]
-    out = runner.invoke(main, ["connections", "refresh", conn_id])
+    out = runner.invoke(main, ["connections", "refresh", conn_id, "--tenant", "acme"])
     assert out.exit_code == 0, out.output
     assert pa_env.cp.get_connection(conn_id)["token_expires_at"] >= before
     assert [e["event_type"] for e in pa_env.cp.connection_events(conn_id)].count(
@@ -62,7 +62,9 @@ def test_cli_link_sync_refresh_revoke(pa_env: PatientAccessEnv) -> None:
     ) == 1
 
     build_warehouse("acme", settings=pa_env.settings, control_plane=pa_env.cp)
-    out = runner.invoke(main, ["connections", "revoke", conn_id, "--delete-data"])
+    out = runner.invoke(
+        main, ["connections", "revoke", conn_id, "--tenant", "acme", "--delete-data"]
+    )
     assert out.exit_code == 0, out.output
     assert "revoked (also at the source)" in out.output
     assert "warehouse of acme rebuilt" in out.output
@@ -75,7 +77,7 @@ def test_cli_link_sync_refresh_revoke(pa_env: PatientAccessEnv) -> None:
         con.close()
     assert left == (0,)
 
-    out = runner.invoke(main, ["connections", "show", conn_id])
+    out = runner.invoke(main, ["connections", "show", conn_id, "--tenant", "acme"])
     assert out.exit_code == 0
     assert "revoked" in out.output
 
