@@ -306,3 +306,64 @@ def test_view_definition_suites_run_confined(tmp_path: Path, two_tenants: Settin
     results = [t["result"] for t in report["escape.json"]["tests"]]
     assert all(r["passed"] for r in results), results
     assert KEY_TEXT not in json.dumps(report)
+
+
+_HOSTILE = "x'); COPY (SELECT 1) TO '/tmp/pwned.csv'; --"
+
+
+@pytest.mark.parametrize(
+    ("view", "compiles"),
+    [
+        # a column name carrying SQL: refused by the name rule
+        ({"select": [{"column": [{"name": 'id" FROM resources; --', "path": "id"}]}]}, False),
+        # a constant carrying SQL: a quoted literal
+        (
+            {
+                "constant": [{"name": "k", "valueString": _HOSTILE}],
+                "select": [{"column": [{"name": "id", "path": "id"}]}],
+                "where": [{"path": "id = %k"}],
+            },
+            True,
+        ),
+        # a FHIRPath string literal carrying SQL (FHIRPath-escaped quotes): a quoted literal
+        (
+            {
+                "select": [{"column": [{"name": "id", "path": "id"}]}],
+                "where": [{"path": "id = '" + _HOSTILE.replace("'", "\\'") + "'"}],
+            },
+            True,
+        ),
+        # a function that is not FHIRPath (a DuckDB table function's name)
+        ({"select": [{"column": [{"name": "k", "path": "read_text('/etc/passwd')"}]}]}, False),
+        # a column type carrying SQL
+        (
+            {"select": [{"column": [{"name": "id", "path": "id", "type": "string) FROM x; --"}]}]},
+            False,
+        ),
+        # a resource type carrying SQL
+        (
+            {
+                "resource": "Patient' OR 1=1 --",
+                "select": [{"column": [{"name": "id", "path": "id"}]}],
+            },
+            False,
+        ),
+    ],
+)
+def test_user_view_definitions_compile_to_one_select(
+    view: dict[str, object], compiles: bool
+) -> None:
+    """What a build runs for a user ViewDefinition: one SELECT, the payload a literal, or a
+    ViewDefinitionError before anything runs."""
+    from medblocks_pipelines.lib.errors import ViewDefinitionError
+    from medblocks_pipelines.lib.warehouse.views import compile_view
+
+    full = {"resourceType": "ViewDefinition", "resource": "Patient", "status": "active", **view}
+    try:
+        compiled = compile_view(full)
+    except ViewDefinitionError:
+        assert not compiles
+        return
+    assert compiles
+    statements = duckdb.extract_statements(compiled.sql)
+    assert [s.type for s in statements] == [duckdb.StatementType.SELECT], compiled.sql
