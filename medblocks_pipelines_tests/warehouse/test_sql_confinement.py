@@ -8,6 +8,7 @@ macros, temp tables, SQL files that start with a comment) keeps working. The Vie
 runner runs suite files (user input) on the same confinement.
 """
 
+import dataclasses
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -367,3 +368,40 @@ def test_user_view_definitions_compile_to_one_select(
     assert compiles
     statements = duckdb.extract_statements(compiled.sql)
     assert [s.type for s in statements] == [duckdb.StatementType.SELECT], compiled.sql
+
+
+def test_view_suite_runner_is_confined_even_if_the_compiler_let_sql_through(
+    tmp_path: Path, two_tenants: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Defence in depth for `medblocks views test`: were a compiler bug to emit a file read, the
+    suite's DuckDB connection refuses it."""
+    from medblocks_pipelines.lib.warehouse.views import runner
+    from medblocks_pipelines.lib.warehouse.views.compiler import CompiledView
+
+    key = two_tenants.data_dir / "secret.key"
+    real = runner.compile_view
+
+    def leaky(view: dict[str, object]) -> CompiledView:
+        compiled = real(view)
+        return dataclasses.replace(compiled, sql=f"SELECT content AS id FROM read_text('{key}')")
+
+    monkeypatch.setattr(runner, "compile_view", leaky)
+    suite = {
+        "title": "leak",
+        "resources": [{"resourceType": "Patient", "id": "p1"}],
+        "tests": [
+            {
+                "title": "leak",
+                "view": {
+                    "resource": "Patient",
+                    "status": "active",
+                    "select": [{"column": [{"name": "id", "path": "id"}]}],
+                },
+                "expect": [{"id": KEY_TEXT}],
+            }
+        ],
+    }
+    (tmp_path / "leak.json").write_text(json.dumps(suite))
+    (result,) = [t["result"] for t in run_test_suite(tmp_path)["leak.json"]["tests"]]
+    assert not result["passed"] and "PermissionException" in result["error"], result
+    assert KEY_TEXT not in json.dumps(result.get("details", {}))
