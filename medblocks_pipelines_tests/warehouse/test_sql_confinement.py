@@ -253,10 +253,9 @@ def test_bad_sql_prints_one_line(env: Settings, sql: str, first_line: str) -> No
     assert "Traceback" not in result.output
 
 
-def test_verbose_shows_duckdbs_error_as_the_cause(env: Settings) -> None:
-    result = CliRunner().invoke(
-        main, ["--verbose", "warehouse", "query", "--tenant", "acme", "SELEC 1"]
-    )
+@pytest.mark.parametrize("flag", ["--verbose", "--debug"])
+def test_verbose_shows_duckdbs_error_as_the_cause(env: Settings, flag: str) -> None:
+    result = CliRunner().invoke(main, [flag, "warehouse", "query", "--tenant", "acme", "SELEC 1"])
     assert isinstance(result.exception, QueryFailed)
     assert isinstance(result.exception.__cause__, duckdb.ParserException)
 
