@@ -404,3 +404,18 @@ def test_view_suite_runner_is_confined_even_if_the_compiler_let_sql_through(
     (result,) = [t["result"] for t in run_test_suite(tmp_path)["leak.json"]["tests"]]
     assert not result["passed"] and "PermissionException" in result["error"], result
     assert KEY_TEXT not in json.dumps(result.get("details", {}))
+
+
+@pytest.mark.parametrize("tenant", ["temp", "memory", "system"])
+def test_tenants_named_like_duckdb_catalogs(env: Settings, tenant: str) -> None:
+    """A tenant id that is also one of DuckDB's catalog names still opens (as `warehouse`)."""
+    import shutil
+
+    shutil.copy(warehouse_path(env, "acme"), warehouse_path(env, tenant))
+    try:
+        res = run_confined(
+            tenant, "SELECT current_database(), count(*) FROM resources", settings=env
+        )
+    finally:
+        warehouse_path(env, tenant).unlink()
+    assert res.rows == [("warehouse", 3)]

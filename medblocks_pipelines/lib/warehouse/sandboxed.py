@@ -42,6 +42,8 @@ _CONNECT_CONFIG: dict[str, Any] = {
     "python_enable_replacements": False,
 }
 
+_RESERVED_CATALOGS = frozenset({"memory", "system", "temp", "main"})
+
 _ST = duckdb.StatementType
 #: Statement types analyst SQL may run (MULTI: PIVOT and friends expand into several statements).
 ALLOWED_TYPES = frozenset({_ST.SELECT, _ST.EXPLAIN, _ST.CREATE, _ST.CALL, _ST.MULTI})
@@ -92,7 +94,10 @@ def connect_sandboxed() -> duckdb.DuckDBPyConnection:
 def _attach_confined(path: Path) -> duckdb.DuckDBPyConnection:
     con = connect_sandboxed()
     try:
-        alias = path.stem.replace('"', '""')
+        # The catalog is named after the file, as a plain client would name it, unless that
+        # name is one of DuckDB's own catalogs.
+        name = path.stem if path.stem.lower() not in _RESERVED_CATALOGS else "warehouse"
+        alias = name.replace('"', '""')
         literal = str(path).replace("'", "''")
         con.execute(f"ATTACH '{literal}' AS \"{alias}\" (READ_ONLY)")
         con.execute(f'USE "{alias}"')
