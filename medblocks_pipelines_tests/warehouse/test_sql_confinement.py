@@ -419,3 +419,30 @@ def test_tenants_named_like_duckdb_catalogs(env: Settings, tenant: str) -> None:
     finally:
         warehouse_path(env, tenant).unlink()
     assert res.rows == [("warehouse", 3)]
+
+
+def test_the_real_command_in_a_subprocess(env: Settings) -> None:
+    """The attack as typed at a shell: `medblocks warehouse query --tenant acme "..."`."""
+    import os
+    import subprocess
+    import sys
+
+    def medblocks(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "medblocks_pipelines.cli", *args],
+            capture_output=True,
+            text=True,
+            env=dict(os.environ),
+            timeout=120,
+        )
+
+    lake_file = _rival_lake_file(env)
+    stolen = medblocks(
+        "warehouse", "query", "--tenant", "acme", f"SELECT * FROM read_parquet('{lake_file}')"
+    )
+    assert stolen.returncode == 1 and RIVAL_NAME not in stolen.stdout + stolen.stderr
+    assert stolen.stderr.strip().splitlines()[0].startswith("error: refused: Permission Error")
+    assert "Traceback" not in stolen.stderr
+    shipped = QUERIES_DIR / "source_overlap.sql"
+    ok = medblocks("warehouse", "query", "--tenant", "acme", shipped.read_text())
+    assert ok.returncode == 0, ok.stderr
