@@ -195,6 +195,13 @@ def test_analyst_sql_stays_usable(env: Settings) -> None:
     )
     assert res.rows == [(6,)]
     assert run_confined("acme", "DESCRIBE resources", settings=env).rows
+    # The warehouse's own views (facts_* over the unified record) resolve in the attached file.
+    views = run_confined(
+        "acme", "SELECT view_name FROM duckdb_views() WHERE NOT internal ORDER BY 1", settings=env
+    ).rows
+    assert views and all(v[0].startswith("facts_") for v in views), views
+    for (view,) in views:
+        assert run_confined("acme", f'SELECT count(*) FROM "{view}"', settings=env).rows
     assert run_confined("acme", "EXPLAIN SELECT 1", settings=env).rows
     # The tenant's own data only.
     res = run_confined("rival", "SELECT DISTINCT resource_id FROM resources", settings=env)
