@@ -262,7 +262,8 @@ def patient_access(state: DemoState, *, patients: int = 4) -> None:
     if revoked_state:
         state.console.print(
             f"one patient revoked access in the portal: connection {active[0].connection_id} "
-            f"is now [bold]{revoked_state}[/bold] (see `medblocks connections show`)"
+            f"is now [bold]{revoked_state}[/bold] (see `medblocks connections show "
+            f"{active[0].connection_id} --tenant {TENANT}`)"
         )
 
 

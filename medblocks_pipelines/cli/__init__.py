@@ -56,7 +56,9 @@ class MedblocksGroup(click.Group):
 
 
 @click.group(cls=MedblocksGroup)
-@click.option("--verbose", "-v", is_flag=True, help="Show stack traces and debug logs.")
+@click.option(
+    "--verbose", "--debug", "-v", "verbose", is_flag=True, help="Show stack traces and debug logs."
+)
 @click.option(
     "--data-dir",
     type=click.Path(file_okay=False),

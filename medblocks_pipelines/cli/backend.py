@@ -37,10 +37,11 @@ def run_backend_sync(
     Returns the land step's metadata (counts by type, deleted, quarantined, watermark...). The
     demo calls this for each organization; a second call is incremental (``_since``).
     """
+    from medblocks_pipelines.cli.core import owned_by
     from medblocks_pipelines.cli.runtime import run_job
 
     key = partition_key(tenant, org_id)
-    org = cp.get_organization(org_id)
+    org = owned_by(tenant, "organization", org_id, cp.get_organization, listing="orgs list")
     tags = {"medblocks/tenant": tenant, "medblocks/source": org["source_id"]}
     kick = run_job(
         "backend_kickoff_job",

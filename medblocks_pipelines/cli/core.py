@@ -2,6 +2,7 @@
 
 import json
 import uuid
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +10,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from medblocks_pipelines.lib.errors import ConfigError
+from medblocks_pipelines.lib.errors import ConfigError, NotFound
 from medblocks_pipelines.lib.registry import ControlPlane, open_control_plane
 from medblocks_pipelines.lib.settings import get_settings
 
@@ -21,6 +22,31 @@ def control_plane() -> ControlPlane:
     settings = get_settings()
     settings.ensure_dirs()
     return open_control_plane(settings)
+
+
+def owned_by(
+    tenant: str,
+    kind: str,
+    id: str,
+    fetch: Callable[[str], Mapping[str, Any]],
+    *,
+    listing: str = "connections list",
+) -> dict[str, Any]:
+    """The row of ``id`` when it belongs to ``tenant``.
+
+    Another tenant's id and an unknown id give the same one line (:class:`NotFound`), so an
+    operator scoped to one tenant learns nothing about the others' rows.
+    """
+    try:
+        row: Mapping[str, Any] | None = fetch(id)
+    except NotFound:
+        row = None
+    if row is None or row.get("tenant_id") != tenant:
+        raise NotFound(
+            f"{kind} {id} not found for tenant {tenant}",
+            hint=f"list them: medblocks {listing} --tenant {tenant}",
+        )
+    return dict(row)
 
 
 def print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
@@ -149,8 +175,8 @@ def orgs_add(org_id: str, tenant: str, source: str, name: str, config_json: str 
 
 
 @orgs.command("list")
-@click.option("--tenant")
-def orgs_list(tenant: str | None) -> None:
+@click.option("--tenant", required=True)
+def orgs_list(tenant: str) -> None:
     """List organizations."""
     rows = [
         [o["id"], o["tenant_id"], o["source_id"], o["name"]]
@@ -181,11 +207,11 @@ def connections() -> None:
 
 
 @connections.command("list")
-@click.option("--tenant")
+@click.option("--tenant", required=True)
 @click.option("--pattern")
 @click.option("--state")
-def connections_list(tenant: str | None, pattern: str | None, state: str | None) -> None:
-    """List connections."""
+def connections_list(tenant: str, pattern: str | None, state: str | None) -> None:
+    """List a tenant's connections."""
     rows = [
         [
             c["id"],
@@ -208,10 +234,11 @@ def connections_list(tenant: str | None, pattern: str | None, state: str | None)
 
 @connections.command("show")
 @click.argument("connection_id")
-def connections_show(connection_id: str) -> None:
-    """Show a connection and its full event history."""
+@click.option("--tenant", required=True, help="The tenant the connection belongs to.")
+def connections_show(connection_id: str, tenant: str) -> None:
+    """Show a connection of the tenant and its full event history."""
     cp = control_plane()
-    c = cp.get_connection(connection_id)
+    c = owned_by(tenant, "connection", connection_id, cp.get_connection)
     for key in (
         "id",
         "tenant_id",
@@ -319,19 +346,34 @@ def warehouse_path_cmd(tenant: str) -> None:
     click.echo(str(warehouse_path(get_settings(), tenant)))
 
 
-@warehouse.command("query")
+@warehouse.command("query", context_settings={"ignore_unknown_options": True})
 @click.option("--tenant", required=True)
-@click.argument("sql")
-def warehouse_query(tenant: str, sql: str) -> None:
-    """Run read-only SQL against a tenant's warehouse."""
-    from medblocks_pipelines.lib.warehouse.build import open_warehouse
+@click.option(
+    "-f",
+    "--file",
+    "sql_file",
+    type=click.File("r"),
+    help="Read the SQL from FILE ('-' for stdin) instead of the argument.",
+)
+@click.option("--max-rows", default=200, show_default=True, type=int)
+@click.argument("sql", required=False)
+def warehouse_query(tenant: str, sql_file: Any, max_rows: int, sql: str | None) -> None:
+    """Run read-only SQL against a tenant's warehouse, confined to that warehouse.
 
-    with open_warehouse(tenant, settings=get_settings()) as con:
-        cur = con.execute(sql)
-        if cur.description is None:
-            return
-        rows = cur.fetchmany(200)
-        print_table("result", [d[0] for d in cur.description], [list(r) for r in rows])
+    Files, URLs, other databases, extensions, settings and writes are refused (one line says
+    why); get data out with `medblocks exports`. SQL may start with a `--` comment.
+    """
+    from medblocks_pipelines.lib.warehouse.sandboxed import run_confined
+
+    if (sql is None) == (sql_file is None):
+        raise click.UsageError("give the SQL as an argument or with -f FILE (one of them)")
+    text = sql if sql is not None else sql_file.read()
+    result = run_confined(tenant, text, settings=get_settings(), max_rows=max_rows)
+    if not result.columns:
+        return
+    print_table("result", result.columns, [list(r) for r in result.rows])
+    if result.truncated:
+        click.echo(f"(first {max_rows} rows; --max-rows to see more)")
 
 
 @click.group()

@@ -80,10 +80,10 @@ def network_sync(
 
 
 @click.command("list")
-@click.option("--tenant", default=None, help="Only this tenant.")
+@click.option("--tenant", required=True, help="The tenant whose entries to list.")
 @click.option("--limit", default=50, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print rows as JSON lines.")
-def audit_list(tenant: str | None, limit: int, as_json: bool) -> None:
+def audit_list(tenant: str, limit: int, as_json: bool) -> None:
     """List audit-log entries (network queries allowed and refused), newest first."""
     from medblocks_pipelines.cli.core import control_plane, print_table
 

@@ -8,15 +8,38 @@ Mounted by the lead through ``PLUGINS`` in ``medblocks_pipelines/cli/__init__.py
 import json
 import os
 from datetime import datetime
+from typing import Any
 
 import click
 import httpx
 
-from medblocks_pipelines.cli.core import control_plane, print_table
+from medblocks_pipelines.cli.core import control_plane, owned_by, print_table
 from medblocks_pipelines.lib.errors import ConfigError
 from medblocks_pipelines.lib.ops import exports as ex
 from medblocks_pipelines.lib.ops import webhooks as wh
 from medblocks_pipelines.lib.settings import get_settings
+
+_TENANT = click.option("--tenant", "tenant_id", required=True, help="The tenant it belongs to.")
+
+
+def _endpoint(cp: Any, tenant_id: str, endpoint_id: str) -> dict[str, Any]:
+    return owned_by(
+        tenant_id,
+        "webhook endpoint",
+        endpoint_id,
+        lambda i: wh.get_endpoint(cp, i),
+        listing="webhooks list",
+    )
+
+
+def _destination(cp: Any, tenant_id: str, destination_id: str) -> dict[str, Any]:
+    return owned_by(
+        tenant_id,
+        "export destination",
+        destination_id,
+        lambda i: ex.get_destination(cp, i),
+        listing="exports list",
+    )
 
 
 def _fmt(value: object) -> object:
@@ -57,9 +80,9 @@ def webhooks_add(
 
 
 @webhooks.command("list")
-@click.option("--tenant", "tenant_id", default=None)
+@_TENANT
 @click.option("--json", "as_json", is_flag=True, help="Print JSON lines instead of a table.")
-def webhooks_list(tenant_id: str | None, as_json: bool) -> None:
+def webhooks_list(tenant_id: str, as_json: bool) -> None:
     """List endpoints with their state and failure counts (never secrets)."""
     cp = control_plane()
     if as_json:
@@ -87,27 +110,36 @@ def webhooks_list(tenant_id: str | None, as_json: bool) -> None:
 
 @webhooks.command("disable")
 @click.argument("endpoint_id")
+@_TENANT
 @click.option("--reason", default="disabled by operator", show_default=True)
-def webhooks_disable(endpoint_id: str, reason: str) -> None:
+def webhooks_disable(endpoint_id: str, tenant_id: str, reason: str) -> None:
     """Stop delivering to an endpoint (pending deliveries wait until it is enabled)."""
-    wh.set_endpoint_status(control_plane(), endpoint_id, "disabled", reason=reason)
+    cp = control_plane()
+    _endpoint(cp, tenant_id, endpoint_id)
+    wh.set_endpoint_status(cp, endpoint_id, "disabled", reason=reason)
     click.echo(f"endpoint {endpoint_id} disabled")
 
 
 @webhooks.command("enable")
 @click.argument("endpoint_id")
-def webhooks_enable(endpoint_id: str) -> None:
+@_TENANT
+def webhooks_enable(endpoint_id: str, tenant_id: str) -> None:
     """Enable an endpoint again; its pending deliveries become due at once."""
-    wh.set_endpoint_status(control_plane(), endpoint_id, "enabled")
+    cp = control_plane()
+    _endpoint(cp, tenant_id, endpoint_id)
+    wh.set_endpoint_status(cp, endpoint_id, "enabled")
     click.echo(f"endpoint {endpoint_id} enabled")
 
 
 @webhooks.command("test")
 @click.argument("endpoint_id")
-def webhooks_test(endpoint_id: str) -> None:
+@_TENANT
+def webhooks_test(endpoint_id: str, tenant_id: str) -> None:
     """Send a signed ``webhook.test`` message now and print the receiver's status code."""
+    cp = control_plane()
+    _endpoint(cp, tenant_id, endpoint_id)
     with httpx.Client() as http:
-        code, outcome = wh.send_test(control_plane(), endpoint_id, http=http)
+        code, outcome = wh.send_test(cp, endpoint_id, http=http)
     click.echo(f"endpoint {endpoint_id}: {outcome} (HTTP {code if code is not None else '-'})")
     if outcome != "success":
         raise SystemExit(1)
@@ -115,10 +147,13 @@ def webhooks_test(endpoint_id: str) -> None:
 
 @webhooks.command("attempts")
 @click.argument("endpoint_id")
+@_TENANT
 @click.option("--limit", default=50, show_default=True)
-def webhooks_attempts(endpoint_id: str, limit: int) -> None:
+def webhooks_attempts(endpoint_id: str, tenant_id: str, limit: int) -> None:
     """The latest delivery attempts of an endpoint (time, outcome, status code)."""
-    attempts = wh.list_attempts(control_plane(), endpoint_id=endpoint_id)[-limit:]
+    cp = control_plane()
+    _endpoint(cp, tenant_id, endpoint_id)
+    attempts = wh.list_attempts(cp, endpoint_id=endpoint_id)[-limit:]
     rows = [
         [a["delivery_id"], a["attempt"], _fmt(a["at"]), a["outcome"], a["status_code"], a["error"]]
         for a in attempts
@@ -176,8 +211,8 @@ def exports_add(
 
 
 @exports.command("list")
-@click.option("--tenant", "tenant_id", default=None)
-def exports_list(tenant_id: str | None) -> None:
+@_TENANT
+def exports_list(tenant_id: str) -> None:
     """List destinations and their last committed export."""
     cp = control_plane()
     rows = [
@@ -196,9 +231,12 @@ def exports_list(tenant_id: str | None) -> None:
 
 @exports.command("run")
 @click.argument("destination_id")
-def exports_run(destination_id: str) -> None:
+@_TENANT
+def exports_run(destination_id: str, tenant_id: str) -> None:
     """Run one destination's export now (outside Dagster)."""
-    res = ex.run_export(control_plane(), get_settings(), destination_id)
+    cp = control_plane()
+    _destination(cp, tenant_id, destination_id)
+    res = ex.run_export(cp, get_settings(), destination_id)
     click.echo(
         f"export {destination_id} {res.mode} #{res.seq}: {res.exported} resources, "
         f"{res.deleted} deletions, {res.bytes} bytes in {res.duration_s:.1f}s"
@@ -206,11 +244,15 @@ def exports_run(destination_id: str) -> None:
 
 
 @exports.command("runs")
+@_TENANT
 @click.option("--destination", "destination_id", default=None)
 @click.option("--limit", default=20, show_default=True)
-def exports_runs(destination_id: str | None, limit: int) -> None:
-    """Recent export runs with status, counts and errors."""
-    runs = ex.list_runs(control_plane(), destination_id=destination_id)[:limit]
+def exports_runs(tenant_id: str, destination_id: str | None, limit: int) -> None:
+    """Recent export runs of the tenant with status, counts and errors."""
+    cp = control_plane()
+    if destination_id is not None:
+        _destination(cp, tenant_id, destination_id)
+    runs = ex.list_runs(cp, destination_id=destination_id, tenant_id=tenant_id)[:limit]
     rows = [
         [
             r["id"],
@@ -234,15 +276,21 @@ def exports_runs(destination_id: str | None, limit: int) -> None:
 
 @exports.command("pause")
 @click.argument("destination_id")
-def exports_pause(destination_id: str) -> None:
+@_TENANT
+def exports_pause(destination_id: str, tenant_id: str) -> None:
     """Skip this destination in scheduled runs."""
-    ex.set_destination_enabled(control_plane(), destination_id, False)
+    cp = control_plane()
+    _destination(cp, tenant_id, destination_id)
+    ex.set_destination_enabled(cp, destination_id, False)
     click.echo(f"export destination {destination_id} paused")
 
 
 @exports.command("resume")
 @click.argument("destination_id")
-def exports_resume(destination_id: str) -> None:
+@_TENANT
+def exports_resume(destination_id: str, tenant_id: str) -> None:
     """Include this destination in scheduled runs again."""
-    ex.set_destination_enabled(control_plane(), destination_id, True)
+    cp = control_plane()
+    _destination(cp, tenant_id, destination_id)
+    ex.set_destination_enabled(cp, destination_id, True)
     click.echo(f"export destination {destination_id} resumed")

@@ -1,8 +1,8 @@
 """Patient-access commands, and a consent-page driver for the demo and the tests.
 
     medblocks connections link --tenant T --patient-ref P --source S [--return-url URL]
-    medblocks connections revoke ID [--delete-data/--keep-data]
-    medblocks connections refresh ID
+    medblocks connections revoke ID --tenant T [--delete-data/--keep-data]
+    medblocks connections refresh ID --tenant T
     medblocks sync patient-access --tenant T --source S [--all] [--in-process]
 
 :func:`connect_via_consent_page` plays the patient's browser: it opens a connect link, follows the
@@ -283,19 +283,21 @@ def connections_link(
 
 @click.command()
 @click.argument("connection_id")
+@click.option("--tenant", required=True, help="The tenant the connection belongs to.")
 @click.option(
     "--delete-data/--keep-data",
     default=None,
     help="Delete the connection's data from the lake and warehouse (default: the "
     "tenant's delete_on_revoke setting).",
 )
-def connections_revoke(connection_id: str, delete_data: bool | None) -> None:
+def connections_revoke(connection_id: str, tenant: str, delete_data: bool | None) -> None:
     """Revoke a connection: pulls stop, tokens are revoked and destroyed, data optionally deleted."""
-    from medblocks_pipelines.cli.core import control_plane
+    from medblocks_pipelines.cli.core import control_plane, owned_by
     from medblocks_pipelines.lib.fhir.pull import revoke_connection
     from medblocks_pipelines.lib.settings import get_settings
 
     cp = control_plane()
+    owned_by(tenant, "connection", connection_id, cp.get_connection)
     settings = get_settings()
     result = revoke_connection(cp, connection_id, lake_root=settings.lake, delete_data=delete_data)
     click.echo(
@@ -307,7 +309,6 @@ def connections_revoke(connection_id: str, delete_data: bool | None) -> None:
         if result.rows_deleted:
             from medblocks_pipelines.lib.warehouse.build import build_warehouse
 
-            tenant = cp.get_connection(connection_id)["tenant_id"]
             build = build_warehouse(tenant, settings=settings, control_plane=cp)
             click.echo(
                 f"warehouse of {tenant} rebuilt: {build.table_counts.get('resources', 0)} resources"
@@ -316,12 +317,14 @@ def connections_revoke(connection_id: str, delete_data: bool | None) -> None:
 
 @click.command()
 @click.argument("connection_id")
-def connections_refresh(connection_id: str) -> None:
+@click.option("--tenant", required=True, help="The tenant the connection belongs to.")
+def connections_refresh(connection_id: str, tenant: str) -> None:
     """Refresh a connection's access token now (rotation stored atomically)."""
-    from medblocks_pipelines.cli.core import control_plane
+    from medblocks_pipelines.cli.core import control_plane, owned_by
     from medblocks_pipelines.lib.smart.tokens import TokenManager
 
     cp = control_plane()
+    owned_by(tenant, "connection", connection_id, cp.get_connection)
     with httpx.Client(timeout=20.0) as http:
         manager = TokenManager(cp, connection_id, http=http)
         # Even if the token is far from expiry (event reason: forced).

@@ -10,6 +10,8 @@ Hierarchy::
     ├── VaultError                      a secret cannot be decrypted (wrong or rotated-away key)
     ├── LandingError                    the lake cannot be written
     ├── WarehouseError                  a warehouse build or read failed
+    │   ├── QueryRefused                analyst SQL tried to leave its tenant's warehouse or change it
+    │   └── QueryFailed                 analyst SQL DuckDB could not run (syntax, unknown table...)
     ├── ProtocolError                   a peer broke its protocol (bad JSON, HTML error page, wrong shape)
     │   ├── AuthError                   401/403, refused token or assertion
     │   │   └── ConsentRevoked          the source says the grant is gone: stop pulling
@@ -58,6 +60,16 @@ class LandingError(MedblocksError):
 
 class WarehouseError(MedblocksError):
     """Raised when a warehouse build or read fails."""
+
+
+class QueryRefused(WarehouseError):
+    """Raised when analyst SQL reaches outside its tenant's warehouse (files, URLs, other
+    databases, extensions, settings) or tries to change it; nothing of it has run."""
+
+
+class QueryFailed(WarehouseError):
+    """Raised when DuckDB cannot run analyst SQL (syntax, unknown table, bad cast...): the message
+    is DuckDB's first line."""
 
 
 class StorageError(MedblocksError):

@@ -430,10 +430,10 @@ def test_exports_cli(
         ["add", "cli-dest", "--tenant", "acme", "--kind", "parquet", "--url", str(tmp_path / "c")],
     )
     assert res.exit_code == 0, res.output
-    res = runner.invoke(exports_cli, ["run", "cli-dest"])
+    res = runner.invoke(exports_cli, ["run", "cli-dest", "--tenant", "acme"])
     assert res.exit_code == 0 and "backfill #1: 5 resources" in res.output, res.output
     for args in (["list"], ["runs"], ["pause", "cli-dest"], ["resume", "cli-dest"]):
-        assert runner.invoke(exports_cli, args).exit_code == 0
+        assert runner.invoke(exports_cli, [*args, "--tenant", "acme"]).exit_code == 0
 
 
 def test_sensor_requests_an_export_after_a_warehouse_build(
@@ -569,3 +569,25 @@ def test_fhir_destination_is_the_sandbox_ehr_with_backend_services_auth(
         again = ex.run_export(cp, settings, "sandbox-ehr")
         assert sum(again.counts_by_type.values()) == 0 and again.deleted == 0
         assert len(store.history("Patient", patient["id"])) == 2
+
+
+def test_destination_config_is_data_not_sql(
+    cp: ControlPlane, warehouse: Settings, tmp_path: Path
+) -> None:
+    """Exports run no user SQL: resource_types and sources are bound parameters, so SQL in them
+    selects nothing and reads nothing (the only SQL surface for analysts is the confined
+    ``warehouse query``)."""
+    out = tmp_path / "out"
+    hostile = "Patient' OR 1=1 UNION SELECT content FROM read_text('/etc/passwd') --"
+    ex.add_destination(
+        cp,
+        id="hostile",
+        tenant_id="acme",
+        kind="ndjson",
+        url=str(out),
+        config={"resource_types": [hostile, "Observation"], "sources": None},
+    )
+    result = ex.run_export(cp, warehouse, "hostile")
+    assert result.counts_by_type == {"Observation": 2}
+    written = b"".join(p.read_bytes() for p in out.rglob("*") if p.is_file())
+    assert b"root:" not in written

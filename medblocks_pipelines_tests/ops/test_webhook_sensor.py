@@ -42,17 +42,19 @@ def test_cli_add_list_test_disable(
     assert res.exit_code == 0
     (listed,) = [json.loads(line) for line in res.output.splitlines()]
     assert listed["id"] == added["id"] and listed["event_types"] == ["connection.*"]
-    res = runner.invoke(webhooks_cli, ["list"])
+    res = runner.invoke(webhooks_cli, ["list", "--tenant", "acme"])
     assert res.exit_code == 0 and "webhook endpoints" in res.output
     assert added["secret"] not in res.output
-    res = runner.invoke(webhooks_cli, ["test", added["id"]])
+    res = runner.invoke(webhooks_cli, ["test", added["id"], "--tenant", "acme"])
     assert res.exit_code == 0 and "204" in res.output, res.output
     assert receiver.on("cli")[0].verified
-    res = runner.invoke(webhooks_cli, ["disable", added["id"], "--reason", "maintenance"])
+    res = runner.invoke(
+        webhooks_cli, ["disable", added["id"], "--tenant", "acme", "--reason", "maintenance"]
+    )
     assert res.exit_code == 0
     assert wh.get_endpoint(cp, added["id"])["status"] == "disabled"
-    res = runner.invoke(webhooks_cli, ["enable", added["id"]])
+    res = runner.invoke(webhooks_cli, ["enable", added["id"], "--tenant", "acme"])
     assert res.exit_code == 0
     assert wh.get_endpoint(cp, added["id"])["status"] == "enabled"
-    res = runner.invoke(webhooks_cli, ["attempts", added["id"]])
+    res = runner.invoke(webhooks_cli, ["attempts", added["id"], "--tenant", "acme"])
     assert res.exit_code == 0

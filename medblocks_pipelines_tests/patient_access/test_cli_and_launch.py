@@ -56,7 +56,7 @@ def test_cli_link_sync_refresh_revoke(pa_env: PatientAccessEnv) -> None:
     assert "1 connections: {'success': 1}" in out.output
 
     before = pa_env.cp.get_connection(conn_id)["token_expires_at"]
-    out = runner.invoke(main, ["connections", "refresh", conn_id])
+    out = runner.invoke(main, ["connections", "refresh", conn_id, "--tenant", "acme"])
     assert out.exit_code == 0, out.output
     assert pa_env.cp.get_connection(conn_id)["token_expires_at"] >= before
     refreshed = [
@@ -67,7 +67,9 @@ def test_cli_link_sync_refresh_revoke(pa_env: PatientAccessEnv) -> None:
     assert [d["reason"] for d in refreshed] == ["forced"]
 
     build_warehouse("acme", settings=pa_env.settings, control_plane=pa_env.cp)
-    out = runner.invoke(main, ["connections", "revoke", conn_id, "--delete-data"])
+    out = runner.invoke(
+        main, ["connections", "revoke", conn_id, "--tenant", "acme", "--delete-data"]
+    )
     assert out.exit_code == 0, out.output
     assert "revoked (also at the source)" in out.output
     assert "warehouse of acme rebuilt" in out.output
@@ -80,7 +82,7 @@ def test_cli_link_sync_refresh_revoke(pa_env: PatientAccessEnv) -> None:
         con.close()
     assert left == (0,)
 
-    out = runner.invoke(main, ["connections", "show", conn_id])
+    out = runner.invoke(main, ["connections", "show", conn_id, "--tenant", "acme"])
     assert out.exit_code == 0
     assert "revoked" in out.output
 

@@ -2,7 +2,10 @@
 
 :func:`run_network_query` is shared by the CLI (``medblocks sync network``) and the Dagster
 assets. A refused query never leaves the machine; allowed or refused, it is written to the audit
-log (who, tenant, person, purpose, evidence, gateways asked, responders, documents, time).
+log (who, tenant, person, purpose, evidence, gateways asked, responders, documents, time). An
+allowed query that then fails (before or while sending) or only partly succeeds gets a second,
+appended audit row saying so (``lib.network.outcome``); the decision row is never rewritten to
+look like something else.
 """
 
 import hashlib
@@ -21,6 +24,7 @@ from medblocks_pipelines.lib.network import ihe
 from medblocks_pipelines.lib.network.ccda import SourceDocument, binary_resources, convert_ccda
 from medblocks_pipelines.lib.network.client import GatewayClient, GatewayConfig, GatewayOutcome
 from medblocks_pipelines.lib.network.errors import UnsafeXMLError
+from medblocks_pipelines.lib.network.outcome import audit_outcome
 from medblocks_pipelines.lib.network.policy import (
     Evidence,
     PolicyDecision,
@@ -485,13 +489,26 @@ def run_network_query(
         _land(cp, settings, tenant, person, cfg, outcomes, query_id, run_id, result)
     except Exception as exc:
         result.status = "failed"
-        _finish(cp, result, query_id, pull_id, outcomes, error=type(exc).__name__)
+        try:
+            _finish(cp, result, query_id, pull_id, outcomes, error=type(exc).__name__)
+        finally:
+            audit_outcome(
+                cp,
+                tenant=tenant,
+                actor=actor,
+                person=person,
+                result=result,
+                query_id=query_id,
+                error=type(exc).__name__,
+                sent=bool(outcomes),
+            )
         raise
     ok = [o for o in outcomes if o.status == "ok" or o.status == "no_match"]
     result.status = (
         "success" if len(ok) == len(outcomes) else "partial" if result.responders else "failed"
     )
     _finish(cp, result, query_id, pull_id, outcomes)
+    audit_outcome(cp, tenant=tenant, actor=actor, person=person, result=result, query_id=query_id)
     return result
 
 

@@ -17,6 +17,7 @@ import duckdb
 import pyarrow as pa
 
 from medblocks_pipelines.lib.errors import ViewDefinitionError
+from medblocks_pipelines.lib.warehouse.sandboxed import connect_sandboxed, lock_down
 from medblocks_pipelines.lib.warehouse.views.compiler import CompiledView, compile_view
 
 __all__ = [
@@ -223,9 +224,11 @@ def run_test_suite(directory: Path | str) -> dict[str, Any]:
         suite = json.loads(path.read_text())
         if not isinstance(suite, dict) or "tests" not in suite:
             continue
-        con = duckdb.connect()
+        # A suite file is user input: its views run with no file, URL or extension access.
+        con = connect_sandboxed()
         try:
             _load_fixture(con, suite.get("resources", []))
+            lock_down(con)
             tests = []
             for case in suite["tests"]:
                 tests.append({"name": case.get("title"), "result": run_test_case(con, case)})
