@@ -704,6 +704,21 @@ class _Converter:
         return None, None, None
 
     def _do_medications(self, sa: etree._Element) -> None:
+        if sa.tag == q("organizer"):
+            # A cluster of Medication Activities (e.g. one course with varied dosing): each one.
+            acts = [
+                c
+                for comp in sa.findall(q("component"))
+                for c in comp
+                if isinstance(c.tag, str) and c.tag == q("substanceAdministration")
+            ]
+            if not acts:
+                self._quarantine(
+                    sa, "medication organizer without medication activities", None, "medications"
+                )
+            for act in acts:
+                self._do_medications(act)
+            return
         if sa.tag != q("substanceAdministration"):
             self._quarantine(sa, "unrecognised entry in medication section", None, "medications")
             return
