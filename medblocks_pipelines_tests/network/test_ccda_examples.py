@@ -168,3 +168,28 @@ def test_a_cluster_of_medication_activities_becomes_one_resource_each() -> None:
     meds = [r for r in result.resources if r["resourceType"].startswith("Medication")]
     assert len(meds) == 2 and not result.quarantined
     assert len({m["id"] for m in meds}) == 2
+
+
+@pytest.mark.parametrize(
+    "name, rtype",
+    [
+        ("Unknown Immunization Status", "Immunization"),  # substanceAdministration nullFlavor NI
+        ("Unknown if Pregnant", "Observation"),  # observation nullFlavor UNK, value "Pregnancy"
+    ],
+)
+def test_an_entry_of_nullflavor_asserts_nothing(name: str, rtype: str) -> None:
+    path = next(p for p in FRAGMENTS if name in str(p))
+    result = convert_ccda(wrap(_text(path), path.relative_to(EXAMPLES).parts[0]), SRC)
+    assert not [r for r in result.resources if r["resourceType"] == rtype]
+    assert [x.reason for x in result.quarantined] == [
+        f"entry has nullFlavor {'NI' if 'Immunization' in name else 'UNK'}"
+    ]
+
+
+def test_a_one_sided_interval_result_is_a_quantity_with_a_comparator() -> None:
+    path = next(p for p in FRAGMENTS if "greater than a specified value" in str(p))
+    result = convert_ccda(wrap(_text(path), "Results"), SRC)
+    glucose = next(r for r in result.resources if r["resourceType"] == "Observation")
+    # <low value="500" unit="mg/dL" inclusive="false"/>: strictly greater than 500.
+    assert glucose["valueQuantity"]["comparator"] == ">"
+    assert glucose["valueQuantity"]["value"] == 500 and "valueRange" not in glucose

@@ -251,6 +251,13 @@ class _Converter:
                 stmt = next((c for c in entry if isinstance(c.tag, str)), None)
                 if stmt is None:
                     continue
+                if stmt.get("nullFlavor") is not None:
+                    # "No information" / "unknown" on the whole entry (e.g. an immunization status
+                    # or a pregnancy observation of nullFlavor UNK): its codes assert nothing.
+                    self._quarantine(
+                        stmt, f"entry has nullFlavor {stmt.get('nullFlavor')}", None, domain
+                    )
+                    continue
                 try:
                     getattr(self, f"_do_{domain}")(stmt)
                 except (ValueError, TypeError, KeyError) as exc:
@@ -836,12 +843,19 @@ class _Converter:
                     res["valueString"] = txt
             elif xt == "IVL_PQ":
                 rng = {}
+                open_side = None
                 for side in ("low", "high"):
                     e = value.find(q(side))
                     qty = quantity(e) if e is not None else None
                     if qty:
                         rng[side] = qty
-                if rng:
+                        open_side = (side, e.get("inclusive") != "false")
+                if len(rng) == 1 and open_side is not None:
+                    # "> 500 mg/dL": one bound is a value with a comparator, not a half Range.
+                    side, inclusive = open_side
+                    comparator = (">" if side == "low" else "<") + ("=" if inclusive else "")
+                    res["valueQuantity"] = {**rng[side], "comparator": comparator}
+                elif rng:
                     res["valueRange"] = rng
             elif xt == "INT":
                 try:
