@@ -227,13 +227,31 @@ def test_terminology_failures_cost_only_that_step(handler: Any) -> None:
         tx = TerminologyClient("http://tx.test/fhir", http, conceptmap="http://m")
         order = _order(
             medicationCodeableConcept={
+                "coding": [{"system": RX, "code": "999001", "display": "Reyataz 300 mg"}]
+            }
+        )
+        resolved = order_ingredients(order, load_knowledge(), tx)
+    assert set(resolved.ingredients) == {"999001"}  # the code itself, nothing invented
+    assert tx.failures >= 1  # counted (and logged by type), not cached as "unknown"
+    assert not tx._cache
+
+
+def test_the_server_is_not_asked_what_the_record_already_says() -> None:
+    calls: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request)
+        return httpx.Response(500)
+
+    with httpx.Client(transport=httpx.MockTransport(handler)) as http:
+        tx = TerminologyClient("http://tx.test/fhir", http, conceptmap="http://m")
+        order = _order(
+            medicationCodeableConcept={
                 "coding": [{"system": RX, "code": "999001", "display": "omeprazole 20 MG"}]
             }
         )
-        got = order_ingredients(order, load_knowledge(), tx).ingredients
-    assert "7646" in got  # the display still resolves
-    assert tx.failures >= 1  # counted (and logged by type), not cached as "unknown"
-    assert not tx._cache
+        assert "7646" in order_ingredients(order, load_knowledge(), tx).ingredients
+    assert calls == []
 
 
 # ---------------------------------------------------------------------------------------------

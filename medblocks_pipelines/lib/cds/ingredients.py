@@ -174,7 +174,8 @@ def resolve(
     found = set(rx)
     for text in names:
         found |= kb.ingredients_named_in(text)
-    if terminology is not None:
+    if terminology is not None and not any(kb.knows(c) for c in found):
+        # Only what the record could not resolve goes to the server (latency, and its load).
         for code in sorted(rx):
             if kb.knows(code):
                 continue  # already an ingredient the packs use

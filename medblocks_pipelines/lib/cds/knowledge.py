@@ -158,6 +158,7 @@ class KnowledgeBase:
     _pairs: dict[frozenset[str], list[InteractionHit]] = field(default_factory=dict, repr=False)
     _classes: dict[str, list[ClassHit]] = field(default_factory=dict, repr=False)
     _names: dict[str, str] = field(default_factory=dict, repr=False)
+    _known: set[str] = field(default_factory=set, repr=False)
     _name_re: re.Pattern[str] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -184,6 +185,7 @@ class KnowledgeBase:
 
     def _name(self, drug: Drug) -> None:
         self._names.setdefault(drug.name.lower(), drug.rxnorm)
+        self._known.add(drug.rxnorm)
 
     # -- lookups --------------------------------------------------------------------------------
     def interactions(self, a: str, b: str) -> list[InteractionHit]:
@@ -202,7 +204,7 @@ class KnowledgeBase:
 
     def knows(self, ingredient: str) -> bool:
         """Whether any pack mentions this ingredient code."""
-        return ingredient in self._classes or any(ingredient in p for p in self._pairs)
+        return ingredient in self._known
 
     def value_set(self, purpose: str) -> tuple[Pack, ValueSet] | None:
         """The first active value set serving ``purpose``."""
