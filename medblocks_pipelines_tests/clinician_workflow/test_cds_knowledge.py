@@ -311,6 +311,13 @@ def test_counts_are_pluralised_and_most_recent_is_by_relevance_not_vitals_first(
     assert [ln.split(" ")[1] for ln in recent] == ["penicillin", "asthma", "omeprazole"]
 
 
+def test_a_single_item_is_singular() -> None:
+    card = beyond_this_ehr([_fact("omeprazole", "medication", 40)], _ctx())
+    assert card is not None
+    assert card["summary"] == "1 item from 1 other source not in this chart"
+    assert "**Not in this chart:** 1 medication." in card["detail"]
+
+
 def test_an_order_card_names_its_pack_and_version() -> None:
     kb = load_knowledge()
     med = _fact("omeprazole", "medication", 10, codes=[f"{RX}|7646"], status="active")

@@ -219,7 +219,7 @@ def beyond_this_ehr(facts: Sequence[Mapping[str, Any]], ctx: CardContext) -> dic
     sources = sorted({s for f in outside for s in _elsewhere(f, ctx)})
     counts = ", ".join(f"{n} {kind_label(k, n)}" for k, n in kinds.most_common())
     summary = (
-        f"{len(outside)} items from {len(sources)} other source"
+        f"{len(outside)} item{'s' if len(outside) != 1 else ''} from {len(sources)} other source"
         + ("s" if len(sources) != 1 else "")
         + " not in this chart"
     )
