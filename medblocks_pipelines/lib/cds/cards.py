@@ -9,7 +9,7 @@ points at the same card.
 Rules:
 
 * ``beyond_this_ehr`` (patient-view): facts no record of the calling organization's source states,
-  counted by kind, with the most recent items, split by where they came from (other organizations,
+  counted by kind, with the most relevant items, split by where they came from (other organizations,
   payers, the network, patient-authorized apps);
 * ``a1c_overdue`` (patient-view): a condition in the active ``diabetes`` value set and no result
   in the ``hba1c`` value set within ``A1C_INTERVAL_DAYS`` (value sets from :mod:`lib.cds.knowledge`
@@ -68,7 +68,7 @@ KIND_LABELS = {
     "encounter": ("encounter", "encounters"),
     "procedure": ("procedure", "procedures"),
 }
-# "Most recent" lists what changes care first: allergies, problems, medications, then the rest;
+# "Most relevant" lists what changes care first: allergies, problems, medications, then the rest;
 # vital signs last (every visit has them, so by date alone they would crowd out everything else).
 RELEVANCE = ("allergy", "condition", "medication", "result", "report", "procedure", "immunization")
 VITAL_CATEGORIES = frozenset({"vital-signs"})
@@ -228,7 +228,7 @@ def beyond_this_ehr(facts: Sequence[Mapping[str, Any]], ctx: CardContext) -> dic
         "",
         "**From:** " + _md(", ".join(f"{o} ({n})" for o, n in origins.most_common())) + ".",
         "",
-        "**Most recent:**",
+        "**Most relevant (newest first within each kind):**",
         "",
     ]
     for f in most_relevant(outside)[:RECENT_ITEMS]:
