@@ -29,6 +29,7 @@ from medblocks_pipelines.lib.cds.knowledge import (
     pack_json_schema,
 )
 from medblocks_pipelines.lib.cds.order_cards import order_cards
+from medblocks_pipelines.lib.cds.service import describe_services
 from medblocks_pipelines.lib.errors import ConfigError
 from medblocks_pipelines.sandbox.run import serve
 
@@ -329,3 +330,16 @@ def test_an_order_card_names_its_pack_and_version() -> None:
         "ONC high-priority drug-drug interactions (subset) 2012.1"
     )
     assert "Knowledge: ONC high-priority" in cards[0]["detail"]
+
+
+def test_discovery_without_packs_promises_no_knowledge_checks() -> None:
+    services = {s["hook"]: s for s in describe_services(KnowledgeBase())}
+    order = services["order-select"]["description"]
+    assert "no interaction checking" in order and "drug class" not in order
+    assert "HbA1c" not in services["patient-view"]["description"]
+    assert all("extension" not in s for s in services.values())
+    with_class = describe_services(knowledge_from_env({"MEDBLOCKS_CDS_PACKS_DIR": str(TEST_PACKS)}))
+    assert (
+        "drug class as listed in: TEST ONLY penicillin class 0.0-test"
+        in with_class[1]["description"]
+    )
