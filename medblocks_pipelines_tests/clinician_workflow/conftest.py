@@ -115,7 +115,7 @@ def fact(
 
 def default_facts() -> list[dict[str, Any]]:
     """Person P1 (Patient/a1 at ehr-a): diabetic at ehr-a, HbA1c 200 days ago at ehr-b, a
-    penicillin allergy at ehr-b, simvastatin per the payer, a lipid panel 10 days ago at ehr-b."""
+    penicillin allergy at ehr-b, omeprazole per the payer, a lipid panel 10 days ago at ehr-b."""
     return [
         fact(
             "f-dm",
@@ -152,11 +152,11 @@ def default_facts() -> list[dict[str, Any]]:
             status="active",
         ),
         fact(
-            "f-simva",
+            "f-ppi",
             "P1",
             "medication",
-            [f"{RX}|36567"],
-            "simvastatin",
+            [f"{RX}|7646"],
+            "omeprazole",
             20,
             ["payer-x"],
             ["patient_access"],

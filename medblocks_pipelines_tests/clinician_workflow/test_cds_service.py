@@ -4,7 +4,11 @@ malformed requests, feedback, and the warehouse being missing, replaced or broke
 import time
 import uuid
 from datetime import timedelta
+from pathlib import Path
 
+import pytest
+
+from medblocks_pipelines.lib.cds.knowledge import PACKS_ENV
 from medblocks_pipelines.lib.warehouse.build import warehouse_path
 from medblocks_pipelines_tests.clinician_workflow.cards_check import assert_valid_response
 from medblocks_pipelines_tests.clinician_workflow.conftest import (
@@ -19,6 +23,8 @@ from medblocks_pipelines_tests.clinician_workflow.conftest import (
     patient_view,
 )
 
+TEST_PACKS = Path(__file__).parent / "packs"
+
 
 def test_discovery_lists_three_hooks_with_prefetch(cds_env: CdsEnv) -> None:
     url = cds_env.url("/cds-services")
@@ -29,6 +35,14 @@ def test_discovery_lists_three_hooks_with_prefetch(cds_env: CdsEnv) -> None:
     for s in services:
         assert s["id"] and s["description"]
         assert s["prefetch"]["patient"] == "Patient/{{context.patientId}}"
+        packs = s["extension"]["com.medblocks.knowledge-packs"]
+        assert {p["id"] for p in packs} == {"onc-high-priority-ddi", "vsac-ecqm-2025"}
+    order = next(s for s in services if s["hook"] == "order-select")
+    # Exactly what the packs hold: the interaction pairs of one pack, no drug-class allergies.
+    assert "only the pairs listed in: ONC high-priority" in order["description"]
+    assert "drug class" not in order["description"]
+    view = next(s for s in services if s["hook"] == "patient-view")
+    assert "2.16.840.1.113883.3.464.1003.103.12.1001" in view["description"]
 
 
 def test_patient_view_shows_records_elsewhere_and_a1c_gap(cds_env: CdsEnv) -> None:
@@ -170,12 +184,36 @@ def test_order_select_duplicate_lab(cds_env: CdsEnv) -> None:
     assert resp.json() == {"cards": []}
 
 
-def test_order_select_allergy_class_and_interaction(cds_env: CdsEnv) -> None:
-    amox = _med_request("723", "amox")
-    amlo = _med_request("17767", "amlo")
+def test_order_select_allergy_class_from_a_plugged_pack_and_interaction(
+    cds_env: CdsEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An operator's pack (a test fixture here) adds the penicillin class to the shipped packs.
+    monkeypatch.setenv(PACKS_ENV, str(TEST_PACKS))
+    # amoxicillin 250 MG Oral Capsule (a clinical drug, SCD 308182), resolved by its name.
+    amox = _med_request("308182", "amox")
+    amox["medicationCodeableConcept"]["coding"][0]["display"] = "amoxicillin 250 MG Oral Capsule"
+    # atazanavir through a contained Medication's ingredient coding.
+    ataz = {
+        "resourceType": "MedicationRequest",
+        "id": "ataz",
+        "status": "draft",
+        "intent": "order",
+        "subject": {"reference": "Patient/a1"},
+        "contained": [
+            {
+                "resourceType": "Medication",
+                "id": "m1",
+                "code": {"text": "Reyataz 300 mg capsule"},
+                "ingredient": [
+                    {"itemCodeableConcept": {"coding": [{"system": RX, "code": "343047"}]}}
+                ],
+            }
+        ],
+        "medicationReference": {"reference": "#m1"},
+    }
     other = _service_request("2093-3", "unselected")
     body = order_select(
-        [amox, amlo, other], selections=["MedicationRequest/amox", "MedicationRequest/amlo"]
+        [amox, ataz, other], selections=["MedicationRequest/amox", "MedicationRequest/ataz"]
     )
     cards = assert_valid_response(cds_env.hook("medblocks-order-select", body).json())
     topics = sorted(c["source"]["topic"]["code"] for c in cards)
@@ -183,8 +221,33 @@ def test_order_select_allergy_class_and_interaction(cds_env: CdsEnv) -> None:
     allergy = next(c for c in cards if c["source"]["topic"]["code"] == "allergy")
     assert allergy["indicator"] == "critical" and "same drug class" in allergy["summary"]
     assert "patient-authorized access" in allergy["detail"]
+    assert "TEST ONLY penicillin class 0.0-test" in allergy["source"]["label"]
     inter = next(c for c in cards if c["source"]["topic"]["code"] == "interaction")
-    assert "simvastatin" in inter["summary"] and "Blue Payer" in inter["detail"]
+    assert "omeprazole" in inter["summary"] and "Blue Payer" in inter["detail"]
+    assert inter["indicator"] == "critical"
+    assert "ONC high-priority drug-drug interactions (subset) 2012.1" in inter["source"]["label"]
+    assert "amiajnl-2011-000612" in inter["detail"]
+
+
+def test_shipped_packs_alone_warn_only_on_what_they_hold(cds_env: CdsEnv) -> None:
+    """Without a class pack, amoxicillin against a penicillin allergy is not a class match; an
+    order nobody can identify says the checks did not run instead of staying silent."""
+    amox = _med_request("723", "amox")
+    unknown = {
+        "resourceType": "MedicationRequest",
+        "id": "local",
+        "status": "draft",
+        "intent": "order",
+        "subject": {"reference": "Patient/a1"},
+        "medicationCodeableConcept": {
+            "coding": [{"system": "urn:oid:1.2.3.4", "code": "X-17"}],
+            "text": "house mix 3",
+        },
+    }
+    body = order_select([amox, unknown])
+    cards = assert_valid_response(cds_env.hook("medblocks-order-select", body).json())
+    assert [c["source"]["topic"]["code"] for c in cards] == ["unchecked"]
+    assert "not" in cards[0]["detail"] and cards[0]["indicator"] == "info"
 
 
 def test_order_sign_checks_every_draft(cds_env: CdsEnv) -> None:

@@ -3,6 +3,7 @@ both directions over loopback sockets."""
 
 from collections.abc import Iterator
 from datetime import date
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -10,6 +11,7 @@ import pytest
 import sqlalchemy as sa
 
 import medblocks_pipelines.sandbox.cds_ehr  # noqa: F401  (registers the cds_ehr role)
+from medblocks_pipelines.lib.cds.knowledge import PACKS_ENV
 from medblocks_pipelines.lib.cds.synthetic import write_warehouse
 from medblocks_pipelines.lib.network.tables import network_relationship_events
 from medblocks_pipelines.lib.registry import open_control_plane
@@ -184,8 +186,10 @@ def test_callback_replay_and_forged_state_are_refused(
 
 
 def test_sandbox_ehr_fires_hooks_with_signed_jwt_and_prefetch(
-    env: dict[str, Any], sandbox: SandboxHandle
+    env: dict[str, Any], sandbox: SandboxHandle, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # The penicillin class comes from an operator's pack (a test fixture), not the shipped ones.
+    monkeypatch.setenv(PACKS_ENV, str(Path(__file__).parent / "packs"))
     client = sandbox.roles["cds_ehr"].extra["client"]
     view = client.fire(
         org=ORG, service_base=env["web"], hook="patient-view", patient=env["patient"]
@@ -281,7 +285,10 @@ def test_admin_fire_over_http_needs_the_secret(env: dict[str, Any], sandbox: San
         assert jwks["keys"][0]["kty"] == "EC" and "d" not in jwks["keys"][0]
 
 
-def test_run_clinician_demo(settings: Settings, sandbox: SandboxHandle) -> None:
+def test_run_clinician_demo(
+    settings: Settings, sandbox: SandboxHandle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(PACKS_ENV, str(Path(__file__).parent / "packs"))  # the penicillin class
     cp = open_control_plane(settings)
     cp.add_tenant(TENANT, "Acme Health")
     patient = first_patient(sandbox, ORG)
@@ -408,6 +415,8 @@ def test_cli_cds_fire_and_sync_without_launch(
 
     from medblocks_pipelines.cli.clinician_workflow import cds, latest_launch
     from medblocks_pipelines.lib.errors import ConfigError
+
+    monkeypatch.setenv(PACKS_ENV, str(Path(__file__).parent / "packs"))  # the penicillin class
 
     monkeypatch.setenv("MEDBLOCKS_SANDBOX_ADMIN_SECRET", sandbox.admin_secret)
     runner = CliRunner()

@@ -127,6 +127,15 @@ def test_view_tables_carry_provenance(wh: duckdb.DuckDBPyConnection) -> None:
         "fetched_at",
     } <= cols
     assert wh.execute("SELECT count(*) FROM view_errors").fetchone() == (0,)
+    # The build's views carry each decimal's exact text beside its DECIMAL(38,18) column.
+    obs = {r[0]: r[1] for r in wh.execute("DESCRIBE observation").fetchall()}
+    decimals = [c for c, t in obs.items() if t.startswith("DECIMAL")]
+    assert decimals and all(obs.get(f"{c}_text") == "VARCHAR" for c in decimals)
+    exact = wh.execute(
+        f"SELECT count(*) FROM observation WHERE {decimals[0]} IS NOT NULL AND "
+        f"CAST({decimals[0]}_text AS DECIMAL(38,18)) <> {decimals[0]}"
+    ).fetchone()
+    assert exact == (0,)
 
 
 def _minimal(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, list[dict[str, object]]]:

@@ -9,21 +9,36 @@ points at the same card.
 Rules:
 
 * ``beyond_this_ehr`` (patient-view): facts no record of the calling organization's source states,
-  counted by kind, with the most recent items, split by where they came from (other organizations,
+  counted by kind, with the most relevant items, split by where they came from (other organizations,
   payers, the network, patient-authorized apps);
-* ``a1c_overdue`` (patient-view): a diabetes condition and no HbA1c in ``A1C_INTERVAL_DAYS``;
+* ``a1c_overdue`` (patient-view): a condition in the active ``diabetes`` value set and no result
+  in the ``hba1c`` value set within ``A1C_INTERVAL_DAYS`` (value sets from :mod:`lib.cds.knowledge`
+  packs; the rule is off without them);
 * ``duplicate_order`` (order-select/order-sign): a drafted ServiceRequest whose code was resulted
   recently at another source (labs ``LAB_WINDOW_DAYS``, others ``OTHER_WINDOW_DAYS``);
-* ``allergy`` / ``interaction`` (order-select/order-sign): a drafted MedicationRequest against an
-  allergy, or an active medication, recorded at another source.
+* allergy / interaction checks of drafted medications: :mod:`lib.cds.order_cards`.
+
+The calling organization is never named in a provenance line: the line says where else an item is
+recorded.
 """
 
+import functools
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date
 from typing import Any
+
+from medblocks_pipelines.lib.cds.ingredients import TerminologyClient
+from medblocks_pipelines.lib.cds.knowledge import KnowledgeBase, Pack, load_knowledge
+
+
+@functools.cache
+def default_knowledge() -> KnowledgeBase:
+    """The shipped knowledge packs, loaded once (a service passes its configured ones)."""
+    return load_knowledge()
+
 
 NAMESPACE = uuid.UUID("6b0f6a0e-3f44-4a52-9a8e-1a3c2e7c1d55")
 LOINC = "http://loinc.org"
@@ -31,43 +46,32 @@ SNOMED = "http://snomed.info/sct"
 RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
 ICD10 = "http://hl7.org/fhir/sid/icd-10-cm"
 
-A1C_CODES = frozenset({f"{LOINC}|4548-4", f"{LOINC}|17856-6", f"{LOINC}|4549-2"})
-DIABETES_SNOMED = frozenset({"44054006", "46635009", "73211009", "190372001"})
 A1C_INTERVAL_DAYS = 180
 LAB_WINDOW_DAYS = 30
 OTHER_WINDOW_DAYS = 180
 RECENT_ITEMS = 3
 
-# Drug classes (RxNorm ingredient codes) where an allergy to one member warns on the others.
-DRUG_CLASSES: dict[str, frozenset[str]] = {
-    "penicillins": frozenset({"70618", "723", "733", "7980", "7984", "8339", "10689", "74169"}),
-    "sulfonamide antibiotics": frozenset({"10180", "10831", "10207"}),
-    "cephalosporins": frozenset({"2176", "2180", "2186", "2191", "2193", "20481"}),
-}
-# Interacting ingredient pairs (RxNorm IN) and the advice; a deliberately small, cited-free demo table.
-INTERACTIONS: dict[frozenset[str], str] = {
-    frozenset({"36567", "17767"}): "simvastatin with amlodipine: limit simvastatin to 20 mg daily",
-    frozenset({"11289", "1191"}): "warfarin with aspirin: bleeding risk",
-    frozenset({"29046", "9997"}): "lisinopril with spironolactone: hyperkalemia risk",
-    frozenset({"6809", "4493"}): "metformin with iodinated contrast: hold metformin",
-    frozenset({"36437", "10689"}): "sertraline with tramadol: serotonin syndrome risk",
-}
 PATTERN_LABELS = {
     "backend": "EHR bulk sync",
     "patient_access": "patient-authorized access",
     "clinician_workflow": "EHR launch",
     "network": "exchange network",
 }
+# kind -> (one, many)
 KIND_LABELS = {
-    "condition": "conditions",
-    "medication": "medications",
-    "allergy": "allergies",
-    "immunization": "immunizations",
-    "result": "results",
-    "report": "reports",
-    "encounter": "encounters",
-    "procedure": "procedures",
+    "condition": ("condition", "conditions"),
+    "medication": ("medication", "medications"),
+    "allergy": ("allergy", "allergies"),
+    "immunization": ("immunization", "immunizations"),
+    "result": ("result", "results"),
+    "report": ("report", "reports"),
+    "encounter": ("encounter", "encounters"),
+    "procedure": ("procedure", "procedures"),
 }
+# "Most relevant" lists what changes care first: allergies, problems, medications, then the rest;
+# vital signs last (every visit has them, so by date alone they would crowd out everything else).
+RELEVANCE = ("allergy", "condition", "medication", "result", "report", "procedure", "immunization")
+VITAL_CATEGORIES = frozenset({"vital-signs"})
 
 
 @dataclass(frozen=True)
@@ -86,6 +90,10 @@ class CardContext:
     organization_names: Mapping[str, str] = field(default_factory=dict)
     app_url: str | None = None
     label: str = "Medblocks unified record"
+    #: The calling organization (and its ids): never named as where an item came from.
+    here_organizations: frozenset[str] = frozenset()
+    knowledge: KnowledgeBase = field(default_factory=default_knowledge)
+    terminology: TerminologyClient | None = None
 
 
 def _uuid(ctx: CardContext, *parts: str) -> str:
@@ -130,9 +138,16 @@ def _elsewhere(fact: Mapping[str, Any], ctx: "CardContext") -> list[str]:
 
 def provenance(fact: Mapping[str, Any], ctx: CardContext) -> str:
     """``source · organization · pattern · date`` for one fact, the sources other than the caller's."""
-    srcs = _elsewhere(fact, ctx) or list(fact.get("sources") or [])
+    elsewhere = _elsewhere(fact, ctx)
+    srcs = elsewhere or list(fact.get("sources") or [])
     source = ", ".join(ctx.source_names.get(s, s) for s in srcs) or "unknown source"
-    orgs = ", ".join(ctx.organization_names.get(o, o) for o in fact.get("organizations") or [])
+    # Where else it is recorded: the caller's own organization is not news to the caller.
+    here = (
+        (ctx.here_organizations | (ctx.here_sources or {ctx.here_source})) if elsewhere else set()
+    )
+    orgs = ", ".join(
+        ctx.organization_names.get(o, o) for o in fact.get("organizations") or [] if o not in here
+    )
     patterns = ", ".join(PATTERN_LABELS.get(p, p) for p in fact.get("patterns") or [])
     when = _day(fact.get("last_date"))
     parts = [f"source: {_md(source)}"]
@@ -144,8 +159,9 @@ def provenance(fact: Mapping[str, Any], ctx: CardContext) -> str:
     return " · ".join(parts)
 
 
-def _source(ctx: CardContext, topic: str | None = None) -> dict[str, Any]:
-    src: dict[str, Any] = {"label": ctx.label}
+def _source(ctx: CardContext, topic: str | None = None, pack: Pack | None = None) -> dict[str, Any]:
+    label = ctx.label if pack is None else f"{ctx.label} · {pack.label}"
+    src: dict[str, Any] = {"label": label}
     if topic:
         src["topic"] = {
             "system": "https://medblocks.com/cds/topics",
@@ -153,6 +169,12 @@ def _source(ctx: CardContext, topic: str | None = None) -> dict[str, Any]:
             "display": topic.replace("-", " "),
         }
     return src
+
+
+def knowledge_line(pack: Pack, *what: str) -> str:
+    """The detail line naming the knowledge a card rests on (pack, version, citation)."""
+    parts = f" ({_md(', '.join(what))})" if what else ""
+    return f"_Knowledge: {_md(pack.label)}{parts}. Source: {_md(pack.source)}_"
 
 
 def _links(ctx: CardContext) -> list[dict[str, Any]]:
@@ -195,9 +217,9 @@ def beyond_this_ehr(facts: Sequence[Mapping[str, Any]], ctx: CardContext) -> dic
     kinds = Counter(str(f["kind"]) for f in outside)
     origins = Counter(_origin_of(f, ctx) for f in outside)
     sources = sorted({s for f in outside for s in _elsewhere(f, ctx)})
-    counts = ", ".join(f"{n} {KIND_LABELS.get(k, k)}" for k, n in kinds.most_common())
+    counts = ", ".join(f"{n} {kind_label(k, n)}" for k, n in kinds.most_common())
     summary = (
-        f"{len(outside)} items from {len(sources)} other source"
+        f"{len(outside)} item{'s' if len(outside) != 1 else ''} from {len(sources)} other source"
         + ("s" if len(sources) != 1 else "")
         + " not in this chart"
     )
@@ -206,11 +228,10 @@ def beyond_this_ehr(facts: Sequence[Mapping[str, Any]], ctx: CardContext) -> dic
         "",
         "**From:** " + _md(", ".join(f"{o} ({n})" for o, n in origins.most_common())) + ".",
         "",
-        "**Most recent:**",
+        "**Most relevant (newest first within each kind):**",
         "",
     ]
-    dated = sorted(outside, key=lambda f: _day(f.get("last_date")) or date.min, reverse=True)
-    for f in dated[:RECENT_ITEMS]:
+    for f in most_relevant(outside)[:RECENT_ITEMS]:
         value = ""
         if f.get("value_num") is not None:
             value = f" = {f['value_num']:g}" + (
@@ -231,29 +252,44 @@ def beyond_this_ehr(facts: Sequence[Mapping[str, Any]], ctx: CardContext) -> dic
     )
 
 
-def _is_diabetes(fact: Mapping[str, Any]) -> bool:
-    for c in fact.get("codes") or []:
-        system, _, code = str(c).partition("|")
-        if system == SNOMED and code in DIABETES_SNOMED:
-            return True
-        if "icd-10" in system and code.replace(".", "")[:3] in ("E10", "E11"):
-            return True
-    return False
+def kind_label(kind: str, n: int) -> str:
+    """``condition``/``conditions`` as ``n`` needs."""
+    one, many = KIND_LABELS.get(kind, (kind, kind))
+    return one if n == 1 else many
+
+
+def _relevance(fact: Mapping[str, Any]) -> int:
+    kind = str(fact.get("kind"))
+    if kind == "result" and str(fact.get("category") or "") in VITAL_CATEGORIES:
+        return len(RELEVANCE) + 1
+    return RELEVANCE.index(kind) if kind in RELEVANCE else len(RELEVANCE)
+
+
+def most_relevant(facts: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """Facts by clinical relevance of their kind (vital signs last), then most recent first."""
+    return sorted(
+        facts,
+        key=lambda f: (_relevance(f), -(_day(f.get("last_date")) or date.min).toordinal()),
+    )
 
 
 def a1c_overdue(facts: Sequence[Mapping[str, Any]], ctx: CardContext) -> dict[str, Any] | None:
     """A diabetic with no HbA1c within ``A1C_INTERVAL_DAYS`` (None when not applicable)."""
+    kb = ctx.knowledge
+    diabetes_vs, a1c_vs = kb.value_set("diabetes"), kb.value_set("hba1c")
+    if diabetes_vs is None or a1c_vs is None:
+        return None  # the rule needs both value sets; discovery does not offer it without them
     diabetes = [
         f
         for f in facts
         if f["kind"] == "condition"
-        and _is_diabetes(f)
+        and kb.in_value_set("diabetes", f.get("codes") or [])
         and str(f.get("status") or "active") not in ("resolved", "inactive", "entered-in-error")
     ]
     if not diabetes:
         return None
     a1cs = [
-        f for f in facts if f["kind"] == "result" and A1C_CODES.intersection(f.get("codes") or [])
+        f for f in facts if f["kind"] == "result" and kb.in_value_set("hba1c", f.get("codes") or [])
     ]
     last = max(a1cs, key=lambda f: _day(f.get("last_date")) or date.min, default=None)
     last_day = _day(last.get("last_date")) if last else None
@@ -279,6 +315,7 @@ def a1c_overdue(facts: Sequence[Mapping[str, Any]], ctx: CardContext) -> dict[st
             else ""
         )
         lines.append(f"- Last HbA1c{_md(val)}: {provenance(last, ctx)}")
+    lines += ["", knowledge_line(diabetes_vs[0], diabetes_vs[1].oid, a1c_vs[1].oid)]
     order = {
         "resourceType": "ServiceRequest",
         "status": "draft",
@@ -300,7 +337,7 @@ def a1c_overdue(facts: Sequence[Mapping[str, Any]], ctx: CardContext) -> dict[st
             "summary": summary[:139],
             "detail": "\n".join(lines),
             "indicator": "warning",
-            "source": _source(ctx, "care-gap"),
+            "source": _source(ctx, "care-gap", diabetes_vs[0]),
             "suggestions": [
                 {
                     "label": "Order HbA1c",
@@ -354,18 +391,6 @@ def codes_of(concept: Any) -> set[str]:
                 and isinstance(c.get("code"), str)
             ):
                 out.add(f"{c['system'].rstrip('/')}|{c['code']}")
-    return out
-
-
-def _rx(codes: Iterable[str]) -> set[str]:
-    return {c.split("|", 1)[1] for c in codes if c.startswith(RXNORM + "|")}
-
-
-def _expand(rx: set[str]) -> set[str]:
-    out = set(rx)
-    for members in DRUG_CLASSES.values():
-        if rx & members:
-            out |= members
     return out
 
 
@@ -426,103 +451,3 @@ def duplicate_order(
             "links": _links(ctx),
         }
     )
-
-
-def medication_alerts(
-    order: Mapping[str, Any], facts: Sequence[Mapping[str, Any]], ctx: CardContext
-) -> list[dict[str, Any]]:
-    """Allergy and interaction cards for one drafted MedicationRequest."""
-    drafted = _rx(codes_of(order.get("medicationCodeableConcept")))
-    if not drafted:
-        return []
-    ref = f"MedicationRequest/{order.get('id')}"
-    cards: list[dict[str, Any]] = []
-    expanded = _expand(drafted)
-    for f in facts:
-        if f["kind"] != "allergy" or not _elsewhere(f, ctx):
-            continue
-        allergic = _rx(f.get("codes") or [])
-        if not allergic or not (_expand(allergic) & expanded):
-            continue
-        same = bool(allergic & drafted)
-        summary = (
-            f"Allergy to {_name(f)} recorded elsewhere"
-            if same
-            else f"Allergy to {_name(f)} recorded elsewhere: same drug class"
-        )
-        cards.append(
-            _clean(
-                {
-                    "uuid": _uuid(ctx, "allergy", ref, str(f["fact_id"])),
-                    "summary": summary[:139],
-                    "detail": f"The drafted medication may trigger a recorded allergy.\n\n"
-                    f"- {provenance(f, ctx)}",
-                    "indicator": "critical",
-                    "source": _source(ctx, "allergy"),
-                    "suggestions": [
-                        _delete_suggestion(ctx, "allergy", ref, "Remove this medication")
-                    ],
-                    "selectionBehavior": "at-most-one",
-                    "overrideReasons": [
-                        {
-                            "system": "https://medblocks.com/cds/override",
-                            "code": "tolerated",
-                            "display": "Patient has tolerated it before",
-                        }
-                    ],
-                    "links": _links(ctx),
-                }
-            )
-        )
-    for f in facts:
-        if f["kind"] != "medication" or not _elsewhere(f, ctx):
-            continue
-        if str(f.get("status") or "active") not in ("active", "on-hold", "draft"):
-            continue
-        other = _rx(f.get("codes") or [])
-        for a in drafted:
-            for b in other:
-                advice = INTERACTIONS.get(frozenset({a, b}))
-                if advice is None:
-                    continue
-                cards.append(
-                    _clean(
-                        {
-                            "uuid": _uuid(ctx, "interaction", ref, str(f["fact_id"])),
-                            "summary": f"Interaction with {_name(f)} prescribed elsewhere"[:139],
-                            "detail": f"{_md(advice)}.\n\n- {provenance(f, ctx)}",
-                            "indicator": "warning",
-                            "source": _source(ctx, "interaction"),
-                            "suggestions": [
-                                _delete_suggestion(
-                                    ctx, "interaction", ref, "Remove this medication"
-                                )
-                            ],
-                            "selectionBehavior": "at-most-one",
-                            "links": _links(ctx),
-                        }
-                    )
-                )
-    return cards
-
-
-def order_cards(
-    orders: Sequence[Mapping[str, Any]], facts: Sequence[Mapping[str, Any]], ctx: CardContext
-) -> list[dict[str, Any]]:
-    """Cards for order-select (the selected drafts) and order-sign (every draft)."""
-    cards: list[dict[str, Any]] = []
-    for order in orders:
-        rtype = order.get("resourceType")
-        if rtype == "ServiceRequest":
-            card = duplicate_order(order, facts, ctx)
-            if card:
-                cards.append(card)
-        elif rtype == "MedicationRequest":
-            cards.extend(medication_alerts(order, facts, ctx))
-    seen: set[str] = set()
-    unique = []
-    for c in cards:
-        if c["uuid"] not in seen:
-            seen.add(c["uuid"])
-            unique.append(c)
-    return unique

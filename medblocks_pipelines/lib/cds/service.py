@@ -26,7 +26,10 @@ import httpx
 import sqlalchemy as sa
 
 from medblocks_pipelines.lib.cds import cards as card_rules
+from medblocks_pipelines.lib.cds import order_cards
 from medblocks_pipelines.lib.cds.index import WarehouseIndexes
+from medblocks_pipelines.lib.cds.ingredients import TerminologyClient
+from medblocks_pipelines.lib.cds.knowledge import KnowledgeBase, knowledge_from_env
 from medblocks_pipelines.lib.cds.security import CdsAuthenticator, CdsClient
 from medblocks_pipelines.lib.cds.tables import cds_feedback
 from medblocks_pipelines.lib.errors import CdsRequestError
@@ -34,32 +37,66 @@ from medblocks_pipelines.lib.errors import CdsRequestError
 log = logging.getLogger(__name__)
 
 PATIENT_PREFETCH = {"patient": "Patient/{{context.patientId}}"}
-SERVICES: tuple[dict[str, Any], ...] = (
-    {
-        "hook": "patient-view",
-        "id": "medblocks-patient-view",
-        "title": "Unified record: beyond this chart",
-        "description": "What other organizations, payers and the network hold for this patient, "
-        "and care gaps the combined record shows.",
-        "prefetch": PATIENT_PREFETCH,
-    },
-    {
-        "hook": "order-select",
-        "id": "medblocks-order-select",
-        "title": "Unified record: order checks",
-        "description": "Duplicate tests done elsewhere, allergies and interactions with "
-        "medications recorded at other organizations.",
-        "prefetch": PATIENT_PREFETCH,
-    },
-    {
-        "hook": "order-sign",
-        "id": "medblocks-order-sign",
-        "title": "Unified record: order checks at signing",
-        "description": "The order-select checks over every draft order being signed.",
-        "prefetch": PATIENT_PREFETCH,
-    },
-)
-BY_ID = {s["id"]: s for s in SERVICES}
+SERVICE_IDS = {
+    "medblocks-patient-view": "patient-view",
+    "medblocks-order-select": "order-select",
+    "medblocks-order-sign": "order-sign",
+}
+PACKS_EXTENSION = "com.medblocks.knowledge-packs"
+
+
+def describe_services(kb: KnowledgeBase) -> tuple[dict[str, Any], ...]:
+    """Discovery's services, saying exactly which checks the active knowledge packs support."""
+    gap = ""
+    dm, a1c = kb.value_set("diabetes"), kb.value_set("hba1c")
+    if dm is not None and a1c is not None:
+        gap = (
+            f", and an HbA1c care gap for diabetes (value sets {dm[1].oid} and {a1c[1].oid}, "
+            f"{dm[0].label})"
+        )
+    allergy = "allergies recorded at other organizations to an ingredient of the drafted drug"
+    if kb.has_allergy_classes:
+        allergy += f" or to its drug class as listed in: {kb.labels('allergy_groups')}"
+    if kb.has_interactions:
+        inter = (
+            f"interactions with medications recorded at other organizations, only the pairs "
+            f"listed in: {kb.labels('interactions')}"
+        )
+    else:
+        inter = "no interaction checking (no interaction knowledge pack is active)"
+    order_checks = f"Duplicate tests done elsewhere; {allergy}; {inter}."
+    extension = {PACKS_EXTENSION: kb.describe()} if kb.packs else None
+    services: list[dict[str, Any]] = [
+        {
+            "hook": "patient-view",
+            "id": "medblocks-patient-view",
+            "title": "Unified record: beyond this chart",
+            "description": "What other organizations, payers and the network hold for this "
+            f"patient{gap}.",
+            "prefetch": PATIENT_PREFETCH,
+        },
+        {
+            "hook": "order-select",
+            "id": "medblocks-order-select",
+            "title": "Unified record: order checks",
+            "description": order_checks,
+            "prefetch": PATIENT_PREFETCH,
+        },
+        {
+            "hook": "order-sign",
+            "id": "medblocks-order-sign",
+            "title": "Unified record: order checks at signing",
+            "description": f"Over every draft order being signed: {order_checks}",
+            "prefetch": PATIENT_PREFETCH,
+        },
+    ]
+    if extension:
+        for svc in services:
+            svc["extension"] = extension
+    return tuple(services)
+
+
+BY_ID = {sid: {"id": sid, "hook": hook} for sid, hook in SERVICE_IDS.items()}
 USER_RE = re.compile(
     r"^(Practitioner|PractitionerRole|Patient|RelatedPerson)/[A-Za-z0-9\-.]{1,64}$"
 )
@@ -91,6 +128,8 @@ class CdsService:
         authenticator: CdsAuthenticator | None = None,
         today: Callable[[], date] | None = None,
         app_url: str | None = None,
+        knowledge: KnowledgeBase | None = None,
+        terminology: TerminologyClient | None = None,
     ) -> None:
         self.cp = cp
         self.base = public_base_url.rstrip("/")
@@ -99,6 +138,12 @@ class CdsService:
         self.indexes = WarehouseIndexes(warehouse_path_of, refresh_of=warehouse_refresh_of)
         self.today = today or (lambda: datetime.now(UTC).date())
         self.app_url = app_url if app_url is not None else f"{self.base}/ehr/launch"
+        # Knowledge packs and the terminology server: as given, else as configured (env).
+        self.knowledge = knowledge if knowledge is not None else knowledge_from_env()
+        self.terminology = (
+            terminology if terminology is not None else TerminologyClient.from_env(self.http)
+        )
+        self.services = describe_services(self.knowledge)
         self._names: tuple[float, dict[str, Any]] | None = None
         self._names_lock = threading.Lock()
 
@@ -116,7 +161,7 @@ class CdsService:
     def discovery(self, authorization: str | None) -> dict[str, Any]:
         """``{"services": [...]}`` after verifying the caller's JWT."""
         self.auth.verify(authorization, url=self.discovery_url)
-        return {"services": [dict(s) for s in SERVICES]}
+        return {"services": [dict(s) for s in self.services]}
 
     # -- registry names (cached) -------------------------------------------------------------------
     def _registry_names(self) -> dict[str, Any]:
@@ -189,11 +234,16 @@ class CdsService:
                 source_kinds=names["source_kinds"],
                 organization_names=names["organization_names"],
                 app_url=self.app_url,
+                here_organizations=frozenset({client.organization_id}),
+                knowledge=self.knowledge,
+                terminology=self.terminology,
             )
             if service["hook"] == "patient-view":
                 cards = card_rules.patient_view_cards(facts, cctx)
             else:
-                cards = card_rules.order_cards(request["orders"], facts, cctx)
+                cards = order_cards.order_cards(
+                    request["orders"], facts, cctx, drafts=request["drafts"]
+                )
         self.cp.audit(
             tenant_id=client.tenant_id,
             actor=f"cds:{client.organization_id}",
@@ -278,13 +328,17 @@ class CdsService:
             "fhirAuthorization": auth,
             "prefetch": prefetch or {},
             "orders": [],
+            "drafts": [],
         }
         if hook in ("order-select", "order-sign"):
-            out["orders"] = self._orders(hook, ctx)
+            out["orders"], out["drafts"] = self._orders(hook, ctx)
         return out
 
     @staticmethod
-    def _orders(hook: str, ctx: Mapping[str, Any]) -> list[dict[str, Any]]:
+    def _orders(
+        hook: str, ctx: Mapping[str, Any]
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """(the orders to check, every resource of draftOrders)."""
         bundle = ctx.get("draftOrders")
         if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
             raise _bad("context.draftOrders must be a Bundle")
@@ -302,7 +356,7 @@ class CdsService:
                 raise _bad("every draftOrders entry needs a resource with resourceType and id")
             resources.append(res)
         if hook == "order-sign":
-            return resources
+            return resources, resources
         selections = ctx.get("selections")
         if (
             not isinstance(selections, list)
@@ -314,7 +368,7 @@ class CdsService:
         missing = [s for s in selections if s not in by_ref]
         if missing:
             raise _bad("context.selections must reference resources in draftOrders")
-        return [by_ref[s] for s in selections]
+        return [by_ref[s] for s in selections], resources
 
     def _check_fhir_server(
         self, request: Mapping[str, Any], client: CdsClient, names: Mapping[str, Any]

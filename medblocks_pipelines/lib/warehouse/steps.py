@@ -72,7 +72,10 @@ def views_step(con: duckdb.DuckDBPyConnection, ctx: BuildContext) -> dict[str, i
             errors.append({"view": name, "error": "ReservedName"})
             continue
         try:
-            compiled = compile_view(view, table="resources", passthrough_columns=passthrough)
+            # exact_decimals: each decimal column also as its exact text (<name>_text).
+            compiled = compile_view(
+                view, table="resources", passthrough_columns=passthrough, exact_decimals=True
+            )
             con.execute(f'CREATE OR REPLACE TABLE "{name}" AS {compiled.sql}')
         except Exception as exc:  # noqa: BLE001 - recorded, surfaced by the view_errors check
             errors.append({"view": name, "error": type(exc).__name__})

@@ -4,7 +4,8 @@ How it works (spec: https://build.fhir.org/ig/FHIR/sql-on-fhir-v2/):
 
 * Each resource is parsed once with ``from_json(resource, <struct spec>)``. The struct spec holds
   only the elements the view reads, typed from the FHIR schema (lists where an element repeats,
-  ``DECIMAL`` for decimals so every digit survives, ``BOOLEAN``/``BIGINT``/``VARCHAR`` otherwise).
+  ``DECIMAL(38,18)`` for decimals (never through a float; exact text beside it with
+  ``exact_decimals``, see :mod:`.exact_decimals`), ``BOOLEAN``/``BIGINT``/``VARCHAR`` otherwise).
   The spec is built while the FHIRPath is compiled and substituted at the end.
 * A FHIRPath value is a SQL expression that is either a single value (NULL = empty) or a DuckDB
   list (the FHIRPath collection). Navigation over lists uses ``list_transform``/``flatten``,
@@ -29,6 +30,7 @@ from decimal import Decimal
 from typing import Any
 
 from medblocks_pipelines.lib.errors import ViewDefinitionError
+from medblocks_pipelines.lib.warehouse.views import exact_decimals as exact
 from medblocks_pipelines.lib.warehouse.views import fhirpath as fp
 from medblocks_pipelines.lib.warehouse.views.schema import (
     DECIMAL_SQL,
@@ -210,6 +212,8 @@ class _Ctx:
     focus: _Val
     root: _Val
     row_index: str
+    # forEach element variables -> the same element in the fine-scale parse (exact decimals)
+    shadow: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass
@@ -245,6 +249,8 @@ class _Compiler:
     resource: str
     constants: dict[str, _Val] = field(default_factory=dict)
     strict_cardinality: bool = True
+    exact_decimals: bool = False
+    shadow_used: bool = False
     counter: int = 0
     specs: list[_Spec] = field(default_factory=list)
     # Subqueries computed once per resource in the scan (repeat), as (alias, sql).
@@ -255,16 +261,16 @@ class _Compiler:
         self.counter += 1
         return f"_{prefix}{self.counter}"
 
-    def placeholder(self, spec: _Spec) -> str:
+    def placeholder(self, spec: _Spec, *, fine: bool = False) -> str:
         self.specs.append(spec)
-        return f"\x00SPEC{len(self.specs) - 1}\x00"
+        return f"\x00SPEC{'F' if fine else ''}{len(self.specs) - 1}\x00"
 
     def finish(self, sql: str) -> str:
         def sub(m: re.Match[str]) -> str:
-            structure = self.specs[int(m.group(1))].structure()
-            return _q(json.dumps(structure, separators=(",", ":")))
+            structure = json.dumps(self.specs[int(m.group(2))].structure(), separators=(",", ":"))
+            return _q(exact.fine_structure(structure) if m.group(1) else structure)
 
-        return re.sub("\x00SPEC(\\d+)\x00", sub, sql)
+        return re.sub("\x00SPEC(F?)(\\d+)\x00", sub, sql)
 
     def single(self, v: _Val, what: str) -> str:
         """SQL of a value that must be a single item (FHIRPath singleton evaluation)."""
@@ -1295,6 +1301,22 @@ class _Compiler:
             path,
         ), sql
 
+    def decimal_text_column(
+        self, col: Mapping[str, Any], out: OutputColumn, sql: str, ctx: _Ctx
+    ) -> tuple[OutputColumn, str]:
+        """``<name>_text``: the decimal's exact text (see :mod:`.exact_decimals`)."""
+        v = self.expr(fp.parse(str(col["path"])), ctx)
+        fine = None
+        if v.decimal_text is not None and v.decimal_leaf is not None:
+            raw = self.single(replace(v, sql=v.decimal_text), f"column {out.name}")
+            fine = exact.shadow(raw, ctx.shadow)
+            self.shadow_used = self.shadow_used or fine is not None
+        name = out.name + exact.TEXT_SUFFIX
+        text = OutputColumn(
+            name, "VARCHAR", "string", False, f"exact decimal text of {out.name}", out.path
+        )
+        return text, exact.text_sql(sql, fine)
+
     def select(self, sel: Any, ctx: _Ctx) -> _Part:
         if not isinstance(sel, dict):
             raise ViewDefinitionError("a select must be an object")
@@ -1335,7 +1357,12 @@ class _Compiler:
             raw=None,
             is_resource=False,
         )
-        inner = self.body(sel, replace(ctx, focus=elem, row_index=f"({i} - 1)"))
+        shadow = ctx.shadow
+        if self.exact_decimals:
+            sh_list = exact.shadow(self.as_list(coll), ctx.shadow)
+            if sh_list is not None:
+                shadow = (*ctx.shadow, (e, f"({sh_list})[{i}]"))
+        inner = self.body(sel, replace(ctx, focus=elem, row_index=f"({i} - 1)", shadow=shadow))
         lst = self.as_list(coll)
         if kind == "forEachOrNull":
             # No element: one row evaluated against an empty focus (%rowIndex 0).
@@ -1369,10 +1396,14 @@ class _Compiler:
             values: dict[str, str] = {}
             for col in columns:
                 out, sql = self.column(col, ctx)
-                if out.name in values:
-                    raise ViewDefinitionError(f"duplicate column name {out.name!r}")
-                cols.append(out)
-                values[out.name] = sql
+                pairs = [(out, sql)]
+                if self.exact_decimals and out.fhir_type == "decimal" and not out.collection:
+                    pairs.append(self.decimal_text_column(col, out, sql, ctx))
+                for out, sql in pairs:
+                    if out.name in values:
+                        raise ViewDefinitionError(f"duplicate column name {out.name!r}")
+                    cols.append(out)
+                    values[out.name] = sql
             parts.append(_Part(cols, values))
         subs = sel.get("select")
         if subs is not None:
@@ -1502,6 +1533,7 @@ def compile_view(
     resource_column: str = "resource",
     resource_type_column: str | None = "resource_type",
     strict_cardinality: bool = True,
+    exact_decimals: bool = False,
 ) -> CompiledView:
     """Compile a ViewDefinition to DuckDB SQL over ``table``.
 
@@ -1509,7 +1541,9 @@ def compile_view(
     ``resource_type_column`` is given, the resource type (used to filter; otherwise the JSON's
     ``resourceType`` is checked). ``passthrough_columns`` (provenance) are copied onto every
     output row, ahead of the view's columns. With ``strict_cardinality`` a non-collection column
-    that meets several values raises at run time, as the specification requires.
+    that meets several values raises at run time, as the specification requires. With
+    ``exact_decimals`` every single-valued decimal column gets a ``<name>_text`` companion holding
+    its digits beyond ``DECIMAL(38,18)`` (:mod:`.exact_decimals`; the warehouse build uses this).
     Raises ViewDefinitionError for an invalid view.
     """
     if not isinstance(view, Mapping) or not view:
@@ -1529,7 +1563,13 @@ def compile_view(
     name = view.get("name") if isinstance(view.get("name"), str) else resource.lower()
     assert isinstance(name, str)
 
-    comp = _Compiler(schema, resource, _constants(view.get("constant")), strict_cardinality)
+    comp = _Compiler(
+        schema,
+        resource,
+        _constants(view.get("constant")),
+        strict_cardinality,
+        exact_decimals=exact_decimals,
+    )
     root_spec = _Spec()
     # raw: the resource's JSON text in the scan (read again by repeat's recursive CTE)
     root = _Val(
@@ -1565,6 +1605,12 @@ def compile_view(
         *(_ident(c) for c in passthrough_columns),
         f"from_json({_ident(resource_column)}, {comp.placeholder(root_spec)}) AS __mb_r",
     ]
+    if comp.shadow_used:
+        # The same resource with decimal leaves at the fine scale (exact decimal text columns).
+        src_cols.append(
+            f"from_json({_ident(resource_column)}, {comp.placeholder(root_spec, fine=True)})"
+            f" AS {exact.SHADOW_ROOT}"
+        )
     src_cols.extend(f"{sql_} AS {alias}" for alias, sql_ in comp.hoisted)
     if resource_type_column is not None:
         filt = f"{_ident(resource_type_column)} = {_q(resource)}"

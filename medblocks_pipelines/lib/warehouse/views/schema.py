@@ -23,9 +23,9 @@ __all__ = [
 
 _SCHEMA_FILE = Path(__file__).with_name("fhir_schema.json")
 
-# Decimals are parsed by DuckDB straight from the JSON text into DECIMAL, which keeps every digit
-# (never through a binary float); 18 places covers FHIR's precision rules with room for 20 integer
-# digits.
+# Decimals are parsed by DuckDB straight from the JSON text into DECIMAL (never through a binary
+# float): 18 places and 20 integer digits. Digits past that are kept by the exact_decimals text
+# columns (exact_decimals.py).
 DECIMAL_SQL = "DECIMAL(38,18)"
 
 INTEGER_TYPES = frozenset({"integer", "positiveInt", "unsignedInt", "integer64"})
