@@ -14,6 +14,7 @@ Hierarchy::
     │   ├── AuthError                   401/403, refused token or assertion
     │   │   └── ConsentRevoked          the source says the grant is gone: stop pulling
     │   ├── TransientError              retry is expected to help (429, 5xx, timeouts, dropped connections)
+    │   ├── IncompleteSearch            a search's next link cannot be followed safely (lost params)
     │   └── PolicyRefused               a network query refused by purpose-of-use policy (never sent)
     └── ViewDefinitionError             an invalid SQL on FHIR ViewDefinition (raised before running)
 
@@ -157,6 +158,12 @@ class LaunchError(AuthError):
 class PagingLoopError(ProtocolError):
     """Raised when a searchset's `next` link repeats a page already fetched in this search (a
     server paging loop), or points at another origin; the search stops instead of spinning."""
+
+
+class IncompleteSearch(ProtocolError):
+    """Raised when a search cannot be followed to its end safely: a `next` link that dropped the
+    search's parameters (it would page through other patients' records) and carries no paging
+    parameter to re-issue the search with."""
 
 
 class UnsafeXMLError(ProtocolError):
