@@ -10,6 +10,7 @@ Hierarchy::
     ├── VaultError                      a secret cannot be decrypted (wrong or rotated-away key)
     ├── LandingError                    the lake cannot be written
     ├── WarehouseError                  a warehouse build or read failed
+    ├── PullsFailed                     every pull of a sync failed
     ├── ProtocolError                   a peer broke its protocol (bad JSON, HTML error page, wrong shape)
     │   ├── AuthError                   401/403, refused token or assertion
     │   │   └── ConsentRevoked          the source says the grant is gone: stop pulling
@@ -164,6 +165,11 @@ class IncompleteSearch(ProtocolError):
     """Raised when a search cannot be followed to its end safely: a `next` link that dropped the
     search's parameters (it would page through other patients' records) and carries no paging
     parameter to re-issue the search with."""
+
+
+class PullsFailed(MedblocksError):
+    """Raised when every pull of a sync failed (source down, refresh refused...): the CLI exits 1
+    after printing what each pull did."""
 
 
 class UnsafeXMLError(ProtocolError):

@@ -155,7 +155,7 @@ def create_ehr_app(
         tuple(resource_types),
         tuple(instantiates),
         writable=writable,
-        faults=faults or FaultInjector(),
+        faults=faults if faults is not None else FaultInjector(),
     )
     admin = _Admin(store, auth, admin_secret, evolver)
     write_routes: list[BaseRoute] = []
@@ -282,7 +282,7 @@ class _FhirApi:
         writable: bool = False,
         faults: FaultInjector | None = None,
     ) -> None:
-        self.faults = faults or FaultInjector()
+        self.faults = faults if faults is not None else FaultInjector()
         self.store = store
         self.auth = auth
         self.base = fhir_base
@@ -566,7 +566,7 @@ class _FhirApi:
             for r in self.store.search(rtype, params, within=within)
             if (leaky or self._allowed(grants, r)) and not empty
         ]
-        if within is not None and self.faults.take("foreign_entry_in_search", **where):
+        if within is not None and self.faults.take("foreign_entry_in_search", **where) is not None:
             foreign = next(
                 (r for r in self.store.search(rtype, []) if (rtype, r["id"]) not in within), None
             )

@@ -555,6 +555,18 @@ class BatchResult:
             total.update(r.failures)
         return total
 
+    @property
+    def anomalies(self) -> Counter[str]:
+        total: Counter[str] = Counter()
+        for r in self.results:
+            total.update(r.anomalies)
+        return total
+
+    @property
+    def all_failed(self) -> bool:
+        """True when there were pulls and every one failed."""
+        return bool(self.results) and all(r.status == "failed" for r in self.results)
+
     def as_metadata(self) -> dict[str, Any]:
         """PHI-free summary for Dagster metadata."""
         return {
@@ -564,6 +576,8 @@ class BatchResult:
             "resources_by_type": dict(sorted(self.resources_by_type.items())),
             "failures_by_reason": dict(sorted(self.failures_by_reason.items())),
             "quarantined": sum(r.quarantined for r in self.results),
+            "outside_patient_compartment": sum(r.outside_compartment for r in self.results),
+            "anomalies": dict(sorted(self.anomalies.items())),
             "duplicates_skipped": sum(r.duplicates for r in self.results),
             "requests": self.requests,
             "http_429": self.statuses.get(429, 0),
