@@ -1,20 +1,26 @@
 """The patient-access pull: one connection's US Core (or CMS Patient Access) records into the lake.
 
-For one active connection (SPECS §1.10, §1.11):
+For one active connection (SPECS §1.10, §1.11), also the EHR-launch targeted sync:
 
 1. read ``Patient/{id}``;
-2. search each type the source supports *and* the grant allows, with the parameters US Core needs
-   (``Observation`` by category, ``MedicationRequest`` with ``intent`` and ``_include`` of the
-   medication, ``CarePlan`` by ``assess-plan``, ``CareTeam`` by status...), ``_lastUpdated=gt<since>``
-   after the first full pull, following every ``next`` link;
+2. search each type the server's CapabilityStatement declares, the grant allows and we know
+   (``search_plan``), with only the parameters the server declares (``Observation`` by category
+   when it can, else by patient alone), ``_lastUpdated=gt<since>`` after the first full pull,
+   following every ``next`` link the client judges safe (same origin and base, the search's
+   parameters kept; see ``client``);
 3. follow references to Practitioner, PractitionerRole, Organization, Location and Medication on the
    same server (never sending the token elsewhere), and fetch ``Binary`` content of documents;
-4. land every resource once per pull (dedupe on type, id and content) with provenance, quarantine
-   what is malformed, count OperationOutcomes inside searchsets.
+4. land every resource once per pull (dedupe on type, id and content) with provenance, through a
+   :class:`LakeWriter` scoped to the connection's patient (``compartment``): anything outside the
+   patient's compartment is quarantined as ``outside_patient_compartment``; quarantine what is
+   malformed, count OperationOutcomes inside searchsets, and record anomalies (``next`` links that
+   lost the search's parameters, ``Bundle.total`` not matching what came, no CapabilityStatement).
 
-A failure in one search makes the pull ``partial`` and the others go on; an auth failure (refresh
-refused, consent revoked) ends that connection's pull as ``failed``; :func:`pull_batch` never lets
-one connection fail the others. Pull history and the incremental watermark are per connection.
+A pull with failed searches, anomalies or quarantined rows is ``partial`` (with reasons in pull
+history; the watermark stays so the next pull is full); an auth failure (refresh refused, consent
+revoked) or every search failing ends that connection's pull as ``failed``; :func:`pull_batch`
+never lets one connection fail the others. Pull history and the incremental watermark are per
+connection.
 """
 
 import base64
@@ -59,8 +65,8 @@ from medblocks_pipelines.lib.fhir.search_plan import (  # noqa: F401 (re-exporte
 from medblocks_pipelines.lib.registry import ControlPlane
 from medblocks_pipelines.lib.smart.discovery import fetch_smart_configuration
 from medblocks_pipelines.lib.smart.launch import source_discovery, supported_types
-from medblocks_pipelines.lib.smart.tokens import ClientAuth, TokenManager, tokens_secret_name
-from medblocks_pipelines.lib.warehouse.lake import LakeWriter, Provenance, delete_connection_data
+from medblocks_pipelines.lib.smart.tokens import ClientAuth, TokenManager
+from medblocks_pipelines.lib.warehouse.lake import LakeWriter, Provenance
 
 PATTERN = "patient_access"
 #: Types whose references we follow (SPECS §1.11: "plus the referenced Practitioner, Organization
@@ -724,90 +730,25 @@ def due_connections(
     return ids[:limit] if limit else ids
 
 
-# ---------------------------------------------------------------------------------------------
-# revocation
-# ---------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class RevokeResult:
-    """What revoking a connection did."""
+# Revocation lives in its own module; re-exported for the callers that import it from here.
+from medblocks_pipelines.lib.fhir.revocation import (  # noqa: E402
+    RevokeResult,
+    refresh_failed_connections,
+    revoke_connection,
+)
 
-    connection_id: str
-    revoked_at_source: bool
-    rows_deleted: int
-    delete_data: bool
-
-
-def revoke_connection(
-    cp: ControlPlane,
-    connection_id: str,
-    *,
-    lake_root: str | Path,
-    delete_data: bool | None = None,
-    reason: str = "revoked by the tenant",
-    http: httpx.Client | None = None,
-) -> RevokeResult:
-    """Revoke a connection: state ``revoked`` (pulls stop), tokens revoked at the source when it
-    offers RFC 7009 and removed from the vault, and, when asked or when the tenant's
-    ``delete_on_revoke`` setting says so, the connection's rows deleted from the lake.
-
-    The caller rebuilds the tenant's warehouse when ``rows_deleted`` is non-zero.
-    """
-    conn = cp.get_connection(connection_id)
-    # A failed launch never became a grant: clean up without a (forbidden) state change.
-    if conn["state"] not in ("revoked", "failed"):
-        cp.transition(connection_id, "revoked", reason=reason)
-    revoked_remote = False
-    secret = cp.vault.get(tokens_secret_name(connection_id))
-    if secret is not None:
-        revoked_remote = _revoke_at_source(cp, conn, loads_exact(secret.reveal()), http=http)
-    cp.vault.delete_prefix(f"conn/{connection_id}/")
-    cp.record_event(connection_id, "tokens.revoked", {"at_source": revoked_remote})
-    if delete_data is None:
-        delete_data = bool(
-            (cp.get_tenant(conn["tenant_id"])["settings"] or {}).get("delete_on_revoke")
-        )
-    removed = 0
-    if delete_data:
-        removed = delete_connection_data(lake_root, conn["tenant_id"], connection_id)
-        cp.set_watermark(watermark_key(connection_id), None)
-        cp.record_event(connection_id, "data.deleted", {"rows": removed})
-    return RevokeResult(connection_id, revoked_remote, removed, delete_data)
-
-
-def _revoke_at_source(
-    cp: ControlPlane, conn: Mapping[str, Any], blob: Mapping[str, Any], *, http: httpx.Client | None
-) -> bool:
-    source = cp.get_source(conn["source_id"])
-    endpoint = (source.get("smart_config") or {}).get("revocation_endpoint")
-    token = blob.get("refresh_token") or blob.get("access_token")
-    if not endpoint or not token:
-        return False
-    own = http is None
-    client = http or httpx.Client(timeout=10.0)
-    try:
-        auth = ClientAuth.from_source(source, cp, pattern=conn["pattern"])
-        form = {
-            "token": str(token),
-            "token_type_hint": "refresh_token" if blob.get("refresh_token") else "access_token",
-        }
-        headers = auth.apply(form, token_endpoint=str(endpoint))
-        resp = client.post(str(endpoint), data=form, headers=headers)
-        return resp.status_code == 200
-    except (httpx.HTTPError, MedblocksError):
-        # Best effort: our side is revoked and the tokens are gone either way.
-        return False
-    finally:
-        if own:
-            client.close()
-
-
-def refresh_failed_connections(
-    cp: ControlPlane, *, tenant_id: str | None = None, source_id: str | None = None
-) -> list[str]:
-    """Patient-access connections whose refresh failed (the patient must connect again)."""
-    return [
-        r["id"]
-        for r in cp.list_connections(
-            tenant_id=tenant_id, pattern=PATTERN, state="refresh_failed", source_id=source_id
-        )
-    ]
+__all__ = [
+    "OBSERVATION_CATEGORIES",
+    "PATTERN",
+    "BatchResult",
+    "PullResult",
+    "Query",
+    "RevokeResult",
+    "due_connections",
+    "plan_queries",
+    "pull_batch",
+    "pull_connection",
+    "refresh_failed_connections",
+    "revoke_connection",
+    "watermark_key",
+]
