@@ -225,7 +225,33 @@ class PatientScope:
         self.outside += 1
         return f"{OUTSIDE_PATIENT_COMPARTMENT}: {rtype}"
 
+    def allow(self, patient_ids: Iterable[str]) -> None:
+        """Widen the scope to more patients once they are identified as the scope's person
+        (a network result's record target that matches the XCPD match)."""
+        self.patients = self.patients | frozenset(p for p in patient_ids if p)
+
     def _admit(self, resource: Mapping[str, Any]) -> None:
         rid = resource.get("id")
         if isinstance(rid, str):
             self.admitted.add((str(resource.get("resourceType")), rid))
+
+
+def patients_with_identifier(
+    resources: Iterable[Mapping[str, Any]], wanted: Iterable[tuple[str, str]]
+) -> set[str]:
+    """Ids of the Patient resources carrying one of the ``(assigning authority, value)`` ids.
+
+    Used on a network document's converted record target against the XCPD match of the same
+    community. The value decides: record targets do not always use the XCPD assigning authority
+    as their id root (our sandbox gateway writes ``<oid>.100`` where XCPD says ``<oid>.1``), and
+    within one community's answer the id value is the patient it gave us.
+    """
+    values = {v for _a, v in wanted if v}
+    found: set[str] = set()
+    for res in resources:
+        if res.get("resourceType") != "Patient" or not isinstance(res.get("id"), str):
+            continue
+        for ident in res.get("identifier") or []:
+            if isinstance(ident, dict) and str(ident.get("value")) in values:
+                found.add(res["id"])
+    return found
