@@ -2,7 +2,8 @@
 
 Covers (issue 12): a server whose ``next`` links keep only the paging parameters and page through
 every patient (``next_link_drops_params``), a search page carrying another patient's entry
-(``foreign_entry_in_search``), a server without ``category`` search (``no_category_search``), a
+(``foreign_entry_in_search``), a server without ``category`` search (``no_category_search``) or
+without a CapabilityStatement, a
 401 with a text/plain body (``plain_text_401``), and honest outcomes: partial pulls with reasons
 in pull history, the CLI table, Dagster metadata and the warehouse ``quarantine`` table; a sync in
 which every pull failed exits non-zero and its Dagster run fails.
@@ -26,7 +27,7 @@ from medblocks_pipelines.lib.partitions import partition_key
 from medblocks_pipelines.lib.warehouse.build import build_warehouse, warehouse_path
 from medblocks_pipelines.lib.warehouse.lake import quarantine_glob, resources_glob
 from medblocks_pipelines.sandbox.fhir_store import SHARED_TYPES
-from medblocks_pipelines_tests.patient_access.conftest import PatientAccessEnv
+from medblocks_pipelines_tests.patient_access.conftest import PatientAccessEnv, custom_ehr
 
 FAST = {"backoff": 0.05, "max_backoff": 2.0}
 #: Types the pull searches in the patient's compartment (what "everything landed" compares).
@@ -279,3 +280,21 @@ def test_dagster_asset_reports_partial_pulls_and_fails_when_all_failed(
         assert not failed.success
         (failure,) = [e for e in failed.all_events if e.is_step_failure]
         assert "every pull failed" in str(failure.event_specific_data)
+
+
+def _no_capability(path: str, body: dict[str, Any]) -> dict[str, Any] | None:
+    # A server whose /metadata answers something that is not a CapabilityStatement.
+    return {"resourceType": "OperationOutcome", "issue": []}
+
+
+def test_server_without_capability_statement_falls_back_to_the_known_list(
+    pa_env: PatientAccessEnv,
+) -> None:
+    with custom_ehr(pa_env, rewrite=(r"/fhir/metadata$", _no_capability)) as (sid, _e):
+        conn_id, outcome = pa_env.connect(sid, pa_env.logins(pa_env.org("ehr"))[0])
+        assert outcome.status == "active", outcome
+        res = _pull(pa_env, conn_id)
+    assert res.anomalies == Counter({"no_capability_statement": 1})
+    assert res.status == "partial"
+    truth = _truth(pa_env, pa_env.org("ehr"), conn_id)
+    assert res.counts["Observation"] == truth["Observation"] > 0
