@@ -414,6 +414,9 @@ def sync_patient_access(
         click.echo(f"failures: {meta['failures_by_reason']}")
     if meta["anomalies"]:
         click.echo(f"anomalies: {meta['anomalies']}")
+    for res in batch.results:
+        for note in res.anomaly_notes[:5]:
+            click.echo(f"  {res.connection_id}: {note}")
     if batch.all_failed:
         raise PullsFailed(f"every pull failed: {_summary(rows)}")
 
@@ -445,6 +448,9 @@ def _echo_run_pulls(cp: Any, tenant: str, run_id: str | None) -> list[Any]:
         anomalies = anomaly_totals(rows)
         if anomalies:
             click.echo(f"anomalies: {anomalies}")
+        for row in rows:
+            if row.error and " | " in row.error:
+                click.echo(f"  {row.connection_id}: {row.error.split(' | ', 1)[1]}")
     return rows
 
 

@@ -198,6 +198,9 @@ def test_plain_text_401_on_one_type_is_reported_and_the_rest_lands(
     assert res.counts["Condition"] == truth["Condition"]
     history = pa_env.cp.list_pulls(tenant_id="acme")[0]
     assert "search_refused" in history["error"]
+    # Reported clearly: the type, the status and what the body was.
+    assert "Observation: HTTP 401" in history["error"]
+    assert "text/plain body, not an OperationOutcome" in history["error"]
 
 
 def test_cli_shows_the_anomaly_per_connection(pa_env: PatientAccessEnv, fault: Any) -> None:
@@ -210,6 +213,8 @@ def test_cli_shows_the_anomaly_per_connection(pa_env: PatientAccessEnv, fault: A
     line = next(ln for ln in out.output.splitlines() if ln.startswith(conn_id))
     assert "partial" in line and "next_link_lost_parameters" in line
     assert "connection" in out.output and "anomalies" in out.output
+    # The URL shape of the bad link: path and parameter names, no values.
+    assert "(/Observation?_count&_offset) dropped" in out.output
 
 
 def _revoke(env: PatientAccessEnv, org: Any, sid: str, conn_id: str) -> None:

@@ -27,7 +27,14 @@ def pull_outcome_metadata(batch: BatchResult | None) -> dict[str, Any]:
         "anomalies": dg.MetadataValue.json(meta["anomalies"]),
         "outside_patient_compartment": int(meta["outside_patient_compartment"]),
         "pulls": dg.MetadataValue.md(markdown_table(rows)),
+        "anomaly_notes": dg.MetadataValue.json(anomaly_notes(batch)),
     }
+
+
+def anomaly_notes(batch: BatchResult, *, limit: int = 20) -> list[str]:
+    """The first notes of the batch's anomalies, per connection (shapes and names, no values)."""
+    notes = [f"{r.connection_id}: {n}" for r in batch.results for n in r.anomaly_notes]
+    return notes[:limit]
 
 
 def raise_if_all_failed(batch: BatchResult, what: str) -> None:
@@ -42,5 +49,6 @@ def raise_if_all_failed(batch: BatchResult, what: str) -> None:
             "connections_pulled": int(meta["connections_pulled"]),
             "failures_by_reason": dg.MetadataValue.json(meta["failures_by_reason"]),
             "pulls": dg.MetadataValue.md(markdown_table(rows)),
+            "anomaly_notes": dg.MetadataValue.json(anomaly_notes(batch)),
         },
     )

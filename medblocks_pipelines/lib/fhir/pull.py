@@ -380,10 +380,12 @@ def _pull_patient(
             puller.search(query)
         except ConsentRevoked:
             raise
-        except AuthError:
+        except AuthError as exc:
             # One search refused (401 after a refresh, 403) while the Patient read worked:
-            # that type is refused, the others go on.
+            # that type is refused, the others go on. The message names the type, status and
+            # body kind ("text/plain body, not an OperationOutcome"), never ids.
             result.failures["search_refused"] += 1
+            result.anomaly_notes.append(f"{query.label}: {exc}")
         except IncompleteSearch:
             result.failures["search_incomplete"] += 1
         except PagingLoopError:
@@ -515,6 +517,9 @@ def pull_connection(
     result.refreshes = tokens.refreshes
     result.seconds = time.perf_counter() - started
     error = ", ".join(result.reasons()) or result.error
+    if error and result.anomaly_notes:
+        # What the server did, in shapes and parameter names only (no values, no PHI).
+        error += " | " + "; ".join(result.anomaly_notes[:5])
     cp.finish_pull(pull_id, status=result.status, counts=result.history_counts(), error=error)
     if result.status == "success":
         # Only a complete pull moves the watermark: a failed search must be retried in full.

@@ -78,7 +78,7 @@ def summary_line(rows: Sequence[PullRow]) -> str:
     reasons: Counter[str] = Counter()
     for r in rows:
         if r.status == "failed":
-            for part in (r.error or "unknown").split(", "):
+            for part in (r.error or "unknown").split(" | ", 1)[0].split(", "):
                 reasons[part.split("=", 1)[0]] += 1
     text = ", ".join(f"{n} {s}" for s, n in sorted(by_status.items())) or "no pulls"
     if reasons:
