@@ -170,6 +170,11 @@ def test_lake_writer_ndjson_files_obey_the_scope(tmp_path: Path) -> None:
         (f"{BASE}/MedicationRequest?_count=100&intent=order&patient=p1&_offset=100", set()),
         # another patient's value is lost too
         (f"{BASE}/MedicationRequest?patient=p2&intent=order&_offset=100", {"patient"}),
+        # the patient as a reference and a re-encoded token value are the same search
+        (
+            f"{BASE}/MedicationRequest?patient=Patient/p1&intent=http://x%7Corder&_offset=9",
+            set(),
+        ),
         # an opaque page token on the base (HAPI) is the server's own state
         (f"{BASE}?_getpages=abc&_getpagesoffset=100", set()),
     ],

@@ -549,16 +549,37 @@ class FhirClient:
         return str(httpx.URL(self.url(resource_type), params=[*kept, *paging]))
 
 
+#: Parameters naming whose records a search returns: their values must survive paging too.
+PATIENT_PARAMS = frozenset({"patient", "subject", "beneficiary", "_id"})
+
+
 def lost_parameters(asked: list[tuple[str, str]], link: str, *, search_path: str) -> set[str]:
     """Names of the search's constraining parameters a ``next`` link on the search's own path
-    no longer carries (with the same values). A link elsewhere (an opaque page token on the
-    base, as HAPI's ``?_getpages=``) is the server's own state and is not judged here."""
+    no longer carries. A link elsewhere (an opaque page token on the base, as HAPI's
+    ``?_getpages=``) is the server's own state and is not judged here.
+
+    Other parameters count as kept when their name is there (servers re-encode dates and tokens);
+    patient parameters must also keep their value, compared by id (``Patient/1`` is ``1``).
+    """
     parts = urllib.parse.urlsplit(link)
     own = search_path.rstrip("/")
     if parts.path.rstrip("/") not in (own, own + "/_search"):
         return set()
-    have = set(urllib.parse.parse_qsl(parts.query, keep_blank_values=True))
-    return {k for k, v in asked if k not in NON_CONSTRAINING_PARAMS and (k, v) not in have}
+    have: dict[str, set[str]] = {}
+    for k, v in urllib.parse.parse_qsl(parts.query, keep_blank_values=True):
+        have.setdefault(k.split(":")[0], set()).add(_ids(v))
+    lost = set()
+    for k, v in asked:
+        name = k.split(":")[0]
+        if name in NON_CONSTRAINING_PARAMS:
+            continue
+        if name not in have or (name in PATIENT_PARAMS and _ids(v) not in have[name]):
+            lost.add(k)
+    return lost
+
+
+def _ids(value: str) -> str:
+    return ",".join(sorted(x.rstrip("/").rsplit("/", 1)[-1] for x in value.split(",")))
 
 
 def url_shape(url: str, base_url: str) -> str:
