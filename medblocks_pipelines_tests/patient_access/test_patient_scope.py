@@ -4,7 +4,7 @@ Covers (issue 12): a server whose ``next`` links keep only the paging parameters
 every patient (``next_link_drops_params``), a search page carrying another patient's entry
 (``foreign_entry_in_search``), a server without ``category`` search (``no_category_search``) or
 without a CapabilityStatement, a 401 with a text/plain body (``plain_text_401``), and honest
-outcomes: partial pulls with reasons in pull history, the CLI table, Dagster metadata and the warehouse ``quarantine`` table; a sync in
+outcomes (a wrong ``Bundle.total`` too): partial pulls with reasons in pull history, the CLI table, Dagster metadata and the warehouse ``quarantine`` table; a sync in
 which every pull failed exits non-zero and its Dagster run fails.
 """
 
@@ -302,3 +302,19 @@ def test_server_without_capability_statement_falls_back_to_the_known_list(
     assert res.status == "partial"
     truth = _truth(pa_env, pa_env.org("ehr"), conn_id)
     assert res.counts["Observation"] == truth["Observation"] > 0
+
+
+def _wrong_total(path: str, body: dict[str, Any]) -> dict[str, Any] | None:
+    if body.get("resourceType") != "Bundle" or "_offset" in path:
+        return None
+    body["total"] = int(body.get("total") or 0) + 5
+    return body
+
+
+def test_bundle_total_that_disagrees_is_an_anomaly(pa_env: PatientAccessEnv) -> None:
+    with custom_ehr(pa_env, rewrite=(r"/fhir/Condition$", _wrong_total)) as (sid, _e):
+        conn_id, _o = pa_env.connect(sid, pa_env.logins(pa_env.org("ehr"))[0])
+        res = _pull(pa_env, conn_id)
+    assert res.anomalies["total_mismatch"] == 1
+    assert res.status == "partial"
+    assert any(n.startswith("Condition: Bundle.total") for n in res.anomaly_notes)
