@@ -3,9 +3,10 @@
 Covers (issue 12): a server whose ``next`` links keep only the paging parameters and page through
 every patient (``next_link_drops_params``), a search page carrying another patient's entry
 (``foreign_entry_in_search``), a server without ``category`` search (``no_category_search``) or
-without a CapabilityStatement, a 401 with a text/plain body (``plain_text_401``), and honest
-outcomes (a wrong ``Bundle.total`` too): partial pulls with reasons in pull history, the CLI table, Dagster metadata and the warehouse ``quarantine`` table; a sync in
-which every pull failed exits non-zero and its Dagster run fails.
+without a CapabilityStatement, a 401 with a text/plain body (``plain_text_401``), a wrong
+``Bundle.total``, and honest outcomes: partial pulls with reasons in pull history, the CLI table,
+Dagster metadata and the warehouse ``quarantine`` table; a sync in which every pull failed exits
+non-zero and its Dagster run fails.
 """
 
 from collections import Counter
