@@ -20,7 +20,7 @@ import click
 import httpx
 import lxml.html
 
-from medblocks_pipelines.lib.errors import ProtocolError
+from medblocks_pipelines.lib.errors import MedblocksError, ProtocolError, PullsFailed
 from medblocks_pipelines.lib.partitions import partition_key
 
 DEFAULT_PUBLIC_BASE = "http://127.0.0.1:8000"
@@ -355,23 +355,36 @@ def sync_patient_access(
     cp = control_plane()
     key = partition_key(tenant, source)
     if not in_process:
+        from datetime import UTC, datetime
+
         from medblocks_pipelines.cli.runtime import run_job
 
-        result = run_job(
-            "patient_access_pull_job",
-            partition_key=key,
-            run_config={
-                "ops": {
-                    "patient_access__records": {"config": {"all_active": all_active, "full": full}}
-                }
-            },
-            tags={"medblocks/tenant": tenant, "medblocks/source": source},
-        )
-        click.echo(f"run {result.run_id[:8]} succeeded")
+        started = datetime.now(UTC)
+        tags = {"medblocks/tenant": tenant, "medblocks/source": source}
+        try:
+            result = run_job(
+                "patient_access_pull_job",
+                partition_key=key,
+                run_config={
+                    "ops": {
+                        "patient_access__records": {
+                            "config": {"all_active": all_active, "full": full}
+                        }
+                    }
+                },
+                tags=tags,
+            )
+        except MedblocksError:
+            # The run failed: still show what each pull did before the error line.
+            _echo_run_pulls(cp, tenant, _run_since(cp, tenant, source, started))
+            raise
+        rows = _echo_run_pulls(cp, tenant, result.run_id)
+        click.echo(f"run {result.run_id[:8]} succeeded ({_summary(rows)})")
         return
     import uuid
 
     from medblocks_pipelines.lib.fhir.pull import due_connections, pull_batch
+    from medblocks_pipelines.lib.fhir.pull_report import render_table, row_from_result
     from medblocks_pipelines.lib.settings import get_settings
 
     if all_active:
@@ -398,8 +411,50 @@ def sync_patient_access(
         f"{meta['connections_pulled']} connections: {meta['by_status']}, "
         f"{meta['resources']} resources, {meta['quarantined']} quarantined"
     )
+    rows = [row_from_result(r) for r in batch.results]
+    click.echo(render_table(rows))
     if meta["failures_by_reason"]:
         click.echo(f"failures: {meta['failures_by_reason']}")
+    if meta["anomalies"]:
+        click.echo(f"anomalies: {meta['anomalies']}")
+    for res in batch.results:
+        for note in res.anomaly_notes[:5]:
+            click.echo(f"  {res.connection_id}: {note}")
+    if batch.all_failed:
+        raise PullsFailed(f"every pull failed: {_summary(rows)}")
+
+
+def _summary(rows: Sequence[Any]) -> str:
+    from medblocks_pipelines.lib.fhir.pull_report import summary_line
+
+    return summary_line(rows)
+
+
+def _run_since(cp: Any, tenant: str, source: str, started: Any) -> str | None:
+    """The run id of this command's failed run: its pulls of ``source`` started after us."""
+    for pull in cp.list_pulls(tenant_id=tenant, limit=50):
+        began = pull.get("started_at")
+        if began is not None and began.tzinfo is None:
+            began = began.replace(tzinfo=started.tzinfo)
+        if pull["source_id"] == source and began is not None and began >= started:
+            return str(pull["run_id"])
+    return None
+
+
+def _echo_run_pulls(cp: Any, tenant: str, run_id: str | None) -> list[Any]:
+    """Print the per-connection table of one run's pulls (from pull history); returns the rows."""
+    from medblocks_pipelines.lib.fhir.pull_report import anomaly_totals, render_table, run_rows
+
+    rows = run_rows(cp, tenant_id=tenant, run_id=run_id) if run_id else []
+    if rows:
+        click.echo(render_table(rows))
+        anomalies = anomaly_totals(rows)
+        if anomalies:
+            click.echo(f"anomalies: {anomalies}")
+        for row in rows:
+            if row.error and " | " in row.error:
+                click.echo(f"  {row.connection_id}: {row.error.split(' | ', 1)[1]}")
+    return rows
 
 
 __all__ = [

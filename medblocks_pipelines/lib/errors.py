@@ -12,10 +12,12 @@ Hierarchy::
     ├── WarehouseError                  a warehouse build or read failed
     │   ├── QueryRefused                analyst SQL tried to leave its tenant's warehouse or change it
     │   └── QueryFailed                 analyst SQL DuckDB could not run (syntax, unknown table...)
+    ├── PullsFailed                     every pull of a sync failed
     ├── ProtocolError                   a peer broke its protocol (bad JSON, HTML error page, wrong shape)
     │   ├── AuthError                   401/403, refused token or assertion
     │   │   └── ConsentRevoked          the source says the grant is gone: stop pulling
     │   ├── TransientError              retry is expected to help (429, 5xx, timeouts, dropped connections)
+    │   ├── IncompleteSearch            a search's next link cannot be followed safely (lost params)
     │   └── PolicyRefused               a network query refused by purpose-of-use policy (never sent)
     └── ViewDefinitionError             an invalid SQL on FHIR ViewDefinition (raised before running)
 
@@ -169,6 +171,17 @@ class LaunchError(AuthError):
 class PagingLoopError(ProtocolError):
     """Raised when a searchset's `next` link repeats a page already fetched in this search (a
     server paging loop), or points at another origin; the search stops instead of spinning."""
+
+
+class IncompleteSearch(ProtocolError):
+    """Raised when a search cannot be followed to its end safely: a `next` link that dropped the
+    search's parameters (it would page through other patients' records) and carries no paging
+    parameter to re-issue the search with."""
+
+
+class PullsFailed(MedblocksError):
+    """Raised when every pull of a sync failed (source down, refresh refused...): the CLI exits 1
+    after printing what each pull did."""
 
 
 class UnsafeXMLError(ProtocolError):

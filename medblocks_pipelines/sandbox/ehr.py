@@ -43,6 +43,7 @@ from medblocks_pipelines.sandbox.auth import (
     bearer_challenge,
     require_token,
 )
+from medblocks_pipelines.sandbox.faults import FaultInjector
 from medblocks_pipelines.sandbox.fhir_store import (
     SHARED_TYPES,
     FhirStore,
@@ -118,6 +119,7 @@ def create_ehr_app(
     instantiates: Sequence[str] = (US_CORE_SERVER,),
     evolver: Callable[[int], ChangeSet] | None = None,
     root_routes: Sequence[BaseRoute] = (),
+    faults: FaultInjector | None = None,
 ) -> Starlette:
     """Build the ASGI app of one organization's EHR (FHIR base `{base_url}/fhir`).
 
@@ -126,7 +128,8 @@ def create_ehr_app(
     (`sandbox.profiles.VendorProfile`); its `require_jwks_url` makes backend registration demand a
     JWKS URL. `evolver(step)` yields the changes `/_admin/apply-changes {"step": n}` applies.
     `root_routes` are added at the app root (e.g. the fault admin API at `/_sandbox/faults`).
-    The app's `state` holds `store`, `auth_server`, `org`, `profile`, `fhir_base`.
+    `faults` drives the search-level faults (`next_link_drops_params`, `foreign_entry_in_search`,
+    `no_category_search`, see `sandbox.faults`). The app's `state` holds `store`, `auth_server`, `org`, `profile`, `fhir_base`.
     """
     base_url = base_url.rstrip("/")
     fhir_base = f"{base_url}/fhir"
@@ -146,7 +149,13 @@ def create_ehr_app(
     # Writes (fhir_writes.py) for EHR orgs; the payer's Patient Access API stays read-only.
     writable = org.kind == "ehr"
     fhir = _FhirApi(
-        store, auth, fhir_base, tuple(resource_types), tuple(instantiates), writable=writable
+        store,
+        auth,
+        fhir_base,
+        tuple(resource_types),
+        tuple(instantiates),
+        writable=writable,
+        faults=faults if faults is not None else FaultInjector(),
     )
     admin = _Admin(store, auth, admin_secret, evolver)
     write_routes: list[BaseRoute] = []
@@ -271,7 +280,9 @@ class _FhirApi:
         instantiates: tuple[str, ...],
         *,
         writable: bool = False,
+        faults: FaultInjector | None = None,
     ) -> None:
+        self.faults = faults if faults is not None else FaultInjector()
         self.store = store
         self.auth = auth
         self.base = fhir_base
@@ -286,6 +297,7 @@ class _FhirApi:
 
     async def metadata(self, request: Request) -> Response:
         _check_accept(request)
+        no_category = self.faults.peek("no_category_search", client_id=None, path=request.url.path)
         resources = []
         for rtype in self.types:
             entry: dict[str, Any] = {
@@ -310,6 +322,7 @@ class _FhirApi:
                         "documentation": "paths: " + ", ".join(p.paths),
                     }
                     for p in params_for(rtype).values()
+                    if not (no_category and p.name == "category")
                 ]
                 entry["searchInclude"] = [
                     f"{rtype}:{p.name}" for p in params_for(rtype).values() if p.kind == "reference"
@@ -535,16 +548,30 @@ class _FhirApi:
         includes = _parse_includes(params, "_include", rtype)
         revincludes = _parse_includes(params, "_revinclude", None)
         sort = _parse_sort(params, rtype)
+        where = {"client_id": token.client_id, "path": request.url.path}
+        empty = self._no_category(params, where)
+        # A broken server that answers a search without a patient parameter from every patient.
+        leaky = self.faults.peek("next_link_drops_params", **where) is not None and not any(
+            k.split(":")[0] in ("patient", "subject", "beneficiary", "_id") for k, _v in params
+        )
         within = None
         patients = {g.patient for g in grants}
-        if rtype not in SHARED_TYPES and None not in patients and len(patients) == 1:
+        if rtype not in SHARED_TYPES and None not in patients and len(patients) == 1 and not leaky:
             (only,) = patients
             assert only is not None
             self._check_patient_param(params, rtype, only)
             within = self.store.compartment_keys(only)
         results = [
-            r for r in self.store.search(rtype, params, within=within) if self._allowed(grants, r)
+            r
+            for r in self.store.search(rtype, params, within=within)
+            if (leaky or self._allowed(grants, r)) and not empty
         ]
+        if within is not None and self.faults.take("foreign_entry_in_search", **where) is not None:
+            foreign = next(
+                (r for r in self.store.search(rtype, []) if (rtype, r["id"]) not in within), None
+            )
+            if foreign is not None:
+                results.insert(min(offset, len(results)), foreign)
         if sort:
             results = _sorted(results, sort, rtype)
         return fhir_response(
@@ -558,8 +585,20 @@ class _FhirApi:
                 includes,
                 revincludes,
                 path=f"{self.base}/{rtype}",
+                drop_params=self.faults.peek("next_link_drops_params", **where) is not None,
             )
         )
+
+    def _no_category(self, params: list[tuple[str, str]], where: dict[str, Any]) -> bool:
+        """Apply a ``no_category_search`` fault: True means "answer no matches"."""
+        if not any(k.split(":")[0] == "category" for k, _v in params):
+            return False
+        rule = self.faults.peek("no_category_search", **where)
+        if rule is None:
+            return False
+        if rule.params["mode"] == "400":
+            raise FhirHttpError(400, "not-supported", "unknown search parameter 'category'")
+        return True
 
     def _check_patient_param(self, params: list[tuple[str, str]], rtype: str, patient: str) -> None:
         # A patient-context token asking explicitly for another patient: refuse rather than
@@ -587,8 +626,9 @@ class _FhirApi:
         revincludes: list[tuple[str, str, str | None]],
         *,
         path: str,
+        drop_params: bool = False,
     ) -> dict[str, Any]:
-        kept = [(k, v) for k, v in params if k not in ("_offset", "_count")]
+        kept = [(k, v) for k, v in params if k not in ("_offset", "_count") and not drop_params]
 
         def link(off: int) -> str:
             query = urllib.parse.urlencode([*kept, ("_count", str(count)), ("_offset", str(off))])

@@ -28,7 +28,22 @@ Kinds applied by :class:`FaultMiddleware` to any app (EHR, payer, bulk):
                           authorization server revoke it
 ``huge_page``             a request's ``_count`` is raised to ``page_size``; servers should
                           also ask :meth:`FaultInjector.page_size` for their default page
+``plain_text_401``        a request answers 401 with a ``text/plain`` body (no
+                          OperationOutcome), as some gateways in front of FHIR servers do
 ========================  ===================================================================
+
+Kinds consumed by the EHR's search (``ehr.py``), each a misbehaviour met on real servers:
+
+============================  ===============================================================
+``next_link_drops_params``    ``next``/``previous`` links keep only ``_count`` and ``_offset``,
+                              and a search without a patient parameter answers from every
+                              patient on the server, whatever the token's patient context
+``foreign_entry_in_search``   a patient-scoped search page carries, as a ``match``, one
+                              resource of the same type belonging to another patient
+``no_category_search``        ``category`` is not declared in the CapabilityStatement and a
+                              search using it answers 0 matches (``mode: "empty"``) or 400
+                              (``mode: "400"``)
+============================  ===============================================================
 
 ``error_burst``, ``html_200``, ``drop_connection`` and the bulk kinds below are one-shot: they
 default to ``count=1`` so that a client that retries gets through.
@@ -79,6 +94,10 @@ FAULT_DEFAULTS: dict[str, dict[str, Any]] = {
     "expire_token": {"after_requests": None, "after_seconds": None},
     "revoke_refresh": {},
     "huge_page": {"page_size": 10000},
+    "plain_text_401": {},
+    "next_link_drops_params": {},
+    "foreign_entry_in_search": {},
+    "no_category_search": {"mode": "empty"},
     "ndjson_truncate": {"line": 1},
     "ndjson_malformed": {"line": 1},
     "count_mismatch": {"delta": 1},
@@ -134,6 +153,8 @@ class FaultRule:
                 re.compile(self.path)
             except re.error as exc:
                 raise ValueError(f"path is not a valid regex: {exc}") from None
+        if self.kind == "no_category_search" and self.params["mode"] not in ("empty", "400"):
+            raise ValueError("no_category_search mode must be 'empty' or '400'")
         form = self.params.get("retry_after_form")
         if form is not None and form not in ("seconds", "http-date"):
             raise ValueError("retry_after_form must be 'seconds' or 'http-date'")
@@ -448,6 +469,15 @@ class FaultMiddleware:
             await Response(HTML_ERROR_PAGE, status_code=200, media_type="text/html")(
                 scope, receive, send
             )
+            return
+
+        if faults.take("plain_text_401", **where) is not None:
+            await Response(
+                "Unauthorized",
+                status_code=401,
+                media_type="text/plain",
+                headers={"WWW-Authenticate": "Bearer"},
+            )(scope, receive, send)
             return
 
         if token and faults.token_expired(token=token, **where):

@@ -110,6 +110,7 @@ def create_payer_app(
     profile: Any = None,
     evolver: Callable[[int], ChangeSet] | None = None,
     root_routes: Sequence[BaseRoute] = (),
+    faults: Any = None,
 ) -> Starlette:
     """The payer's Patient Access API app (FHIR base `{base_url}/fhir`), see `create_ehr_app`."""
     # Stamp CARIN BB profiles on anything loaded without them (generator output, admin upserts).
@@ -139,4 +140,5 @@ def create_payer_app(
         instantiates=(CARIN_BB_SERVER,),
         evolver=evolve_with_profiles if evolver else None,
         root_routes=root_routes,
+        faults=faults,
     )

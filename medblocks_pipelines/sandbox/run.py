@@ -323,6 +323,7 @@ def build_org_app(
             evolver=evolver,
             extra_routes=extra_routes,
             root_routes=admin_routes,
+            faults=injector,
         )
     else:
         app = create_ehr_app(
@@ -335,6 +336,7 @@ def build_org_app(
             evolver=evolver,
             extra_routes=extra_routes,
             root_routes=admin_routes,
+            faults=injector,
         )
     holder["app"] = app
     auth = app.state.auth_server

@@ -376,6 +376,27 @@ def test_hostile_document_quarantined_others_land(env: Any) -> None:
     assert env.lake("SELECT DISTINCT organization FROM lake") == [("valley-medical",)]
 
 
+def test_document_of_another_patient_is_quarantined(env: Any) -> None:
+    """A community returns another patient's CCD: nothing of it lands under our person."""
+    env.start({"riverside-health": Behaviour(foreign_document=True)})
+    env.launch()
+    result = env.query()
+    assert result.allowed and result.quarantined >= 1
+    riverside = env.lake(
+        "SELECT DISTINCT resource_type FROM lake WHERE organization = 'riverside-health'"
+    )
+    assert riverside == [("Binary",)]  # the source document itself, no patient data
+    glob = str(env.settings.lake_root / "quarantine" / "**" / "*.parquet")
+    with duckdb.connect() as con:
+        reasons = con.execute(
+            f"SELECT DISTINCT split_part(reason, ':', 1) FROM read_parquet('{glob}', "
+            "union_by_name=true) WHERE organization = 'riverside-health'"
+        ).fetchall()
+    assert reasons == [("outside_patient_compartment",)]
+    valley = env.lake("SELECT count(*) FROM lake WHERE organization = 'valley-medical'")
+    assert valley[0][0] > 1
+
+
 def test_warehouse_build_shows_both_communities(env: Any) -> None:
     """What the demo shows: network records from two organizations in the tenant's warehouse,
     the same fact from repeated CCDs once per community."""

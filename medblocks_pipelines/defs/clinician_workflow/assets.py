@@ -12,10 +12,14 @@ from typing import Any
 import dagster as dg
 
 from medblocks_pipelines.defs.shared.partitions import clinician_org_partitions
+from medblocks_pipelines.defs.shared.pull_outcomes import (
+    pull_outcome_metadata,
+    raise_if_all_failed,
+)
 from medblocks_pipelines.defs.shared.resources import PlatformResource
 from medblocks_pipelines.defs.shared.summaries import landing_metadata
 from medblocks_pipelines.lib.cds.launch import PATTERN
-from medblocks_pipelines.lib.fhir.pull import pull_batch
+from medblocks_pipelines.lib.fhir.pull import BatchResult, pull_batch
 from medblocks_pipelines.lib.partitions import split_partition_key
 
 RECORDS_KEY = dg.AssetKey(["clinician_workflow", "records"])
@@ -54,13 +58,17 @@ def clinician_workflow_records(
     skipped = len(config.connection_ids) - len(ids)
     run_id = context.run_id or f"cw-{uuid.uuid4().hex[:12]}"
     meta: dict[str, Any] = {"connections_pulled": 0, "resources": 0}
+    batch: BatchResult | None = None
     if ids:
         batch = pull_batch(
             cp, ids, lake_root=platform.settings.lake, run_id=run_id, full=config.full
         )
         meta = batch.as_metadata()
-        for cid in ids:
-            cp.record_event(cid, "clinician.synced", {"run_id": run_id})
+        for res in batch.results:
+            cp.record_event(
+                res.connection_id, "clinician.synced", {"run_id": run_id, "status": res.status}
+            )
+        raise_if_all_failed(batch, f"EHR-launch sync of {context.partition_key}")
     else:
         context.log.info("no active launch connections to sync in this run")
     return dg.MaterializeResult(
@@ -70,6 +78,7 @@ def clinician_workflow_records(
             "resources": int(meta.get("resources", 0) or 0),
             "resources_by_type": dg.MetadataValue.json(meta.get("resources_by_type", {})),
             "by_status": dg.MetadataValue.json(meta.get("by_status", {})),
+            **pull_outcome_metadata(batch),
             "synced_at": datetime.now(UTC).isoformat(),
             **landing_metadata(
                 f"EHR-launch sync of {context.partition_key}",

@@ -15,9 +15,13 @@ from medblocks_pipelines.defs.patient_access.checks import (
     refresh_failed_check,
 )
 from medblocks_pipelines.defs.shared.partitions import patient_access_partitions
+from medblocks_pipelines.defs.shared.pull_outcomes import (
+    pull_outcome_metadata,
+    raise_if_all_failed,
+)
 from medblocks_pipelines.defs.shared.resources import PlatformResource
 from medblocks_pipelines.defs.shared.summaries import landing_metadata
-from medblocks_pipelines.lib.fhir.pull import PATTERN, due_connections, pull_batch
+from medblocks_pipelines.lib.fhir.pull import PATTERN, BatchResult, due_connections, pull_batch
 from medblocks_pipelines.lib.partitions import split_partition_key
 
 
@@ -62,6 +66,7 @@ def patient_access_records(
         ids = due_connections(cp, tenant_id=tenant, source_id=source)
     ids = ids[: config.batch_size]
     run_id = context.run_id or f"pa-{uuid.uuid4().hex[:12]}"
+    batch: BatchResult | None = None
     if ids:
         batch = pull_batch(
             cp, ids, lake_root=platform.settings.lake, run_id=run_id, full=config.full
@@ -72,6 +77,7 @@ def patient_access_records(
                 description=f"source {source} could not be used (discovery or client config)",
                 metadata={"failures_by_reason": dg.MetadataValue.json(meta["failures_by_reason"])},
             )
+        raise_if_all_failed(batch, f"patient-access pull of {context.partition_key}")
     else:
         context.log.info("no connections to pull in this run")
         meta = {"connections_pulled": 0, "resources": 0}
@@ -87,6 +93,7 @@ def patient_access_records(
         "by_status": dg.MetadataValue.json(meta.get("by_status", {})),
         "failures_by_reason": dg.MetadataValue.json(meta.get("failures_by_reason", {})),
         "quarantined": meta.get("quarantined", 0),
+        **pull_outcome_metadata(batch),
         "requests": meta.get("requests", 0),
         "token_refreshes": meta.get("token_refreshes", 0),
         "active_connections": len(remaining),

@@ -7,8 +7,14 @@ What it does on purpose:
   §10.2.3). A 429 also pauses the whole source's limiter, so sibling connections back off too.
 - **401** refreshes the token once (through a :class:`TokenProvider`) and retries; a second 401 is an
   :class:`AuthError`.
-- **Paging** follows ``Bundle.link[relation=next]`` exactly as given (SPECS §1.11), never to another
-  origin (our token stays home), and stops with :class:`PagingLoopError` when a ``next`` repeats.
+- **Paging** follows ``Bundle.link[relation=next]`` as given (SPECS §1.11), never to another
+  origin or outside the server's base (our token stays home), and stops with
+  :class:`PagingLoopError` when a ``next`` repeats. A ``next`` link on the search's own path that
+  dropped the search's constraining parameters (seen live: ``MedicationRequest?_offset=100&_count=100``
+  after ``MedicationRequest?patient=X``, which pages through every patient) is not followed: the
+  anomaly ``next_link_lost_parameters`` is reported and, when the link carries paging parameters
+  (``_offset``, ``_page``, ``page``), the original search is re-issued with them; otherwise the
+  search stops with :class:`IncompleteSearch`.
 - **Errors** carry the status and the OperationOutcome issue codes, never diagnostics text or tokens.
 - **Exact numbers**: bodies are parsed with decimals kept as :class:`~decimal.Decimal`, and
   :func:`dumps_exact` writes them back digit for digit (``7.10`` stays ``7.10`` in the lake).
@@ -34,6 +40,7 @@ import httpx
 
 from medblocks_pipelines.lib.errors import (
     AuthError,
+    IncompleteSearch,
     PagingLoopError,
     ProtocolError,
     TransientError,
@@ -42,6 +49,27 @@ from medblocks_pipelines.lib.smart.tokens import TokenProvider
 
 FHIR_JSON = "application/fhir+json"
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+#: Parameters that page or shape a searchset without choosing its matches.
+NON_CONSTRAINING_PARAMS = frozenset(
+    {
+        "_count",
+        "_offset",
+        "_page",
+        "page",
+        "_format",
+        "_pretty",
+        "_summary",
+        "_elements",
+        "_include",
+        "_revinclude",
+        "_sort",
+        "_total",
+    }
+)
+#: Paging parameters with which a search can be re-issued at a given position.
+POSITION_PARAMS = frozenset({"_offset", "_page", "page"})
+#: Called with an anomaly kind and a PHI-free note (resource type, URL shape, parameter names).
+AnomalyHook = Callable[[str, str], None]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,6 +268,33 @@ def outcome_issues(body: Any) -> list[tuple[str, str]]:
     ]
 
 
+def _error_body(resp: httpx.Response) -> tuple[tuple[str, ...], str]:
+    """An error answer's OperationOutcome issue codes and a PHI-free description of its body.
+
+    Servers answer errors with an OperationOutcome, or (gateways in front of them) with plain
+    text or HTML: the description says which, plus the ``WWW-Authenticate`` error code if any.
+    """
+    ctype = resp.headers.get("content-type", "").split(";")[0].strip().lower()
+    issues: tuple[str, ...] = ()
+    if "json" in ctype:
+        try:
+            issues = tuple(c for _s, c in outcome_issues(resp.json()))
+        except ValueError:
+            issues = ()
+    if issues:
+        described = ", ".join(issues)
+    elif not resp.content:
+        described = "empty body"
+    else:
+        described = f"{ctype or 'untyped'} body, not an OperationOutcome"
+    challenge = resp.headers.get("www-authenticate", "")
+    if 'error="' in challenge:
+        code = challenge.split('error="', 1)[1].split('"', 1)[0]
+        if code.replace("_", "").isalnum():
+            described += f"; WWW-Authenticate error {code}"
+    return issues, described
+
+
 def _looks_html(resp: httpx.Response) -> bool:
     ctype = resp.headers.get("content-type", "").lower()
     if "html" in ctype:
@@ -356,7 +411,10 @@ class FhirClient:
             status = resp.status_code
             if status == 401 and self.tokens is not None:
                 if refreshed:
-                    raise AuthError(f"{method} {_path(url)}: 401 after a token refresh")
+                    raise AuthError(
+                        f"{method} {_path(url)}: HTTP 401 after a token refresh "
+                        f"({_error_body(resp)[1]})"
+                    )
                 # Token expired mid-pull (or revoked): refresh once, retry, no backoff.
                 self.tokens.refresh(stale=token)
                 self.stats.refreshes += 1
@@ -373,15 +431,8 @@ class FhirClient:
                 attempt = self._retry_or_raise(attempt, "html_instead_of_json", None)
                 continue
             if status >= 400:
-                issues: tuple[str, ...] = ()
-                if "json" in resp.headers.get("content-type", ""):
-                    try:
-                        issues = tuple(c for _s, c in outcome_issues(resp.json()))
-                    except ValueError:
-                        issues = ()
-                msg = f"{method} {_path(url)}: HTTP {status}"
-                if issues:
-                    msg += f" ({', '.join(issues)})"
+                issues, described = _error_body(resp)
+                msg = f"{method} {_path(url)}: HTTP {status} ({described})"
                 if status in (401, 403):
                     raise AuthError(msg)
                 raise FhirRequestError(msg, status=status, issue_codes=issues)
@@ -426,13 +477,18 @@ class FhirClient:
         return self.get_json(f"{resource_type}/{urllib.parse.quote(resource_id, safe='')}")
 
     def search(
-        self, resource_type: str, params: Mapping[str, str] | list[tuple[str, str]] | None = None
+        self,
+        resource_type: str,
+        params: Mapping[str, str] | list[tuple[str, str]] | None = None,
+        *,
+        on_anomaly: AnomalyHook | None = None,
     ) -> Iterator[SearchPage]:
-        """Pages of ``GET [base]/Type?params``, following ``next`` links (loop-checked)."""
+        """Pages of ``GET [base]/Type?params``, following checked ``next`` links (see the module)."""
         url = self.url(resource_type)
-        first = httpx.URL(url, params=params)
+        asked = list(params.items()) if isinstance(params, Mapping) else list(params or [])
+        first = httpx.URL(url, params=asked)
         seen: set[str] = {_canonical(str(first))}
-        page = self.get_json(url, params)
+        page = self.get_json(url, asked)
         number = 1
         while True:
             if page.get("resourceType") != "Bundle":
@@ -441,20 +497,103 @@ class FhirClient:
             nxt = next_link(page)
             if not nxt:
                 return
-            nxt = urllib.parse.urljoin(self.base_url + "/", nxt)
+            nxt = self._checked_next(resource_type, url, asked, nxt, number, on_anomaly)
             key = _canonical(nxt)
             if key in seen:
                 raise PagingLoopError(
                     f"search {resource_type}: next link of page {number} repeats an earlier page"
                 )
-            if not self.same_origin(nxt):
-                raise PagingLoopError(f"search {resource_type}: next link points at another server")
             if number >= self.max_pages:
                 raise PagingLoopError(f"search {resource_type}: more than {self.max_pages} pages")
             seen.add(key)
             url = nxt
             page = self.get_json(nxt)
             number += 1
+
+    def _checked_next(
+        self,
+        resource_type: str,
+        search_url: str,
+        asked: list[tuple[str, str]],
+        link: str,
+        number: int,
+        on_anomaly: AnomalyHook | None,
+    ) -> str:
+        """The URL to fetch for a ``next`` link, or an error when it cannot be followed safely."""
+        nxt = urllib.parse.urljoin(self.base_url + "/", link)
+        if not self.same_origin(nxt):
+            raise PagingLoopError(f"search {resource_type}: next link points at another server")
+        if not (nxt == self.base_url or nxt.startswith(self.base_url + "/")) and not (
+            nxt.startswith(self.base_url + "?")
+        ):
+            raise PagingLoopError(f"search {resource_type}: next link is outside the FHIR base")
+        lost = lost_parameters(asked, nxt, search_path=urllib.parse.urlsplit(search_url).path)
+        if not lost:
+            return nxt
+        shape = url_shape(nxt, self.base_url)
+        if on_anomaly is not None:
+            on_anomaly(
+                "next_link_lost_parameters",
+                f"{resource_type}: next link of page {number} ({shape}) "
+                f"dropped {', '.join(sorted(lost))}",
+            )
+        query = urllib.parse.parse_qsl(urllib.parse.urlsplit(nxt).query, keep_blank_values=True)
+        paging = [(k, v) for k, v in query if k in POSITION_PARAMS or k == "_count"]
+        if not any(k in POSITION_PARAMS for k, _v in paging):
+            raise IncompleteSearch(
+                f"search {resource_type}: next link of page {number} ({shape}) dropped the "
+                "search's parameters and has no paging parameter to re-issue the search with"
+            )
+        # Re-issue our own search at the position the server named.
+        kept = [(k, v) for k, v in asked if k not in {p for p, _v in paging}]
+        return str(httpx.URL(self.url(resource_type), params=[*kept, *paging]))
+
+
+#: Parameters naming whose records a search returns: their values must survive paging too.
+PATIENT_PARAMS = frozenset({"patient", "subject", "beneficiary", "_id"})
+
+
+def lost_parameters(asked: list[tuple[str, str]], link: str, *, search_path: str) -> set[str]:
+    """Names of the search's constraining parameters a ``next`` link on the search's own path
+    no longer carries. A link elsewhere (an opaque page token on the base, as HAPI's
+    ``?_getpages=``) is the server's own state and is not judged here.
+
+    Other parameters count as kept when their name is there (servers re-encode dates and tokens);
+    patient parameters must also keep their value, compared by id (``Patient/1`` is ``1``).
+    """
+    parts = urllib.parse.urlsplit(link)
+    own = search_path.rstrip("/")
+    if parts.path.rstrip("/") not in (own, own + "/_search"):
+        return set()
+    have: dict[str, set[str]] = {}
+    for k, v in urllib.parse.parse_qsl(parts.query, keep_blank_values=True):
+        have.setdefault(k.split(":")[0], set()).add(_ids(v))
+    lost = set()
+    for k, v in asked:
+        name = k.split(":")[0]
+        if name in NON_CONSTRAINING_PARAMS:
+            continue
+        if name not in have or (name in PATIENT_PARAMS and _ids(v) not in have[name]):
+            lost.add(k)
+    return lost
+
+
+def _ids(value: str) -> str:
+    return ",".join(sorted(x.rstrip("/").rsplit("/", 1)[-1] for x in value.split(",")))
+
+
+def url_shape(url: str, base_url: str) -> str:
+    """A URL's path below the base and its parameter names, no values (safe for metadata)."""
+    parts = urllib.parse.urlsplit(url)
+    base_path = urllib.parse.urlsplit(base_url).path.rstrip("/")
+    path = parts.path[len(base_path) :] if parts.path.startswith(base_path) else parts.path
+    names = sorted({k for k, _v in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)})
+    # Path segments after the type may be ids: keep the type only.
+    segments = [s for s in path.split("/") if s]
+    head = "/" + segments[0] if segments else "/"
+    if len(segments) > 1:
+        head += "/..."
+    return head + ("?" + "&".join(names) if names else "")
 
 
 def next_link(bundle: Mapping[str, Any]) -> str | None:

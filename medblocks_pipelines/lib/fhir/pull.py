@@ -1,20 +1,26 @@
 """The patient-access pull: one connection's US Core (or CMS Patient Access) records into the lake.
 
-For one active connection (SPECS §1.10, §1.11):
+For one active connection (SPECS §1.10, §1.11), also the EHR-launch targeted sync:
 
 1. read ``Patient/{id}``;
-2. search each type the source supports *and* the grant allows, with the parameters US Core needs
-   (``Observation`` by category, ``MedicationRequest`` with ``intent`` and ``_include`` of the
-   medication, ``CarePlan`` by ``assess-plan``, ``CareTeam`` by status...), ``_lastUpdated=gt<since>``
-   after the first full pull, following every ``next`` link;
+2. search each type the server's CapabilityStatement declares, the grant allows and we know
+   (``search_plan``), with only the parameters the server declares (``Observation`` by category
+   when it can, else by patient alone), ``_lastUpdated=gt<since>`` after the first full pull,
+   following every ``next`` link the client judges safe (same origin and base, the search's
+   parameters kept; see ``client``);
 3. follow references to Practitioner, PractitionerRole, Organization, Location and Medication on the
    same server (never sending the token elsewhere), and fetch ``Binary`` content of documents;
-4. land every resource once per pull (dedupe on type, id and content) with provenance, quarantine
-   what is malformed, count OperationOutcomes inside searchsets.
+4. land every resource once per pull (dedupe on type, id and content) with provenance, through a
+   :class:`LakeWriter` scoped to the connection's patient (``compartment``): anything outside the
+   patient's compartment is quarantined as ``outside_patient_compartment``; quarantine what is
+   malformed, count OperationOutcomes inside searchsets, and record anomalies (``next`` links that
+   lost the search's parameters, ``Bundle.total`` not matching what came, no CapabilityStatement).
 
-A failure in one search makes the pull ``partial`` and the others go on; an auth failure (refresh
-refused, consent revoked) ends that connection's pull as ``failed``; :func:`pull_batch` never lets
-one connection fail the others. Pull history and the incremental watermark are per connection.
+A pull with failed searches, anomalies or quarantined rows is ``partial`` (with reasons in pull
+history; the watermark stays so the next pull is full); an auth failure (refresh refused, consent
+revoked) or every search failing ends that connection's pull as ``failed``; :func:`pull_batch`
+never lets one connection fail the others. Pull history and the incremental watermark are per
+connection.
 """
 
 import base64
@@ -35,6 +41,7 @@ import httpx
 from medblocks_pipelines.lib.errors import (
     AuthError,
     ConsentRevoked,
+    IncompleteSearch,
     MedblocksError,
     PagingLoopError,
     ProtocolError,
@@ -49,21 +56,19 @@ from medblocks_pipelines.lib.fhir.client import (
     loads_exact,
     outcome_issues,
 )
+from medblocks_pipelines.lib.fhir.compartment import PatientScope
+from medblocks_pipelines.lib.fhir.search_plan import (  # noqa: F401 (re-exported)
+    OBSERVATION_CATEGORIES,
+    Query,
+    plan_queries,
+)
 from medblocks_pipelines.lib.registry import ControlPlane
+from medblocks_pipelines.lib.smart.discovery import fetch_smart_configuration
 from medblocks_pipelines.lib.smart.launch import source_discovery, supported_types
-from medblocks_pipelines.lib.smart.scopes import ScopeSet
-from medblocks_pipelines.lib.smart.tokens import ClientAuth, TokenManager, tokens_secret_name
-from medblocks_pipelines.lib.warehouse.lake import LakeWriter, Provenance, delete_connection_data
+from medblocks_pipelines.lib.smart.tokens import ClientAuth, TokenManager
+from medblocks_pipelines.lib.warehouse.lake import LakeWriter, Provenance
 
 PATTERN = "patient_access"
-#: Observation categories searched one by one (many servers require ``category``; SPECS §1.11).
-OBSERVATION_CATEGORIES: tuple[str, ...] = (
-    "laboratory",
-    "vital-signs",
-    "social-history",
-    "survey",
-    "sdoh",
-)
 #: Types whose references we follow (SPECS §1.11: "plus the referenced Practitioner, Organization
 #: and Location"; Medication because MedicationRequest.medication can be a reference).
 FOLLOW_TYPES = frozenset(
@@ -74,98 +79,9 @@ DEFAULT_CADENCE = timedelta(hours=24)
 WATERMARK_OVERLAP = timedelta(minutes=5)
 
 
-@dataclass(frozen=True)
-class Query:
-    """One search of a pull: the type, its parameters, and a PHI-free label for metadata."""
-
-    resource_type: str
-    params: tuple[tuple[str, str], ...]
-    label: str
-
-
 def watermark_key(connection_id: str) -> str:
     """The control-plane watermark of a connection's last fully successful pull."""
     return f"{PATTERN}/{connection_id}/since"
-
-
-def plan_queries(
-    *,
-    kind: str,
-    patient_id: str,
-    supported: set[str],
-    granted: ScopeSet,
-    since: str | None = None,
-    config: Mapping[str, Any] | None = None,
-) -> tuple[list[Query], dict[str, str]]:
-    """The searches of one pull and, per skipped type, why (``not_supported`` / ``not_granted``).
-
-    ``supported`` empty means the CapabilityStatement listed nothing: every type is tried.
-    """
-    cfg = dict(config or {})
-    pid = patient_id
-    if kind == "payer":
-        wanted: list[tuple[str, list[tuple[str, str]], str]] = [
-            ("Coverage", [("patient", pid), ("_include", "Coverage:payor")], "Coverage"),
-            ("ExplanationOfBenefit", [("patient", pid)], "ExplanationOfBenefit"),
-        ]
-    else:
-        categories = cfg.get("observation_categories") or OBSERVATION_CATEGORIES
-        obs: list[tuple[str, list[tuple[str, str]], str]]
-        if cfg.get("observation_categories_combined"):
-            obs = [
-                (
-                    "Observation",
-                    [("patient", pid), ("category", ",".join(categories))],
-                    "Observation",
-                )
-            ]
-        else:
-            obs = [
-                ("Observation", [("patient", pid), ("category", c)], f"Observation:{c}")
-                for c in categories
-            ]
-        wanted = [
-            ("AllergyIntolerance", [("patient", pid)], "AllergyIntolerance"),
-            ("Condition", [("patient", pid)], "Condition"),
-            ("Immunization", [("patient", pid)], "Immunization"),
-            ("Procedure", [("patient", pid)], "Procedure"),
-            ("Encounter", [("patient", pid)], "Encounter"),
-            *obs,
-            (
-                "MedicationRequest",
-                [
-                    ("patient", pid),
-                    ("intent", "order"),
-                    ("_include", "MedicationRequest:medication"),
-                ],
-                "MedicationRequest",
-            ),
-            ("DiagnosticReport", [("patient", pid)], "DiagnosticReport"),
-            ("DocumentReference", [("patient", pid)], "DocumentReference"),
-            ("CarePlan", [("patient", pid), ("category", "assess-plan")], "CarePlan"),
-            ("CareTeam", [("patient", pid), ("status", "active")], "CareTeam"),
-            ("Goal", [("patient", pid)], "Goal"),
-            ("Device", [("patient", pid)], "Device"),
-            ("Provenance", [("patient", pid)], "Provenance"),
-        ]
-    only = set(cfg.get("resource_types") or [])
-    queries: list[Query] = []
-    skipped: dict[str, str] = {}
-    for rtype, params, label in wanted:
-        if only and rtype not in only:
-            continue
-        if supported and rtype not in supported:
-            skipped[rtype] = "not_supported"
-            continue
-        if not granted.can_search(rtype):
-            skipped[rtype] = "not_granted"
-            continue
-        if since:
-            params = [*params, ("_lastUpdated", f"gt{since}")]
-        if cfg.get("page_size"):
-            params = [*params, ("_count", str(cfg["page_size"]))]
-        queries.append(Query(rtype, tuple(params), label))
-    return queries, skipped
 
 
 @dataclass
@@ -188,6 +104,33 @@ class PullResult:
     since: str | None = None
     pull_id: int | None = None
     seconds: float = 0.0
+    #: What the server did wrong without failing a request (``next_link_lost_parameters``,
+    #: ``total_mismatch``, ``no_capability_statement``...), and PHI-free notes on each.
+    anomalies: Counter[str] = field(default_factory=Counter)
+    anomaly_notes: list[str] = field(default_factory=list)
+    #: Resources quarantined because they are outside the connection's patient compartment.
+    outside_compartment: int = 0
+    #: Resources a category-limited grant excluded when the server could not filter by category.
+    filtered_locally: int = 0
+
+    def anomaly(self, kind: str, note: str) -> None:
+        """Record one anomaly (a note is kept for the first few of each pull)."""
+        self.anomalies[kind] += 1
+        if len(self.anomaly_notes) < 20:
+            self.anomaly_notes.append(note)
+
+    @property
+    def landed(self) -> int:
+        """Resources landed (reference and Binary fetches included)."""
+        return sum(v for k, v in self.counts.items() if not k.startswith("_"))
+
+    def reasons(self) -> list[str]:
+        """Why this pull is not a plain success, as ``reason=count`` strings (PHI-free)."""
+        out = [f"{k}={v}" for k, v in sorted(self.failures.items())]
+        out += [f"{k}={v}" for k, v in sorted(self.anomalies.items())]
+        if self.quarantined:
+            out.append(f"quarantined={self.quarantined}")
+        return out
 
     def history_counts(self) -> dict[str, int]:
         """Counts for ``pull_history.counts``: by type plus a few ``_``-prefixed totals."""
@@ -195,9 +138,11 @@ class PullResult:
         out.update(
             {
                 "_quarantined": self.quarantined,
+                "_outside_patient_compartment": self.outside_compartment,
                 "_duplicates": self.duplicates,
                 "_requests": self.requests,
                 "_failures": sum(self.failures.values()),
+                **{f"_anomaly:{k}": int(v) for k, v in sorted(self.anomalies.items())},
             }
         )
         return out
@@ -266,7 +211,14 @@ class _Puller:
 
     # -- steps ---------------------------------------------------------------------------------
     def search(self, query: Query) -> None:
-        for page in self.client.search(query.resource_type, list(query.params)):
+        total: int | None = None
+        matches = 0
+        pages = self.client.search(
+            query.resource_type, list(query.params), on_anomaly=self.r.anomaly
+        )
+        for page in pages:
+            if page.number == 1 and isinstance(page.bundle.get("total"), int):
+                total = int(page.bundle["total"])
             for entry in page.bundle.get("entry") or []:
                 if not isinstance(entry, dict):
                     self.w.quarantine(
@@ -292,7 +244,20 @@ class _Puller:
                     )
                     self.r.quarantined += 1
                     continue
+                if mode == "match" or (
+                    mode is None
+                    and isinstance(resource, dict)
+                    and resource.get("resourceType") == query.resource_type
+                ):
+                    matches += 1
+                if query.keep_categories and not _has_category(resource, query.keep_categories):
+                    self.r.filtered_locally += 1
+                    continue
                 self.land(resource, origin=query.label)
+        if total is not None and total != matches:
+            self.r.anomaly(
+                "total_mismatch", f"{query.label}: Bundle.total {total}, {matches} matches received"
+            )
 
     def follow_references(self, *, depth: int = 2) -> None:
         for _ in range(depth):
@@ -355,6 +320,17 @@ def _last_updated(resource: Mapping[str, Any]) -> str | None:
     return instant.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def _has_category(resource: Any, codes: Sequence[str]) -> bool:
+    if not isinstance(resource, dict):
+        return True  # not ours to judge: landing quarantines it
+    cats = resource.get("category")
+    for cat in cats if isinstance(cats, list) else [cats]:
+        for coding in (cat or {}).get("coding") or [] if isinstance(cat, dict) else []:
+            if isinstance(coding, dict) and coding.get("code") in codes:
+                return True
+    return False
+
+
 def _references(value: Any) -> Iterator[str]:
     if isinstance(value, dict):
         for k, v in value.items():
@@ -370,6 +346,73 @@ def _references(value: Any) -> Iterator[str]:
 # ---------------------------------------------------------------------------------------------
 # one connection
 # ---------------------------------------------------------------------------------------------
+def _pull_patient(
+    puller: "_Puller",
+    patient_id: str,
+    *,
+    since: str | None,
+    kind: str,
+    granted: Any,
+    supported: set[str],
+    capability: Mapping[str, Any] | None,
+    config: Mapping[str, Any],
+) -> None:
+    """Read the Patient, run the planned searches, follow references, fetch Binary content."""
+    result, client = puller.r, puller.client
+    patient = client.read("Patient", patient_id)
+    # The Patient is read on every pull (no search to filter it), but what it references
+    # is followed only when it changed since the last complete pull.
+    changed = since is None or _last_updated(patient) is None or str(_last_updated(patient)) > since
+    puller.land(patient, origin="Patient", follow=changed)
+    queries, result.skipped_types = plan_queries(
+        kind=kind,
+        patient_id=patient_id,
+        supported=supported,
+        granted=granted,
+        since=since,
+        config=config,
+        capability=capability,
+    )
+    failed = 0
+    for query in queries:
+        before = sum(result.failures.values())
+        try:
+            puller.search(query)
+        except ConsentRevoked:
+            raise
+        except AuthError as exc:
+            # One search refused (401 after a refresh, 403) while the Patient read worked:
+            # that type is refused, the others go on. The message names the type, status and
+            # body kind ("text/plain body, not an OperationOutcome"), never ids.
+            result.failures["search_refused"] += 1
+            result.anomaly_notes.append(f"{query.label}: {exc}")
+        except IncompleteSearch:
+            result.failures["search_incomplete"] += 1
+        except PagingLoopError:
+            result.failures["paging_loop"] += 1
+        except FhirRequestError as exc:
+            result.failures[f"http_{exc.status}"] += 1
+        except TransientError:
+            result.failures["transient"] += 1
+        except ProtocolError:
+            result.failures["protocol"] += 1
+        failed += sum(result.failures.values()) > before
+    if queries and failed == len(queries):
+        result.error = "all_searches_failed"
+    puller.follow_references()
+    puller.fetch_binaries()
+
+
+def _status(result: PullResult) -> str:
+    """``failed`` when no search worked; ``partial`` with failures, anomalies or quarantined
+    rows (the watermark then stays, so the next pull is a full one); else ``success``."""
+    if result.error == "all_searches_failed":
+        return "failed"
+    if result.failures or result.anomalies or result.quarantined:
+        return "partial"
+    return "success"
+
+
 def pull_connection(
     cp: ControlPlane,
     connection_id: str,
@@ -382,8 +425,14 @@ def pull_connection(
     supported: set[str] | None = None,
     full: bool = False,
     client_options: Mapping[str, Any] | None = None,
+    capability: Mapping[str, Any] | None = None,
+    anomalies: Sequence[tuple[str, str]] = (),
 ) -> PullResult:
-    """Pull one connection into the lake; always returns (never raises for pull failures)."""
+    """Pull one connection into the lake; always returns (never raises for pull failures).
+
+    ``capability`` is the source's CapabilityStatement (searches follow what it declares);
+    ``anomalies`` are source-level ones to record on this pull (no CapabilityStatement...).
+    """
     started = time.perf_counter()
     conn = cp.get_connection(connection_id)
     result = PullResult(connection_id)
@@ -423,45 +472,28 @@ def pull_connection(
         connection=connection_id,
         run_id=run_id,
     )
+    patient_id = conn.get("source_patient_id")
+    scope = PatientScope.of(str(patient_id)) if patient_id else None
+    for kind, note in anomalies:
+        result.anomaly(kind, note)
     try:
-        with LakeWriter(lake_root, prov) as writer:
+        if scope is None:
+            raise ProtocolError("connection has no patient id")
+        # Every row lands through the patient-scope check: whatever a server answers, nothing
+        # outside this patient's compartment lands under this connection.
+        with LakeWriter(lake_root, prov, patient_scope=scope) as writer:
             puller = _Puller(client, writer, result)
-            patient_id = conn.get("source_patient_id")
-            if not patient_id:
-                raise ProtocolError("connection has no patient id")
-            patient = client.read("Patient", patient_id)
-            # The Patient is read on every pull (no search to filter it), but what it references
-            # is followed only when it changed since the last complete pull.
-            changed = (
-                since is None
-                or _last_updated(patient) is None
-                or (str(_last_updated(patient)) > since)
-            )
-            puller.land(patient, origin="Patient", follow=changed)
-            queries, result.skipped_types = plan_queries(
-                kind=source.get("kind", "ehr"),
-                patient_id=patient_id,
-                supported=supported or set(),
-                granted=tokens.granted,
+            _pull_patient(
+                puller,
+                str(patient_id),
                 since=since,
+                kind=str(source.get("kind", "ehr")),
+                granted=tokens.granted,
+                supported=supported or set(),
+                capability=capability,
                 config=cfg,
             )
-            for query in queries:
-                try:
-                    puller.search(query)
-                except PagingLoopError:
-                    result.failures["paging_loop"] += 1
-                except FhirRequestError as exc:
-                    result.failures[f"http_{exc.status}"] += 1
-                except TransientError:
-                    result.failures["transient"] += 1
-                except AuthError:
-                    raise
-                except ProtocolError:
-                    result.failures["protocol"] += 1
-            puller.follow_references()
-            puller.fetch_binaries()
-        result.status = "partial" if result.failures else "success"
+        result.status = _status(result)
     except ConsentRevoked:
         result.status, result.error = "failed", "refresh_refused"
         result.failures["refresh_refused"] += 1
@@ -477,14 +509,17 @@ def pull_connection(
     except MedblocksError as exc:
         result.status, result.error = "failed", type(exc).__name__
         result.failures[result.error] += 1
+    if scope is not None:
+        result.outside_compartment = scope.outside
     result.requests = client.stats.requests
     result.statuses = client.stats.statuses
     result.retry_reasons = client.stats.retry_reasons
     result.refreshes = tokens.refreshes
     result.seconds = time.perf_counter() - started
-    error = result.error or (
-        ", ".join(f"{k}={v}" for k, v in sorted(result.failures.items())) or None
-    )
+    error = ", ".join(result.reasons()) or result.error
+    if error and result.anomaly_notes:
+        # What the server did, in shapes and parameter names only (no values, no PHI).
+        error += " | " + "; ".join(result.anomaly_notes[:5])
     cp.finish_pull(pull_id, status=result.status, counts=result.history_counts(), error=error)
     if result.status == "success":
         # Only a complete pull moves the watermark: a failed search must be retried in full.
@@ -531,6 +566,18 @@ class BatchResult:
             total.update(r.failures)
         return total
 
+    @property
+    def anomalies(self) -> Counter[str]:
+        total: Counter[str] = Counter()
+        for r in self.results:
+            total.update(r.anomalies)
+        return total
+
+    @property
+    def all_failed(self) -> bool:
+        """True when there were pulls and every one failed."""
+        return bool(self.results) and all(r.status == "failed" for r in self.results)
+
     def as_metadata(self) -> dict[str, Any]:
         """PHI-free summary for Dagster metadata."""
         return {
@@ -540,12 +587,36 @@ class BatchResult:
             "resources_by_type": dict(sorted(self.resources_by_type.items())),
             "failures_by_reason": dict(sorted(self.failures_by_reason.items())),
             "quarantined": sum(r.quarantined for r in self.results),
+            "outside_patient_compartment": sum(r.outside_compartment for r in self.results),
+            "anomalies": dict(sorted(self.anomalies.items())),
             "duplicates_skipped": sum(r.duplicates for r in self.results),
             "requests": self.requests,
             "http_429": self.statuses.get(429, 0),
             "token_refreshes": sum(r.refreshes for r in self.results),
             "seconds": round(self.seconds, 3),
         }
+
+
+def _capability(
+    cp: ControlPlane, source: Mapping[str, Any], *, http: httpx.Client
+) -> tuple[dict[str, Any] | None, list[tuple[str, str]]]:
+    """The source's CapabilityStatement (cached per source by discovery) and source anomalies.
+
+    A server without a usable ``/metadata`` is still pulled (the known type list, US Core
+    parameters) when its SMART configuration answers; the pulls record the anomaly.
+    """
+    source_id = str(source["id"])
+    try:
+        _smart, cap = source_discovery(cp, source_id, http=http)
+    except MedblocksError as exc:
+        try:
+            fetch_smart_configuration(str(source["fhir_base_url"]), client=http)
+        except (MedblocksError, httpx.HTTPError):
+            raise exc from None
+        return None, [("no_capability_statement", "GET metadata gave no CapabilityStatement")]
+    if not supported_types(cap):
+        return cap, [("no_capability_statement", "the CapabilityStatement lists no types")]
+    return cap, []
 
 
 def source_limiter(source: Mapping[str, Any]) -> RateLimiter | None:
@@ -591,14 +662,14 @@ def pull_batch(
             source = cp.get_source(source_id)
             workers = concurrency or int((source.get("config") or {}).get("concurrency") or 4)
             try:
-                _smart, cap = source_discovery(cp, source_id, http=client)
-                supported = supported_types(cap)
+                cap, source_anomalies = _capability(cp, source, http=client)
+                supported = supported_types(cap or {})
                 auth = ClientAuth.from_source(source, cp, pattern=pattern)
             except MedblocksError as exc:
                 for cid in ids:
-                    batch.results.append(
-                        PullResult(cid, status="failed", error=f"source:{type(exc).__name__}")
-                    )
+                    failed = PullResult(cid, status="failed", error=f"source:{type(exc).__name__}")
+                    failed.failures[str(failed.error)] += 1
+                    batch.results.append(failed)
                 continue
             limiter = source_limiter(source)
 
@@ -607,6 +678,8 @@ def pull_batch(
                 limiter: RateLimiter | None = limiter,
                 auth: ClientAuth = auth,
                 supported: set[str] = supported,
+                cap: dict[str, Any] | None = cap,
+                source_anomalies: list[tuple[str, str]] = source_anomalies,
             ) -> PullResult:
                 try:
                     res = pull_connection(
@@ -620,6 +693,8 @@ def pull_batch(
                         supported=supported,
                         full=full,
                         client_options=client_options,
+                        capability=cap,
+                        anomalies=source_anomalies,
                     )
                 except Exception as exc:  # noqa: BLE001 (one connection never fails the batch)
                     reason = f"crash:{type(exc).__name__}"
@@ -660,90 +735,25 @@ def due_connections(
     return ids[:limit] if limit else ids
 
 
-# ---------------------------------------------------------------------------------------------
-# revocation
-# ---------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class RevokeResult:
-    """What revoking a connection did."""
+# Revocation lives in its own module; re-exported for the callers that import it from here.
+from medblocks_pipelines.lib.fhir.revocation import (  # noqa: E402
+    RevokeResult,
+    refresh_failed_connections,
+    revoke_connection,
+)
 
-    connection_id: str
-    revoked_at_source: bool
-    rows_deleted: int
-    delete_data: bool
-
-
-def revoke_connection(
-    cp: ControlPlane,
-    connection_id: str,
-    *,
-    lake_root: str | Path,
-    delete_data: bool | None = None,
-    reason: str = "revoked by the tenant",
-    http: httpx.Client | None = None,
-) -> RevokeResult:
-    """Revoke a connection: state ``revoked`` (pulls stop), tokens revoked at the source when it
-    offers RFC 7009 and removed from the vault, and, when asked or when the tenant's
-    ``delete_on_revoke`` setting says so, the connection's rows deleted from the lake.
-
-    The caller rebuilds the tenant's warehouse when ``rows_deleted`` is non-zero.
-    """
-    conn = cp.get_connection(connection_id)
-    # A failed launch never became a grant: clean up without a (forbidden) state change.
-    if conn["state"] not in ("revoked", "failed"):
-        cp.transition(connection_id, "revoked", reason=reason)
-    revoked_remote = False
-    secret = cp.vault.get(tokens_secret_name(connection_id))
-    if secret is not None:
-        revoked_remote = _revoke_at_source(cp, conn, loads_exact(secret.reveal()), http=http)
-    cp.vault.delete_prefix(f"conn/{connection_id}/")
-    cp.record_event(connection_id, "tokens.revoked", {"at_source": revoked_remote})
-    if delete_data is None:
-        delete_data = bool(
-            (cp.get_tenant(conn["tenant_id"])["settings"] or {}).get("delete_on_revoke")
-        )
-    removed = 0
-    if delete_data:
-        removed = delete_connection_data(lake_root, conn["tenant_id"], connection_id)
-        cp.set_watermark(watermark_key(connection_id), None)
-        cp.record_event(connection_id, "data.deleted", {"rows": removed})
-    return RevokeResult(connection_id, revoked_remote, removed, delete_data)
-
-
-def _revoke_at_source(
-    cp: ControlPlane, conn: Mapping[str, Any], blob: Mapping[str, Any], *, http: httpx.Client | None
-) -> bool:
-    source = cp.get_source(conn["source_id"])
-    endpoint = (source.get("smart_config") or {}).get("revocation_endpoint")
-    token = blob.get("refresh_token") or blob.get("access_token")
-    if not endpoint or not token:
-        return False
-    own = http is None
-    client = http or httpx.Client(timeout=10.0)
-    try:
-        auth = ClientAuth.from_source(source, cp, pattern=conn["pattern"])
-        form = {
-            "token": str(token),
-            "token_type_hint": "refresh_token" if blob.get("refresh_token") else "access_token",
-        }
-        headers = auth.apply(form, token_endpoint=str(endpoint))
-        resp = client.post(str(endpoint), data=form, headers=headers)
-        return resp.status_code == 200
-    except (httpx.HTTPError, MedblocksError):
-        # Best effort: our side is revoked and the tokens are gone either way.
-        return False
-    finally:
-        if own:
-            client.close()
-
-
-def refresh_failed_connections(
-    cp: ControlPlane, *, tenant_id: str | None = None, source_id: str | None = None
-) -> list[str]:
-    """Patient-access connections whose refresh failed (the patient must connect again)."""
-    return [
-        r["id"]
-        for r in cp.list_connections(
-            tenant_id=tenant_id, pattern=PATTERN, state="refresh_failed", source_id=source_id
-        )
-    ]
+__all__ = [
+    "OBSERVATION_CATEGORIES",
+    "PATTERN",
+    "BatchResult",
+    "PullResult",
+    "Query",
+    "RevokeResult",
+    "due_connections",
+    "plan_queries",
+    "pull_batch",
+    "pull_connection",
+    "refresh_failed_connections",
+    "revoke_connection",
+    "watermark_key",
+]

@@ -20,6 +20,7 @@ import httpx
 import sqlalchemy as sa
 
 from medblocks_pipelines.lib.errors import ConfigError, NotFound
+from medblocks_pipelines.lib.fhir.compartment import PatientScope, patients_with_identifier
 from medblocks_pipelines.lib.network import ihe
 from medblocks_pipelines.lib.network.ccda import SourceDocument, binary_resources, convert_ccda
 from medblocks_pipelines.lib.network.client import GatewayClient, GatewayConfig, GatewayOutcome
@@ -559,7 +560,15 @@ def _land(
             connection=None,
             run_id=run_id,
         )
-        with LakeWriter(settings.lake, prov) as w:
+        # Converted documents land under the person's scope: what a document's record target
+        # (matched against this gateway's XCPD matches) owns, never another patient's records.
+        # Raw documents (PDFs) carry nothing to check and land as DocumentReference + Binary.
+        scope = PatientScope(frozenset())
+        wanted = [(m.assigning_authority, m.patient_id) for m in out.matches]
+        with (
+            LakeWriter(settings.lake, prov, patient_scope=scope) as w,
+            LakeWriter(settings.lake, prov) as raw,
+        ):
             for doc in out.documents:
                 entry = entries.get(doc.key)
                 on_demand = bool(entry and entry.on_demand)
@@ -581,10 +590,13 @@ def _land(
                         )
                         status, n_q = "quarantined", 1
                     else:
+                        scope.allow(patients_with_identifier(conv.resources, wanted))
                         for res in conv.resources:
                             if w.add(res, origin=origin):
                                 by_type[res["resourceType"]] += 1
                                 n_res += 1
+                            else:  # outside the matched patient's compartment
+                                n_q += 1
                         for qd in conv.quarantined:
                             w.quarantine(
                                 qd.raw, qd.reason, resource_type=qd.resource_type, origin=qd.origin
@@ -598,7 +610,7 @@ def _land(
                 else:
                     patient_ref = None
                     for r in binary_resources(doc.content, source, patient_ref=patient_ref):
-                        if w.add(r, origin=origin):
+                        if raw.add(r, origin=origin):
                             by_type[r["resourceType"]] += 1
                             n_res += 1
                     result.documents_stored_binary += 1

@@ -61,7 +61,8 @@ from medblocks_pipelines.lib.smart.tokens import (
     token_blob,
 )
 
-#: US Core types a patient-access pull asks for when the server supports them (SPECS §1.11).
+#: US Core types a patient-access pull asks for when the server supports them (SPECS §1.11;
+#: the searches are in ``lib.fhir.search_plan.US_CORE_SEARCHES``).
 US_CORE_PATIENT_TYPES: tuple[str, ...] = (
     "Patient",
     "AllergyIntolerance",
@@ -78,6 +79,13 @@ US_CORE_PATIENT_TYPES: tuple[str, ...] = (
     "Observation",
     "Procedure",
     "Provenance",
+    # US Core 4-7 additions, asked for only where the server offers them.
+    "ServiceRequest",
+    "Specimen",
+    "QuestionnaireResponse",
+    "MedicationDispense",
+    "RelatedPerson",
+    "Coverage",
     # Referenced types a patient app needs to resolve (SPECS §1.11 last bullet) and Binary content.
     "Practitioner",
     "PractitionerRole",

@@ -34,6 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from medblocks_pipelines.lib.errors import LandingError
+from medblocks_pipelines.lib.fhir.compartment import PatientScope
 from medblocks_pipelines.lib.partitions import normalise_id
 from medblocks_pipelines.lib.storage import (
     MirrorStats,
@@ -223,8 +224,16 @@ class LakeWriter:
     """Writes one run's rows into the lake. Use as a context manager; rows flush in batches."""
 
     def __init__(
-        self, lake_root: str | os.PathLike[str], provenance: Provenance, *, batch_rows: int = 20_000
+        self,
+        lake_root: str | os.PathLike[str],
+        provenance: Provenance,
+        *,
+        batch_rows: int = 20_000,
+        patient_scope: PatientScope | None = None,
     ) -> None:
+        # ``patient_scope``: a patient-scoped connection lands only its patient's compartment;
+        # anything else is quarantined (lib/fhir/compartment.py).
+        self.patient_scope = patient_scope
         # With an object-store lake, files are staged in a private local folder and uploaded
         # whole; ``root`` is where files are staged (the lake itself when it is local).
         self.lake = lake_root
@@ -254,7 +263,9 @@ class LakeWriter:
 
     def sibling(self) -> "LakeWriter":
         """A new writer to the same lake with the same provenance (parallel landing threads)."""
-        return LakeWriter(self.lake, self.prov, batch_rows=self.batch_rows)
+        return LakeWriter(
+            self.lake, self.prov, batch_rows=self.batch_rows, patient_scope=self.patient_scope
+        )
 
     # -- context manager -----------------------------------------------------------------------
     def __enter__(self) -> "LakeWriter":
@@ -285,6 +296,8 @@ class LakeWriter:
                 self.quarantine(text, f"malformed JSON: {exc.msg} at char {exc.pos}", origin=origin)
                 return False
         reason = _invalid_reason(obj)
+        if not reason and self.patient_scope is not None:
+            reason = self.patient_scope.check(obj)
         if reason:
             rtype = obj.get("resourceType") if isinstance(obj, dict) else None
             self.quarantine(
@@ -353,6 +366,10 @@ class LakeWriter:
         origin = origin or path.name
         if not path.exists():
             raise LandingError(f"NDJSON file {path.name} does not exist")
+        if self.patient_scope is not None:
+            # The scope check reads each resource's references: the line-by-line path does it.
+            self._add_lines_slow(path, origin)
+            return
         con = duckdb.connect()
         try:
             con.execute("SET preserve_insertion_order=false")

@@ -56,6 +56,8 @@ class Behaviour:
     detected_issue: XCPD answers "no match" with a DetectedIssueEvent asking for an address.
     wrong_demographics: XCPD matches but returns a different birth date (IAS double-check).
     hostile_document: the CCD retrieve returns an entity-expansion attack instead of a C-CDA.
+    foreign_document: the CCD retrieve returns another patient's CCD (a mixed-up document: its
+        record target is not the patient XCPD matched).
     busy_first: transactions ("ITI-38", "ITI-39") whose first request answers Failure +
         XDSRegistryBusy / XDSRepositoryBusy (a retry succeeds).
     """
@@ -71,6 +73,7 @@ class Behaviour:
     detected_issue: bool = False
     wrong_demographics: bool = False
     hostile_document: bool = False
+    foreign_document: bool = False
     busy_first: frozenset[str] = frozenset()
 
 
@@ -620,6 +623,21 @@ def create_gateway_app(
                 mime = "text/xml"
             elif b.hostile_document:
                 content, mime = HOSTILE_DOCUMENT, "text/xml"
+            elif b.foreign_document:
+                other = next((p for p in com.patients if p != pid), None)
+                someone = (
+                    com.patients[other]
+                    if other
+                    else {**com.patients[pid], "id": f"{pid}-other", "identifier": []}
+                )
+                content = render_ccd(
+                    someone,
+                    com.resources.get(other or pid, []),
+                    org=org,
+                    document_id=uid,
+                    effective=STABLE_DOCUMENT_TIME,
+                )
+                mime = "text/xml"
             else:
                 content = render_ccd(
                     com.patients[pid],
