@@ -21,7 +21,7 @@ def _obs(i: int, version: int = 1, value: str = "7.10") -> str:
     # Raw text: the decimal's trailing zero must survive landing.
     return (
         '{"resourceType":"Observation","id":"o%d","meta":{"versionId":"%d",'
-        '"lastUpdated":"2026-01-0%dT00:00:00Z"},"status":"final",'
+        '"lastUpdated":"2026-01-0%dT00:00:00Z"},"status":"final","code":{"text":"pulse"},'
         '"valueQuantity":{"value":%s,"unit":"%%"}}' % (i, version, version, value)
     )
 
@@ -169,7 +169,7 @@ from medblocks_pipelines.lib.warehouse.lake import LakeWriter, Provenance
 root, n = sys.argv[1], int(sys.argv[2])
 w = LakeWriter(root, Provenance("acme", "backend", "mercy-ehr", "mercy", None, "doomed"), batch_rows=100)
 for i in range(n):
-    w.add('{"resourceType":"Observation","id":"o%d","meta":{"versionId":"1"}}' % i)
+    w.add('{"resourceType":"Patient","id":"o%d","meta":{"versionId":"1"}}' % i)
     if i == 1000:
         print("flushing", flush=True)
 w.close()
@@ -202,7 +202,7 @@ def test_run_killed_mid_write_then_rerun(settings: Settings, tmp_path: Path) -> 
     # The rerun lands the whole set again; the warehouse holds each record exactly once.
     with LakeWriter(settings.lake_root, _prov("rerun"), batch_rows=20000) as w:
         for i in range(N_KILLED):
-            w.add('{"resourceType":"Observation","id":"o%d","meta":{"versionId":"1"}}' % i)
+            w.add('{"resourceType":"Patient","id":"o%d","meta":{"versionId":"1"}}' % i)
     build_warehouse("acme", settings=settings, steps=[])
     with open_warehouse("acme", settings=settings) as con:
         n, distinct = con.execute(

@@ -15,7 +15,6 @@ The resource JSON is stored exactly as the source sent it (decimals such as ``7.
 Rows that are not a JSON object with ``resourceType`` and ``id`` go to quarantine with the reason.
 """
 
-import gzip
 import hashlib
 import json
 import os
@@ -34,6 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from medblocks_pipelines.lib.errors import LandingError
+from medblocks_pipelines.lib.fhir import validate
 from medblocks_pipelines.lib.partitions import normalise_id
 from medblocks_pipelines.lib.storage import (
     MirrorStats,
@@ -43,6 +43,7 @@ from medblocks_pipelines.lib.storage import (
     open_fs,
     storage_error,
 )
+from medblocks_pipelines.lib.warehouse.ndjson_lines import MAX_LINE_BYTES, read_lines
 
 RESOURCE_SCHEMA = pa.schema(
     [
@@ -223,7 +224,12 @@ class LakeWriter:
     """Writes one run's rows into the lake. Use as a context manager; rows flush in batches."""
 
     def __init__(
-        self, lake_root: str | os.PathLike[str], provenance: Provenance, *, batch_rows: int = 20_000
+        self,
+        lake_root: str | os.PathLike[str],
+        provenance: Provenance,
+        *,
+        batch_rows: int = 20_000,
+        max_line_bytes: int = MAX_LINE_BYTES,
     ) -> None:
         # With an object-store lake, files are staged in a private local folder and uploaded
         # whole; ``root`` is where files are staged (the lake itself when it is local).
@@ -236,6 +242,11 @@ class LakeWriter:
             self.root = Path(lake_root)
         self.prov = provenance
         self.batch_rows = batch_rows
+        self.max_line_bytes = max_line_bytes
+        # FHIR validation at the door; off only for the ingest benchmark's baseline.
+        self.validate = os.environ.get("MEDBLOCKS_BENCH_SKIP_VALIDATION") != "1"
+        # (type, id, versionId) -> content hash of the current file's rows (line-by-line pass).
+        self._seen: dict[tuple[str, str, str], str] | None = None
         self.stats = LandingStats()
         self._fetched_at = _now()
         self._rows: dict[str, list[tuple[Any, ...]]] = defaultdict(list)
@@ -254,7 +265,9 @@ class LakeWriter:
 
     def sibling(self) -> "LakeWriter":
         """A new writer to the same lake with the same provenance (parallel landing threads)."""
-        return LakeWriter(self.lake, self.prov, batch_rows=self.batch_rows)
+        return LakeWriter(
+            self.lake, self.prov, batch_rows=self.batch_rows, max_line_bytes=self.max_line_bytes
+        )
 
     # -- context manager -----------------------------------------------------------------------
     def __enter__(self) -> "LakeWriter":
@@ -271,20 +284,38 @@ class LakeWriter:
         self.close()
 
     # -- adding rows ---------------------------------------------------------------------------
-    def add(self, resource: dict[str, Any] | str | bytes, *, origin: str | None = None) -> bool:
-        """Land one resource; returns False when it was quarantined instead."""
+    def add(
+        self,
+        resource: dict[str, Any] | str | bytes,
+        *,
+        origin: str | None = None,
+        expected_type: str | None = None,
+    ) -> bool:
+        """Land one resource; returns False when it was quarantined instead.
+
+        Bytes must be UTF-8 (never rewritten); the resource must pass the FHIR checks of
+        ``lib/fhir/validate.py`` (and be an ``expected_type`` when given).
+        """
         if isinstance(resource, dict):
             obj: Any = resource
             text = json.dumps(resource, separators=(",", ":"), ensure_ascii=False)
         else:
-            text = resource.decode("utf-8", "replace") if isinstance(resource, bytes) else resource
-            text = text.strip()
+            if isinstance(resource, bytes):
+                try:
+                    resource = resource.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    bad = f"invalid_utf8: byte {exc.start} is not UTF-8"
+                    self.quarantine(resource.strip(), bad, origin=origin)
+                    return False
+            text = resource.strip()
             try:
                 obj = json.loads(text)
             except json.JSONDecodeError as exc:
                 self.quarantine(text, f"malformed JSON: {exc.msg} at char {exc.pos}", origin=origin)
                 return False
-        reason = _invalid_reason(obj)
+        reason = _invalid_reason(obj, expected_type) if self.validate else _structure_reason(obj)
+        if reason is None:
+            reason = self._conflict_reason(obj, text)
         if reason:
             rtype = obj.get("resourceType") if isinstance(obj, dict) else None
             self.quarantine(
@@ -332,7 +363,8 @@ class LakeWriter:
         origin: str | None = None,
     ) -> None:
         """Keep a bad record with the reason; it is reported, never dropped silently."""
-        text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+        # Undecodable bytes stay visible as \\xNN escapes: the evidence is kept, not rewritten.
+        text = raw.decode("utf-8", "backslashreplace") if isinstance(raw, bytes) else raw
         self._quarantine.append(
             (text[:MAX_RAW_CHARS], reason, resource_type, origin, content_hash(text))
         )
@@ -341,13 +373,22 @@ class LakeWriter:
         if len(self._quarantine) >= self.batch_rows:
             self._flush_quarantine()
 
-    def add_ndjson_file(self, path: str | os.PathLike[str], *, origin: str | None = None) -> None:
+    def add_ndjson_file(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        origin: str | None = None,
+        expected_type: str | None = None,
+    ) -> None:
         """Land a whole (optionally gzipped) NDJSON file at DuckDB scan speed.
 
-        Each line is parsed once: DuckDB reads the objects, extracts the four fields the lake needs
-        in one multi-path ``json_extract`` into a temporary table, and writes the Parquet files from
-        it. A file with malformed lines falls back to a line-by-line pass, so every bad line is
-        quarantined with its line number and reason.
+        Each line is parsed once: DuckDB reads the objects, extracts the fields the lake needs and
+        every element the FHIR checks read in one multi-path ``json_extract``, evaluates the checks
+        (``validate.reason_sql``) into a temporary table, and writes the Parquet files from it.
+        Rows of another type than ``expected_type`` (the type the file holds, when known) are
+        quarantined. A file DuckDB cannot read whole (malformed lines, bytes that are not UTF-8, a
+        truncated gzip) falls back to a line-by-line pass, so every bad line is quarantined with
+        its line number and reason and every good one still lands.
         """
         path = Path(path)
         origin = origin or path.name
@@ -357,56 +398,123 @@ class LakeWriter:
         try:
             con.execute("SET preserve_insertion_order=false")
             con.execute(f"SET memory_limit='{LANDING_MEMORY_LIMIT}'")
-            # json_extract gives JSON values: a string starts with '"'; anything else (a number,
-            # an object, null) is as unusable for resourceType/id as no value. ->> '$' unquotes.
-            con.execute(
-                f"""
-                CREATE TEMP TABLE rows AS
-                SELECT raw, recno,
-                       CASE WHEN raw IS NULL THEN 'malformed JSON'
-                            WHEN NOT starts_with(ltrim(raw), '{{') THEN 'not a JSON object'
-                            WHEN f[1] IS NULL OR NOT starts_with(f[1]::VARCHAR, '"')
-                                 OR f[1]::VARCHAR = '""' THEN 'missing resourceType'
-                            WHEN f[2] IS NULL OR NOT starts_with(f[2]::VARCHAR, '"')
-                                 OR f[2]::VARCHAR = '""' THEN 'missing id'
-                       END AS reason,
-                       f[1] ->> '$' AS rtype, f[2] ->> '$' AS rid,
-                       CASE WHEN f[3]::VARCHAR <> 'null' THEN f[3] ->> '$' END AS vid,
-                       CASE WHEN f[4]::VARCHAR <> 'null' THEN f[4] ->> '$' END AS lu
-                FROM (
-                    SELECT json::VARCHAR AS raw,
-                           json_extract(json, ['$.resourceType', '$.id', '$.meta.versionId',
-                                               '$.meta.lastUpdated']) AS f,
-                           row_number() OVER () AS recno
-                    FROM read_ndjson_objects('{_sql_str(str(path))}', ignore_errors=true)
-                )
-                """
-            )
+            try:
+                con.execute(self._rows_sql(path, expected_type))
+            except duckdb.Error:
+                # Unreadable as a whole (e.g. a gzip stream that ends early): line by line.
+                self._add_lines_slow(path, origin, expected_type)
+                return
             bad = con.execute("SELECT count(*) FROM rows WHERE raw IS NULL").fetchone()
             if bad and bad[0]:
                 con.execute("DROP TABLE rows")
-                self._add_lines_slow(path, origin)
+                self._add_lines_slow(path, origin, expected_type)
                 return
+            self._flag_conflicts_sql(con)
             self._copy_fast(con, origin)
         finally:
             con.close()
 
     # -- internals -----------------------------------------------------------------------------
-    def _add_lines_slow(self, path: Path, origin: str) -> None:
-        opener = gzip.open if path.suffix == ".gz" else open
-        with opener(path, "rb") as fh:  # type: ignore[operator]
-            for lineno, line in enumerate(fh, start=1):
-                if not line.strip():
+    def _rows_sql(self, path: Path, expected_type: str | None) -> str:
+        # json_extract gives JSON values: a string starts with '"'; anything else (a number,
+        # an object, null) is as unusable for resourceType/id as no value. ->> '$' unquotes.
+        paths = ["$.resourceType", "$.id", "$.meta.versionId", "$.meta.lastUpdated"]
+        check = "NULL"
+        if self.validate:
+            paths += [f"$.{p}" for p in validate.checked_paths()]
+            check = validate.reason_sql("f", 5, "(f[1] ->> '$')", "(f[2] ->> '$')", expected_type)
+        return f"""
+            CREATE TEMP TABLE rows AS
+            SELECT raw, recno,
+                   CASE WHEN raw IS NULL THEN 'malformed JSON'
+                        WHEN strlen(raw) > {int(self.max_line_bytes)} THEN 'line_too_long: record '
+                             || recno || ' has ' || strlen(raw) || ' bytes (limit '
+                             || {int(self.max_line_bytes)} || ')'
+                        WHEN NOT starts_with(ltrim(raw), '{{') THEN 'not a JSON object'
+                        WHEN f[1] IS NULL OR NOT starts_with(f[1]::VARCHAR, '"')
+                             OR f[1]::VARCHAR = '""' THEN 'missing resourceType'
+                        WHEN f[2] IS NULL OR NOT starts_with(f[2]::VARCHAR, '"')
+                             OR f[2]::VARCHAR = '""' THEN 'missing id'
+                        ELSE {check}
+                   END AS reason,
+                   f[1] ->> '$' AS rtype, f[2] ->> '$' AS rid,
+                   CASE WHEN f[3]::VARCHAR <> 'null' THEN f[3] ->> '$' END AS vid,
+                   CASE WHEN f[4]::VARCHAR <> 'null' THEN f[4] ->> '$' END AS lu
+            FROM (
+                SELECT json::VARCHAR AS raw, json_extract(json, {paths!r}) AS f,
+                       row_number() OVER () AS recno
+                FROM read_ndjson_objects('{_sql_str(str(path))}', ignore_errors=true)
+            )
+            """
+
+    def _flag_conflicts_sql(self, con: duckdb.DuckDBPyConnection) -> None:
+        """Quarantine later rows of a (type, id, versionId) whose content differs from the first.
+
+        Deterministic (file order decides which lands), flagged, never resolved silently. The
+        md5 is computed only for keys seen more than once, so a clean file pays one GROUP BY.
+        """
+        con.execute(
+            f"""
+            UPDATE rows SET reason = {_CONFLICT_SQL}
+            FROM (
+                SELECT recno AS c_recno FROM (
+                    SELECT recno, md5(raw) AS h,
+                           first_value(md5(raw)) OVER (
+                               PARTITION BY rtype, rid, vid ORDER BY recno) AS h0
+                    FROM rows
+                    WHERE reason IS NULL AND vid IS NOT NULL
+                      AND (rtype, rid, vid) IN (
+                          SELECT (rtype, rid, vid) FROM rows
+                          WHERE reason IS NULL AND vid IS NOT NULL
+                          GROUP BY ALL HAVING count(*) > 1)
+                ) WHERE h <> h0
+            ) c
+            WHERE rows.recno = c.c_recno
+            """
+        )
+
+    def _conflict_reason(self, obj: dict[str, Any], text: str) -> str | None:
+        # The line-by-line twin of _flag_conflicts_sql (only while a file is read line by line).
+        meta = obj.get("meta")
+        vid = meta.get("versionId") if isinstance(meta, dict) else None
+        if self._seen is None or vid is None:
+            return None
+        rtype, rid, vid = obj["resourceType"], obj["id"], str(vid)
+        digest = content_hash(text)
+        if self._seen.setdefault((rtype, rid, vid), digest) == digest:
+            return None
+        return _conflict_text(rtype, rid, vid)
+
+    def _add_lines_slow(self, path: Path, origin: str, expected_type: str | None = None) -> None:
+        self._seen = {}
+        try:
+            for line in read_lines(path, max_line=self.max_line_bytes, keep=MAX_RAW_CHARS):
+                where = f"{origin}:{line.lineno}"
+                if line.problem is None:
+                    self.add(line.data, origin=where, expected_type=expected_type)
                     continue
-                self.add(line, origin=f"{origin}:{lineno}")
+                if line.problem.startswith("truncated_gzip") and line.data.strip():
+                    # A tail that is a whole resource (cut just before its newline) still lands.
+                    try:
+                        whole = isinstance(json.loads(line.data), dict)
+                    except (json.JSONDecodeError, UnicodeDecodeError):
+                        whole = False
+                    if whole:
+                        self.add(line.data, origin=where, expected_type=expected_type)
+                        self.quarantine(b"", line.problem, origin=where)
+                        continue
+                self.quarantine(line.data, line.problem, origin=where)
+        finally:
+            self._seen = None
 
     def _copy_fast(self, con: duckdb.DuckDBPyConnection, origin: str) -> None:
         p = self.prov
         fetched = self._fetched_at.isoformat()
-        for raw, reason, recno in con.execute(
-            "SELECT raw, reason, recno FROM rows WHERE reason IS NOT NULL ORDER BY recno"
+        for raw, reason, rtype, recno in con.execute(
+            f"SELECT left(raw, {MAX_RAW_CHARS}), reason, rtype, recno FROM rows "
+            "WHERE reason IS NOT NULL ORDER BY recno"
         ).fetchall():
-            self.quarantine(raw, reason, origin=f"{origin}#{recno}")
+            self.quarantine(raw, reason, resource_type=rtype, origin=f"{origin}#{recno}")
         counts = con.execute(
             "SELECT rtype, count(*) FROM rows WHERE reason IS NULL GROUP BY rtype ORDER BY rtype"
         ).fetchall()
@@ -582,17 +690,26 @@ class LakeWriter:
         return self.stats
 
 
-def _invalid_reason(obj: Any) -> str | None:
-    if not isinstance(obj, dict):
-        return "not a JSON object"
-    rtype = obj.get("resourceType")
-    if not isinstance(rtype, str) or not rtype:
-        return "missing resourceType"
-    # FHIR ids are non-empty strings; a number or an object is as unusable as no id at all.
-    rid = obj.get("id")
-    if not isinstance(rid, str) or not rid:
-        return "missing id"
-    return None
+def _structure_reason(obj: Any) -> str | None:
+    # What the lake itself needs (the benchmark's no-validation baseline checks only this).
+    return validate.invalid_reason(obj, structure_only=True)
+
+
+def _invalid_reason(obj: Any, expected_type: str | None = None) -> str | None:
+    return validate.invalid_reason(obj, expected_type)
+
+
+def _conflict_text(rtype: str, rid: str, vid: str) -> str:
+    return (
+        f"conflicting_duplicate: {rtype}/{rid} versionId {vid} differs from an earlier line "
+        "of the same file"
+    )
+
+
+_CONFLICT_SQL = (
+    "'conflicting_duplicate: ' || rows.rtype || '/' || rows.rid || ' versionId ' || rows.vid "
+    "|| ' differs from an earlier line of the same file'"
+)
 
 
 def _reason_class(reason: str) -> str:
