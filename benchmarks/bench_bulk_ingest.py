@@ -10,10 +10,16 @@ watermark and DELETE (`sync_organization`), and `build_warehouse(..., steps=[])`
 tables. The baseline, in its own child process: DuckDB `read_json` of the same files into one
 table per resource type of a DuckDB file. Prints resources/s and MB/s for both, the ratio
 (target >= 0.5), and peak RSS of each process (target <= 1 GiB for ours).
+
+The FHIR validation at the landing door (lib/fhir/validate.py) is measured in the same run: a
+second full sync of the same export into another tenant with validation off
+(MEDBLOCKS_BENCH_SKIP_VALIDATION=1, a switch for this benchmark only) gives the cost of the checks
+as a share of the whole ingest (target <= 20%). ``--skip-validation-baseline`` leaves it out.
 """
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -21,6 +27,7 @@ import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -60,6 +67,29 @@ def baseline(directory: str) -> None:
     print(json.dumps({"seconds": seconds, "rows": rows, "rss_mib": hwm / 1024}))
 
 
+def _ingest_without_validation(cp: Any, settings: Any, expected: int) -> tuple[float, float]:
+    """The same export, synced again into a second tenant with the FHIR checks off.
+
+    Returns wall and CPU seconds (this process) of download + landing + base tables."""
+    from medblocks_pipelines.lib.fhir.bulk_sync import sync_organization
+    from medblocks_pipelines.lib.warehouse.build import build_warehouse
+
+    cp.add_tenant("plain", "Plain")
+    cp.add_organization("plain-org", "plain", "bench-ehr", "Plain Org", {"level": "system"})
+    os.environ["MEDBLOCKS_BENCH_SKIP_VALIDATION"] = "1"
+    try:
+        t0, c0 = time.perf_counter(), time.process_time()
+        report = sync_organization(
+            cp, settings, "plain", "plain-org", run_id="plain-run", min_wait=0.05, timeout=3600
+        )
+        build_warehouse("plain", settings=settings, steps=[], control_plane=cp, run_id="plain-b")
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    finally:
+        os.environ.pop("MEDBLOCKS_BENCH_SKIP_VALIDATION", None)
+    assert report.landed == expected, report.as_metadata()
+    return seconds, cpu
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--resources", type=int, default=1_000_000)
@@ -67,6 +97,11 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=4)
     parser.add_argument("--gzip", action="store_true", help="Ask for gzip (server compresses).")
     parser.add_argument("--keep", action="store_true")
+    parser.add_argument(
+        "--skip-validation-baseline",
+        action="store_true",
+        help="Do not run the second sync without FHIR validation.",
+    )
     parser.add_argument("--baseline", help=argparse.SUPPRESS)
     parser.add_argument("--generate", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -105,7 +140,7 @@ def main() -> None:
         proc, base = start_server(work / "src", work)
         settings, cp = prepare_registry(base, work / "data", parallel=args.parallel, gzip=args.gzip)
 
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         report = sync_organization(
             cp, settings, "bench", "bench-org", run_id="bench-run", min_wait=0.05, timeout=3600
         )
@@ -117,6 +152,7 @@ def main() -> None:
         )
         t_wh = time.perf_counter() - t1
         ours_s = t_land + t_wh
+        ours_cpu = time.process_time() - c0
         landed = report.landed
         assert landed == args.resources, (landed, args.resources, report.as_metadata())
         assert built.table_counts.get("resources") == args.resources, built.table_counts
@@ -151,6 +187,15 @@ def main() -> None:
             "target <= 1024), "
             f"read_json {base_md['rss_mib']:,.0f} MiB"
         )
+        if not args.skip_validation_baseline:
+            plain_s, plain_cpu = _ingest_without_validation(cp, settings, args.resources)
+            # CPU seconds of this process too: on a shared machine wall time is mostly noise.
+            print(
+                f"without FHIR validation: {plain_s:.1f} s ({plain_cpu:.1f} CPU s) vs with "
+                f"{ours_s:.1f} s ({ours_cpu:.1f} CPU s): validation costs "
+                f"{(ours_s - plain_s) / plain_s:+.1%} wall, "
+                f"{(ours_cpu - plain_cpu) / plain_cpu:+.1%} CPU of the ingest (target <= 20%)"
+            )
     finally:
         if proc is not None:
             proc.terminate()

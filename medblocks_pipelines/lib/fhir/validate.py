@@ -9,9 +9,9 @@ colon is the reason CLASS (value-free, used in metadata counts); the rest may qu
 which is fine only because quarantine rows hold the raw resource anyway (PHI-bearing storage).
 
 The rules are checked two ways from the same data: :func:`invalid_reason` in Python (one resource
-at a time, for ``LakeWriter.add``) and :func:`reason_sql` as one DuckDB expression (the NDJSON
-fast path, vectorised, no per-row Python). Both return the same first reason for the same input;
-the tests hold them to it.
+at a time, for ``LakeWriter.add``) and :func:`valid_sql` as one DuckDB predicate (the NDJSON
+fast path, vectorised: per-row Python only for the rows it rejects, which get their reason from
+``invalid_reason``). The tests hold the two to the same verdict on every case.
 
 Regexes are the FHIR R4 (4.0.1) ones, verbatim from the datatypes page
 (https://hl7.org/fhir/R4/datatypes.html#primitive) and the id type; they are anchored (a full
@@ -348,16 +348,28 @@ def invalid_reason(
     return None
 
 
-# -- the same rules as one DuckDB expression ----------------------------------------------------
+# -- the same rules as one DuckDB predicate ----------------------------------------------------
 # The fast path extracts every checked path in one multi-path json_extract (each line is parsed
-# once) and evaluates this CASE over the extracted JSON values; only the branch of a row's own
-# type runs. ``f`` is the list of extracted values, ``rtype``/``rid`` the unquoted type and id.
+# once) cast to VARCHAR[]: the JSON text of each value, which DuckDB writes normalised (escapes
+# decoded but for '"', '\\' and control characters), so a JSON string's text is its value in
+# quotes. The predicate below is string comparisons and RE2 matches on that text, never a second
+# JSON parse (json_type / ->> per value would cost more than the landing). It says only whether a
+# row is valid; the few rows it rejects get their reason from ``invalid_reason`` (the one place
+# that words reasons), and a row it rejects that ``invalid_reason`` accepts lands. Values of one
+# kind share one regex (a lambda over a list): every regex in a query is compiled per file.
 
 
-def checked_paths() -> list[str]:
-    """Every JSON path the SQL checks read (top-level names and dotted element paths)."""
+def _checked_types(expected_type: str | None) -> list[str]:
+    # A file of one known type needs only that type's checks: any other type is rejected.
+    if expected_type:
+        return [expected_type]
+    return sorted(set(ELEMENTS) | set(REQUIRED))
+
+
+def checked_paths(expected_type: str | None = None) -> list[str]:
+    """Every JSON path the SQL checks read (dotted element paths), for a file of one type or any."""
     paths: list[str] = []
-    for rtype in sorted(set(ELEMENTS) | set(REQUIRED)):
+    for rtype in _checked_types(expected_type):
         for req in REQUIRED.get(rtype, ()):
             paths.extend((req,) if isinstance(req, str) else req)
         paths.extend(r.path for r in rules_for(rtype))
@@ -369,72 +381,70 @@ def _lit(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def _sql_kind_ok(kind: str, v: str) -> str:
-    if kind.startswith("code:"):
-        codes = ", ".join(_lit(c) for c in VALUE_SETS[kind[5:]])
-        return f"(json_type({v}) = 'VARCHAR' AND ({v} ->> '$') IN ({codes}))"
-    if kind == "boolean":
-        return f"json_type({v}) = 'BOOLEAN'"
-    if kind == "integer":
-        return f"json_type({v}) IN ('BIGINT', 'UBIGINT', 'HUGEINT')"
-    if kind == "decimal":
-        return f"json_type({v}) IN ('BIGINT', 'UBIGINT', 'HUGEINT', 'DOUBLE')"
-    regex = ID_REGEX if kind == "id" else PRIMITIVE_REGEX[kind]
-    return f"(json_type({v}) = 'VARCHAR' AND regexp_full_match({v} ->> '$', {_lit(regex)}))"
+# R4 decimal / integer regexes, matched against a JSON number's text.
+_NUMBER_REGEX = {
+    "decimal": r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?",
+    "integer": r"-?([0]|([1-9][0-9]*))",
+}
 
 
-def _sql_rule(rule: Rule, v: str) -> str:
-    if rule.kind.startswith("code:"):
-        msg = f"' is not in value set {rule.kind[5:]}'"
-        cls = "invalid_code"
-    else:
-        msg = _lit(f" is not a {_KIND_NAMES.get(rule.kind, 'FHIR ' + rule.kind)}")
-        cls = "invalid_primitive"
-    head = _lit(f"{cls}: {rule.label}: ")
-    return (
-        f"WHEN {v} IS NOT NULL AND {v}::VARCHAR <> 'null' AND NOT {_sql_kind_ok(rule.kind, v)} "
-        f"THEN {head} || left({v}::VARCHAR, 100) || {msg}"
-    )
+def _text_regex(kind: str) -> str:
+    """The regex a valid value's JSON text matches in full."""
+    if kind in _NUMBER_REGEX:
+        return _NUMBER_REGEX[kind]
+    return '"(?:' + (ID_REGEX if kind == "id" else PRIMITIVE_REGEX[kind]) + ')"'
 
 
-def _sql_type_checks(rtype: str, slot: dict[str, str]) -> str:
-    whens: list[str] = []
+def _sql_type_ok(rtype: str, slot: dict[str, str]) -> str:
+    parts: list[str] = []
     for req in REQUIRED.get(rtype, ()):
         choices = (req,) if isinstance(req, str) else req
-        absent = " AND ".join(
-            f"coalesce({slot[c]}::VARCHAR, 'null') IN ('null', '[]', '\"\"')" for c in choices
-        )
-        name = choices[0] if len(choices) == 1 else "/".join(choices)
-        whens.append(f"WHEN {absent} THEN {_lit(f'missing_required: {rtype}.{name}')}")
-    whens.extend(_sql_rule(r, slot[r.path]) for r in rules_for(rtype))
-    return "CASE " + " ".join(whens) + " END"
+        parts.append(
+            "(" + " OR ".join(f"coalesce({slot[c]}, 'null') NOT IN ('null', '[]', '\"\"')"
+                              for c in choices) + ")"
+        )  # fmt: skip
+    by_kind: dict[str, list[str]] = {}
+    for rule in rules_for(rtype):
+        by_kind.setdefault(rule.kind, []).append(slot[rule.path])
+    for kind, values in by_kind.items():
+        if kind.startswith("code:") or kind == "boolean":
+            allowed = ["true", "false"] if kind == "boolean" else VALUE_SETS[kind[5:]]
+            ok = ", ".join(_lit(a if kind == "boolean" else json.dumps(a)) for a in allowed)
+            parts.extend(f"coalesce({v}, 'null') IN ('null', {ok})" for v in values)
+            continue
+        regex = _lit(_text_regex(kind))
+        if len(values) == 1:
+            v = values[0]
+            parts.append(f"(coalesce({v}, 'null') = 'null' OR regexp_full_match({v}, {regex}))")
+        else:
+            parts.append(
+                f"list_bool_and(list_transform([{', '.join(values)}], "
+                f"lambda x: coalesce(x, 'null') = 'null' OR regexp_full_match(x, {regex})))"
+            )
+    return "(" + " AND ".join(parts or ["true"]) + ")"
 
 
-def reason_sql(f: str, first_slot: int, rtype: str, rid: str, expected_type: str | None) -> str:
-    """A DuckDB expression giving the first broken rule of a row, NULL when it may land.
+def valid_sql(s: str, first_slot: int, rtype: str, expected_type: str | None) -> str:
+    """A DuckDB predicate: TRUE when a row passes every check :func:`invalid_reason` makes.
 
-    ``f`` is a list of JSON values extracted with ``json_extract(json, checked_paths())`` placed
-    from 1-based index ``first_slot``; the structural checks (JSON object, resourceType, id
-    present) are the caller's and come first.
+    ``s`` is the VARCHAR[] of JSON texts ``json_extract(json, [...])::VARCHAR[]`` whose slots 1
+    and 2 are ``$.resourceType`` and ``$.id`` (present as strings: the caller checks that) and
+    whose slots from ``first_slot`` (1-based) are ``checked_paths(expected_type)``; ``rtype`` is
+    the unquoted type.
     """
-    slot = {p: f"{f}[{first_slot + i}]" for i, p in enumerate(f"$.{p}" for p in checked_paths())}
-    slot = {k[2:]: v for k, v in slot.items()}
-    known = ", ".join(_lit(t) for t in sorted(R4_RESOURCE_TYPES))
-    branches = " ".join(
-        f"WHEN {_lit(t)} THEN {_sql_type_checks(t, slot)}"
-        for t in sorted(set(ELEMENTS) | set(REQUIRED))
-    )
-    mismatch = ""
+    slot = {p: f"{s}[{first_slot + i}]" for i, p in enumerate(checked_paths(expected_type))}
     if expected_type:
-        mismatch = (
-            f"WHEN {rtype} <> {_lit(expected_type)} THEN 'type_mismatch: a ' || {rtype} || "
-            f"{_lit(' in a file of ' + expected_type)} "
-        )
-    return (
-        f"CASE WHEN {rtype} NOT IN ({known}) THEN 'unknown_resource_type: ' || "
-        f"left({f}[1]::VARCHAR, 100) || ' is not a FHIR R4 resource type' "
-        f"WHEN NOT regexp_full_match({rid}, {_lit(ID_REGEX)}) THEN 'invalid_id: ' || "
-        f"left({f}[2]::VARCHAR, 100) || ' is not a FHIR id' "
-        f"{mismatch}"
-        f"ELSE CASE {rtype} {branches} ELSE {_sql_type_checks('Basic', slot)} END END"
-    )
+        type_ok = f"{s}[1] = {_lit(json.dumps(expected_type))}"
+    else:
+        known = ", ".join(_lit(json.dumps(t)) for t in sorted(R4_RESOURCE_TYPES))
+        type_ok = f"{s}[1] IN ({known})"
+    per_type = _sql_type_ok("Basic", slot)
+    branches = [
+        f"WHEN {_lit(t)} THEN {_sql_type_ok(t, slot)}"
+        for t in _checked_types(expected_type)
+        if t in ELEMENTS or t in REQUIRED
+    ]
+    if branches:
+        per_type = f"CASE {rtype} {' '.join(branches)} ELSE {per_type} END"
+    id_ok = f"regexp_full_match({s}[2], {_lit(_text_regex('id'))})"
+    return f"({type_ok} AND {id_ok} AND {per_type})"

@@ -409,6 +409,8 @@ class LakeWriter:
                 con.execute("DROP TABLE rows")
                 self._add_lines_slow(path, origin, expected_type)
                 return
+            if self.validate:
+                self._explain_rejected(con, expected_type)
             self._flag_conflicts_sql(con)
             self._copy_fast(con, origin)
         finally:
@@ -416,13 +418,13 @@ class LakeWriter:
 
     # -- internals -----------------------------------------------------------------------------
     def _rows_sql(self, path: Path, expected_type: str | None) -> str:
-        # json_extract gives JSON values: a string starts with '"'; anything else (a number,
+        # json_extract gives JSON texts: a string starts with '"'; anything else (a number,
         # an object, null) is as unusable for resourceType/id as no value. ->> '$' unquotes.
         paths = ["$.resourceType", "$.id", "$.meta.versionId", "$.meta.lastUpdated"]
-        check = "NULL"
+        valid = "true"
         if self.validate:
-            paths += [f"$.{p}" for p in validate.checked_paths()]
-            check = validate.reason_sql("f", 5, "(f[1] ->> '$')", "(f[2] ->> '$')", expected_type)
+            paths += [f"$.{p}" for p in validate.checked_paths(expected_type)]
+            valid = validate.valid_sql("f", 5, "rtype", expected_type)
         return f"""
             CREATE TEMP TABLE rows AS
             SELECT raw, recno,
@@ -431,21 +433,45 @@ class LakeWriter:
                              || recno || ' has ' || strlen(raw) || ' bytes (limit '
                              || {int(self.max_line_bytes)} || ')'
                         WHEN NOT starts_with(ltrim(raw), '{{') THEN 'not a JSON object'
-                        WHEN f[1] IS NULL OR NOT starts_with(f[1]::VARCHAR, '"')
-                             OR f[1]::VARCHAR = '""' THEN 'missing resourceType'
-                        WHEN f[2] IS NULL OR NOT starts_with(f[2]::VARCHAR, '"')
-                             OR f[2]::VARCHAR = '""' THEN 'missing id'
-                        ELSE {check}
+                        WHEN f[1] IS NULL OR NOT starts_with(f[1], '"')
+                             OR f[1] = '""' THEN 'missing resourceType'
+                        WHEN f[2] IS NULL OR NOT starts_with(f[2], '"')
+                             OR f[2] = '""' THEN 'missing id'
                    END AS reason,
-                   f[1] ->> '$' AS rtype, f[2] ->> '$' AS rid,
-                   CASE WHEN f[3]::VARCHAR <> 'null' THEN f[3] ->> '$' END AS vid,
-                   CASE WHEN f[4]::VARCHAR <> 'null' THEN f[4] ->> '$' END AS lu
+                   -- the FHIR checks; a rejected row gets its reason from validate.invalid_reason
+                   NOT coalesce({valid}, false) AS suspect,
+                   rtype, rid, vid, lu
             FROM (
-                SELECT json::VARCHAR AS raw, json_extract(json, {paths!r}) AS f,
-                       row_number() OVER () AS recno
-                FROM read_ndjson_objects('{_sql_str(str(path))}', ignore_errors=true)
+                SELECT raw, recno, f, f[1] ->> '$' AS rtype, f[2] ->> '$' AS rid,
+                       CASE WHEN f[3] <> 'null' THEN f[3] ->> '$' END AS vid,
+                       CASE WHEN f[4] <> 'null' THEN f[4] ->> '$' END AS lu
+                FROM (
+                    -- VARCHAR[]: the JSON text of each value (checks never re-parse it)
+                    SELECT json::VARCHAR AS raw, json_extract(json, {paths!r})::VARCHAR[] AS f,
+                           row_number() OVER () AS recno
+                    FROM read_ndjson_objects('{_sql_str(str(path))}', ignore_errors=true)
+                )
             )
             """
+
+    def _explain_rejected(self, con: duckdb.DuckDBPyConnection, expected_type: str | None) -> None:
+        """Word the reason of each row the SQL checks rejected (few: per-row Python is fine)."""
+        cur = con.execute(
+            "SELECT recno, raw FROM rows WHERE reason IS NULL AND suspect ORDER BY recno"
+        )
+        recnos: list[int] = []
+        reasons: list[str] = []
+        while batch := cur.fetchmany(10_000):
+            for recno, raw in batch:
+                reason = validate.invalid_reason(json.loads(raw), expected_type)
+                if reason:
+                    recnos.append(recno)
+                    reasons.append(reason)
+        if recnos:
+            fixes = pa.table({"f_recno": recnos, "f_reason": reasons})  # noqa: F841 (used in SQL)
+            con.execute(
+                "UPDATE rows SET reason = f_reason FROM fixes WHERE rows.recno = fixes.f_recno"
+            )
 
     def _flag_conflicts_sql(self, con: duckdb.DuckDBPyConnection) -> None:
         """Quarantine later rows of a (type, id, versionId) whose content differs from the first.
