@@ -124,6 +124,30 @@ def test_rerunning_a_partition_gives_the_same_warehouse(settings: Settings, tmp_
     assert len(first["resources"]) == 50 and len(first["quarantine"]) == 1
 
 
+def test_conflicting_versions_across_runs_are_flagged(settings: Settings) -> None:
+    """Same versionId, other content, in two runs: flagged in version_conflicts, and the
+    warehouse is the same whichever order the build reads the files in (re-run: same answer)."""
+    with LakeWriter(settings.lake_root, _prov("r1")) as w:
+        w.add(_obs(0, version=1))
+        w.add(_obs(1, version=1))
+    with LakeWriter(settings.lake_root, _prov("r2")) as w:
+        w.add(_obs(0, version=1, value="9.5"))  # conflicts with r1's o0
+        w.add(_obs(1, version=1))  # the same content again: no conflict
+    build_warehouse("acme", settings=settings, steps=[])
+    first = _snapshot(settings)
+    with open_warehouse("acme", settings=settings) as con:
+        conflicts = con.execute(
+            "SELECT resource_id, version_id, contents, len(origins) FROM version_conflicts"
+        ).fetchall()
+        value = con.execute(
+            "SELECT resource ->> '$.valueQuantity.value' FROM resources WHERE resource_id = 'o0'"
+        ).fetchall()
+    assert conflicts == [("o0", "1", 2, 2)]
+    assert value == [("9.5",)]  # the latest fetch, deterministically
+    build_warehouse("acme", settings=settings, steps=[])
+    assert _snapshot(settings) == first
+
+
 def test_versions_and_tombstones(settings: Settings) -> None:
     with LakeWriter(settings.lake_root, _prov("r1")) as w:
         for i in range(3):
