@@ -12,7 +12,10 @@ all (see ``lib/storage.py``). Files are never rewritten: a re-run adds
 new files and the warehouse build deduplicates by ``(source, resource_type, resource_id, content_hash)``.
 
 The resource JSON is stored exactly as the source sent it (decimals such as ``7.10`` keep their precision).
-Rows that are not a JSON object with ``resourceType`` and ``id`` go to quarantine with the reason.
+Rows that fail the checks at the door go to quarantine with the reason, never rewritten: not UTF-8,
+not a JSON object, a line over ``max_line_bytes``, a truncated gzip's tail, the FHIR R4 checks of
+``lib/fhir/validate.py`` (known type, id, the file's type, required elements, primitive formats),
+and a later line of a file that repeats a (type, id, versionId) with other content.
 """
 
 import hashlib
@@ -44,6 +47,12 @@ from medblocks_pipelines.lib.storage import (
     storage_error,
 )
 from medblocks_pipelines.lib.warehouse.ndjson_lines import MAX_LINE_BYTES, read_lines
+from medblocks_pipelines.lib.warehouse.ndjson_sql import (
+    conflict_text,
+    explain_rejected,
+    flag_conflicts,
+    rows_sql,
+)
 
 RESOURCE_SCHEMA = pa.schema(
     [
@@ -385,7 +394,7 @@ class LakeWriter:
 
         Each line is parsed once: DuckDB reads the objects, extracts the fields the lake needs and
         every element the FHIR checks read in one multi-path ``json_extract``, evaluates the checks
-        (``validate.reason_sql``) into a temporary table, and writes the Parquet files from it.
+        (``validate.valid_sql``) into a temporary table, and writes the Parquet files from it.
         Rows of another type than ``expected_type`` (the type the file holds, when known) are
         quarantined. A file DuckDB cannot read whole (malformed lines, bytes that are not UTF-8, a
         truncated gzip) falls back to a line-by-line pass, so every bad line is quarantined with
@@ -400,7 +409,7 @@ class LakeWriter:
             con.execute("SET preserve_insertion_order=false")
             con.execute(f"SET memory_limit='{LANDING_MEMORY_LIMIT}'")
             try:
-                con.execute(self._rows_sql(path, expected_type))
+                con.execute(rows_sql(path, self.max_line_bytes, self.validate, expected_type))
             except duckdb.Error:
                 # Unreadable as a whole (e.g. a gzip stream that ends early): line by line.
                 self._add_lines_slow(path, origin, expected_type)
@@ -411,95 +420,13 @@ class LakeWriter:
                 self._add_lines_slow(path, origin, expected_type)
                 return
             if self.validate:
-                self._explain_rejected(con, expected_type)
-            self._flag_conflicts_sql(con)
+                explain_rejected(con, expected_type)
+            flag_conflicts(con)
             self._copy_fast(con, origin)
         finally:
             con.close()
 
     # -- internals -----------------------------------------------------------------------------
-    def _rows_sql(self, path: Path, expected_type: str | None) -> str:
-        # json_extract gives JSON texts: a string starts with '"'; anything else (a number,
-        # an object, null) is as unusable for resourceType/id as no value. ->> '$' unquotes.
-        paths = ["$.resourceType", "$.id", "$.meta.versionId", "$.meta.lastUpdated"]
-        valid = "true"
-        if self.validate:
-            paths += [f"$.{p}" for p in validate.checked_paths(expected_type)]
-            valid = validate.valid_sql("f", 5, "rtype", expected_type)
-        return f"""
-            CREATE TEMP TABLE rows AS
-            SELECT raw, recno,
-                   CASE WHEN raw IS NULL THEN 'malformed JSON'
-                        WHEN strlen(raw) > {int(self.max_line_bytes)} THEN 'line_too_long: record '
-                             || recno || ' has ' || strlen(raw) || ' bytes (limit '
-                             || {int(self.max_line_bytes)} || ')'
-                        WHEN NOT starts_with(ltrim(raw), '{{') THEN 'not a JSON object'
-                        WHEN f[1] IS NULL OR NOT starts_with(f[1], '"')
-                             OR f[1] = '""' THEN 'missing resourceType'
-                        WHEN f[2] IS NULL OR NOT starts_with(f[2], '"')
-                             OR f[2] = '""' THEN 'missing id'
-                   END AS reason,
-                   -- the FHIR checks; a rejected row gets its reason from validate.invalid_reason
-                   NOT coalesce({valid}, false) AS suspect,
-                   rtype, rid, vid, lu
-            FROM (
-                SELECT raw, recno, f, f[1] ->> '$' AS rtype, f[2] ->> '$' AS rid,
-                       CASE WHEN f[3] <> 'null' THEN f[3] ->> '$' END AS vid,
-                       CASE WHEN f[4] <> 'null' THEN f[4] ->> '$' END AS lu
-                FROM (
-                    -- VARCHAR[]: the JSON text of each value (checks never re-parse it)
-                    SELECT json::VARCHAR AS raw, json_extract(json, {paths!r})::VARCHAR[] AS f,
-                           row_number() OVER () AS recno
-                    FROM read_ndjson_objects('{_sql_str(str(path))}', ignore_errors=true)
-                )
-            )
-            """
-
-    def _explain_rejected(self, con: duckdb.DuckDBPyConnection, expected_type: str | None) -> None:
-        """Word the reason of each row the SQL checks rejected (few: per-row Python is fine)."""
-        cur = con.execute(
-            "SELECT recno, raw FROM rows WHERE reason IS NULL AND suspect ORDER BY recno"
-        )
-        recnos: list[int] = []
-        reasons: list[str] = []
-        while batch := cur.fetchmany(10_000):
-            for recno, raw in batch:
-                reason = validate.invalid_reason(json.loads(raw), expected_type)
-                if reason:
-                    recnos.append(recno)
-                    reasons.append(reason)
-        if recnos:
-            fixes = pa.table({"f_recno": recnos, "f_reason": reasons})  # noqa: F841 (used in SQL)
-            con.execute(
-                "UPDATE rows SET reason = f_reason FROM fixes WHERE rows.recno = fixes.f_recno"
-            )
-
-    def _flag_conflicts_sql(self, con: duckdb.DuckDBPyConnection) -> None:
-        """Quarantine later rows of a (type, id, versionId) whose content differs from the first.
-
-        Deterministic (file order decides which lands), flagged, never resolved silently. The
-        md5 is computed only for keys seen more than once, so a clean file pays one GROUP BY.
-        """
-        con.execute(
-            f"""
-            UPDATE rows SET reason = {_CONFLICT_SQL}
-            FROM (
-                SELECT recno AS c_recno FROM (
-                    SELECT recno, md5(raw) AS h,
-                           first_value(md5(raw)) OVER (
-                               PARTITION BY rtype, rid, vid ORDER BY recno) AS h0
-                    FROM rows
-                    WHERE reason IS NULL AND vid IS NOT NULL
-                      AND (rtype, rid, vid) IN (
-                          SELECT (rtype, rid, vid) FROM rows
-                          WHERE reason IS NULL AND vid IS NOT NULL
-                          GROUP BY ALL HAVING count(*) > 1)
-                ) WHERE h <> h0
-            ) c
-            WHERE rows.recno = c.c_recno
-            """
-        )
-
     def _conflict_reason(self, obj: dict[str, Any], text: str) -> str | None:
         # The line-by-line twin of _flag_conflicts_sql (only while a file is read line by line).
         meta = obj.get("meta")
@@ -510,7 +437,7 @@ class LakeWriter:
         digest = content_hash(text)
         if self._seen.setdefault((rtype, rid, vid), digest) == digest:
             return None
-        return _conflict_text(rtype, rid, vid)
+        return conflict_text(rtype, rid, vid)
 
     def _add_lines_slow(self, path: Path, origin: str, expected_type: str | None = None) -> None:
         self._seen = {}
@@ -724,19 +651,6 @@ def _structure_reason(obj: Any) -> str | None:
 
 def _invalid_reason(obj: Any, expected_type: str | None = None) -> str | None:
     return validate.invalid_reason(obj, expected_type)
-
-
-def _conflict_text(rtype: str, rid: str, vid: str) -> str:
-    return (
-        f"conflicting_duplicate: {rtype}/{rid} versionId {vid} differs from an earlier line "
-        "of the same file"
-    )
-
-
-_CONFLICT_SQL = (
-    "'conflicting_duplicate: ' || rows.rtype || '/' || rows.rid || ' versionId ' || rows.vid "
-    "|| ' differs from an earlier line of the same file'"
-)
 
 
 def _reason_class(reason: str) -> str:
