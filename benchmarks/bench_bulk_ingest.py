@@ -10,10 +10,17 @@ watermark and DELETE (`sync_organization`), and `build_warehouse(..., steps=[])`
 tables. The baseline, in its own child process: DuckDB `read_json` of the same files into one
 table per resource type of a DuckDB file. Prints resources/s and MB/s for both, the ratio
 (target >= 0.5), and peak RSS of each process (target <= 1 GiB for ours).
+
+The FHIR validation at the landing door (lib/fhir/validate.py) is measured in the same run: after
+the main run (which pays the cold start), two more full syncs of the same export into new tenants,
+validation off (MEDBLOCKS_BENCH_SKIP_VALIDATION=1, a switch for this benchmark only) then on, give
+the cost of the checks as a share of the whole ingest (target <= 20%).
+``--skip-validation-baseline`` leaves them out.
 """
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -21,6 +28,7 @@ import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -60,6 +68,48 @@ def baseline(directory: str) -> None:
     print(json.dumps({"seconds": seconds, "rows": rows, "rss_mib": hwm / 1024}))
 
 
+def _ingest_again(cp: Any, settings: Any, tenant: str, *, validate: bool) -> tuple[float, float]:
+    """The same export synced again into a new tenant, FHIR checks on or off.
+
+    Returns wall and CPU seconds (this process) of download + landing + base tables."""
+    from medblocks_pipelines.lib.fhir.bulk_sync import sync_organization
+    from medblocks_pipelines.lib.warehouse.build import build_warehouse
+
+    cp.add_tenant(tenant, tenant)
+    cp.add_organization(f"{tenant}-org", tenant, "bench-ehr", tenant, {"level": "system"})
+    if not validate:
+        os.environ["MEDBLOCKS_BENCH_SKIP_VALIDATION"] = "1"
+    try:
+        t0, c0 = time.perf_counter(), time.process_time()
+        report = sync_organization(
+            cp,
+            settings,
+            tenant,
+            f"{tenant}-org",
+            run_id=f"{tenant}-run",
+            min_wait=0.05,
+            timeout=3600,
+        )
+        build_warehouse(tenant, settings=settings, steps=[], control_plane=cp, run_id=tenant)
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    finally:
+        os.environ.pop("MEDBLOCKS_BENCH_SKIP_VALIDATION", None)
+    assert report.quarantined == 0, report.as_metadata()
+    return seconds, cpu
+
+
+def validation_cost(cp: Any, settings: Any) -> None:
+    """Print the FHIR validation's share of the ingest: warm runs, off then on, same export."""
+    off = _ingest_again(cp, settings, "plain", validate=False)
+    on = _ingest_again(cp, settings, "checked", validate=True)
+    # CPU seconds of this process too: on a shared machine wall time is mostly noise.
+    print(
+        f"FHIR validation (warm runs): off {off[0]:.1f} s ({off[1]:.1f} CPU s), on {on[0]:.1f} s "
+        f"({on[1]:.1f} CPU s): costs {(on[0] - off[0]) / off[0]:+.1%} wall, "
+        f"{(on[1] - off[1]) / off[1]:+.1%} CPU of the ingest (target <= 20%)"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--resources", type=int, default=1_000_000)
@@ -67,6 +117,11 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=4)
     parser.add_argument("--gzip", action="store_true", help="Ask for gzip (server compresses).")
     parser.add_argument("--keep", action="store_true")
+    parser.add_argument(
+        "--skip-validation-baseline",
+        action="store_true",
+        help="Do not run the second sync without FHIR validation.",
+    )
     parser.add_argument("--baseline", help=argparse.SUPPRESS)
     parser.add_argument("--generate", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -151,6 +206,8 @@ def main() -> None:
             "target <= 1024), "
             f"read_json {base_md['rss_mib']:,.0f} MiB"
         )
+        if not args.skip_validation_baseline:
+            validation_cost(cp, settings)
     finally:
         if proc is not None:
             proc.terminate()

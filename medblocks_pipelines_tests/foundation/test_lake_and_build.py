@@ -21,7 +21,7 @@ def _obs(i: int, version: int = 1, value: str = "7.10") -> str:
     # Raw text: the decimal's trailing zero must survive landing.
     return (
         '{"resourceType":"Observation","id":"o%d","meta":{"versionId":"%d",'
-        '"lastUpdated":"2026-01-0%dT00:00:00Z"},"status":"final",'
+        '"lastUpdated":"2026-01-0%dT00:00:00Z"},"status":"final","code":{"text":"pulse"},'
         '"valueQuantity":{"value":%s,"unit":"%%"}}' % (i, version, version, value)
     )
 
@@ -124,6 +124,30 @@ def test_rerunning_a_partition_gives_the_same_warehouse(settings: Settings, tmp_
     assert len(first["resources"]) == 50 and len(first["quarantine"]) == 1
 
 
+def test_conflicting_versions_across_runs_are_flagged(settings: Settings) -> None:
+    """Same versionId, other content, in two runs: flagged in version_conflicts, and the
+    warehouse is the same whichever order the build reads the files in (re-run: same answer)."""
+    with LakeWriter(settings.lake_root, _prov("r1")) as w:
+        w.add(_obs(0, version=1))
+        w.add(_obs(1, version=1))
+    with LakeWriter(settings.lake_root, _prov("r2")) as w:
+        w.add(_obs(0, version=1, value="9.5"))  # conflicts with r1's o0
+        w.add(_obs(1, version=1))  # the same content again: no conflict
+    build_warehouse("acme", settings=settings, steps=[])
+    first = _snapshot(settings)
+    with open_warehouse("acme", settings=settings) as con:
+        conflicts = con.execute(
+            "SELECT resource_id, version_id, contents, len(origins) FROM version_conflicts"
+        ).fetchall()
+        value = con.execute(
+            "SELECT resource ->> '$.valueQuantity.value' FROM resources WHERE resource_id = 'o0'"
+        ).fetchall()
+    assert conflicts == [("o0", "1", 2, 2)]
+    assert value == [("9.5",)]  # the latest fetch, deterministically
+    build_warehouse("acme", settings=settings, steps=[])
+    assert _snapshot(settings) == first
+
+
 def test_versions_and_tombstones(settings: Settings) -> None:
     with LakeWriter(settings.lake_root, _prov("r1")) as w:
         for i in range(3):
@@ -169,7 +193,7 @@ from medblocks_pipelines.lib.warehouse.lake import LakeWriter, Provenance
 root, n = sys.argv[1], int(sys.argv[2])
 w = LakeWriter(root, Provenance("acme", "backend", "mercy-ehr", "mercy", None, "doomed"), batch_rows=100)
 for i in range(n):
-    w.add('{"resourceType":"Observation","id":"o%d","meta":{"versionId":"1"}}' % i)
+    w.add('{"resourceType":"Patient","id":"o%d","meta":{"versionId":"1"}}' % i)
     if i == 1000:
         print("flushing", flush=True)
 w.close()
@@ -202,7 +226,7 @@ def test_run_killed_mid_write_then_rerun(settings: Settings, tmp_path: Path) -> 
     # The rerun lands the whole set again; the warehouse holds each record exactly once.
     with LakeWriter(settings.lake_root, _prov("rerun"), batch_rows=20000) as w:
         for i in range(N_KILLED):
-            w.add('{"resourceType":"Observation","id":"o%d","meta":{"versionId":"1"}}' % i)
+            w.add('{"resourceType":"Patient","id":"o%d","meta":{"versionId":"1"}}' % i)
     build_warehouse("acme", settings=settings, steps=[])
     with open_warehouse("acme", settings=settings) as con:
         n, distinct = con.execute(

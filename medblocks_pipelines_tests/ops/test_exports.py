@@ -41,7 +41,7 @@ def _obs(oid: str, pid: str, value: str) -> str:
     # Raw text: the decimal 7.10 must reach the destination as written.
     return (
         '{"resourceType":"Observation","id":"%s","meta":{"versionId":"1",'
-        '"lastUpdated":"2026-01-01T00:00:00Z"},"status":"final","subject":'
+        '"lastUpdated":"2026-01-01T00:00:00Z"},"status":"final","code":{"text":"pulse"},"subject":'
         '{"reference":"Patient/%s"},"valueQuantity":{"value":%s}}' % (oid, pid, value)
     )
 

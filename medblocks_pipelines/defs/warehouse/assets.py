@@ -112,6 +112,7 @@ def tenant_warehouse(
             ),
             "resources": counts.get("resources", 0),
             "quarantine": counts.get("quarantine", 0),
+            "version_conflicts": counts.get("version_conflicts", 0),
             "persons": counts.get("persons", 0),
             "patient_links": counts.get("patient_links", 0),
             "facts": counts.get("facts", 0),

@@ -605,7 +605,7 @@ class _Batches:
         w = self._writers.get()
         try:
             before = w.stats.landed + w.stats.quarantined
-            w.add_ndjson_file(path, origin=origin)
+            w.add_ndjson_file(path, origin=origin, expected_type=None if rtype == "?" else rtype)
             got = w.stats.landed + w.stats.quarantined - before
         finally:
             self._writers.put(w)

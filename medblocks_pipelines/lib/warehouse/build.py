@@ -16,6 +16,9 @@ Base tables:
   ``(source, resource_type, resource_id, content_hash)``, keeping the first fetch (so re-runs change
   nothing); metadata only, with ``lake_file``/``lake_row`` pointing at the version's JSON in the lake.
 - ``resources``: the latest version of each resource per source, tombstones applied.
+- ``version_conflicts``: each (source, type, id, versionId) that arrived with more than one
+  content (a source that changed a resource without a new versionId): flagged, never resolved
+  silently; ``resources`` keeps the most recently fetched content (deterministic for a lake).
 - ``tombstones``: deletions reported by sources.
 - ``resource_sightings``: each current resource with every pattern, organization and connection
   that delivered it (first and last fetch, number of runs).
@@ -209,6 +212,23 @@ def build_base_tables(
         QUALIFY row_number() OVER (
             PARTITION BY source, resource_type, resource_id, last_updated
             ORDER BY fetched_at, run_id, origin) = 1
+        """
+    )
+    # Same versionId, different content: which one is right cannot be known; flag every such
+    # version (the lake keeps each content; within one file the landing already quarantined the
+    # later ones). `resources` below still picks deterministically: latest fetch, then hash.
+    con.execute(
+        """
+        CREATE TABLE version_conflicts AS
+        SELECT resource_key, source, resource_type, resource_id, version_id,
+               count(*) AS contents, min(fetched_at) AS first_fetched_at,
+               max(fetched_at) AS last_fetched_at,
+               list(origin ORDER BY fetched_at, origin) AS origins
+        FROM resource_versions
+        WHERE version_id IS NOT NULL
+        GROUP BY ALL
+        HAVING count(*) > 1
+        ORDER BY resource_key, version_id
         """
     )
     # Latest state per resource at a source: source time first (lastUpdated, deletion time), a

@@ -44,6 +44,15 @@ TABLE_DOCS: dict[str, tuple[str, dict[str, str]]] = {
         "state is a tombstone is absent from `resources` (base table).",
         {"deleted_at": "When the source says it was deleted (source time)"},
     ),
+    "version_conflicts": (
+        "Resource versions that arrived with more than one content under the same versionId (a "
+        "source changed a resource without a new version): flagged, not resolved; `resources` "
+        "keeps the most recently fetched content (base table).",
+        {
+            "contents": "Number of distinct contents seen for this versionId",
+            "origins": "File and line or record of each content, first fetch first",
+        },
+    ),
     "resource_sightings": (
         "Each current resource with every relationship that delivered it: the same EHR record can "
         "arrive through a backend export and a patient's own connection (base table).",
@@ -58,7 +67,8 @@ TABLE_DOCS: dict[str, tuple[str, dict[str, str]]] = {
         "deduplicated across re-runs (base table).",
         {
             "raw": "The payload as received",
-            "reason": "Why it was refused (malformed JSON, missing id, not a JSON object...)",
+            "reason": "Why it was refused: the class before the first colon (malformed JSON, "
+            "invalid_primitive, missing_required, invalid_utf8, ...), then the details",
             "origin": "File and line or record number it came from",
         },
     ),

@@ -12,10 +12,12 @@ all (see ``lib/storage.py``). Files are never rewritten: a re-run adds
 new files and the warehouse build deduplicates by ``(source, resource_type, resource_id, content_hash)``.
 
 The resource JSON is stored exactly as the source sent it (decimals such as ``7.10`` keep their precision).
-Rows that are not a JSON object with ``resourceType`` and ``id`` go to quarantine with the reason.
+Rows that fail the checks at the door go to quarantine with the reason, never rewritten: not UTF-8,
+not a JSON object, a line over ``max_line_bytes``, a truncated gzip's tail, the FHIR R4 checks of
+``lib/fhir/validate.py`` (known type, id, the file's type, required elements, primitive formats),
+and a later line of a file that repeats a (type, id, versionId) with other content.
 """
 
-import gzip
 import hashlib
 import json
 import os
@@ -34,6 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from medblocks_pipelines.lib.errors import LandingError
+from medblocks_pipelines.lib.fhir import validate
 from medblocks_pipelines.lib.fhir.compartment import PatientScope
 from medblocks_pipelines.lib.partitions import normalise_id
 from medblocks_pipelines.lib.storage import (
@@ -43,6 +46,13 @@ from medblocks_pipelines.lib.storage import (
     mirror,
     open_fs,
     storage_error,
+)
+from medblocks_pipelines.lib.warehouse.ndjson_lines import MAX_LINE_BYTES, read_lines
+from medblocks_pipelines.lib.warehouse.ndjson_sql import (
+    conflict_text,
+    explain_rejected,
+    flag_conflicts,
+    rows_sql,
 )
 
 RESOURCE_SCHEMA = pa.schema(
@@ -230,6 +240,7 @@ class LakeWriter:
         *,
         batch_rows: int = 20_000,
         patient_scope: PatientScope | None = None,
+        max_line_bytes: int = MAX_LINE_BYTES,
     ) -> None:
         # ``patient_scope``: a patient-scoped connection lands only its patient's compartment;
         # anything else is quarantined (lib/fhir/compartment.py).
@@ -245,6 +256,12 @@ class LakeWriter:
             self.root = Path(lake_root)
         self.prov = provenance
         self.batch_rows = batch_rows
+        self.max_line_bytes = max_line_bytes
+        # FHIR validation at the door; off only for the ingest benchmark's baseline and for
+        # tests that need a lake landed before the checks existed.
+        self.validate = os.environ.get("MEDBLOCKS_BENCH_SKIP_VALIDATION") != "1"
+        # (type, id, versionId) -> content hash of the current file's rows (line-by-line pass).
+        self._seen: dict[tuple[str, str, str], str] | None = None
         self.stats = LandingStats()
         self._fetched_at = _now()
         self._rows: dict[str, list[tuple[Any, ...]]] = defaultdict(list)
@@ -264,7 +281,11 @@ class LakeWriter:
     def sibling(self) -> "LakeWriter":
         """A new writer to the same lake with the same provenance (parallel landing threads)."""
         return LakeWriter(
-            self.lake, self.prov, batch_rows=self.batch_rows, patient_scope=self.patient_scope
+            self.lake,
+            self.prov,
+            batch_rows=self.batch_rows,
+            patient_scope=self.patient_scope,
+            max_line_bytes=self.max_line_bytes,
         )
 
     # -- context manager -----------------------------------------------------------------------
@@ -282,22 +303,40 @@ class LakeWriter:
         self.close()
 
     # -- adding rows ---------------------------------------------------------------------------
-    def add(self, resource: dict[str, Any] | str | bytes, *, origin: str | None = None) -> bool:
-        """Land one resource; returns False when it was quarantined instead."""
+    def add(
+        self,
+        resource: dict[str, Any] | str | bytes,
+        *,
+        origin: str | None = None,
+        expected_type: str | None = None,
+    ) -> bool:
+        """Land one resource; returns False when it was quarantined instead.
+
+        Bytes must be UTF-8 (never rewritten); the resource must pass the FHIR checks of
+        ``lib/fhir/validate.py`` (and be an ``expected_type`` when given).
+        """
         if isinstance(resource, dict):
             obj: Any = resource
             text = json.dumps(resource, separators=(",", ":"), ensure_ascii=False)
         else:
-            text = resource.decode("utf-8", "replace") if isinstance(resource, bytes) else resource
-            text = text.strip()
+            if isinstance(resource, bytes):
+                try:
+                    resource = resource.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    bad = f"invalid_utf8: byte {exc.start} is not UTF-8"
+                    self.quarantine(resource.strip(), bad, origin=origin)
+                    return False
+            text = resource.strip()
             try:
                 obj = json.loads(text)
             except json.JSONDecodeError as exc:
                 self.quarantine(text, f"malformed JSON: {exc.msg} at char {exc.pos}", origin=origin)
                 return False
-        reason = _invalid_reason(obj)
-        if not reason and self.patient_scope is not None:
+        reason = _invalid_reason(obj, expected_type) if self.validate else _structure_reason(obj)
+        if reason is None and self.patient_scope is not None:
             reason = self.patient_scope.check(obj)
+        if reason is None:
+            reason = self._conflict_reason(obj, text)
         if reason:
             rtype = obj.get("resourceType") if isinstance(obj, dict) else None
             self.quarantine(
@@ -345,7 +384,8 @@ class LakeWriter:
         origin: str | None = None,
     ) -> None:
         """Keep a bad record with the reason; it is reported, never dropped silently."""
-        text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+        # Undecodable bytes stay visible as \\xNN escapes: the evidence is kept, not rewritten.
+        text = raw.decode("utf-8", "backslashreplace") if isinstance(raw, bytes) else raw
         self._quarantine.append(
             (text[:MAX_RAW_CHARS], reason, resource_type, origin, content_hash(text))
         )
@@ -354,13 +394,22 @@ class LakeWriter:
         if len(self._quarantine) >= self.batch_rows:
             self._flush_quarantine()
 
-    def add_ndjson_file(self, path: str | os.PathLike[str], *, origin: str | None = None) -> None:
+    def add_ndjson_file(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        origin: str | None = None,
+        expected_type: str | None = None,
+    ) -> None:
         """Land a whole (optionally gzipped) NDJSON file at DuckDB scan speed.
 
-        Each line is parsed once: DuckDB reads the objects, extracts the four fields the lake needs
-        in one multi-path ``json_extract`` into a temporary table, and writes the Parquet files from
-        it. A file with malformed lines falls back to a line-by-line pass, so every bad line is
-        quarantined with its line number and reason.
+        Each line is parsed once: DuckDB reads the objects, extracts the fields the lake needs and
+        every element the FHIR checks read in one multi-path ``json_extract``, evaluates the checks
+        (``validate.valid_sql``) into a temporary table, and writes the Parquet files from it.
+        Rows of another type than ``expected_type`` (the type the file holds, when known) are
+        quarantined. A file DuckDB cannot read whole (malformed lines, bytes that are not UTF-8, a
+        truncated gzip) falls back to a line-by-line pass, so every bad line is quarantined with
+        its line number and reason and every good one still lands.
         """
         path = Path(path)
         origin = origin or path.name
@@ -368,62 +417,73 @@ class LakeWriter:
             raise LandingError(f"NDJSON file {path.name} does not exist")
         if self.patient_scope is not None:
             # The scope check reads each resource's references: the line-by-line path does it.
-            self._add_lines_slow(path, origin)
+            self._add_lines_slow(path, origin, expected_type)
             return
         con = duckdb.connect()
         try:
             con.execute("SET preserve_insertion_order=false")
             con.execute(f"SET memory_limit='{LANDING_MEMORY_LIMIT}'")
-            # json_extract gives JSON values: a string starts with '"'; anything else (a number,
-            # an object, null) is as unusable for resourceType/id as no value. ->> '$' unquotes.
-            con.execute(
-                f"""
-                CREATE TEMP TABLE rows AS
-                SELECT raw, recno,
-                       CASE WHEN raw IS NULL THEN 'malformed JSON'
-                            WHEN NOT starts_with(ltrim(raw), '{{') THEN 'not a JSON object'
-                            WHEN f[1] IS NULL OR NOT starts_with(f[1]::VARCHAR, '"')
-                                 OR f[1]::VARCHAR = '""' THEN 'missing resourceType'
-                            WHEN f[2] IS NULL OR NOT starts_with(f[2]::VARCHAR, '"')
-                                 OR f[2]::VARCHAR = '""' THEN 'missing id'
-                       END AS reason,
-                       f[1] ->> '$' AS rtype, f[2] ->> '$' AS rid,
-                       CASE WHEN f[3]::VARCHAR <> 'null' THEN f[3] ->> '$' END AS vid,
-                       CASE WHEN f[4]::VARCHAR <> 'null' THEN f[4] ->> '$' END AS lu
-                FROM (
-                    SELECT json::VARCHAR AS raw,
-                           json_extract(json, ['$.resourceType', '$.id', '$.meta.versionId',
-                                               '$.meta.lastUpdated']) AS f,
-                           row_number() OVER () AS recno
-                    FROM read_ndjson_objects('{_sql_str(str(path))}', ignore_errors=true)
-                )
-                """
-            )
+            try:
+                con.execute(rows_sql(path, self.max_line_bytes, self.validate, expected_type))
+            except duckdb.Error:
+                # Unreadable as a whole (e.g. a gzip stream that ends early): line by line.
+                self._add_lines_slow(path, origin, expected_type)
+                return
             bad = con.execute("SELECT count(*) FROM rows WHERE raw IS NULL").fetchone()
             if bad and bad[0]:
                 con.execute("DROP TABLE rows")
-                self._add_lines_slow(path, origin)
+                self._add_lines_slow(path, origin, expected_type)
                 return
+            if self.validate:
+                explain_rejected(con, expected_type)
+            flag_conflicts(con)
             self._copy_fast(con, origin)
         finally:
             con.close()
 
     # -- internals -----------------------------------------------------------------------------
-    def _add_lines_slow(self, path: Path, origin: str) -> None:
-        opener = gzip.open if path.suffix == ".gz" else open
-        with opener(path, "rb") as fh:  # type: ignore[operator]
-            for lineno, line in enumerate(fh, start=1):
-                if not line.strip():
+    def _conflict_reason(self, obj: dict[str, Any], text: str) -> str | None:
+        # The line-by-line twin of _flag_conflicts_sql (only while a file is read line by line).
+        meta = obj.get("meta")
+        vid = meta.get("versionId") if isinstance(meta, dict) else None
+        if self._seen is None or vid is None:
+            return None
+        rtype, rid, vid = obj["resourceType"], obj["id"], str(vid)
+        digest = content_hash(text)
+        if self._seen.setdefault((rtype, rid, vid), digest) == digest:
+            return None
+        return conflict_text(rtype, rid, vid)
+
+    def _add_lines_slow(self, path: Path, origin: str, expected_type: str | None = None) -> None:
+        self._seen = {}
+        try:
+            for line in read_lines(path, max_line=self.max_line_bytes, keep=MAX_RAW_CHARS):
+                where = f"{origin}:{line.lineno}"
+                if line.problem is None:
+                    self.add(line.data, origin=where, expected_type=expected_type)
                     continue
-                self.add(line, origin=f"{origin}:{lineno}")
+                if line.problem.startswith("truncated_gzip") and line.data.strip():
+                    # A tail that is a whole resource (cut just before its newline) still lands.
+                    try:
+                        whole = isinstance(json.loads(line.data), dict)
+                    except (json.JSONDecodeError, UnicodeDecodeError):
+                        whole = False
+                    if whole:
+                        self.add(line.data, origin=where, expected_type=expected_type)
+                        self.quarantine(b"", line.problem, origin=where)
+                        continue
+                self.quarantine(line.data, line.problem, origin=where)
+        finally:
+            self._seen = None
 
     def _copy_fast(self, con: duckdb.DuckDBPyConnection, origin: str) -> None:
         p = self.prov
         fetched = self._fetched_at.isoformat()
-        for raw, reason, recno in con.execute(
-            "SELECT raw, reason, recno FROM rows WHERE reason IS NOT NULL ORDER BY recno"
+        for raw, reason, rtype, recno in con.execute(
+            f"SELECT left(raw, {MAX_RAW_CHARS}), reason, rtype, recno FROM rows "
+            "WHERE reason IS NOT NULL ORDER BY recno"
         ).fetchall():
-            self.quarantine(raw, reason, origin=f"{origin}#{recno}")
+            self.quarantine(raw, reason, resource_type=rtype, origin=f"{origin}#{recno}")
         counts = con.execute(
             "SELECT rtype, count(*) FROM rows WHERE reason IS NULL GROUP BY rtype ORDER BY rtype"
         ).fetchall()
@@ -599,17 +659,13 @@ class LakeWriter:
         return self.stats
 
 
-def _invalid_reason(obj: Any) -> str | None:
-    if not isinstance(obj, dict):
-        return "not a JSON object"
-    rtype = obj.get("resourceType")
-    if not isinstance(rtype, str) or not rtype:
-        return "missing resourceType"
-    # FHIR ids are non-empty strings; a number or an object is as unusable as no id at all.
-    rid = obj.get("id")
-    if not isinstance(rid, str) or not rid:
-        return "missing id"
-    return None
+def _structure_reason(obj: Any) -> str | None:
+    # What the lake itself needs (the benchmark's no-validation baseline checks only this).
+    return validate.invalid_reason(obj, structure_only=True)
+
+
+def _invalid_reason(obj: Any, expected_type: str | None = None) -> str | None:
+    return validate.invalid_reason(obj, expected_type)
 
 
 def _reason_class(reason: str) -> str:

@@ -32,6 +32,7 @@ RESERVED_TABLES = frozenset(
         "resources",
         "resource_versions",
         "tombstones",
+        "version_conflicts",
         "quarantine",
         "pull_history",
         "persons",
