@@ -695,10 +695,9 @@ class BulkServer:
                         400, "invalid", "patient needs a valueReference to a Patient"
                     )
                 params.append(("patient", key[1]))
-            elif isinstance(value, str):
-                params.append((item["name"], value))
             else:
-                raise FhirHttpError(400, "invalid", f"parameter {item['name']} must be a string")
+                kind = next(k for k in item if k.startswith("value"))
+                params.append((item["name"], _parameter_value(item["name"], kind, value)))
         return params
 
     def _all_types(self) -> list[str]:
@@ -1287,6 +1286,30 @@ class BulkServer:
 # ---------------------------------------------------------------------------------------------
 class _Cancelled(Exception):
     """The export was deleted while running."""
+
+
+#: The value[x] the Bulk Data IG gives each POST kick-off parameter (besides ``valueString``).
+_PARAMETER_TYPES = {
+    "_since": "valueInstant",
+    "_until": "valueInstant",
+    "includeAssociatedData": "valueCode",
+    "allowPartialManifests": "valueBoolean",
+}
+
+
+def _parameter_value(name: str, kind: str, value: Any) -> str:
+    """A POST parameter's value as the query-string text the planner reads; 400 for a value[x]
+    the IG does not give that parameter."""
+    allowed = {"valueString", _PARAMETER_TYPES.get(name, "valueString")}
+    if kind not in allowed:
+        raise FhirHttpError(400, "invalid", f"parameter {name} cannot be a {kind}")
+    if kind == "valueBoolean":
+        if not isinstance(value, bool):
+            raise FhirHttpError(400, "invalid", f"parameter {name} must be a boolean")
+        return "true" if value else "false"
+    if not isinstance(value, str):
+        raise FhirHttpError(400, "invalid", f"parameter {name} must be a string")
+    return value
 
 
 def _fhir_base(request: Request, plan: ExportPlan) -> str:

@@ -61,6 +61,18 @@ class KickoffRefused(ProtocolError):
         self.issue_codes = issue_codes
 
 
+class ExportExpired(ProtocolError):
+    """The export is gone on the server: its files answer 410, or its status URL 404/410.
+
+    Nothing can be fetched from it any more; the caller abandons it and kicks off anew from the
+    same watermark (SPECS §3.2: files vanish after the manifest's ``Expires``).
+    """
+
+    def __init__(self, what: str, status: int) -> None:
+        super().__init__(f"bulk export expired: {what} answered HTTP {status}")
+        self.status = status
+
+
 class ExportFailed(ProtocolError):
     """The export job failed on the server (status request answered 4xx/5xx, not transient)."""
 
@@ -148,6 +160,14 @@ class ExportRequest:
     patients: tuple[str, ...] = ()
     output_format: str | None = None
     method: str = "GET"
+    #: STU3 ``organizeOutputBy`` (e.g. ``Patient``): files of per-patient blocks, no ``type``.
+    organize_output_by: str | None = None
+    #: ``includeAssociatedData`` values (``LatestProvenanceResources``, ...).
+    include_associated_data: tuple[str, ...] = ()
+    #: STU3 ``allowPartialManifests``: the manifest may be paged (``link`` relation ``next``).
+    allow_partial_manifests: bool = False
+    #: ``Prefer: handling=lenient``: the server ignores what it does not support.
+    lenient: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready (stored with the export in the control plane)."""
@@ -161,6 +181,10 @@ class ExportRequest:
             "patients": list(self.patients),
             "output_format": self.output_format,
             "method": self.method,
+            "organize_output_by": self.organize_output_by,
+            "include_associated_data": list(self.include_associated_data),
+            "allow_partial_manifests": self.allow_partial_manifests,
+            "lenient": self.lenient,
         }
 
 
@@ -204,7 +228,8 @@ def adapt_request(req: ExportRequest, profile: ClientProfile) -> tuple[ExportReq
 # ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ExportStatus:
-    """One status answer: ``in_progress`` (wait ``retry_after``), ``complete`` or ``failed``."""
+    """One status answer: ``in_progress`` (wait ``retry_after``), ``complete``, ``failed`` or
+    ``expired`` (the status URL answered 404/410: the server no longer knows the export)."""
 
     state: str
     retry_after: float | None = None
@@ -222,6 +247,8 @@ class ManifestItem:
     type: str | None
     url: str
     count: int | None
+    #: organizeOutputBy: the last block of this file goes on in that file.
+    continues_in: str | None = None
 
 
 @dataclass(frozen=True)
@@ -244,7 +271,7 @@ class Manifest:
         unknown: set[str] = set()
         for item in self.outputs:
             rtype = item.type or "?"
-            if item.count is None:
+            if item.count is None or item.type is None:
                 unknown.add(rtype)
             else:
                 out[rtype] += item.count
@@ -281,6 +308,7 @@ def parse_manifest(body: Any) -> Manifest:
             if not urlsplit(url).scheme:
                 raise ProtocolError(f"bulk manifest {key} url is not absolute")
             count = entry.get("count")
+            cont = entry.get("continuesInFile")
             items.append(
                 ManifestItem(
                     kind,
@@ -289,6 +317,7 @@ def parse_manifest(body: Any) -> Manifest:
                     int(count)
                     if isinstance(count, int | float) and not isinstance(count, bool)
                     else None,
+                    cont if isinstance(cont, str) else None,
                 )
             )
     # A missing flag is read as "token required": it is sent only to the FHIR origin anyway.
@@ -296,13 +325,34 @@ def parse_manifest(body: Any) -> Manifest:
     return Manifest(body["transactionTime"], requires, tuple(items), body)
 
 
+#: A "delay" this large is an absolute epoch time (seconds; milliseconds past the second bound):
+#: some servers send ``Retry-After: 1767225600`` (seen in the wild, not RFC 9110).
+EPOCH_SECONDS, EPOCH_MILLIS = 1_000_000_000, 100_000_000_000
+
+
+def next_page_url(body: Any) -> str | None:
+    """The ``link`` entry with relation ``next`` of a (paged) manifest, if any."""
+    links = body.get("link") if isinstance(body, dict) else None
+    for link in links if isinstance(links, list) else []:
+        if isinstance(link, dict) and link.get("relation") == "next":
+            url = link.get("url")
+            if isinstance(url, str) and url:
+                return url
+    return None
+
+
 def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
-    """``Retry-After`` as delay-seconds or an HTTP-date (RFC 9110 §10.2.3); None if absent/bad."""
+    """``Retry-After`` as delay-seconds or an HTTP-date (RFC 9110 §10.2.3), or an absolute epoch
+    time (seconds or milliseconds, a vendor quirk); None if absent/bad."""
     if value is None or not value.strip():
         return None
     text = value.strip()
     if text.isdigit():
-        return float(text)
+        number = float(text)
+        if number >= EPOCH_SECONDS:
+            epoch = number / 1000 if number >= EPOCH_MILLIS else number
+            return max(0.0, epoch - (now if now is not None else time.time()))
+        return number
     try:
         when = email.utils.parsedate_to_datetime(text)
     except (TypeError, ValueError):
@@ -439,7 +489,7 @@ class BulkClient:
         the server's ``Retry-After``), ``ProtocolError`` on an answer that is not ``202``.
         """
         url = self.kickoff_url(req)
-        prefer = "respond-async" + (", handling=lenient" if lenient else "")
+        prefer = "respond-async" + (", handling=lenient" if lenient or req.lenient else "")
         headers = {"Accept": FHIR_JSON, "Prefer": prefer}
         params: list[tuple[str, str]] = []
         if req.output_format:
@@ -453,10 +503,16 @@ class BulkClient:
             params.append(("_typeFilter", ",".join(req.type_filters)))
         if req.elements:
             params.append(("_elements", ",".join(req.elements)))
+        if req.organize_output_by:
+            params.append(("organizeOutputBy", req.organize_output_by))
+        if req.include_associated_data:
+            params.append(("includeAssociatedData", ",".join(req.include_associated_data)))
+        if req.allow_partial_manifests:
+            params.append(("allowPartialManifests", "true"))
         if req.method == "POST":
             body = {
                 "resourceType": "Parameters",
-                "parameter": [{"name": k, "valueString": v} for k, v in params]
+                "parameter": [_parameter(k, v) for k, v in params]
                 + [
                     {"name": "patient", "valueReference": {"reference": f"Patient/{p}"}}
                     for p in req.patients
@@ -508,8 +564,17 @@ class BulkClient:
                 return ExportStatus(
                     "in_progress", None, "status answer was not JSON", http_status=200
                 )
+            try:
+                body = self._follow_pages(body)
+            except TransientError:
+                return ExportStatus(
+                    "in_progress", None, "a manifest page could not be read", http_status=200
+                )
             return ExportStatus("complete", manifest=body, http_status=200)
         codes = tuple(issue_codes(resp))
+        if code in (404, 410):
+            # The server no longer knows the export: expired (or deleted) on its side.
+            return ExportStatus("expired", http_status=code, issue_codes=codes)
         if code == 429 or "transient" in codes or (code >= 500 and not codes):
             # Throttled, or the status check failed rather than the job (SPECS §3.2).
             return ExportStatus(
@@ -520,6 +585,36 @@ class BulkClient:
                 issue_codes=codes,
             )
         return ExportStatus("failed", http_status=code, issue_codes=codes)
+
+    def _follow_pages(self, body: Any, *, max_pages: int = 10_000) -> Any:
+        """Merge a paged manifest (``link`` relation ``next``, STU3 ``allowPartialManifests``)
+        into one: ``output``, ``deleted`` and ``error`` of every page, in order."""
+        url = next_page_url(body)
+        if url is None or not isinstance(body, dict):
+            return body
+        merged = {k: v for k, v in body.items() if k != "link"}
+        for key in ("output", "deleted", "error"):
+            merged[key] = list(body.get(key) or [])
+        seen: set[str] = set()
+        while url is not None:
+            if url in seen or len(seen) >= max_pages:
+                raise ProtocolError("bulk manifest pages loop")
+            seen.add(url)
+            resp = self._request("GET", url, headers={"Accept": "application/json"})
+            if resp.status_code in (429,) or resp.status_code >= 500:
+                raise TransientError(f"bulk manifest page: HTTP {resp.status_code}")
+            if resp.status_code != 200:
+                raise ProtocolError(f"bulk manifest page: HTTP {resp.status_code}")
+            try:
+                page = resp.json()
+            except ValueError:
+                raise TransientError("bulk manifest page was not JSON") from None
+            if not isinstance(page, dict):
+                raise ProtocolError("bulk manifest page is not an object")
+            for key in ("output", "deleted", "error"):
+                merged[key].extend(page.get(key) or [])
+            url = next_page_url(page)
+        return merged
 
     def next_wait(self, status: ExportStatus, polls: int) -> float:
         """How long to wait before the next status request (clamped; exponential by default)."""
@@ -548,6 +643,8 @@ class BulkClient:
                 return parse_manifest(st.manifest)
             if st.state == "failed":
                 raise ExportFailed(st.http_status, list(st.issue_codes))
+            if st.state == "expired":
+                raise ExportExpired("the status URL", st.http_status)
             wait = self.next_wait(st, polls)
             if time.monotonic() + wait > deadline:
                 raise TransientError("bulk export did not complete in time")
@@ -628,6 +725,8 @@ class BulkClient:
                     resp.close()
                     self.sleep(wait)
                     continue
+                if code == 410:
+                    raise ExportExpired("a file", code)
                 if code not in (200, 206):
                     raise ProtocolError(f"bulk file download: HTTP {code}")
                 ctype = resp.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -669,6 +768,17 @@ class BulkClient:
         raise TransientError(
             f"bulk file download gave up after {self.max_attempts} attempts ({last})"
         )
+
+
+def _parameter(name: str, value: str) -> dict[str, Any]:
+    """One ``Parameters.parameter`` of a POST kick-off, with the value[x] the IG gives it."""
+    if name == "_since":
+        return {"name": name, "valueInstant": value}
+    if name == "allowPartialManifests":
+        return {"name": name, "valueBoolean": value == "true"}
+    if name == "includeAssociatedData":
+        return {"name": name, "valueCode": value}
+    return {"name": name, "valueString": value}
 
 
 def _range_start(content_range: str | None) -> int:

@@ -143,6 +143,7 @@ def make_client(
         http=http,
         fhir_base_url=cfg.fhir_base_url,
         jku=cfg.jku,
+        shared=True,  # one token across kick-off, polls and downloads (issue 12)
     )
     return BulkClient(
         cfg.fhir_base_url,
