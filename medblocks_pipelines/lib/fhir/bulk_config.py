@@ -19,17 +19,13 @@ from medblocks_pipelines.lib.fhir.bulk import (
     client_profile,
 )
 from medblocks_pipelines.lib.registry import ControlPlane
+from medblocks_pipelines.lib.registry.schema import BULK_IN_FLIGHT
 from medblocks_pipelines.lib.smart.backend import BackendAuth
 from medblocks_pipelines.lib.smart.keys import KeyStore
 
-IN_FLIGHT = ("kicked_off", "ready", "downloading")
+IN_FLIGHT = BULK_IN_FLIGHT
 DEFAULT_SCOPE = "system/*.rs"
 PATTERN = "backend"
-
-
-def watermark_key(tenant: str, org_id: str) -> str:
-    """The control-plane key holding an organization's next ``_since``."""
-    return f"backend/{tenant}/{org_id}/since"
 
 
 @dataclass(frozen=True)
@@ -101,6 +97,11 @@ def org_config(
         elements=tuple(ocfg.get("elements") or ()),
         output_format=ocfg.get("output_format"),
         method=str(ocfg.get("method") or "GET").upper(),
+        patients=tuple(str(p) for p in ocfg.get("patients") or ()),
+        organize_output_by=ocfg.get("organize_output_by"),
+        include_associated_data=tuple(ocfg.get("include_associated_data") or ()),
+        allow_partial_manifests=bool(ocfg.get("allow_partial_manifests", False)),
+        lenient=bool(ocfg.get("lenient", scfg.get("lenient", False))),
     )
     return OrgConfig(
         tenant=tenant,

@@ -23,9 +23,11 @@ from medblocks_pipelines.lib.errors import (
     ProtocolError,
     TransientError,
 )
+from medblocks_pipelines.lib.fhir import bulk_watermarks as wm
 from medblocks_pipelines.lib.fhir.bulk import (
     BulkClient,
     DownloadResult,
+    ExportExpired,
     ExportFailed,
     Manifest,
     ManifestItem,
@@ -38,7 +40,11 @@ from medblocks_pipelines.lib.fhir.bulk_config import (
     make_client,
     make_http,
     org_config,
-    watermark_key,
+)
+from medblocks_pipelines.lib.fhir.bulk_files import (
+    attachment_refs,
+    download_attachments,
+    strip_block_headers,
 )
 from medblocks_pipelines.lib.registry import ControlPlane
 from medblocks_pipelines.lib.settings import Settings
@@ -72,6 +78,14 @@ class SyncReport:
     since: str | None = None
     duration_s: float = 0.0
     warnings: list[str] = field(default_factory=list)
+    #: Types the error files say failed (their holds keep them for the next sync).
+    failed_types: set[str] = field(default_factory=set)
+    #: Error-severity issues naming no type (the whole watermark is then held back).
+    unnamed_errors: int = 0
+    missing_types: list[str] = field(default_factory=list)
+    held_back: bool = False
+    attachments_inlined: int = 0
+    attachment_failures: int = 0
 
     @property
     def landed(self) -> int:
@@ -98,6 +112,10 @@ class SyncReport:
             "tokens_fetched": self.tokens_fetched,
             "watermark": self.watermark,
             "since": self.since,
+            "missing_types": self.missing_types,
+            "watermark_held_back": self.held_back,
+            "attachments_inlined": self.attachments_inlined,
+            "attachment_failures": self.attachment_failures,
             "duration_s": round(self.duration_s, 3),
             "warnings": self.warnings,
         }
@@ -129,7 +147,10 @@ def land_export(
     land one at a time as they arrive (``LakeWriter.add_ndjson_file``), so disk and memory stay
     bounded by the files in flight. If any file cannot be fetched the run fails before the
     watermark moves or the export is deleted: a rerun lands everything again, and the warehouse
-    deduplicates identical versions.
+    deduplicates identical versions. The watermark moves only over the types delivered
+    (:mod:`bulk_watermarks`). An export the server has forgotten (status 404/410, files 410) is
+    abandoned as ``expired`` (:class:`ExportExpired`): the next kick-off starts from the same
+    watermark.
     """
     started = time.monotonic()
     row = cp.get_bulk_export(export_id)
@@ -139,7 +160,7 @@ def land_export(
         )
         report.warnings.append("export already landed; nothing to do")
         return report
-    if row["status"] in ("failed", "cancelled"):
+    if row["status"] in ("failed", "cancelled", "expired"):
         raise ProtocolError(f"export {export_id} is {row['status']}; kick off a new one")
     tenant, org_id = row["tenant_id"], row["organization_id"]
     cfg = org_config(cp, tenant, org_id)
@@ -167,51 +188,19 @@ def land_export(
                 client, manifest, writer, report, work, errors_dir, cfg, settings, progress
             )
             writer.flush()
-        stats = writer.stats
-        report.counts_by_type = dict(stats.counts_by_type)
-        report.quarantined = stats.quarantined
-        report.quarantine_reasons = dict(stats.quarantine_reasons)
-        report.deleted = stats.tombstones
-        for rtype, expected in report.expected_by_type.items():
-            got = report.received_by_type.get(rtype, 0)
-            if got != expected:
-                report.count_mismatches[rtype] = {"manifest": expected, "received": got}
-        if report.count_mismatches:
-            report.warnings.append(
-                f"counts differ from the manifest for {len(report.count_mismatches)} type(s)"
-            )
-        serious = sum(n for s, n in report.error_entries.items() if s in ("error", "fatal"))
-        if report.quarantined or report.count_mismatches or serious:
-            report.status = "partial"
-        report.watermark = manifest.transaction_time
+        _summarise(report, writer)
         report.tokens_fetched = client.auth.tokens_fetched if client.auth else 0
-        cp.set_watermark(watermark_key(tenant, org_id), manifest.transaction_time)
+        _advance_watermarks(cp, row, manifest, report)
         if delete_when_done:
             client.delete(row["polling_url"])
         shutil.rmtree(work, ignore_errors=True)
         report.duration_s = time.monotonic() - started
-        counts = {
-            **{k: v for k, v in (row.get("counts") or {}).items() if k.startswith("_")},
-            "landed": report.landed,
-            "quarantined": report.quarantined,
-            "deleted": report.deleted,
-            "files": report.files,
-        }
-        cp.update_bulk_export(
-            export_id, status="completed", counts=counts, transaction_time=manifest.transaction_time
-        )
-        cp.finish_pull(
-            pull_id,
-            status=report.status,
-            counts={
-                **report.counts_by_type,
-                "_deleted": report.deleted,
-                "_quarantined": report.quarantined,
-            },
-        )
-        if row.get("connection_id"):
-            cp.update_connection(row["connection_id"], last_pull_at=datetime.now(UTC))
+        _record_completion(cp, row, manifest, report, pull_id)
         return report
+    except ExportExpired as exc:
+        cp.finish_pull(pull_id, status="failed", counts={}, error=type(exc).__name__)
+        abandon_expired(cp, row, str(exc))
+        raise
     except Exception as exc:
         cp.finish_pull(pull_id, status="failed", counts={}, error=type(exc).__name__)
         # Our own errors carry ids and counts only; anything else is named, not quoted (a parser
@@ -228,9 +217,124 @@ def land_export(
             http.close()
 
 
+def _summarise(report: SyncReport, writer: LakeWriter) -> None:
+    """Counts from the writer, the manifest comparison and the status."""
+    stats = writer.stats
+    report.counts_by_type = dict(stats.counts_by_type)
+    report.quarantined = stats.quarantined
+    report.quarantine_reasons = dict(stats.quarantine_reasons)
+    report.deleted = stats.tombstones
+    for rtype, expected in report.expected_by_type.items():
+        got = report.received_by_type.get(rtype, 0)
+        if got != expected:
+            report.count_mismatches[rtype] = {"manifest": expected, "received": got}
+    if report.count_mismatches:
+        report.warnings.append(
+            f"counts differ from the manifest for {len(report.count_mismatches)} type(s)"
+        )
+    serious = sum(n for s, n in report.error_entries.items() if s in ("error", "fatal"))
+    if report.quarantined or report.count_mismatches or serious:
+        report.status = "partial"
+
+
+def _advance_watermarks(
+    cp: ControlPlane, row: dict[str, Any], manifest: Manifest, report: SyncReport
+) -> None:
+    """Move the watermark over what was delivered; hold back the types that failed."""
+    tenant, org_id = row["tenant_id"], row["organization_id"]
+    request = row.get("request") or {}
+    moved = wm.advance(
+        cp,
+        tenant,
+        org_id,
+        transaction_time=manifest.transaction_time,
+        export_since=row.get("since"),
+        requested_types=request.get("types") or (),
+        failed_types=report.failed_types,
+        unnamed_errors=report.unnamed_errors,
+    )
+    report.watermark = moved.watermark
+    report.missing_types = list(moved.missing_types)
+    report.held_back = moved.held_back
+    if not moved.missing_types:
+        return
+    report.status = "partial"
+    what = (
+        "the watermark is held back (error files name no type)"
+        if moved.held_back
+        else f"{len(moved.missing_types)} type(s) held back for the next sync"
+    )
+    report.warnings.append(f"export reported failed types {', '.join(moved.missing_types)}: {what}")
+    cp.emit_event(
+        tenant,
+        "backend.export.partial",
+        {
+            "export_id": row["id"],
+            "organization_id": org_id,
+            "missing_types": list(moved.missing_types),
+            "watermark_held_back": moved.held_back,
+            "resume_since": moved.resume_since,
+            "transaction_time": manifest.transaction_time,
+        },
+    )
+
+
+def _record_completion(
+    cp: ControlPlane, row: dict[str, Any], manifest: Manifest, report: SyncReport, pull_id: Any
+) -> None:
+    counts = {
+        **{k: v for k, v in (row.get("counts") or {}).items() if k.startswith("_")},
+        "landed": report.landed,
+        "quarantined": report.quarantined,
+        "deleted": report.deleted,
+        "files": report.files,
+        "attachments": report.attachments,
+        "missing_types": report.missing_types,
+    }
+    cp.update_bulk_export(
+        row["id"],
+        status="completed",
+        counts=counts,
+        transaction_time=manifest.transaction_time,
+        error=(
+            f"partial: failed types {', '.join(report.missing_types)}"
+            if report.missing_types
+            else None
+        ),
+    )
+    cp.finish_pull(
+        pull_id,
+        status=report.status,
+        counts={
+            **report.counts_by_type,
+            "_deleted": report.deleted,
+            "_quarantined": report.quarantined,
+        },
+    )
+    if row.get("connection_id"):
+        cp.update_connection(row["connection_id"], last_pull_at=datetime.now(UTC))
+
+
+def abandon_expired(cp: ControlPlane, row: dict[str, Any], reason: str) -> None:
+    """Record that the server no longer has the export (status ``expired`` + an outbox event);
+    the watermark is untouched, so the next kick-off asks for the same data again."""
+    cp.update_bulk_export(row["id"], status="expired", error=reason[:500])
+    cp.emit_event(
+        row["tenant_id"],
+        "backend.export.expired",
+        {
+            "export_id": row["id"],
+            "organization_id": row.get("organization_id"),
+            "reason": reason[:200],
+            "since": row.get("since"),
+        },
+    )
+
+
 def _current_manifest(cp: ControlPlane, client: BulkClient, row: dict[str, Any]) -> Manifest:
     # Ask again: file URLs (presigned ones especially) may have changed or expired since the
-    # sensor saw the manifest. Fall back to the stored manifest if the server no longer answers.
+    # sensor saw the manifest. Fall back to the stored manifest if the server no longer answers
+    # (its files then tell whether the export is gone: 404/410 -> ExportExpired).
     st = client.status(row["polling_url"])
     if st.state == "complete":
         manifest = parse_manifest(st.manifest)
@@ -238,6 +342,8 @@ def _current_manifest(cp: ControlPlane, client: BulkClient, row: dict[str, Any])
             row["id"], manifest=manifest.raw, transaction_time=manifest.transaction_time
         )
         return manifest
+    if st.state == "expired" and row.get("manifest") is None:
+        raise ExportExpired("the status URL", st.http_status)
     if st.state == "failed" and row.get("manifest") is None:
         raise ExportFailed(st.http_status, list(st.issue_codes))
     if row.get("manifest") is not None:
@@ -371,8 +477,9 @@ def _download_and_land(
     received: Counter[str] = Counter()
     errors: Counter[str] = Counter()
     codes: Counter[str] = Counter()
-    attachment_urls: list[str] = []
+    attachment_urls: list[tuple[str, str]] = []
     failures: list[str] = []
+    expired: list[ExportExpired] = []
     batches = _Batches(writer, work, report.export_id, received, workers=cfg.land_workers)
     try:
         with cf.ThreadPoolExecutor(
@@ -393,22 +500,27 @@ def _download_and_land(
                     got: DownloadResult = fut.result()
                 except (TransientError, ProtocolError) as exc:
                     failures.append(f"{item.kind} file ({type(exc).__name__})")
+                    if isinstance(exc, ExportExpired):
+                        expired.append(exc)
                     continue
                 report.files += 1
                 report.bytes_downloaded += got.bytes
                 report.resumed_bytes += got.resumed_bytes
                 origin = f"{report.export_id}/{Path(urlsplit(item.url).path).name}"
                 if item.kind == "output":
-                    if cfg.attachments and item.type == "DocumentReference":
+                    if item.type is None:
+                        # organizeOutputBy: per-patient blocks of any type, with header lines.
+                        got = strip_block_headers(got)
+                    if cfg.attachments and item.type in ("DocumentReference", None):
                         attachment_urls.extend(
-                            _attachment_urls(got.path, got.gzip, cfg.fhir_base_url)
+                            attachment_refs(got.path, got.gzip, cfg.fhir_base_url)
                         )
-                    batches.add(got, item.type or "?")  # the batch owns (and removes) the file
+                    batches.add(got, item.type or "(by patient)")  # the batch owns the file
                 elif item.kind == "deleted":
                     _land_deleted(got, writer, manifest.transaction_time, origin)
                 else:
                     errors_dir.mkdir(parents=True, exist_ok=True)
-                    _count_outcomes(got, errors, codes, writer, origin)
+                    _count_outcomes(got, errors, codes, writer, origin, report)
                     shutil.copyfile(got.path, errors_dir / got.path.name)
                 if item.kind != "output":
                     got.path.unlink(missing_ok=True)
@@ -427,15 +539,24 @@ def _download_and_land(
             + ", ".join(f"{n} {s}" for s, n in sorted(errors.items()))
             + " issue(s) in its error files"
         )
+    if expired:
+        raise expired[0]
     if failures:
         raise TransientError(
             f"{len(failures)} of {total} bulk files could not be downloaded",
             hint="rerun the land job; landed files deduplicate",
         )
     if attachment_urls:
-        report.attachments = _download_attachments(
-            client, attachment_urls, settings, cfg, report.export_id, manifest
+        got_att = download_attachments(
+            client,
+            attachment_urls,
+            settings.data_dir / "attachments" / f"tenant={cfg.tenant}" / f"source={cfg.source_id}",
+            export_id=report.export_id,
+            requires_token=manifest.requires_access_token,
         )
+        report.attachments = got_att.downloaded + got_att.inlined
+        report.attachments_inlined = got_att.inlined
+        report.attachment_failures = got_att.failed
 
 
 def _land_deleted(
@@ -478,6 +599,7 @@ def _count_outcomes(
     codes: Counter[str],
     writer: LakeWriter,
     origin: str,
+    report: SyncReport,
 ) -> None:
     for lineno, raw in enumerate(iter_lines(got.path, gzipped=got.gzip), start=1):
         if not raw.strip():
@@ -490,52 +612,10 @@ def _count_outcomes(
         issues = outcome.get("issue") if isinstance(outcome, dict) else None
         for issue in issues or []:
             if isinstance(issue, dict):
-                severities[str(issue.get("severity", "unknown"))] += 1
+                severity = str(issue.get("severity", "unknown"))
+                severities[severity] += 1
                 codes[str(issue.get("code", "unknown"))] += 1
-
-
-def _attachment_urls(path: Path, gzipped: bool, base: str) -> list[str]:
-    """Attachment URLs of DocumentReferences; relative ones (``Binary/x``) resolve on the base."""
-    urls = []
-    for raw in iter_lines(path, gzipped=gzipped):
-        try:
-            doc = json.loads(raw)
-        except ValueError:
-            continue
-        for content in doc.get("content") or [] if isinstance(doc, dict) else []:
-            att = content.get("attachment") if isinstance(content, dict) else None
-            url = att.get("url") if isinstance(att, dict) else None
-            if not isinstance(url, str) or not url:
-                continue
-            if not urlsplit(url).scheme:
-                url = base.rstrip("/") + "/" + url.lstrip("/")
-            if urlsplit(url).scheme in ("http", "https"):
-                urls.append(url)
-    return urls
-
-
-def _download_attachments(
-    client: BulkClient,
-    urls: list[str],
-    settings: Settings,
-    cfg: OrgConfig,
-    export_id: str,
-    manifest: Manifest,
-) -> int:
-    """Fetch attachment content into ``<data>/attachments/tenant=T/source=S/`` (by URL hash)."""
-    import hashlib
-
-    folder = settings.data_dir / "attachments" / f"tenant={cfg.tenant}" / f"source={cfg.source_id}"
-    n = 0
-    for url in dict.fromkeys(urls):
-        name = hashlib.sha256(url.encode()).hexdigest()[:32]
-        if (folder / name).exists() or (folder / (name + ".gz")).exists():
-            n += 1
-            continue
-        # With requiresAccessToken the same token works on attachments (SPECS §3.3); the client
-        # still sends it only to the FHIR server's origin.
-        client.download(
-            url, folder / name, requires_token=manifest.requires_access_token, accept="*/*"
-        )
-        n += 1
-    return n
+                if severity in ("error", "fatal"):
+                    named = wm.types_named(issue)
+                    report.failed_types |= named
+                    report.unnamed_errors += not named

@@ -25,10 +25,13 @@ import httpx
 
 from medblocks_pipelines.lib.errors import (
     ConfigError,
+    NotFound,
     ProtocolError,
     TransientError,
 )
+from medblocks_pipelines.lib.fhir import bulk_watermarks as wm
 from medblocks_pipelines.lib.fhir.bulk import (
+    ExportExpired,
     ExportFailed,
     ExportStatus,
     adapt_request,
@@ -45,9 +48,14 @@ from medblocks_pipelines.lib.fhir.bulk_config import (
     make_client,
     make_http,
     org_config,
-    watermark_key,
 )
-from medblocks_pipelines.lib.fhir.bulk_land import ProgressFn, SyncReport, land_export
+from medblocks_pipelines.lib.fhir.bulk_land import (
+    ProgressFn,
+    SyncReport,
+    abandon_expired,
+    land_export,
+)
+from medblocks_pipelines.lib.fhir.bulk_watermarks import watermark_key
 from medblocks_pipelines.lib.registry import ControlPlane
 from medblocks_pipelines.lib.settings import Settings
 
@@ -86,6 +94,10 @@ def in_flight_export(cp: ControlPlane, tenant: str, org_id: str) -> dict[str, An
     return rows[-1] if rows else None
 
 
+#: A ``starting`` reservation older than this is a crashed kick-off: it is abandoned.
+STALE_START = timedelta(minutes=10)
+
+
 def kickoff_export(
     cp: ControlPlane,
     tenant: str,
@@ -100,43 +112,85 @@ def kickoff_export(
     """Start an export for the organization and save its polling URL at once.
 
     Reuses an in-flight export of the same organization instead of starting a second one (some
-    servers allow one at a time; waiting for it is the sensor's job). ``full`` clears the
-    watermark so the export has no ``_since``.
+    servers allow one at a time; waiting for it is the sensor's job). The in-flight slot is
+    claimed in the control plane *before* the kick-off request (a unique index makes the claim
+    atomic), so of two concurrent syncs only one reaches the server; the other reuses its export.
+    ``full`` clears the watermark and its holds so the export has no ``_since``. ``patients``
+    (or the organization's ``patients`` config) makes a patient-list export (POST).
     """
     existing = in_flight_export(cp, tenant, org_id)
+    if existing is not None and _stale_start(existing):
+        cp.update_bulk_export(existing["id"], status="failed", error="kick-off never answered")
+        existing = None
     if existing is not None and not full:
         return KickoffResult(existing["id"], True, existing.get("since"))
     cfg = org_config(cp, tenant, org_id, public_jwks_url=public_jwks_url)
     if full:
-        cp.set_watermark(watermark_key(tenant, org_id), None)
+        wm.clear(cp, tenant, org_id)
         if existing is not None:
             cancel_export(cp, existing["id"], http=http)
-    since = cp.get_watermark(watermark_key(tenant, org_id))
+    since = wm.effective_since(cp, tenant, org_id)
     req, warnings = adapt_request(
-        replace(cfg.request, since=since, patients=patients),
+        replace(cfg.request, since=since, patients=patients or cfg.request.patients),
         client_profile(cfg.vendor),
     )
     conn_id = backend_connection(cp, cfg)
-    own = http is None
-    http = http or make_http()
-    try:
-        client = make_client(cp, cfg, http)
-        polling_url = client.kickoff(req)
-    finally:
-        if own:
-            http.close()
-    activate_connection(cp, conn_id)
-    export_id = cp.save_bulk_export(
+    export_id = cp.reserve_bulk_export(
         tenant_id=tenant,
         source_id=cfg.source_id,
         organization_id=org_id,
         connection_id=conn_id,
-        polling_url=polling_url,
         request=req.as_dict(),
         since=since,
         run_id=run_id,
     )
+    if export_id is None:
+        # Another sync of this organization claimed the slot between our check and our insert.
+        winner = in_flight_export(cp, tenant, org_id)
+        if winner is None:
+            raise TransientError("a concurrent kick-off of this organization ended; try again")
+        return KickoffResult(winner["id"], True, winner.get("since"))
+    own = http is None
+    http = http or make_http()
+    try:
+        polling_url = make_client(cp, cfg, http).kickoff(req)
+    except BaseException:
+        cp.delete_bulk_export(export_id)  # nothing was started on the server
+        raise
+    finally:
+        if own:
+            http.close()
+    cp.start_bulk_export(export_id, polling_url=polling_url)
+    activate_connection(cp, conn_id)
     return KickoffResult(export_id, False, since, tuple(warnings))
+
+
+def _stale_start(row: dict[str, Any]) -> bool:
+    started = row.get("kicked_off_at")
+    return (
+        row["status"] == "starting"
+        and started is not None
+        and datetime.now(UTC) - started > STALE_START
+    )
+
+
+def set_since(cp: ControlPlane, tenant: str, org_id: str, since: str | None) -> None:
+    """Set (or with ``None`` clear) the organization's starting ``_since`` and drop its holds.
+
+    ``since`` must be a FHIR instant with a time zone (``2026-01-01T00:00:00Z``).
+    """
+    org = cp.get_organization(org_id)
+    if org["tenant_id"] != tenant:
+        raise NotFound(f"organization {org_id} does not belong to tenant {tenant}")
+    if since is not None:
+        try:
+            when = datetime.fromisoformat(since.replace("Z", "+00:00"))
+        except ValueError:
+            raise ConfigError(f"_since {since!r} is not an ISO instant") from None
+        if when.tzinfo is None:
+            raise ConfigError("_since needs a time zone", hint="e.g. 2026-01-01T00:00:00Z")
+    wm.clear(cp, tenant, org_id)
+    cp.set_watermark(watermark_key(tenant, org_id), since)
 
 
 def cancel_export(cp: ControlPlane, export_id: str, *, http: httpx.Client | None = None) -> None:
@@ -168,6 +222,9 @@ def poll_export(
 ) -> ExportStatus:
     """Poll an export once and record the answer: ready (manifest saved), failed, or next poll."""
     row = cp.get_bulk_export(export_id)
+    if row["status"] == "starting" or not row.get("polling_url"):
+        # Reserved by a kick-off still waiting for the server's answer.
+        return ExportStatus("in_progress", min_wait, "kick-off in progress")
     cfg = org_config(cp, row["tenant_id"], row["organization_id"])
     own = http is None
     http = http or make_http()
@@ -188,6 +245,9 @@ def poll_export(
             transaction_time=manifest.transaction_time,
             counts=counts,
         )
+    elif st.state == "expired":
+        cp.update_bulk_export(export_id, counts=counts)
+        abandon_expired(cp, row, f"status URL answered HTTP {st.http_status}")
     elif st.state == "failed":
         cp.update_bulk_export(
             export_id,
@@ -237,6 +297,8 @@ def wait_for_export(
         row = cp.get_bulk_export(export_id)
         if row["status"] in ("ready", "downloading", "completed"):
             return row
+        if row["status"] == "expired":
+            raise ExportExpired("the status URL", 404)
         if row["status"] in ("failed", "cancelled"):
             raise ExportFailed(0, [row.get("error") or row["status"]])
         st = poll_export(cp, export_id, http=http, min_wait=min_wait)
@@ -246,7 +308,12 @@ def wait_for_export(
             continue
         if st.state == "failed":
             raise ExportFailed(st.http_status, list(st.issue_codes))
+        if st.state == "expired":
+            raise ExportExpired("the status URL", st.http_status)
         nxt = cp.get_bulk_export(export_id)["next_poll_at"]
+        if nxt is None:  # a concurrent kick-off has not saved its polling URL yet
+            sleep(min_wait)
+            continue
         if nxt.tzinfo is None:
             nxt = nxt.replace(tzinfo=UTC)
         wait = max(0.0, (nxt - datetime.now(UTC)).total_seconds())
@@ -268,11 +335,25 @@ def sync_organization(
     min_wait: float = 1.0,
     progress: ProgressFn | None = None,
 ) -> SyncReport:
-    """Kick off (or resume), wait and land one organization's export, without Dagster."""
-    kicked = kickoff_export(cp, tenant, org_id, full=full, run_id=run_id, http=http)
-    wait_for_export(cp, kicked.export_id, http=http, timeout=timeout, min_wait=min_wait)
-    report = land_export(
-        cp, settings, kicked.export_id, run_id=run_id, http=http, progress=progress
-    )
-    report.warnings = list(kicked.warnings) + report.warnings
-    return report
+    """Kick off (or resume), wait and land one organization's export, without Dagster.
+
+    An export that expired on the server before it could be landed is abandoned and one new
+    export is kicked off from the same watermark.
+    """
+    for attempt in (1, 2):
+        kicked = kickoff_export(cp, tenant, org_id, full=full, run_id=run_id, http=http)
+        try:
+            wait_for_export(cp, kicked.export_id, http=http, timeout=timeout, min_wait=min_wait)
+            report = land_export(
+                cp, settings, kicked.export_id, run_id=run_id, http=http, progress=progress
+            )
+        except ExportExpired:
+            if attempt == 2:
+                raise
+            full = False  # the watermark was cleared already if it was asked for
+            continue
+        report.warnings = list(kicked.warnings) + report.warnings
+        if attempt == 2:
+            report.warnings.insert(0, "the first export expired on the server; kicked off anew")
+        return report
+    raise AssertionError("unreachable")
