@@ -177,16 +177,21 @@ def land_export(
     report = SyncReport(export_id, since=row.get("since"))
     try:
         client = make_client(cp, cfg, http, **(client_kwargs or {}))
-        manifest = _current_manifest(cp, client, row)
+        manifest, gone = _current_manifest(cp, client, row)
         cp.update_bulk_export(export_id, status="downloading", run_id=run_id)
         report.expected_by_type = manifest.expected_counts
         prov = Provenance(tenant, PATTERN, cfg.source_id, org_id, row.get("connection_id"), run_id)
         work = settings.data_dir / "bulk_work" / export_id / run_id[:12]
         errors_dir = settings.data_dir / "bulk_errors" / export_id
         with LakeWriter(settings.lake, prov) as writer:
-            _download_and_land(
-                client, manifest, writer, report, work, errors_dir, cfg, settings, progress
-            )
+            try:
+                _download_and_land(
+                    client, manifest, writer, report, work, errors_dir, cfg, settings, progress
+                )
+            except TransientError as exc:
+                if gone:  # the status URL is gone too: the files will not come back
+                    raise ExportExpired("the status URL", gone) from exc
+                raise
             writer.flush()
         _summarise(report, writer)
         report.tokens_fetched = client.auth.tokens_fetched if client.auth else 0
@@ -331,7 +336,10 @@ def abandon_expired(cp: ControlPlane, row: dict[str, Any], reason: str) -> None:
     )
 
 
-def _current_manifest(cp: ControlPlane, client: BulkClient, row: dict[str, Any]) -> Manifest:
+def _current_manifest(
+    cp: ControlPlane, client: BulkClient, row: dict[str, Any]
+) -> tuple[Manifest, int]:
+    """The manifest, and the status code if the server no longer knows the export (else 0)."""
     # Ask again: file URLs (presigned ones especially) may have changed or expired since the
     # sensor saw the manifest. Fall back to the stored manifest if the server no longer answers
     # (its files then tell whether the export is gone: 404/410 -> ExportExpired).
@@ -341,13 +349,13 @@ def _current_manifest(cp: ControlPlane, client: BulkClient, row: dict[str, Any])
         cp.update_bulk_export(
             row["id"], manifest=manifest.raw, transaction_time=manifest.transaction_time
         )
-        return manifest
+        return manifest, 0
     if st.state == "expired" and row.get("manifest") is None:
         raise ExportExpired("the status URL", st.http_status)
     if st.state == "failed" and row.get("manifest") is None:
         raise ExportFailed(st.http_status, list(st.issue_codes))
     if row.get("manifest") is not None:
-        return parse_manifest(row["manifest"])
+        return parse_manifest(row["manifest"]), st.http_status if st.state == "expired" else 0
     raise TransientError("the export is not complete yet", retry_after=st.retry_after)
 
 
