@@ -236,6 +236,8 @@ def poll_export(
             http.close()
     polls = int((row.get("counts") or {}).get("_polls", 0)) + 1
     counts = {**(row.get("counts") or {}), "_polls": polls}
+    if st.progress:
+        counts["_progress"] = st.progress[:100]
     if st.state == "complete":
         manifest = parse_manifest(st.manifest)
         cp.update_bulk_export(
