@@ -31,9 +31,13 @@ Wiring (what ``run.py`` does)::
     storage = ServerThread(bind_socket(), presigned_storage_app([server])).start()
     server.storage_base_url = storage.url
 
-Not implemented: STU3/4 additions (``_until``, ``organizeOutputBy``, ``allowPartialManifests``,
-``Prefer: separate-export-status``, the ``outcome`` rename), ``includeAssociatedData``, Binary
-and attachments in patient-level exports, ``_elements`` beyond root elements (mandatory
+STU3 ``organizeOutputBy=Patient``, ``includeAssociatedData`` (Provenance) and
+``allowPartialManifests`` (paged manifests with the ``paged_manifest`` fault) live in
+``bulk_stu3.py``; the vendor quirks ``retry_after_epoch``, ``export_expires`` and
+``manifest_errors_partial`` are faults (``faults.py``).
+
+Not implemented: the other STU3/4 additions (``_until``, ``Prefer: separate-export-status``, the
+``outcome`` rename), Binary and attachments in patient-level exports, ``_elements`` beyond root elements (mandatory
 elements are not added back), HAPI-style job reuse, and persistence across restarts (jobs live
 in memory; files in the work directory).
 """
