@@ -162,6 +162,8 @@ def land_export(
         return report
     if row["status"] in ("failed", "cancelled", "expired"):
         raise ProtocolError(f"export {export_id} is {row['status']}; kick off a new one")
+    if row["status"] == "starting" or not row.get("polling_url"):
+        raise TransientError(f"export {export_id} is not kicked off yet")
     tenant, org_id = row["tenant_id"], row["organization_id"]
     cfg = org_config(cp, tenant, org_id)
     own = http is None

@@ -199,8 +199,9 @@ def cancel_export(cp: ControlPlane, export_id: str, *, http: httpx.Client | None
     own = http is None
     http = http or make_http()
     try:
-        cfg = org_config(cp, row["tenant_id"], row["organization_id"])
-        make_client(cp, cfg, http).delete(row["polling_url"])
+        if row.get("polling_url"):  # a reservation whose kick-off never answered has none
+            cfg = org_config(cp, row["tenant_id"], row["organization_id"])
+            make_client(cp, cfg, http).delete(row["polling_url"])
     except (ProtocolError, ConfigError):
         pass  # the server may have dropped it already; our record still ends here
     finally:
