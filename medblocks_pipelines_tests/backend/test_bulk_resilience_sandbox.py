@@ -14,12 +14,14 @@ the vendor quirks seen on third-party Bulk Data servers (named faults in ``sandb
 import threading
 import time
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 
 from medblocks_pipelines.lib.fhir import bulk_watermarks as wm
 from medblocks_pipelines.lib.fhir.bulk import ExportExpired
 from medblocks_pipelines.lib.fhir.bulk_sync import (
+    SyncReport,
     kickoff_export,
     land_export,
     poll_export,
@@ -35,10 +37,10 @@ from .conftest import TENANT, Env
 ORG = "mercy-general"
 
 
-def _sync(env: Env, run_id: str, **kw: object):  # type: ignore[no-untyped-def]
+def _sync(env: Env, run_id: str, **kw: Any) -> SyncReport:
     return sync_organization(
         env.cp, env.settings, TENANT, ORG, run_id=run_id, min_wait=0.05, timeout=40, **kw
-    )  # type: ignore[arg-type]
+    )
 
 
 def _touch(ehr, rtype: str, n: int) -> list[str]:  # type: ignore[no-untyped-def]

@@ -267,7 +267,7 @@ def test_sensor_abandons_expired_export_and_kickoff_starts_anew(
     platform = _platform(env)
     ehr.faults.add("manifest_errors_partial", types=["Condition"])
     kicked = kickoff_export(env.cp, TENANT, "mercy-general", run_id="r1")
-    (req,) = _tick_until_ready(env, instance).run_requests
+    (req,) = _tick_until_ready(env, instance).run_requests or []
     land = dg.materialize(
         [bulk_resources],
         partition_key=KEY,
@@ -283,7 +283,7 @@ def test_sensor_abandons_expired_export_and_kickoff_starts_anew(
         [bulk_export], partition_key=KEY, instance=instance, resources={"platform": platform}
     )
     second = res.asset_materializations_for_node("backend__bulk_export")[0].metadata
-    export_id = second["export_id"].value
+    export_id = str(second["export_id"].value)
     for job in ehr.bulk.jobs():
         job.expired = True
     backend_bulk_export_sensor(
@@ -299,4 +299,4 @@ def test_sensor_abandons_expired_export_and_kickoff_starts_anew(
     )
     assert third["reused_in_flight"].value is False and third["export_id"].value != export_id
     # the Condition hold keeps the export's _since at the first one's (a full export here)
-    assert env.cp.get_bulk_export(third["export_id"].value)["since"] == since
+    assert env.cp.get_bulk_export(str(third["export_id"].value))["since"] == since

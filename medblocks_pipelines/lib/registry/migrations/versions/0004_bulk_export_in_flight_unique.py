@@ -51,7 +51,7 @@ def upgrade() -> None:
                 )
             )
         seen.add(key)
-    status = sa.column("status")
+    status: sa.ColumnClause[str] = sa.column("status", sa.String)
     with op.batch_alter_table("bulk_exports", schema=None) as batch_op:
         batch_op.create_index(
             "uq_bulk_exports_in_flight",
