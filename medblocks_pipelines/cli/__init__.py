@@ -20,6 +20,7 @@ PLUGINS: list[tuple[str, str | None, str]] = [
     ("medblocks_pipelines.sandbox.generator.cli:generate", None, "generate"),
     ("medblocks_pipelines.cli.backend:sync_backend", "sync", "backend"),
     ("medblocks_pipelines.cli.backend:keys", None, "keys"),
+    ("medblocks_pipelines.cli.bulk:bulk", None, "bulk"),
     ("medblocks_pipelines.cli.patient_access:sync_patient_access", "sync", "patient-access"),
     ("medblocks_pipelines.cli.patient_access:connections_link", "connections", "link"),
     ("medblocks_pipelines.cli.patient_access:connections_revoke", "connections", "revoke"),

@@ -12,6 +12,7 @@ import click
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+from medblocks_pipelines.lib.fhir.bulk import ExportExpired
 from medblocks_pipelines.lib.fhir.bulk_sync import wait_for_export
 from medblocks_pipelines.lib.partitions import partition_key
 from medblocks_pipelines.lib.registry import ControlPlane
@@ -31,22 +32,57 @@ def run_backend_sync(
     min_wait: float = 1.0,
     instance: Any = None,
     show_progress: bool = False,
+    since: str | None = None,
+    patients: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Kick off, wait for, download and land one organization's export through the Dagster jobs.
 
-    Returns the land step's metadata (counts by type, deleted, quarantined, watermark...). The
-    demo calls this for each organization; a second call is incremental (``_since``).
+    Returns the land step's metadata (counts by type, deleted, quarantined, watermark, missing
+    types...). The demo calls this for each organization; a second call is incremental
+    (``_since``). ``since`` sets the starting ``_since`` first; ``patients`` makes a patient-list
+    export. An export that expired on the server before it landed is abandoned by the land step
+    and kicked off once more, from the same watermark.
     """
     from medblocks_pipelines.cli.core import owned_by
+    from medblocks_pipelines.lib.errors import MedblocksError
+
+    # Another tenant's organization is refused before any Dagster run starts.
+    owned_by(tenant, "organization", org_id, cp.get_organization, listing="orgs list")
+    kick_config: dict[str, Any] = {"full": full, "patients": list(patients)}
+    if since:
+        kick_config["since"] = since
+    try:
+        return _run_once(
+            cp, tenant, org_id, kick_config, timeout, min_wait, instance, show_progress
+        )
+    except (MedblocksError, ExportExpired):
+        rows = cp.list_bulk_exports(tenant_id=tenant, organization_id=org_id)
+        if not rows or rows[-1]["status"] != "expired":
+            raise
+    console.print("[yellow]the export expired on the server; kicking off a new one[/yellow]")
+    kick_config = {"full": False, "patients": list(patients)}
+    return _run_once(cp, tenant, org_id, kick_config, timeout, min_wait, instance, show_progress)
+
+
+def _run_once(
+    cp: ControlPlane,
+    tenant: str,
+    org_id: str,
+    kick_config: dict[str, Any],
+    timeout: float,
+    min_wait: float,
+    instance: Any,
+    show_progress: bool,
+) -> dict[str, Any]:
     from medblocks_pipelines.cli.runtime import run_job
 
     key = partition_key(tenant, org_id)
-    org = owned_by(tenant, "organization", org_id, cp.get_organization, listing="orgs list")
+    org = cp.get_organization(org_id)
     tags = {"medblocks/tenant": tenant, "medblocks/source": org["source_id"]}
     kick = run_job(
         "backend_kickoff_job",
         partition_key=key,
-        run_config={"ops": {"backend__bulk_export": {"config": {"full": full}}}},
+        run_config={"ops": {"backend__bulk_export": {"config": kick_config}}},
         tags=tags,
         instance=instance,
     )
@@ -179,13 +215,32 @@ def setup_sandbox_backend(
 @click.option("--org", "org_id", required=True, help="Organization that authorized the sync.")
 @click.option("--full", is_flag=True, help="Clear the watermark: export everything again.")
 @click.option(
+    "--since",
+    default=None,
+    help="Start from this _since (FHIR instant, e.g. 2026-01-01T00:00:00Z) instead of the "
+    "watermark; later syncs go on from this export's transactionTime.",
+)
+@click.option(
+    "--patient",
+    "patients",
+    multiple=True,
+    help="Export only this patient (repeatable): a patient-list export (POST with patient).",
+)
+@click.option(
     "--timeout",
     default=3600.0,
     show_default=True,
     type=float,
     help="Seconds to wait for the export to complete.",
 )
-def sync_backend(tenant: str, org_id: str, full: bool, timeout: float) -> None:
+def sync_backend(
+    tenant: str,
+    org_id: str,
+    full: bool,
+    since: str | None,
+    patients: tuple[str, ...],
+    timeout: float,
+) -> None:
     """Bulk-export an organization's cohort (incremental by _since) and land it."""
     from medblocks_pipelines.cli.core import control_plane, print_table
     from medblocks_pipelines.lib.settings import get_settings
@@ -198,6 +253,8 @@ def sync_backend(tenant: str, org_id: str, full: bool, timeout: float) -> None:
         full=full,
         timeout=timeout,
         show_progress=True,
+        since=since,
+        patients=patients,
     )
     rows = [
         [t, f"{n:,}", f"{md['expected_by_type'].get(t, '-')}"]
@@ -215,6 +272,22 @@ def sync_backend(tenant: str, org_id: str, full: bool, timeout: float) -> None:
         )
     if md["error_entries"]:
         click.secho(f"error-file issues: {json.dumps(md['error_entries'])}", fg="yellow")
+    if md.get("missing_types"):
+        held = (
+            "the watermark is held back"
+            if md.get("watermark_held_back")
+            else "held back; the next sync asks for them again"
+        )
+        click.secho(
+            f"missing types (the server reported them failed): "
+            f"{', '.join(md['missing_types'])} ({held})",
+            fg="yellow",
+        )
+    if md.get("attachments"):
+        click.echo(
+            f"attachments: {md['attachments']} fetched ({md.get('attachments_inlined', 0)} inline), "
+            "linked to their DocumentReferences"
+        )
 
 
 # -- keys ------------------------------------------------------------------------------------

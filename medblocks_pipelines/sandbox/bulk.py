@@ -31,9 +31,13 @@ Wiring (what ``run.py`` does)::
     storage = ServerThread(bind_socket(), presigned_storage_app([server])).start()
     server.storage_base_url = storage.url
 
-Not implemented: STU3/4 additions (``_until``, ``organizeOutputBy``, ``allowPartialManifests``,
-``Prefer: separate-export-status``, the ``outcome`` rename), ``includeAssociatedData``, Binary
-and attachments in patient-level exports, ``_elements`` beyond root elements (mandatory
+STU3 ``organizeOutputBy=Patient``, ``includeAssociatedData`` (Provenance) and
+``allowPartialManifests`` (paged manifests with the ``paged_manifest`` fault) live in
+``bulk_stu3.py``; the vendor quirks ``retry_after_epoch``, ``export_expires`` and
+``manifest_errors_partial`` are faults (``faults.py``).
+
+Not implemented: the other STU3/4 additions (``_until``, ``Prefer: separate-export-status``, the
+``outcome`` rename), Binary and attachments in patient-level exports, ``_elements`` beyond root elements (mandatory
 elements are not added back), HAPI-style job reuse, and persistence across restarts (jobs live
 in memory; files in the work directory).
 """
@@ -72,6 +76,13 @@ from starlette.responses import FileResponse, JSONResponse, RedirectResponse, Re
 from starlette.routing import BaseRoute, Route
 
 from medblocks_pipelines.lib.errors import FhirHttpError
+from medblocks_pipelines.sandbox.bulk_stu3 import (
+    BlockWriter,
+    Stu3Options,
+    associated_provenance,
+    manifest_page,
+    parse_options,
+)
 from medblocks_pipelines.sandbox.faults import (
     FaultInjector,
     FaultMiddleware,
@@ -102,7 +113,18 @@ NDJSON = "application/fhir+ndjson"
 OUTPUT_FORMATS = frozenset({"application/fhir+ndjson", "application/ndjson", "ndjson"})
 #: Kick-off parameters this server implements (Bulk Data STU2).
 SUPPORTED_PARAMS = frozenset(
-    {"_outputFormat", "_since", "_type", "_typeFilter", "_elements", "patient"}
+    {
+        "_outputFormat",
+        "_since",
+        "_type",
+        "_typeFilter",
+        "_elements",
+        "patient",
+        # STU3 (bulk_stu3.py)
+        "organizeOutputBy",
+        "includeAssociatedData",
+        "allowPartialManifests",
+    }
 )
 SUBSETTED = {
     "system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue",
@@ -455,6 +477,7 @@ class ExportPlan:
     issues: list[dict[str, Any]]
     type_given: bool
     scopes: frozenset[str] = frozenset()
+    stu3: Stu3Options = field(default_factory=Stu3Options)
 
     def wants(self, resource_type: str) -> bool:
         """Whether a resource of this type belongs in this export (used for deletions, whose
@@ -475,6 +498,8 @@ class OutputFile:
     name: str
     path: Path
     count: int
+    #: organizeOutputBy: the last block goes on in this file (its name).
+    continues_in: str | None = None
 
 
 @dataclass
@@ -505,6 +530,12 @@ class ExportJob:
     gz_lock: threading.Lock = field(default_factory=threading.Lock)
     next_poll_at: float = 0.0
     early_polls: int = 0
+    #: export_expires: expire once this many files were downloaded (None: never).
+    expire_after: int | None = None
+    downloads: int = 0
+    expired: bool = False
+    #: manifest_errors_partial: types whose files "failed generation".
+    failed_types: tuple[str, ...] = ()
 
 
 @dataclass
@@ -695,10 +726,9 @@ class BulkServer:
                         400, "invalid", "patient needs a valueReference to a Patient"
                     )
                 params.append(("patient", key[1]))
-            elif isinstance(value, str):
-                params.append((item["name"], value))
             else:
-                raise FhirHttpError(400, "invalid", f"parameter {item['name']} must be a string")
+                kind = next(k for k in item if k.startswith("value"))
+                params.append((item["name"], _parameter_value(item["name"], kind, value)))
         return params
 
     def _all_types(self) -> list[str]:
@@ -817,6 +847,7 @@ class BulkServer:
             grouped.get("_typeFilter", []), types, type_given, lenient, issues
         )
         elements = self._parse_elements(grouped.get("_elements", []), lenient, issues)
+        stu3 = parse_options(grouped, level, lenient, issues)
 
         patient_ids: set[str] | None = None
         late: set[str] = set()
@@ -861,6 +892,7 @@ class BulkServer:
             issues,
             type_given,
             token.scopes,
+            stu3,
         )
 
     def _parse_type_filters(
@@ -977,6 +1009,12 @@ class BulkServer:
             mismatch = self.faults.take("count_mismatch", **where)
             if mismatch is not None:
                 job.count_delta = int(mismatch["delta"])
+            expires = self.faults.take("export_expires", **where)
+            if expires is not None:
+                job.expire_after = int(expires["after_downloads"])
+            partial = self.faults.take("manifest_errors_partial", **where)
+            if partial is not None:
+                job.failed_types = tuple(partial["types"])
             content_faults = {
                 kind: self.faults.take(kind, **where)
                 for kind in ("ndjson_truncate", "ndjson_malformed")
@@ -1022,10 +1060,16 @@ class BulkServer:
             and not damage.active
             and hasattr(self.source, "raw_files")
         )
+        exported: set[tuple[str, str]] | None = set() if plan.stu3.associated else None
+        blocks = plan.stu3.organize_by is not None
         for n, rtype in enumerate(plan.types):
             if job.cancel.is_set():
                 raise _Cancelled
             job.progress = f"exporting {rtype} ({n + 1} of {len(plan.types)} types)"
+            if rtype in job.failed_types or (blocks and _in_compartment(rtype)):
+                continue  # failed "generation" (fault), or written as patient blocks below
+            if exported is not None:
+                exported.update((rtype, r.get("id", "")) for r, _ in self._select(job, rtype))
             raw = self.source.raw_files(rtype) if passthrough else None  # type: ignore[attr-defined]
             if raw is not None:
                 for path in raw:
@@ -1036,12 +1080,72 @@ class BulkServer:
             with _SplitWriter(job, "output", rtype, max_lines) as writer:
                 for resource, raw in self._select(job, rtype):
                     writer.write(damage.apply(raw if raw is not None else _dumps(resource)))
+        if blocks:
+            self._write_blocks(job, damage, max_lines, exported)
+        if exported is not None:
+            self._write_associated(job, exported, max_lines)
         if plan.since is not None:
             self._write_deleted(job)
-        if plan.issues:
+        failures = [
+            operation_outcome("exception", f"Export of {t} resources failed", severity="error")
+            for t in plan.types
+            if t in job.failed_types
+        ]
+        if plan.issues or failures:
             with _SplitWriter(job, "error", "OperationOutcome", max_lines) as writer:
-                for issue in plan.issues:
+                for issue in [*plan.issues, *failures]:
                     writer.write(_dumps(issue))
+
+    def _write_blocks(
+        self,
+        job: ExportJob,
+        damage: "_LineDamage",
+        max_lines: int,
+        exported: set[tuple[str, str]] | None,
+    ) -> None:
+        """organizeOutputBy=Patient: each patient's compartment resources as one block (held
+        in memory per export: the sandbox's populations are small)."""
+        by_patient: dict[str, list[str]] = {}
+        for rtype in job.plan.types:
+            if rtype in job.failed_types or not _in_compartment(rtype):
+                continue
+            for resource, raw in self._select(job, rtype):
+                owners = sorted(patients_of(resource) & (job.plan.patient_ids or set()))
+                if not owners:
+                    continue
+                if exported is not None:
+                    exported.add((rtype, resource.get("id", "")))
+                text = damage.apply(raw if raw is not None else _dumps(resource))
+                by_patient.setdefault(owners[0], []).append(text)
+
+        def open_file(serial: int) -> tuple[str, Any, Callable[[int, str | None], None]]:
+            name = f"patients.{serial:03d}.ndjson"
+            path = job.directory / name
+            fh = open(path, "w", encoding="utf-8")  # noqa: SIM115 (closed by BlockWriter)
+
+            def record(count: int, continues: str | None) -> None:
+                job.files.append(OutputFile("output", "", name, path, count, continues))
+
+            return name, fh, record
+
+        writer = BlockWriter(open_file, max_lines)
+        for patient_id in sorted(by_patient):
+            writer.block(patient_id, by_patient[patient_id])
+        writer.close()
+
+    def _write_associated(
+        self, job: ExportJob, exported: set[tuple[str, str]], max_lines: int
+    ) -> None:
+        """includeAssociatedData: Provenance targeting exported resources (once each)."""
+        if "Provenance" not in self.source.resource_types():
+            return
+        already = {i for t, i in exported if t == "Provenance"}
+        latest = "RelevantProvenanceResources" not in job.plan.stu3.associated
+        chosen = associated_provenance(self.source.iter_type("Provenance"), exported, latest)
+        with _SplitWriter(job, "output", "Provenance", max_lines) as writer:
+            for prov in chosen:
+                if prov.get("id") not in already:
+                    writer.write(_dumps(prov))
 
     def _select(self, job: ExportJob, rtype: str) -> Iterator[tuple[dict[str, Any], str | None]]:
         """The resources of one type this export holds, with their source line if unchanged."""
@@ -1132,9 +1236,12 @@ class BulkServer:
 
     async def _status(self, request: Request) -> Response:
         try:
-            job, _ = await self._job_for(request)
+            job, token = await self._job_for(request)
+            if job.expired:
+                raise FhirHttpError(404, "not-found", "no such export (expired)")
         except FhirHttpError as exc:
             return outcome_response(exc.status, exc.code, str(exc), headers=exc.headers)
+        where = {"client_id": token.client_id, "path": request.url.path, "method": "GET"}
         if request.method == "DELETE":
             with self._lock:
                 self._jobs.pop(job.id, None)
@@ -1169,18 +1276,30 @@ class BulkServer:
             )
         if not job.work_done or now < job.ready_at:
             job.next_poll_at = now + retry_after
+            epoch = self.faults.peek("retry_after_epoch", **where)
+            retry_value = str(retry_after)
+            if epoch is not None:
+                # A vendor quirk: an absolute time instead of a delay.
+                scale = 1000 if epoch.params.get("milliseconds") else 1
+                retry_value = str(int((time.time() + retry_after) * scale))
             return Response(
                 status_code=202,
-                headers={
-                    "X-Progress": self._progress(job, now),
-                    "Retry-After": str(retry_after),
-                },
+                headers={"X-Progress": self._progress(job, now), "Retry-After": retry_value},
             )
         if job.status == "in-progress":
             job.status = "complete"
             job.expires_at = now + self.config.file_ttl
+        manifest = self._manifest(request, job)
+        paged = self.faults.peek("paged_manifest", **where)
+        if paged is not None and job.plan.stu3.partial_manifests:
+            try:
+                page = int(request.query_params.get("page", "1"))
+            except ValueError:
+                return outcome_response(400, "invalid", "page must be a number")
+            status_url = f"{job.fhir_base}/bulk-status/{job.id}"
+            manifest = manifest_page(manifest, page, int(paged.params["page_size"]), status_url)
         return JSONResponse(
-            self._manifest(request, job),
+            manifest,
             headers={
                 "Expires": _http_date(time.time() + (job.expires_at or now) - now),
             },
@@ -1195,12 +1314,13 @@ class BulkServer:
 
     def _manifest(self, request: Request, job: ExportJob) -> dict[str, Any]:
         def item(f: OutputFile) -> dict[str, Any]:
-            entry: dict[str, Any] = {
-                "type": f.type,
-                "url": f"{job.fhir_base}/bulk-files/{job.id}/{f.name}",
-            }
+            entry: dict[str, Any] = {"url": f"{job.fhir_base}/bulk-files/{job.id}/{f.name}"}
+            if f.type:  # organizeOutputBy files have no type
+                entry["type"] = f.type
             if f.kind == "output":
                 entry["count"] = max(0, f.count + job.count_delta)
+            if f.continues_in:
+                entry["continuesInFile"] = f"{job.fhir_base}/bulk-files/{job.id}/{f.continues_in}"
             return entry
 
         requires: bool | str = True
@@ -1230,6 +1350,9 @@ class BulkServer:
         return await self._serve(request, job, found)
 
     def _ready_file(self, job: ExportJob, name: str) -> OutputFile:
+        if job.expired or (job.expire_after is not None and job.downloads >= job.expire_after):
+            job.expired = True
+            raise FhirHttpError(410, "not-found", "the export has expired")
         if job.status != "complete":
             raise FhirHttpError(404, "not-found", "files are available once the export completes")
         for f in job.files:
@@ -1274,6 +1397,7 @@ class BulkServer:
         return await self._serve(request, job, found)
 
     async def _serve(self, request: Request, job: ExportJob, found: OutputFile) -> Response:
+        job.downloads += 1
         wants_gzip = _accepts_gzip(request.headers.get("accept-encoding", ""))
         path = await run_in_threadpool(_representation, job, found, wants_gzip)
         headers = {"Vary": "Accept-Encoding", "Cache-Control": "no-store"}
@@ -1289,6 +1413,30 @@ class _Cancelled(Exception):
     """The export was deleted while running."""
 
 
+#: The value[x] the Bulk Data IG gives each POST kick-off parameter (besides ``valueString``).
+_PARAMETER_TYPES = {
+    "_since": "valueInstant",
+    "_until": "valueInstant",
+    "includeAssociatedData": "valueCode",
+    "allowPartialManifests": "valueBoolean",
+}
+
+
+def _parameter_value(name: str, kind: str, value: Any) -> str:
+    """A POST parameter's value as the query-string text the planner reads; 400 for a value[x]
+    the IG does not give that parameter."""
+    allowed = {"valueString", _PARAMETER_TYPES.get(name, "valueString")}
+    if kind not in allowed:
+        raise FhirHttpError(400, "invalid", f"parameter {name} cannot be a {kind}")
+    if kind == "valueBoolean":
+        if not isinstance(value, bool):
+            raise FhirHttpError(400, "invalid", f"parameter {name} must be a boolean")
+        return "true" if value else "false"
+    if not isinstance(value, str):
+        raise FhirHttpError(400, "invalid", f"parameter {name} must be a string")
+    return value
+
+
 def _fhir_base(request: Request, plan: ExportPlan) -> str:
     """The absolute FHIR base of a kick-off request (its URL minus the operation path)."""
     suffix = {SYSTEM: "/$export", PATIENT: "/Patient/$export"}.get(
@@ -1297,6 +1445,11 @@ def _fhir_base(request: Request, plan: ExportPlan) -> str:
     path = request.url.path
     base_path = path[: -len(suffix)] if path.endswith(suffix) else path.rsplit("/$export", 1)[0]
     return str(request.url.replace(path=base_path, query="")).rstrip("/")
+
+
+def _in_compartment(resource_type: str) -> bool:
+    """Types written as patient blocks under organizeOutputBy=Patient."""
+    return resource_type == "Patient" or resource_type in PATIENT_COMPARTMENT
 
 
 def _patient_level_type(resource_type: str) -> bool:

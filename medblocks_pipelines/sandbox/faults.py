@@ -53,6 +53,23 @@ Kinds consumed by the bulk server when an export runs (see ``bulk.py``): ``ndjso
 ``count_mismatch`` (manifest counts off by ``delta``), ``export_fail`` (the job fails once
 ``at_fraction`` of its time has passed, status ``status``) and ``huge_page`` (one file per type).
 
+Vendor quirks seen on third-party Bulk Data servers (issue 12), consumed by the bulk server too:
+
+==============================  ===============================================================
+``retry_after_epoch``           a 202 status answer gives ``Retry-After`` as an absolute epoch
+                                time (seconds, or ``milliseconds: true``), not a delay
+``export_expires``              once complete, the export expires after ``after_downloads`` file
+                                downloads: its files answer ``410 Gone``, its status URL ``404``
+``manifest_errors_partial``     the export completes (200) but the listed ``types`` failed: no
+                                output for them, an ``error`` file naming each (severity error)
+``paged_manifest``              with ``allowPartialManifests=true`` in the kick-off, the
+                                manifest comes in pages of ``page_size`` files linked by
+                                ``link`` relation ``next``
+==============================  ===============================================================
+
+Every request the middleware sees is counted per (method, path): :meth:`FaultInjector.requests`
+(tests count token and discovery requests with it).
+
 The client id comes from the bearer token through a resolver the app supplies (the EHR knows its
 tokens); the default decodes a JWT access token's ``client_id``/``azp``/``sub`` without verifying
 it, which is enough to pick a rule and never grants anything.
@@ -66,7 +83,7 @@ import re
 import threading
 import time
 import uuid
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -102,6 +119,10 @@ FAULT_DEFAULTS: dict[str, dict[str, Any]] = {
     "ndjson_malformed": {"line": 1},
     "count_mismatch": {"delta": 1},
     "export_fail": {"at_fraction": 0.5, "status": 500},
+    "retry_after_epoch": {"milliseconds": False},
+    "export_expires": {"after_downloads": 0},
+    "manifest_errors_partial": {"types": ["Observation"]},
+    "paged_manifest": {"page_size": 2},
 }
 
 #: One-shot kinds: they default to ``count=1`` (one bad answer or one bad export), so a client
@@ -114,6 +135,8 @@ _COUNTED_BY_DEFAULT = {
     "ndjson_malformed",
     "count_mismatch",
     "export_fail",
+    "export_expires",
+    "manifest_errors_partial",
 }
 
 HTML_ERROR_PAGE = (
@@ -202,6 +225,7 @@ class FaultInjector:
         self._token_uses: dict[tuple[str, str], int] = {}
         self._token_seen: dict[tuple[str, str], float] = {}
         self._token_expired: set[tuple[str, str]] = set()
+        self._requests: Counter[tuple[str, str]] = Counter()
         #: Seam for the authorization server: called with an access token the fault expired.
         self.on_token_expired: Callable[[str], None] | None = None
         #: Seam for the authorization server: called with a refresh token the fault revoked.
@@ -258,6 +282,21 @@ class FaultInjector:
 
     def __bool__(self) -> bool:
         return bool(self._rules)
+
+    def record(self, method: str, path: str) -> None:
+        """Count one request (the middleware calls this for every request)."""
+        with self._lock:
+            self._requests[(method, path)] += 1
+
+    def requests(self, path: str, method: str | None = None) -> int:
+        """How many requests matched the ``path`` regex (and ``method``) so far."""
+        pattern = re.compile(path)
+        with self._lock:
+            return sum(
+                n
+                for (m, p), n in self._requests.items()
+                if pattern.search(p) and (method is None or m == method)
+            )
 
     # -- lookups ----------------------------------------------------------------------------
     def _find(self, kind: str, client_id: str | None, path: str, method: str) -> FaultRule | None:
@@ -426,6 +465,8 @@ class FaultMiddleware:
         self.exempt_prefix = exempt_prefix
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not scope["path"].startswith(self.exempt_prefix):
+            self.faults.record(scope["method"], scope["path"])
         if scope["type"] != "http" or not self.faults:
             await self.app(scope, receive, send)
             return

@@ -384,7 +384,15 @@ def test_token_is_cached_until_near_expiry() -> None:
             "in_progress",
         ),  # the status check failed, not the job
         (500, {"resourceType": "OperationOutcome", "issue": [{"code": "exception"}]}, {}, "failed"),
-        (404, {"resourceType": "OperationOutcome", "issue": [{"code": "not-found"}]}, {}, "failed"),
+        # the server no longer knows the export (expired or deleted): abandon it, kick off anew
+        (
+            404,
+            {"resourceType": "OperationOutcome", "issue": [{"code": "not-found"}]},
+            {},
+            "expired",
+        ),
+        (410, {}, {}, "expired"),
+        (400, {"resourceType": "OperationOutcome", "issue": [{"code": "invalid"}]}, {}, "failed"),
         (200, {"transactionTime": "t", "output": []}, {}, "complete"),
     ],
 )

@@ -255,3 +255,48 @@ def test_run_job_loads_definitions_even_when_the_state_variable_goes_stale(
         # ...or fires after the load, before the job is resolved (the repository is lazy).
         defs_state._current_storage.set(stale)
         assert definitions.resolve_job_def("backend_land_job").name == "backend_land_job"
+
+
+def test_sensor_abandons_expired_export_and_kickoff_starts_anew(
+    env: Env, instance: dg.DagsterInstance
+) -> None:
+    """A partial export lands with its missing types in the metadata; an export that then
+    expires at the source (status 404) is abandoned by the sensor, and the next kick-off starts a
+    new export from the held-back watermark, without ``full``."""
+    ehr = env.add_org("mercy-general")
+    platform = _platform(env)
+    ehr.faults.add("manifest_errors_partial", types=["Condition"])
+    kicked = kickoff_export(env.cp, TENANT, "mercy-general", run_id="r1")
+    (req,) = _tick_until_ready(env, instance).run_requests or []
+    land = dg.materialize(
+        [bulk_resources],
+        partition_key=KEY,
+        instance=instance,
+        resources={"platform": platform},
+        run_config=req.run_config,
+    )
+    md = land.asset_materializations_for_node("backend__bulk_resources")[0].metadata
+    assert md["missing_types"].value == ["Condition"] and md["status"].value == "partial"
+    since = env.cp.get_bulk_export(kicked.export_id)["since"]
+
+    res = dg.materialize(
+        [bulk_export], partition_key=KEY, instance=instance, resources={"platform": platform}
+    )
+    second = res.asset_materializations_for_node("backend__bulk_export")[0].metadata
+    export_id = str(second["export_id"].value)
+    for job in ehr.bulk.jobs():
+        job.expired = True
+    backend_bulk_export_sensor(
+        dg.build_sensor_context(instance=instance, resources={"platform": platform})
+    )
+    assert env.cp.get_bulk_export(export_id)["status"] == "expired"
+    third = (
+        dg.materialize(
+            [bulk_export], partition_key=KEY, instance=instance, resources={"platform": platform}
+        )
+        .asset_materializations_for_node("backend__bulk_export")[0]
+        .metadata
+    )
+    assert third["reused_in_flight"].value is False and third["export_id"].value != export_id
+    # the Condition hold keeps the export's _since at the first one's (a full export here)
+    assert env.cp.get_bulk_export(str(third["export_id"].value))["since"] == since

@@ -13,14 +13,23 @@ from medblocks_pipelines.defs.shared.resources import PlatformResource
 from medblocks_pipelines.defs.shared.summaries import landing_metadata
 from medblocks_pipelines.lib.errors import ConfigError, TransientError
 from medblocks_pipelines.lib.fhir.bulk import clamp_wait
-from medblocks_pipelines.lib.fhir.bulk_sync import in_flight_export, kickoff_export, land_export
+from medblocks_pipelines.lib.fhir.bulk_sync import (
+    in_flight_export,
+    kickoff_export,
+    land_export,
+    set_since,
+)
 from medblocks_pipelines.lib.partitions import split_partition_key
 
 
 class KickoffConfig(dg.Config):
-    """``full``: clear the organization's watermark and export everything (manual re-sync)."""
+    """``full``: clear the organization's watermark and export everything (manual re-sync);
+    ``since``: start from this ``_since`` (FHIR instant) instead of the watermark; ``patients``:
+    a patient-list export of these patient ids (POST with ``patient``)."""
 
     full: bool = False
+    since: str = ""
+    patients: list[str] = []
 
 
 class LandConfig(dg.Config):
@@ -44,9 +53,16 @@ def bulk_export(
 ) -> dg.MaterializeResult:
     """Kick off (or reuse the organization's in-flight export) and report what was asked."""
     tenant, org_id = split_partition_key(context.partition_key)
+    if config.since:
+        set_since(platform.control_plane, tenant, org_id, config.since)
     try:
         result = kickoff_export(
-            platform.control_plane, tenant, org_id, full=config.full, run_id=context.run_id
+            platform.control_plane,
+            tenant,
+            org_id,
+            full=config.full,
+            run_id=context.run_id,
+            patients=tuple(config.patients),
         )
     except TransientError as exc:
         # 429 (one export at a time) or 5xx: retry the step after the server's Retry-After.
@@ -62,6 +78,7 @@ def bulk_export(
             "reused_in_flight": result.reused,
             "since": result.since or "(full export)",
             "full_resync": config.full,
+            "patient_list": len(config.patients),
             "adaptations": dg.MetadataValue.json(list(result.warnings)),
         }
     )
@@ -90,7 +107,8 @@ def bulk_export(
     ],
     description="Downloads every file of a completed export (parallel, per-source limit, resumable) "
     "and lands it in the lake: resources, tombstones from `deleted`, error-file outcomes counted; "
-    "then moves the watermark and DELETEs the export.",
+    "then moves the watermark over the types delivered (failed types are held back) and DELETEs "
+    "the export. An export that expired on the server is abandoned; the next kick-off restarts it.",
 )
 def bulk_resources(
     context: dg.AssetExecutionContext, config: LandConfig, platform: PlatformResource
@@ -138,6 +156,9 @@ def bulk_resources(
             "quarantine_reasons": dg.MetadataValue.json(md["quarantine_reasons"]),
             "deleted": md["deleted"],
             "error_entries": dg.MetadataValue.json(md["error_entries"]),
+            "missing_types": dg.MetadataValue.json(md["missing_types"]),
+            "watermark_held_back": md["watermark_held_back"],
+            "attachments_inlined": md["attachments_inlined"],
             "files": md["files"],
             "bytes": md["bytes"],
             "resumed_bytes": md["resumed_bytes"],
@@ -153,6 +174,7 @@ def bulk_resources(
                     "deleted": md["deleted"],
                     "quarantined": md["quarantined"],
                     "types whose count differs from the manifest": len(md["count_mismatches"]),
+                    "types missing (held back for the next sync)": len(md["missing_types"]),
                     "files": md["files"],
                     "duration": f"{md['duration_s']} s",
                 },

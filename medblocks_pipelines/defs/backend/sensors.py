@@ -45,6 +45,10 @@ def backend_bulk_export_sensor(
             failed += 1
             continue
         polled += 1
+        if st.state == "expired":
+            # Abandoned (recorded with an event); the next scheduled kick-off starts anew.
+            failed += 1
+            context.log.warning(f"export {row['id']} expired at the source; abandoned")
         if st.state == "failed":
             failed += 1
             context.log.warning(f"export {row['id']} failed at the source (HTTP {st.http_status})")

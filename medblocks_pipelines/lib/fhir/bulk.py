@@ -5,26 +5,28 @@ The steps are separate calls so that nothing waits inside a Dagster run (ARCHITE
 * :meth:`BulkClient.kickoff` sends the kick-off (system, ``Patient`` or ``Group``; GET or POST of a
   ``Parameters`` body) and returns the absolute polling URL, which the caller saves at once;
 * :meth:`BulkClient.status` makes one status request and says: in progress (with the wait the
-  server asked for, ``Retry-After`` as seconds or HTTP-date, clamped), complete (the manifest),
-  or failed (an OperationOutcome whose issues are not ``transient``);
+  server asked for, ``Retry-After`` as seconds, HTTP-date or absolute epoch, clamped), complete
+  (the manifest, its ``link[next]`` pages merged), failed (an OperationOutcome whose issues are not
+  ``transient``) or expired (404/410: the server no longer knows the export);
 * :meth:`BulkClient.download` streams one file to disk (bounded memory), retrying with backoff,
   resuming with ``Range`` + ``If-Range`` when the server allows it, following redirects itself so
   that ``Authorization`` goes only to the FHIR server's origin and only when the manifest says
   ``requiresAccessToken`` (a string ``"true"`` counts);
 * :meth:`BulkClient.delete` cleans the export up on the server.
 
+Request shaping (vendor profiles), status answers and manifest parsing are in
+:mod:`bulk_manifest` and re-exported here. A file answering 410 raises :class:`ExportExpired`.
+
 Messages carry status codes and OperationOutcome issue codes, never bodies: bodies may hold PHI.
 """
 
-import email.utils
 import random
 import time
-from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urljoin
 
 import httpx
 
@@ -34,14 +36,71 @@ from medblocks_pipelines.lib.errors import (
     ProtocolError,
     TransientError,
 )
+from medblocks_pipelines.lib.fhir.bulk_manifest import (
+    EPOCH_MILLIS,
+    EPOCH_SECONDS,
+    GROUP,
+    MAX_WAIT,
+    MIN_WAIT,
+    PATIENT,
+    PROFILES,
+    SYSTEM,
+    ClientProfile,
+    ExportRequest,
+    ExportStatus,
+    Manifest,
+    ManifestItem,
+    adapt_request,
+    clamp_wait,
+    client_profile,
+    coerce_bool,
+    issue_codes,
+    next_page_url,
+    origin,
+    parse_manifest,
+    parse_retry_after,
+)
 from medblocks_pipelines.lib.smart.backend import BackendAuth
+
+#: Request shaping and manifest parsing live in bulk_manifest; importable from here too.
+__all__ = [
+    "BulkClient",
+    "CHUNK",
+    "ClientProfile",
+    "DownloadResult",
+    "EPOCH_MILLIS",
+    "EPOCH_SECONDS",
+    "ExportExpired",
+    "ExportFailed",
+    "ExportRequest",
+    "ExportStatus",
+    "FHIR_JSON",
+    "GROUP",
+    "KickoffRefused",
+    "MAX_WAIT",
+    "MIN_WAIT",
+    "Manifest",
+    "ManifestItem",
+    "NDJSON",
+    "PATIENT",
+    "PROFILES",
+    "REDIRECTS",
+    "SYSTEM",
+    "adapt_request",
+    "clamp_wait",
+    "client_profile",
+    "coerce_bool",
+    "issue_codes",
+    "iter_lines",
+    "next_page_url",
+    "origin",
+    "parse_manifest",
+    "parse_retry_after",
+]
 
 FHIR_JSON = "application/fhir+json"
 NDJSON = "application/fhir+ndjson"
-SYSTEM, PATIENT, GROUP = "system", "patient", "group"
 REDIRECTS = (301, 302, 303, 307, 308)
-#: Retry-After is clamped into this range (seconds); Cerner once asked for 5 h, cumulus caps 300 s.
-MIN_WAIT, MAX_WAIT = 1.0, 300.0
 CHUNK = 1 << 20
 
 
@@ -61,6 +120,18 @@ class KickoffRefused(ProtocolError):
         self.issue_codes = issue_codes
 
 
+class ExportExpired(ProtocolError):
+    """The export is gone on the server: its files answer 410, or its status URL 404/410.
+
+    Nothing can be fetched from it any more; the caller abandons it and kicks off anew from the
+    same watermark (SPECS §3.2: files vanish after the manifest's ``Expires``).
+    """
+
+    def __init__(self, what: str, status: int) -> None:
+        super().__init__(f"bulk export expired: {what} answered HTTP {status}")
+        self.status = status
+
+
 class ExportFailed(ProtocolError):
     """The export job failed on the server (status request answered 4xx/5xx, not transient)."""
 
@@ -69,272 +140,6 @@ class ExportFailed(ProtocolError):
         super().__init__(f"bulk export failed: HTTP {status} ({codes})")
         self.status = status
         self.issue_codes = issue_codes
-
-
-# ---------------------------------------------------------------------------------------------
-# Vendor profile (client side) and requests
-# ---------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ClientProfile:
-    """What a vendor's server allows; the client shapes its requests to fit (SPECS §3.6)."""
-
-    name: str
-    levels: frozenset[str] = frozenset({SYSTEM, PATIENT, GROUP})
-    supports_post: bool = True
-    supports_elements: bool = True
-    supports_patient_param: bool = True
-    type_filter_needs_type: bool = False
-    one_export_at_a_time: bool = False
-    #: Backend clients must register a JWKS URL and we send ``jku`` (Epic).
-    needs_jwks_url: bool = False
-    #: When set, ``_type`` values outside this set are dropped (with a warning).
-    allowed_types: frozenset[str] | None = None
-
-
-PROFILES = {
-    "generic": ClientProfile("generic"),
-    "epic": ClientProfile("epic", levels=frozenset({GROUP}), needs_jwks_url=True),
-    "oracle": ClientProfile(
-        "oracle",
-        levels=frozenset({GROUP}),
-        supports_post=False,
-        supports_elements=False,
-        supports_patient_param=False,
-        type_filter_needs_type=True,
-        one_export_at_a_time=True,
-        allowed_types=frozenset(
-            {
-                "AllergyIntolerance",
-                "CarePlan",
-                "CareTeam",
-                "Condition",
-                "Device",
-                "DiagnosticReport",
-                "DocumentReference",
-                "Encounter",
-                "Goal",
-                "Immunization",
-                "Location",
-                "Medication",
-                "MedicationRequest",
-                "Observation",
-                "Organization",
-                "Patient",
-                "Practitioner",
-                "Procedure",
-                "Provenance",
-            }
-        ),
-    ),
-}
-PROFILES["cerner"] = replace(PROFILES["oracle"], name="cerner")
-
-
-def client_profile(vendor: str | None) -> ClientProfile:
-    """The client profile for a source's vendor (unknown vendors get the spec's defaults)."""
-    return PROFILES.get((vendor or "generic").lower(), PROFILES["generic"])
-
-
-@dataclass(frozen=True)
-class ExportRequest:
-    """One kick-off: level, and the Bulk Data STU2 parameters."""
-
-    level: str = SYSTEM
-    group_id: str | None = None
-    since: str | None = None
-    types: tuple[str, ...] = ()
-    type_filters: tuple[str, ...] = ()
-    elements: tuple[str, ...] = ()
-    patients: tuple[str, ...] = ()
-    output_format: str | None = None
-    method: str = "GET"
-
-    def as_dict(self) -> dict[str, Any]:
-        """JSON-ready (stored with the export in the control plane)."""
-        return {
-            "level": self.level,
-            "group_id": self.group_id,
-            "since": self.since,
-            "types": list(self.types),
-            "type_filters": list(self.type_filters),
-            "elements": list(self.elements),
-            "patients": list(self.patients),
-            "output_format": self.output_format,
-            "method": self.method,
-        }
-
-
-def adapt_request(req: ExportRequest, profile: ClientProfile) -> tuple[ExportRequest, list[str]]:
-    """Shape ``req`` to what ``profile`` allows; returns it and warnings about what changed."""
-    warnings: list[str] = []
-    if req.level not in profile.levels:
-        if GROUP in profile.levels and req.group_id:
-            warnings.append(f"{profile.name}: {req.level} export unsupported, using Group")
-            req = replace(req, level=GROUP)
-        else:
-            raise ConfigError(
-                f"{profile.name} supports only {sorted(profile.levels)} export",
-                hint="set group_id in the organization config",
-            )
-    if req.patients and not profile.supports_patient_param:
-        raise ConfigError(f"{profile.name} does not support the patient parameter")
-    if req.patients and req.level == SYSTEM:
-        raise ConfigError("the patient parameter does not apply to a system export")
-    if req.elements and not profile.supports_elements:
-        warnings.append(f"{profile.name}: _elements unsupported, dropped")
-        req = replace(req, elements=())
-    if profile.allowed_types is not None and req.types:
-        kept = tuple(t for t in req.types if t in profile.allowed_types)
-        if len(kept) != len(req.types):
-            warnings.append(f"{profile.name}: {len(req.types) - len(kept)} _type value(s) dropped")
-        req = replace(req, types=kept)
-    if req.type_filters and profile.type_filter_needs_type and not req.types:
-        types = tuple(dict.fromkeys(f.split("?", 1)[0] for f in req.type_filters))
-        warnings.append(f"{profile.name}: _typeFilter needs _type, sending _type for its types")
-        req = replace(req, types=types)
-    # The patient parameter exists only for POST (SPECS §3.1).
-    method = "POST" if req.patients else req.method
-    if method == "POST" and not profile.supports_post:
-        method = "GET"
-    return replace(req, method=method), warnings
-
-
-# ---------------------------------------------------------------------------------------------
-# Status and manifest
-# ---------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ExportStatus:
-    """One status answer: ``in_progress`` (wait ``retry_after``), ``complete`` or ``failed``."""
-
-    state: str
-    retry_after: float | None = None
-    progress: str | None = None
-    manifest: dict[str, Any] | None = None
-    http_status: int = 0
-    issue_codes: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class ManifestItem:
-    """One file of the manifest."""
-
-    kind: str  # output | deleted | error
-    type: str | None
-    url: str
-    count: int | None
-
-
-@dataclass(frozen=True)
-class Manifest:
-    """A completion manifest with types coerced (``requiresAccessToken`` may be a string)."""
-
-    transaction_time: str
-    requires_access_token: bool
-    items: tuple[ManifestItem, ...]
-    raw: dict[str, Any] = field(repr=False, compare=False, default_factory=dict)
-
-    @property
-    def outputs(self) -> list[ManifestItem]:
-        return [i for i in self.items if i.kind == "output"]
-
-    @property
-    def expected_counts(self) -> dict[str, int]:
-        """Manifest ``count`` per type (types whose files all give a count)."""
-        out: Counter[str] = Counter()
-        unknown: set[str] = set()
-        for item in self.outputs:
-            rtype = item.type or "?"
-            if item.count is None:
-                unknown.add(rtype)
-            else:
-                out[rtype] += item.count
-        return {k: v for k, v in out.items() if k not in unknown}
-
-
-def coerce_bool(value: Any, *, default: bool) -> bool:
-    """JSON booleans, and the strings ``"true"``/``"false"`` some servers send (Oracle Soarian)."""
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
-        return value.strip().lower() == "true"
-    return default
-
-
-def parse_manifest(body: Any) -> Manifest:
-    """Validate and coerce a completion manifest (STU2; STU4's ``outcome`` read as ``error``)."""
-    if not isinstance(body, dict) or not isinstance(body.get("transactionTime"), str):
-        raise ProtocolError("bulk manifest lacks transactionTime")
-    items: list[ManifestItem] = []
-    for kind, key in (
-        ("output", "output"),
-        ("deleted", "deleted"),
-        ("error", "error"),
-        ("error", "outcome"),
-    ):
-        entries = body.get(key) or []
-        if not isinstance(entries, list):
-            raise ProtocolError(f"bulk manifest {key} is not an array")
-        for entry in entries:
-            if not isinstance(entry, dict) or not isinstance(entry.get("url"), str):
-                raise ProtocolError(f"bulk manifest {key} entry has no url")
-            url = entry["url"]
-            if not urlsplit(url).scheme:
-                raise ProtocolError(f"bulk manifest {key} url is not absolute")
-            count = entry.get("count")
-            items.append(
-                ManifestItem(
-                    kind,
-                    entry.get("type") if isinstance(entry.get("type"), str) else None,
-                    url,
-                    int(count)
-                    if isinstance(count, int | float) and not isinstance(count, bool)
-                    else None,
-                )
-            )
-    # A missing flag is read as "token required": it is sent only to the FHIR origin anyway.
-    requires = coerce_bool(body.get("requiresAccessToken"), default=True)
-    return Manifest(body["transactionTime"], requires, tuple(items), body)
-
-
-def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
-    """``Retry-After`` as delay-seconds or an HTTP-date (RFC 9110 §10.2.3); None if absent/bad."""
-    if value is None or not value.strip():
-        return None
-    text = value.strip()
-    if text.isdigit():
-        return float(text)
-    try:
-        when = email.utils.parsedate_to_datetime(text)
-    except (TypeError, ValueError):
-        return None
-    if when is None:
-        return None
-    return max(0.0, when.timestamp() - (now if now is not None else time.time()))
-
-
-def clamp_wait(
-    seconds: float | None, fallback: float, *, lo: float = MIN_WAIT, hi: float = MAX_WAIT
-) -> float:
-    """A wait within ``[lo, hi]``; ``fallback`` when the server gave none."""
-    return min(max(seconds if seconds is not None else fallback, lo), hi)
-
-
-def issue_codes(resp: httpx.Response) -> list[str]:
-    """The ``issue.code`` values of an OperationOutcome body (empty when it is not one)."""
-    try:
-        body = resp.json()
-    except ValueError:
-        return []
-    if not isinstance(body, dict) or body.get("resourceType") != "OperationOutcome":
-        return []
-    return [str(i.get("code")) for i in body.get("issue") or [] if isinstance(i, dict)]
-
-
-def origin(url: str) -> tuple[str, str, int | None]:
-    """Scheme, host and effective port of a URL (what "same origin" compares)."""
-    parts = urlsplit(url)
-    port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
-    return parts.scheme.lower(), (parts.hostname or "").lower(), port
 
 
 # ---------------------------------------------------------------------------------------------
@@ -439,7 +244,7 @@ class BulkClient:
         the server's ``Retry-After``), ``ProtocolError`` on an answer that is not ``202``.
         """
         url = self.kickoff_url(req)
-        prefer = "respond-async" + (", handling=lenient" if lenient else "")
+        prefer = "respond-async" + (", handling=lenient" if lenient or req.lenient else "")
         headers = {"Accept": FHIR_JSON, "Prefer": prefer}
         params: list[tuple[str, str]] = []
         if req.output_format:
@@ -453,10 +258,16 @@ class BulkClient:
             params.append(("_typeFilter", ",".join(req.type_filters)))
         if req.elements:
             params.append(("_elements", ",".join(req.elements)))
+        if req.organize_output_by:
+            params.append(("organizeOutputBy", req.organize_output_by))
+        if req.include_associated_data:
+            params.append(("includeAssociatedData", ",".join(req.include_associated_data)))
+        if req.allow_partial_manifests:
+            params.append(("allowPartialManifests", "true"))
         if req.method == "POST":
             body = {
                 "resourceType": "Parameters",
-                "parameter": [{"name": k, "valueString": v} for k, v in params]
+                "parameter": [_parameter(k, v) for k, v in params]
                 + [
                     {"name": "patient", "valueReference": {"reference": f"Patient/{p}"}}
                     for p in req.patients
@@ -508,8 +319,17 @@ class BulkClient:
                 return ExportStatus(
                     "in_progress", None, "status answer was not JSON", http_status=200
                 )
+            try:
+                body = self._follow_pages(body)
+            except TransientError:
+                return ExportStatus(
+                    "in_progress", None, "a manifest page could not be read", http_status=200
+                )
             return ExportStatus("complete", manifest=body, http_status=200)
         codes = tuple(issue_codes(resp))
+        if code in (404, 410):
+            # The server no longer knows the export: expired (or deleted) on its side.
+            return ExportStatus("expired", http_status=code, issue_codes=codes)
         if code == 429 or "transient" in codes or (code >= 500 and not codes):
             # Throttled, or the status check failed rather than the job (SPECS §3.2).
             return ExportStatus(
@@ -520,6 +340,36 @@ class BulkClient:
                 issue_codes=codes,
             )
         return ExportStatus("failed", http_status=code, issue_codes=codes)
+
+    def _follow_pages(self, body: Any, *, max_pages: int = 10_000) -> Any:
+        """Merge a paged manifest (``link`` relation ``next``, STU3 ``allowPartialManifests``)
+        into one: ``output``, ``deleted`` and ``error`` of every page, in order."""
+        url = next_page_url(body)
+        if url is None or not isinstance(body, dict):
+            return body
+        merged = {k: v for k, v in body.items() if k != "link"}
+        for key in ("output", "deleted", "error"):
+            merged[key] = list(body.get(key) or [])
+        seen: set[str] = set()
+        while url is not None:
+            if url in seen or len(seen) >= max_pages:
+                raise ProtocolError("bulk manifest pages loop")
+            seen.add(url)
+            resp = self._request("GET", url, headers={"Accept": "application/json"})
+            if resp.status_code in (429,) or resp.status_code >= 500:
+                raise TransientError(f"bulk manifest page: HTTP {resp.status_code}")
+            if resp.status_code != 200:
+                raise ProtocolError(f"bulk manifest page: HTTP {resp.status_code}")
+            try:
+                page = resp.json()
+            except ValueError:
+                raise TransientError("bulk manifest page was not JSON") from None
+            if not isinstance(page, dict):
+                raise ProtocolError("bulk manifest page is not an object")
+            for key in ("output", "deleted", "error"):
+                merged[key].extend(page.get(key) or [])
+            url = next_page_url(page)
+        return merged
 
     def next_wait(self, status: ExportStatus, polls: int) -> float:
         """How long to wait before the next status request (clamped; exponential by default)."""
@@ -548,6 +398,8 @@ class BulkClient:
                 return parse_manifest(st.manifest)
             if st.state == "failed":
                 raise ExportFailed(st.http_status, list(st.issue_codes))
+            if st.state == "expired":
+                raise ExportExpired("the status URL", st.http_status)
             wait = self.next_wait(st, polls)
             if time.monotonic() + wait > deadline:
                 raise TransientError("bulk export did not complete in time")
@@ -628,6 +480,8 @@ class BulkClient:
                     resp.close()
                     self.sleep(wait)
                     continue
+                if code == 410:
+                    raise ExportExpired("a file", code)
                 if code not in (200, 206):
                     raise ProtocolError(f"bulk file download: HTTP {code}")
                 ctype = resp.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -669,6 +523,17 @@ class BulkClient:
         raise TransientError(
             f"bulk file download gave up after {self.max_attempts} attempts ({last})"
         )
+
+
+def _parameter(name: str, value: str) -> dict[str, Any]:
+    """One ``Parameters.parameter`` of a POST kick-off, with the value[x] the IG gives it."""
+    if name == "_since":
+        return {"name": name, "valueInstant": value}
+    if name == "allowPartialManifests":
+        return {"name": name, "valueBoolean": value == "true"}
+    if name == "includeAssociatedData":
+        return {"name": name, "valueCode": value}
+    return {"name": name, "valueString": value}
 
 
 def _range_start(content_range: str | None) -> int:

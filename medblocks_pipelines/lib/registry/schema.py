@@ -158,7 +158,7 @@ bulk_exports = sa.Table(
     sa.Column("source_id", sa.String(64), nullable=False),
     sa.Column("connection_id", sa.String(64)),
     sa.Column("polling_url", sa.String(1000)),
-    # kicked_off | ready | downloading | completed | failed | cancelled
+    # starting | kicked_off | ready | downloading | completed | failed | cancelled | expired
     sa.Column("status", sa.String(20), nullable=False, index=True),
     sa.Column("request", sa.JSON, nullable=False, default=dict),
     sa.Column("manifest", sa.JSON),
@@ -170,6 +170,21 @@ bulk_exports = sa.Table(
     _ts("kicked_off_at", nullable=False),
     _ts("next_poll_at"),
     _ts("updated_at", nullable=False),
+)
+
+#: Export statuses of an organization's in-flight export: at most one row per (tenant, org) may
+#: hold one of them (``starting`` = reserved, kick-off request not answered yet).
+BULK_IN_FLIGHT = ("starting", "kicked_off", "ready", "downloading")
+
+# A partial unique index makes "one export in flight per organization" atomic: of two concurrent
+# kick-offs, the second insert fails and that caller reuses the winner's export (issue 13).
+sa.Index(
+    "uq_bulk_exports_in_flight",
+    bulk_exports.c.tenant_id,
+    bulk_exports.c.organization_id,
+    unique=True,
+    sqlite_where=bulk_exports.c.status.in_(BULK_IN_FLIGHT),
+    postgresql_where=bulk_exports.c.status.in_(BULK_IN_FLIGHT),
 )
 
 watermarks = sa.Table(

@@ -506,6 +506,22 @@ class ControlPlane:
             ).first()
         return row.value if row else None
 
+    def list_watermarks(self, prefix: str) -> dict[str, str | None]:
+        """Every watermark whose key starts with ``prefix`` (key -> value)."""
+        pattern = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(t.watermarks.c.key, t.watermarks.c.value).where(
+                    t.watermarks.c.key.like(pattern, escape="\\")
+                )
+            ).all()
+        return {r.key: r.value for r in rows}
+
+    def delete_watermark(self, key: str) -> None:
+        """Remove a watermark row (a cleared hold, unlike ``set_watermark(key, None)``)."""
+        with self.engine.begin() as conn:
+            conn.execute(t.watermarks.delete().where(t.watermarks.c.key == key))
+
     def set_watermark(self, key: str, value: str | None) -> None:
         """Set (or with ``None`` clear) an incremental cursor such as a bulk ``_since``."""
         self._upsert(t.watermarks, {"key": key}, {"value": value}, timestamp="updated_at")
@@ -547,6 +563,59 @@ class ControlPlane:
                 )
             )
         return export_id
+
+    def reserve_bulk_export(
+        self,
+        *,
+        tenant_id: str,
+        source_id: str,
+        organization_id: str,
+        request: Mapping[str, Any],
+        connection_id: str | None = None,
+        since: str | None = None,
+        run_id: str | None = None,
+    ) -> str | None:
+        """Claim the organization's one in-flight slot before the kick-off request is sent.
+
+        Inserts a ``starting`` row; the partial unique index ``uq_bulk_exports_in_flight`` makes
+        this atomic, so of two concurrent callers one gets the id and the other ``None`` (it then
+        reuses the winner's export). :meth:`start_bulk_export` fills in the polling URL.
+        """
+        export_id = f"exp_{pysecrets.token_hex(8)}"
+        now = utcnow()
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(
+                    t.bulk_exports.insert().values(
+                        id=export_id,
+                        tenant_id=tenant_id,
+                        source_id=source_id,
+                        organization_id=organization_id,
+                        connection_id=connection_id,
+                        polling_url=None,
+                        status="starting",
+                        request=dict(request),
+                        since=since,
+                        counts={},
+                        run_id=run_id,
+                        kicked_off_at=now,
+                        next_poll_at=None,
+                        updated_at=now,
+                    )
+                )
+        except sa.exc.IntegrityError:
+            return None
+        return export_id
+
+    def start_bulk_export(self, id: str, *, polling_url: str) -> None:
+        """Record the polling URL of a reserved export (it is now ``kicked_off``)."""
+        now = utcnow()
+        self.update_bulk_export(id, status="kicked_off", polling_url=polling_url, next_poll_at=now)
+
+    def delete_bulk_export(self, id: str) -> None:
+        """Remove a reserved export whose kick-off was refused (nothing exists on the server)."""
+        with self.engine.begin() as conn:
+            conn.execute(t.bulk_exports.delete().where(t.bulk_exports.c.id == id))
 
     def get_bulk_export(self, id: str) -> dict[str, Any]:
         return self._get(t.bulk_exports, id, "bulk export")
