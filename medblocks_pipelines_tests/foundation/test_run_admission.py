@@ -3,6 +3,7 @@ of one source with a per-source limit of 1 run one after the other (real subproc
 SQLite instance), and neither starts while another in-progress run of that source holds the slot."""
 
 import uuid
+from functools import partial
 from pathlib import Path
 
 import dagster as dg
@@ -12,6 +13,10 @@ from medblocks_pipelines.cli.runtime import process_tags
 from medblocks_pipelines.lib.settings import Settings
 
 from .cli_procs import SOURCE, TENANT, dagster_home, ndjson_folder, seed, start_cli, wait_for
+
+
+def _says_waiting(log: Path) -> bool:
+    return "waiting for a run slot" in log.read_text()
 
 
 @dg.op
@@ -52,7 +57,7 @@ def _run_two_syncs(instance: dg.DagsterInstance, tmp_path: Path) -> None:
     ]  # fmt: skip
     try:
         for log in logs:  # both wait for the slot, none starts a run
-            wait_for(lambda log=log: "waiting for a run slot" in log.read_text(), desc=str(log))
+            wait_for(partial(_says_waiting, log), desc=str(log))
         runs = instance.get_runs(dg.RunsFilter(job_name="ndjson_import_job"))
         assert runs == []
         instance.report_run_canceled(holder)  # the slot frees up
