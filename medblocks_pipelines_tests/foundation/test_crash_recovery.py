@@ -180,6 +180,10 @@ def test_doctor_shows_then_repairs_slots_pulls_and_files_of_a_dead_run(
         assert storage.claim_concurrency_slot("tenant_pool", dead, "step").is_claimed
         assert not storage.claim_concurrency_slot("tenant_pool", live, "step").is_claimed
         pull = cp.start_pull(tenant_id=TENANT, pattern="backend", source_id=SOURCE, run_id=dead)
+        export = cp.save_bulk_export(
+            tenant_id=TENANT, source_id=SOURCE, polling_url="http://x/poll", request={}
+        )
+        cp.update_bulk_export(export, status="downloading", run_id=dead)
         work = settings.data_dir / "bulk_work" / "exp1"
         for run_id in (dead, live):
             (work / run_id[:12]).mkdir(parents=True)
@@ -189,7 +193,7 @@ def test_doctor_shows_then_repairs_slots_pulls_and_files_of_a_dead_run(
         half.write_bytes(b"x")
 
         shown = _doctor(log=tmp_path / "doctor.log")
-        for text in (dead, "tenant_pool", str(pull), dead[:12], half.name, "--repair"):
+        for text in (dead, "tenant_pool", str(pull), export, dead[:12], half.name, "--repair"):
             assert text in shown, shown
         assert live not in shown
         run = instance.get_run_by_id(dead)
@@ -204,6 +208,8 @@ def test_doctor_shows_then_repairs_slots_pulls_and_files_of_a_dead_run(
         assert storage.claim_concurrency_slot("tenant_pool", live, "step").is_claimed
         (row,) = [p for p in cp.list_pulls() if p["id"] == pull]
         assert row["status"] == "failed" and "process is gone" in row["error"]
+        exp = cp.get_bulk_export(export)  # the next land run takes it again
+        assert exp["status"] == "ready" and "process is gone" in exp["error"]
         assert not (work / dead[:12]).exists() and (work / live[:12]).exists()
         assert not half.exists()
         assert "nothing to repair" in _doctor(log=tmp_path / "again.log")

@@ -12,7 +12,8 @@ in-progress runs recorded on this host whose process is gone, and, with ``repair
 2. frees the op-concurrency (pool) slots held or claimed by any run that has ended, dead or not
    (``instance.event_log_storage.free_concurrency_slots_for_run``, the call Dagster's own daemon
    makes; marking a run failed alone does not free them);
-3. closes their ``pull_history`` rows as ``failed`` with the reason;
+3. closes their ``pull_history`` rows as ``failed`` with the reason, and puts bulk exports they
+   left ``downloading`` back to ``ready`` (as a failed land run does);
 4. removes their download folders (``bulk_work/``) and half-built warehouse files.
 
 It runs at the start of every CLI run, in ``dead_run_recovery_sensor`` (deployments with the
@@ -50,12 +51,19 @@ class RecoveryReport:
     dead_runs: list[str] = field(default_factory=list)
     slot_runs: dict[str, list[str]] = field(default_factory=dict)  # run id -> pools
     stale_pulls: list[leftovers.StalePull] = field(default_factory=list)
+    stale_exports: list[leftovers.StalePull] = field(default_factory=list)
     orphan_paths: list[Path] = field(default_factory=list)
     repaired: bool = False
 
     @property
     def clean(self) -> bool:
-        return not (self.dead_runs or self.slot_runs or self.stale_pulls or self.orphan_paths)
+        return not (
+            self.dead_runs
+            or self.slot_runs
+            or self.stale_pulls
+            or self.stale_exports
+            or self.orphan_paths
+        )
 
 
 def _run_is_dead(run: dg.DagsterRun, host: str) -> bool:
@@ -100,9 +108,13 @@ def _run_outcome(instance: dg.DagsterInstance, dead: set[str]) -> Any:
         if run_id in dead:
             return f"run {run_id[:8]} died: its process is gone (crash recovery)"
         run = instance.get_run_by_id(run_id)
-        if run is None or run.status not in ENDED:
+        # a successful run that left its row open is a bug to see, not a crash to repair
+        if run is None or run.status not in (
+            dg.DagsterRunStatus.FAILURE,
+            dg.DagsterRunStatus.CANCELED,
+        ):
             return None
-        return f"run {run_id[:8]} ended {run.status.value} while the pull was running"
+        return f"run {run_id[:8]} ended {run.status.value} before its work was recorded"
 
     return outcome
 
@@ -126,8 +138,12 @@ def recover(
     report.stale_pulls = leftovers.stale_pulls(
         control_plane.running_pulls(), _run_outcome(instance, dead_ids)
     )
+    report.stale_exports = leftovers.stale_downloads(
+        control_plane.list_bulk_exports(status="downloading"), _run_outcome(instance, dead_ids)
+    )
     if repair:
         leftovers.fail_pulls(control_plane, report.stale_pulls)
+        leftovers.release_downloads(control_plane, report.stale_exports)
     live = [
         r.run_id
         for r in instance.get_runs(dg.RunsFilter(statuses=IN_PROGRESS))

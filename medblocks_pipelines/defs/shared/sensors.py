@@ -71,5 +71,6 @@ def dead_run_recovery_sensor(
     return dg.SkipReason(
         f"recovered {len(report.dead_runs)} dead run(s) {[r[:8] for r in report.dead_runs]}, "
         f"freed slots of {len(report.slot_runs)} run(s), failed {len(report.stale_pulls)} "
-        f"pull(s), removed {len(report.orphan_paths)} leftover path(s)"
+        f"pull(s), released {len(report.stale_exports)} export(s), "
+        f"removed {len(report.orphan_paths)} leftover path(s)"
     )

@@ -2,6 +2,9 @@
 
 - ``pull_history`` rows still ``running`` whose run has ended (or died): closed as ``failed`` with
   the reason (which also emits the ``sync.failed`` outbox event).
+- bulk exports left ``downloading`` by a run that is over: back to ``ready`` with the reason, as
+  ``bulk_sync`` does when a land run fails, so the next land run (``medblocks sync backend``) takes
+  them again.
 - ``<data_dir>/bulk_work/<export>/<run id[:12]>``: NDJSON a backend land run was downloading.
   ``bulk_sync`` removes its folder when it ends; one left behind belongs to a dead run.
 - ``<warehouse_dir>/.<tenant>.<token>.building.duckdb`` (and ``.wal``): a build that never reached
@@ -22,12 +25,13 @@ BUILDING_SUFFIXES = (".building.duckdb", ".building.duckdb.wal")
 
 @dataclass(frozen=True)
 class StalePull:
-    """A ``running`` pull whose run is over, and why it failed."""
+    """A ``running`` pull (or a ``downloading`` export) whose run is over, and why it failed."""
 
     pull_id: int
     tenant_id: str
     run_id: str
     reason: str
+    export_id: str = ""
 
 
 def stale_pulls(
@@ -49,6 +53,28 @@ def fail_pulls(control_plane: Any, pulls: Iterable[StalePull]) -> int:
     n = 0
     for pull in pulls:
         control_plane.finish_pull(pull.pull_id, status="failed", counts={}, error=pull.reason)
+        n += 1
+    return n
+
+
+def stale_downloads(
+    exports: Iterable[dict[str, Any]], run_outcome: Callable[[str], str | None]
+) -> list[StalePull]:
+    """Exports ``downloading`` for a run that is over (as :class:`StalePull`: id, run, reason)."""
+    out = []
+    for row in exports:
+        run_id = row.get("run_id")
+        reason = run_outcome(run_id) if run_id else None
+        if reason is not None:
+            out.append(StalePull(0, str(row["tenant_id"]), str(run_id), reason, str(row["id"])))
+    return out
+
+
+def release_downloads(control_plane: Any, exports: Iterable[StalePull]) -> int:
+    """Put each stale export back to ``ready`` with the reason; returns how many."""
+    n = 0
+    for export in exports:
+        control_plane.update_bulk_export(export.export_id, status="ready", error=export.reason)
         n += 1
     return n
 
