@@ -21,7 +21,7 @@ class HostAndClusterLock:
         self._fh: IO[str] | None = None
         self._engine: Any = None
         self._conn: Any = None
-        self._key = int.from_bytes(
+        self.key = int.from_bytes(
             hashlib.blake2b(name.encode(), digest_size=8).digest(), "big", signed=True
         )
 
@@ -39,7 +39,7 @@ class HostAndClusterLock:
         try:
             self._engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
             self._conn = self._engine.connect()
-            self._conn.execute(sa.text("SELECT pg_advisory_lock(:k)"), {"k": self._key})
+            self._conn.execute(sa.text("SELECT pg_advisory_lock(:k)"), {"k": self.key})
             self._conn.commit()
         except BaseException:
             self.release()
@@ -52,7 +52,7 @@ class HostAndClusterLock:
                 import sqlalchemy as sa
 
                 try:
-                    self._conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": self._key})
+                    self._conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": self.key})
                     self._conn.commit()
                 finally:
                     self._conn.close()
