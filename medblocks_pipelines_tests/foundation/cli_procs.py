@@ -62,7 +62,7 @@ def start_cli(*args: str, log: Path) -> subprocess.Popen[bytes]:
     )
 
 
-def wait_for(what: Callable[[], T], *, timeout: float = 120, desc: str = "") -> T:
+def wait_for(what: Callable[[], T], *, timeout: float = 240, desc: str = "") -> T:
     """Poll ``what`` until it returns something truthy (bounded)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
