@@ -3,8 +3,8 @@
 - ``pull_history`` rows still ``running`` whose run has ended (or died): closed as ``failed`` with
   the reason (which also emits the ``sync.failed`` outbox event).
 - bulk exports left ``downloading`` by a run that is over: back to ``ready`` with the reason, as
-  ``bulk_sync`` does when a land run fails, so the next land run (``medblocks sync backend``) takes
-  them again.
+  ``bulk_sync`` does when a land run fails, so the next land run (the export sensor's or
+  ``medblocks sync backend``) takes them again.
 - ``<data_dir>/bulk_work/<export>/<run id[:12]>``: NDJSON a backend land run was downloading.
   ``bulk_sync`` removes its folder when it ends; one left behind belongs to a dead run.
 - ``<warehouse_dir>/.<tenant>.<token>.building.duckdb`` (and ``.wal``): a build that never reached
