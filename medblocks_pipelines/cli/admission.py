@@ -27,10 +27,11 @@ from typing import Any
 
 import dagster as dg
 
-from medblocks_pipelines.defs.shared.run_recovery import IN_PROGRESS
+from medblocks_pipelines.defs.shared.run_recovery import HEARTBEAT_TAG, IN_PROGRESS
 from medblocks_pipelines.lib.runs.locks import HostAndClusterLock
 
 log = logging.getLogger(__name__)
+HEARTBEAT_SECONDS = 30.0
 
 
 def _limit_match(
@@ -81,7 +82,8 @@ def admitted(
     """Wait for a free slot, then run the block; the slot is ours once run ``run_id`` is recorded.
 
     The block must create run ``run_id`` (``execute_in_process(run_id=...)``); a helper thread
-    releases the admission lock as soon as the run is in storage, or when the block ends."""
+    releases the admission lock as soon as the run is in storage (or when the block ends), then
+    records a heartbeat tag on the run every ``HEARTBEAT_SECONDS`` until the block ends."""
     lock = HostAndClusterLock(lock_path, database_url, "dagster-run-admission")
     said = False
     while True:
@@ -101,14 +103,22 @@ def admitted(
         time.sleep(poll_seconds)
     done = threading.Event()
 
-    def release_once_recorded() -> None:
+    def release_once_recorded_then_beat() -> None:
         try:
             while not done.is_set() and instance.get_run_by_id(run_id) is None:
                 done.wait(0.05)
         finally:
             lock.release()
+        # A heartbeat lets other hosts tell that this run is alive (they cannot see our pid).
+        while not done.wait(HEARTBEAT_SECONDS):
+            try:
+                instance.add_run_tags(run_id, {HEARTBEAT_TAG: str(int(time.time()))})
+            except Exception as exc:  # a missed beat must not fail the run; the next one retries
+                log.warning("run %s: heartbeat not recorded (%s)", run_id[:8], type(exc).__name__)
 
-    watcher = threading.Thread(target=release_once_recorded, name="run-admission", daemon=True)
+    watcher = threading.Thread(
+        target=release_once_recorded_then_beat, name="run-admission", daemon=True
+    )
     watcher.start()
     try:
         yield

@@ -13,7 +13,8 @@ no second load of the code location), after two steps:
   ``medblocks/source``) are reached, counting every in-progress run of the instance.
 
 Each run carries the process's identity (``medblocks/host``, ``medblocks/pid``,
-``medblocks/pid_start``) so recovery can tell later that it died.
+``medblocks/pid_start``) and a heartbeat tag renewed every 30 s (``medblocks/heartbeat``), so
+recovery can tell later that it died, on this host by its pid, on another by its heartbeat.
 
 Loading definitions and executing run inside a new, empty ``contextvars.Context``. Dagster reads the
 defs-state storage for loading from a context variable that any Dagster context sets on entry and
@@ -28,6 +29,7 @@ variable to None, which is again "no state". Nothing here writes Dagster's priva
 import contextvars
 import logging
 import os
+import time
 import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -136,6 +138,7 @@ def process_tags() -> dict[str, str]:
         "medblocks/host": me.host,
         "medblocks/pid": str(me.pid),
         "medblocks/pid_start": me.start,
+        "medblocks/heartbeat": str(int(time.time())),
     }
 
 

@@ -149,7 +149,12 @@ def _run(instance: dg.DagsterInstance, tags: dict[str, str]) -> str:
     run = instance.create_run_for_job(
         _placeholder_job,
         run_id=str(uuid.uuid4()),
-        tags={"medblocks/tenant": TENANT, "medblocks/source": SOURCE, **tags},
+        tags={
+            "medblocks/tenant": TENANT,
+            "medblocks/source": SOURCE,
+            "medblocks/launched_by": "cli",
+            **tags,
+        },
         status=dg.DagsterRunStatus.STARTED,
     )
     return run.run_id
@@ -239,3 +244,28 @@ def test_recovery_sensor_recovers_a_dead_run(
         assert (
             isinstance(again, dg.SkipReason) and again.skip_message == "no run left anything behind"
         )
+
+
+@pytest.mark.parametrize(
+    ("host", "beat_age", "dead"),
+    [
+        ("other-host", 3600, True),  # no heartbeat for an hour: its process is gone
+        ("other-host", 5, False),  # a fresh heartbeat: alive, whatever this host sees
+        ("this", 3600, False),  # this host sees its pid alive: that wins over an old heartbeat
+    ],
+)
+def test_runs_of_another_host_are_dead_once_their_heartbeat_is_stale(
+    host: str, beat_age: int, dead: bool
+) -> None:
+    import time
+
+    from medblocks_pipelines.cli.runtime import process_tags
+    from medblocks_pipelines.defs.shared.run_recovery import dead_runs
+
+    tags = process_tags()  # this process: alive
+    if host != "this":
+        tags["medblocks/host"] = host
+    tags["medblocks/heartbeat"] = str(int(time.time()) - beat_age)
+    with dg.instance_for_test() as instance:
+        run_id = _run(instance, tags)
+        assert [r.run_id for r in dead_runs(instance)] == ([run_id] if dead else [])

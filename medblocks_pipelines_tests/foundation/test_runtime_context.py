@@ -71,8 +71,14 @@ def test_load_definitions_ignores_finalizers_firing_mid_load(
     assert definitions.resolve_job_def("tenant_warehouse_job").name == "tenant_warehouse_job"
 
 
-def test_run_job_runs_with_the_variable_stale(settings: Settings, tmp_path: Path) -> None:
-    """A whole CLI run (load, admission, execution) on a live instance, variable stale first."""
+def test_run_job_runs_with_the_variable_stale(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A whole CLI run (load, admission, execution, heartbeat) on a live instance, variable stale
+    first."""
+    from medblocks_pipelines.cli import admission
+
+    monkeypatch.setattr(admission, "HEARTBEAT_SECONDS", 0.01)
     cp = open_control_plane(settings)
     cp.add_tenant("acme", "Acme")
     cp.add_source("mercy-ehr", "Mercy", "epic", "ehr", "http://x", ["backend"])
@@ -82,6 +88,14 @@ def test_run_job_runs_with_the_variable_stale(settings: Settings, tmp_path: Path
     lines = [json.dumps({"resourceType": "Patient", "id": f"p{i}"}) for i in range(3)]
     (folder / "Patient.ndjson").write_text("\n".join(lines) + "\n")
     with dg.instance_for_test() as instance:
+        beats: list[str] = []
+        add_run_tags = instance.add_run_tags
+
+        def spy(run_id: str, new_tags: Any) -> None:
+            beats.extend(v for k, v in new_tags.items() if k == "medblocks/heartbeat")
+            add_run_tags(run_id, new_tags)
+
+        monkeypatch.setattr(instance, "add_run_tags", spy)
         _leave_late_finalizers()()
         result = runtime.run_job(
             "ndjson_import_job",
@@ -93,4 +107,5 @@ def test_run_job_runs_with_the_variable_stale(settings: Settings, tmp_path: Path
         assert result.success
         run = instance.get_run_by_id(result.run_id)
         assert run is not None and run.tags["medblocks/launched_by"] == "cli"
+        assert beats and run.tags["medblocks/heartbeat"] == beats[-1]  # it beat while running
     cp.engine.dispose()

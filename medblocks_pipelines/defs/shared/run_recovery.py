@@ -2,10 +2,13 @@
 
 A run started by the ``medblocks`` CLI executes inside the CLI's process and carries its identity
 as tags (``medblocks/host``, ``medblocks/pid``, ``medblocks/pid_start``, written by
-``cli.runtime``). A ``kill -9`` leaves that run ``STARTED`` forever: Dagster has no run worker to
-monitor for it (``run_monitoring`` in ``dagster.yaml`` covers runs a run launcher started, and frees
-the slots of finished runs after ``free_slots_after_run_end_seconds``). :func:`recover` finds
-in-progress runs recorded on this host whose process is gone, and, with ``repair=True``:
+``cli.runtime``) and a heartbeat (``medblocks/heartbeat``, every 30 s). A ``kill -9`` leaves that
+run ``STARTED`` forever: Dagster has no run worker to monitor for it (``run_monitoring`` in
+``dagster.yaml`` covers runs a run launcher started, and frees the slots of finished runs after
+``free_slots_after_run_end_seconds``). :func:`recover` finds
+in-progress CLI runs whose process is gone (on this host: the pid no longer runs; recorded on
+another host: no heartbeat for ``MEDBLOCKS_RUN_HEARTBEAT_TIMEOUT_S``, 600 s), and, with
+``repair=True``:
 
 1. marks them failed (``DagsterInstance.report_run_failed``), which lets the run queue and the
    CLI's admission count them out;
@@ -18,10 +21,12 @@ in-progress runs recorded on this host whose process is gone, and, with ``repair
 
 It runs at the start of every CLI run, in ``dead_run_recovery_sensor`` (deployments with the
 daemon) and in ``medblocks doctor --repair``; ``medblocks doctor`` shows the same report
-without changing anything. Runs recorded on another host are left to that host (its CLI, its
-sensor) and to ``run_monitoring``.
+without changing anything. Files a run of another host left are that host's to remove (its next
+CLI run or sensor).
 """
 
+import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +37,9 @@ from medblocks_pipelines.lib.runs import leftovers
 from medblocks_pipelines.lib.runs.process import is_alive, this_host
 from medblocks_pipelines.lib.settings import Settings
 
+LAUNCHED_BY_TAG = "medblocks/launched_by"
 HOST_TAG = "medblocks/host"
+HEARTBEAT_TAG = "medblocks/heartbeat"
 PID_TAG = "medblocks/pid"
 PID_START_TAG = "medblocks/pid_start"
 IN_PROGRESS = [
@@ -66,18 +73,26 @@ class RecoveryReport:
         )
 
 
-def _run_is_dead(run: dg.DagsterRun, host: str) -> bool:
+def heartbeat_timeout_seconds() -> float:
+    """How old a CLI run's last heartbeat may be before another host calls the run dead."""
+    return float(os.environ.get("MEDBLOCKS_RUN_HEARTBEAT_TIMEOUT_S", "600"))
+
+
+def _run_is_dead(run: dg.DagsterRun, host: str, now: float) -> bool:
     tags = run.tags
-    if tags.get(HOST_TAG) != host or not tags.get(PID_TAG, "").isdigit():
-        return False
-    return not is_alive(int(tags[PID_TAG]), tags.get(PID_START_TAG, ""))
+    if tags.get(HOST_TAG) == host and tags.get(PID_TAG, "").isdigit():
+        # this host sees the process itself: that answer wins over the heartbeat
+        return not is_alive(int(tags[PID_TAG]), tags.get(PID_START_TAG, ""))
+    beat = tags.get(HEARTBEAT_TAG, "")
+    return beat.isdigit() and now - int(beat) > heartbeat_timeout_seconds()
 
 
 def dead_runs(instance: dg.DagsterInstance) -> list[dg.DagsterRun]:
-    """In-progress runs recorded on this host whose process is gone."""
-    host = this_host()
-    runs = instance.get_runs(dg.RunsFilter(statuses=IN_PROGRESS, tags={HOST_TAG: host}))
-    return [run for run in runs if _run_is_dead(run, host)]
+    """In-progress CLI runs whose process is gone: on this host by pid, elsewhere by a heartbeat
+    older than ``MEDBLOCKS_RUN_HEARTBEAT_TIMEOUT_S`` (600 s)."""
+    host, now = this_host(), time.time()
+    runs = instance.get_runs(dg.RunsFilter(statuses=IN_PROGRESS, tags={LAUNCHED_BY_TAG: "cli"}))
+    return [run for run in runs if _run_is_dead(run, host, now)]
 
 
 def _slot_holders(instance: dg.DagsterInstance, dead: set[str]) -> dict[str, list[str]]:
