@@ -32,6 +32,7 @@ PLUGINS: list[tuple[str, str | None, str]] = [
     ("medblocks_pipelines.cli.warehouse_extra:identity", "warehouse", "identity"),
     ("medblocks_pipelines.cli.ops:webhooks", None, "webhooks"),
     ("medblocks_pipelines.cli.ops:exports", None, "exports"),
+    ("medblocks_pipelines.cli.doctor:doctor", None, "doctor"),
 ]
 
 

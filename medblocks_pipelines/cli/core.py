@@ -284,13 +284,17 @@ def sync_import_ndjson(tenant: str, org_id: str, folder: str) -> None:
     from medblocks_pipelines.cli.runtime import run_job
     from medblocks_pipelines.lib.partitions import partition_key
 
+    cp = control_plane()
+    source_id = str(cp.get_organization(org_id)["source_id"])
+    cp.engine.dispose()
     result = run_job(
         "ndjson_import_job",
         partition_key=partition_key(tenant, org_id),
         run_config={
             "ops": {"backend__ndjson_import": {"config": {"path": str(Path(folder).resolve())}}}
         },
-        tags={"medblocks/tenant": tenant},
+        # the source's run limit (dagster.yaml) holds for imports too
+        tags={"medblocks/tenant": tenant, "medblocks/source": source_id},
     )
     for mat in result.asset_materializations_for_node("backend__ndjson_import"):
         md = {k: v.value for k, v in mat.metadata.items()}

@@ -1,20 +1,47 @@
-"""Running Dagster jobs from the CLI: the same jobs the UI runs, executed in-process.
+"""Running Dagster jobs from the CLI: the same jobs the UI runs, through Dagster's public API.
 
 The embedded default keeps its Dagster instance under ``<data_dir>/dagster_home`` (SQLite storage, no
 server); production sets ``DAGSTER_HOME`` to a folder holding the PostgreSQL ``dagster.yaml``.
+
+A run executes in the CLI's process (``JobDefinition.execute_in_process(instance=...)``: no daemon,
+no second load of the code location), after two steps:
+
+- crash recovery (``defs.shared.run_recovery``): runs of this host whose process is gone are marked
+  failed, their pool slots freed, their pull rows failed, their temporary files removed;
+- admission (``cli.admission``): the run waits while the instance's run limits
+  (``max_concurrent_runs``, ``tag_concurrency_limits`` on ``medblocks/tenant`` and
+  ``medblocks/source``) are reached, counting every in-progress run of the instance.
+
+Each run carries the process's identity (``medblocks/host``, ``medblocks/pid``,
+``medblocks/pid_start``) and a heartbeat tag renewed every 30 s (``medblocks/heartbeat``), so
+recovery can tell later that it died, on this host by its pid, on another by its heartbeat.
+
+Loading definitions and executing run inside a new, empty ``contextvars.Context``. Dagster reads the
+defs-state storage for loading from a context variable that any Dagster context sets on entry and
+resets on exit, and a context left to the garbage collector resets it late, to whatever it held
+then (possibly a storage whose instance is gone: the CI failures of ``run_job`` before). In an empty
+context the variable starts unset (this code location has no state-backed components, so no
+state is the right state), and a late reset by a context entered elsewhere cannot touch it: the
+token belongs to another ``Context``, so Dagster's reset raises ``ValueError`` inside and sets the
+variable to None, which is again "no state". Nothing here writes Dagster's private variables.
 """
 
+import contextvars
 import logging
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
+import time
+import uuid
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import dagster as dg
 
 from medblocks_pipelines.lib.errors import ConfigError, MedblocksError
+from medblocks_pipelines.lib.runs.process import this_process
 from medblocks_pipelines.lib.settings import get_settings
+
+T = TypeVar("T")
 
 EMBEDDED_DAGSTER_YAML = """\
 # Embedded default instance: SQLite storage in this folder (written by `medblocks`).
@@ -34,6 +61,10 @@ concurrency:
         limit: 2
   pools:
     default_limit: 2
+# The CLI's own runs are recovered by the CLI (cli/runtime.py); this frees slots of ended runs.
+run_monitoring:
+  enabled: true
+  free_slots_after_run_end_seconds: 60
 """
 
 
@@ -57,49 +88,23 @@ def get_instance() -> dg.DagsterInstance:
     return dg.DagsterInstance.get()
 
 
-def load_definitions() -> dg.Definitions:
-    """The code location's definitions, as the webserver loads them."""
+def in_fresh_context(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Call ``fn`` in a new, empty ``contextvars.Context`` (see the module docstring)."""
+    return contextvars.Context().run(fn, *args, **kwargs)
+
+
+def _load() -> dg.Definitions:
     from medblocks_pipelines.definitions import defs
 
-    return defs()
-
-
-@contextmanager
-def pinned_definitions_context(instance: dg.DagsterInstance) -> Iterator[None]:
-    """Pin Dagster's definitions-loading context to ``instance``'s defs-state for a block.
-
-    Dagster reads the defs-state storage from a context variable. Any Dagster context left to the
-    garbage collector (an instance entered inside a sensor, resource or op context that was never
-    exited) resets that variable when it is finalized, to whatever it held back then: possibly a
-    storage whose instance is gone. That can happen before or during a load, and a load context
-    built with no state info reads the variable itself. So the load context is built here from
-    this instance's storage, with explicit (possibly empty) state info, and pinned for the block.
-    """
-    from dagster._core.definitions.definitions_load_context import (
-        DefinitionsLoadContext,
-        DefinitionsLoadType,
-    )
-    from dagster._core.definitions.repository_definition import RepositoryLoadData
-    from dagster._core.storage.defs_state.base import set_defs_state_storage
-    from dagster_shared.serdes.objects.models.defs_state_info import DefsStateInfo
-
-    storage = instance.defs_state_storage
-    state_info = storage.get_latest_defs_state_info() if storage is not None else None
-    load_context = DefinitionsLoadContext(
-        DefinitionsLoadType.INITIALIZATION,
-        RepositoryLoadData(defs_state_info=state_info or DefsStateInfo(info_mapping={})),
-    )
-    with set_defs_state_storage(storage), DefinitionsLoadContext.scoped(load_context):
-        yield
-
-
-def _load_definitions_for(instance: dg.DagsterInstance) -> dg.Definitions:
-    """Load the code location against ``instance``'s defs-state, whatever the variable says."""
-    with pinned_definitions_context(instance):
-        definitions = load_definitions()
-        # Dagster builds the repository lazily, on the first resolve: build it here, pinned too.
-        definitions.get_repository_def()
+    definitions = defs()
+    # Dagster builds the repository lazily, on the first resolve: build it here, in this context.
+    definitions.get_repository_def()
     return definitions
+
+
+def load_definitions() -> dg.Definitions:
+    """The code location's definitions, as the webserver loads them, built in a fresh context."""
+    return in_fresh_context(_load)
 
 
 def sync_registry_partitions(instance: dg.DagsterInstance) -> dict[str, int]:
@@ -110,18 +115,57 @@ def sync_registry_partitions(instance: dg.DagsterInstance) -> dict[str, int]:
     return sync_partitions(instance, PlatformResource())
 
 
+def recover_dead_runs(
+    instance: dg.DagsterInstance, *, repair: bool = True, control_plane: Any = None
+) -> Any:
+    """Crash recovery for this host (see ``defs.shared.run_recovery``); returns its report."""
+    from medblocks_pipelines.cli.core import control_plane as open_cp
+    from medblocks_pipelines.defs.shared.run_recovery import recover
+
+    cp = control_plane or open_cp()
+    try:
+        return recover(instance, control_plane=cp, settings=get_settings(), repair=repair)
+    finally:
+        if control_plane is None:
+            cp.engine.dispose()
+
+
+def process_tags() -> dict[str, str]:
+    """Tags that let crash recovery tell later whether this process still runs."""
+    me = this_process()
+    return {
+        "medblocks/launched_by": "cli",
+        "medblocks/host": me.host,
+        "medblocks/pid": str(me.pid),
+        "medblocks/pid_start": me.start,
+        "medblocks/heartbeat": str(int(time.time())),
+    }
+
+
+def _failure_messages(result: dg.ExecuteInProcessResult) -> list[str]:
+    return [
+        e.event_specific_data.error.message.splitlines()[0]  # type: ignore[union-attr]
+        for e in result.all_events
+        if e.is_step_failure and e.event_specific_data is not None
+    ]
+
+
 def run_job(
     job_name: str,
     *,
     partition_key: str | None = None,
     run_config: dict[str, Any] | None = None,
-    tags: dict[str, str] | None = None,
+    tags: Mapping[str, str] | None = None,
     instance: dg.DagsterInstance | None = None,
 ) -> dg.ExecuteInProcessResult:
-    """Execute ``job_name`` in-process for one partition and raise if it failed."""
+    """Execute ``job_name`` for one partition once the instance's run limits allow it; raise if
+    it failed."""
+    from medblocks_pipelines.cli.admission import admitted
+    from medblocks_pipelines.cli.core import control_plane as open_cp
+
     instance = instance or get_instance()
     sync_registry_partitions(instance)
-    definitions = _load_definitions_for(instance)
+    definitions = load_definitions()
     try:
         job = definitions.resolve_job_def(job_name)
     except dg.DagsterInvariantViolationError as exc:
@@ -130,22 +174,34 @@ def run_job(
     # Runs show their logs in the UI; the terminal gets warnings only unless --verbose (DEBUG logging).
     level = "DEBUG" if logging.getLogger().isEnabledFor(logging.DEBUG) else "WARNING"
     config.setdefault("loggers", {"console": {"config": {"log_level": level}}})
-    with pinned_definitions_context(instance):
-        result = job.execute_in_process(
-            instance=instance,
-            partition_key=partition_key,
-            run_config=config,
-            tags=tags or {},
-            raise_on_error=False,
-        )
+    run_tags = {**(tags or {}), **process_tags()}
+    run_id = str(uuid.uuid4())
+    home = Path(os.environ.get("DAGSTER_HOME") or get_settings().data_dir)
+    cp = open_cp()
+    try:
+        with admitted(
+            instance,
+            run_tags,
+            run_id,
+            lock_path=home / ".medblocks-run-admission.lock",
+            database_url=get_settings().database_url,
+            recover=lambda: recover_dead_runs(instance, control_plane=cp),
+        ):
+            result = in_fresh_context(
+                job.execute_in_process,
+                instance=instance,
+                partition_key=partition_key,
+                run_config=config,
+                tags=run_tags,
+                run_id=run_id,
+                raise_on_error=False,
+            )
+    finally:
+        cp.engine.dispose()
     if not result.success:
-        failures = [
-            e.event_specific_data.error.message.splitlines()[0]  # type: ignore[union-attr]
-            for e in result.all_events
-            if e.is_step_failure and e.event_specific_data is not None
-        ]
         raise MedblocksError(
-            f"run {result.run_id[:8]} of {job_name} failed: " + ("; ".join(failures) or "see UI"),
+            f"run {result.run_id[:8]} of {job_name} failed: "
+            + ("; ".join(_failure_messages(result)) or "see UI"),
             hint="open the Dagster UI (`dagster dev`) to see the run's logs",
         )
     return result

@@ -213,23 +213,11 @@ def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Env]:
         cp.engine.dispose()
 
 
-@pytest.fixture(autouse=True)
-def _fresh_defs_state_storage() -> Iterator[None]:
-    """Dagster keeps the defs-state storage of the last entered instance in a context variable;
-    a removed test instance left there breaks later definition loads, so each test starts clean."""
-    from dagster._core.storage.defs_state import base as defs_state
-
-    defs_state._current_storage.set(None)
-    yield
-    defs_state._current_storage.set(None)
-
-
 @pytest.fixture
 def live_defs_state() -> Iterator[Any]:
-    """A throwaway Dagster instance whose defs-state storage definitions loading reads (runs
-    launched through `cli.runtime.run_job` load the code location)."""
+    """A throwaway Dagster instance for runs launched through `cli.runtime.run_job` (which loads
+    the code location in a fresh context, whatever Dagster's context variables hold)."""
     import dagster as dg
-    from dagster._core.storage.defs_state.base import set_defs_state_storage
 
-    with dg.instance_for_test() as inst, set_defs_state_storage(inst.defs_state_storage):
+    with dg.instance_for_test() as inst:
         yield inst

@@ -204,57 +204,19 @@ def test_cadence_schedule_requests_due_orgs(env: Env, instance: dg.DagsterInstan
 
 
 def test_definitions_snapshot() -> None:
-    from dagster._core.storage.defs_state.base import set_defs_state_storage
+    from medblocks_pipelines.cli.runtime import load_definitions
 
-    from medblocks_pipelines.definitions import defs
-
-    # Definitions loading reads Dagster's defs-state storage from a context variable that
-    # earlier test contexts leave pointing at a removed instance: give it a live one.
-    with dg.instance_for_test() as inst, set_defs_state_storage(inst.defs_state_storage):
-        d = defs()
-        keys = {k.to_user_string() for k in d.resolve_asset_graph().get_all_asset_keys()}
-        assert {"backend/bulk_export", "backend/bulk_resources"} <= keys
-        assert d.resolve_job_def("backend_kickoff_job") and d.resolve_job_def("backend_land_job")
-        assert d.resolve_sensor_def("backend_bulk_export_sensor")
-        assert d.resolve_schedule_def("backend_cadence_schedule")
-        # One rebuild path for every pattern: the debounced warehouse sensor watches this asset.
-        assert d.resolve_sensor_def("warehouse_on_landing_sensor")
-        node = d.resolve_assets_def(["backend", "bulk_resources"])
-        assert json.dumps(node.partitions_def.name) == '"backend_orgs"'  # type: ignore[union-attr]
-
-
-def test_run_job_loads_definitions_even_when_the_state_variable_goes_stale(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """A Dagster context finalized by the garbage collector resets the defs-state context
-    variable to a storage whose instance is gone (seen on CI before run_job, mid-load and before
-    resolve); loading and resolving must not read that variable."""
-    import copy
-
-    from dagster._core.storage.defs_state import base as defs_state
-
-    from medblocks_pipelines.cli import runtime
-
-    with dg.instance_for_test() as live:
-        # A storage whose instance is gone, exactly as the finalizer leaves the variable.
-        stale = copy.copy(live.defs_state_storage)
-        stale._instance_weakref = None  # type: ignore[union-attr]
-        with pytest.raises(dg.DagsterInvariantViolationError, match="weakref"):
-            stale.get_latest_defs_state_info()  # type: ignore[union-attr]
-
-        real_load = runtime.load_definitions
-
-        def load_after_a_finalizer() -> dg.Definitions:
-            defs_state._current_storage.set(stale)  # what the finalizer's reset(token) does
-            return real_load()
-
-        monkeypatch.setattr(runtime, "load_definitions", load_after_a_finalizer)
-        # ...already stale when run_job starts (a finalizer ran earlier in the test)...
-        defs_state._current_storage.set(stale)
-        definitions = runtime._load_definitions_for(live)
-        # ...or fires after the load, before the job is resolved (the repository is lazy).
-        defs_state._current_storage.set(stale)
-        assert definitions.resolve_job_def("backend_land_job").name == "backend_land_job"
+    # Loaded as the CLI loads them: in a fresh context (see test_runtime_context.py).
+    d = load_definitions()
+    keys = {k.to_user_string() for k in d.resolve_asset_graph().get_all_asset_keys()}
+    assert {"backend/bulk_export", "backend/bulk_resources"} <= keys
+    assert d.resolve_job_def("backend_kickoff_job") and d.resolve_job_def("backend_land_job")
+    assert d.resolve_sensor_def("backend_bulk_export_sensor")
+    assert d.resolve_schedule_def("backend_cadence_schedule")
+    # One rebuild path for every pattern: the debounced warehouse sensor watches this asset.
+    assert d.resolve_sensor_def("warehouse_on_landing_sensor")
+    node = d.resolve_assets_def(["backend", "bulk_resources"])
+    assert json.dumps(node.partitions_def.name) == '"backend_orgs"'  # type: ignore[union-attr]
 
 
 def test_sensor_abandons_expired_export_and_kickoff_starts_anew(

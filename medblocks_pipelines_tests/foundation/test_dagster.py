@@ -19,9 +19,9 @@ SNAPSHOT = Path(__file__).parent / "definitions_snapshot.json"
 
 
 def _defs() -> dg.Definitions:
-    from medblocks_pipelines.definitions import defs
+    from medblocks_pipelines.cli.runtime import load_definitions
 
-    return defs()
+    return load_definitions()
 
 
 def _snapshot_of(defs: dg.Definitions) -> dict[str, list[str]]:

@@ -75,7 +75,7 @@ def test_asset_pulls_a_batch_and_reports_metadata(pa_env: PatientAccessEnv) -> N
         assert meta["next_due"] != "none"
         # No PHI: nothing but counts, our ids and timestamps.
         patients = [pa_env.cp.get_connection(i)["source_patient_id"] for i in ids]
-        from dagster._serdes import serialize_value
+        from dagster import serialize_value
 
         stored = serialize_value(mat)  # every value as the event log stores it (tables included)
         assert not any(p in stored for p in patients)

@@ -91,7 +91,8 @@ def bulk_export(
     group_name="backend",
     kinds={"parquet", "fhir"},
     owners=["team:data-platform"],
-    pool="backend_bulk_download",
+    # No pool (one name across every source and tenant): the per-source `medblocks/source` run
+    # limit and the source's `max_parallel_downloads` bound a source's load.
     tags={"medblocks/pattern": "backend"},
     check_specs=[
         dg.AssetCheckSpec(

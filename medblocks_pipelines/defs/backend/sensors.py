@@ -3,7 +3,9 @@
 Each tick is cheap: at most ``MAX_POLLS_PER_TICK`` status requests, only for exports whose next poll
 time (from the server's ``Retry-After``, clamped) has come. Exports are read from the control
 plane, so an export whose kick-off run (or CLI) crashed is resumed from its saved polling URL.
-The cursor keeps the ids already launched, so a land run is requested once per export.
+The cursor keeps the ids already launched, so a land run is requested once per export; an export
+back to ``ready`` after its land run failed or died (crash recovery) is landed again, at most
+``MAX_LAND_ATTEMPTS`` times in all.
 """
 
 import json
@@ -17,6 +19,17 @@ from medblocks_pipelines.lib.fhir.bulk_sync import due_exports, poll_export
 from medblocks_pipelines.lib.partitions import partition_key
 
 MAX_POLLS_PER_TICK = 20
+MAX_LAND_ATTEMPTS = 3  # land runs per export: the first and two more after failures or crashes
+
+
+def _failed_land_attempts(instance: dg.DagsterInstance, export_id: str) -> int:
+    """How many land runs of ``export_id`` failed; 0 while one is queued or in progress (or none
+    was launched yet: the request may still be waiting for the daemon)."""
+    runs = instance.get_runs(dg.RunsFilter(tags={"medblocks/export": export_id}))
+    ended = (dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED)
+    if not runs or any(r.status not in ended for r in runs):
+        return 0
+    return sum(1 for r in runs if r.status in ended)
 
 
 @dg.sensor(
@@ -55,11 +68,18 @@ def backend_bulk_export_sensor(
     ready = cp.list_bulk_exports(status="ready")
     requests = []
     for row in ready:
-        if row["id"] in launched or not row.get("organization_id"):
+        if not row.get("organization_id"):
             continue
+        attempt = 0
+        if row["id"] in launched:
+            # Launched before and back to `ready`: its land run failed or died (crash recovery
+            # puts the export back). Land it again, a bounded number of times.
+            attempt = _failed_land_attempts(context.instance, row["id"])
+            if attempt == 0 or attempt >= MAX_LAND_ATTEMPTS:
+                continue
         requests.append(
             dg.RunRequest(
-                run_key=f"land:{row['id']}",
+                run_key=f"land:{row['id']}" + (f":{attempt}" if attempt else ""),
                 partition_key=partition_key(row["tenant_id"], row["organization_id"]),
                 run_config={
                     "ops": {"backend__bulk_resources": {"config": {"export_id": row["id"]}}}
@@ -74,7 +94,7 @@ def backend_bulk_export_sensor(
     # Keep only ids still waiting to land, so the cursor stays small.
     waiting = {r["id"] for r in cp.list_bulk_exports(status=("ready", "downloading"))}
     cursor = json.dumps(
-        sorted((set(launched) | {r.run_key[5:] for r in requests if r.run_key}) & waiting)
+        sorted((set(launched) | {r.tags["medblocks/export"] for r in requests}) & waiting)
     )
     if not requests:
         return dg.SensorResult(

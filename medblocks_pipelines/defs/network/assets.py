@@ -10,6 +10,7 @@ from collections import Counter
 import dagster as dg
 
 from medblocks_pipelines.defs.network.partitions import network_partitions
+from medblocks_pipelines.defs.shared.outcomes import fail_if_nothing_succeeded
 from medblocks_pipelines.defs.shared.resources import PlatformResource
 from medblocks_pipelines.defs.shared.summaries import landing_metadata
 from medblocks_pipelines.lib.errors import ConfigError
@@ -74,6 +75,13 @@ def network_query_results(
         resources.update(result.resources_by_type)
     if not config.persons:
         context.log.info("no persons to query: nothing sent")
+    allowed = totals["queries"] - sum(refusals.values())
+    fail_if_nothing_succeeded(
+        attempted=allowed,
+        failed=totals["status_failed"],
+        what="allowed network query",
+        metadata={"queries": totals["queries"], "allowed": allowed},
+    )
     return dg.MaterializeResult(
         metadata={
             "queries": totals["queries"],

@@ -44,3 +44,33 @@ def sync_partitions(instance: dg.DagsterInstance, platform: PlatformResource) ->
             instance.delete_dynamic_partition(name, key)
         added[name] = len(new)
     return added
+
+
+@dg.sensor(
+    name="dead_run_recovery_sensor",
+    minimum_interval_seconds=60,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Crash recovery without a human: runs of this host whose process is gone (a "
+    "killed CLI) are marked failed, pool slots of ended runs freed, their pull rows failed and "
+    "their temporary files removed (see defs/shared/run_recovery.py).",
+)
+def dead_run_recovery_sensor(
+    context: dg.SensorEvaluationContext, platform: PlatformResource
+) -> dg.SkipReason:
+    """Recover what dead runs left; the skip reason says what was done (counts and run ids)."""
+    from medblocks_pipelines.defs.shared.run_recovery import recover
+
+    report = recover(
+        context.instance,
+        control_plane=platform.control_plane,
+        settings=platform.settings,
+        repair=True,
+    )
+    if report.clean:
+        return dg.SkipReason("no run left anything behind")
+    return dg.SkipReason(
+        f"recovered {len(report.dead_runs)} dead run(s) {[r[:8] for r in report.dead_runs]}, "
+        f"freed slots of {len(report.slot_runs)} run(s), failed {len(report.stale_pulls)} "
+        f"pull(s), released {len(report.stale_exports)} export(s), "
+        f"removed {len(report.orphan_paths)} leftover path(s)"
+    )

@@ -76,7 +76,10 @@ def _check_result(outcome: CheckOutcome) -> dg.AssetCheckResult:
     group_name="warehouse",
     kinds={"duckdb", "parquet"},
     owners=["team:data-platform"],
-    pool="warehouse_build",
+    # No pool: a Dagster pool is one name for every partition, so one tenant's crashed build held
+    # the slot for all tenants. Builds of one tenant are serialized by the build lock (file +
+    # advisory) and the per-tenant `medblocks/tenant` run limit; runs of different tenants never
+    # wait on each other.
     tags={"medblocks/layer": "warehouse"},
     check_specs=CHECK_SPECS,
     description="The tenant's unified record warehouse (DuckDB): latest resources, one table per "

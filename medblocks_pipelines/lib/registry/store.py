@@ -431,6 +431,12 @@ class ControlPlane:
                 now,
             )
 
+    def running_pulls(self) -> list[dict[str, Any]]:
+        """Every pull-history row still ``running`` (crash recovery checks their runs)."""
+        q = sa.select(t.pull_history).where(t.pull_history.c.status == "running")
+        with self.engine.connect() as conn:
+            return _rows(conn.execute(q.order_by(t.pull_history.c.id)))
+
     def list_pulls(self, *, tenant_id: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
         q = sa.select(t.pull_history).order_by(t.pull_history.c.id.desc()).limit(limit)
         if tenant_id is not None:
