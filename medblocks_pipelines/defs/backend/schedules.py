@@ -7,11 +7,10 @@ previous tick; the run key carries the fire time, so each fire starts at most on
 """
 
 from datetime import datetime, timedelta
+from zoneinfo import ZoneInfo
 
 import dagster as dg
-
-# Dagster's own cron iterator (no extra dependency); used read-only.
-from dagster._utils.schedules import cron_string_iterator, is_valid_cron_string
+from croniter import croniter
 
 from medblocks_pipelines.defs.backend.assets import backend_kickoff_job
 from medblocks_pipelines.defs.shared.resources import PlatformResource
@@ -24,9 +23,8 @@ TICK_MINUTES = 5
 def fires_between(cron: str, start: datetime, end: datetime, tz: str = "UTC") -> list[datetime]:
     """Fire times of ``cron`` in ``(start, end]``."""
     out = []
-    for when in cron_string_iterator(start.timestamp(), cron, tz):
-        if when > end:
-            break
+    it = croniter(cron, start.astimezone(ZoneInfo(tz)))
+    while (when := it.get_next(datetime)) <= end:
         if when > start:
             out.append(when)
     return out
@@ -54,7 +52,7 @@ def backend_cadence_schedule(
         if src is None or "backend" not in (src.get("patterns") or []):
             continue
         cron = (org.get("config") or {}).get("cadence") or DEFAULT_CADENCE
-        if not is_valid_cron_string(cron):
+        if not croniter.is_valid(cron):
             context.log.warning(f"organization {org['id']} has an invalid cadence; skipped")
             continue
         for fire in fires_between(cron, start, now):
