@@ -44,10 +44,10 @@ from medblocks_pipelines.lib.warehouse.identity import (  # noqa: E402
     RAW_COLUMNS,
     IdentityOptions,
     connected_components,
+    febrl,
     link_patients,
     pairwise_metrics_frame,
 )
-from medblocks_pipelines.lib.warehouse.identity import febrl  # noqa: E402
 
 # how many organizations know a person (shape of the sandbox population)
 ORG_COUNT_WEIGHTS = [(1, 0.05), (2, 0.29), (3, 0.43), (4, 0.18), (5, 0.05)]
