@@ -209,4 +209,7 @@ def standardise_demographics(df: pl.DataFrame | pl.LazyFrame) -> pl.LazyFrame:
         given_phon=phonetic_expr("given_std"),
         family_phon=phonetic_expr("family_std"),
         address_tokens=pl.col("address_std").str.split(" ").list.unique().list.sort(),
+        # the street's name: the first word of three letters or more (no house number), for
+        # blocking records whose house number or unit differs
+        street_key=pl.col("address_std").str.extract(r"\b([A-Z]{3,})\b", 1),
     )

@@ -36,8 +36,8 @@ class IdentityOptions:
     candidate_floor: float = 0.5
     seed: int = DEFAULT_SEED
     train: bool = True
-    u_max_pairs: float = 2e6
-    em_max_pairs: float = 2e6
+    u_max_pairs: float = 1e6
+    em_max_pairs: float = 1e6
     min_records_for_training: int = 500
     household_guard: str = "auto"  # on | off | auto (see rules.household_guard_applies)
 
@@ -186,23 +186,7 @@ def link_patients(
 
     t0 = time.perf_counter()
     prob = prob.filter(pl.col("match_probability") >= threshold)
-    all_edges = pl.concat([det, prob], how="vertical_relaxed")
-    # one row per pair and rule; a pair found by a rule and by the model keeps both
-    all_edges = (
-        all_edges.with_columns(
-            key_a=pl.min_horizontal("key_l", "key_r"), key_b=pl.max_horizontal("key_l", "key_r")
-        )
-        .select(
-            key_l=pl.col("key_a"),
-            key_r=pl.col("key_b"),
-            rule=pl.col("rule"),
-            match_probability=pl.col("match_probability"),
-            match_weight=pl.col("match_weight"),
-            evidence=pl.col("evidence"),
-        )
-        .unique(subset=["key_l", "key_r", "rule"], keep="first")
-        .sort("key_l", "key_r", "rule")
-    )
+    all_edges = _one_row_per_pair_and_rule(pl.concat([det, prob], how="vertical_relaxed"))
     guard = household_guard_applies(std, opts.household_guard)
     all_edges = apply_vetoes(all_edges, std, household_guard=guard).with_columns(
         accepted=pl.col("veto").is_null()
@@ -244,6 +228,25 @@ def link_patients(
         timings=timings,
         threshold=threshold,
         model=_with_choices(outcome.model, threshold, opts.target_precision, trained, guard),
+    )
+
+
+def _one_row_per_pair_and_rule(edges: pl.DataFrame) -> pl.DataFrame:
+    """Edges keyed (smaller, larger); a pair found by a rule and by the model keeps both rows."""
+    return (
+        edges.with_columns(
+            key_a=pl.min_horizontal("key_l", "key_r"), key_b=pl.max_horizontal("key_l", "key_r")
+        )
+        .select(
+            key_l=pl.col("key_a"),
+            key_r=pl.col("key_b"),
+            rule=pl.col("rule"),
+            match_probability=pl.col("match_probability"),
+            match_weight=pl.col("match_weight"),
+            evidence=pl.col("evidence"),
+        )
+        .unique(subset=["key_l", "key_r", "rule"], keep="first")
+        .sort("key_l", "key_r", "rule")
     )
 
 

@@ -49,6 +49,7 @@ MODEL_COLUMNS = [
     "dob_digits",
     "address_std",
     "address_tokens",
+    "street_key",
     "city_std",
     "postcode",
     "phone_std",

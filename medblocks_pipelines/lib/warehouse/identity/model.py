@@ -9,6 +9,9 @@ Training, each step seeded so a rebuild of the same data gives the same model:
    over two blocking rules (same birth date; same given and family name), so every comparison is
    estimated in a session that does not block on it.
 
+Candidate pairs come from the blocking rules below (each narrowed so pairs grow about linearly with
+the records), plus given and family name swapped.
+
 Below ``min_records_for_training`` records, or when a step fails, the starting values of
 :mod:`.comparisons` are used as they are (``trained`` is False, recorded in ``identity_model``).
 
@@ -75,40 +78,46 @@ def active_comparisons(std: pl.DataFrame) -> list[str]:
     return [n for n, cols in COMPARISON_COLUMNS.items() if all(counts[c] >= 2 for c in cols)]
 
 
+# Prediction blocking rules: each pair of records that agrees on one rule's columns is scored. Every
+# rule pairs a broad field with a narrowing one so the number of pairs stays near-linear in the
+# number of records (a rule on one common field alone, such as a birth date, grows quadratically).
+_YEAR, _MONTH_DAY = "substr(dob_digits, 1, 4)", "substr(dob_digits, 5, 4)"
+_G1, _F1 = "substr(given_std, 1, 1)", "substr(family_std, 1, 1)"
+_BLOCKING: list[tuple[tuple[str, ...], tuple[str, ...]]] = [
+    # (comparisons that must be active, columns / expressions)
+    (("dob", "given"), ("dob_digits", _G1)),
+    (("dob", "family"), ("dob_digits", _F1)),
+    (("dob", "postcode"), ("dob_digits", "postcode")),
+    (("dob", "city"), ("dob_digits", "city_std")),
+    (("family", "postcode", "given"), ("family_std", "postcode", _G1)),
+    (("given", "postcode", "family"), ("given_std", "postcode", _F1)),
+    (("address",), ("address_std",)),
+    (("address", "postcode", "family"), ("street_key", "postcode", _F1)),
+    (("address", "postcode", "given"), ("street_key", "postcode", _G1)),
+    (("given", "family", "dob"), ("given_std", "family_std", _YEAR)),
+    (("family", "dob", "given"), ("family_std", _MONTH_DAY, _G1)),
+    (("given", "dob", "family"), ("given_std", _MONTH_DAY, _F1)),
+    (("given", "family", "postcode"), ("given_phon", "family_phon", "postcode")),
+    (("given", "family", "city"), ("given_phon", "family_phon", "city_std")),
+    (("ssn",), ("ssn_std",)),
+    (("email",), ("email_std",)),
+    (("phone", "dob"), ("phone_std", _YEAR)),
+]
+
+
+# given and family name entered the wrong way round
+_SWAPPED = "l.given_std = r.family_std AND l.family_std = r.given_std"
+
+
 def _blocking_rules(active: list[str]) -> list[Any]:
     from splink import block_on
 
-    rules = [
-        ("dob",),
-        ("given", "family"),
-        ("family", "postcode"),
-        ("given", "postcode"),
-        ("address",),
-        ("family", "dob_year"),
-        ("given_phon", "family_phon"),
-        ("ssn",),
-        ("email",),
-        ("phone",),
+    rules: list[Any] = [
+        block_on(*cols) for needs, cols in _BLOCKING if all(n in active for n in needs)
     ]
-    cols = {
-        "dob": "dob_digits",
-        "given": "given_std",
-        "family": "family_std",
-        "postcode": "postcode",
-        "address": "address_std",
-        "dob_year": "substr(dob_digits, 1, 4)",
-        "given_phon": "given_phon",
-        "family_phon": "family_phon",
-        "ssn": "ssn_std",
-        "email": "email_std",
-        "phone": "phone_std",
-    }
-    base = {"dob_year": "dob", "given_phon": "given", "family_phon": "family"}
-    return [
-        block_on(*(cols[c] for c in rule))
-        for rule in rules
-        if all(base.get(c, c) in active for c in rule)
-    ]
+    if "given" in active and "family" in active:
+        rules.append(_SWAPPED)
+    return rules
 
 
 def splink_settings(active: list[str] | None = None) -> Any:
@@ -168,6 +177,7 @@ def probabilistic_edges(std: pl.DataFrame, options: Any) -> ModelOutcome:
     # splink keeps its working tables in its own in-memory database, never in the warehouse file
     con = duckdb.connect()
     con.execute("SET threads TO 2")
+    con.execute("SET enable_progress_bar = false")
     trained = False
     try:
         db_api = DuckDBAPI(con)

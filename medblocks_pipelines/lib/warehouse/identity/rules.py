@@ -113,6 +113,12 @@ def apply_vetoes(
         how="left",
         maintain_order="left",
     )
+    e = pl.concat([e, _closest_forms(e)], how="horizontal")
+    return e.with_columns(veto=_veto_expr(household_guard)).select(*edges.columns, "veto")
+
+
+def _closest_forms(e: pl.DataFrame) -> pl.DataFrame:
+    """Per edge: closest given-name forms (Jaro-Winkler, edits), birth-date digit edits, family JW."""
     con = duckdb.connect()
     try:
         arrow = e.select(  # noqa: F841
@@ -152,13 +158,11 @@ def apply_vetoes(
     finally:
         con.close()
     assert isinstance(jw, pl.DataFrame)
-    e = e.with_columns(
-        jw=jw.get_column("jw"),
-        dl=jw.get_column("dl"),
-        dob_dl=jw.get_column("dob_dl"),
-        fjw=jw.get_column("fjw"),
-    )
-    # a direct nickname relation (Bill / William), not a shared third name (William / Robert)
+    return jw.select("jw", "dl", "dob_dl", "fjw")
+
+
+def _veto_expr(household_guard: bool) -> pl.Expr:
+    """Why a probabilistic edge is refused (null when it is not); see the package docstring."""
     shares_variant = pl.col("given_variants_l").list.contains(pl.col("given_std_r")) | pl.col(
         "given_variants_r"
     ).list.contains(pl.col("given_std_l"))
@@ -230,4 +234,4 @@ def apply_vetoes(
         .then(pl.lit("birth dates conflict"))
         .otherwise(None)
     )
-    return e.with_columns(veto=veto).select(*edges.columns, "veto")
+    return veto
