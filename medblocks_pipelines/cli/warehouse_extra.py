@@ -13,7 +13,7 @@ from medblocks_pipelines.cli.core import print_table
 from medblocks_pipelines.lib.errors import ConfigError
 from medblocks_pipelines.lib.settings import get_settings
 from medblocks_pipelines.lib.warehouse.build import open_warehouse
-from medblocks_pipelines.lib.warehouse.identity import pairwise_metrics
+from medblocks_pipelines.lib.warehouse.identity import evaluate_warehouse
 
 
 @click.group()
@@ -69,10 +69,7 @@ def identity_evaluate(
     """Pairwise precision and recall of the warehouse's links against a ground truth file."""
     truth = read_truth(truth_path)
     with open_warehouse(tenant, settings=get_settings()) as con:
-        pred = dict(con.execute("SELECT patient_key, person_id FROM patient_links").fetchall())
-    metrics = pairwise_metrics(pred, truth)
-    metrics["truth_records"] = len(truth)
-    metrics["unmatched_truth_records"] = len(set(truth) - set(pred))
+        metrics = evaluate_warehouse(con, truth)
     if as_json:
         click.echo(json.dumps(metrics, sort_keys=True))
     else:

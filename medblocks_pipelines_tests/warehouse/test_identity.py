@@ -9,7 +9,6 @@ import pytest
 
 from medblocks_pipelines.lib.warehouse import identity
 from medblocks_pipelines.lib.warehouse.identity import (
-    IdentityOptions,
     connected_components,
     link_patients,
     pairwise_metrics,
@@ -86,6 +85,7 @@ def test_twin_edges_are_vetoed_and_kept(linked300: identity.IdentityResult) -> N
         "given names conflict",
         "different SSNs",
         "birth dates conflict",
+        "joins a vetoed pair",
     }
 
 
@@ -101,11 +101,29 @@ def test_every_link_has_score_rule_and_evidence(linked300: identity.IdentityResu
     } | {r for r in links["rule"].unique() if r.startswith("identifier:")}
     prob = linked300.edges.filter(pl.col("rule") == "probabilistic")
     ev = json.loads(prob["evidence"][0])
-    assert set(ev) == {"given", "family", "dob", "sex", "address", "phone", "email", "ssn"}
+    assert set(ev) == {
+        "given",
+        "family",
+        "dob",
+        "sex",
+        "address",
+        "city",
+        "postcode",
+        "phone",
+        "email",
+        "ssn",
+    }
     assert {"level", "weight"} <= set(ev["dob"])
     lowest = prob["match_probability"].min()
-    assert isinstance(lowest, float) and lowest >= IdentityOptions().threshold
-    assert linked300.trained  # enough data to estimate u by seeded sampling
+    assert isinstance(lowest, float) and lowest >= linked300.threshold >= 0.9
+    assert linked300.trained  # enough data to estimate lambda, u and m
+    # the fitted model and the chosen threshold are kept
+    params = dict(
+        linked300.model.filter(pl.col("value").is_not_null()).select("parameter", "value").rows()
+    )
+    assert params["threshold"] == linked300.threshold and params["trained"] == 1.0
+    levels = linked300.model.filter(pl.col("parameter") == "level")
+    assert levels["m_probability"].null_count() == 0 and levels.height > 20
 
 
 def test_person_ids_are_stable_and_derived_from_smallest_member(

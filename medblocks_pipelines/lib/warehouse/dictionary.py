@@ -105,8 +105,8 @@ TABLE_DOCS: dict[str, tuple[str, dict[str, str]]] = {
             "linked_to": "The other source patient of that link",
             "score": "Match probability of that link (1.0 for deterministic rules and singletons)",
             "match_weight": "log2 Bayes factor of the probabilistic link",
-            "evidence": "JSON: per comparison (given, family, dob, sex, address, phone, email, ssn) "
-            "the agreement level and its partial match weight",
+            "evidence": "JSON: per comparison in the model (given, family, dob, sex, address, city, "
+            "postcode, phone, email, ssn) the agreement level and its partial match weight",
             "n_links": "Accepted links touching this source patient",
             "patterns_seen": "Every pattern this Patient resource arrived through",
         },
@@ -116,8 +116,23 @@ TABLE_DOCS: dict[str, tuple[str, dict[str, str]]] = {
         {
             "key_l": "Source patient key (the smaller)",
             "key_r": "Source patient key (the larger)",
-            "veto": "Why a probabilistic link was refused (given names conflict, different SSNs)",
+            "veto": "Why a probabilistic link was refused (given names conflict, different SSNs, "
+            "birth dates conflict, joins a vetoed pair)",
             "accepted": "Whether the link joined the two source patients",
+        },
+    ),
+    "identity_model": (
+        "The linkage model fitted on this build's data: m, u and match weight of every comparison "
+        "level, the probability two random records match, the chosen threshold (no data).",
+        {
+            "parameter": "level | probability_two_random_records_match | threshold | "
+            "target_precision | trained | household_guard",
+            "comparison": "The comparison of a level (given, family, dob, ...)",
+            "level": "The level's label (exact, nickname, jaro-winkler>=0.92, ...)",
+            "m_probability": "P(level | same person), estimated by EM (starting value if untrained)",
+            "u_probability": "P(level | different people), estimated by random sampling",
+            "match_weight": "log2(m/u): the level's partial match weight",
+            "value": "The value of a scalar parameter",
         },
     ),
     "fact_mentions": (

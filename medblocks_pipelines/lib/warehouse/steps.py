@@ -8,7 +8,7 @@ Each step is ``(con, ctx) -> dict[str, int]`` (see :mod:`medblocks_pipelines.lib
    and the build goes on: one bad user view must not take a tenant's warehouse down; the asset check
    on ``view_errors`` makes it visible.
 2. :func:`medblocks_pipelines.lib.warehouse.identity.identity_step` — ``persons``, ``patient_links``,
-   ``identity_edges``.
+   ``identity_edges``, ``identity_model`` (the fitted parameters and the chosen threshold).
 3. :func:`medblocks_pipelines.lib.warehouse.unified.unified_step` — ``fact_mentions``, ``facts``,
    ``fact_sources`` and the ``facts_*`` views.
 4. :func:`build_info_step` — ``build_info``: one row describing this build (tenant, run, counts).
@@ -38,6 +38,7 @@ RESERVED_TABLES = frozenset(
         "persons",
         "patient_links",
         "identity_edges",
+        "identity_model",
         "fact_mentions",
         "facts",
         "fact_sources",
