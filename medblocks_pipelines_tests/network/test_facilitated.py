@@ -133,3 +133,47 @@ def test_registration_stored_once_and_tokens_reused(env: UdapEnv) -> None:
     env.query("T-TRTMNT")
     assert all(n.auth.state.counts["registered"] == 2 for n in sb.nodes.values())
     assert all(n.auth.state.counts["token"] == 2 for n in sb.nodes.values())
+
+
+def test_asset_runs_facilitated_fhir_and_reports_node_status(env: UdapEnv) -> None:
+    import dagster as dg
+
+    from medblocks_pipelines.defs.network.assets import NetworkQueryConfig, network_query_results
+    from medblocks_pipelines.defs.shared.resources import PlatformResource
+    from medblocks_pipelines.lib.partitions import partition_key
+    from medblocks_pipelines.lib.warehouse.lake import LakeWriter, Provenance
+
+    specs = [
+        NodeSpec("riverside-health", "Riverside", node_resources("rv-1")),
+        NodeSpec("down-node", "Down", node_resources("dn-1"), fault="down"),
+    ]
+    env.start(specs)
+    env.launch()
+    # The person's own Patient (from the EHR) is where the demographics come from.
+    patient = dict(node_resources("x")[0], id=PERSON)
+    prov = Provenance("acme", "clinician_workflow", "mercy", "acme-clinic", None, "r1")
+    with LakeWriter(env.settings.lake_root, prov) as w:
+        assert w.add(patient)
+    key = partition_key("acme", "sandbox-fhir")
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions("network_scopes", [key])
+        res = dg.materialize(
+            [network_query_results],
+            partition_key=key,
+            instance=instance,
+            resources={"platform": PlatformResource(data_dir=str(env.settings.data_dir))},
+            run_config=dg.RunConfig(
+                {
+                    "network__query_results": NetworkQueryConfig(
+                        persons=[PERSON, "stranger"], transport="fhir"
+                    )
+                }
+            ),
+        )
+        assert res.success
+        md = res.get_asset_materialization_events()[0].materialization.metadata
+    assert md["queries"].value == 2 and md["refused"].value == 1
+    assert md["transport"].value == "fhir" and md["partial_queries"].value == 1
+    assert md["node_status"].data == {"ok": 1, "error": 1}
+    assert md["responders"].data == {"riverside-health": 1}
+    assert md["resources_extracted"].value > 5
