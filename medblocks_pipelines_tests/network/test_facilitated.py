@@ -141,7 +141,6 @@ def test_asset_runs_facilitated_fhir_and_reports_node_status(env: UdapEnv) -> No
     from medblocks_pipelines.defs.network.assets import NetworkQueryConfig, network_query_results
     from medblocks_pipelines.defs.shared.resources import PlatformResource
     from medblocks_pipelines.lib.partitions import partition_key
-    from medblocks_pipelines.lib.warehouse.lake import LakeWriter, Provenance
 
     specs = [
         NodeSpec("riverside-health", "Riverside", node_resources("rv-1")),
@@ -149,11 +148,7 @@ def test_asset_runs_facilitated_fhir_and_reports_node_status(env: UdapEnv) -> No
     ]
     env.start(specs)
     env.launch()
-    # The person's own Patient (from the EHR) is where the demographics come from.
-    patient = dict(node_resources("x")[0], id=PERSON)
-    prov = Provenance("acme", "clinician_workflow", "mercy", "acme-clinic", None, "r1")
-    with LakeWriter(env.settings.lake_root, prov) as w:
-        assert w.add(patient)
+    env.land_patient()
     key = partition_key("acme", "sandbox-fhir")
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions("network_scopes", [key])

@@ -10,7 +10,7 @@ from medblocks_pipelines.lib.network.facilitated import run_facilitated_query
 from medblocks_pipelines.lib.network.udap.certs import chain_pem, store_identity
 from medblocks_pipelines.lib.registry import open_control_plane
 from medblocks_pipelines.lib.settings import get_settings
-from medblocks_pipelines.lib.warehouse.lake import resources_glob
+from medblocks_pipelines.lib.warehouse.lake import LakeWriter, Provenance, resources_glob
 from medblocks_pipelines.sandbox.run import serve
 from medblocks_pipelines.sandbox.udap import (
     NodeSpec,
@@ -129,6 +129,13 @@ class UdapEnv:
         )
         self.cp.transition(cid, "active")
         return cid
+
+    def land_patient(self, person: str = PERSON) -> None:
+        """The person's own Patient (from the EHR) in the lake: where demographics come from."""
+        patient = dict(node_resources("x")[0], id=person)
+        prov = Provenance("acme", "clinician_workflow", "mercy", "acme-clinic", None, "r1")
+        with LakeWriter(self.settings.lake_root, prov) as w:
+            assert w.add(patient)
 
     def query(self, purpose: str = "T-TREAT", **kw: Any) -> Any:
         """One Facilitated FHIR query for ``person``."""

@@ -201,6 +201,20 @@ def store_identity(vault: Any, identity: str, key_pem: bytes, chain: bytes) -> N
     vault.put(chain_secret(identity), chain.decode())
 
 
+def store_key(vault: Any, identity: str, key_pem: bytes) -> None:
+    """Put a new private key into the vault (first issuance: the chain comes after the CSR)."""
+    serialization.load_pem_private_key(key_pem, password=None)  # refuse garbage early
+    vault.put(key_secret(identity), key_pem.decode())
+
+
+def csr_for(vault: Any, identity: str, uris: list[str], common_name: str) -> bytes:
+    """A CSR for the key of ``identity`` in the vault (the key is read there, never exported)."""
+    key = vault.get(key_secret(identity))
+    if key is None:
+        raise ConfigError(f"UDAP identity {identity!r} has no key in the vault")
+    return make_csr(key.reveal().encode(), uris, common_name)
+
+
 def store_chain(vault: Any, identity: str, chain: bytes) -> None:
     """Replace the chain of ``identity`` (a renewal for the same key)."""
     key = vault.get(key_secret(identity))
