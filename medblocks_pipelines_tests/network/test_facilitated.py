@@ -166,7 +166,7 @@ def test_asset_runs_facilitated_fhir_and_reports_node_status(env: UdapEnv) -> No
             ),
         )
         assert res.success
-        md = res.get_asset_materialization_events()[0].materialization.metadata
+        md: Any = res.get_asset_materialization_events()[0].materialization.metadata
     assert md["queries"].value == 2 and md["refused"].value == 1
     assert md["transport"].value == "fhir" and md["partial_queries"].value == 1
     assert md["node_status"].data == {"ok": 1, "error": 1}
