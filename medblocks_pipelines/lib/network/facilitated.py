@@ -320,12 +320,19 @@ def run_facilitated_query(
             from medblocks_pipelines.lib.network.fhir_nodes import idi_patient
 
             ias = tefca_ias_extension(id_token=str(id_token), patient=idi_patient(demo))
-        outcomes = fan_out(
-            nodes,
-            _node_work(session, cfg, requestor, purpose, demo, ias),
-            timeout_s=cfg.timeout_s,
-            max_parallel=cfg.max_parallel,
-        )
+        # One client for every node (thread-safe; building one costs a TLS context). The purpose
+        # travels with every request (the sandbox refuses a token used for another purpose).
+        with httpx.Client(
+            headers={"X-Purpose-Of-Use": purpose},
+            timeout=cfg.timeout_s,
+            limits=httpx.Limits(max_connections=4 * max(1, cfg.max_parallel)),
+        ) as fhir_http:
+            outcomes = fan_out(
+                nodes,
+                _node_work(session, fhir_http, cfg, requestor, purpose, demo, ias),
+                timeout_s=cfg.timeout_s,
+                max_parallel=cfg.max_parallel,
+            )
         result.elapsed_s = time.monotonic() - started
         _land(settings, tenant, cfg, outcomes, run_id, result)
     except Exception as exc:
@@ -345,6 +352,7 @@ def run_facilitated_query(
 
 def _node_work(
     session: UdapSession,
+    http: httpx.Client,
     cfg: FacilitatedConfig,
     requestor: Requestor,
     purpose: str,
@@ -359,29 +367,27 @@ def _node_work(
         except NoUdap:
             out.status = "no_udap"
             return
-        # The purpose travels with every request (the sandbox refuses a token used for another).
-        with httpx.Client(headers={"X-Purpose-Of-Use": purpose}, timeout=cfg.timeout_s) as http:
-            fhir = FhirClient(
-                node.fhir_base,
-                http=http,
-                tokens=tokens,
-                max_retries=1,
-                backoff=0.2,
-                timeout=cfg.timeout_s,
-            )
-            try:
-                patient = match_patient(fhir, http, tokens.access_token(), demo, out)
-                if patient is None:
-                    return
-                if purpose == "T-IAS" and not double_check(patient, demo):
-                    # IAS Demographics Double-Check failed: reject, keep nothing.
-                    out.status = "mismatch"
-                    return
-                out.patient_id = str(patient["id"])
-                out.resources.append(patient)
-                pull_us_core(fhir, out.patient_id, cfg.resource_types, out)
-            finally:
-                out.requests += fhir.stats.requests
+        fhir = FhirClient(
+            node.fhir_base,
+            http=http,
+            tokens=tokens,
+            max_retries=1,
+            backoff=0.2,
+            timeout=cfg.timeout_s,
+        )
+        try:
+            patient = match_patient(fhir, http, tokens.access_token(), demo, out)
+            if patient is None:
+                return
+            if purpose == "T-IAS" and not double_check(patient, demo):
+                # IAS Demographics Double-Check failed: reject, keep nothing.
+                out.status = "mismatch"
+                return
+            out.patient_id = str(patient["id"])
+            out.resources.append(patient)
+            pull_us_core(fhir, out.patient_id, cfg.resource_types, out)
+        finally:
+            out.requests += fhir.stats.requests
 
     return work
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import httpx
 
-from medblocks_pipelines.lib.errors import AuthError, MedblocksError, ProtocolError
+from medblocks_pipelines.lib.errors import AuthError, MedblocksError, ProtocolError, TransientError
 from medblocks_pipelines.lib.fhir.client import FhirClient, FhirRequestError, loads_exact
 from medblocks_pipelines.lib.network.ihe import Demographics
 
@@ -284,6 +284,13 @@ def fan_out(
                 out.status = "ok"
         except AuthError as exc:
             out.status, out.errors = "refused", [_error_code(exc)]
+        except httpx.TimeoutException:
+            out.status, out.errors = "timeout", ["timeout"]
+        except TransientError as exc:
+            # FhirClient gave up retrying: a timeout stays a timeout in the per-node report.
+            timed_out = "Timeout" in str(exc)
+            out.status = "timeout" if timed_out else "error"
+            out.errors = ["timeout" if timed_out else _error_code(exc)]
         except (MedblocksError, httpx.HTTPError, ValueError) as exc:
             out.status, out.errors = "error", [_error_code(exc)]
         out.elapsed_s = time.monotonic() - start
