@@ -197,3 +197,8 @@ class ExportError(MedblocksError):
     """Raised when an export run cannot write to its destination (folder, object store, FHIR
     server) or another run of the same destination is in progress. Carries our ids and the
     error class only, never the destination's response body."""
+
+
+class NoUdap(ProtocolError):
+    """Raised when a FHIR node answers 404 to UDAP discovery (``/.well-known/udap``): it offers
+    no UDAP for our community, so no Facilitated FHIR query can be made there."""

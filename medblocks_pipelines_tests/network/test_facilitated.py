@@ -50,6 +50,9 @@ def test_allowed_query_lands_both_nodes_with_provenance(env: UdapEnv) -> None:
     assert env.lake("SELECT DISTINCT pattern, source FROM lake") == [("network", "sandbox-fhir")]
     audit = env.cp.list_audit(tenant_id="acme")[0]
     assert audit["decision"] == "allowed" and audit["evidence"]["transport"] == "facilitated_fhir"
+    b2b = audit["evidence"]["hl7_b2b"]
+    assert b2b["purpose_of_use"] == ["urn:oid:2.16.840.1.113883.3.7204.1.5.2.1#T-TREAT"]
+    assert "NPI 1234567893" in b2b["organization_name"]  # Treatment XP: NPI in organization_name
     assert sorted(audit["responders"]) == ["riverside-health", "valley-medical"]
     with env.cp.engine.connect() as c:
         q = c.execute(sa.select(network_queries)).one()

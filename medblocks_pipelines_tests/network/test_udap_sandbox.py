@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from medblocks_pipelines.lib.errors import AuthError, ConfigError
+from medblocks_pipelines.lib.errors import AuthError, ConfigError, ProtocolError
 from medblocks_pipelines.lib.network.udap.certs import (
     CrlChecker,
     VaultSigner,
@@ -218,12 +218,47 @@ def test_registration_refuses_wrong_aud_and_missing_certification(udap: Udap) ->
     assert _error(resp) == "invalid_client_metadata"
 
 
-def test_authorization_code_registration_needs_redirect_and_logo(udap: Udap) -> None:
+def test_authorization_code_registration(udap: Udap) -> None:
     profile = ClientProfile("Acme", ("mailto:ops@acme.test",), grant_type="authorization_code")
-    with pytest.raises(ConfigError):
+    # This node offers client_credentials only: the client does not try.
+    with pytest.raises(ProtocolError, match="authorization_code"):
         register(
             udap.http, udap.meta(), udap.signer, profile, network="n", node=NODE, purpose="T-IAS"
         )
+    udap.node.auth.grant_types = ("client_credentials", "authorization_code")
+    meta = udap.meta()
+    # Our client refuses to build the statement without redirect_uris and logo_uri...
+    with pytest.raises(ConfigError):
+        register(udap.http, meta, udap.signer, profile, network="n", node=NODE, purpose="T-IAS")
+    # ...and the server refuses one without them.
+    iat = int(time.time())
+    bare = udap.signer.sign(
+        {
+            "iss": f"{SAN}#T-IAS",
+            "sub": f"{SAN}#T-IAS",
+            "aud": udap.node.auth.register_url,
+            "iat": iat,
+            "exp": iat + 300,
+            "jti": uuid.uuid4().hex,
+            "client_name": "Acme",
+            "grant_types": ["authorization_code"],
+            "token_endpoint_auth_method": "private_key_jwt",
+        }
+    )
+    resp = udap.http.post(
+        udap.node.auth.register_url, json={"software_statement": bare, "udap": "1"}
+    )
+    assert resp.status_code == 400
+    assert resp.json()["error_description"] == "redirect_uris and logo_uri required"
+    full = ClientProfile(
+        "Acme",
+        ("mailto:ops@acme.test",),
+        grant_type="authorization_code",
+        redirect_uris=("https://acme.test/callback",),
+        logo_uri="https://acme.test/logo.png",
+    )
+    reg = register(udap.http, meta, udap.signer, full, network="n", node=NODE, purpose="T-IAS")
+    assert reg.grant_types == ("authorization_code",)
 
 
 # -- tokens ----------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from typing import Any
 import httpx
 from cryptography import x509
 
-from medblocks_pipelines.lib.errors import ConfigError, NotFound
+from medblocks_pipelines.lib.errors import ConfigError, NotFound, NoUdap
 from medblocks_pipelines.lib.fhir.client import FhirClient, dumps_exact
 from medblocks_pipelines.lib.network import ihe
 from medblocks_pipelines.lib.network.fhir_nodes import (
@@ -58,8 +58,12 @@ from medblocks_pipelines.lib.network.tables import network_queries, utcnow
 from medblocks_pipelines.lib.network.udap.certs import VaultSigner, load_pem_chain
 from medblocks_pipelines.lib.network.udap.discovery import TEFCA_COMMUNITY
 from medblocks_pipelines.lib.network.udap.registration import ClientProfile
-from medblocks_pipelines.lib.network.udap.session import NoUdap, UdapSession
-from medblocks_pipelines.lib.network.udap.token import Requestor, tefca_ias_extension
+from medblocks_pipelines.lib.network.udap.session import UdapSession
+from medblocks_pipelines.lib.network.udap.token import (
+    Requestor,
+    b2b_extension,
+    tefca_ias_extension,
+)
 from medblocks_pipelines.lib.settings import Settings
 from medblocks_pipelines.lib.warehouse.lake import LakeWriter, Provenance
 
@@ -269,6 +273,10 @@ def run_facilitated_query(
             "npi": net.get("npi"),
         },
     }
+    requestor = _requestor(net, actor, purpose, tenant)
+    if allowed:
+        # What every node is told (SPECS 5.5: requestor, XP and NPI per request, for audit).
+        ev_doc["hl7_b2b"] = b2b_extension(requestor, purpose)
     decision_word = "allowed" if allowed else "refused"
     audit_id = cp.audit(
         tenant_id=tenant,
@@ -314,7 +322,6 @@ def run_facilitated_query(
         demo = demographics or resolve_demographics(settings, tenant=tenant, person=person)
         if demo is None:
             raise ConfigError(f"no demographics for person {person!r} in tenant {tenant!r}")
-        requestor = _requestor(net, actor, purpose, tenant)
         ias = None
         if purpose == "T-IAS":
             from medblocks_pipelines.lib.network.fhir_nodes import idi_patient

@@ -60,7 +60,12 @@ def create_udap_app(
     for spec in specs:
         fhir = f"{base}/nodes/{spec.id}/fhir"
         auth = UdapAuthServer(
-            ca, fhir, community=community, purposes=spec.purposes, token_lifetime=token_lifetime
+            ca,
+            fhir,
+            community=community,
+            purposes=spec.purposes,
+            token_lifetime=token_lifetime,
+            grant_types=spec.grant_types,
         )
         node = Node(spec, fhir, auth)
         for res in spec.resources:

@@ -87,6 +87,7 @@ class UdapAuthServer:
         purposes: tuple[str, ...],
         token_lifetime: int = 300,
         require_certification: bool = True,
+        grant_types: tuple[str, ...] = ("client_credentials",),
     ) -> None:
         self.ca = ca
         self.fhir_base = fhir_base.rstrip("/")
@@ -94,6 +95,9 @@ class UdapAuthServer:
         self.purposes = purposes
         self.token_lifetime = token_lifetime
         self.require_certification = require_certification
+        # authorization_code clients can register (redirect_uris, logo_uri, response_types are
+        # checked), but this sandbox serves no authorize endpoint: B2B tokens only.
+        self.grant_types = grant_types
         self.register_url = f"{self.fhir_base}/udap/register"
         self.token_url = f"{self.fhir_base}/udap/token"
         self.server_key, self.server_chain = ca.issue([self.fhir_base], server=True)
@@ -127,7 +131,7 @@ class UdapAuthServer:
             "udap_authorization_extensions_required": ["hl7-b2b"],
             "udap_certifications_supported": [BASIC_APP],
             "udap_certifications_required": [BASIC_APP] if self.require_certification else [],
-            "grant_types_supported": ["client_credentials"],
+            "grant_types_supported": list(self.grant_types),
             "scopes_supported": ["system/*.rs", "system/Patient.rs"],
             "token_endpoint_auth_methods_supported": ["private_key_jwt"],
             "token_endpoint_auth_signing_alg_values_supported": ALGS,

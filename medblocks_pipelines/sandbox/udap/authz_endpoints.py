@@ -98,6 +98,8 @@ async def register(server: UdapAuthServer, request: Request) -> Response:
         except Refused as exc:
             raise Refused("unapproved_software_statement", exc.description) from None
         grants = _check_statement(claims, uris)
+        if set(grants) - {"refresh_token"} - set(server.grant_types):
+            raise Refused("invalid_client_metadata", "grant type not supported here")
         san = str(claims["iss"])
         with server.state.lock:
             existing = server.state.by_san.get(san)

@@ -56,6 +56,7 @@ class NodeSpec:
     fault: str = "ok"
     delay_s: float = 3.0
     home_community_id: str | None = None
+    grant_types: tuple[str, ...] = ("client_credentials",)
 
 
 @dataclass

@@ -238,6 +238,10 @@ class VaultSigner:
             raise ConfigError(f"UDAP identity {self.identity!r} has no certificate in the vault")
         return load_pem_chain(secret.reveal().encode())
 
+    def algorithm(self) -> str:
+        """The JWS algorithm our signatures use (configured, else from the key type)."""
+        return self.alg or default_alg(self.chain())
+
     def sign(self, claims: dict[str, Any], *, header: dict[str, Any] | None = None) -> str:
         """A JWS of ``claims`` with ``alg`` and our ``x5c`` (leaf first) in the header."""
         chain = self.chain()

@@ -147,8 +147,13 @@ def register(
     grant_types: list[str] | None = None,
 ) -> Registration:
     """Register (201) or update (200, same client_id) our client at ``meta``'s server."""
-    if profile.grant_type == "client_credentials" and "client_credentials" not in meta.grant_types:
-        raise ProtocolError("server does not offer client_credentials")
+    if "udap_dcr" not in meta.profiles:
+        raise ProtocolError("server does not offer UDAP dynamic client registration")
+    if profile.grant_type not in meta.grant_types:
+        raise ProtocolError(f"server does not offer {profile.grant_type}")
+    alg = signer.algorithm()
+    if meta.token_algs and alg not in meta.token_algs:
+        raise ProtocolError(f"server does not accept {alg} signatures")
     san_uri = signer.uri_for_purpose(purpose)
     body: dict[str, Any] = {
         "software_statement": software_statement(

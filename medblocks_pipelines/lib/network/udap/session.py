@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 from cryptography import x509
 
-from medblocks_pipelines.lib.errors import ProtocolError
+from medblocks_pipelines.lib.errors import NoUdap
 from medblocks_pipelines.lib.network.udap.certs import CrlChecker, VaultSigner
 from medblocks_pipelines.lib.network.udap.discovery import TEFCA_COMMUNITY, UdapMetadata, discover
 from medblocks_pipelines.lib.network.udap.registration import (
@@ -35,10 +35,6 @@ from medblocks_pipelines.lib.network.udap.token import (
 #: Tokens live in memory only, shared by the sessions of a process: a key holds the node and the
 #: node's own client_id, so two sessions can never mix tokens of different servers or contexts.
 SHARED_TOKENS = TokenCache()
-
-
-class NoUdap(ProtocolError):
-    """The node answered 404 to UDAP discovery: it offers no UDAP for our community."""
 
 
 @dataclass
