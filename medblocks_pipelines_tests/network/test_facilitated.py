@@ -17,6 +17,7 @@ import sqlalchemy as sa
 from medblocks_pipelines.lib.network.tables import network_queries
 from medblocks_pipelines.lib.network.udap.registration import RegistrationStore
 from medblocks_pipelines.lib.network.udap.session import SHARED_TOKENS
+from medblocks_pipelines.lib.registry import schema
 from medblocks_pipelines.sandbox.udap import NodeSpec
 from medblocks_pipelines_tests.network.udap_support import PERSON, UdapEnv, node_resources
 
@@ -175,3 +176,29 @@ def test_asset_runs_facilitated_fhir_and_reports_node_status(env: UdapEnv) -> No
     assert md["node_status"].data == {"ok": 1, "error": 1}
     assert md["responders"].data == {"riverside-health": 1}
     assert md["resources_extracted"].value > 5
+
+
+def test_node_requiring_consent_is_refused_per_node_and_tenant_policy_satisfies_it(
+    env: UdapEnv,
+) -> None:
+    policy = "urn:oid:2.16.840.1.113883.3.7204.1.1.1.1.1"
+    specs = [
+        NodeSpec("riverside-health", "Riverside", node_resources("rv-1")),
+        NodeSpec("strict-node", "Strict", node_resources("st-1"), consent_policy=policy),
+    ]
+    env.start(specs)
+    env.launch()
+    SHARED_TOKENS._tokens.clear()
+    first = env.query()
+    assert first.status == "partial"
+    assert first.gateway_status == {"riverside-health": "ok", "strict-node": "refused"}
+    assert first.errors == {"consent_required": 1}
+    tenant = env.cp.get_tenant("acme")
+    settings = dict(tenant["settings"])
+    settings["network"] = {**settings["network"], "consent_policy": [policy]}
+    with env.cp.engine.begin() as conn:
+        conn.execute(
+            schema.tenants.update().where(schema.tenants.c.id == "acme").values(settings=settings)
+        )
+    second = env.query()
+    assert second.status == "success", second.gateway_status

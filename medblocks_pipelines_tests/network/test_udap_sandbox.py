@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from medblocks_pipelines.lib.errors import AuthError, ConfigError, ProtocolError
+from medblocks_pipelines.lib.errors import AuthError, ConfigError, ConsentRequired, ProtocolError
 from medblocks_pipelines.lib.network.udap.certs import (
     CrlChecker,
     VaultSigner,
@@ -373,3 +373,16 @@ def test_client_never_asserts_purpose_outside_its_certificate(udap: Udap) -> Non
         udap.signer, client_id=reg.client_id, token_url=udap.node.auth.token_url, extensions=None
     )
     assert udap.post_token(assertion).status_code == 400
+
+
+def test_consent_required_is_reported_and_asserted_policy_accepted(udap: Udap) -> None:
+    policy = "urn:oid:2.16.840.1.113883.3.7204.1.1.1.1.1"
+    udap.node.auth.consent_policy = policy
+    reg = udap.register()
+    meta = udap.meta()
+    with pytest.raises(ConsentRequired) as info:
+        request_token(udap.http, meta.token_endpoint, udap.signer, reg, REQ, "T-TREAT")
+    assert info.value.policies == [policy]
+    with_policy = Requestor(REQ.organization_name, REQ.organization_id, consent_policy=(policy,))
+    tok = request_token(udap.http, meta.token_endpoint, udap.signer, reg, with_policy, "T-TREAT")
+    assert tok.access_token

@@ -196,6 +196,7 @@ def _requestor(net: dict[str, Any], actor: str, purpose: str, tenant: str) -> Re
         organization_id=str(org_id or f"urn:medblocks:tenant:{tenant}"),
         subject_name=actor,
         subject_id=f"{NPI_OID}#{npi}" if npi else None,  # [verify] NPI URI form
+        consent_policy=tuple(net.get("consent_policy") or ()),
     )
 
 

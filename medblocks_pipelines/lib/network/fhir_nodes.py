@@ -321,6 +321,7 @@ def _error_code(exc: BaseException) -> str:
     if isinstance(exc, AuthError):
         text = str(exc)
         for word in (
+            "consent_required",
             "invalid_grant",
             "invalid_client",
             "unapproved_software_statement",

@@ -66,6 +66,7 @@ def create_udap_app(
             purposes=spec.purposes,
             token_lifetime=token_lifetime,
             grant_types=spec.grant_types,
+            consent_policy=spec.consent_policy,
         )
         node = Node(spec, fhir, auth)
         for res in spec.resources:

@@ -42,9 +42,16 @@ _SHA = hashes.SHA256()
 class Refused(Exception):
     """A refusal: the OAuth/UDAP ``error`` code and the HTTP status."""
 
-    def __init__(self, error: str, description: str, status: int = 400) -> None:
+    def __init__(
+        self,
+        error: str,
+        description: str,
+        status: int = 400,
+        extensions: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__(description)
         self.error, self.description, self.status = error, description, status
+        self.extensions = extensions
 
 
 @dataclass
@@ -88,6 +95,7 @@ class UdapAuthServer:
         token_lifetime: int = 300,
         require_certification: bool = True,
         grant_types: tuple[str, ...] = ("client_credentials",),
+        consent_policy: str | None = None,
     ) -> None:
         self.ca = ca
         self.fhir_base = fhir_base.rstrip("/")
@@ -98,6 +106,7 @@ class UdapAuthServer:
         # authorization_code clients can register (redirect_uris, logo_uri, response_types are
         # checked), but this sandbox serves no authorize endpoint: B2B tokens only.
         self.grant_types = grant_types
+        self.consent_policy = consent_policy
         self.register_url = f"{self.fhir_base}/udap/register"
         self.token_url = f"{self.fhir_base}/udap/token"
         self.server_key, self.server_chain = ca.issue([self.fhir_base], server=True)

@@ -26,8 +26,11 @@ def _fragment(uri: str) -> str | None:
 def _refusal(server: UdapAuthServer, exc: Refused) -> Response:
     server.state.bump(f"refused:{exc.error}")
     server.state.bump(f"why:{exc.description}")
+    body: dict[str, Any] = {"error": exc.error, "error_description": exc.description}
+    if exc.extensions:
+        body["extensions"] = exc.extensions
     return JSONResponse(
-        {"error": exc.error, "error_description": exc.description},
+        body,
         status_code=exc.status,
         headers={"Cache-Control": "no-store"},
     )
@@ -148,6 +151,13 @@ def _b2b(extensions: Any, record: dict[str, Any], server: UdapAuthServer) -> tup
         raise Refused("invalid_grant", "purpose_of_use not allowed here")
     if code != record["purpose"]:
         raise Refused("invalid_grant", "purpose_of_use differs from the certificate XP")
+    policies = b2b.get("consent_policy") or []
+    if server.consent_policy and server.consent_policy not in policies:
+        raise Refused(
+            "invalid_grant",
+            "consent policy required",
+            extensions={"hl7-b2b": {"consent_required": [server.consent_policy]}},
+        )
     if code == "T-IAS":
         ias = extensions.get("tefca_ias")
         if not isinstance(ias, dict) or not ias.get("id_token"):

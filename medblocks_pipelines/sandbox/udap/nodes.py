@@ -57,6 +57,9 @@ class NodeSpec:
     delay_s: float = 3.0
     home_community_id: str | None = None
     grant_types: tuple[str, ...] = ("client_credentials",)
+    #: A consent policy URI the node requires in hl7-b2b ``consent_policy`` (else
+    #: ``invalid_grant`` with ``extensions.hl7-b2b.consent_required``).
+    consent_policy: str | None = None
 
 
 @dataclass

@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 
-from medblocks_pipelines.lib.errors import AuthError, ConfigError, ProtocolError
+from medblocks_pipelines.lib.errors import AuthError, ConfigError, ConsentRequired, ProtocolError
 from medblocks_pipelines.lib.network.udap.certs import VaultSigner, san_purpose
 from medblocks_pipelines.lib.network.udap.registration import Registration
 
@@ -35,6 +35,8 @@ class Requestor:
     subject_name: str | None = None
     subject_id: str | None = None  # NPI URI preferred
     subject_role: str | None = None  # NUCC code URI
+    consent_policy: tuple[str, ...] = ()  # policy URIs we assert (hl7-b2b consent_policy)
+    consent_reference: tuple[str, ...] = ()
 
     @property
     def key(self) -> str:
@@ -67,6 +69,8 @@ def b2b_extension(
         value = getattr(requestor, key)
         if value:
             ext[key] = value
+    consent_policy = consent_policy or list(requestor.consent_policy)
+    consent_reference = consent_reference or list(requestor.consent_reference)
     if consent_policy:
         ext["consent_policy"] = consent_policy
     if consent_reference:
@@ -169,6 +173,7 @@ def request_token(
         raise ProtocolError(f"token endpoint answered HTTP {resp.status_code}, not JSON") from None
     if resp.status_code != 200:
         error = doc.get("error") if isinstance(doc, dict) else None
+        _raise_consent_required(doc)
         raise AuthError(f"UDAP token refused: HTTP {resp.status_code} {error or ''}".strip())
     token = doc.get("access_token") if isinstance(doc, dict) else None
     if not isinstance(token, str) or str(doc.get("token_type", "")).lower() != "bearer":
@@ -176,6 +181,24 @@ def request_token(
     now = time.time()
     life = float(doc.get("expires_in") or 300)
     return Token(token, now + min(life, 3600), str(doc.get("scope") or ""), purpose, now)
+
+
+def _raise_consent_required(doc: Any) -> None:
+    """UDAP B2B: ``invalid_grant`` + ``extensions.hl7-b2b.consent_required`` -> ConsentRequired."""
+    if not isinstance(doc, dict) or doc.get("error") != "invalid_grant":
+        return
+    ext = (
+        (doc.get("extensions") or {}).get("hl7-b2b")
+        if isinstance(doc.get("extensions"), dict)
+        else None
+    )
+    if not isinstance(ext, dict) or not ext.get("consent_required"):
+        return
+    policies = [str(p) for p in ext["consent_required"] if isinstance(p, str)]
+    form = ext.get("consent_form") if isinstance(ext.get("consent_form"), str) else None
+    raise ConsentRequired(
+        "UDAP token refused: consent_required", policies=policies, consent_form=form
+    )
 
 
 class TokenCache:
