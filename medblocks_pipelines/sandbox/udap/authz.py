@@ -63,6 +63,7 @@ class IssuedToken:
     organization_id: str
     expires_at: float
     scope: str
+    patient: str | None = None  # authorization_code: the individual who logged in
 
 
 @dataclass
@@ -73,6 +74,7 @@ class AuthzState:
     by_san: dict[str, str] = field(default_factory=dict)  # SAN URI -> client_id
     jtis: dict[str, float] = field(default_factory=dict)
     tokens: dict[str, IssuedToken] = field(default_factory=dict)
+    codes: dict[str, Any] = field(default_factory=dict)  # authorization codes (authcode.Code)
     counts: dict[str, int] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -120,6 +122,8 @@ class UdapAuthServer:
             "token_endpoint": self.token_url,
             "registration_endpoint": self.register_url,
         }
+        if "authorization_code" in self.grant_types:
+            endpoints["authorization_endpoint"] = f"{self.fhir_base}/udap/authorize"
         signed = jwt.encode(
             {
                 "iss": self.fhir_base,

@@ -125,6 +125,7 @@ async def register(server: UdapAuthServer, request: Request) -> Response:
         "scope": claims.get("scope") or "system/*.rs",
         "client_name": claims.get("client_name"),
         "purpose": _fragment(san),
+        "redirect_uris": list(claims.get("redirect_uris") or []),
     }
     with server.state.lock:
         server.state.clients[client_id] = record
@@ -169,8 +170,9 @@ async def token(server: UdapAuthServer, request: Request) -> Response:
     """``POST /udap/token``: client_credentials with a private_key_jwt assertion."""
     try:
         form = await request.form()
-        if form.get("grant_type") != "client_credentials":
-            raise Refused("unsupported_grant_type", "client_credentials only")
+        grant = form.get("grant_type")
+        if grant not in server.grant_types:
+            raise Refused("unsupported_grant_type", "grant type not offered")
         if form.get("udap") != "1":
             raise Refused("invalid_request", "udap=1 required")
         if form.get("client_assertion_type") != JWT_BEARER:
@@ -185,6 +187,12 @@ async def token(server: UdapAuthServer, request: Request) -> Response:
             raise Refused("invalid_client", "unknown client")
         if record["san"] not in uris:
             raise Refused("invalid_client", "certificate does not carry the registered SAN")
+        if grant == "authorization_code":
+            from medblocks_pipelines.sandbox.udap.authcode import code_grant
+
+            return code_grant(server, form, record)
+        if "client_credentials" not in record["grant_types"]:
+            raise Refused("unauthorized_client", "client not registered for client_credentials")
         purpose, org = _b2b(claims.get("extensions"), record, server)
     except Refused as exc:
         return _refusal(server, exc)

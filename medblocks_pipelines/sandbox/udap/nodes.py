@@ -112,6 +112,15 @@ def _score(candidate: dict[str, Any], probe: dict[str, Any]) -> float:
     return round(score, 2)
 
 
+def _own_patient(request: Request, patient: str) -> bool:
+    rtype = request.path_params.get("rtype")
+    if request.method != "GET" or rtype is None:
+        return False  # $match is for B2B clients
+    if rtype == "Patient":
+        return request.query_params.get("_id") == patient
+    return request.query_params.get("patient", "").removeprefix("Patient/") == patient
+
+
 def _grade(score: float) -> str:
     return "certain" if score >= 0.99 else "probable" if score >= 0.8 else "possible"
 
@@ -142,6 +151,9 @@ class NodeApp:
         info = node.auth.token_info(auth[7:]) if auth.lower().startswith("bearer ") else None
         if info is None:
             return node, _outcome("login", 401)
+        if info.patient is not None and not _own_patient(request, info.patient):
+            # A patient's token (authorization_code) reads that patient only.
+            return node, _outcome("forbidden", 403)
         asked = request.headers.get("x-purpose-of-use")
         if asked is not None and asked != info.purpose:
             node.auth.state.bump("refused:token_purpose")
@@ -194,6 +206,9 @@ class NodeApp:
             return fail
         rtype = request.path_params["rtype"]
         q = request.query_params
+        if rtype == "Patient" and q.get("_id"):
+            hits = [p for p in node.by_type.get("Patient", []) if p.get("id") == q["_id"]]
+            return _bundle([{"resource": p, "search": {"mode": "match"}} for p in hits])
         if rtype == "Patient":
             probe = {
                 "name": [{"family": q.get("family", ""), "given": [q.get("given", "")]}],
@@ -225,6 +240,16 @@ class NodeApp:
             return JSONResponse({"error": "not found"}, status_code=404)
         return await node.auth.discovery(request)
 
+    async def authorize(self, request: Request) -> Response:
+        """``GET udap/authorize`` (authorization_code, IAS Mode 1)."""
+        from medblocks_pipelines.sandbox.udap.authcode import authorize
+
+        node, fail = await self._guard(request)
+        if fail is not None:
+            return fail
+        patients = [str(p["id"]) for p in node.by_type.get("Patient", [])]
+        return await authorize(node.auth, request, patients)
+
     async def udap(self, request: Request) -> Response:
         """Registration and token endpoints of the node."""
         from medblocks_pipelines.sandbox.udap.authz_endpoints import register, token
@@ -241,6 +266,7 @@ class NodeApp:
         p = "/nodes/{node}/fhir"
         return [
             Route(f"{p}/.well-known/udap", self.discovery, methods=["GET"]),
+            Route(f"{p}/udap/authorize", self.authorize, methods=["GET"]),
             Route(p + "/udap/{op:str}", self.udap, methods=["POST"]),
             Route(f"{p}/Patient/$match", self.match, methods=["POST"]),
             Route(p + "/{rtype:str}", self.search, methods=["GET"]),
