@@ -195,6 +195,7 @@ def test_registration_refuses_wrong_aud_and_missing_certification(udap: Udap) ->
         "iat": iat,
         "exp": iat + 300,
         "client_name": "Acme",
+        "contacts": ["mailto:ops@acme.test"],
         "grant_types": ["client_credentials"],
         "token_endpoint_auth_method": "private_key_jwt",
         "scope": "system/*.rs",
@@ -216,6 +217,9 @@ def test_registration_refuses_wrong_aud_and_missing_certification(udap: Udap) ->
     )
     resp = udap.http.post(url, json={"software_statement": both, "udap": "1"})
     assert _error(resp) == "invalid_client_metadata"
+    no_contacts = udap.signer.sign({**base, "aud": url, "jti": "d", "contacts": []})
+    resp = udap.http.post(url, json={"software_statement": no_contacts, "udap": "1"})
+    assert resp.json()["error_description"] == "contacts needs a mailto: URI"
 
 
 def test_authorization_code_registration(udap: Udap) -> None:
@@ -242,6 +246,7 @@ def test_authorization_code_registration(udap: Udap) -> None:
             "jti": uuid.uuid4().hex,
             "client_name": "Acme",
             "grant_types": ["authorization_code"],
+            "contacts": ["mailto:ops@acme.test"],
             "token_endpoint_auth_method": "private_key_jwt",
         }
     )

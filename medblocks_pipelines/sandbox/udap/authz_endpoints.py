@@ -48,6 +48,8 @@ def _check_certifications(server: UdapAuthServer, body: dict[str, Any], san: str
             claims, _uris = server._verify(token, audience=None)  # no aud on a certification
         except Refused as exc:
             raise Refused("unapproved_software_statement", exc.description) from None
+        if claims["iss"] != san:
+            raise Refused("invalid_client_metadata", "certification issued by another client")
         if BASIC_APP not in (claims.get("certification_uris") or []):
             continue
         purposes = claims.get("exchange_purposes")
@@ -81,6 +83,11 @@ def _check_statement(claims: dict[str, Any], uris: list[str]) -> list[str]:
             raise Refused("invalid_client_metadata", "token_endpoint_auth_method")
         if not claims.get("client_name"):
             raise Refused("invalid_client_metadata", "client_name required")
+        contacts = claims.get("contacts")
+        if not isinstance(contacts, list) or not any(
+            isinstance(c, str) and c.startswith("mailto:") for c in contacts
+        ):
+            raise Refused("invalid_client_metadata", "contacts needs a mailto: URI")
     return grants
 
 

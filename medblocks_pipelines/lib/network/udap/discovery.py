@@ -64,7 +64,7 @@ def verify_signed_metadata(
         anchors,
         now=now or datetime.now(UTC),
         crl=crl,
-        options={"require": ["iss", "sub", "exp", "iat"], "verify_aud": False},
+        options={"require": ["iss", "sub", "exp", "iat", "jti"], "verify_aud": False},
     )
     base = base_url.rstrip("/")
     if str(claims["iss"]).rstrip("/") != base or claims["sub"] != claims["iss"]:

@@ -149,6 +149,8 @@ def register(
     """Register (201) or update (200, same client_id) our client at ``meta``'s server."""
     if "udap_dcr" not in meta.profiles:
         raise ProtocolError("server does not offer UDAP dynamic client registration")
+    if profile.grant_type == "client_credentials" and "udap_authz" not in meta.profiles:
+        raise ProtocolError("server does not offer UDAP client_credentials (udap_authz)")
     if profile.grant_type not in meta.grant_types:
         raise ProtocolError(f"server does not offer {profile.grant_type}")
     alg = signer.algorithm()
