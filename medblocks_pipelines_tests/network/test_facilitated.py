@@ -202,3 +202,17 @@ def test_node_requiring_consent_is_refused_per_node_and_tenant_policy_satisfies_
         )
     second = env.query()
     assert second.status == "success", second.gateway_status
+
+
+def test_leaky_node_never_lands_another_patients_records(env: UdapEnv) -> None:
+    specs = [NodeSpec("riverside-health", "Riverside", node_resources("rv-1"), fault="leaky")]
+    env.start(specs)
+    env.launch()
+    result = env.query()
+    assert result.status == "success" and result.quarantined >= 1
+    subjects = env.lake(
+        "SELECT DISTINCT coalesce(json_extract_string(resource, '$.subject.reference'), "
+        "json_extract_string(resource, '$.patient.reference')) FROM lake "
+        "WHERE resource_type <> 'Patient'"
+    )
+    assert subjects == [("Patient/rv-1",)]

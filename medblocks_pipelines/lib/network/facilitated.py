@@ -429,18 +429,44 @@ def _land(
             connection=None,
             run_id=run_id,
         )
-        # Patient scope (lib/fhir/compartment.py, merged separately): the node's matched patient
-        # out.patient_id is the compartment every landed resource must belong to.
+        # Only the matched patient's records land: a node that answers a `patient=` search
+        # with another patient's resource gets it quarantined, never landed under our person.
+        # (With lib/fhir/compartment.py: LakeWriter(..., patient_scope=PatientScope.of(
+        # out.patient_id)) makes the same check for every compartment type.)
         with LakeWriter(settings.lake, prov) as w:
             for res in out.resources:
-                origin = f"fhir|{out.node}|{res.get('resourceType')}/{res.get('id')}"
-                # The text as received, decimals digit for digit (FhirClient parses exactly).
-                if w.add(dumps_exact(res), origin=origin):
-                    by_type[str(res["resourceType"])] += 1
+                rtype = str(res.get("resourceType"))
+                origin = f"fhir|{out.node}|{rtype}/{res.get('id')}"
+                text = dumps_exact(res)  # decimals digit for digit (FhirClient parses exactly)
+                if not _belongs(res, str(out.patient_id)):
+                    w.quarantine(
+                        text,
+                        f"outside_patient_compartment: {rtype}",
+                        resource_type=rtype,
+                        origin=origin,
+                    )
+                    result.quarantined += 1
+                elif w.add(text, origin=origin):
+                    by_type[rtype] += 1
                 else:
                     result.quarantined += 1
     result.resources_by_type = dict(by_type)
     result.errors = dict(errors)
+
+
+def _belongs(resource: dict[str, Any], patient_id: str) -> bool:
+    """Whether a US Core search result is about ``patient_id`` (the Patient, or its subject)."""
+    if resource.get("resourceType") == "Patient":
+        return resource.get("id") == patient_id
+    for key in ("subject", "patient"):
+        ref = (
+            (resource.get(key) or {}).get("reference")
+            if isinstance(resource.get(key), dict)
+            else None
+        )
+        if isinstance(ref, str):
+            return ref == f"Patient/{patient_id}" or ref.endswith(f"/Patient/{patient_id}")
+    return False
 
 
 def _finish(

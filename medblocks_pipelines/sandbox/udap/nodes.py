@@ -12,7 +12,8 @@ contained ``Endpoint`` (connectionType ``hl7-fhir-rest``, the purposes-of-use ex
 
 Named fault profiles per node: ``ok``, ``slow`` (every FHIR answer after ``delay_s``), ``down``
 (503 everywhere), ``no_match_op`` ($match not offered: 404 OperationOutcome, a demographics search
-works), ``no_udap`` (discovery answers 404).
+works), ``no_udap`` (discovery answers 404), ``leaky`` (a ``patient=`` search also returns one
+resource of another patient: a server bug seen in practice).
 """
 
 import asyncio
@@ -26,7 +27,7 @@ from starlette.routing import Route
 
 from medblocks_pipelines.sandbox.udap.authz import UdapAuthServer
 
-FAULT_PROFILES = ("ok", "slow", "down", "no_match_op", "no_udap")
+FAULT_PROFILES = ("ok", "slow", "down", "no_match_op", "no_udap", "leaky")
 PURPOSES_EXT = "http://sequoiaproject.org/fhir/StructureDefinition/purposesofuse"  # [verify]
 MATCH_GRADE = "http://hl7.org/fhir/StructureDefinition/match-grade"
 PATIENT_REF = {
@@ -229,6 +230,13 @@ class NodeApp:
             for r in node.by_type.get(rtype, [])
             if (r.get(field_name) or {}).get("reference") == ref
         ]
+        if node.spec.fault == "leaky":
+            others = [
+                r
+                for r in node.by_type.get(rtype, [])
+                if (r.get(field_name) or {}).get("reference") not in (None, ref)
+            ]
+            hits += others[:1]
         return _bundle([{"resource": r, "search": {"mode": "match"}} for r in hits])
 
     async def discovery(self, request: Request) -> Response:
