@@ -30,6 +30,7 @@ BENCHMARKS: dict[str, tuple[list[str], list[str]]] = {
     "ops": ([], []),
     "object_store": (["--resources", "200000"], ["--resources", "1000000"]),
     "compaction": (["--pulls", "500"], ["--pulls", "2000"]),
+    "udap": ([], ["--registrations", "50", "--tokens", "200"]),
 }
 
 

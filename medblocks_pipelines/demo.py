@@ -163,12 +163,34 @@ def _register_network(state: DemoState) -> None:
     from medblocks_pipelines.lib.network.certs import generate_signing_identity
 
     cfg = dict(role.extra["source_config"])
+    udap = state.sandbox.roles.get("udap")
+    if udap is not None:
+        cfg["facilitated_fhir"] = _udap_identity(state, udap.extra["sandbox"])
     key, cert = state.results.setdefault("network_identity", generate_signing_identity("acme"))
     state.cp.vault.put(f"network/{NETWORK}/key", key.decode())
     state.cp.vault.put(f"network/{NETWORK}/cert", cert.decode())
     cfg["signing_key_secret"] = f"network/{NETWORK}/key"
     cfg["signing_cert_secret"] = f"network/{NETWORK}/cert"
     state.cp.add_source(NETWORK, "Sandbox QHIN", "sandbox", "network", None, ["network"], cfg)
+
+
+def _udap_identity(state: DemoState, sandbox: Any) -> dict[str, Any]:
+    """Our UDAP client certificate: a key made in the vault, a CSR, the sandbox CA signs it."""
+    from medblocks_pipelines.lib.network.udap.certs import (
+        chain_pem,
+        generate_key,
+        make_csr,
+        store_identity,
+    )
+    from medblocks_pipelines.sandbox.udap import facilitated_source_config
+
+    key = generate_key("rsa")
+    uris = [f"https://acme.example/udap/{TENANT}#{xp}" for xp in ("T-TREAT", "T-TRTMNT", "T-IAS")]
+    chain = sandbox.ca.sign_csr(make_csr(key, uris, "Acme Health App"))
+    store_identity(state.cp.vault, TENANT, key, chain_pem(chain))
+    block = facilitated_source_config(sandbox)
+    block.update({"identity": TENANT, "client_name": "Acme Health App"})
+    return block
 
 
 # -- patterns ----------------------------------------------------------------------------------
@@ -289,7 +311,8 @@ def network(state: DemoState) -> None:
         for p, orgs in sorted(by_person.items())
         if EHR_ORGS[0] not in orgs and ("riverside-health" in orgs or "valley-medical" in orgs)
     ]
-    rows = []
+    rows: list[tuple[str, Any]] = []
+    patients: list[dict[str, Any]] = []
     for person, with_relationship in ((networked[0], True), (unrelated[0], False)):
         orgs = by_person[person]
         net_org = next(o for o in ("riverside-health", "valley-medical") if o in orgs)
@@ -325,11 +348,16 @@ def network(state: DemoState) -> None:
             network=NETWORK,
         )
         rows.append((person_ref, result))
-    table = Table(title="network: TEFCA Treatment queries (XCPD -> XCA -> C-CDA)")
-    for col in ("person", "decision", "reason", "responders", "documents", "resources"):
+        patients.append(patient)
+    if "udap" in state.sandbox.roles:
+        fhir_person, fhir_patient = rows[0][0], patients[0]
+        rows.append((fhir_person, _facilitated(state, fhir_person, fhir_patient)))
+    table = Table(title="network: TEFCA Treatment queries (IHE: XCPD -> XCA -> C-CDA; FHIR: UDAP)")
+    for col in ("via", "person", "decision", "reason", "responders", "documents", "resources"):
         table.add_column(col)
     for person_ref, r in rows:
         table.add_row(
+            "FHIR+UDAP" if getattr(r, "transport", None) == "facilitated_fhir" else "IHE",
             person_ref,
             "allowed" if r.allowed else "refused",
             r.reason or "-",
@@ -338,6 +366,23 @@ def network(state: DemoState) -> None:
             str(sum(r.resources_by_type.values())),
         )
     state.console.print(table)
+
+
+def _facilitated(state: DemoState, person_ref: str, patient: dict[str, Any]) -> Any:
+    """One Facilitated FHIR query: directory -> UDAP registration + B2B token -> $match -> US Core."""
+    from medblocks_pipelines.lib.network import ihe
+    from medblocks_pipelines.lib.network.facilitated import run_facilitated_query
+
+    return run_facilitated_query(
+        state.cp,
+        state.settings,
+        tenant=TENANT,
+        person=person_ref,
+        purpose="T-TREAT",
+        actor="dr-grey@acme",
+        demographics=ihe.Demographics.from_patient(patient),
+        network=NETWORK,
+    )
 
 
 def clinician(state: DemoState) -> None:

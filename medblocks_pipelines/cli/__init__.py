@@ -27,6 +27,7 @@ PLUGINS: list[tuple[str, str | None, str]] = [
     ("medblocks_pipelines.cli.patient_access:connections_refresh", "connections", "refresh"),
     ("medblocks_pipelines.cli.network:network_sync", "sync", "network"),
     ("medblocks_pipelines.cli.network:audit_list", "audit", "list"),
+    ("medblocks_pipelines.cli.udap:network", None, "network"),
     ("medblocks_pipelines.cli.clinician_workflow:sync_clinician", "sync", "clinician"),
     ("medblocks_pipelines.cli.clinician_workflow:cds", None, "cds"),
     ("medblocks_pipelines.cli.warehouse_extra:identity", "warehouse", "identity"),

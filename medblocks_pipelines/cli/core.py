@@ -457,7 +457,7 @@ def serve(host: str, port: int, public_base_url: str | None) -> None:
     help="Vendor profile of an org: strict (default), epic or oracle. Repeatable.",
 )
 def sandbox(host: str, base_port: int, persons: int, seed: int, profiles: tuple[str, ...]) -> None:
-    """Start the spec-faithful sandbox (EHRs, payer, gateway, CDS-calling EHR) on loopback."""
+    """Start the spec-faithful sandbox (EHRs, payer, gateway, UDAP nodes, CDS-calling EHR)."""
     import signal
     import time
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from medblocks_pipelines.lib.network.query import run_network_query
+from medblocks_pipelines.lib.network.query import QueryResult, run_network_query
 
 
 @click.command("network")
@@ -25,6 +25,19 @@ from medblocks_pipelines.lib.network.query import run_network_query
     default=None,
     help="Repeat a T-TRTMNT query without a new event, for one of the SOP's reasons.",
 )
+@click.option(
+    "--transport",
+    type=click.Choice(["ihe", "fhir"]),
+    default="ihe",
+    show_default=True,
+    help="ihe: XCPD/XCA; fhir: TEFCA Facilitated FHIR with UDAP.",
+)
+@click.option(
+    "--id-token",
+    envvar="MEDBLOCKS_IAS_ID_TOKEN",
+    default=None,
+    help="T-IAS over FHIR: the identity provider's IAL2 id_token (or $MEDBLOCKS_IAS_ID_TOKEN).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def network_sync(
     tenant: str,
@@ -33,23 +46,29 @@ def network_sync(
     network: str | None,
     actor: str | None,
     retry_reason: str | None,
+    transport: str,
+    id_token: str | None,
     as_json: bool,
 ) -> None:
     """Query an exchange network for one person under a purpose of use."""
     from medblocks_pipelines.cli.core import control_plane, print_table
+    from medblocks_pipelines.lib.network.facilitated import run_facilitated_query
     from medblocks_pipelines.lib.settings import get_settings
 
     cp = control_plane()
-    result = run_network_query(
-        cp,
-        get_settings(),
-        tenant=tenant,
-        person=person,
-        purpose=purpose,
-        actor=actor or os.environ.get("USER") or "cli",
-        network=network,
-        retry_reason=retry_reason,
-    )
+    common: dict[str, Any] = {
+        "tenant": tenant,
+        "person": person,
+        "purpose": purpose,
+        "actor": actor or os.environ.get("USER") or "cli",
+        "network": network,
+        "retry_reason": retry_reason,
+    }
+    result: QueryResult
+    if transport == "fhir":
+        result = run_facilitated_query(cp, get_settings(), id_token=id_token, **common)
+    else:
+        result = run_network_query(cp, get_settings(), **common)
     if as_json:
         click.echo(
             json.dumps(
@@ -68,7 +87,9 @@ def network_sync(
     else:
         rows: list[list[Any]] = [[g, s] for g, s in sorted(result.gateway_status.items())]
         print_table(
-            f"network query #{result.query_id} ({result.status})", ["gateway", "status"], rows
+            f"network query #{result.query_id} ({result.status}, {transport})",
+            ["gateway" if transport == "ihe" else "node", "status"],
+            rows,
         )
         click.echo(
             f"documents retrieved {result.documents_retrieved}, skipped (already fetched) "

@@ -222,3 +222,21 @@ class ExportError(MedblocksError):
     """Raised when an export run cannot write to its destination (folder, object store, FHIR
     server) or another run of the same destination is in progress. Carries our ids and the
     error class only, never the destination's response body."""
+
+
+class NoUdap(ProtocolError):
+    """Raised when a FHIR node answers 404 to UDAP discovery (``/.well-known/udap``): it offers
+    no UDAP for our community, so no Facilitated FHIR query can be made there."""
+
+
+class ConsentRequired(AuthError):
+    """Raised when a UDAP data holder answers ``invalid_grant`` with ``hl7-b2b.consent_required``:
+    the consent policy we asserted is missing or not acceptable there. ``policies`` are the policy
+    URIs it asks for; ``consent_form`` an optional form URL (neither is patient data)."""
+
+    def __init__(
+        self, message: str, *, policies: list[str], consent_form: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.policies = policies
+        self.consent_form = consent_form

@@ -183,6 +183,8 @@ def register_role(name: str, factory: RoleFactory) -> None:
 OPTIONAL_ROLES: dict[str, str] = {
     "gateway": "medblocks_pipelines.sandbox.gateway.app:gateway_role",
     "cds_ehr": "medblocks_pipelines.sandbox.cds_ehr.app:cds_ehr_role",
+    # TEFCA Facilitated FHIR: CA + CRLs, UDAP authorization servers, FHIR nodes, a directory.
+    "udap": "medblocks_pipelines.sandbox.udap.app:udap_role",
 }
 
 

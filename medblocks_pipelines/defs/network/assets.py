@@ -14,7 +14,12 @@ from medblocks_pipelines.defs.shared.outcomes import fail_if_nothing_succeeded
 from medblocks_pipelines.defs.shared.resources import PlatformResource
 from medblocks_pipelines.defs.shared.summaries import landing_metadata
 from medblocks_pipelines.lib.errors import ConfigError
-from medblocks_pipelines.lib.network.query import run_network_query
+from medblocks_pipelines.lib.network.facilitated import (
+    facilitated_config,
+    open_session,
+    run_facilitated_query,
+)
+from medblocks_pipelines.lib.network.query import QueryResult, run_network_query
 from medblocks_pipelines.lib.network.scope import resolve_scope
 
 
@@ -26,6 +31,8 @@ class NetworkQueryConfig(dg.Config):
     trigger: str = "request"
     actor: str = "medblocks-network"
     retry_reason: str | None = None
+    #: ``ihe`` (XCPD/XCA), ``fhir`` (TEFCA Facilitated FHIR with UDAP) or ``both``.
+    transport: str = "ihe"
 
 
 @dg.asset(
@@ -35,8 +42,9 @@ class NetworkQueryConfig(dg.Config):
     kinds={"soap", "parquet"},
     owners=["team:data-platform"],
     tags={"medblocks/pattern": "network"},
-    description="Documents retrieved through an exchange network (XCPD -> XCA) for persons with a "
-    "documented relationship, converted from C-CDA to FHIR and landed in the lake.",
+    description="Records retrieved through an exchange network for persons with a documented "
+    "relationship: IHE (XCPD -> XCA, C-CDA converted to FHIR) and/or TEFCA Facilitated FHIR "
+    "(UDAP B2B -> $match -> US Core), landed in the lake.",
 )
 def network_query_results(
     context: dg.AssetExecutionContext, config: NetworkQueryConfig, platform: PlatformResource
@@ -46,33 +54,68 @@ def network_query_results(
     tenant, network = resolve_scope(cp, context.partition_key)
     if config.trigger == "sweep":
         raise ConfigError("network queries are never run as sweeps; name the persons")
+    if config.transport not in ("ihe", "fhir", "both"):
+        raise ConfigError(f"unknown network transport {config.transport!r}: ihe, fhir or both")
     refusals: Counter[str] = Counter()
     responders: Counter[str] = Counter()
     resources: Counter[str] = Counter()
     totals: Counter[str] = Counter()
-    for person in config.persons:
-        result = run_network_query(
-            cp,
-            platform.settings,
-            tenant=tenant,
-            person=person,
-            purpose=config.purpose,
-            actor=config.actor,
-            network=network,
-            trigger=config.trigger,
-            retry_reason=config.retry_reason,
-            run_id=context.run_id,
-        )
-        totals["queries"] += 1
-        if not result.allowed:
-            refusals[result.reason] += 1
-            continue
-        totals[f"status_{result.status}"] += 1
-        totals["documents_retrieved"] += result.documents_retrieved
-        totals["documents_skipped"] += result.documents_skipped
-        totals["quarantined"] += result.quarantined
-        responders.update(result.responders)
-        resources.update(result.resources_by_type)
+    # Per responding gateway / FHIR node: ok, no_match, timeout, error... (our ids only).
+    node_status: Counter[str] = Counter()
+    session = None
+    if config.transport != "ihe" and config.persons:
+        tsettings = cp.get_tenant(tenant).get("settings") or {}
+        # One UDAP session per run: registrations and tokens reused across persons.
+        session = open_session(cp, facilitated_config(cp, network, tsettings))
+    try:
+        for person in config.persons:
+            results: list[QueryResult] = []
+            if config.transport in ("ihe", "both"):
+                results.append(
+                    run_network_query(
+                        cp,
+                        platform.settings,
+                        tenant=tenant,
+                        person=person,
+                        purpose=config.purpose,
+                        actor=config.actor,
+                        network=network,
+                        trigger=config.trigger,
+                        retry_reason=config.retry_reason,
+                        run_id=context.run_id,
+                    )
+                )
+            if session is not None:
+                results.append(
+                    run_facilitated_query(
+                        cp,
+                        platform.settings,
+                        tenant=tenant,
+                        person=person,
+                        purpose=config.purpose,
+                        actor=config.actor,
+                        network=network,
+                        trigger=config.trigger,
+                        retry_reason=config.retry_reason,
+                        run_id=context.run_id,
+                        session=session,
+                    )
+                )
+            for result in results:
+                totals["queries"] += 1
+                if not result.allowed:
+                    refusals[result.reason] += 1
+                    continue
+                totals[f"status_{result.status}"] += 1
+                totals["documents_retrieved"] += result.documents_retrieved
+                totals["documents_skipped"] += result.documents_skipped
+                totals["quarantined"] += result.quarantined
+                responders.update(result.responders)
+                resources.update(result.resources_by_type)
+                node_status.update(result.gateway_status.values())
+    finally:
+        if session is not None:
+            session.http.close()
     if not config.persons:
         context.log.info("no persons to query: nothing sent")
     allowed = totals["queries"] - sum(refusals.values())
@@ -96,6 +139,8 @@ def network_query_results(
             "quarantined": totals["quarantined"],
             "partial_queries": totals["status_partial"],
             "failed_queries": totals["status_failed"],
+            "transport": config.transport,
+            "node_status": dg.MetadataValue.json(dict(node_status)),
             **landing_metadata(
                 f"Network queries for {context.partition_key}",
                 {
