@@ -30,6 +30,7 @@ from cryptography import x509
 
 from medblocks_pipelines.lib.errors import ConfigError, NotFound, NoUdap
 from medblocks_pipelines.lib.fhir.client import FhirClient, dumps_exact
+from medblocks_pipelines.lib.fhir.compartment import PatientScope
 from medblocks_pipelines.lib.network import ihe
 from medblocks_pipelines.lib.network.fhir_nodes import (
     US_CORE_TYPES,
@@ -41,6 +42,7 @@ from medblocks_pipelines.lib.network.fhir_nodes import (
     match_patient,
     pull_us_core,
 )
+from medblocks_pipelines.lib.network.outcome import audit_outcome
 from medblocks_pipelines.lib.network.policy import (
     PolicyRequest,
     evaluate,
@@ -345,7 +347,19 @@ def run_facilitated_query(
         _land(settings, tenant, cfg, outcomes, run_id, result)
     except Exception as exc:
         result.status = "failed"
-        _finish(cp, result, query_id, pull_id, outcomes, error=type(exc).__name__)
+        try:
+            _finish(cp, result, query_id, pull_id, outcomes, error=type(exc).__name__)
+        finally:
+            audit_outcome(
+                cp,
+                tenant=tenant,
+                actor=actor,
+                person=person,
+                result=result,
+                query_id=query_id,
+                error=type(exc).__name__,
+                sent=bool(outcomes),
+            )
         raise
     finally:
         if own_session and session is not None and http is None:
@@ -355,6 +369,7 @@ def run_facilitated_query(
         "success" if len(good) == len(outcomes) else "partial" if result.responders else "failed"
     )
     _finish(cp, result, query_id, pull_id, outcomes)
+    audit_outcome(cp, tenant=tenant, actor=actor, person=person, result=result, query_id=query_id)
     return result
 
 
@@ -429,44 +444,22 @@ def _land(
             connection=None,
             run_id=run_id,
         )
-        # Only the matched patient's records land: a node that answers a `patient=` search
-        # with another patient's resource gets it quarantined, never landed under our person.
-        # (With lib/fhir/compartment.py: LakeWriter(..., patient_scope=PatientScope.of(
-        # out.patient_id)) makes the same check for every compartment type.)
-        with LakeWriter(settings.lake, prov) as w:
+        # Only the matched patient's records land: the landing writer's patient scope (the R4
+        # Patient compartment, lib/fhir/compartment.py) quarantines anything a node returns about
+        # another patient as `outside_patient_compartment`, the same check as every
+        # patient-scoped pull.
+        scope = PatientScope.of(str(out.patient_id))
+        with LakeWriter(settings.lake, prov, patient_scope=scope) as w:
             for res in out.resources:
                 rtype = str(res.get("resourceType"))
                 origin = f"fhir|{out.node}|{rtype}/{res.get('id')}"
                 text = dumps_exact(res)  # decimals digit for digit (FhirClient parses exactly)
-                if not _belongs(res, str(out.patient_id)):
-                    w.quarantine(
-                        text,
-                        f"outside_patient_compartment: {rtype}",
-                        resource_type=rtype,
-                        origin=origin,
-                    )
-                    result.quarantined += 1
-                elif w.add(text, origin=origin):
+                if w.add(text, origin=origin):
                     by_type[rtype] += 1
                 else:
                     result.quarantined += 1
     result.resources_by_type = dict(by_type)
     result.errors = dict(errors)
-
-
-def _belongs(resource: dict[str, Any], patient_id: str) -> bool:
-    """Whether a US Core search result is about ``patient_id`` (the Patient, or its subject)."""
-    if resource.get("resourceType") == "Patient":
-        return resource.get("id") == patient_id
-    for key in ("subject", "patient"):
-        ref = (
-            (resource.get(key) or {}).get("reference")
-            if isinstance(resource.get(key), dict)
-            else None
-        )
-        if isinstance(ref, str):
-            return ref == f"Patient/{patient_id}" or ref.endswith(f"/Patient/{patient_id}")
-    return False
 
 
 def _finish(
