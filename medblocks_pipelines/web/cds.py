@@ -36,6 +36,14 @@ def _error(exc: CdsRequestError) -> JSONResponse:
 def get_service(ctx: Any) -> Any:
     """The context's :class:`CdsService` (built on first use, shared by every request)."""
     service = ctx.extra.get("cds_service")
+    if service is not None:
+        return service
+    with ctx.lock:
+        return _build_service(ctx)
+
+
+def _build_service(ctx: Any) -> Any:
+    service = ctx.extra.get("cds_service")
     if service is None:
         from medblocks_pipelines.lib.cds.service import CdsService
 

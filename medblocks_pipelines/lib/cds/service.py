@@ -9,7 +9,8 @@ organization its tenant) -> validate the request for the hook -> find the person
 caller's patient id at the organization's source (identity tables), else through the Patient's
 identifiers (prefetch ``patient``, or fetched from ``fhirServer`` with ``fhirAuthorization``) ->
 cards from the tenant's warehouse index (:mod:`lib.cds.index`, :mod:`lib.cds.cards`). Every
-answered call is an audit-log row (counts and our ids only).
+answered call is an audit-log row (counts and our ids only), written in batches off the request
+path (:mod:`lib.cds.audit_writer`; :meth:`CdsService.close` writes what is still queued).
 """
 
 import json
@@ -26,6 +27,7 @@ import httpx
 import sqlalchemy as sa
 
 from medblocks_pipelines.lib.cds import cards as card_rules
+from medblocks_pipelines.lib.cds.audit_writer import AuditWriter
 from medblocks_pipelines.lib.cds.index import WarehouseIndexes
 from medblocks_pipelines.lib.cds.security import CdsAuthenticator, CdsClient
 from medblocks_pipelines.lib.cds.tables import cds_feedback
@@ -91,8 +93,10 @@ class CdsService:
         authenticator: CdsAuthenticator | None = None,
         today: Callable[[], date] | None = None,
         app_url: str | None = None,
+        audit_writer: AuditWriter | None = None,
     ) -> None:
         self.cp = cp
+        self.audit_writer = audit_writer or AuditWriter(cp.engine)
         self.base = public_base_url.rstrip("/")
         self.http = http or httpx.Client(timeout=FETCH_TIMEOUT)
         self.auth = authenticator or CdsAuthenticator(cp, http=self.http)
@@ -101,6 +105,11 @@ class CdsService:
         self.app_url = app_url if app_url is not None else f"{self.base}/ehr/launch"
         self._names: tuple[float, dict[str, Any]] | None = None
         self._names_lock = threading.Lock()
+
+    def close(self) -> None:
+        """Write every queued audit row and release connections (the web app's shutdown)."""
+        self.audit_writer.close()
+        self.auth.close()
 
     # -- URLs -----------------------------------------------------------------------------------
     @property
@@ -194,11 +203,10 @@ class CdsService:
                 cards = card_rules.patient_view_cards(facts, cctx)
             else:
                 cards = card_rules.order_cards(request["orders"], facts, cctx)
-        self.cp.audit(
+        self.audit_writer.submit(
             tenant_id=client.tenant_id,
             actor=f"cds:{client.organization_id}",
             action=f"cds.{service['hook']}",
-            decision="allowed",
             person_id=person,
             purpose="treatment",
             evidence={
