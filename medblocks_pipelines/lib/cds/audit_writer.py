@@ -13,6 +13,7 @@ also emit an outbox event, and a flood of them must not be cheaper to send than 
 
 import atexit
 import logging
+import os
 import queue
 import threading
 from collections.abc import Mapping
@@ -25,7 +26,9 @@ from medblocks_pipelines.lib.registry.schema import audit_log
 
 log = logging.getLogger(__name__)
 
-FLUSH_INTERVAL = 0.2
+#: Seconds between batch inserts (``MEDBLOCKS_CDS_AUDIT_FLUSH_SECONDS``; tests set it long to see
+#: that shutdown alone writes every row).
+FLUSH_INTERVAL = float(os.environ.get("MEDBLOCKS_CDS_AUDIT_FLUSH_SECONDS", "0.2"))
 MAX_BATCH = 500
 RETRY_PAUSE = 1.0
 
@@ -37,11 +40,11 @@ class AuditWriter:
         self,
         engine: sa.engine.Engine,
         *,
-        interval: float = FLUSH_INTERVAL,
+        interval: float | None = None,
         max_batch: int = MAX_BATCH,
     ) -> None:
         self.engine = engine
-        self.interval = interval
+        self.interval = FLUSH_INTERVAL if interval is None else interval
         self.max_batch = max_batch
         self._queue: queue.Queue[dict[str, Any]] = queue.Queue()
         self._pending: list[dict[str, Any]] = []
