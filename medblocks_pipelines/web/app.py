@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -145,6 +146,7 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+        await run_in_threadpool(_warm_cds, ctx)
         yield
         # Shutdown: queued CDS audit rows are written before the process goes.
         service = ctx.extra.get("cds_service")
@@ -158,6 +160,17 @@ def create_app(
     )
     app.state.ctx = ctx
     return app
+
+
+def _warm_cds(ctx: WebContext) -> None:
+    """Startup (``medblocks serve``): load the CDS warehouse indexes before accepting calls."""
+    try:
+        cds = importlib.import_module("medblocks_pipelines.web.cds")
+        tenants = cds.get_service(ctx).warm()
+    except Exception as exc:  # noqa: BLE001 - the other surfaces serve; CDS loads on first call
+        log.warning("cds warm-up failed (%s); indexes load on first call", type(exc).__name__)
+        return
+    log.info("cds warm-up: %d tenant index(es) loaded", len(tenants))
 
 
 def app_from_env() -> Starlette:

@@ -309,3 +309,20 @@ def test_every_call_is_audited_after_a_clean_shutdown(settings: Settings) -> Non
                 .where(audit_log.c.action == "cds.patient-view", audit_log.c.decision == "allowed")
             ).scalar_one()
         assert rows == calls
+
+
+def test_warm_loads_every_cds_tenant_index_before_any_call(cds_env: Any) -> None:
+    from medblocks_pipelines.lib.cds.service import CdsService
+    from medblocks_pipelines.lib.warehouse.build import warehouse_path
+
+    service = CdsService(
+        cds_env.cp,
+        public_base_url="http://us.example",
+        warehouse_path_of=lambda tenant: warehouse_path(cds_env.settings, tenant),
+    )
+    try:
+        assert service.warm() == ["acme"]
+        index = service.indexes.for_tenant("acme")
+        assert index.loads == 1 and index.current() is not None
+    finally:
+        service.close()

@@ -106,6 +106,22 @@ class CdsService:
         self._names: tuple[float, dict[str, Any]] | None = None
         self._names_lock = threading.Lock()
 
+    def warm(self) -> list[str]:
+        """Load the warehouse index of every tenant with a CDS organization, and the registry
+        names: a worker does this at startup, before it accepts calls, so the first hook calls
+        after a deploy neither wait for a load nor answer without the warehouse."""
+        tenants = sorted(
+            {
+                str(o["tenant_id"])
+                for o in self.cp.list_organizations()
+                if (o.get("config") or {}).get("cds")
+            }
+        )
+        self._registry_names()
+        for tenant in tenants:
+            self.indexes.for_tenant(tenant).current()
+        return tenants
+
     def close(self) -> None:
         """Write every queued audit row and release connections (the web app's shutdown)."""
         self.audit_writer.close()
