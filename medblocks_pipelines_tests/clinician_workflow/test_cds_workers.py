@@ -6,6 +6,7 @@ inode in ``/proc/net/tcp`` and the worker's ``/proc/<pid>/fd``), then sends one 
 the same JWT to the other: the second must be refused whichever store is shared.
 """
 
+import contextlib
 import os
 import secrets
 import signal
@@ -165,6 +166,7 @@ class Served:
         return pids
 
 
+@contextlib.contextmanager
 def _serve(settings: Settings, store: str, workers: int = 2, **env_extra: str) -> Iterator[Served]:
     import socket
 
@@ -264,7 +266,7 @@ def _discovery(conn: HTTPConnection, token: str) -> tuple[int, str]:
 
 @pytest.mark.parametrize("store", ["redis", "sql"])
 def test_same_jti_to_two_workers_is_refused_once(settings: Settings, store: str) -> None:
-    for served in _serve(settings, store):
+    with _serve(settings, store) as served:
         a, b = _connections_to_two_workers(served)
         token = _token(served.key, f"{served.base}/cds-services")
         status_a, _ = _discovery(a, token)
@@ -280,7 +282,7 @@ def test_same_jti_to_two_workers_is_refused_once(settings: Settings, store: str)
 def test_every_call_is_audited_after_a_clean_shutdown(settings: Settings) -> None:
     calls = 12
     # No periodic flush: only the shutdown of each worker can write the rows.
-    for served in _serve(settings, "sql", MEDBLOCKS_CDS_AUDIT_FLUSH_SECONDS="3600"):
+    with _serve(settings, "sql", MEDBLOCKS_CDS_AUDIT_FLUSH_SECONDS="3600") as served:
         url = f"{served.base}/cds-services/medblocks-patient-view"
         for _ in range(calls):
             body = (
