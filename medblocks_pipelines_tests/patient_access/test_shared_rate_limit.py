@@ -105,3 +105,41 @@ def test_a_429_pauses_every_process_of_the_source() -> None:
     assert slept and slept[-1] > 25.0
     assert a.backoffs == 0 and b.backoffs == 1
     client.delete(a.key)  # type: ignore[attr-defined]
+
+
+def test_processes_take_turns_on_one_schedule() -> None:
+    """Every reservation, from either limiter, moves the one schedule by exactly one interval."""
+    client = _redis_or_skip()
+    key = f"test-{secrets.token_hex(4)}"
+    a = SharedRateLimiter(client, key, 50, 1.0, sleep=lambda s: None)
+    b = SharedRateLimiter(client, key, 50, 1.0, sleep=lambda s: None)
+    a.acquire()
+    first = int(client.hget(a.key, "next"))  # type: ignore[attr-defined]
+    for i in range(20):
+        (a if i % 2 else b).acquire()
+    last = int(client.hget(a.key, "next"))  # type: ignore[attr-defined]
+    interval = int(1.0 / 50 * (1 + a.margin) * 1e6)
+    assert last - first == 20 * interval
+    assert a.sent + b.sent == 21
+    client.delete(a.key)  # type: ignore[attr-defined]
+
+
+def test_a_late_wake_up_gives_its_slot_up() -> None:
+    """Overslept past the tolerance: the slot is dropped and a later one taken (no bunching)."""
+    client = _redis_or_skip()
+    now = [1000.0]
+    overslept = [False]
+
+    def sleep(seconds: float) -> None:
+        now[0] += seconds
+        if not overslept[0]:
+            overslept[0] = True
+            now[0] += 0.5  # a busy machine: woke up half a second late
+
+    limiter = SharedRateLimiter(
+        client, f"test-{secrets.token_hex(4)}", 10, 1.0, sleep=sleep, clock=lambda: now[0]
+    )
+    limiter.acquire()  # first slot is now: no sleep, not late
+    limiter.acquire()  # sleeps to its slot, oversleeps, takes another
+    assert limiter.late == 1 and limiter.sent == 2
+    client.delete(limiter.key)  # type: ignore[attr-defined]
