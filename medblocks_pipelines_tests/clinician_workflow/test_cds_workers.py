@@ -328,3 +328,29 @@ def test_warm_loads_every_cds_tenant_index_before_any_call(cds_env: Any) -> None
         assert index.loads == 1 and index.current() is not None
     finally:
         service.close()
+
+
+def test_an_unreachable_jti_store_fails_closed(settings: Settings) -> None:
+    import redis
+
+    cp = open_control_plane(settings)
+    key = generate_signing_key("ES384", kid="w1")
+    _register(cp, key)
+    with socket_closed_port() as port:
+        down = redis.Redis.from_url(f"redis://127.0.0.1:{port}/0", socket_connect_timeout=1.0)
+        auth = CdsAuthenticator(cp, jti_store=RedisJtiStore(down))
+        url = "http://us.example/cds-services"
+        with pytest.raises(CdsRequestError) as err:
+            auth.verify(f"Bearer {_token(key, url)}", url=url)
+    assert err.value.status == 503 and err.value.reason == "jti_unavailable"
+    cp.engine.dispose()
+
+
+@contextlib.contextmanager
+def socket_closed_port() -> Iterator[int]:
+    """A loopback port nothing listens on (bound, never listened: connections are refused)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield int(s.getsockname()[1])

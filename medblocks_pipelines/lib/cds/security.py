@@ -288,7 +288,14 @@ class CdsAuthenticator:
         jti = claims["jti"]
         if not isinstance(jti, str) or not jti or len(jti) > 200:
             raise _refuse("the JWT jti is not a usable string", "missing_claim")
-        if not self.jtis.remember(iss, jti, float(exp) + SKEW):
+        try:
+            new = self.jtis.remember(iss, jti, float(exp) + SKEW)
+        except Exception as exc:  # noqa: BLE001 - Redis or the database is down: fail closed
+            log.warning("cds jti store unavailable (%s)", type(exc).__name__)
+            raise CdsRequestError(
+                "the replay check is unavailable; try again", status=503, reason="jti_unavailable"
+            ) from exc
+        if not new:
             raise _refuse("the JWT jti was already used", "replayed_jti")
         return CdsClient(
             organization_id=org["id"],
