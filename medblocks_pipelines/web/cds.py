@@ -7,7 +7,8 @@ Routes (mounted by ``web/app.py``)::
     POST /cds-services/{id}/feedback       card feedback
 
 Refusals are JSON ``{"error": <reason>, "detail": <message>}`` with 400 (malformed), 401 (JWT),
-404, 412 (needed data unobtainable), 415 or 503 (the jti replay store is down: fail closed); never a token, key or patient datum.
+404, 412 (needed data unobtainable), 415 or 503 (the jti replay store is down: fail closed);
+never a token, key or patient datum.
 ``ctx.extra["http"]`` may hold an ``httpx.Client`` for JWKS and FHIR fetches;
 ``ctx.extra["cds_today"]`` a callable giving today's date (tests).
 """
