@@ -3,17 +3,28 @@
     .venv/bin/python benchmarks/run_all.py            # quick: minutes, for a sanity check
     .venv/bin/python benchmarks/run_all.py --full     # the issue sizes (1M resources...): tens of minutes
     .venv/bin/python benchmarks/run_all.py --only views bulk_ingest
+    .venv/bin/python benchmarks/run_all.py --quick --json results.json   # one object per benchmark
 
 Each benchmark prints its own ratios against a baseline measured in the same run and its peak memory;
 this runner only sequences them (never in parallel: they measure a 2-core machine) and keeps the output
 under benchmarks/results/ (gitignored).
+
+``--json FILE`` writes ``{"<name>": {"value", "baseline", "ratio", "target", "met", "peak_rss_mib",
+...}}`` for every benchmark run (and ``{"met": false, "error": "not present"}`` for one whose script
+does not exist). A script taking ``--json-out PATH`` writes its own object; for the others the
+result is read from their printed report (:data:`PARSERS`).
 """
 
 import argparse
+import json
+import re
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).parent
 
@@ -27,6 +38,12 @@ BENCHMARKS: dict[str, tuple[list[str], list[str]]] = {
     "ccda": (["--size", "100"], ["--size", "500"]),
     "identity": (["--patients", "20000"], ["--patients", "100000"]),
     "cds": (["--persons", "10000"], ["--persons", "100000"]),
+    "cds_load": (
+        ["--persons", "10000", "--seconds", "10", "--workers", "2"],
+        ["--persons", "100000", "--seconds", "60", "--workers", "2"],
+    ),
+    "shared_rate_limit": (["--seconds", "10"], ["--seconds", "60", "--limit", "50"]),
+    "bulk_download_race": ([], []),
     "ops": ([], []),
     "object_store": (["--resources", "200000"], ["--resources", "1000000"]),
     "compaction": (["--pulls", "500"], ["--pulls", "2000"]),
@@ -34,13 +51,93 @@ BENCHMARKS: dict[str, tuple[list[str], list[str]]] = {
 }
 
 
+# Always in the --json report, run or not: the benchmarks the issues track.
+TRACKED = ("bulk_ingest", "bulk_download_race", "cds_load", "shared_rate_limit", "identity")
+
+
+def _num(pattern: str, text: str) -> float | None:
+    m = re.search(pattern, text)
+    return float(m.group(1).replace(",", "")) if m else None
+
+
+def _parse_bulk_ingest(out: str) -> dict[str, Any]:
+    ours = _num(r"ours \(export->lake->warehouse\):\s*([\d,.]+) resources/s", out)
+    base = _num(r"DuckDB read_json, same files\s*:\s*([\d,.]+) resources/s", out)
+    ratio = _num(r"ratio ours/read_json: ([\d.]+)", out)
+    rss = _num(r"peak RSS: ours ([\d,.]+) MiB", out)
+    met = ratio is not None and ratio >= 0.5 and rss is not None and rss <= 1024
+    return {
+        "value": ours,
+        "unit": "resources/s export->lake->warehouse",
+        "baseline": base,
+        "ratio": ratio,
+        "target": "ratio >= 0.5 of DuckDB read_json, peak RSS <= 1024 MiB",
+        "met": met,
+        "peak_rss_mib": rss,
+    }
+
+
+def _parse_identity(out: str) -> dict[str, Any]:
+    def row(name: str) -> tuple[float, float, float] | None:
+        m = re.search(re.escape(name) + r"\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)", out)
+        return (float(m.group(1)), float(m.group(2)), float(m.group(3))) if m else None
+
+    ours, base = row("splink + rules"), row("baseline exact name+DOB")
+    return {
+        "value": ours[2] if ours else None,
+        "unit": "F1 (pairwise); precision, recall in 'ours'",
+        "ours": {"precision": ours[0], "recall": ours[1]} if ours else None,
+        "baseline": base[2] if base else None,
+        "ratio": round(ours[2] / base[2], 3) if ours and base and base[2] else None,
+        "target": "precision >= 0.99 and recall >= 0.95",
+        "met": "precision >= 0.99 and recall >= 0.95: met" in out,
+        "peak_rss_mib": _num(r"peak RSS: ([\d,.]+) MB", out),
+    }
+
+
+#: Readers of the printed report of benchmarks without ``--json-out``.
+PARSERS: dict[str, Callable[[str], dict[str, Any]]] = {
+    "bulk_ingest": _parse_bulk_ingest,
+    "identity": _parse_identity,
+}
+
+
+def _result(name: str, script: Path, out: str, json_path: Path, code: int) -> dict[str, Any]:
+    """The benchmark's machine-readable result (``--json-out`` file, ``RESULT`` line or parser)."""
+    result: dict[str, Any] | None = None
+    if json_path.exists():
+        result = json.loads(json_path.read_text())
+    else:
+        lines = [ln for ln in out.splitlines() if ln.startswith("RESULT {")]
+        if lines:
+            result = json.loads(lines[-1][len("RESULT ") :])
+        elif name in PARSERS:
+            result = PARSERS[name](out)
+    if result is None:
+        result = {"met": None, "error": "no machine-readable result"}
+    if code != 0:
+        result = {**result, "met": False, "error": f"exit {code}"}
+    for key in ("value", "baseline", "ratio", "target", "met", "peak_rss_mib"):
+        result.setdefault(key, None)
+    return result
+
+
+def _takes_json_out(script: Path) -> bool:
+    return "--json-out" in script.read_text()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--full", action="store_true", help="run at the sizes the issues ask for")
+    size = ap.add_mutually_exclusive_group()
+    size.add_argument("--full", action="store_true", help="run at the sizes the issues ask for")
+    size.add_argument("--quick", action="store_true", help="quick sizes (the default)")
     ap.add_argument("--only", nargs="*", choices=sorted(BENCHMARKS), help="run only these")
+    ap.add_argument("--json", metavar="FILE", help="write one result object per benchmark")
     args = ap.parse_args()
     out_dir = HERE / "results"
     out_dir.mkdir(exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-json-"))
+    results: dict[str, Any] = {}
     failed: list[str] = []
     for name, (quick, full) in BENCHMARKS.items():
         if args.only and name not in args.only:
@@ -48,8 +145,11 @@ def main() -> int:
         script = HERE / f"bench_{name}.py"
         if not script.exists():
             print(f"== {name}: not present, skipped")
+            results[name] = {"met": False, "error": "not present"}
             continue
-        cmd = [sys.executable, str(script), *(full if args.full else quick)]
+        json_path = tmp / f"{name}.json"
+        extra = ["--json-out", str(json_path)] if _takes_json_out(script) else []
+        cmd = [sys.executable, str(script), *(full if args.full else quick), *extra]
         print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
         started = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -59,8 +159,16 @@ def main() -> int:
         print(proc.stdout.rstrip())
         status = "ok" if proc.returncode == 0 else f"FAILED (exit {proc.returncode}, see {log})"
         print(f"-- {name}: {status} in {took:.1f}s\n", flush=True)
+        results[name] = {**_result(name, script, proc.stdout, json_path, proc.returncode)}
+        results[name]["seconds"] = round(took, 1)
         if proc.returncode != 0:
             failed.append(name)
+    if args.json:
+        for name in TRACKED:
+            if not (HERE / f"bench_{name}.py").exists():
+                results.setdefault(name, {"met": False, "error": "not present"})
+        Path(args.json).write_text(json.dumps(results, indent=2, default=str) + "\n")
+        print(f"results: {args.json}")
     if failed:
         print("failed: " + ", ".join(failed))
     return 1 if failed else 0

@@ -1,6 +1,7 @@
 """Core CLI commands: registry, connections, warehouse, sync import, serve, sandbox, demo."""
 
 import json
+import os
 import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -415,7 +416,16 @@ def vault_new_key() -> None:
     help="How EHRs and browsers reach us (https://host[/prefix] behind a TLS proxy); "
     "default http://HOST:PORT.",
 )
-def serve(host: str, port: int, public_base_url: str | None) -> None:
+@click.option(
+    "--workers",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1, 64),
+    help="Worker processes (uvicorn); each opens its own warehouse index. Set "
+    "MEDBLOCKS_REDIS_URL so CDS jti replay checks are shared fast (else the control plane's "
+    "cds_jti table is).",
+)
+def serve(host: str, port: int, public_base_url: str | None, workers: int) -> None:
     """Serve our web surfaces: CDS Hooks, SMART launch/callback, connect links, JWKS.
 
     Behind TLS or a reverse proxy, set MEDBLOCKS_PUBLIC_BASE_URL: redirect URIs, the JWKS URL,
@@ -426,9 +436,16 @@ def serve(host: str, port: int, public_base_url: str | None) -> None:
     from medblocks_pipelines.web.app import create_app
 
     public = public_base_url or f"http://{host}:{port}"
-    click.echo(f"serving on http://{host}:{port}, public base URL {public}")
+    click.echo(f"serving on http://{host}:{port}, public base URL {public}, {workers} worker(s)")
+    if workers == 1:
+        uvicorn.run(create_app(public_base_url=public), host=host, port=port, log_level="warning")
+        return
+    # Worker processes build the app themselves from the environment they inherit.
+    os.environ["MEDBLOCKS_PUBLIC_BASE_URL"] = public
     uvicorn.run(
-        create_app(public_base_url=public),
+        "medblocks_pipelines.web.app:app_from_env",
+        factory=True,
+        workers=workers,
         host=host,
         port=port,
         log_level="warning",

@@ -222,6 +222,9 @@ class FaultInjector:
         self._lock = threading.Lock()
         self._rules: list[FaultRule] = []
         self._hits: dict[tuple[str, str], deque[float]] = {}
+        #: Per rate_limit rule: accepted/refused counts, first/last accepted time, peak window,
+        #: and the accepted times themselves (``times``) for a test to look at any span.
+        self._rate_stats: dict[str, dict[str, Any]] = {}
         self._token_uses: dict[tuple[str, str], int] = {}
         self._token_seen: dict[tuple[str, str], float] = {}
         self._token_expired: set[tuple[str, str]] = set()
@@ -271,6 +274,7 @@ class FaultInjector:
         with self._lock:
             self._rules.clear()
             self._hits.clear()
+            self._rate_stats.clear()
             self._token_uses.clear()
             self._token_seen.clear()
             self._token_expired.clear()
@@ -345,11 +349,29 @@ class FaultInjector:
             hits = self._hits.setdefault((rule.id, client_key), deque())
             while hits and hits[0] <= now - window:
                 hits.popleft()
+            stats = self._rate_stats.setdefault(
+                rule.id,
+                {"accepted": 0, "refused": 0, "first": now, "last": now, "peak": 0, "times": []},
+            )
             if len(hits) >= limit:
                 # Rejected requests do not count, so a client that waits as told gets through.
+                stats["refused"] += 1
                 return max(hits[0] + window - now, 0.0), str(rule.params["retry_after_form"])
             hits.append(now)
+            stats["accepted"] += 1
+            stats["last"] = now
+            stats["times"].append(now)
+            stats["peak"] = max(stats["peak"], len(hits))
             return None
+
+    def rate_stats(self, rule_id: str) -> dict[str, Any]:
+        """What a ``rate_limit`` rule saw: ``accepted`` and ``refused`` (429) requests, the
+        ``first``/``last`` accepted and every accepted ``times`` (monotonic seconds), and the
+        ``peak`` count in one window."""
+        with self._lock:
+            stats = dict(self._rate_stats.get(rule_id) or {})
+            stats["times"] = list(stats.get("times") or [])
+            return stats
 
     def token_expired(self, *, token: str, client_id: str | None, path: str, method: str) -> bool:
         """Count one use of ``token``; True once an ``expire_token`` rule says it has expired."""

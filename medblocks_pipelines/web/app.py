@@ -9,13 +9,18 @@ prefix, the app answers both a proxy that passes the prefix through (``/medblock
 and one that strips it (``/cds-services``); cookies are scoped to the public path.
 """
 
+import contextlib
 import importlib
 import logging
+import os
+import threading
 import urllib.parse
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -48,6 +53,9 @@ class WebContext:
     public_base_url: str
     extra: dict[str, Any] = field(default_factory=dict)
     _cp: Any = None
+    #: Guards lazy construction: the first requests of a worker arrive together in threads, and
+    #: two control planes migrating at once trip over each other (alembic is not thread-safe).
+    lock: threading.RLock = field(default_factory=threading.RLock)
 
     @property
     def public_path(self) -> str:
@@ -62,9 +70,11 @@ class WebContext:
     @property
     def control_plane(self) -> Any:
         if self._cp is None:
-            from medblocks_pipelines.lib.registry import open_control_plane
+            with self.lock:
+                if self._cp is None:
+                    from medblocks_pipelines.lib.registry import open_control_plane
 
-            self._cp = open_control_plane(self.settings)
+                    self._cp = open_control_plane(self.settings)
         return self._cp
 
 
@@ -133,6 +143,40 @@ def create_app(
                 raise
             continue
         routes.extend(module.routes(ctx))
-    app = Starlette(routes=routes, middleware=[Middleware(PublicPrefix, public_base_url=public)])
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+        await run_in_threadpool(_warm_cds, ctx)
+        yield
+        # Shutdown: queued CDS audit rows are written before the process goes.
+        service = ctx.extra.get("cds_service")
+        if service is not None and hasattr(service, "close"):
+            service.close()
+
+    app = Starlette(
+        routes=routes,
+        middleware=[Middleware(PublicPrefix, public_base_url=public)],
+        lifespan=lifespan,
+    )
     app.state.ctx = ctx
     return app
+
+
+def _warm_cds(ctx: WebContext) -> None:
+    """Startup (``medblocks serve``): load the CDS warehouse indexes before accepting calls."""
+    try:
+        cds = importlib.import_module("medblocks_pipelines.web.cds")
+        tenants = cds.get_service(ctx).warm()
+    except Exception as exc:  # noqa: BLE001 - the other surfaces serve; CDS loads on first call
+        log.warning("cds warm-up failed (%s); indexes load on first call", type(exc).__name__)
+        return
+    log.info("cds warm-up: %d tenant index(es) loaded", len(tenants))
+
+
+def app_from_env() -> Starlette:
+    """The app for ``medblocks serve --workers N`` (an import-string factory: each uvicorn worker
+    process builds its own, with its own warehouse index and connections)."""
+    public = os.environ.get("MEDBLOCKS_PUBLIC_BASE_URL")
+    if not public:
+        raise RuntimeError("MEDBLOCKS_PUBLIC_BASE_URL must be set for app_from_env")
+    return create_app(public_base_url=public)

@@ -7,7 +7,8 @@ Routes (mounted by ``web/app.py``)::
     POST /cds-services/{id}/feedback       card feedback
 
 Refusals are JSON ``{"error": <reason>, "detail": <message>}`` with 400 (malformed), 401 (JWT),
-404, 412 (needed data unobtainable) or 415; never a token, key or patient datum.
+404, 412 (needed data unobtainable), 415 or 503 (the jti replay store is down: fail closed);
+never a token, key or patient datum.
 ``ctx.extra["http"]`` may hold an ``httpx.Client`` for JWKS and FHIR fetches;
 ``ctx.extra["cds_today"]`` a callable giving today's date (tests).
 """
@@ -35,6 +36,14 @@ def _error(exc: CdsRequestError) -> JSONResponse:
 
 def get_service(ctx: Any) -> Any:
     """The context's :class:`CdsService` (built on first use, shared by every request)."""
+    service = ctx.extra.get("cds_service")
+    if service is not None:
+        return service
+    with ctx.lock:
+        return _build_service(ctx)
+
+
+def _build_service(ctx: Any) -> Any:
     service = ctx.extra.get("cds_service")
     if service is None:
         from medblocks_pipelines.lib.cds.service import CdsService

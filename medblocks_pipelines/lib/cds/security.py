@@ -11,26 +11,28 @@ Rules, each refused with a :class:`CdsRequestError` (401) and a reason code:
 * ``aud`` (string or array) must contain the exact URL called;
 * ``exp``, ``iat`` and ``jti`` required; ``exp``/``iat`` checked with a small skew (60 s), a token
   living longer than ``MAX_LIFETIME`` refused;
-* ``jti`` replay refused: every accepted ``(iss, jti)`` is inserted into ``cds_jti`` (primary key),
-  so a replay fails even across processes.
+* ``jti`` replay refused: every accepted ``(iss, jti)`` goes into a shared store
+  (:mod:`lib.cds.jti_store`: Redis ``SET NX EX`` when ``MEDBLOCKS_REDIS_URL`` is set, else the
+  ``cds_jti`` table's primary key), so a replay fails across workers, processes and machines.
 
-JWKS documents are cached per URL (``JWKS_TTL``); an unknown ``kid`` refetches at most once per
+JWKS documents are cached per URL (``JWKS_TTL``), inline ones per organization (parsed once, not
+per call); an unknown ``kid`` refetches at most once per
 ``KID_REFETCH_INTERVAL`` (key rotation), so a flood of forged kids cannot hammer the EHR.
 """
 
+import base64
+import json
 import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import httpx
 import jwt
-import sqlalchemy as sa
 
-from medblocks_pipelines.lib.cds.tables import cds_jti
+from medblocks_pipelines.lib.cds.jti_store import JtiStore, SqlJtiStore, open_jti_store
 from medblocks_pipelines.lib.errors import CdsRequestError
 
 log = logging.getLogger(__name__)
@@ -44,7 +46,6 @@ JWKS_TTL = 300.0
 KID_REFETCH_INTERVAL = 30.0
 ORG_CACHE_TTL = 10.0
 ORG_MISS_RECHECK = 1.0
-PURGE_INTERVAL = 600.0
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,22 @@ def _refuse(message: str, reason: str) -> CdsRequestError:
     return CdsRequestError(message, status=401, reason=reason)
 
 
+def _unverified_claims(token: str) -> dict[str, Any]:
+    """The payload of a compact JWS, unverified: only to find the issuer (and so the keys).
+
+    The signature and every claim are checked by the full ``jwt.decode`` afterwards; decoding the
+    payload by hand here spares a third parse of the token on every call.
+    """
+    parts = token.split(".")
+    if len(parts) != 3:
+        raise ValueError("not a compact JWS")
+    segment = parts[1]
+    claims = json.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
+    if not isinstance(claims, dict):
+        raise ValueError("the JWT payload is not a JSON object")
+    return claims
+
+
 class CdsAuthenticator:
     """Verifies CDS Hooks bearer JWTs against the registry's per-organization allowlists."""
 
@@ -71,17 +88,19 @@ class CdsAuthenticator:
         *,
         http: httpx.Client | None = None,
         clock: Callable[[], float] = time.time,
+        jti_store: JtiStore | None = None,
     ) -> None:
         self.cp = cp
+        self.jtis = jti_store or open_jti_store(cp.engine)
         self.http = http or httpx.Client(timeout=5.0)
         self.clock = clock
         self._lock = threading.Lock()
         self._orgs: tuple[float, list[dict[str, Any]]] | None = None
         self._jwks: dict[str, tuple[float, jwt.PyJWKSet]] = {}
         self._last_refetch: dict[str, float] = {}
-        # None until the first time: monotonic() counts from boot, so "0.0" would mean "just now"
-        # on a machine up for less than the interval.
-        self._last_purge: float | None = None
+        # Inline JWKS parsed once per organization record (the org cache hands out new dicts
+        # when the registry is re-read, so identity tells when to parse again).
+        self._inline: dict[str, tuple[Any, jwt.PyJWKSet]] = {}
 
     # -- registry -------------------------------------------------------------------------------
     def _organizations(self, *, max_age: float = ORG_CACHE_TTL) -> list[dict[str, Any]]:
@@ -155,10 +174,14 @@ class CdsAuthenticator:
             inline = cfg.get("jwks")
             if not inline:
                 raise _refuse("no keys are configured for this issuer", "no_keys")
+            cached_inline = self._inline.get(org["id"])
+            if cached_inline is not None and cached_inline[0] is inline:
+                return self._pick(cached_inline[1], kid)
             try:
                 keyset = jwt.PyJWKSet.from_dict(inline)
             except jwt.PyJWTError as exc:
                 raise _refuse("the configured JWKS is not valid", "no_keys") from exc
+            self._inline[org["id"]] = (inline, keyset)
             return self._pick(keyset, kid)
         now = time.monotonic()
         cached = self._jwks.get(url)
@@ -188,8 +211,8 @@ class CdsAuthenticator:
         token = authorization[7:].strip()
         try:
             header = jwt.get_unverified_header(token)
-            unverified = jwt.decode(token, options={"verify_signature": False})
-        except jwt.PyJWTError as exc:
+            unverified = _unverified_claims(token)
+        except (jwt.PyJWTError, ValueError) as exc:
             raise _refuse("the bearer token is not a JWT", "malformed_token") from exc
         alg = header.get("alg")
         if alg not in ALLOWED_ALGS:
@@ -265,11 +288,15 @@ class CdsAuthenticator:
         jti = claims["jti"]
         if not isinstance(jti, str) or not jti or len(jti) > 200:
             raise _refuse("the JWT jti is not a usable string", "missing_claim")
-        self._remember_jti(iss, jti, float(exp))
-        now = time.monotonic()
-        if self._last_purge is None or now - self._last_purge > PURGE_INTERVAL:
-            self._last_purge = now
-            self.purge_expired()  # expired jtis can never verify again: keep the table small
+        try:
+            new = self.jtis.remember(iss, jti, float(exp) + SKEW)
+        except Exception as exc:  # noqa: BLE001 - Redis or the database is down: fail closed
+            log.warning("cds jti store unavailable (%s)", type(exc).__name__)
+            raise CdsRequestError(
+                "the replay check is unavailable; try again", status=503, reason="jti_unavailable"
+            ) from exc
+        if not new:
+            raise _refuse("the JWT jti was already used", "replayed_jti")
         return CdsClient(
             organization_id=org["id"],
             tenant_id=org["tenant_id"],
@@ -278,16 +305,12 @@ class CdsAuthenticator:
             claims=claims,
         )
 
-    def _remember_jti(self, iss: str, jti: str, exp: float) -> None:
-        expires = datetime.fromtimestamp(exp + SKEW, UTC)
-        try:
-            with self.cp.engine.begin() as conn:
-                conn.execute(cds_jti.insert().values(iss=iss[:500], jti=jti, expires_at=expires))
-        except sa.exc.IntegrityError as exc:
-            raise _refuse("the JWT jti was already used", "replayed_jti") from exc
-
     def purge_expired(self) -> int:
-        """Delete remembered jtis whose token has expired (they cannot verify any more)."""
-        with self.cp.engine.begin() as conn:
-            res = conn.execute(cds_jti.delete().where(cds_jti.c.expires_at < datetime.now(UTC)))
-        return int(res.rowcount or 0)
+        """Delete remembered jtis whose token has expired (the SQL store; Redis keys expire)."""
+        if isinstance(self.jtis, SqlJtiStore):
+            return self.jtis.purge_expired()
+        return 0
+
+    def close(self) -> None:
+        """Release the jti store's connections."""
+        self.jtis.close()

@@ -9,7 +9,8 @@ organization its tenant) -> validate the request for the hook -> find the person
 caller's patient id at the organization's source (identity tables), else through the Patient's
 identifiers (prefetch ``patient``, or fetched from ``fhirServer`` with ``fhirAuthorization``) ->
 cards from the tenant's warehouse index (:mod:`lib.cds.index`, :mod:`lib.cds.cards`). Every
-answered call is an audit-log row (counts and our ids only).
+answered call is an audit-log row (counts and our ids only), written in batches off the request
+path (:mod:`lib.cds.audit_writer`; :meth:`CdsService.close` writes what is still queued).
 """
 
 import json
@@ -27,6 +28,7 @@ import sqlalchemy as sa
 
 from medblocks_pipelines.lib.cds import cards as card_rules
 from medblocks_pipelines.lib.cds import order_cards
+from medblocks_pipelines.lib.cds.audit_writer import AuditWriter
 from medblocks_pipelines.lib.cds.index import WarehouseIndexes
 from medblocks_pipelines.lib.cds.ingredients import TerminologyClient
 from medblocks_pipelines.lib.cds.knowledge import KnowledgeBase, knowledge_from_env
@@ -130,8 +132,10 @@ class CdsService:
         app_url: str | None = None,
         knowledge: KnowledgeBase | None = None,
         terminology: TerminologyClient | None = None,
+        audit_writer: AuditWriter | None = None,
     ) -> None:
         self.cp = cp
+        self.audit_writer = audit_writer or AuditWriter(cp.engine)
         self.base = public_base_url.rstrip("/")
         self.http = http or httpx.Client(timeout=FETCH_TIMEOUT)
         self.auth = authenticator or CdsAuthenticator(cp, http=self.http)
@@ -146,6 +150,27 @@ class CdsService:
         self.services = describe_services(self.knowledge)
         self._names: tuple[float, dict[str, Any]] | None = None
         self._names_lock = threading.Lock()
+
+    def warm(self) -> list[str]:
+        """Load the warehouse index of every tenant with a CDS organization, and the registry
+        names: a worker does this at startup, before it accepts calls, so the first hook calls
+        after a deploy neither wait for a load nor answer without the warehouse."""
+        tenants = sorted(
+            {
+                str(o["tenant_id"])
+                for o in self.cp.list_organizations()
+                if (o.get("config") or {}).get("cds")
+            }
+        )
+        self._registry_names()
+        for tenant in tenants:
+            self.indexes.for_tenant(tenant).current()
+        return tenants
+
+    def close(self) -> None:
+        """Write every queued audit row and release connections (the web app's shutdown)."""
+        self.audit_writer.close()
+        self.auth.close()
 
     # -- URLs -----------------------------------------------------------------------------------
     @property
@@ -244,11 +269,10 @@ class CdsService:
                 cards = order_cards.order_cards(
                     request["orders"], facts, cctx, drafts=request["drafts"]
                 )
-        self.cp.audit(
+        self.audit_writer.submit(
             tenant_id=client.tenant_id,
             actor=f"cds:{client.organization_id}",
             action=f"cds.{service['hook']}",
-            decision="allowed",
             person_id=person,
             purpose="treatment",
             evidence={

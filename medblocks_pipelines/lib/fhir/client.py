@@ -20,11 +20,15 @@ What it does on purpose:
   :func:`dumps_exact` writes them back digit for digit (``7.10`` stays ``7.10`` in the lake).
 
 The rate limiter paces requests so that no window of ``per`` seconds ever holds more than
-``limit`` requests, even with some jitter between our send time and the server's clock.
+``limit`` requests, even with some jitter between our send time and the server's clock. With
+``MEDBLOCKS_REDIS_URL`` set, :func:`limiter_for` hands out a
+:class:`~medblocks_pipelines.lib.fhir.shared_limit.SharedRateLimiter`: one schedule per source for
+every process and machine; without it, the in-process :class:`RateLimiter`.
 """
 
 import email.utils
 import json
+import os
 import random
 import threading
 import time
@@ -34,7 +38,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 
@@ -115,6 +119,21 @@ def _dump(value: Any, out: list[str]) -> None:
 # ---------------------------------------------------------------------------------------------
 # Rate limiting
 # ---------------------------------------------------------------------------------------------
+class Limiter(Protocol):
+    """What the client needs of a rate limiter (in-process or shared across processes)."""
+
+    limit: int
+    per: float
+
+    def acquire(self) -> None:
+        """Block until this caller may send one request."""
+        ...
+
+    def backoff(self, seconds: float) -> None:
+        """A 429 came back: pause every caller of the source ``seconds`` and widen the spacing."""
+        ...
+
+
 class RateLimiter:
     """Evenly paced requests: at most ``limit`` in any ``per``-second window, shared by threads.
 
@@ -216,16 +235,29 @@ class RateLimiter:
             self._calm = 0
 
 
-_LIMITERS: dict[str, RateLimiter] = {}
+_LIMITERS: dict[str, Limiter] = {}
 _LIMITERS_LOCK = threading.Lock()
+REDIS_URL_ENV = "MEDBLOCKS_REDIS_URL"
 
 
-def limiter_for(key: str, limit: int, per: float = 1.0) -> RateLimiter:
-    """The process-wide limiter of one source (same key, same limiter, across connections)."""
+def limiter_for(key: str, limit: int, per: float = 1.0, *, redis_url: str | None = None) -> Limiter:
+    """The limiter of one source (same key, same limiter, across connections).
+
+    Shared by every process and machine through Redis when ``redis_url`` (default
+    ``MEDBLOCKS_REDIS_URL``) is set; otherwise one :class:`RateLimiter` per process.
+    """
+    url = redis_url if redis_url is not None else os.environ.get(REDIS_URL_ENV, "").strip()
     with _LIMITERS_LOCK:
         current = _LIMITERS.get(key)
-        if current is None or current.limit != limit or current.per != per:
-            current = _LIMITERS[key] = RateLimiter(limit, per)
+        shared = type(current).__name__ == "SharedRateLimiter"
+        if current is None or current.limit != limit or current.per != per or shared != bool(url):
+            if url:
+                from medblocks_pipelines.lib.fhir.shared_limit import SharedRateLimiter
+
+                current = SharedRateLimiter.from_url(url, key, limit, per)
+            else:
+                current = RateLimiter(limit, per)
+            _LIMITERS[key] = current
         return current
 
 
@@ -335,7 +367,7 @@ class FhirClient:
         *,
         http: httpx.Client,
         tokens: TokenProvider | None = None,
-        limiter: RateLimiter | None = None,
+        limiter: Limiter | None = None,
         max_retries: int = 6,
         backoff: float = 0.5,
         max_backoff: float = 30.0,

@@ -50,7 +50,7 @@ from medblocks_pipelines.lib.errors import (
 from medblocks_pipelines.lib.fhir.client import (
     FhirClient,
     FhirRequestError,
-    RateLimiter,
+    Limiter,
     dumps_exact,
     limiter_for,
     loads_exact,
@@ -420,7 +420,7 @@ def pull_connection(
     lake_root: str | Path,
     run_id: str,
     http: httpx.Client,
-    limiter: RateLimiter | None = None,
+    limiter: Limiter | None = None,
     client_auth: ClientAuth | None = None,
     supported: set[str] | None = None,
     full: bool = False,
@@ -619,8 +619,9 @@ def _capability(
     return cap, []
 
 
-def source_limiter(source: Mapping[str, Any]) -> RateLimiter | None:
-    """The process-wide limiter of a source from ``config.rate_limit`` ({requests, per_seconds})."""
+def source_limiter(source: Mapping[str, Any]) -> Limiter | None:
+    """The limiter of a source from ``config.rate_limit`` ({requests, per_seconds}): shared by
+    every process through Redis when ``MEDBLOCKS_REDIS_URL`` is set, else per process."""
     rl = (source.get("config") or {}).get("rate_limit")
     if not rl:
         return None
@@ -675,7 +676,7 @@ def pull_batch(
 
             def one(
                 cid: str,
-                limiter: RateLimiter | None = limiter,
+                limiter: Limiter | None = limiter,
                 auth: ClientAuth = auth,
                 supported: set[str] = supported,
                 cap: dict[str, Any] | None = cap,

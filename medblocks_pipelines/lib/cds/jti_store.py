@@ -1,0 +1,113 @@
+"""Where accepted CDS Hooks JWT ``jti`` values are remembered (replay refusal, SPECS §4.6).
+
+A replayed ``(iss, jti)`` must be refused whichever process or machine sees it, so the store is
+shared: Redis when ``MEDBLOCKS_REDIS_URL`` is set (one ``SET NX EX`` per call: atomic, expires
+with the token, well under a millisecond), else the control plane's ``cds_jti`` table (its primary
+key decides; expired rows are purged now and then).
+"""
+
+import hashlib
+import logging
+import time
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import sqlalchemy as sa
+
+from medblocks_pipelines.lib.cds.tables import cds_jti
+
+log = logging.getLogger(__name__)
+
+REDIS_URL_ENV = "MEDBLOCKS_REDIS_URL"
+KEY_PREFIX = "medblocks:cds:jti:"
+PURGE_INTERVAL = 600.0
+
+
+class JtiStore(Protocol):
+    """Remembers each ``(iss, jti)`` until ``forget_after`` (epoch seconds)."""
+
+    def remember(self, iss: str, jti: str, forget_after: float) -> bool:
+        """True when ``(iss, jti)`` is new (now remembered), False when seen before."""
+        ...
+
+    def close(self) -> None:
+        """Release connections."""
+        ...
+
+
+class SqlJtiStore:
+    """``cds_jti`` rows in the control plane; the primary key refuses a second insert."""
+
+    def __init__(self, engine: sa.engine.Engine) -> None:
+        self.engine = engine
+        # Built once: compiling ``insert().values(...)`` per call was a third of its cost.
+        self._insert = cds_jti.insert()
+        self._last_purge: float | None = None
+
+    def remember(self, iss: str, jti: str, forget_after: float) -> bool:
+        row = {
+            "iss": iss[:500],
+            "jti": jti,
+            "expires_at": datetime.fromtimestamp(forget_after, UTC),
+        }
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(self._insert, row)
+        except sa.exc.IntegrityError:
+            return False
+        now = time.monotonic()
+        if self._last_purge is None or now - self._last_purge > PURGE_INTERVAL:
+            self._last_purge = now
+            self.purge_expired()  # expired jtis can never verify again: keep the table small
+        return True
+
+    def purge_expired(self) -> int:
+        """Delete remembered jtis whose token has expired (they cannot verify any more)."""
+        with self.engine.begin() as conn:
+            res = conn.execute(cds_jti.delete().where(cds_jti.c.expires_at < datetime.now(UTC)))
+        return int(res.rowcount or 0)
+
+    def close(self) -> None:
+        pass
+
+
+class RedisJtiStore:
+    """One Redis key per ``(iss, jti)``, set with ``NX`` and expiring when the token does."""
+
+    def __init__(self, client: Any, *, prefix: str = KEY_PREFIX) -> None:
+        self.redis = client
+        self.prefix = prefix
+
+    @classmethod
+    def from_url(cls, url: str) -> "RedisJtiStore":
+        import redis
+
+        return cls(redis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0))
+
+    def key(self, iss: str, jti: str) -> str:
+        # Hashed: the issuer URL and jti are caller-chosen strings of any length and alphabet.
+        digest = hashlib.sha256(f"{iss}\x00{jti}".encode()).hexdigest()
+        return f"{self.prefix}{digest}"
+
+    def remember(self, iss: str, jti: str, forget_after: float) -> bool:
+        ttl = max(1, int(forget_after - time.time()) + 1)
+        return bool(self.redis.set(self.key(iss, jti), b"1", nx=True, ex=ttl))
+
+    def close(self) -> None:
+        self.redis.close()
+
+
+def redis_url(env: Any = None) -> str | None:
+    """``MEDBLOCKS_REDIS_URL`` (``redis://host:port/db``), or None when not configured."""
+    import os
+
+    value = str((env if env is not None else os.environ).get(REDIS_URL_ENV) or "").strip()
+    return value or None
+
+
+def open_jti_store(engine: sa.engine.Engine, url: str | None = None) -> JtiStore:
+    """Redis at ``url`` (default ``MEDBLOCKS_REDIS_URL``) when configured, else the SQL table."""
+    url = url if url is not None else redis_url()
+    if url:
+        return RedisJtiStore.from_url(url)
+    return SqlJtiStore(engine)
