@@ -335,3 +335,14 @@ def test_operator_override_lets_analysts_see_a_purpose(
     (row,) = _audits(cp, "read.analyst")
     assert row["evidence"]["policy_origin"] == "override"
     assert row["evidence"]["included_by_purpose"] == {"T-PYMNT": 2}
+
+
+def test_network_rows_cannot_land_without_purpose_and_query(settings: Settings) -> None:
+    from medblocks_pipelines.lib.errors import LandingError
+
+    for purpose, qid in ((None, "1"), ("T-TREAT", None), (None, None)):
+        prov = Provenance("acme", "network", "net", "org", None, "r1", purpose, qid)
+        with pytest.raises(LandingError):
+            LakeWriter(settings.lake_root, prov)
+    # the other patterns carry their relationship in `pattern`
+    LakeWriter(settings.lake_root, Provenance("acme", "backend", "s", "o", None, "r1")).close()

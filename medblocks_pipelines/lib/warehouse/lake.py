@@ -258,6 +258,14 @@ class LakeWriter:
         patient_scope: PatientScope | None = None,
         max_line_bytes: int = MAX_LINE_BYTES,
     ) -> None:
+        if provenance.pattern == "network" and not (
+            provenance.permitted_purpose and provenance.network_query_id
+        ):
+            # A network row must say why it was let in, or no consumer may ever read it.
+            raise LandingError(
+                "network rows need the permitted purpose and the network query id",
+                hint="set Provenance.permitted_purpose and network_query_id from the audited query",
+            )
         # ``patient_scope``: a patient-scoped connection lands only its patient's compartment;
         # anything else is quarantined (lib/fhir/compartment.py).
         self.patient_scope = patient_scope
