@@ -41,6 +41,7 @@ def _resources(source: str, code: str) -> list[dict[str, Any]]:
         {
             "resourceType": "Patient",
             "id": pid,
+            "identifier": [{"system": f"urn:mrn:{source}", "value": "m1"}],
             "name": [{"family": "Rivera", "given": ["Ana"]}],
             "birthDate": "1970-01-02",
             "gender": "female",
@@ -212,6 +213,9 @@ def test_cds_index_serves_treatment_rows_only(tenant: Settings, cp: ControlPlane
     assert {"44054006", "38341003"} <= codes  # the EHR's and the treatment query's
     assert "195967001" not in codes  # obtained for payment: never on a card
     assert all("net-pay" not in (f["sources"] or []) for f in snap.facts.to_dicts())
+    # a person is not found by an identifier only a payment-purpose document revealed
+    assert {"urn:mrn:mercy|m1", "urn:mrn:net-treat|m1"} <= set(snap.identifier_person)
+    assert "urn:mrn:net-pay|m1" not in snap.identifier_person
     assert snap.read is not None
     assert snap.read.included == {"T-TREAT": 1} and snap.read.excluded == {"T-PYMNT": 1}
     # The CDS service's hook writes one audit row per index load.

@@ -110,7 +110,7 @@ WITH ids AS (
     SELECT pl.person_id,
            unnest(from_json(r.resource, '{"identifier":[{"system":"VARCHAR","value":"VARCHAR"}]}')
                   .identifier) AS i
-    FROM patient_links pl JOIN resources r ON r.resource_key = pl.patient_key
+    FROM patient_links pl JOIN {resources} r ON r.resource_key = pl.patient_key
 )
 SELECT i.system || '|' || i.value AS ident, min(person_id) AS person_id,
        count(DISTINCT person_id) AS n
@@ -118,6 +118,16 @@ FROM ids
 WHERE i.system IS NOT NULL AND i.value IS NOT NULL AND i.system NOT IN ?
 GROUP BY 1
 """
+
+
+def ident_sql(con: duckdb.DuckDBPyConnection, rule: ConsumerRule) -> str:
+    """The identifier query under ``rule``: a person is found by identifiers only of Patient
+    resources the CDS may read (not by one a payment-purpose network document revealed)."""
+    present = set(con.sql("SELECT * FROM resources LIMIT 0").columns)
+    if "pattern" not in present:  # a warehouse without provenance on resources
+        return _IDENT_SQL.replace("{resources}", "resources")
+    usable = f"(SELECT * FROM {_policy_source(con, 'resources')} WHERE {consumer_filter(rule)})"
+    return _IDENT_SQL.replace("{resources}", usable)
 
 
 @dataclass
@@ -194,7 +204,7 @@ def load_snapshot(path: Path) -> Snapshot:
                 "SELECT patient_key, person_id, source FROM patient_links "
                 "WHERE person_id IS NOT NULL"
             ).fetchall()
-            idents = con.execute(_IDENT_SQL, [list(SSN_SYSTEMS)]).fetchall()
+            idents = con.execute(ident_sql(con, rule), [list(SSN_SYSTEMS)]).fetchall()
             facts = con.sql(facts_sql(con, rule)).pl()
             read = read_counts(con, _policy_source(con, "fact_sources"), rule)
             try:
