@@ -38,6 +38,7 @@ from medblocks_pipelines.lib.errors import WarehouseError
 from medblocks_pipelines.lib.warehouse.read_policy import (
     ConsumerRule,
     ReadCounts,
+    audit_read,
     consumer_filter,
     load_read_policy,
     read_counts,
@@ -171,6 +172,23 @@ class Snapshot:
         if rng is None:
             return []
         return self.facts.slice(rng[0], rng[1]).to_dicts()
+
+
+def audit_index_read(cp: Any, tenant: str, snap: Snapshot) -> int | None:
+    """One audit row for an index load that met purpose-restricted (network) rows."""
+    if snap.read is None:
+        return None
+    policy = load_read_policy()
+    return audit_read(
+        cp,
+        tenant=tenant,
+        rule=policy.rule("cds"),
+        policy=policy,
+        counts=snap.read,
+        actor="cds-index",
+        table="fact_sources",
+        ref=snap.built_at,
+    )
 
 
 def file_signature(path: Path) -> tuple[int, int, int] | None:

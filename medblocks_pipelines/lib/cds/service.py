@@ -27,13 +27,12 @@ import sqlalchemy as sa
 
 from medblocks_pipelines.lib.cds import cards as card_rules
 from medblocks_pipelines.lib.cds import order_cards
-from medblocks_pipelines.lib.cds.index import Snapshot, WarehouseIndexes
+from medblocks_pipelines.lib.cds.index import WarehouseIndexes
 from medblocks_pipelines.lib.cds.ingredients import TerminologyClient
 from medblocks_pipelines.lib.cds.knowledge import KnowledgeBase, knowledge_from_env
 from medblocks_pipelines.lib.cds.security import CdsAuthenticator, CdsClient
 from medblocks_pipelines.lib.cds.tables import cds_feedback
 from medblocks_pipelines.lib.errors import CdsRequestError
-from medblocks_pipelines.lib.warehouse.read_policy import audit_read, load_read_policy
 
 log = logging.getLogger(__name__)
 
@@ -136,8 +135,13 @@ class CdsService:
         self.base = public_base_url.rstrip("/")
         self.http = http or httpx.Client(timeout=FETCH_TIMEOUT)
         self.auth = authenticator or CdsAuthenticator(cp, http=self.http)
+        # Each index load that met purpose-restricted (network) rows is an audit row.
+        from medblocks_pipelines.lib.cds.index import audit_index_read
+
         self.indexes = WarehouseIndexes(
-            warehouse_path_of, refresh_of=warehouse_refresh_of, on_load_of=self._audit_index_read
+            warehouse_path_of,
+            refresh_of=warehouse_refresh_of,
+            on_load_of=lambda tenant, snap: audit_index_read(cp, tenant, snap),
         )
         self.today = today or (lambda: datetime.now(UTC).date())
         self.app_url = app_url if app_url is not None else f"{self.base}/ehr/launch"
@@ -149,22 +153,6 @@ class CdsService:
         self.services = describe_services(self.knowledge)
         self._names: tuple[float, dict[str, Any]] | None = None
         self._names_lock = threading.Lock()
-
-    def _audit_index_read(self, tenant_id: str, snap: Snapshot) -> None:
-        """One audit row per index load that met purpose-restricted (network) rows."""
-        if snap.read is None:
-            return
-        policy = load_read_policy()
-        audit_read(
-            self.cp,
-            tenant=tenant_id,
-            rule=policy.rule("cds"),
-            policy=policy,
-            counts=snap.read,
-            actor="cds-index",
-            table="fact_sources",
-            ref=snap.built_at,
-        )
 
     # -- URLs -----------------------------------------------------------------------------------
     @property
