@@ -21,7 +21,12 @@ Base tables:
   silently; ``resources`` keeps the most recently fetched content (deterministic for a lake).
 - ``tombstones``: deletions reported by sources.
 - ``resource_sightings``: each current resource with every pattern, organization and connection
-  that delivered it (first and last fetch, number of runs).
+  that delivered it (and, for network deliveries, the exchange purpose), first and last fetch,
+  number of runs.
+
+Network rows carry ``permitted_purpose`` and ``network_query_id`` (why and by which audited query
+they came in) into ``resource_versions`` and ``resources``; lake files written before those
+columns existed read as nulls (``_with_late_columns``).
 - ``quarantine``: bad records with their reason, deduplicated.
 - ``pull_history``: the control plane's pull rows for this tenant.
 Then each step in ``steps`` adds its tables (views, identity, unified record).
