@@ -351,6 +351,13 @@ def warehouse_path_cmd(tenant: str) -> None:
     click.echo(str(warehouse_path(get_settings(), tenant)))
 
 
+class _LazyAudit:
+    """The control plane's audit call, the control plane opened on first use."""
+
+    def audit(self, **fields: Any) -> int:
+        return control_plane().audit(**fields)
+
+
 @warehouse.command("query", context_settings={"ignore_unknown_options": True})
 @click.option("--tenant", required=True)
 @click.option(
@@ -366,14 +373,19 @@ def warehouse_query(tenant: str, sql_file: Any, max_rows: int, sql: str | None) 
     """Run read-only SQL against a tenant's warehouse, confined to that warehouse.
 
     Files, URLs, other databases, extensions, settings and writes are refused (one line says
-    why); get data out with `medblocks exports`. SQL may start with a `--` comment.
+    why); get data out with `medblocks exports`. SQL may start with a `--` comment. Tables are
+    seen through the read policy (network rows only for the purposes it lists for analysts).
     """
     from medblocks_pipelines.lib.warehouse.sandboxed import run_confined
 
     if (sql is None) == (sql_file is None):
         raise click.UsageError("give the SQL as an argument or with -f FILE (one of them)")
     text = sql if sql is not None else sql_file.read()
-    result = run_confined(tenant, text, settings=get_settings(), max_rows=max_rows)
+    # The control plane records the session when it met purpose-restricted network rows (opened
+    # only then: a warehouse without network rows needs no control plane to query).
+    result = run_confined(
+        tenant, text, settings=get_settings(), max_rows=max_rows, control_plane=_LazyAudit()
+    )
     if not result.columns:
         return
     print_table("result", result.columns, [list(r) for r in result.rows])

@@ -178,6 +178,12 @@ def exports() -> None:
 @click.option("--url", required=True, help="Folder, s3://bucket/prefix or FHIR base URL.")
 @click.option("--config", "config_json", default=None, help="JSON: gzip, resource_types, ...")
 @click.option(
+    "--purpose",
+    default=None,
+    help="TEFCA Exchange Purpose the destination receives data for (e.g. T-PYMNT); network rows "
+    "go only where the read policy allows their purpose. None: no network rows.",
+)
+@click.option(
     "--credentials-env",
     default=None,
     help="Name of an env var holding credentials JSON (kept in the vault).",
@@ -188,10 +194,13 @@ def exports_add(
     kind: str,
     url: str,
     config_json: str | None,
+    purpose: str | None,
     credentials_env: str | None,
 ) -> None:
     """Create or update a destination."""
     config = json.loads(config_json) if config_json else {}
+    if purpose:
+        config["purpose"] = purpose
     creds = None
     if credentials_env:
         raw = os.environ.get(credentials_env)

@@ -25,7 +25,8 @@ def resources_table(
         f"CREATE OR REPLACE TABLE {table} (resource VARCHAR, resource_type VARCHAR, "
         "resource_id VARCHAR, tenant VARCHAR, pattern VARCHAR, source VARCHAR, "
         "organization VARCHAR, connection VARCHAR, version_id VARCHAR, "
-        "fetched_at TIMESTAMPTZ, run_id VARCHAR, resource_key VARCHAR)"
+        "fetched_at TIMESTAMPTZ, run_id VARCHAR, resource_key VARCHAR, "
+        "permitted_purpose VARCHAR, network_query_id VARCHAR)"
     )
     rows = []
     for n, line in enumerate(lines):
@@ -45,9 +46,11 @@ def resources_table(
                 "2024-06-01T00:00:00Z",
                 "run-1",
                 f"{source}/{head.get('resourceType')}/{head.get('id')}",
+                None,  # permitted_purpose: network rows only
+                None,  # network_query_id
             )
         )
-    con.executemany(f"INSERT INTO {table} VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+    con.executemany(f"INSERT INTO {table} VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
 
 
 @pytest.fixture

@@ -28,6 +28,9 @@ PATTERN_OF_ORG = {
     "riverside-health": "network",
     "valley-medical": "network",
 }
+# The exchange purpose each network organization's rows were obtained for (two purposes, so the
+# consumers' read policy has something to tell apart).
+PURPOSE_OF_ORG = {"riverside-health": "T-TREAT", "valley-medical": "T-PYMNT"}
 
 
 class FakeControlPlane:
@@ -57,6 +60,8 @@ def land_population(settings: Settings, pop: Population, *, run_id: str = "run-1
             organization=org.id,
             connection=f"conn-{org.id}",
             run_id=run_id,
+            permitted_purpose=PURPOSE_OF_ORG.get(org.id),
+            network_query_id=f"q-{org.id}" if org.id in PURPOSE_OF_ORG else None,
         )
         with LakeWriter(settings.lake_root, prov) as w:
             for r in pop.resources_for(org.id):

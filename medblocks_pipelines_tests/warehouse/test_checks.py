@@ -46,6 +46,18 @@ def test_all_checks_pass_on_a_good_build(built: Built, wh: duckdb.DuckDBPyConnec
             "INSERT INTO view_errors VALUES ('broken_view', 'ViewDefinitionError')",
             {"views_compiled"},
         ),
+        # a network row that does not say why it was let in (purpose lost)
+        (
+            "UPDATE resources SET permitted_purpose = NULL WHERE rowid = "
+            "(SELECT min(rowid) FROM resources WHERE pattern = 'network')",
+            {"network_rows_have_purpose"},
+        ),
+        # a network fact source without the query that obtained it
+        (
+            "UPDATE fact_sources SET network_query_id = NULL WHERE rowid = "
+            "(SELECT min(rowid) FROM fact_sources WHERE pattern = 'network')",
+            {"network_rows_have_purpose"},
+        ),
     ],
 )
 def test_checks_catch_faults(built: Built, sql: str, failing: set[str], tmp_path: Path) -> None:

@@ -196,10 +196,19 @@ def test_analyst_sql_stays_usable(env: Settings) -> None:
     assert res.rows == [(6,)]
     assert run_confined("acme", "DESCRIBE resources", settings=env).rows
     # The warehouse's own views (facts_* over the unified record) resolve in the attached file.
+    # (the temp views of the same names are the read policy's analyst views over them)
     views = run_confined(
-        "acme", "SELECT view_name FROM duckdb_views() WHERE NOT internal ORDER BY 1", settings=env
+        "acme",
+        "SELECT view_name FROM duckdb_views() WHERE NOT internal AND NOT temporary ORDER BY 1",
+        settings=env,
     ).rows
     assert views and all(v[0].startswith("facts_") for v in views), views
+    shadowed = run_confined(
+        "acme",
+        "SELECT view_name FROM duckdb_views() WHERE temporary ORDER BY 1",
+        settings=env,
+    ).rows
+    assert {"resources", "facts", "read_policy_info"} <= {v[0] for v in shadowed}
     for (view,) in views:
         assert run_confined("acme", f'SELECT count(*) FROM "{view}"', settings=env).rows
     assert run_confined("acme", "EXPLAIN SELECT 1", settings=env).rows

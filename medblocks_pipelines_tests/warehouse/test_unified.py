@@ -315,13 +315,25 @@ def test_network_facts_merge_the_same_after_ccda_conversion(
         for org in pop.organizations:
             if org.kind == "network" and via_ccda:
                 continue
-            prov = Provenance(TENANT, PATTERN_OF_ORG[org.id], org.id, org.id, None, "r1")
+            network = PATTERN_OF_ORG[org.id] == "network"
+            prov = Provenance(
+                TENANT,
+                PATTERN_OF_ORG[org.id],
+                org.id,
+                org.id,
+                None,
+                "r1",
+                "T-TREAT" if network else None,
+                "q1" if network else None,
+            )
             with LakeWriter(settings.lake_root, prov) as w:
                 for r in pop.resources_for(org.id):
                     w.add(json.dumps(r))
         if via_ccda:
             for com in _load(pop, None).values():
-                prov = Provenance(TENANT, "network", com.org.id, com.org.id, None, "r1")
+                prov = Provenance(
+                    TENANT, "network", com.org.id, com.org.id, None, "r1", "T-TREAT", "q1"
+                )
                 with LakeWriter(settings.lake_root, prov) as w:
                     for pid, patient in com.patients.items():
                         uid = com.doc_uid(pid, "ccd")

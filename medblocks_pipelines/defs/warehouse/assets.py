@@ -34,6 +34,8 @@ _CHECK_DESCRIPTIONS = {
     "persons -> patient_links.",
     "quarantine_growth": "Quarantined rows grew by at most 5% of the newly landed resources (warns).",
     "views_compiled": "Every ViewDefinition (shipped and user) compiled and ran.",
+    "network_rows_have_purpose": "Every network row (resources, versions, fact sources, view "
+    "tables) carries the exchange purpose and the network query that obtained it.",
 }
 
 CHECK_SPECS = [

@@ -10,7 +10,10 @@ so a build never waits on us and we never wait on a build:
   -> person, for a patient the warehouse knows only by identifier (ambiguous ones are dropped);
 * ``facts``: the unified record (``facts`` with the organizations and patterns of ``fact_sources``
   and the codes of ``fact_mentions``) as one Polars frame sorted by person, plus each person's row
-  range, so a lookup is a dict hit and a slice.
+  range, so a lookup is a dict hit and a slice. Only facts with a source the read policy lets
+  consumer ``cds`` use (``lib/warehouse/read_policy.py``: network rows obtained for treatment) are
+  kept, and they list only such sources; :attr:`Snapshot.read` counts the network fact sources
+  kept and withheld, which the CDS service writes to the audit log once per load.
 
 :meth:`TenantIndex.current` checks the file's inode/mtime/size at most once a second; a change is
 loaded in a background thread while the last good snapshot keeps answering. A file that is
@@ -32,6 +35,14 @@ import duckdb
 import polars as pl
 
 from medblocks_pipelines.lib.errors import WarehouseError
+from medblocks_pipelines.lib.warehouse.read_policy import (
+    ConsumerRule,
+    ReadCounts,
+    audit_read,
+    consumer_filter,
+    load_read_policy,
+    read_counts,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,33 +53,65 @@ RETRY_FAILED_AFTER = 30.0
 LOAD_MEMORY_LIMIT = "512MB"
 SSN_SYSTEMS = ("http://hl7.org/fhir/sid/us-ssn", "urn:oid:2.16.840.1.113883.4.1")
 
+# {src}: fact_sources with the provenance columns the read policy needs; {ok}: the cds rule;
+# {mentions}: fact_mentions restricted to usable mentions. A fact is served when at least one of
+# its sources may be used for treatment; what it lists (organizations, sources, patterns) is
+# then only what may be (network rows obtained for payment never show up in a card).
 _FACTS_SQL = """
-WITH orgs AS (
+WITH src AS (
+    SELECT fact_id, organization, source, pattern, {ok} AS ok FROM {src}
+), orgs AS (
     SELECT fact_id,
-           list(DISTINCT organization) FILTER (WHERE organization IS NOT NULL) AS organizations,
-           max(fetched_at) AS fetched_at
-    FROM fact_sources GROUP BY fact_id
+           list(DISTINCT organization) FILTER (WHERE ok AND organization IS NOT NULL)
+               AS organizations,
+           bool_or(ok) AS any_ok, bool_and(ok) AS all_ok,
+           list_sort(list(DISTINCT source) FILTER (WHERE ok AND source IS NOT NULL)) AS ok_sources,
+           list_sort(list(DISTINCT pattern) FILTER (WHERE ok)) AS ok_patterns
+    FROM src GROUP BY fact_id
 ), codes AS (
     SELECT fact_id, list(DISTINCT c) AS codes
-    FROM (SELECT fact_id, unnest(codes) AS c FROM fact_mentions WHERE fact_id IS NOT NULL)
+    FROM (SELECT fact_id, unnest(codes) AS c FROM {mentions} WHERE fact_id IS NOT NULL)
     GROUP BY fact_id
 )
 SELECT f.person_id, f.fact_id, f.kind, f.code_system, f.code, f.display, f.text,
        f.effective_date, f.last_date, f.value_num, f.value_unit, f.value_text, f.status,
-       f.category, f.sources, f.patterns, f.from_claims,
+       f.category,
+       CASE WHEN o.all_ok THEN f.sources ELSE o.ok_sources END AS sources,
+       CASE WHEN o.all_ok THEN f.patterns ELSE o.ok_patterns END AS patterns,
+       f.from_claims,
        coalesce(o.organizations, []::VARCHAR[]) AS organizations,
        coalesce(c.codes, []::VARCHAR[]) AS codes
-FROM facts f LEFT JOIN orgs o USING (fact_id) LEFT JOIN codes c USING (fact_id)
-WHERE f.person_id IS NOT NULL
+FROM facts f JOIN orgs o USING (fact_id) LEFT JOIN codes c USING (fact_id)
+WHERE f.person_id IS NOT NULL AND o.any_ok
 ORDER BY f.person_id, f.last_date DESC NULLS LAST, f.fact_id
 """
+
+_POLICY_COLUMNS = ("organization", "source", "pattern", "permitted_purpose", "network_query_id")
+
+
+def _policy_source(con: duckdb.DuckDBPyConnection, table: str) -> str:
+    """``table`` with every column the read policy reads (NULL where a warehouse lacks one)."""
+    present = {r[0] for r in con.execute(f"DESCRIBE {table}").fetchall()}
+    extra = ", ".join(f"NULL::VARCHAR AS {c}" for c in _POLICY_COLUMNS if c not in present)
+    return f"(SELECT *{', ' + extra if extra else ''} FROM {table})"
+
+
+def facts_sql(con: duckdb.DuckDBPyConnection, rule: ConsumerRule) -> str:
+    """The facts query of the index under ``rule`` (the read policy's cds rule)."""
+    ok = consumer_filter(rule)
+    mentions = f"(SELECT * FROM {_policy_source(con, 'fact_mentions')} WHERE {ok})"
+    present = {r[0] for r in con.execute("DESCRIBE fact_mentions").fetchall()}
+    if "pattern" not in present:  # a warehouse without mention provenance: codes as they are
+        mentions = "fact_mentions"
+    return _FACTS_SQL.format(src=_policy_source(con, "fact_sources"), ok=ok, mentions=mentions)
+
 
 _IDENT_SQL = """
 WITH ids AS (
     SELECT pl.person_id,
            unnest(from_json(r.resource, '{"identifier":[{"system":"VARCHAR","value":"VARCHAR"}]}')
                   .identifier) AS i
-    FROM patient_links pl JOIN resources r ON r.resource_key = pl.patient_key
+    FROM patient_links pl JOIN {resources} r ON r.resource_key = pl.patient_key
 )
 SELECT i.system || '|' || i.value AS ident, min(person_id) AS person_id,
        count(DISTINCT person_id) AS n
@@ -76,6 +119,16 @@ FROM ids
 WHERE i.system IS NOT NULL AND i.value IS NOT NULL AND i.system NOT IN ?
 GROUP BY 1
 """
+
+
+def ident_sql(con: duckdb.DuckDBPyConnection, rule: ConsumerRule) -> str:
+    """The identifier query under ``rule``: a person is found by identifiers only of Patient
+    resources the CDS may read (not by one a payment-purpose network document revealed)."""
+    present = set(con.sql("SELECT * FROM resources LIMIT 0").columns)
+    if "pattern" not in present:  # a warehouse without provenance on resources
+        return _IDENT_SQL.replace("{resources}", "resources")
+    usable = f"(SELECT * FROM {_policy_source(con, 'resources')} WHERE {consumer_filter(rule)})"
+    return _IDENT_SQL.replace("{resources}", usable)
 
 
 @dataclass
@@ -91,6 +144,9 @@ class Snapshot:
     ranges: dict[str, tuple[int, int]] = field(repr=False)
     person_sources: dict[str, tuple[str, ...]] = field(repr=False)
     load_seconds: float = 0.0
+    # network fact sources the read policy let into (and kept out of) this snapshot, by purpose
+    read: ReadCounts | None = None
+    policy_version: str | None = None
 
     @property
     def persons(self) -> int:
@@ -118,6 +174,23 @@ class Snapshot:
         return self.facts.slice(rng[0], rng[1]).to_dicts()
 
 
+def audit_index_read(cp: Any, tenant: str, snap: Snapshot) -> int | None:
+    """One audit row for an index load that met purpose-restricted (network) rows."""
+    if snap.read is None:
+        return None
+    policy = load_read_policy()
+    return audit_read(
+        cp,
+        tenant=tenant,
+        rule=policy.rule("cds"),
+        policy=policy,
+        counts=snap.read,
+        actor="cds-index",
+        table="fact_sources",
+        ref=snap.built_at,
+    )
+
+
 def file_signature(path: Path) -> tuple[int, int, int] | None:
     """(inode, mtime_ns, size) of the published file, or None when it does not exist."""
     try:
@@ -128,8 +201,11 @@ def file_signature(path: Path) -> tuple[int, int, int] | None:
 
 
 def load_snapshot(path: Path) -> Snapshot:
-    """Read what the cards need from the published warehouse at ``path`` (read-only)."""
+    """Read what the cards need from the published warehouse at ``path`` (read-only), the facts
+    filtered by the read policy for consumer ``cds`` (lib/warehouse/read_policy.py)."""
     started = time.perf_counter()
+    policy = load_read_policy()
+    rule = policy.rule("cds")
     for _attempt in range(3):
         before = file_signature(path)
         if before is None:
@@ -146,8 +222,9 @@ def load_snapshot(path: Path) -> Snapshot:
                 "SELECT patient_key, person_id, source FROM patient_links "
                 "WHERE person_id IS NOT NULL"
             ).fetchall()
-            idents = con.execute(_IDENT_SQL, [list(SSN_SYSTEMS)]).fetchall()
-            facts = con.sql(_FACTS_SQL).pl()
+            idents = con.execute(ident_sql(con, rule), [list(SSN_SYSTEMS)]).fetchall()
+            facts = con.sql(facts_sql(con, rule)).pl()
+            read = read_counts(con, _policy_source(con, "fact_sources"), rule)
             try:
                 row = con.execute(
                     "SELECT CAST(max(built_at) AS VARCHAR) FROM build_info"
@@ -201,6 +278,8 @@ def load_snapshot(path: Path) -> Snapshot:
         ranges=ranges,
         person_sources=person_sources,
         load_seconds=time.perf_counter() - started,
+        read=read,
+        policy_version=policy.version,
     )
 
 
@@ -214,9 +293,13 @@ class TenantIndex:
         loader: Callable[[Path], Snapshot] = load_snapshot,
         refresh: Callable[[], object] | None = None,
         refresh_interval: float = REFRESH_INTERVAL,
+        on_load: Callable[[Snapshot], object] | None = None,
     ) -> None:
         self.path = path
         self.loader = loader
+        # ``on_load`` is told of every snapshot loaded (the CDS service audits the read of
+        # purpose-restricted rows there).
+        self.on_load = on_load
         # ``refresh`` brings ``path`` up to date from object storage (published warehouses); it
         # runs off the request path except before the very first snapshot.
         self.refresh = refresh
@@ -298,6 +381,12 @@ class TenantIndex:
             self.loads += 1
             self.last_error = None
             log.info("cds index loaded %s persons in %.2fs", snap.persons, snap.load_seconds)
+            if self.on_load is not None:
+                try:
+                    self.on_load(snap)
+                except Exception as exc:  # noqa: BLE001 (an audit outage must not stop CDS)
+                    self.last_error = f"on_load: {type(exc).__name__}"
+                    log.error("cds index could not record its read: %s", type(exc).__name__)
         except WarehouseError as exc:
             # Keep serving the last good snapshot; try this file again later.
             self._failed = (sig, time.monotonic())
@@ -328,9 +417,11 @@ class WarehouseIndexes:
         path_of: Callable[[str], Path],
         *,
         refresh_of: Callable[[str], object] | None = None,
+        on_load_of: Callable[[str, Snapshot], object] | None = None,
     ) -> None:
         self.path_of = path_of
         self.refresh_of = refresh_of
+        self.on_load_of = on_load_of
         self._by_tenant: dict[str, TenantIndex] = {}
         self._lock = threading.Lock()
 
@@ -339,10 +430,11 @@ class WarehouseIndexes:
         idx = self._by_tenant.get(tenant_id)
         if idx is None:
             with self._lock:
-                refresh_of = self.refresh_of
+                refresh_of, on_load_of = self.refresh_of, self.on_load_of
                 idx = self._by_tenant.get(tenant_id) or TenantIndex(
                     self.path_of(tenant_id),
                     refresh=(lambda: refresh_of(tenant_id)) if refresh_of else None,
+                    on_load=(lambda snap: on_load_of(tenant_id, snap)) if on_load_of else None,
                 )
                 self._by_tenant[tenant_id] = idx
         return idx

@@ -139,7 +139,14 @@ class CdsService:
         self.base = public_base_url.rstrip("/")
         self.http = http or httpx.Client(timeout=FETCH_TIMEOUT)
         self.auth = authenticator or CdsAuthenticator(cp, http=self.http)
-        self.indexes = WarehouseIndexes(warehouse_path_of, refresh_of=warehouse_refresh_of)
+        # Each index load that met purpose-restricted (network) rows is an audit row.
+        from medblocks_pipelines.lib.cds.index import audit_index_read
+
+        self.indexes = WarehouseIndexes(
+            warehouse_path_of,
+            refresh_of=warehouse_refresh_of,
+            on_load_of=lambda tenant, snap: audit_index_read(cp, tenant, snap),
+        )
         self.today = today or (lambda: datetime.now(UTC).date())
         self.app_url = app_url if app_url is not None else f"{self.base}/ehr/launch"
         # Knowledge packs and the terminology server: as given, else as configured (env).

@@ -39,6 +39,10 @@ def _publish(tmp: Path, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _pattern(fact: Mapping[str, Any]) -> str | None:
+    return (fact.get("patterns") or [None])[0]
+
+
 def write_warehouse(
     path: Path,
     *,
@@ -47,7 +51,8 @@ def write_warehouse(
     patients: Sequence[Mapping[str, Any]] = (),
 ) -> Path:
     """Publish a warehouse with ``patient_links`` (patient_key, source, person_id), ``resources``
-    (Patient JSON per patient_key), ``facts`` (+ ``organizations``, ``codes``) at ``path``."""
+    (Patient JSON per patient_key), ``facts`` (+ ``organizations``, ``codes``, and for network
+    facts ``permitted_purpose``, default ``T-TREAT``) at ``path``."""
     import json
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -91,12 +96,24 @@ def write_warehouse(
             {
                 "fact_id": f["fact_id"],
                 "organization": o,
-                "pattern": (f.get("patterns") or [None])[0],
+                "pattern": _pattern(f),
+                # network facts: the purpose they were obtained for (default treatment) and a
+                # query id, as the real build carries them
+                "permitted_purpose": f.get("permitted_purpose", "T-TREAT")
+                if _pattern(f) == "network"
+                else None,
+                "network_query_id": f"q-{f['fact_id']}" if _pattern(f) == "network" else None,
             }
             for f in facts
             for o in (f.get("organizations") or [None])
         ],
-        schema={"fact_id": pl.Utf8, "organization": pl.Utf8, "pattern": pl.Utf8},
+        schema={
+            "fact_id": pl.Utf8,
+            "organization": pl.Utf8,
+            "pattern": pl.Utf8,
+            "permitted_purpose": pl.Utf8,
+            "network_query_id": pl.Utf8,
+        },
     )
     men_df = pl.DataFrame(
         [{"fact_id": f["fact_id"], "codes": list(f.get("codes") or [])} for f in facts],

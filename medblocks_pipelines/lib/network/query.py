@@ -559,6 +559,10 @@ def _land(
             organization=org,
             connection=None,
             run_id=run_id,
+            # Why we were allowed to get these rows, for the consumers' read policy
+            # (lib/warehouse/read_policy.py): the audited purpose and query.
+            permitted_purpose=result.purpose,
+            network_query_id=str(query_id),
         )
         # Converted documents land under the person's scope: what a document's record target
         # (matched against this gateway's XCPD matches) owns, never another patient's records.

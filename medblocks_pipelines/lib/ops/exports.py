@@ -18,6 +18,14 @@ Retries without duplicates
     idempotent. The snapshot for sequence N is written before the watermark moves to N, in that
     order, so a crash anywhere repeats sequence N rather than skipping or doubling it.
 
+Purpose
+    A destination declares the purpose it receives data for (``config.purpose``, a TEFCA Exchange
+    Purpose code). Network rows are exported only where the read policy
+    (``lib/warehouse/read_policy.py``) allows their ``permitted_purpose`` for that declared
+    purpose, so an export declared for payment or operations never carries rows obtained for
+    treatment; a destination without a declared purpose carries no network rows. Each run that met
+    network rows writes one audit row with the counts exported and withheld, by purpose.
+
 Records
     Every run is a row in ``export_runs`` (counts by type, deletions, bytes, error class) and an
     ``export.completed`` / ``export.failed`` outbox event written in the same transaction.
@@ -50,6 +58,14 @@ from medblocks_pipelines.lib.registry import schema as rt
 from medblocks_pipelines.lib.registry.store import check_id
 from medblocks_pipelines.lib.settings import Settings
 from medblocks_pipelines.lib.warehouse.build import current_warehouse_path
+from medblocks_pipelines.lib.warehouse.read_policy import (
+    ConsumerRule,
+    ReadCounts,
+    audit_read,
+    consumer_filter,
+    load_read_policy,
+    read_counts,
+)
 
 KINDS = ("ndjson", "parquet", "fhir")
 SECRET_PREFIX = "export:"
@@ -105,7 +121,10 @@ def add_destination(
 
     ``url``: a folder path or ``file://``/``s3://bucket/prefix`` URL (ndjson, parquet) or a FHIR
     base URL (fhir). ``config``: ``gzip`` (ndjson, default true), ``resource_types``, ``sources``,
-    ``bundle_size`` (fhir, default 200), ``endpoint_url`` and ``region`` (S3-compatible storage).
+    ``bundle_size`` (fhir, default 200), ``endpoint_url`` and ``region`` (S3-compatible storage),
+    ``purpose`` (the TEFCA Exchange Purpose the destination receives data for: network rows go
+    only where the read policy allows their purpose, ``lib/warehouse/read_policy.py``; without
+    one, no network row is exported).
     ``credentials``: ``{"key", "secret"}`` for S3 or ``{"bearer_token"}`` for a FHIR server.
     A FHIR server that takes SMART Backend Services needs no stored secret: ``config``
     ``{"auth": "smart-backend", "client_id": ..., "scope": "system/*.cu system/*.d"}`` signs a
@@ -122,6 +141,8 @@ def add_destination(
         raise ConfigError("auth is 'bearer' (a stored token) or 'smart-backend'")
     if cfg.get("auth") == "smart-backend" and not cfg.get("client_id"):
         raise ConfigError("smart-backend auth needs the client_id registered at the destination")
+    if cfg.get("purpose") is not None:
+        load_read_policy().rule("export", str(cfg["purpose"]))  # refuses an unknown purpose
     with cp.engine.begin() as conn:
         existing = conn.execute(
             sa.select(ot.export_destinations.c.tenant_id).where(ot.export_destinations.c.id == id)
@@ -232,9 +253,23 @@ def run_export(
                 f"no warehouse for tenant {tenant} yet",
                 hint=f"build it first: medblocks warehouse build --tenant {tenant}",
             )
+        policy = load_read_policy()
+        rule = policy.rule("export", dest["config"].get("purpose"))
         con = duckdb.connect()
         try:
-            _prepare_delta(con, wh_file, state_dir, int(last) if last else None, dest["config"])
+            read = _prepare_delta(
+                con, wh_file, state_dir, int(last) if last else None, dest["config"], rule
+            )
+            audit_read(
+                cp,
+                tenant=tenant,
+                rule=rule,
+                policy=policy,
+                counts=read,
+                actor=f"export:{destination_id}",
+                table="resources",
+                ref=f"seq {seq}",
+            )
             if dest["kind"] == "fhir":
                 _send_fhir(con, dest, _credentials(cp, destination_id), result, http, cp=cp)
             else:
@@ -360,10 +395,20 @@ def _prepare_delta(
     state_dir: Path,
     last_seq: int | None,
     config: Mapping[str, Any],
-) -> None:
-    """Temp tables ``current``, ``changed`` and ``deleted`` for this run."""
+    rule: ConsumerRule,
+) -> ReadCounts:
+    """Temp tables ``current``, ``changed`` and ``deleted`` for this run; ``current`` holds only
+    the rows the read policy lets this destination carry. Returns the network rows' counts."""
     con.execute(f"ATTACH '{wh_file}' AS wh (READ_ONLY)")
-    where, params = ["1=1"], []
+    present = set(con.sql("SELECT * FROM wh.resources LIMIT 0").columns)
+    extra = "".join(
+        f", NULL::VARCHAR AS {c}"
+        for c in ("permitted_purpose", "network_query_id")
+        if c not in present
+    )
+    con.execute(f"CREATE TEMP VIEW wh_rows AS SELECT *{extra} FROM wh.resources")
+    read = read_counts(con, "wh_rows", rule)
+    where, params = [consumer_filter(rule)], []
     if config.get("resource_types"):
         where.append("resource_type IN (SELECT unnest(?))")
         params.append(list(config["resource_types"]))
@@ -372,10 +417,11 @@ def _prepare_delta(
         params.append(list(config["sources"]))
     con.execute(
         "CREATE TEMP TABLE current AS SELECT resource_key, resource_type, resource_id, version_id,"
-        " last_updated, content_hash, resource, source, fetched_at FROM wh.resources WHERE "
+        " last_updated, content_hash, resource, source, fetched_at FROM wh_rows WHERE "
         + " AND ".join(where),
         params,
     )
+    con.execute("DROP VIEW wh_rows")
     con.execute("DETACH wh")
     prev = _state_file(state_dir, last_seq) if last_seq else None
     if prev is not None and prev.exists():
@@ -403,6 +449,7 @@ def _prepare_delta(
         FROM prev p ANTI JOIN current c USING (resource_key)
         """
     )
+    return read
 
 
 def _save_state(con: duckdb.DuckDBPyConnection, state_dir: Path, seq: int) -> None:

@@ -21,7 +21,12 @@ Base tables:
   silently; ``resources`` keeps the most recently fetched content (deterministic for a lake).
 - ``tombstones``: deletions reported by sources.
 - ``resource_sightings``: each current resource with every pattern, organization and connection
-  that delivered it (first and last fetch, number of runs).
+  that delivered it (and, for network deliveries, the exchange purpose), first and last fetch,
+  number of runs.
+
+Network rows carry ``permitted_purpose`` and ``network_query_id`` (why and by which audited query
+they came in) into ``resource_versions`` and ``resources``; lake files written before those
+columns existed read as nulls (``_with_late_columns``).
 - ``quarantine``: bad records with their reason, deduplicated.
 - ``pull_history``: the control plane's pull rows for this tenant.
 Then each step in ``steps`` adds its tables (views, identity, unified record).
@@ -48,6 +53,7 @@ from medblocks_pipelines.lib.partitions import normalise_id
 from medblocks_pipelines.lib.settings import Settings
 from medblocks_pipelines.lib.storage import fetch_if_changed, join, put_file, remember_signature
 from medblocks_pipelines.lib.warehouse.lake import (
+    LATE_PROVENANCE_COLUMNS,
     QUARANTINE_SCHEMA,
     RESOURCE_SCHEMA,
     mirror_tenant,
@@ -156,6 +162,14 @@ def _empty_arrow(schema: pa.Schema) -> pa.Table:
     return schema.empty_table()
 
 
+def _with_late_columns(con: duckdb.DuckDBPyConnection, source: str, view: str) -> None:
+    """``view`` = ``source`` plus, as nulls, the provenance columns older lake files lack
+    (``union_by_name`` adds a column only when at least one file has it)."""
+    present = {r[0] for r in con.execute(f"DESCRIBE {source}").fetchall()}
+    extra = "".join(f", NULL::VARCHAR AS {c}" for c in LATE_PROVENANCE_COLUMNS if c not in present)
+    con.execute(f"CREATE TEMP VIEW {view} AS SELECT *{extra} FROM {source}")
+
+
 def build_base_tables(
     con: duckdb.DuckDBPyConnection, settings: Settings, tenant: str, pulls: Sequence[dict[str, Any]]
 ) -> None:
@@ -171,10 +185,11 @@ def build_base_tables(
             skip = len(str(settings.lake_root)) + 1
             lake_file = f"'{_sql_str(settings.lake_url)}' || substr(filename, {skip})"
         con.execute(
-            f"CREATE TEMP VIEW lake_rows AS SELECT *, {lake_file} AS lake_file "
+            f"CREATE TEMP VIEW lake_files AS SELECT *, {lake_file} AS lake_file "
             f"FROM read_parquet('{_sql_str(rglob)}', hive_partitioning=false, "
             "union_by_name=true, filename=true, file_row_number=true)"
         )
+        _with_late_columns(con, "lake_files", "lake_rows")
     else:
         empty = _empty_arrow(RESOURCE_SCHEMA)  # noqa: F841 (referenced by name in SQL)
         con.execute(
@@ -191,7 +206,8 @@ def build_base_tables(
                try_cast(last_updated AS TIMESTAMPTZ) AS last_updated_ts, content_hash,
                tenant, pattern, source, organization, connection,
                source || '/' || resource_type || '/' || resource_id AS resource_key,
-               fetched_at, run_id, origin, lake_file, file_row_number AS lake_row
+               fetched_at, run_id, origin, permitted_purpose, network_query_id,
+               lake_file, file_row_number AS lake_row
         FROM lake_rows
         WHERE NOT deleted
         QUALIFY row_number() OVER (
@@ -259,7 +275,8 @@ def build_base_tables(
         CREATE TABLE resources AS
         SELECT source || '/' || resource_type || '/' || resource_id AS resource_key,
                resource_type, resource_id, version_id, last_updated, content_hash, resource,
-               tenant, pattern, source, organization, connection, fetched_at, run_id
+               tenant, pattern, source, organization, connection, fetched_at, run_id,
+               permitted_purpose, network_query_id
         FROM lake_rows
         WHERE (lake_file, file_row_number) IN (SELECT (lake_file, lake_row) FROM current_rows)
         """
@@ -271,7 +288,7 @@ def build_base_tables(
     con.execute(
         """
         CREATE TABLE resource_sightings AS
-        SELECT v.resource_key, l.pattern, l.organization, l.connection,
+        SELECT v.resource_key, l.pattern, l.organization, l.connection, l.permitted_purpose,
                min(l.fetched_at) AS first_fetched_at, max(l.fetched_at) AS last_fetched_at,
                count(DISTINCT l.run_id) AS runs
         FROM lake_rows l
@@ -287,10 +304,14 @@ def build_base_tables(
     qglob = quarantine_glob(settings.lake_root, tenant)
     if _has_files(qglob):
         con.execute(
-            f"""
+            f"CREATE TEMP VIEW quarantine_files AS SELECT * FROM read_parquet("
+            f"'{_sql_str(qglob)}', hive_partitioning=false, union_by_name=true)"
+        )
+        _with_late_columns(con, "quarantine_files", "quarantine_rows")
+        con.execute(
+            """
             CREATE TABLE quarantine AS
-            SELECT * FROM read_parquet('{_sql_str(qglob)}', hive_partitioning=false,
-                                       union_by_name=true)
+            SELECT * FROM quarantine_rows
             QUALIFY row_number() OVER (
                 PARTITION BY source, origin, reason, raw_hash ORDER BY fetched_at, run_id) = 1
             """

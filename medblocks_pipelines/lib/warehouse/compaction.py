@@ -132,7 +132,11 @@ def _compact_folder(
         with fs.open(key, "rb") as fh:
             table = pq.read_table(fh)
         # Both landing paths (pyarrow and DuckDB's COPY) write the lake schema; cast to it
-        # exactly so the files concatenate whatever physical types each writer chose.
+        # exactly so the files concatenate whatever physical types each writer chose. Files
+        # landed before a column existed (the network purpose columns) get it as nulls.
+        for name in schema.names:
+            if name not in table.column_names:
+                table = table.append_column(name, pa.nulls(table.num_rows, schema.field(name).type))
         tables.append(table.select(schema.names).cast(schema))
     combined = pa.concat_tables(tables)
     name = f"c-{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(3)}.parquet"

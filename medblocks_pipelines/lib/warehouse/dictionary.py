@@ -17,6 +17,16 @@ import duckdb
 
 from medblocks_pipelines.lib.warehouse import identity, unified
 
+# Why a network row was let in; null for the other patterns (their relationship is `pattern`).
+PURPOSE_DOCS = {
+    "permitted_purpose": "Network rows: the TEFCA Exchange Purpose (XP code, e.g. T-TREAT, "
+    "T-PYMNT) the query that obtained the row was allowed for; null for the other patterns. "
+    "Consumers (CDS, exports, analysts) read by it: see the read policy, "
+    "`lib/warehouse/read-policy-v1.yaml`",
+    "network_query_id": "Network rows: our id of the audited network query that obtained the row "
+    "(`network_queries.id`, which names its audit row); null for the other patterns",
+}
+
 TABLE_DOCS: dict[str, tuple[str, dict[str, str]]] = {
     "resources": (
         "The latest version of every resource at every source, tombstones applied (base table).",
@@ -25,6 +35,7 @@ TABLE_DOCS: dict[str, tuple[str, dict[str, str]]] = {
             "resource": "The resource JSON exactly as the source sent it",
             "pattern": "How it reached us: patient_access, clinician_workflow, backend, network",
             "fetched_at": "When we fetched this version (UTC)",
+            **PURPOSE_DOCS,
         },
     ),
     "resource_versions": (
@@ -37,6 +48,7 @@ TABLE_DOCS: dict[str, tuple[str, dict[str, str]]] = {
                 "(its object-store URL when the lake is in object storage)"
             ),
             "lake_row": "Row number of the version inside `lake_file`",
+            **PURPOSE_DOCS,
         },
     ),
     "tombstones": (
@@ -60,6 +72,7 @@ TABLE_DOCS: dict[str, tuple[str, dict[str, str]]] = {
             "first_fetched_at": "First time this relationship delivered the resource",
             "last_fetched_at": "Most recent delivery",
             "runs": "Number of runs that delivered it",
+            "permitted_purpose": "Network deliveries: the exchange purpose they were obtained for",
         },
     ),
     "quarantine": (
@@ -70,6 +83,7 @@ TABLE_DOCS: dict[str, tuple[str, dict[str, str]]] = {
             "reason": "Why it was refused: the class before the first colon (malformed JSON, "
             "invalid_primitive, missing_required, invalid_utf8, ...), then the details",
             "origin": "File and line or record number it came from",
+            **PURPOSE_DOCS,
         },
     ),
     "pull_history": (
@@ -147,6 +161,7 @@ TABLE_DOCS: dict[str, tuple[str, dict[str, str]]] = {
             "codes": "Normalised `system|code` of the mention",
             "is_claim": "Stated by a claim (ExplanationOfBenefit)",
             "mention_date": "The date the rule compares (onset, effective, start, authored...)",
+            **PURPOSE_DOCS,
         },
     ),
     "facts": (
@@ -161,6 +176,8 @@ TABLE_DOCS: dict[str, tuple[str, dict[str, str]]] = {
             "last_date": "Latest date stated by any source",
             "n_sources": "Distinct sources stating the fact",
             "patterns": "Patterns through which it was stated (every landing of its sources)",
+            "permitted_purposes": "Exchange purposes of its network sources (empty when no "
+            "network row states it); a consumer uses a fact only through sources it may read",
             "from_clinical": "Stated by a clinical record",
             "from_claims": "Stated by a claim",
         },
@@ -171,6 +188,7 @@ TABLE_DOCS: dict[str, tuple[str, dict[str, str]]] = {
         {
             "pattern": "Pattern of the resource's latest version",
             "patterns_seen": "Every pattern the resource arrived through",
+            **PURPOSE_DOCS,
         },
     ),
     "view_tables": ("The ViewDefinition tables built, with their row counts.", {}),

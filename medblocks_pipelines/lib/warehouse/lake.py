@@ -72,8 +72,15 @@ RESOURCE_SCHEMA = pa.schema(
         ("fetched_at", pa.timestamp("us", tz="UTC")),
         ("run_id", pa.string()),
         ("origin", pa.string()),
+        # network rows only (null for the other patterns): why and by which query we got them
+        ("permitted_purpose", pa.string()),
+        ("network_query_id", pa.string()),
     ]
 )
+
+#: Provenance columns added after the first lake files were written: a reader of older files
+#: (build, compaction) adds them as nulls.
+LATE_PROVENANCE_COLUMNS = ("permitted_purpose", "network_query_id")
 
 QUARANTINE_SCHEMA = pa.schema(
     [
@@ -89,6 +96,8 @@ QUARANTINE_SCHEMA = pa.schema(
         ("connection", pa.string()),
         ("fetched_at", pa.timestamp("us", tz="UTC")),
         ("run_id", pa.string()),
+        ("permitted_purpose", pa.string()),
+        ("network_query_id", pa.string()),
     ]
 )
 
@@ -102,7 +111,12 @@ MAX_RAW_CHARS = 1_000_000
 
 @dataclass(frozen=True)
 class Provenance:
-    """Who fetched a row, from where, under which relationship, in which run."""
+    """Who fetched a row, from where, under which relationship, in which run.
+
+    ``permitted_purpose`` (a TEFCA Exchange Purpose code such as ``T-TREAT``) and
+    ``network_query_id`` (our id of the audited network query) say why a network row was allowed
+    in; the other patterns leave them ``None`` (their relationship is ``pattern`` itself).
+    """
 
     tenant: str
     pattern: str
@@ -110,6 +124,8 @@ class Provenance:
     organization: str | None
     connection: str | None
     run_id: str
+    permitted_purpose: str | None = None
+    network_query_id: str | None = None
 
 
 @dataclass
@@ -242,6 +258,14 @@ class LakeWriter:
         patient_scope: PatientScope | None = None,
         max_line_bytes: int = MAX_LINE_BYTES,
     ) -> None:
+        if provenance.pattern == "network" and not (
+            provenance.permitted_purpose and provenance.network_query_id
+        ):
+            # A network row must say why it was let in, or no consumer may ever read it.
+            raise LandingError(
+                "network rows need the permitted purpose and the network query id",
+                hint="set Provenance.permitted_purpose and network_query_id from the audited query",
+            )
         # ``patient_scope``: a patient-scoped connection lands only its patient's compartment;
         # anything else is quarantined (lib/fhir/compartment.py).
         self.patient_scope = patient_scope
@@ -499,7 +523,8 @@ class LakeWriter:
                          ? AS tenant, ? AS pattern, ? AS source,
                          ?::VARCHAR AS organization, ?::VARCHAR AS connection,
                          ?::TIMESTAMPTZ AS fetched_at, ? AS run_id,
-                         ? || '#' || recno AS origin
+                         ? || '#' || recno AS origin,
+                         ?::VARCHAR AS permitted_purpose, ?::VARCHAR AS network_query_id
                   FROM rows
                   WHERE reason IS NULL AND rtype = ?
                 ) TO '{_sql_str(str(tmp))}' (FORMAT parquet, COMPRESSION zstd)
@@ -513,6 +538,8 @@ class LakeWriter:
                     fetched,
                     p.run_id,
                     origin,
+                    p.permitted_purpose,
+                    p.network_query_id,
                     rtype,
                 ],
             )
@@ -554,6 +581,8 @@ class LakeWriter:
             "connection": pa.array([p.connection] * n, pa.string()),
             "fetched_at": pa.array([self._fetched_at] * n, pa.timestamp("us", tz="UTC")),
             "run_id": pa.array([p.run_id] * n, pa.string()),
+            "permitted_purpose": pa.array([p.permitted_purpose] * n, pa.string()),
+            "network_query_id": pa.array([p.network_query_id] * n, pa.string()),
         }
 
     def _flush_type(self, rtype: str) -> None:

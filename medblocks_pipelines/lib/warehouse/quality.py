@@ -13,7 +13,10 @@ into an asset check result and the CLI can print it. The checks:
   ``resources``; ``persons`` has no member-less person;
 - ``quarantine_growth``: quarantined rows did not grow by more than ``max_quarantine_growth`` of the
   resources landed since the previous build;
-- ``views_compiled``: no ViewDefinition failed (``view_errors`` is empty).
+- ``views_compiled``: no ViewDefinition failed (``view_errors`` is empty);
+- ``network_rows_have_purpose``: every ``network`` row of ``resources``, ``resource_versions``,
+  ``fact_sources`` and the view tables carries ``permitted_purpose`` and ``network_query_id`` (the
+  consumers' read policy, ``lib/warehouse/read_policy.py``, cannot judge a row without them).
 """
 
 from dataclasses import dataclass, field
@@ -204,6 +207,34 @@ def check_views(con: duckdb.DuckDBPyConnection) -> CheckOutcome:
     )
 
 
+def check_network_purpose(
+    con: duckdb.DuckDBPyConnection, view_tables: list[str] | None = None
+) -> CheckOutcome:
+    """Every network row says under which exchange purpose and by which query it came in."""
+    tables = _tables(con)
+    bad: dict[str, int] = {}
+    for t in ["resources", "resource_versions", "fact_sources", *(view_tables or [])]:
+        if t not in tables:
+            continue
+        cols = {r[0] for r in con.execute(f'DESCRIBE "{t}"').fetchall()}
+        if "pattern" not in cols:
+            continue
+        if not {"permitted_purpose", "network_query_id"} <= cols:
+            bad[t] = _scalar(con, f"SELECT count(*) FROM \"{t}\" WHERE pattern = 'network'")
+            continue
+        bad[t] = _scalar(
+            con,
+            f"SELECT count(*) FROM \"{t}\" WHERE pattern = 'network' "
+            "AND (permitted_purpose IS NULL OR network_query_id IS NULL)",
+        )
+    return CheckOutcome(
+        "network_rows_have_purpose",
+        all(v == 0 for v in bad.values()),
+        "every network row carries the exchange purpose and the query that obtained it",
+        {"network_rows_without_purpose": {k: v for k, v in bad.items() if v}, "tables": len(bad)},
+    )
+
+
 CHECK_NAMES = (
     "row_counts",
     "every_row_has_person",
@@ -211,6 +242,7 @@ CHECK_NAMES = (
     "referential_integrity",
     "quarantine_growth",
     "views_compiled",
+    "network_rows_have_purpose",
 )
 
 
@@ -231,6 +263,7 @@ def run_checks(
         check_referential_integrity(con),
         check_quarantine_growth(counts, previous),
         check_views(con),
+        check_network_purpose(con, views),
     ]
 
 

@@ -15,6 +15,12 @@ The confinement is DuckDB's own, not a filter of ours:
   extension auto-install or auto-load, no community extensions, and ``lock_configuration=true``
   so ``SET`` / ``PRAGMA`` / ``RESET`` cannot undo any of it.
 
+The analyst sees the warehouse through the read policy (``lib/warehouse/read_policy.py``): every
+table is shadowed by a temp view that withholds network rows whose exchange purpose the policy does
+not list for consumer ``analyst`` (``lib/warehouse/analyst_views.py``); SQL that names the attached
+catalog or schema (``acme.main.resources``) or reads through ``query()`` is refused, and a session
+that met restricted rows leaves an audit row.
+
 On top of that, :func:`check_sql` refuses statement types an analyst never needs (``ATTACH``,
 ``COPY``, ``INSTALL``/``LOAD``, ``SET``, ``PRAGMA``, writes...) before anything runs, so a script of
 several statements is refused whole rather than half run. What stays usable: ``SELECT`` (with the
@@ -23,6 +29,7 @@ warehouse's views and macros, ``DESCRIBE``, ``SHOW``, ``SUMMARIZE``, ``PIVOT``),
 leaves the warehouse through ``medblocks exports``, never through SQL.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,16 +98,24 @@ def connect_sandboxed() -> duckdb.DuckDBPyConnection:
     return duckdb.connect(":memory:", config=dict(_CONNECT_CONFIG))
 
 
-def _attach_confined(path: Path) -> duckdb.DuckDBPyConnection:
+def _catalog_of(path: Path) -> str:
+    # The catalog is named after the file, as a plain client would name it, unless that
+    # name is one of DuckDB's own catalogs.
+    return path.stem if path.stem.lower() not in _RESERVED_CATALOGS else "warehouse"
+
+
+def _attach_confined(
+    path: Path, prepare: Callable[[duckdb.DuckDBPyConnection, str], Any] | None = None
+) -> duckdb.DuckDBPyConnection:
     con = connect_sandboxed()
     try:
-        # The catalog is named after the file, as a plain client would name it, unless that
-        # name is one of DuckDB's own catalogs.
-        name = path.stem if path.stem.lower() not in _RESERVED_CATALOGS else "warehouse"
+        name = _catalog_of(path)
         alias = name.replace('"', '""')
         literal = str(path).replace("'", "''")
         con.execute(f"ATTACH '{literal}' AS \"{alias}\" (READ_ONLY)")
         con.execute(f'USE "{alias}"')
+        if prepare is not None:
+            prepare(con, name)
         lock_down(con)
     except BaseException:
         con.close()
@@ -108,9 +123,19 @@ def _attach_confined(path: Path) -> duckdb.DuckDBPyConnection:
     return con
 
 
-def open_confined(tenant: str, *, settings: Settings) -> duckdb.DuckDBPyConnection:
-    """``tenant``'s published warehouse, read-only, confined (see the module docstring)."""
+def open_confined(
+    tenant: str,
+    *,
+    settings: Settings,
+    control_plane: Any | None = None,
+    actor: str = "analyst",
+) -> duckdb.DuckDBPyConnection:
+    """``tenant``'s published warehouse, read-only, confined (see the module docstring), seen
+    through the read policy's analyst views (``lib/warehouse/analyst_views.py``). A session that
+    met purpose-restricted network rows is written to ``control_plane``'s audit log."""
+    from medblocks_pipelines.lib.warehouse.analyst_views import apply_analyst_policy
     from medblocks_pipelines.lib.warehouse.build import current_warehouse_path
+    from medblocks_pipelines.lib.warehouse.read_policy import audit_read, load_read_policy
 
     path = current_warehouse_path(settings, tenant)
     if not path.exists():
@@ -118,7 +143,22 @@ def open_confined(tenant: str, *, settings: Settings) -> duckdb.DuckDBPyConnecti
             f"no warehouse for tenant {tenant} yet",
             hint=f"build it with `medblocks warehouse build --tenant {tenant}`",
         )
-    return _attach_confined(path)
+    policy = load_read_policy()
+    counts: list[Any] = []
+    con = _attach_confined(
+        path, lambda c, catalog: counts.append(apply_analyst_policy(c, catalog, policy))
+    )
+    audit_read(
+        control_plane,
+        tenant=tenant,
+        rule=policy.rule("analyst"),
+        policy=policy,
+        counts=counts[0],
+        actor=actor,
+        table="resources",
+        ref="analyst session",
+    )
+    return con
 
 
 def _first_line(exc: BaseException) -> str:
@@ -154,6 +194,16 @@ def execute_confined(con: duckdb.DuckDBPyConnection, sql: str) -> duckdb.DuckDBP
     :class:`QueryRefused`; any other DuckDB error :class:`QueryFailed`; both carry one line.
     """
     statements = check_sql(sql)
+    from medblocks_pipelines.lib.warehouse.analyst_views import (
+        analyst_catalog,
+        qualified_references,
+    )
+
+    catalog = analyst_catalog(con)
+    if catalog is not None:
+        why = qualified_references(sql, catalog)
+        if why:
+            raise QueryRefused(f"refused: {why} (analyst SQL reads the policy's views)")
     try:
         for stmt in statements:
             con.execute(stmt)
@@ -168,11 +218,16 @@ def execute_confined(con: duckdb.DuckDBPyConnection, sql: str) -> duckdb.DuckDBP
 
 
 def run_confined(
-    tenant: str, sql: str, *, settings: Settings, max_rows: int = 200
+    tenant: str,
+    sql: str,
+    *,
+    settings: Settings,
+    max_rows: int = 200,
+    control_plane: Any | None = None,
 ) -> ConfinedResult:
     """Run analyst ``sql`` against ``tenant``'s warehouse; the last statement's first rows."""
     check_sql(sql)  # refuse before touching (or downloading) the warehouse
-    con = open_confined(tenant, settings=settings)
+    con = open_confined(tenant, settings=settings, control_plane=control_plane)
     try:
         cur = execute_confined(con, sql)
         if cur.description is None:

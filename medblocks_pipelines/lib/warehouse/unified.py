@@ -222,7 +222,7 @@ _CC = '{"coding":' + _CODING + ',"text":"VARCHAR"}'
 # One SELECT per mention source; all produce the same columns. {cols} = provenance of `resources`.
 _PROV = (
     "r.resource_key, r.resource_type, r.source, r.pattern, r.organization, r.connection, "
-    "r.fetched_at, r.run_id"
+    "r.fetched_at, r.run_id, r.permitted_purpose, r.network_query_id"
 )
 
 _PATIENT_KEY = (
@@ -396,6 +396,8 @@ MENTION_COLUMNS = [
     "connection",
     "fetched_at",
     "run_id",
+    "permitted_purpose",
+    "network_query_id",
     "element",
     "kind",
     "is_claim",
@@ -705,6 +707,8 @@ def build_facts(mentions: pl.DataFrame) -> pl.DataFrame:
         n_resources=pl.col("resource_key").n_unique(),
         sources=pl.col("source").unique().sort(),
         patterns=pl.col("pattern").unique().sort(),
+        # the exchange purposes of its network sources (empty when none came by the network)
+        permitted_purposes=pl.col("permitted_purpose").drop_nulls().unique().sort(),
         from_claims=pl.col("is_claim").any(),
         from_clinical=(~pl.col("is_claim")).any(),
         first_fetched_at=pl.col("fetched_at").min(),
@@ -745,7 +749,8 @@ def write_unified_tables(
         SELECT mention_id, fact_id, kind, person_id, patient_key, resource_key, resource_type,
                element, is_claim, concept, codes, text, day AS mention_date, date_str,
                value_num, value_unit, value_text, status, category, chronic,
-               source, pattern, organization, connection, fetched_at, run_id
+               source, pattern, organization, connection, fetched_at, run_id,
+               permitted_purpose, network_query_id
         FROM m_arrow ORDER BY mention_id
         """
     )
@@ -754,8 +759,8 @@ def write_unified_tables(
         CREATE OR REPLACE TABLE facts AS
         SELECT fact_id, kind, person_id, code_system, code, display, text, concept,
                effective_date, last_date, value_num, value_unit, value_text, status, category,
-               n_mentions, n_resources, n_sources, sources, patterns, from_clinical, from_claims,
-               first_fetched_at, last_fetched_at
+               n_mentions, n_resources, n_sources, sources, patterns, permitted_purposes,
+               from_clinical, from_claims, first_fetched_at, last_fetched_at
         FROM f_arrow ORDER BY kind, person_id, effective_date, fact_id
         """
     )
@@ -763,7 +768,7 @@ def write_unified_tables(
         """
         CREATE OR REPLACE TABLE fact_sources AS
         SELECT DISTINCT fact_id, resource_key, element, resource_type, source, pattern,
-               organization, connection, fetched_at, run_id
+               organization, connection, fetched_at, run_id, permitted_purpose, network_query_id
         FROM fact_mentions WHERE fact_id IS NOT NULL
         ORDER BY fact_id, resource_key, element
         """

@@ -45,6 +45,8 @@ PROVENANCE_COLUMNS: tuple[str, ...] = (
     "resource_key",
     "fetched_at",
     "run_id",
+    "permitted_purpose",
+    "network_query_id",
     "resource_type",
     "resource_id",
     "version_id",
