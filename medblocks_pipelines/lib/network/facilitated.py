@@ -443,6 +443,9 @@ def _land(
             organization=out.node,
             connection=None,
             run_id=run_id,
+            # The rows remember the purpose and the query that let them in (the read policy).
+            permitted_purpose=result.purpose,
+            network_query_id=str(result.query_id),
         )
         # Only the matched patient's records land: the landing writer's patient scope (the R4
         # Patient compartment, lib/fhir/compartment.py) quarantines anything a node returns about
