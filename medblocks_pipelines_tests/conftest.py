@@ -5,6 +5,8 @@ database and drops it at the end. Where no server answers, PostgreSQL tests skip
 (``MEDBLOCKS_REQUIRE_POSTGRES=1``).
 """
 
+import contextvars
+import inspect
 import os
 import secrets
 from collections.abc import Iterator
@@ -20,6 +22,25 @@ from medblocks_pipelines.lib.settings import Settings, get_settings
 PG_ADMIN_URL = os.environ.get(
     "MEDBLOCKS_TEST_PG_ADMIN_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
 )
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
+    """Run each test body in a new, empty ``contextvars.Context``, as the CLI runs Dagster.
+
+    Dagster keeps its defs-state storage in a context variable that an instance context sets on
+    entry. A Dagster context left to the garbage collector by an earlier test resets it, when
+    finalized, to a storage whose instance is gone, and the next repository build raises
+    "undefined DagsterInstance weakref". The CLI and the tests both run Dagster in a fresh context
+    (``cli.runtime.in_fresh_context``), where such a late reset cannot reach: public Python, no
+    private Dagster API and no pinning of Dagster's variable.
+    """
+    if pyfuncitem.config.pluginmanager.hasplugin("asyncio"):
+        return None  # async tests keep their event loop's context
+    params = inspect.signature(pyfuncitem.obj).parameters
+    args = {name: value for name, value in pyfuncitem.funcargs.items() if name in params}
+    contextvars.Context().run(pyfuncitem.obj, **args)
+    return True
 
 
 @pytest.fixture
