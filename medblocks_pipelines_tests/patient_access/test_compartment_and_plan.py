@@ -151,7 +151,13 @@ def test_lake_writer_quarantines_outside_the_scope(tmp_path: Path) -> None:
 def test_lake_writer_ndjson_files_obey_the_scope(tmp_path: Path) -> None:
     path = tmp_path / "Observation.ndjson"
     lines = [
-        {"resourceType": "Observation", "id": str(i), "subject": {"reference": f"Patient/p{i}"}}
+        {
+            "resourceType": "Observation",
+            "id": str(i),
+            "status": "final",  # Observation.status and .code are 1..1: valid apart from scope
+            "code": {"text": "weight"},
+            "subject": {"reference": f"Patient/p{i}"},
+        }
         for i in (1, 2, 3)
     ]
     path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
