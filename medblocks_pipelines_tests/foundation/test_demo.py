@@ -153,6 +153,11 @@ def test_demo_runs_every_pattern_into_one_warehouse(
     with dg.DagsterInstance.get() as instance:
         runs = instance.get_runs()
         assert len(runs) >= 6
+        # The network stage ran as Dagster runs: the UI shows its materializations.
+        network_mats = instance.fetch_materializations(
+            dg.AssetKey(["network", "query_results"]), limit=10
+        ).records
+        assert len(network_mats) == 2
         events = "\n".join(repr(entry) for run in runs for entry in instance.all_logs(run.run_id))
     leaking = sorted(
         {

@@ -14,8 +14,23 @@ from medblocks_pipelines.defs.shared.outcomes import fail_if_nothing_succeeded
 from medblocks_pipelines.defs.shared.resources import PlatformResource
 from medblocks_pipelines.defs.shared.summaries import landing_metadata
 from medblocks_pipelines.lib.errors import ConfigError
-from medblocks_pipelines.lib.network.query import run_network_query
+from medblocks_pipelines.lib.network.query import QueryResult, run_network_query
 from medblocks_pipelines.lib.network.scope import resolve_scope
+
+#: Per-query rows kept in the metadata (the CLI prints them); counts cover every query.
+MAX_DETAIL = 100
+
+
+def query_detail(result: QueryResult) -> dict[str, object]:
+    """One query's outcome for the metadata: our own ids (query, audit, gateways) and counts only."""
+    return {
+        **result.as_metadata(),
+        "query_id": result.query_id,
+        "audit_id": result.audit_id,
+        "network": result.network,
+        "gateway_status": dict(sorted(result.gateway_status.items())),
+        "resources_by_type": dict(sorted(result.resources_by_type.items())),
+    }
 
 
 class NetworkQueryConfig(dg.Config):
@@ -50,6 +65,7 @@ def network_query_results(
     responders: Counter[str] = Counter()
     resources: Counter[str] = Counter()
     totals: Counter[str] = Counter()
+    detail: list[dict[str, object]] = []
     for person in config.persons:
         result = run_network_query(
             cp,
@@ -64,6 +80,8 @@ def network_query_results(
             run_id=context.run_id,
         )
         totals["queries"] += 1
+        if len(detail) < MAX_DETAIL:
+            detail.append(query_detail(result))
         if not result.allowed:
             refusals[result.reason] += 1
             continue
@@ -96,6 +114,7 @@ def network_query_results(
             "quarantined": totals["quarantined"],
             "partial_queries": totals["status_partial"],
             "failed_queries": totals["status_failed"],
+            "query_detail": dg.MetadataValue.json(detail),
             **landing_metadata(
                 f"Network queries for {context.partition_key}",
                 {
