@@ -49,7 +49,7 @@ class NetworkQueryConfig(dg.Config):
     group_name="network",
     kinds={"soap", "parquet"},
     owners=["team:data-platform"],
-    tags={"medblocks/pattern": "network"},
+    tags={"medblocks/layer": "landing", "medblocks/pattern": "network"},
     description="Documents retrieved through an exchange network (XCPD -> XCA) for persons with a "
     "documented relationship, converted from C-CDA to FHIR and landed in the lake.",
 )
