@@ -29,6 +29,7 @@ from rich.console import Console
 from rich.table import Table
 
 from medblocks_pipelines.lib.registry import ControlPlane, open_control_plane, utcnow
+from medblocks_pipelines.lib.registry.sandbox_sources import SANDBOX_FLAG
 from medblocks_pipelines.lib.settings import Settings, get_settings
 
 TENANT = "acme"
@@ -140,6 +141,7 @@ def register(state: DemoState) -> None:
                 "backend_client_id": BACKEND_CLIENT,
                 "jwks_url": jwks,
                 "cadence": "0 2 * * *",
+                SANDBOX_FLAG: True,
             },
         )
         cp.add_organization(org_id, TENANT, org_id, endpoint.name, {"group_id": None})
@@ -151,7 +153,7 @@ def register(state: DemoState) -> None:
         "payer",
         payer.fhir_base,
         ["patient_access"],
-        {"client_id": PATIENT_CLIENT},
+        {"client_id": PATIENT_CLIENT, SANDBOX_FLAG: True},
     )
     _register_network(state)
 
@@ -168,6 +170,7 @@ def _register_network(state: DemoState) -> None:
     state.cp.vault.put(f"network/{NETWORK}/cert", cert.decode())
     cfg["signing_key_secret"] = f"network/{NETWORK}/key"
     cfg["signing_cert_secret"] = f"network/{NETWORK}/cert"
+    cfg[SANDBOX_FLAG] = True
     state.cp.add_source(NETWORK, "Sandbox QHIN", "sandbox", "network", None, ["network"], cfg)
 
 

@@ -14,6 +14,7 @@ import dagster as dg
 
 from medblocks_pipelines.defs.backend.assets import backend_land_job
 from medblocks_pipelines.defs.shared.resources import PlatformResource
+from medblocks_pipelines.defs.shared.sandbox_guard import without_stopped_sandboxes
 from medblocks_pipelines.lib.errors import ConfigError, NotFound
 from medblocks_pipelines.lib.fhir.bulk_sync import due_exports, poll_export
 from medblocks_pipelines.lib.partitions import partition_key
@@ -91,6 +92,7 @@ def backend_bulk_export_sensor(
                 },
             )
         )
+    requests = without_stopped_sandboxes(context, cp, requests)
     # Keep only ids still waiting to land, so the cursor stays small.
     waiting = {r["id"] for r in cp.list_bulk_exports(status=("ready", "downloading"))}
     cursor = json.dumps(
