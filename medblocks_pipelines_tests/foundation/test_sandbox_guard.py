@@ -13,6 +13,7 @@ import dagster as dg
 import pytest
 
 from medblocks_pipelines.defs.backend.schedules import backend_cadence_schedule
+from medblocks_pipelines.defs.backend.sensors import backend_bulk_export_sensor
 from medblocks_pipelines.defs.shared.resources import PlatformResource
 from medblocks_pipelines.lib.registry import ControlPlane, open_control_plane
 from medblocks_pipelines.lib.registry.sandbox_sources import is_stopped_sandbox
@@ -83,6 +84,25 @@ def test_unflagged_sources_are_never_skipped(settings: Settings) -> None:
     _register(settings, _closed_port(), flagged=False)
     requests = _tick(settings)
     assert isinstance(requests, list) and len(requests) == 1
+
+
+def test_export_sensor_leaves_a_stopped_sandbox_export_alone(settings: Settings) -> None:
+    """An export kicked off before the demo ended is not polled (nothing answers) nor failed."""
+    port = _closed_port()
+    cp = _register(settings, port, flagged=True)
+    export_id = cp.save_bulk_export(
+        tenant_id="acme",
+        source_id="mercy",
+        organization_id="mercy-general",
+        polling_url=f"http://127.0.0.1:{port}/fhir/$export-poll/1",
+        request={},
+    )
+    platform = PlatformResource(data_dir=str(settings.data_dir))
+    with dg.instance_for_test() as instance:
+        ctx = dg.build_sensor_context(instance=instance, resources={"platform": platform})
+        result = backend_bulk_export_sensor(ctx)
+    assert not result.run_requests and "polled 0 export(s)" in str(result.skip_reason)
+    assert cp.get_bulk_export(export_id)["status"] == "kicked_off"
 
 
 @pytest.mark.parametrize(

@@ -476,7 +476,9 @@ def deliver_due(
     secrets: dict[str, str] = {}
     started = clock()
     workers = max(1, policy.workers)
-    pool = ThreadPoolExecutor(workers, thread_name_prefix="webhook") if workers > 1 else None
+    pool = (
+        ThreadPoolExecutor(workers, thread_name_prefix="webhook") if workers > 1 and due else None
+    )
     try:
         for i in range(0, len(due), workers):
             left = None if policy.deadline_s is None else policy.deadline_s - (clock() - started)
