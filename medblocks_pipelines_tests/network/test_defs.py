@@ -13,6 +13,7 @@ from medblocks_pipelines.cli.runtime import EMBEDDED_DAGSTER_YAML
 from medblocks_pipelines.defs.network.assets import NetworkQueryConfig, network_query_results
 from medblocks_pipelines.defs.network.sensors import network_relationship_sensor
 from medblocks_pipelines.defs.shared.resources import PlatformResource
+from medblocks_pipelines.lib.errors import MedblocksError
 from medblocks_pipelines.lib.network.query import record_relationship_event
 from medblocks_pipelines.lib.partitions import partition_key
 from medblocks_pipelines_tests.network.test_query import env  # noqa: F401 - fixture
@@ -162,3 +163,24 @@ def test_definitions_load_network_pattern() -> None:
     job = d.resolve_job_def("network_query_job")
     assert job.partitions_def is not None and job.partitions_def.name == "network_scopes"
     assert d.resolve_sensor_def("network_relationship_sensor").job_name == "network_query_job"
+
+
+def test_cli_sync_fails_when_the_allowed_query_failed(env: Any, monkeypatch: Any) -> None:  # noqa: F811
+    """Allowed, then failed before sending (no demographics anywhere): the run is red."""
+    env.start()
+    env.launch("person-9")  # a relationship, but no Patient landed for person-9
+    monkeypatch.setenv("MEDBLOCKS_DATA_DIR", str(env.settings.data_dir))
+    home = env.settings.data_dir / "dagster_home"
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "dagster.yaml").write_text(EMBEDDED_DAGSTER_YAML)
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    res = CliRunner().invoke(
+        network_sync, ["--tenant", "acme", "--person", "person-9", "--purpose", "T-TREAT"]
+    )
+    assert res.exit_code != 0
+    assert isinstance(res.exception, MedblocksError)
+    assert "every allowed network query failed" in str(res.exception)
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        [run] = instance.get_runs(dg.RunsFilter(job_name="network_query_job"))
+        assert run.status == dg.DagsterRunStatus.FAILURE
+    assert [a["decision"] for a in env.cp.list_audit(tenant_id="acme")][-1] == "allowed"

@@ -6,6 +6,8 @@ audit log in :func:`medblocks_pipelines.lib.network.query.run_network_query`.
 """
 
 from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
 
 import dagster as dg
 
@@ -13,7 +15,7 @@ from medblocks_pipelines.defs.network.partitions import network_partitions
 from medblocks_pipelines.defs.shared.outcomes import fail_if_nothing_succeeded
 from medblocks_pipelines.defs.shared.resources import PlatformResource
 from medblocks_pipelines.defs.shared.summaries import landing_metadata
-from medblocks_pipelines.lib.errors import ConfigError
+from medblocks_pipelines.lib.errors import ConfigError, MedblocksError
 from medblocks_pipelines.lib.network.query import QueryResult, run_network_query
 from medblocks_pipelines.lib.network.scope import resolve_scope
 
@@ -61,78 +63,112 @@ def network_query_results(
     tenant, network = resolve_scope(cp, context.partition_key)
     if config.trigger == "sweep":
         raise ConfigError("network queries are never run as sweeps; name the persons")
-    refusals: Counter[str] = Counter()
-    responders: Counter[str] = Counter()
-    resources: Counter[str] = Counter()
-    totals: Counter[str] = Counter()
-    detail: list[dict[str, object]] = []
+    tally = _Tally()
     for person in config.persons:
-        result = run_network_query(
-            cp,
-            platform.settings,
-            tenant=tenant,
-            person=person,
-            purpose=config.purpose,
-            actor=config.actor,
-            network=network,
-            trigger=config.trigger,
-            retry_reason=config.retry_reason,
-            run_id=context.run_id,
-        )
-        totals["queries"] += 1
-        if len(detail) < MAX_DETAIL:
-            detail.append(query_detail(result))
-        if not result.allowed:
-            refusals[result.reason] += 1
+        try:
+            result = run_network_query(
+                cp,
+                platform.settings,
+                tenant=tenant,
+                person=person,
+                purpose=config.purpose,
+                actor=config.actor,
+                network=network,
+                trigger=config.trigger,
+                retry_reason=config.retry_reason,
+                run_id=context.run_id,
+            )
+        except MedblocksError as exc:
+            # An allowed query that failed before or while sending (no demographics, no signing
+            # key...): its audit row says why; the other persons still get their queries.
+            context.log.warning(f"a network query failed: {type(exc).__name__}")
+            tally.failed(type(exc).__name__)
             continue
-        totals[f"status_{result.status}"] += 1
-        totals["documents_retrieved"] += result.documents_retrieved
-        totals["documents_skipped"] += result.documents_skipped
-        totals["quarantined"] += result.quarantined
-        responders.update(result.responders)
-        resources.update(result.resources_by_type)
+        tally.add(result)
     if not config.persons:
         context.log.info("no persons to query: nothing sent")
-    allowed = totals["queries"] - sum(refusals.values())
+    t = tally.totals
     fail_if_nothing_succeeded(
-        attempted=allowed,
-        failed=totals["status_failed"],
+        attempted=tally.allowed,
+        failed=t["status_failed"],
         what="allowed network query",
-        metadata={"queries": totals["queries"], "allowed": allowed},
+        metadata={"queries": t["queries"], "allowed": tally.allowed},
     )
-    return dg.MaterializeResult(
-        metadata={
-            "queries": totals["queries"],
-            "allowed": totals["queries"] - sum(refusals.values()),
-            "refused": sum(refusals.values()),
-            "refusals_by_reason": dg.MetadataValue.json(dict(refusals)),
-            "responders": dg.MetadataValue.json(dict(responders)),
-            "documents_retrieved": totals["documents_retrieved"],
-            "documents_skipped": totals["documents_skipped"],
+    return dg.MaterializeResult(metadata=tally.metadata(context.partition_key))
+
+
+@dataclass
+class _Tally:
+    """Counts over one run's queries (and the first MAX_DETAIL queries' detail rows)."""
+
+    refusals: Counter[str] = field(default_factory=Counter)
+    responders: Counter[str] = field(default_factory=Counter)
+    resources: Counter[str] = field(default_factory=Counter)
+    errors: Counter[str] = field(default_factory=Counter)
+    totals: Counter[str] = field(default_factory=Counter)
+    detail: list[dict[str, object]] = field(default_factory=list)
+
+    @property
+    def allowed(self) -> int:
+        return self.totals["queries"] - sum(self.refusals.values())
+
+    def add(self, result: QueryResult) -> None:
+        self.totals["queries"] += 1
+        if len(self.detail) < MAX_DETAIL:
+            self.detail.append(query_detail(result))
+        if not result.allowed:
+            self.refusals[result.reason] += 1
+            return
+        self.totals[f"status_{result.status}"] += 1
+        self.totals["documents_retrieved"] += result.documents_retrieved
+        self.totals["documents_skipped"] += result.documents_skipped
+        self.totals["quarantined"] += result.quarantined
+        self.responders.update(result.responders)
+        self.resources.update(result.resources_by_type)
+
+    def failed(self, error: str) -> None:
+        self.totals["queries"] += 1
+        self.totals["status_failed"] += 1
+        self.errors[error] += 1
+        if len(self.detail) < MAX_DETAIL:
+            self.detail.append({"allowed": True, "status": "failed", "error": error})
+
+    def metadata(self, partition: str) -> dict[str, Any]:
+        t, resources = self.totals, self.resources
+        refused = sum(self.refusals.values())
+        return {
+            "queries": t["queries"],
+            "allowed": self.allowed,
+            "refused": refused,
+            "refusals_by_reason": dg.MetadataValue.json(dict(self.refusals)),
+            "responders": dg.MetadataValue.json(dict(self.responders)),
+            "documents_retrieved": t["documents_retrieved"],
+            "documents_skipped": t["documents_skipped"],
             "resources_extracted": sum(resources.values()),
             "resources_by_type": dg.MetadataValue.json(dict(sorted(resources.items()))),
-            "quarantined": totals["quarantined"],
-            "partial_queries": totals["status_partial"],
-            "failed_queries": totals["status_failed"],
-            "query_detail": dg.MetadataValue.json(detail),
+            "quarantined": t["quarantined"],
+            "partial_queries": t["status_partial"],
+            "failed_queries": t["status_failed"],
+            "errors_by_class": dg.MetadataValue.json(dict(self.errors)),
+            "query_detail": dg.MetadataValue.json(self.detail),
             **landing_metadata(
-                f"Network queries for {context.partition_key}",
+                f"Network queries for {partition}",
                 {
-                    "queries": totals["queries"],
-                    "refused (purpose or relationship)": sum(refusals.values()),
-                    "documents retrieved": totals["documents_retrieved"],
+                    "queries": t["queries"],
+                    "refused (purpose or relationship)": refused,
+                    "documents retrieved": t["documents_retrieved"],
                     "resources extracted": sum(resources.values()),
-                    "quarantined": totals["quarantined"],
-                    "partial / failed queries": (
-                        f"{totals['status_partial']} / {totals['status_failed']}"
-                    ),
+                    "quarantined": t["quarantined"],
+                    "partial / failed queries": f"{t['status_partial']} / {t['status_failed']}",
                 },
                 dict(resources),
-                {f"refused: {k}": v for k, v in refusals.items()},
+                {
+                    **{f"refused: {k}": v for k, v in self.refusals.items()},
+                    **{f"failed: {k}": v for k, v in self.errors.items()},
+                },
                 freshness="queried now",
             ),
         }
-    )
 
 
 network_query_job = dg.define_asset_job(
