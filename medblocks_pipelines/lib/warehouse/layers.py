@@ -6,7 +6,7 @@ row counts of its own tables:
 
 - ``base_tables``: the lake's latest versions, tombstones, conflicts, sightings, quarantine, pulls;
 - ``views``: one table per ViewDefinition plus ``view_errors`` and ``view_tables``;
-- ``identity``: ``persons``, ``patient_links``, ``identity_edges``;
+- ``identity``: ``persons``, ``patient_links``, ``identity_edges``, ``identity_model``;
 - ``unified_record``: ``fact_mentions``, ``facts``, ``fact_sources`` and the ``facts_*`` views;
 - ``published``: ``build_info`` (the published, quality-checked file as a whole).
 
@@ -31,7 +31,8 @@ _FIXED: dict[str, str] = {
         "base_tables",
     ),
     **dict.fromkeys(("view_errors", "view_tables"), "views"),
-    **dict.fromkeys(("persons", "patient_links", "identity_edges"), "identity"),
+    # identity_model: the fitted match model (main after the identity package merge)
+    **dict.fromkeys(("persons", "patient_links", "identity_edges", "identity_model"), "identity"),
     **dict.fromkeys(("fact_mentions", "facts", "fact_sources"), "unified_record"),
     "build_info": "published",
 }
