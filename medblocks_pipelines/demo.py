@@ -29,6 +29,7 @@ from rich.console import Console
 from rich.table import Table
 
 from medblocks_pipelines.lib.registry import ControlPlane, open_control_plane, utcnow
+from medblocks_pipelines.lib.registry.sandbox_sources import SANDBOX_FLAG
 from medblocks_pipelines.lib.settings import Settings, get_settings
 
 TENANT = "acme"
@@ -140,6 +141,7 @@ def register(state: DemoState) -> None:
                 "backend_client_id": BACKEND_CLIENT,
                 "jwks_url": jwks,
                 "cadence": "0 2 * * *",
+                SANDBOX_FLAG: True,
             },
         )
         cp.add_organization(org_id, TENANT, org_id, endpoint.name, {"group_id": None})
@@ -151,7 +153,7 @@ def register(state: DemoState) -> None:
         "payer",
         payer.fhir_base,
         ["patient_access"],
-        {"client_id": PATIENT_CLIENT},
+        {"client_id": PATIENT_CLIENT, SANDBOX_FLAG: True},
     )
     _register_network(state)
 
@@ -171,6 +173,7 @@ def _register_network(state: DemoState) -> None:
     state.cp.vault.put(f"network/{NETWORK}/cert", cert.decode())
     cfg["signing_key_secret"] = f"network/{NETWORK}/key"
     cfg["signing_cert_secret"] = f"network/{NETWORK}/cert"
+    cfg[SANDBOX_FLAG] = True
     state.cp.add_source(NETWORK, "Sandbox QHIN", "sandbox", "network", None, ["network"], cfg)
 
 
@@ -289,100 +292,113 @@ def patient_access(state: DemoState, *, patients: int = 4) -> None:
         )
 
 
-def network(state: DemoState) -> None:
-    """A Treatment query with a documented relationship, and one refused without."""
-    if "gateway" not in state.sandbox.roles:
-        state.console.print("[yellow]no exchange gateway in this sandbox; skipped")
-        return
-    from medblocks_pipelines.lib.network import ihe
-    from medblocks_pipelines.lib.network.query import record_relationship_event, run_network_query
+def _same_demographics(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two Patients of one person carry the same name and birth date (no misspelling)."""
+    na, nb = (a.get("name") or [{}])[0], (b.get("name") or [{}])[0]
+    return (
+        a.get("birthDate") == b.get("birthDate")
+        and (na.get("family") or "").lower() == (nb.get("family") or "").lower()
+        and [g.lower() for g in na.get("given") or []][:1]
+        == [g.lower() for g in nb.get("given") or []][:1]
+    )
 
+
+def _network_persons(state: DemoState) -> tuple[str, str]:
+    """A person seen at our EHR org and at a network community under the same demographics (so
+    XCPD matches on what we landed), and a person known only to the network communities."""
     pop = state.sandbox.population
     by_person: dict[str, dict[str, str]] = {}
     for org_id, patient_id, person_id in pop.truth:
         by_person.setdefault(person_id, {})[org_id] = patient_id
-    networked = [
-        p
-        for p, orgs in sorted(by_person.items())
-        if EHR_ORGS[0] in orgs and ("riverside-health" in orgs or "valley-medical" in orgs)
-    ]
-    unrelated = [
-        p
-        for p, orgs in sorted(by_person.items())
-        if EHR_ORGS[0] not in orgs and ("riverside-health" in orgs or "valley-medical" in orgs)
-    ]
-    rows: list[tuple[str, Any]] = []
-    patients: list[dict[str, Any]] = []
-    for person, with_relationship in ((networked[0], True), (unrelated[0], False)):
-        orgs = by_person[person]
-        net_org = next(o for o in ("riverside-health", "valley-medical") if o in orgs)
-        patient = next(
-            r
-            for r in pop.resources_for(net_org)
-            if r["resourceType"] == "Patient" and r["id"] == orgs[net_org]
+    communities = ("riverside-health", "valley-medical")
+    patients = {
+        (org, r["id"]): r
+        for org in (EHR_ORGS[0], *communities)
+        for r in pop.resources_for(org)
+        if r["resourceType"] == "Patient"
+    }
+
+    def matches(orgs: dict[str, str]) -> bool:
+        ours = patients.get((EHR_ORGS[0], orgs[EHR_ORGS[0]]))
+        return ours is not None and any(
+            c in orgs and _same_demographics(ours, patients.get((c, orgs[c])) or {})
+            for c in communities
         )
-        person_ref = (
-            f"{EHR_ORGS[0]}/Patient/{orgs[EHR_ORGS[0]]}"
-            if with_relationship
-            else f"{net_org}/Patient/{orgs[net_org]}"
-        )
-        if with_relationship:
-            # A recent encounter at the tenant's organization documents the relationship.
-            record_relationship_event(
-                state.cp,
-                tenant=TENANT,
-                person=person_ref,
-                kind="encounter",
-                ref=f"demo-encounter-{person}",
-                organization=EHR_ORGS[0],
-                at=utcnow() - timedelta(days=2),
-            )
-        result = run_network_query(
+
+    networked = next(
+        orgs for _, orgs in sorted(by_person.items()) if EHR_ORGS[0] in orgs and matches(orgs)
+    )
+    unrelated = next(
+        orgs
+        for _, orgs in sorted(by_person.items())
+        if EHR_ORGS[0] not in orgs and any(c in orgs for c in communities)
+    )
+    net_org = next(c for c in communities if c in unrelated)
+    return (
+        f"{EHR_ORGS[0]}/Patient/{networked[EHR_ORGS[0]]}",
+        f"{net_org}/Patient/{unrelated[net_org]}",
+    )
+
+
+def network(state: DemoState) -> None:
+    """A Treatment query with a documented relationship, and one refused without: each a run of
+    ``network_query_job`` (the UI shows both materializations of ``network/query_results``)."""
+    if "gateway" not in state.sandbox.roles:
+        state.console.print("[yellow]no exchange gateway in this sandbox; skipped")
+        return
+    from medblocks_pipelines.cli.network import run_network_sync
+    from medblocks_pipelines.lib.network.query import record_relationship_event
+
+    related, unrelated = _network_persons(state)
+    # A recent encounter at the tenant's organization documents the relationship.
+    record_relationship_event(
+        state.cp,
+        tenant=TENANT,
+        person=related,
+        kind="encounter",
+        ref=f"demo-encounter-{related.rsplit('/', 1)[-1]}",
+        organization=EHR_ORGS[0],
+        at=utcnow() - timedelta(days=2),
+    )
+    rows = []
+    for person_ref in (related, unrelated):
+        # Demographics for XCPD come from the Patient the backend stage landed, inside the run.
+        r = run_network_sync(
             state.cp,
-            state.settings,
             tenant=TENANT,
             person=person_ref,
             purpose="T-TREAT",
             actor="dr-grey@acme",
-            demographics=ihe.Demographics.from_patient(patient),
             network=NETWORK,
         )
-        rows.append((person_ref, result))
-        patients.append(patient)
+        rows.append((person_ref, {**r, "via": "IHE"}))
     if "udap" in state.sandbox.roles:
-        fhir_person, fhir_patient = rows[0][0], patients[0]
-        rows.append((fhir_person, _facilitated(state, fhir_person, fhir_patient)))
+        # The same related person through TEFCA Facilitated FHIR: directory -> UDAP registration
+        # + B2B token -> $match -> US Core, under the same purpose gate and audit.
+        r = run_network_sync(
+            state.cp,
+            tenant=TENANT,
+            person=related,
+            purpose="T-TREAT",
+            actor="dr-grey@acme",
+            network=NETWORK,
+            transport="fhir",
+        )
+        rows.append((related, {**r, "via": "FHIR+UDAP"}))
     table = Table(title="network: TEFCA Treatment queries (IHE: XCPD -> XCA -> C-CDA; FHIR: UDAP)")
     for col in ("via", "person", "decision", "reason", "responders", "documents", "resources"):
         table.add_column(col)
     for person_ref, r in rows:
         table.add_row(
-            "FHIR+UDAP" if getattr(r, "transport", None) == "facilitated_fhir" else "IHE",
+            r["via"],
             person_ref,
-            "allowed" if r.allowed else "refused",
-            r.reason or "-",
-            str(len(r.responders)),
-            str(r.documents_retrieved),
-            str(sum(r.resources_by_type.values())),
+            "allowed" if r["allowed"] else "refused",
+            r["reason"] or "-",
+            str(r["responders"]),
+            str(r["documents_retrieved"]),
+            str(r["resources"]),
         )
     state.console.print(table)
-
-
-def _facilitated(state: DemoState, person_ref: str, patient: dict[str, Any]) -> Any:
-    """One Facilitated FHIR query: directory -> UDAP registration + B2B token -> $match -> US Core."""
-    from medblocks_pipelines.lib.network import ihe
-    from medblocks_pipelines.lib.network.facilitated import run_facilitated_query
-
-    return run_facilitated_query(
-        state.cp,
-        state.settings,
-        tenant=TENANT,
-        person=person_ref,
-        purpose="T-TREAT",
-        actor="dr-grey@acme",
-        demographics=ihe.Demographics.from_patient(patient),
-        network=NETWORK,
-    )
 
 
 def clinician(state: DemoState) -> None:

@@ -1,7 +1,10 @@
 """``medblocks sync network`` and ``medblocks audit list``.
 
-``sync network`` runs one policy-checked network query in-process (the same function the Dagster
-asset calls). A refusal is printed with its reason and exits 1; it is in the audit log either way.
+``sync network`` runs ``network_query_job`` for the (tenant, network) partition through the
+CLI runtime (``cli/runtime.py``), so the query is a Dagster run with a materialization of
+``network/query_results`` that the UI shows. The run config carries the person, purpose, actor
+and retry reason (our own ids; demographics are looked up inside the run, never passed). A
+refusal is decided inside the run, never leaves the machine, is audited, and exits 1 here.
 """
 
 import json
@@ -10,7 +13,68 @@ from typing import Any
 
 import click
 
-from medblocks_pipelines.lib.network.query import QueryResult, run_network_query
+from medblocks_pipelines.lib.network.query import QueryResult
+
+NETWORK_ASSET_NODE = "network__query_results"
+
+
+def network_run_config(
+    *,
+    person: str,
+    purpose: str,
+    actor: str,
+    trigger: str = "request",
+    retry_reason: str | None,
+    transport: str = "ihe",
+) -> dict[str, Any]:
+    """The run config of ``network_query_job`` for one person (no demographics: ids only)."""
+    config: dict[str, Any] = {
+        "persons": [person],
+        "purpose": purpose,
+        "trigger": trigger,
+        "actor": actor,
+        "retry_reason": retry_reason,
+        "transport": transport,
+    }
+    return {"ops": {NETWORK_ASSET_NODE: {"config": config}}}
+
+
+def run_network_sync(
+    cp: Any,
+    *,
+    tenant: str,
+    person: str,
+    purpose: str,
+    actor: str,
+    network: str | None = None,
+    retry_reason: str | None = None,
+    trigger: str = "request",
+    transport: str = "ihe",
+) -> dict[str, Any]:
+    """Run one person's network query as a Dagster run; return its detail row (ids, counts)."""
+    from medblocks_pipelines.cli.runtime import run_job
+    from medblocks_pipelines.lib.network.query import network_config
+    from medblocks_pipelines.lib.partitions import partition_key
+
+    tenant_row = cp.get_tenant(tenant)
+    net = network_config(cp, network, tenant_row.get("settings") or {}).id
+    result = run_job(
+        "network_query_job",
+        partition_key=partition_key(tenant, net),
+        run_config=network_run_config(
+            person=person,
+            purpose=purpose,
+            actor=actor,
+            trigger=trigger,
+            retry_reason=retry_reason,
+            transport=transport,
+        ),
+        tags={"medblocks/tenant": tenant, "medblocks/source": net, "medblocks/trigger": "cli"},
+    )
+    [mat] = result.asset_materializations_for_node(NETWORK_ASSET_NODE)
+    detail = mat.metadata["query_detail"]
+    [row] = getattr(detail, "data", None) or [{}]
+    return {**row, "run_id": result.run_id}
 
 
 @click.command("network")
@@ -50,53 +114,68 @@ def network_sync(
     id_token: str | None,
     as_json: bool,
 ) -> None:
-    """Query an exchange network for one person under a purpose of use."""
+    """Query an exchange network for one person under a purpose of use (a Dagster run)."""
     from medblocks_pipelines.cli.core import control_plane, print_table
-    from medblocks_pipelines.lib.network.facilitated import run_facilitated_query
-    from medblocks_pipelines.lib.settings import get_settings
 
     cp = control_plane()
-    common: dict[str, Any] = {
-        "tenant": tenant,
-        "person": person,
-        "purpose": purpose,
-        "actor": actor or os.environ.get("USER") or "cli",
-        "network": network,
-        "retry_reason": retry_reason,
-    }
-    result: QueryResult
-    if transport == "fhir":
-        result = run_facilitated_query(cp, get_settings(), id_token=id_token, **common)
-    else:
-        result = run_network_query(cp, get_settings(), **common)
-    if as_json:
-        click.echo(
-            json.dumps(
-                {
-                    **result.as_metadata(),
-                    "gateway_status": result.gateway_status,
-                    "resources_by_type": result.resources_by_type,
-                    "audit_id": result.audit_id,
-                }
+    actor_name = actor or os.environ.get("USER") or "cli"
+    try:
+        if id_token is not None:
+            # A T-IAS query carries the person's IAL2 id_token: a credential, which never goes
+            # into Dagster run config or the event log. It runs here, under the same gate and
+            # audit, and is recorded in the control plane's network queries.
+            from medblocks_pipelines.lib.network.facilitated import run_facilitated_query
+            from medblocks_pipelines.lib.settings import get_settings
+
+            res: QueryResult = run_facilitated_query(
+                cp,
+                get_settings(),
+                tenant=tenant,
+                person=person,
+                purpose=purpose,
+                actor=actor_name,
+                network=network,
+                retry_reason=retry_reason,
+                id_token=id_token,
             )
-        )
-    elif not result.allowed:
-        click.secho(
-            f"refused: {result.reason} (audit #{result.audit_id}); nothing was sent", fg="red"
-        )
+            r = {
+                **res.as_metadata(),
+                "query_id": res.query_id,
+                "audit_id": res.audit_id,
+                "gateway_status": dict(sorted(res.gateway_status.items())),
+                "resources_by_type": dict(sorted(res.resources_by_type.items())),
+                "run_id": "(in-process)",
+            }
+        else:
+            r = run_network_sync(
+                cp,
+                tenant=tenant,
+                person=person,
+                purpose=purpose,
+                actor=actor_name,
+                network=network,
+                retry_reason=retry_reason,
+                transport=transport,
+            )
+    finally:
+        cp.engine.dispose()
+    if as_json:
+        click.echo(json.dumps(r))
+    elif not r["allowed"]:
+        click.secho(f"refused: {r['reason']} (audit #{r['audit_id']}); nothing was sent", fg="red")
     else:
-        rows: list[list[Any]] = [[g, s] for g, s in sorted(result.gateway_status.items())]
+        rows: list[list[Any]] = [[g, s] for g, s in sorted(r["gateway_status"].items())]
         print_table(
-            f"network query #{result.query_id} ({result.status}, {transport})",
-            ["gateway" if transport == "ihe" else "node", "status"],
+            f"network query #{r['query_id']} ({r['status']}, {transport})",
+            ["gateway" if transport == "ihe" else "gateway/node", "status"],
             rows,
         )
         click.echo(
-            f"documents retrieved {result.documents_retrieved}, skipped (already fetched) "
-            f"{result.documents_skipped}, resources {sum(result.resources_by_type.values())}, "
-            f"quarantined {result.quarantined}; audit #{result.audit_id}"
+            f"documents retrieved {r['documents_retrieved']}, skipped (already fetched) "
+            f"{r['documents_skipped']}, resources {r['resources']}, quarantined "
+            f"{r['quarantined']}; audit #{r['audit_id']}; Dagster run {r['run_id'][:8]}"
         )
-    if not result.allowed:
+    if not r["allowed"]:
         raise SystemExit(1)
 
 

@@ -67,6 +67,7 @@ def test_sync_and_build_through_dagster_into_object_storage(  # type: ignore[no-
     import dataclasses
 
     from medblocks_pipelines.cli.runtime import run_job
+    from medblocks_pipelines.defs.warehouse.assets import WAREHOUSE_KEY
     from medblocks_pipelines.lib.settings import get_settings
 
     bucket, client = s3_bucket
@@ -79,7 +80,11 @@ def test_sync_and_build_through_dagster_into_object_storage(  # type: ignore[no-
     )
     assert md["status"] == "success" and md["landed"] > 0
     result = run_job("tenant_warehouse_job", partition_key=TENANT, instance=live_defs_state)
-    [mat] = result.asset_materializations_for_node("warehouse__tenant_warehouse")
+    [mat] = [
+        m
+        for m in result.asset_materializations_for_node("warehouse__tenant_warehouse")
+        if m.asset_key == WAREHOUSE_KEY
+    ]
     assert mat.metadata["published"].value == f"s3://{bucket}/warehouses/{TENANT}.duckdb"
     keys = [
         o["Key"]

@@ -34,6 +34,11 @@ def _snapshot_of(defs: dg.Definitions) -> dict[str, list[str]]:
         "jobs": sorted(j.name for j in repo.get_all_jobs() if not j.name.startswith("__")),
         "schedules": sorted(s.name for s in repo.schedule_defs),
         "sensors": sorted(s.name for s in repo.sensor_defs),
+        "lineage": sorted(
+            f"{parent.to_user_string()} -> {node.key.to_user_string()}"
+            for node in repo.asset_graph.asset_nodes
+            for parent in node.parent_keys
+        ),
     }
 
 

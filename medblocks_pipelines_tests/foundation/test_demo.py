@@ -98,6 +98,7 @@ def test_demo_runs_every_pattern_into_one_warehouse(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     from medblocks_pipelines.demo import TENANT, run_demo
+    from medblocks_pipelines.lib.registry.sandbox_sources import is_stopped_sandbox
 
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
     (tmp_path / "dagster_home").mkdir()
@@ -130,6 +131,9 @@ def test_demo_runs_every_pattern_into_one_warehouse(
         assert con.execute("SELECT count(*) FROM tombstones").fetchone()[0] >= 1
         assert con.execute("SELECT count(*) FROM persons").fetchone()[0] > 0
     assert "persons linked across more than one pattern" in out
+    # The demo's sandbox is gone: its flagged sources read as stopped, so `make ui` skips them.
+    sources = cp.list_sources()
+    assert sources and all(is_stopped_sandbox(s) for s in sources)
     assert str(settings.warehouse_dir / "acme.duckdb") in out
 
     # Security: collect every credential the vault holds, then look for each one everywhere the
@@ -158,6 +162,11 @@ def test_demo_runs_every_pattern_into_one_warehouse(
     with dg.DagsterInstance.get() as instance:
         runs = instance.get_runs()
         assert len(runs) >= 6
+        # The network stage ran as Dagster runs: the UI shows its materializations.
+        network_mats = instance.fetch_materializations(
+            dg.AssetKey(["network", "query_results"]), limit=10
+        ).records
+        assert len(network_mats) == 2
         events = "\n".join(repr(entry) for run in runs for entry in instance.all_logs(run.run_id))
     leaking = sorted(
         {

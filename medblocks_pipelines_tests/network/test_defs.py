@@ -9,9 +9,11 @@ import dagster as dg
 from click.testing import CliRunner
 
 from medblocks_pipelines.cli.network import audit_list, network_sync
+from medblocks_pipelines.cli.runtime import EMBEDDED_DAGSTER_YAML
 from medblocks_pipelines.defs.network.assets import NetworkQueryConfig, network_query_results
 from medblocks_pipelines.defs.network.sensors import network_relationship_sensor
 from medblocks_pipelines.defs.shared.resources import PlatformResource
+from medblocks_pipelines.lib.errors import MedblocksError
 from medblocks_pipelines.lib.network.query import record_relationship_event
 from medblocks_pipelines.lib.partitions import partition_key
 from medblocks_pipelines_tests.network.test_query import env  # noqa: F401 - fixture
@@ -113,15 +115,23 @@ def test_sensor_requests_runs_for_new_events_only(env: Any) -> None:  # noqa: F8
 
 
 def test_cli_sync_and_audit(env: Any, population: Any, monkeypatch: Any) -> None:  # noqa: F811
-    env.start()
+    """`medblocks sync network` is a Dagster run: the refusal stays local and is audited, the
+    allowed query materializes `network/query_results` in the instance the UI reads."""
+    gw = env.start()
     env.population_patient = population.resources_for("riverside-health")[0]
     _land_patient(env, "person-1")
     monkeypatch.setenv("MEDBLOCKS_DATA_DIR", str(env.settings.data_dir))
+    home = env.settings.data_dir / "dagster_home"
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "dagster.yaml").write_text(EMBEDDED_DAGSTER_YAML)
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
     runner = CliRunner()
     refused = runner.invoke(
         network_sync, ["--tenant", "acme", "--person", "person-1", "--purpose", "T-TREAT"]
     )
     assert refused.exit_code == 1 and "no_treatment_relationship" in refused.output
+    assert "nothing was sent" in refused.output
+    assert gw.seen == []  # the refusal never left the machine
     env.launch()
     ok = runner.invoke(
         network_sync, ["--tenant", "acme", "--person", "person-1", "--purpose", "T-TREAT", "--json"]
@@ -132,6 +142,17 @@ def test_cli_sync_and_audit(env: Any, population: Any, monkeypatch: Any) -> None
     audit = runner.invoke(audit_list, ["--tenant", "acme", "--json"])
     rows = [json.loads(line) for line in audit.output.splitlines()]
     assert [r["decision"] for r in rows] == ["allowed", "refused"]
+    key = dg.AssetKey(["network", "query_results"])
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        records = instance.fetch_materializations(key, limit=10).records
+        runs = instance.get_runs(dg.RunsFilter(job_name="network_query_job"))
+    # both runs materialized the partition (a refusal is a green run that says so), newest first
+    assert [r.partition_key for r in records] == [partition_key("acme", "sandbox-qhin")] * 2
+    md = records[0].asset_materialization.metadata  # type: ignore[union-attr]
+    assert md["allowed"].value == 1 and md["documents_retrieved"].value == 2
+    assert records[1].asset_materialization.metadata["refused"].value == 1  # type: ignore[union-attr]
+    assert out["run_id"] in {r.run_id for r in runs}
+    assert all(set(r.tags.values()).isdisjoint({"person-1"}) for r in runs)  # no person in tags
 
 
 def test_definitions_load_network_pattern() -> None:
@@ -142,3 +163,24 @@ def test_definitions_load_network_pattern() -> None:
     job = d.resolve_job_def("network_query_job")
     assert job.partitions_def is not None and job.partitions_def.name == "network_scopes"
     assert d.resolve_sensor_def("network_relationship_sensor").job_name == "network_query_job"
+
+
+def test_cli_sync_fails_when_the_allowed_query_failed(env: Any, monkeypatch: Any) -> None:  # noqa: F811
+    """Allowed, then failed before sending (no demographics anywhere): the run is red."""
+    env.start()
+    env.launch("person-9")  # a relationship, but no Patient landed for person-9
+    monkeypatch.setenv("MEDBLOCKS_DATA_DIR", str(env.settings.data_dir))
+    home = env.settings.data_dir / "dagster_home"
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "dagster.yaml").write_text(EMBEDDED_DAGSTER_YAML)
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    res = CliRunner().invoke(
+        network_sync, ["--tenant", "acme", "--person", "person-9", "--purpose", "T-TREAT"]
+    )
+    assert res.exit_code != 0
+    assert isinstance(res.exception, MedblocksError)
+    assert "every allowed network query failed" in str(res.exception)
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        [run] = instance.get_runs(dg.RunsFilter(job_name="network_query_job"))
+        assert run.status == dg.DagsterRunStatus.FAILURE
+    assert [a["decision"] for a in env.cp.list_audit(tenant_id="acme")][-1] == "allowed"

@@ -4,6 +4,7 @@ The receiver is a Starlette app in a uvicorn thread that verifies every request 
 ``standardwebhooks`` library (the receiver's side of the spec) and answers with a scripted status.
 """
 
+import asyncio
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,6 +58,8 @@ class Receiver:
     # Status codes to answer per path, consumed in order; 204 when the script is empty.
     script: dict[str, list[int]] = field(default_factory=dict)
     received: list[Received] = field(default_factory=list)
+    # Seconds to wait before answering, per path (a slow receiver).
+    delays: dict[str, float] = field(default_factory=dict)
 
     def on(self, path: str) -> list[Received]:
         return [r for r in self.received if r.path == path]
@@ -76,6 +79,8 @@ def _receiver_app(state: Receiver) -> Starlette:
             except WebhookVerificationError:
                 verified = False
         state.received.append(Received(name, headers, body, verified, payload))
+        if state.delays.get(name):
+            await asyncio.sleep(state.delays[name])
         if not verified:
             return Response(status_code=401)
         script = state.script.get(name) or []

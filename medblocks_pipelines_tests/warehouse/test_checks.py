@@ -72,6 +72,34 @@ def test_checks_catch_faults(built: Built, sql: str, failing: set[str], tmp_path
     assert not failed - failing - {"row_counts"}
 
 
+@pytest.mark.parametrize(
+    ("table", "failing"),
+    [
+        # the identity step did not run: no persons, nothing can be checked against them
+        ("persons", {"every_row_has_person", "referential_integrity"}),
+        # the unified step did not run
+        ("fact_sources", {"every_row_has_provenance", "referential_integrity"}),
+        # the views step did not run (or its bookkeeping is gone)
+        ("view_errors", {"views_compiled"}),
+        # a view table listed in view_tables is missing
+        ("condition", {"every_row_has_provenance"}),
+    ],
+)
+def test_checks_fail_when_their_table_is_missing(
+    built: Built, table: str, failing: set[str], tmp_path: Path
+) -> None:
+    copy = tmp_path / "copy.duckdb"
+    shutil.copy(built.result.path, copy)
+    with duckdb.connect(str(copy)) as con:
+        con.execute(f'DROP TABLE "{table}" CASCADE')
+        outcomes = {o.name: o for o in quality.run_checks(con, table_counts(con), None)}
+    failed = {n for n, o in outcomes.items() if not o.passed}
+    assert failing <= failed
+    for name in failing:
+        assert table in outcomes[name].metadata["missing_tables"]
+        assert outcomes[name].severity == "ERROR"
+
+
 def test_row_count_check_flags_a_collapse() -> None:
     prev = {"resources": 1000, "facts": 500, "persons": 50}
     ok = quality.check_row_counts({"resources": 990, "facts": 498, "persons": 50}, prev)

@@ -93,7 +93,7 @@ def bulk_export(
     owners=["team:data-platform"],
     # No pool (one name across every source and tenant): the per-source `medblocks/source` run
     # limit and the source's `max_parallel_downloads` bound a source's load.
-    tags={"medblocks/pattern": "backend"},
+    tags={"medblocks/layer": "landing", "medblocks/pattern": "backend"},
     check_specs=[
         dg.AssetCheckSpec(
             "manifest_counts_match",

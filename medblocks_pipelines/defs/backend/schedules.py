@@ -14,6 +14,7 @@ from croniter import croniter
 
 from medblocks_pipelines.defs.backend.assets import backend_kickoff_job
 from medblocks_pipelines.defs.shared.resources import PlatformResource
+from medblocks_pipelines.defs.shared.sandbox_guard import without_stopped_sandboxes
 from medblocks_pipelines.lib.partitions import partition_key
 
 DEFAULT_CADENCE = "0 2 * * *"  # nightly cohort sync
@@ -67,4 +68,6 @@ def backend_cadence_schedule(
                     },
                 )
             )
-    return requests or dg.SkipReason("no organization is due")
+    return without_stopped_sandboxes(context, cp, requests) or dg.SkipReason(
+        "no organization is due"
+    )

@@ -14,6 +14,10 @@ import dagster as dg
 
 from medblocks_pipelines.defs.backend.assets import backend_land_job
 from medblocks_pipelines.defs.shared.resources import PlatformResource
+from medblocks_pipelines.defs.shared.sandbox_guard import (
+    stopped_sandbox_sources,
+    without_stopped_sandboxes,
+)
 from medblocks_pipelines.lib.errors import ConfigError, NotFound
 from medblocks_pipelines.lib.fhir.bulk_sync import due_exports, poll_export
 from medblocks_pipelines.lib.partitions import partition_key
@@ -47,7 +51,12 @@ def backend_bulk_export_sensor(
     cp = platform.control_plane
     launched: list[str] = json.loads(context.cursor) if context.cursor else []
     polled = failed = 0
-    for row in due_exports(cp, limit=MAX_POLLS_PER_TICK):
+    due = due_exports(cp, limit=MAX_POLLS_PER_TICK)
+    # An export of the demo's sandbox, stopped since: nothing answers; leave it be (not failed).
+    stopped = stopped_sandbox_sources(cp, {str(r["source_id"]) for r in due})
+    for row in due:
+        if row["source_id"] in stopped:
+            continue
         try:
             st = poll_export(cp, row["id"])
         except (NotFound, ConfigError) as exc:
@@ -91,6 +100,7 @@ def backend_bulk_export_sensor(
                 },
             )
         )
+    requests = without_stopped_sandboxes(context, cp, requests)
     # Keep only ids still waiting to land, so the cursor stays small.
     waiting = {r["id"] for r in cp.list_bulk_exports(status=("ready", "downloading"))}
     cursor = json.dumps(

@@ -14,6 +14,7 @@ import dagster as dg
 from medblocks_pipelines.defs.clinician_workflow.assets import clinician_sync_job
 from medblocks_pipelines.defs.shared.partitions import clinician_org_partitions
 from medblocks_pipelines.defs.shared.resources import PlatformResource
+from medblocks_pipelines.defs.shared.sandbox_guard import without_stopped_sandboxes
 from medblocks_pipelines.lib.cds.launch import LAUNCH_EVENT, PATTERN
 from medblocks_pipelines.lib.partitions import partition_key
 from medblocks_pipelines.lib.registry.outbox import OutboxCursor, read_new_events
@@ -106,7 +107,7 @@ def clinician_launch_sensor(
     existing = set(context.instance.get_dynamic_partitions(clinician_org_partitions.name or ""))
     missing = sorted(set(keys) - existing)
     return dg.SensorResult(
-        run_requests=requests,
+        run_requests=without_stopped_sandboxes(context, cp, requests),
         cursor=cursor,
         dynamic_partitions_requests=(
             [clinician_org_partitions.build_add_request(missing)] if missing else []

@@ -6,6 +6,8 @@ audit log in :func:`medblocks_pipelines.lib.network.query.run_network_query`.
 """
 
 from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
 
 import dagster as dg
 
@@ -13,7 +15,7 @@ from medblocks_pipelines.defs.network.partitions import network_partitions
 from medblocks_pipelines.defs.shared.outcomes import fail_if_nothing_succeeded
 from medblocks_pipelines.defs.shared.resources import PlatformResource
 from medblocks_pipelines.defs.shared.summaries import landing_metadata
-from medblocks_pipelines.lib.errors import ConfigError
+from medblocks_pipelines.lib.errors import ConfigError, MedblocksError
 from medblocks_pipelines.lib.network.facilitated import (
     facilitated_config,
     open_session,
@@ -21,6 +23,21 @@ from medblocks_pipelines.lib.network.facilitated import (
 )
 from medblocks_pipelines.lib.network.query import QueryResult, run_network_query
 from medblocks_pipelines.lib.network.scope import resolve_scope
+
+#: Per-query rows kept in the metadata (the CLI prints them); counts cover every query.
+MAX_DETAIL = 100
+
+
+def query_detail(result: QueryResult) -> dict[str, object]:
+    """One query's outcome for the metadata: our own ids (query, audit, gateways) and counts only."""
+    return {
+        **result.as_metadata(),
+        "query_id": result.query_id,
+        "audit_id": result.audit_id,
+        "network": result.network,
+        "gateway_status": dict(sorted(result.gateway_status.items())),
+        "resources_by_type": dict(sorted(result.resources_by_type.items())),
+    }
 
 
 class NetworkQueryConfig(dg.Config):
@@ -41,7 +58,7 @@ class NetworkQueryConfig(dg.Config):
     group_name="network",
     kinds={"soap", "parquet"},
     owners=["team:data-platform"],
-    tags={"medblocks/pattern": "network"},
+    tags={"medblocks/layer": "landing", "medblocks/pattern": "network"},
     description="Records retrieved through an exchange network for persons with a documented "
     "relationship: IHE (XCPD -> XCA, C-CDA converted to FHIR) and/or TEFCA Facilitated FHIR "
     "(UDAP B2B -> $match -> US Core), landed in the lake.",
@@ -56,109 +73,140 @@ def network_query_results(
         raise ConfigError("network queries are never run as sweeps; name the persons")
     if config.transport not in ("ihe", "fhir", "both"):
         raise ConfigError(f"unknown network transport {config.transport!r}: ihe, fhir or both")
-    refusals: Counter[str] = Counter()
-    responders: Counter[str] = Counter()
-    resources: Counter[str] = Counter()
-    totals: Counter[str] = Counter()
-    # Per responding gateway / FHIR node: ok, no_match, timeout, error... (our ids only).
-    node_status: Counter[str] = Counter()
+    tally = _Tally()
     session = None
     if config.transport != "ihe" and config.persons:
         tsettings = cp.get_tenant(tenant).get("settings") or {}
         # One UDAP session per run: registrations and tokens reused across persons.
         session = open_session(cp, facilitated_config(cp, network, tsettings))
+    common = {
+        "tenant": tenant,
+        "purpose": config.purpose,
+        "actor": config.actor,
+        "network": network,
+        "trigger": config.trigger,
+        "retry_reason": config.retry_reason,
+        "run_id": context.run_id,
+    }
     try:
         for person in config.persons:
-            results: list[QueryResult] = []
+            queries: list[Any] = []
             if config.transport in ("ihe", "both"):
-                results.append(
-                    run_network_query(
-                        cp,
-                        platform.settings,
-                        tenant=tenant,
-                        person=person,
-                        purpose=config.purpose,
-                        actor=config.actor,
-                        network=network,
-                        trigger=config.trigger,
-                        retry_reason=config.retry_reason,
-                        run_id=context.run_id,
-                    )
+                queries.append(
+                    lambda p=person: run_network_query(cp, platform.settings, person=p, **common)
                 )
             if session is not None:
-                results.append(
-                    run_facilitated_query(
-                        cp,
-                        platform.settings,
-                        tenant=tenant,
-                        person=person,
-                        purpose=config.purpose,
-                        actor=config.actor,
-                        network=network,
-                        trigger=config.trigger,
-                        retry_reason=config.retry_reason,
-                        run_id=context.run_id,
-                        session=session,
+                queries.append(
+                    lambda p=person: run_facilitated_query(
+                        cp, platform.settings, person=p, session=session, **common
                     )
                 )
-            for result in results:
-                totals["queries"] += 1
-                if not result.allowed:
-                    refusals[result.reason] += 1
+            for query in queries:
+                try:
+                    result = query()
+                except MedblocksError as exc:
+                    # An allowed query that failed before or while sending (no demographics, no
+                    # signing key...): its audit row says why; the other persons still get theirs.
+                    context.log.warning(f"a network query failed: {type(exc).__name__}")
+                    tally.failed(type(exc).__name__)
                     continue
-                totals[f"status_{result.status}"] += 1
-                totals["documents_retrieved"] += result.documents_retrieved
-                totals["documents_skipped"] += result.documents_skipped
-                totals["quarantined"] += result.quarantined
-                responders.update(result.responders)
-                resources.update(result.resources_by_type)
-                node_status.update(result.gateway_status.values())
+                tally.add(result)
     finally:
         if session is not None:
             session.http.close()
     if not config.persons:
         context.log.info("no persons to query: nothing sent")
-    allowed = totals["queries"] - sum(refusals.values())
+    t = tally.totals
     fail_if_nothing_succeeded(
-        attempted=allowed,
-        failed=totals["status_failed"],
+        attempted=tally.allowed,
+        failed=t["status_failed"],
         what="allowed network query",
-        metadata={"queries": totals["queries"], "allowed": allowed},
+        metadata={"queries": t["queries"], "allowed": tally.allowed},
     )
     return dg.MaterializeResult(
         metadata={
-            "queries": totals["queries"],
-            "allowed": totals["queries"] - sum(refusals.values()),
-            "refused": sum(refusals.values()),
-            "refusals_by_reason": dg.MetadataValue.json(dict(refusals)),
-            "responders": dg.MetadataValue.json(dict(responders)),
-            "documents_retrieved": totals["documents_retrieved"],
-            "documents_skipped": totals["documents_skipped"],
+            **tally.metadata(context.partition_key),
+            "transport": config.transport,
+        }
+    )
+
+
+@dataclass
+class _Tally:
+    """Counts over one run's queries (and the first MAX_DETAIL queries' detail rows)."""
+
+    refusals: Counter[str] = field(default_factory=Counter)
+    responders: Counter[str] = field(default_factory=Counter)
+    resources: Counter[str] = field(default_factory=Counter)
+    errors: Counter[str] = field(default_factory=Counter)
+    # Per responding gateway / FHIR node: ok, no_match, timeout, error... (our ids only).
+    node_status: Counter[str] = field(default_factory=Counter)
+    totals: Counter[str] = field(default_factory=Counter)
+    detail: list[dict[str, object]] = field(default_factory=list)
+
+    @property
+    def allowed(self) -> int:
+        return self.totals["queries"] - sum(self.refusals.values())
+
+    def add(self, result: QueryResult) -> None:
+        self.totals["queries"] += 1
+        if len(self.detail) < MAX_DETAIL:
+            self.detail.append(query_detail(result))
+        if not result.allowed:
+            self.refusals[result.reason] += 1
+            return
+        self.totals[f"status_{result.status}"] += 1
+        self.totals["documents_retrieved"] += result.documents_retrieved
+        self.totals["documents_skipped"] += result.documents_skipped
+        self.totals["quarantined"] += result.quarantined
+        self.responders.update(result.responders)
+        self.resources.update(result.resources_by_type)
+        self.node_status.update(result.gateway_status.values())
+
+    def failed(self, error: str) -> None:
+        self.totals["queries"] += 1
+        self.totals["status_failed"] += 1
+        self.errors[error] += 1
+        if len(self.detail) < MAX_DETAIL:
+            self.detail.append({"allowed": True, "status": "failed", "error": error})
+
+    def metadata(self, partition: str) -> dict[str, Any]:
+        t, resources = self.totals, self.resources
+        refused = sum(self.refusals.values())
+        return {
+            "queries": t["queries"],
+            "allowed": self.allowed,
+            "refused": refused,
+            "refusals_by_reason": dg.MetadataValue.json(dict(self.refusals)),
+            "responders": dg.MetadataValue.json(dict(self.responders)),
+            "documents_retrieved": t["documents_retrieved"],
+            "documents_skipped": t["documents_skipped"],
             "resources_extracted": sum(resources.values()),
             "resources_by_type": dg.MetadataValue.json(dict(sorted(resources.items()))),
-            "quarantined": totals["quarantined"],
-            "partial_queries": totals["status_partial"],
-            "failed_queries": totals["status_failed"],
-            "transport": config.transport,
-            "node_status": dg.MetadataValue.json(dict(node_status)),
+            "quarantined": t["quarantined"],
+            "partial_queries": t["status_partial"],
+            "failed_queries": t["status_failed"],
+            "errors_by_class": dg.MetadataValue.json(dict(self.errors)),
+            "query_detail": dg.MetadataValue.json(self.detail),
+            "node_status": dg.MetadataValue.json(dict(self.node_status)),
             **landing_metadata(
-                f"Network queries for {context.partition_key}",
+                f"Network queries for {partition}",
                 {
-                    "queries": totals["queries"],
-                    "refused (purpose or relationship)": sum(refusals.values()),
-                    "documents retrieved": totals["documents_retrieved"],
+                    "queries": t["queries"],
+                    "refused (purpose or relationship)": refused,
+                    "documents retrieved": t["documents_retrieved"],
                     "resources extracted": sum(resources.values()),
-                    "quarantined": totals["quarantined"],
-                    "partial / failed queries": (
-                        f"{totals['status_partial']} / {totals['status_failed']}"
-                    ),
+                    "quarantined": t["quarantined"],
+                    "partial / failed queries": f"{t['status_partial']} / {t['status_failed']}",
                 },
                 dict(resources),
-                {f"refused: {k}": v for k, v in refusals.items()},
+                {
+                    **{f"refused: {k}": v for k, v in self.refusals.items()},
+                    **{f"failed: {k}": v for k, v in self.errors.items()},
+                },
                 freshness="queried now",
             ),
         }
-    )
 
 
 network_query_job = dg.define_asset_job(

@@ -9,6 +9,7 @@ import dagster as dg
 
 from medblocks_pipelines.defs.network.assets import network_query_job
 from medblocks_pipelines.defs.shared.resources import PlatformResource
+from medblocks_pipelines.defs.shared.sandbox_guard import without_stopped_sandboxes
 from medblocks_pipelines.lib.network.scope import (
     default_purpose,
     partition_key,
@@ -78,6 +79,7 @@ def network_relationship_sensor(
                     tags={"medblocks/tenant": tenant_id, "medblocks/source": network},
                 )
             )
+    requests = without_stopped_sandboxes(context, cp, requests)
     if not requests:
         return dg.SensorResult(skip_reason="no new relationship events", cursor=new_cursor)
     return dg.SensorResult(run_requests=requests, cursor=new_cursor)

@@ -11,6 +11,7 @@ import dagster as dg
 
 from medblocks_pipelines.defs.patient_access.assets import patient_access_pull_job
 from medblocks_pipelines.defs.shared.resources import PlatformResource
+from medblocks_pipelines.defs.shared.sandbox_guard import without_stopped_sandboxes
 from medblocks_pipelines.lib.fhir.pull import PATTERN, due_connections
 from medblocks_pipelines.lib.partitions import partition_key
 
@@ -53,6 +54,7 @@ def patient_access_due_schedule(
                 },
             )
         )
+    requests = without_stopped_sandboxes(context, cp, requests)
     if not requests:
         return dg.SkipReason("no patient-access connections are due")
     return requests

@@ -11,6 +11,7 @@ from medblocks_pipelines.defs.patient_access.assets import patient_access_pull_j
 from medblocks_pipelines.defs.patient_access.checks import RECORDS_KEY
 from medblocks_pipelines.defs.shared.partitions import patient_access_partitions
 from medblocks_pipelines.defs.shared.resources import PlatformResource
+from medblocks_pipelines.defs.shared.sandbox_guard import without_stopped_sandboxes
 from medblocks_pipelines.lib.fhir.pull import PATTERN, refresh_failed_connections
 from medblocks_pipelines.lib.partitions import partition_key
 from medblocks_pipelines.lib.registry.outbox import OutboxCursor, read_new_events
@@ -71,6 +72,7 @@ def patient_access_new_connections_sensor(
     existing = set(context.instance.get_dynamic_partitions(patient_access_partitions.name or ""))
     missing = sorted(set(keys) - existing)
     partition_requests = [patient_access_partitions.build_add_request(missing)] if missing else []
+    requests = without_stopped_sandboxes(context, platform.control_plane, requests)
     if not requests:
         return dg.SensorResult(skip_reason="no newly active connections", cursor=last)
     return dg.SensorResult(

@@ -22,6 +22,7 @@ class NdjsonImportConfig(dg.Config):
     group_name="backend",
     kinds={"parquet"},
     owners=["team:data-platform"],
+    tags={"medblocks/layer": "landing", "medblocks/pattern": "backend"},
     description="Lands a folder of NDJSON files (an export on disk) for one tenant organization "
     "into the lake; bad lines are quarantined with their reason.",
 )

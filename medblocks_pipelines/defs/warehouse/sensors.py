@@ -1,7 +1,8 @@
 """Automation: rebuild a tenant's warehouse when new data lands, debounced.
 
-``warehouse_on_landing_sensor`` watches materializations of every pattern's landing assets (assets
-tagged ``medblocks/layer: landing`` plus the known landing keys). Each landing partition key starts with
+``warehouse_on_landing_sensor`` watches materializations of every pattern's landing assets: the
+parents of ``warehouse/base_tables`` in the asset graph (every asset tagged
+``medblocks/layer: landing``; see ``lineage.py``). Each landing partition key starts with
 the tenant (``tenant.org``, ``tenant.source``...). A tenant is rebuilt once its landings have been quiet
 for ``MEDBLOCKS_WAREHOUSE_DEBOUNCE_S`` seconds (default 60), or at the latest
 ``MEDBLOCKS_WAREHOUSE_MAX_WAIT_S`` (default 600) after the first pending landing, so a burst of fifty
@@ -16,32 +17,22 @@ from typing import Any
 
 import dagster as dg
 
-from medblocks_pipelines.defs.warehouse.assets import TENANT_TAG, tenant_warehouse_job
+from medblocks_pipelines.defs.warehouse.assets import (
+    BASE_TABLES_KEY,
+    TENANT_TAG,
+    tenant_warehouse_job,
+)
+from medblocks_pipelines.lib.errors import ConfigError
 from medblocks_pipelines.lib.partitions import split_partition_key
 
-# landing assets known today; any asset tagged medblocks/layer=landing is watched as well
-KNOWN_LANDING_KEYS = (
-    dg.AssetKey(["backend", "bulk_resources"]),
-    dg.AssetKey(["backend", "ndjson_import"]),
-    dg.AssetKey(["patient_access", "records"]),
-    dg.AssetKey(["clinician_workflow", "records"]),
-    dg.AssetKey(["network", "query_results"]),
-)
-LANDING_TAG = ("medblocks/layer", "landing")
 
-
-def landing_asset_keys(repository_def: Any | None) -> list[dg.AssetKey]:
-    """The landing asset keys present in the code location."""
-    if repository_def is None:
-        return list(KNOWN_LANDING_KEYS)
+def landing_asset_keys(repository_def: dg.RepositoryDefinition) -> list[dg.AssetKey]:
+    """The landing assets: the parents of ``warehouse/base_tables`` in the code location's asset
+    graph (every asset tagged ``medblocks/layer: landing``, wired in ``lineage.py``)."""
     graph = repository_def.asset_graph
-    keys: list[dg.AssetKey] = []
-    for key in sorted(graph.get_all_asset_keys(), key=lambda k: k.to_user_string()):
-        node = graph.get(key)
-        tags = getattr(node, "tags", {}) or {}
-        if key in KNOWN_LANDING_KEYS or tags.get(LANDING_TAG[0]) == LANDING_TAG[1]:
-            keys.append(key)
-    return keys
+    if not graph.has(BASE_TABLES_KEY):
+        return []
+    return sorted(graph.get(BASE_TABLES_KEY).parent_keys, key=lambda k: k.to_user_string())
 
 
 def _seconds(env: str, default: float) -> float:
@@ -98,7 +89,10 @@ def warehouse_on_landing_sensor(context: dg.SensorEvaluationContext) -> dg.Senso
     cursor = json.loads(context.cursor) if context.cursor else {}
     after = cursor.get("after", {})
     landings: list[tuple[str, int, str | None, float]] = []
-    for key in landing_asset_keys(getattr(context, "repository_def", None)):
+    repository_def = context.repository_def
+    if repository_def is None:
+        raise ConfigError("the sensor needs the code location's definitions to find landing assets")
+    for key in landing_asset_keys(repository_def):
         name = key.to_user_string()
         records = context.instance.fetch_materializations(
             dg.AssetRecordsFilter(asset_key=key, after_storage_id=after.get(name)),

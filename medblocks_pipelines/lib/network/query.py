@@ -300,8 +300,9 @@ def resolve_demographics(
 ) -> ihe.Demographics | None:
     """Find ``person``'s demographics for XCPD, never from the network itself.
 
-    First the warehouse (a Patient linked to the person, or a Patient with that id), newest first;
-    then the lake (the newest landed Patient with that id), for a person not yet in a build.
+    First the warehouse (a Patient linked to the person, or a Patient with that id or resource key
+    ``source/Patient/id``), newest first; then the lake (the newest landed Patient with that id or
+    key), for a person not yet in a build.
     """
     import json
 
@@ -314,8 +315,9 @@ def resolve_demographics(
         tenant,
         "SELECT r.resource FROM resources r LEFT JOIN patient_links l ON l.patient_key = r.resource_key "
         "WHERE r.resource_type = 'Patient' AND r.pattern <> 'network' "
-        "AND (l.person_id = ? OR r.resource_id = ?) ORDER BY r.fetched_at DESC LIMIT 1",
-        [person, person],
+        "AND (l.person_id = ? OR r.resource_id = ? OR r.resource_key = ?) "
+        "ORDER BY r.fetched_at DESC LIMIT 1",
+        [person, person, person],
     )
     if rows:
         return ihe.Demographics.from_patient(json.loads(rows[0][0]))
@@ -328,9 +330,10 @@ def resolve_demographics(
     try:
         row = con.execute(
             "SELECT resource FROM read_parquet(?, hive_partitioning=true, union_by_name=true) "
-            "WHERE resource_type = 'Patient' AND resource_id = ? AND NOT deleted "
-            "AND pattern <> 'network' ORDER BY fetched_at DESC LIMIT 1",
-            [pattern, person],
+            "WHERE resource_type = 'Patient' AND NOT deleted AND pattern <> 'network' "
+            "AND (resource_id = ? OR source || '/Patient/' || resource_id = ?) "
+            "ORDER BY fetched_at DESC LIMIT 1",
+            [pattern, person, person],
         ).fetchone()
     except duckdb.Error:
         return None

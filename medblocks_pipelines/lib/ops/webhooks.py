@@ -30,6 +30,7 @@ import secrets as pysecrets
 import socket
 import time
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -40,6 +41,7 @@ from standardwebhooks.webhooks import Webhook
 
 from medblocks_pipelines.lib.errors import ConfigError, NotFound
 from medblocks_pipelines.lib.ops import tables as ot
+from medblocks_pipelines.lib.ops.webhook_pool import Post, PostResult, post_all, post_one
 from medblocks_pipelines.lib.registry import ControlPlane
 from medblocks_pipelines.lib.registry import schema as rt
 
@@ -89,6 +91,11 @@ class DeliveryPolicy:
     disable_on_exhausted: bool = True
     timeout_s: float = 15.0
     batch: int = 200
+    # Parallel POSTs per round (1: one after another, on the caller's thread).
+    workers: int = 1
+    # Total seconds one deliver_due call may spend sending (None: no limit). A round starts only
+    # if it can end in time even when every call times out; what is left stays due for later.
+    deadline_s: float | None = None
 
 
 @dataclass
@@ -101,6 +108,8 @@ class DeliveryReport:
     succeeded: int = 0
     failed_attempts: int = 0
     exhausted: int = 0
+    deferred: int = 0
+    abandoned: int = 0
     disabled_endpoints: list[str] = field(default_factory=list)
 
     def as_metadata(self) -> dict[str, Any]:
@@ -112,6 +121,8 @@ class DeliveryReport:
             "succeeded": self.succeeded,
             "failed_attempts": self.failed_attempts,
             "exhausted": self.exhausted,
+            "deferred": self.deferred,
+            "abandoned": self.abandoned,
             "disabled_endpoints": len(self.disabled_endpoints),
         }
 
@@ -439,11 +450,15 @@ def deliver_due(
     http: httpx.Client,
     policy: DeliveryPolicy = DeliveryPolicy(),
     wall_clock: Callable[[], datetime] = _now,
+    clock: Callable[[], float] = time.monotonic,
 ) -> DeliveryReport:
-    """Fan out new events, then attempt every due delivery once; record every attempt.
+    """Fan out new events, then attempt due deliveries once each; record every attempt.
 
-    ``now`` drives the schedule (a fake clock in tests); the ``webhook-timestamp`` header is the
-    wall-clock time of the HTTP request, because receivers reject stale timestamps (replay guard).
+    Rounds of ``policy.workers`` parallel POSTs, within ``policy.deadline_s``: deliveries not
+    started in time are counted as ``deferred`` and stay due (untouched); a POST still running at
+    the deadline is ``abandoned`` and due again once its lease expires. ``now`` drives the schedule
+    (a fake clock in tests); the ``webhook-timestamp`` header is the wall-clock time of the HTTP
+    request, because receivers reject stale timestamps (replay guard).
     """
     report = DeliveryReport()
     report.fanned_out_events, report.new_deliveries = fan_out(cp, now=now, policy=policy)
@@ -459,38 +474,69 @@ def deliver_due(
             .limit(policy.batch)
         ).all()
     secrets: dict[str, str] = {}
-    for row in due:
-        if not _claim(cp, row, now=now, policy=policy):
-            continue  # another worker took it
-        endpoint = get_endpoint(cp, row.endpoint_id)
-        if endpoint["status"] != "enabled":
-            continue  # disabled by an earlier delivery in this batch
-        if row.endpoint_id not in secrets:
-            secret = cp.vault.get(SECRET_PREFIX + row.endpoint_id)
-            if secret is None:
-                raise ConfigError(f"webhook endpoint {row.endpoint_id} has no signing secret")
-            secrets[row.endpoint_id] = secret.reveal()
-        with cp.engine.connect() as conn:
-            event = conn.execute(sa.select(rt.events).where(rt.events.c.id == row.event_id)).first()
-        if event is None:
-            raise NotFound(f"outbox event {row.event_id} is missing")
-        body = build_message({k: v for k, v in event._mapping.items()})
-        headers = sign_headers(secrets[row.endpoint_id], row.message_id, body, at=wall_clock())
-        outcome, status_code, error, ms = _post(http, row.url, body, headers, policy.timeout_s)
-        report.attempted += 1
-        _record(
-            cp,
-            row,
-            endpoint,
-            outcome,
-            status_code,
-            error,
-            ms,
-            now=now,
-            policy=policy,
-            report=report,
-        )
+    started = clock()
+    workers = max(1, policy.workers)
+    pool = (
+        ThreadPoolExecutor(workers, thread_name_prefix="webhook") if workers > 1 and due else None
+    )
+    try:
+        for i in range(0, len(due), workers):
+            left = None if policy.deadline_s is None else policy.deadline_s - (clock() - started)
+            if left is not None and left < policy.timeout_s:
+                report.deferred += len(due) - i
+                break
+            prepared = [
+                p
+                for row in due[i : i + workers]
+                if (p := _prepare(cp, row, now=now, policy=policy, secrets=secrets, at=wall_clock))
+            ]
+            results = post_all(
+                http,
+                [p[2] for p in prepared],
+                pool=pool,
+                timeout_s=policy.timeout_s,
+                wait_s=policy.timeout_s if left is None else left,
+            )
+            for (row, endpoint, _), res in zip(prepared, results, strict=True):
+                if res is None:
+                    report.abandoned += 1
+                    continue
+                report.attempted += 1
+                _record(cp, row, endpoint, res, now=now, policy=policy, report=report)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
     return report
+
+
+def _prepare(
+    cp: ControlPlane,
+    row: Any,
+    *,
+    now: datetime,
+    policy: DeliveryPolicy,
+    secrets: dict[str, str],
+    at: Callable[[], datetime],
+) -> tuple[Any, dict[str, Any], Post] | None:
+    """Claim ``row`` and build its signed request; None when another worker took it or its
+    endpoint was disabled meanwhile."""
+    if not _claim(cp, row, now=now, policy=policy):
+        return None  # another worker took it
+    endpoint = get_endpoint(cp, row.endpoint_id)
+    if endpoint["status"] != "enabled":
+        return None  # disabled by an earlier delivery in this batch
+    if row.endpoint_id not in secrets:
+        secret = cp.vault.get(SECRET_PREFIX + row.endpoint_id)
+        if secret is None:
+            raise ConfigError(f"webhook endpoint {row.endpoint_id} has no signing secret")
+        secrets[row.endpoint_id] = secret.reveal()
+    with cp.engine.connect() as conn:
+        event = conn.execute(sa.select(rt.events).where(rt.events.c.id == row.event_id)).first()
+    if event is None:
+        raise NotFound(f"outbox event {row.event_id} is missing")
+    body = build_message({k: v for k, v in event._mapping.items()})
+    headers = sign_headers(secrets[row.endpoint_id], row.message_id, body, at=at())
+    return row, endpoint, Post(row.url, body, headers)
 
 
 def _claim(cp: ControlPlane, row: Any, *, now: datetime, policy: DeliveryPolicy) -> bool:
@@ -506,39 +552,18 @@ def _claim(cp: ControlPlane, row: Any, *, now: datetime, policy: DeliveryPolicy)
         return res.rowcount == 1
 
 
-def _post(
-    http: httpx.Client, url: str, body: bytes, headers: dict[str, str], timeout_s: float
-) -> tuple[str, int | None, str | None, int]:
-    started = time.perf_counter()
-    try:
-        resp = http.post(url, content=body, headers=headers, timeout=timeout_s)
-    except httpx.TimeoutException as exc:
-        return "timeout", None, type(exc).__name__, _ms(started)
-    except httpx.HTTPError as exc:
-        return "connection_error", None, type(exc).__name__, _ms(started)
-    # Standard Webhooks: any 2xx is success; redirects are not followed and count as failures.
-    outcome = "success" if 200 <= resp.status_code < 300 else "http_error"
-    return outcome, resp.status_code, None, _ms(started)
-
-
-def _ms(started: float) -> int:
-    return int((time.perf_counter() - started) * 1000)
-
-
 def _record(
     cp: ControlPlane,
     row: Any,
     endpoint: Mapping[str, Any],
-    outcome: str,
-    status_code: int | None,
-    error: str | None,
-    ms: int,
+    result: PostResult,
     *,
     now: datetime,
     policy: DeliveryPolicy,
     report: DeliveryReport,
 ) -> None:
     d, ep_t = ot.webhook_deliveries, ot.webhook_endpoints
+    outcome, status_code, error = result.outcome, result.status_code, result.error
     attempt = int(row.attempts) + 1
     with cp.engine.begin() as conn:
         conn.execute(
@@ -550,7 +575,7 @@ def _record(
                 outcome=outcome,
                 status_code=status_code,
                 error=error,
-                duration_ms=ms,
+                duration_ms=result.duration_ms,
             )
         )
         common = {
@@ -650,5 +675,5 @@ def send_test(cp: ControlPlane, endpoint_id: str, *, http: httpx.Client) -> tupl
         sort_keys=True,
     ).encode()
     headers = sign_headers(secret.reveal(), f"msg_test_{pysecrets.token_hex(8)}", body, at=at)
-    outcome, code, error, _ = _post(http, endpoint["url"], body, headers, 15.0)
-    return code, error or outcome
+    res = post_one(http, Post(endpoint["url"], body, headers), 15.0)
+    return res.status_code, res.error or res.outcome

@@ -17,6 +17,9 @@ into an asset check result and the CLI can print it. The checks:
 - ``network_rows_have_purpose``: every ``network`` row of ``resources``, ``resource_versions``,
   ``fact_sources`` and the view tables carries ``permitted_purpose`` and ``network_query_id`` (the
   consumers' read policy, ``lib/warehouse/read_policy.py``, cannot judge a row without them).
+
+A check whose tables are missing fails (ERROR) and names them in ``missing_tables``: a build that
+skipped a step is not a clean build.
 """
 
 from dataclasses import dataclass, field
@@ -44,6 +47,28 @@ def _tables(con: duckdb.DuckDBPyConnection) -> set[str]:
             "AND table_catalog = current_database()"
         ).fetchall()
     }
+
+
+#: The tables each check reads; any of them missing fails the check.
+REQUIRED_TABLES: dict[str, tuple[str, ...]] = {
+    "every_row_has_person": ("persons", "patient_links", "facts", "fact_mentions"),
+    "every_row_has_provenance": ("facts", "fact_sources", "view_tables"),
+    "referential_integrity": ("resources", "persons", "patient_links", "fact_sources"),
+    "views_compiled": ("view_errors", "view_tables"),
+}
+
+
+def _missing_tables(name: str, tables: set[str], also: list[str] | None = None) -> list[str]:
+    return sorted({t for t in (*REQUIRED_TABLES.get(name, ()), *(also or [])) if t not in tables})
+
+
+def _failed_missing(name: str, description: str, missing: list[str]) -> CheckOutcome:
+    return CheckOutcome(
+        name,
+        False,
+        f"{description} (tables missing: {', '.join(missing)})",
+        {"missing_tables": missing},
+    )
 
 
 def _scalar(con: duckdb.DuckDBPyConnection, sql: str) -> int:
@@ -78,6 +103,8 @@ def check_row_counts(
 def check_person(con: duckdb.DuckDBPyConnection) -> CheckOutcome:
     """Every linked row has a person that exists."""
     tables = _tables(con)
+    if missing_tables := _missing_tables("every_row_has_person", tables):
+        return _failed_missing("every_row_has_person", "rows belong to a person", missing_tables)
     missing: dict[str, int] = {}
     if "patient_links" in tables:
         missing["patient_links"] = _scalar(
@@ -114,6 +141,8 @@ def check_provenance(
 ) -> CheckOutcome:
     """View tables and fact sources carry their provenance; every fact has a source."""
     tables = _tables(con)
+    if missing_tables := _missing_tables("every_row_has_provenance", tables, view_tables):
+        return _failed_missing("every_row_has_provenance", "rows carry provenance", missing_tables)
     bad: dict[str, int] = {}
     for t in view_tables or []:
         if t not in tables:
@@ -148,6 +177,8 @@ def check_provenance(
 def check_referential_integrity(con: duckdb.DuckDBPyConnection) -> CheckOutcome:
     """fact_sources and patient_links point at current resources; persons have members."""
     tables = _tables(con)
+    if missing_tables := _missing_tables("referential_integrity", tables):
+        return _failed_missing("referential_integrity", "references resolve", missing_tables)
     out: dict[str, int] = {}
     if "fact_sources" in tables:
         out["fact_sources_to_resources"] = _scalar(
@@ -196,8 +227,8 @@ def check_quarantine_growth(
 
 def check_views(con: duckdb.DuckDBPyConnection) -> CheckOutcome:
     """No ViewDefinition failed to build."""
-    if "view_errors" not in _tables(con):
-        return CheckOutcome("views_compiled", True, "views step did not run", {}, "WARN")
+    if missing_tables := _missing_tables("views_compiled", _tables(con)):
+        return _failed_missing("views_compiled", "the views step did not run", missing_tables)
     rows = con.execute("SELECT view, error FROM view_errors ORDER BY view").fetchall()
     return CheckOutcome(
         "views_compiled",
