@@ -166,7 +166,8 @@ def test_demo_runs_every_pattern_into_one_warehouse(
         network_mats = instance.fetch_materializations(
             dg.AssetKey(["network", "query_results"]), limit=10
         ).records
-        assert len(network_mats) == 2
+        # IHE for the related and the unrelated person, Facilitated FHIR for the related one.
+        assert len(network_mats) == 3
         events = "\n".join(repr(entry) for run in runs for entry in instance.all_logs(run.run_id))
     leaking = sorted(
         {
