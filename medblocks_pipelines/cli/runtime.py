@@ -1,7 +1,7 @@
 """Running Dagster jobs from the CLI: the same jobs the UI runs, through Dagster's public API.
 
 The embedded default keeps its Dagster instance under ``<data_dir>/dagster_home`` (SQLite storage, no
-server); production sets ``DAGSTER_HOME`` to a folder holding the PostgreSQL ``dagster.yaml``.
+server); production sets ``DAGSTER_HOME`` to a folder holding ``deploy/dagster.yaml`` (PostgreSQL).
 
 A run executes in the CLI's process (``JobDefinition.execute_in_process(instance=...)``: no daemon,
 no second load of the code location), after two steps:
@@ -43,6 +43,8 @@ from medblocks_pipelines.lib.settings import get_settings
 
 T = TypeVar("T")
 
+# The repo-root dagster.yaml is this plus its storage under data/dagster_home, for `dagster dev` run
+# without DAGSTER_HOME (foundation/test_dagster_yaml.py keeps the two equal).
 EMBEDDED_DAGSTER_YAML = """\
 # Embedded default instance: SQLite storage in this folder (written by `medblocks`).
 telemetry:
