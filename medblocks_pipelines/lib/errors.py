@@ -222,3 +222,13 @@ class ExportError(MedblocksError):
     """Raised when an export run cannot write to its destination (folder, object store, FHIR
     server) or another run of the same destination is in progress. Carries our ids and the
     error class only, never the destination's response body."""
+
+
+class RunFailed(MedblocksError):
+    """Raised by the CLI when a Dagster run it executed failed. The message is the root cause of
+    each failed step (``AuthError: token request refused: ...``), not Dagster's wrapper
+    (``DagsterExecutionStepExecutionError``); ``run_id`` names the run whose logs have the rest."""
+
+    def __init__(self, message: str, *, run_id: str, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.run_id = run_id
