@@ -34,6 +34,8 @@ PLUGINS: list[tuple[str, str | None, str]] = [
     ("medblocks_pipelines.cli.ops:webhooks", None, "webhooks"),
     ("medblocks_pipelines.cli.ops:exports", None, "exports"),
     ("medblocks_pipelines.cli.doctor:doctor", None, "doctor"),
+    ("medblocks_pipelines.cli.orgs_config:orgs_show", "orgs", "show"),
+    ("medblocks_pipelines.cli.orgs_config:orgs_set_config", "orgs", "set-config"),
 ]
 
 

@@ -164,7 +164,7 @@ def sources_discover(source_id: str) -> None:
 
 
 # -- organizations ---------------------------------------------------------------------------
-@click.group()
+@click.group(cls=LazyGroup)
 def orgs() -> None:
     """Organizations that authorized a tenant (backend, clinician workflow)."""
 
