@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from medblocks_pipelines.cli.lazy import LazyGroup
+from medblocks_pipelines.cli.lazy import LazyGroup, load_command
 from medblocks_pipelines.lib.errors import MedblocksError
 
 # (module:attribute, parent group or None for top level, command name)
@@ -88,6 +88,10 @@ def _attach_plugins() -> None:
         group = main if parent is None else main.commands.get(parent)
         if isinstance(group, LazyGroup):
             group.add_lazy(name, target)
+        elif isinstance(group, click.Group):  # a parent that is not lazy: load it now
+            command = load_command(target)
+            if command is not None:
+                group.add_command(command, name)
 
 
 _attach_plugins()
