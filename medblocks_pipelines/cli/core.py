@@ -292,7 +292,8 @@ def sync_import_ndjson(tenant: str, org_id: str, folder: str) -> None:
     from medblocks_pipelines.lib.partitions import partition_key
 
     cp = control_plane()
-    source_id = str(cp.get_organization(org_id)["source_id"])
+    org = owned_by(tenant, "organization", org_id, cp.get_organization, listing="orgs list")
+    source_id = str(org["source_id"])
     cp.engine.dispose()
     result = run_job(
         "ndjson_import_job",

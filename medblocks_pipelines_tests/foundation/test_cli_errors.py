@@ -98,3 +98,18 @@ def test_unknown_partition_names_the_missing_entry(settings: Settings) -> None:
     assert err.hint == "list them: medblocks sources list"
     err = unknown_partition(cp, "patient_access_sources", "acme.mercy-ehr")
     assert isinstance(err, ConfigError) and "not a patient-access source" in str(err)
+
+
+def test_unknown_org_of_an_import_names_the_tenants_listing(
+    settings: Settings, tmp_path: Path
+) -> None:
+    control_plane().add_tenant("acme", "Acme", {})
+    result = CliRunner().invoke(
+        main,
+        ["sync", "import-ndjson", "--tenant", "acme", "--org", "nope", "--path", str(tmp_path)],
+    )
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [
+        "error: organization nope not found for tenant acme",
+        "hint: list them: medblocks orgs list --tenant acme",
+    ]
