@@ -8,13 +8,14 @@ STAMP := $(VENV)/.installed-stamp
 
 help:
 	@echo "make demo       set up, start the sandbox, run every pattern end to end, print results"
+	@echo "                (starts from an empty data/: deletes control.db, lake, warehouse, dagster_home)"
 	@echo "make test       set up and run the test suite (CI runs exactly this)"
 	@echo "make check      lint + type check + tests"
 	@echo "make lint       ruff check and format check"
 	@echo "make format     ruff format + autofix"
 	@echo "make typecheck  mypy"
 	@echo "make bench      every benchmark at a quick size (see benchmarks/README.md)"
-	@echo "make ui         the Dagster UI on the embedded instance (http://127.0.0.1:3000)"
+	@echo "make ui         the Dagster UI on the embedded instance (http://127.0.0.1:3000; PORT=N for another)"
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)

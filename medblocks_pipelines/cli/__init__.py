@@ -1,10 +1,10 @@
 """The ``medblocks`` command: the operator's entry point.
 
 Errors print one clear line plus a hint and exit non-zero; ``--verbose`` shows the stack.
-Pattern modules contribute their commands through :data:`PLUGINS`.
+Pattern modules contribute their commands through :data:`PLUGINS`, imported only when used
+(``cli/lazy.py``): ``medblocks --help`` imports neither Dagster nor DuckDB nor the sandbox.
 """
 
-import importlib
 import logging
 import os
 import sys
@@ -12,6 +12,7 @@ from typing import Any
 
 import click
 
+from medblocks_pipelines.cli.lazy import LazyGroup, load_command
 from medblocks_pipelines.lib.errors import MedblocksError
 
 # (module:attribute, parent group or None for top level, command name)
@@ -34,10 +35,12 @@ PLUGINS: list[tuple[str, str | None, str]] = [
     ("medblocks_pipelines.cli.ops:webhooks", None, "webhooks"),
     ("medblocks_pipelines.cli.ops:exports", None, "exports"),
     ("medblocks_pipelines.cli.doctor:doctor", None, "doctor"),
+    ("medblocks_pipelines.cli.orgs_config:orgs_show", "orgs", "show"),
+    ("medblocks_pipelines.cli.orgs_config:orgs_set_config", "orgs", "set-config"),
 ]
 
 
-class MedblocksGroup(click.Group):
+class MedblocksGroup(LazyGroup):
     """A group that turns our errors into one line + hint instead of a traceback."""
 
     def invoke(self, ctx: click.Context) -> Any:
@@ -83,20 +86,13 @@ def _attach_plugins() -> None:
 
     core.register(main)
     for target, parent, name in PLUGINS:
-        module_name, attr = target.split(":")
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            # A pattern that is not installed yet; any other import error is a real bug.
-            if exc.name != module_name:
-                raise
-            continue
-        command = getattr(module, attr, None)
-        if command is None:
-            continue
         group = main if parent is None else main.commands.get(parent)
-        if isinstance(group, click.Group):
-            group.add_command(command, name)
+        if isinstance(group, LazyGroup):
+            group.add_lazy(name, target)
+        elif isinstance(group, click.Group):  # a parent that is not lazy: load it now
+            command = load_command(target)
+            if command is not None:
+                group.add_command(command, name)
 
 
 _attach_plugins()

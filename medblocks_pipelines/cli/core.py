@@ -5,21 +5,28 @@ import os
 import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.console import Console
 from rich.table import Table
 
+from medblocks_pipelines.cli.lazy import LazyGroup
 from medblocks_pipelines.lib.errors import ConfigError, NotFound
-from medblocks_pipelines.lib.registry import ControlPlane, open_control_plane
 from medblocks_pipelines.lib.settings import get_settings
+
+if (
+    TYPE_CHECKING
+):  # the registry (SQLAlchemy, Alembic) is imported when a command runs, not for help
+    from medblocks_pipelines.lib.registry import ControlPlane
 
 console = Console()
 
 
-def control_plane() -> ControlPlane:
+def control_plane() -> "ControlPlane":
     """Open the control plane from the environment (``--data-dir`` / ``MEDBLOCKS_*``)."""
+    from medblocks_pipelines.lib.registry import open_control_plane
+
     settings = get_settings()
     settings.ensure_dirs()
     return open_control_plane(settings)
@@ -158,7 +165,7 @@ def sources_discover(source_id: str) -> None:
 
 
 # -- organizations ---------------------------------------------------------------------------
-@click.group()
+@click.group(cls=LazyGroup)
 def orgs() -> None:
     """Organizations that authorized a tenant (backend, clinician workflow)."""
 
@@ -202,7 +209,7 @@ def registry_apply(path: str) -> None:
 
 
 # -- connections -----------------------------------------------------------------------------
-@click.group()
+@click.group(cls=LazyGroup)
 def connections() -> None:
     """Connections: consents, launches, registrations, network participation."""
 
@@ -271,7 +278,7 @@ def connections_show(connection_id: str, tenant: str) -> None:
 
 
 # -- sync ------------------------------------------------------------------------------------
-@click.group()
+@click.group(cls=LazyGroup)
 def sync() -> None:
     """Run a sync job (the same Dagster job the UI runs) in-process."""
 
@@ -286,7 +293,8 @@ def sync_import_ndjson(tenant: str, org_id: str, folder: str) -> None:
     from medblocks_pipelines.lib.partitions import partition_key
 
     cp = control_plane()
-    source_id = str(cp.get_organization(org_id)["source_id"])
+    org = owned_by(tenant, "organization", org_id, cp.get_organization, listing="orgs list")
+    source_id = str(org["source_id"])
     cp.engine.dispose()
     result = run_job(
         "ndjson_import_job",
@@ -303,7 +311,7 @@ def sync_import_ndjson(tenant: str, org_id: str, folder: str) -> None:
 
 
 # -- warehouse -------------------------------------------------------------------------------
-@click.group()
+@click.group(cls=LazyGroup)
 def warehouse() -> None:
     """The per-tenant DuckDB warehouse."""
 
@@ -393,7 +401,7 @@ def warehouse_query(tenant: str, sql_file: Any, max_rows: int, sql: str | None) 
         click.echo(f"(first {max_rows} rows; --max-rows to see more)")
 
 
-@click.group()
+@click.group(cls=LazyGroup)
 def audit() -> None:
     """The network audit log."""
 

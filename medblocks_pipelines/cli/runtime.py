@@ -1,7 +1,7 @@
 """Running Dagster jobs from the CLI: the same jobs the UI runs, through Dagster's public API.
 
 The embedded default keeps its Dagster instance under ``<data_dir>/dagster_home`` (SQLite storage, no
-server); production sets ``DAGSTER_HOME`` to a folder holding the PostgreSQL ``dagster.yaml``.
+server); production sets ``DAGSTER_HOME`` to a folder holding ``deploy/dagster.yaml`` (PostgreSQL).
 
 A run executes in the CLI's process (``JobDefinition.execute_in_process(instance=...)``: no daemon,
 no second load of the code location), after two steps:
@@ -37,12 +37,14 @@ from typing import Any, TypeVar
 
 import dagster as dg
 
-from medblocks_pipelines.lib.errors import ConfigError, MedblocksError
+from medblocks_pipelines.lib.errors import ConfigError
 from medblocks_pipelines.lib.runs.process import this_process
 from medblocks_pipelines.lib.settings import get_settings
 
 T = TypeVar("T")
 
+# The repo-root dagster.yaml is this plus its storage under data/dagster_home, for `dagster dev` run
+# without DAGSTER_HOME (foundation/test_dagster_yaml.py keeps the two equal).
 EMBEDDED_DAGSTER_YAML = """\
 # Embedded default instance: SQLite storage in this folder (written by `medblocks`).
 telemetry:
@@ -142,14 +144,6 @@ def process_tags() -> dict[str, str]:
     }
 
 
-def _failure_messages(result: dg.ExecuteInProcessResult) -> list[str]:
-    return [
-        e.event_specific_data.error.message.splitlines()[0]  # type: ignore[union-attr]
-        for e in result.all_events
-        if e.is_step_failure and e.event_specific_data is not None
-    ]
-
-
 def run_job(
     job_name: str,
     *,
@@ -162,6 +156,7 @@ def run_job(
     it failed."""
     from medblocks_pipelines.cli.admission import admitted
     from medblocks_pipelines.cli.core import control_plane as open_cp
+    from medblocks_pipelines.cli.run_errors import check_partition, echo_run_warnings, run_failure
 
     instance = instance or get_instance()
     sync_registry_partitions(instance)
@@ -171,14 +166,19 @@ def run_job(
     except dg.DagsterInvariantViolationError as exc:
         raise ConfigError(f"no Dagster job named {job_name}") from exc
     config = dict(run_config or {})
-    # Runs show their logs in the UI; the terminal gets warnings only unless --verbose (DEBUG logging).
-    level = "DEBUG" if logging.getLogger().isEnabledFor(logging.DEBUG) else "WARNING"
+    # Runs show their logs in the UI. With --verbose (DEBUG logging) the terminal gets them all;
+    # otherwise Dagster's console stays quiet (a step failure would print its whole stack) and the
+    # run's own warnings are repeated one line each after it (echo_run_warnings).
+    verbose = logging.getLogger().isEnabledFor(logging.DEBUG)
+    level = "DEBUG" if verbose else "CRITICAL"
     config.setdefault("loggers", {"console": {"config": {"log_level": level}}})
     run_tags = {**(tags or {}), **process_tags()}
     run_id = str(uuid.uuid4())
     home = Path(os.environ.get("DAGSTER_HOME") or get_settings().data_dir)
     cp = open_cp()
     try:
+        if partition_key is not None:
+            check_partition(job, partition_key, instance, cp)
         with admitted(
             instance,
             run_tags,
@@ -198,10 +198,8 @@ def run_job(
             )
     finally:
         cp.engine.dispose()
+    if not verbose:
+        echo_run_warnings(instance, result.run_id)
     if not result.success:
-        raise MedblocksError(
-            f"run {result.run_id[:8]} of {job_name} failed: "
-            + ("; ".join(_failure_messages(result)) or "see UI"),
-            hint="open the Dagster UI (`dagster dev`) to see the run's logs",
-        )
+        raise run_failure(result, job_name)
     return result

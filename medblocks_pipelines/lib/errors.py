@@ -240,3 +240,13 @@ class ConsentRequired(AuthError):
         super().__init__(message)
         self.policies = policies
         self.consent_form = consent_form
+
+
+class RunFailed(MedblocksError):
+    """Raised by the CLI when a Dagster run it executed failed. The message is the root cause of
+    each failed step (``AuthError: token request refused: ...``), not Dagster's wrapper
+    (``DagsterExecutionStepExecutionError``); ``run_id`` names the run whose logs have the rest."""
+
+    def __init__(self, message: str, *, run_id: str, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.run_id = run_id

@@ -28,11 +28,12 @@ import secrets
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
-
-import fsspec
+from typing import TYPE_CHECKING, Any
 
 from medblocks_pipelines.lib.errors import ConfigError, StorageError
+
+if TYPE_CHECKING:  # imported when storage is used: `medblocks --help` reads settings without it
+    import fsspec
 
 LOCAL_PROTOCOLS = {"file", "local"}
 
@@ -61,8 +62,10 @@ def storage_options() -> dict[str, Any]:
     return value
 
 
-def open_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+def open_fs(url: str) -> tuple["fsspec.AbstractFileSystem", str]:
     """The file system serving ``url`` and the path inside it (no trailing slash)."""
+    import fsspec
+
     try:
         fs, path = fsspec.core.url_to_fs(url, **storage_options())
     except (ImportError, ValueError) as exc:

@@ -177,12 +177,12 @@ def test_import_and_build_on_postgres_instance(
 def test_production_dagster_yaml_runs_on_postgres(
     settings: Settings, tmp_path: Path, pg_dagster_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The committed top-level dagster.yaml is a working instance config (env-var credentials)."""
+    """The committed deploy/dagster.yaml is a working instance config (env-var credentials)."""
     import shutil
 
     home = tmp_path / "dagster_home"
     home.mkdir()
-    shutil.copy(Path(__file__).parents[2] / "dagster.yaml", home / "dagster.yaml")
+    shutil.copy(Path(__file__).parents[2] / "deploy" / "dagster.yaml", home / "dagster.yaml")
     monkeypatch.setenv("DAGSTER_HOME", str(home))
     monkeypatch.setenv("DAGSTER_PG_USERNAME", "postgres")
     monkeypatch.setenv("DAGSTER_PG_PASSWORD", "")

@@ -87,6 +87,16 @@ def _outbox(
     return int(res.inserted_primary_key[0])  # type: ignore[index]
 
 
+# The command that lists each kind of registry row (foundation/test_cli_hints.py checks them).
+_LIST_HINTS = {
+    "tenants": "list them: medblocks tenants list",
+    "sources": "list them: medblocks sources list",
+    "organizations": "list them: medblocks orgs list --tenant TENANT",
+    "connections": "list them: medblocks connections list --tenant TENANT",
+    "bulk_exports": "an organization's exports: medblocks bulk status --tenant TENANT --org ORG",
+}
+
+
 class ControlPlane:
     """Typed facade over the control-plane tables."""
 
@@ -671,9 +681,7 @@ class ControlPlane:
     def _get(self, table: sa.Table, id: str, what: str) -> dict[str, Any]:
         row = self._maybe(table, id)
         if row is None:
-            raise NotFound(
-                f"{what} {id!r} not found", hint=f"list them with `medblocks {table.name} list`"
-            )
+            raise NotFound(f"{what} {id!r} not found", hint=_LIST_HINTS.get(table.name))
         return row
 
     def _list(self, table: sa.Table, *, order_by: Any) -> list[dict[str, Any]]:

@@ -81,7 +81,7 @@ class Vault:
         except ValueError as exc:
             raise ConfigError(
                 "a vault key is not a valid Fernet key",
-                hint="generate one with `medblocks keys vault`",
+                hint="generate one with `medblocks vault new-key`",
             ) from exc
         self._engine = engine
 

@@ -711,5 +711,5 @@ def _sql_str(value: str) -> str:
 
 
 def remove_tree(path: Path) -> None:
-    """Delete a lake subtree (tests and `medblocks warehouse reset`)."""
+    """Delete a lake subtree (tests)."""
     shutil.rmtree(path, ignore_errors=True)
