@@ -43,6 +43,9 @@ SOURCE_KEYS: dict[str, str] = {
     "xca_query_url, xca_retrieve_url}` (optional `name`, `organization`, `timeout_s`)",
     "home_community_id": "network: our home community OID",
     "max_parallel": "network: gateways queried at a time (default 4)",
+    "facilitated_fhir": "network: TEFCA Facilitated FHIR (UDAP) block `{directory_url, "
+    "trust_anchor_pem | trust_anchor_secret, directory_api_key_secret, identity, community, "
+    "timeout_s, max_parallel, client_name}` (docs/OPERATIONS.md, UDAP)",
 }
 
 ORGANIZATION_KEYS: dict[str, str] = {
