@@ -35,7 +35,7 @@ from medblocks_pipelines.lib.warehouse.identity import (  # noqa: E402
     pairwise_metrics_frame,
 )
 from medblocks_pipelines.lib.warehouse.standardise import standardise_demographics  # noqa: E402
-from medblocks_pipelines.sandbox.generator import people  # noqa: E402
+from medblocks_sandbox.generator import people  # noqa: E402
 
 # how many organizations know a person (shape of the sandbox population)
 ORG_COUNT_WEIGHTS = [(1, 0.05), (2, 0.29), (3, 0.43), (4, 0.18), (5, 0.05)]

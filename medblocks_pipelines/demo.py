@@ -347,7 +347,7 @@ def clinician(state: DemoState) -> None:
         return
     from medblocks_pipelines.cli.runtime import run_job
     from medblocks_pipelines.lib.partitions import partition_key
-    from medblocks_pipelines.sandbox.cds_ehr.demo import run_clinician_demo
+    from medblocks_sandbox.cds_ehr.demo import run_clinician_demo
 
     # A patient whose record also arrived through the other patterns, so the cards have news.
     patient = _cross_pattern_patient(state)
@@ -485,8 +485,8 @@ STAGES: list[tuple[str, Callable[[DemoState], None]]] = [
 def run_demo(*, persons: int, seed: int, fresh: bool, console: Console) -> DemoState:
     """Run every stage; raises on the first failure (the CLI turns it into one line + hint)."""
     from medblocks_pipelines.cli.runtime import ensure_dagster_home
-    from medblocks_pipelines.sandbox.run import serve, start_sandbox
     from medblocks_pipelines.web.app import create_app
+    from medblocks_sandbox.run import serve, start_sandbox
 
     # Tables are wide; a pipe or a narrow terminal would fold every URL and id.
     console.width = max(console.width, 120)

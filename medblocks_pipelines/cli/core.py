@@ -461,7 +461,7 @@ def sandbox(host: str, base_port: int, persons: int, seed: int, profiles: tuple[
     import signal
     import time
 
-    from medblocks_pipelines.sandbox.run import start_sandbox
+    from medblocks_sandbox.run import start_sandbox
 
     chosen: dict[str, str] = {}
     for item in profiles:

@@ -13,7 +13,7 @@ from .conftest import TENANT, Env
 
 @pytest.fixture
 def sandbox():  # type: ignore[no-untyped-def]
-    from medblocks_pipelines.sandbox.run import start_sandbox
+    from medblocks_sandbox.run import start_sandbox
 
     handle = start_sandbox(base_port=0, persons=8, seed=5, roles=["ehr"])
     for org in handle.orgs_of("ehr"):

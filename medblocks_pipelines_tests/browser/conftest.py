@@ -27,8 +27,8 @@ from starlette.routing import Route
 
 from medblocks_pipelines.lib.registry import ControlPlane, open_control_plane
 from medblocks_pipelines.lib.settings import Settings
-from medblocks_pipelines.sandbox.run import SandboxHandle, serve, start_sandbox
 from medblocks_pipelines.web.app import create_app
+from medblocks_sandbox.run import SandboxHandle, serve, start_sandbox
 
 TENANT = "acme"
 #: Patients connect at this EHR organization; the EHR launch runs at the other one, so each

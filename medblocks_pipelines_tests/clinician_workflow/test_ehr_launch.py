@@ -10,24 +10,24 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-import medblocks_pipelines.sandbox.cds_ehr  # noqa: F401  (registers the cds_ehr role)
+import medblocks_sandbox.cds_ehr  # noqa: F401  (registers the cds_ehr role)
 from medblocks_pipelines.lib.cds.knowledge import PACKS_ENV
-from medblocks_pipelines.lib.cds.synthetic import write_warehouse
 from medblocks_pipelines.lib.network.tables import network_relationship_events
 from medblocks_pipelines.lib.registry import open_control_plane
 from medblocks_pipelines.lib.settings import Settings
 from medblocks_pipelines.lib.warehouse.build import warehouse_path
-from medblocks_pipelines.sandbox.cds_ehr.demo import (
+from medblocks_pipelines.web.app import create_app
+from medblocks_pipelines_tests.clinician_workflow.cards_check import assert_valid_response
+from medblocks_pipelines_tests.clinician_workflow.conftest import LOINC, RX, SCT, fact
+from medblocks_pipelines_tests.support.cds_synthetic import write_warehouse
+from medblocks_sandbox.cds_ehr.demo import (
     demo_orders,
     first_patient,
     launch_in_browser,
     run_clinician_demo,
     setup_clinician_org,
 )
-from medblocks_pipelines.sandbox.run import SandboxHandle, serve, start_sandbox
-from medblocks_pipelines.web.app import create_app
-from medblocks_pipelines_tests.clinician_workflow.cards_check import assert_valid_response
-from medblocks_pipelines_tests.clinician_workflow.conftest import LOINC, RX, SCT, fact
+from medblocks_sandbox.run import SandboxHandle, serve, start_sandbox
 
 TENANT = "acme"
 ORG = "mercy-general"

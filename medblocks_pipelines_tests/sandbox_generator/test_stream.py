@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from medblocks_pipelines.lib.errors import GeneratorError
-from medblocks_pipelines.sandbox.generator import stream_bulk_ndjson
+from medblocks_sandbox.generator import stream_bulk_ndjson
 
 
 def _lines(root: Path) -> list[dict]:

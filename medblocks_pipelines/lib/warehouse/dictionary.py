@@ -224,7 +224,7 @@ def sample_warehouse(root: Path) -> Path:
     from medblocks_pipelines.lib.settings import get_settings
     from medblocks_pipelines.lib.warehouse.build import build_warehouse
     from medblocks_pipelines.lib.warehouse.lake import LakeWriter, Provenance
-    from medblocks_pipelines.sandbox.generator import PopulationSpec, generate_population
+    from medblocks_sandbox.generator import PopulationSpec, generate_population
 
     # A throwaway local lake and warehouse, whatever the environment points the real ones at.
     settings = dataclasses.replace(get_settings(root), lake_url=None, warehouse_url=None)

@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from medblocks_pipelines.lib.errors import GeneratorError
-from medblocks_pipelines.sandbox.generator import codes
-from medblocks_pipelines.sandbox.generator.model import PopulationSpec
-from medblocks_pipelines.sandbox.generator.population import Population, generate_population
+from medblocks_sandbox.generator import codes
+from medblocks_sandbox.generator.model import PopulationSpec
+from medblocks_sandbox.generator.population import Population, generate_population
 
 Resource = dict[str, Any]
 
@@ -274,7 +274,7 @@ def _compiled(
 
 
 def _respell(rng: random.Random, name: str) -> str:
-    from medblocks_pipelines.sandbox.generator.people import typo
+    from medblocks_sandbox.generator.people import typo
 
     return typo(rng, name)
 

@@ -7,8 +7,8 @@ write_ndjson(pop, out_dir)
 stream_bulk_ndjson(out_dir, resources=1_000_000, seed=7)   # the scale path
 """
 
-from medblocks_pipelines.sandbox.generator.evolve import evolve
-from medblocks_pipelines.sandbox.generator.model import (
+from medblocks_sandbox.generator.evolve import evolve
+from medblocks_sandbox.generator.model import (
     REFERENCE_DATE,
     Address,
     Changes,
@@ -17,8 +17,8 @@ from medblocks_pipelines.sandbox.generator.model import (
     PopulationSpec,
     PortalLogin,
 )
-from medblocks_pipelines.sandbox.generator.ndjson import stream_bulk_ndjson, write_ndjson
-from medblocks_pipelines.sandbox.generator.population import Population, generate_population
+from medblocks_sandbox.generator.ndjson import stream_bulk_ndjson, write_ndjson
+from medblocks_sandbox.generator.population import Population, generate_population
 
 __all__ = [
     "REFERENCE_DATE",

@@ -28,7 +28,7 @@ from starlette.routing import Route
 from medblocks_pipelines.lib.errors import ProtocolError
 from medblocks_pipelines.lib.network import ihe
 from medblocks_pipelines.lib.network.errors import SoapFault, UnsafeXMLError
-from medblocks_pipelines.sandbox.gateway.render import render_ccd
+from medblocks_sandbox.gateway.render import render_ccd
 
 #: A fixed instant for stable documents: the same patient gives the same bytes every time.
 STABLE_DOCUMENT_TIME = datetime(2026, 11, 1, 12, 0, 0, tzinfo=UTC)
@@ -741,7 +741,7 @@ def gateway_role(ctx: Any) -> Any:
     ``gateway_trusted_cert`` (PEM bytes) are honoured. ``extra`` carries ``seen`` (requests log)
     and ``source_config`` (the network source's registry config for these endpoints).
     """
-    from medblocks_pipelines.sandbox.run import OrgEndpoint, RoleApp
+    from medblocks_sandbox.run import OrgEndpoint, RoleApp
 
     behaviours = ctx.options.get("gateway_behaviours", DEFAULT_BEHAVIOURS)
     app = create_gateway_app(

@@ -41,8 +41,8 @@ from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 from medblocks_pipelines.lib.smart.assertion import SigningKey, generate_signing_key
-from medblocks_pipelines.sandbox.ehr import ADMIN_HEADER
-from medblocks_pipelines.sandbox.run import RoleApp, RoleContext, register_role
+from medblocks_sandbox.ehr import ADMIN_HEADER
+from medblocks_sandbox.run import RoleApp, RoleContext, register_role
 
 HOOK_SERVICE_IDS = {
     "patient-view": "medblocks-patient-view",

@@ -14,10 +14,10 @@ from datetime import timedelta
 from typing import Any
 
 from medblocks_pipelines.lib.errors import GeneratorError
-from medblocks_pipelines.sandbox.generator import people, render
-from medblocks_pipelines.sandbox.generator.history import _encounter
-from medblocks_pipelines.sandbox.generator.model import Changes
-from medblocks_pipelines.sandbox.generator.population import Population
+from medblocks_sandbox.generator import people, render
+from medblocks_sandbox.generator.history import _encounter
+from medblocks_sandbox.generator.model import Changes
+from medblocks_sandbox.generator.population import Population
 
 Resource = dict[str, Any]
 

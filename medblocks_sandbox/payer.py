@@ -15,9 +15,9 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.routing import BaseRoute
 
-from medblocks_pipelines.sandbox.auth import AuthConfig
-from medblocks_pipelines.sandbox.ehr import ChangeSet, OrgConfig, create_ehr_app
-from medblocks_pipelines.sandbox.fhir_store import FhirStore, Resource
+from medblocks_sandbox.auth import AuthConfig
+from medblocks_sandbox.ehr import ChangeSet, OrgConfig, create_ehr_app
+from medblocks_sandbox.fhir_store import FhirStore, Resource
 
 PAYER_TYPES: tuple[str, ...] = (
     "Patient",

@@ -76,14 +76,14 @@ from starlette.responses import FileResponse, JSONResponse, RedirectResponse, Re
 from starlette.routing import BaseRoute, Route
 
 from medblocks_pipelines.lib.errors import FhirHttpError
-from medblocks_pipelines.sandbox.bulk_stu3 import (
+from medblocks_sandbox.bulk_stu3 import (
     BlockWriter,
     Stu3Options,
     associated_provenance,
     manifest_page,
     parse_options,
 )
-from medblocks_pipelines.sandbox.faults import (
+from medblocks_sandbox.faults import (
     FaultInjector,
     FaultMiddleware,
     fault_admin_routes,
@@ -91,7 +91,7 @@ from medblocks_pipelines.sandbox.faults import (
     operation_outcome,
     outcome_response,
 )
-from medblocks_pipelines.sandbox.fhir_store import (
+from medblocks_sandbox.fhir_store import (
     PATIENT_COMPARTMENT,
     SHARED_TYPES,
     compile_filters,
@@ -100,7 +100,7 @@ from medblocks_pipelines.sandbox.fhir_store import (
     matches,
     reference_key,
 )
-from medblocks_pipelines.sandbox.profiles import (
+from medblocks_sandbox.profiles import (
     GROUP,
     PATIENT,
     SYSTEM,

@@ -32,9 +32,9 @@ from starlette.routing import Mount, Route
 from starlette.types import ASGIApp
 
 from medblocks_pipelines.lib.errors import ConfigError
-from medblocks_pipelines.sandbox.auth import Login
-from medblocks_pipelines.sandbox.ehr import ADMIN_HEADER, ChangeSet, OrgConfig, create_ehr_app
-from medblocks_pipelines.sandbox.fhir_store import FhirStore, Resource
+from medblocks_sandbox.auth import Login
+from medblocks_sandbox.ehr import ADMIN_HEADER, ChangeSet, OrgConfig, create_ehr_app
+from medblocks_sandbox.fhir_store import FhirStore, Resource
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,8 +181,8 @@ def register_role(name: str, factory: RoleFactory) -> None:
 #: Roles other helpers build, loaded on first use when their module imports ("module:factory").
 #: Add a line here (or call `register_role`) to have `start_sandbox` start a new role.
 OPTIONAL_ROLES: dict[str, str] = {
-    "gateway": "medblocks_pipelines.sandbox.gateway.app:gateway_role",
-    "cds_ehr": "medblocks_pipelines.sandbox.cds_ehr.app:cds_ehr_role",
+    "gateway": "medblocks_sandbox.gateway.app:gateway_role",
+    "cds_ehr": "medblocks_sandbox.cds_ehr.app:cds_ehr_role",
 }
 
 
@@ -222,7 +222,7 @@ class PopulationChanges:
         """The upserts and deletions of one evolve step for one org (evolving once per step)."""
         with self._lock:
             if step not in self._steps:
-                from medblocks_pipelines.sandbox.generator import evolve
+                from medblocks_sandbox.generator import evolve
 
                 changes = evolve(self.population, step)
                 per_org: dict[str, ChangeSet] = {}
@@ -268,8 +268,8 @@ def build_org_app(
     with_bulk: bool = True,
 ) -> tuple[Starlette, dict[str, Any]]:
     """One org's app with Bulk Data and fault injection wired in; returns it and its handles."""
-    from medblocks_pipelines.sandbox import bulk, faults
-    from medblocks_pipelines.sandbox.profiles import get_profile
+    from medblocks_sandbox import bulk, faults
+    from medblocks_sandbox.profiles import get_profile
 
     vendor = get_profile(profile)
     injector = faults.FaultInjector()
@@ -277,7 +277,7 @@ def build_org_app(
     holder: dict[str, Any] = {}
 
     def authenticate(request: Any) -> bulk.TokenInfo:
-        from medblocks_pipelines.sandbox.auth import require_token
+        from medblocks_sandbox.auth import require_token
 
         info = require_token(request)
         return bulk.TokenInfo(client_id=info.client_id, scopes=frozenset(info.scopes))
@@ -312,7 +312,7 @@ def build_org_app(
         )
     ]
     if payer:
-        from medblocks_pipelines.sandbox.payer import create_payer_app
+        from medblocks_sandbox.payer import create_payer_app
 
         app = create_payer_app(
             org,
@@ -367,7 +367,7 @@ def _org_role(kind: str) -> RoleFactory:
         presigning: list[Any] = []
         for org in _orgs_of(pop, kind):
             if kind == "payer":
-                from medblocks_pipelines.sandbox.payer import load_payer_store
+                from medblocks_sandbox.payer import load_payer_store
 
                 store = load_payer_store(pop.resources_for(org.id), copy=False)
             else:
@@ -398,7 +398,7 @@ def _org_role(kind: str) -> RoleFactory:
         if presigning:
             # Oracle-like profiles answer file URLs with a 307 to a presigned URL on another
             # origin: one file host, on its own loopback port, for every such org.
-            from medblocks_pipelines.sandbox import bulk
+            from medblocks_sandbox import bulk
 
             host = urllib.parse.urlsplit(ctx.base_url).hostname or "127.0.0.1"
             storage = ServerThread(
@@ -553,7 +553,7 @@ def start_sandbox(
     """
     started = time.monotonic()
     if population is None:
-        from medblocks_pipelines.sandbox.generator import PopulationSpec, generate_population
+        from medblocks_sandbox.generator import PopulationSpec, generate_population
 
         population = generate_population(PopulationSpec(seed=seed, persons=persons))
     # A fixed secret from the environment lets other processes (Dagster runs, the demo) call the

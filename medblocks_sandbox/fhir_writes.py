@@ -44,8 +44,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from medblocks_pipelines.lib.errors import FhirHttpError
-from medblocks_pipelines.sandbox.auth import AccessGrant, TokenInfo, require_token
-from medblocks_pipelines.sandbox.fhir_store import (
+from medblocks_sandbox.auth import AccessGrant, TokenInfo, require_token
+from medblocks_sandbox.fhir_store import (
     FhirStore,
     Resource,
     format_instant,

@@ -9,8 +9,8 @@ import random
 from dataclasses import dataclass, replace
 from datetime import date, timedelta
 
-from medblocks_pipelines.sandbox.generator import codes
-from medblocks_pipelines.sandbox.generator.model import Address, OrgInfo, PersonTruth
+from medblocks_sandbox.generator import codes
+from medblocks_sandbox.generator.model import Address, OrgInfo, PersonTruth
 
 # a private OID arc for the sandbox's assigning authorities (never a real organization's)
 OID_ROOT = "2.16.840.1.113883.3.72001"

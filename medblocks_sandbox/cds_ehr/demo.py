@@ -167,8 +167,8 @@ def run_clinician_demo(
     ``sandbox`` is a running ``SandboxHandle`` with the ``ehr`` and ``cds_ehr`` roles; ``org`` a
     sandbox EHR organization id. Returns the connection, the app page status and the cards.
     """
-    from medblocks_pipelines.sandbox.run import serve
     from medblocks_pipelines.web.app import create_app
+    from medblocks_sandbox.run import serve
 
     patient = patient or first_patient(sandbox, org)
     cds_client = sandbox.roles["cds_ehr"].extra["client"]

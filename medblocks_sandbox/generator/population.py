@@ -7,9 +7,9 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from medblocks_pipelines.lib.errors import GeneratorError
-from medblocks_pipelines.sandbox.generator import people, render
-from medblocks_pipelines.sandbox.generator.history import History, make_history
-from medblocks_pipelines.sandbox.generator.model import (
+from medblocks_sandbox.generator import people, render
+from medblocks_sandbox.generator.history import History, make_history
+from medblocks_sandbox.generator.model import (
     OrgInfo,
     PersonTruth,
     PopulationSpec,

@@ -9,8 +9,8 @@ import random
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from medblocks_pipelines.sandbox.generator import codes
-from medblocks_pipelines.sandbox.generator.model import OrgInfo, PersonTruth
+from medblocks_sandbox.generator import codes
+from medblocks_sandbox.generator.model import OrgInfo, PersonTruth
 
 HOSPITALS = frozenset({"mercy-general", "riverside-health"})
 

@@ -34,7 +34,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 
 from medblocks_pipelines.lib.errors import FhirHttpError
-from medblocks_pipelines.sandbox.auth import (
+from medblocks_sandbox.auth import (
     AccessGrant,
     AuthConfig,
     AuthServer,
@@ -43,8 +43,8 @@ from medblocks_pipelines.sandbox.auth import (
     bearer_challenge,
     require_token,
 )
-from medblocks_pipelines.sandbox.faults import FaultInjector
-from medblocks_pipelines.sandbox.fhir_store import (
+from medblocks_sandbox.faults import FaultInjector
+from medblocks_sandbox.fhir_store import (
     SHARED_TYPES,
     FhirStore,
     Resource,
@@ -56,7 +56,7 @@ from medblocks_pipelines.sandbox.fhir_store import (
     parse_date_range,
     reference_key,
 )
-from medblocks_pipelines.sandbox.fhir_writes import FhirWrites, accepts_json
+from medblocks_sandbox.fhir_writes import FhirWrites, accepts_json
 
 FHIR_JSON = "application/fhir+json"
 FHIR_VERSION = "4.0.1"

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from medblocks_pipelines.lib.errors import FhirHttpError
-from medblocks_pipelines.sandbox.faults import operation_outcome
-from medblocks_pipelines.sandbox.fhir_store import reference_key
+from medblocks_sandbox.faults import operation_outcome
+from medblocks_sandbox.fhir_store import reference_key
 
 ASSOCIATED = frozenset({"LatestProvenanceResources", "RelevantProvenanceResources"})
 

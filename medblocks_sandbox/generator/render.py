@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from medblocks_pipelines.sandbox.generator import codes
-from medblocks_pipelines.sandbox.generator.codes import coding
-from medblocks_pipelines.sandbox.generator.history import Encounter, History
-from medblocks_pipelines.sandbox.generator.model import Address, OrgInfo
-from medblocks_pipelines.sandbox.generator.people import SourceDemographics, npi_check_digit
+from medblocks_sandbox.generator import codes
+from medblocks_sandbox.generator.codes import coding
+from medblocks_sandbox.generator.history import Encounter, History
+from medblocks_sandbox.generator.model import Address, OrgInfo
+from medblocks_sandbox.generator.people import SourceDemographics, npi_check_digit
 
 Resource = dict[str, Any]
 LOCAL_OFFSET = timedelta(hours=-7)

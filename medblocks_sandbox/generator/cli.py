@@ -1,14 +1,14 @@
 """`medblocks generate`: write a synthetic population (or a streamed scale data set) to disk.
 
 Registered by the lead in `medblocks_pipelines/cli/__init__.py` PLUGINS as
-("medblocks_pipelines.sandbox.generator.cli:generate", None, "generate").
+("medblocks_sandbox.generator.cli:generate", None, "generate").
 """
 
 from pathlib import Path
 
 import click
 
-from medblocks_pipelines.sandbox.generator import (
+from medblocks_sandbox.generator import (
     PopulationSpec,
     evolve,
     generate_population,
