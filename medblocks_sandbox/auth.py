@@ -43,7 +43,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from medblocks_pipelines.lib.errors import FhirHttpError, OAuthProtocolError
+from medblocks_sandbox.errors import FhirHttpError, OAuthProtocolError
 
 JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 ASSERTION_ALGS = ("RS384", "ES384")

@@ -75,7 +75,6 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from medblocks_pipelines.lib.errors import FhirHttpError
 from medblocks_sandbox.bulk_stu3 import (
     BlockWriter,
     Stu3Options,
@@ -83,6 +82,7 @@ from medblocks_sandbox.bulk_stu3 import (
     manifest_page,
     parse_options,
 )
+from medblocks_sandbox.errors import FhirHttpError
 from medblocks_sandbox.faults import (
     FaultInjector,
     FaultMiddleware,

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from medblocks_pipelines.lib.errors import FhirHttpError
+from medblocks_sandbox.errors import FhirHttpError
 from medblocks_sandbox.faults import operation_outcome
 from medblocks_sandbox.fhir_store import reference_key
 

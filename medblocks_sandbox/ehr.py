@@ -33,7 +33,6 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 
-from medblocks_pipelines.lib.errors import FhirHttpError
 from medblocks_sandbox.auth import (
     AccessGrant,
     AuthConfig,
@@ -43,6 +42,7 @@ from medblocks_sandbox.auth import (
     bearer_challenge,
     require_token,
 )
+from medblocks_sandbox.errors import FhirHttpError
 from medblocks_sandbox.faults import FaultInjector
 from medblocks_sandbox.fhir_store import (
     SHARED_TYPES,

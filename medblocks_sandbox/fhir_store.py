@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any, Literal
 
-from medblocks_pipelines.lib.errors import FhirHttpError
+from medblocks_sandbox.errors import FhirHttpError
 
 Resource = dict[str, Any]
 

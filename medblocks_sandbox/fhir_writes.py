@@ -43,8 +43,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 
-from medblocks_pipelines.lib.errors import FhirHttpError
 from medblocks_sandbox.auth import AccessGrant, TokenInfo, require_token
+from medblocks_sandbox.errors import FhirHttpError
 from medblocks_sandbox.fhir_store import (
     FhirStore,
     Resource,

@@ -31,9 +31,9 @@ from starlette.responses import JSONResponse
 from starlette.routing import Mount, Route
 from starlette.types import ASGIApp
 
-from medblocks_pipelines.lib.errors import ConfigError
 from medblocks_sandbox.auth import Login
 from medblocks_sandbox.ehr import ADMIN_HEADER, ChangeSet, OrgConfig, create_ehr_app
+from medblocks_sandbox.errors import SandboxConfigError
 from medblocks_sandbox.fhir_store import FhirStore, Resource
 
 
@@ -567,7 +567,7 @@ def start_sandbox(
     names = list(roles) if roles is not None else known
     unknown = [n for n in names if n not in known]
     if unknown:
-        raise ConfigError(f"unknown sandbox roles: {unknown}; known: {known}")
+        raise SandboxConfigError(f"unknown sandbox roles: {unknown}; known: {known}")
     socks: dict[str, socket.socket] = {}
     try:
         for n, name in enumerate(names):
@@ -576,7 +576,7 @@ def start_sandbox(
         for s in socks.values():
             s.close()
         port = base_port + len(socks) if base_port else 0
-        raise ConfigError(
+        raise SandboxConfigError(
             f"sandbox: cannot listen on {host}:{port} ({exc.strerror})",
             hint="another sandbox may be running; pick another --port, or 0 for free ports",
         ) from exc

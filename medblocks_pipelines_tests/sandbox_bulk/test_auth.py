@@ -107,7 +107,7 @@ def test_auth_server_adapter() -> None:
     request = SimpleNamespace(headers={"authorization": "Bearer good"})
     info = authenticate(request)  # type: ignore[arg-type]
     assert info.client_id == "c1" and info.scopes == frozenset({"system/*.rs"})
-    from medblocks_pipelines.lib.errors import FhirHttpError
+    from medblocks_sandbox.errors import FhirHttpError
 
     with pytest.raises(FhirHttpError) as caught:
         authenticate(SimpleNamespace(headers={"authorization": "Bearer bad"}))  # type: ignore

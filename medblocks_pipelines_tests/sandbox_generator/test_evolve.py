@@ -2,7 +2,7 @@
 
 import pytest
 
-from medblocks_pipelines.lib.errors import GeneratorError
+from medblocks_sandbox.errors import GeneratorError
 from medblocks_sandbox.generator import (
     Population,
     PopulationSpec,

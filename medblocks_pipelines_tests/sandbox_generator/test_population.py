@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from medblocks_pipelines.lib.errors import GeneratorError
+from medblocks_sandbox.errors import GeneratorError
 from medblocks_sandbox.generator import Population, PopulationSpec, generate_population
 from medblocks_sandbox.generator.people import npi_check_digit
 

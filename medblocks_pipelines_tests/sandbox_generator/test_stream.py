@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from medblocks_pipelines.lib.errors import GeneratorError
+from medblocks_sandbox.errors import GeneratorError
 from medblocks_sandbox.generator import stream_bulk_ndjson
 
 

@@ -5,7 +5,6 @@ from typing import Any
 
 import pytest
 
-from medblocks_pipelines.lib.errors import ConfigError
 from medblocks_pipelines_tests.sandbox_servers.fixture_data import FakePopulation
 from medblocks_pipelines_tests.sandbox_servers.helpers import (
     JWT_BEARER,
@@ -22,6 +21,7 @@ from medblocks_pipelines_tests.sandbox_servers.helpers import (
     standalone_token,
 )
 from medblocks_sandbox.auth import narrow_scopes, parse_scope
+from medblocks_sandbox.errors import SandboxConfigError
 from medblocks_sandbox.run import start_sandbox
 
 
@@ -199,7 +199,7 @@ def test_confidential_only_server_refuses_public_clients(payer: Server) -> None:
 
 
 def test_unknown_role_is_refused() -> None:
-    with pytest.raises(ConfigError, match="unknown sandbox roles"):
+    with pytest.raises(SandboxConfigError, match="unknown sandbox roles"):
         start_sandbox(base_port=0, population=object(), roles=["spaceship"])
 
 
@@ -209,7 +209,7 @@ def test_busy_port_is_a_clear_config_error() -> None:
     busy = bind_socket("127.0.0.1", 0)
     try:
         port = busy.getsockname()[1]
-        with pytest.raises(ConfigError, match=f"127.0.0.1:{port}") as err:
+        with pytest.raises(SandboxConfigError, match=f"127.0.0.1:{port}") as err:
             start_sandbox(base_port=port, population=FakePopulation(), roles=["ehr"])
         assert err.value.hint and "--port" in err.value.hint
     finally:

@@ -40,8 +40,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from medblocks_pipelines.lib.smart.assertion import SigningKey, generate_signing_key
 from medblocks_sandbox.ehr import ADMIN_HEADER
+from medblocks_sandbox.keys import JwtSigningKey, generate_actor_key
 from medblocks_sandbox.run import RoleApp, RoleContext, register_role
 
 HOOK_SERVICE_IDS = {
@@ -60,8 +60,8 @@ class CdsEhr:
     base_url: str
     orgs: Mapping[str, Any] = field(repr=False)  # org id -> handles of the `ehr` role (store, auth)
     org_bases: Mapping[str, str] = field(default_factory=dict)  # org id -> FHIR base
-    key: SigningKey = field(
-        default_factory=lambda: generate_signing_key("ES384", kid="cds-ehr-1"), repr=False
+    key: JwtSigningKey = field(
+        default_factory=lambda: generate_actor_key("ES384", kid="cds-ehr-1"), repr=False
     )
     http: httpx.Client = field(default_factory=lambda: httpx.Client(timeout=30.0), repr=False)
     #: The ``subject`` of the FHIR tokens handed to CDS services (their OAuth client id).

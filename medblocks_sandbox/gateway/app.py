@@ -25,9 +25,15 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from medblocks_pipelines.lib.errors import ProtocolError
-from medblocks_pipelines.lib.network import ihe
-from medblocks_pipelines.lib.network.errors import SoapFault, UnsafeXMLError
+from medblocks_sandbox.gateway import spec
+from medblocks_sandbox.gateway.reader import (
+    SoapRequest,
+    UnreadableRequest,
+    XcpdDemographics,
+    read_soap_request,
+    read_xcpd_demographics,
+    timestamp_signature_ok,
+)
 from medblocks_sandbox.gateway.render import render_ccd
 
 #: A fixed instant for stable documents: the same patient gives the same bytes every time.
@@ -147,19 +153,19 @@ def _load(pop: Any, orgs: list[str] | None) -> dict[str, _Community]:
 
 
 def _fault(code: str, subcode: str, reason: str, status: int) -> Response:
-    env = etree.Element(f"{{{ihe.SOAP}}}Envelope", nsmap={"soap": ihe.SOAP, "wsa": ihe.WSA})
-    header = etree.SubElement(env, f"{{{ihe.SOAP}}}Header")
+    env = etree.Element(f"{{{spec.SOAP}}}Envelope", nsmap={"soap": spec.SOAP, "wsa": spec.WSA})
+    header = etree.SubElement(env, f"{{{spec.SOAP}}}Header")
     etree.SubElement(
-        header, f"{{{ihe.WSA}}}Action"
+        header, f"{{{spec.WSA}}}Action"
     ).text = "http://www.w3.org/2005/08/addressing/soap/fault"
-    body = etree.SubElement(env, f"{{{ihe.SOAP}}}Body")
-    fault = etree.SubElement(body, f"{{{ihe.SOAP}}}Fault")
-    c = etree.SubElement(fault, f"{{{ihe.SOAP}}}Code")
-    etree.SubElement(c, f"{{{ihe.SOAP}}}Value").text = f"soap:{code}"
-    sc = etree.SubElement(c, f"{{{ihe.SOAP}}}Subcode")
-    etree.SubElement(sc, f"{{{ihe.SOAP}}}Value").text = subcode
-    r = etree.SubElement(fault, f"{{{ihe.SOAP}}}Reason")
-    t = etree.SubElement(r, f"{{{ihe.SOAP}}}Text")
+    body = etree.SubElement(env, f"{{{spec.SOAP}}}Body")
+    fault = etree.SubElement(body, f"{{{spec.SOAP}}}Fault")
+    c = etree.SubElement(fault, f"{{{spec.SOAP}}}Code")
+    etree.SubElement(c, f"{{{spec.SOAP}}}Value").text = f"soap:{code}"
+    sc = etree.SubElement(c, f"{{{spec.SOAP}}}Subcode")
+    etree.SubElement(sc, f"{{{spec.SOAP}}}Value").text = subcode
+    r = etree.SubElement(fault, f"{{{spec.SOAP}}}Reason")
+    t = etree.SubElement(r, f"{{{spec.SOAP}}}Text")
     t.text = reason
     t.set("{http://www.w3.org/XML/1998/namespace}lang", "en")
     return Response(
@@ -170,12 +176,12 @@ def _fault(code: str, subcode: str, reason: str, status: int) -> Response:
 
 
 def _reply(action: str, relates_to: str, body: etree._Element) -> bytes:
-    env = etree.Element(f"{{{ihe.SOAP}}}Envelope", nsmap={"soap": ihe.SOAP, "wsa": ihe.WSA})
-    header = etree.SubElement(env, f"{{{ihe.SOAP}}}Header")
-    etree.SubElement(header, f"{{{ihe.WSA}}}Action").text = action
-    etree.SubElement(header, f"{{{ihe.WSA}}}MessageID").text = f"urn:uuid:{uuid.uuid4()}"
-    etree.SubElement(header, f"{{{ihe.WSA}}}RelatesTo").text = relates_to
-    etree.SubElement(env, f"{{{ihe.SOAP}}}Body").append(body)
+    env = etree.Element(f"{{{spec.SOAP}}}Envelope", nsmap={"soap": spec.SOAP, "wsa": spec.WSA})
+    header = etree.SubElement(env, f"{{{spec.SOAP}}}Header")
+    etree.SubElement(header, f"{{{spec.WSA}}}Action").text = action
+    etree.SubElement(header, f"{{{spec.WSA}}}MessageID").text = f"urn:uuid:{uuid.uuid4()}"
+    etree.SubElement(header, f"{{{spec.WSA}}}RelatesTo").text = relates_to
+    etree.SubElement(env, f"{{{spec.SOAP}}}Body").append(body)
     return etree.tostring(env, xml_declaration=True, encoding="UTF-8")
 
 
@@ -188,11 +194,11 @@ class _Reject(Exception):
         self.subcode, self.reason, self.code = subcode, reason, code
 
 
-def _check_security(msg: ihe.SoapMessage, url_path: str, trusted_cert: bytes | None) -> str:
-    sec = msg.header(ihe.WSSE, "Security")
+def _check_security(msg: SoapRequest, url_path: str, trusted_cert: bytes | None) -> str:
+    sec = msg.header(spec.WSSE, "Security")
     if sec is None:
         raise _Reject("wsse:InvalidSecurity", "missing wsse:Security header")
-    assertion = sec.find(f"{{{ihe.SAML}}}Assertion")
+    assertion = sec.find(f"{{{spec.SAML}}}Assertion")
     if assertion is None:
         raise _Reject("wsse:InvalidSecurity", "missing SAML assertion")
     if trusted_cert is not None:
@@ -207,16 +213,16 @@ def _check_security(msg: ihe.SoapMessage, url_path: str, trusted_cert: bytes | N
             )
         except Exception:  # noqa: BLE001 - any verification failure is a security fault
             raise _Reject("wsse:FailedCheck", "assertion signature does not verify") from None
-        if not ihe.verify_timestamp_signature(msg.root, trusted_cert):
+        if not timestamp_signature_ok(msg.root, trusted_cert):
             raise _Reject("wsse:MessageExpired", "timestamp not signed, invalid or expired")
-    audience = assertion.findtext(f".//{{{ihe.SAML}}}Audience") or ""
+    audience = assertion.findtext(f".//{{{spec.SAML}}}Audience") or ""
     if not audience.endswith(url_path):
         raise _Reject("wsse:FailedCheck", "assertion audience is not this endpoint")
     purpose = None
-    for attr in assertion.iter(f"{{{ihe.SAML}}}Attribute"):
-        if attr.get("Name") == ihe.ATTR_PURPOSE:
-            pou = attr.find(f".//{{{ihe.HL7}}}PurposeOfUse")
-            if pou is not None and pou.get("codeSystem") == ihe.XP_CODE_SYSTEM:
+    for attr in assertion.iter(f"{{{spec.SAML}}}Attribute"):
+        if attr.get("Name") == spec.ATTR_PURPOSE:
+            pou = attr.find(f".//{{{spec.HL7}}}PurposeOfUse")
+            if pou is not None and pou.get("codeSystem") == spec.XP_CODE_SYSTEM:
                 purpose = pou.get("code")
     if purpose is None:
         raise _Reject("wsse:FailedCheck", "no TEFCA PurposeOfUse in the assertion")
@@ -226,17 +232,17 @@ def _check_security(msg: ihe.SoapMessage, url_path: str, trusted_cert: bytes | N
 
 
 def _registry_error(
-    parent: etree._Element, code: str, context: str, severity: str = ihe.SEVERITY_ERROR
+    parent: etree._Element, code: str, context: str, severity: str = spec.SEVERITY_ERROR
 ) -> None:
-    rel = parent.find(f"{{{ihe.RS}}}RegistryErrorList")
+    rel = parent.find(f"{{{spec.RS}}}RegistryErrorList")
     if rel is None:
-        rel = etree.SubElement(parent, f"{{{ihe.RS}}}RegistryErrorList")
+        rel = etree.SubElement(parent, f"{{{spec.RS}}}RegistryErrorList")
     etree.SubElement(
-        rel, f"{{{ihe.RS}}}RegistryError", errorCode=code, codeContext=context, severity=severity
+        rel, f"{{{spec.RS}}}RegistryError", errorCode=code, codeContext=context, severity=severity
     )
 
 
-def _match(com: _Community, demo: ihe.Demographics) -> list[dict[str, Any]]:
+def _match(com: _Community, demo: XcpdDemographics) -> list[dict[str, Any]]:
     out = []
     for p in com.patients.values():
         if p.get("birthDate") != demo.birth_date:
@@ -263,7 +269,7 @@ def _xcpd_response(
     issue: str | None = None,
     shift_birth: bool = False,
 ) -> etree._Element:
-    v3 = ihe.HL7
+    v3 = spec.HL7
     root = etree.Element(f"{{{v3}}}PRPA_IN201306UV02", nsmap={None: v3}, ITSVersion="XML_1.0")
     etree.SubElement(root, f"{{{v3}}}id", root=str(uuid.uuid4()))
     etree.SubElement(
@@ -324,17 +330,17 @@ def _xcpd_response(
 def _busy(tx: str) -> tuple[str, etree._Element]:
     if tx == "ITI-38":
         resp = etree.Element(
-            f"{{{ihe.QUERY}}}AdhocQueryResponse", nsmap={"query": ihe.QUERY, "rs": ihe.RS}
+            f"{{{spec.QUERY}}}AdhocQueryResponse", nsmap={"query": spec.QUERY, "rs": spec.RS}
         )
-        resp.set("status", ihe.RESPONSE_FAILURE)
+        resp.set("status", spec.RESPONSE_FAILURE)
         _registry_error(resp, "XDSRegistryBusy", "try again later")
-        return ihe.ACTION_XCA_QUERY_RESPONSE, resp
+        return spec.ACTION_XCA_QUERY_RESPONSE, resp
     resp = etree.Element(
-        f"{{{ihe.XDSB}}}RetrieveDocumentSetResponse", nsmap={"xdsb": ihe.XDSB, "rs": ihe.RS}
+        f"{{{spec.XDSB}}}RetrieveDocumentSetResponse", nsmap={"xdsb": spec.XDSB, "rs": spec.RS}
     )
-    rr = etree.SubElement(resp, f"{{{ihe.RS}}}RegistryResponse", status=ihe.RESPONSE_FAILURE)
+    rr = etree.SubElement(resp, f"{{{spec.RS}}}RegistryResponse", status=spec.RESPONSE_FAILURE)
     _registry_error(rr, "XDSRepositoryBusy", "try again later")
-    return ihe.ACTION_XCA_RETRIEVE_RESPONSE, resp
+    return spec.ACTION_XCA_RETRIEVE_RESPONSE, resp
 
 
 def _birth(birth_date: str, shift: bool) -> str:
@@ -346,15 +352,15 @@ def _birth(birth_date: str, shift: bool) -> str:
 
 
 def _extrinsic(com: _Community, pid: str, kind: str) -> etree._Element:
-    rim = ihe.RIM
+    rim = spec.RIM
     uid = com.doc_uid(pid, kind)
     mime = "application/pdf" if kind == "pdf" else "text/xml"
     obj = etree.Element(
         f"{{{rim}}}ExtrinsicObject",
         id=f"urn:uuid:{uuid.uuid5(uuid.NAMESPACE_OID, uid)}",
         mimeType=mime,
-        objectType=ihe.ON_DEMAND_ENTRY if kind == "od" else ihe.STABLE_ENTRY,
-        status=ihe.STATUS_APPROVED,
+        objectType=spec.ON_DEMAND_ENTRY if kind == "od" else spec.STABLE_ENTRY,
+        status=spec.STATUS_APPROVED,
         home=com.hcid,
     )
 
@@ -371,7 +377,11 @@ def _extrinsic(com: _Community, pid: str, kind: str) -> etree._Element:
         if kind == "pdf"
         else "urn:hl7-org:sdwg:ccda-structuredBody:2.1"
     )
-    for scheme, code in ((ihe.CL_CLASS, "34133-9"), (ihe.CL_TYPE, "34133-9"), (ihe.CL_FORMAT, fmt)):
+    for scheme, code in (
+        (spec.CL_CLASS, "34133-9"),
+        (spec.CL_TYPE, "34133-9"),
+        (spec.CL_FORMAT, fmt),
+    ):
         etree.SubElement(
             obj,
             f"{{{rim}}}Classification",
@@ -382,11 +392,11 @@ def _extrinsic(com: _Community, pid: str, kind: str) -> etree._Element:
     etree.SubElement(
         obj,
         f"{{{rim}}}ExternalIdentifier",
-        identificationScheme=ihe.EI_PATIENT_ID,
+        identificationScheme=spec.EI_PATIENT_ID,
         value=f"{com.mrn(pid)}^^^&{com.oid}.1&ISO",
     )
     etree.SubElement(
-        obj, f"{{{rim}}}ExternalIdentifier", identificationScheme=ihe.EI_UNIQUE_ID, value=uid
+        obj, f"{{{rim}}}ExternalIdentifier", identificationScheme=spec.EI_UNIQUE_ID, value=uid
     )
     return obj
 
@@ -440,9 +450,9 @@ def create_gateway_app(
         b = behaviours.get(org_id, Behaviour())
         tx = {"xcpd": "ITI-55", "xca/query": "ITI-38", "xca/retrieve": "ITI-39"}[transaction]
         expected = {
-            "ITI-55": ihe.ACTION_XCPD,
-            "ITI-38": ihe.ACTION_XCA_QUERY,
-            "ITI-39": ihe.ACTION_XCA_RETRIEVE,
+            "ITI-55": spec.ACTION_XCPD,
+            "ITI-38": spec.ACTION_XCA_QUERY,
+            "ITI-39": spec.ACTION_XCA_RETRIEVE,
         }[tx]
         body = await request.body()
         record: dict[str, Any] = {"org": org_id, "transaction": tx, "purpose": None}
@@ -455,15 +465,15 @@ def create_gateway_app(
                 "Sender", "env:VersionMismatch", "SOAP 1.2 requires application/soap+xml", 415
             )
         try:
-            msg = ihe.parse_soap(body, ctype)
-        except UnsafeXMLError:
-            return _fault("Sender", "wsse:InvalidSecurity", "XML refused", 400)
-        except (ProtocolError, SoapFault):
+            msg = read_soap_request(body)
+        except UnreadableRequest as exc:
+            if exc.unsafe:
+                return _fault("Sender", "wsse:InvalidSecurity", "XML refused", 400)
             return _fault("Sender", "env:Sender", "not a SOAP 1.2 request", 400)
         if msg.action != expected or ctype.find(expected) < 0:
             return _fault("Sender", "wsa:ActionNotSupported", "unexpected action", 400)
-        to = msg.header(ihe.WSA, "To")
-        message_id = msg.header(ihe.WSA, "MessageID")
+        to = msg.header(spec.WSA, "To")
+        message_id = msg.header(spec.WSA, "MessageID")
         if to is None or message_id is None or not (message_id.text or "").startswith("urn:uuid:"):
             return _fault(
                 "Sender",
@@ -486,8 +496,8 @@ def create_gateway_app(
         relates = (message_id.text or "").strip()
         if tx == "ITI-55":
             try:
-                demo = ihe.parse_xcpd_request(msg.body)
-            except ProtocolError:
+                demo = read_xcpd_demographics(msg.body)
+            except UnreadableRequest:
                 return _fault("Sender", "env:Sender", "bad PRPA_IN201305UV02", 400)
             if b.detected_issue:
                 resp = _xcpd_response(com, msg.body, [], issue="PatientAddressRequested")
@@ -495,53 +505,53 @@ def create_gateway_app(
                 resp = _xcpd_response(
                     com, msg.body, _match(com, demo), shift_birth=b.wrong_demographics
                 )
-            return _soap_response(_reply(ihe.ACTION_XCPD_RESPONSE, relates, resp))
+            return _soap_response(_reply(spec.ACTION_XCPD_RESPONSE, relates, resp))
         if tx in b.busy_first and tx not in com.busy_done:
             com.busy_done.add(tx)
             busy_action, busy_body = _busy(tx)
             return _soap_response(_reply(busy_action, relates, busy_body))
         if tx == "ITI-38":
-            aq = msg.body.find(f"{{{ihe.RIM}}}AdhocQuery")
+            aq = msg.body.find(f"{{{spec.RIM}}}AdhocQuery")
             if aq is not None:
                 record["slots"] = sorted(
-                    str(x.get("name")) for x in aq.findall(f"{{{ihe.RIM}}}Slot")
+                    str(x.get("name")) for x in aq.findall(f"{{{spec.RIM}}}Slot")
                 )
             return _soap_response(
-                _reply(ihe.ACTION_XCA_QUERY_RESPONSE, relates, _query(com, msg.body, b))
+                _reply(spec.ACTION_XCA_QUERY_RESPONSE, relates, _query(com, msg.body, b))
             )
         return _retrieve(com, msg.body, b, relates)
 
     def _query(com: _Community, req: etree._Element, b: Behaviour) -> etree._Element:
         resp = etree.Element(
-            f"{{{ihe.QUERY}}}AdhocQueryResponse",
-            nsmap={"query": ihe.QUERY, "rim": ihe.RIM, "rs": ihe.RS},
+            f"{{{spec.QUERY}}}AdhocQueryResponse",
+            nsmap={"query": spec.QUERY, "rim": spec.RIM, "rs": spec.RS},
         )
-        aq = req.find(f"{{{ihe.RIM}}}AdhocQuery")
-        if req.tag != f"{{{ihe.QUERY}}}AdhocQueryRequest" or aq is None:
-            resp.set("status", ihe.RESPONSE_FAILURE)
+        aq = req.find(f"{{{spec.RIM}}}AdhocQuery")
+        if req.tag != f"{{{spec.QUERY}}}AdhocQueryRequest" or aq is None:
+            resp.set("status", spec.RESPONSE_FAILURE)
             _registry_error(resp, "XDSRegistryError", "not an AdhocQueryRequest")
             return resp
         if not aq.get("home"):
-            resp.set("status", ihe.RESPONSE_FAILURE)
+            resp.set("status", spec.RESPONSE_FAILURE)
             _registry_error(resp, "XDSMissingHomeCommunityId", "home attribute is required in XCA")
             return resp
         if aq.get("home") != com.hcid:
-            resp.set("status", ihe.RESPONSE_FAILURE)
+            resp.set("status", spec.RESPONSE_FAILURE)
             _registry_error(resp, "XDSUnknownCommunity", "home is not this community")
             return resp
-        if aq.get("id") != ihe.FIND_DOCUMENTS:
-            resp.set("status", ihe.RESPONSE_FAILURE)
+        if aq.get("id") != spec.FIND_DOCUMENTS:
+            resp.set("status", spec.RESPONSE_FAILURE)
             _registry_error(resp, "XDSUnknownStoredQuery", "only FindDocuments is supported")
             return resp
         slots = {
-            s.get("name"): [(v.text or "") for v in s.iter(f"{{{ihe.RIM}}}Value")]
-            for s in aq.findall(f"{{{ihe.RIM}}}Slot")
+            s.get("name"): [(v.text or "") for v in s.iter(f"{{{spec.RIM}}}Value")]
+            for s in aq.findall(f"{{{spec.RIM}}}Slot")
         }
         pid_values = slots.get("$XDSDocumentEntryPatientId") or []
         if len(pid_values) != 1 or not (
             pid_values[0].startswith("'") and pid_values[0].endswith("'")
         ):
-            resp.set("status", ihe.RESPONSE_FAILURE)
+            resp.set("status", spec.RESPONSE_FAILURE)
             _registry_error(
                 resp,
                 "XDSStoredQueryParamNumber",
@@ -549,7 +559,7 @@ def create_gateway_app(
             )
             return resp
         if "$XDSDocumentEntryStatus" not in slots:
-            resp.set("status", ihe.RESPONSE_FAILURE)
+            resp.set("status", spec.RESPONSE_FAILURE)
             _registry_error(
                 resp, "XDSStoredQueryMissingParam", "$XDSDocumentEntryStatus is required"
             )
@@ -558,23 +568,23 @@ def create_gateway_app(
         mrn, _, aa = cx.partition("^^^&")
         pid = com.by_mrn(mrn) or ""
         if aa.split("&")[0] != f"{com.oid}.1" or pid not in com.patients:
-            resp.set("status", ihe.RESPONSE_FAILURE)
+            resp.set("status", spec.RESPONSE_FAILURE)
             _registry_error(resp, "XDSUnknownPatientId", "patient id not known here")
             return resp
-        types = " ".join(slots.get("$XDSDocumentEntryType") or [ihe.STABLE_ENTRY])
-        rol = etree.SubElement(resp, f"{{{ihe.RIM}}}RegistryObjectList")
+        types = " ".join(slots.get("$XDSDocumentEntryType") or [spec.STABLE_ENTRY])
+        rol = etree.SubElement(resp, f"{{{spec.RIM}}}RegistryObjectList")
         rol.append(_extrinsic(com, pid, "ccd"))
         if b.pdf and not b.partial_success:
             rol.append(_extrinsic(com, pid, "pdf"))
-        if b.on_demand and ihe.ON_DEMAND_ENTRY in types:
+        if b.on_demand and spec.ON_DEMAND_ENTRY in types:
             rol.append(_extrinsic(com, pid, "od"))
         if b.partial_success:
-            resp.set("status", ihe.RESPONSE_PARTIAL)
+            resp.set("status", spec.RESPONSE_PARTIAL)
             _registry_error(resp, "XDSRepositoryError", "one repository did not answer")
         else:
-            resp.set("status", ihe.RESPONSE_SUCCESS)
+            resp.set("status", spec.RESPONSE_SUCCESS)
         # RegistryObjectList must come before RegistryErrorList (ebRS 3.0 schema order).
-        rel = resp.find(f"{{{ihe.RS}}}RegistryErrorList")
+        rel = resp.find(f"{{{spec.RS}}}RegistryErrorList")
         if rel is not None:
             resp.remove(rel)
             resp.append(rel)
@@ -582,16 +592,16 @@ def create_gateway_app(
 
     def _retrieve(com: _Community, req: etree._Element, b: Behaviour, relates: str) -> Response:
         resp = etree.Element(
-            f"{{{ihe.XDSB}}}RetrieveDocumentSetResponse",
-            nsmap={"xdsb": ihe.XDSB, "rs": ihe.RS, "xop": ihe.XOP},
+            f"{{{spec.XDSB}}}RetrieveDocumentSetResponse",
+            nsmap={"xdsb": spec.XDSB, "rs": spec.RS, "xop": spec.XOP},
         )
-        rr = etree.SubElement(resp, f"{{{ihe.RS}}}RegistryResponse")
+        rr = etree.SubElement(resp, f"{{{spec.RS}}}RegistryResponse")
         parts: list[tuple[str, bytes, str]] = []
         ok = failed = 0
-        for dr in req.findall(f"{{{ihe.XDSB}}}DocumentRequest"):
-            home = dr.findtext(f"{{{ihe.XDSB}}}HomeCommunityId") or ""
-            repo = dr.findtext(f"{{{ihe.XDSB}}}RepositoryUniqueId") or ""
-            uid = dr.findtext(f"{{{ihe.XDSB}}}DocumentUniqueId") or ""
+        for dr in req.findall(f"{{{spec.XDSB}}}DocumentRequest"):
+            home = dr.findtext(f"{{{spec.XDSB}}}HomeCommunityId") or ""
+            repo = dr.findtext(f"{{{spec.XDSB}}}RepositoryUniqueId") or ""
+            uid = dr.findtext(f"{{{spec.XDSB}}}DocumentUniqueId") or ""
             if not home:
                 _registry_error(rr, "XDSMissingHomeCommunityId", "HomeCommunityId is required")
                 failed += 1
@@ -602,17 +612,17 @@ def create_gateway_app(
                 continue
             pid, kind = com.documents[uid]
             org = {"name": com.org.name, "oid": com.oid}
-            out = etree.SubElement(resp, f"{{{ihe.XDSB}}}DocumentResponse")
-            etree.SubElement(out, f"{{{ihe.XDSB}}}HomeCommunityId").text = com.hcid
-            etree.SubElement(out, f"{{{ihe.XDSB}}}RepositoryUniqueId").text = repo
-            etree.SubElement(out, f"{{{ihe.XDSB}}}DocumentUniqueId").text = uid
+            out = etree.SubElement(resp, f"{{{spec.XDSB}}}DocumentResponse")
+            etree.SubElement(out, f"{{{spec.XDSB}}}HomeCommunityId").text = com.hcid
+            etree.SubElement(out, f"{{{spec.XDSB}}}RepositoryUniqueId").text = repo
+            etree.SubElement(out, f"{{{spec.XDSB}}}DocumentUniqueId").text = uid
             if kind == "pdf":
                 content, mime = _pdf_bytes("Visit summary"), "application/pdf"
             elif kind == "od":
                 com.on_demand_counter += 1
                 new_uid = f"{com.oid}.7.{com.on_demand_counter}"
-                etree.SubElement(out, f"{{{ihe.XDSB}}}NewRepositoryUniqueId").text = repo
-                etree.SubElement(out, f"{{{ihe.XDSB}}}NewDocumentUniqueId").text = new_uid
+                etree.SubElement(out, f"{{{spec.XDSB}}}NewRepositoryUniqueId").text = repo
+                etree.SubElement(out, f"{{{spec.XDSB}}}NewDocumentUniqueId").text = new_uid
                 content = render_ccd(
                     com.patients[pid],
                     com.resources.get(pid, []),
@@ -648,25 +658,25 @@ def create_gateway_app(
                     flaws=b.flaws,
                 )
                 mime = "text/xml"
-            etree.SubElement(out, f"{{{ihe.XDSB}}}mimeType").text = mime
-            doc = etree.SubElement(out, f"{{{ihe.XDSB}}}Document")
+            etree.SubElement(out, f"{{{spec.XDSB}}}mimeType").text = mime
+            doc = etree.SubElement(out, f"{{{spec.XDSB}}}Document")
             if b.mtom:
                 cid = f"doc{len(parts)}@sandbox.medblocks"
-                etree.SubElement(doc, f"{{{ihe.XOP}}}Include", href=f"cid:{cid}")
+                etree.SubElement(doc, f"{{{spec.XOP}}}Include", href=f"cid:{cid}")
                 parts.append((cid, content, mime))
             else:
                 doc.text = base64.b64encode(content).decode("ascii")
             ok += 1
         status = (
-            ihe.RESPONSE_SUCCESS
+            spec.RESPONSE_SUCCESS
             if not failed
-            else ihe.RESPONSE_PARTIAL
+            else spec.RESPONSE_PARTIAL
             if ok
-            else ihe.RESPONSE_FAILURE
+            else spec.RESPONSE_FAILURE
         )
         rr.set("status", status)
         # DocumentResponses follow the RegistryResponse; errors stay inside it.
-        envelope = _reply(ihe.ACTION_XCA_RETRIEVE_RESPONSE, relates, resp)
+        envelope = _reply(spec.ACTION_XCA_RETRIEVE_RESPONSE, relates, resp)
         if not b.mtom:
             return _soap_response(envelope)
         boundary = f"MIMEBoundary_{uuid.uuid4().hex}"

@@ -13,7 +13,7 @@ import random
 from datetime import timedelta
 from typing import Any
 
-from medblocks_pipelines.lib.errors import GeneratorError
+from medblocks_sandbox.errors import GeneratorError
 from medblocks_sandbox.generator import people, render
 from medblocks_sandbox.generator.history import _encounter
 from medblocks_sandbox.generator.model import Changes

@@ -20,7 +20,7 @@ from datetime import date
 from pathlib import Path
 from typing import Any, TextIO
 
-from medblocks_pipelines.lib.errors import GeneratorError
+from medblocks_sandbox.errors import GeneratorError
 from medblocks_sandbox.generator import codes
 from medblocks_sandbox.generator.model import PopulationSpec
 from medblocks_sandbox.generator.population import Population, generate_population
