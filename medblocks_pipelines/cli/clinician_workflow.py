@@ -117,7 +117,7 @@ def cds_fire(
     as_json: bool,
 ) -> None:
     """Fire one hook from the sandbox EHR and print the cards."""
-    from medblocks_sandbox.cds_ehr.demo import demo_orders
+    from medblocks_sandbox.drivers.clinician import demo_orders
 
     secret = os.environ.get("MEDBLOCKS_SANDBOX_ADMIN_SECRET")
     if not secret:

@@ -504,7 +504,7 @@ def sandbox(host: str, base_port: int, persons: int, seed: int, profiles: tuple[
 )
 def demo(persons: int, seed: int, fresh: bool) -> None:
     """Run every pattern end to end on the embedded default and print what landed."""
-    from medblocks_pipelines.demo import run_demo
+    from medblocks_sandbox.drivers.demo import run_demo
 
     run_demo(persons=persons, seed=seed, fresh=fresh, console=console)
 

@@ -15,7 +15,7 @@ from medblocks_pipelines.lib.warehouse.build import warehouse_path
 from medblocks_pipelines_tests.browser.conftest import CLINICIAN_ORG, TENANT
 from medblocks_pipelines_tests.browser.test_patient_connect import wait_for
 from medblocks_pipelines_tests.support.cds_synthetic import write_warehouse
-from medblocks_sandbox.cds_ehr.demo import first_patient, setup_clinician_org
+from medblocks_sandbox.drivers.clinician import first_patient, setup_clinician_org
 from medblocks_sandbox.run import SandboxHandle
 
 SCT = "http://snomed.info/sct"

@@ -20,7 +20,7 @@ from medblocks_pipelines.web.app import create_app
 from medblocks_pipelines_tests.clinician_workflow.cards_check import assert_valid_response
 from medblocks_pipelines_tests.clinician_workflow.conftest import LOINC, RX, SCT, fact
 from medblocks_pipelines_tests.support.cds_synthetic import write_warehouse
-from medblocks_sandbox.cds_ehr.demo import (
+from medblocks_sandbox.drivers.clinician import (
     demo_orders,
     first_patient,
     launch_in_browser,

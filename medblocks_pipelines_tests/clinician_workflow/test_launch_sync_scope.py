@@ -20,7 +20,7 @@ from medblocks_pipelines.lib.registry import open_control_plane
 from medblocks_pipelines.lib.settings import Settings
 from medblocks_pipelines.lib.warehouse.lake import resources_glob
 from medblocks_pipelines.web.app import create_app
-from medblocks_sandbox.cds_ehr.demo import (
+from medblocks_sandbox.drivers.clinician import (
     first_patient,
     launch_in_browser,
     setup_clinician_org,

@@ -97,7 +97,7 @@ def test_demo_runs_every_pattern_into_one_warehouse(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    from medblocks_pipelines.demo import TENANT, run_demo
+    from medblocks_sandbox.drivers.demo import TENANT, run_demo
 
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
     (tmp_path / "dagster_home").mkdir()

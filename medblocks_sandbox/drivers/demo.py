@@ -347,7 +347,7 @@ def clinician(state: DemoState) -> None:
         return
     from medblocks_pipelines.cli.runtime import run_job
     from medblocks_pipelines.lib.partitions import partition_key
-    from medblocks_sandbox.cds_ehr.demo import run_clinician_demo
+    from medblocks_sandbox.drivers.clinician import run_clinician_demo
 
     # A patient whose record also arrived through the other patterns, so the cards have news.
     patient = _cross_pattern_patient(state)
