@@ -19,9 +19,14 @@ from medblocks_sandbox.errors import SandboxConfigError
 class JwtSigningKey(Protocol):
     """What a sandbox actor needs of a key to sign JWTs and publish its JWKS."""
 
-    kid: str
-    alg: str
-    private_pem: str
+    @property
+    def kid(self) -> str: ...
+
+    @property
+    def alg(self) -> str: ...
+
+    @property
+    def private_pem(self) -> str: ...
 
     def public_jwk(self) -> dict[str, Any]: ...
 

@@ -5,8 +5,9 @@ population evolve step at the source, and sync again: only the changes and delet
 
 import pytest
 
-from medblocks_pipelines.cli.backend import run_backend_sync, setup_sandbox_backend
+from medblocks_pipelines.cli.backend import run_backend_sync
 from medblocks_pipelines.lib.warehouse.build import build_warehouse, open_warehouse
+from medblocks_sandbox.drivers.backend import setup_sandbox_backend
 
 from .conftest import TENANT, Env
 

@@ -20,8 +20,8 @@ from medblocks_pipelines.web.app import create_app
 from medblocks_pipelines_tests.clinician_workflow.cards_check import assert_valid_response
 from medblocks_pipelines_tests.clinician_workflow.conftest import LOINC, RX, SCT, fact
 from medblocks_pipelines_tests.support.cds_synthetic import write_warehouse
+from medblocks_sandbox.cds_ehr.orders import demo_orders
 from medblocks_sandbox.drivers.clinician import (
-    demo_orders,
     first_patient,
     launch_in_browser,
     run_clinician_demo,
@@ -413,8 +413,9 @@ def test_cli_cds_fire_and_sync_without_launch(
 ) -> None:
     from click.testing import CliRunner
 
-    from medblocks_pipelines.cli.clinician_workflow import cds, latest_launch
+    from medblocks_pipelines.cli.clinician_workflow import latest_launch
     from medblocks_pipelines.lib.errors import ConfigError
+    from medblocks_sandbox.cli import cds
 
     monkeypatch.setenv(PACKS_ENV, str(Path(__file__).parent / "packs"))  # the penicillin class
 

@@ -16,11 +16,11 @@ from typing import Any
 import httpx
 import pytest
 
-from medblocks_pipelines.cli.patient_access import ConsentOutcome, connect_via_consent_page
 from medblocks_pipelines.lib.registry import ControlPlane, open_control_plane
 from medblocks_pipelines.lib.settings import Settings
 from medblocks_pipelines.lib.smart.launch import create_connect_link
 from medblocks_pipelines.web.app import create_app
+from medblocks_sandbox.consent_browser import ConsentOutcome, connect_via_consent_page
 from medblocks_sandbox.run import OrgEndpoint, SandboxHandle, serve, start_sandbox
 
 RETURN_URL = "https://tenant-app.example/connected"

@@ -10,11 +10,11 @@ import pytest
 from click.testing import CliRunner
 
 from medblocks_pipelines.cli import main
-from medblocks_pipelines.cli.patient_access import connect_via_consent_page
 from medblocks_pipelines.lib.errors import LaunchError
 from medblocks_pipelines.lib.smart.launch import begin_authorization, complete_authorization
 from medblocks_pipelines.lib.warehouse.build import build_warehouse, warehouse_path
 from medblocks_pipelines_tests.patient_access.conftest import RETURN_URL, PatientAccessEnv
+from medblocks_sandbox.consent_browser import connect_via_consent_page
 
 
 def test_cli_link_sync_refresh_revoke(pa_env: PatientAccessEnv) -> None:
@@ -167,7 +167,7 @@ def test_ehr_launch_with_an_unknown_iss_is_refused(pa_env: PatientAccessEnv) -> 
 
 def test_demo_helpers_connect_and_refresh_failed(pa_env: PatientAccessEnv) -> None:
     """The two helpers the lead's demo calls: connect patients, then show refresh_failed."""
-    from medblocks_pipelines.cli.patient_access import connect_patients, simulate_portal_revocation
+    from medblocks_sandbox.drivers.consent import connect_patients, simulate_portal_revocation
 
     org = pa_env.org("ehr")
     sid = pa_env.add_source(org)

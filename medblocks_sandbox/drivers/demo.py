@@ -221,9 +221,9 @@ def _md(md: dict[str, Any], *names: str) -> Any:
 
 def patient_access(state: DemoState, *, patients: int = 4) -> None:
     """Patients connect through the consent pages of an EHR and the payer; pull; one revokes."""
-    from medblocks_pipelines.cli.patient_access import connect_patients, simulate_portal_revocation
     from medblocks_pipelines.cli.runtime import run_job
     from medblocks_pipelines.lib.partitions import partition_key
+    from medblocks_sandbox.drivers.consent import connect_patients, simulate_portal_revocation
 
     pop = state.sandbox.population
     outcomes: list[Any] = []

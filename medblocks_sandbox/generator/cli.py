@@ -1,7 +1,6 @@
-"""`medblocks generate`: write a synthetic population (or a streamed scale data set) to disk.
+"""`medblocks-sandbox generate`: write a synthetic population (or a streamed scale data set) to disk.
 
-Registered by the lead in `medblocks_pipelines/cli/__init__.py` PLUGINS as
-("medblocks_sandbox.generator.cli:generate", None, "generate").
+Attached to the sandbox command in :mod:`medblocks_sandbox.cli`.
 """
 
 from pathlib import Path
