@@ -10,22 +10,22 @@ help:
 	@echo "make demo       set up, start the sandbox, run every pattern end to end, print results"
 	@echo "make test       set up and run the test suite (CI runs exactly this)"
 	@echo "make check      lint + type check + tests"
-	@echo "make lint       ruff check and format check"
+	@echo "make lint       ruff check, format check and the import contracts (.importlinter)"
 	@echo "make format     ruff format + autofix"
 	@echo "make typecheck  mypy"
 	@echo "make bench      every benchmark at a quick size (see benchmarks/README.md)"
 	@echo "make ui         the Dagster UI on the embedded instance (http://127.0.0.1:3000)"
 
-$(STAMP): pyproject.toml requirements.lock
+$(STAMP): pyproject.toml medblocks_sandbox/pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip uv
-	$(BIN)/uv pip install -q --python $(BIN)/python -c requirements.lock -e '.[dev]'
+	$(BIN)/uv pip install -q --python $(BIN)/python -c requirements.lock -e '.[dev]' -e ./medblocks_sandbox
 	@touch $(STAMP)
 
 setup: $(STAMP)
 
 demo: setup
-	$(BIN)/medblocks demo
+	$(BIN)/medblocks-sandbox demo
 
 test: setup
 	scripts/test
@@ -34,8 +34,8 @@ lint: setup
 	scripts/lint
 
 format: setup
-	$(BIN)/ruff format medblocks_pipelines medblocks_pipelines_tests benchmarks
-	$(BIN)/ruff check --fix medblocks_pipelines medblocks_pipelines_tests benchmarks
+	$(BIN)/ruff format medblocks_pipelines medblocks_sandbox medblocks_pipelines_tests benchmarks
+	$(BIN)/ruff check --fix medblocks_pipelines medblocks_sandbox medblocks_pipelines_tests benchmarks
 
 typecheck: setup
 	scripts/typecheck
@@ -52,7 +52,7 @@ serve: setup
 	$(BIN)/medblocks serve
 
 sandbox: setup
-	$(BIN)/medblocks sandbox
+	$(BIN)/medblocks-sandbox serve
 
 clean:
 	rm -rf data/control.db* data/lake data/warehouse data/dagster_home data/sandbox

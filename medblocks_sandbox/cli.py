@@ -32,10 +32,14 @@ class SandboxGroup(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except SandboxError as exc:
+        except Exception as exc:
+            # Ours, or the product's own errors from the demo (they carry a `hint` too).
+            if not isinstance(exc, SandboxError) and not hasattr(exc, "hint"):
+                raise
             click.secho(f"error: {exc}", fg="red", err=True)
-            if exc.hint:
-                click.echo(f"hint: {exc.hint}", err=True)
+            hint = getattr(exc, "hint", None)
+            if hint:
+                click.echo(f"hint: {hint}", err=True)
             sys.exit(1)
 
 

@@ -1,4 +1,4 @@
-"""The demo path against the whole sandbox as `medblocks sandbox` starts it (run.start_sandbox):
+"""The demo path against the whole sandbox as `medblocks-sandbox serve` starts it (run.start_sandbox):
 register our client at two EHR organizations, sync both through the Dagster jobs, apply one
 population evolve step at the source, and sync again: only the changes and deletions arrive.
 """

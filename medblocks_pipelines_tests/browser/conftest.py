@@ -156,7 +156,7 @@ def web_base(
     browser_settings: Settings, control_plane: ControlPlane, sandbox: SandboxHandle
 ) -> Iterator[str]:
     """Our web app on loopback, with the tenant, the patient-access source and our client
-    registered at the sandbox (as ``medblocks demo`` registers them)."""
+    registered at the sandbox (as ``medblocks-sandbox demo`` registers them)."""
     with serve(lambda base: create_app(public_base_url=base, settings=browser_settings)) as base:
         sandbox.register_client(
             {

@@ -1,4 +1,4 @@
-"""The README's first command runs `medblocks demo`: every pattern end to end against the sandbox.
+"""The README's first command runs `medblocks-sandbox demo`: every pattern end to end against the sandbox.
 This runs the same code on a small population and checks what a newcomer is promised, and that no
 secret (access or refresh token, private key, client secret) reaches the logs, the console or any
 Dagster event of those runs."""

@@ -1,4 +1,4 @@
-"""`medblocks demo`: every pattern end to end on the embedded default.
+"""`medblocks-sandbox demo` (`make demo`): every pattern end to end on the embedded default.
 
 1. Start the sandbox on loopback (two EHR organizations, a payer, an exchange gateway, an EHR that
    calls CDS Hooks when present) and our own web app (JWKS, connect links, SMART callbacks, CDS).
