@@ -3,6 +3,8 @@
     medblocks-sandbox serve [--port 8800] [--persons 100] [--profile ORG=PROFILE]   simulators
     medblocks-sandbox generate --persons 500 --out data/sandbox                  synthetic data
     medblocks-sandbox cds fire --hook patient-view --org ORG --patient P ...     a CDS Hooks call
+    medblocks-sandbox consent connect URL --username U --password P            a patient consents
+    medblocks-sandbox consent revoke --admin-url URL --client-id C --patient P  ... and revokes
     medblocks-sandbox demo                                          every pattern end to end
 
 Not part of the product wheel: installed from ``medblocks_sandbox/pyproject.toml`` by the dev
@@ -223,5 +225,75 @@ def cds_fire(
         click.echo("  no cards")
 
 
+@click.group("consent")
+def consent() -> None:
+    """Play the patient: go through a source's consent pages, or revoke the app in its portal."""
+
+
+@consent.command("connect")
+@click.argument("connect_url")
+@click.option("--username", required=True, help="A portal login of the sandbox population.")
+@click.option("--password", required=True)
+@click.option("--deny", is_flag=True, help="Press Deny on the consent page.")
+@click.option("--uncheck", "uncheck", multiple=True, help="Take a scope off before approving.")
+@click.option("--stop-at", help="The tenant's return URL prefix (the browser stops there).")
+def consent_connect(
+    connect_url: str,
+    username: str,
+    password: str,
+    deny: bool,
+    uncheck: tuple[str, ...],
+    stop_at: str | None,
+) -> None:
+    """Open a connect link (`medblocks connections link`) and log in and consent like a patient."""
+    from medblocks_sandbox.consent_browser import connect_via_consent_page
+
+    outcome = connect_via_consent_page(
+        connect_url,
+        username=username,
+        password=password,
+        approve=not deny,
+        uncheck_scopes=uncheck,
+        stop_at=stop_at,
+    )
+    click.echo(
+        f"status {outcome.status} connection {outcome.connection_id or '-'} "
+        f"reason {outcome.reason or '-'} after {outcome.pages} pages"
+    )
+    if (outcome.status == "active") == deny:  # approved but not active, or denied yet active
+        sys.exit(1)
+
+
+@consent.command("revoke")
+@click.option("--admin-url", required=True, help="The organization's admin API ({org}/_admin).")
+@click.option("--client-id", required=True, help="The app the patient revokes.")
+@click.option("--patient", required=True, help="The patient id at that organization.")
+def consent_revoke(admin_url: str, client_id: str, patient: str) -> None:
+    """Revoke the app's grant in the sandbox portal (its next token refresh gets invalid_grant)."""
+    from medblocks_sandbox.ehr import ADMIN_HEADER
+
+    secret = os.environ.get("MEDBLOCKS_SANDBOX_ADMIN_SECRET")
+    if not secret:
+        raise SandboxConfigError(
+            "MEDBLOCKS_SANDBOX_ADMIN_SECRET is not set",
+            hint="use the admin secret the sandbox was started with",
+        )
+    resp = httpx.post(
+        f"{admin_url.rstrip('/')}/revoke-grant",
+        json={"client_id": client_id, "patient": patient},
+        headers={ADMIN_HEADER: secret},
+        timeout=20.0,
+    )
+    if resp.status_code != 200:
+        raise click.ClickException(f"sandbox answered {resp.status_code}: {resp.text[:200]}")
+    revoked = int(resp.json().get("revoked", 0))
+    if not revoked:
+        raise SandboxError(
+            "no grant of that client for that patient", hint="check --client-id and --patient"
+        )
+    click.echo(f"revoked {revoked} grant(s)")
+
+
 main.add_command(generate, "generate")
 main.add_command(cds, "cds")
+main.add_command(consent, "consent")

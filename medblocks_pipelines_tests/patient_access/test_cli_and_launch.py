@@ -186,6 +186,43 @@ def test_demo_helpers_connect_and_refresh_failed(pa_env: PatientAccessEnv) -> No
     assert pa_env.cp.get_connection(other)["state"] == "active"
 
 
+def test_sandbox_consent_commands_connect_then_revoke(
+    pa_env: PatientAccessEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The dev tool's consent commands: a patient connects through a link made by the product's
+    CLI, then revokes in the portal; the product's next refresh finds the grant gone."""
+    from medblocks_sandbox.cli import main as sandbox_cli
+
+    org = pa_env.org("ehr")
+    sid = pa_env.add_source(org)
+    login = pa_env.logins(org)[0]
+    runner = CliRunner()
+    out = runner.invoke(
+        main,
+        ["connections", "link", "--tenant", "acme", "--patient-ref", "cli-2", "--source", sid]
+        + ["--return-url", RETURN_URL, "--public-base-url", pa_env.web_base],
+    )
+    assert out.exit_code == 0, out.output
+    url = out.output.strip().splitlines()[-1]
+    args = ["consent", "connect", url, "--username", login.username, "--password", login.password]
+    out = runner.invoke(sandbox_cli, [*args, "--stop-at", RETURN_URL])
+    assert out.exit_code == 0, out.output
+    found = re.search(r"status active connection (conn_\w+)", out.output)
+    assert found is not None, out.output
+    conn_id = found.group(1)
+
+    revoke = ["consent", "revoke", "--admin-url", org.admin_url, "--patient", login.patient_id]
+    monkeypatch.setenv("MEDBLOCKS_SANDBOX_ADMIN_SECRET", pa_env.sandbox.admin_secret)
+    out = runner.invoke(sandbox_cli, [*revoke, "--client-id", pa_env.clients[sid]])
+    assert out.exit_code == 0 and "revoked 1 grant(s)" in out.output, out.output
+    out = runner.invoke(sandbox_cli, [*revoke, "--client-id", "nobody"])
+    assert out.exit_code == 1 and "error: no grant of that client" in out.output, out.output
+
+    out = runner.invoke(main, ["connections", "refresh", conn_id, "--tenant", "acme"])
+    assert out.exit_code == 1, out.output
+    assert pa_env.cp.get_connection(conn_id)["state"] == "refresh_failed"
+
+
 def test_cli_sync_runs_the_dagster_job(
     pa_env: PatientAccessEnv, monkeypatch: pytest.MonkeyPatch
 ) -> None:

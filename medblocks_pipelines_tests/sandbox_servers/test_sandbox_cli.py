@@ -12,7 +12,7 @@ from medblocks_sandbox.cli import main
 def test_sandbox_command_lists_the_dev_tools() -> None:
     result = CliRunner().invoke(main, ["--help"])
     assert result.exit_code == 0, result.output
-    for command in ("serve", "generate", "cds", "demo"):
+    for command in ("serve", "generate", "cds", "consent", "demo"):
         assert f"  {command} " in result.output
 
 
