@@ -11,22 +11,22 @@ help:
 	@echo "                (starts from an empty data/: deletes control.db, lake, warehouse, dagster_home)"
 	@echo "make test       set up and run the test suite (CI runs exactly this)"
 	@echo "make check      lint + type check + tests"
-	@echo "make lint       ruff check and format check"
+	@echo "make lint       ruff check, format check and the import contracts (.importlinter)"
 	@echo "make format     ruff format + autofix"
 	@echo "make typecheck  mypy"
 	@echo "make bench      every benchmark at a quick size (see benchmarks/README.md)"
 	@echo "make ui         the Dagster UI on the embedded instance (http://127.0.0.1:3000; PORT=N for another)"
 
-$(STAMP): pyproject.toml requirements.lock
+$(STAMP): pyproject.toml medblocks_sandbox/pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip uv
-	$(BIN)/uv pip install -q --python $(BIN)/python -c requirements.lock -e '.[dev]'
+	$(BIN)/uv pip install -q --python $(BIN)/python -c requirements.lock -e '.[dev]' -e ./medblocks_sandbox
 	@touch $(STAMP)
 
 setup: $(STAMP)
 
 demo: setup
-	$(BIN)/medblocks demo
+	$(BIN)/medblocks-sandbox demo
 
 test: setup
 	scripts/test
@@ -35,8 +35,8 @@ lint: setup
 	scripts/lint
 
 format: setup
-	$(BIN)/ruff format medblocks_pipelines medblocks_pipelines_tests benchmarks
-	$(BIN)/ruff check --fix medblocks_pipelines medblocks_pipelines_tests benchmarks
+	$(BIN)/ruff format medblocks_pipelines medblocks_sandbox medblocks_pipelines_tests benchmarks
+	$(BIN)/ruff check --fix medblocks_pipelines medblocks_sandbox medblocks_pipelines_tests benchmarks
 
 typecheck: setup
 	scripts/typecheck
@@ -53,7 +53,7 @@ serve: setup
 	$(BIN)/medblocks serve
 
 sandbox: setup
-	$(BIN)/medblocks sandbox
+	$(BIN)/medblocks-sandbox serve
 
 clean:
 	rm -rf data/control.db* data/lake data/warehouse data/dagster_home data/sandbox

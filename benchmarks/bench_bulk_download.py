@@ -37,7 +37,7 @@ def peak_rss_mib() -> float:
 
 def generate(out: Path, resources: int, files_per_type: int) -> dict[str, Any]:
     """Write ``resources`` generated FHIR resources as NDJSON under ``out``."""
-    from medblocks_pipelines.sandbox.generator.ndjson import stream_bulk_ndjson
+    from medblocks_sandbox.generator.ndjson import stream_bulk_ndjson
 
     out.mkdir(parents=True, exist_ok=True)
     return stream_bulk_ndjson(out, resources=resources, seed=42, files_per_type=files_per_type)
@@ -45,10 +45,10 @@ def generate(out: Path, resources: int, files_per_type: int) -> dict[str, Any]:
 
 def _serve(directory: str, port_file: str) -> None:
     """Child process: one sandbox EHR org whose bulk export serves ``directory`` as-is."""
-    from medblocks_pipelines.sandbox.bulk import NdjsonDirSource
-    from medblocks_pipelines.sandbox.ehr import OrgConfig
-    from medblocks_pipelines.sandbox.fhir_store import FhirStore
-    from medblocks_pipelines.sandbox.run import build_org_app, serve
+    from medblocks_sandbox.bulk import NdjsonDirSource
+    from medblocks_sandbox.ehr import OrgConfig
+    from medblocks_sandbox.fhir_store import FhirStore
+    from medblocks_sandbox.run import build_org_app, serve
 
     holder: dict[str, Any] = {}
 
@@ -92,7 +92,7 @@ def prepare_registry(base: str, data_dir: Path, *, parallel: int, gzip: bool) ->
     from medblocks_pipelines.lib.registry import open_control_plane
     from medblocks_pipelines.lib.settings import get_settings
     from medblocks_pipelines.lib.smart.keys import KeyStore
-    from medblocks_pipelines.sandbox.ehr import ADMIN_HEADER
+    from medblocks_sandbox.ehr import ADMIN_HEADER
 
     os.environ["MEDBLOCKS_DATA_DIR"] = str(data_dir)
     os.environ.pop("MEDBLOCKS_DATABASE_URL", None)

@@ -17,8 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from medblocks_pipelines.lib.network.ccda import SourceDocument, convert_ccda  # noqa: E402
 from medblocks_pipelines.lib.network.safexml import parse_untrusted  # noqa: E402
-from medblocks_pipelines.sandbox.gateway.render import render_ccd  # noqa: E402
 from medblocks_pipelines_tests.network.fixtures import ORG, patient_bundle  # noqa: E402
+from medblocks_sandbox.gateway.render import render_ccd  # noqa: E402
 
 
 def _documents(n: int, repeat: int) -> list[bytes]:

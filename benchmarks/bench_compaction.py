@@ -33,7 +33,7 @@ def main() -> int:
     from medblocks_pipelines.lib.warehouse.build import build_warehouse
     from medblocks_pipelines.lib.warehouse.compaction import compact_tenant
     from medblocks_pipelines.lib.warehouse.lake import LakeWriter, Provenance
-    from medblocks_pipelines.sandbox.generator import PopulationSpec, generate_population
+    from medblocks_sandbox.generator import PopulationSpec, generate_population
 
     pop = generate_population(PopulationSpec(seed=21, persons=max(10, args.pulls // 10)))
     org = pop.organizations[0].id

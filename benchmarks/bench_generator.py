@@ -30,7 +30,7 @@ def _peak_rss_mb() -> float:
 
 
 def _child_generator(n: int, out: Path, files_per_type: int, seed: int, sample: int) -> dict:
-    from medblocks_pipelines.sandbox.generator import stream_bulk_ndjson
+    from medblocks_sandbox.generator import stream_bulk_ndjson
 
     t0 = time.perf_counter()
     stats = stream_bulk_ndjson(
@@ -47,7 +47,7 @@ def _child_generator(n: int, out: Path, files_per_type: int, seed: int, sample: 
 
 
 def _child_baseline(n: int, out: Path, seed: int) -> dict:
-    from medblocks_pipelines.sandbox.generator import PopulationSpec, generate_population
+    from medblocks_sandbox.generator import PopulationSpec, generate_population
 
     pop = generate_population(PopulationSpec(seed=seed, persons=2))
     template = next(
@@ -75,7 +75,7 @@ def _child_baseline(n: int, out: Path, seed: int) -> dict:
 
 
 def _child_rich(persons: int, out: Path, seed: int) -> dict:
-    from medblocks_pipelines.sandbox.generator import (
+    from medblocks_sandbox.generator import (
         PopulationSpec,
         generate_population,
         write_ndjson,

@@ -60,7 +60,7 @@ def peak_rss_mb() -> float:
 
 def generate(n_patients: int, seed: int) -> pl.DataFrame:
     """About ``n_patients`` source patients with a ``true_person`` column."""
-    from medblocks_pipelines.sandbox.generator import people
+    from medblocks_sandbox.generator import people
 
     orgs = people.default_organizations()
     today = date(2026, 11, 1)

@@ -65,7 +65,7 @@ def start_moto() -> tuple[subprocess.Popen[bytes], str]:
 
 
 def write_ndjson(folder: Path, resources: int) -> tuple[list[Path], int]:
-    from medblocks_pipelines.sandbox.generator import PopulationSpec, generate_population
+    from medblocks_sandbox.generator import PopulationSpec, generate_population
 
     folder.mkdir(parents=True, exist_ok=True)
     per_type: dict[str, list[str]] = defaultdict(list)

@@ -41,7 +41,7 @@ def bench_webhooks(root: Path, events: int) -> None:
     from medblocks_pipelines.lib.ops import webhooks as wh
     from medblocks_pipelines.lib.registry import open_control_plane, utcnow
     from medblocks_pipelines.lib.settings import get_settings
-    from medblocks_pipelines.sandbox.run import ServerThread, bind_socket
+    from medblocks_sandbox.run import ServerThread, bind_socket
 
     secret = wh.new_secret()
     verifier = Webhook(secret)

@@ -27,7 +27,7 @@ import httpx
 
 
 def _sandbox_child(conn: Any, persons: int, seed: int) -> None:
-    from medblocks_pipelines.sandbox.run import start_sandbox
+    from medblocks_sandbox.run import start_sandbox
 
     handle = start_sandbox(base_port=0, persons=persons, seed=seed, roles=["ehr"])
     org = handle.orgs_of("ehr")[0]
@@ -65,14 +65,14 @@ def main() -> int:
     for var in ("MEDBLOCKS_DATABASE_URL", "MEDBLOCKS_LAKE_ROOT", "MEDBLOCKS_WAREHOUSE_DIR"):
         os.environ.pop(var, None)
 
-    from medblocks_pipelines.cli.patient_access import connect_via_consent_page
     from medblocks_pipelines.lib.fhir.pull import pull_batch
     from medblocks_pipelines.lib.registry import open_control_plane
     from medblocks_pipelines.lib.settings import get_settings
     from medblocks_pipelines.lib.smart.launch import create_connect_link
-    from medblocks_pipelines.sandbox.generator import PopulationSpec, generate_population
-    from medblocks_pipelines.sandbox.run import serve
     from medblocks_pipelines.web.app import create_app
+    from medblocks_sandbox.consent_browser import connect_via_consent_page
+    from medblocks_sandbox.generator import PopulationSpec, generate_population
+    from medblocks_sandbox.run import serve
 
     parent, child = mp.Pipe()
     proc = mp.get_context("spawn").Process(

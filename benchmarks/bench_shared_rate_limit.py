@@ -121,7 +121,7 @@ def main() -> None:
     ap.add_argument("--json-out")
     opts = ap.parse_args()
 
-    from medblocks_pipelines.sandbox.run import start_sandbox
+    from medblocks_sandbox.run import start_sandbox
 
     handle = start_sandbox(base_port=0, persons=4, seed=1, roles=["ehr"])
     try:

@@ -31,9 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def _serve(conn: Any, nodes: int, slow: int, delay: float) -> None:
     """Child: start the sandbox, send back its URL, the anchor and our issued identity; wait."""
     from medblocks_pipelines.lib.network.udap.certs import chain_pem
-    from medblocks_pipelines.sandbox.run import serve
-    from medblocks_pipelines.sandbox.udap import NodeSpec, create_udap_app
     from medblocks_pipelines_tests.network.udap_support import PURPOSES, SAN, node_resources
+    from medblocks_sandbox.run import serve
+    from medblocks_sandbox.udap import NodeSpec, create_udap_app
 
     specs = [
         NodeSpec(

@@ -38,7 +38,7 @@ from medblocks_pipelines.lib.warehouse.views import (  # noqa: E402
     compile_view,
     load_core_views,
 )
-from medblocks_pipelines.lib.warehouse.views.reference import evaluate_view  # noqa: E402
+from medblocks_pipelines_tests.support.views_reference import evaluate_view  # noqa: E402
 
 PROV = list(PROVENANCE_COLUMNS)
 LOINC, SCT, CVX = "http://loinc.org", "http://snomed.info/sct", "http://hl7.org/fhir/sid/cvx"
@@ -525,7 +525,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1)
     args = ap.parse_args()
 
-    from medblocks_pipelines.sandbox.generator.ndjson import stream_bulk_ndjson
+    from medblocks_sandbox.generator.ndjson import stream_bulk_ndjson
 
     with tempfile.TemporaryDirectory(prefix="bench_views_") as tmp:
         t0 = time.perf_counter()

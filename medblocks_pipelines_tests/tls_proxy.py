@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from medblocks_pipelines.sandbox.run import ServerThread, bind_socket
+from medblocks_sandbox.run import ServerThread, bind_socket
 
 #: Headers that belong to one hop (RFC 9110 §7.6.1) and are not forwarded.
 HOP_BY_HOP = frozenset(

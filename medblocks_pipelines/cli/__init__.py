@@ -18,7 +18,6 @@ from medblocks_pipelines.lib.errors import MedblocksError
 # (module:attribute, parent group or None for top level, command name)
 PLUGINS: list[tuple[str, str | None, str]] = [
     ("medblocks_pipelines.cli.views:views", None, "views"),
-    ("medblocks_pipelines.sandbox.generator.cli:generate", None, "generate"),
     ("medblocks_pipelines.cli.backend:sync_backend", "sync", "backend"),
     ("medblocks_pipelines.cli.backend:keys", None, "keys"),
     ("medblocks_pipelines.cli.bulk:bulk", None, "bulk"),
@@ -30,7 +29,6 @@ PLUGINS: list[tuple[str, str | None, str]] = [
     ("medblocks_pipelines.cli.network:audit_list", "audit", "list"),
     ("medblocks_pipelines.cli.udap:network", None, "network"),
     ("medblocks_pipelines.cli.clinician_workflow:sync_clinician", "sync", "clinician"),
-    ("medblocks_pipelines.cli.clinician_workflow:cds", None, "cds"),
     ("medblocks_pipelines.cli.warehouse_extra:identity", "warehouse", "identity"),
     ("medblocks_pipelines.cli.ops:webhooks", None, "webhooks"),
     ("medblocks_pipelines.cli.ops:exports", None, "exports"),

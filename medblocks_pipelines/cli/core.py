@@ -1,4 +1,4 @@
-"""Core CLI commands: registry, connections, warehouse, sync import, serve, sandbox, demo."""
+"""Core CLI commands: registry, connections, warehouse, sync import, serve."""
 
 import json
 import os
@@ -472,80 +472,6 @@ def serve(host: str, port: int, public_base_url: str | None, workers: int) -> No
     )
 
 
-@click.command()
-@click.option("--host", default="127.0.0.1", show_default=True)
-@click.option(
-    "--port",
-    "base_port",
-    default=8800,
-    show_default=True,
-    type=int,
-    help="First port; each sandbox server takes the next one.",
-)
-@click.option(
-    "--persons", default=100, show_default=True, type=int, help="Size of the synthetic population."
-)
-@click.option("--seed", default=42, show_default=True, type=int)
-@click.option(
-    "--profile",
-    "profiles",
-    multiple=True,
-    metavar="ORG=PROFILE",
-    help="Vendor profile of an org: strict (default), epic or oracle. Repeatable.",
-)
-def sandbox(host: str, base_port: int, persons: int, seed: int, profiles: tuple[str, ...]) -> None:
-    """Start the spec-faithful sandbox (EHRs, payer, gateway, UDAP nodes, CDS-calling EHR)."""
-    import signal
-    import time
-
-    from medblocks_pipelines.sandbox.run import start_sandbox
-
-    chosen: dict[str, str] = {}
-    for item in profiles:
-        org, sep, name = item.partition("=")
-        if not sep:
-            raise ConfigError("--profile takes ORG=PROFILE, e.g. lakeside-clinic=oracle")
-        chosen[org] = name
-    handle = start_sandbox(
-        host=host, base_port=base_port, persons=persons, seed=seed, profiles=chosen
-    )
-    table = Table(title=f"sandbox: {persons} persons, started in {handle.started_in:.1f}s")
-    for col in ("role", "org", "kind", "url"):
-        table.add_column(col, overflow="fold")
-    for row in handle.describe():
-        table.add_row(row["role"], row["org"] or "-", row["kind"] or "-", row["url"])
-    console.print(table)
-    click.echo(
-        "Admin API: header X-Admin-Secret on {org}/_admin/*; choose the secret by setting "
-        "MEDBLOCKS_SANDBOX_ADMIN_SECRET before starting."
-    )
-    click.echo("Ctrl-C to stop.")
-
-    def _terminate(_signum: int, _frame: object) -> None:
-        # A service manager's SIGTERM stops the servers as cleanly as Ctrl-C does.
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, _terminate)
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        handle.stop()
-
-
-@click.command()
-@click.option("--persons", default=60, show_default=True, type=int)
-@click.option("--seed", default=42, show_default=True, type=int)
-@click.option(
-    "--fresh/--keep", default=True, show_default=True, help="Start from an empty data folder."
-)
-def demo(persons: int, seed: int, fresh: bool) -> None:
-    """Run every pattern end to end on the embedded default and print what landed."""
-    from medblocks_pipelines.demo import run_demo
-
-    run_demo(persons=persons, seed=seed, fresh=fresh, console=console)
-
-
 def register(main: click.Group) -> None:
     """Attach the core commands to ``main``."""
     for cmd in (
@@ -559,7 +485,5 @@ def register(main: click.Group) -> None:
         audit,
         vault,
         serve,
-        sandbox,
-        demo,
     ):
         main.add_command(cmd)

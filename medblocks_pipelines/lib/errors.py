@@ -111,53 +111,6 @@ class ViewDefinitionError(MedblocksError):
 # Exceptions added by pattern modules go below this line.
 
 
-class SandboxError(MedblocksError):
-    """Base of errors raised inside the sandbox servers (sandbox/); the apps turn them into answers."""
-
-
-class FhirHttpError(SandboxError):
-    """Raised by a sandbox FHIR endpoint; answered as an OperationOutcome with HTTP `status`.
-
-    `code` is the OperationOutcome issue type (invalid, not-found, forbidden, login, ...).
-    """
-
-    def __init__(
-        self,
-        status: int,
-        code: str,
-        message: str,
-        *,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.headers = dict(headers or {})
-
-
-class OAuthProtocolError(SandboxError):
-    """Raised by a sandbox authorization-server endpoint; answered as RFC 6749 §5.2 error JSON."""
-
-    def __init__(
-        self,
-        error: str,
-        description: str,
-        *,
-        status: int = 400,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(f"{error}: {description}")
-        self.error = error
-        self.description = description
-        self.status = status
-        self.headers = dict(headers or {})
-
-
-class GeneratorError(SandboxError):
-    """Raised by the synthetic population generator on an inconsistent request (an evolve step
-    applied twice or out of order, a bad size)."""
-
-
 class LaunchError(AuthError):
     """Raised when a SMART launch cannot start or its callback is refused (unknown or reused
     `state`, an error redirect, a refused code exchange). `reason` is a short machine code

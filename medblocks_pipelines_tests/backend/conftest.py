@@ -17,10 +17,10 @@ import pytest
 from medblocks_pipelines.lib.registry import ControlPlane, open_control_plane
 from medblocks_pipelines.lib.settings import Settings, get_settings
 from medblocks_pipelines.lib.smart.keys import KeyStore
-from medblocks_pipelines.sandbox.ehr import ADMIN_HEADER, OrgConfig
-from medblocks_pipelines.sandbox.fhir_store import FhirStore
-from medblocks_pipelines.sandbox.run import build_org_app, serve
 from medblocks_pipelines.web.jwks import jwks_url
+from medblocks_sandbox.ehr import ADMIN_HEADER, OrgConfig
+from medblocks_sandbox.fhir_store import FhirStore
+from medblocks_sandbox.run import build_org_app, serve
 
 ADMIN_SECRET = "test-admin-secret"
 TENANT = "acme"
@@ -32,7 +32,7 @@ def population() -> Any:
     """A small seeded population, generated once per test session."""
     global _POPULATION
     if _POPULATION is None:
-        from medblocks_pipelines.sandbox.generator import PopulationSpec, generate_population
+        from medblocks_sandbox.generator import PopulationSpec, generate_population
 
         _POPULATION = generate_population(PopulationSpec(seed=3, persons=8, years=1))
     return _POPULATION

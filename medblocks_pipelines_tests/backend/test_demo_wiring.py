@@ -1,19 +1,20 @@
-"""The demo path against the whole sandbox as `medblocks sandbox` starts it (run.start_sandbox):
+"""The demo path against the whole sandbox as `medblocks-sandbox serve` starts it (run.start_sandbox):
 register our client at two EHR organizations, sync both through the Dagster jobs, apply one
 population evolve step at the source, and sync again: only the changes and deletions arrive.
 """
 
 import pytest
 
-from medblocks_pipelines.cli.backend import run_backend_sync, setup_sandbox_backend
+from medblocks_pipelines.cli.backend import run_backend_sync
 from medblocks_pipelines.lib.warehouse.build import build_warehouse, open_warehouse
+from medblocks_sandbox.drivers.backend import setup_sandbox_backend
 
 from .conftest import TENANT, Env
 
 
 @pytest.fixture
 def sandbox():  # type: ignore[no-untyped-def]
-    from medblocks_pipelines.sandbox.run import start_sandbox
+    from medblocks_sandbox.run import start_sandbox
 
     handle = start_sandbox(base_port=0, persons=8, seed=5, roles=["ehr"])
     for org in handle.orgs_of("ehr"):

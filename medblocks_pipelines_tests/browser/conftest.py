@@ -27,8 +27,8 @@ from starlette.routing import Route
 
 from medblocks_pipelines.lib.registry import ControlPlane, open_control_plane
 from medblocks_pipelines.lib.settings import Settings
-from medblocks_pipelines.sandbox.run import SandboxHandle, serve, start_sandbox
 from medblocks_pipelines.web.app import create_app
+from medblocks_sandbox.run import SandboxHandle, serve, start_sandbox
 
 TENANT = "acme"
 #: Patients connect at this EHR organization; the EHR launch runs at the other one, so each
@@ -156,7 +156,7 @@ def web_base(
     browser_settings: Settings, control_plane: ControlPlane, sandbox: SandboxHandle
 ) -> Iterator[str]:
     """Our web app on loopback, with the tenant, the patient-access source and our client
-    registered at the sandbox (as ``medblocks demo`` registers them)."""
+    registered at the sandbox (as ``medblocks-sandbox demo`` registers them)."""
     with serve(lambda base: create_app(public_base_url=base, settings=browser_settings)) as base:
         sandbox.register_client(
             {

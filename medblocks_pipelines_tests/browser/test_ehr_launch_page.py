@@ -9,14 +9,14 @@ from typing import Any
 
 import pytest
 
-from medblocks_pipelines.lib.cds.synthetic import write_warehouse
 from medblocks_pipelines.lib.registry import ControlPlane
 from medblocks_pipelines.lib.settings import Settings
 from medblocks_pipelines.lib.warehouse.build import warehouse_path
-from medblocks_pipelines.sandbox.cds_ehr.demo import first_patient, setup_clinician_org
-from medblocks_pipelines.sandbox.run import SandboxHandle
 from medblocks_pipelines_tests.browser.conftest import CLINICIAN_ORG, TENANT
 from medblocks_pipelines_tests.browser.test_patient_connect import wait_for
+from medblocks_pipelines_tests.support.cds_synthetic import write_warehouse
+from medblocks_sandbox.drivers.clinician import first_patient, setup_clinician_org
+from medblocks_sandbox.run import SandboxHandle
 
 SCT = "http://snomed.info/sct"
 

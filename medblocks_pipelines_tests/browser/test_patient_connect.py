@@ -12,8 +12,8 @@ import pytest
 from medblocks_pipelines.lib.registry import ControlPlane
 from medblocks_pipelines.lib.smart.launch import MAX_GET_URL, ConnectLink, create_connect_link
 from medblocks_pipelines.lib.smart.tokens import tokens_secret_name
-from medblocks_pipelines.sandbox.run import SandboxHandle
 from medblocks_pipelines_tests.browser.conftest import PATIENT_ORG, TENANT, WAIT_SECONDS
+from medblocks_sandbox.run import SandboxHandle
 
 Shot = Callable[[str], Path]
 

@@ -26,12 +26,12 @@ from starlette.routing import Route
 
 from medblocks_pipelines.lib.registry import ControlPlane, open_control_plane
 from medblocks_pipelines.lib.settings import Settings
-from medblocks_pipelines.sandbox.cds_ehr.demo import first_patient, setup_clinician_org
-from medblocks_pipelines.sandbox.run import SandboxHandle, serve, start_sandbox
 from medblocks_pipelines.web.ehr_launch import SESSION_COOKIE
 from medblocks_pipelines_tests.browser.conftest import CHROMIUM_FLAGS, WAIT_SECONDS, BrowserTools
 from medblocks_pipelines_tests.browser.test_patient_connect import wait_for
 from medblocks_pipelines_tests.tls_proxy import PublicServe, medblocks_behind_tls_proxy
+from medblocks_sandbox.drivers.clinician import first_patient, setup_clinician_org
+from medblocks_sandbox.run import SandboxHandle, serve, start_sandbox
 
 TENANT = "acme"
 

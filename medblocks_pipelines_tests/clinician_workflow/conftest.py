@@ -16,13 +16,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from medblocks_pipelines.lib.cds.synthetic import write_warehouse
 from medblocks_pipelines.lib.registry import ControlPlane, open_control_plane
 from medblocks_pipelines.lib.settings import Settings
 from medblocks_pipelines.lib.smart.assertion import SigningKey, generate_signing_key
 from medblocks_pipelines.lib.warehouse.build import warehouse_path
-from medblocks_pipelines.sandbox.run import serve
 from medblocks_pipelines.web.app import create_app
+from medblocks_pipelines_tests.support.cds_synthetic import write_warehouse
+from medblocks_sandbox.run import serve
 
 TODAY = date(2026, 6, 1)
 ISS = "https://ehr-a.example/cds-client"

@@ -31,7 +31,7 @@ from medblocks_pipelines.lib.cds.knowledge import (
 from medblocks_pipelines.lib.cds.order_cards import order_cards
 from medblocks_pipelines.lib.cds.service import describe_services
 from medblocks_pipelines.lib.errors import ConfigError
-from medblocks_pipelines.sandbox.run import serve
+from medblocks_sandbox.run import serve
 
 RX = "http://www.nlm.nih.gov/research/umls/rxnorm"
 ICD = "http://hl7.org/fhir/sid/icd-10-cm"

@@ -10,24 +10,24 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-import medblocks_pipelines.sandbox.cds_ehr  # noqa: F401  (registers the cds_ehr role)
+import medblocks_sandbox.cds_ehr  # noqa: F401  (registers the cds_ehr role)
 from medblocks_pipelines.lib.cds.knowledge import PACKS_ENV
-from medblocks_pipelines.lib.cds.synthetic import write_warehouse
 from medblocks_pipelines.lib.network.tables import network_relationship_events
 from medblocks_pipelines.lib.registry import open_control_plane
 from medblocks_pipelines.lib.settings import Settings
 from medblocks_pipelines.lib.warehouse.build import warehouse_path
-from medblocks_pipelines.sandbox.cds_ehr.demo import (
-    demo_orders,
+from medblocks_pipelines.web.app import create_app
+from medblocks_pipelines_tests.clinician_workflow.cards_check import assert_valid_response
+from medblocks_pipelines_tests.clinician_workflow.conftest import LOINC, RX, SCT, fact
+from medblocks_pipelines_tests.support.cds_synthetic import write_warehouse
+from medblocks_sandbox.cds_ehr.orders import demo_orders
+from medblocks_sandbox.drivers.clinician import (
     first_patient,
     launch_in_browser,
     run_clinician_demo,
     setup_clinician_org,
 )
-from medblocks_pipelines.sandbox.run import SandboxHandle, serve, start_sandbox
-from medblocks_pipelines.web.app import create_app
-from medblocks_pipelines_tests.clinician_workflow.cards_check import assert_valid_response
-from medblocks_pipelines_tests.clinician_workflow.conftest import LOINC, RX, SCT, fact
+from medblocks_sandbox.run import SandboxHandle, serve, start_sandbox
 
 TENANT = "acme"
 ORG = "mercy-general"
@@ -413,8 +413,9 @@ def test_cli_cds_fire_and_sync_without_launch(
 ) -> None:
     from click.testing import CliRunner
 
-    from medblocks_pipelines.cli.clinician_workflow import cds, latest_launch
+    from medblocks_pipelines.cli.clinician_workflow import latest_launch
     from medblocks_pipelines.lib.errors import ConfigError
+    from medblocks_sandbox.cli import cds
 
     monkeypatch.setenv(PACKS_ENV, str(Path(__file__).parent / "packs"))  # the penicillin class
 

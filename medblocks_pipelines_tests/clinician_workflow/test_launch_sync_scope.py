@@ -13,20 +13,20 @@ import dagster as dg
 import duckdb
 import pytest
 
-import medblocks_pipelines.sandbox.cds_ehr  # noqa: F401  (registers the cds_ehr role)
+import medblocks_sandbox.cds_ehr  # noqa: F401  (registers the cds_ehr role)
 from medblocks_pipelines.defs.clinician_workflow.assets import clinician_workflow_records
 from medblocks_pipelines.defs.shared.resources import PlatformResource
 from medblocks_pipelines.lib.registry import open_control_plane
 from medblocks_pipelines.lib.settings import Settings
 from medblocks_pipelines.lib.warehouse.lake import resources_glob
-from medblocks_pipelines.sandbox.cds_ehr.demo import (
+from medblocks_pipelines.web.app import create_app
+from medblocks_sandbox.drivers.clinician import (
     first_patient,
     launch_in_browser,
     setup_clinician_org,
 )
-from medblocks_pipelines.sandbox.fhir_store import SHARED_TYPES
-from medblocks_pipelines.sandbox.run import SandboxHandle, serve, start_sandbox
-from medblocks_pipelines.web.app import create_app
+from medblocks_sandbox.fhir_store import SHARED_TYPES
+from medblocks_sandbox.run import SandboxHandle, serve, start_sandbox
 
 TENANT = "acme"
 ORG = "mercy-general"

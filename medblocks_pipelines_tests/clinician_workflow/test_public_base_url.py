@@ -17,7 +17,6 @@ import pytest
 
 from medblocks_pipelines.lib.registry import open_control_plane
 from medblocks_pipelines.lib.settings import Settings
-from medblocks_pipelines.sandbox.run import serve
 from medblocks_pipelines_tests.clinician_workflow.conftest import (
     ISS,
     ORG,
@@ -29,6 +28,7 @@ from medblocks_pipelines_tests.clinician_workflow.conftest import (
     stub_ehr_app,
 )
 from medblocks_pipelines_tests.tls_proxy import PublicServe, medblocks_behind_tls_proxy
+from medblocks_sandbox.run import serve
 
 SERVICE = "/cds-services/medblocks-patient-view"
 

@@ -16,7 +16,7 @@ from medblocks_pipelines_tests.clinician_workflow.cards_check import assert_no_e
 
 @pytest.fixture(scope="module")
 def population() -> Any:
-    from medblocks_pipelines.sandbox.generator import PopulationSpec, generate_population
+    from medblocks_sandbox.generator import PopulationSpec, generate_population
 
     return generate_population(PopulationSpec(seed=11, persons=25))
 

@@ -10,7 +10,7 @@ import pytest
 from medblocks_pipelines.cli import PLUGINS, main
 from medblocks_pipelines.cli.lazy import LazyGroup, load_command, short_help, source_help
 
-HEAVY = ("dagster", "duckdb", "polars", "sqlalchemy", "medblocks_pipelines.sandbox")
+HEAVY = ("dagster", "duckdb", "polars", "sqlalchemy", "medblocks_sandbox")
 
 
 def _imported_by(*args: str) -> set[str]:

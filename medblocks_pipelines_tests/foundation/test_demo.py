@@ -1,4 +1,4 @@
-"""The README's first command runs `medblocks demo`: every pattern end to end against the sandbox.
+"""The README's first command runs `medblocks-sandbox demo`: every pattern end to end against the sandbox.
 This runs the same code on a small population and checks what a newcomer is promised, and that no
 secret (access or refresh token, private key, client secret) reaches the logs, the console or any
 Dagster event of those runs."""
@@ -97,8 +97,8 @@ def test_demo_runs_every_pattern_into_one_warehouse(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    from medblocks_pipelines.demo import TENANT, run_demo
     from medblocks_pipelines.lib.registry.sandbox_sources import is_stopped_sandbox
+    from medblocks_sandbox.drivers.demo import TENANT, run_demo
 
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
     (tmp_path / "dagster_home").mkdir()

@@ -26,7 +26,7 @@ from medblocks_pipelines.lib.warehouse.build import (
     warehouse_path,
 )
 from medblocks_pipelines.lib.warehouse.lake import LakeWriter, Provenance, delete_connection_data
-from medblocks_pipelines.sandbox.generator import PopulationSpec, generate_population
+from medblocks_sandbox.generator import PopulationSpec, generate_population
 
 TENANT = "acme"
 

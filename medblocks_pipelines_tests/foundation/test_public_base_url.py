@@ -12,8 +12,8 @@ import pytest
 
 from medblocks_pipelines.lib.errors import ConfigError
 from medblocks_pipelines.lib.settings import Settings, get_settings, normalize_public_base_url
-from medblocks_pipelines.sandbox.run import serve
 from medblocks_pipelines.web.app import create_app
+from medblocks_sandbox.run import serve
 
 
 @pytest.mark.parametrize(

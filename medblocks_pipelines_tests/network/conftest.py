@@ -12,8 +12,8 @@ import pytest
 import uvicorn
 
 from medblocks_pipelines.lib.network.certs import generate_signing_identity
-from medblocks_pipelines.sandbox.gateway import Behaviour, create_gateway_app
 from medblocks_pipelines_tests.network.fixtures import patient_bundle
+from medblocks_sandbox.gateway import Behaviour, create_gateway_app
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,8 @@ from fhir.resources.R4B import get_fhir_model_class
 
 from medblocks_pipelines.lib.network.ccda import SourceDocument, convert_ccda
 from medblocks_pipelines.lib.network.ccda.common import Flags, ts_to_fhir
-from medblocks_pipelines.sandbox.gateway.render import render_ccd
 from medblocks_pipelines_tests.network.fixtures import ORG, patient_bundle
+from medblocks_sandbox.gateway.render import render_ccd
 
 SRC = SourceDocument(
     "urn:oid:2.16.840.1.113883.3.9999.4",

@@ -18,8 +18,8 @@ from medblocks_pipelines.lib.network.tables import network_queries
 from medblocks_pipelines.lib.network.udap.registration import RegistrationStore
 from medblocks_pipelines.lib.network.udap.session import SHARED_TOKENS
 from medblocks_pipelines.lib.registry import schema
-from medblocks_pipelines.sandbox.udap import NodeSpec
 from medblocks_pipelines_tests.network.udap_support import PERSON, UdapEnv, node_resources
+from medblocks_sandbox.udap import NodeSpec
 
 
 @pytest.fixture

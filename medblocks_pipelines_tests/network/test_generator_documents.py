@@ -7,10 +7,10 @@ from fhir.resources.R4B import get_fhir_model_class
 
 from medblocks_pipelines.lib.network import ihe
 from medblocks_pipelines.lib.network.ccda import SourceDocument, convert_ccda
-from medblocks_pipelines.sandbox.gateway.app import _load, _match
-from medblocks_pipelines.sandbox.gateway.render import render_ccd
-from medblocks_pipelines.sandbox.generator.model import PopulationSpec
-from medblocks_pipelines.sandbox.generator.population import generate_population
+from medblocks_sandbox.gateway.app import _load, _match
+from medblocks_sandbox.gateway.render import render_ccd
+from medblocks_sandbox.generator.model import PopulationSpec
+from medblocks_sandbox.generator.population import generate_population
 
 
 def test_population_ccds_convert_cleanly() -> None:

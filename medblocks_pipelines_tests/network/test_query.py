@@ -19,7 +19,7 @@ from medblocks_pipelines.lib.network.tables import network_documents, network_qu
 from medblocks_pipelines.lib.registry import open_control_plane
 from medblocks_pipelines.lib.settings import get_settings
 from medblocks_pipelines.lib.warehouse.lake import resources_glob
-from medblocks_pipelines.sandbox.gateway import Behaviour, network_source_config
+from medblocks_sandbox.gateway import Behaviour, network_source_config
 
 PERSON = "person-1"
 

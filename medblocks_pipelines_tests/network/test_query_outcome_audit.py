@@ -15,9 +15,9 @@ from medblocks_pipelines.lib.errors import ConfigError
 from medblocks_pipelines.lib.network.outcome import OUTCOME_ACTION
 from medblocks_pipelines.lib.network.query import run_network_query
 from medblocks_pipelines.lib.network.tables import network_queries
-from medblocks_pipelines.sandbox.gateway import Behaviour, create_gateway_app, network_source_config
 from medblocks_pipelines_tests.network.conftest import LiveServer
 from medblocks_pipelines_tests.network.test_query import PERSON, Env
+from medblocks_sandbox.gateway import Behaviour, create_gateway_app, network_source_config
 
 
 @pytest.fixture

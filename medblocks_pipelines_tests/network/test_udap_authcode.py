@@ -16,8 +16,8 @@ from medblocks_pipelines.lib.network.udap.certs import CrlChecker, VaultSigner, 
 from medblocks_pipelines.lib.network.udap.discovery import discover
 from medblocks_pipelines.lib.network.udap.registration import ClientProfile, register
 from medblocks_pipelines.lib.network.udap.token import Requestor, request_token
-from medblocks_pipelines.sandbox.udap import NodeSpec
 from medblocks_pipelines_tests.network.udap_support import UdapEnv, node_resources
+from medblocks_sandbox.udap import NodeSpec
 
 NODE = "riverside-health"
 CALLBACK = "https://acme.test/udap/callback"

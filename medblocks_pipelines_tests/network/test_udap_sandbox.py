@@ -38,9 +38,9 @@ from medblocks_pipelines.lib.network.udap.token import (
     request_token,
     tefca_ias_extension,
 )
-from medblocks_pipelines.sandbox.udap import NodeSpec
-from medblocks_pipelines.sandbox.udap.ca import untrusted_issue
 from medblocks_pipelines_tests.network.udap_support import SAN, UdapEnv, node_resources
+from medblocks_sandbox.udap import NodeSpec
+from medblocks_sandbox.udap.ca import untrusted_issue
 
 NODE = "riverside-health"
 REQ = Requestor("Acme Clinic", "urn:oid:2.16.840.1.113883.3.9999.77", "dr-house")

@@ -11,14 +11,14 @@ from medblocks_pipelines.lib.network.udap.certs import chain_pem, store_identity
 from medblocks_pipelines.lib.registry import open_control_plane
 from medblocks_pipelines.lib.settings import get_settings
 from medblocks_pipelines.lib.warehouse.lake import LakeWriter, Provenance, resources_glob
-from medblocks_pipelines.sandbox.run import serve
-from medblocks_pipelines.sandbox.udap import (
+from medblocks_pipelines_tests.network.fixtures import patient_bundle
+from medblocks_sandbox.run import serve
+from medblocks_sandbox.udap import (
     NodeSpec,
     UdapSandbox,
     create_udap_app,
     facilitated_source_config,
 )
-from medblocks_pipelines_tests.network.fixtures import patient_bundle
 
 PERSON = "person-1"
 SAN = "https://medblocks.test/udap/acme"

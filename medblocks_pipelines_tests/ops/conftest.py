@@ -18,7 +18,7 @@ from starlette.routing import Route
 
 from medblocks_pipelines.lib.registry import ControlPlane, open_control_plane
 from medblocks_pipelines.lib.settings import Settings
-from medblocks_pipelines.sandbox.run import ServerThread, bind_socket
+from medblocks_sandbox.run import ServerThread, bind_socket
 
 
 @pytest.fixture(autouse=True)

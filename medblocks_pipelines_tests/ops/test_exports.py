@@ -25,7 +25,7 @@ from medblocks_pipelines.lib.registry import ControlPlane
 from medblocks_pipelines.lib.settings import Settings
 from medblocks_pipelines.lib.warehouse.build import build_warehouse
 from medblocks_pipelines.lib.warehouse.lake import LakeWriter, Provenance
-from medblocks_pipelines.sandbox.run import ServerThread, bind_socket
+from medblocks_sandbox.run import ServerThread, bind_socket
 
 
 def _patient(pid: str, family: str, version: str = "1") -> dict[str, Any]:
@@ -504,8 +504,8 @@ def test_fhir_destination_is_the_sandbox_ehr_with_backend_services_auth(
     """Transactions into the sandbox EHR's write API (R4B-validated, SMART c/u/d scopes), with
     our own SMART Backend Services token: a backfill, then a delta with an update and a delete."""
     from medblocks_pipelines.lib.smart.keys import KeyStore
-    from medblocks_pipelines.sandbox.generator import PopulationSpec, generate_population
-    from medblocks_pipelines.sandbox.run import start_sandbox
+    from medblocks_sandbox.generator import PopulationSpec, generate_population
+    from medblocks_sandbox.run import start_sandbox
 
     keys = KeyStore(cp.vault)
     keys.generate("ES384")

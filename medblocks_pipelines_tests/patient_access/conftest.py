@@ -16,12 +16,12 @@ from typing import Any
 import httpx
 import pytest
 
-from medblocks_pipelines.cli.patient_access import ConsentOutcome, connect_via_consent_page
 from medblocks_pipelines.lib.registry import ControlPlane, open_control_plane
 from medblocks_pipelines.lib.settings import Settings
 from medblocks_pipelines.lib.smart.launch import create_connect_link
-from medblocks_pipelines.sandbox.run import OrgEndpoint, SandboxHandle, serve, start_sandbox
 from medblocks_pipelines.web.app import create_app
+from medblocks_sandbox.consent_browser import ConsentOutcome, connect_via_consent_page
+from medblocks_sandbox.run import OrgEndpoint, SandboxHandle, serve, start_sandbox
 
 RETURN_URL = "https://tenant-app.example/connected"
 
@@ -181,9 +181,9 @@ def custom_ehr(
     rewrite: tuple[str, Rewrite] | None = None,
 ) -> Iterator[tuple[str, OrgEndpoint]]:
     """Serve the first sandbox EHR org's data from a new app; yield (source id, endpoint)."""
-    from medblocks_pipelines.sandbox.auth import Login
-    from medblocks_pipelines.sandbox.ehr import EHR_TYPES, OrgConfig, create_ehr_app
-    from medblocks_pipelines.sandbox.fhir_store import FhirStore
+    from medblocks_sandbox.auth import Login
+    from medblocks_sandbox.ehr import EHR_TYPES, OrgConfig, create_ehr_app
+    from medblocks_sandbox.fhir_store import FhirStore
 
     src = env.org("ehr")
     pop = env.sandbox.population

@@ -10,11 +10,11 @@ import pytest
 from click.testing import CliRunner
 
 from medblocks_pipelines.cli import main
-from medblocks_pipelines.cli.patient_access import connect_via_consent_page
 from medblocks_pipelines.lib.errors import LaunchError
 from medblocks_pipelines.lib.smart.launch import begin_authorization, complete_authorization
 from medblocks_pipelines.lib.warehouse.build import build_warehouse, warehouse_path
 from medblocks_pipelines_tests.patient_access.conftest import RETURN_URL, PatientAccessEnv
+from medblocks_sandbox.consent_browser import connect_via_consent_page
 
 
 def test_cli_link_sync_refresh_revoke(pa_env: PatientAccessEnv) -> None:
@@ -167,7 +167,7 @@ def test_ehr_launch_with_an_unknown_iss_is_refused(pa_env: PatientAccessEnv) -> 
 
 def test_demo_helpers_connect_and_refresh_failed(pa_env: PatientAccessEnv) -> None:
     """The two helpers the lead's demo calls: connect patients, then show refresh_failed."""
-    from medblocks_pipelines.cli.patient_access import connect_patients, simulate_portal_revocation
+    from medblocks_sandbox.drivers.consent import connect_patients, simulate_portal_revocation
 
     org = pa_env.org("ehr")
     sid = pa_env.add_source(org)
@@ -184,6 +184,43 @@ def test_demo_helpers_connect_and_refresh_failed(pa_env: PatientAccessEnv) -> No
     assert victim is not None and other is not None
     assert simulate_portal_revocation(pa_env.sandbox, pa_env.cp, victim) == "refresh_failed"
     assert pa_env.cp.get_connection(other)["state"] == "active"
+
+
+def test_sandbox_consent_commands_connect_then_revoke(
+    pa_env: PatientAccessEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The dev tool's consent commands: a patient connects through a link made by the product's
+    CLI, then revokes in the portal; the product's next refresh finds the grant gone."""
+    from medblocks_sandbox.cli import main as sandbox_cli
+
+    org = pa_env.org("ehr")
+    sid = pa_env.add_source(org)
+    login = pa_env.logins(org)[0]
+    runner = CliRunner()
+    out = runner.invoke(
+        main,
+        ["connections", "link", "--tenant", "acme", "--patient-ref", "cli-2", "--source", sid]
+        + ["--return-url", RETURN_URL, "--public-base-url", pa_env.web_base],
+    )
+    assert out.exit_code == 0, out.output
+    url = out.output.strip().splitlines()[-1]
+    args = ["consent", "connect", url, "--username", login.username, "--password", login.password]
+    out = runner.invoke(sandbox_cli, [*args, "--stop-at", RETURN_URL])
+    assert out.exit_code == 0, out.output
+    found = re.search(r"status active connection (conn_\w+)", out.output)
+    assert found is not None, out.output
+    conn_id = found.group(1)
+
+    revoke = ["consent", "revoke", "--admin-url", org.admin_url, "--patient", login.patient_id]
+    monkeypatch.setenv("MEDBLOCKS_SANDBOX_ADMIN_SECRET", pa_env.sandbox.admin_secret)
+    out = runner.invoke(sandbox_cli, [*revoke, "--client-id", pa_env.clients[sid]])
+    assert out.exit_code == 0 and "revoked 1 grant(s)" in out.output, out.output
+    out = runner.invoke(sandbox_cli, [*revoke, "--client-id", "nobody"])
+    assert out.exit_code == 1 and "error: no grant of that client" in out.output, out.output
+
+    out = runner.invoke(main, ["connections", "refresh", conn_id, "--tenant", "acme"])
+    assert out.exit_code == 1, out.output
+    assert pa_env.cp.get_connection(conn_id)["state"] == "refresh_failed"
 
 
 def test_cli_sync_runs_the_dagster_job(

@@ -14,13 +14,13 @@ import urllib.parse
 import httpx
 import pytest
 
-from medblocks_pipelines.cli.patient_access import connect_via_consent_page
 from medblocks_pipelines.lib.smart.assertion import generate_signing_key, jwks_of
 from medblocks_pipelines.lib.smart.launch import create_connect_link, state_secret_name
 from medblocks_pipelines.lib.smart.scopes import ScopeSet
 from medblocks_pipelines.lib.smart.tokens import tokens_secret_name
 from medblocks_pipelines.web.connect import issue_connect_api_key
 from medblocks_pipelines_tests.patient_access.conftest import RETURN_URL, PatientAccessEnv
+from medblocks_sandbox.consent_browser import connect_via_consent_page
 
 
 def authorize_params(env: PatientAccessEnv, link_url: str) -> dict[str, str]:

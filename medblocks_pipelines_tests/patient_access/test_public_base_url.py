@@ -12,13 +12,13 @@ from pathlib import Path
 
 import httpx
 
-from medblocks_pipelines.cli.patient_access import connect_via_consent_page
 from medblocks_pipelines.lib.registry import open_control_plane
 from medblocks_pipelines.lib.settings import Settings
-from medblocks_pipelines.sandbox.run import SandboxHandle
 from medblocks_pipelines.web.connect import issue_connect_api_key
 from medblocks_pipelines_tests.patient_access.conftest import RETURN_URL, PatientAccessEnv
 from medblocks_pipelines_tests.tls_proxy import medblocks_behind_tls_proxy
+from medblocks_sandbox.consent_browser import connect_via_consent_page
+from medblocks_sandbox.run import SandboxHandle
 
 
 def test_standalone_connect_completes_through_the_proxy(

@@ -36,7 +36,7 @@ class SharedClock:
 @contextmanager
 def sixty_second_tokens(env: PatientAccessEnv, org: Any, clock: Any = time.time) -> Iterator[None]:
     """The org's authorization server issues 60 s access tokens (set over its admin API, as
-    against ``medblocks sandbox``) and reads ``clock`` (in-process: the one seam with no HTTP)."""
+    against ``medblocks-sandbox serve``) and reads ``clock`` (in-process: the one seam with no HTTP)."""
     auth = env.auth(org)
     saved_life, saved_clock = auth.config.access_token_lifetime, auth.clock
     env.sandbox.admin(org.org_id, "config", {"access_token_lifetime": 60})

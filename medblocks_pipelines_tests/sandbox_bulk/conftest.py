@@ -17,9 +17,9 @@ import httpx
 import pytest
 import uvicorn
 
-from medblocks_pipelines.sandbox.bulk import BulkConfig, BulkServer, StaticTokens, create_bulk_app
-from medblocks_pipelines.sandbox.faults import FaultInjector
-from medblocks_pipelines.sandbox.fhir_store import FhirStore
+from medblocks_sandbox.bulk import BulkConfig, BulkServer, StaticTokens, create_bulk_app
+from medblocks_sandbox.faults import FaultInjector
+from medblocks_sandbox.fhir_store import FhirStore
 
 KICKOFF_HEADERS = {"Accept": "application/fhir+json", "Prefer": "respond-async"}
 OLD = "2024-01-01T00:00:00.000Z"

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import httpx
 import pytest
 
-from medblocks_pipelines.sandbox.bulk import auth_server_authenticator, can_read, has_system_read
+from medblocks_sandbox.bulk import auth_server_authenticator, can_read, has_system_read
 
 from .conftest import KICKOFF_HEADERS, BulkEnv
 
@@ -107,7 +107,7 @@ def test_auth_server_adapter() -> None:
     request = SimpleNamespace(headers={"authorization": "Bearer good"})
     info = authenticate(request)  # type: ignore[arg-type]
     assert info.client_id == "c1" and info.scopes == frozenset({"system/*.rs"})
-    from medblocks_pipelines.lib.errors import FhirHttpError
+    from medblocks_sandbox.errors import FhirHttpError
 
     with pytest.raises(FhirHttpError) as caught:
         authenticate(SimpleNamespace(headers={"authorization": "Bearer bad"}))  # type: ignore

@@ -16,16 +16,16 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 from starlette.middleware import Middleware
 
-from medblocks_pipelines.sandbox.auth import require_token
-from medblocks_pipelines.sandbox.bulk import BulkConfig, BulkServer
-from medblocks_pipelines.sandbox.ehr import OrgConfig, create_ehr_app
-from medblocks_pipelines.sandbox.faults import (
+from medblocks_sandbox.auth import require_token
+from medblocks_sandbox.bulk import BulkConfig, BulkServer
+from medblocks_sandbox.ehr import OrgConfig, create_ehr_app
+from medblocks_sandbox.faults import (
     FaultInjector,
     FaultMiddleware,
     connect_auth_server,
     fault_admin_routes,
 )
-from medblocks_pipelines.sandbox.fhir_store import FhirStore
+from medblocks_sandbox.fhir_store import FhirStore
 
 from .conftest import KICKOFF_HEADERS, bound_socket, population, serve
 
@@ -221,7 +221,7 @@ def test_rate_limit_by_client_with_opaque_tokens(ehr: Ehr) -> None:
 
 
 def test_epic_profile_makes_the_ehr_require_a_jwks_url() -> None:
-    from medblocks_pipelines.sandbox.profiles import EPIC
+    from medblocks_sandbox.profiles import EPIC
 
     app = create_ehr_app(
         OrgConfig(org_id="epic", name="Epic-like"),

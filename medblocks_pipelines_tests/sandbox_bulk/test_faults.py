@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from medblocks_pipelines.sandbox.faults import (
+from medblocks_sandbox.faults import (
     FaultInjector,
     FaultMiddleware,
     FaultRule,
@@ -355,7 +355,7 @@ def test_connect_auth_server_uses_the_as_seams() -> None:
         def revoke_refresh_token(self, token: str) -> None:
             calls.append(("revoke", token))
 
-    from medblocks_pipelines.sandbox.faults import connect_auth_server
+    from medblocks_sandbox.faults import connect_auth_server
 
     faults = FaultInjector()
     resolve = connect_auth_server(faults, FakeAS())

@@ -7,8 +7,8 @@ import httpx
 from starlette.applications import Starlette
 from starlette.routing import Mount
 
-from medblocks_pipelines.sandbox.bulk import BulkConfig, BulkServer, StaticTokens, create_bulk_app
-from medblocks_pipelines.sandbox.fhir_store import FhirStore
+from medblocks_sandbox.bulk import BulkConfig, BulkServer, StaticTokens, create_bulk_app
+from medblocks_sandbox.fhir_store import FhirStore
 
 from .conftest import KICKOFF_HEADERS, population, serve
 
@@ -51,7 +51,7 @@ def test_urls_keep_each_org_prefix(tmp_path: Path) -> None:
 
 
 def test_one_presigned_storage_for_several_oracle_orgs(tmp_path: Path) -> None:
-    from medblocks_pipelines.sandbox.bulk import presigned_storage_app
+    from medblocks_sandbox.bulk import presigned_storage_app
 
     tokens = StaticTokens()
     servers = [

@@ -13,8 +13,8 @@ from typing import Any
 import httpx
 import pytest
 
-from medblocks_pipelines.sandbox.bulk import NdjsonDirSource
-from medblocks_pipelines.sandbox.generator.ndjson import stream_bulk_ndjson
+from medblocks_sandbox.bulk import NdjsonDirSource
+from medblocks_sandbox.generator.ndjson import stream_bulk_ndjson
 
 from .conftest import BulkEnv
 

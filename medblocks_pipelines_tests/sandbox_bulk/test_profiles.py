@@ -7,7 +7,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from medblocks_pipelines.sandbox.profiles import (
+from medblocks_sandbox.profiles import (
     EPIC,
     ORACLE,
     STRICT,

@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from medblocks_pipelines.sandbox.fhir_store import FhirStore
+from medblocks_sandbox.fhir_store import FhirStore
 
 from .conftest import KICKOFF_HEADERS, BulkEnv, population
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from medblocks_pipelines.sandbox.generator import Population, PopulationSpec, generate_population
+from medblocks_sandbox.generator import Population, PopulationSpec, generate_population
 
 
 @pytest.fixture(scope="session")

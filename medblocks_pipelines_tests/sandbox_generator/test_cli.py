@@ -4,7 +4,7 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from medblocks_pipelines.sandbox.generator.cli import generate
+from medblocks_sandbox.generator.cli import generate
 
 
 def test_generate_population_with_steps(tmp_path: Path) -> None:

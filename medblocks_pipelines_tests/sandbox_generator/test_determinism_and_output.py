@@ -5,7 +5,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from medblocks_pipelines.sandbox.generator import (
+from medblocks_sandbox.generator import (
     PopulationSpec,
     evolve,
     generate_population,
@@ -93,7 +93,7 @@ def test_output_does_not_depend_on_the_process_hash_seed(tmp_path: Path) -> None
 
     script = (
         "import sys\n"
-        "from medblocks_pipelines.sandbox.generator import *\n"
+        "from medblocks_sandbox.generator import *\n"
         "pop = generate_population(PopulationSpec(seed=4, persons=15))\n"
         "evolve(pop, 1)\n"
         "write_ndjson(pop, sys.argv[1])\n"

@@ -2,8 +2,8 @@
 
 import pytest
 
-from medblocks_pipelines.lib.errors import GeneratorError
-from medblocks_pipelines.sandbox.generator import (
+from medblocks_sandbox.errors import GeneratorError
+from medblocks_sandbox.generator import (
     Population,
     PopulationSpec,
     evolve,

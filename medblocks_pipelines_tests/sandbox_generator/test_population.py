@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from medblocks_pipelines.lib.errors import GeneratorError
-from medblocks_pipelines.sandbox.generator import Population, PopulationSpec, generate_population
-from medblocks_pipelines.sandbox.generator.people import npi_check_digit
+from medblocks_sandbox.errors import GeneratorError
+from medblocks_sandbox.generator import Population, PopulationSpec, generate_population
+from medblocks_sandbox.generator.people import npi_check_digit
 
 EHR_TYPES = {
     "Patient",
@@ -315,7 +315,7 @@ def test_bad_specs_are_refused(spec: PopulationSpec) -> None:
 
 @pytest.mark.parametrize("persons", [0, 1, 2])
 def test_tiny_worlds_generate_and_evolve(persons: int) -> None:
-    from medblocks_pipelines.sandbox.generator import evolve
+    from medblocks_sandbox.generator import evolve
 
     pop = generate_population(PopulationSpec(seed=1, persons=persons))
     assert len(pop.persons) == persons

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from medblocks_pipelines.lib.errors import GeneratorError
-from medblocks_pipelines.sandbox.generator import stream_bulk_ndjson
+from medblocks_sandbox.errors import GeneratorError
+from medblocks_sandbox.generator import stream_bulk_ndjson
 
 
 def _lines(root: Path) -> list[dict]:

@@ -4,7 +4,7 @@ apart) and the fact ledger (the same clinical fact at several sources)."""
 from collections import Counter, defaultdict
 from typing import Any
 
-from medblocks_pipelines.sandbox.generator import Population
+from medblocks_sandbox.generator import Population
 
 ICD10 = "http://hl7.org/fhir/sid/icd-10-cm"
 

@@ -5,9 +5,6 @@ from typing import Any
 
 import pytest
 
-from medblocks_pipelines.lib.errors import ConfigError
-from medblocks_pipelines.sandbox.auth import narrow_scopes, parse_scope
-from medblocks_pipelines.sandbox.run import start_sandbox
 from medblocks_pipelines_tests.sandbox_servers.fixture_data import FakePopulation
 from medblocks_pipelines_tests.sandbox_servers.helpers import (
     JWT_BEARER,
@@ -23,6 +20,9 @@ from medblocks_pipelines_tests.sandbox_servers.helpers import (
     register_public,
     standalone_token,
 )
+from medblocks_sandbox.auth import narrow_scopes, parse_scope
+from medblocks_sandbox.errors import SandboxConfigError
+from medblocks_sandbox.run import start_sandbox
 
 
 @pytest.mark.parametrize(
@@ -199,17 +199,17 @@ def test_confidential_only_server_refuses_public_clients(payer: Server) -> None:
 
 
 def test_unknown_role_is_refused() -> None:
-    with pytest.raises(ConfigError, match="unknown sandbox roles"):
+    with pytest.raises(SandboxConfigError, match="unknown sandbox roles"):
         start_sandbox(base_port=0, population=object(), roles=["spaceship"])
 
 
 def test_busy_port_is_a_clear_config_error() -> None:
-    from medblocks_pipelines.sandbox.run import bind_socket
+    from medblocks_sandbox.run import bind_socket
 
     busy = bind_socket("127.0.0.1", 0)
     try:
         port = busy.getsockname()[1]
-        with pytest.raises(ConfigError, match=f"127.0.0.1:{port}") as err:
+        with pytest.raises(SandboxConfigError, match=f"127.0.0.1:{port}") as err:
             start_sandbox(base_port=port, population=FakePopulation(), roles=["ehr"])
         assert err.value.hint and "--port" in err.value.hint
     finally:
@@ -229,7 +229,7 @@ def test_busy_port_is_a_clear_config_error() -> None:
 def test_admin_guard_checks_the_socket_peer(peer: tuple | None, loopback: bool) -> None:
     from starlette.requests import Request
 
-    from medblocks_pipelines.sandbox.ehr import _is_loopback
+    from medblocks_sandbox.ehr import _is_loopback
 
     scope: dict[str, Any] = {
         "type": "http",

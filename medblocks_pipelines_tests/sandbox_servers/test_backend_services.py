@@ -15,7 +15,6 @@ from starlette.applications import Starlette
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from medblocks_pipelines.sandbox.run import serve
 from medblocks_pipelines_tests.sandbox_servers.helpers import (
     JWT_BEARER,
     KeyPair,
@@ -24,6 +23,7 @@ from medblocks_pipelines_tests.sandbox_servers.helpers import (
     backend_token,
     make_key,
 )
+from medblocks_sandbox.run import serve
 
 
 @pytest.fixture(scope="module")

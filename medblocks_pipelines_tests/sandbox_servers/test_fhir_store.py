@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from medblocks_pipelines.lib.errors import FhirHttpError
-from medblocks_pipelines.sandbox.fhir_store import FhirStore, parse_date_range
 from medblocks_pipelines_tests.sandbox_servers.fixture_data import ehr_resources
+from medblocks_sandbox.errors import FhirHttpError
+from medblocks_sandbox.fhir_store import FhirStore, parse_date_range
 
 
 @pytest.mark.parametrize(

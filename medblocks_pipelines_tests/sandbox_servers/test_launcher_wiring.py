@@ -3,7 +3,7 @@ origin) and the bulk admin API next to the fault admin API."""
 
 import httpx
 
-from medblocks_pipelines.sandbox.run import start_sandbox
+from medblocks_sandbox.run import start_sandbox
 
 
 def test_oracle_org_gets_a_presigned_host_and_bulk_admin_is_guarded() -> None:

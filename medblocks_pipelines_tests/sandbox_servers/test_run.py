@@ -10,7 +10,6 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from medblocks_pipelines.sandbox.run import SandboxHandle, start_sandbox
 from medblocks_pipelines_tests.sandbox_servers.fixture_data import FakePopulation
 from medblocks_pipelines_tests.sandbox_servers.helpers import (
     REDIRECT,
@@ -18,6 +17,7 @@ from medblocks_pipelines_tests.sandbox_servers.helpers import (
     Server,
     standalone_token,
 )
+from medblocks_sandbox.run import SandboxHandle, start_sandbox
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +115,7 @@ def test_custom_role_sees_earlier_roles_and_mints_launches(monkeypatch: pytest.M
     from starlette.responses import JSONResponse
     from starlette.routing import Route
 
-    from medblocks_pipelines.sandbox import run
+    from medblocks_sandbox import run
 
     seen: dict = {}
 

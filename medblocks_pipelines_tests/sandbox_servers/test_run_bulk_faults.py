@@ -12,13 +12,13 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from medblocks_pipelines.sandbox.run import SandboxHandle, start_sandbox
 from medblocks_pipelines_tests.sandbox_servers.fixture_data import FakePopulation
 from medblocks_pipelines_tests.sandbox_servers.helpers import (
     Server,
     backend_token,
     make_key,
 )
+from medblocks_sandbox.run import SandboxHandle, start_sandbox
 
 
 @pytest.fixture(scope="module")

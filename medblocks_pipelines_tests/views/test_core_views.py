@@ -17,8 +17,8 @@ from medblocks_pipelines.lib.warehouse.views import (
     load_core_views,
     run_view,
 )
-from medblocks_pipelines.lib.warehouse.views.reference import evaluate_view
 from medblocks_pipelines.lib.warehouse.views.runner import _norm
+from medblocks_pipelines_tests.support.views_reference import evaluate_view
 
 from .conftest import by_id, resources_table
 
@@ -61,7 +61,7 @@ def test_core_view_equals_per_resource_evaluation(
 
 
 def test_core_views_equal_reference_on_generated_population(tmp_path: Path) -> None:
-    from medblocks_pipelines.sandbox.generator.ndjson import stream_bulk_ndjson
+    from medblocks_sandbox.generator.ndjson import stream_bulk_ndjson
 
     stream_bulk_ndjson(tmp_path, resources=2500, seed=7)
     lines = [ln for f in sorted(tmp_path.glob("*.ndjson")) for ln in f.read_text().splitlines()]

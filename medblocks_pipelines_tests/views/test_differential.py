@@ -15,9 +15,9 @@ import duckdb
 import pytest
 
 from medblocks_pipelines.lib.warehouse.views import run_view
-from medblocks_pipelines.lib.warehouse.views.reference import evaluate_view
 from medblocks_pipelines.lib.warehouse.views.runner import _norm
 from medblocks_pipelines.lib.warehouse.views.schema import PRIMITIVE_TYPES, load_schema
+from medblocks_pipelines_tests.support.views_reference import evaluate_view
 
 from .conftest import FIXTURES, resources_table
 
@@ -92,7 +92,7 @@ def test_every_leaf_path_matches_fhirpathpy(resource_type: str, paths: list[str]
 
 
 def test_every_leaf_path_of_the_generated_population(tmp_path: Path) -> None:
-    from medblocks_pipelines.sandbox.generator.ndjson import stream_bulk_ndjson
+    from medblocks_sandbox.generator.ndjson import stream_bulk_ndjson
 
     stream_bulk_ndjson(tmp_path, resources=800, seed=3)
     by_type: dict[str, list[str]] = {}

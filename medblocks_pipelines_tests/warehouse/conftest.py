@@ -18,7 +18,7 @@ import pytest
 from medblocks_pipelines.lib.settings import Settings, get_settings
 from medblocks_pipelines.lib.warehouse.build import BuildResult, build_warehouse
 from medblocks_pipelines.lib.warehouse.lake import LakeWriter, Provenance
-from medblocks_pipelines.sandbox.generator import Population, PopulationSpec, generate_population
+from medblocks_sandbox.generator import Population, PopulationSpec, generate_population
 
 TENANT = "acme"
 PATTERN_OF_ORG = {

@@ -12,8 +12,8 @@ from click.testing import CliRunner
 from medblocks_pipelines.cli import main
 from medblocks_pipelines.lib.settings import get_settings
 from medblocks_pipelines.lib.warehouse.build import build_warehouse
-from medblocks_pipelines.sandbox.generator import PopulationSpec, generate_population
 from medblocks_pipelines_tests.warehouse.conftest import TENANT, land_population
+from medblocks_sandbox.generator import PopulationSpec, generate_population
 
 
 @pytest.fixture(scope="module")

@@ -24,8 +24,8 @@ from medblocks_pipelines.defs.warehouse.sensors import (
     warehouse_on_landing_sensor,
 )
 from medblocks_pipelines.lib.settings import Settings
-from medblocks_pipelines.sandbox.generator import PopulationSpec, generate_population
 from medblocks_pipelines_tests.warehouse.conftest import TENANT, land_population
+from medblocks_sandbox.generator import PopulationSpec, generate_population
 
 BULK = "backend/bulk_resources"
 

@@ -13,7 +13,7 @@ from medblocks_pipelines.lib.warehouse.identity import (
     link_patients,
     pairwise_metrics,
 )
-from medblocks_pipelines.sandbox.generator import Population, PopulationSpec, generate_population
+from medblocks_sandbox.generator import Population, PopulationSpec, generate_population
 
 
 def _raw_from(pop: Population, orgs: list[str] | None = None) -> pl.DataFrame:

@@ -35,6 +35,6 @@ def without_stopped_sandboxes(
     kept = [r for r in requests if r.tags.get(SOURCE_TAG) not in stopped]
     context.log.info(
         f"skipped {len(requests) - len(kept)} run request(s) for sandbox source(s) "
-        f"{sorted(stopped)} whose sandbox is not running (registered by `medblocks demo`)"
+        f"{sorted(stopped)} whose sandbox is not running (registered by `medblocks-sandbox demo`)"
     )
     return kept

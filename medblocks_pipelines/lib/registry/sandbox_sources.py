@@ -1,6 +1,6 @@
 """Sources that point at the embedded sandbox, and whether that sandbox is still running.
 
-``medblocks demo`` registers its sources with ``config["sandbox"] = true``: they live on loopback
+``medblocks-sandbox demo`` registers its sources with ``config["sandbox"] = true``: they live on loopback
 ports that exist only while the demo runs. After the demo, ``make ui`` starts the daemon's
 sensors and schedules over the same registry; without this check they would launch pulls against
 ports nobody listens on (every pull failing, burying the demo's runs). A flagged source whose
