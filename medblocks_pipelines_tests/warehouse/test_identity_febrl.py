@@ -40,7 +40,12 @@ def test_febrl_patients_carry_no_identifier_unless_asked(tmp_path: Path) -> None
     assert all("gender" not in p for p in patients)
     row = {"given_name": "ann", "surname": "lee", "date_of_birth": "19081309", "soc_sec_id": "12"}
     p = febrl.febrl_patient("rec-1-org", row, with_identifier=True)
-    assert p["birthDate"] == "1908-13-09"  # garbled, kept for the linkage to compare digits
+    # Garbled: not a FHIR date, so not a birthDate (validation would quarantine the Patient);
+    # the source text travels as the originalText extension for the linkage to compare digits.
+    assert "birthDate" not in p
+    assert p["_birthDate"]["extension"] == [{"url": febrl.ORIGINAL_TEXT, "valueString": "19081309"}]
+    ok = febrl.febrl_patient("rec-2-org", {**row, "date_of_birth": "19080913"})
+    assert ok["birthDate"] == "1908-09-13" and "_birthDate" not in ok
     assert p["identifier"] == [{"system": febrl.SOC_SEC_SYSTEM, "value": "12"}]
 
 

@@ -20,6 +20,7 @@ _PATIENT_STRUCTURE = json.dumps(
         "name": [{"use": "VARCHAR", "family": "VARCHAR", "given": ["VARCHAR"]}],
         "gender": "VARCHAR",
         "birthDate": "VARCHAR",
+        "_birthDate": {"extension": [{"url": "VARCHAR", "valueString": "VARCHAR"}]},
         "address": [
             {
                 "use": "VARCHAR",
@@ -53,7 +54,12 @@ WITH p AS (
 SELECT resource_key AS patient_key, resource_id, source, pattern, organization, connection,
        fetched_at,
        nm.given[1] AS given, nm.given[2] AS middle, nm.family AS family, maiden,
-       j.gender AS gender, j.birthDate AS birth_date,
+       j.gender AS gender,
+       -- A birth date the source could not state as a FHIR date may come as the element's
+       -- originalText extension: still worth comparing digit by digit.
+       coalesce(j.birthDate, list_filter(j._birthDate.extension,
+           lambda e: e.url = 'http://hl7.org/fhir/StructureDefinition/originalText')[1].valueString)
+           AS birth_date,
        array_to_string(addr.line, ' ') AS address_line, addr.city AS city,
        addr.postalCode AS postal_code,
        list_filter(j.telecom, lambda t: t.system = 'phone')[1].value AS phone,

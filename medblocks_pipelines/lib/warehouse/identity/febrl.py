@@ -8,17 +8,25 @@ swapped, missing and garbled fields: 1,000 records with 500 duplicate pairs, 5,0
 Each record becomes a Patient (``id`` the FEBRL ``rec_id``): ``given_name``/``surname`` a name,
 ``street_number`` + ``address_1`` and ``address_2`` the address lines, ``suburb`` the city,
 ``postcode``, ``state``, ``date_of_birth`` (``YYYYMMDD``, possibly garbled) the birth date as
-``YYYY-MM-DD`` when it has eight digits (kept as is otherwise). ``soc_sec_id`` is an identifier: it is
+``YYYY-MM-DD`` when that is a valid FHIR date. A garbled one (month 13, day 00, seven digits) is not:
+as a FHIR source would, it stays out of ``birthDate`` and travels as the element's standard
+``originalText`` extension (``_birthDate``), which identity still compares digit by digit. ``soc_sec_id`` is an identifier: it is
 written only with ``with_identifier=True``, since linking on it would not measure demographics.
 There is no gender, phone or e-mail in FEBRL.
 """
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from medblocks_pipelines.lib.fhir.validate import PRIMITIVE_REGEX
+
 FEBRL_SETS = ("febrl1", "febrl2", "febrl3")
+#: The core extension for an element's text as the source presented it (R4 extension registry).
+ORIGINAL_TEXT = "http://hl7.org/fhir/StructureDefinition/originalText"
+_FHIR_DATE = re.compile(PRIMITIVE_REGEX["date"], re.ASCII)
 SOC_SEC_SYSTEM = "urn:febrl:soc_sec_id"
 
 
@@ -55,7 +63,11 @@ def febrl_patient(
         patient["address"] = [address]
     dob = _text(row.get("date_of_birth"))
     if dob:
-        patient["birthDate"] = f"{dob[:4]}-{dob[4:6]}-{dob[6:8]}" if len(dob) == 8 else dob
+        iso = f"{dob[:4]}-{dob[4:6]}-{dob[6:8]}" if len(dob) == 8 else dob
+        if _FHIR_DATE.fullmatch(iso):
+            patient["birthDate"] = iso
+        else:
+            patient["_birthDate"] = {"extension": [{"url": ORIGINAL_TEXT, "valueString": dob}]}
     ssn = _text(row.get("soc_sec_id"))
     if with_identifier and ssn:
         patient["identifier"] = [{"system": SOC_SEC_SYSTEM, "value": ssn}]
