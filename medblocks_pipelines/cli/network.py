@@ -57,7 +57,14 @@ def run_network_sync(
     from medblocks_pipelines.lib.partitions import partition_key
 
     tenant_row = cp.get_tenant(tenant)
-    net = network_config(cp, network, tenant_row.get("settings") or {}).id
+    tsettings = tenant_row.get("settings") or {}
+    if transport == "fhir":
+        # A Facilitated FHIR network needs no IHE gateways: resolve it as the FHIR path does.
+        from medblocks_pipelines.lib.network.facilitated import facilitated_config
+
+        net = facilitated_config(cp, network, tsettings).network
+    else:
+        net = network_config(cp, network, tsettings).id
     result = run_job(
         "network_query_job",
         partition_key=partition_key(tenant, net),
