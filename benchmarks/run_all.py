@@ -23,6 +23,7 @@ BENCHMARKS: dict[str, tuple[list[str], list[str]]] = {
     "views": (["--resources", "200000", "--sample", "500"], ["--resources", "1000000"]),
     "bulk_ingest": (["--resources", "200000"], ["--resources", "1000000"]),
     "bulk_download": (["--resources", "200000"], ["--resources", "1000000"]),
+    "bulk_download_race": (["--resources", "38483", "--rounds", "1"], ["--resources", "38483"]),
     "patient_access": (["--connections", "40"], ["--connections", "1000"]),
     "ccda": (["--size", "100"], ["--size", "500"]),
     "identity": (["--patients", "20000"], ["--patients", "100000"]),
