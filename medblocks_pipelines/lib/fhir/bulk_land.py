@@ -4,6 +4,7 @@ watermark moves and the export is deleted on the server."""
 
 import concurrent.futures as cf
 import json
+import os
 import queue
 import shutil
 import threading
@@ -392,6 +393,8 @@ class _Batches:
         self._lock = threading.Lock()
         self._writers: queue.Queue[LakeWriter] = queue.Queue()
         self._all = [writer.sibling() for _ in range(max(1, workers))]
+        for w in self._all:  # the workers share the cores (fewer threads: less memory too)
+            w.landing_threads = max(1, (os.cpu_count() or 2) // len(self._all))
         for w in self._all:
             self._writers.put(w)
         self._pool = cf.ThreadPoolExecutor(

@@ -263,6 +263,8 @@ class LakeWriter:
         self.prov = provenance
         self.batch_rows = batch_rows
         self.max_line_bytes = max_line_bytes
+        #: DuckDB threads of a fast-path landing (None: DuckDB's default, every core).
+        self.landing_threads: int | None = None
         # FHIR validation at the door; off only for the ingest benchmark's baseline and for
         # tests that need a lake landed before the checks existed.
         self.validate = os.environ.get("MEDBLOCKS_BENCH_SKIP_VALIDATION") != "1"
@@ -430,7 +432,7 @@ class LakeWriter:
         scratch = Path(tempfile.mkdtemp(prefix="medblocks-landing-"))
         con = duckdb.connect()
         try:
-            configure_landing(con, scratch)
+            configure_landing(con, scratch, self.landing_threads)
             chunks = split_ndjson(path, scratch, chunk_bytes())
             if chunks is None:  # a gzip stream that ends early: line by line
                 self._add_lines_slow(path, origin, expected_type)

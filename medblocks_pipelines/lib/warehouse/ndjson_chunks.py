@@ -56,14 +56,16 @@ def chunk_bytes() -> int:
     return max(1 << 20, min(MAX_CHUNK_BYTES, memory_limit_bytes() // 8))
 
 
-def configure(con: duckdb.DuckDBPyConnection, scratch: Path) -> None:
-    """Settings of one landing connection: bounded memory, a place to spill, thread count."""
+def configure(con: duckdb.DuckDBPyConnection, scratch: Path, threads: int | None = None) -> None:
+    """Settings of one landing connection: bounded memory, a place to spill, thread count
+    (``MEDBLOCKS_LANDING_THREADS``, else ``threads``: parallel landing workers share the cores,
+    else DuckDB's default)."""
     con.execute("SET preserve_insertion_order=false")
     con.execute(f"SET memory_limit='{LANDING_MEMORY_LIMIT}'")
     con.execute(f"SET temp_directory='{str(scratch).replace(chr(39), chr(39) * 2)}'")
-    threads = os.environ.get("MEDBLOCKS_LANDING_THREADS")
-    if threads:
-        con.execute(f"SET threads={int(threads)}")
+    given = os.environ.get("MEDBLOCKS_LANDING_THREADS")
+    if given or threads:
+        con.execute(f"SET threads={int(given or threads or 1)}")
 
 
 @dataclass(frozen=True)
