@@ -3,6 +3,10 @@ chunks (lib/warehouse/ndjson_chunks.py), exact counts, conflicting duplicates fo
 chunks, record numbers and line numbers file-wide. Behaviour, not timing."""
 
 import gzip
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import duckdb
@@ -57,15 +61,40 @@ def _lines_with_conflicts() -> list[str]:
     return lines
 
 
-def test_big_file_lands_in_chunks_under_a_tiny_memory_limit(
-    tmp_path: Path, tiny_memory: None
-) -> None:
+LAND = """
+import json, sys
+from medblocks_pipelines.lib.warehouse.lake import LakeWriter, Provenance
+with LakeWriter(sys.argv[1], Provenance("acme", "backend", "s", None, None, "r1")) as w:
+    w.add_ndjson_file(sys.argv[2], origin="f", expected_type="Observation")
+print(json.dumps(w.stats.as_metadata()))
+"""
+
+
+def test_big_file_lands_under_a_tiny_memory_limit(tmp_path: Path) -> None:
+    # In a child process: the limit is read from the environment at import, as in production.
     path = _write(tmp_path / "Observation.ndjson", _lines_with_conflicts())
-    assert path.stat().st_size > ndjson_chunks.chunk_bytes() * 3  # several chunks
-    w, rows = _land(tmp_path, path)
-    assert w.stats.counts_by_type == {"Observation": N + 1}
-    assert w.stats.quarantined == 2
-    assert w.stats.quarantine_reasons == {"conflicting_duplicate": 2}
+    env = {**os.environ, "MEDBLOCKS_LANDING_MEMORY_LIMIT": "64MB"}
+    env.pop("MEDBLOCKS_LANDING_CHUNK_BYTES", None)
+    lake = tmp_path / "lake"
+    out = subprocess.run(
+        [sys.executable, "-c", LAND, str(lake), str(path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    md = json.loads(out.stdout.strip().splitlines()[-1])
+    assert md["by_type"] == {"Observation": N + 1}
+    assert md["quarantined"] == 2
+    assert md["quarantine_reasons"] == {"conflicting_duplicate": 2}
+    rows = (
+        duckdb.connect()
+        .execute(
+            "SELECT resource_id, origin FROM read_parquet(?) ORDER BY resource_id",
+            [str(lake / "resources" / "**" / "*.parquet")],
+        )
+        .fetchall()
+    )
     assert len(rows) == N + 1
     assert len({rid for rid, _ in rows}) == N
     # Every row took the fast path (record numbers, '#'), numbered file-wide.
