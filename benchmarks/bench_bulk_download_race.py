@@ -26,6 +26,7 @@ import argparse
 import asyncio
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -70,8 +71,15 @@ def _rss_kib(pid: int) -> int:
     return 0
 
 
-def run_measured(cmd: list[str], env: dict[str, str]) -> tuple[float, float, str]:
-    """Run ``cmd``; returns wall seconds, peak RSS of its process tree (MiB) and its stdout."""
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_measured(cmd: list[str], env: dict[str, str]) -> tuple[float, float, float, str]:
+    """Run ``cmd``; returns wall seconds, peak RSS of its process tree (MiB), its CPU seconds
+    (user + system of the tree: steadier than wall time on a shared machine) and its stdout."""
+    cpu0 = _children_cpu()
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     peak = 0
@@ -92,7 +100,7 @@ def run_measured(cmd: list[str], env: dict[str, str]) -> tuple[float, float, str
     if proc.returncode != 0:
         sys.stderr.write(err.decode(errors="replace")[-4000:])
         raise RuntimeError(f"{cmd[1:4]} exited {proc.returncode}")
-    return wall, peak / 1024, out.decode(errors="replace")
+    return wall, peak / 1024, _children_cpu() - cpu0, out.decode(errors="replace")
 
 
 # -- the baseline downloader (child process) --------------------------------------------------
@@ -204,20 +212,21 @@ def register_baseline(base: str, work: Path) -> Path:
 def ours_round(cp: Any, env: dict[str, str]) -> dict[str, float]:
     cmd = [sys.executable, "-m", "medblocks_pipelines.cli", "sync", "backend"]
     cmd += ["--tenant", "bench", "--org", "bench-org", "--full"]
-    wall, rss, _ = run_measured(cmd, env)
+    wall, rss, cpu, _ = run_measured(cmd, env)
     row = cp.list_bulk_exports(tenant_id="bench", organization_id="bench-org")[-1]
     assert row["status"] == "completed", row["status"]
     span = (row["updated_at"] - row["kicked_off_at"]).total_seconds()
-    return {"kickoff_to_landed": span, "whole": wall, "rss": rss, "landed": row["counts"]["landed"]}
+    landed = row["counts"]["landed"]
+    return {"kickoff_to_landed": span, "whole": wall, "rss": rss, "cpu": cpu, "landed": landed}
 
 
 def baseline_round(base: str, key: Path, work: Path, parallel: int, env: dict[str, str]) -> Any:
     out = work / "baseline-out"
     cmd = [sys.executable, __file__, "--baseline", base, str(key), str(out), str(parallel)]
-    wall, rss, stdout = run_measured(cmd, env)
+    wall, rss, cpu, stdout = run_measured(cmd, env)
     shutil.rmtree(out, ignore_errors=True)
     md = json.loads(stdout.strip().splitlines()[-1])
-    return {**md, "whole": wall, "rss": rss}
+    return {**md, "whole": wall, "rss": rss, "cpu": cpu}
 
 
 def main() -> None:
@@ -227,6 +236,9 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json-out", help="Write the figures as JSON to this path.")
+    parser.add_argument(
+        "--code", help="Race the CLI of another checkout (e.g. main, for a before/after)."
+    )
     parser.add_argument("--keep", action="store_true", help="Keep the work folder.")
     parser.add_argument("--baseline", nargs=4, help=argparse.SUPPRESS)
     parser.add_argument("--generate", nargs=3, help=argparse.SUPPRESS)
@@ -251,9 +263,8 @@ def main() -> None:
         key = register_baseline(base, work)
         env = {k: v for k, v in os.environ.items() if k != "DAGSTER_HOME"}
         env["MEDBLOCKS_DATA_DIR"] = str(work / "data")
-        env["PYTHONPATH"] = os.pathsep.join(
-            [str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")]
-        )
+        code = args.code or str(Path(__file__).resolve().parents[1])
+        env["PYTHONPATH"] = os.pathsep.join([code, env.get("PYTHONPATH", "")])
         ours: list[dict[str, float]] = []
         theirs: list[dict[str, Any]] = []
         for n in range(args.rounds):  # alternate, the other one first every other round
@@ -293,6 +304,9 @@ def report(args: Any, ours: list[dict[str, float]], theirs: list[dict[str, Any]]
     print(f"ours beyond kick-off -> landed {startup:.2f} s (target <= {TARGET_STARTUP_S})")
     print(f"peak RSS (tree)    : ours {o_rss:6.0f} MiB baseline {t_rss:6.0f} MiB ", end="")
     print(f"(target <= {TARGET_RSS_MIB:.0f})")
+    o_cpu = min(o["cpu"] for o in ours)
+    t_cpu = min(t["cpu"] for t in theirs)
+    print(f"CPU s (tree)       : ours {o_cpu:6.2f} s   baseline {t_cpu:6.2f} s")
     if args.json_out:
         figures = {
             "bulk_download_race": {
@@ -308,6 +322,8 @@ def report(args: Any, ours: list[dict[str, float]], theirs: list[dict[str, Any]]
                 "baseline_whole_command_s": round(t_whole, 3),
                 "startup_s": round(startup, 3),
                 "baseline_peak_rss_mib": round(t_rss, 1),
+                "cpu_s": round(o_cpu, 2),
+                "baseline_cpu_s": round(t_cpu, 2),
                 "resources": args.resources,
             }
         }
