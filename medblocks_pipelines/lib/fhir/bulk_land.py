@@ -4,7 +4,6 @@ watermark moves and the export is deleted on the server."""
 
 import concurrent.futures as cf
 import json
-import os
 import queue
 import shutil
 import threading
@@ -365,7 +364,7 @@ def _current_manifest(
 #: Small plain files of one type are appended into a batch of up to this size before landing:
 #: each landing has a fixed cost, and servers such as HAPI write ~1000 resources per file. A
 #: type's batch also lands as soon as its last file is in, so landing overlaps the downloads.
-COALESCE_BYTES = 16 << 20
+COALESCE_BYTES = 64 << 20
 
 
 class _Batches:
@@ -393,8 +392,6 @@ class _Batches:
         self._lock = threading.Lock()
         self._writers: queue.Queue[LakeWriter] = queue.Queue()
         self._all = [writer.sibling() for _ in range(max(1, workers))]
-        for w in self._all:  # the workers share the cores (fewer threads: less memory too)
-            w.landing_threads = max(1, (os.cpu_count() or 2) // len(self._all))
         for w in self._all:
             self._writers.put(w)
         self._pool = cf.ThreadPoolExecutor(
@@ -431,6 +428,8 @@ class _Batches:
             origin = f"{self.export_id}/{Path(urlsplit(got.url).path).name}"
             self.land_file(got.path, rtype, origin, remove=True)
             return
+        if rtype in self.open and self.open[rtype][2] + got.bytes > self.limit:
+            self.flush(rtype)  # a batch stays within one landing chunk (no split)
         if rtype not in self.open:
             self.serial += 1
             path = self.work / f"batch-{self.serial:05d}.ndjson"

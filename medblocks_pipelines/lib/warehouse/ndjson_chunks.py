@@ -41,9 +41,8 @@ def memory_limit_bytes(limit: str | None = None) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
-#: Chunks above this size land no faster (DuckDB's per-pass cost is small beside 16 MB of JSON)
-#: but hold more memory: two landing workers with 64 MB chunks peak ~150 MB higher.
-MAX_CHUNK_BYTES = 16 << 20
+#: The bulk landing's batch size (``bulk_land.COALESCE_BYTES``): batches land in one pass.
+MAX_CHUNK_BYTES = 64 << 20
 
 
 def chunk_bytes() -> int:
