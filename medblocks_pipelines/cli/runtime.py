@@ -151,16 +151,17 @@ def run_job(
     run_config: dict[str, Any] | None = None,
     tags: Mapping[str, str] | None = None,
     instance: dg.DagsterInstance | None = None,
+    definitions: dg.Definitions | None = None,
 ) -> dg.ExecuteInProcessResult:
     """Execute ``job_name`` for one partition once the instance's run limits allow it; raise if
-    it failed."""
+    it failed. ``definitions``: already loaded ones (a command running several jobs loads once)."""
     from medblocks_pipelines.cli.admission import admitted
     from medblocks_pipelines.cli.core import control_plane as open_cp
     from medblocks_pipelines.cli.run_errors import check_partition, echo_run_warnings, run_failure
 
     instance = instance or get_instance()
     sync_registry_partitions(instance)
-    definitions = load_definitions()
+    definitions = definitions or load_definitions()
     try:
         job = definitions.resolve_job_def(job_name)
     except dg.DagsterInvariantViolationError as exc:

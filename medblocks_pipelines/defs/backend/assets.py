@@ -14,6 +14,7 @@ from medblocks_pipelines.defs.shared.summaries import landing_metadata
 from medblocks_pipelines.lib.errors import ConfigError, TransientError
 from medblocks_pipelines.lib.fhir.bulk import clamp_wait
 from medblocks_pipelines.lib.fhir.bulk_sync import (
+    KickoffResult,
     in_flight_export,
     kickoff_export,
     land_export,
@@ -30,6 +31,11 @@ class KickoffConfig(dg.Config):
     full: bool = False
     since: str = ""
     patients: list[str] = []
+    #: An export ``medblocks sync backend`` already kicked off before Dagster loaded: the run
+    #: records it (``reused``, ``warnings``: what the kick-off said) instead of starting one.
+    export_id: str = ""
+    reused: bool = False
+    warnings: list[str] = []
 
 
 class LandConfig(dg.Config):
@@ -53,21 +59,10 @@ def bulk_export(
 ) -> dg.MaterializeResult:
     """Kick off (or reuse the organization's in-flight export) and report what was asked."""
     tenant, org_id = split_partition_key(context.partition_key)
-    if config.since:
-        set_since(platform.control_plane, tenant, org_id, config.since)
-    try:
-        result = kickoff_export(
-            platform.control_plane,
-            tenant,
-            org_id,
-            full=config.full,
-            run_id=context.run_id,
-            patients=tuple(config.patients),
-        )
-    except TransientError as exc:
-        # 429 (one export at a time) or 5xx: retry the step after the server's Retry-After.
-        wait = clamp_wait(exc.retry_after, 30.0, lo=5.0, hi=600.0)
-        raise dg.RetryRequested(max_retries=3, seconds_to_wait=wait) from exc
+    if config.export_id:
+        result = _kicked_off_by_cli(platform, config, context.run_id)
+    else:
+        result = _kick_off(context, config, platform, tenant, org_id)
     for warning in result.warnings:
         context.log.warning(warning)
     if result.reused:
@@ -82,6 +77,40 @@ def bulk_export(
             "adaptations": dg.MetadataValue.json(list(result.warnings)),
         }
     )
+
+
+def _kick_off(
+    context: dg.AssetExecutionContext,
+    config: KickoffConfig,
+    platform: PlatformResource,
+    tenant: str,
+    org_id: str,
+) -> KickoffResult:
+    if config.since:
+        set_since(platform.control_plane, tenant, org_id, config.since)
+    try:
+        return kickoff_export(
+            platform.control_plane,
+            tenant,
+            org_id,
+            full=config.full,
+            run_id=context.run_id,
+            patients=tuple(config.patients),
+        )
+    except TransientError as exc:
+        # 429 (one export at a time) or 5xx: retry the step after the server's Retry-After.
+        wait = clamp_wait(exc.retry_after, 30.0, lo=5.0, hi=600.0)
+        raise dg.RetryRequested(max_retries=3, seconds_to_wait=wait) from exc
+
+
+def _kicked_off_by_cli(
+    platform: PlatformResource, config: KickoffConfig, run_id: str
+) -> KickoffResult:
+    """The export the CLI kicked off: recorded by this run (a new one is linked to it)."""
+    row = platform.control_plane.get_bulk_export(config.export_id)
+    if not config.reused:
+        platform.control_plane.update_bulk_export(config.export_id, run_id=run_id)
+    return KickoffResult(config.export_id, config.reused, row.get("since"), tuple(config.warnings))
 
 
 @dg.asset(

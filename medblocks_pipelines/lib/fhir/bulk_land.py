@@ -362,7 +362,8 @@ def _current_manifest(
 
 
 #: Small plain files of one type are appended into a batch of up to this size before landing:
-#: each landing has a fixed cost, and servers such as HAPI write ~1000 resources per file.
+#: each landing has a fixed cost, and servers such as HAPI write ~1000 resources per file. A
+#: type's batch also lands as soon as its last file is in, so landing overlaps the downloads.
 COALESCE_BYTES = 64 << 20
 
 
@@ -419,11 +420,16 @@ class _Batches:
             cf.wait(self._futures, return_when=cf.FIRST_COMPLETED)
         self._futures.append(self._pool.submit(self._land, path, rtype, origin, remove))
 
-    def add(self, got: DownloadResult, rtype: str) -> None:
-        if got.gzip:
+    def add(self, got: DownloadResult, rtype: str, *, last: bool = False) -> None:
+        """Take a downloaded file of ``rtype``; ``last``: the type's last file in the manifest
+        (its batch lands now, while other files still download)."""
+        if got.gzip or (rtype not in self.open and got.bytes >= self.limit):
+            # Big enough alone (or compressed): landed as downloaded, no copy into a batch.
             origin = f"{self.export_id}/{Path(urlsplit(got.url).path).name}"
             self.land_file(got.path, rtype, origin, remove=True)
             return
+        if rtype in self.open and self.open[rtype][2] + got.bytes > self.limit:
+            self.flush(rtype)  # a batch stays within one landing chunk (no split)
         if rtype not in self.open:
             self.serial += 1
             path = self.work / f"batch-{self.serial:05d}.ndjson"
@@ -438,7 +444,7 @@ class _Batches:
         got.path.unlink(missing_ok=True)
         size += got.bytes
         self.open[rtype] = (path, fh, size)
-        if size >= self.limit:
+        if size >= self.limit or last:
             self.flush(rtype)
 
     def flush(self, rtype: str) -> None:
@@ -493,6 +499,8 @@ def _download_and_land(
     failures: list[str] = []
     expired: list[ExportExpired] = []
     batches = _Batches(writer, work, report.export_id, received, workers=cfg.land_workers)
+    # Output files still to come per type: a type's batch lands once its last file is in.
+    to_come = Counter(item.type or "(by patient)" for item in items if item.kind == "output")
     try:
         with cf.ThreadPoolExecutor(
             max_workers=cfg.max_parallel, thread_name_prefix="bulk-dl"
@@ -527,7 +535,9 @@ def _download_and_land(
                         attachment_urls.extend(
                             attachment_refs(got.path, got.gzip, cfg.fhir_base_url)
                         )
-                    batches.add(got, item.type or "(by patient)")  # the batch owns the file
+                    rtype = item.type or "(by patient)"
+                    to_come[rtype] -= 1
+                    batches.add(got, rtype, last=not to_come[rtype])  # the batch owns the file
                 elif item.kind == "deleted":
                     _land_deleted(got, writer, manifest.transaction_time, origin)
                 else:

@@ -47,6 +47,16 @@ from medblocks_pipelines.lib.storage import (
     open_fs,
     storage_error,
 )
+from medblocks_pipelines.lib.warehouse.ndjson_chunks import (
+    LANDING_MEMORY_LIMIT,  # noqa: F401 (re-exported: where it was)
+    SEEN_SQL,
+    Chunk,
+    chunk_bytes,
+    flag_seen_conflicts,
+    remember,
+)
+from medblocks_pipelines.lib.warehouse.ndjson_chunks import configure as configure_landing
+from medblocks_pipelines.lib.warehouse.ndjson_chunks import split as split_ndjson
 from medblocks_pipelines.lib.warehouse.ndjson_lines import MAX_LINE_BYTES, read_lines
 from medblocks_pipelines.lib.warehouse.ndjson_sql import (
     conflict_text,
@@ -100,10 +110,6 @@ QUARANTINE_SCHEMA = pa.schema(
         ("network_query_id", pa.string()),
     ]
 )
-
-# DuckDB memory per landing connection: files are landed one at a time, so RSS stays bounded
-# whatever the export size (DuckDB spills beyond it).
-LANDING_MEMORY_LIMIT = os.environ.get("MEDBLOCKS_LANDING_MEMORY_LIMIT", "512MB")
 
 # Quarantined raw payloads are capped: enough to diagnose, not a way to fill the disk.
 MAX_RAW_CHARS = 1_000_000
@@ -281,6 +287,8 @@ class LakeWriter:
         self.prov = provenance
         self.batch_rows = batch_rows
         self.max_line_bytes = max_line_bytes
+        #: DuckDB threads of a fast-path landing (None: DuckDB's default, every core).
+        self.landing_threads: int | None = None
         # FHIR validation at the door; off only for the ingest benchmark's baseline and for
         # tests that need a lake landed before the checks existed.
         self.validate = os.environ.get("MEDBLOCKS_BENCH_SKIP_VALIDATION") != "1"
@@ -431,7 +439,9 @@ class LakeWriter:
         every element the FHIR checks read in one multi-path ``json_extract``, evaluates the checks
         (``validate.valid_sql``) into a temporary table, and writes the Parquet files from it.
         Rows of another type than ``expected_type`` (the type the file holds, when known) are
-        quarantined. A file DuckDB cannot read whole (malformed lines, bytes that are not UTF-8, a
+        quarantined. A file larger than the chunk size (a share of ``LANDING_MEMORY_LIMIT``) is
+        landed chunk by chunk (``ndjson_chunks``), so no file size runs out of memory. A file
+        (chunk) DuckDB cannot read whole (malformed lines, bytes that are not UTF-8, a
         truncated gzip) falls back to a line-by-line pass, so every bad line is quarantined with
         its line number and reason and every good one still lands.
         """
@@ -443,27 +453,54 @@ class LakeWriter:
             # The scope check reads each resource's references: the line-by-line path does it.
             self._add_lines_slow(path, origin, expected_type)
             return
+        scratch = Path(tempfile.mkdtemp(prefix="medblocks-landing-"))
         con = duckdb.connect()
         try:
-            con.execute("SET preserve_insertion_order=false")
-            con.execute(f"SET memory_limit='{LANDING_MEMORY_LIMIT}'")
-            try:
-                con.execute(rows_sql(path, self.max_line_bytes, self.validate, expected_type))
-            except duckdb.Error:
-                # Unreadable as a whole (e.g. a gzip stream that ends early): line by line.
+            configure_landing(con, scratch, self.landing_threads)
+            chunks = split_ndjson(path, scratch, chunk_bytes())
+            if chunks is None:  # a gzip stream that ends early: line by line
                 self._add_lines_slow(path, origin, expected_type)
                 return
-            bad = con.execute("SELECT count(*) FROM rows WHERE raw IS NULL").fetchone()
-            if bad and bad[0]:
-                con.execute("DROP TABLE rows")
-                self._add_lines_slow(path, origin, expected_type)
-                return
-            if self.validate:
-                explain_rejected(con, expected_type)
-            flag_conflicts(con)
-            self._copy_fast(con, origin)
+            if len(chunks) > 1:
+                con.execute(SEEN_SQL)
+            records = 0
+            for chunk in chunks:
+                records += self._land_chunk(con, chunk, origin, expected_type, records, len(chunks))
+                if chunk.owned:
+                    chunk.path.unlink()
         finally:
             con.close()
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    def _land_chunk(
+        self,
+        con: duckdb.DuckDBPyConnection,
+        chunk: Chunk,
+        origin: str,
+        expected_type: str | None,
+        first: int,
+        of: int,
+    ) -> int:
+        """Land one chunk of a file through DuckDB; returns how many records it held."""
+        sql = rows_sql(chunk.path, self.max_line_bytes, self.validate, expected_type, first)
+        try:
+            con.execute(sql)
+        except duckdb.Error:
+            # Unreadable as a whole (e.g. a gzip stream that ends early): line by line.
+            return self._add_lines_slow(chunk.path, origin, expected_type, chunk.first_line)
+        got = con.execute("SELECT count(*), count(*) FILTER (raw IS NULL) FROM rows").fetchone()
+        if got and got[1]:
+            con.execute("DROP TABLE rows")
+            return self._add_lines_slow(chunk.path, origin, expected_type, chunk.first_line)
+        if self.validate:
+            explain_rejected(con, expected_type)
+        if of > 1:  # conflicts with earlier chunks' first versions, then within the chunk
+            flag_seen_conflicts(con)
+        flag_conflicts(con)
+        if of > 1:
+            remember(con)
+        self._copy_fast(con, origin)
+        return int(got[0]) if got else 0
 
     # -- internals -----------------------------------------------------------------------------
     def _conflict_reason(self, obj: dict[str, Any], text: str) -> str | None:
@@ -478,11 +515,17 @@ class LakeWriter:
             return None
         return conflict_text(rtype, rid, vid)
 
-    def _add_lines_slow(self, path: Path, origin: str, expected_type: str | None = None) -> None:
+    def _add_lines_slow(
+        self, path: Path, origin: str, expected_type: str | None = None, first_line: int = 0
+    ) -> int:
+        """Line by line (``first_line``: lines of the file before this chunk); returns the lines
+        read."""
         self._seen = {}
+        lines = 0
         try:
             for line in read_lines(path, max_line=self.max_line_bytes, keep=MAX_RAW_CHARS):
-                where = f"{origin}:{line.lineno}"
+                lines = line.lineno
+                where = f"{origin}:{line.lineno + first_line}"
                 if line.problem is None:
                     self.add(line.data, origin=where, expected_type=expected_type)
                     continue
@@ -499,6 +542,7 @@ class LakeWriter:
                 self.quarantine(line.data, line.problem, origin=where)
         finally:
             self._seen = None
+        return lines
 
     def _copy_fast(self, con: duckdb.DuckDBPyConnection, origin: str) -> None:
         p = self.prov

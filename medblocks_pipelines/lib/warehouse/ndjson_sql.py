@@ -20,8 +20,11 @@ def _sql_str(value: str) -> str:
     return value.replace("'", "''")
 
 
-def rows_sql(path: Path, max_line_bytes: int, validate_: bool, expected_type: str | None) -> str:
-    """The statement that creates ``rows`` from one NDJSON file (each line parsed once)."""
+def rows_sql(
+    path: Path, max_line_bytes: int, validate_: bool, expected_type: str | None, first: int = 0
+) -> str:
+    """The statement that creates ``rows`` from one NDJSON file (each line parsed once); record
+    numbers start after ``first`` (the records of a file's earlier chunks)."""
     # json_extract gives JSON texts: a string starts with '"'; anything else (a number,
     # an object, null) is as unusable for resourceType/id as no value. ->> '$' unquotes.
     paths = ["$.resourceType", "$.id", "$.meta.versionId", "$.meta.lastUpdated"]
@@ -52,7 +55,7 @@ def rows_sql(path: Path, max_line_bytes: int, validate_: bool, expected_type: st
             FROM (
                 -- VARCHAR[]: the JSON text of each value (checks never re-parse it)
                 SELECT json::VARCHAR AS raw, json_extract(json, {paths!r})::VARCHAR[] AS f,
-                       row_number() OVER () AS recno
+                       row_number() OVER () + {int(first)} AS recno
                 FROM read_ndjson_objects('{_sql_str(str(path))}', ignore_errors=true)
             )
         )

@@ -1,0 +1,51 @@
+"""``medblocks sync backend`` kicks off before Dagster loads (issue 17): the export request goes
+out first and the kick-off run records that export; if that early kick-off fails, the run kicks
+off itself (its retries, its failure record) as before. Against the sandbox EHR."""
+
+import dagster as dg
+from click.testing import CliRunner
+
+from .conftest import TENANT, Env
+
+ORG = "mercy-general"
+
+
+def _kickoff_run(instance: dg.DagsterInstance) -> dg.RunRecord:
+    (record,) = instance.get_run_records(dg.RunsFilter(job_name="backend_kickoff_job"))
+    return record
+
+
+def _sync() -> str:
+    from medblocks_pipelines.cli import main
+
+    out = CliRunner().invoke(main, ["sync", "backend", "--tenant", TENANT, "--org", ORG])
+    assert out.exit_code == 0, out.output
+    return out.output
+
+
+def test_export_is_kicked_off_before_the_run_and_recorded_by_it(
+    env: Env, live_defs_state: object
+) -> None:
+    env.add_org(ORG, org_config={"types": ["Patient", "Condition"]})
+    assert "status success" in _sync()
+    (row,) = env.cp.list_bulk_exports(tenant_id=TENANT)
+    assert row["status"] == "completed"
+    record = _kickoff_run(dg.DagsterInstance.get())
+    assert row["kicked_off_at"].timestamp() < record.start_time  # before the run began
+    assert row["run_id"] != record.dagster_run.run_id  # the land run took it over
+    mats = dg.DagsterInstance.get().fetch_materializations(
+        dg.AssetKey(["backend", "bulk_export"]), limit=1
+    )
+    md = mats.records[0].asset_materialization.metadata  # type: ignore[union-attr]
+    assert md["export_id"].value == row["id"]
+    assert md["reused_in_flight"].value is False
+
+
+def test_a_failed_early_kickoff_is_left_to_the_run(env: Env, live_defs_state: object) -> None:
+    ehr = env.add_org(ORG, org_config={"types": ["Patient"]})
+    ehr.faults.add("error_burst", path=r"\$export", count=1, status=503)
+    assert "status success" in _sync()
+    (row,) = env.cp.list_bulk_exports(tenant_id=TENANT)
+    assert row["status"] == "completed"
+    record = _kickoff_run(dg.DagsterInstance.get())
+    assert row["kicked_off_at"].timestamp() > record.start_time  # kicked off by the run
