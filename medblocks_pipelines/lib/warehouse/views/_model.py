@@ -177,7 +177,7 @@ class _Ctx:
     focus: _Val
     root: _Val
     row_index: str
-    # forEach element variables -> the same element in the fine-scale parse (exact decimals)
+    # forEach element variables -> the same element in the text parse (exact decimals)
     shadow: tuple[tuple[str, str], ...] = ()
 
 

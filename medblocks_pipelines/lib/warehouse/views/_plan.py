@@ -274,16 +274,16 @@ class _Compiler(_Functions):
     ) -> tuple[OutputColumn, str]:
         """``<name>_text``: the decimal's exact text (see :mod:`.exact_decimals`)."""
         v = self.expr(fp.parse(str(col["path"])), ctx)
-        fine = None
+        source = None
         if v.decimal_text is not None and v.decimal_leaf is not None:
             raw = self.single(replace(v, sql=v.decimal_text), f"column {out.name}")
-            fine = exact.shadow(raw, ctx.shadow)
-            self.shadow_used = self.shadow_used or fine is not None
+            source = exact.shadow(raw, ctx.shadow)
+            self.shadow_used = self.shadow_used or source is not None
         name = out.name + exact.TEXT_SUFFIX
         text = OutputColumn(
             name, "VARCHAR", "string", False, f"exact decimal text of {out.name}", out.path
         )
-        return text, exact.text_sql(sql, fine)
+        return text, exact.text_sql(sql, source)
 
     def select(self, sel: Any, ctx: _Ctx) -> _Part:
         if not isinstance(sel, dict):

@@ -49,14 +49,14 @@ class _Translator:
         self.counter += 1
         return f"_{prefix}{self.counter}"
 
-    def placeholder(self, spec: _Spec, *, fine: bool = False) -> str:
+    def placeholder(self, spec: _Spec, *, text: bool = False) -> str:
         self.specs.append(spec)
-        return f"\x00SPEC{'F' if fine else ''}{len(self.specs) - 1}\x00"
+        return f"\x00SPEC{'F' if text else ''}{len(self.specs) - 1}\x00"
 
     def finish(self, sql: str) -> str:
         def sub(m: re.Match[str]) -> str:
             structure = json.dumps(self.specs[int(m.group(2))].structure(), separators=(",", ":"))
-            return _q(exact.fine_structure(structure) if m.group(1) else structure)
+            return _q(exact.text_structure(structure) if m.group(1) else structure)
 
         return re.sub("\x00SPEC(F?)(\\d+)\x00", sub, sql)
 
@@ -192,13 +192,9 @@ class _Translator:
                 raise ViewDefinitionError("an indexer needs an integer")
             i = self.single(idx, "indexer")
             if base.many:
-                return replace(
-                    base,
-                    sql=f"({base.sql})[({i}) + 1]",
-                    many=False,
-                    decimal_leaf=None,
-                    decimal_text=None,
-                )
+                # A decimal keeps its text beside it, as with first() (boundaries, exact text).
+                text = base.decimal_text and f"({base.decimal_text})[({i}) + 1]"
+                return replace(base, sql=f"({base.sql})[({i}) + 1]", many=False, decimal_text=text)
             return replace(base, sql=f"(CASE WHEN ({i}) = 0 THEN {base.sql} END)")
         if isinstance(node, fp.Unary):
             v = self.expr(node.operand, ctx)

@@ -174,10 +174,12 @@ def compile_view(
         f"from_json({_ident(resource_column)}, {comp.placeholder(root_spec)}) AS __mb_r",
     ]
     if comp.shadow_used:
-        # The same resource with decimal leaves at the fine scale (exact decimal text columns).
+        # The same resource with numbers quoted and decimal leaves read as their source text
+        # (exact decimal text columns).
+        keys = exact.decimal_keys(root_spec.structure())
+        quoted = exact.quoted_numbers_sql(_ident(resource_column), keys)
         src_cols.append(
-            f"from_json({_ident(resource_column)}, {comp.placeholder(root_spec, fine=True)})"
-            f" AS {exact.SHADOW_ROOT}"
+            f"from_json({quoted}, {comp.placeholder(root_spec, text=True)}) AS {exact.SHADOW_ROOT}"
         )
     src_cols.extend(f"{sql_} AS {alias}" for alias, sql_ in comp.hoisted)
     if resource_type_column is not None:
