@@ -103,6 +103,28 @@ def test_a_decimal_condition_in_a_foreach_keeps_its_meaning(
     assert got == {**want, "mix": "7.10"}
 
 
+def test_the_text_survives_a_boundary_on_the_same_element(
+    con: duckdb.DuckDBPyConnection,
+) -> None:
+    """lowBoundary() makes the scan read the element as VARCHAR (through a double); the text
+    column still reads it from the quoted parse."""
+    view = {
+        "resource": "Observation",
+        "select": [
+            {
+                "column": [
+                    {"name": "id", "path": "id"},
+                    {"name": "v", "path": "value.ofType(Quantity).value"},
+                    {"name": "low", "path": "value.ofType(Quantity).value.lowBoundary()"},
+                ]
+            }
+        ],
+    }
+    compiled = compile_view(view, exact_decimals=True)
+    got = {r[0]: r[2] for r in con.sql(compiled.sql).fetchall()}
+    assert got == {**{f"o{n}": v for n, v in enumerate(VALUES)}, "none": None, "mix": None}
+
+
 def test_a_decimal_list_quotes_every_number_and_keeps_strings() -> None:
     """A list of decimals (MolecularSequence ROC precision): numbers are not all right after a
     key, so the scan quotes every number token, never the digits inside strings."""

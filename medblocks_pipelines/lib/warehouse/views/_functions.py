@@ -410,7 +410,7 @@ class _Functions(_Translator):
             )
             half = f"CAST('0.' || repeat('0', {digits}) || '5' AS {DECIMAL_SQL})"
             sign = "-" if low else "+"
-            return _Val(f"(CAST({t} AS {DECIMAL_SQL}) {sign} {half})", "decimal")
+            return _Val(f"(TRY_CAST({t} AS {DECIMAL_SQL}) {sign} {half})", "decimal")
         s = self.single(base, name)
         if base.ftype == "date":
             return _Val(self.date_boundary(s, low), "date")

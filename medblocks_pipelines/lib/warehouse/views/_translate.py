@@ -43,6 +43,10 @@ class _Translator:
     specs: list[_Spec] = field(default_factory=list)
     # Subqueries computed once per resource in the scan (repeat), as (alias, sql).
     hoisted: list[tuple[str, str]] = field(default_factory=list)
+    # Element names read as decimals (whose numbers the exact-text parse quotes), and whether
+    # one is read as a list (then its numbers are not all right after a key).
+    decimal_names: set[str] = field(default_factory=set)
+    decimal_list: bool = False
 
     # ---- helpers -------------------------------------------------------------------------
     def var(self, prefix: str = "v") -> str:
@@ -130,9 +134,13 @@ class _Translator:
                 chain = (sql, source, accessor)
             many = True
         if ftype == "decimal":
+            self.decimal_names.add(name)
+            self.decimal_list = self.decimal_list or is_list
             target = DECIMAL_SQL + ("[]" if many else "")
+            # TRY_: a leaf read as text (for boundaries) too large for DECIMAL(38,18) is NULL,
+            # as it is when parsed as a DECIMAL, rather than failing the build.
             return _Val(
-                f"CAST({sql} AS {target})",
+                f"TRY_CAST({sql} AS {target})",
                 ftype,
                 many,
                 decimal_leaf=(base.spec, name, is_list),

@@ -176,7 +176,7 @@ def compile_view(
     if comp.shadow_used:
         # The same resource with numbers quoted and decimal leaves read as their source text
         # (exact decimal text columns).
-        keys = exact.decimal_keys(root_spec.structure())
+        keys = None if comp.decimal_list else comp.decimal_names
         quoted = exact.quoted_numbers_sql(_ident(resource_column), keys)
         src_cols.append(
             f"from_json({quoted}, {comp.placeholder(root_spec, text=True)}) AS {exact.SHADOW_ROOT}"

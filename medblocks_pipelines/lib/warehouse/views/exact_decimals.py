@@ -7,7 +7,7 @@ through a double: ``12345678901234567890.5`` comes back as ``1234567890123456700
 
 So the scan parses the resource a second time from its raw text with the numbers of the view's
 decimal elements (every number when a decimal list is read) turned into JSON strings holding
-their source text (:func:`quoted_numbers_sql`, :func:`decimal_keys`), with decimal leaves read as
+their source text (:func:`quoted_numbers_sql`), with decimal leaves read as
 ``VARCHAR`` (:func:`text_structure`). A decimal column gets a companion
 ``<name>_text`` column read from that parse: the number exactly as the source wrote it (every
 digit, trailing zeros, exponent, sign of ``-0.000``), for columns read from the resource or
@@ -18,7 +18,6 @@ without trailing zeros. The ``DECIMAL`` column itself is unchanged (typed, for a
 
 import re
 from collections.abc import Collection, Sequence
-from typing import Any
 
 from medblocks_pipelines.lib.warehouse.views.schema import DECIMAL_SQL
 
@@ -62,27 +61,6 @@ def quoted_numbers_sql(json_sql: str, keys: Collection[str] | None = None) -> st
         return f"regexp_replace({json_sql}, '{pattern}', '\\1\"\\2\"', 'g')"
     marked = f"regexp_replace({json_sql}, '{_TOKEN_RE}', '\\1' || chr(1) || '\\2' || chr(2), 'g')"
     return f"replace(replace(replace({marked}, chr(1) || chr(2), ''), chr(1), '\"'), chr(2), '\"')"
-
-
-def decimal_keys(structure: Any) -> set[str] | None:
-    """The element names read as single decimals in a scan structure, or None when a decimal is
-    read as a list (its numbers are not all right after a key)."""
-    keys: set[str] = set()
-    if not isinstance(structure, dict):
-        return keys
-    for name, sub in structure.items():
-        if isinstance(sub, list):
-            if sub and sub[0] == DECIMAL_SQL:
-                return None
-            sub = sub[0] if sub else None
-        if sub == DECIMAL_SQL:
-            keys.add(name)
-        elif isinstance(sub, dict):
-            inner = decimal_keys(sub)
-            if inner is None:
-                return None
-            keys |= inner
-    return keys
 
 
 def text_structure(structure_json: str) -> str:
