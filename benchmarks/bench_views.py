@@ -1,6 +1,7 @@
 """View build throughput: compiled ViewDefinitions beside hand-written DuckDB and fhirpathpy.
 
     .venv/bin/python benchmarks/bench_views.py [--resources N | --size N] [--sample K] [--repeat R]
+        [--exact-decimals]
 
 Generates N resources with the sandbox generator (``stream_bulk_ndjson``), loads them into an
 in-memory DuckDB table shaped like the warehouse ``resources`` table (JSON text + provenance),
@@ -523,6 +524,11 @@ def main() -> None:
     )
     ap.add_argument("--repeat", type=int, default=3, help="best of R runs per DuckDB timing")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument(
+        "--exact-decimals",
+        action="store_true",
+        help="compile with exact_decimals=True (the warehouse build's mode: <name>_text columns)",
+    )
     args = ap.parse_args()
 
     from medblocks_sandbox.generator.ndjson import stream_bulk_ndjson
@@ -542,6 +548,8 @@ def main() -> None:
                    'org-1' AS organization, CAST(NULL AS VARCHAR) AS connection,
                    json_extract_string(json, '$.meta.versionId') AS version_id,
                    TIMESTAMPTZ '2024-06-01 00:00:00+00' AS fetched_at, 'run-1' AS run_id
+                   , CAST(NULL AS VARCHAR) AS permitted_purpose,
+                   CAST(NULL AS VARCHAR) AS network_query_id
             FROM read_ndjson_objects('{tmp}/*.ndjson')""")
         con.execute("ALTER TABLE resources ADD COLUMN resource_key VARCHAR")
         con.execute(
@@ -573,7 +581,7 @@ def main() -> None:
     ratios: list[float] = []
     strong: list[str] = []
     for name, view in load_core_views(user_dir="").items():
-        compiled = compile_view(view, passthrough_columns=PROV)
+        compiled = compile_view(view, passthrough_columns=PROV, exact_decimals=args.exact_decimals)
         hand = hand_sql(name)
         best_c = best_h = float("inf")
         rows_c = rows_h = 0
