@@ -234,11 +234,11 @@ def _setup(tmp: Path, persons: int) -> tuple[dict[str, str], str]:
     for var in ("MEDBLOCKS_DATABASE_URL", "MEDBLOCKS_LAKE_ROOT", "MEDBLOCKS_WAREHOUSE_DIR"):
         os.environ.pop(var, None)
 
-    from medblocks_pipelines.lib.cds.synthetic import write_synthetic_warehouse
     from medblocks_pipelines.lib.registry import open_control_plane
     from medblocks_pipelines.lib.settings import get_settings
     from medblocks_pipelines.lib.smart.assertion import generate_signing_key
     from medblocks_pipelines.lib.warehouse.build import warehouse_path
+    from medblocks_pipelines_tests.support.cds_synthetic import write_synthetic_warehouse
 
     settings = get_settings()
     settings.ensure_dirs()
