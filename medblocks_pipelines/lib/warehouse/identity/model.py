@@ -56,6 +56,9 @@ MODEL_SCHEMA = {
     "value": pl.Float64,
 }
 
+#: Decimal places kept of model figures: beyond them floating-point sums are not reproducible.
+DIGITS = 9
+
 
 @dataclass
 class ModelOutcome:
@@ -227,8 +230,10 @@ def probabilistic_edges(std: pl.DataFrame, options: Any) -> ModelOutcome:
         key_l=keys.gather(pl.Series(df.get_column("unique_id_l"))),
         key_r=keys.gather(pl.Series(df.get_column("unique_id_r"))),
         rule=pl.lit("probabilistic"),
-        match_probability=pl.col("match_probability").cast(pl.Float64),
-        match_weight=pl.col("match_weight").cast(pl.Float64),
+        # DuckDB's parallel sums differ in the last bit from run to run: rounded, so re-running a
+        # build gives the same warehouse (and the same threshold decisions).
+        match_probability=pl.col("match_probability").cast(pl.Float64).round(DIGITS),
+        match_weight=pl.col("match_weight").cast(pl.Float64).round(DIGITS),
         evidence=evidence,
     )
     return ModelOutcome(edges, model, trained)
@@ -272,7 +277,7 @@ def _model_table(linker: Any) -> pl.DataFrame:
 
 def _num(x: Any) -> float | None:
     try:
-        return float(x)
+        return round(float(x), DIGITS)  # see DIGITS
     except (TypeError, ValueError):
         return None
 
