@@ -4,6 +4,7 @@ status with chain and CRL checks) and ``medblocks sync network --transport fhir`
 import contextlib
 import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -73,7 +74,14 @@ def test_issue_renew_and_status(env: UdapEnv, tmp_path: Any) -> None:
     assert json.loads(run(network, args).output)["chain"] == "certificate revoked"
 
 
-def test_sync_network_fhir_and_registrations(env: UdapEnv) -> None:
+def test_sync_network_fhir_and_registrations(
+    env: UdapEnv, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The sync is a Dagster run: the embedded instance of this test's data folder, never one an
+    # earlier test left in DAGSTER_HOME (set, then removed, so teardown also drops the value the
+    # CLI sets).
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
+    monkeypatch.delenv("DAGSTER_HOME")
     env.start()
     runner = CliRunner()
     args = [
@@ -90,10 +98,8 @@ def test_sync_network_fhir_and_registrations(env: UdapEnv) -> None:
         "--json",
     ]
     refused = runner.invoke(network_sync, args)
-    assert (
-        refused.exit_code == 1
-        and json.loads(refused.output)["reason"] == "no_treatment_relationship"
-    )
+    assert refused.exit_code == 1 and refused.output, (refused.output, refused.exception)
+    assert json.loads(refused.output)["reason"] == "no_treatment_relationship"
     env.launch()
     env.land_patient()
     SHARED_TOKENS._tokens.clear()
