@@ -42,7 +42,7 @@ from medblocks_pipelines.lib.network.fhir_nodes import (
     match_patient,
     pull_us_core,
 )
-from medblocks_pipelines.lib.network.outcome import audit_outcome
+from medblocks_pipelines.lib.network.outcome import audit_outcome, fail_and_audit, settle_status
 from medblocks_pipelines.lib.network.policy import (
     PolicyRequest,
     evaluate,
@@ -346,28 +346,22 @@ def run_facilitated_query(
         result.elapsed_s = time.monotonic() - started
         _land(settings, tenant, cfg, outcomes, run_id, result)
     except Exception as exc:
-        result.status = "failed"
-        try:
-            _finish(cp, result, query_id, pull_id, outcomes, error=type(exc).__name__)
-        finally:
-            audit_outcome(
-                cp,
-                tenant=tenant,
-                actor=actor,
-                person=person,
-                result=result,
-                query_id=query_id,
-                error=type(exc).__name__,
-                sent=bool(outcomes),
-            )
+        fail_and_audit(
+            cp,
+            lambda error: _finish(cp, result, query_id, pull_id, outcomes, error=error),
+            tenant=tenant,
+            actor=actor,
+            person=person,
+            result=result,
+            query_id=query_id,
+            error=type(exc).__name__,
+            sent=bool(outcomes),
+        )
         raise
     finally:
         if own_session and session is not None and http is None:
             session.http.close()
-    good = [o for o in outcomes if o.status in ("ok", "no_match")]
-    result.status = (
-        "success" if len(good) == len(outcomes) else "partial" if result.responders else "failed"
-    )
+    settle_status(result, (o.status for o in outcomes))
     _finish(cp, result, query_id, pull_id, outcomes)
     audit_outcome(cp, tenant=tenant, actor=actor, person=person, result=result, query_id=query_id)
     return result

@@ -1,12 +1,13 @@
 """The outcome row of an allowed network query that did not fully succeed (see
 :func:`audit_outcome`)."""
 
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from medblocks_pipelines.lib.network.query import QueryResult
 
-__all__ = ["OUTCOME_ACTION", "audit_outcome"]
+__all__ = ["OUTCOME_ACTION", "audit_outcome", "fail_and_audit", "settle_status"]
 
 
 #: The action of the follow-up audit row of an allowed query that did not fully succeed.
@@ -62,3 +63,43 @@ def audit_outcome(
         gateways=list(result.gateways),
         responders=list(result.responders),
     )
+
+
+def settle_status(result: "QueryResult", statuses: Iterable[str]) -> None:
+    """``success`` when every responder answered ok/no_match, else ``partial`` when some
+    responded, else ``failed`` (IHE gateways and Facilitated FHIR nodes alike)."""
+    statuses = list(statuses)
+    good = sum(st in ("ok", "no_match") for st in statuses)
+    result.status = (
+        "success" if good == len(statuses) else "partial" if result.responders else "failed"
+    )
+
+
+def fail_and_audit(
+    cp: Any,
+    finish: Callable[[str], None],
+    *,
+    tenant: str,
+    actor: str,
+    person: str,
+    result: "QueryResult",
+    query_id: int,
+    error: str,
+    sent: bool,
+) -> None:
+    """An allowed query raised: mark it failed, ``finish(error)`` its records, and append its
+    outcome row even when finishing fails."""
+    result.status = "failed"
+    try:
+        finish(error)
+    finally:
+        audit_outcome(
+            cp,
+            tenant=tenant,
+            actor=actor,
+            person=person,
+            result=result,
+            query_id=query_id,
+            error=error,
+            sent=sent,
+        )

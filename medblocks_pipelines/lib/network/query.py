@@ -25,7 +25,7 @@ from medblocks_pipelines.lib.network import ihe
 from medblocks_pipelines.lib.network.ccda import SourceDocument, binary_resources, convert_ccda
 from medblocks_pipelines.lib.network.client import GatewayClient, GatewayConfig, GatewayOutcome
 from medblocks_pipelines.lib.network.errors import UnsafeXMLError
-from medblocks_pipelines.lib.network.outcome import audit_outcome
+from medblocks_pipelines.lib.network.outcome import audit_outcome, fail_and_audit, settle_status
 from medblocks_pipelines.lib.network.policy import (
     Evidence,
     PolicyDecision,
@@ -492,25 +492,19 @@ def run_network_query(
         )
         _land(cp, settings, tenant, person, cfg, outcomes, query_id, run_id, result)
     except Exception as exc:
-        result.status = "failed"
-        try:
-            _finish(cp, result, query_id, pull_id, outcomes, error=type(exc).__name__)
-        finally:
-            audit_outcome(
-                cp,
-                tenant=tenant,
-                actor=actor,
-                person=person,
-                result=result,
-                query_id=query_id,
-                error=type(exc).__name__,
-                sent=bool(outcomes),
-            )
+        fail_and_audit(
+            cp,
+            lambda error: _finish(cp, result, query_id, pull_id, outcomes, error=error),
+            tenant=tenant,
+            actor=actor,
+            person=person,
+            result=result,
+            query_id=query_id,
+            error=type(exc).__name__,
+            sent=bool(outcomes),
+        )
         raise
-    ok = [o for o in outcomes if o.status == "ok" or o.status == "no_match"]
-    result.status = (
-        "success" if len(ok) == len(outcomes) else "partial" if result.responders else "failed"
-    )
+    settle_status(result, (o.status for o in outcomes))
     _finish(cp, result, query_id, pull_id, outcomes)
     audit_outcome(cp, tenant=tenant, actor=actor, person=person, result=result, query_id=query_id)
     return result
