@@ -557,28 +557,19 @@ class ControlPlane:
         id: str | None = None,
     ) -> str:
         """Save a kicked-off export at once, so a crash never loses its polling URL."""
-        export_id = id or f"exp_{pysecrets.token_hex(8)}"
-        now = utcnow()
-        with self.engine.begin() as conn:
-            conn.execute(
-                t.bulk_exports.insert().values(
-                    id=export_id,
-                    tenant_id=tenant_id,
-                    source_id=source_id,
-                    organization_id=organization_id,
-                    connection_id=connection_id,
-                    polling_url=polling_url,
-                    status="kicked_off",
-                    request=dict(request),
-                    since=since,
-                    counts={},
-                    run_id=run_id,
-                    kicked_off_at=now,
-                    next_poll_at=now,
-                    updated_at=now,
-                )
-            )
-        return export_id
+        return self._insert_bulk_export(
+            id or f"exp_{pysecrets.token_hex(8)}",
+            status="kicked_off",
+            polling_url=polling_url,
+            poll_now=True,
+            tenant_id=tenant_id,
+            source_id=source_id,
+            organization_id=organization_id,
+            connection_id=connection_id,
+            request=request,
+            since=since,
+            run_id=run_id,
+        )
 
     def reserve_bulk_export(
         self,
@@ -597,30 +588,49 @@ class ControlPlane:
         this atomic, so of two concurrent callers one gets the id and the other ``None`` (it then
         reuses the winner's export). :meth:`start_bulk_export` fills in the polling URL.
         """
-        export_id = f"exp_{pysecrets.token_hex(8)}"
-        now = utcnow()
         try:
-            with self.engine.begin() as conn:
-                conn.execute(
-                    t.bulk_exports.insert().values(
-                        id=export_id,
-                        tenant_id=tenant_id,
-                        source_id=source_id,
-                        organization_id=organization_id,
-                        connection_id=connection_id,
-                        polling_url=None,
-                        status="starting",
-                        request=dict(request),
-                        since=since,
-                        counts={},
-                        run_id=run_id,
-                        kicked_off_at=now,
-                        next_poll_at=None,
-                        updated_at=now,
-                    )
-                )
+            return self._insert_bulk_export(
+                f"exp_{pysecrets.token_hex(8)}",
+                status="starting",
+                polling_url=None,
+                poll_now=False,
+                tenant_id=tenant_id,
+                source_id=source_id,
+                organization_id=organization_id,
+                connection_id=connection_id,
+                request=request,
+                since=since,
+                run_id=run_id,
+            )
         except sa.exc.IntegrityError:
             return None
+
+    def _insert_bulk_export(
+        self,
+        export_id: str,
+        *,
+        status: str,
+        polling_url: str | None,
+        poll_now: bool,
+        request: Mapping[str, Any],
+        **columns: str | None,
+    ) -> str:
+        """One new ``bulk_exports`` row (a kicked-off export, or a reserved in-flight slot)."""
+        now = utcnow()
+        with self.engine.begin() as conn:
+            conn.execute(
+                t.bulk_exports.insert().values(
+                    id=export_id,
+                    polling_url=polling_url,
+                    status=status,
+                    request=dict(request),
+                    counts={},
+                    kicked_off_at=now,
+                    next_poll_at=now if poll_now else None,
+                    updated_at=now,
+                    **columns,
+                )
+            )
         return export_id
 
     def start_bulk_export(self, id: str, *, polling_url: str) -> None:
