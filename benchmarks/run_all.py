@@ -17,6 +17,7 @@ result is read from their printed report (:data:`PARSERS`).
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -152,7 +153,15 @@ def main() -> int:
         cmd = [sys.executable, str(script), *(full if args.full else quick), *extra]
         print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
         started = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        # The repo root on the path: several benchmarks build their data with the tests' support
+        # package (medblocks_pipelines_tests is not installed, it is not part of the product).
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(
+                filter(None, [str(HERE.parent), os.environ.get("PYTHONPATH")])
+            ),
+        }
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         took = time.perf_counter() - started
         log = out_dir / f"{name}.txt"
         log.write_text(proc.stdout + ("\n--- stderr ---\n" + proc.stderr if proc.stderr else ""))
