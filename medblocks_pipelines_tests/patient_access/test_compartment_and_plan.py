@@ -111,6 +111,19 @@ def test_reference_key(ref: str, key: tuple[str, str] | None) -> None:
     assert reference_key(ref) == key
 
 
+def test_device_of_another_patient_is_outside() -> None:
+    # Device is shared in the R4 table, but Device.patient names the one patient it is affixed to.
+    scope = PatientScope.of("p1")
+    ours = {"resourceType": "Device", "id": "d1", "patient": {"reference": "Patient/p1"}}
+    theirs = {"resourceType": "Device", "id": "d2", "patient": {"reference": f"{BASE}/Patient/p2"}}
+    unbound = {"resourceType": "Device", "id": "d3"}
+    assert scope.check(ours) is None
+    assert scope.check(unbound) is None
+    assert scope.check(theirs) == "outside_patient_compartment: Device"
+    assert compartment_patients(unbound) is None
+    assert scope.outside == 1
+
+
 def test_scope_admits_provenance_of_admitted_resources() -> None:
     scope = PatientScope.of("p1")
     obs = {"resourceType": "Observation", "id": "o1", "subject": {"reference": "Patient/p1"}}

@@ -22,6 +22,10 @@ Two readings beyond the letter of the table, both narrow:
 * ``Provenance`` (parameter ``patient`` = ``target`` that is a Patient) is also admitted when a
   ``target`` is a resource this scope has already admitted: US Core Provenance targets the
   patient's clinical resources, not the Patient, and ``Provenance?patient=`` answers those.
+* A shared type that names the one patient it belongs to (:data:`PATIENT_BOUND_SHARED`: R4
+  ``Device.patient``, "patient to whom Device is affixed", which US Core Implantable Device
+  requires) is outside when that patient is someone else. A Device without ``patient`` is shared
+  and passes, as the table says; an implant of another patient is that patient's record.
 """
 
 from collections.abc import Iterable, Iterator, Mapping
@@ -136,6 +140,11 @@ PATIENT_COMPARTMENT: Mapping[str, Mapping[str, tuple[str, ...]]] = {
 }
 
 
+#: Shared types (no compartment parameter in R4) with an element naming the one Patient they
+#: belong to: resource type -> element paths. Checked only when the element is present.
+PATIENT_BOUND_SHARED: Mapping[str, tuple[str, ...]] = {"Device": ("patient",)}
+
+
 def in_compartment_definition(resource_type: str) -> bool:
     """Whether resources of this type can belong to a patient's compartment (R4)."""
     return resource_type in PATIENT_COMPARTMENT
@@ -182,9 +191,23 @@ def compartment_references(resource: Mapping[str, Any]) -> set[tuple[str, str]]:
     return found
 
 
+def _patient_references(resource: Mapping[str, Any], paths: Iterable[str]) -> set[str]:
+    found: set[str] = set()
+    for path in paths:
+        for value in _values(resource, path.split(".")):
+            ref = value.get("reference") if isinstance(value, dict) else None
+            key = reference_key(ref) if isinstance(ref, str) else None
+            if key and key[0] == "Patient":
+                found.add(key[1])
+    return found
+
+
 def compartment_patients(resource: Mapping[str, Any]) -> set[str] | None:
-    """Ids of the patients whose compartment holds ``resource``; None for a shared type."""
+    """Ids of the patients whose compartment holds ``resource``; None for a shared type
+    (a :data:`PATIENT_BOUND_SHARED` type counts as shared unless it names its patient)."""
     rtype = str(resource.get("resourceType"))
+    if rtype in PATIENT_BOUND_SHARED:
+        return _patient_references(resource, PATIENT_BOUND_SHARED[rtype]) or None
     if rtype not in PATIENT_COMPARTMENT:
         return None
     patients = {rid for t, rid in compartment_references(resource) if t == "Patient"}
