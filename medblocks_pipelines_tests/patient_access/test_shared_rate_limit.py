@@ -143,3 +143,70 @@ def test_a_late_wake_up_gives_its_slot_up() -> None:
     limiter.acquire()  # sleeps to its slot, oversleeps, takes another
     assert limiter.late == 1 and limiter.sent == 2
     client.delete(limiter.key)  # type: ignore[attr-defined]
+
+
+def test_redis_down_degrades_to_a_local_share_of_the_limit() -> None:
+    """A real client pointed at a closed port: no exception reaches the pull, the process paces
+    itself at half the limit (the per-source run limit is 2) and asks Redis again later."""
+    import redis
+
+    now = [0.0]
+    slept: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        now[0] += seconds
+
+    client = redis.Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=1.0)
+    limiter = SharedRateLimiter(
+        client, "down", 10, 1.0, sleep=sleep, clock=lambda: now[0], retry_after=30.0
+    )
+    for _ in range(11):
+        limiter.acquire()
+    assert limiter.sent == 11 and limiter.degraded == 1
+    assert limiter.fallback.limit == 5
+    # 11 sends at 5 per second locally: at least two seconds of pacing, never a burst.
+    assert sum(slept) >= 2.0
+    limiter.backoff(3.0)  # a 429 while degraded pauses the local pacer, without touching Redis
+    before = sum(slept)
+    limiter.acquire()
+    assert sum(slept) - before >= 3.0 - 1e-9
+    # After retry_after, Redis is asked again (still down: one more degradation, still no error).
+    now[0] += 31.0
+    limiter.acquire()
+    assert limiter.degraded == 2 and limiter.sent == 13
+
+
+def test_redis_back_after_an_outage_is_used_again() -> None:
+    """Down, then reachable: after retry_after the shared schedule is used again."""
+    client = _redis_or_skip()
+    now = [0.0]
+
+    class Flaky:
+        """The real client, refusing until switched on (a Redis restart)."""
+
+        up = False
+
+        def register_script(self, script: str) -> object:
+            real = client.register_script(script)  # type: ignore[attr-defined]
+
+            def call(**kwargs: object) -> object:
+                if not Flaky.up:
+                    raise redis_exc.ConnectionError("connection refused")
+                return real(**kwargs)
+
+            return call
+
+    from redis import exceptions as redis_exc
+
+    key = f"test-{secrets.token_hex(4)}"
+    limiter = SharedRateLimiter(
+        Flaky(), key, 50, 1.0, sleep=lambda s: None, clock=lambda: now[0], retry_after=10.0
+    )
+    limiter.acquire()
+    assert limiter.degraded == 1 and not client.exists(f"medblocks:ratelimit:{key}")  # type: ignore[attr-defined]
+    Flaky.up = True
+    now[0] += 11.0
+    limiter.acquire()
+    assert limiter.degraded == 1 and client.exists(f"medblocks:ratelimit:{key}")  # type: ignore[attr-defined]
+    client.delete(limiter.key)  # type: ignore[attr-defined]

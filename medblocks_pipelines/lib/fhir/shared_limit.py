@@ -17,6 +17,13 @@ out the ``Retry-After``, and widens the shared spacing by 3 % (up to ``max_widen
 sends without a 429 give half of the widening back, as the in-process
 :class:`~medblocks_pipelines.lib.fhir.client.RateLimiter` does (the fallback without Redis).
 
+Redis down: a pull must not fail because its pacer's store is unreachable, and must not exceed the
+source's limit either. On a connection error or timeout the limiter degrades to an in-process
+:class:`~medblocks_pipelines.lib.fhir.client.RateLimiter` at ``limit // fallback_share`` (the
+share defaults to 2, the instance's run limit per source in ``dagster.yaml``, so the processes
+allowed to pull one source together still stay under its limit), logs one warning with the source
+key, counts ``degraded`` and asks Redis again after ``retry_after`` seconds.
+
 Why not the ``limits`` library: its Redis strategies (fixed, moving, sliding window) answer "may I
 now?" and let a window's worth go out in a burst; they keep no shared pause and no widening. A
 source counting on a sliding window, as real ones and our sandbox do, needs even spacing.
@@ -27,6 +34,14 @@ import threading
 import time
 from collections.abc import Callable
 from typing import Any
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from medblocks_pipelines.lib.fhir.client import RateLimiter
+
+#: Errors that mean "the shared store is unreachable" (not a bug in our script).
+UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError)
 
 log = logging.getLogger(__name__)
 
@@ -90,9 +105,11 @@ class SharedRateLimiter:
         recover_after: int = 300,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
+        fallback_share: int = 2,
+        retry_after: float = 30.0,
     ) -> None:
-        if limit < 1 or per <= 0:
-            raise ValueError("a rate limit needs limit >= 1 and per > 0")
+        if limit < 1 or per <= 0 or fallback_share < 1:
+            raise ValueError("a rate limit needs limit >= 1, per > 0 and fallback_share >= 1")
         self.redis = redis_client
         self.key = f"{KEY_PREFIX}{key}"
         self.limit = limit
@@ -112,6 +129,11 @@ class SharedRateLimiter:
         self.waited = 0.0
         self.backoffs = 0
         self.late = 0
+        self.fallback = RateLimiter(max(1, limit // fallback_share), per, clock=clock, sleep=sleep)
+        self.retry_after = retry_after
+        self._degraded_until = float("-inf")
+        #: How many times Redis was unreachable and the local fallback took over.
+        self.degraded = 0
 
     def __repr__(self) -> str:
         return f"SharedRateLimiter({self.key!r}, limit={self.limit}, per={self.per})"
@@ -130,6 +152,35 @@ class SharedRateLimiter:
 
     def acquire(self) -> None:
         """Block until this caller's reserved slot; then it must send at once."""
+        if self._clock() < self._degraded_until:
+            self._acquire_locally()
+            return
+        try:
+            self._acquire_shared()
+        except UNREACHABLE as exc:
+            self._degrade(exc)
+            self._acquire_locally()
+
+    def _degrade(self, exc: BaseException) -> None:
+        with self._lock:
+            self.degraded += 1
+            self._degraded_until = self._clock() + self.retry_after
+        log.warning(
+            "shared rate limit %s: Redis unreachable (%s); pacing this process alone at %d per %gs "
+            "for %gs",
+            self.key,
+            type(exc).__name__,
+            self.fallback.limit,
+            self.per,
+            self.retry_after,
+        )
+
+    def _acquire_locally(self) -> None:
+        self.fallback.acquire()
+        with self._lock:
+            self.sent += 1
+
+    def _acquire_shared(self) -> None:
         while True:
             wait = int(self._acquire(keys=[self.key], args=self._args())) / 1e6
             due = self._clock() + wait
@@ -151,7 +202,13 @@ class SharedRateLimiter:
         """A 429: every process of this source pauses ``seconds``; the spacing widens 3 %."""
         with self._lock:
             self.backoffs += 1
-        self._backoff(
-            keys=[self.key],
-            args=[int(seconds * 1e6), self._base_us, self._max_us, self._ttl_ms],
-        )
+        self.fallback.backoff(seconds)
+        if self._clock() < self._degraded_until:
+            return
+        try:
+            self._backoff(
+                keys=[self.key],
+                args=[int(seconds * 1e6), self._base_us, self._max_us, self._ttl_ms],
+            )
+        except UNREACHABLE as exc:
+            self._degrade(exc)
