@@ -7,9 +7,7 @@ from typing import Any
 from medblocks_pipelines.lib.errors import ConfigError, NotFound
 from medblocks_pipelines.lib.network import ihe
 from medblocks_pipelines.lib.network.client import GatewayConfig
-from medblocks_pipelines.lib.network.policy import (
-    tenant_network_settings,
-)
+from medblocks_pipelines.lib.network.policy import tenant_network_settings
 
 
 # -- configuration ---------------------------------------------------------------------------------

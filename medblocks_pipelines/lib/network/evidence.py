@@ -6,10 +6,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from medblocks_pipelines.lib.network.policy import (
-    Evidence,
-    PriorQuery,
-)
+from medblocks_pipelines.lib.network.policy import Evidence, PriorQuery
 from medblocks_pipelines.lib.network.tables import (
     aware,
     network_queries,

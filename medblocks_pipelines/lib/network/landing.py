@@ -14,11 +14,7 @@ from medblocks_pipelines.lib.network.ccda import SourceDocument, binary_resource
 from medblocks_pipelines.lib.network.client import GatewayOutcome
 from medblocks_pipelines.lib.network.config import NetworkConfig
 from medblocks_pipelines.lib.network.errors import UnsafeXMLError
-from medblocks_pipelines.lib.network.tables import (
-    aware,
-    network_documents,
-    utcnow,
-)
+from medblocks_pipelines.lib.network.tables import aware, network_documents, utcnow
 from medblocks_pipelines.lib.settings import Settings
 from medblocks_pipelines.lib.warehouse.lake import LakeWriter, Provenance
 

@@ -35,10 +35,7 @@ from medblocks_pipelines.lib.network.policy import (
     load_catalog,
     tenant_network_settings,
 )
-from medblocks_pipelines.lib.network.tables import (
-    network_queries,
-    utcnow,
-)
+from medblocks_pipelines.lib.network.tables import network_queries, utcnow
 from medblocks_pipelines.lib.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -59,10 +59,7 @@ from medblocks_pipelines.lib.registry import schema as rt
 from medblocks_pipelines.lib.registry.store import check_id
 from medblocks_pipelines.lib.settings import Settings
 from medblocks_pipelines.lib.warehouse.build import current_warehouse_path
-from medblocks_pipelines.lib.warehouse.read_policy import (
-    audit_read,
-    load_read_policy,
-)
+from medblocks_pipelines.lib.warehouse.read_policy import audit_read, load_read_policy
 
 KINDS = ("ndjson", "parquet", "fhir")
 SECRET_PREFIX = "export:"
