@@ -65,7 +65,7 @@ def main() -> int:
     for var in ("MEDBLOCKS_DATABASE_URL", "MEDBLOCKS_LAKE_ROOT", "MEDBLOCKS_WAREHOUSE_DIR"):
         os.environ.pop(var, None)
 
-    from medblocks_pipelines.lib.fhir.pull import pull_batch
+    from medblocks_pipelines.lib.fhir.pull_batch import pull_batch
     from medblocks_pipelines.lib.registry import open_control_plane
     from medblocks_pipelines.lib.settings import get_settings
     from medblocks_pipelines.lib.smart.launch import create_connect_link

@@ -53,7 +53,7 @@ def run_network_sync(
 ) -> dict[str, Any]:
     """Run one person's network query as a Dagster run; return its detail row (ids, counts)."""
     from medblocks_pipelines.cli.runtime import run_job
-    from medblocks_pipelines.lib.network.query import network_config
+    from medblocks_pipelines.lib.network.config import network_config
     from medblocks_pipelines.lib.partitions import partition_key
 
     tenant_row = cp.get_tenant(tenant)

@@ -160,7 +160,7 @@ def sync_patient_access(
         return
     import uuid
 
-    from medblocks_pipelines.lib.fhir.pull import due_connections, pull_batch
+    from medblocks_pipelines.lib.fhir.pull_batch import due_connections, pull_batch
     from medblocks_pipelines.lib.fhir.pull_report import render_table, row_from_result
     from medblocks_pipelines.lib.settings import get_settings
 

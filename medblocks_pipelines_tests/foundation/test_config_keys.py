@@ -17,7 +17,7 @@ CONFIG_VARS = {
     "lib/fhir/bulk_config.py": {"scfg": "source", "ocfg": "organization"},
     "lib/smart/tokens.py": {"cfg": "source"},
     "lib/smart/launch.py": {"cfg": "source"},
-    "lib/network/query.py": {"cfg": "source"},
+    "lib/network/config.py": {"cfg": "source"},
     "lib/fhir/pull.py": {"cfg": "source"},
 }
 # `(<name>.get("config") or {}).get(KEY)` / `<name>["config"][KEY]`: whose config by row name

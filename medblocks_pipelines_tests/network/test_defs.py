@@ -14,7 +14,7 @@ from medblocks_pipelines.defs.network.assets import NetworkQueryConfig, network_
 from medblocks_pipelines.defs.network.sensors import network_relationship_sensor
 from medblocks_pipelines.defs.shared.resources import PlatformResource
 from medblocks_pipelines.lib.errors import MedblocksError
-from medblocks_pipelines.lib.network.query import record_relationship_event
+from medblocks_pipelines.lib.network.evidence import record_relationship_event
 from medblocks_pipelines.lib.partitions import partition_key
 from medblocks_pipelines_tests.network.test_query import env  # noqa: F401 - fixture
 

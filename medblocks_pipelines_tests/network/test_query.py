@@ -14,7 +14,8 @@ import pytest
 import sqlalchemy as sa
 
 from medblocks_pipelines.lib.network import ihe
-from medblocks_pipelines.lib.network.query import record_relationship_event, run_network_query
+from medblocks_pipelines.lib.network.evidence import record_relationship_event
+from medblocks_pipelines.lib.network.query import run_network_query
 from medblocks_pipelines.lib.network.tables import network_documents, network_queries
 from medblocks_pipelines.lib.registry import open_control_plane
 from medblocks_pipelines.lib.settings import get_settings

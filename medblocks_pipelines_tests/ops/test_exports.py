@@ -20,6 +20,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from medblocks_pipelines.lib.errors import ExportError
+from medblocks_pipelines.lib.ops import export_files
 from medblocks_pipelines.lib.ops import exports as ex
 from medblocks_pipelines.lib.registry import ControlPlane
 from medblocks_pipelines.lib.settings import Settings
@@ -167,7 +168,7 @@ def test_failed_run_is_recorded_and_the_retry_has_no_duplicates(
     ex.add_destination(
         cp, id="d", tenant_id="acme", kind="ndjson", url=str(out), config={"gzip": False}
     )
-    real = ex._write_ndjson
+    real = export_files._write_ndjson
     calls = {"n": 0}
 
     def flaky(fs: Any, path: str, batches: Any, gz: bool) -> tuple[int, int]:
@@ -177,7 +178,7 @@ def test_failed_run_is_recorded_and_the_retry_has_no_duplicates(
             raise _Boom()  # the disk filled up after the first type was written
         return result
 
-    monkeypatch.setattr(ex, "_write_ndjson", flaky)
+    monkeypatch.setattr(export_files, "_write_ndjson", flaky)
     with pytest.raises(ExportError):
         ex.run_export(cp, warehouse, "d")
     (failed,) = ex.list_runs(cp, destination_id="d")

@@ -3,7 +3,7 @@
 import os
 from typing import Any
 
-from medblocks_pipelines.lib.fhir.pull import pull_batch, source_limiter
+from medblocks_pipelines.lib.fhir.pull_batch import pull_batch, source_limiter
 from medblocks_pipelines.lib.registry import open_control_plane
 from medblocks_pipelines.lib.settings import Settings
 

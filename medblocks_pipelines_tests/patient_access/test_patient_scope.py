@@ -22,7 +22,8 @@ from medblocks_pipelines.cli import main
 from medblocks_pipelines.defs.patient_access import assets
 from medblocks_pipelines.defs.shared.partitions import patient_access_partitions
 from medblocks_pipelines.defs.shared.resources import PlatformResource
-from medblocks_pipelines.lib.fhir.pull import PullResult, pull_batch, watermark_key
+from medblocks_pipelines.lib.fhir.pull import PullResult, watermark_key
+from medblocks_pipelines.lib.fhir.pull_batch import pull_batch
 from medblocks_pipelines.lib.partitions import partition_key
 from medblocks_pipelines.lib.warehouse.build import build_warehouse, warehouse_path
 from medblocks_pipelines.lib.warehouse.lake import quarantine_glob, resources_glob

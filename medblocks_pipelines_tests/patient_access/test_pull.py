@@ -14,12 +14,8 @@ from typing import Any
 import duckdb
 import pytest
 
-from medblocks_pipelines.lib.fhir.pull import (
-    plan_queries,
-    pull_batch,
-    revoke_connection,
-    watermark_key,
-)
+from medblocks_pipelines.lib.fhir.pull import plan_queries, revoke_connection, watermark_key
+from medblocks_pipelines.lib.fhir.pull_batch import pull_batch
 from medblocks_pipelines.lib.smart.scopes import ScopeSet
 from medblocks_pipelines.lib.smart.tokens import TokenManager, tokens_secret_name
 from medblocks_pipelines.lib.warehouse.lake import quarantine_glob, resources_glob

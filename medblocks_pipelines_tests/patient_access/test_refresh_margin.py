@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from medblocks_pipelines.lib.fhir.client import FhirClient
-from medblocks_pipelines.lib.fhir.pull import pull_batch
+from medblocks_pipelines.lib.fhir.pull_batch import pull_batch
 from medblocks_pipelines.lib.smart.tokens import TokenManager, refresh_margin_for
 from medblocks_pipelines_tests.patient_access.conftest import PatientAccessEnv
 

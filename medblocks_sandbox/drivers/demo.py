@@ -347,7 +347,7 @@ def network(state: DemoState) -> None:
         state.console.print("[yellow]no exchange gateway in this sandbox; skipped")
         return
     from medblocks_pipelines.cli.network import run_network_sync
-    from medblocks_pipelines.lib.network.query import record_relationship_event
+    from medblocks_pipelines.lib.network.evidence import record_relationship_event
 
     related, unrelated = _network_persons(state)
     # A recent encounter at the tenant's organization documents the relationship.

@@ -19,7 +19,7 @@ from medblocks_pipelines.defs.shared.pull_outcomes import (
 from medblocks_pipelines.defs.shared.resources import PlatformResource
 from medblocks_pipelines.defs.shared.summaries import landing_metadata
 from medblocks_pipelines.lib.cds.launch import PATTERN
-from medblocks_pipelines.lib.fhir.pull import BatchResult, pull_batch
+from medblocks_pipelines.lib.fhir.pull_batch import BatchResult, pull_batch
 from medblocks_pipelines.lib.partitions import split_partition_key
 
 RECORDS_KEY = dg.AssetKey(["clinician_workflow", "records"])

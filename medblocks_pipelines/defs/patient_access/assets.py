@@ -21,7 +21,8 @@ from medblocks_pipelines.defs.shared.pull_outcomes import (
 )
 from medblocks_pipelines.defs.shared.resources import PlatformResource
 from medblocks_pipelines.defs.shared.summaries import landing_metadata
-from medblocks_pipelines.lib.fhir.pull import PATTERN, BatchResult, due_connections, pull_batch
+from medblocks_pipelines.lib.fhir.pull import PATTERN
+from medblocks_pipelines.lib.fhir.pull_batch import BatchResult, due_connections, pull_batch
 from medblocks_pipelines.lib.partitions import split_partition_key
 
 

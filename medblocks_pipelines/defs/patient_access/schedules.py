@@ -12,7 +12,8 @@ import dagster as dg
 from medblocks_pipelines.defs.patient_access.assets import patient_access_pull_job
 from medblocks_pipelines.defs.shared.resources import PlatformResource
 from medblocks_pipelines.defs.shared.sandbox_guard import without_stopped_sandboxes
-from medblocks_pipelines.lib.fhir.pull import PATTERN, due_connections
+from medblocks_pipelines.lib.fhir.pull import PATTERN
+from medblocks_pipelines.lib.fhir.pull_batch import due_connections
 from medblocks_pipelines.lib.partitions import partition_key
 
 

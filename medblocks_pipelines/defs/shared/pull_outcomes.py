@@ -7,7 +7,7 @@ from typing import Any
 
 import dagster as dg
 
-from medblocks_pipelines.lib.fhir.pull import BatchResult
+from medblocks_pipelines.lib.fhir.pull_batch import BatchResult
 from medblocks_pipelines.lib.fhir.pull_report import (
     markdown_table,
     row_from_result,

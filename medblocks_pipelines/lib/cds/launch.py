@@ -150,7 +150,7 @@ def finish_ehr_launch(
         },
     )
     if patient:
-        from medblocks_pipelines.lib.network.query import record_relationship_event
+        from medblocks_pipelines.lib.network.evidence import record_relationship_event
 
         person = person_of(conn["tenant_id"], conn["source_id"], patient) if person_of else None
         record_relationship_event(

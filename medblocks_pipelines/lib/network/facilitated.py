@@ -32,6 +32,8 @@ from medblocks_pipelines.lib.errors import ConfigError, NotFound, NoUdap
 from medblocks_pipelines.lib.fhir.client import FhirClient, dumps_exact
 from medblocks_pipelines.lib.fhir.compartment import PatientScope
 from medblocks_pipelines.lib.network import ihe
+from medblocks_pipelines.lib.network.demographics import person_aliases, resolve_demographics
+from medblocks_pipelines.lib.network.evidence import gather_evidence, prior_queries
 from medblocks_pipelines.lib.network.fhir_nodes import (
     US_CORE_TYPES,
     NodeEndpoint,
@@ -49,13 +51,7 @@ from medblocks_pipelines.lib.network.policy import (
     load_catalog,
     tenant_network_settings,
 )
-from medblocks_pipelines.lib.network.query import (
-    QueryResult,
-    gather_evidence,
-    person_aliases,
-    prior_queries,
-    resolve_demographics,
-)
+from medblocks_pipelines.lib.network.query import QueryResult
 from medblocks_pipelines.lib.network.tables import network_queries, utcnow
 from medblocks_pipelines.lib.network.udap.certs import VaultSigner, load_pem_chain
 from medblocks_pipelines.lib.network.udap.discovery import TEFCA_COMMUNITY

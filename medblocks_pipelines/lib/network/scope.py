@@ -6,8 +6,8 @@ from typing import Any
 import sqlalchemy as sa
 
 from medblocks_pipelines.lib.errors import ConfigError
+from medblocks_pipelines.lib.network.evidence import last_query_at
 from medblocks_pipelines.lib.network.policy import tenant_network_settings
-from medblocks_pipelines.lib.network.query import last_query_at
 from medblocks_pipelines.lib.network.tables import aware, network_relationship_events
 from medblocks_pipelines.lib.partitions import normalise_id, partition_key, split_partition_key
 

@@ -32,48 +32,39 @@ Records
 
 File formats follow the FHIR Bulk Data manifest (``output`` per type with ``count``, ``deleted``
 as NDJSON of transaction Bundles with DELETE entries).
+
+The parts: :mod:`~.export_delta` (what changed since the committed export, the snapshots),
+:mod:`~.export_files` (NDJSON / Parquet files and the manifest), :mod:`~.export_fhir`
+(transaction bundles to a FHIR server).
 """
 
-import gzip
 import json
-import secrets as pysecrets
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import duckdb
-import fsspec
 import httpx
-import pyarrow as pa
-import pyarrow.parquet as pq
 import sqlalchemy as sa
 
-from medblocks_pipelines.lib.errors import ConfigError, ExportError, MedblocksError, NotFound
+from medblocks_pipelines.lib.errors import ConfigError, ExportError, NotFound
 from medblocks_pipelines.lib.ops import tables as ot
+from medblocks_pipelines.lib.ops.export_delta import prepare_delta, prune_states, save_state
+from medblocks_pipelines.lib.ops.export_fhir import send_fhir
+from medblocks_pipelines.lib.ops.export_files import write_files
 from medblocks_pipelines.lib.registry import ControlPlane
 from medblocks_pipelines.lib.registry import schema as rt
 from medblocks_pipelines.lib.registry.store import check_id
 from medblocks_pipelines.lib.settings import Settings
 from medblocks_pipelines.lib.warehouse.build import current_warehouse_path
-from medblocks_pipelines.lib.warehouse.read_policy import (
-    ConsumerRule,
-    ReadCounts,
-    audit_read,
-    consumer_filter,
-    load_read_policy,
-    read_counts,
-)
+from medblocks_pipelines.lib.warehouse.read_policy import audit_read, load_read_policy
 
 KINDS = ("ndjson", "parquet", "fhir")
 SECRET_PREFIX = "export:"
 # A run older than this that never finished is taken as crashed (it no longer blocks new runs).
 STALE_AFTER = timedelta(hours=6)
-# Reference targets first, so a strict receiver can resolve references in later bundles.
-_TYPE_ORDER = ("Organization", "Location", "Practitioner", "PractitionerRole", "Patient")
-_STATE_SCHEMA = pa.schema([("resource_key", pa.string()), ("content_hash", pa.string())])
 
 
 @dataclass
@@ -257,7 +248,7 @@ def run_export(
         rule = policy.rule("export", dest["config"].get("purpose"))
         con = duckdb.connect()
         try:
-            read = _prepare_delta(
+            read = prepare_delta(
                 con, wh_file, state_dir, int(last) if last else None, dest["config"], rule
             )
             audit_read(
@@ -271,10 +262,10 @@ def run_export(
                 ref=f"seq {seq}",
             )
             if dest["kind"] == "fhir":
-                _send_fhir(con, dest, _credentials(cp, destination_id), result, http, cp=cp)
+                send_fhir(con, dest, _credentials(cp, destination_id), result, http, cp=cp)
             else:
-                _write_files(con, dest, _credentials(cp, destination_id), result, tenant)
-            _save_state(con, state_dir, seq)
+                write_files(con, dest, _credentials(cp, destination_id), result, tenant)
+            save_state(con, state_dir, seq)
         finally:
             con.close()
     except Exception as exc:
@@ -291,7 +282,7 @@ def run_export(
         ) from exc
     result.duration_s = time.perf_counter() - started
     _finish_run(cp, run_row, dest, result, status="success", error=None)
-    _prune_states(state_dir, keep=seq)
+    prune_states(state_dir, keep=seq)
     return result
 
 
@@ -382,404 +373,3 @@ def _finish_run(
                 created_at=now,
             )
         )
-
-
-# -- delta -----------------------------------------------------------------------------------
-def _state_file(state_dir: Path, seq: int) -> Path:
-    return state_dir / f"state-{seq:06d}.parquet"
-
-
-def _prepare_delta(
-    con: duckdb.DuckDBPyConnection,
-    wh_file: Path,
-    state_dir: Path,
-    last_seq: int | None,
-    config: Mapping[str, Any],
-    rule: ConsumerRule,
-) -> ReadCounts:
-    """Temp tables ``current``, ``changed`` and ``deleted`` for this run; ``current`` holds only
-    the rows the read policy lets this destination carry. Returns the network rows' counts."""
-    con.execute(f"ATTACH '{wh_file}' AS wh (READ_ONLY)")
-    present = set(con.sql("SELECT * FROM wh.resources LIMIT 0").columns)
-    extra = "".join(
-        f", NULL::VARCHAR AS {c}"
-        for c in ("permitted_purpose", "network_query_id")
-        if c not in present
-    )
-    con.execute(f"CREATE TEMP VIEW wh_rows AS SELECT *{extra} FROM wh.resources")
-    read = read_counts(con, "wh_rows", rule)
-    where, params = [consumer_filter(rule)], []
-    if config.get("resource_types"):
-        where.append("resource_type IN (SELECT unnest(?))")
-        params.append(list(config["resource_types"]))
-    if config.get("sources"):
-        where.append("source IN (SELECT unnest(?))")
-        params.append(list(config["sources"]))
-    con.execute(
-        "CREATE TEMP TABLE current AS SELECT resource_key, resource_type, resource_id, version_id,"
-        " last_updated, content_hash, resource, source, fetched_at FROM wh_rows WHERE "
-        + " AND ".join(where),
-        params,
-    )
-    con.execute("DROP VIEW wh_rows")
-    con.execute("DETACH wh")
-    prev = _state_file(state_dir, last_seq) if last_seq else None
-    if prev is not None and prev.exists():
-        con.execute(
-            f"CREATE TEMP TABLE prev AS SELECT * FROM read_parquet('{prev}')"  # noqa: S608
-        )
-    else:
-        # No committed export, or its snapshot is gone: send everything (a backfill; names and
-        # PUTs are idempotent, but deletions since then cannot be known).
-        empty = _STATE_SCHEMA.empty_table()  # noqa: F841 (read by name in SQL)
-        con.execute("CREATE TEMP TABLE prev AS SELECT * FROM empty")
-    con.execute(
-        """
-        CREATE TEMP TABLE changed AS
-        SELECT c.* FROM current c LEFT JOIN prev p USING (resource_key)
-        WHERE p.content_hash IS DISTINCT FROM c.content_hash
-        """
-    )
-    con.execute(
-        """
-        CREATE TEMP TABLE deleted AS
-        SELECT p.resource_key,
-               split_part(p.resource_key, '/', 2) AS resource_type,
-               split_part(p.resource_key, '/', 3) AS resource_id
-        FROM prev p ANTI JOIN current c USING (resource_key)
-        """
-    )
-    return read
-
-
-def _save_state(con: duckdb.DuckDBPyConnection, state_dir: Path, seq: int) -> None:
-    state_dir.mkdir(parents=True, exist_ok=True)
-    final = _state_file(state_dir, seq)
-    tmp = final.with_suffix(f".{pysecrets.token_hex(4)}.tmp")
-    con.execute(
-        f"COPY (SELECT resource_key, content_hash FROM current ORDER BY resource_key) "
-        f"TO '{tmp}' (FORMAT parquet)"
-    )
-    tmp.replace(final)
-
-
-def _prune_states(state_dir: Path, *, keep: int) -> None:
-    for path in state_dir.glob("state-*.parquet"):
-        try:
-            n = int(path.stem.split("-")[1])
-        except (IndexError, ValueError):
-            continue
-        if n < keep:
-            path.unlink(missing_ok=True)
-
-
-def _types(con: duckdb.DuckDBPyConnection) -> list[str]:
-    found = [r[0] for r in con.execute("SELECT DISTINCT resource_type FROM changed").fetchall()]
-    first = [t for t in _TYPE_ORDER if t in found]
-    return first + sorted(t for t in found if t not in _TYPE_ORDER)
-
-
-def _batches(
-    con: duckdb.DuckDBPyConnection, sql: str, params: list[Any], size: int = 2000
-) -> Iterator[pa.RecordBatch]:
-    reader = con.sql(sql, params=params).to_arrow_reader(size)
-    yield from reader
-
-
-# -- files -----------------------------------------------------------------------------------
-def _filesystem(
-    dest: Mapping[str, Any], creds: Mapping[str, str]
-) -> tuple[fsspec.AbstractFileSystem, str]:
-    url: str = dest["url"]
-    cfg = dest["config"]
-    if url.startswith("s3://"):
-        kwargs: dict[str, Any] = {}
-        client_kwargs: dict[str, Any] = {}
-        if cfg.get("endpoint_url"):
-            client_kwargs["endpoint_url"] = cfg["endpoint_url"]
-        if cfg.get("region"):
-            client_kwargs["region_name"] = cfg["region"]
-        if creds.get("key"):
-            kwargs.update(key=creds["key"], secret=creds.get("secret"))
-        fs = fsspec.filesystem("s3", client_kwargs=client_kwargs, **kwargs)
-        return fs, url[len("s3://") :].rstrip("/")
-    if url.startswith("file://"):
-        url = url[len("file://") :]
-    if "://" in url:
-        raise ConfigError("export destinations support folders and s3:// URLs")
-    return fsspec.filesystem("file", auto_mkdir=True), str(Path(url).resolve())
-
-
-def _write_files(
-    con: duckdb.DuckDBPyConnection,
-    dest: Mapping[str, Any],
-    creds: Mapping[str, str],
-    result: ExportResult,
-    tenant: str,
-) -> None:
-    fs, root = _filesystem(dest, creds)
-    prefix = f"{root}/{tenant}/{dest['id']}/{result.seq:06d}"
-    # Leftovers of a failed attempt at this sequence go first: retries never add duplicates.
-    if fs.exists(prefix):
-        fs.rm(prefix, recursive=True)
-    if hasattr(fs, "invalidate_cache"):
-        fs.invalidate_cache()
-    kind = dest["kind"]
-    gz = bool(dest["config"].get("gzip", True)) if kind == "ndjson" else False
-    output: list[dict[str, Any]] = []
-    for rtype in _types(con):
-        sql = (
-            "SELECT resource_id, version_id, last_updated, content_hash, source, fetched_at, "
-            "resource FROM changed WHERE resource_type = ? ORDER BY source, resource_id"
-        )
-        if kind == "ndjson":
-            name = f"{rtype}.ndjson" + (".gz" if gz else "")
-            count, size = _write_ndjson(fs, f"{prefix}/{name}", _batches(con, sql, [rtype]), gz)
-        else:
-            name = f"{rtype}.parquet"
-            count, size = _write_parquet(fs, f"{prefix}/{name}", _batches(con, sql, [rtype]))
-        result.counts_by_type[rtype] = count
-        result.files += 1
-        result.bytes += size
-        output.append({"type": rtype, "url": name, "count": count})
-    deleted: list[dict[str, Any]] = []
-    n_deleted = int(con.execute("SELECT count(*) FROM deleted").fetchall()[0][0])
-    if n_deleted:
-        name = "deleted.ndjson" + (".gz" if gz else "")
-        lines = _deletion_bundles(con)
-        size = _write_lines(fs, f"{prefix}/{name}", lines, gz)
-        result.deleted = n_deleted
-        result.files += 1
-        result.bytes += size
-        deleted.append({"type": "Bundle", "url": name, "count": n_deleted})
-    manifest = {
-        # FHIR Bulk Data manifest shape; urls are relative to the manifest.
-        "transactionTime": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
-        "requiresAccessToken": False,
-        "output": output,
-        "deleted": deleted,
-        "error": [],
-        "extension": {"seq": result.seq, "mode": result.mode, "format": kind},
-    }
-    body = json.dumps(manifest, indent=2).encode()
-    with fs.open(f"{prefix}/manifest.json", "wb") as fh:
-        fh.write(body)
-    result.files += 1
-    result.bytes += len(body)
-
-
-def _ndjson_lines(batches: Iterator[pa.RecordBatch]) -> Iterator[tuple[int, bytes]]:
-    for batch in batches:
-        resources = batch.column("resource").to_pylist()
-        chunk = "\n".join(resources) + "\n"
-        yield len(resources), chunk.encode()
-
-
-def _write_ndjson(
-    fs: fsspec.AbstractFileSystem, path: str, batches: Iterator[pa.RecordBatch], gz: bool
-) -> tuple[int, int]:
-    count = 0
-
-    def chunks() -> Iterator[bytes]:
-        nonlocal count
-        for n, data in _ndjson_lines(batches):
-            count += n
-            yield data
-
-    size = _write_lines(fs, path, chunks(), gz)
-    return count, size
-
-
-def _write_lines(
-    fs: fsspec.AbstractFileSystem, path: str, chunks: Iterator[bytes], gz: bool
-) -> int:
-    with fs.open(path, "wb") as raw:
-        if gz:
-            # mtime=0: the same content gives the same bytes, so a retry rewrites identical objects.
-            with gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, compresslevel=6) as fh:
-                for data in chunks:
-                    fh.write(data)
-        else:
-            for data in chunks:
-                raw.write(data)
-    return int(fs.size(path))
-
-
-def _write_parquet(
-    fs: fsspec.AbstractFileSystem, path: str, batches: Iterator[pa.RecordBatch]
-) -> tuple[int, int]:
-    count = 0
-    writer: pq.ParquetWriter | None = None
-    with fs.open(path, "wb") as raw:
-        for batch in batches:
-            if writer is None:
-                writer = pq.ParquetWriter(raw, batch.schema, compression="zstd")
-            writer.write_batch(batch)
-            count += batch.num_rows
-        if writer is not None:
-            writer.close()
-    return count, int(fs.size(path))
-
-
-def _deletion_bundles(con: duckdb.DuckDBPyConnection, per_bundle: int = 500) -> Iterator[bytes]:
-    rows = con.execute(
-        "SELECT resource_type, resource_id FROM deleted ORDER BY resource_type, resource_id"
-    ).fetchall()
-    for i in range(0, len(rows), per_bundle):
-        bundle = {
-            "resourceType": "Bundle",
-            "type": "transaction",
-            "entry": [
-                {"request": {"method": "DELETE", "url": f"{t}/{rid}"}}
-                for t, rid in rows[i : i + per_bundle]
-            ],
-        }
-        yield (json.dumps(bundle, separators=(",", ":")) + "\n").encode()
-
-
-# -- FHIR ------------------------------------------------------------------------------------
-def _send_fhir(
-    con: duckdb.DuckDBPyConnection,
-    dest: Mapping[str, Any],
-    creds: Mapping[str, str],
-    result: ExportResult,
-    http: httpx.Client | None,
-    *,
-    cp: ControlPlane | None = None,
-) -> None:
-    size = int(dest["config"].get("bundle_size", 200))
-    headers = {
-        "content-type": "application/fhir+json",
-        "accept": "application/fhir+json",
-    }
-    if creds.get("bearer_token"):
-        headers["authorization"] = f"Bearer {creds['bearer_token']}"
-    client = http or httpx.Client(timeout=60.0)
-    bearer = (
-        _BackendBearer(cp, dest, client) if dest["config"].get("auth") == "smart-backend" else None
-    )
-
-    def post(entries: list[bytes]) -> None:
-        _post_bundle(client, dest, headers, entries, result, bearer=bearer)
-
-    try:
-        for rtype in _types(con):
-            entries: list[bytes] = []
-            count = 0
-            for batch in _batches(
-                con,
-                "SELECT resource_id, resource FROM changed WHERE resource_type = ? "
-                "ORDER BY source, resource_id",
-                [rtype],
-            ):
-                for rid, text in zip(
-                    batch.column("resource_id").to_pylist(),
-                    batch.column("resource").to_pylist(),
-                    strict=True,
-                ):
-                    # The landed JSON goes in verbatim (decimals keep their precision).
-                    entries.append(
-                        b'{"fullUrl":"'
-                        + f"{dest['url'].rstrip('/')}/{rtype}/{rid}".encode()
-                        + b'","resource":'
-                        + text.encode()
-                        + b',"request":{"method":"PUT","url":"'
-                        + f"{rtype}/{rid}".encode()
-                        + b'"}}'
-                    )
-                    count += 1
-                    if len(entries) >= size:
-                        post(entries)
-                        entries = []
-            if entries:
-                post(entries)
-            result.counts_by_type[rtype] = count
-        rows = con.execute(
-            "SELECT resource_type, resource_id FROM deleted ORDER BY resource_type, resource_id"
-        ).fetchall()
-        for i in range(0, len(rows), size):
-            entries = [
-                json.dumps({"request": {"method": "DELETE", "url": f"{t}/{rid}"}}).encode()
-                for t, rid in rows[i : i + size]
-            ]
-            post(entries)
-        result.deleted = len(rows)
-    finally:
-        if http is None:
-            client.close()
-
-
-class _BackendBearer:
-    """``Authorization`` for a destination that takes SMART Backend Services tokens."""
-
-    def __init__(
-        self, cp: ControlPlane | None, dest: Mapping[str, Any], http: httpx.Client
-    ) -> None:
-        from medblocks_pipelines.lib.smart.backend import BackendAuth
-        from medblocks_pipelines.lib.smart.keys import KeyStore
-
-        if cp is None:
-            raise ExportError("smart-backend auth needs the control plane (our signing key)")
-        cfg = dest["config"]
-        self.auth = BackendAuth(
-            client_id=str(cfg["client_id"]),
-            scope=str(cfg.get("scope") or "system/*.cud"),
-            key=KeyStore(cp.vault).active,
-            http=http,
-            token_endpoint=cfg.get("token_endpoint"),
-            fhir_base_url=dest["url"],
-            jku=cfg.get("jku"),
-        )
-
-    def value(self) -> str:
-        try:
-            return f"Bearer {self.auth.token()}"
-        except MedblocksError as exc:
-            raise ExportError(f"no token for the FHIR destination: {exc}", hint=exc.hint) from exc
-
-    def expired(self, header: str) -> None:
-        self.auth.invalidate(header.removeprefix("Bearer "))
-
-
-def _post_bundle(
-    client: httpx.Client,
-    dest: Mapping[str, Any],
-    headers: dict[str, str],
-    entries: list[bytes],
-    result: ExportResult,
-    *,
-    bearer: "_BackendBearer | None" = None,
-) -> None:
-    body = b'{"resourceType":"Bundle","type":"transaction","entry":[' + b",".join(entries) + b"]}"
-    for attempt in (1, 2):
-        sent = dict(headers)
-        if bearer is not None:
-            sent["authorization"] = bearer.value()
-        try:
-            resp = client.post(dest["url"].rstrip("/") + "/", content=body, headers=sent)
-        except httpx.HTTPError as exc:
-            raise ExportError(
-                f"FHIR destination {dest['id']} unreachable: {type(exc).__name__}"
-            ) from exc
-        if resp.status_code == 401 and bearer is not None and attempt == 1:
-            bearer.expired(sent["authorization"])  # revoked or expired early: one fresh token
-            continue
-        break
-    if resp.status_code != 200:
-        raise ExportError(
-            f"FHIR destination {dest['id']} refused a transaction: HTTP {resp.status_code}",
-            hint="the destination's OperationOutcome is in its own logs; fix and re-run",
-        )
-    try:
-        reply = resp.json()
-    except ValueError as exc:
-        raise ExportError(f"FHIR destination {dest['id']} answered with non-JSON") from exc
-    if reply.get("resourceType") != "Bundle" or reply.get("type") != "transaction-response":
-        raise ExportError(f"FHIR destination {dest['id']} did not answer a transaction-response")
-    statuses = [str((e.get("response") or {}).get("status", "")) for e in reply.get("entry", [])]
-    if len(statuses) != len(entries) or not all(s[:1] == "2" for s in statuses):
-        raise ExportError(
-            f"FHIR destination {dest['id']} did not accept every entry of a transaction"
-        )
-    result.bundles += 1
-    result.bytes += len(body)
