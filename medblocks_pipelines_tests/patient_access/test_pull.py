@@ -14,7 +14,12 @@ from typing import Any
 import duckdb
 import pytest
 
-from medblocks_pipelines.lib.fhir.pull import plan_queries, revoke_connection, watermark_key
+from medblocks_pipelines.lib.fhir.pull import (
+    plan_queries,
+    revoke_connection,
+    search_watermark_key,
+    watermark_key,
+)
 from medblocks_pipelines.lib.fhir.pull_batch import pull_batch
 from medblocks_pipelines.lib.smart.scopes import ScopeSet
 from medblocks_pipelines.lib.smart.tokens import TokenManager, tokens_secret_name
@@ -297,6 +302,39 @@ def test_paging_loop_stops_that_search_with_an_error(pa_env: PatientAccessEnv) -
     history = pa_env.cp.list_pulls(tenant_id="acme")[0]
     assert history["status"] == "partial" and "paging_loop" in history["error"]
     assert pa_env.cp.get_watermark(watermark_key(conn_id)) is None  # retried in full next time
+
+
+def test_partial_pull_moves_the_clean_searches_only(pa_env: PatientAccessEnv) -> None:
+    """A quirk that recurs on one search (a paging loop on Observation) does not make every pull a
+    full one: the searches that ran clean move their own watermark, the looping one is held."""
+    with custom_ehr(pa_env, rewrite=(r"/fhir/Observation$", _loop)) as (sid, _e):
+        conn_id, _o = pa_env.connect(sid, pa_env.logins(pa_env.org("ehr"))[0])
+        first = pull(pa_env, [conn_id]).results[0]
+        assert first.status == "partial" and first.counts["Condition"] >= 1
+        assert "Condition" in first.clean_searches
+        assert first.held_searches and all(
+            label.startswith("Observation") for label in first.held_searches
+        )
+        marks = pa_env.cp.list_watermarks(watermark_key(conn_id) + "/")
+        assert marks[search_watermark_key(conn_id, "Condition")] is not None
+        assert not any(search_watermark_key(conn_id, h) in marks for h in first.held_searches)
+        second = pull(pa_env, [conn_id], run_id="r2").results[0]
+    assert second.status == "partial"
+    assert second.counts["Condition"] == 0  # incremental: nothing changed since its mark
+    assert second.failures["paging_loop"] == first.failures["paging_loop"]  # held: in full again
+    assert second.history_counts()["_searches_held"] == len(first.held_searches)
+
+
+def test_complete_pull_clears_the_search_marks(pa_env: PatientAccessEnv) -> None:
+    org = pa_env.org("ehr")
+    sid = pa_env.add_source(org)
+    (conn_id,) = connect_n(pa_env, sid, org, 1)
+    stale = search_watermark_key(conn_id, "Condition")
+    pa_env.cp.set_watermark(stale, "2026-01-01T00:00:00Z")
+    res = pull(pa_env, [conn_id]).results[0]
+    assert res.status == "success" and not res.held_searches
+    assert pa_env.cp.get_watermark(stale) is None
+    assert pa_env.cp.get_watermark(watermark_key(conn_id)) is not None
 
 
 def _malform(path: str, body: dict[str, Any]) -> dict[str, Any] | None:

@@ -17,7 +17,11 @@ For one active connection (SPECS §1.10, §1.11), also the EHR-launch targeted s
    lost the search's parameters, ``Bundle.total`` not matching what came, no CapabilityStatement).
 
 A pull with failed searches, anomalies or quarantined rows is ``partial`` (with reasons in pull
-history; the watermark stays so the next pull is full); an auth failure (refresh refused, consent
+history). The watermark is kept per search: a partial pull moves the ``since`` of each search that
+ran clean (no failure, anomaly or quarantined row while it ran) and holds the others, so the next
+pull repeats in full only what went wrong, not every search because one server quirk recurs. When
+following references or fetching Binary content went wrong, nothing moves (those came from the
+searches' results, which an incremental pull would not see again); an auth failure (refresh refused, consent
 revoked) or every search failing ends that connection's pull as ``failed``;
 :func:`~.pull_batch.pull_batch` never lets one connection fail the others. Pull history and the
 incremental watermark are per connection.
@@ -68,6 +72,12 @@ def watermark_key(connection_id: str) -> str:
     return f"{PATTERN}/{connection_id}/since"
 
 
+def search_watermark_key(connection_id: str, label: str) -> str:
+    """One search's watermark (``label``: the PHI-free query label, e.g. ``Observation:vital-signs``),
+    newer than the connection's after a partial pull that ran that search clean."""
+    return f"{watermark_key(connection_id)}/{label}"
+
+
 @dataclass
 class PullResult:
     """What one connection's pull did (counts and our ids only)."""
@@ -96,6 +106,14 @@ class PullResult:
     outside_compartment: int = 0
     #: Resources a category-limited grant excluded when the server could not filter by category.
     filtered_locally: int = 0
+    #: Labels of the searches that ran clean (their watermark moves even on a partial pull).
+    clean_searches: list[str] = field(default_factory=list)
+    #: Labels of the searches whose watermark was held (they repeat from their old ``since``).
+    held_searches: list[str] = field(default_factory=list)
+
+    def trouble(self) -> tuple[int, int, int]:
+        """Failures, anomalies and quarantined rows so far (to tell which step added some)."""
+        return sum(self.failures.values()), sum(self.anomalies.values()), self.quarantined
 
     def anomaly(self, kind: str, note: str) -> None:
         """Record one anomaly (a note is kept for the first few of each pull)."""
@@ -126,6 +144,7 @@ class PullResult:
                 "_duplicates": self.duplicates,
                 "_requests": self.requests,
                 "_failures": sum(self.failures.values()),
+                "_searches_held": len(self.held_searches),
                 **{f"_anomaly:{k}": int(v) for k, v in sorted(self.anomalies.items())},
             }
         )
@@ -140,13 +159,18 @@ def _pull_patient(
     patient_id: str,
     *,
     since: str | None,
+    search_since: Mapping[str, str | None],
     kind: str,
     granted: Any,
     supported: set[str],
     capability: Mapping[str, Any] | None,
     config: Mapping[str, Any],
 ) -> None:
-    """Read the Patient, run the planned searches, follow references, fetch Binary content."""
+    """Read the Patient, run the planned searches, follow references, fetch Binary content.
+
+    ``search_since`` overrides ``since`` per query label (a search's own watermark). Records which
+    searches ran clean in ``result.clean_searches`` and which were held in ``held_searches``.
+    """
     result, client = puller.r, puller.client
     patient = client.read("Patient", patient_id)
     # The Patient is read on every pull (no search to filter it), but what it references
@@ -159,11 +183,13 @@ def _pull_patient(
         supported=supported,
         granted=granted,
         since=since,
+        since_by_label=search_since,
         config=config,
         capability=capability,
     )
     failed = 0
     for query in queries:
+        trouble = result.trouble()
         before = sum(result.failures.values())
         try:
             puller.search(query)
@@ -186,10 +212,19 @@ def _pull_patient(
         except ProtocolError:
             result.failures["protocol"] += 1
         failed += sum(result.failures.values()) > before
+        if result.trouble() == trouble:
+            result.clean_searches.append(query.label)
+        else:
+            result.held_searches.append(query.label)
     if queries and failed == len(queries):
         result.error = "all_searches_failed"
+    trouble = result.trouble()
     puller.follow_references()
     puller.fetch_binaries()
+    if result.trouble() != trouble:
+        # What went wrong came from the searches' results: hold every search.
+        result.held_searches += result.clean_searches
+        result.clean_searches = []
 
 
 def _status(result: PullResult) -> str:
@@ -244,6 +279,9 @@ def pull_connection(
     result.pull_id = pull_id
     pulled_at = datetime.now(UTC)
     since = None if full else cp.get_watermark(watermark_key(connection_id))
+    search_keys = cp.list_watermarks(watermark_key(connection_id) + "/")
+    prefix = len(watermark_key(connection_id)) + 1
+    search_since = {} if full else {k[prefix:]: v for k, v in search_keys.items() if v}
     result.since = since
     tokens = TokenManager(cp, connection_id, http=http, client_auth=client_auth)
     client = FhirClient(
@@ -276,6 +314,7 @@ def pull_connection(
                 puller,
                 str(patient_id),
                 since=since,
+                search_since=search_since,
                 kind=str(source.get("kind", "ehr")),
                 granted=tokens.granted,
                 supported=supported or set(),
@@ -310,10 +349,20 @@ def pull_connection(
         # What the server did, in shapes and parameter names only (no values, no PHI).
         error += " | " + "; ".join(result.anomaly_notes[:5])
     cp.finish_pull(pull_id, status=result.status, counts=result.history_counts(), error=error)
+    mark = (pulled_at - WATERMARK_OVERLAP).strftime("%Y-%m-%dT%H:%M:%SZ")
     if result.status == "success":
-        # Only a complete pull moves the watermark: a failed search must be retried in full.
-        mark = (pulled_at - WATERMARK_OVERLAP).strftime("%Y-%m-%dT%H:%M:%SZ")
+        # A complete pull moves the connection's watermark; the per-search ones are then stale.
         cp.set_watermark(watermark_key(connection_id), mark)
+        for key, value in search_keys.items():
+            if value:
+                cp.set_watermark(key, None)
+    elif result.status == "partial":
+        # Each search that ran clean moves; the others repeat from their old ``since``.
+        for label in result.clean_searches:
+            cp.set_watermark(search_watermark_key(connection_id, label), mark)
+    else:
+        result.held_searches += result.clean_searches
+        result.clean_searches = []
     cadence = timedelta(hours=float(cfg.get("pull_cadence_hours") or 24))
     cp.update_connection(connection_id, last_pull_at=pulled_at, next_pull_due=pulled_at + cadence)
     return result
@@ -336,5 +385,6 @@ __all__ = [
     "pull_connection",
     "refresh_failed_connections",
     "revoke_connection",
+    "search_watermark_key",
     "watermark_key",
 ]

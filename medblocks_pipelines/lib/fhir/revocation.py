@@ -67,6 +67,8 @@ def revoke_connection(
     if delete_data:
         removed = delete_connection_data(lake_root, conn["tenant_id"], connection_id)
         cp.set_watermark(_watermark_key(connection_id), None)
+        for key in cp.list_watermarks(_watermark_key(connection_id) + "/"):
+            cp.set_watermark(key, None)
         cp.record_event(connection_id, "data.deleted", {"rows": removed})
     return RevokeResult(connection_id, revoked_remote, removed, delete_data)
 

@@ -178,6 +178,7 @@ def plan_queries(
     supported: set[str],
     granted: ScopeSet,
     since: str | None = None,
+    since_by_label: Mapping[str, str | None] | None = None,
     config: Mapping[str, Any] | None = None,
     capability: Mapping[str, Any] | None = None,
 ) -> tuple[list[Query], dict[str, str]]:
@@ -186,6 +187,7 @@ def plan_queries(
 
     ``capability`` is the server's CapabilityStatement; without one, ``supported`` (types) is
     used, and empty ``supported`` means every known type is tried with the US Core parameters.
+    ``since_by_label`` gives one search (by its label) its own ``_lastUpdated`` bound, else ``since``.
     """
     cfg = dict(config or {})
     caps = read_capabilities(capability)
@@ -217,8 +219,9 @@ def plan_queries(
         keep = _granted_categories(granted, rtype)
         for query in _searches_of(spec, patient_id, patient_param, caps, cfg):
             params = list(query.params)
-            if since:
-                params.append(("_lastUpdated", f"gt{since}"))
+            query_since = (since_by_label or {}).get(query.label) or since
+            if query_since:
+                params.append(("_lastUpdated", f"gt{query_since}"))
             if cfg.get("page_size"):
                 params.append(("_count", str(cfg["page_size"])))
             has_category = any(k == "category" for k, _v in params)
