@@ -54,7 +54,7 @@ class WebContext:
     extra: dict[str, Any] = field(default_factory=dict)
     _cp: Any = None
     #: Guards lazy construction: the first requests of a worker arrive together in threads, and
-    #: two control planes migrating at once trip over each other (alembic is not thread-safe).
+    #: on a brand-new SQLite file the first open creates the schema (alembic is not thread-safe).
     lock: threading.RLock = field(default_factory=threading.RLock)
 
     @property

@@ -128,6 +128,8 @@ def _cluster_lock(database_url: str, name: str) -> Iterator[None]:
     import sqlalchemy as sa
 
     key = int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big", signed=True)
+    # Its own unpooled engine, not db.make_engine's: the session advisory lock must end with this
+    # connection (a pooled one would keep the session, and a lock a bug left, after close).
     engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
     try:
         with engine.connect() as conn:
