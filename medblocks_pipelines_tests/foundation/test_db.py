@@ -2,6 +2,7 @@
 migrations as the explicit ``medblocks db upgrade`` step, on SQLite and on a real PostgreSQL
 database; a store opened on a database behind head refuses with one line and the hint."""
 
+import multiprocessing as mp
 import threading
 from pathlib import Path
 
@@ -148,3 +149,29 @@ def test_db_upgrade_on_a_fresh_postgres_database(
         with pytest.raises(ConfigError, match="behind head") as err:
             open_control_plane(pg)
         assert err.value.hint == UPGRADE_HINT
+
+
+def _child_engine(url: str, parent_id: int, out: "mp.Queue[tuple[bool, int]]") -> None:
+    engine = make_engine(url)
+    with engine.connect() as conn:
+        out.put(
+            (id(engine) != parent_id, conn.exec_driver_sql("SELECT count(*) FROM t").scalar_one())
+        )
+
+
+def test_a_forked_child_gets_its_own_engine(tmp_path: Path) -> None:
+    """A fork (Celery prefork, multiprocessing) must not share the parent's pooled connections."""
+    url = _sqlite(tmp_path / "a.db")
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE t (x INTEGER)")
+        conn.exec_driver_sql("INSERT INTO t VALUES (1)")
+    ctx = mp.get_context("fork")
+    out: mp.Queue[tuple[bool, int]] = ctx.Queue()
+    child = ctx.Process(target=_child_engine, args=(url, id(engine), out))
+    child.start()
+    assert out.get(timeout=60) == (True, 1)
+    child.join(timeout=30)
+    assert child.exitcode == 0
+    with engine.connect() as conn:  # the parent's pool still works
+        assert conn.exec_driver_sql("SELECT count(*) FROM t").scalar_one() == 1

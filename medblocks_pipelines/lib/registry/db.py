@@ -98,6 +98,9 @@ def dispose_engines() -> None:
 
 def _forget_after_fork() -> None:
     # The child must not use, nor close, the parent's connections: drop the pools without closing.
+    # Fresh locks too: another thread of the parent may have held one at the fork.
+    global _ENGINES_LOCK, _UPGRADE_LOCK
+    _ENGINES_LOCK, _UPGRADE_LOCK = threading.Lock(), threading.Lock()
     for engine in list(_ENGINES.values()):
         engine.dispose(close=False)
     _ENGINES.clear()

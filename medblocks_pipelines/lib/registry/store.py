@@ -733,4 +733,4 @@ def open_control_plane(settings: Settings, *, check_schema: bool = True) -> Cont
     engine = make_engine(settings.database_url)
     if check_schema:
         ensure_schema(engine)
-    return ControlPlane(engine, Vault(engine, load_keys(settings.data_dir)))
+    return ControlPlane(engine, Vault(engine, load_keys(settings.data_dir, settings.secret_key)))
