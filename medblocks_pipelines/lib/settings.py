@@ -255,7 +255,7 @@ class Settings:
     )
     #: ``MEDBLOCKS_CDS_TERMINOLOGY_URL`` (no trailing slash) and its ``..._INGREDIENT_CONCEPTMAP``.
     cds_terminology_url: str | None = field(
-        default_factory=_from_env("MEDBLOCKS_CDS_TERMINOLOGY_URL")
+        default_factory=lambda: _url(_text(os.environ, "MEDBLOCKS_CDS_TERMINOLOGY_URL"))
     )
     cds_ingredient_conceptmap: str | None = field(
         default_factory=_from_env("MEDBLOCKS_CDS_INGREDIENT_CONCEPTMAP")
@@ -292,6 +292,10 @@ class Settings:
             path.mkdir(parents=True, exist_ok=True)
 
 
+def _url(value: str | None) -> str | None:
+    return value.rstrip("/") if value else None
+
+
 def _path(value: str | None) -> Path | None:
     return Path(value) if value else None
 
@@ -321,7 +325,6 @@ def _settings_from_env(
     lake = root / "lake-mirror" if lake_url else _local(lake_env) or root / "lake"
     warehouse = root / "warehouse" if warehouse_url else _local(warehouse_env) or root / "warehouse"
     public = e.get(PUBLIC_BASE_URL_ENV)
-    terminology = _text(e, "MEDBLOCKS_CDS_TERMINOLOGY_URL")
     return Settings(
         data_dir=root,
         database_url=url,
@@ -336,7 +339,7 @@ def _settings_from_env(
         views_dir=_path(_text(e, "MEDBLOCKS_VIEWS_DIR")),
         read_policy=_text(e, "MEDBLOCKS_READ_POLICY"),
         webhook_allow_private=e.get("MEDBLOCKS_WEBHOOK_ALLOW_PRIVATE") == "1",
-        cds_terminology_url=terminology.rstrip("/") if terminology else None,
+        cds_terminology_url=_url(_text(e, "MEDBLOCKS_CDS_TERMINOLOGY_URL")),
         cds_ingredient_conceptmap=_text(e, "MEDBLOCKS_CDS_INGREDIENT_CONCEPTMAP"),
         cds_packs_dir=_path(_text(e, "MEDBLOCKS_CDS_PACKS_DIR")),
         cds_default_packs=_default_packs(e.get("MEDBLOCKS_CDS_DEFAULT_PACKS")),

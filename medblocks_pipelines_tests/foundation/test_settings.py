@@ -155,3 +155,19 @@ def test_resource_binds_set_variables_as_env_vars(
         str((tmp_path / "d").resolve()),
         "redis://127.0.0.1:6379/3",
     )
+
+
+def test_settings_built_by_hand_read_the_rest_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tools and tests build Settings from paths alone; the vault key still comes from the
+    environment, as when the vault read it itself."""
+    monkeypatch.setenv("MEDBLOCKS_SECRET_KEY", "k1")
+    monkeypatch.setenv("MEDBLOCKS_CDS_TERMINOLOGY_URL", "http://tx/")
+    monkeypatch.setenv("MEDBLOCKS_COMPACT_MIN_FILES", "3")
+    s = Settings(tmp_path, "sqlite://", tmp_path / "lake", tmp_path / "wh")
+    assert (s.secret_key, s.cds_terminology_url, s.tuning.compact_min_files) == (
+        "k1",
+        "http://tx",
+        3,
+    )
