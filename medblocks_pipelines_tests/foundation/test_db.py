@@ -175,3 +175,33 @@ def test_a_forked_child_gets_its_own_engine(tmp_path: Path) -> None:
     assert child.exitcode == 0
     with engine.connect() as conn:  # the parent's pool still works
         assert conn.exec_driver_sql("SELECT count(*) FROM t").scalar_one() == 1
+
+
+def _open_fresh(data_dir: str, key: str, barrier: "mp.synchronize.Barrier") -> None:
+    import os
+
+    os.environ["MEDBLOCKS_SECRET_KEY"] = key
+    settings = get_settings(data_dir)
+    barrier.wait()
+    open_control_plane(settings).add_tenant(f"t{os.getpid()}", "T")
+
+
+def test_processes_opening_a_new_sqlite_file_at_once(settings: Settings) -> None:
+    """Sensors, runs and web workers may all be first: the file is created at head once."""
+    import os
+
+    ctx = mp.get_context("spawn")
+    barrier = ctx.Barrier(3)
+    key = os.environ["MEDBLOCKS_SECRET_KEY"]
+    procs = [
+        ctx.Process(target=_open_fresh, args=(str(settings.data_dir), key, barrier))
+        for _ in range(3)
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    cp = open_control_plane(settings)
+    assert current_revision(cp.engine) == head_revision()
+    assert len(cp.list_tenants()) == 3
