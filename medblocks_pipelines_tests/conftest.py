@@ -2,7 +2,8 @@
 
 PostgreSQL runs on 127.0.0.1:5432 with trust auth (see .ci/run). Each test session creates its own
 database and drops it at the end. Where no server answers, PostgreSQL tests skip locally and fail in CI
-(``MEDBLOCKS_REQUIRE_POSTGRES=1``).
+(``MEDBLOCKS_REQUIRE_POSTGRES=1``). A control-plane database is migrated as production's is, by the
+explicit ``medblocks db upgrade`` step (``db.upgrade``); SQLite ones are created at head on first open.
 """
 
 import contextvars
@@ -66,9 +67,22 @@ def _pg_available() -> bool:
         return False
 
 
+@pytest.fixture(autouse=True)
+def _dispose_engines() -> Iterator[None]:
+    """Close the control-plane engines a test opened (one per URL per process, cached)."""
+    yield
+    from medblocks_pipelines.lib.registry.db import dispose_engines
+
+    dispose_engines()
+
+
 @contextmanager
-def fresh_pg_database(tag: str) -> Iterator[str]:
-    """Create a uniquely named PostgreSQL database, yield its URL, drop it afterwards."""
+def fresh_pg_database(tag: str, *, control_plane: bool = True) -> Iterator[str]:
+    """Create a uniquely named PostgreSQL database, yield its URL, drop it afterwards.
+
+    ``control_plane``: migrate it to head first (``medblocks db upgrade``); off for Dagster's own
+    storage, which keeps its own ``alembic_version``.
+    """
     if not _pg_available():
         if os.environ.get("MEDBLOCKS_REQUIRE_POSTGRES") == "1":
             pytest.fail("PostgreSQL is required (MEDBLOCKS_REQUIRE_POSTGRES=1) but not reachable")
@@ -78,8 +92,16 @@ def fresh_pg_database(tag: str) -> Iterator[str]:
     with admin.connect() as conn:
         conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
     try:
-        yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+        url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+        if control_plane:
+            from medblocks_pipelines.lib.registry.db import make_engine, upgrade
+
+            upgrade(make_engine(url))
+        yield url
     finally:
+        from medblocks_pipelines.lib.registry.db import dispose_engines
+
+        dispose_engines()  # the DROP below needs no connection of ours left open
         with admin.connect() as conn:
             conn.exec_driver_sql(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
@@ -99,7 +121,7 @@ def pg_database_url() -> Iterator[str]:
 @pytest.fixture(scope="session")
 def pg_dagster_url() -> Iterator[str]:
     """A separate fresh database for Dagster's own storage (it has its own alembic_version)."""
-    with fresh_pg_database("dagster") as url:
+    with fresh_pg_database("dagster", control_plane=False) as url:
         yield url
 
 

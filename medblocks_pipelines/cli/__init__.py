@@ -17,6 +17,7 @@ from medblocks_pipelines.lib.errors import MedblocksError
 
 # (module:attribute, parent group or None for top level, command name)
 PLUGINS: list[tuple[str, str | None, str]] = [
+    ("medblocks_pipelines.cli.db:db", None, "db"),
     ("medblocks_pipelines.cli.views:views", None, "views"),
     ("medblocks_pipelines.cli.backend:sync_backend", "sync", "backend"),
     ("medblocks_pipelines.cli.backend:keys", None, "keys"),

@@ -22,7 +22,6 @@ Credentials come from the standard environment of each backend (``AWS_ACCESS_KEY
 ``{"client_kwargs": {"region_name": "eu-west-1"}}``).
 """
 
-import json
 import os
 import secrets
 import time
@@ -48,18 +47,9 @@ def is_remote(location: str | os.PathLike[str] | None) -> bool:
 
 def storage_options() -> dict[str, Any]:
     """Extra fsspec options from ``MEDBLOCKS_STORAGE_OPTIONS`` (JSON object), if set."""
-    raw = os.environ.get("MEDBLOCKS_STORAGE_OPTIONS")
-    if not raw:
-        return {}
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(
-            "MEDBLOCKS_STORAGE_OPTIONS is not valid JSON", hint="give a JSON object"
-        ) from exc
-    if not isinstance(value, dict):
-        raise ConfigError("MEDBLOCKS_STORAGE_OPTIONS must be a JSON object")
-    return value
+    from medblocks_pipelines.lib.settings import Settings  # settings imports this module
+
+    return dict(Settings.from_env().storage_options)
 
 
 def open_fs(url: str) -> tuple["fsspec.AbstractFileSystem", str]:

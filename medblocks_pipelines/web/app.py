@@ -12,7 +12,6 @@ and one that strips it (``/cds-services``); cookies are scoped to the public pat
 import contextlib
 import importlib
 import logging
-import os
 import threading
 import urllib.parse
 from collections.abc import AsyncIterator
@@ -54,7 +53,7 @@ class WebContext:
     extra: dict[str, Any] = field(default_factory=dict)
     _cp: Any = None
     #: Guards lazy construction: the first requests of a worker arrive together in threads, and
-    #: two control planes migrating at once trip over each other (alembic is not thread-safe).
+    #: on a brand-new SQLite file the first open creates the schema (alembic is not thread-safe).
     lock: threading.RLock = field(default_factory=threading.RLock)
 
     @property
@@ -176,7 +175,7 @@ def _warm_cds(ctx: WebContext) -> None:
 def app_from_env() -> Starlette:
     """The app for ``medblocks serve --workers N`` (an import-string factory: each uvicorn worker
     process builds its own, with its own warehouse index and connections)."""
-    public = os.environ.get("MEDBLOCKS_PUBLIC_BASE_URL")
+    public = Settings.from_env().public_base_url
     if not public:
         raise RuntimeError("MEDBLOCKS_PUBLIC_BASE_URL must be set for app_from_env")
     return create_app(public_base_url=public)

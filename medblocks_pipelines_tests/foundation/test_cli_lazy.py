@@ -29,7 +29,9 @@ def _imported_by(*args: str) -> set[str]:
     }
 
 
-@pytest.mark.parametrize("args", [("--help",), ("sync", "--help"), ("warehouse", "--help")])
+@pytest.mark.parametrize(
+    "args", [("--help",), ("sync", "--help"), ("warehouse", "--help"), ("db", "--help")]
+)
 def test_help_imports_nothing_heavy(args: tuple[str, ...]) -> None:
     modules = _imported_by(*args)
     assert "medblocks_pipelines.cli" in modules  # the parse saw the imports

@@ -9,7 +9,7 @@ import sqlalchemy as sa
 
 from medblocks_pipelines.lib.errors import InvalidTransition, NotFound, RegistryError
 from medblocks_pipelines.lib.registry import ControlPlane, open_control_plane
-from medblocks_pipelines.lib.registry.db import alembic_config, make_engine
+from medblocks_pipelines.lib.registry.db import alembic_config, make_engine, upgrade
 from medblocks_pipelines.lib.registry.declarative import apply_registry
 from medblocks_pipelines.lib.registry.schema import load_all_tables
 from medblocks_pipelines.lib.settings import Settings
@@ -24,6 +24,7 @@ def cp(request: pytest.FixtureRequest, settings: Settings, monkeypatch: pytest.M
         load_all_tables().drop_all(engine)
         with engine.begin() as conn:
             conn.exec_driver_sql("DROP TABLE IF EXISTS alembic_version")
+        upgrade(engine)  # production's explicit step: `medblocks db upgrade`
         engine.dispose()
         monkeypatch.setenv("MEDBLOCKS_DATABASE_URL", url)
         from medblocks_pipelines.lib.settings import get_settings

@@ -134,7 +134,7 @@ def worker_env(tmp_path: Path) -> Iterator[dict[str, str]]:
     _require("RabbitMQ (5672)", _port_open(5672))
     _require("PostgreSQL (5432)", _port_open(5432))
     with (
-        fresh_pg_database("celery_dagster") as dagster_url,
+        fresh_pg_database("celery_dagster", control_plane=False) as dagster_url,
         fresh_pg_database("celery_cp") as cp_url,
     ):
         home = tmp_path / "dagster_home"

@@ -13,7 +13,7 @@ def pull_in_child(
 ) -> None:
     """Wait for the other puller, pull ``ids`` (one thread each), report request counts."""
     os.environ["MEDBLOCKS_REDIS_URL"] = redis_url
-    cp = open_control_plane(settings, migrate_schema=False)
+    cp = open_control_plane(settings, check_schema=False)
     barrier.wait()
     batch = pull_batch(
         cp, ids, lake_root=settings.lake_root, run_id=run_id, concurrency=len(ids), full=True

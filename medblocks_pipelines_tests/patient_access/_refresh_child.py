@@ -11,7 +11,7 @@ from medblocks_pipelines.lib.smart.tokens import TokenManager
 
 def refresh_in_child(settings: Settings, conn_id: str, stale: str, barrier: Any, out: Any) -> None:
     """Wait for the others, then refresh the grant; report the token and whether we refreshed."""
-    cp = open_control_plane(settings, migrate_schema=False)
+    cp = open_control_plane(settings, check_schema=False)
     with httpx.Client(timeout=30.0) as http:
         manager = TokenManager(cp, conn_id, http=http)
         barrier.wait()

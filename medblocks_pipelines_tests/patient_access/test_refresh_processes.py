@@ -52,7 +52,7 @@ def test_one_refresher_across_processes(
         pg.vault.put(
             tokens_secret_name(conn_id), pa_env.cp.vault.get(tokens_secret_name(conn_id)).reveal()
         )
-    cp = open_control_plane(settings, migrate_schema=False)
+    cp = open_control_plane(settings, check_schema=False)
     stale = TokenManager(cp, conn_id, http=pa_env.http).access_token()
     ctx = mp.get_context("spawn")
     barrier, out = ctx.Barrier(PROCESSES), ctx.Queue()

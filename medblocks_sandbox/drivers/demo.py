@@ -29,6 +29,7 @@ from rich.console import Console
 from rich.table import Table
 
 from medblocks_pipelines.lib.registry import ControlPlane, open_control_plane, utcnow
+from medblocks_pipelines.lib.registry.db import make_engine, upgrade
 from medblocks_pipelines.lib.registry.sandbox_sources import SANDBOX_FLAG
 from medblocks_pipelines.lib.settings import Settings, get_settings
 
@@ -555,6 +556,9 @@ def run_demo(*, persons: int, seed: int, fresh: bool, console: Console) -> DemoS
     if fresh:
         _fresh_data_dir(settings)
     settings.ensure_dirs()
+    # The bootstrap step a deployment runs once (`medblocks db upgrade`): a data folder kept from
+    # an older release is brought to head, a new one is created at head.
+    upgrade(make_engine(settings.database_url))
     ensure_dagster_home()
     os.environ.setdefault("MEDBLOCKS_SANDBOX_ADMIN_SECRET", "demo-admin-secret")
     with ExitStack() as stack:

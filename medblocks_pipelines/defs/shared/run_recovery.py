@@ -25,7 +25,6 @@ without changing anything. Files a run of another host left are that host's to r
 CLI run or sensor).
 """
 
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +34,7 @@ import dagster as dg
 
 from medblocks_pipelines.lib.runs import leftovers
 from medblocks_pipelines.lib.runs.process import is_alive, this_host
-from medblocks_pipelines.lib.settings import Settings
+from medblocks_pipelines.lib.settings import Settings, Tuning
 
 LAUNCHED_BY_TAG = "medblocks/launched_by"
 HOST_TAG = "medblocks/host"
@@ -75,7 +74,7 @@ class RecoveryReport:
 
 def heartbeat_timeout_seconds() -> float:
     """How old a CLI run's last heartbeat may be before another host calls the run dead."""
-    return float(os.environ.get("MEDBLOCKS_RUN_HEARTBEAT_TIMEOUT_S", "600"))
+    return Tuning.from_env().run_heartbeat_timeout_s  # MEDBLOCKS_RUN_HEARTBEAT_TIMEOUT_S
 
 
 def _run_is_dead(run: dg.DagsterRun, host: str, now: float) -> bool:

@@ -12,14 +12,13 @@ Why not a delivery job: a run per 5 s tick would bury the UI's runs and add a ru
 delivery; the tick's work is small and bounded, and every attempt is recorded in the control plane.
 """
 
-import os
-
 import dagster as dg
 import httpx
 
 from medblocks_pipelines.defs.shared.resources import PlatformResource
 from medblocks_pipelines.lib.ops.webhooks import DeliveryPolicy, deliver_due
 from medblocks_pipelines.lib.registry import utcnow
+from medblocks_pipelines.lib.settings import Tuning
 
 #: Parallel POSTs per round: a few slow receivers do not hold up the others.
 WORKERS = 4
@@ -27,20 +26,15 @@ WORKERS = 4
 TIMEOUT_S = 10.0
 
 
-def _number(env: str, default: float) -> float:
-    try:
-        return float(os.environ.get(env, default))
-    except ValueError:
-        return default
-
-
 def tick_policy() -> DeliveryPolicy:
     """The sensor's bounds: a tick must finish well within the daemon's sensor timeout (60 s)."""
+    tuning = Tuning.from_env()  # MEDBLOCKS_WEBHOOK_BATCH, _TIMEOUT_S, _DEADLINE_S
+    timeout = tuning.webhook_timeout_s
     return DeliveryPolicy(
-        batch=int(_number("MEDBLOCKS_WEBHOOK_BATCH", 100)),
-        timeout_s=min(TIMEOUT_S, _number("MEDBLOCKS_WEBHOOK_TIMEOUT_S", TIMEOUT_S)),
+        batch=tuning.webhook_batch,
+        timeout_s=min(TIMEOUT_S, TIMEOUT_S if timeout is None else timeout),
         workers=WORKERS,
-        deadline_s=_number("MEDBLOCKS_WEBHOOK_DEADLINE_S", 20.0),
+        deadline_s=tuning.webhook_deadline_s,
     )
 
 

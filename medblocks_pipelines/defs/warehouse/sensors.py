@@ -11,7 +11,6 @@ storage id seen and, per tenant, the pending window; a crash between ticks loses
 """
 
 import json
-import os
 import time
 from typing import Any
 
@@ -24,6 +23,7 @@ from medblocks_pipelines.defs.warehouse.assets import (
 )
 from medblocks_pipelines.lib.errors import ConfigError
 from medblocks_pipelines.lib.partitions import split_partition_key
+from medblocks_pipelines.lib.settings import Tuning
 
 
 def landing_asset_keys(repository_def: dg.RepositoryDefinition) -> list[dg.AssetKey]:
@@ -33,13 +33,6 @@ def landing_asset_keys(repository_def: dg.RepositoryDefinition) -> list[dg.Asset
     if not graph.has(BASE_TABLES_KEY):
         return []
     return sorted(graph.get(BASE_TABLES_KEY).parent_keys, key=lambda k: k.to_user_string())
-
-
-def _seconds(env: str, default: float) -> float:
-    try:
-        return float(os.environ.get(env, default))
-    except ValueError:
-        return default
 
 
 def plan_rebuilds(
@@ -101,12 +94,13 @@ def warehouse_on_landing_sensor(context: dg.SensorEvaluationContext) -> dg.Senso
         ).records
         for r in records:
             landings.append((name, r.storage_id, r.partition_key, r.timestamp))
+    tuning = Tuning.from_env()
     due, new_cursor = plan_rebuilds(
         cursor,
         landings,
         now=time.time(),
-        quiet_s=_seconds("MEDBLOCKS_WAREHOUSE_DEBOUNCE_S", 60),
-        max_wait_s=_seconds("MEDBLOCKS_WAREHOUSE_MAX_WAIT_S", 600),
+        quiet_s=tuning.warehouse_debounce_s,  # MEDBLOCKS_WAREHOUSE_DEBOUNCE_S
+        max_wait_s=tuning.warehouse_max_wait_s,  # MEDBLOCKS_WAREHOUSE_MAX_WAIT_S
     )
     known = set(context.instance.get_dynamic_partitions("tenants"))
     requests = []

@@ -13,7 +13,6 @@ also emit an outbox event, and a flood of them must not be cheaper to send than 
 
 import atexit
 import logging
-import os
 import queue
 import threading
 from collections.abc import Mapping
@@ -23,12 +22,13 @@ from typing import Any
 import sqlalchemy as sa
 
 from medblocks_pipelines.lib.registry.schema import audit_log
+from medblocks_pipelines.lib.settings import Tuning
 
 log = logging.getLogger(__name__)
 
 #: Seconds between batch inserts (``MEDBLOCKS_CDS_AUDIT_FLUSH_SECONDS``; tests set it long to see
 #: that shutdown alone writes every row).
-FLUSH_INTERVAL = float(os.environ.get("MEDBLOCKS_CDS_AUDIT_FLUSH_SECONDS", "0.2"))
+FLUSH_INTERVAL = Tuning.from_env().cds_audit_flush_seconds  # MEDBLOCKS_CDS_AUDIT_FLUSH_SECONDS
 MAX_BATCH = 500
 RETRY_PAUSE = 1.0
 

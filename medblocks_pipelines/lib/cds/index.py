@@ -35,6 +35,7 @@ import duckdb
 import polars as pl
 
 from medblocks_pipelines.lib.errors import WarehouseError
+from medblocks_pipelines.lib.settings import Tuning
 from medblocks_pipelines.lib.warehouse.read_policy import (
     ConsumerRule,
     ReadCounts,
@@ -48,7 +49,7 @@ log = logging.getLogger(__name__)
 
 CHECK_INTERVAL = 1.0
 # With warehouses published to object storage, how often a server asks whether a newer one exists.
-REFRESH_INTERVAL = float(os.environ.get("MEDBLOCKS_WAREHOUSE_POLL_SECONDS", "15"))
+REFRESH_INTERVAL = Tuning.from_env().warehouse_poll_seconds  # MEDBLOCKS_WAREHOUSE_POLL_SECONDS
 RETRY_FAILED_AFTER = 30.0
 LOAD_MEMORY_LIMIT = "512MB"
 SSN_SYSTEMS = ("http://hl7.org/fhir/sid/us-ssn", "urn:oid:2.16.840.1.113883.4.1")

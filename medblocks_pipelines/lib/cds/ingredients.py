@@ -16,7 +16,6 @@ codes); what could not be resolved is reported by the card rules, never taken as
 """
 
 import logging
-import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +23,7 @@ from typing import Any
 import httpx
 
 from medblocks_pipelines.lib.cds.knowledge import RXNORM, KnowledgeBase
+from medblocks_pipelines.lib.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +68,12 @@ class TerminologyClient:
         cls, http: httpx.Client, env: Mapping[str, str] | None = None
     ) -> "TerminologyClient | None":
         """The configured server (``MEDBLOCKS_CDS_TERMINOLOGY_URL``), or None."""
-        env = os.environ if env is None else env
-        base = env.get(TERMINOLOGY_ENV)
-        if not base:
+        settings = Settings.from_env(env=env)
+        if not settings.cds_terminology_url:
             return None
-        return cls(base.rstrip("/"), http, conceptmap=env.get(CONCEPTMAP_ENV) or None)
+        return cls(
+            settings.cds_terminology_url, http, conceptmap=settings.cds_ingredient_conceptmap
+        )
 
     def _get(self, op: str, params: dict[str, str]) -> dict[str, Any] | None:
         key = (op, "&".join(f"{k}={v}" for k, v in sorted(params.items())))

@@ -99,10 +99,9 @@ class RedisJtiStore:
 
 def redis_url(env: Any = None) -> str | None:
     """``MEDBLOCKS_REDIS_URL`` (``redis://host:port/db``), or None when not configured."""
-    import os
+    from medblocks_pipelines.lib.settings import Settings
 
-    value = str((env if env is not None else os.environ).get(REDIS_URL_ENV) or "").strip()
-    return value or None
+    return Settings.from_env(env=env).redis_url
 
 
 def open_jti_store(engine: sa.engine.Engine, url: str | None = None) -> JtiStore:

@@ -16,7 +16,6 @@ checking than discovery promises).
 """
 
 import json
-import os
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from medblocks_pipelines.lib.errors import ConfigError
+from medblocks_pipelines.lib.settings import Settings
 
 PACKS_DIR = Path(__file__).parent / "packs"
 PACKS_ENV = "MEDBLOCKS_CDS_PACKS_DIR"
@@ -267,10 +267,8 @@ def load_knowledge(
 
 def knowledge_from_env(env: Mapping[str, str] | None = None) -> KnowledgeBase:
     """:func:`load_knowledge` as configured by ``MEDBLOCKS_CDS_PACKS_DIR`` / ``..._DEFAULT_PACKS``."""
-    env = os.environ if env is None else env
-    extra = env.get(PACKS_ENV)
-    defaults = env.get(DEFAULTS_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
-    return load_knowledge(Path(extra) if extra else None, include_defaults=defaults)
+    settings = Settings.from_env(env=env)
+    return load_knowledge(settings.cds_packs_dir, include_defaults=settings.cds_default_packs)
 
 
 def write_schema(path: Path = PACKS_DIR / SCHEMA_FILE) -> None:

@@ -1,7 +1,6 @@
 """Organization backend settings, merged from source and organization config, and the
 clients (HTTP, bulk, backend token) a backend sync uses; see :mod:`bulk_sync` for the keys."""
 
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +19,7 @@ from medblocks_pipelines.lib.fhir.bulk import (
 )
 from medblocks_pipelines.lib.registry import ControlPlane
 from medblocks_pipelines.lib.registry.schema import BULK_IN_FLIGHT
+from medblocks_pipelines.lib.settings import Settings
 from medblocks_pipelines.lib.smart.backend import BackendAuth
 from medblocks_pipelines.lib.smart.keys import KeyStore
 
@@ -76,7 +76,7 @@ def org_config(
     if isinstance(want_jku, str) and want_jku.startswith("http"):
         jku = want_jku
     elif want_jku:
-        public = os.environ.get("MEDBLOCKS_PUBLIC_BASE_URL")
+        public = Settings.from_env().public_base_url
         jku = (
             scfg.get("jwks_url")
             or public_jwks_url

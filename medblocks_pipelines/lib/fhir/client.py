@@ -28,7 +28,6 @@ every process and machine; without it, the in-process :class:`RateLimiter`.
 
 import email.utils
 import json
-import os
 import random
 import threading
 import time
@@ -49,6 +48,7 @@ from medblocks_pipelines.lib.errors import (
     ProtocolError,
     TransientError,
 )
+from medblocks_pipelines.lib.settings import Settings
 from medblocks_pipelines.lib.smart.tokens import TokenProvider
 
 FHIR_JSON = "application/fhir+json"
@@ -246,7 +246,7 @@ def limiter_for(key: str, limit: int, per: float = 1.0, *, redis_url: str | None
     Shared by every process and machine through Redis when ``redis_url`` (default
     ``MEDBLOCKS_REDIS_URL``) is set; otherwise one :class:`RateLimiter` per process.
     """
-    url = redis_url if redis_url is not None else os.environ.get(REDIS_URL_ENV, "").strip()
+    url = redis_url if redis_url is not None else Settings.from_env().redis_url or ""
     with _LIMITERS_LOCK:
         current = _LIMITERS.get(key)
         shared = type(current).__name__ == "SharedRateLimiter"

@@ -25,7 +25,6 @@ seconds of the attempt) and ``webhook-signature`` (``v1,`` + base64 HMAC-SHA256 
 import base64
 import ipaddress
 import json
-import os
 import secrets as pysecrets
 import socket
 import time
@@ -44,6 +43,7 @@ from medblocks_pipelines.lib.ops import tables as ot
 from medblocks_pipelines.lib.ops.webhook_pool import Post, PostResult, post_all, post_one
 from medblocks_pipelines.lib.registry import ControlPlane
 from medblocks_pipelines.lib.registry import schema as rt
+from medblocks_pipelines.lib.settings import Settings
 
 # Growing delays over days, after the first attempt (the schedule Svix documents for the spec's
 # reference implementation): the 8th attempt comes about 28 hours after the event.
@@ -174,7 +174,7 @@ def check_public_host(host: str) -> None:
     """Refuse receivers on loopback, private, link-local or reserved addresses (SSRF: a tenant
     must not make the platform call its own network or cloud metadata), unless
     ``MEDBLOCKS_WEBHOOK_ALLOW_PRIVATE=1`` (the embedded default and tests on loopback)."""
-    if os.environ.get("MEDBLOCKS_WEBHOOK_ALLOW_PRIVATE") == "1":
+    if Settings.from_env().webhook_allow_private:
         return
     try:
         infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)

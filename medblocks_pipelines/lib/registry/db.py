@@ -3,18 +3,41 @@
 SQLite runs in WAL mode with a busy timeout, and every transaction starts with ``BEGIN IMMEDIATE`` so that
 concurrent writers (sensors, runs, web requests in other processes) queue on the lock instead of failing
 with "database is locked" when a read transaction tries to upgrade to a write.
+
+One engine per URL per process (:func:`make_engine`): an engine is a connection pool, and a pool per
+opened store would hold connections nobody closes. :func:`dispose_engines` closes them all (at exit
+too); a forked child drops the parent's pools without closing the parent's connections
+(SQLAlchemy's "Using Connection Pools with Multiprocessing or os.fork()").
+
+Migrations are an explicit step (``medblocks db upgrade``, :func:`upgrade`). Opening a store only
+checks that the schema is at head (:func:`ensure_schema`); the one exception is a brand-new embedded
+SQLite database, which is created at head so ``medblocks`` works with no setup step.
 """
 
+import atexit
+import os
+import threading
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 
+from medblocks_pipelines.lib.errors import ConfigError
 from medblocks_pipelines.lib.registry.schema import load_all_tables
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+UPGRADE_HINT = "run: medblocks db upgrade"
+
+_ENGINES: dict[str, sa.Engine] = {}
+_ENGINES_LOCK = threading.Lock()
+#: Alembic is not thread-safe: one bootstrap upgrade at a time in this process (other processes
+#: queue on SQLite's write lock, and the loser finds the schema at head).
+_UPGRADE_LOCK = threading.Lock()
 
 
 def normalise_url(url: str) -> str:
@@ -24,9 +47,8 @@ def normalise_url(url: str) -> str:
     return url
 
 
-def make_engine(url: str) -> sa.Engine:
-    """Create an engine for ``url`` with the pragmas and pool settings concurrent writers need."""
-    url = normalise_url(url)
+def _create_engine(url: str) -> sa.Engine:
+    """A new engine for (normalised) ``url`` with the pragmas and pool settings concurrent writers need."""
     if url.startswith("sqlite"):
         db_path = url.split("///", 1)[-1]
         if db_path and db_path != ":memory:":
@@ -52,15 +74,105 @@ def make_engine(url: str) -> sa.Engine:
     return sa.create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
 
 
-def alembic_config(engine: sa.Engine) -> Config:
+def make_engine(url: str) -> sa.Engine:
+    """The process's engine for ``url``, created on first use (thread-safe).
+
+    Callers may ``dispose()`` it (that only empties its pool; the engine stays usable).
+    """
+    key = normalise_url(url)
+    with _ENGINES_LOCK:
+        engine = _ENGINES.get(key)
+        if engine is None:
+            engine = _ENGINES[key] = _create_engine(key)
+        return engine
+
+
+def dispose_engines() -> None:
+    """Close every pooled connection of every cached engine and forget the engines."""
+    with _ENGINES_LOCK:
+        engines = list(_ENGINES.values())
+        _ENGINES.clear()
+    for engine in engines:
+        engine.dispose()
+
+
+def _forget_after_fork() -> None:
+    # The child must not use, nor close, the parent's connections: drop the pools without closing.
+    # Fresh locks too: another thread of the parent may have held one at the fork.
+    global _ENGINES_LOCK, _UPGRADE_LOCK
+    _ENGINES_LOCK, _UPGRADE_LOCK = threading.Lock(), threading.Lock()
+    for engine in list(_ENGINES.values()):
+        engine.dispose(close=False)
+    _ENGINES.clear()
+
+
+atexit.register(dispose_engines)
+os.register_at_fork(after_in_child=_forget_after_fork)
+
+
+def alembic_config(engine: sa.Engine | None = None) -> Config:
     """An Alembic config bound to ``engine`` (no alembic.ini needed)."""
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
-    cfg.attributes["engine"] = engine
+    if engine is not None:
+        cfg.attributes["engine"] = engine
     return cfg
 
 
-def migrate(engine: sa.Engine) -> None:
-    """Bring the schema to the newest migration (idempotent, safe to call from every process)."""
+def _scripts() -> ScriptDirectory:
+    return ScriptDirectory.from_config(alembic_config())
+
+
+@cache
+def head_revision() -> str:
+    """The newest migration this code ships."""
+    head = _scripts().get_current_head()
+    if head is None:  # pragma: no cover - the package always ships migrations
+        raise ConfigError("no control-plane migrations shipped")
+    return head
+
+
+def current_revision(engine: sa.Engine) -> str | None:
+    """The revision the database is at (None: never migrated)."""
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def upgrade(engine: sa.Engine, revision: str = "head") -> None:
+    """Bring the schema to ``revision`` (idempotent; ``medblocks db upgrade`` runs it)."""
     load_all_tables()
-    command.upgrade(alembic_config(engine), "head")
+    with _UPGRADE_LOCK:
+        command.upgrade(alembic_config(engine), revision)
+
+
+def _is_empty(engine: sa.Engine) -> bool:
+    return not sa.inspect(engine).get_table_names()
+
+
+def ensure_schema(engine: sa.Engine) -> None:
+    """Raise a one-line :class:`ConfigError` unless the schema is at head.
+
+    A brand-new, empty SQLite database (the embedded default, a test's temporary folder) is
+    upgraded here instead: there is nothing to migrate, only tables to create. PostgreSQL and
+    SQLite databases that hold data always need the explicit ``medblocks db upgrade``.
+    """
+    current, head = current_revision(engine), head_revision()
+    if current == head:
+        return
+    if current is None and engine.dialect.name == "sqlite" and _is_empty(engine):
+        upgrade(engine)
+        return
+    where = engine.url.render_as_string(hide_password=True)
+    if current is None:
+        raise ConfigError(
+            f"control plane {where} has no schema (head is {head})", hint=UPGRADE_HINT
+        )
+    known = {rev.revision for rev in _scripts().walk_revisions()}
+    if current not in known:
+        raise ConfigError(
+            f"control plane {where} is at revision {current}, newer than this code (head {head})",
+            hint="upgrade medblocks_pipelines on this machine",
+        )
+    raise ConfigError(
+        f"control plane {where} is at revision {current}, behind head {head}", hint=UPGRADE_HINT
+    )

@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from medblocks_pipelines.lib.errors import InvalidTransition, NotFound, RegistryError
 from medblocks_pipelines.lib.partitions import normalise_id
 from medblocks_pipelines.lib.registry import schema as t
-from medblocks_pipelines.lib.registry.db import make_engine, migrate
+from medblocks_pipelines.lib.registry.db import ensure_schema, make_engine
 from medblocks_pipelines.lib.registry.vault import Vault, load_keys
 from medblocks_pipelines.lib.settings import Settings
 
@@ -724,9 +724,13 @@ class ControlPlane:
                 conn.execute(table.insert().values(**key, **values, **{timestamp: utcnow()}))
 
 
-def open_control_plane(settings: Settings, *, migrate_schema: bool = True) -> ControlPlane:
-    """Open (and by default migrate) the control plane described by ``settings``."""
+def open_control_plane(settings: Settings, *, check_schema: bool = True) -> ControlPlane:
+    """Open the control plane described by ``settings`` on the process's engine for its URL.
+
+    The schema must be at head (``medblocks db upgrade``): a database behind raises a one-line
+    :class:`ConfigError`; a brand-new embedded SQLite file is created at head (``db.ensure_schema``).
+    """
     engine = make_engine(settings.database_url)
-    if migrate_schema:
-        migrate(engine)
-    return ControlPlane(engine, Vault(engine, load_keys(settings.data_dir)))
+    if check_schema:
+        ensure_schema(engine)
+    return ControlPlane(engine, Vault(engine, load_keys(settings.data_dir, settings.secret_key)))

@@ -42,11 +42,11 @@ class Secret:
         return hash(self._value)
 
 
-def load_keys(data_dir: Path | None) -> list[bytes]:
-    """Return the Fernet keys, newest first, from the environment or the key file."""
-    env = os.environ.get("MEDBLOCKS_SECRET_KEY")
-    if env:
-        return [k.strip().encode() for k in env.split(",") if k.strip()]
+def load_keys(data_dir: Path | None, secret_key: str | None = None) -> list[bytes]:
+    """Return the Fernet keys, newest first: ``secret_key`` (``Settings.secret_key``, from
+    ``MEDBLOCKS_SECRET_KEY``) or the key file."""
+    if secret_key:
+        return [k.strip().encode() for k in secret_key.split(",") if k.strip()]
     if data_dir is None:
         raise ConfigError(
             "no vault key",

@@ -37,6 +37,9 @@ class HostAndClusterLock:
         import sqlalchemy as sa
 
         try:
+            # Not the cached pool of db.make_engine, on purpose: a session advisory lock lives as
+            # long as its connection, so closing ours (release, or this process dying) must end
+            # the session; a pooled connection would outlive release() still holding the lock.
             self._engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
             self._conn = self._engine.connect()
             self._conn.execute(sa.text("SELECT pg_advisory_lock(:k)"), {"k": self.key})

@@ -50,7 +50,7 @@ import pyarrow as pa
 
 from medblocks_pipelines.lib.errors import StorageError, WarehouseError
 from medblocks_pipelines.lib.partitions import normalise_id
-from medblocks_pipelines.lib.settings import Settings
+from medblocks_pipelines.lib.settings import Settings, Tuning
 from medblocks_pipelines.lib.storage import fetch_if_changed, join, put_file, remember_signature
 from medblocks_pipelines.lib.warehouse.lake import (
     LATE_PROVENANCE_COLUMNS,
@@ -64,7 +64,9 @@ from medblocks_pipelines.lib.warehouse.lake import (
 log = logging.getLogger(__name__)
 
 # DuckDB memory for a build (the rest spills to disk): a tenant of any size builds in bounded RSS.
-WAREHOUSE_MEMORY_LIMIT = os.environ.get("MEDBLOCKS_WAREHOUSE_MEMORY_LIMIT", "768MB")
+WAREHOUSE_MEMORY_LIMIT = (
+    Tuning.from_env().warehouse_memory_limit
+)  # MEDBLOCKS_WAREHOUSE_MEMORY_LIMIT
 
 
 @dataclass
@@ -128,6 +130,8 @@ def _cluster_lock(database_url: str, name: str) -> Iterator[None]:
     import sqlalchemy as sa
 
     key = int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big", signed=True)
+    # Its own unpooled engine, not db.make_engine's: the session advisory lock must end with this
+    # connection (a pooled one would keep the session, and a lock a bug left, after close).
     engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
     try:
         with engine.connect() as conn:

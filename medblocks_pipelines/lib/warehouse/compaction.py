@@ -28,16 +28,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from medblocks_pipelines.lib.partitions import normalise_id
+from medblocks_pipelines.lib.settings import Tuning
 from medblocks_pipelines.lib.storage import is_remote, join, open_fs, storage_error
 from medblocks_pipelines.lib.warehouse.lake import QUARANTINE_SCHEMA, RESOURCE_SCHEMA
 
+_TUNING = Tuning.from_env()
+
 #: Files at most this large count as small.
-SMALL_FILE_BYTES = int(os.environ.get("MEDBLOCKS_COMPACT_SMALL_BYTES", 4 * 1024 * 1024))
+SMALL_FILE_BYTES = _TUNING.compact_small_bytes  # MEDBLOCKS_COMPACT_SMALL_BYTES
 #: A folder is compacted once it holds at least this many small files.
-MIN_SMALL_FILES = int(os.environ.get("MEDBLOCKS_COMPACT_MIN_FILES", 32))
+MIN_SMALL_FILES = _TUNING.compact_min_files  # MEDBLOCKS_COMPACT_MIN_FILES
 #: At most this many bytes of small files (as stored) go into one combined file, so memory stays
 #: bounded whatever the backlog: a folder with more becomes several combined files.
-MAX_GROUP_BYTES = int(os.environ.get("MEDBLOCKS_COMPACT_GROUP_BYTES", 64 * 1024 * 1024))
+MAX_GROUP_BYTES = _TUNING.compact_group_bytes  # MEDBLOCKS_COMPACT_GROUP_BYTES
 
 
 @dataclass

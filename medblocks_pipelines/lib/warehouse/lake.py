@@ -39,6 +39,7 @@ from medblocks_pipelines.lib.errors import LandingError
 from medblocks_pipelines.lib.fhir import validate
 from medblocks_pipelines.lib.fhir.compartment import PatientScope
 from medblocks_pipelines.lib.partitions import normalise_id
+from medblocks_pipelines.lib.settings import Tuning
 from medblocks_pipelines.lib.storage import (
     MirrorStats,
     is_remote,
@@ -291,7 +292,7 @@ class LakeWriter:
         self.landing_threads: int | None = None
         # FHIR validation at the door; off only for the ingest benchmark's baseline and for
         # tests that need a lake landed before the checks existed.
-        self.validate = os.environ.get("MEDBLOCKS_BENCH_SKIP_VALIDATION") != "1"
+        self.validate = not Tuning.from_env().skip_validation  # MEDBLOCKS_BENCH_SKIP_VALIDATION
         # (type, id, versionId) -> content hash of the current file's rows (line-by-line pass).
         self._seen: dict[tuple[str, str, str], str] | None = None
         self.stats = LandingStats()

@@ -14,7 +14,6 @@ gets the memory limit, a spill folder (``temp_directory``) and ``MEDBLOCKS_LANDI
 """
 
 import gzip
-import os
 import re
 import zlib
 from dataclasses import dataclass
@@ -22,10 +21,11 @@ from pathlib import Path
 
 import duckdb
 
+from medblocks_pipelines.lib.settings import Tuning
 from medblocks_pipelines.lib.warehouse.ndjson_sql import CONFLICT_SQL
 
 # DuckDB memory per landing connection; with the chunk size it bounds a landing's RSS.
-LANDING_MEMORY_LIMIT = os.environ.get("MEDBLOCKS_LANDING_MEMORY_LIMIT", "512MB")
+LANDING_MEMORY_LIMIT = Tuning.from_env().landing_memory_limit  # MEDBLOCKS_LANDING_MEMORY_LIMIT
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 1 << 10}
 _UNITS |= {"mib": 1 << 20, "gib": 1 << 30, "k": 10**3, "m": 10**6, "g": 10**9}
@@ -49,9 +49,9 @@ def chunk_bytes() -> int:
     """Largest NDJSON chunk landed in one pass: an eighth of the memory limit (the table holds
     each line and the values the checks read), at most ``MAX_CHUNK_BYTES``, unless
     ``MEDBLOCKS_LANDING_CHUNK_BYTES`` says."""
-    given = os.environ.get("MEDBLOCKS_LANDING_CHUNK_BYTES")
+    given = Tuning.from_env().landing_chunk_bytes
     if given:
-        return int(given)
+        return given
     return max(1 << 20, min(MAX_CHUNK_BYTES, memory_limit_bytes() // 8))
 
 
@@ -62,7 +62,7 @@ def configure(con: duckdb.DuckDBPyConnection, scratch: Path, threads: int | None
     con.execute("SET preserve_insertion_order=false")
     con.execute(f"SET memory_limit='{LANDING_MEMORY_LIMIT}'")
     con.execute(f"SET temp_directory='{str(scratch).replace(chr(39), chr(39) * 2)}'")
-    given = os.environ.get("MEDBLOCKS_LANDING_THREADS")
+    given = Tuning.from_env().landing_threads
     if given or threads:
         con.execute(f"SET threads={int(given or threads or 1)}")
 

@@ -7,14 +7,15 @@ yields what was readable followed by one ``truncated_gzip`` event for the tail.
 """
 
 import gzip
-import os
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from medblocks_pipelines.lib.settings import Tuning
+
 # Lines longer than this are quarantined (a FHIR resource this large is an attack or a bug).
-MAX_LINE_BYTES = int(os.environ.get("MEDBLOCKS_MAX_LINE_BYTES", str(16 * 1024 * 1024)))
+MAX_LINE_BYTES = Tuning.from_env().max_line_bytes  # MEDBLOCKS_MAX_LINE_BYTES
 
 _CHUNK = 1 << 20
 

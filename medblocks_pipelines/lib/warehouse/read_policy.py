@@ -35,6 +35,7 @@ import duckdb
 import yaml
 
 from medblocks_pipelines.lib.errors import ConfigError
+from medblocks_pipelines.lib.settings import Settings
 
 #: The environment variable naming an operator's policy file.
 ENV_VAR = "MEDBLOCKS_READ_POLICY"
@@ -102,7 +103,7 @@ def available_versions() -> list[str]:
 
 def load_read_policy(path: str | os.PathLike[str] | None = None) -> ReadPolicy:
     """The policy in force: ``path``, else ``$MEDBLOCKS_READ_POLICY``, else the newest shipped."""
-    chosen = path if path is not None else os.environ.get(ENV_VAR) or None
+    chosen = path if path is not None else Settings.from_env().read_policy
     return _load(str(chosen) if chosen else None)
 
 

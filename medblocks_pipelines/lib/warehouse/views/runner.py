@@ -7,7 +7,6 @@ view fails to compile or to run.
 """
 
 import json
-import os
 from collections.abc import Iterable, Mapping, Sequence
 from decimal import Decimal
 from pathlib import Path
@@ -17,6 +16,7 @@ import duckdb
 import pyarrow as pa
 
 from medblocks_pipelines.lib.errors import ViewDefinitionError
+from medblocks_pipelines.lib.settings import Settings
 from medblocks_pipelines.lib.warehouse.sandboxed import connect_sandboxed, lock_down
 from medblocks_pipelines.lib.warehouse.views.compiler import CompiledView, compile_view
 
@@ -114,7 +114,7 @@ def load_core_views(*, user_dir: Path | str | None = None) -> dict[str, dict[str
     A user view with the same name as a shipped one replaces it.
     """
     views = load_views(DEFINITIONS_DIR)
-    extra = user_dir if user_dir is not None else os.environ.get("MEDBLOCKS_VIEWS_DIR")
+    extra = user_dir if user_dir is not None else Settings.from_env().views_dir
     if extra:
         views.update(load_views(Path(extra)))
     return views
@@ -152,9 +152,9 @@ def data_dictionary(views: Mapping[str, Mapping[str, Any]] | Iterable[Mapping[st
 def default_suite_dir() -> Path | None:
     """The suite copy: ``MEDBLOCKS_SOF_TESTS``, else the verbatim copy (MIT, with its licence) kept in
     the repository's test fixtures (``medblocks_pipelines_tests/fixtures/sql-on-fhir-v2-tests``)."""
-    env = os.environ.get("MEDBLOCKS_SOF_TESTS")
-    if env:
-        return Path(env)
+    given = Settings.from_env().sof_tests_dir
+    if given is not None:
+        return given
     repo = Path(__file__).resolve().parents[4]
     candidate = repo / "medblocks_pipelines_tests" / "fixtures" / "sql-on-fhir-v2-tests"
     return candidate if candidate.is_dir() else None
