@@ -33,15 +33,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 
-from medblocks_sandbox.auth import (
-    AccessGrant,
-    AuthConfig,
-    AuthServer,
-    Login,
-    TokenInfo,
-    bearer_challenge,
-    require_token,
-)
+from medblocks_sandbox.auth import AuthServer, bearer_challenge, require_token
+from medblocks_sandbox.auth_model import AuthConfig, Login, TokenInfo
 from medblocks_sandbox.errors import FhirHttpError
 from medblocks_sandbox.faults import FaultInjector
 from medblocks_sandbox.fhir_store import (
@@ -57,6 +50,7 @@ from medblocks_sandbox.fhir_store import (
     reference_key,
 )
 from medblocks_sandbox.fhir_writes import FhirWrites, accepts_json
+from medblocks_sandbox.smart_scopes import AccessGrant
 
 FHIR_JSON = "application/fhir+json"
 FHIR_VERSION = "4.0.1"

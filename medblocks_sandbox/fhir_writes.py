@@ -43,7 +43,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 
-from medblocks_sandbox.auth import AccessGrant, TokenInfo, require_token
+from medblocks_sandbox.auth import require_token
+from medblocks_sandbox.auth_model import TokenInfo
 from medblocks_sandbox.errors import FhirHttpError
 from medblocks_sandbox.fhir_store import (
     FhirStore,
@@ -51,6 +52,7 @@ from medblocks_sandbox.fhir_store import (
     format_instant,
     parse_date_range,
 )
+from medblocks_sandbox.smart_scopes import AccessGrant
 
 FHIR_JSON = "application/fhir+json"
 MAX_BODY_BYTES = 64 * 1024 * 1024

@@ -15,7 +15,7 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.routing import BaseRoute
 
-from medblocks_sandbox.auth import AuthConfig
+from medblocks_sandbox.auth_model import AuthConfig
 from medblocks_sandbox.ehr import ChangeSet, OrgConfig, create_ehr_app
 from medblocks_sandbox.fhir_store import FhirStore, Resource
 

@@ -31,7 +31,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Mount, Route
 from starlette.types import ASGIApp
 
-from medblocks_sandbox.auth import Login
+from medblocks_sandbox.auth_model import Login
 from medblocks_sandbox.ehr import ADMIN_HEADER, ChangeSet, OrgConfig, create_ehr_app
 from medblocks_sandbox.errors import SandboxConfigError
 from medblocks_sandbox.fhir_store import FhirStore, Resource

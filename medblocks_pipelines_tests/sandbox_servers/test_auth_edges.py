@@ -20,9 +20,9 @@ from medblocks_pipelines_tests.sandbox_servers.helpers import (
     register_public,
     standalone_token,
 )
-from medblocks_sandbox.auth import narrow_scopes, parse_scope
 from medblocks_sandbox.errors import SandboxConfigError
 from medblocks_sandbox.run import start_sandbox
+from medblocks_sandbox.smart_scopes import narrow_scopes, parse_scope
 
 
 @pytest.mark.parametrize(
