@@ -91,15 +91,9 @@ from medblocks_sandbox.faults import (
     operation_outcome,
     outcome_response,
 )
-from medblocks_sandbox.fhir_store import (
-    PATIENT_COMPARTMENT,
-    SHARED_TYPES,
-    compile_filters,
-    element_values,
-    format_instant,
-    matches,
-    reference_key,
-)
+from medblocks_sandbox.fhir_match import compile_filters, element_values, matches, reference_key
+from medblocks_sandbox.fhir_params import PATIENT_COMPARTMENT, SHARED_TYPES
+from medblocks_sandbox.fhir_store import format_instant
 from medblocks_sandbox.profiles import (
     GROUP,
     PATIENT,

@@ -37,18 +37,15 @@ from medblocks_sandbox.auth import AuthServer, bearer_challenge, require_token
 from medblocks_sandbox.auth_model import AuthConfig, Login, TokenInfo
 from medblocks_sandbox.errors import FhirHttpError
 from medblocks_sandbox.faults import FaultInjector
-from medblocks_sandbox.fhir_store import (
-    SHARED_TYPES,
-    FhirStore,
-    Resource,
+from medblocks_sandbox.fhir_match import (
     compile_filters,
     element_values,
-    format_instant,
     matches,
-    params_for,
     parse_date_range,
     reference_key,
 )
+from medblocks_sandbox.fhir_params import SHARED_TYPES, Resource, params_for
+from medblocks_sandbox.fhir_store import FhirStore, format_instant
 from medblocks_sandbox.fhir_writes import FhirWrites, accepts_json
 from medblocks_sandbox.smart_scopes import AccessGrant
 

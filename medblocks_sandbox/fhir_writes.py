@@ -46,12 +46,9 @@ from starlette.responses import Response
 from medblocks_sandbox.auth import require_token
 from medblocks_sandbox.auth_model import TokenInfo
 from medblocks_sandbox.errors import FhirHttpError
-from medblocks_sandbox.fhir_store import (
-    FhirStore,
-    Resource,
-    format_instant,
-    parse_date_range,
-)
+from medblocks_sandbox.fhir_match import parse_date_range
+from medblocks_sandbox.fhir_params import Resource
+from medblocks_sandbox.fhir_store import FhirStore, format_instant
 from medblocks_sandbox.smart_scopes import AccessGrant
 
 FHIR_JSON = "application/fhir+json"

@@ -17,7 +17,8 @@ from starlette.routing import BaseRoute
 
 from medblocks_sandbox.auth_model import AuthConfig
 from medblocks_sandbox.ehr import ChangeSet, OrgConfig, create_ehr_app
-from medblocks_sandbox.fhir_store import FhirStore, Resource
+from medblocks_sandbox.fhir_params import Resource
+from medblocks_sandbox.fhir_store import FhirStore
 
 PAYER_TYPES: tuple[str, ...] = (
     "Patient",
