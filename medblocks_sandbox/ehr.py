@@ -46,7 +46,8 @@ from medblocks_sandbox.fhir_match import (
 )
 from medblocks_sandbox.fhir_params import SHARED_TYPES, Resource, params_for
 from medblocks_sandbox.fhir_store import FhirStore, format_instant
-from medblocks_sandbox.fhir_writes import FhirWrites, accepts_json
+from medblocks_sandbox.fhir_write_checks import accepts_json
+from medblocks_sandbox.fhir_writes import FhirWrites
 from medblocks_sandbox.smart_scopes import AccessGrant
 
 FHIR_JSON = "application/fhir+json"
