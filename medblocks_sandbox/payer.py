@@ -16,7 +16,8 @@ from starlette.middleware import Middleware
 from starlette.routing import BaseRoute
 
 from medblocks_sandbox.auth_model import AuthConfig
-from medblocks_sandbox.ehr import ChangeSet, OrgConfig, create_ehr_app
+from medblocks_sandbox.ehr import create_ehr_app
+from medblocks_sandbox.ehr_common import ChangeSet, OrgConfig
 from medblocks_sandbox.fhir_params import Resource
 from medblocks_sandbox.fhir_store import FhirStore
 

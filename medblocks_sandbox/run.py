@@ -32,7 +32,8 @@ from starlette.routing import Mount, Route
 from starlette.types import ASGIApp
 
 from medblocks_sandbox.auth_model import Login
-from medblocks_sandbox.ehr import ADMIN_HEADER, ChangeSet, OrgConfig, create_ehr_app
+from medblocks_sandbox.ehr import create_ehr_app
+from medblocks_sandbox.ehr_common import ADMIN_HEADER, ChangeSet, OrgConfig
 from medblocks_sandbox.errors import SandboxConfigError
 from medblocks_sandbox.fhir_params import Resource
 from medblocks_sandbox.fhir_store import FhirStore
