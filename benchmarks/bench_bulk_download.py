@@ -45,7 +45,7 @@ def generate(out: Path, resources: int, files_per_type: int) -> dict[str, Any]:
 
 def _serve(directory: str, port_file: str) -> None:
     """Child process: one sandbox EHR org whose bulk export serves ``directory`` as-is."""
-    from medblocks_sandbox.bulk import NdjsonDirSource
+    from medblocks_sandbox.bulk_source import NdjsonDirSource
     from medblocks_sandbox.ehr_common import OrgConfig
     from medblocks_sandbox.fhir_store import FhirStore
     from medblocks_sandbox.run import build_org_app, serve
