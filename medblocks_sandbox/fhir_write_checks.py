@@ -102,7 +102,7 @@ def _response_entry(result: _Result, prefer: str) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 def accepts_json(request: Request) -> bool:
     """Whether `_format` and `Accept` allow a JSON answer (the only format the sandbox speaks);
-    the read side (`ehr.py`) uses the same rule."""
+    the read side (`ehr_api.py`) uses the same rule."""
     fmt = request.query_params.get("_format")
     if fmt is not None and fmt not in ("json", "application/json", FHIR_JSON):
         return False
