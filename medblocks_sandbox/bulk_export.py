@@ -1,5 +1,6 @@
-"""The export worker: starts a job, streams resources from the source into NDJSON files (split
-by size, damaged lines and deleted entries as faults ask, `_elements` subsetting), in a thread.
+"""The export worker: starts a job and, in a thread, streams resources from the source into NDJSON
+files of at most `max_lines` lines (`_elements` subsetting, deleted entries for `_since`, the
+`ndjson_truncate` / `ndjson_malformed` faults).
 """
 
 import itertools

@@ -1,5 +1,6 @@
 """The gateway's communities: one per network organization of the population, with its OIDs,
-MRNs, document ids and `Behaviour` (on-demand, PDF, MTOM, PartialSuccess, slow, faults).
+MRNs, document ids and `Behaviour` (how it misbehaves: slow answers, SOAP faults, PartialSuccess,
+MTOM, on-demand and PDF entries, flawed, hostile or foreign documents).
 """
 
 import hashlib
