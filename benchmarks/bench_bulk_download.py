@@ -45,8 +45,8 @@ def generate(out: Path, resources: int, files_per_type: int) -> dict[str, Any]:
 
 def _serve(directory: str, port_file: str) -> None:
     """Child process: one sandbox EHR org whose bulk export serves ``directory`` as-is."""
-    from medblocks_sandbox.bulk import NdjsonDirSource
-    from medblocks_sandbox.ehr import OrgConfig
+    from medblocks_sandbox.bulk_source import NdjsonDirSource
+    from medblocks_sandbox.ehr_common import OrgConfig
     from medblocks_sandbox.fhir_store import FhirStore
     from medblocks_sandbox.run import build_org_app, serve
 
@@ -92,7 +92,7 @@ def prepare_registry(base: str, data_dir: Path, *, parallel: int, gzip: bool) ->
     from medblocks_pipelines.lib.registry import open_control_plane
     from medblocks_pipelines.lib.settings import get_settings
     from medblocks_pipelines.lib.smart.keys import KeyStore
-    from medblocks_sandbox.ehr import ADMIN_HEADER
+    from medblocks_sandbox.ehr_common import ADMIN_HEADER
 
     os.environ["MEDBLOCKS_DATA_DIR"] = str(data_dir)
     os.environ.pop("MEDBLOCKS_DATABASE_URL", None)

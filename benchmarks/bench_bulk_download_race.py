@@ -182,7 +182,7 @@ def register_baseline(base: str, work: Path) -> Path:
     from cryptography.hazmat.primitives.asymmetric import ec
     from jwt.algorithms import ECAlgorithm
 
-    from medblocks_sandbox.ehr import ADMIN_HEADER
+    from medblocks_sandbox.ehr_common import ADMIN_HEADER
 
     key = ec.generate_private_key(ec.SECP384R1())
     pem = key.private_bytes(

@@ -21,7 +21,7 @@ from typing import Any
 
 from medblocks_sandbox.errors import FhirHttpError
 from medblocks_sandbox.faults import operation_outcome
-from medblocks_sandbox.fhir_store import reference_key
+from medblocks_sandbox.fhir_match import reference_key
 
 ASSOCIATED = frozenset({"LatestProvenanceResources", "RelevantProvenanceResources"})
 

@@ -270,7 +270,7 @@ def consent_connect(
 @click.option("--patient", required=True, help="The patient id at that organization.")
 def consent_revoke(admin_url: str, client_id: str, patient: str) -> None:
     """Revoke the app's grant in the sandbox portal (its next token refresh gets invalid_grant)."""
-    from medblocks_sandbox.ehr import ADMIN_HEADER
+    from medblocks_sandbox.ehr_common import ADMIN_HEADER
 
     secret = os.environ.get("MEDBLOCKS_SANDBOX_ADMIN_SECRET")
     if not secret:

@@ -32,7 +32,7 @@ Kinds applied by :class:`FaultMiddleware` to any app (EHR, payer, bulk):
                           OperationOutcome), as some gateways in front of FHIR servers do
 ========================  ===================================================================
 
-Kinds consumed by the EHR's search (``ehr.py``), each a misbehaviour met on real servers:
+Kinds consumed by the EHR's search (``ehr_api.py``), each a misbehaviour met on real servers:
 
 ============================  ===============================================================
 ``next_link_drops_params``    ``next``/``previous`` links keep only ``_count`` and ``_offset``,
@@ -48,7 +48,7 @@ Kinds consumed by the EHR's search (``ehr.py``), each a misbehaviour met on real
 ``error_burst``, ``html_200``, ``drop_connection`` and the bulk kinds below are one-shot: they
 default to ``count=1`` so that a client that retries gets through.
 
-Kinds consumed by the bulk server when an export runs (see ``bulk.py``): ``ndjson_truncate``
+Kinds consumed by the bulk server when an export runs (see ``bulk_export.py``): ``ndjson_truncate``
 (line ``line`` cut in half), ``ndjson_malformed`` (line ``line`` replaced by broken JSON),
 ``count_mismatch`` (manifest counts off by ``delta``), ``export_fail`` (the job fails once
 ``at_fraction`` of its time has passed, status ``status``) and ``huge_page`` (one file per type).

@@ -15,9 +15,11 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.routing import BaseRoute
 
-from medblocks_sandbox.auth import AuthConfig
-from medblocks_sandbox.ehr import ChangeSet, OrgConfig, create_ehr_app
-from medblocks_sandbox.fhir_store import FhirStore, Resource
+from medblocks_sandbox.auth_model import AuthConfig
+from medblocks_sandbox.ehr import create_ehr_app
+from medblocks_sandbox.ehr_common import ChangeSet, OrgConfig
+from medblocks_sandbox.fhir_params import Resource
+from medblocks_sandbox.fhir_store import FhirStore
 
 PAYER_TYPES: tuple[str, ...] = (
     "Patient",

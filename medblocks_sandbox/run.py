@@ -31,10 +31,12 @@ from starlette.responses import JSONResponse
 from starlette.routing import Mount, Route
 from starlette.types import ASGIApp
 
-from medblocks_sandbox.auth import Login
-from medblocks_sandbox.ehr import ADMIN_HEADER, ChangeSet, OrgConfig, create_ehr_app
+from medblocks_sandbox.auth_model import Login
+from medblocks_sandbox.ehr import create_ehr_app
+from medblocks_sandbox.ehr_common import ADMIN_HEADER, ChangeSet, OrgConfig
 from medblocks_sandbox.errors import SandboxConfigError
-from medblocks_sandbox.fhir_store import FhirStore, Resource
+from medblocks_sandbox.fhir_params import Resource
+from medblocks_sandbox.fhir_store import FhirStore
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,7 +272,7 @@ def build_org_app(
     with_bulk: bool = True,
 ) -> tuple[Starlette, dict[str, Any]]:
     """One org's app with Bulk Data and fault injection wired in; returns it and its handles."""
-    from medblocks_sandbox import bulk, faults
+    from medblocks_sandbox import bulk, bulk_auth, faults
     from medblocks_sandbox.profiles import get_profile
 
     vendor = get_profile(profile)
@@ -278,11 +280,11 @@ def build_org_app(
     handles: dict[str, Any] = {"store": store, "faults": injector, "profile": vendor}
     holder: dict[str, Any] = {}
 
-    def authenticate(request: Any) -> bulk.TokenInfo:
+    def authenticate(request: Any) -> bulk_auth.TokenInfo:
         from medblocks_sandbox.auth import require_token
 
         info = require_token(request)
-        return bulk.TokenInfo(client_id=info.client_id, scopes=frozenset(info.scopes))
+        return bulk_auth.TokenInfo(client_id=info.client_id, scopes=frozenset(info.scopes))
 
     def resolve_client(token: str) -> str | None:
         app = holder.get("app")

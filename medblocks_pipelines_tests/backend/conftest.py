@@ -18,7 +18,7 @@ from medblocks_pipelines.lib.registry import ControlPlane, open_control_plane
 from medblocks_pipelines.lib.settings import Settings, get_settings
 from medblocks_pipelines.lib.smart.keys import KeyStore
 from medblocks_pipelines.web.jwks import jwks_url
-from medblocks_sandbox.ehr import ADMIN_HEADER, OrgConfig
+from medblocks_sandbox.ehr_common import ADMIN_HEADER, OrgConfig
 from medblocks_sandbox.fhir_store import FhirStore
 from medblocks_sandbox.run import build_org_app, serve
 

@@ -17,8 +17,8 @@ from .conftest import TENANT, Env
 
 def _compartment_counts(ehr) -> Counter[str]:  # type: ignore[no-untyped-def]
     """What a Group export of every patient should hold, by type, straight from the store."""
-    from medblocks_sandbox.bulk import patients_of
-    from medblocks_sandbox.fhir_store import PATIENT_COMPARTMENT, SHARED_TYPES
+    from medblocks_sandbox.bulk_source import patients_of
+    from medblocks_sandbox.fhir_params import PATIENT_COMPARTMENT, SHARED_TYPES
 
     members = {p["id"] for p in ehr.store.iter_type("Patient")}
     out: Counter[str] = Counter()

@@ -25,7 +25,7 @@ from medblocks_sandbox.drivers.clinician import (
     launch_in_browser,
     setup_clinician_org,
 )
-from medblocks_sandbox.fhir_store import SHARED_TYPES
+from medblocks_sandbox.fhir_params import SHARED_TYPES
 from medblocks_sandbox.run import SandboxHandle, serve, start_sandbox
 
 TENANT = "acme"

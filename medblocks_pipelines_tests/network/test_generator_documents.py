@@ -7,8 +7,9 @@ from fhir.resources.R4B import get_fhir_model_class
 
 from medblocks_pipelines.lib.network import ihe
 from medblocks_pipelines.lib.network.ccda import SourceDocument, convert_ccda
-from medblocks_sandbox.gateway.app import _load, _match
+from medblocks_sandbox.gateway.community import _load
 from medblocks_sandbox.gateway.render import render_ccd
+from medblocks_sandbox.gateway.respond import _match
 from medblocks_sandbox.generator.model import PopulationSpec
 from medblocks_sandbox.generator.population import generate_population
 

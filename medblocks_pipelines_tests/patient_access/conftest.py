@@ -181,8 +181,9 @@ def custom_ehr(
     rewrite: tuple[str, Rewrite] | None = None,
 ) -> Iterator[tuple[str, OrgEndpoint]]:
     """Serve the first sandbox EHR org's data from a new app; yield (source id, endpoint)."""
-    from medblocks_sandbox.auth import Login
-    from medblocks_sandbox.ehr import EHR_TYPES, OrgConfig, create_ehr_app
+    from medblocks_sandbox.auth_model import Login
+    from medblocks_sandbox.ehr import create_ehr_app
+    from medblocks_sandbox.ehr_common import EHR_TYPES, OrgConfig
     from medblocks_sandbox.fhir_store import FhirStore
 
     src = env.org("ehr")

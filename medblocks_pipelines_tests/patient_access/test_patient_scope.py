@@ -28,7 +28,7 @@ from medblocks_pipelines.lib.partitions import partition_key
 from medblocks_pipelines.lib.warehouse.build import build_warehouse, warehouse_path
 from medblocks_pipelines.lib.warehouse.lake import quarantine_glob, resources_glob
 from medblocks_pipelines_tests.patient_access.conftest import PatientAccessEnv, custom_ehr
-from medblocks_sandbox.fhir_store import SHARED_TYPES
+from medblocks_sandbox.fhir_params import SHARED_TYPES
 
 FAST = {"backoff": 0.05, "max_backoff": 2.0}
 #: Types the pull searches in the patient's compartment (what "everything landed" compares).

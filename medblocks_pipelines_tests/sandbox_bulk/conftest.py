@@ -17,7 +17,9 @@ import httpx
 import pytest
 import uvicorn
 
-from medblocks_sandbox.bulk import BulkConfig, BulkServer, StaticTokens, create_bulk_app
+from medblocks_sandbox.bulk import BulkServer, create_bulk_app
+from medblocks_sandbox.bulk_auth import StaticTokens
+from medblocks_sandbox.bulk_jobs import BulkConfig
 from medblocks_sandbox.faults import FaultInjector
 from medblocks_sandbox.fhir_store import FhirStore
 

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import httpx
 import pytest
 
-from medblocks_sandbox.bulk import auth_server_authenticator, can_read, has_system_read
+from medblocks_sandbox.bulk_auth import auth_server_authenticator, can_read, has_system_read
 
 from .conftest import KICKOFF_HEADERS, BulkEnv
 

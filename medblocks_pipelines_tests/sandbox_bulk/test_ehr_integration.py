@@ -17,8 +17,10 @@ from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 from starlette.middleware import Middleware
 
 from medblocks_sandbox.auth import require_token
-from medblocks_sandbox.bulk import BulkConfig, BulkServer
-from medblocks_sandbox.ehr import OrgConfig, create_ehr_app
+from medblocks_sandbox.bulk import BulkServer
+from medblocks_sandbox.bulk_jobs import BulkConfig
+from medblocks_sandbox.ehr import create_ehr_app
+from medblocks_sandbox.ehr_common import OrgConfig
 from medblocks_sandbox.faults import (
     FaultInjector,
     FaultMiddleware,

@@ -7,7 +7,9 @@ import httpx
 from starlette.applications import Starlette
 from starlette.routing import Mount
 
-from medblocks_sandbox.bulk import BulkConfig, BulkServer, StaticTokens, create_bulk_app
+from medblocks_sandbox.bulk import BulkServer, create_bulk_app
+from medblocks_sandbox.bulk_auth import StaticTokens
+from medblocks_sandbox.bulk_jobs import BulkConfig
 from medblocks_sandbox.fhir_store import FhirStore
 
 from .conftest import KICKOFF_HEADERS, population, serve

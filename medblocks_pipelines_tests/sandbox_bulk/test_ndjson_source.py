@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from medblocks_sandbox.bulk import NdjsonDirSource
+from medblocks_sandbox.bulk_source import NdjsonDirSource
 from medblocks_sandbox.generator.ndjson import stream_bulk_ndjson
 
 from .conftest import BulkEnv

@@ -327,7 +327,7 @@ def test_bulk_admin_api(env: BulkEnv) -> None:
 def test_export_that_crashes_reports_failure(
     make_env: Callable[..., BulkEnv], tmp_path: Path
 ) -> None:
-    from medblocks_sandbox.bulk import NdjsonDirSource
+    from medblocks_sandbox.bulk_source import NdjsonDirSource
 
     (tmp_path / "Patient.ndjson").write_text('{"resourceType":"Patient","id":"a"}\n{broken\n')
     env = make_env(source=NdjsonDirSource(tmp_path))

@@ -8,8 +8,9 @@ import pytest
 
 from medblocks_pipelines_tests.sandbox_servers.fixture_data import ehr_resources, payer_resources
 from medblocks_pipelines_tests.sandbox_servers.helpers import Server
-from medblocks_sandbox.auth import AuthConfig, Login
-from medblocks_sandbox.ehr import OrgConfig, create_ehr_app
+from medblocks_sandbox.auth_model import AuthConfig, Login
+from medblocks_sandbox.ehr import create_ehr_app
+from medblocks_sandbox.ehr_common import OrgConfig
 from medblocks_sandbox.fhir_store import FhirStore
 from medblocks_sandbox.payer import create_payer_app, load_payer_store
 from medblocks_sandbox.run import serve

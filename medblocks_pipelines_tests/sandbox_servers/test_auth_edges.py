@@ -20,9 +20,9 @@ from medblocks_pipelines_tests.sandbox_servers.helpers import (
     register_public,
     standalone_token,
 )
-from medblocks_sandbox.auth import narrow_scopes, parse_scope
 from medblocks_sandbox.errors import SandboxConfigError
 from medblocks_sandbox.run import start_sandbox
+from medblocks_sandbox.smart_scopes import narrow_scopes, parse_scope
 
 
 @pytest.mark.parametrize(
@@ -229,7 +229,7 @@ def test_busy_port_is_a_clear_config_error() -> None:
 def test_admin_guard_checks_the_socket_peer(peer: tuple | None, loopback: bool) -> None:
     from starlette.requests import Request
 
-    from medblocks_sandbox.ehr import _is_loopback
+    from medblocks_sandbox.ehr_admin import _is_loopback
 
     scope: dict[str, Any] = {
         "type": "http",

@@ -10,7 +10,8 @@ import pytest
 
 from medblocks_pipelines_tests.sandbox_servers.fixture_data import ehr_resources
 from medblocks_sandbox.errors import FhirHttpError
-from medblocks_sandbox.fhir_store import FhirStore, parse_date_range
+from medblocks_sandbox.fhir_match import parse_date_range
+from medblocks_sandbox.fhir_store import FhirStore
 
 
 @pytest.mark.parametrize(

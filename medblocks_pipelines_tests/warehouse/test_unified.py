@@ -303,7 +303,7 @@ def test_network_facts_merge_the_same_after_ccda_conversion(
     payer's as the network organizations' own FHIR would (conditions, immunizations, results,
     medications, procedures)."""
     from medblocks_pipelines.lib.network.ccda import SourceDocument, convert_ccda
-    from medblocks_sandbox.gateway.app import _load
+    from medblocks_sandbox.gateway.community import _load
     from medblocks_sandbox.gateway.render import render_ccd
     from medblocks_sandbox.generator import PopulationSpec, generate_population
 

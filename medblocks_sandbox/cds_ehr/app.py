@@ -40,7 +40,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from medblocks_sandbox.ehr import ADMIN_HEADER
+from medblocks_sandbox.ehr_common import ADMIN_HEADER
 from medblocks_sandbox.keys import JwtSigningKey, generate_actor_key
 from medblocks_sandbox.run import RoleApp, RoleContext, register_role
 

@@ -14,7 +14,13 @@ from datetime import timedelta
 from typing import Any
 
 from medblocks_sandbox.errors import GeneratorError
-from medblocks_sandbox.generator import people, render
+from medblocks_sandbox.generator import (
+    codes,
+    people,
+    render_claims,
+    render_common,
+    render_encounters,
+)
 from medblocks_sandbox.generator.history import _encounter
 from medblocks_sandbox.generator.model import Changes
 from medblocks_sandbox.generator.population import Population
@@ -40,13 +46,13 @@ def evolve(pop: Population, step: int = 1) -> Changes:
         raise GeneratorError(f"evolve step {step} already applied or out of order")
     rng = random.Random(f"{pop.spec.seed}:evolve:{step}")
     base = pop.spec.reference_date + timedelta(days=step)
-    changes = Changes(step=step, last_updated=render.instant(base))
+    changes = Changes(step=step, last_updated=render_common.instant(base))
     stamp_n = 0
 
     def stamp() -> str:
         nonlocal stamp_n
         stamp_n += 1
-        return render.instant(base + timedelta(seconds=stamp_n))
+        return render_common.instant(base + timedelta(seconds=stamp_n))
 
     for st in pop.stores.values():
         st.ceiling = None  # every resource this step touches is stamped explicitly below
@@ -93,11 +99,11 @@ def evolve(pop: Population, step: int = 1) -> Changes:
         e.lab_copies = []
         e.claim_lag_days = 0
         h.encounters.append(e)
-        ctx = render.CareContext(h, src.patient_id, pop.rosters[org_id])
+        ctx = render_common.CareContext(h, src.patient_id, pop.rosters[org_id])
         for cond in h.problem_lists.get(org_id, []):
             ctx.condition_ids[cond] = st.rid("Condition", h.person.person_id, cond)
         before = set(st.resources)
-        render.render_encounter(st, ctx, e)
+        render_encounters.render_encounter(st, ctx, e)
         for key in list(st.resources):
             if key not in before:
                 r = st.resources[key]
@@ -107,9 +113,9 @@ def evolve(pop: Population, step: int = 1) -> Changes:
             payer = next(o for o in pop.organizations if o.kind == "payer")
             pst = pop.stores[payer.id]
             psrc = next(s for s in sources_by_person[h.person.person_id] if s.org_id == payer.id)
-            pctx = render.CareContext(h, psrc.patient_id, [])
+            pctx = render_common.CareContext(h, psrc.patient_id, [])
             before = set(pst.resources)
-            render.render_eob(
+            render_claims.render_eob(
                 pst,
                 pctx,
                 e,
@@ -159,14 +165,14 @@ def evolve(pop: Population, step: int = 1) -> Changes:
                 r = copy.deepcopy(st.resources[target])
                 r["clinicalStatus"] = {
                     "coding": [
-                        render.coding(
+                        codes.coding(
                             "http://terminology.hl7.org/CodeSystem/condition-clinical",
                             "inactive",
                             "Inactive",
                         )
                     ]
                 }
-                r["abatementDateTime"] = render.local(base - timedelta(days=1))
+                r["abatementDateTime"] = render_common.local(base - timedelta(days=1))
         if target is None:
             target = ("Patient", src.patient_id)
             r = copy.deepcopy(st.resources[target])
@@ -213,8 +219,8 @@ def evolve(pop: Population, step: int = 1) -> Changes:
         dup = copy.deepcopy(st.resources[("Patient", dup_id)])
         main = copy.deepcopy(st.resources[("Patient", main_id)])
         dup["active"] = False
-        dup["link"] = [{"other": render.ref("Patient", main_id), "type": "replaced-by"}]
-        main["link"] = [{"other": render.ref("Patient", dup_id), "type": "replaces"}]
+        dup["link"] = [{"other": render_common.ref("Patient", main_id), "type": "replaced-by"}]
+        main["link"] = [{"other": render_common.ref("Patient", dup_id), "type": "replaces"}]
         for r in (main, dup):
             r["meta"]["versionId"] = str(int(r["meta"]["versionId"]) + 1)
             r["meta"]["lastUpdated"] = stamp()

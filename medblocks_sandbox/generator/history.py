@@ -1,9 +1,9 @@
 """Org-neutral care histories: what happened to a person, where and when.
 
 A history is a list of encounters plus the person's chronic conditions, allergies and smoking
-status. Rendering into each organization's FHIR resources happens in `render.py`; this module
-only decides the facts, so the same fact (a diagnosis, a lab value, a vaccine) can be rendered
-at several organizations and traced back by fact id."""
+status. Rendering into each organization's FHIR resources happens in `render.py` and its
+`render_*` modules; this module only decides the facts, so the same fact (a diagnosis, a lab
+value, a vaccine) can be rendered at several organizations and traced back by fact id."""
 
 import random
 from dataclasses import dataclass, field

@@ -7,7 +7,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from medblocks_sandbox.errors import GeneratorError
-from medblocks_sandbox.generator import people, render
+from medblocks_sandbox.generator import people, render, render_common, render_encounters, render_org
 from medblocks_sandbox.generator.history import History, make_history
 from medblocks_sandbox.generator.model import (
     OrgInfo,
@@ -41,10 +41,10 @@ class Population:
     organizations: list[OrgInfo]
     persons: list[PersonTruth]
     histories: list[History]
-    stores: dict[str, render.OrgStore]
+    stores: dict[str, render_common.OrgStore]
     sources: list[SourcePatient]
     logins: list[PortalLogin]
-    rosters: dict[str, list[render.Clinician]]
+    rosters: dict[str, list[render_common.Clinician]]
     # (org_id, duplicate patient id, main patient id): one person registered twice at one org
     duplicates: list[tuple[str, str, str]] = field(default_factory=list)
     merged: list[tuple[str, str, str]] = field(default_factory=list)
@@ -160,11 +160,11 @@ def generate_population(spec: PopulationSpec | None = None) -> Population:
     ref_dt = spec.reference_date
     orgs = people.default_organizations()
     by_id = {o.id: o for o in orgs}
-    rosters = {o.id: render.roster(o) for o in orgs if o.kind != "payer"}
-    stores = {o.id: render.OrgStore(o, ceiling=render.instant(ref_dt)) for o in orgs}
+    rosters = {o.id: render_common.roster(o) for o in orgs if o.kind != "payer"}
+    stores = {o.id: render_common.OrgStore(o, ceiling=render_common.instant(ref_dt)) for o in orgs}
     base_time = ref_dt - timedelta(days=365 * (spec.years + 2))
     for o in orgs:
-        render.render_org_base(stores[o.id], rosters.get(o.id, []), base_time)
+        render_org.render_org_base(stores[o.id], rosters.get(o.id, []), base_time)
 
     persons: list[PersonTruth] = []
     i = 0
@@ -226,9 +226,9 @@ def generate_population(spec: PopulationSpec | None = None) -> Population:
             )
             version = 1 + demo_rng.randrange(3)
             gp = rosters[org_id][0] if org.kind != "payer" else None
-            render.render_patient(st, h, demo, patient_id, mrn, gp, registered, version)
+            render_org.render_patient(st, h, demo, patient_id, mrn, gp, registered, version)
             sources.append(SourcePatient(org_id, patient_id, mrn, p.person_id, demo))
-            ctx = render.CareContext(h, patient_id, rosters.get(org_id, []))
+            ctx = render_common.CareContext(h, patient_id, rosters.get(org_id, []))
             moved = _duplicate_encounters(demo_rng, h, org) if org.kind != "payer" else []
             if org.kind == "payer":
                 render.render_payer(st, ctx, mrn, by_id, rosters, ref_dt)
@@ -247,14 +247,14 @@ def generate_population(spec: PopulationSpec | None = None) -> Population:
                     if not mrn.isdigit()
                     else f"{100000 + dup_rng.randrange(900000)}"
                 )
-                render.render_patient(
+                render_org.render_patient(
                     st, h, dup_demo, dup_id, dup_mrn, None, moved[0].start - timedelta(hours=1), 1
                 )
                 sources.append(SourcePatient(org_id, dup_id, dup_mrn, p.person_id, dup_demo))
                 duplicates.append((org_id, dup_id, patient_id))
-                dup_ctx = render.CareContext(h, dup_id, rosters[org_id])
+                dup_ctx = render_common.CareContext(h, dup_id, rosters[org_id])
                 for e in moved:
-                    render.render_encounter(st, dup_ctx, e)
+                    render_encounters.render_encounter(st, dup_ctx, e)
             if org.kind in ("ehr", "payer"):
                 logins.append(
                     PortalLogin(
