@@ -423,8 +423,9 @@ class _Batches:
     def add(self, got: DownloadResult, rtype: str, *, last: bool = False) -> None:
         """Take a downloaded file of ``rtype``; ``last``: the type's last file in the manifest
         (its batch lands now, while other files still download)."""
-        if got.gzip or (rtype not in self.open and got.bytes >= self.limit):
-            # Big enough alone (or compressed): landed as downloaded, no copy into a batch.
+        if got.gzip or (rtype not in self.open and (got.bytes >= self.limit or last)):
+            # Big enough alone, compressed, or the type's only file left: landed as downloaded,
+            # no copy into a batch (no second pass over its bytes).
             origin = f"{self.export_id}/{Path(urlsplit(got.url).path).name}"
             self.land_file(got.path, rtype, origin, remove=True)
             return
@@ -505,14 +506,17 @@ def _download_and_land(
         with cf.ThreadPoolExecutor(
             max_workers=cfg.max_parallel, thread_name_prefix="bulk-dl"
         ) as pool:
+            # Largest files first (by the manifest's counts): the file that takes longest to
+            # download and land starts at once instead of becoming the tail after the others.
+            order = sorted(range(total), key=lambda n: -(items[n].count or 0))
             futures = {
                 pool.submit(
                     client.download,
-                    item.url,
-                    work / _file_name(item, n),
+                    items[n].url,
+                    work / _file_name(items[n], n),
                     requires_token=manifest.requires_access_token,
-                ): item
-                for n, item in enumerate(items)
+                ): items[n]
+                for n in order
             }
             for fut in cf.as_completed(futures):
                 item = futures[fut]
