@@ -85,9 +85,46 @@ def _run_once(
     tags = {"medblocks/tenant": tenant, "medblocks/source": org["source_id"]}
     # The kick-off request goes out before Dagster is imported and loaded (~2 s), and the export
     # is polled on a thread while it loads, so start-up overlaps the server preparing the export.
-    kick_config = _kick_off_early(cp, tenant, org_id, kick_config)
+    from medblocks_pipelines.lib.fhir.bulk_sync import make_http
+
+    # One HTTP client (keep-alive) and one token for the kick-off and the polls.
+    http = make_http()
+    try:
+        return _kick_off_wait_and_land(
+            cp,
+            http,
+            key,
+            tags,
+            tenant,
+            org_id,
+            kick_config,
+            timeout,
+            min_wait,
+            instance,
+            show_progress,
+        )
+    finally:
+        http.close()
+
+
+def _kick_off_wait_and_land(
+    cp: ControlPlane,
+    http: Any,
+    key: str,
+    tags: dict[str, str],
+    tenant: str,
+    org_id: str,
+    kick_config: dict[str, Any],
+    timeout: float,
+    min_wait: float,
+    instance: Any,
+    show_progress: bool,
+) -> dict[str, Any]:
+    kick_config = _kick_off_early(cp, tenant, org_id, kick_config, http)
     early_id = str(kick_config.get("export_id") or "")
-    waiter = _Waiter(cp, early_id, timeout=timeout, min_wait=min_wait) if early_id else None
+    waiter = (
+        _Waiter(cp, early_id, http=http, timeout=timeout, min_wait=min_wait) if early_id else None
+    )
 
     from medblocks_pipelines.cli.runtime import get_instance, load_definitions, run_job
 
@@ -131,7 +168,7 @@ def _run_once(
     )
     md = kick.asset_materializations_for_node("backend__bulk_export")[0].metadata
     export_id = str(md["export_id"].value)
-    _Waiter(cp, export_id, timeout=timeout, min_wait=min_wait).join(show_progress)
+    _Waiter(cp, export_id, http=http, timeout=timeout, min_wait=min_wait).join(show_progress)
     land = run_job(
         "backend_land_job",
         partition_key=key,
@@ -149,7 +186,15 @@ class _Waiter:
     recorded, the server's ``Retry-After`` is obeyed), so the caller can load Dagster meanwhile;
     :meth:`join` waits for it (with a progress display) and raises what the wait raised."""
 
-    def __init__(self, cp: ControlPlane, export_id: str, *, timeout: float, min_wait: float):
+    def __init__(
+        self,
+        cp: ControlPlane,
+        export_id: str,
+        *,
+        timeout: float,
+        min_wait: float,
+        http: Any = None,
+    ) -> None:
         self.export_id = export_id
         self.status = "waiting"
         self.error: BaseException | None = None
@@ -161,7 +206,12 @@ class _Waiter:
         def run() -> None:
             try:
                 wait_for_export(
-                    cp, export_id, timeout=timeout, min_wait=min_wait, on_status=on_status
+                    cp,
+                    export_id,
+                    http=http,
+                    timeout=timeout,
+                    min_wait=min_wait,
+                    on_status=on_status,
                 )
             except BaseException as exc:  # re-raised by join() on the caller's thread
                 self.error = exc
@@ -189,7 +239,7 @@ class _Waiter:
 
 
 def _kick_off_early(
-    cp: ControlPlane, tenant: str, org_id: str, kick_config: dict[str, Any]
+    cp: ControlPlane, tenant: str, org_id: str, kick_config: dict[str, Any], http: Any = None
 ) -> dict[str, Any]:
     """Kick off now, outside Dagster; returns the kick-off run's config recording the export.
 
@@ -208,6 +258,7 @@ def _kick_off_early(
             org_id,
             full=bool(kick_config.get("full")),
             patients=tuple(kick_config.get("patients") or ()),
+            http=http,
         )
     except MedblocksError:
         return kick_config
