@@ -76,12 +76,14 @@ def _children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def run_measured(cmd: list[str], env: dict[str, str]) -> tuple[float, float, float, str]:
+def run_measured(
+    cmd: list[str], env: dict[str, str], cwd: str | None = None
+) -> tuple[float, float, float, str]:
     """Run ``cmd``; returns wall seconds, peak RSS of its process tree (MiB), its CPU seconds
     (user + system of the tree: steadier than wall time on a shared machine) and its stdout."""
     cpu0 = _children_cpu()
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     peak = 0
     done = threading.Event()
 
@@ -209,10 +211,12 @@ def register_baseline(base: str, work: Path) -> Path:
 
 
 # -- ours ---------------------------------------------------------------------------------------
-def ours_round(cp: Any, env: dict[str, str]) -> dict[str, float]:
+def ours_round(cp: Any, env: dict[str, str], code: str | None = None) -> dict[str, float]:
     cmd = [sys.executable, "-m", "medblocks_pipelines.cli", "sync", "backend"]
     cmd += ["--tenant", "bench", "--org", "bench-org", "--full"]
-    wall, rss, cpu, _ = run_measured(cmd, env)
+    # Run in the raced checkout: `python -m` puts the working directory ahead of PYTHONPATH, so
+    # from another checkout's folder --code would race that checkout's CLI instead.
+    wall, rss, cpu, _ = run_measured(cmd, env, cwd=code)
     row = cp.list_bulk_exports(tenant_id="bench", organization_id="bench-org")[-1]
     assert row["status"] == "completed", row["status"]
     span = (row["updated_at"] - row["kicked_off_at"]).total_seconds()
@@ -271,7 +275,7 @@ def main() -> None:
             order = ("ours", "baseline") if n % 2 == 0 else ("baseline", "ours")
             for who in order:
                 if who == "ours":
-                    ours.append(ours_round(cp, env))
+                    ours.append(ours_round(cp, env, code))
                 else:
                     theirs.append(baseline_round(base, key, work, args.parallel, env))
                 print(

@@ -6,6 +6,7 @@ whereas in Dagster the sensor does the waiting outside any run.
 """
 
 import json
+import threading
 from typing import Any
 
 import click
@@ -20,6 +21,11 @@ from medblocks_pipelines.lib.settings import Settings
 
 console = Console()
 
+#: Floor on the server's ``Retry-After`` between status polls: the server's ask is obeyed as
+#: given (``Retry-After: 0`` means now), only a tight loop on ``0`` is avoided. Without a
+#: ``Retry-After`` the client backs off exponentially from 2 s (``BulkClient.next_wait``).
+POLL_FLOOR = 0.05
+
 
 def run_backend_sync(
     cp: ControlPlane,
@@ -29,7 +35,7 @@ def run_backend_sync(
     *,
     full: bool = False,
     timeout: float = 3600.0,
-    min_wait: float = 1.0,
+    min_wait: float = POLL_FLOOR,
     instance: Any = None,
     show_progress: bool = False,
     since: str | None = None,
@@ -77,41 +83,92 @@ def _run_once(
     key = partition_key(tenant, org_id)
     org = cp.get_organization(org_id)
     tags = {"medblocks/tenant": tenant, "medblocks/source": org["source_id"]}
-    # The kick-off request goes out before Dagster is imported and loaded (~2 s), so that
-    # start-up overlaps the server preparing the export; the kick-off run then records it.
-    kick_config = _kick_off_early(cp, tenant, org_id, kick_config)
+    # The kick-off request goes out before Dagster is imported and loaded (~2 s), and the export
+    # is polled on a thread while it loads, so start-up overlaps the server preparing the export.
+    from medblocks_pipelines.lib.fhir.bulk_sync import make_http
+
+    # One HTTP client (keep-alive) and one token for the kick-off and the polls.
+    http = make_http()
+    try:
+        return _kick_off_wait_and_land(
+            cp,
+            http,
+            key,
+            tags,
+            tenant,
+            org_id,
+            kick_config,
+            timeout,
+            min_wait,
+            instance,
+            show_progress,
+        )
+    finally:
+        http.close()
+
+
+def _kick_off_wait_and_land(
+    cp: ControlPlane,
+    http: Any,
+    key: str,
+    tags: dict[str, str],
+    tenant: str,
+    org_id: str,
+    kick_config: dict[str, Any],
+    timeout: float,
+    min_wait: float,
+    instance: Any,
+    show_progress: bool,
+) -> dict[str, Any]:
+    kick_config = _kick_off_early(cp, tenant, org_id, kick_config, http)
+    early_id = str(kick_config.get("export_id") or "")
+    waiter = (
+        _Waiter(cp, early_id, http=http, timeout=timeout, min_wait=min_wait) if early_id else None
+    )
 
     from medblocks_pipelines.cli.runtime import get_instance, load_definitions, run_job
 
-    # One instance and one load of the definitions for both runs (each costs ~0.5 s).
+    # One instance and one load of the definitions for every run (each costs ~0.5 s).
     instance = instance or get_instance()
     definitions = load_definitions()
+    kick_run_config = {"ops": {"backend__bulk_export": {"config": kick_config}}}
+    if waiter is not None:
+        try:
+            waiter.join(show_progress)
+        except BaseException:
+            # The export stays on record (kicked off, then failed or expired) as before.
+            run_job(
+                "backend_kickoff_job",
+                partition_key=key,
+                run_config=kick_run_config,
+                tags=tags,
+                instance=instance,
+                definitions=definitions,
+            )
+            raise
+        # Ready: one run records the kick-off and lands it (one run's overhead, not two).
+        land_config = {"config": {"export_id": early_id}}
+        sync = run_job(
+            "backend_sync_job",
+            partition_key=key,
+            run_config={"ops": {**kick_run_config["ops"], "backend__bulk_resources": land_config}},
+            tags={**tags, "medblocks/export": early_id},
+            instance=instance,
+            definitions=definitions,
+        )
+        mat = sync.asset_materializations_for_node("backend__bulk_resources")[0]
+        return {k: v.value for k, v in mat.metadata.items()}
     kick = run_job(
         "backend_kickoff_job",
         partition_key=key,
-        run_config={"ops": {"backend__bulk_export": {"config": kick_config}}},
+        run_config=kick_run_config,
         tags=tags,
         instance=instance,
         definitions=definitions,
     )
     md = kick.asset_materializations_for_node("backend__bulk_export")[0].metadata
     export_id = str(md["export_id"].value)
-    if show_progress:
-        with Progress(
-            SpinnerColumn(),
-            TextColumn("{task.description}"),
-            TimeElapsedColumn(),
-            console=console,
-            transient=True,
-        ) as bar:
-            task = bar.add_task(f"export {export_id}: waiting", total=None)
-
-            def on_status(st: Any) -> None:
-                bar.update(task, description=f"export {export_id}: {st.progress or st.state}")
-
-            wait_for_export(cp, export_id, timeout=timeout, min_wait=min_wait, on_status=on_status)
-    else:
-        wait_for_export(cp, export_id, timeout=timeout, min_wait=min_wait)
+    _Waiter(cp, export_id, http=http, timeout=timeout, min_wait=min_wait).join(show_progress)
     land = run_job(
         "backend_land_job",
         partition_key=key,
@@ -124,8 +181,65 @@ def _run_once(
     return {k: v.value for k, v in mat.metadata.items()}
 
 
+class _Waiter:
+    """Polls an export until it is ready on a thread (``wait_for_export``: each answer is
+    recorded, the server's ``Retry-After`` is obeyed), so the caller can load Dagster meanwhile;
+    :meth:`join` waits for it (with a progress display) and raises what the wait raised."""
+
+    def __init__(
+        self,
+        cp: ControlPlane,
+        export_id: str,
+        *,
+        timeout: float,
+        min_wait: float,
+        http: Any = None,
+    ) -> None:
+        self.export_id = export_id
+        self.status = "waiting"
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+
+        def on_status(st: Any) -> None:
+            self.status = st.progress or st.state
+
+        def run() -> None:
+            try:
+                wait_for_export(
+                    cp,
+                    export_id,
+                    http=http,
+                    timeout=timeout,
+                    min_wait=min_wait,
+                    on_status=on_status,
+                )
+            except BaseException as exc:  # re-raised by join() on the caller's thread
+                self.error = exc
+            finally:
+                self.done.set()
+
+        self.thread = threading.Thread(target=run, name="bulk-wait", daemon=True)
+        self.thread.start()
+
+    def join(self, show_progress: bool) -> None:
+        if show_progress and not self.done.is_set():
+            with Progress(
+                SpinnerColumn(),
+                TextColumn("{task.description}"),
+                TimeElapsedColumn(),
+                console=console,
+                transient=True,
+            ) as bar:
+                task = bar.add_task(f"export {self.export_id}: waiting", total=None)
+                while not self.done.wait(0.1):
+                    bar.update(task, description=f"export {self.export_id}: {self.status}")
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+
 def _kick_off_early(
-    cp: ControlPlane, tenant: str, org_id: str, kick_config: dict[str, Any]
+    cp: ControlPlane, tenant: str, org_id: str, kick_config: dict[str, Any], http: Any = None
 ) -> dict[str, Any]:
     """Kick off now, outside Dagster; returns the kick-off run's config recording the export.
 
@@ -144,6 +258,7 @@ def _kick_off_early(
             org_id,
             full=bool(kick_config.get("full")),
             patients=tuple(kick_config.get("patients") or ()),
+            http=http,
         )
     except MedblocksError:
         return kick_config

@@ -1,6 +1,7 @@
 """``medblocks sync backend`` kicks off before Dagster loads (issue 17): the export request goes
-out first and the kick-off run records that export; if that early kick-off fails, the run kicks
-off itself (its retries, its failure record) as before. Against the sandbox EHR."""
+out first and is polled while Dagster loads, then one run (``backend_sync_job``) records that
+export and lands it; if that early kick-off fails, the kick-off run kicks off itself (its retries,
+its failure record) and the land run lands it, as before. Against the sandbox EHR."""
 
 import dagster as dg
 from click.testing import CliRunner
@@ -10,8 +11,8 @@ from .conftest import TENANT, Env
 ORG = "mercy-general"
 
 
-def _kickoff_run(instance: dg.DagsterInstance) -> dg.RunRecord:
-    (record,) = instance.get_run_records(dg.RunsFilter(job_name="backend_kickoff_job"))
+def _kickoff_run(instance: dg.DagsterInstance, job: str = "backend_kickoff_job") -> dg.RunRecord:
+    (record,) = instance.get_run_records(dg.RunsFilter(job_name=job))
     return record
 
 
@@ -30,9 +31,12 @@ def test_export_is_kicked_off_before_the_run_and_recorded_by_it(
     assert "status success" in _sync()
     (row,) = env.cp.list_bulk_exports(tenant_id=TENANT)
     assert row["status"] == "completed"
-    record = _kickoff_run(dg.DagsterInstance.get())
+    instance = dg.DagsterInstance.get()
+    record = _kickoff_run(instance, "backend_sync_job")
     assert row["kicked_off_at"].timestamp() < record.start_time  # before the run began
-    assert row["run_id"] != record.dagster_run.run_id  # the land run took it over
+    assert row["run_id"] == record.dagster_run.run_id  # that run recorded and landed it
+    assert record.dagster_run.status == dg.DagsterRunStatus.SUCCESS
+    assert not instance.get_run_records(dg.RunsFilter(job_name="backend_kickoff_job"))
     mats = dg.DagsterInstance.get().fetch_materializations(
         dg.AssetKey(["backend", "bulk_export"]), limit=1
     )
@@ -47,5 +51,8 @@ def test_a_failed_early_kickoff_is_left_to_the_run(env: Env, live_defs_state: ob
     assert "status success" in _sync()
     (row,) = env.cp.list_bulk_exports(tenant_id=TENANT)
     assert row["status"] == "completed"
-    record = _kickoff_run(dg.DagsterInstance.get())
+    instance = dg.DagsterInstance.get()
+    record = _kickoff_run(instance)
     assert row["kicked_off_at"].timestamp() > record.start_time  # kicked off by the run
+    (land,) = instance.get_run_records(dg.RunsFilter(job_name="backend_land_job"))
+    assert row["run_id"] == land.dagster_run.run_id

@@ -237,3 +237,11 @@ backend_land_job = dg.define_asset_job(
     partitions_def=backend_org_partitions,
     description="Download and land a ready Bulk Data export for one organization.",
 )
+
+backend_sync_job = dg.define_asset_job(
+    "backend_sync_job",
+    selection=[bulk_export, bulk_resources],
+    partitions_def=backend_org_partitions,
+    description="`medblocks sync backend`: record an export the CLI kicked off and waited for "
+    "(ready), and land it, in one run (the schedule and the sensor use the two jobs above).",
+)

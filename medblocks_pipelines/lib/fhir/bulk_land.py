@@ -3,6 +3,8 @@ threads, deleted files as tombstones, error files counted, attachments fetched; 
 watermark moves and the export is deleted on the server."""
 
 import concurrent.futures as cf
+import heapq
+import itertools
 import json
 import queue
 import shutil
@@ -367,11 +369,63 @@ def _current_manifest(
 COALESCE_BYTES = 64 << 20
 
 
+class _LargestFirst:
+    """Landing threads that take the largest waiting file first.
+
+    Files finish downloading in no useful order; in a FIFO the largest one (whose landing is the
+    longest) queued behind every small one and became the tail of the sync. Taken largest first,
+    it starts as soon as a worker is free. ``shutdown`` lands what is queued, then stops."""
+
+    def __init__(self, workers: int) -> None:
+        self._heap: list[tuple[int, int, cf.Future[None], Callable[[], None]]] = []
+        self._order = itertools.count()
+        self._cv = threading.Condition()
+        self._closed = False
+        self._threads = [
+            threading.Thread(target=self._work, name=f"bulk-land_{n}", daemon=True)
+            for n in range(workers)
+        ]
+        for t in self._threads:
+            t.start()
+
+    def submit(self, size: int, fn: Callable[[], None]) -> cf.Future[None]:
+        fut: cf.Future[None] = cf.Future()
+        with self._cv:
+            heapq.heappush(self._heap, (-size, next(self._order), fut, fn))
+            self._cv.notify()
+        return fut
+
+    def _work(self) -> None:
+        while True:
+            with self._cv:
+                while not self._heap and not self._closed:
+                    self._cv.wait()
+                if not self._heap:
+                    return
+                _, _, fut, fn = heapq.heappop(self._heap)
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fn()
+            except BaseException as exc:  # raised by the caller's Future.result()
+                fut.set_exception(exc)
+            else:
+                fut.set_result(None)
+
+    def shutdown(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+        for t in self._threads:
+            t.join()
+
+
 class _Batches:
     """Per-type batch files of downloaded plain NDJSON, landed when large enough.
 
-    Landing runs on ``workers`` threads, each with its own :class:`LakeWriter` (the lake is
-    append-only files, so writers never touch each other's output; DuckDB releases the GIL).
+    Landing runs on ``workers`` threads (largest waiting file first), each with its own
+    :class:`LakeWriter` (the lake is append-only files, so writers never touch each other's output;
+    DuckDB releases the GIL).
     :meth:`finish` waits for them and merges their stats into the main writer's.
     """
 
@@ -394,12 +448,12 @@ class _Batches:
         self._all = [writer.sibling() for _ in range(max(1, workers))]
         for w in self._all:
             self._writers.put(w)
-        self._pool = cf.ThreadPoolExecutor(
-            max_workers=len(self._all), thread_name_prefix="bulk-land"
-        )
+        self._pool = _LargestFirst(len(self._all))
         self._futures: list[cf.Future[None]] = []
 
-    def _land(self, path: Path, rtype: str, origin: str, remove: bool) -> None:
+    def _land(
+        self, path: Path, rtype: str, origin: str, remove: bool, on_done: Callable[[], None]
+    ) -> None:
         w = self._writers.get()
         try:
             before = w.stats.landed + w.stats.quarantined
@@ -411,22 +465,42 @@ class _Batches:
             self._writers.put(w)
             if remove:
                 path.unlink(missing_ok=True)
+            on_done()
         with self._lock:
             self.received[rtype] += got
 
-    def land_file(self, path: Path, rtype: str, origin: str, *, remove: bool) -> None:
-        # Bound the queue: a landing backlog would hold downloaded files on disk.
-        while sum(not f.done() for f in self._futures) >= 2 * len(self._all):
-            cf.wait(self._futures, return_when=cf.FIRST_COMPLETED)
-        self._futures.append(self._pool.submit(self._land, path, rtype, origin, remove))
+    def land_file(
+        self,
+        path: Path,
+        rtype: str,
+        origin: str,
+        *,
+        remove: bool,
+        on_done: Callable[[], None] = lambda: None,
+    ) -> None:
+        """Queue ``path`` for landing (never blocks: the downloads are what is bounded, see
+        ``_download_and_land``); ``on_done`` runs once it is landed and removed."""
+        size = path.stat().st_size
+        self._futures.append(
+            self._pool.submit(size, lambda: self._land(path, rtype, origin, remove, on_done))
+        )
 
-    def add(self, got: DownloadResult, rtype: str, *, last: bool = False) -> None:
+    def add(
+        self,
+        got: DownloadResult,
+        rtype: str,
+        *,
+        last: bool = False,
+        on_done: Callable[[], None] = lambda: None,
+    ) -> None:
         """Take a downloaded file of ``rtype``; ``last``: the type's last file in the manifest
-        (its batch lands now, while other files still download)."""
-        if got.gzip or (rtype not in self.open and got.bytes >= self.limit):
-            # Big enough alone (or compressed): landed as downloaded, no copy into a batch.
+        (its batch lands now, while other files still download). ``on_done`` runs once the
+        downloaded file is gone (landed, or copied into a batch)."""
+        if got.gzip or (rtype not in self.open and (got.bytes >= self.limit or last)):
+            # Big enough alone, compressed, or the type's only file left: landed as downloaded,
+            # no copy into a batch (no second pass over its bytes).
             origin = f"{self.export_id}/{Path(urlsplit(got.url).path).name}"
-            self.land_file(got.path, rtype, origin, remove=True)
+            self.land_file(got.path, rtype, origin, remove=True, on_done=on_done)
             return
         if rtype in self.open and self.open[rtype][2] + got.bytes > self.limit:
             self.flush(rtype)  # a batch stays within one landing chunk (no split)
@@ -442,6 +516,7 @@ class _Batches:
                 if src.read(1) != b"\n":
                     fh.write(b"\n")
         got.path.unlink(missing_ok=True)
+        on_done()
         size += got.bytes
         self.open[rtype] = (path, fh, size)
         if size >= self.limit or last:
@@ -461,7 +536,7 @@ class _Batches:
 
     def close(self) -> None:
         """Stop workers, close writers (flushing their quarantine rows), merge their stats."""
-        self._pool.shutdown(wait=True)
+        self._pool.shutdown()
         for path, fh, _ in self.open.values():
             fh.close()
             path.unlink(missing_ok=True)
@@ -501,56 +576,77 @@ def _download_and_land(
     batches = _Batches(writer, work, report.export_id, received, workers=cfg.land_workers)
     # Output files still to come per type: a type's batch lands once its last file is in.
     to_come = Counter(item.type or "(by patient)" for item in items if item.kind == "output")
+    # Disk stays bounded: a download starts only while fewer than `backlog` files are being
+    # downloaded or wait, downloaded, to land; a permit comes back once its file is landed (or
+    # copied into a batch, or handled here). `stop` ends waiting downloads if this loop fails.
+    backlog = threading.Semaphore(cfg.max_parallel + 2 * cfg.land_workers)
+    stop = threading.Event()
+
+    def fetch(item: ManifestItem, dest: Path) -> DownloadResult:
+        while not backlog.acquire(timeout=0.2):
+            if stop.is_set():
+                raise TransientError("the landing stopped")
+        try:
+            return client.download(item.url, dest, requires_token=manifest.requires_access_token)
+        except BaseException:
+            backlog.release()
+            raise
+
     try:
         with cf.ThreadPoolExecutor(
             max_workers=cfg.max_parallel, thread_name_prefix="bulk-dl"
         ) as pool:
+            # Largest files first (by the manifest's counts): the file that takes longest to
+            # download and land starts at once instead of becoming the tail after the others.
+            order = sorted(range(total), key=lambda n: -(items[n].count or 0))
             futures = {
-                pool.submit(
-                    client.download,
-                    item.url,
-                    work / _file_name(item, n),
-                    requires_token=manifest.requires_access_token,
-                ): item
-                for n, item in enumerate(items)
+                pool.submit(fetch, items[n], work / _file_name(items[n], n)): items[n]
+                for n in order
             }
-            for fut in cf.as_completed(futures):
-                item = futures[fut]
-                try:
-                    got: DownloadResult = fut.result()
-                except (TransientError, ProtocolError) as exc:
-                    failures.append(f"{item.kind} file ({type(exc).__name__})")
-                    if isinstance(exc, ExportExpired):
-                        expired.append(exc)
-                    continue
-                report.files += 1
-                report.bytes_downloaded += got.bytes
-                report.resumed_bytes += got.resumed_bytes
-                origin = f"{report.export_id}/{Path(urlsplit(item.url).path).name}"
-                if item.kind == "output":
-                    if item.type is None:
-                        # organizeOutputBy: per-patient blocks of any type, with header lines.
-                        got = strip_block_headers(got)
-                    if cfg.attachments and item.type in ("DocumentReference", None):
-                        attachment_urls.extend(
-                            attachment_refs(got.path, got.gzip, cfg.fhir_base_url)
-                        )
-                    rtype = item.type or "(by patient)"
-                    to_come[rtype] -= 1
-                    batches.add(got, rtype, last=not to_come[rtype])  # the batch owns the file
-                elif item.kind == "deleted":
-                    _land_deleted(got, writer, manifest.transaction_time, origin)
-                else:
-                    errors_dir.mkdir(parents=True, exist_ok=True)
-                    _count_outcomes(got, errors, codes, writer, origin, report)
-                    shutil.copyfile(got.path, errors_dir / got.path.name)
-                if item.kind != "output":
-                    got.path.unlink(missing_ok=True)
-                done += 1
-                if progress is not None:
-                    progress("files", done, total)
+            try:
+                for fut in cf.as_completed(futures):
+                    item = futures[fut]
+                    try:
+                        got: DownloadResult = fut.result()
+                    except (TransientError, ProtocolError) as exc:
+                        failures.append(f"{item.kind} file ({type(exc).__name__})")
+                        if isinstance(exc, ExportExpired):
+                            expired.append(exc)
+                        continue
+                    report.files += 1
+                    report.bytes_downloaded += got.bytes
+                    report.resumed_bytes += got.resumed_bytes
+                    origin = f"{report.export_id}/{Path(urlsplit(item.url).path).name}"
+                    if item.kind == "output":
+                        if item.type is None:
+                            # organizeOutputBy: per-patient blocks of any type, with header lines.
+                            got = strip_block_headers(got)
+                        if cfg.attachments and item.type in ("DocumentReference", None):
+                            attachment_urls.extend(
+                                attachment_refs(got.path, got.gzip, cfg.fhir_base_url)
+                            )
+                        rtype = item.type or "(by patient)"
+                        to_come[rtype] -= 1
+                        # The batch owns the file now; its permit comes back once it is gone.
+                        batches.add(got, rtype, last=not to_come[rtype], on_done=backlog.release)
+                    elif item.kind == "deleted":
+                        _land_deleted(got, writer, manifest.transaction_time, origin)
+                    else:
+                        errors_dir.mkdir(parents=True, exist_ok=True)
+                        _count_outcomes(got, errors, codes, writer, origin, report)
+                        shutil.copyfile(got.path, errors_dir / got.path.name)
+                    if item.kind != "output":
+                        got.path.unlink(missing_ok=True)
+                        backlog.release()
+                    done += 1
+                    if progress is not None:
+                        progress("files", done, total)
+            except BaseException:
+                stop.set()  # downloads waiting for a permit end instead of waiting forever
+                raise
         batches.finish()
     finally:
+        stop.set()
         batches.close()
     report.received_by_type = dict(received)
     report.error_entries = dict(errors)

@@ -135,6 +135,10 @@ def kickoff_export(
         client_profile(cfg.vendor),
     )
     conn_id = backend_connection(cp, cfg)
+    # The HTTP client is ready before the export is reserved: the kick-off request follows the
+    # reservation at once (a first client costs ~0.5 s of imports and TLS set-up).
+    own = http is None
+    http = http or make_http()
     export_id = cp.reserve_bulk_export(
         tenant_id=tenant,
         source_id=cfg.source_id,
@@ -144,19 +148,18 @@ def kickoff_export(
         since=since,
         run_id=run_id,
     )
-    if export_id is None:
-        # Another sync of this organization claimed the slot between our check and our insert.
-        winner = in_flight_export(cp, tenant, org_id)
-        if winner is None:
-            raise TransientError("a concurrent kick-off of this organization ended; try again")
-        return KickoffResult(winner["id"], True, winner.get("since"))
-    own = http is None
-    http = http or make_http()
     try:
-        polling_url = make_client(cp, cfg, http).kickoff(req)
-    except BaseException:
-        cp.delete_bulk_export(export_id)  # nothing was started on the server
-        raise
+        if export_id is None:
+            # Another sync of this organization claimed the slot between our check and insert.
+            winner = in_flight_export(cp, tenant, org_id)
+            if winner is None:
+                raise TransientError("a concurrent kick-off of this organization ended; try again")
+            return KickoffResult(winner["id"], True, winner.get("since"))
+        try:
+            polling_url = make_client(cp, cfg, http).kickoff(req)
+        except BaseException:
+            cp.delete_bulk_export(export_id)  # nothing was started on the server
+            raise
     finally:
         if own:
             http.close()
