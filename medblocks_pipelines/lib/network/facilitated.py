@@ -204,9 +204,7 @@ def _requestor(net: dict[str, Any], actor: str, purpose: str, tenant: str) -> Re
 
 def _record(cp: Any, **values: Any) -> int:
     with cp.engine.begin() as conn:
-        return int(
-            conn.execute(network_queries.insert().values(**values)).inserted_primary_key[0]  # type: ignore[index]
-        )
+        return int(conn.execute(network_queries.insert().values(**values)).inserted_primary_key[0])
 
 
 def run_facilitated_query(

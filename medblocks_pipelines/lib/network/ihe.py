@@ -278,7 +278,7 @@ def envelope(
             )
             sec.append(sig)
     _sub(env, SOAP, "Body").append(body)
-    return etree.tostring(env, xml_declaration=True, encoding="UTF-8")
+    return bytes(etree.tostring(env, xml_declaration=True, encoding="UTF-8"))
 
 
 def verify_timestamp_signature(root: etree._Element, cert_pem: bytes) -> bool:
@@ -750,7 +750,8 @@ def _slot_values(obj: etree._Element, name: str) -> list[str]:
 def _classification(obj: etree._Element, scheme: str) -> str | None:
     for c in obj.findall(_q(RIM, "Classification")):
         if c.get("classificationScheme") == scheme:
-            return c.get("nodeRepresentation")
+            node: str | None = c.get("nodeRepresentation")
+            return node
     return None
 
 

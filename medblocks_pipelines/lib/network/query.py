@@ -118,7 +118,7 @@ def record_relationship_event(
                 detail=dict(detail or {}),
             )
         )
-        return int(res.inserted_primary_key[0])  # type: ignore[index]
+        return int(res.inserted_primary_key[0])
 
 
 def _conn_person(conn: dict[str, Any]) -> set[str]:
@@ -440,7 +440,7 @@ def run_network_query(
                     at=now,
                     finished_at=None if decision.allowed else now,
                 )
-            ).inserted_primary_key[0]  # type: ignore[index]
+            ).inserted_primary_key[0]
         )
     result = QueryResult(
         decision.allowed, decision.reason, purpose, query_id, audit_id, cfg.id if cfg else network

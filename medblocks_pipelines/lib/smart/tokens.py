@@ -367,7 +367,8 @@ class TokenManager:
         secret = self.cp.vault.get(tokens_secret_name(self.connection_id))
         if secret is None:
             raise AuthError(f"connection {self.connection_id} has no tokens in the vault")
-        return json.loads(secret.reveal())
+        tokens: dict[str, Any] = json.loads(secret.reveal())
+        return tokens
 
     def margin(self, blob: Mapping[str, Any]) -> float:
         """Seconds before this blob's expiry at which it is refreshed."""
