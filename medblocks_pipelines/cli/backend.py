@@ -57,7 +57,7 @@ def run_backend_sync(
         )
     except (MedblocksError, ExportExpired):
         rows = cp.list_bulk_exports(tenant_id=tenant, organization_id=org_id)
-        if not rows or rows[-1]["status"] != "expired":
+        if not rows or rows[-1].status != "expired":
             raise
     console.print("[yellow]the export expired on the server; kicking off a new one[/yellow]")
     kick_config = {"full": False, "patients": list(patients)}
@@ -76,7 +76,7 @@ def _run_once(
 ) -> dict[str, Any]:
     key = partition_key(tenant, org_id)
     org = cp.get_organization(org_id)
-    tags = {"medblocks/tenant": tenant, "medblocks/source": org["source_id"]}
+    tags = {"medblocks/tenant": tenant, "medblocks/source": org.source_id}
     # The kick-off request goes out before Dagster is imported and loaded (~2 s), so that
     # start-up overlaps the server preparing the export; the kick-off run then records it.
     kick_config = _kick_off_early(cp, tenant, org_id, kick_config)

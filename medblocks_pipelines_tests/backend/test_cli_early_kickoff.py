@@ -29,15 +29,15 @@ def test_export_is_kicked_off_before_the_run_and_recorded_by_it(
     env.add_org(ORG, org_config={"types": ["Patient", "Condition"]})
     assert "status success" in _sync()
     (row,) = env.cp.list_bulk_exports(tenant_id=TENANT)
-    assert row["status"] == "completed"
+    assert row.status == "completed"
     record = _kickoff_run(dg.DagsterInstance.get())
-    assert row["kicked_off_at"].timestamp() < record.start_time  # before the run began
-    assert row["run_id"] != record.dagster_run.run_id  # the land run took it over
+    assert row.kicked_off_at.timestamp() < record.start_time  # before the run began
+    assert row.run_id != record.dagster_run.run_id  # the land run took it over
     mats = dg.DagsterInstance.get().fetch_materializations(
         dg.AssetKey(["backend", "bulk_export"]), limit=1
     )
     md = mats.records[0].asset_materialization.metadata  # type: ignore[union-attr]
-    assert md["export_id"].value == row["id"]
+    assert md["export_id"].value == row.id
     assert md["reused_in_flight"].value is False
 
 
@@ -46,6 +46,6 @@ def test_a_failed_early_kickoff_is_left_to_the_run(env: Env, live_defs_state: ob
     ehr.faults.add("error_burst", path=r"\$export", count=1, status=503)
     assert "status success" in _sync()
     (row,) = env.cp.list_bulk_exports(tenant_id=TENANT)
-    assert row["status"] == "completed"
+    assert row.status == "completed"
     record = _kickoff_run(dg.DagsterInstance.get())
-    assert row["kicked_off_at"].timestamp() > record.start_time  # kicked off by the run
+    assert row.kicked_off_at.timestamp() > record.start_time  # kicked off by the run

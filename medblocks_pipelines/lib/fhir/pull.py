@@ -63,6 +63,7 @@ from medblocks_pipelines.lib.fhir.search_plan import (  # noqa: F401 (re-exporte
     plan_queries,
 )
 from medblocks_pipelines.lib.registry import ControlPlane
+from medblocks_pipelines.lib.registry.rows import Source
 from medblocks_pipelines.lib.smart.discovery import fetch_smart_configuration
 from medblocks_pipelines.lib.smart.launch import source_discovery, supported_types
 from medblocks_pipelines.lib.smart.tokens import ClientAuth, TokenManager
@@ -436,19 +437,19 @@ def pull_connection(
     started = time.perf_counter()
     conn = cp.get_connection(connection_id)
     result = PullResult(connection_id)
-    if conn["state"] != "active":
-        result.status, result.error = "failed", f"connection is {conn['state']}"
+    if conn.state != "active":
+        result.status, result.error = "failed", f"connection is {conn.state}"
         return result
-    source = cp.get_source(conn["source_id"])
-    cfg = source.get("config") or {}
+    source = cp.get_source(conn.source_id)
+    cfg = source.config or {}
     # The relationship that authorized this pull is the connection's own pattern: a patient's
     # consent (patient_access) or an EHR launch's targeted sync (clinician_workflow).
-    pattern = str(conn["pattern"])
+    pattern = str(conn.pattern)
     pull_id = cp.start_pull(
-        tenant_id=conn["tenant_id"],
+        tenant_id=conn.tenant_id,
         pattern=pattern,
-        source_id=conn["source_id"],
-        organization_id=conn.get("organization_id"),
+        source_id=conn.source_id,
+        organization_id=conn.organization_id,
         connection_id=connection_id,
         run_id=run_id,
     )
@@ -458,21 +459,21 @@ def pull_connection(
     result.since = since
     tokens = TokenManager(cp, connection_id, http=http, client_auth=client_auth)
     client = FhirClient(
-        str(source["fhir_base_url"]),
+        str(source.fhir_base_url),
         http=http,
         tokens=tokens,
         limiter=limiter,
         **dict(client_options or {}),
     )
     prov = Provenance(
-        tenant=conn["tenant_id"],
+        tenant=conn.tenant_id,
         pattern=pattern,
-        source=conn["source_id"],
-        organization=conn.get("organization_id"),
+        source=conn.source_id,
+        organization=conn.organization_id,
         connection=connection_id,
         run_id=run_id,
     )
-    patient_id = conn.get("source_patient_id")
+    patient_id = conn.source_patient_id
     scope = PatientScope.of(str(patient_id)) if patient_id else None
     for kind, note in anomalies:
         result.anomaly(kind, note)
@@ -487,7 +488,7 @@ def pull_connection(
                 puller,
                 str(patient_id),
                 since=since,
-                kind=str(source.get("kind", "ehr")),
+                kind=source.kind,
                 granted=tokens.granted,
                 supported=supported or set(),
                 capability=capability,
@@ -598,19 +599,19 @@ class BatchResult:
 
 
 def _capability(
-    cp: ControlPlane, source: Mapping[str, Any], *, http: httpx.Client
+    cp: ControlPlane, source: Source, *, http: httpx.Client
 ) -> tuple[dict[str, Any] | None, list[tuple[str, str]]]:
     """The source's CapabilityStatement (cached per source by discovery) and source anomalies.
 
     A server without a usable ``/metadata`` is still pulled (the known type list, US Core
     parameters) when its SMART configuration answers; the pulls record the anomaly.
     """
-    source_id = str(source["id"])
+    source_id = str(source.id)
     try:
         _smart, cap = source_discovery(cp, source_id, http=http)
     except MedblocksError as exc:
         try:
-            fetch_smart_configuration(str(source["fhir_base_url"]), client=http)
+            fetch_smart_configuration(str(source.fhir_base_url), client=http)
         except (MedblocksError, httpx.HTTPError):
             raise exc from None
         return None, [("no_capability_statement", "GET metadata gave no CapabilityStatement")]
@@ -619,13 +620,13 @@ def _capability(
     return cap, []
 
 
-def source_limiter(source: Mapping[str, Any]) -> Limiter | None:
+def source_limiter(source: Source) -> Limiter | None:
     """The limiter of a source from ``config.rate_limit`` ({requests, per_seconds}): shared by
     every process through Redis when ``MEDBLOCKS_REDIS_URL`` is set, else per process."""
-    rl = (source.get("config") or {}).get("rate_limit")
+    rl = (source.config or {}).get("rate_limit")
     if not rl:
         return None
-    return limiter_for(str(source["id"]), int(rl["requests"]), float(rl.get("per_seconds", 1.0)))
+    return limiter_for(str(source.id), int(rl["requests"]), float(rl.get("per_seconds", 1.0)))
 
 
 def pull_batch(
@@ -651,7 +652,7 @@ def pull_batch(
     by_source: dict[tuple[str, str], list[str]] = {}
     for cid in connection_ids:
         conn = cp.get_connection(cid)
-        by_source.setdefault((conn["source_id"], conn["pattern"]), []).append(cid)
+        by_source.setdefault((conn.source_id, conn.pattern), []).append(cid)
     batch = BatchResult()
     lock = threading.Lock()
     max_workers = concurrency or 4
@@ -661,7 +662,7 @@ def pull_batch(
     try:
         for (source_id, pattern), ids in by_source.items():
             source = cp.get_source(source_id)
-            workers = concurrency or int((source.get("config") or {}).get("concurrency") or 4)
+            workers = concurrency or int((source.config or {}).get("concurrency") or 4)
             try:
                 cap, source_anomalies = _capability(cp, source, http=client)
                 supported = supported_types(cap or {})
@@ -730,9 +731,9 @@ def due_connections(
     rows = cp.list_connections(
         tenant_id=tenant_id, pattern=PATTERN, state="active", source_id=source_id
     )
-    due = [r for r in rows if r.get("next_pull_due") is None or r["next_pull_due"] <= now]
-    due.sort(key=lambda r: r.get("next_pull_due") or datetime.min.replace(tzinfo=UTC))
-    ids = [r["id"] for r in due]
+    due = [r for r in rows if r.next_pull_due is None or r.next_pull_due <= now]
+    due.sort(key=lambda r: r.next_pull_due or datetime.min.replace(tzinfo=UTC))
+    ids = [r.id for r in due]
     return ids[:limit] if limit else ids
 
 

@@ -42,6 +42,7 @@ from medblocks_pipelines.lib.network.tables import (
     network_relationship_events,
     utcnow,
 )
+from medblocks_pipelines.lib.registry.rows import Connection
 from medblocks_pipelines.lib.settings import Settings
 from medblocks_pipelines.lib.warehouse.lake import LakeWriter, Provenance
 
@@ -121,11 +122,11 @@ def record_relationship_event(
         return int(res.inserted_primary_key[0])
 
 
-def _conn_person(conn: dict[str, Any]) -> set[str]:
-    ctx = conn.get("context") or {}
+def _conn_person(conn: Connection) -> set[str]:
+    ctx = conn.context or {}
     ids = {
-        conn.get("patient_ref"),
-        conn.get("source_patient_id"),
+        conn.patient_ref,
+        conn.source_patient_id,
         ctx.get("person_id"),
         ctx.get("patient"),
     }
@@ -143,14 +144,14 @@ def gather_evidence(
     ids = {person, *(aliases or set())}
     out: list[Evidence] = []
     for conn in cp.list_connections(tenant_id=tenant, pattern="clinician_workflow"):
-        if not ids & _conn_person(conn) or conn.get("state") == "failed":
+        if not ids & _conn_person(conn) or conn.state == "failed":
             continue
         out.append(
             Evidence(
                 "ehr_launch",
-                conn["id"],
-                aware(conn["created_at"]) or utcnow(),
-                conn.get("organization_id"),
+                conn.id,
+                aware(conn.created_at) or utcnow(),
+                conn.organization_id,
             )
         )
     for conn in cp.list_connections(tenant_id=tenant, pattern="patient_access"):
@@ -160,10 +161,10 @@ def gather_evidence(
         out.append(
             Evidence(
                 "patient_access",
-                conn["id"],
-                aware(conn["created_at"]) or utcnow(),
-                conn.get("organization_id"),
-                verified=conn.get("state") == "active",
+                conn.id,
+                aware(conn.created_at) or utcnow(),
+                conn.organization_id,
+                verified=conn.state == "active",
             )
         )
     t = network_relationship_events
@@ -221,22 +222,22 @@ def network_config(cp: Any, network: str | None, tenant_settings: dict[str, Any]
     listed = tenant_settings.get("networks") or []
     network = network or net.get("network") or (listed[0] if len(listed) == 1 else None)
     if network is None:
-        candidates = [s for s in cp.list_sources() if s.get("kind") == "network"]
+        candidates = [s for s in cp.list_sources() if s.kind == "network"]
         if len(candidates) != 1:
             raise ConfigError(
                 "no network named and not exactly one network source",
                 hint="pass --network or set tenant settings network.network",
             )
-        network = candidates[0]["id"]
+        network = candidates[0].id
     try:
         src = cp.get_source(network)
     except NotFound:
         raise ConfigError(f"network source {network!r} is not registered") from None
-    cfg = src.get("config") or {}
+    cfg = src.config or {}
     if not cfg.get("gateways"):
         raise ConfigError(f"network source {network!r} has no gateways configured")
     return NetworkConfig(
-        id=src["id"],
+        id=src.id,
         home_community_id=ihe.as_urn(
             str(cfg.get("home_community_id", "urn:oid:2.16.840.1.113883.3.9999.100"))
         ),

@@ -53,8 +53,10 @@ import sqlalchemy as sa
 
 from medblocks_pipelines.lib.errors import ConfigError, ExportError, MedblocksError, NotFound
 from medblocks_pipelines.lib.ops import tables as ot
+from medblocks_pipelines.lib.ops.rows import ExportDestination, ExportRun
 from medblocks_pipelines.lib.registry import ControlPlane
 from medblocks_pipelines.lib.registry import schema as rt
+from medblocks_pipelines.lib.registry.rows import from_row
 from medblocks_pipelines.lib.registry.store import check_id
 from medblocks_pipelines.lib.settings import Settings
 from medblocks_pipelines.lib.warehouse.build import current_warehouse_path
@@ -166,7 +168,7 @@ def add_destination(
         cp.vault.put(SECRET_PREFIX + id, json.dumps(dict(credentials)), tenant_id=tenant_id)
 
 
-def get_destination(cp: ControlPlane, id: str) -> dict[str, Any]:
+def get_destination(cp: ControlPlane, id: str) -> ExportDestination:
     """One destination row (no credentials)."""
     with cp.engine.connect() as conn:
         row = conn.execute(
@@ -174,12 +176,12 @@ def get_destination(cp: ControlPlane, id: str) -> dict[str, Any]:
         ).first()
     if row is None:
         raise NotFound(f"export destination {id!r} not found", hint="medblocks exports list")
-    return dict(row._mapping)
+    return from_row(ExportDestination, row)
 
 
 def list_destinations(
     cp: ControlPlane, *, tenant_id: str | None = None, enabled_only: bool = False
-) -> list[dict[str, Any]]:
+) -> list[ExportDestination]:
     """Destinations ordered by id."""
     d = ot.export_destinations
     q = sa.select(d).order_by(d.c.id)
@@ -188,7 +190,7 @@ def list_destinations(
     if enabled_only:
         q = q.where(d.c.enabled.is_(True))
     with cp.engine.connect() as conn:
-        return [dict(r._mapping) for r in conn.execute(q)]
+        return [from_row(ExportDestination, r) for r in conn.execute(q)]
 
 
 def set_destination_enabled(cp: ControlPlane, id: str, enabled: bool) -> None:
@@ -204,7 +206,7 @@ def set_destination_enabled(cp: ControlPlane, id: str, enabled: bool) -> None:
 
 def list_runs(
     cp: ControlPlane, *, destination_id: str | None = None, tenant_id: str | None = None
-) -> list[dict[str, Any]]:
+) -> list[ExportRun]:
     """Export runs, newest first."""
     r = ot.export_runs
     q = sa.select(r).order_by(r.c.id.desc())
@@ -213,7 +215,7 @@ def list_runs(
     if tenant_id is not None:
         q = q.where(r.c.tenant_id == tenant_id)
     with cp.engine.connect() as conn:
-        return [dict(row._mapping) for row in conn.execute(q)]
+        return [from_row(ExportRun, row) for row in conn.execute(q)]
 
 
 def watermark_key(destination_id: str) -> str:
@@ -239,7 +241,7 @@ def run_export(
     """Export what changed in the tenant's warehouse since the last committed export."""
     started = time.perf_counter()
     dest = get_destination(cp, destination_id)
-    tenant = dest["tenant_id"]
+    tenant = dest.tenant_id
     last = cp.get_watermark(watermark_key(destination_id))
     seq = int(last) + 1 if last else 1
     mode = "delta" if last else "backfill"
@@ -254,11 +256,11 @@ def run_export(
                 hint=f"build it first: medblocks warehouse build --tenant {tenant}",
             )
         policy = load_read_policy()
-        rule = policy.rule("export", dest["config"].get("purpose"))
+        rule = policy.rule("export", dest.config.get("purpose"))
         con = duckdb.connect()
         try:
             read = _prepare_delta(
-                con, wh_file, state_dir, int(last) if last else None, dest["config"], rule
+                con, wh_file, state_dir, int(last) if last else None, dest.config, rule
             )
             audit_read(
                 cp,
@@ -270,7 +272,7 @@ def run_export(
                 table="resources",
                 ref=f"seq {seq}",
             )
-            if dest["kind"] == "fhir":
+            if dest.kind == "fhir":
                 _send_fhir(con, dest, _credentials(cp, destination_id), result, http, cp=cp)
             else:
                 _write_files(con, dest, _credentials(cp, destination_id), result, tenant)
@@ -296,32 +298,32 @@ def run_export(
 
 
 def _start_run(
-    cp: ControlPlane, dest: Mapping[str, Any], seq: int, mode: str, run_id: str | None, at: datetime
+    cp: ControlPlane, dest: ExportDestination, seq: int, mode: str, run_id: str | None, at: datetime
 ) -> int:
     r = ot.export_runs
     with cp.engine.begin() as conn:
         running = conn.execute(
             sa.select(r.c.id)
-            .where(r.c.destination_id == dest["id"])
+            .where(r.c.destination_id == dest.id)
             .where(r.c.status == "running")
             .where(r.c.started_at > at - STALE_AFTER)
         ).first()
         if running:
             raise ExportError(
-                f"export {dest['id']} is already running (run {running[0]})",
+                f"export {dest.id} is already running (run {running[0]})",
                 hint="wait for it, or see `medblocks exports runs` if it is stuck",
             )
         # Crashed runs left "running": close them so the record says what happened.
         conn.execute(
             r.update()
-            .where(r.c.destination_id == dest["id"])
+            .where(r.c.destination_id == dest.id)
             .where(r.c.status == "running")
             .values(status="failed", error="abandoned (process died)", finished_at=at)
         )
         res = conn.execute(
             r.insert().values(
-                tenant_id=dest["tenant_id"],
-                destination_id=dest["id"],
+                tenant_id=dest.tenant_id,
+                destination_id=dest.id,
                 seq=seq,
                 mode=mode,
                 status="running",
@@ -336,7 +338,7 @@ def _start_run(
 def _finish_run(
     cp: ControlPlane,
     run_row: int,
-    dest: Mapping[str, Any],
+    dest: ExportDestination,
     result: ExportResult,
     *,
     status: str,
@@ -352,7 +354,7 @@ def _finish_run(
         )
         if status == "success":
             # The watermark moves in the same transaction as the run record and its event.
-            key = watermark_key(dest["id"])
+            key = watermark_key(dest.id)
             exists = conn.execute(
                 sa.select(rt.watermarks.c.key).where(rt.watermarks.c.key == key)
             ).first()
@@ -368,11 +370,11 @@ def _finish_run(
                 )
         conn.execute(
             rt.events.insert().values(
-                tenant_id=dest["tenant_id"],
+                tenant_id=dest.tenant_id,
                 type="export.completed" if status == "success" else "export.failed",
                 payload={
-                    "destination_id": dest["id"],
-                    "kind": dest["kind"],
+                    "destination_id": dest.id,
+                    "kind": dest.kind,
                     "export_run_id": run_row,
                     "seq": result.seq,
                     "mode": result.mode,
@@ -488,10 +490,10 @@ def _batches(
 
 # -- files -----------------------------------------------------------------------------------
 def _filesystem(
-    dest: Mapping[str, Any], creds: Mapping[str, str]
+    dest: ExportDestination, creds: Mapping[str, str]
 ) -> tuple[fsspec.AbstractFileSystem, str]:
-    url: str = dest["url"]
-    cfg = dest["config"]
+    url: str = dest.url
+    cfg = dest.config
     if url.startswith("s3://"):
         kwargs: dict[str, Any] = {}
         client_kwargs: dict[str, Any] = {}
@@ -512,20 +514,20 @@ def _filesystem(
 
 def _write_files(
     con: duckdb.DuckDBPyConnection,
-    dest: Mapping[str, Any],
+    dest: ExportDestination,
     creds: Mapping[str, str],
     result: ExportResult,
     tenant: str,
 ) -> None:
     fs, root = _filesystem(dest, creds)
-    prefix = f"{root}/{tenant}/{dest['id']}/{result.seq:06d}"
+    prefix = f"{root}/{tenant}/{dest.id}/{result.seq:06d}"
     # Leftovers of a failed attempt at this sequence go first: retries never add duplicates.
     if fs.exists(prefix):
         fs.rm(prefix, recursive=True)
     if hasattr(fs, "invalidate_cache"):
         fs.invalidate_cache()
-    kind = dest["kind"]
-    gz = bool(dest["config"].get("gzip", True)) if kind == "ndjson" else False
+    kind = dest.kind
+    gz = bool(dest.config.get("gzip", True)) if kind == "ndjson" else False
     output: list[dict[str, Any]] = []
     for rtype in _types(con):
         sql = (
@@ -640,14 +642,14 @@ def _deletion_bundles(con: duckdb.DuckDBPyConnection, per_bundle: int = 500) -> 
 # -- FHIR ------------------------------------------------------------------------------------
 def _send_fhir(
     con: duckdb.DuckDBPyConnection,
-    dest: Mapping[str, Any],
+    dest: ExportDestination,
     creds: Mapping[str, str],
     result: ExportResult,
     http: httpx.Client | None,
     *,
     cp: ControlPlane | None = None,
 ) -> None:
-    size = int(dest["config"].get("bundle_size", 200))
+    size = int(dest.config.get("bundle_size", 200))
     headers = {
         "content-type": "application/fhir+json",
         "accept": "application/fhir+json",
@@ -656,7 +658,7 @@ def _send_fhir(
         headers["authorization"] = f"Bearer {creds['bearer_token']}"
     client = http or httpx.Client(timeout=60.0)
     bearer = (
-        _BackendBearer(cp, dest, client) if dest["config"].get("auth") == "smart-backend" else None
+        _BackendBearer(cp, dest, client) if dest.config.get("auth") == "smart-backend" else None
     )
 
     def post(entries: list[bytes]) -> None:
@@ -680,7 +682,7 @@ def _send_fhir(
                     # The landed JSON goes in verbatim (decimals keep their precision).
                     entries.append(
                         b'{"fullUrl":"'
-                        + f"{dest['url'].rstrip('/')}/{rtype}/{rid}".encode()
+                        + f"{dest.url.rstrip('/')}/{rtype}/{rid}".encode()
                         + b'","resource":'
                         + text.encode()
                         + b',"request":{"method":"PUT","url":"'
@@ -713,21 +715,21 @@ class _BackendBearer:
     """``Authorization`` for a destination that takes SMART Backend Services tokens."""
 
     def __init__(
-        self, cp: ControlPlane | None, dest: Mapping[str, Any], http: httpx.Client
+        self, cp: ControlPlane | None, dest: ExportDestination, http: httpx.Client
     ) -> None:
         from medblocks_pipelines.lib.smart.backend import BackendAuth
         from medblocks_pipelines.lib.smart.keys import KeyStore
 
         if cp is None:
             raise ExportError("smart-backend auth needs the control plane (our signing key)")
-        cfg = dest["config"]
+        cfg = dest.config
         self.auth = BackendAuth(
             client_id=str(cfg["client_id"]),
             scope=str(cfg.get("scope") or "system/*.cud"),
             key=KeyStore(cp.vault).active,
             http=http,
             token_endpoint=cfg.get("token_endpoint"),
-            fhir_base_url=dest["url"],
+            fhir_base_url=dest.url,
             jku=cfg.get("jku"),
         )
 
@@ -743,7 +745,7 @@ class _BackendBearer:
 
 def _post_bundle(
     client: httpx.Client,
-    dest: Mapping[str, Any],
+    dest: ExportDestination,
     headers: dict[str, str],
     entries: list[bytes],
     result: ExportResult,
@@ -756,10 +758,10 @@ def _post_bundle(
         if bearer is not None:
             sent["authorization"] = bearer.value()
         try:
-            resp = client.post(dest["url"].rstrip("/") + "/", content=body, headers=sent)
+            resp = client.post(dest.url.rstrip("/") + "/", content=body, headers=sent)
         except httpx.HTTPError as exc:
             raise ExportError(
-                f"FHIR destination {dest['id']} unreachable: {type(exc).__name__}"
+                f"FHIR destination {dest.id} unreachable: {type(exc).__name__}"
             ) from exc
         if resp.status_code == 401 and bearer is not None and attempt == 1:
             bearer.expired(sent["authorization"])  # revoked or expired early: one fresh token
@@ -767,19 +769,17 @@ def _post_bundle(
         break
     if resp.status_code != 200:
         raise ExportError(
-            f"FHIR destination {dest['id']} refused a transaction: HTTP {resp.status_code}",
+            f"FHIR destination {dest.id} refused a transaction: HTTP {resp.status_code}",
             hint="the destination's OperationOutcome is in its own logs; fix and re-run",
         )
     try:
         reply = resp.json()
     except ValueError as exc:
-        raise ExportError(f"FHIR destination {dest['id']} answered with non-JSON") from exc
+        raise ExportError(f"FHIR destination {dest.id} answered with non-JSON") from exc
     if reply.get("resourceType") != "Bundle" or reply.get("type") != "transaction-response":
-        raise ExportError(f"FHIR destination {dest['id']} did not answer a transaction-response")
+        raise ExportError(f"FHIR destination {dest.id} did not answer a transaction-response")
     statuses = [str((e.get("response") or {}).get("status", "")) for e in reply.get("entry", [])]
     if len(statuses) != len(entries) or not all(s[:1] == "2" for s in statuses):
-        raise ExportError(
-            f"FHIR destination {dest['id']} did not accept every entry of a transaction"
-        )
+        raise ExportError(f"FHIR destination {dest.id} did not accept every entry of a transaction")
     result.bundles += 1
     result.bytes += len(body)

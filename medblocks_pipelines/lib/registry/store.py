@@ -4,10 +4,11 @@ One code path over SQLite and PostgreSQL (SQLAlchemy Core). Every state change o
 new state, a ``connection_events`` row and an outbox ``events`` row in the same transaction.
 """
 
+import dataclasses
 import secrets as pysecrets
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 
@@ -15,11 +16,25 @@ from medblocks_pipelines.lib.errors import InvalidTransition, NotFound, Registry
 from medblocks_pipelines.lib.partitions import normalise_id
 from medblocks_pipelines.lib.registry import schema as t
 from medblocks_pipelines.lib.registry.db import make_engine, migrate
+from medblocks_pipelines.lib.registry.rows import (
+    AuditEntry,
+    BulkExport,
+    Connection,
+    ConnectionEvent,
+    Event,
+    Organization,
+    Pull,
+    Source,
+    Tenant,
+    from_row,
+)
 from medblocks_pipelines.lib.registry.vault import Vault, load_keys
 from medblocks_pipelines.lib.settings import Settings
 
 PATTERNS = ("patient_access", "clinician_workflow", "backend", "network")
 SOURCE_KINDS = ("ehr", "payer", "network")
+
+R = TypeVar("R")
 
 # The connection lifecycle (ARCHITECTURE.md): pending -> active -> (refresh_failed | revoked | expired),
 # or failed. An active connection whose refresh failed can become active again after re-consent, and a
@@ -58,21 +73,12 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-def _aware(value: Any) -> Any:
-    # SQLite hands back naive datetimes; everything we store is UTC.
-    if isinstance(value, datetime) and value.tzinfo is None:
-        return value.replace(tzinfo=UTC)
-    return value
+def _row(cls: Callable[..., R], row: sa.Row[Any] | None) -> R | None:
+    return None if row is None else from_row(cls, row)
 
 
-def _row(row: sa.Row[Any] | None) -> dict[str, Any] | None:
-    if row is None:
-        return None
-    return {k: _aware(v) for k, v in row._mapping.items()}
-
-
-def _rows(rows: Iterable[sa.Row[Any]]) -> list[dict[str, Any]]:
-    return [{k: _aware(v) for k, v in r._mapping.items()} for r in rows]
+def _rows(cls: Callable[..., R], rows: Iterable[sa.Row[Any]]) -> list[R]:
+    return [from_row(cls, r) for r in rows]
 
 
 def _outbox(
@@ -113,11 +119,11 @@ class ControlPlane:
         check_id(id, "tenant")
         self._upsert(t.tenants, {"id": id}, {"name": name, "settings": dict(settings or {})})
 
-    def get_tenant(self, id: str) -> dict[str, Any]:
-        return self._get(t.tenants, id, "tenant")
+    def get_tenant(self, id: str) -> Tenant:
+        return self._get(Tenant, t.tenants, id, "tenant")
 
-    def list_tenants(self) -> list[dict[str, Any]]:
-        return self._list(t.tenants, order_by=t.tenants.c.id)
+    def list_tenants(self) -> list[Tenant]:
+        return self._list(Tenant, t.tenants, order_by=t.tenants.c.id)
 
     # -- sources -------------------------------------------------------------------------------
     def add_source(
@@ -151,11 +157,11 @@ class ControlPlane:
             },
         )
 
-    def get_source(self, id: str) -> dict[str, Any]:
-        return self._get(t.sources, id, "source")
+    def get_source(self, id: str) -> Source:
+        return self._get(Source, t.sources, id, "source")
 
-    def list_sources(self) -> list[dict[str, Any]]:
-        return self._list(t.sources, order_by=t.sources.c.id)
+    def list_sources(self) -> list[Source]:
+        return self._list(Source, t.sources, order_by=t.sources.c.id)
 
     def update_source(self, id: str, **fields: Any) -> None:
         self._update(t.sources, id, fields, "source")
@@ -188,8 +194,8 @@ class ControlPlane:
         check_id(id, "organization")
         self.get_tenant(tenant_id)
         self.get_source(source_id)
-        existing = self._maybe(t.organizations, id)
-        if existing and existing["tenant_id"] != tenant_id:
+        existing = self._maybe(Organization, t.organizations, id)
+        if existing and existing.tenant_id != tenant_id:
             raise RegistryError(
                 f"organization {id!r} belongs to another tenant",
                 hint="organization ids are global; pick another id",
@@ -205,15 +211,15 @@ class ControlPlane:
             },
         )
 
-    def get_organization(self, id: str) -> dict[str, Any]:
-        return self._get(t.organizations, id, "organization")
+    def get_organization(self, id: str) -> Organization:
+        return self._get(Organization, t.organizations, id, "organization")
 
-    def list_organizations(self, tenant_id: str | None = None) -> list[dict[str, Any]]:
+    def list_organizations(self, tenant_id: str | None = None) -> list[Organization]:
         q = sa.select(t.organizations).order_by(t.organizations.c.id)
         if tenant_id is not None:
             q = q.where(t.organizations.c.tenant_id == tenant_id)
         with self.engine.connect() as conn:
-            return _rows(conn.execute(q))
+            return _rows(Organization, conn.execute(q))
 
     def update_organization(self, id: str, **fields: Any) -> None:
         self._update(t.organizations, id, fields, "organization")
@@ -265,8 +271,8 @@ class ControlPlane:
             )
         return conn_id
 
-    def get_connection(self, id: str) -> dict[str, Any]:
-        return self._get(t.connections, id, "connection")
+    def get_connection(self, id: str) -> Connection:
+        return self._get(Connection, t.connections, id, "connection")
 
     def list_connections(
         self,
@@ -276,7 +282,7 @@ class ControlPlane:
         state: str | None = None,
         source_id: str | None = None,
         organization_id: str | None = None,
-    ) -> list[dict[str, Any]]:
+    ) -> list[Connection]:
         q = sa.select(t.connections).order_by(t.connections.c.created_at, t.connections.c.id)
         for col, val in (
             ("tenant_id", tenant_id),
@@ -288,7 +294,7 @@ class ControlPlane:
             if val is not None:
                 q = q.where(t.connections.c[col] == val)
         with self.engine.connect() as conn:
-            return _rows(conn.execute(q))
+            return _rows(Connection, conn.execute(q))
 
     def update_connection(self, id: str, **fields: Any) -> None:
         """Update non-state fields of a connection (state changes go through :meth:`transition`)."""
@@ -305,17 +311,17 @@ class ControlPlane:
         reason: str | None = None,
         detail: Mapping[str, Any] | None = None,
         event_type: str | None = None,
-    ) -> dict[str, Any]:
+    ) -> Connection:
         """Move a connection to ``to_state`` if the lifecycle allows it; records event + outbox row."""
         now = utcnow()
         with self.engine.begin() as conn:
             stmt = sa.select(t.connections).where(t.connections.c.id == connection_id)
             if conn.dialect.name == "postgresql":
                 stmt = stmt.with_for_update()
-            row = _row(conn.execute(stmt).first())
+            row = _row(Connection, conn.execute(stmt).first())
             if row is None:
                 raise NotFound(f"connection {connection_id!r} not found")
-            from_state = row["state"]
+            from_state = row.state
             if to_state not in TRANSITIONS.get(from_state, frozenset()):
                 raise InvalidTransition(
                     f"connection {connection_id} cannot go from {from_state} to {to_state}"
@@ -338,21 +344,20 @@ class ControlPlane:
             if to_state in _STATE_EVENTS:
                 _outbox(
                     conn,
-                    row["tenant_id"],
+                    row.tenant_id,
                     _STATE_EVENTS[to_state],
                     {
                         "connection_id": connection_id,
-                        "pattern": row["pattern"],
-                        "source_id": row["source_id"],
-                        "organization_id": row["organization_id"],
+                        "pattern": row.pattern,
+                        "source_id": row.source_id,
+                        "organization_id": row.organization_id,
                         "from_state": from_state,
                         "to_state": to_state,
                         "reason": reason,
                     },
                     now,
                 )
-        row.update(state=to_state, state_reason=reason, updated_at=now)
-        return row
+        return dataclasses.replace(row, state=to_state, state_reason=reason, updated_at=now)
 
     def record_event(
         self, connection_id: str, event_type: str, detail: Mapping[str, Any] | None = None
@@ -368,14 +373,14 @@ class ControlPlane:
                 )
             )
 
-    def connection_events(self, connection_id: str) -> list[dict[str, Any]]:
+    def connection_events(self, connection_id: str) -> list[ConnectionEvent]:
         q = (
             sa.select(t.connection_events)
             .where(t.connection_events.c.connection_id == connection_id)
             .order_by(t.connection_events.c.id)
         )
         with self.engine.connect() as conn:
-            return _rows(conn.execute(q))
+            return _rows(ConnectionEvent, conn.execute(q))
 
     # -- pulls ---------------------------------------------------------------------------------
     def start_pull(
@@ -419,40 +424,41 @@ class ControlPlane:
                 .values(finished_at=now, status=status, counts=dict(counts), error=error)
             )
             row = _row(
+                Pull,
                 conn.execute(
                     sa.select(t.pull_history).where(t.pull_history.c.id == pull_id)
-                ).first()
+                ).first(),
             )
             if row is None:
                 raise NotFound(f"pull {pull_id} not found")
             _outbox(
                 conn,
-                row["tenant_id"],
+                row.tenant_id,
                 "sync.failed" if status == "failed" else "sync.completed",
                 {
                     "pull_id": pull_id,
-                    "pattern": row["pattern"],
-                    "source_id": row["source_id"],
-                    "organization_id": row["organization_id"],
-                    "connection_id": row["connection_id"],
+                    "pattern": row.pattern,
+                    "source_id": row.source_id,
+                    "organization_id": row.organization_id,
+                    "connection_id": row.connection_id,
                     "status": status,
                     "counts": dict(counts),
                 },
                 now,
             )
 
-    def running_pulls(self) -> list[dict[str, Any]]:
+    def running_pulls(self) -> list[Pull]:
         """Every pull-history row still ``running`` (crash recovery checks their runs)."""
         q = sa.select(t.pull_history).where(t.pull_history.c.status == "running")
         with self.engine.connect() as conn:
-            return _rows(conn.execute(q.order_by(t.pull_history.c.id)))
+            return _rows(Pull, conn.execute(q.order_by(t.pull_history.c.id)))
 
-    def list_pulls(self, *, tenant_id: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+    def list_pulls(self, *, tenant_id: str | None = None, limit: int = 100) -> list[Pull]:
         q = sa.select(t.pull_history).order_by(t.pull_history.c.id.desc()).limit(limit)
         if tenant_id is not None:
             q = q.where(t.pull_history.c.tenant_id == tenant_id)
         with self.engine.connect() as conn:
-            return _rows(conn.execute(q))
+            return _rows(Pull, conn.execute(q))
 
     # -- audit ---------------------------------------------------------------------------------
     def audit(
@@ -507,12 +513,12 @@ class ControlPlane:
         with self.engine.begin() as conn:
             conn.execute(t.audit_log.update().where(t.audit_log.c.id == audit_id).values(**fields))
 
-    def list_audit(self, *, tenant_id: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+    def list_audit(self, *, tenant_id: str | None = None, limit: int = 100) -> list[AuditEntry]:
         q = sa.select(t.audit_log).order_by(t.audit_log.c.id.desc()).limit(limit)
         if tenant_id is not None:
             q = q.where(t.audit_log.c.tenant_id == tenant_id)
         with self.engine.connect() as conn:
-            return _rows(conn.execute(q))
+            return _rows(AuditEntry, conn.execute(q))
 
     # -- watermarks ----------------------------------------------------------------------------
     def get_watermark(self, key: str) -> str | None:
@@ -643,8 +649,8 @@ class ControlPlane:
         with self.engine.begin() as conn:
             conn.execute(t.bulk_exports.delete().where(t.bulk_exports.c.id == id))
 
-    def get_bulk_export(self, id: str) -> dict[str, Any]:
-        return self._get(t.bulk_exports, id, "bulk export")
+    def get_bulk_export(self, id: str) -> BulkExport:
+        return self._get(BulkExport, t.bulk_exports, id, "bulk export")
 
     def update_bulk_export(self, id: str, **fields: Any) -> None:
         fields["updated_at"] = utcnow()
@@ -656,7 +662,7 @@ class ControlPlane:
         status: str | Iterable[str] | None = None,
         tenant_id: str | None = None,
         organization_id: str | None = None,
-    ) -> list[dict[str, Any]]:
+    ) -> list[BulkExport]:
         q = sa.select(t.bulk_exports).order_by(t.bulk_exports.c.kicked_off_at)
         if status is not None:
             statuses = [status] if isinstance(status, str) else list(status)
@@ -666,7 +672,7 @@ class ControlPlane:
         if organization_id is not None:
             q = q.where(t.bulk_exports.c.organization_id == organization_id)
         with self.engine.connect() as conn:
-            return _rows(conn.execute(q))
+            return _rows(BulkExport, conn.execute(q))
 
     # -- outbox --------------------------------------------------------------------------------
     def emit_event(self, tenant_id: str, type: str, payload: Mapping[str, Any]) -> int:
@@ -676,27 +682,27 @@ class ControlPlane:
 
     def list_events(
         self, *, tenant_id: str | None = None, after_id: int = 0, limit: int = 1000
-    ) -> list[dict[str, Any]]:
+    ) -> list[Event]:
         q = sa.select(t.events).where(t.events.c.id > after_id).order_by(t.events.c.id).limit(limit)
         if tenant_id is not None:
             q = q.where(t.events.c.tenant_id == tenant_id)
         with self.engine.connect() as conn:
-            return _rows(conn.execute(q))
+            return _rows(Event, conn.execute(q))
 
     # -- helpers -------------------------------------------------------------------------------
-    def _maybe(self, table: sa.Table, id: str) -> dict[str, Any] | None:
+    def _maybe(self, cls: Callable[..., R], table: sa.Table, id: str) -> R | None:
         with self.engine.connect() as conn:
-            return _row(conn.execute(sa.select(table).where(table.c.id == id)).first())
+            return _row(cls, conn.execute(sa.select(table).where(table.c.id == id)).first())
 
-    def _get(self, table: sa.Table, id: str, what: str) -> dict[str, Any]:
-        row = self._maybe(table, id)
+    def _get(self, cls: Callable[..., R], table: sa.Table, id: str, what: str) -> R:
+        row = self._maybe(cls, table, id)
         if row is None:
             raise NotFound(f"{what} {id!r} not found", hint=_LIST_HINTS.get(table.name))
         return row
 
-    def _list(self, table: sa.Table, *, order_by: Any) -> list[dict[str, Any]]:
+    def _list(self, cls: Callable[..., R], table: sa.Table, *, order_by: Any) -> list[R]:
         with self.engine.connect() as conn:
-            return _rows(conn.execute(sa.select(table).order_by(order_by)))
+            return _rows(cls, conn.execute(sa.select(table).order_by(order_by)))
 
     def _update(self, table: sa.Table, id: str, fields: Mapping[str, Any], what: str) -> None:
         with self.engine.begin() as conn:
