@@ -233,7 +233,7 @@ def run_facilitated_query(
     """
     now = now or datetime.now(UTC)
     run_id = run_id or f"fhirnet-{uuid.uuid4().hex[:12]}"
-    tsettings = cp.get_tenant(tenant).get("settings") or {}
+    tsettings = cp.get_tenant(tenant).settings or {}
     net = tenant_network_settings(tsettings)
     catalog = load_catalog(net.get("catalog_version"))
     aliases = person_aliases(settings, tenant=tenant, person=person)

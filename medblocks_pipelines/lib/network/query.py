@@ -373,7 +373,7 @@ def run_network_query(
     now = now or datetime.now(UTC)
     run_id = run_id or f"net-{uuid.uuid4().hex[:12]}"
     tenant_row = cp.get_tenant(tenant)
-    tsettings = tenant_row.get("settings") or {}
+    tsettings = tenant_row.settings or {}
     net = tenant_network_settings(tsettings)
     catalog = load_catalog(net.get("catalog_version"))
     aliases = person_aliases(settings, tenant=tenant, person=person)
