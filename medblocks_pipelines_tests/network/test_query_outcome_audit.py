@@ -92,8 +92,8 @@ def test_partial_success_is_recorded_and_success_adds_nothing(env: Env) -> None:
     assert result.status == "partial", result
     rows = _rows(env)
     assert [r.action for r in rows] == ["network.query", OUTCOME_ACTION]
-    assert rows[1]["reason"].startswith("partial: valley-medical ")
-    assert rows[1]["responders"] == ["riverside-health"]
+    assert rows[1].reason.startswith("partial: valley-medical ")
+    assert rows[1].responders == ["riverside-health"]
 
 
 def test_success_adds_no_outcome_row(env: Env) -> None:
