@@ -128,7 +128,7 @@ def test_a_token_the_source_expired_early_is_refreshed_after_401(pa_env: Patient
         pa_env.sandbox.admin(org.org_id, "expire-tokens", {"client_id": pa_env.clients[org.org_id]})
         assert client.read("Patient", patient)["id"] == patient
     assert client.stats.statuses[401] == 1 and manager.refreshes == 1
-    assert [e.reason for e in refresh_events(pa_env, conn_id)] == ["after_401"]
+    assert [e["reason"] for e in refresh_events(pa_env, conn_id)] == ["after_401"]
 
 
 def test_forced_refresh_says_forced(pa_env: PatientAccessEnv) -> None:
