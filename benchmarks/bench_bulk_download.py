@@ -163,7 +163,7 @@ def main() -> None:
         settings, cp = prepare_registry(base, work / "data", parallel=args.parallel, gzip=args.gzip)
         kicked = kickoff_export(cp, "bench", "bench-org", run_id="bench")
         row = wait_for_export(cp, kicked.export_id, min_wait=0.05, timeout=600)
-        manifest = parse_manifest(row["manifest"])
+        manifest = parse_manifest(row.manifest)
         urls = [i.url for i in manifest.items]
         cfg = org_config(cp, "bench", "bench-org")
 
@@ -220,7 +220,7 @@ def main() -> None:
                     timings[name] = min(timings[name], time.perf_counter() - t0)
             plain_s, ours_s = timings["plain"], timings["ours"]
             plain_bytes, ours_bytes = sizes["plain"], sizes["ours"]
-            client.delete(row["polling_url"])
+            client.delete(row.polling_url)
         assert ours_bytes == plain_bytes, (ours_bytes, plain_bytes)
         mb = plain_bytes / 1e6
         print(f"files: {len(urls)}, {mb:,.1f} MB, gzip={args.gzip}, parallel={args.parallel}")

@@ -218,9 +218,9 @@ def ours_round(cp: Any, env: dict[str, str], code: str | None = None) -> dict[st
     # from another checkout's folder --code would race that checkout's CLI instead.
     wall, rss, cpu, _ = run_measured(cmd, env, cwd=code)
     row = cp.list_bulk_exports(tenant_id="bench", organization_id="bench-org")[-1]
-    assert row["status"] == "completed", row["status"]
-    span = (row["updated_at"] - row["kicked_off_at"]).total_seconds()
-    landed = row["counts"]["landed"]
+    assert row.status == "completed", row.status
+    span = (row.updated_at - row.kicked_off_at).total_seconds()
+    landed = row.counts["landed"]
     return {"kickoff_to_landed": span, "whole": wall, "rss": rss, "cpu": cpu, "landed": landed}
 
 

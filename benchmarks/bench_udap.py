@@ -102,7 +102,7 @@ def bench_udap(env: Any, base: str, registrations: int, tokens: int) -> None:
     from medblocks_pipelines.lib.network.udap.token import Requestor, request_token
 
     anchors = load_pem_chain(
-        env.cp.get_source("sandbox-fhir")["config"]["facilitated_fhir"]["trust_anchor_pem"].encode()
+        env.cp.get_source("sandbox-fhir").config["facilitated_fhir"]["trust_anchor_pem"].encode()
     )
     signer = VaultSigner(env.cp.vault, "acme")
     fhir = f"{base}/nodes/node-19/fhir"

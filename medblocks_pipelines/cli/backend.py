@@ -63,7 +63,7 @@ def run_backend_sync(
         )
     except (MedblocksError, ExportExpired):
         rows = cp.list_bulk_exports(tenant_id=tenant, organization_id=org_id)
-        if not rows or rows[-1]["status"] != "expired":
+        if not rows or rows[-1].status != "expired":
             raise
     console.print("[yellow]the export expired on the server; kicking off a new one[/yellow]")
     kick_config = {"full": False, "patients": list(patients)}
@@ -82,7 +82,7 @@ def _run_once(
 ) -> dict[str, Any]:
     key = partition_key(tenant, org_id)
     org = cp.get_organization(org_id)
-    tags = {"medblocks/tenant": tenant, "medblocks/source": org["source_id"]}
+    tags = {"medblocks/tenant": tenant, "medblocks/source": org.source_id}
     # The kick-off request goes out before Dagster is imported and loaded (~2 s), and the export
     # is polled on a thread while it loads, so start-up overlaps the server preparing the export.
     from medblocks_pipelines.lib.fhir.bulk_sync import make_http

@@ -5,28 +5,32 @@ within seconds). Driving the sandbox EHR's CDS client (``cds fire``) is a sandbo
 ``medblocks-sandbox cds fire``.
 """
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import click
 
 from medblocks_pipelines.lib.errors import ConfigError
 
+if TYPE_CHECKING:
+    from medblocks_pipelines.lib.registry import ControlPlane
+    from medblocks_pipelines.lib.registry.rows import Connection
 
-def latest_launch(cp: Any, *, tenant: str, org: str, patient: str) -> dict[str, Any]:
+
+def latest_launch(cp: "ControlPlane", *, tenant: str, org: str, patient: str) -> "Connection":
     """The most recent active launch connection of ``patient`` at ``org`` (ConfigError if none)."""
     conns = [
         c
         for c in cp.list_connections(
             tenant_id=tenant, pattern="clinician_workflow", state="active", organization_id=org
         )
-        if c.get("source_patient_id") == patient
+        if c.source_patient_id == patient
     ]
     if not conns:
         raise ConfigError(
             f"no active EHR launch of that patient at organization {org}",
             hint="launch the app from the EHR first (its token is what we pull with)",
         )
-    return max(conns, key=lambda c: c["created_at"])
+    return max(conns, key=lambda c: c.created_at)
 
 
 @click.command("clinician")
@@ -45,11 +49,11 @@ def sync_clinician(tenant: str, org_id: str, patient: str) -> None:
         "clinician_sync_job",
         partition_key=partition_key(tenant, org_id),
         run_config={
-            "ops": {"clinician_workflow__records": {"config": {"connection_ids": [conn["id"]]}}}
+            "ops": {"clinician_workflow__records": {"config": {"connection_ids": [conn.id]}}}
         },
         tags={
             "medblocks/tenant": tenant,
-            "medblocks/source": conn["source_id"],
+            "medblocks/source": conn.source_id,
             "medblocks/trigger": "cli",
         },
     )
@@ -58,6 +62,6 @@ def sync_clinician(tenant: str, org_id: str, patient: str) -> None:
     pulled = meta.get("connections_pulled")
     resources = meta.get("resources")
     click.echo(
-        f"connection {conn['id']}: {getattr(pulled, 'value', 0)} pulled, "
+        f"connection {conn.id}: {getattr(pulled, 'value', 0)} pulled, "
         f"{getattr(resources, 'value', 0)} resources landed"
     )

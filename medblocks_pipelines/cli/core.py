@@ -3,9 +3,9 @@
 import json
 import os
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import click
 from rich.console import Console
@@ -32,29 +32,39 @@ def control_plane() -> "ControlPlane":
     return open_control_plane(settings)
 
 
+class Owned(Protocol):
+    """A row that belongs to one tenant (a connection, an organization, an endpoint...)."""
+
+    @property
+    def tenant_id(self) -> str: ...
+
+
+OwnedRow = TypeVar("OwnedRow", bound=Owned)
+
+
 def owned_by(
     tenant: str,
     kind: str,
     id: str,
-    fetch: Callable[[str], Mapping[str, Any]],
+    fetch: Callable[[str], OwnedRow],
     *,
     listing: str = "connections list",
-) -> dict[str, Any]:
+) -> OwnedRow:
     """The row of ``id`` when it belongs to ``tenant``.
 
     Another tenant's id and an unknown id give the same one line (:class:`NotFound`), so an
     operator scoped to one tenant learns nothing about the others' rows.
     """
     try:
-        row: Mapping[str, Any] | None = fetch(id)
+        row: OwnedRow | None = fetch(id)
     except NotFound:
         row = None
-    if row is None or row.get("tenant_id") != tenant:
+    if row is None or row.tenant_id != tenant:
         raise NotFound(
             f"{kind} {id} not found for tenant {tenant}",
             hint=f"list them: medblocks {listing} --tenant {tenant}",
         )
-    return dict(row)
+    return row
 
 
 def print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
@@ -98,7 +108,7 @@ def tenants_add(tenant_id: str, name: str, settings_json: str | None) -> None:
 @tenants.command("list")
 def tenants_list() -> None:
     """List tenants."""
-    rows = [[t["id"], t["name"], json.dumps(t["settings"])] for t in control_plane().list_tenants()]
+    rows = [[t.id, t.name, json.dumps(t.settings)] for t in control_plane().list_tenants()]
     print_table("tenants", ["id", "name", "settings"], rows)
 
 
@@ -138,7 +148,7 @@ def sources_add(
 def sources_list() -> None:
     """List sources."""
     rows = [
-        [s["id"], s["name"], s["vendor"], s["kind"], s["fhir_base_url"], ",".join(s["patterns"])]
+        [s.id, s.name, s.vendor, s.kind, s.fhir_base_url, ",".join(s.patterns)]
         for s in control_plane().list_sources()
     ]
     print_table("sources", ["id", "name", "vendor", "kind", "fhir base", "patterns"], rows)
@@ -152,9 +162,9 @@ def sources_discover(source_id: str) -> None:
 
     cp = control_plane()
     src = cp.get_source(source_id)
-    if not src["fhir_base_url"]:
+    if not src.fhir_base_url:
         raise ConfigError(f"source {source_id} has no FHIR base URL")
-    found = discover_source(src["fhir_base_url"])
+    found = discover_source(src.fhir_base_url)
     cp.update_source_discovery(
         source_id, smart_config=found.smart_config, capability_statement=found.capability_statement
     )
@@ -187,8 +197,7 @@ def orgs_add(org_id: str, tenant: str, source: str, name: str, config_json: str 
 def orgs_list(tenant: str) -> None:
     """List organizations."""
     rows = [
-        [o["id"], o["tenant_id"], o["source_id"], o["name"]]
-        for o in control_plane().list_organizations(tenant)
+        [o.id, o.tenant_id, o.source_id, o.name] for o in control_plane().list_organizations(tenant)
     ]
     print_table("organizations", ["id", "tenant", "source", "name"], rows)
 
@@ -222,14 +231,14 @@ def connections_list(tenant: str, pattern: str | None, state: str | None) -> Non
     """List a tenant's connections."""
     rows = [
         [
-            c["id"],
-            c["tenant_id"],
-            c["pattern"],
-            c["source_id"],
-            c["organization_id"],
-            c["state"],
-            c["state_reason"],
-            c["last_pull_at"],
+            c.id,
+            c.tenant_id,
+            c.pattern,
+            c.source_id,
+            c.organization_id,
+            c.state,
+            c.state_reason,
+            c.last_pull_at,
         ]
         for c in control_plane().list_connections(tenant_id=tenant, pattern=pattern, state=state)
     ]
@@ -263,14 +272,14 @@ def connections_show(connection_id: str, tenant: str) -> None:
         "last_pull_at",
         "created_at",
     ):
-        click.echo(f"{key:>18}: {c.get(key)}")
+        click.echo(f"{key:>18}: {getattr(c, key)}")
     rows = [
         [
-            e["at"].isoformat(timespec="seconds"),
-            e["event_type"],
-            e["from_state"],
-            e["to_state"],
-            json.dumps(e["detail"], default=str),
+            e.at.isoformat(timespec="seconds"),
+            e.event_type,
+            e.from_state,
+            e.to_state,
+            json.dumps(e.detail, default=str),
         ]
         for e in cp.connection_events(connection_id)
     ]
@@ -294,7 +303,7 @@ def sync_import_ndjson(tenant: str, org_id: str, folder: str) -> None:
 
     cp = control_plane()
     org = owned_by(tenant, "organization", org_id, cp.get_organization, listing="orgs list")
-    source_id = str(org["source_id"])
+    source_id = str(org.source_id)
     cp.engine.dispose()
     result = run_job(
         "ndjson_import_job",

@@ -7,13 +7,17 @@ and retry reason (our own ids; demographics are looked up inside the run, never 
 refusal is decided inside the run, never leaves the machine, is audited, and exits 1 here.
 """
 
+import dataclasses
 import json
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from medblocks_pipelines.lib.network.query import QueryResult
+
+if TYPE_CHECKING:
+    from medblocks_pipelines.lib.registry import ControlPlane
 
 NETWORK_ASSET_NODE = "network__query_results"
 
@@ -40,7 +44,7 @@ def network_run_config(
 
 
 def run_network_sync(
-    cp: Any,
+    cp: "ControlPlane",
     *,
     tenant: str,
     person: str,
@@ -57,7 +61,7 @@ def run_network_sync(
     from medblocks_pipelines.lib.partitions import partition_key
 
     tenant_row = cp.get_tenant(tenant)
-    tsettings = tenant_row.get("settings") or {}
+    tsettings = tenant_row.settings or {}
     if transport == "fhir":
         # A Facilitated FHIR network needs no IHE gateways: resolve it as the FHIR path does.
         from medblocks_pipelines.lib.network.facilitated import facilitated_config
@@ -197,7 +201,7 @@ def audit_list(tenant: str, limit: int, as_json: bool) -> None:
     rows = control_plane().list_audit(tenant_id=tenant, limit=limit)
     if as_json:
         for r in rows:
-            click.echo(json.dumps(r, default=str))
+            click.echo(json.dumps(dataclasses.asdict(r), default=str))
         return
     print_table(
         "audit log",
@@ -216,17 +220,17 @@ def audit_list(tenant: str, limit: int, as_json: bool) -> None:
         ],
         [
             [
-                r["id"],
-                str(r["at"])[:19],
-                r["tenant_id"],
-                r["actor"],
-                r["action"],
-                r["person_id"],
-                r["purpose"],
-                r["decision"],
-                r["reason"],
-                ",".join(r["responders"] or []),
-                len(r["documents"] or []),
+                r.id,
+                str(r.at)[:19],
+                r.tenant_id,
+                r.actor,
+                r.action,
+                r.person_id,
+                r.purpose,
+                r.decision,
+                r.reason,
+                ",".join(r.responders or []),
+                len(r.documents or []),
             ]
             for r in rows
         ],

@@ -5,10 +5,11 @@ Mounted by the lead through ``PLUGINS`` in ``medblocks_pipelines/cli/__init__.py
 ``medblocks_pipelines.cli.ops:exports`` (top level, ``exports``).
 """
 
+import dataclasses
 import json
 import os
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING
 
 import click
 import httpx
@@ -17,12 +18,16 @@ from medblocks_pipelines.cli.core import control_plane, owned_by, print_table
 from medblocks_pipelines.lib.errors import ConfigError
 from medblocks_pipelines.lib.ops import exports as ex
 from medblocks_pipelines.lib.ops import webhooks as wh
+from medblocks_pipelines.lib.ops.rows import ExportDestination, WebhookEndpoint
 from medblocks_pipelines.lib.settings import get_settings
+
+if TYPE_CHECKING:
+    from medblocks_pipelines.lib.registry import ControlPlane
 
 _TENANT = click.option("--tenant", "tenant_id", required=True, help="The tenant it belongs to.")
 
 
-def _endpoint(cp: Any, tenant_id: str, endpoint_id: str) -> dict[str, Any]:
+def _endpoint(cp: "ControlPlane", tenant_id: str, endpoint_id: str) -> WebhookEndpoint:
     return owned_by(
         tenant_id,
         "webhook endpoint",
@@ -32,7 +37,7 @@ def _endpoint(cp: Any, tenant_id: str, endpoint_id: str) -> dict[str, Any]:
     )
 
 
-def _destination(cp: Any, tenant_id: str, destination_id: str) -> dict[str, Any]:
+def _destination(cp: "ControlPlane", tenant_id: str, destination_id: str) -> ExportDestination:
     return owned_by(
         tenant_id,
         "export destination",
@@ -87,17 +92,18 @@ def webhooks_list(tenant_id: str, as_json: bool) -> None:
     cp = control_plane()
     if as_json:
         for e in wh.list_endpoints(cp, tenant_id=tenant_id):
-            click.echo(json.dumps({k: _fmt(v) if v is not None else None for k, v in e.items()}))
+            fields = dataclasses.asdict(e).items()
+            click.echo(json.dumps({k: _fmt(v) if v is not None else None for k, v in fields}))
         return
     rows = [
         [
-            e["id"],
-            e["tenant_id"],
-            e["url"],
-            ",".join(e["event_types"]),
-            e["status"],
-            e["consecutive_failures"],
-            e["disabled_reason"],
+            e.id,
+            e.tenant_id,
+            e.url,
+            ",".join(e.event_types),
+            e.status,
+            e.consecutive_failures,
+            e.disabled_reason,
         ]
         for e in wh.list_endpoints(cp, tenant_id=tenant_id)
     ]
@@ -155,8 +161,7 @@ def webhooks_attempts(endpoint_id: str, tenant_id: str, limit: int) -> None:
     _endpoint(cp, tenant_id, endpoint_id)
     attempts = wh.list_attempts(cp, endpoint_id=endpoint_id)[-limit:]
     rows = [
-        [a["delivery_id"], a["attempt"], _fmt(a["at"]), a["outcome"], a["status_code"], a["error"]]
-        for a in attempts
+        [a.delivery_id, a.attempt, _fmt(a.at), a.outcome, a.status_code, a.error] for a in attempts
     ]
     print_table(
         f"attempts of {endpoint_id}",
@@ -226,12 +231,12 @@ def exports_list(tenant_id: str) -> None:
     cp = control_plane()
     rows = [
         [
-            d["id"],
-            d["tenant_id"],
-            d["kind"],
-            d["url"],
-            "yes" if d["enabled"] else "no",
-            cp.get_watermark(ex.watermark_key(d["id"])),
+            d.id,
+            d.tenant_id,
+            d.kind,
+            d.url,
+            "yes" if d.enabled else "no",
+            cp.get_watermark(ex.watermark_key(d.id)),
         ]
         for d in ex.list_destinations(cp, tenant_id=tenant_id)
     ]
@@ -264,15 +269,15 @@ def exports_runs(tenant_id: str, destination_id: str | None, limit: int) -> None
     runs = ex.list_runs(cp, destination_id=destination_id, tenant_id=tenant_id)[:limit]
     rows = [
         [
-            r["id"],
-            r["destination_id"],
-            r["seq"],
-            r["mode"],
-            r["status"],
-            (r["counts"] or {}).get("exported"),
-            (r["counts"] or {}).get("deleted"),
-            _fmt(r["started_at"]),
-            r["error"],
+            r.id,
+            r.destination_id,
+            r.seq,
+            r.mode,
+            r.status,
+            (r.counts or {}).get("exported"),
+            (r.counts or {}).get("deleted"),
+            _fmt(r.started_at),
+            r.error,
         ]
         for r in runs
     ]

@@ -36,14 +36,14 @@ def orgs_show(org_id: str, tenant: str) -> None:
     """Show an organization and its config (secrets redacted)."""
     cp = control_plane()
     org = owned_by(tenant, "organization", org_id, cp.get_organization, listing="orgs list")
-    src = cp.get_source(org["source_id"])
+    src = cp.get_source(org.source_id)
     for key in ("id", "tenant_id", "source_id", "name"):
-        click.echo(f"{key}: {org[key]}")
-    click.echo(f"patterns (of the source): {', '.join(src.get('patterns') or []) or '-'}")
-    _echo_config("config", dict(org.get("config") or {}))
+        click.echo(f"{key}: {getattr(org, key)}")
+    click.echo(f"patterns (of the source): {', '.join(src.patterns or []) or '-'}")
+    _echo_config("config", dict(org.config or {}))
     # what the organization inherits (backend keys fall back to the source's)
-    inherited = {k: v for k, v in (src.get("config") or {}).items() if k in SOURCE_KEYS}
-    _echo_config(f"source {src['id']} config", inherited)
+    inherited = {k: v for k, v in (src.config or {}).items() if k in SOURCE_KEYS}
+    _echo_config(f"source {src.id} config", inherited)
 
 
 def _parse_assignment(item: str) -> tuple[list[str], Any]:
@@ -103,7 +103,7 @@ def orgs_set_config(
         raise click.UsageError("give KEY=VALUE assignments or --unset KEY")
     cp = control_plane()
     org = owned_by(tenant, "organization", org_id, cp.get_organization, listing="orgs list")
-    new = merge_config(dict(org.get("config") or {}), list(assignments), list(unset))
+    new = merge_config(dict(org.config or {}), list(assignments), list(unset))
     for top in sorted({a.partition("=")[0].split(".")[0] for a in assignments}):
         if top not in ORGANIZATION_KEYS:
             click.echo(

@@ -10,13 +10,16 @@ sandbox: ``medblocks_sandbox.consent_browser`` and ``medblocks_sandbox.drivers.c
 """
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import httpx
 
 from medblocks_pipelines.lib.errors import MedblocksError, PullsFailed
 from medblocks_pipelines.lib.partitions import partition_key
+
+if TYPE_CHECKING:
+    from medblocks_pipelines.lib.registry import ControlPlane
 
 DEFAULT_PUBLIC_BASE = "http://127.0.0.1:8000"
 
@@ -107,7 +110,7 @@ def connections_refresh(connection_id: str, tenant: str) -> None:
         # Even if the token is far from expiry (event reason: forced).
         manager.force_refresh()
     conn = cp.get_connection(connection_id)
-    click.echo(f"connection {connection_id} refreshed; token expires {conn['token_expires_at']}")
+    click.echo(f"connection {connection_id} refreshed; token expires {conn.token_expires_at}")
 
 
 @click.command()
@@ -166,7 +169,7 @@ def sync_patient_access(
 
     if all_active:
         ids = [
-            c["id"]
+            c.id
             for c in cp.list_connections(
                 tenant_id=tenant, pattern="patient_access", state="active", source_id=source
             )
@@ -207,18 +210,18 @@ def _summary(rows: Sequence[Any]) -> str:
     return summary_line(rows)
 
 
-def _run_since(cp: Any, tenant: str, source: str, started: Any) -> str | None:
+def _run_since(cp: "ControlPlane", tenant: str, source: str, started: Any) -> str | None:
     """The run id of this command's failed run: its pulls of ``source`` started after us."""
     for pull in cp.list_pulls(tenant_id=tenant, limit=50):
-        began = pull.get("started_at")
+        began = pull.started_at
         if began is not None and began.tzinfo is None:
             began = began.replace(tzinfo=started.tzinfo)
-        if pull["source_id"] == source and began is not None and began >= started:
-            return str(pull["run_id"])
+        if pull.source_id == source and began is not None and began >= started:
+            return str(pull.run_id)
     return None
 
 
-def _echo_run_pulls(cp: Any, tenant: str, run_id: str | None) -> list[Any]:
+def _echo_run_pulls(cp: "ControlPlane", tenant: str, run_id: str | None) -> list[Any]:
     """Print the per-connection table of one run's pulls (from pull history); returns the rows."""
     from medblocks_pipelines.lib.fhir.pull_report import anomaly_totals, render_table, run_rows
 

@@ -6,12 +6,15 @@ naming a real command. The run's logs keep the stack (the UI, or ``--verbose``).
 """
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dagster as dg
 
 from medblocks_pipelines.lib.errors import ConfigError, MedblocksError, NotFound, RunFailed
 from medblocks_pipelines.lib.partitions import normalise_id, split_partition_key
+
+if TYPE_CHECKING:
+    from medblocks_pipelines.lib.registry import ControlPlane
 
 logger = logging.getLogger("medblocks_pipelines.cli")
 
@@ -63,7 +66,7 @@ def echo_run_warnings(instance: dg.DagsterInstance, run_id: str) -> None:
 
 
 def check_partition(
-    job: dg.JobDefinition, partition_key: str, instance: dg.DagsterInstance, cp: Any
+    job: dg.JobDefinition, partition_key: str, instance: dg.DagsterInstance, cp: "ControlPlane"
 ) -> None:
     """Raise one clear line when ``partition_key`` is not a partition of ``job`` (after the
     registry's partitions were synced): which tenant, organization or source is missing."""
@@ -75,18 +78,18 @@ def check_partition(
     raise unknown_partition(cp, pdef.name, partition_key)
 
 
-def unknown_partition(cp: Any, partitions_name: str, key: str) -> MedblocksError:
+def unknown_partition(cp: "ControlPlane", partitions_name: str, key: str) -> MedblocksError:
     """The missing registry entry behind an unknown partition ``key`` of ``partitions_name``."""
     parts = split_partition_key(key)
     tenant = parts[0]
-    if tenant not in {normalise_id(t["id"]) for t in cp.list_tenants()}:
+    if tenant not in {normalise_id(t.id) for t in cp.list_tenants()}:
         return NotFound(
             f"tenant {tenant} is not in the registry",
             hint="list them: medblocks tenants list (add one: medblocks tenants add ID --name N)",
         )
     other = parts[1] if len(parts) > 1 else ""
     if partitions_name in ("backend_orgs", "clinician_orgs"):
-        orgs = {normalise_id(o["id"]): o for o in cp.list_organizations(tenant)}
+        orgs = {normalise_id(o.id): o for o in cp.list_organizations(tenant)}
         if other not in orgs:
             return NotFound(
                 f"organization {other} not found for tenant {tenant}",
@@ -94,12 +97,12 @@ def unknown_partition(cp: Any, partitions_name: str, key: str) -> MedblocksError
             )
         pattern = "backend" if partitions_name == "backend_orgs" else "clinician_workflow"
         return ConfigError(
-            f"organization {other}'s source {orgs[other]['source_id']} does not list the "
+            f"organization {other}'s source {orgs[other].source_id} does not list the "
             f"{pattern} pattern",
             hint="each source's patterns: medblocks sources list",
         )
     if partitions_name in ("patient_access_sources", "network_scopes"):
-        if other not in {normalise_id(s["id"]) for s in cp.list_sources()}:
+        if other not in {normalise_id(s.id) for s in cp.list_sources()}:
             return NotFound(
                 f"source {other} is not in the registry", hint="list them: medblocks sources list"
             )

@@ -33,13 +33,16 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import dagster as dg
 
 from medblocks_pipelines.lib.errors import ConfigError
 from medblocks_pipelines.lib.runs.process import this_process
 from medblocks_pipelines.lib.settings import get_settings
+
+if TYPE_CHECKING:
+    from medblocks_pipelines.lib.registry import ControlPlane
 
 T = TypeVar("T")
 
@@ -118,7 +121,10 @@ def sync_registry_partitions(instance: dg.DagsterInstance) -> dict[str, int]:
 
 
 def recover_dead_runs(
-    instance: dg.DagsterInstance, *, repair: bool = True, control_plane: Any = None
+    instance: dg.DagsterInstance,
+    *,
+    repair: bool = True,
+    control_plane: "ControlPlane | None" = None,
 ) -> Any:
     """Crash recovery for this host (see ``defs.shared.run_recovery``); returns its report."""
     from medblocks_pipelines.cli.core import control_plane as open_cp

@@ -33,6 +33,7 @@ from starlette.routing import BaseRoute, Route
 from medblocks_pipelines.lib.errors import ConfigError, LaunchError, MedblocksError, NotFound
 from medblocks_pipelines.lib.fhir.pull import revoke_connection
 from medblocks_pipelines.lib.registry import ControlPlane
+from medblocks_pipelines.lib.registry.rows import Tenant
 from medblocks_pipelines.lib.smart.launch import (
     begin_authorization,
     complete_authorization,
@@ -73,12 +74,12 @@ def check_api_key(cp: ControlPlane, tenant_id: str, presented: str) -> bool:
     return hmac.compare_digest(digest, stored.reveal())
 
 
-def return_url_allowed(tenant: dict[str, Any], url: str) -> bool:
+def return_url_allowed(tenant: Tenant, url: str) -> bool:
     """An absolute http(s) URL, under one of the tenant's ``return_url_prefixes`` when it has any."""
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.netloc or parts.fragment:
         return False
-    prefixes = (tenant.get("settings") or {}).get("return_url_prefixes") or []
+    prefixes = (tenant.settings or {}).get("return_url_prefixes") or []
     return not prefixes or any(url.startswith(p) for p in prefixes)
 
 
@@ -253,8 +254,8 @@ def routes(ctx: Any) -> list[BaseRoute]:
         # Same answer for "no such connection" and "not yours": ids are not an oracle.
         if (
             conn is None
-            or conn["pattern"] != "patient_access"
-            or not check_api_key(cp, conn["tenant_id"], presented)
+            or conn.pattern != "patient_access"
+            or not check_api_key(cp, conn.tenant_id, presented)
         ):
             return JSONResponse(
                 {"error": "unauthorized"},
@@ -269,8 +270,8 @@ def routes(ctx: Any) -> list[BaseRoute]:
             reason="revoked by the tenant's app",
         )
         rebuilt = False
-        if result.rows_deleted and warehouse_path(ctx.settings, conn["tenant_id"]).exists():
-            build_warehouse(conn["tenant_id"], settings=ctx.settings, control_plane=cp)
+        if result.rows_deleted and warehouse_path(ctx.settings, conn.tenant_id).exists():
+            build_warehouse(conn.tenant_id, settings=ctx.settings, control_plane=cp)
             rebuilt = True
         return JSONResponse(
             {

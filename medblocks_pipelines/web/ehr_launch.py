@@ -239,26 +239,26 @@ def routes(ctx: Any) -> list[BaseRoute]:
         except NotFound:
             conn = None
         cookie = request.cookies.get(SESSION_COOKIE) or ""
-        expected = ((conn or {}).get("context") or {}).get("app_session_sha256") or ""
+        expected = (conn.context.get("app_session_sha256") if conn else None) or ""
         # Same answer for unknown and not-yours: connection ids are not an oracle.
         if (
             conn is None
-            or conn["pattern"] != PATTERN
+            or conn.pattern != PATTERN
             or not expected
             or not hmac.compare_digest(expected, hashlib.sha256(cookie.encode()).hexdigest())
         ):
             return _message("Not available", "Open this app from the EHR.", 403)
-        if conn["state"] != "active":
+        if conn.state != "active":
             return _message("Not available", "This launch is no longer active.", 403)
-        patient_id = conn.get("source_patient_id")
-        launch_ctx = (conn.get("context") or {}).get("launch_context") or {}
+        patient_id = conn.source_patient_id
+        launch_ctx = (conn.context or {}).get("launch_context") or {}
         parts = ["<h1>Unified record</h1>"]
         if patient_id and launch_ctx.get("need_patient_banner", True):
             try:
                 from medblocks_pipelines.lib.smart.tokens import TokenManager
 
                 token = TokenManager(cp, conn_id, http=http()).access_token()
-                base = str(cp.get_source(conn["source_id"])["fhir_base_url"]).rstrip("/")
+                base = str(cp.get_source(conn.source_id).fhir_base_url).rstrip("/")
                 resp = http().get(
                     f"{base}/Patient/{patient_id}",
                     timeout=10.0,
@@ -272,10 +272,10 @@ def routes(ctx: Any) -> list[BaseRoute]:
                     "not available now.</div>"
                 )
         service = cds()
-        snap = service.indexes.for_tenant(conn["tenant_id"]).current()
+        snap = service.indexes.for_tenant(conn.tenant_id).current()
         facts: list[dict[str, Any]] = []
         if snap is not None and patient_id:
-            person = snap.person_for(conn["source_id"], patient_id)
+            person = snap.person_for(conn.source_id, patient_id)
             facts = snap.facts_of(person) if person else []
         parts.append(_summary(facts, service._registry_names()))
         return _page("Unified record", "".join(parts))

@@ -127,7 +127,7 @@ class Env:
             body["jwks"] = KeyStore(self.cp.vault).jwks()
         resp = ehr.admin("clients", body)
         assert resp.status_code == 201, resp.text
-        if not any(t["id"] == tenant for t in self.cp.list_tenants()):
+        if not any(t.id == tenant for t in self.cp.list_tenants()):
             self.cp.add_tenant(tenant, tenant.title())
         self.cp.add_source(
             f"src-{org_id}",

@@ -63,9 +63,9 @@ def test_set_since_and_since_option_and_patient_list(env: Env, live_defs_state: 
     out = runner.invoke(main, [*args, "--patient", two[0], "--patient", two[1]])
     assert out.exit_code == 0, out.output
     (last,) = [r for r in env.cp.list_bulk_exports(tenant_id=TENANT)][-1:]
-    assert last["since"] == "2000-01-01T00:00:00Z"
-    assert last["request"]["method"] == "POST" and sorted(last["request"]["patients"]) == two
-    assert parse_manifest(last["manifest"]).expected_counts["Patient"] == 2
+    assert last.since == "2000-01-01T00:00:00Z"
+    assert last.request["method"] == "POST" and sorted(last.request["patients"]) == two
+    assert parse_manifest(last.manifest).expected_counts["Patient"] == 2
 
     out = runner.invoke(main, ["bulk", "status", "--tenant", TENANT, "--org", ORG, "--json"])
     assert out.exit_code == 0, out.output

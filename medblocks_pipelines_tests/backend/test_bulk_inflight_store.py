@@ -98,7 +98,7 @@ def test_migration_0004_resolves_existing_duplicates(cp: ControlPlane) -> None:
             .values(kicked_off_at=sa.literal("2020-01-01 00:00:00+00:00"))
         )
     command.upgrade(alembic_config(cp.engine), "head")
-    assert cp.get_bulk_export(ids[0])["status"] == "cancelled"
-    assert "superseded" in cp.get_bulk_export(ids[0])["error"]
-    assert cp.get_bulk_export(ids[1])["status"] == "kicked_off"
+    assert cp.get_bulk_export(ids[0]).status == "cancelled"
+    assert "superseded" in cp.get_bulk_export(ids[0]).error
+    assert cp.get_bulk_export(ids[1]).status == "kicked_off"
     assert _reserve(cp) is None

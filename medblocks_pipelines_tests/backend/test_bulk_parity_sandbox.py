@@ -32,8 +32,8 @@ def test_organize_output_by_patient_lands_the_same_resources(env: Env) -> None:
     assert "Parameters" not in report.counts_by_type  # the block headers are not data
     assert report.quarantined == 0 and report.count_mismatches == {}
     row = env.cp.list_bulk_exports(tenant_id=TENANT)[-1]
-    assert row["request"]["organize_output_by"] == "Patient"
-    assert any(i.type is None for i in parse_manifest(row["manifest"]).outputs)
+    assert row.request["organize_output_by"] == "Patient"
+    assert any(i.type is None for i in parse_manifest(row.manifest).outputs)
 
 
 def test_include_associated_provenance(env: Env) -> None:

@@ -72,10 +72,10 @@ def test_partial_export_holds_failed_types_and_next_sync_redelivers(env: Env) ->
     # the organization's watermark moved, the failed type is held at the old _since
     assert env.cp.get_watermark(watermark_key(TENANT, ORG)) == second.watermark != t1
     assert wm.holds(env.cp, TENANT, ORG) == {"Observation": t1}
-    (event,) = [e for e in env.cp.list_events(tenant_id=TENANT) if e["type"].startswith("backend")]
-    assert event["type"] == "backend.export.partial"
-    assert event["payload"]["missing_types"] == ["Observation"]
-    assert env.cp.get_bulk_export(second.export_id)["counts"]["missing_types"] == ["Observation"]
+    (event,) = [e for e in env.cp.list_events(tenant_id=TENANT) if e.type.startswith("backend")]
+    assert event.type == "backend.export.partial"
+    assert event.payload["missing_types"] == ["Observation"]
+    assert env.cp.get_bulk_export(second.export_id).counts["missing_types"] == ["Observation"]
 
     third = _sync(env, "run-3")
     assert third.since == t1  # asked again from the held type's watermark
@@ -124,9 +124,9 @@ def test_expired_export_files_410_is_abandoned_and_next_run_starts_anew(env: Env
     with pytest.raises(ExportExpired):
         land_export(env.cp, env.settings, kicked.export_id, run_id="land-1")
     row = env.cp.get_bulk_export(kicked.export_id)
-    assert row["status"] == "expired" and "410" in row["error"]
+    assert row.status == "expired" and "410" in row.error
     assert env.cp.get_watermark(watermark_key(TENANT, ORG)) is None
-    assert [e["type"] for e in env.cp.list_events(tenant_id=TENANT)][-1] == "backend.export.expired"
+    assert [e.type for e in env.cp.list_events(tenant_id=TENANT)][-1] == "backend.export.expired"
     # no --full: a new export, from the same (empty) watermark
     again = kickoff_export(env.cp, TENANT, ORG, run_id="k2")
     assert not again.reused and again.export_id != kicked.export_id and again.since is None
@@ -144,14 +144,14 @@ def test_expired_status_url_404_abandons_the_export(env: Env) -> None:
         job.expired = True  # the server forgot it: its status URL answers 404
     st = poll_export(env.cp, kicked.export_id, min_wait=0.05)
     assert st.state == "expired"
-    assert env.cp.get_bulk_export(kicked.export_id)["status"] == "expired"
+    assert env.cp.get_bulk_export(kicked.export_id).status == "expired"
     # the CLI/non-Dagster path recovers by itself, from the same watermark
     ehr.faults.add("export_expires", after_downloads=0)
     _touch(ehr, "Patient", 1)  # something to download
     report = _sync(env, "run-2")
     assert report.since == first.watermark
     assert any("expired" in w for w in report.warnings)
-    statuses = [r["status"] for r in env.cp.list_bulk_exports(tenant_id=TENANT)]
+    statuses = [r.status for r in env.cp.list_bulk_exports(tenant_id=TENANT)]
     assert statuses == ["completed", "expired", "expired", "completed"]
 
 
@@ -164,7 +164,7 @@ def test_retry_after_as_epoch_time_is_understood(env: Env) -> None:
     st = poll_export(env.cp, kicked.export_id, min_wait=0.05)
     assert st.state == "in_progress"
     assert st.retry_after is not None and st.retry_after <= 4  # not 1.7e9 s (clamped to 300)
-    wait = env.cp.get_bulk_export(kicked.export_id)["next_poll_at"] - datetime.now(UTC)
+    wait = env.cp.get_bulk_export(kicked.export_id).next_poll_at - datetime.now(UTC)
     assert wait.total_seconds() <= 4
 
 
@@ -183,7 +183,7 @@ def test_one_token_and_one_discovery_for_a_multi_poll_export(env: Env) -> None:
     ehr.bulk.config.export_seconds = 1.0
     SHARED_CACHE.clear()
     report = _sync(env, "run-1")
-    polls = env.cp.get_bulk_export(report.export_id)["counts"]["_polls"]
+    polls = env.cp.get_bulk_export(report.export_id).counts["_polls"]
     assert polls >= 6
     assert ehr.faults.requests(r"/token$", "POST") == 1
     assert ehr.faults.requests(r"smart-configuration$", "GET") == 1

@@ -30,18 +30,18 @@ def test_export_is_kicked_off_before_the_run_and_recorded_by_it(
     env.add_org(ORG, org_config={"types": ["Patient", "Condition"]})
     assert "status success" in _sync()
     (row,) = env.cp.list_bulk_exports(tenant_id=TENANT)
-    assert row["status"] == "completed"
+    assert row.status == "completed"
     instance = dg.DagsterInstance.get()
     record = _kickoff_run(instance, "backend_sync_job")
-    assert row["kicked_off_at"].timestamp() < record.start_time  # before the run began
-    assert row["run_id"] == record.dagster_run.run_id  # that run recorded and landed it
+    assert row.kicked_off_at.timestamp() < record.start_time  # before the run began
+    assert row.run_id == record.dagster_run.run_id  # that run recorded and landed it
     assert record.dagster_run.status == dg.DagsterRunStatus.SUCCESS
     assert not instance.get_run_records(dg.RunsFilter(job_name="backend_kickoff_job"))
     mats = dg.DagsterInstance.get().fetch_materializations(
         dg.AssetKey(["backend", "bulk_export"]), limit=1
     )
     md = mats.records[0].asset_materialization.metadata  # type: ignore[union-attr]
-    assert md["export_id"].value == row["id"]
+    assert md["export_id"].value == row.id
     assert md["reused_in_flight"].value is False
 
 
@@ -50,9 +50,9 @@ def test_a_failed_early_kickoff_is_left_to_the_run(env: Env, live_defs_state: ob
     ehr.faults.add("error_burst", path=r"\$export", count=1, status=503)
     assert "status success" in _sync()
     (row,) = env.cp.list_bulk_exports(tenant_id=TENANT)
-    assert row["status"] == "completed"
+    assert row.status == "completed"
     instance = dg.DagsterInstance.get()
     record = _kickoff_run(instance)
-    assert row["kicked_off_at"].timestamp() > record.start_time  # kicked off by the run
+    assert row.kicked_off_at.timestamp() > record.start_time  # kicked off by the run
     (land,) = instance.get_run_records(dg.RunsFilter(job_name="backend_land_job"))
-    assert row["run_id"] == land.dagster_run.run_id
+    assert row.run_id == land.dagster_run.run_id

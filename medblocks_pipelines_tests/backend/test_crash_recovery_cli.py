@@ -48,11 +48,11 @@ def test_sync_backend_killed_while_downloading_then_the_next_sync_recovers(
     assert again.wait(300) == 0, (tmp_path / "next.log").read_text()[-3000:]
     assert "status success" in (tmp_path / "next.log").read_text()
     assert not folder.exists() and list(work.glob("*/*")) == []
-    assert env.cp.get_bulk_export(export["id"])["status"] == "completed"  # the same export
-    pulls = {p["id"]: p for p in env.cp.list_pulls(tenant_id=TENANT)}
-    assert pulls[pull["id"]]["status"] == "failed"
-    assert "process is gone" in pulls[pull["id"]]["error"]
-    assert sorted(p["status"] for p in pulls.values()) == ["failed", "success"]
+    assert env.cp.get_bulk_export(export.id).status == "completed"  # the same export
+    pulls = {p.id: p for p in env.cp.list_pulls(tenant_id=TENANT)}
+    assert pulls[pull.id].status == "failed"
+    assert "process is gone" in pulls[pull.id].error
+    assert sorted(p.status for p in pulls.values()) == ["failed", "success"]
     with dg.DagsterInstance.get() as instance:
-        run = instance.get_run_by_id(pull["run_id"])
+        run = instance.get_run_by_id(pull.run_id)
         assert run is not None and run.status == dg.DagsterRunStatus.FAILURE

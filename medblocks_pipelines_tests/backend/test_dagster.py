@@ -70,7 +70,7 @@ def test_kickoff_sensor_land_and_rerun_without_duplicates(
     md = res.asset_materializations_for_node("backend__bulk_export")[0].metadata
     export_id = md["export_id"].value
     assert md["reused_in_flight"].value is False
-    assert env.cp.get_bulk_export(export_id)["status"] == "kicked_off"
+    assert env.cp.get_bulk_export(export_id).status == "kicked_off"
 
     result = _tick_until_ready(env, instance)
     (req,) = result.run_requests
@@ -163,7 +163,7 @@ def test_sensor_resumes_export_after_crash(env: Env, instance: dg.DagsterInstanc
         r.run_config["ops"]["backend__bulk_resources"]["config"]["export_id"]
         for r in result.run_requests
     ] == [kicked.export_id]
-    assert env.cp.get_bulk_export(kicked.export_id)["status"] == "ready"
+    assert env.cp.get_bulk_export(kicked.export_id).status == "ready"
 
 
 def test_sensor_records_failed_export(env: Env, instance: dg.DagsterInstance) -> None:
@@ -171,7 +171,7 @@ def test_sensor_records_failed_export(env: Env, instance: dg.DagsterInstance) ->
     ehr.faults.add("export_fail", at_fraction=0.1, status=500)
     kicked = kickoff_export(env.cp, TENANT, "mercy-general", run_id="r")
     deadline = time.monotonic() + 10
-    while env.cp.get_bulk_export(kicked.export_id)["status"] == "kicked_off":
+    while env.cp.get_bulk_export(kicked.export_id).status == "kicked_off":
         assert time.monotonic() < deadline
         result = backend_bulk_export_sensor(
             dg.build_sensor_context(instance=instance, resources={"platform": _platform(env)})
@@ -179,7 +179,7 @@ def test_sensor_records_failed_export(env: Env, instance: dg.DagsterInstance) ->
         assert not result.run_requests
         time.sleep(0.3)
     row = env.cp.get_bulk_export(kicked.export_id)
-    assert row["status"] == "failed" and "500" in row["error"]
+    assert row.status == "failed" and "500" in row.error
 
 
 def test_cadence_schedule_requests_due_orgs(env: Env, instance: dg.DagsterInstance) -> None:
@@ -239,7 +239,7 @@ def test_sensor_abandons_expired_export_and_kickoff_starts_anew(
     )
     md = land.asset_materializations_for_node("backend__bulk_resources")[0].metadata
     assert md["missing_types"].value == ["Condition"] and md["status"].value == "partial"
-    since = env.cp.get_bulk_export(kicked.export_id)["since"]
+    since = env.cp.get_bulk_export(kicked.export_id).since
 
     res = dg.materialize(
         [bulk_export], partition_key=KEY, instance=instance, resources={"platform": platform}
@@ -251,7 +251,7 @@ def test_sensor_abandons_expired_export_and_kickoff_starts_anew(
     backend_bulk_export_sensor(
         dg.build_sensor_context(instance=instance, resources={"platform": platform})
     )
-    assert env.cp.get_bulk_export(export_id)["status"] == "expired"
+    assert env.cp.get_bulk_export(export_id).status == "expired"
     third = (
         dg.materialize(
             [bulk_export], partition_key=KEY, instance=instance, resources={"platform": platform}
@@ -261,4 +261,4 @@ def test_sensor_abandons_expired_export_and_kickoff_starts_anew(
     )
     assert third["reused_in_flight"].value is False and third["export_id"].value != export_id
     # the Condition hold keeps the export's _since at the first one's (a full export here)
-    assert env.cp.get_bulk_export(str(third["export_id"].value))["since"] == since
+    assert env.cp.get_bulk_export(str(third["export_id"].value)).since == since

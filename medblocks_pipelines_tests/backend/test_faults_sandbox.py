@@ -47,7 +47,7 @@ def test_export_failing_midway(env: Env) -> None:
     with pytest.raises(ExportFailed):
         _sync(env)
     (row,) = env.cp.list_bulk_exports()
-    assert row["status"] == "failed"
+    assert row.status == "failed"
     assert env.cp.get_watermark(watermark_key(TENANT, ORG)) is None
 
 
@@ -64,7 +64,7 @@ def test_429_storm_on_status_and_files(env: Env, form: str) -> None:
     assert report.status == "success"
     assert report.landed == sum(report.expected_by_type.values())
     row = env.cp.list_bulk_exports()[0]
-    assert row["status"] == "completed"
+    assert row.status == "completed"
 
 
 @pytest.mark.parametrize("gzip", [False, True])  # resume plain and gzip-encoded files
@@ -152,7 +152,7 @@ def test_failed_land_then_rerun_has_no_duplicates(env: Env) -> None:
             client_kwargs={"max_attempts": 2, "backoff_base": 0.01},
         )
     assert env.cp.get_watermark(watermark_key(TENANT, ORG)) is None
-    assert env.cp.get_bulk_export(kicked.export_id)["status"] == "ready"
+    assert env.cp.get_bulk_export(kicked.export_id).status == "ready"
     assert ehr.bulk.jobs(), "the export must not be deleted after a failed land"
     ehr.faults.clear()
     report = land_export(env.cp, env.settings, kicked.export_id, run_id="land-2")
@@ -178,7 +178,7 @@ def test_oracle_profile_presigned_redirects_and_one_export(env: Env) -> None:
     second = kickoff_export(env.cp, TENANT, ORG, run_id="b")
     assert second.reused and second.export_id == first.export_id
     wait_for_export(env.cp, first.export_id, min_wait=0.05, timeout=20)
-    manifest = env.cp.get_bulk_export(first.export_id)["manifest"]
+    manifest = env.cp.get_bulk_export(first.export_id).manifest
     assert manifest["requiresAccessToken"] == "true"
     report = land_export(env.cp, env.settings, first.export_id, run_id="land")
     # the presigned host refuses any Authorization header: success proves it was stripped

@@ -94,4 +94,4 @@ def test_sync_backend_cli_full_then_incremental(env: Env, live_defs_state: objec
     assert out.exit_code == 0, out.output
     assert "0 resources, 1 deleted" in out.output
     pulls = env.cp.list_pulls(tenant_id=TENANT)
-    assert [p["status"] for p in pulls] == ["success"] * 3
+    assert [p.status for p in pulls] == ["success"] * 3

@@ -48,9 +48,9 @@ def test_full_then_incremental_sync(env: Env) -> None:
     # DELETE after download: the server no longer knows the job.
     assert ehr.bulk.jobs() == []
     rows = env.cp.list_bulk_exports(tenant_id=TENANT)
-    assert [r["status"] for r in rows] == ["completed"]
-    conn = env.cp.get_connection(rows[0]["connection_id"])
-    assert conn["state"] == "active"
+    assert [r.status for r in rows] == ["completed"]
+    conn = env.cp.get_connection(rows[0].connection_id)
+    assert conn.state == "active"
 
     # Changes at the source: one updated Observation, one deleted Condition.
     obs = next(ehr.store.iter_type("Observation"))

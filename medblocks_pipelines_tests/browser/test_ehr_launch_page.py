@@ -100,10 +100,10 @@ def test_ehr_launch_shows_the_patient_banner(
 
     conn_id = browser.current_url.rsplit("/", 1)[-1]
     conn = control_plane.get_connection(conn_id)
-    assert conn["pattern"] == "clinician_workflow" and conn["state"] == "active"
-    assert conn["source_patient_id"] == clinician["patient_id"]
-    assert conn["organization_id"] == clinician["organization_id"]
-    assert conn["context"]["launch_context"]["encounter"] == "enc-browser"
+    assert conn.pattern == "clinician_workflow" and conn.state == "active"
+    assert conn.source_patient_id == clinician["patient_id"]
+    assert conn.organization_id == clinician["organization_id"]
+    assert conn.context["launch_context"]["encounter"] == "enc-browser"
 
     # The page belongs to the browser that launched it: a fresh session gets nothing.
     browser.delete_all_cookies()

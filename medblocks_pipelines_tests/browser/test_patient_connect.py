@@ -63,7 +63,7 @@ def open_link_to_login_page(
         public_base_url=web_base,
         return_url=return_url,
     )
-    assert cp.get_connection(link.connection_id)["state"] == "pending"
+    assert cp.get_connection(link.connection_id).state == "pending"
     browser.get(link.url)
     By = _by()
     wait_for(browser, lambda b: b.find_elements(By.ID, "username"), "the sandbox sign-in form")
@@ -134,10 +134,10 @@ def test_patient_connects_by_clicking_through(
     screenshot("connect-3-return")
 
     conn = cp.get_connection(conn_id)
-    assert conn["state"] == "active"
-    assert conn["source_patient_id"] == who.patient_id
-    assert conn["has_refresh_token"] is True
-    assert "patient/Observation" in str(conn["scopes_granted"])
+    assert conn.state == "active"
+    assert conn.source_patient_id == who.patient_id
+    assert conn.has_refresh_token is True
+    assert "patient/Observation" in str(conn.scopes_granted)
     blob = cp.vault.get(tokens_secret_name(conn_id))
     assert blob is not None
     tokens = json.loads(blob.reveal())
@@ -150,7 +150,7 @@ def test_patient_connects_by_clicking_through(
     assert browser.current_url.startswith(web_base)
     assert browser.find_element(By.TAG_NAME, "h1").text == "Cannot connect"
     screenshot("connect-4-link-reused")
-    assert cp.get_connection(conn_id)["state"] == "active"
+    assert cp.get_connection(conn_id).state == "active"
 
 
 @pytest.mark.parametrize(
@@ -190,9 +190,9 @@ def test_patient_denies(
     screenshot(f"deny-{where}-return")
 
     conn = cp.get_connection(conn_id)
-    assert conn["state"] == "failed"
-    assert conn["state_reason"] == "access_denied"
-    assert conn["source_patient_id"] is None
+    assert conn.state == "failed"
+    assert conn.state_reason == "access_denied"
+    assert conn.source_patient_id is None
     assert cp.vault.get(tokens_secret_name(conn_id)) is None
     assert not cp.vault.names(f"conn/{conn_id}/")
 
@@ -215,7 +215,7 @@ def test_wrong_password_then_our_own_connected_page(
     wait_for(browser, lambda b: "Wrong username or password" in b.page_source, "the sign-in error")
     assert not browser.find_elements(By.CSS_SELECTOR, 'button[value="approve"]')
     screenshot("wrong-password")
-    assert cp.get_connection(conn_id)["state"] == "pending"  # a typo fails nothing
+    assert cp.get_connection(conn_id).state == "pending"  # a typo fails nothing
 
     sign_in(browser, who.username, who.password)
     wait_for_consent(browser)
@@ -229,7 +229,7 @@ def test_wrong_password_then_our_own_connected_page(
     assert browser.find_element(By.TAG_NAME, "h1").text == "Connected"
     screenshot("connect-own-page")
     conn = cp.get_connection(conn_id)
-    assert conn["state"] == "active" and conn["source_patient_id"] == who.patient_id
+    assert conn.state == "active" and conn.source_patient_id == who.patient_id
 
     # The callback URL is single use: reloading it is refused and changes nothing.
     browser.refresh()
@@ -239,7 +239,7 @@ def test_wrong_password_then_our_own_connected_page(
         "the refusal of a replayed callback",
     )
     assert "Connection refused" in browser.find_element(By.TAG_NAME, "h1").text
-    assert cp.get_connection(conn_id)["state"] == "active"
+    assert cp.get_connection(conn_id).state == "active"
 
 
 def test_patient_unticks_scopes_and_we_record_what_was_granted(
@@ -273,12 +273,12 @@ def test_patient_unticks_scopes_and_we_record_what_was_granted(
     assert text_of(browser, "status") == "active"
 
     conn = cp.get_connection(conn_id)
-    granted = str(conn["scopes_granted"]).split()
-    requested = str(conn["scopes_requested"]).split()
+    granted = str(conn.scopes_granted).split()
+    requested = str(conn.scopes_requested).split()
     assert set(dropped) <= set(requested)
     assert not set(dropped) & set(granted)
     assert "patient/Patient.rs" in granted or "patient/Patient.read" in granted
-    assert conn["has_refresh_token"] is True
+    assert conn.has_refresh_token is True
 
 
 #: Fine-grained SMART v2 scopes (category-filtered), as vendors with long scope lists ask for;
@@ -366,9 +366,9 @@ def test_long_scope_list_goes_through_the_auto_posting_form(
     started = [
         e
         for e in cp.connection_events(link.connection_id)
-        if e["event_type"] == "launch.authorize_redirect"
+        if e.event_type == "launch.authorize_redirect"
     ]
-    assert [e["detail"]["method"] for e in started] == ["POST"]
+    assert [e.detail["method"] for e in started] == ["POST"]
     # POST because the GET URL would have been too long (not because POST is always used).
     assert len(urllib.parse.urlencode({"scope": " ".join(LONG_SCOPES)})) > MAX_GET_URL
     sign_in(browser, who.username, who.password)
@@ -386,6 +386,6 @@ def test_long_scope_list_goes_through_the_auto_posting_form(
     wait_for(browser, lambda b: b.find_elements(By.ID, "status"), "the tenant's return page")
     assert text_of(browser, "status") == "active"
     conn = cp.get_connection(link.connection_id)
-    assert conn["state"] == "active" and conn["source_patient_id"] == who.patient_id
-    granted = set(str(conn["scopes_granted"]).split())
+    assert conn.state == "active" and conn.source_patient_id == who.patient_id
+    granted = set(str(conn.scopes_granted).split())
     assert {s for s in LONG_SCOPES if s.startswith("patient/")} <= granted

@@ -150,8 +150,8 @@ def test_embedded_ehr_launch_through_the_proxy(
     assert cookie["path"] == "/medblocks/ehr"  # scoped to the public path
     assert cookie.get("partitionKey")  # CHIPS: kept under the EHR page's site
     conn = cp.get_connection(conn_id)
-    assert conn["pattern"] == "clinician_workflow" and conn["state"] == "active"
-    assert conn["organization_id"] == ids["organization_id"]
-    assert conn["source_patient_id"] == patient
-    assert conn["context"]["launch_context"]["encounter"] == "enc-tls"
+    assert conn.pattern == "clinician_workflow" and conn.state == "active"
+    assert conn.organization_id == ids["organization_id"]
+    assert conn.source_patient_id == patient
+    assert conn.context["launch_context"]["encounter"] == "enc-tls"
     assert served.proxy.forwarded >= 3  # launch, callback, app page

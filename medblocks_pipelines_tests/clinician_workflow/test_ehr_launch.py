@@ -122,15 +122,15 @@ def test_ehr_launch_opens_the_app_with_context(env: dict[str, Any], sandbox: San
     assert 'id="patient-banner"' in page.text and 'id="record"' in page.text
     assert "Diabetes mellitus type 2" in page.text and "exchange network" in page.text
     conn = cp.get_connection(page.url.path.rsplit("/", 1)[-1])
-    assert conn["pattern"] == "clinician_workflow" and conn["state"] == "active"
-    assert conn["source_patient_id"] == env["patient"]
-    assert conn["organization_id"] == env["organization_id"]
-    launch_ctx = conn["context"]["launch_context"]
+    assert conn.pattern == "clinician_workflow" and conn.state == "active"
+    assert conn.source_patient_id == env["patient"]
+    assert conn.organization_id == env["organization_id"]
+    launch_ctx = conn.context["launch_context"]
     assert launch_ctx["encounter"] == "enc-1"
     assert launch_ctx["fhirUser"].endswith("Practitioner/sandbox-clinician")
-    assert "launch" in conn["scopes_granted"].split()
-    assert cp.vault.names(f"conn/{conn['id']}/")  # tokens are in the vault
-    events = [e["type"] for e in cp.list_events(tenant_id=TENANT)]
+    assert "launch" in conn.scopes_granted.split()
+    assert cp.vault.names(f"conn/{conn.id}/")  # tokens are in the vault
+    events = [e.type for e in cp.list_events(tenant_id=TENANT)]
     assert "connection.activated" in events and "clinician.launch" in events
     with cp.engine.connect() as c:
         rel = c.execute(sa.select(network_relationship_events)).mappings().all()
@@ -314,7 +314,7 @@ def test_launch_sensor_dedupes_and_the_sync_lands_the_patient(
     for _ in range(2):  # the clinician opens the same chart twice
         page = launch_in_browser(sandbox, org=ORG, patient=env["patient"], web_base=env["web"])
         assert page.status_code == 200
-    first_conn = env["cp"].list_connections(pattern="clinician_workflow")[0]["id"]
+    first_conn = env["cp"].list_connections(pattern="clinician_workflow")[0].id
     platform = PlatformResource(data_dir=str(settings.data_dir))
     with dg.instance_for_test() as instance:
         ctx = dg.build_sensor_context(instance=instance, resources={"platform": platform})
@@ -350,17 +350,19 @@ def test_launch_sensor_dedupes_and_the_sync_lands_the_patient(
 
 def test_plan_syncs_dedupes_per_patient_and_org() -> None:
     from medblocks_pipelines.defs.clinician_workflow.sensors import DEDUPE_SECONDS, plan_syncs
+    from medblocks_pipelines.lib.registry.rows import Event
+    from medblocks_pipelines_tests.support.rows import event_row
 
-    def ev(cid: str, org: str = "o1", tenant: str = "t") -> dict[str, Any]:
-        return {
-            "type": "clinician.launch",
-            "tenant_id": tenant,
-            "payload": {
+    def ev(cid: str, org: str = "o1", tenant: str = "t") -> Event:
+        return event_row(
+            type="clinician.launch",
+            tenant_id=tenant,
+            payload={
                 "connection_id": cid,
                 "organization_id": org,
                 "pattern": "clinician_workflow",
             },
-        }
+        )
 
     patient_of = {"c1": "p1", "c2": "p1", "c3": "p2", "c4": "p1", "c5": None}
     plan, recent, deduped = plan_syncs(
@@ -402,7 +404,7 @@ def test_demo_setup_beside_an_existing_backend_source(
     _warehouse(settings, ORG, patient)  # the data arrived through the backend source
     result = run_clinician_demo(sandbox, cp, settings, tenant=TENANT, org=ORG)
     assert result["source_id"] == f"{ORG}-cw" and result["organization_id"] == f"{ORG}-cw"
-    assert cp.get_source(ORG)["config"]["client_id"] == "backend-client"  # untouched
+    assert cp.get_source(ORG).config["client_id"] == "backend-client"  # untouched
     assert result["app_status"] == 200 and result["app_has_record"]
     assert len(result["patient_view"]["cards"]) == 2
     cp.engine.dispose()

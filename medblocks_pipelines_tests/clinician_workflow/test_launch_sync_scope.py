@@ -52,7 +52,7 @@ def launched(settings: Settings, sandbox: SandboxHandle) -> Iterator[dict[str, A
         patient = first_patient(sandbox, ORG)
         page = launch_in_browser(sandbox, org=ORG, patient=patient, web_base=web)
         assert page.status_code == 200
-        conn = cp.list_connections(pattern="clinician_workflow")[0]["id"]
+        conn = cp.list_connections(pattern="clinician_workflow")[0].id
         try:
             yield {"cp": cp, "patient": patient, "connection": conn, "faults": faults, **ids}
         finally:
@@ -87,7 +87,7 @@ def test_launch_sync_lands_only_the_launched_patient(
     launched["faults"].add("foreign_entry_in_search", path=r"/Condition$", count=1)
     cp = launched["cp"]
     source = cp.get_source(launched["source_id"])
-    cp.update_source(source["id"], config={**(source.get("config") or {}), "page_size": 3})
+    cp.update_source(source.id, config={**(source.config or {}), "page_size": 3})
     out = _sync(settings, launched)
     assert out.success
     meta = out.asset_materializations_for_node("clinician_workflow__records")[0].metadata

@@ -114,7 +114,7 @@ def test_another_tenants_connection_is_not_found(two: Two) -> None:
     _refused(
         ["connections", "revoke", rival, "--tenant", "acme", "--delete-data"], "connection", rival
     )
-    assert two.cp.get_connection(rival)["state"] == "active"
+    assert two.cp.get_connection(rival).state == "active"
     # An unknown id reads exactly the same: no oracle of other tenants' ids.
     _refused(["connections", "show", "conn_nope", "--tenant", "acme"], "connection", "conn_nope")
     code, out = _run("connections", "show", two.conn["acme"], "--tenant", "acme")
@@ -125,7 +125,7 @@ def test_another_tenants_webhook_endpoint_is_not_found(two: Two) -> None:
     rival = two.endpoint["rival"]
     for verb in ("disable", "enable", "test", "attempts"):
         _refused(["webhooks", verb, rival, "--tenant", "acme"], "webhook endpoint", rival)
-    assert wh.get_endpoint(two.cp, rival)["status"] == "enabled"
+    assert wh.get_endpoint(two.cp, rival).status == "enabled"
     code, out = _run("webhooks", "disable", two.endpoint["acme"], "--tenant", "acme")
     assert code == 0, out
 
@@ -138,7 +138,7 @@ def test_another_tenants_export_destination_is_not_found(two: Two) -> None:
         ["exports", "runs", "--destination", "rival-dest"],
     ):
         _refused([*args, "--tenant", "acme"], "export destination", "rival-dest")
-    assert ex.get_destination(two.cp, "rival-dest")["enabled"]
+    assert ex.get_destination(two.cp, "rival-dest").enabled
     assert ex.list_runs(two.cp, destination_id="rival-dest") == []
     code, out = _run("exports", "pause", "acme-dest", "--tenant", "acme")
     assert code == 0, out

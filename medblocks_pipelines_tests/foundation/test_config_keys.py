@@ -20,7 +20,8 @@ CONFIG_VARS = {
     "lib/network/config.py": {"cfg": "source"},
     "lib/fhir/pull.py": {"cfg": "source"},
 }
-# `(<name>.get("config") or {}).get(KEY)` / `<name>["config"][KEY]`: whose config by row name
+# `(<name>.config or {}).get(KEY)` / `<name>.config[KEY]` on a typed registry row (and the
+# dict spellings `<name>.get("config")` / `<name>["config"]`): whose config by row name
 ROW_NAMES = {"source": "source", "src": "source", "org": "organization", "o": "organization"}
 
 
@@ -35,7 +36,9 @@ def _config_owner(node: ast.expr, names: dict[str, str]) -> str | None:
     if isinstance(node, ast.BoolOp):  # x.get("config") or {}
         return _config_owner(node.values[0], names)
     row = None
-    if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+    if isinstance(node, ast.Attribute) and node.attr == "config":
+        row = node.value
+    elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
         if node.func.attr == "get" and node.args and _const(node.args[0]) == "config":
             row = node.func.value
     elif isinstance(node, ast.Subscript) and _const(node.slice) == "config":  # type: ignore[arg-type]

@@ -104,16 +104,16 @@ def test_kill_9_syncs_and_a_build_then_the_next_runs_recover_alone(
         _kill_when(proc, cp.running_pulls, "a pull running")
         (second,) = [r.run_id for r in started()]
         assert second != first
-        assert [p["run_id"] for p in cp.running_pulls()] == [second]
+        assert [p.run_id for p in cp.running_pulls()] == [second]
         # 3. the next sync completes with no manual step, recovering the second
         _run_cli(*sync, log=tmp_path / "sync.log")
         for run_id in (first, second):
             run = instance.get_run_by_id(run_id)
             assert run is not None and run.status == dg.DagsterRunStatus.FAILURE
         assert cp.running_pulls() == []
-        failed = [p for p in cp.list_pulls() if p["run_id"] in (first, second)]
-        assert failed and all(p["status"] == "failed" for p in failed)
-        assert all("process is gone" in (p["error"] or "") for p in failed)
+        failed = [p for p in cp.list_pulls() if p.run_id in (first, second)]
+        assert failed and all(p.status == "failed" for p in failed)
+        assert all("process is gone" in (p.error or "") for p in failed)
         # 4. a build killed while its file is half-built, then a build that completes
         half_built = lambda: list(settings.warehouse_dir.glob(".acme.*.building.duckdb"))  # noqa: E731
         _kill_when(start_cli(*build, log=tmp_path / "k3.log"), half_built, "a half-built file")
@@ -211,10 +211,10 @@ def test_doctor_shows_then_repairs_slots_pulls_and_files_of_a_dead_run(
         assert live_run is not None and live_run.status == dg.DagsterRunStatus.STARTED
         # the slot the dead run held is free: the live run gets it
         assert storage.claim_concurrency_slot("tenant_pool", live, "step").is_claimed
-        (row,) = [p for p in cp.list_pulls() if p["id"] == pull]
-        assert row["status"] == "failed" and "process is gone" in row["error"]
+        (row,) = [p for p in cp.list_pulls() if p.id == pull]
+        assert row.status == "failed" and "process is gone" in row.error
         exp = cp.get_bulk_export(export)  # the next land run takes it again
-        assert exp["status"] == "ready" and "process is gone" in exp["error"]
+        assert exp.status == "ready" and "process is gone" in exp.error
         assert not (work / dead[:12]).exists() and (work / live[:12]).exists()
         assert not half.exists()
         assert "nothing to repair" in _doctor(log=tmp_path / "again.log")

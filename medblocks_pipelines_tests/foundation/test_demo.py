@@ -109,18 +109,18 @@ def test_demo_runs_every_pattern_into_one_warehouse(
     out = (tmp_path / "demo.txt").read_text()
 
     cp = state.cp
-    states = {c["state"] for c in cp.list_connections(tenant_id=TENANT, pattern="patient_access")}
+    states = {c.state for c in cp.list_connections(tenant_id=TENANT, pattern="patient_access")}
     assert {"active", "refresh_failed"} <= states
     audit = cp.list_audit(tenant_id=TENANT)
-    queries = [a for a in audit if a["action"] == "network.query"]
-    fhir = [a for a in queries if a["evidence"].get("transport") == "facilitated_fhir"]
-    decisions = sorted(a["decision"] for a in queries if a not in fhir)
+    queries = [a for a in audit if a.action == "network.query"]
+    fhir = [a for a in queries if a.evidence.get("transport") == "facilitated_fhir"]
+    decisions = sorted(a.decision for a in queries if a not in fhir)
     assert decisions == ["allowed", "refused"]
     # One TEFCA Facilitated FHIR query (UDAP) beside the IHE ones, answered by a node.
-    assert [a["decision"] for a in fhir] == ["allowed"] and fhir[0]["responders"]
+    assert [a.decision for a in fhir] == ["allowed"] and fhir[0].responders
     assert "UDAP" in out
     # The EHR's CDS Hooks calls were answered (and audited) for the launched patient.
-    assert any(a["action"] == "cds.patient-view" and a["decision"] == "allowed" for a in audit)
+    assert any(a.action == "cds.patient-view" and a.decision == "allowed" for a in audit)
     assert state.results["clinician"]["app_status"] == 200
     with open_warehouse(TENANT, settings=settings) as con:
         patterns = {

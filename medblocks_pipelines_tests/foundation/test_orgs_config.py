@@ -61,7 +61,7 @@ def test_set_config_merges_and_unsets(cp: ControlPlane) -> None:
         "group_id",
     )
     assert code == 0, out
-    config = cp.get_organization("mercy")["config"]
+    config = cp.get_organization("mercy").config
     assert config["attachments"] is True
     assert config["types"] == ["Patient", "Observation"]
     assert config["cds"]["iss"] == "https://ehr.example" and config["cds"]["tenant"] == "t1"
@@ -78,7 +78,7 @@ def test_set_config_warns_on_unknown_and_refuses_secrets(cp: ControlPlane) -> No
     assert "warning: 'atachments' is not an organization config key" in result.output
     code, out = _run("orgs", "set-config", "--tenant", "acme", "mercy", "client_secret=s3cr3t")
     assert code == 1 and out.startswith("error: client_secret looks like a secret")
-    assert "s3cr3t" not in str(cp.get_organization("mercy")["config"])
+    assert "s3cr3t" not in str(cp.get_organization("mercy").config)
 
 
 def test_another_tenants_org_is_not_found(cp: ControlPlane) -> None:
@@ -89,4 +89,4 @@ def test_another_tenants_org_is_not_found(cp: ControlPlane) -> None:
             "error: organization mercy not found for tenant other",
             "hint: list them: medblocks orgs list --tenant other",
         ]
-    assert cp.get_organization("mercy")["config"].get("level") is None
+    assert cp.get_organization("mercy").config.get("level") is None

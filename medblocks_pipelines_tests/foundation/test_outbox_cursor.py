@@ -10,12 +10,13 @@ import sqlalchemy as sa
 from medblocks_pipelines.lib.registry import ControlPlane, open_control_plane
 from medblocks_pipelines.lib.registry import schema as t
 from medblocks_pipelines.lib.registry.outbox import OutboxCursor, read_new_events
+from medblocks_pipelines.lib.registry.rows import Event
 from medblocks_pipelines.lib.settings import Settings, get_settings
 from medblocks_pipelines_tests.conftest import fresh_pg_database
 
 
-def _ids(rows: list[dict]) -> list[int]:
-    return [int(r["id"]) for r in rows]
+def _ids(rows: list[Event]) -> list[int]:
+    return [r.id for r in rows]
 
 
 def test_late_commit_below_the_cursor_is_read_once(settings: Settings) -> None:

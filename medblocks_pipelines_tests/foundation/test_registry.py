@@ -46,14 +46,14 @@ def _seed(cp: ControlPlane) -> None:
 def test_registry_roundtrip_and_idempotent_upsert(cp: ControlPlane) -> None:
     _seed(cp)
     _seed(cp)  # applying the same registry twice changes nothing
-    assert [t["id"] for t in cp.list_tenants()] == ["acme"]
-    assert cp.get_tenant("acme")["settings"] == {"delete_on_revoke": True}
-    assert cp.get_source("mercy-ehr")["patterns"] == ["backend", "patient_access"]
-    assert cp.get_organization("mercy")["tenant_id"] == "acme"
+    assert [t.id for t in cp.list_tenants()] == ["acme"]
+    assert cp.get_tenant("acme").settings == {"delete_on_revoke": True}
+    assert cp.get_source("mercy-ehr").patterns == ["backend", "patient_access"]
+    assert cp.get_organization("mercy").tenant_id == "acme"
     cp.update_source_discovery("mercy-ehr", smart_config={"token_endpoint": "http://x/token"})
     src = cp.get_source("mercy-ehr")
-    assert src["smart_config"]["token_endpoint"] == "http://x/token"
-    assert src["discovered_at"].tzinfo is not None
+    assert src.smart_config["token_endpoint"] == "http://x/token"
+    assert src.discovered_at.tzinfo is not None
 
 
 @pytest.mark.parametrize(
@@ -86,7 +86,7 @@ def test_lifecycle_events_and_outbox_in_one_transaction(cp: ControlPlane) -> Non
     cid = cp.create_connection(
         tenant_id="acme", pattern="patient_access", source_id="mercy-ehr", patient_ref="app-user-1"
     )
-    assert cp.get_connection(cid)["state"] == "pending"
+    assert cp.get_connection(cid).state == "pending"
     cp.transition(cid, "active")
     cp.record_event(cid, "token.refreshed", {"expires_in": 3600})
     cp.transition(cid, "refresh_failed", reason="invalid_grant")
@@ -95,7 +95,7 @@ def test_lifecycle_events_and_outbox_in_one_transaction(cp: ControlPlane) -> Non
     with pytest.raises(InvalidTransition):
         cp.transition(cid, "active")
     events = cp.connection_events(cid)
-    assert [e["event_type"] for e in events] == [
+    assert [e.event_type for e in events] == [
         "created",
         "state.active",
         "token.refreshed",
@@ -103,8 +103,8 @@ def test_lifecycle_events_and_outbox_in_one_transaction(cp: ControlPlane) -> Non
         "state.active",
         "state.revoked",
     ]
-    assert events[3]["detail"] == {"reason": "invalid_grant"}
-    outbox = [e["type"] for e in cp.list_events(tenant_id="acme")]
+    assert events[3].detail == {"reason": "invalid_grant"}
+    outbox = [e.type for e in cp.list_events(tenant_id="acme")]
     assert outbox == [
         "connection.activated",
         "connection.refresh_failed",
@@ -132,7 +132,7 @@ def test_transition_table(cp: ControlPlane, path: list[str], allowed: bool) -> N
     if allowed:
         for state in path:
             cp.transition(cid, state)
-        assert cp.get_connection(cid)["state"] == path[-1]
+        assert cp.get_connection(cid).state == path[-1]
     else:
         with pytest.raises(InvalidTransition):
             for state in path:
@@ -150,8 +150,8 @@ def test_pull_history_audit_watermarks_and_exports(cp: ControlPlane) -> None:
     )
     cp.finish_pull(pid, status="partial", counts={"Patient": 3, "Observation": 10})
     (pull,) = cp.list_pulls(tenant_id="acme")
-    assert pull["status"] == "partial" and pull["counts"]["Observation"] == 10
-    assert pull["finished_at"] >= pull["started_at"]
+    assert pull.status == "partial" and pull.counts["Observation"] == 10
+    assert pull.finished_at >= pull.started_at
     with pytest.raises(RegistryError):
         cp.finish_pull(pid, status="maybe", counts={})
 
@@ -163,8 +163,8 @@ def test_pull_history_audit_watermarks_and_exports(cp: ControlPlane) -> None:
         purpose="T-TREAT",
         reason="no treatment relationship",
     )
-    assert cp.list_audit(tenant_id="acme")[0]["id"] == aid
-    assert cp.list_events(tenant_id="acme")[-1]["type"] == "network.query_refused"
+    assert cp.list_audit(tenant_id="acme")[0].id == aid
+    assert cp.list_events(tenant_id="acme")[-1].type == "network.query_refused"
 
     assert cp.get_watermark("acme/mercy/since") is None
     cp.set_watermark("acme/mercy/since", "2026-01-01T00:00:00Z")
@@ -178,7 +178,7 @@ def test_pull_history_audit_watermarks_and_exports(cp: ControlPlane) -> None:
         polling_url="http://x/poll/1",
         request={"_type": "Patient"},
     )
-    assert [e["id"] for e in cp.list_bulk_exports(status="kicked_off")] == [eid]
+    assert [e.id for e in cp.list_bulk_exports(status="kicked_off")] == [eid]
     cp.update_bulk_export(eid, status="completed", transaction_time="2026-02-01T00:00:00Z")
     assert cp.list_bulk_exports(status=["kicked_off", "ready"]) == []
 

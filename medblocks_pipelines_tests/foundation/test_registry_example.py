@@ -19,8 +19,8 @@ def test_example_registry_applies(settings: Settings) -> None:
         assert result.exit_code == 0, result.output
         assert result.output == "1 tenants, 3 sources, 2 organizations applied\n"
     cp = control_plane()
-    assert cp.get_organization("mercy")["config"]["group_id"] == "acme-cohort"
-    assert cp.get_source("qhin")["config"]["gateways"][0]["id"] == "lakeside"
+    assert cp.get_organization("mercy").config["group_id"] == "acme-cohort"
+    assert cp.get_source("qhin").config["gateways"][0]["id"] == "lakeside"
     result = CliRunner().invoke(main, ["orgs", "show", "--tenant", "acme", "mercy"])
     assert result.exit_code == 0 and "backend_client_id: acme-backend" in result.output
 

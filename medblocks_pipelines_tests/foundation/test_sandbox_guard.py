@@ -8,6 +8,7 @@ just closed.
 import socket
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from typing import Any
 
 import dagster as dg
 import pytest
@@ -18,6 +19,7 @@ from medblocks_pipelines.defs.shared.resources import PlatformResource
 from medblocks_pipelines.lib.registry import ControlPlane, open_control_plane
 from medblocks_pipelines.lib.registry.sandbox_sources import is_stopped_sandbox
 from medblocks_pipelines.lib.settings import Settings
+from medblocks_pipelines_tests.support.rows import source_row
 
 
 @pytest.fixture
@@ -102,7 +104,7 @@ def test_export_sensor_leaves_a_stopped_sandbox_export_alone(settings: Settings)
         ctx = dg.build_sensor_context(instance=instance, resources={"platform": platform})
         result = backend_bulk_export_sensor(ctx)
     assert not result.run_requests and "polled 0 export(s)" in str(result.skip_reason)
-    assert cp.get_bulk_export(export_id)["status"] == "kicked_off"
+    assert cp.get_bulk_export(export_id).status == "kicked_off"
 
 
 @pytest.mark.parametrize(
@@ -147,4 +149,5 @@ def test_stopped_sandbox_detection(source: dict, stopped: bool, listening: socke
             return [fill(v) for v in value]
         return value
 
-    assert is_stopped_sandbox(fill(source)) is stopped  # type: ignore[arg-type]
+    filled: dict[str, Any] = fill(source)  # type: ignore[assignment]
+    assert is_stopped_sandbox(source_row(**filled)) is stopped

@@ -183,4 +183,4 @@ def test_cli_sync_fails_when_the_allowed_query_failed(env: Any, monkeypatch: Any
     with dg.DagsterInstance.from_config(str(home)) as instance:
         [run] = instance.get_runs(dg.RunsFilter(job_name="network_query_job"))
         assert run.status == dg.DagsterRunStatus.FAILURE
-    assert [a["decision"] for a in env.cp.list_audit(tenant_id="acme")][-1] == "allowed"
+    assert [a.decision for a in env.cp.list_audit(tenant_id="acme")][-1] == "allowed"

@@ -50,11 +50,11 @@ def test_allowed_query_lands_both_nodes_with_provenance(env: UdapEnv) -> None:
     assert ids == {"rv-1", "vm-7"}
     assert env.lake("SELECT DISTINCT pattern, source FROM lake") == [("network", "sandbox-fhir")]
     audit = env.cp.list_audit(tenant_id="acme")[0]
-    assert audit["decision"] == "allowed" and audit["evidence"]["transport"] == "facilitated_fhir"
-    b2b = audit["evidence"]["hl7_b2b"]
+    assert audit.decision == "allowed" and audit.evidence["transport"] == "facilitated_fhir"
+    b2b = audit.evidence["hl7_b2b"]
     assert b2b["purpose_of_use"] == ["urn:oid:2.16.840.1.113883.3.7204.1.5.2.1#T-TREAT"]
     assert "NPI 1234567893" in b2b["organization_name"]  # Treatment XP: NPI in organization_name
-    assert sorted(audit["responders"]) == ["riverside-health", "valley-medical"]
+    assert sorted(audit.responders) == ["riverside-health", "valley-medical"]
     with env.cp.engine.connect() as c:
         q = c.execute(sa.select(network_queries)).one()
     assert q.status == "success" and q.counts["node_status"] == {"ok": 2}
@@ -67,7 +67,7 @@ def test_refused_query_never_leaves_and_is_audited(env: UdapEnv) -> None:
     assert not result.allowed and result.reason == "no_treatment_relationship"
     assert _seen(sb) == 0
     audit = env.cp.list_audit(tenant_id="acme")[0]
-    assert audit["decision"] == "refused" and audit["evidence"]["transport"] == "facilitated_fhir"
+    assert audit.decision == "refused" and audit.evidence["transport"] == "facilitated_fhir"
     assert env.cp.list_pulls(tenant_id="acme") == []
 
 
@@ -194,7 +194,7 @@ def test_node_requiring_consent_is_refused_per_node_and_tenant_policy_satisfies_
     assert first.gateway_status == {"riverside-health": "ok", "strict-node": "refused"}
     assert first.errors == {"consent_required": 1}
     tenant = env.cp.get_tenant("acme")
-    settings = dict(tenant["settings"])
+    settings = dict(tenant.settings)
     settings["network"] = {**settings["network"], "consent_policy": [policy]}
     with env.cp.engine.begin() as conn:
         conn.execute(

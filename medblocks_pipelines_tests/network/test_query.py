@@ -156,14 +156,10 @@ def test_allowed_treatment_query_lands_two_communities(env: Any) -> None:
     assert env.lake("SELECT DISTINCT pattern, source FROM lake") == [("network", "sandbox-qhin")]
     # Audit: allowed, with evidence, gateways, responders and documents.
     audit = env.cp.list_audit(tenant_id="acme")[0]
-    assert (
-        audit["decision"] == "allowed"
-        and audit["purpose"] == "T-TREAT"
-        and audit["actor"] == "dr-house"
-    )
-    assert audit["evidence"]["relied_on"][0]["kind"] == "ehr_launch"
-    assert sorted(audit["responders"]) == ["riverside-health", "valley-medical"]
-    assert len(audit["documents"]) == 3
+    assert audit.decision == "allowed" and audit.purpose == "T-TREAT" and audit.actor == "dr-house"
+    assert audit.evidence["relied_on"][0]["kind"] == "ehr_launch"
+    assert sorted(audit.responders) == ["riverside-health", "valley-medical"]
+    assert len(audit.documents) == 3
     # The responder saw our purpose of use in a signed assertion.
     assert {s["purpose"] for s in env.gw.seen} == {"T-TREAT"}
     with env.cp.engine.connect() as c:
@@ -177,8 +173,8 @@ def test_refused_without_relationship_never_leaves_and_is_audited(env: Any) -> N
     assert not result.allowed and result.reason == "no_treatment_relationship"
     assert gw.seen == []  # the gateway saw nothing at all
     audit = env.cp.list_audit(tenant_id="acme")[0]
-    assert audit["decision"] == "refused" and audit["reason"] == "no_treatment_relationship"
-    assert audit["person_id"] == PERSON and audit["responders"] == []
+    assert audit.decision == "refused" and audit.reason == "no_treatment_relationship"
+    assert audit.person_id == PERSON and audit.responders == []
     assert env.cp.list_pulls(tenant_id="acme") == []
 
 
@@ -225,7 +221,7 @@ def test_gateway_timeout_others_still_answer(env: Any) -> None:
     assert result.documents_retrieved == 1
     assert env.lake("SELECT DISTINCT organization FROM lake") == [("riverside-health",)]
     pull = env.cp.list_pulls(tenant_id="acme")[0]
-    assert pull["status"] == "partial"
+    assert pull.status == "partial"
 
 
 def test_soap_fault_and_partial_success(env: Any) -> None:
@@ -290,8 +286,8 @@ def test_trtmnt_repeat_refused_until_new_event(env: Any) -> None:
     assert env.query("T-TRTMNT").allowed
     sweep = env.query("T-TRTMNT", trigger="sweep")
     assert not sweep.allowed and sweep.reason == "sweep_refused"
-    refusals = [a for a in env.cp.list_audit(tenant_id="acme") if a["decision"] == "refused"]
-    assert {a["reason"] for a in refusals} == {"repeat_without_new_event", "sweep_refused"}
+    refusals = [a for a in env.cp.list_audit(tenant_id="acme") if a.decision == "refused"]
+    assert {a.reason for a in refusals} == {"repeat_without_new_event", "sweep_refused"}
 
 
 def test_flawed_ccda_quarantines_with_reason(env: Any) -> None:
@@ -440,7 +436,7 @@ def test_allowed_and_refused_on_postgres(
             first = e.query()
             assert first.allowed and first.documents_retrieved == 2
             assert e.query().documents_skipped == 2
-            reasons = [a["reason"] for a in e.cp.list_audit(tenant_id="acme")]
+            reasons = [a.reason for a in e.cp.list_audit(tenant_id="acme")]
             assert reasons == ["ok", "ok", "no_treatment_relationship"]
         finally:
             e.cp.engine.dispose()
@@ -484,7 +480,7 @@ def test_person_from_the_unified_record(env: Any, population: Any) -> None:
         actor="dr-house",
     )
     assert result.allowed and result.documents_retrieved == 2, result
-    assert env.cp.list_audit(tenant_id="acme")[0]["person_id"] == "person-xyz"
+    assert env.cp.list_audit(tenant_id="acme")[0].person_id == "person-xyz"
     # Without the link, the same person id has no relationship.
     refused = run_network_query(
         env.cp,
@@ -506,7 +502,7 @@ def test_busy_registry_and_repository_are_retried(env: Any) -> None:
     tx = [s["transaction"] for s in env.gw.seen if s["org"] == "riverside-health"]
     assert tx == ["ITI-55", "ITI-38", "ITI-38", "ITI-39", "ITI-39"]
     audit = env.cp.list_audit(tenant_id="acme")[0]
-    assert audit["evidence"]["requestor"] == {
+    assert audit.evidence["requestor"] == {
         "actor": "dr-house",
         "organization": "acme-clinic",
         "npi": "1234567893",

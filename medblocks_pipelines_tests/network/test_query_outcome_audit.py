@@ -15,6 +15,7 @@ from medblocks_pipelines.lib.errors import ConfigError
 from medblocks_pipelines.lib.network.outcome import OUTCOME_ACTION
 from medblocks_pipelines.lib.network.query import run_network_query
 from medblocks_pipelines.lib.network.tables import network_queries
+from medblocks_pipelines.lib.registry.rows import AuditEntry
 from medblocks_pipelines_tests.network.conftest import LiveServer
 from medblocks_pipelines_tests.network.test_query import PERSON, Env
 from medblocks_sandbox.gateway import Behaviour, create_gateway_app, network_source_config
@@ -27,7 +28,7 @@ def env(
     return Env(tmp_path, population, signing_identity, gateway_server)
 
 
-def _rows(env: Env) -> list[dict[str, Any]]:
+def _rows(env: Env) -> list[AuditEntry]:
     return list(reversed(env.cp.list_audit(tenant_id="acme")))  # oldest first
 
 
@@ -49,16 +50,16 @@ def test_gateway_down_records_the_failure(env: Env, population: Any) -> None:
     result = env.query()
     assert result.allowed and result.status == "failed", result
     decision, outcome = _rows(env)
-    assert (decision["action"], decision["decision"]) == ("network.query", "allowed")
-    assert decision["responders"] == []
-    assert outcome["action"] == OUTCOME_ACTION
-    assert outcome["evidence"]["audit_id"] == decision["id"] == result.audit_id
-    assert outcome["evidence"]["outcome"] == "failed"
-    assert outcome["reason"].startswith("failed: ")
+    assert (decision.action, decision.decision) == ("network.query", "allowed")
+    assert decision.responders == []
+    assert outcome.action == OUTCOME_ACTION
+    assert outcome.evidence["audit_id"] == decision.id == result.audit_id
+    assert outcome.evidence["outcome"] == "failed"
+    assert outcome.reason.startswith("failed: ")
     for gateway in ("riverside-health", "valley-medical"):
-        assert f"{gateway} " in outcome["reason"], outcome["reason"]
-        assert outcome["evidence"]["gateway_status"][gateway] not in ("ok", "no_match")
-    assert (outcome["person_id"], outcome["purpose"], outcome["actor"]) == (
+        assert f"{gateway} " in outcome.reason, outcome.reason
+        assert outcome.evidence["gateway_status"][gateway] not in ("ok", "no_match")
+    assert (outcome.person_id, outcome.purpose, outcome.actor) == (
         PERSON,
         "T-TREAT",
         "dr-house",
@@ -77,11 +78,11 @@ def test_failure_before_sending_is_recorded(env: Env) -> None:
         )
     assert gw.seen == []
     decision, outcome = _rows(env)
-    assert decision["decision"] == "allowed" and decision["action"] == "network.query"
-    assert outcome["action"] == OUTCOME_ACTION
-    assert outcome["reason"] == "failed before sending: ConfigError"
-    assert outcome["evidence"]["sent"] is False
-    assert outcome["evidence"]["audit_id"] == decision["id"]
+    assert decision.decision == "allowed" and decision.action == "network.query"
+    assert outcome.action == OUTCOME_ACTION
+    assert outcome.reason == "failed before sending: ConfigError"
+    assert outcome.evidence["sent"] is False
+    assert outcome.evidence["audit_id"] == decision.id
 
 
 def test_partial_success_is_recorded_and_success_adds_nothing(env: Env) -> None:
@@ -90,13 +91,13 @@ def test_partial_success_is_recorded_and_success_adds_nothing(env: Env) -> None:
     result = env.query()
     assert result.status == "partial", result
     rows = _rows(env)
-    assert [r["action"] for r in rows] == ["network.query", OUTCOME_ACTION]
-    assert rows[1]["reason"].startswith("partial: valley-medical ")
-    assert rows[1]["responders"] == ["riverside-health"]
+    assert [r.action for r in rows] == ["network.query", OUTCOME_ACTION]
+    assert rows[1].reason.startswith("partial: valley-medical ")
+    assert rows[1].responders == ["riverside-health"]
 
 
 def test_success_adds_no_outcome_row(env: Env) -> None:
     env.start()
     env.launch()
     assert env.query().status == "success"
-    assert [r["action"] for r in _rows(env)] == ["network.query"]
+    assert [r.action for r in _rows(env)] == ["network.query"]

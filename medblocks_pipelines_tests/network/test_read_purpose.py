@@ -82,9 +82,7 @@ def test_treatment_rows_reach_cds_and_treatment_exports_only(env: Any, tmp_path:
         ex.run_export(env.cp, env.settings, dest)
     assert _exported(out, "payer") == 0  # only network rows here, all for treatment
     assert _exported(out, "care") == n_network
-    audits = {
-        a["actor"]: a for a in env.cp.list_audit(tenant_id="acme") if a["action"] == "read.export"
-    }
-    assert audits["export:payer"]["evidence"]["excluded_by_purpose"] == {"T-TREAT": n_network}
-    assert audits["export:payer"]["evidence"]["included_by_purpose"] == {}
-    assert audits["export:care"]["evidence"]["included_by_purpose"] == {"T-TREAT": n_network}
+    audits = {a.actor: a for a in env.cp.list_audit(tenant_id="acme") if a.action == "read.export"}
+    assert audits["export:payer"].evidence["excluded_by_purpose"] == {"T-TREAT": n_network}
+    assert audits["export:payer"].evidence["included_by_purpose"] == {}
+    assert audits["export:care"].evidence["included_by_purpose"] == {"T-TREAT": n_network}

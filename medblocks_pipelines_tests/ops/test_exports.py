@@ -130,13 +130,13 @@ def test_folder_backfill_then_delta(cp: ControlPlane, warehouse: Settings, tmp_p
     assert bundle["entry"] == [{"request": {"method": "DELETE", "url": "Patient/p3"}}]
     assert cp.get_watermark(ex.watermark_key("lake-copy")) == "3"
     runs = ex.list_runs(cp, destination_id="lake-copy")
-    assert [(r["seq"], r["status"], r["counts"]["exported"]) for r in runs] == [
+    assert [(r.seq, r.status, r.counts["exported"]) for r in runs] == [
         (3, "success", 2),
         (2, "success", 0),
         (1, "success", 5),
     ]
-    events = [e for e in cp.list_events(tenant_id="acme") if e["type"].startswith("export.")]
-    assert [e["payload"]["seq"] for e in events] == [1, 2, 3]
+    events = [e for e in cp.list_events(tenant_id="acme") if e.type.startswith("export.")]
+    assert [e.payload["seq"] for e in events] == [1, 2, 3]
 
 
 def test_parquet_destination(cp: ControlPlane, warehouse: Settings, tmp_path: Path) -> None:
@@ -182,11 +182,11 @@ def test_failed_run_is_recorded_and_the_retry_has_no_duplicates(
     with pytest.raises(ExportError):
         ex.run_export(cp, warehouse, "d")
     (failed,) = ex.list_runs(cp, destination_id="d")
-    assert failed["status"] == "failed" and failed["error"] == "_Boom"
+    assert failed.status == "failed" and failed.error == "_Boom"
     assert cp.get_watermark(ex.watermark_key("d")) is None
     base = out / "acme" / "d" / "000001"
     assert not (base / "manifest.json").exists()  # not committed: consumers ignore it
-    assert [e["type"] for e in cp.list_events(tenant_id="acme")][-1] == "export.failed"
+    assert [e.type for e in cp.list_events(tenant_id="acme")][-1] == "export.failed"
 
     # Meanwhile a patient was deleted at the source: the retry rewrites sequence 1 from scratch.
     _land(warehouse, "run-x", [], (("Patient", "p2"),))
@@ -218,7 +218,7 @@ def test_no_warehouse_is_a_clear_error(
     ex.add_destination(cp, id="d3", tenant_id="acme", kind="ndjson", url=str(tmp_path / "o"))
     with pytest.raises(ExportError, match="no warehouse"):
         ex.run_export(cp, settings, "d3")
-    assert ex.list_runs(cp, destination_id="d3")[0]["status"] == "failed"
+    assert ex.list_runs(cp, destination_id="d3")[0].status == "failed"
 
 
 # -- S3 (moto server) --------------------------------------------------------------------------
@@ -263,7 +263,7 @@ def test_s3_destination(
     patients = [json.loads(x) for x in gzip.decompress(body["Body"].read()).splitlines()]
     assert len(patients) == first.counts_by_type["Patient"] == 3
     # The credentials live in the vault, not in the destination row.
-    assert "test" not in json.dumps(ex.get_destination(cp, "s3dest")["config"]).replace(
+    assert "test" not in json.dumps(ex.get_destination(cp, "s3dest").config).replace(
         "us-east-1", ""
     )
 
@@ -353,7 +353,7 @@ def test_fhir_transactions_put_by_id_and_delete(
     srv.fail_next = 1  # the destination is down for the first bundle of the delta
     with pytest.raises(ExportError, match="refused a transaction"):
         ex.run_export(cp, warehouse, "ehr2")
-    assert ex.list_runs(cp, destination_id="ehr2")[0]["error"].startswith("ExportError")
+    assert ex.list_runs(cp, destination_id="ehr2")[0].error.startswith("ExportError")
     retry = ex.run_export(cp, warehouse, "ehr2")
     assert retry.seq == 2 and retry.deleted == 1
     assert set(srv.store) == {
@@ -415,7 +415,7 @@ def test_tenant_exports_asset(cp: ControlPlane, warehouse: Settings, tmp_path: P
         raise_on_error=False,
     )
     assert not result.success
-    assert [r["status"] for r in ex.list_runs(cp, destination_id="good")] == ["success"] * 2
+    assert [r.status for r in ex.list_runs(cp, destination_id="good")] == ["success"] * 2
 
 
 def test_exports_cli(
@@ -494,7 +494,7 @@ def test_exports_with_a_postgresql_control_plane(
         second = ex.run_export(pg, pg_settings, "pgd")
         assert (second.seq, second.counts_by_type) == (2, {"Patient": 1})
         assert pg.get_watermark(ex.watermark_key("pgd")) == "2"
-        assert [e["type"] for e in pg.list_events(tenant_id="acme")] == ["export.completed"] * 2
+        assert [e.type for e in pg.list_events(tenant_id="acme")] == ["export.completed"] * 2
         pg.engine.dispose()
 
 

@@ -51,10 +51,10 @@ def test_sensor_tick_is_bounded_by_a_slow_receiver_and_loses_nothing(
     # Each round lasts at least the timeout, so a 0.5 s deadline admits at most two rounds.
     attempts = wh.list_attempts(cp, endpoint_id=endpoint_id)
     assert len(attempts) <= 2 * WORKERS
-    assert {a["outcome"] for a in attempts} <= {"timeout"}
+    assert {a.outcome for a in attempts} <= {"timeout"}
     deliveries = wh.list_deliveries(cp, endpoint_id=endpoint_id)
-    assert len(deliveries) == events and all(d["status"] == "pending" for d in deliveries)
-    untouched = [d for d in deliveries if d["attempts"] == 0]
+    assert len(deliveries) == events and all(d.status == "pending" for d in deliveries)
+    untouched = [d for d in deliveries if d.attempts == 0]
     assert len(untouched) >= events - 2 * WORKERS > 0  # deferred, still due, not claimed
     # The receiver recovers; the retries (and any lease that a straggler held) come due.
     receiver.delays["slow"] = 0
@@ -62,12 +62,10 @@ def test_sensor_tick_is_bounded_by_a_slow_receiver_and_loses_nothing(
         for _ in range(3):
             wh.deliver_due(cp, now=utcnow() + timedelta(hours=1), http=http)
     done = wh.list_deliveries(cp, endpoint_id=endpoint_id)
-    assert [d["status"] for d in done] == ["succeeded"] * events
+    assert [d.status for d in done] == ["succeeded"] * events
     delivered = {r.payload["data"]["destination_id"] for r in receiver.on("slow") if r.verified}
     assert delivered == {f"d{i}" for i in range(events)}
-    successes = [
-        a for a in wh.list_attempts(cp, endpoint_id=endpoint_id) if a["outcome"] == "success"
-    ]
+    successes = [a for a in wh.list_attempts(cp, endpoint_id=endpoint_id) if a.outcome == "success"]
     assert len(successes) == events  # one success per delivery: nothing doubled
 
 
@@ -97,9 +95,9 @@ def test_cli_add_list_test_disable(
         webhooks_cli, ["disable", added["id"], "--tenant", "acme", "--reason", "maintenance"]
     )
     assert res.exit_code == 0
-    assert wh.get_endpoint(cp, added["id"])["status"] == "disabled"
+    assert wh.get_endpoint(cp, added["id"]).status == "disabled"
     res = runner.invoke(webhooks_cli, ["enable", added["id"], "--tenant", "acme"])
     assert res.exit_code == 0
-    assert wh.get_endpoint(cp, added["id"])["status"] == "enabled"
+    assert wh.get_endpoint(cp, added["id"]).status == "enabled"
     res = runner.invoke(webhooks_cli, ["attempts", added["id"], "--tenant", "acme"])
     assert res.exit_code == 0

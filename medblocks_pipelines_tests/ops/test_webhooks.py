@@ -78,7 +78,7 @@ def test_a_wrong_secret_fails_verification_and_is_retried(
         report = wh.deliver_due(cp, now=now, http=http)
     assert report.failed_attempts == 1 and receiver.on("b")[0].verified is False
     (delivery,) = wh.list_deliveries(cp)
-    assert delivery["status"] == "pending" and delivery["last_status_code"] == 401
+    assert delivery.status == "pending" and delivery.last_status_code == 401
 
 
 def test_filters_and_tenants(cp: ControlPlane, receiver: Receiver) -> None:
@@ -139,14 +139,14 @@ def test_retries_follow_the_schedule(cp: ControlPlane, receiver: Receiver) -> No
                 assert wh.deliver_due(cp, now=when - timedelta(seconds=1), http=http).attempted == 0
             assert wh.deliver_due(cp, now=when, http=http).attempted == 1
     attempts = wh.list_attempts(cp)
-    assert [a["at"] for a in attempts] == expected
-    assert [a["outcome"] for a in attempts] == ["http_error"] * 3 + ["success"]
-    assert [a["status_code"] for a in attempts] == [500, 503, 500, 204]
+    assert [a.at for a in attempts] == expected
+    assert [a.outcome for a in attempts] == ["http_error"] * 3 + ["success"]
+    assert [a.status_code for a in attempts] == [500, 503, 500, 204]
     # Every attempt carried the same webhook-id, so the receiver can deduplicate.
     assert len({r.headers["webhook-id"] for r in receiver.on("flaky")}) == 1
     (delivery,) = wh.list_deliveries(cp)
-    assert delivery["status"] == "succeeded" and delivery["attempts"] == 4
-    assert wh.get_endpoint(cp, delivery["endpoint_id"])["consecutive_failures"] == 0
+    assert delivery.status == "succeeded" and delivery.attempts == 4
+    assert wh.get_endpoint(cp, delivery.endpoint_id).consecutive_failures == 0
 
 
 def test_exhausted_schedule_disables_the_endpoint(cp: ControlPlane, receiver: Receiver) -> None:
@@ -161,12 +161,12 @@ def test_exhausted_schedule_disables_the_endpoint(cp: ControlPlane, receiver: Re
             assert wh.deliver_due(cp, now=now, http=http).attempted >= 1
         assert len(receiver.on("down")) == 8
         endpoint = wh.get_endpoint(cp, ep)
-        assert endpoint["status"] == "disabled" and "every attempt" in endpoint["disabled_reason"]
+        assert endpoint.status == "disabled" and "every attempt" in endpoint.disabled_reason
         (failed,) = wh.list_deliveries(cp, endpoint_id=ep)
-        assert failed["status"] == "failed" and failed["attempts"] == 8
+        assert failed.status == "failed" and failed.attempts == 8
         # The schedule spans days: the last attempt comes ~27.6 hours after the first.
         attempts = wh.list_attempts(cp, endpoint_id=ep)
-        assert attempts[-1]["at"] - attempts[0]["at"] == sum(wh.DEFAULT_SCHEDULE, timedelta())
+        assert attempts[-1].at - attempts[0].at == sum(wh.DEFAULT_SCHEDULE, timedelta())
         # The disabled endpoint hears nothing more; the tenant's other endpoint hears why.
         _activate(cp)
         wh.deliver_due(cp, now=now + timedelta(days=3), http=http)
@@ -204,7 +204,7 @@ def test_max_consecutive_failures_disables(cp: ControlPlane, receiver: Receiver)
     with httpx.Client() as http:
         report = wh.deliver_due(cp, now=utcnow(), http=http, policy=policy)
     assert report.failed_attempts == 3 and report.disabled_endpoints == [ep]
-    assert wh.get_endpoint(cp, ep)["status"] == "disabled"
+    assert wh.get_endpoint(cp, ep).status == "disabled"
 
 
 def test_connection_refused_is_recorded(cp: ControlPlane, receiver: Receiver) -> None:
@@ -213,7 +213,7 @@ def test_connection_refused_is_recorded(cp: ControlPlane, receiver: Receiver) ->
     with httpx.Client() as http:
         wh.deliver_due(cp, now=utcnow(), http=http)
     (attempt,) = wh.list_attempts(cp, endpoint_id=endpoint_id)
-    assert attempt["outcome"] == "connection_error" and attempt["error"] == "ConnectError"
+    assert attempt.outcome == "connection_error" and attempt.error == "ConnectError"
 
 
 _CRASH_SCRIPT = """
@@ -349,7 +349,7 @@ def test_delivery_on_postgresql(
         wh.deliver_due(pg, now=now, http=http)
         wh.deliver_due(pg, now=now + timedelta(seconds=5), http=http)
     assert [r.verified for r in receiver.on("pg")] == [True, True]
-    assert [a["outcome"] for a in wh.list_attempts(pg)][-2:] == ["http_error", "success"]
+    assert [a.outcome for a in wh.list_attempts(pg)][-2:] == ["http_error", "success"]
 
 
 @pytest.mark.postgres

@@ -18,7 +18,7 @@ def pull_in_child(
     batch = pull_batch(
         cp, ids, lake_root=settings.lake_root, run_id=run_id, concurrency=len(ids), full=True
     )
-    limiter = source_limiter(cp.get_source(cp.get_connection(ids[0])["source_id"]))
+    limiter = source_limiter(cp.get_source(cp.get_connection(ids[0]).source_id))
     out.put(
         {
             "limiter": type(limiter).__name__,

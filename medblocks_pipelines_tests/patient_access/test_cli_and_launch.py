@@ -55,14 +55,12 @@ def test_cli_link_sync_refresh_revoke(pa_env: PatientAccessEnv) -> None:
     assert out.exit_code == 0, out.output
     assert "1 connections: {'success': 1}" in out.output
 
-    before = pa_env.cp.get_connection(conn_id)["token_expires_at"]
+    before = pa_env.cp.get_connection(conn_id).token_expires_at
     out = runner.invoke(main, ["connections", "refresh", conn_id, "--tenant", "acme"])
     assert out.exit_code == 0, out.output
-    assert pa_env.cp.get_connection(conn_id)["token_expires_at"] >= before
+    assert pa_env.cp.get_connection(conn_id).token_expires_at >= before
     refreshed = [
-        e["detail"]
-        for e in pa_env.cp.connection_events(conn_id)
-        if e["event_type"] == "token.refreshed"
+        e.detail for e in pa_env.cp.connection_events(conn_id) if e.event_type == "token.refreshed"
     ]
     assert [d["reason"] for d in refreshed] == ["forced"]
 
@@ -143,7 +141,7 @@ def test_ehr_launch_is_the_same_api_with_launch_and_iss(pa_env: PatientAccessEnv
     assert outcome.ok, outcome
     assert outcome.patient == patient
     assert outcome.context.get("fhirUser", "").endswith("Practitioner/dr-1")
-    assert pa_env.cp.get_connection(conn_id)["state"] == "active"
+    assert pa_env.cp.get_connection(conn_id).state == "active"
 
 
 def test_ehr_launch_with_an_unknown_iss_is_refused(pa_env: PatientAccessEnv) -> None:
@@ -162,7 +160,7 @@ def test_ehr_launch_with_an_unknown_iss_is_refused(pa_env: PatientAccessEnv) -> 
             iss="https://attacker.example/fhir",
         )
     assert info.value.reason == "unknown_iss"
-    assert pa_env.cp.get_connection(conn_id)["state"] == "failed"
+    assert pa_env.cp.get_connection(conn_id).state == "failed"
 
 
 def test_demo_helpers_connect_and_refresh_failed(pa_env: PatientAccessEnv) -> None:
@@ -183,7 +181,7 @@ def test_demo_helpers_connect_and_refresh_failed(pa_env: PatientAccessEnv) -> No
     victim, other = outcomes[0].connection_id, outcomes[1].connection_id
     assert victim is not None and other is not None
     assert simulate_portal_revocation(pa_env.sandbox, pa_env.cp, victim) == "refresh_failed"
-    assert pa_env.cp.get_connection(other)["state"] == "active"
+    assert pa_env.cp.get_connection(other).state == "active"
 
 
 def test_sandbox_consent_commands_connect_then_revoke(
@@ -220,7 +218,7 @@ def test_sandbox_consent_commands_connect_then_revoke(
 
     out = runner.invoke(main, ["connections", "refresh", conn_id, "--tenant", "acme"])
     assert out.exit_code == 1, out.output
-    assert pa_env.cp.get_connection(conn_id)["state"] == "refresh_failed"
+    assert pa_env.cp.get_connection(conn_id).state == "refresh_failed"
 
 
 def test_cli_sync_runs_the_dagster_job(
@@ -236,4 +234,4 @@ def test_cli_sync_runs_the_dagster_job(
     out = CliRunner().invoke(main, ["sync", "patient-access", "--tenant", "acme", "--source", sid])
     assert out.exit_code == 0, out.output
     assert "succeeded" in out.output
-    assert pa_env.cp.list_pulls(tenant_id="acme")[0]["connection_id"] == conn_id
+    assert pa_env.cp.list_pulls(tenant_id="acme")[0].connection_id == conn_id

@@ -5,11 +5,12 @@ import pytest
 
 from medblocks_pipelines.lib.errors import ConfigError
 from medblocks_pipelines.lib.smart.tokens import ClientAuth
+from medblocks_pipelines_tests.support.rows import source_row
 
-SOURCE = {
-    "id": "mercy",
-    "config": {"client_id": "patient-app", "clinician_workflow_client_id": "ehr-launch-app"},
-}
+SOURCE = source_row(
+    id="mercy",
+    config={"client_id": "patient-app", "clinician_workflow_client_id": "ehr-launch-app"},
+)
 
 
 @pytest.mark.parametrize(
@@ -26,4 +27,4 @@ def test_client_id_by_pattern(pattern: str | None, expected: str) -> None:
 
 def test_no_client_id_is_a_config_error() -> None:
     with pytest.raises(ConfigError):
-        ClientAuth.from_source({"id": "x", "config": {}}, None, pattern="patient_access")  # type: ignore[arg-type]
+        ClientAuth.from_source(source_row(id="x"), None, pattern="patient_access")  # type: ignore[arg-type]

@@ -50,7 +50,7 @@ def test_authorization_request_follows_the_spec(pa_env: PatientAccessEnv) -> Non
     # state: >= 122 bits of entropy; only its hash is stored, bound to this connection.
     assert len(base64.urlsafe_b64decode(q["state"] + "=" * (-len(q["state"]) % 4))) * 8 >= 122
     assert pa_env.cp.vault.get(state_secret_name(q["state"])) is not None
-    assert q["state"] not in json.dumps(pa_env.cp.get_connection(link.connection_id)["context"])
+    assert q["state"] not in json.dumps(pa_env.cp.get_connection(link.connection_id).context)
     scopes = q["scope"].split()
     assert {"launch/patient", "openid", "fhirUser", "offline_access"} <= set(scopes)
     assert "patient/Observation.rs" in scopes  # the sandbox offers permission-v2
@@ -69,13 +69,13 @@ def test_consent_approved_makes_an_active_connection(pa_env: PatientAccessEnv) -
     assert outcome.status == "active" and outcome.connection_id == conn_id
     assert outcome.final_url.startswith(RETURN_URL)
     conn = pa_env.cp.get_connection(conn_id)
-    assert conn["state"] == "active"
-    assert conn["source_patient_id"] == login.patient_id
-    assert conn["has_refresh_token"] is True
-    assert conn["token_expires_at"] is not None
+    assert conn.state == "active"
+    assert conn.source_patient_id == login.patient_id
+    assert conn.has_refresh_token is True
+    assert conn.token_expires_at is not None
     blob = json.loads(pa_env.cp.vault.get(tokens_secret_name(conn_id)).reveal())
     assert blob["refresh_token"] and blob["access_token"]
-    events = [e["event_type"] for e in pa_env.cp.connection_events(conn_id)]
+    events = [e.event_type for e in pa_env.cp.connection_events(conn_id)]
     assert events == [
         "created",
         "link.created",
@@ -84,11 +84,11 @@ def test_consent_approved_makes_an_active_connection(pa_env: PatientAccessEnv) -
         "token.received",
         "state.active",
     ]
-    received = pa_env.cp.connection_events(conn_id)[4]["detail"]
+    received = pa_env.cp.connection_events(conn_id)[4].detail
     assert received["id_token_verified"] is True
     # No secret material leaked into the registry or events.
     dumped = json.dumps(
-        [conn["context"], [e["detail"] for e in pa_env.cp.connection_events(conn_id)]], default=str
+        [conn.context, [e.detail for e in pa_env.cp.connection_events(conn_id)]], default=str
     )
     assert blob["access_token"] not in dumped and blob["refresh_token"] not in dumped
 
@@ -99,9 +99,9 @@ def test_consent_denied_fails_the_connection(pa_env: PatientAccessEnv) -> None:
     conn_id, outcome = pa_env.connect(sid, pa_env.logins(org)[0], approve=False)
     assert outcome.status == "failed" and outcome.reason == "access_denied"
     conn = pa_env.cp.get_connection(conn_id)
-    assert conn["state"] == "failed" and conn["state_reason"] == "access_denied"
+    assert conn.state == "failed" and conn.state_reason == "access_denied"
     assert pa_env.cp.vault.names(f"conn/{conn_id}/") == []
-    types = [e["type"] for e in pa_env.cp.list_events(tenant_id="acme")]
+    types = [e.type for e in pa_env.cp.list_events(tenant_id="acme")]
     assert "connection.failed" in types
 
 
@@ -115,9 +115,9 @@ def test_patient_narrows_the_grant(pa_env: PatientAccessEnv) -> None:
     )
     assert outcome.status == "active"
     conn = pa_env.cp.get_connection(conn_id)
-    granted = ScopeSet.parse(conn["scopes_granted"])
+    granted = ScopeSet.parse(conn.scopes_granted)
     assert not granted.can_search("Observation") and granted.can_search("Encounter")
-    detail = pa_env.cp.connection_events(conn_id)[4]["detail"]
+    detail = pa_env.cp.connection_events(conn_id)[4].detail
     assert detail["granted_differs"] is True
 
 
@@ -153,13 +153,13 @@ def test_state_mismatch_is_refused_and_the_real_callback_still_works(
         tamper=forge_state,
     )
     assert outcome.status == "refused"
-    assert pa_env.cp.get_connection(link.connection_id)["state"] == "pending"
+    assert pa_env.cp.get_connection(link.connection_id).state == "pending"
     # The genuine callback (same code and state) is then accepted once, and only once.
     first = pa_env.http.get(captured[0])
     assert first.status_code == 302 and "status=active" in first.headers["location"]
     replay = pa_env.http.get(captured[0])
     assert replay.status_code == 400
-    assert pa_env.cp.get_connection(link.connection_id)["state"] == "active"
+    assert pa_env.cp.get_connection(link.connection_id).state == "active"
 
 
 def test_bad_pkce_verifier_fails_the_connection(pa_env: PatientAccessEnv) -> None:
@@ -192,7 +192,7 @@ def test_bad_pkce_verifier_fails_the_connection(pa_env: PatientAccessEnv) -> Non
         tamper=swap_verifier,
     )
     assert outcome.status == "failed" and outcome.reason == "invalid_grant"
-    assert pa_env.cp.get_connection(link.connection_id)["state_reason"] == "invalid_grant"
+    assert pa_env.cp.get_connection(link.connection_id).state_reason == "invalid_grant"
 
 
 def test_expired_code_fails_the_connection(pa_env: PatientAccessEnv) -> None:
@@ -204,7 +204,7 @@ def test_expired_code_fails_the_connection(pa_env: PatientAccessEnv) -> None:
     finally:
         pa_env.sandbox.admin(org.org_id, "config", {"code_lifetime": 60})
     assert outcome.status == "failed" and outcome.reason == "invalid_grant"
-    assert pa_env.cp.get_connection(conn_id)["state"] == "failed"
+    assert pa_env.cp.get_connection(conn_id).state == "failed"
 
 
 def test_v1_scope_syntax_per_source(pa_env: PatientAccessEnv) -> None:
@@ -222,7 +222,7 @@ def test_v1_scope_syntax_per_source(pa_env: PatientAccessEnv) -> None:
     conn_id, outcome = pa_env.connect(sid, pa_env.logins(org)[0])
     assert outcome.status == "active"
     # Granted v1 strings are stored normalised to v2.
-    assert "patient/Observation.rs" in pa_env.cp.get_connection(conn_id)["scopes_granted"]
+    assert "patient/Observation.rs" in pa_env.cp.get_connection(conn_id).scopes_granted
 
 
 def test_confidential_client_secret_basic(pa_env: PatientAccessEnv) -> None:
@@ -247,7 +247,7 @@ def test_confidential_client_private_key_jwt(pa_env: PatientAccessEnv) -> None:
     pa_env.cp.vault.put(f"source/{sid}/signing_key", key.to_json())
     conn_id, outcome = pa_env.connect(sid, pa_env.logins(org)[0])
     assert outcome.status == "active"
-    assert pa_env.cp.connection_events(conn_id)[2]["detail"]["client_auth"] == "private_key_jwt"
+    assert pa_env.cp.connection_events(conn_id)[2].detail["client_auth"] == "private_key_jwt"
 
 
 def test_public_client_refused_where_the_source_wants_a_confidential_one(
@@ -277,7 +277,7 @@ def test_payer_connection(pa_env: PatientAccessEnv) -> None:
     assert "patient/Observation.rs" not in scopes
     conn_id, outcome = pa_env.connect(sid, login)
     assert outcome.status == "active"
-    assert pa_env.cp.get_connection(conn_id)["source_patient_id"] == login.patient_id
+    assert pa_env.cp.get_connection(conn_id).source_patient_id == login.patient_id
 
 
 def test_tenant_link_endpoint(pa_env: PatientAccessEnv) -> None:
@@ -309,7 +309,7 @@ def test_tenant_link_endpoint(pa_env: PatientAccessEnv) -> None:
         http=pa_env.http,
     )
     assert outcome.connection_id == created["connection_id"] and outcome.status == "active"
-    assert pa_env.cp.get_connection(created["connection_id"])["patient_ref"] == "t-42"
+    assert pa_env.cp.get_connection(created["connection_id"]).patient_ref == "t-42"
 
 
 def test_unknown_link_is_refused(pa_env: PatientAccessEnv) -> None:
@@ -394,4 +394,4 @@ def test_tenant_revokes_through_the_api(pa_env: PatientAccessEnv) -> None:
     assert pa_env.http.delete(url).status_code == 401
     resp = pa_env.http.delete(url, headers={"Authorization": f"Bearer {key}"})
     assert resp.status_code == 200 and resp.json()["revoked_at_source"] is True
-    assert pa_env.cp.get_connection(conn_id)["state"] == "revoked"
+    assert pa_env.cp.get_connection(conn_id).state == "revoked"

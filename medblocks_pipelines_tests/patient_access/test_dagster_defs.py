@@ -74,7 +74,7 @@ def test_asset_pulls_a_batch_and_reports_metadata(pa_env: PatientAccessEnv) -> N
         assert meta["failures_by_reason"] == {}
         assert meta["next_due"] != "none"
         # No PHI: nothing but counts, our ids and timestamps.
-        patients = [pa_env.cp.get_connection(i)["source_patient_id"] for i in ids]
+        patients = [pa_env.cp.get_connection(i).source_patient_id for i in ids]
         from dagster import serialize_value
 
         stored = serialize_value(mat)  # every value as the event log stores it (tables included)

@@ -81,7 +81,7 @@ def _quarantine_reasons(env: PatientAccessEnv, conn_id: str) -> list[str]:
 
 def _foreign_rows(env: PatientAccessEnv, org: Any, conn_id: str) -> list[tuple[str, str]]:
     """Landed rows that are in no compartment of this connection's patient (sandbox's view)."""
-    patient = env.cp.get_connection(conn_id)["source_patient_id"]
+    patient = env.cp.get_connection(conn_id).source_patient_id
     store = env.sandbox.org_handles(org.org_id)["store"]
     return [
         (rtype, rid)
@@ -94,7 +94,7 @@ def _foreign_rows(env: PatientAccessEnv, org: Any, conn_id: str) -> list[tuple[s
 
 
 def _truth(env: PatientAccessEnv, org: Any, conn_id: str) -> Counter[str]:
-    patient = env.cp.get_connection(conn_id)["source_patient_id"]
+    patient = env.cp.get_connection(conn_id).source_patient_id
     store = env.sandbox.org_handles(org.org_id)["store"]
     return Counter(r["resourceType"] for r in store.compartment(patient))
 
@@ -129,11 +129,11 @@ def test_next_link_that_drops_the_patient_lands_no_other_patient(
     assert {t: landed[t] for t in SEARCHED} == {t: truth[t] for t in SEARCHED}
     assert res.status == "partial"
     history = pa_env.cp.list_pulls(tenant_id="acme")[0]
-    assert history["status"] == "partial"
-    assert "next_link_lost_parameters" in history["error"]
-    assert history["counts"]["_anomaly:next_link_lost_parameters"] >= 1
+    assert history.status == "partial"
+    assert "next_link_lost_parameters" in history.error
+    assert history.counts["_anomaly:next_link_lost_parameters"] >= 1
     # The note names the URL shape, never a value.
-    patient = pa_env.cp.get_connection(conn_id)["source_patient_id"]
+    patient = pa_env.cp.get_connection(conn_id).source_patient_id
     assert any("_offset" in n for n in res.anomaly_notes)
     assert not any(patient in n for n in res.anomaly_notes)
     assert pa_env.cp.get_watermark(watermark_key(conn_id)) is None
@@ -150,8 +150,8 @@ def test_foreign_entry_in_a_search_page_is_quarantined(
     assert _quarantine_reasons(pa_env, conn_id) == ["outside_patient_compartment: Condition"]
     assert res.status == "partial"
     history = pa_env.cp.list_pulls(tenant_id="acme")[0]
-    assert history["counts"]["_outside_patient_compartment"] == 1
-    assert "quarantined=1" in history["error"]
+    assert history.counts["_outside_patient_compartment"] == 1
+    assert "quarantined=1" in history.error
     # The reason class reaches the warehouse's quarantine table.
     build_warehouse("acme", settings=pa_env.settings, control_plane=pa_env.cp)
     con = duckdb.connect(str(warehouse_path(pa_env.settings, "acme")), read_only=True)
@@ -199,10 +199,10 @@ def test_plain_text_401_on_one_type_is_reported_and_the_rest_lands(
     truth = _truth(pa_env, org, conn_id)
     assert res.counts["Condition"] == truth["Condition"]
     history = pa_env.cp.list_pulls(tenant_id="acme")[0]
-    assert "search_refused" in history["error"]
+    assert "search_refused" in history.error
     # Reported clearly: the type, the status and what the body was.
-    assert "Observation: HTTP 401" in history["error"]
-    assert "text/plain body, not an OperationOutcome" in history["error"]
+    assert "Observation: HTTP 401" in history.error
+    assert "text/plain body, not an OperationOutcome" in history.error
 
 
 def test_cli_shows_the_anomaly_per_connection(pa_env: PatientAccessEnv, fault: Any) -> None:
@@ -220,7 +220,7 @@ def test_cli_shows_the_anomaly_per_connection(pa_env: PatientAccessEnv, fault: A
 
 
 def _revoke(env: PatientAccessEnv, org: Any, sid: str, conn_id: str) -> None:
-    patient = env.cp.get_connection(conn_id)["source_patient_id"]
+    patient = env.cp.get_connection(conn_id).source_patient_id
     env.sandbox.admin(
         org.org_id, "revoke-grant", {"client_id": env.clients[sid], "patient": patient}
     )

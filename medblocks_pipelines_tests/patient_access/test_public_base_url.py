@@ -60,7 +60,7 @@ def test_standalone_connect_completes_through_the_proxy(
             http.close()
         assert outcome.status == "active", outcome
         conn = cp.get_connection(str(outcome.connection_id))
-        assert conn["state"] == "active" and conn["source_patient_id"] == login.patient_id
+        assert conn.state == "active" and conn.source_patient_id == login.patient_id
         assert served.proxy.forwarded >= 3  # link, start and callback all came through the proxy
     finally:
         cp.engine.dispose()

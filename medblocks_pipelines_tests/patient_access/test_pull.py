@@ -75,7 +75,7 @@ def test_pull_lands_the_record_with_provenance(pa_env: PatientAccessEnv) -> None
     rows = lake_rows(pa_env, conn_id)
     assert {(r[2], r[3], r[4], r[5]) for r in rows} == {("patient_access", sid, conn_id, "r1")}
     landed = Counter(r[0] for r in rows)
-    patient = pa_env.cp.get_connection(conn_id)["source_patient_id"]
+    patient = pa_env.cp.get_connection(conn_id).source_patient_id
     expected = truth(pa_env, org, patient)
     for rtype in (
         "Encounter",
@@ -95,10 +95,10 @@ def test_pull_lands_the_record_with_provenance(pa_env: PatientAccessEnv) -> None
     # One row per resource: dedupe within the pull.
     assert len({(r[0], r[1]) for r in rows}) == len(rows)
     history = pa_env.cp.list_pulls(tenant_id="acme")[0]
-    assert history["status"] == "success" and history["connection_id"] == conn_id
-    assert history["counts"]["Observation"] == expected["Observation"]
+    assert history.status == "success" and history.connection_id == conn_id
+    assert history.counts["Observation"] == expected["Observation"]
     assert pa_env.cp.get_watermark(watermark_key(conn_id)) is not None
-    assert pa_env.cp.get_connection(conn_id)["next_pull_due"] is not None
+    assert pa_env.cp.get_connection(conn_id).next_pull_due is not None
 
 
 def test_incremental_pull_uses_last_updated(pa_env: PatientAccessEnv) -> None:
@@ -111,7 +111,7 @@ def test_incremental_pull_uses_last_updated(pa_env: PatientAccessEnv) -> None:
     # Only the Patient read (always fetched) comes back when nothing changed.
     assert {k: v for k, v in second.counts.items() if not k.startswith("_")} == {"Patient": 1}
     # A change at the source is picked up by the next incremental pull.
-    patient = pa_env.cp.get_connection(conn_id)["source_patient_id"]
+    patient = pa_env.cp.get_connection(conn_id).source_patient_id
     store = pa_env.sandbox.org_handles(org.org_id)["store"]
     enc = next(r for r in store.compartment(patient) if r["resourceType"] == "Encounter")
     changed = {
@@ -136,7 +136,7 @@ def test_refresh_rotates_and_never_reuses(pa_env: PatientAccessEnv) -> None:
     assert len(seen) == 3
     grants = [g for g in pa_env.auth(org).grants() if g["client_id"] == pa_env.clients[sid]]
     assert len(grants) == 1 and grants[0]["revoked"] is False  # reuse would have revoked it
-    events = [e["event_type"] for e in pa_env.cp.connection_events(conn_id)]
+    events = [e.event_type for e in pa_env.cp.connection_events(conn_id)]
     assert events.count("token.refreshed") == 3
 
 
@@ -163,7 +163,7 @@ def test_one_refresher_per_grant_across_processes(pa_env: PatientAccessEnv) -> N
     assert sum(m.refreshes for m in managers) == 1
     grants = [g for g in pa_env.auth(org).grants() if g["client_id"] == pa_env.clients[sid]]
     assert grants[0]["revoked"] is False
-    assert pa_env.cp.get_connection(conn_id)["state"] == "active"
+    assert pa_env.cp.get_connection(conn_id).state == "active"
 
 
 def test_refused_refresh_makes_the_connection_refresh_failed(pa_env: PatientAccessEnv) -> None:
@@ -176,11 +176,11 @@ def test_refused_refresh_makes_the_connection_refresh_failed(pa_env: PatientAcce
     res = pull(pa_env, [conn_id]).results[0]
     assert res.status == "failed" and res.error == "refresh_refused"
     conn = pa_env.cp.get_connection(conn_id)
-    assert conn["state"] == "refresh_failed"
-    assert "invalid_grant" in conn["state_reason"]
-    types = [e["type"] for e in pa_env.cp.list_events(tenant_id="acme")]
+    assert conn.state == "refresh_failed"
+    assert "invalid_grant" in conn.state_reason
+    types = [e.type for e in pa_env.cp.list_events(tenant_id="acme")]
     assert "connection.refresh_failed" in types
-    assert pa_env.cp.list_pulls(tenant_id="acme")[0]["status"] == "failed"
+    assert pa_env.cp.list_pulls(tenant_id="acme")[0].status == "failed"
     # Pulls stop for it: the next batch does not touch the source.
     again = pull(pa_env, [conn_id], run_id="r2").results[0]
     assert again.status == "failed" and again.requests == 0
@@ -198,7 +198,7 @@ def test_token_expiry_mid_pull_refreshes_once(pa_env: PatientAccessEnv) -> None:
     # Every token dies after 5 requests: one refresh (with rotation) per 5 requests, no reuse.
     assert res.refreshes >= 1 and res.refreshes == (res.requests - 1) // 6
     assert res.counts == clean.counts
-    assert pa_env.cp.get_connection(conn_id)["state"] == "active"
+    assert pa_env.cp.get_connection(conn_id).state == "active"
 
 
 def test_429_storm_and_transient_faults_lose_nothing(pa_env: PatientAccessEnv) -> None:
@@ -238,7 +238,7 @@ def test_source_supporting_only_some_types(pa_env: PatientAccessEnv) -> None:
         conn_id, outcome = pa_env.connect(sid, login)
         assert outcome.status == "active"
         # Only offered types were asked for.
-        granted = ScopeSet.parse(pa_env.cp.get_connection(conn_id)["scopes_granted"])
+        granted = ScopeSet.parse(pa_env.cp.get_connection(conn_id).scopes_granted)
         assert granted.can_search("Condition") and not granted.can_search("Observation")
         res = pull(pa_env, [conn_id]).results[0]
     assert res.status == "success", res
@@ -300,7 +300,7 @@ def test_paging_loop_stops_that_search_with_an_error(pa_env: PatientAccessEnv) -
     assert res.failures["paging_loop"] >= 1
     assert res.counts["Condition"] >= 1  # the other searches went on
     history = pa_env.cp.list_pulls(tenant_id="acme")[0]
-    assert history["status"] == "partial" and "paging_loop" in history["error"]
+    assert history.status == "partial" and "paging_loop" in history.error
     assert pa_env.cp.get_watermark(watermark_key(conn_id)) is None  # retried in full next time
 
 
@@ -365,14 +365,14 @@ def test_one_failed_connection_does_not_fail_the_batch(pa_env: PatientAccessEnv)
     org = pa_env.org("ehr")
     sid = pa_env.add_source(org)
     ids = connect_n(pa_env, sid, org, 2)
-    victim = pa_env.cp.get_connection(ids[1])["source_patient_id"]
+    victim = pa_env.cp.get_connection(ids[1]).source_patient_id
     pa_env.sandbox.admin(
         org.org_id, "revoke-grant", {"client_id": pa_env.clients[sid], "patient": victim}
     )
     batch = pull(pa_env, ids)
     status = {r.connection_id: r.status for r in batch.results}
     assert status == {ids[0]: "success", ids[1]: "failed"}
-    assert pa_env.cp.get_connection(ids[1])["state"] == "refresh_failed"
+    assert pa_env.cp.get_connection(ids[1]).state == "refresh_failed"
     assert batch.as_metadata()["failures_by_reason"] == {"refresh_refused": 1}
 
 
@@ -411,9 +411,9 @@ def test_revoke_stops_pulls_and_deletes_data(pa_env: PatientAccessEnv) -> None:
     assert result.revoked_at_source is True
     assert lake_rows(pa_env, ids[0]) == []
     assert lake_rows(pa_env, ids[1])  # the other connection keeps its data
-    assert pa_env.cp.get_connection(ids[0])["state"] == "revoked"
+    assert pa_env.cp.get_connection(ids[0]).state == "revoked"
     assert pa_env.cp.vault.names(f"conn/{ids[0]}/") == []
-    patient = pa_env.cp.get_connection(ids[0])["source_patient_id"]
+    patient = pa_env.cp.get_connection(ids[0]).source_patient_id
     grants = [
         g
         for g in pa_env.auth(org).grants()
@@ -450,7 +450,7 @@ def test_payer_pull(pa_env: PatientAccessEnv, kind: str) -> None:
     (conn_id,) = connect_n(pa_env, sid, org, 1)
     res = pull(pa_env, [conn_id]).results[0]
     assert res.status == "success", res
-    patient = pa_env.cp.get_connection(conn_id)["source_patient_id"]
+    patient = pa_env.cp.get_connection(conn_id).source_patient_id
     expected = truth(pa_env, org, patient)
     assert res.counts["ExplanationOfBenefit"] == expected["ExplanationOfBenefit"] > 0
     assert res.counts["Coverage"] == expected["Coverage"] > 0

@@ -52,14 +52,12 @@ def connect_one(env: PatientAccessEnv, org: Any) -> tuple[str, str]:
     sid = env.add_source(org)
     conn_id, outcome = env.connect(sid, env.logins(org)[0])
     assert outcome.status == "active", outcome
-    return conn_id, str(env.cp.get_connection(conn_id)["source_patient_id"])
+    return conn_id, str(env.cp.get_connection(conn_id).source_patient_id)
 
 
 def refresh_events(env: PatientAccessEnv, conn_id: str) -> list[dict[str, Any]]:
     return [
-        e["detail"]
-        for e in env.cp.connection_events(conn_id)
-        if e["event_type"] == "token.refreshed"
+        e.detail for e in env.cp.connection_events(conn_id) if e.event_type == "token.refreshed"
     ]
 
 

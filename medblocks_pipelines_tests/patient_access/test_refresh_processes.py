@@ -40,12 +40,12 @@ def test_one_refresher_across_processes(
         pg.add_tenant("acme", "Acme")
         pg.add_source(
             sid,
-            source["name"],
-            source["vendor"],
-            source["kind"],
-            source["fhir_base_url"],
-            source["patterns"],
-            config=source["config"],
+            source.name,
+            source.vendor,
+            source.kind,
+            source.fhir_base_url,
+            source.patterns,
+            config=source.config,
         )
         pg.create_connection(tenant_id="acme", pattern="patient_access", source_id=sid, id=conn_id)
         pg.transition(conn_id, "active")
@@ -73,7 +73,7 @@ def test_one_refresher_across_processes(
     grants = [g for g in pa_env.auth(org).grants() if g["client_id"] == pa_env.clients[sid]]
     assert grants[0]["revoked"] is False
     # The new token works at the source.
-    patient = pa_env.cp.get_connection(conn_id)["source_patient_id"]
+    patient = pa_env.cp.get_connection(conn_id).source_patient_id
     resp = pa_env.http.get(
         f"{org.fhir_base}/Patient/{patient}",
         headers={"Authorization": f"Bearer {tokens.pop()}", "Accept": "application/fhir+json"},

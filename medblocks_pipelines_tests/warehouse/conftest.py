@@ -15,6 +15,7 @@ from typing import Any
 import duckdb
 import pytest
 
+from medblocks_pipelines.lib.registry.rows import Connection, Pull
 from medblocks_pipelines.lib.settings import Settings, get_settings
 from medblocks_pipelines.lib.warehouse.build import BuildResult, build_warehouse
 from medblocks_pipelines.lib.warehouse.lake import LakeWriter, Provenance
@@ -36,17 +37,17 @@ PURPOSE_OF_ORG = {"riverside-health": "T-TREAT", "valley-medical": "T-PYMNT"}
 class FakeControlPlane:
     """The two control-plane calls a warehouse build makes, with fixed answers."""
 
-    def __init__(self, connections: list[dict[str, Any]] | None = None) -> None:
+    def __init__(self, connections: list[Connection] | None = None) -> None:
         self.connections = connections or []
 
-    def list_pulls(self, tenant_id: str, limit: int = 100_000) -> list[dict[str, Any]]:
+    def list_pulls(self, tenant_id: str, limit: int = 100_000) -> list[Pull]:
         return []
 
-    def list_connections(self, **filters: Any) -> list[dict[str, Any]]:
+    def list_connections(self, **filters: Any) -> list[Connection]:
         return [
             c
             for c in self.connections
-            if all(c.get(k) == v for k, v in filters.items() if v is not None)
+            if all(getattr(c, k) == v for k, v in filters.items() if v is not None)
         ]
 
 

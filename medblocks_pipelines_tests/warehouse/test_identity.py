@@ -304,6 +304,7 @@ def test_identity_step_reads_patient_refs_from_the_control_plane(
     from medblocks_pipelines.lib.settings import get_settings
     from medblocks_pipelines.lib.warehouse.build import build_warehouse
     from medblocks_pipelines.lib.warehouse.lake import LakeWriter, Provenance
+    from medblocks_pipelines_tests.support.rows import connection_row
     from medblocks_pipelines_tests.warehouse.conftest import FakeControlPlane
 
     settings = get_settings(tmp_path_factory.mktemp("refs") / "data")
@@ -317,14 +318,14 @@ def test_identity_step_reads_patient_refs_from_the_control_plane(
             w.add(json.dumps({"resourceType": "Patient", "id": pid, "name": [{"given": [given]}]}))
     cp = FakeControlPlane(
         [
-            {
-                "id": c,
-                "tenant_id": "acme",
-                "pattern": "patient_access",
-                "patient_ref": "user-7",
-                "source_id": s,
-                "source_patient_id": p,
-            }
+            connection_row(
+                id=c,
+                tenant_id="acme",
+                pattern="patient_access",
+                patient_ref="user-7",
+                source_id=s,
+                source_patient_id=p,
+            )
             for c, s, p in (("c1", "portal-a", "1"), ("c2", "portal-b", "9"))
         ]
     )

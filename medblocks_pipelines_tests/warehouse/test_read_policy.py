@@ -20,6 +20,7 @@ from medblocks_pipelines.lib.cds.index import load_snapshot
 from medblocks_pipelines.lib.errors import ConfigError, QueryRefused
 from medblocks_pipelines.lib.ops import exports as ex
 from medblocks_pipelines.lib.registry import ControlPlane, open_control_plane
+from medblocks_pipelines.lib.registry.rows import AuditEntry
 from medblocks_pipelines.lib.settings import Settings
 from medblocks_pipelines.lib.warehouse import read_policy as rp
 from medblocks_pipelines.lib.warehouse.build import build_warehouse, open_warehouse
@@ -76,8 +77,8 @@ def tenant(cp: ControlPlane, settings: Settings) -> Settings:
     return settings
 
 
-def _audits(cp: ControlPlane, action: str) -> list[dict[str, Any]]:
-    return [a for a in cp.list_audit(tenant_id="acme") if a["action"] == action]
+def _audits(cp: ControlPlane, action: str) -> list[AuditEntry]:
+    return [a for a in cp.list_audit(tenant_id="acme") if a.action == action]
 
 
 # -- the policy ------------------------------------------------------------------------------
@@ -229,10 +230,10 @@ def test_cds_index_serves_treatment_rows_only(tenant: Settings, cp: ControlPlane
     assert isinstance(service.indexes, WarehouseIndexes)
     assert service.indexes.for_tenant("acme").current() is not None
     (row,) = _audits(cp, "read.cds")
-    assert row["actor"] == "cds-index" and row["purpose"] == "T-TREAT"
-    assert row["evidence"]["included_by_purpose"] == {"T-TREAT": 1}
-    assert row["evidence"]["excluded_by_purpose"] == {"T-PYMNT": 1}
-    assert row["reason"] == "network_rows_withheld" and row["person_id"] is None
+    assert row.actor == "cds-index" and row.purpose == "T-TREAT"
+    assert row.evidence["included_by_purpose"] == {"T-TREAT": 1}
+    assert row.evidence["excluded_by_purpose"] == {"T-PYMNT": 1}
+    assert row.reason == "network_rows_withheld" and row.person_id is None
 
 
 def _exported(out: Path, dest: str) -> set[str]:
@@ -262,8 +263,8 @@ def test_export_carries_only_its_declared_purpose(
     want = {f"{s}-{x}" for s in {"mercy", *network_sources} for x in ("p1", "c1")}
     assert _exported(out, "dest") == want
     (row,) = _audits(cp, "read.export")
-    assert row["actor"] == "export:dest" and row["purpose"] == purpose
-    ev = row["evidence"]
+    assert row.actor == "export:dest" and row.purpose == purpose
+    ev = row.evidence
     assert sum(ev["included_by_purpose"].values()) == 2 * len(network_sources)
     assert sum(ev["excluded_by_purpose"].values()) == 4 - 2 * len(network_sources)
     if purpose == "T-PYMNT":
@@ -308,7 +309,7 @@ def test_analyst_sees_no_network_rows_by_default(tenant: Settings, cp: ControlPl
     finally:
         con.close()
     (row,) = _audits(cp, "read.analyst")
-    assert row["purpose"] is None and row["evidence"]["excluded_by_purpose"] == {
+    assert row.purpose is None and row.evidence["excluded_by_purpose"] == {
         "T-PYMNT": 2,
         "T-TREAT": 2,
     }
@@ -337,8 +338,8 @@ def test_operator_override_lets_analysts_see_a_purpose(
         con.close()
     assert rows == [("mercy",), ("net-pay",)]
     (row,) = _audits(cp, "read.analyst")
-    assert row["evidence"]["policy_origin"] == "override"
-    assert row["evidence"]["included_by_purpose"] == {"T-PYMNT": 2}
+    assert row.evidence["policy_origin"] == "override"
+    assert row.evidence["included_by_purpose"] == {"T-PYMNT": 2}
 
 
 def test_network_rows_cannot_land_without_purpose_and_query(settings: Settings) -> None:

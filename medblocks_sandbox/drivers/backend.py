@@ -31,9 +31,9 @@ def setup_sandbox_backend(
     keys = KeyStore(cp.vault)
     if not keys.all():
         keys.generate("ES384")
-    if not any(t["id"] == tenant for t in cp.list_tenants()):
+    if not any(t.id == tenant for t in cp.list_tenants()):
         cp.add_tenant(tenant, tenant.title())
-    sources = {s["fhir_base_url"]: s for s in cp.list_sources()}
+    sources = {s.fhir_base_url: s for s in cp.list_sources()}
     out: dict[str, str] = {}
     for org_id in org_ids:
         endpoint = handle.org(org_id)
@@ -85,18 +85,16 @@ def setup_sandbox_backend(
                 extra,
             )
         else:
-            source_id = src["id"]
+            source_id = src.id
             cp.update_source(
                 source_id,
-                patterns=sorted({*(src.get("patterns") or []), "backend"}),
-                config={**(src.get("config") or {}), **extra},
+                patterns=sorted({*(src.patterns or []), "backend"}),
+                config={**(src.config or {}), **extra},
             )
         org_cfg = {"group_id": "backend-cohort", **({"cadence": cadence} if cadence else {})}
-        existing = {o["id"]: o for o in cp.list_organizations()}
+        existing = {o.id: o for o in cp.list_organizations()}
         if org_id in existing:
-            cp.update_organization(
-                org_id, config={**(existing[org_id].get("config") or {}), **org_cfg}
-            )
+            cp.update_organization(org_id, config={**(existing[org_id].config or {}), **org_cfg})
         else:
             cp.add_organization(org_id, tenant, source_id, endpoint.name, org_cfg)
         out[org_id] = source_id

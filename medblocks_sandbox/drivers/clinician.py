@@ -41,10 +41,10 @@ def setup_clinician_org(
     )
     source_id = None
     for s in cp.list_sources():
-        if str(s.get("fhir_base_url") or "").rstrip(
+        if str(s.fhir_base_url or "").rstrip(
             "/"
-        ) == endpoint.fhir_base and "clinician_workflow" in (s.get("patterns") or []):
-            source_id = s["id"]
+        ) == endpoint.fhir_base and "clinician_workflow" in (s.patterns or []):
+            source_id = s.id
     if source_id is None:
         source_id = f"{org}-cw"
         cp.add_source(
@@ -61,11 +61,11 @@ def setup_clinician_org(
         src = cp.get_source(source_id)
         cp.update_source(
             source_id,
-            config={**(src.get("config") or {}), "clinician_workflow_client_id": client_id},
+            config={**(src.config or {}), "clinician_workflow_client_id": client_id},
         )
     cds_cfg = {"iss": cds_client.iss, "jwks_url": cds_client.jwks_url}
     org_id = next(
-        (o["id"] for o in cp.list_organizations(tenant_id=tenant) if o["source_id"] == source_id),
+        (o.id for o in cp.list_organizations(tenant_id=tenant) if o.source_id == source_id),
         None,
     )
     if org_id is None:
@@ -78,7 +78,7 @@ def setup_clinician_org(
         cp.add_organization(org_id, tenant, source_id, endpoint.name, config={"cds": cds_cfg})
     else:
         existing = cp.get_organization(org_id)
-        cp.update_organization(org_id, config={**(existing.get("config") or {}), "cds": cds_cfg})
+        cp.update_organization(org_id, config={**(existing.config or {}), "cds": cds_cfg})
     return {"source_id": source_id, "organization_id": org_id, "client_id": client_id}
 
 

@@ -5,15 +5,18 @@ with the product's own code).
 
 import contextlib
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from medblocks_sandbox.consent_browser import ConsentOutcome, connect_via_consent_page
 
+if TYPE_CHECKING:
+    from medblocks_pipelines.lib.registry import ControlPlane
+
 
 def connect_patients(
-    cp: Any,
+    cp: "ControlPlane",
     *,
     tenant_id: str,
     source_id: str,
@@ -52,7 +55,7 @@ def connect_patients(
     return out
 
 
-def simulate_portal_revocation(sandbox: Any, cp: Any, connection_id: str) -> str:
+def simulate_portal_revocation(sandbox: Any, cp: "ControlPlane", connection_id: str) -> str:
     """Demo helper: the patient revokes our app in the sandbox portal; we find out on refresh.
 
     Revokes the connection's grant at the sandbox (admin API, as the portal would), then asks for a
@@ -64,16 +67,17 @@ def simulate_portal_revocation(sandbox: Any, cp: Any, connection_id: str) -> str
     from medblocks_pipelines.lib.smart.tokens import TokenManager
 
     conn = cp.get_connection(connection_id)
-    source = cp.get_source(conn["source_id"])
-    org = next(o for o in sandbox.orgs if o.fhir_base == source["fhir_base_url"].rstrip("/"))
+    source = cp.get_source(conn.source_id)
+    base = (source.fhir_base_url or "").rstrip("/")
+    org = next(o for o in sandbox.orgs if o.fhir_base == base)
     sandbox.admin(
         org.org_id,
         "revoke-grant",
-        {"client_id": source["config"]["client_id"], "patient": conn["source_patient_id"]},
+        {"client_id": source.config["client_id"], "patient": conn.source_patient_id},
     )
     with httpx.Client(timeout=20.0) as http:
         manager = TokenManager(cp, connection_id, http=http)
         # Expected to raise: the refresh is refused and the connection moves to refresh_failed.
         with contextlib.suppress(AuthError):
             manager.force_refresh()
-    return str(cp.get_connection(connection_id)["state"])
+    return str(cp.get_connection(connection_id).state)

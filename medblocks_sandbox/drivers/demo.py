@@ -277,13 +277,14 @@ def patient_access(state: DemoState, *, patients: int = 4) -> None:
     table = Table(title="patient access: consents through the portal")
     for col in ("connection", "source", "state", "resources pulled"):
         table.add_column(col)
-    pulls = {p["connection_id"]: p for p in state.cp.list_pulls(tenant_id=TENANT, limit=1000)}
+    pulls = {p.connection_id: p for p in state.cp.list_pulls(tenant_id=TENANT, limit=1000)}
     for o in outcomes:
         if not o.connection_id:
             continue
         conn = state.cp.get_connection(o.connection_id)
-        pulled = sum((pulls.get(o.connection_id) or {}).get("counts", {}).values())
-        table.add_row(o.connection_id, conn["source_id"], conn["state"], str(pulled))
+        pull = pulls.get(o.connection_id)
+        pulled = sum(pull.counts.values()) if pull else 0
+        table.add_row(o.connection_id, conn.source_id, conn.state, str(pulled))
     state.console.print(table)
     if revoked_state:
         state.console.print(
@@ -511,8 +512,8 @@ def summary(state: DemoState) -> None:
                 + ", ".join(f"{r[0]} via {'+'.join(r[2])}" for r in rows[:3])
                 + ")"
             )
-    queries = [a for a in state.cp.list_audit(tenant_id=TENANT) if a["action"] == "network.query"]
-    refused = [a for a in queries if a["decision"] == "refused"]
+    queries = [a for a in state.cp.list_audit(tenant_id=TENANT) if a.action == "network.query"]
+    refused = [a for a in queries if a.decision == "refused"]
     state.console.print(
         f"network audit log: {len(queries)} queries, {len(refused)} refused "
         f"(`medblocks audit list --tenant {TENANT}`)"

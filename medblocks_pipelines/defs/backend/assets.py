@@ -110,7 +110,7 @@ def _kicked_off_by_cli(
     row = platform.control_plane.get_bulk_export(config.export_id)
     if not config.reused:
         platform.control_plane.update_bulk_export(config.export_id, run_id=run_id)
-    return KickoffResult(config.export_id, config.reused, row.get("since"), tuple(config.warnings))
+    return KickoffResult(config.export_id, config.reused, row.since, tuple(config.warnings))
 
 
 @dg.asset(
@@ -154,7 +154,7 @@ def bulk_resources(
                 f"no export in flight for {context.partition_key}",
                 hint="materialize backend/bulk_export first",
             )
-        export_id = row["id"]
+        export_id = row.id
     report = land_export(cp, platform.settings, export_id, run_id=context.run_id)
     for warning in report.warnings:
         context.log.warning(warning)

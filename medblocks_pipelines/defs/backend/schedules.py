@@ -46,25 +46,25 @@ def backend_cadence_schedule(
     cp = platform.control_plane
     now = context.scheduled_execution_time
     start = now - timedelta(minutes=TICK_MINUTES)
-    sources = {s["id"]: s for s in cp.list_sources()}
+    sources = {s.id: s for s in cp.list_sources()}
     requests = []
     for org in cp.list_organizations():
-        src = sources.get(org["source_id"])
-        if src is None or "backend" not in (src.get("patterns") or []):
+        src = sources.get(org.source_id)
+        if src is None or "backend" not in (src.patterns or []):
             continue
-        cron = (org.get("config") or {}).get("cadence") or DEFAULT_CADENCE
+        cron = (org.config or {}).get("cadence") or DEFAULT_CADENCE
         if not croniter.is_valid(cron):
-            context.log.warning(f"organization {org['id']} has an invalid cadence; skipped")
+            context.log.warning(f"organization {org.id} has an invalid cadence; skipped")
             continue
         for fire in fires_between(cron, start, now):
-            key = partition_key(org["tenant_id"], org["id"])
+            key = partition_key(org.tenant_id, org.id)
             requests.append(
                 dg.RunRequest(
                     run_key=f"{key}:{fire.isoformat()}",
                     partition_key=key,
                     tags={
-                        "medblocks/tenant": org["tenant_id"],
-                        "medblocks/source": org["source_id"],
+                        "medblocks/tenant": org.tenant_id,
+                        "medblocks/source": org.source_id,
                     },
                 )
             )

@@ -53,56 +53,54 @@ def backend_bulk_export_sensor(
     polled = failed = 0
     due = due_exports(cp, limit=MAX_POLLS_PER_TICK)
     # An export of the demo's sandbox, stopped since: nothing answers; leave it be (not failed).
-    stopped = stopped_sandbox_sources(cp, {str(r["source_id"]) for r in due})
+    stopped = stopped_sandbox_sources(cp, {str(r.source_id) for r in due})
     for row in due:
-        if row["source_id"] in stopped:
+        if row.source_id in stopped:
             continue
         try:
-            st = poll_export(cp, row["id"])
+            st = poll_export(cp, row.id)
         except (NotFound, ConfigError) as exc:
             # The organization or its config is gone: this export can never land. Record it
             # (one bad row must not stall every other export's polling).
-            cp.update_bulk_export(row["id"], status="failed", error=f"config: {exc}"[:500])
-            context.log.warning(f"export {row['id']} abandoned: {exc}")
+            cp.update_bulk_export(row.id, status="failed", error=f"config: {exc}"[:500])
+            context.log.warning(f"export {row.id} abandoned: {exc}")
             failed += 1
             continue
         polled += 1
         if st.state == "expired":
             # Abandoned (recorded with an event); the next scheduled kick-off starts anew.
             failed += 1
-            context.log.warning(f"export {row['id']} expired at the source; abandoned")
+            context.log.warning(f"export {row.id} expired at the source; abandoned")
         if st.state == "failed":
             failed += 1
-            context.log.warning(f"export {row['id']} failed at the source (HTTP {st.http_status})")
+            context.log.warning(f"export {row.id} failed at the source (HTTP {st.http_status})")
     ready = cp.list_bulk_exports(status="ready")
     requests = []
     for row in ready:
-        if not row.get("organization_id"):
+        if not row.organization_id:
             continue
         attempt = 0
-        if row["id"] in launched:
+        if row.id in launched:
             # Launched before and back to `ready`: its land run failed or died (crash recovery
             # puts the export back). Land it again, a bounded number of times.
-            attempt = _failed_land_attempts(context.instance, row["id"])
+            attempt = _failed_land_attempts(context.instance, row.id)
             if attempt == 0 or attempt >= MAX_LAND_ATTEMPTS:
                 continue
         requests.append(
             dg.RunRequest(
-                run_key=f"land:{row['id']}" + (f":{attempt}" if attempt else ""),
-                partition_key=partition_key(row["tenant_id"], row["organization_id"]),
-                run_config={
-                    "ops": {"backend__bulk_resources": {"config": {"export_id": row["id"]}}}
-                },
+                run_key=f"land:{row.id}" + (f":{attempt}" if attempt else ""),
+                partition_key=partition_key(row.tenant_id, row.organization_id),
+                run_config={"ops": {"backend__bulk_resources": {"config": {"export_id": row.id}}}},
                 tags={
-                    "medblocks/tenant": row["tenant_id"],
-                    "medblocks/source": row["source_id"],
-                    "medblocks/export": row["id"],
+                    "medblocks/tenant": row.tenant_id,
+                    "medblocks/source": row.source_id,
+                    "medblocks/export": row.id,
                 },
             )
         )
     requests = without_stopped_sandboxes(context, cp, requests)
     # Keep only ids still waiting to land, so the cursor stays small.
-    waiting = {r["id"] for r in cp.list_bulk_exports(status=("ready", "downloading"))}
+    waiting = {r.id for r in cp.list_bulk_exports(status=("ready", "downloading"))}
     cursor = json.dumps(
         sorted((set(launched) | {r.tags["medblocks/export"] for r in requests}) & waiting)
     )

@@ -49,7 +49,7 @@ def clinician_workflow_records(
     tenant, org = split_partition_key(context.partition_key)
     cp = platform.control_plane
     active = {
-        c["id"]
+        c.id
         for c in cp.list_connections(
             tenant_id=tenant, pattern=PATTERN, state="active", organization_id=org
         )

@@ -18,12 +18,13 @@ from medblocks_pipelines.defs.shared.sandbox_guard import without_stopped_sandbo
 from medblocks_pipelines.lib.cds.launch import LAUNCH_EVENT, PATTERN
 from medblocks_pipelines.lib.partitions import partition_key
 from medblocks_pipelines.lib.registry.outbox import OutboxCursor, read_new_events
+from medblocks_pipelines.lib.registry.rows import Event
 
 DEDUPE_SECONDS = 600
 
 
 def plan_syncs(
-    events: list[dict], *, recent: dict[str, float], now: float, patient_of: dict[str, str | None]
+    events: list[Event], *, recent: dict[str, float], now: float, patient_of: dict[str, str | None]
 ) -> tuple[dict[tuple[str, str], list[str]], dict[str, float], int]:
     """Group launch events by (tenant, org), dropping repeats of a patient within the window.
 
@@ -34,19 +35,19 @@ def plan_syncs(
     plan: dict[tuple[str, str], list[str]] = {}
     deduped = 0
     for ev in events:
-        payload = ev.get("payload") or {}
-        if ev.get("type") != LAUNCH_EVENT or payload.get("pattern") != PATTERN:
+        payload = ev.payload
+        if ev.type != LAUNCH_EVENT or payload.get("pattern") != PATTERN:
             continue
         cid, org = payload.get("connection_id"), payload.get("organization_id")
         patient = patient_of.get(cid) if cid else None
         if not cid or not org or not patient:
             continue
-        key = f"{ev['tenant_id']}|{org}|{patient}"
+        key = f"{ev.tenant_id}|{org}|{patient}"
         if key in recent:
             deduped += 1
             continue
         recent[key] = now
-        plan.setdefault((ev["tenant_id"], org), []).append(cid)
+        plan.setdefault((ev.tenant_id, org), []).append(cid)
     return plan, recent, deduped
 
 
@@ -64,12 +65,12 @@ def clinician_launch_sensor(
     """Read launch events after the cursor and request one sync run per tenant.org."""
     cp = platform.control_plane
     rows, after = read_new_events(cp, OutboxCursor.parse(context.cursor))
-    launches = [r for r in rows if r["type"] == LAUNCH_EVENT]
+    launches = [r for r in rows if r.type == LAUNCH_EVENT]
     patient_of = {}
     for ev in launches:
-        cid = (ev.get("payload") or {}).get("connection_id")
+        cid = (ev.payload or {}).get("connection_id")
         if cid:
-            patient_of[cid] = cp.get_connection(cid).get("source_patient_id")
+            patient_of[cid] = cp.get_connection(cid).source_patient_id
     plan, recent, deduped = plan_syncs(
         launches, recent=after.extra.get("recent", {}), now=time.time(), patient_of=patient_of
     )
@@ -80,9 +81,9 @@ def clinician_launch_sensor(
             skip_reason=f"no new launches ({deduped} deduplicated)", cursor=cursor
         )
     source_of = {
-        (ev["tenant_id"], (ev.get("payload") or {}).get("organization_id")): (
-            ev.get("payload") or {}
-        ).get("source_id")
+        (ev.tenant_id, (ev.payload or {}).get("organization_id")): (ev.payload or {}).get(
+            "source_id"
+        )
         for ev in launches
     }
     requests = []

@@ -76,7 +76,7 @@ def network_query_results(
     tally = _Tally()
     session = None
     if config.transport != "ihe" and config.persons:
-        tsettings = cp.get_tenant(tenant).get("settings") or {}
+        tsettings = cp.get_tenant(tenant).settings or {}
         # One UDAP session per run: registrations and tokens reused across persons.
         session = open_session(cp, facilitated_config(cp, network, tsettings))
     common = {

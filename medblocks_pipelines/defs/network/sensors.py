@@ -47,7 +47,7 @@ def network_relationship_sensor(
     new_cursor = json.dumps(
         {"event": event_cursor, "conn": conn_cursor.isoformat() if conn_cursor else None}
     )
-    tenants = {t["id"]: t for t in cp.list_tenants()}
+    tenants = {t.id: t for t in cp.list_tenants()}
     existing = set(context.instance.get_dynamic_partitions("network_scopes"))
     requests = []
     for tenant_id, persons in sorted(found.items()):

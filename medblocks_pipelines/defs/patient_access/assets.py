@@ -54,7 +54,7 @@ def patient_access_records(
     tenant, source = split_partition_key(context.partition_key)
     cp = platform.control_plane
     active = {
-        c["id"]
+        c.id
         for c in cp.list_connections(
             tenant_id=tenant, pattern=PATTERN, state="active", source_id=source
         )
@@ -85,7 +85,7 @@ def patient_access_records(
     remaining = cp.list_connections(
         tenant_id=tenant, pattern=PATTERN, state="active", source_id=source
     )
-    due_times = [c["next_pull_due"] for c in remaining if c.get("next_pull_due")]
+    due_times = [c.next_pull_due for c in remaining if c.next_pull_due]
     next_due = min(due_times) if due_times else None
     metadata: dict[str, dg.RawMetadataValue] = {
         "connections_pulled": meta.get("connections_pulled", 0),

@@ -31,10 +31,7 @@ def patient_access_due_schedule(
     cp = platform.control_plane
     now = datetime.now(UTC)
     pairs = sorted(
-        {
-            (c["tenant_id"], c["source_id"])
-            for c in cp.list_connections(pattern=PATTERN, state="active")
-        }
+        {(c.tenant_id, c.source_id) for c in cp.list_connections(pattern=PATTERN, state="active")}
     )
     stamp = now.strftime("%Y%m%dT%H%M%S")
     requests = []

@@ -15,16 +15,15 @@ from medblocks_pipelines.defs.shared.sandbox_guard import without_stopped_sandbo
 from medblocks_pipelines.lib.fhir.pull import PATTERN, refresh_failed_connections
 from medblocks_pipelines.lib.partitions import partition_key
 from medblocks_pipelines.lib.registry.outbox import OutboxCursor, read_new_events
+from medblocks_pipelines.lib.registry.rows import Event
 
 #: Connections per run request: a run pulls a batch, never one run per patient.
 BATCH = 200
 
 
-def _events(platform: PlatformResource, cursor: str | None, type_: str) -> tuple[list[dict], str]:
+def _events(platform: PlatformResource, cursor: str | None, type_: str) -> tuple[list[Event], str]:
     rows, after = read_new_events(platform.control_plane, OutboxCursor.parse(cursor))
-    picked = [
-        r for r in rows if r["type"] == type_ and (r.get("payload") or {}).get("pattern") == PATTERN
-    ]
+    picked = [r for r in rows if r.type == type_ and (r.payload or {}).get("pattern") == PATTERN]
     return picked, after.dump()
 
 
@@ -43,8 +42,8 @@ def patient_access_new_connections_sensor(
     events, last = _events(platform, context.cursor, "connection.activated")
     by_partition: dict[tuple[str, str], list[str]] = {}
     for ev in events:
-        payload = ev["payload"]
-        by_partition.setdefault((ev["tenant_id"], payload["source_id"]), []).append(
+        payload = ev.payload
+        by_partition.setdefault((ev.tenant_id, payload["source_id"]), []).append(
             payload["connection_id"]
         )
     requests: list[dg.RunRequest] = []
@@ -92,7 +91,7 @@ def patient_access_refresh_failed_sensor(
 ) -> dg.SensorResult:
     """Read ``connection.refresh_failed`` events and emit a failed check per tenant.source."""
     events, last = _events(platform, context.cursor, "connection.refresh_failed")
-    partitions = sorted({(ev["tenant_id"], ev["payload"]["source_id"]) for ev in events})
+    partitions = sorted({(ev.tenant_id, ev.payload["source_id"]) for ev in events})
     evaluations: list[dg.AssetCheckEvaluation] = []
     for tenant, source in partitions:
         failed = refresh_failed_connections(

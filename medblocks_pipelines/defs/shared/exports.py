@@ -37,17 +37,17 @@ def tenant_exports(
     totals = {"exported": 0, "deleted": 0, "bytes": 0}
     for dest in list_destinations(cp, tenant_id=tenant, enabled_only=True):
         try:
-            res = run_export(cp, platform.settings, dest["id"], run_id=context.run_id)
+            res = run_export(cp, platform.settings, dest.id, run_id=context.run_id)
         except ExportError as exc:
-            failed.append(dest["id"])
-            context.log.error(f"export {dest['id']} failed: {exc}")
-            rows.append(f"| {dest['id']} | {dest['kind']} | failed | - | - | - |")
+            failed.append(dest.id)
+            context.log.error(f"export {dest.id} failed: {exc}")
+            rows.append(f"| {dest.id} | {dest.kind} | failed | - | - | - |")
             continue
         totals["exported"] += res.exported
         totals["deleted"] += res.deleted
         totals["bytes"] += res.bytes
         rows.append(
-            f"| {dest['id']} | {dest['kind']} | {res.mode} #{res.seq} | {res.exported} | "
+            f"| {dest.id} | {dest.kind} | {res.mode} #{res.seq} | {res.exported} | "
             f"{res.deleted} | {res.duration_s:.1f}s |"
         )
     summary = "\n".join(
@@ -102,7 +102,7 @@ def exports_after_warehouse_sensor(
     if not records:
         return dg.SensorResult(skip_reason="no new warehouse builds")
     with_destinations = {
-        d["tenant_id"] for d in list_destinations(platform.control_plane, enabled_only=True)
+        d.tenant_id for d in list_destinations(platform.control_plane, enabled_only=True)
     }
     requests: dict[str, dg.RunRequest] = {}
     for record in records:

@@ -38,11 +38,11 @@ def ndjson_import(
     pull_id = cp.start_pull(
         tenant_id=tenant,
         pattern="backend",
-        source_id=org["source_id"],
+        source_id=org.source_id,
         organization_id=org_id,
         run_id=context.run_id,
     )
-    prov = Provenance(tenant, "backend", org["source_id"], org_id, None, context.run_id)
+    prov = Provenance(tenant, "backend", org.source_id, org_id, None, context.run_id)
     try:
         with LakeWriter(platform.settings.lake, prov) as writer:
             files = import_ndjson_folder(Path(config.path), writer)

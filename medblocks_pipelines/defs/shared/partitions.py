@@ -32,27 +32,27 @@ ALL_DYNAMIC = (
 
 def desired_partition_keys(cp: ControlPlane) -> dict[str, set[str]]:
     """Every partition key the registry implies, by partitions-definition name."""
-    sources = {s["id"]: s for s in cp.list_sources()}
+    sources = {s.id: s for s in cp.list_sources()}
     out: dict[str, set[str]] = {d.name: set() for d in ALL_DYNAMIC if d.name}
     tenants = cp.list_tenants()
     for tenant in tenants:
-        out["tenants"].add(partition_key(tenant["id"]))
-        pa_sources: Iterable[str] = tenant["settings"].get("patient_access_sources") or [
-            s["id"] for s in sources.values() if "patient_access" in s["patterns"]
+        out["tenants"].add(partition_key(tenant.id))
+        pa_sources: Iterable[str] = tenant.settings.get("patient_access_sources") or [
+            s.id for s in sources.values() if "patient_access" in s.patterns
         ]
         for sid in pa_sources:
             if sid in sources:
-                out["patient_access_sources"].add(partition_key(tenant["id"], sid))
-        net_sources: Iterable[str] = tenant["settings"].get("networks") or [
-            s["id"] for s in sources.values() if s["kind"] == "network"
+                out["patient_access_sources"].add(partition_key(tenant.id, sid))
+        net_sources: Iterable[str] = tenant.settings.get("networks") or [
+            s.id for s in sources.values() if s.kind == "network"
         ]
         for sid in net_sources:
             if sid in sources:
-                out["network_scopes"].add(partition_key(tenant["id"], sid))
+                out["network_scopes"].add(partition_key(tenant.id, sid))
     for org in cp.list_organizations():
-        patterns = sources[org["source_id"]]["patterns"] if org["source_id"] in sources else []
+        patterns = sources[org.source_id].patterns if org.source_id in sources else []
         if "backend" in patterns:
-            out["backend_orgs"].add(partition_key(org["tenant_id"], org["id"]))
+            out["backend_orgs"].add(partition_key(org.tenant_id, org.id))
         if "clinician_workflow" in patterns:
-            out["clinician_orgs"].add(partition_key(org["tenant_id"], org["id"]))
+            out["clinician_orgs"].add(partition_key(org.tenant_id, org.id))
     return out

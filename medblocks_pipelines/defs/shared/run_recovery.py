@@ -28,13 +28,16 @@ CLI run or sensor).
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dagster as dg
 
 from medblocks_pipelines.lib.runs import leftovers
 from medblocks_pipelines.lib.runs.process import is_alive, this_host
 from medblocks_pipelines.lib.settings import Settings, Tuning
+
+if TYPE_CHECKING:
+    from medblocks_pipelines.lib.registry import ControlPlane
 
 LAUNCHED_BY_TAG = "medblocks/launched_by"
 HOST_TAG = "medblocks/host"
@@ -134,7 +137,7 @@ def _run_outcome(instance: dg.DagsterInstance, dead: set[str]) -> Any:
 
 
 def recover(
-    instance: dg.DagsterInstance, *, control_plane: Any, settings: Settings, repair: bool
+    instance: dg.DagsterInstance, *, control_plane: "ControlPlane", settings: Settings, repair: bool
 ) -> RecoveryReport:
     """Find (and with ``repair``, clear) what dead runs left: see the module docstring."""
     dead = dead_runs(instance)

@@ -5,25 +5,28 @@ covers every pattern's sensor and schedule.
 """
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING
 
 import dagster as dg
 
 from medblocks_pipelines.lib.registry.sandbox_sources import is_stopped_sandbox
 
+if TYPE_CHECKING:
+    from medblocks_pipelines.lib.registry import ControlPlane
+
 SOURCE_TAG = "medblocks/source"
 
 
-def stopped_sandbox_sources(cp: Any, source_ids: set[str]) -> set[str]:
+def stopped_sandbox_sources(cp: "ControlPlane", source_ids: set[str]) -> set[str]:
     """Which of ``source_ids`` are sources of a stopped demo sandbox."""
     if not source_ids:
         return set()
-    return {s["id"] for s in cp.list_sources() if s["id"] in source_ids and is_stopped_sandbox(s)}
+    return {s.id for s in cp.list_sources() if s.id in source_ids and is_stopped_sandbox(s)}
 
 
 def without_stopped_sandboxes(
     context: dg.SensorEvaluationContext | dg.ScheduleEvaluationContext,
-    cp: Any,
+    cp: "ControlPlane",
     requests: Sequence[dg.RunRequest],
 ) -> list[dg.RunRequest]:
     """``requests`` minus those whose source is a stopped sandbox; logs what it skipped."""

@@ -111,6 +111,12 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def _clean_card(doc: dict[str, Any]) -> dict[str, Any]:
+    """:func:`_clean` of a card (a JSON object stays a JSON object)."""
+    cleaned: dict[str, Any] = _clean(doc)
+    return cleaned
+
+
 def _name(fact: Mapping[str, Any]) -> str:
     return str(fact.get("display") or fact.get("text") or fact.get("code") or "unnamed item")
 
@@ -240,7 +246,7 @@ def beyond_this_ehr(facts: Sequence[Mapping[str, Any]], ctx: CardContext) -> dic
         elif f.get("value_text"):
             value = f" = {f['value_text']}"
         lines.append(f"- {_md(_name(f) + value)} ({_md(str(f['kind']))}); {provenance(f, ctx)}")
-    return _clean(
+    return _clean_card(
         {
             "uuid": _uuid(ctx, "beyond_this_ehr", str(len(outside))),
             "summary": summary[:139],
@@ -331,7 +337,7 @@ def a1c_overdue(facts: Sequence[Mapping[str, Any]], ctx: CardContext) -> dict[st
         },
         "subject": {"reference": f"Patient/{ctx.patient_id}"},
     }
-    return _clean(
+    return _clean_card(
         {
             "uuid": _uuid(ctx, "a1c_overdue", last_day.isoformat() if last_day else "never"),
             "summary": summary[:139],
@@ -431,7 +437,7 @@ def duplicate_order(
     value = ""
     if f.get("value_num") is not None:
         value = f" Result: {f['value_num']:g} {f.get('value_unit') or ''}".rstrip() + "."
-    return _clean(
+    return _clean_card(
         {
             "uuid": _uuid(ctx, "duplicate_order", ref, when.isoformat()),
             "summary": (summary if len(summary) < 140 else summary[:136] + "..."),

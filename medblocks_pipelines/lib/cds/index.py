@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import duckdb
 import polars as pl
@@ -44,6 +44,9 @@ from medblocks_pipelines.lib.warehouse.read_policy import (
     load_read_policy,
     read_counts,
 )
+
+if TYPE_CHECKING:
+    from medblocks_pipelines.lib.registry import ControlPlane
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +178,7 @@ class Snapshot:
         return self.facts.slice(rng[0], rng[1]).to_dicts()
 
 
-def audit_index_read(cp: Any, tenant: str, snap: Snapshot) -> int | None:
+def audit_index_read(cp: "ControlPlane", tenant: str, snap: Snapshot) -> int | None:
     """One audit row for an index load that met purpose-restricted (network) rows."""
     if snap.read is None:
         return None

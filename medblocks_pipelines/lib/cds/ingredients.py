@@ -78,7 +78,8 @@ class TerminologyClient:
     def _get(self, op: str, params: dict[str, str]) -> dict[str, Any] | None:
         key = (op, "&".join(f"{k}={v}" for k, v in sorted(params.items())))
         if key in self._cache:
-            return self._cache[key]
+            cached: dict[str, Any] | None = self._cache[key]
+            return cached
         try:
             resp = self.http.get(
                 f"{self.base_url}/{op}",

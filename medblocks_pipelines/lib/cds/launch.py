@@ -20,6 +20,7 @@ import httpx
 
 from medblocks_pipelines.lib.errors import LaunchError
 from medblocks_pipelines.lib.registry import ControlPlane
+from medblocks_pipelines.lib.registry.rows import Organization
 from medblocks_pipelines.lib.smart.launch import (
     AuthorizationRequest,
     begin_authorization,
@@ -30,17 +31,17 @@ PATTERN = "clinician_workflow"
 LAUNCH_EVENT = "clinician.launch"
 
 
-def organization_for_iss(cp: ControlPlane, iss: str) -> dict[str, Any]:
+def organization_for_iss(cp: ControlPlane, iss: str) -> Organization:
     """The one organization that allow-lists ``iss`` for EHR launch (LaunchError otherwise)."""
     wanted = iss.rstrip("/")
-    sources = {s["id"]: s for s in cp.list_sources()}
+    sources = {s.id: s for s in cp.list_sources()}
     found = []
     for org in cp.list_organizations():
-        src = sources.get(org["source_id"])
-        if src is None or PATTERN not in (src.get("patterns") or []):
+        src = sources.get(org.source_id)
+        if src is None or PATTERN not in (src.patterns or []):
             continue
-        allowed = {str(src.get("fhir_base_url") or "").rstrip("/")}
-        extra = ((org.get("config") or {}).get("ehr_launch") or {}).get("iss") or []
+        allowed = {str(src.fhir_base_url or "").rstrip("/")}
+        extra = ((org.config or {}).get("ehr_launch") or {}).get("iss") or []
         allowed.update(str(x).rstrip("/") for x in extra)
         if wanted in allowed:
             found.append(org)
@@ -63,19 +64,19 @@ def start_ehr_launch(
     if not launch or len(launch) > 2048:
         raise LaunchError("launch is required", reason="invalid_request")
     org = organization_for_iss(cp, iss)
-    source = cp.get_source(org["source_id"])
+    source = cp.get_source(org.source_id)
     conn_id = cp.create_connection(
-        tenant_id=org["tenant_id"],
+        tenant_id=org.tenant_id,
         pattern=PATTERN,
-        source_id=org["source_id"],
-        organization_id=org["id"],
+        source_id=org.source_id,
+        organization_id=org.id,
         context={
             "launch_kind": "ehr",
             "app_session_sha256": hashlib.sha256(session_binding.encode()).hexdigest(),
         },
     )
-    cp.record_event(conn_id, "ehr.launch_received", {"organization_id": org["id"]})
-    scopes = ((org.get("config") or {}).get("ehr_launch") or {}).get("scopes")
+    cp.record_event(conn_id, "ehr.launch_received", {"organization_id": org.id})
+    scopes = ((org.config or {}).get("ehr_launch") or {}).get("scopes")
     # begin_authorization checks iss against the source's FHIR base too, and adds `launch`.
     return begin_authorization(
         cp,
@@ -83,7 +84,7 @@ def start_ehr_launch(
         redirect_uri=redirect_uri,
         http=http,
         launch=launch,
-        iss=str(source["fhir_base_url"]),
+        iss=str(source.fhir_base_url),
         scopes=scopes,
         session_binding=session_binding,
     )
@@ -117,7 +118,7 @@ def finish_ehr_launch(
         raise LaunchError("the callback matches no launch", reason="state_mismatch")
     conn_id: str = outcome.connection_id
     conn = cp.get_connection(conn_id)
-    if conn["pattern"] != PATTERN:
+    if conn.pattern != PATTERN:
         raise LaunchError("this callback is not an EHR launch", reason="state_mismatch")
     if not outcome.ok:
         return EhrLaunchResult(conn_id, False, outcome.reason)
@@ -139,27 +140,27 @@ def finish_ehr_launch(
         },
     )
     cp.emit_event(
-        conn["tenant_id"],
+        conn.tenant_id,
         LAUNCH_EVENT,
         {
             "connection_id": conn_id,
             "pattern": PATTERN,
-            "source_id": conn["source_id"],
-            "organization_id": conn["organization_id"],
+            "source_id": conn.source_id,
+            "organization_id": conn.organization_id,
             "at": now.isoformat(),
         },
     )
     if patient:
         from medblocks_pipelines.lib.network.evidence import record_relationship_event
 
-        person = person_of(conn["tenant_id"], conn["source_id"], patient) if person_of else None
+        person = person_of(conn.tenant_id, conn.source_id, patient) if person_of else None
         record_relationship_event(
             cp,
-            tenant=conn["tenant_id"],
-            person=person or f"{conn['source_id']}/Patient/{patient}",
+            tenant=conn.tenant_id,
+            person=person or f"{conn.source_id}/Patient/{patient}",
             kind="ehr_launch",
             ref=f"ehr_launch:{conn_id}",
-            organization=conn["organization_id"],
+            organization=conn.organization_id,
             at=now,
             detail={
                 "connection_id": conn_id,

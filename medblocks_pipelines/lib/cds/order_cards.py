@@ -18,7 +18,7 @@ from typing import Any
 
 from medblocks_pipelines.lib.cds.cards import (
     CardContext,
-    _clean,
+    _clean_card,
     _delete_suggestion,
     _elsewhere,
     _links,
@@ -49,7 +49,7 @@ def _allergy_card(
             f"The drafted medication is in the same class ({_md(hit.group.name)}) as a recorded "
             f"allergy.\n\n{knowledge_line(hit.pack, hit.group.id)}"
         )
-    return _clean(
+    return _clean_card(
         {
             "uuid": _uuid(ctx, "allergy", ref, str(f["fact_id"])),
             "summary": summary[:139],
@@ -74,7 +74,7 @@ def _interaction_card(
     f: Mapping[str, Any], ref: str, ctx: CardContext, hit: InteractionHit
 ) -> dict[str, Any]:
     inter = hit.interaction
-    return _clean(
+    return _clean_card(
         {
             "uuid": _uuid(ctx, "interaction", ref, str(f["fact_id"]), hit.pack.id, inter.id),
             "summary": f"Interaction with {_name(f)} prescribed elsewhere"[:139],
@@ -90,7 +90,7 @@ def _interaction_card(
 
 
 def _unchecked_card(ref: str, ctx: CardContext) -> dict[str, Any]:
-    return _clean(
+    return _clean_card(
         {
             "uuid": _uuid(ctx, "unchecked", ref),
             "summary": "Allergy and interaction checks not run: medication not identified",

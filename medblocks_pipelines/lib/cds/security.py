@@ -27,13 +27,17 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import jwt
 
 from medblocks_pipelines.lib.cds.jti_store import JtiStore, SqlJtiStore, open_jti_store
 from medblocks_pipelines.lib.errors import CdsRequestError
+from medblocks_pipelines.lib.registry.rows import Organization
+
+if TYPE_CHECKING:
+    from medblocks_pipelines.lib.registry import ControlPlane
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +88,7 @@ class CdsAuthenticator:
 
     def __init__(
         self,
-        cp: Any,
+        cp: "ControlPlane",
         *,
         http: httpx.Client | None = None,
         clock: Callable[[], float] = time.time,
@@ -95,7 +99,7 @@ class CdsAuthenticator:
         self.http = http or httpx.Client(timeout=5.0)
         self.clock = clock
         self._lock = threading.Lock()
-        self._orgs: tuple[float, list[dict[str, Any]]] | None = None
+        self._orgs: tuple[float, list[Organization]] | None = None
         self._jwks: dict[str, tuple[float, jwt.PyJWKSet]] = {}
         self._last_refetch: dict[str, float] = {}
         # Inline JWKS parsed once per organization record (the org cache hands out new dicts
@@ -103,35 +107,31 @@ class CdsAuthenticator:
         self._inline: dict[str, tuple[Any, jwt.PyJWKSet]] = {}
 
     # -- registry -------------------------------------------------------------------------------
-    def _organizations(self, *, max_age: float = ORG_CACHE_TTL) -> list[dict[str, Any]]:
+    def _organizations(self, *, max_age: float = ORG_CACHE_TTL) -> list[Organization]:
         now = time.monotonic()
         cached = self._orgs
         if cached is not None and now - cached[0] < max_age:
             return cached[1]
-        orgs = [o for o in self.cp.list_organizations() if (o.get("config") or {}).get("cds")]
+        orgs = [o for o in self.cp.list_organizations() if (o.config or {}).get("cds")]
         self._orgs = (now, orgs)
         return orgs
 
-    def _matches(
-        self, orgs: list[dict[str, Any]], iss: str, tenant_claim: Any
-    ) -> list[dict[str, Any]]:
+    def _matches(self, orgs: list[Organization], iss: str, tenant_claim: Any) -> list[Organization]:
         matches = [
             o
             for o in orgs
-            if str((o["config"]["cds"] or {}).get("iss", "")).rstrip("/") == iss.rstrip("/")
+            if str((o.config["cds"] or {}).get("iss", "")).rstrip("/") == iss.rstrip("/")
         ]
         if len(matches) > 1:
             # One issuer for several organizations (a vendor cloud): the `tenant` claim picks one.
             if not isinstance(tenant_claim, str) or not tenant_claim:
                 return []
             matches = [
-                o
-                for o in matches
-                if tenant_claim in (o["id"], (o["config"]["cds"] or {}).get("tenant"))
+                o for o in matches if tenant_claim in (o.id, (o.config["cds"] or {}).get("tenant"))
             ]
         return matches
 
-    def organization_for(self, iss: str, tenant_claim: Any) -> dict[str, Any]:
+    def organization_for(self, iss: str, tenant_claim: Any) -> Organization:
         """The one organization allow-listing ``iss`` (``tenant`` claim picks among several)."""
         matches = self._matches(self._organizations(), iss, tenant_claim)
         if len(matches) != 1:
@@ -157,8 +157,8 @@ class CdsAuthenticator:
             self._jwks[url] = (time.monotonic(), keyset)
         return keyset
 
-    def _key(self, org: dict[str, Any], header: Mapping[str, Any]) -> Any:
-        cfg = org["config"]["cds"]
+    def _key(self, org: Organization, header: Mapping[str, Any]) -> Any:
+        cfg = org.config["cds"]
         kid = header["kid"]
         jku = header.get("jku")
         if jku is not None:
@@ -174,14 +174,14 @@ class CdsAuthenticator:
             inline = cfg.get("jwks")
             if not inline:
                 raise _refuse("no keys are configured for this issuer", "no_keys")
-            cached_inline = self._inline.get(org["id"])
+            cached_inline = self._inline.get(org.id)
             if cached_inline is not None and cached_inline[0] is inline:
                 return self._pick(cached_inline[1], kid)
             try:
                 keyset = jwt.PyJWKSet.from_dict(inline)
             except jwt.PyJWTError as exc:
                 raise _refuse("the configured JWKS is not valid", "no_keys") from exc
-            self._inline[org["id"]] = (inline, keyset)
+            self._inline[org.id] = (inline, keyset)
             return self._pick(keyset, kid)
         now = time.monotonic()
         cached = self._jwks.get(url)
@@ -234,11 +234,11 @@ class CdsAuthenticator:
             self._audit_refusal(org, exc.reason)
             raise
 
-    def _audit_refusal(self, org: Mapping[str, Any], reason: str) -> None:
+    def _audit_refusal(self, org: Organization, reason: str) -> None:
         try:
             self.cp.audit(
-                tenant_id=org["tenant_id"],
-                actor=f"cds:{org['id']}",
+                tenant_id=org.tenant_id,
+                actor=f"cds:{org.id}",
                 action="cds.authenticate",
                 decision="refused",
                 reason=reason,
@@ -248,7 +248,7 @@ class CdsAuthenticator:
 
     def _verify_for(
         self,
-        org: dict[str, Any],
+        org: Organization,
         token: str,
         header: Mapping[str, Any],
         alg: str,
@@ -298,9 +298,9 @@ class CdsAuthenticator:
         if not new:
             raise _refuse("the JWT jti was already used", "replayed_jti")
         return CdsClient(
-            organization_id=org["id"],
-            tenant_id=org["tenant_id"],
-            source_id=org["source_id"],
+            organization_id=org.id,
+            tenant_id=org.tenant_id,
+            source_id=org.source_id,
             iss=iss,
             claims=claims,
         )

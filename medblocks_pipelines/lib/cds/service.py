@@ -21,7 +21,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from datetime import UTC, date, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import sqlalchemy as sa
@@ -35,6 +35,9 @@ from medblocks_pipelines.lib.cds.knowledge import KnowledgeBase, knowledge_from_
 from medblocks_pipelines.lib.cds.security import CdsAuthenticator, CdsClient
 from medblocks_pipelines.lib.cds.tables import cds_feedback
 from medblocks_pipelines.lib.errors import CdsRequestError
+
+if TYPE_CHECKING:
+    from medblocks_pipelines.lib.registry import ControlPlane
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +124,7 @@ class CdsService:
 
     def __init__(
         self,
-        cp: Any,
+        cp: "ControlPlane",
         *,
         public_base_url: str,
         warehouse_path_of: Callable[[str], Any],
@@ -163,11 +166,7 @@ class CdsService:
         names: a worker does this at startup, before it accepts calls, so the first hook calls
         after a deploy neither wait for a load nor answer without the warehouse."""
         tenants = sorted(
-            {
-                str(o["tenant_id"])
-                for o in self.cp.list_organizations()
-                if (o.get("config") or {}).get("cds")
-            }
+            {str(o.tenant_id) for o in self.cp.list_organizations() if (o.config or {}).get("cds")}
         )
         self._registry_names()
         for tenant in tenants:
@@ -205,10 +204,10 @@ class CdsService:
             sources = self.cp.list_sources()
             orgs = self.cp.list_organizations()
             names = {
-                "source_names": {s["id"]: s["name"] for s in sources},
-                "source_kinds": {s["id"]: s["kind"] for s in sources},
-                "source_bases": {s["id"]: s.get("fhir_base_url") for s in sources},
-                "organization_names": {o["id"]: o["name"] for o in orgs},
+                "source_names": {s.id: s.name for s in sources},
+                "source_kinds": {s.id: s.kind for s in sources},
+                "source_bases": {s.id: s.fhir_base_url for s in sources},
+                "organization_names": {o.id: o.name for o in orgs},
             }
             self._names = (now, names)
         return names

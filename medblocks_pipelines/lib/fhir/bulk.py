@@ -282,7 +282,7 @@ class BulkClient:
             location = resp.headers.get("content-location")
             if not location:
                 raise ProtocolError("bulk kick-off answered 202 without Content-Location")
-            return urljoin(url, location)
+            return urljoin(url, str(location))
         if resp.status_code == 429 or resp.status_code >= 500:
             raise TransientError(
                 f"bulk kick-off: HTTP {resp.status_code}",

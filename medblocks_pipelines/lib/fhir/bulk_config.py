@@ -20,6 +20,7 @@ from medblocks_pipelines.lib.fhir.bulk import (
     client_profile,
 )
 from medblocks_pipelines.lib.registry import ControlPlane
+from medblocks_pipelines.lib.registry.rows import BulkExport
 from medblocks_pipelines.lib.registry.schema import BULK_IN_FLIGHT
 from medblocks_pipelines.lib.settings import Settings
 from medblocks_pipelines.lib.smart.backend import BackendAuth
@@ -50,21 +51,28 @@ class OrgConfig:
     cadence: str | None
 
 
+def export_org(row: BulkExport) -> str:
+    """The organization a backend export belongs to (the column is nullable for other patterns)."""
+    if row.organization_id is None:
+        raise ConfigError(f"export {row.id} has no organization; it is not a backend export")
+    return row.organization_id
+
+
 def org_config(
     cp: ControlPlane, tenant: str, org_id: str, *, public_jwks_url: str | None = None
 ) -> OrgConfig:
     """Read and check an organization's backend settings from the registry."""
     org = cp.get_organization(org_id)
-    if org["tenant_id"] != tenant:
+    if org.tenant_id != tenant:
         raise NotFound(f"organization {org_id} does not belong to tenant {tenant}")
-    src = cp.get_source(org["source_id"])
-    if "backend" not in (src.get("patterns") or []):
-        raise ConfigError(f"source {src['id']} is not enabled for the backend pattern")
-    scfg: dict[str, Any] = dict(src.get("config") or {})
-    ocfg: dict[str, Any] = dict(org.get("config") or {})
-    base = src.get("fhir_base_url")
+    src = cp.get_source(org.source_id)
+    if "backend" not in (src.patterns or []):
+        raise ConfigError(f"source {src.id} is not enabled for the backend pattern")
+    scfg: dict[str, Any] = dict(src.config or {})
+    ocfg: dict[str, Any] = dict(org.config or {})
+    base = src.fhir_base_url
     if not base:
-        raise ConfigError(f"source {src['id']} has no FHIR base URL")
+        raise ConfigError(f"source {src.id} has no FHIR base URL")
     # backend_* keys win: a source shared with patient access has its own client_id there.
     client_id = ocfg.get("client_id") or scfg.get("backend_client_id") or scfg.get("client_id")
     if not client_id:
@@ -72,7 +80,7 @@ def org_config(
             f"no backend client_id for organization {org_id}",
             hint="set client_id in the source or organization config",
         )
-    profile = client_profile(src.get("vendor"))
+    profile = client_profile(src.vendor)
     jku: str | None = None
     want_jku = scfg.get("jku", profile.needs_jwks_url)
     if isinstance(want_jku, str) and want_jku.startswith("http"):
@@ -86,7 +94,7 @@ def org_config(
         )
         if not jku:
             raise ConfigError(
-                f"source {src['id']} needs our JWKS URL (jku)",
+                f"source {src.id} needs our JWKS URL (jku)",
                 hint="set jwks_url in the source config",
             )
     group_id = ocfg.get("group_id")
@@ -108,8 +116,8 @@ def org_config(
     return OrgConfig(
         tenant=tenant,
         org_id=org_id,
-        source_id=src["id"],
-        vendor=str(src.get("vendor") or "generic"),
+        source_id=src.id,
+        vendor=str(src.vendor or "generic"),
         fhir_base_url=base,
         client_id=str(client_id),
         scope=str(
@@ -172,8 +180,8 @@ def backend_connection(cp: ControlPlane, cfg: OrgConfig) -> str:
     for conn in cp.list_connections(
         tenant_id=cfg.tenant, pattern=PATTERN, organization_id=cfg.org_id
     ):
-        if conn["state"] in ("pending", "active"):
-            return str(conn["id"])
+        if conn.state in ("pending", "active"):
+            return str(conn.id)
     return cp.create_connection(
         tenant_id=cfg.tenant,
         pattern=PATTERN,
@@ -185,5 +193,5 @@ def backend_connection(cp: ControlPlane, cfg: OrgConfig) -> str:
 
 def activate_connection(cp: ControlPlane, connection_id: str) -> None:
     """Mark the backend connection active once a token was issued for it."""
-    if cp.get_connection(connection_id)["state"] == "pending":
+    if cp.get_connection(connection_id).state == "pending":
         cp.transition(connection_id, "active", reason="backend token issued")

@@ -39,6 +39,7 @@ from medblocks_pipelines.lib.fhir.bulk import (
 from medblocks_pipelines.lib.fhir.bulk_config import (
     PATTERN,
     OrgConfig,
+    export_org,
     make_client,
     make_http,
     org_config,
@@ -49,6 +50,7 @@ from medblocks_pipelines.lib.fhir.bulk_files import (
     strip_block_headers,
 )
 from medblocks_pipelines.lib.registry import ControlPlane
+from medblocks_pipelines.lib.registry.rows import BulkExport
 from medblocks_pipelines.lib.settings import Settings
 from medblocks_pipelines.lib.warehouse.lake import LakeWriter, Provenance
 
@@ -156,17 +158,15 @@ def land_export(
     """
     started = time.monotonic()
     row = cp.get_bulk_export(export_id)
-    if row["status"] == "completed":
-        report = SyncReport(
-            export_id, watermark=row.get("transaction_time"), since=row.get("since")
-        )
+    if row.status == "completed":
+        report = SyncReport(export_id, watermark=row.transaction_time, since=row.since)
         report.warnings.append("export already landed; nothing to do")
         return report
-    if row["status"] in ("failed", "cancelled", "expired"):
-        raise ProtocolError(f"export {export_id} is {row['status']}; kick off a new one")
-    if row["status"] == "starting" or not row.get("polling_url"):
+    if row.status in ("failed", "cancelled", "expired"):
+        raise ProtocolError(f"export {export_id} is {row.status}; kick off a new one")
+    if row.status == "starting" or not row.polling_url:
         raise TransientError(f"export {export_id} is not kicked off yet")
-    tenant, org_id = row["tenant_id"], row["organization_id"]
+    tenant, org_id = row.tenant_id, export_org(row)
     cfg = org_config(cp, tenant, org_id)
     own = http is None
     http = http or make_http()
@@ -175,16 +175,16 @@ def land_export(
         pattern=PATTERN,
         source_id=cfg.source_id,
         organization_id=org_id,
-        connection_id=row.get("connection_id"),
+        connection_id=row.connection_id,
         run_id=run_id,
     )
-    report = SyncReport(export_id, since=row.get("since"))
+    report = SyncReport(export_id, since=row.since)
     try:
         client = make_client(cp, cfg, http, **(client_kwargs or {}))
         manifest, gone = _current_manifest(cp, client, row)
         cp.update_bulk_export(export_id, status="downloading", run_id=run_id)
         report.expected_by_type = manifest.expected_counts
-        prov = Provenance(tenant, PATTERN, cfg.source_id, org_id, row.get("connection_id"), run_id)
+        prov = Provenance(tenant, PATTERN, cfg.source_id, org_id, row.connection_id, run_id)
         work = settings.data_dir / "bulk_work" / export_id / run_id[:12]
         errors_dir = settings.data_dir / "bulk_errors" / export_id
         with LakeWriter(settings.lake, prov) as writer:
@@ -201,7 +201,7 @@ def land_export(
         report.tokens_fetched = client.auth.tokens_fetched if client.auth else 0
         _advance_watermarks(cp, row, manifest, report)
         if delete_when_done:
-            client.delete(row["polling_url"])
+            client.delete(row.polling_url)
         shutil.rmtree(work, ignore_errors=True)
         report.duration_s = time.monotonic() - started
         _record_completion(cp, row, manifest, report, pull_id)
@@ -247,17 +247,17 @@ def _summarise(report: SyncReport, writer: LakeWriter) -> None:
 
 
 def _advance_watermarks(
-    cp: ControlPlane, row: dict[str, Any], manifest: Manifest, report: SyncReport
+    cp: ControlPlane, row: BulkExport, manifest: Manifest, report: SyncReport
 ) -> None:
     """Move the watermark over what was delivered; hold back the types that failed."""
-    tenant, org_id = row["tenant_id"], row["organization_id"]
-    request = row.get("request") or {}
+    tenant, org_id = row.tenant_id, export_org(row)
+    request = row.request or {}
     moved = wm.advance(
         cp,
         tenant,
         org_id,
         transaction_time=manifest.transaction_time,
-        export_since=row.get("since"),
+        export_since=row.since,
         requested_types=request.get("types") or (),
         failed_types=report.failed_types,
         unnamed_errors=report.unnamed_errors,
@@ -278,7 +278,7 @@ def _advance_watermarks(
         tenant,
         "backend.export.partial",
         {
-            "export_id": row["id"],
+            "export_id": row.id,
             "organization_id": org_id,
             "missing_types": list(moved.missing_types),
             "watermark_held_back": moved.held_back,
@@ -289,10 +289,10 @@ def _advance_watermarks(
 
 
 def _record_completion(
-    cp: ControlPlane, row: dict[str, Any], manifest: Manifest, report: SyncReport, pull_id: Any
+    cp: ControlPlane, row: BulkExport, manifest: Manifest, report: SyncReport, pull_id: Any
 ) -> None:
     counts = {
-        **{k: v for k, v in (row.get("counts") or {}).items() if k.startswith("_")},
+        **{k: v for k, v in (row.counts or {}).items() if k.startswith("_")},
         "landed": report.landed,
         "quarantined": report.quarantined,
         "deleted": report.deleted,
@@ -301,7 +301,7 @@ def _record_completion(
         "missing_types": report.missing_types,
     }
     cp.update_bulk_export(
-        row["id"],
+        row.id,
         status="completed",
         counts=counts,
         transaction_time=manifest.transaction_time,
@@ -320,46 +320,48 @@ def _record_completion(
             "_quarantined": report.quarantined,
         },
     )
-    if row.get("connection_id"):
-        cp.update_connection(row["connection_id"], last_pull_at=datetime.now(UTC))
+    if row.connection_id:
+        cp.update_connection(row.connection_id, last_pull_at=datetime.now(UTC))
 
 
-def abandon_expired(cp: ControlPlane, row: dict[str, Any], reason: str) -> None:
+def abandon_expired(cp: ControlPlane, row: BulkExport, reason: str) -> None:
     """Record that the server no longer has the export (status ``expired`` + an outbox event);
     the watermark is untouched, so the next kick-off asks for the same data again."""
-    cp.update_bulk_export(row["id"], status="expired", error=reason[:500])
+    cp.update_bulk_export(row.id, status="expired", error=reason[:500])
     cp.emit_event(
-        row["tenant_id"],
+        row.tenant_id,
         "backend.export.expired",
         {
-            "export_id": row["id"],
-            "organization_id": row.get("organization_id"),
+            "export_id": row.id,
+            "organization_id": row.organization_id,
             "reason": reason[:200],
-            "since": row.get("since"),
+            "since": row.since,
         },
     )
 
 
 def _current_manifest(
-    cp: ControlPlane, client: BulkClient, row: dict[str, Any]
+    cp: ControlPlane, client: BulkClient, row: BulkExport
 ) -> tuple[Manifest, int]:
     """The manifest, and the status code if the server no longer knows the export (else 0)."""
     # Ask again: file URLs (presigned ones especially) may have changed or expired since the
     # sensor saw the manifest. Fall back to the stored manifest if the server no longer answers
     # (its files then tell whether the export is gone: 404/410 -> ExportExpired).
-    st = client.status(row["polling_url"])
+    if not row.polling_url:  # checked by land_export; typed here
+        raise TransientError(f"export {row.id} is not kicked off yet")
+    st = client.status(row.polling_url)
     if st.state == "complete":
         manifest = parse_manifest(st.manifest)
         cp.update_bulk_export(
-            row["id"], manifest=manifest.raw, transaction_time=manifest.transaction_time
+            row.id, manifest=manifest.raw, transaction_time=manifest.transaction_time
         )
         return manifest, 0
-    if st.state == "expired" and row.get("manifest") is None:
+    if st.state == "expired" and row.manifest is None:
         raise ExportExpired("the status URL", st.http_status)
-    if st.state == "failed" and row.get("manifest") is None:
+    if st.state == "failed" and row.manifest is None:
         raise ExportFailed(st.http_status, list(st.issue_codes))
-    if row.get("manifest") is not None:
-        return parse_manifest(row["manifest"]), st.http_status if st.state == "expired" else 0
+    if row.manifest is not None:
+        return parse_manifest(row.manifest), st.http_status if st.state == "expired" else 0
     raise TransientError("the export is not complete yet", retry_after=st.retry_after)
 
 

@@ -11,6 +11,7 @@ from medblocks_pipelines.lib.fhir import bulk_watermarks as wm
 from medblocks_pipelines.lib.fhir.bulk import parse_manifest
 from medblocks_pipelines.lib.fhir.bulk_config import IN_FLIGHT
 from medblocks_pipelines.lib.registry import ControlPlane
+from medblocks_pipelines.lib.registry.rows import BulkExport
 
 
 @dataclass
@@ -44,24 +45,24 @@ class OrgBulkStatus:
     export: ExportView | None
 
 
-def _view(row: dict[str, Any]) -> ExportView:
-    counts = row.get("counts") or {}
+def _view(row: BulkExport) -> ExportView:
+    counts = row.counts or {}
     view = ExportView(
-        export_id=row["id"],
-        status=row["status"],
-        in_flight=row["status"] in IN_FLIGHT,
-        kicked_off_at=row["kicked_off_at"].isoformat(timespec="seconds"),
-        since=row.get("since"),
-        transaction_time=row.get("transaction_time"),
+        export_id=row.id,
+        status=row.status,
+        in_flight=row.status in IN_FLIGHT,
+        kicked_off_at=row.kicked_off_at.isoformat(timespec="seconds"),
+        since=row.since,
+        transaction_time=row.transaction_time,
         polls=int(counts.get("_polls", 0)),
         progress=counts.get("_progress"),
-        error=row.get("error"),
-        request={k: v for k, v in (row.get("request") or {}).items() if v not in (None, [], False)},
+        error=row.error,
+        request={k: v for k, v in (row.request or {}).items() if v not in (None, [], False)},
         landed=counts.get("landed"),
         missing_types=list(counts.get("missing_types") or []),
     )
-    if row.get("manifest"):
-        manifest = parse_manifest(row["manifest"])
+    if row.manifest:
+        manifest = parse_manifest(row.manifest)
         view.files = dict(Counter(i.kind for i in manifest.items))
         view.manifest_counts = manifest.expected_counts
     return view
@@ -70,7 +71,7 @@ def _view(row: dict[str, Any]) -> ExportView:
 def org_bulk_status(cp: ControlPlane, tenant: str, org_id: str) -> OrgBulkStatus:
     """The in-flight export of the organization, else its most recent one."""
     rows = cp.list_bulk_exports(tenant_id=tenant, organization_id=org_id)
-    flying = [r for r in rows if r["status"] in IN_FLIGHT]
+    flying = [r for r in rows if r.status in IN_FLIGHT]
     chosen = flying or rows
     row = chosen[-1] if chosen else None
     return OrgBulkStatus(

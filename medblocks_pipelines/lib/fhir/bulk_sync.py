@@ -19,7 +19,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 import httpx
 
@@ -45,6 +44,7 @@ from medblocks_pipelines.lib.fhir.bulk_config import (
     OrgConfig,
     activate_connection,
     backend_connection,
+    export_org,
     make_client,
     make_http,
     org_config,
@@ -57,6 +57,7 @@ from medblocks_pipelines.lib.fhir.bulk_land import (
 )
 from medblocks_pipelines.lib.fhir.bulk_watermarks import watermark_key
 from medblocks_pipelines.lib.registry import ControlPlane
+from medblocks_pipelines.lib.registry.rows import BulkExport
 from medblocks_pipelines.lib.settings import Settings
 
 __all__ = [
@@ -88,7 +89,7 @@ class KickoffResult:
     warnings: tuple[str, ...] = ()
 
 
-def in_flight_export(cp: ControlPlane, tenant: str, org_id: str) -> dict[str, Any] | None:
+def in_flight_export(cp: ControlPlane, tenant: str, org_id: str) -> BulkExport | None:
     """The organization's export that is kicked off but not yet landed, if any."""
     rows = cp.list_bulk_exports(status=IN_FLIGHT, tenant_id=tenant, organization_id=org_id)
     return rows[-1] if rows else None
@@ -120,15 +121,15 @@ def kickoff_export(
     """
     existing = in_flight_export(cp, tenant, org_id)
     if existing is not None and _stale_start(existing):
-        cp.update_bulk_export(existing["id"], status="failed", error="kick-off never answered")
+        cp.update_bulk_export(existing.id, status="failed", error="kick-off never answered")
         existing = None
     if existing is not None and not full:
-        return KickoffResult(existing["id"], True, existing.get("since"))
+        return KickoffResult(existing.id, True, existing.since)
     cfg = org_config(cp, tenant, org_id, public_jwks_url=public_jwks_url)
     if full:
         wm.clear(cp, tenant, org_id)
         if existing is not None:
-            cancel_export(cp, existing["id"], http=http)
+            cancel_export(cp, existing.id, http=http)
     since = wm.effective_since(cp, tenant, org_id)
     req, warnings = adapt_request(
         replace(cfg.request, since=since, patients=patients or cfg.request.patients),
@@ -154,7 +155,7 @@ def kickoff_export(
             winner = in_flight_export(cp, tenant, org_id)
             if winner is None:
                 raise TransientError("a concurrent kick-off of this organization ended; try again")
-            return KickoffResult(winner["id"], True, winner.get("since"))
+            return KickoffResult(winner.id, True, winner.since)
         try:
             polling_url = make_client(cp, cfg, http).kickoff(req)
         except BaseException:
@@ -168,10 +169,10 @@ def kickoff_export(
     return KickoffResult(export_id, False, since, tuple(warnings))
 
 
-def _stale_start(row: dict[str, Any]) -> bool:
-    started = row.get("kicked_off_at")
+def _stale_start(row: BulkExport) -> bool:
+    started = row.kicked_off_at
     return (
-        row["status"] == "starting"
+        row.status == "starting"
         and started is not None
         and datetime.now(UTC) - started > STALE_START
     )
@@ -183,7 +184,7 @@ def set_since(cp: ControlPlane, tenant: str, org_id: str, since: str | None) -> 
     ``since`` must be a FHIR instant with a time zone (``2026-01-01T00:00:00Z``).
     """
     org = cp.get_organization(org_id)
-    if org["tenant_id"] != tenant:
+    if org.tenant_id != tenant:
         raise NotFound(f"organization {org_id} does not belong to tenant {tenant}")
     if since is not None:
         try:
@@ -202,9 +203,9 @@ def cancel_export(cp: ControlPlane, export_id: str, *, http: httpx.Client | None
     own = http is None
     http = http or make_http()
     try:
-        if row.get("polling_url"):  # a reservation whose kick-off never answered has none
-            cfg = org_config(cp, row["tenant_id"], row["organization_id"])
-            make_client(cp, cfg, http).delete(row["polling_url"])
+        if row.polling_url:  # a reservation whose kick-off never answered has none
+            cfg = org_config(cp, row.tenant_id, export_org(row))
+            make_client(cp, cfg, http).delete(row.polling_url)
     except (ProtocolError, ConfigError):
         pass  # the server may have dropped it already; our record still ends here
     finally:
@@ -226,20 +227,20 @@ def poll_export(
 ) -> ExportStatus:
     """Poll an export once and record the answer: ready (manifest saved), failed, or next poll."""
     row = cp.get_bulk_export(export_id)
-    if row["status"] == "starting" or not row.get("polling_url"):
+    if row.status == "starting" or not row.polling_url:
         # Reserved by a kick-off still waiting for the server's answer.
         return ExportStatus("in_progress", min_wait, "kick-off in progress")
-    cfg = org_config(cp, row["tenant_id"], row["organization_id"])
+    cfg = org_config(cp, row.tenant_id, export_org(row))
     own = http is None
     http = http or make_http()
     try:
         client = make_client(cp, cfg, http, min_wait=min_wait, max_wait=max_wait)
-        st = client.status(row["polling_url"])
+        st = client.status(row.polling_url)
     finally:
         if own:
             http.close()
-    polls = int((row.get("counts") or {}).get("_polls", 0)) + 1
-    counts = {**(row.get("counts") or {}), "_polls": polls}
+    polls = int((row.counts or {}).get("_polls", 0)) + 1
+    counts = {**(row.counts or {}), "_polls": polls}
     if st.progress:
         counts["_progress"] = st.progress[:100]
     if st.state == "complete":
@@ -271,12 +272,12 @@ def poll_export(
 
 def due_exports(
     cp: ControlPlane, *, now: datetime | None = None, limit: int = 50
-) -> list[dict[str, Any]]:
+) -> list[BulkExport]:
     """Kicked-off exports whose next poll time has come, oldest first."""
     now = now or datetime.now(UTC)
     out = []
     for row in cp.list_bulk_exports(status="kicked_off"):
-        when = row.get("next_poll_at")
+        when = row.next_poll_at
         if when is not None and when.tzinfo is None:
             when = when.replace(tzinfo=UTC)
         if when is None or when <= now:
@@ -296,17 +297,17 @@ def wait_for_export(
     min_wait: float = 1.0,
     on_status: Callable[[ExportStatus], None] | None = None,
     sleep: Callable[[float], None] = time.sleep,
-) -> dict[str, Any]:
+) -> BulkExport:
     """Poll (recording each answer) until the export is ready; returns its row."""
     deadline = time.monotonic() + timeout
     while True:
         row = cp.get_bulk_export(export_id)
-        if row["status"] in ("ready", "downloading", "completed"):
+        if row.status in ("ready", "downloading", "completed"):
             return row
-        if row["status"] == "expired":
+        if row.status == "expired":
             raise ExportExpired("the status URL", 404)
-        if row["status"] in ("failed", "cancelled"):
-            raise ExportFailed(0, [row.get("error") or row["status"]])
+        if row.status in ("failed", "cancelled"):
+            raise ExportFailed(0, [row.error or row.status])
         st = poll_export(cp, export_id, http=http, min_wait=min_wait)
         if on_status is not None:
             on_status(st)
@@ -316,7 +317,7 @@ def wait_for_export(
             raise ExportFailed(st.http_status, list(st.issue_codes))
         if st.state == "expired":
             raise ExportExpired("the status URL", st.http_status)
-        nxt = cp.get_bulk_export(export_id)["next_poll_at"]
+        nxt = cp.get_bulk_export(export_id).next_poll_at
         if nxt is None:  # a concurrent kick-off has not saved its polling URL yet
             sleep(min_wait)
             continue

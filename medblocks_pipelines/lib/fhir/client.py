@@ -471,7 +471,9 @@ class FhirClient:
             return resp
 
     def _delay(self, attempt: int) -> float:
-        return min(self.max_backoff, self.backoff * (2**attempt)) * (0.5 + random.random() / 2)
+        return float(
+            min(self.max_backoff, self.backoff * (2**attempt)) * (0.5 + random.random() / 2)
+        )
 
     def _retry_or_raise(self, attempt: int, reason: str, wait: float | None) -> int:
         self.stats.retry_reasons[reason] += 1

@@ -260,19 +260,19 @@ def pull_connection(
     started = time.perf_counter()
     conn = cp.get_connection(connection_id)
     result = PullResult(connection_id)
-    if conn["state"] != "active":
-        result.status, result.error = "failed", f"connection is {conn['state']}"
+    if conn.state != "active":
+        result.status, result.error = "failed", f"connection is {conn.state}"
         return result
-    source = cp.get_source(conn["source_id"])
-    cfg = source.get("config") or {}
+    source = cp.get_source(conn.source_id)
+    cfg = source.config or {}
     # The relationship that authorized this pull is the connection's own pattern: a patient's
     # consent (patient_access) or an EHR launch's targeted sync (clinician_workflow).
-    pattern = str(conn["pattern"])
+    pattern = str(conn.pattern)
     pull_id = cp.start_pull(
-        tenant_id=conn["tenant_id"],
+        tenant_id=conn.tenant_id,
         pattern=pattern,
-        source_id=conn["source_id"],
-        organization_id=conn.get("organization_id"),
+        source_id=conn.source_id,
+        organization_id=conn.organization_id,
         connection_id=connection_id,
         run_id=run_id,
     )
@@ -285,21 +285,21 @@ def pull_connection(
     result.since = since
     tokens = TokenManager(cp, connection_id, http=http, client_auth=client_auth)
     client = FhirClient(
-        str(source["fhir_base_url"]),
+        str(source.fhir_base_url),
         http=http,
         tokens=tokens,
         limiter=limiter,
         **dict(client_options or {}),
     )
     prov = Provenance(
-        tenant=conn["tenant_id"],
+        tenant=conn.tenant_id,
         pattern=pattern,
-        source=conn["source_id"],
-        organization=conn.get("organization_id"),
+        source=conn.source_id,
+        organization=conn.organization_id,
         connection=connection_id,
         run_id=run_id,
     )
-    patient_id = conn.get("source_patient_id")
+    patient_id = conn.source_patient_id
     scope = PatientScope.of(str(patient_id)) if patient_id else None
     for kind, note in anomalies:
         result.anomaly(kind, note)
@@ -315,7 +315,7 @@ def pull_connection(
                 str(patient_id),
                 since=since,
                 search_since=search_since,
-                kind=str(source.get("kind", "ehr")),
+                kind=source.kind,
                 granted=tokens.granted,
                 supported=supported or set(),
                 capability=capability,

@@ -18,6 +18,7 @@ from medblocks_pipelines.lib.errors import MedblocksError
 from medblocks_pipelines.lib.fhir.client import Limiter, limiter_for
 from medblocks_pipelines.lib.fhir.pull import PATTERN, PullResult, pull_connection
 from medblocks_pipelines.lib.registry import ControlPlane
+from medblocks_pipelines.lib.registry.rows import Source
 from medblocks_pipelines.lib.smart.discovery import fetch_smart_configuration
 from medblocks_pipelines.lib.smart.launch import source_discovery, supported_types
 from medblocks_pipelines.lib.smart.tokens import ClientAuth
@@ -91,19 +92,19 @@ class BatchResult:
 
 
 def _capability(
-    cp: ControlPlane, source: Mapping[str, Any], *, http: httpx.Client
+    cp: ControlPlane, source: Source, *, http: httpx.Client
 ) -> tuple[dict[str, Any] | None, list[tuple[str, str]]]:
     """The source's CapabilityStatement (cached per source by discovery) and source anomalies.
 
     A server without a usable ``/metadata`` is still pulled (the known type list, US Core
     parameters) when its SMART configuration answers; the pulls record the anomaly.
     """
-    source_id = str(source["id"])
+    source_id = str(source.id)
     try:
         _smart, cap = source_discovery(cp, source_id, http=http)
     except MedblocksError as exc:
         try:
-            fetch_smart_configuration(str(source["fhir_base_url"]), client=http)
+            fetch_smart_configuration(str(source.fhir_base_url), client=http)
         except (MedblocksError, httpx.HTTPError):
             raise exc from None
         return None, [("no_capability_statement", "GET metadata gave no CapabilityStatement")]
@@ -112,13 +113,13 @@ def _capability(
     return cap, []
 
 
-def source_limiter(source: Mapping[str, Any]) -> Limiter | None:
+def source_limiter(source: Source) -> Limiter | None:
     """The limiter of a source from ``config.rate_limit`` ({requests, per_seconds}): shared by
     every process through Redis when ``MEDBLOCKS_REDIS_URL`` is set, else per process."""
-    rl = (source.get("config") or {}).get("rate_limit")
+    rl = (source.config or {}).get("rate_limit")
     if not rl:
         return None
-    return limiter_for(str(source["id"]), int(rl["requests"]), float(rl.get("per_seconds", 1.0)))
+    return limiter_for(str(source.id), int(rl["requests"]), float(rl.get("per_seconds", 1.0)))
 
 
 def pull_batch(
@@ -144,7 +145,7 @@ def pull_batch(
     by_source: dict[tuple[str, str], list[str]] = {}
     for cid in connection_ids:
         conn = cp.get_connection(cid)
-        by_source.setdefault((conn["source_id"], conn["pattern"]), []).append(cid)
+        by_source.setdefault((conn.source_id, conn.pattern), []).append(cid)
     batch = BatchResult()
     lock = threading.Lock()
     max_workers = concurrency or 4
@@ -154,7 +155,7 @@ def pull_batch(
     try:
         for (source_id, pattern), ids in by_source.items():
             source = cp.get_source(source_id)
-            workers = concurrency or int((source.get("config") or {}).get("concurrency") or 4)
+            workers = concurrency or int((source.config or {}).get("concurrency") or 4)
             try:
                 cap, source_anomalies = _capability(cp, source, http=client)
                 supported = supported_types(cap or {})
@@ -223,7 +224,7 @@ def due_connections(
     rows = cp.list_connections(
         tenant_id=tenant_id, pattern=PATTERN, state="active", source_id=source_id
     )
-    due = [r for r in rows if r.get("next_pull_due") is None or r["next_pull_due"] <= now]
-    due.sort(key=lambda r: r.get("next_pull_due") or datetime.min.replace(tzinfo=UTC))
-    ids = [r["id"] for r in due]
+    due = [r for r in rows if r.next_pull_due is None or r.next_pull_due <= now]
+    due.sort(key=lambda r: r.next_pull_due or datetime.min.replace(tzinfo=UTC))
+    ids = [r.id for r in due]
     return ids[:limit] if limit else ids

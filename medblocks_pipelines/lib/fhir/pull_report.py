@@ -11,6 +11,7 @@ from typing import Any
 
 from medblocks_pipelines.lib.fhir.pull import PullResult
 from medblocks_pipelines.lib.registry import ControlPlane
+from medblocks_pipelines.lib.registry.rows import Pull
 
 ANOMALY_PREFIX = "_anomaly:"
 
@@ -28,12 +29,12 @@ class PullRow:
     error: str | None = None
 
 
-def row_from_history(pull: Mapping[str, Any]) -> PullRow:
+def row_from_history(pull: Pull) -> PullRow:
     """A :class:`PullRow` from a ``pull_history`` row."""
-    counts: Mapping[str, Any] = pull.get("counts") or {}
+    counts: Mapping[str, Any] = pull.counts or {}
     return PullRow(
-        connection_id=str(pull.get("connection_id") or "-"),
-        status=str(pull.get("status")),
+        connection_id=str(pull.connection_id or "-"),
+        status=str(pull.status),
         landed=sum(int(v) for k, v in counts.items() if not k.startswith("_")),
         quarantined=int(counts.get("_quarantined", 0)),
         failed=int(counts.get("_failures", 0)),
@@ -42,7 +43,7 @@ def row_from_history(pull: Mapping[str, Any]) -> PullRow:
             for k, v in sorted(counts.items())
             if k.startswith(ANOMALY_PREFIX)
         },
-        error=pull.get("error"),
+        error=pull.error,
     )
 
 
@@ -63,7 +64,7 @@ def run_rows(
     cp: ControlPlane, *, tenant_id: str, run_id: str, limit: int = 10_000
 ) -> list[PullRow]:
     """The pulls recorded for one run of a tenant, oldest first."""
-    pulls = [p for p in cp.list_pulls(tenant_id=tenant_id, limit=limit) if p["run_id"] == run_id]
+    pulls = [p for p in cp.list_pulls(tenant_id=tenant_id, limit=limit) if p.run_id == run_id]
     return [row_from_history(p) for p in reversed(pulls)]
 
 

@@ -13,6 +13,7 @@ import httpx
 from medblocks_pipelines.lib.errors import MedblocksError
 from medblocks_pipelines.lib.fhir.client import loads_exact
 from medblocks_pipelines.lib.registry import ControlPlane
+from medblocks_pipelines.lib.registry.rows import Connection
 from medblocks_pipelines.lib.smart.tokens import ClientAuth, tokens_secret_name
 from medblocks_pipelines.lib.warehouse.lake import delete_connection_data
 
@@ -51,7 +52,7 @@ def revoke_connection(
     """
     conn = cp.get_connection(connection_id)
     # A failed launch never became a grant: clean up without a (forbidden) state change.
-    if conn["state"] not in ("revoked", "failed"):
+    if conn.state not in ("revoked", "failed"):
         cp.transition(connection_id, "revoked", reason=reason)
     revoked_remote = False
     secret = cp.vault.get(tokens_secret_name(connection_id))
@@ -60,12 +61,10 @@ def revoke_connection(
     cp.vault.delete_prefix(f"conn/{connection_id}/")
     cp.record_event(connection_id, "tokens.revoked", {"at_source": revoked_remote})
     if delete_data is None:
-        delete_data = bool(
-            (cp.get_tenant(conn["tenant_id"])["settings"] or {}).get("delete_on_revoke")
-        )
+        delete_data = bool((cp.get_tenant(conn.tenant_id).settings or {}).get("delete_on_revoke"))
     removed = 0
     if delete_data:
-        removed = delete_connection_data(lake_root, conn["tenant_id"], connection_id)
+        removed = delete_connection_data(lake_root, conn.tenant_id, connection_id)
         cp.set_watermark(_watermark_key(connection_id), None)
         for key in cp.list_watermarks(_watermark_key(connection_id) + "/"):
             cp.set_watermark(key, None)
@@ -74,17 +73,17 @@ def revoke_connection(
 
 
 def _revoke_at_source(
-    cp: ControlPlane, conn: Mapping[str, Any], blob: Mapping[str, Any], *, http: httpx.Client | None
+    cp: ControlPlane, conn: Connection, blob: Mapping[str, Any], *, http: httpx.Client | None
 ) -> bool:
-    source = cp.get_source(conn["source_id"])
-    endpoint = (source.get("smart_config") or {}).get("revocation_endpoint")
+    source = cp.get_source(conn.source_id)
+    endpoint = (source.smart_config or {}).get("revocation_endpoint")
     token = blob.get("refresh_token") or blob.get("access_token")
     if not endpoint or not token:
         return False
     own = http is None
     client = http or httpx.Client(timeout=10.0)
     try:
-        auth = ClientAuth.from_source(source, cp, pattern=conn["pattern"])
+        auth = ClientAuth.from_source(source, cp, pattern=conn.pattern)
         form = {
             "token": str(token),
             "token_type_hint": "refresh_token" if blob.get("refresh_token") else "access_token",
@@ -105,7 +104,7 @@ def refresh_failed_connections(
 ) -> list[str]:
     """Patient-access connections whose refresh failed (the patient must connect again)."""
     return [
-        r["id"]
+        r.id
         for r in cp.list_connections(
             tenant_id=tenant_id, pattern=PATTERN, state="refresh_failed", source_id=source_id
         )

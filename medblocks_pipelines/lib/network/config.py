@@ -29,22 +29,22 @@ def network_config(cp: Any, network: str | None, tenant_settings: dict[str, Any]
     listed = tenant_settings.get("networks") or []
     network = network or net.get("network") or (listed[0] if len(listed) == 1 else None)
     if network is None:
-        candidates = [s for s in cp.list_sources() if s.get("kind") == "network"]
+        candidates = [s for s in cp.list_sources() if s.kind == "network"]
         if len(candidates) != 1:
             raise ConfigError(
                 "no network named and not exactly one network source",
                 hint="pass --network or set tenant settings network.network",
             )
-        network = candidates[0]["id"]
+        network = candidates[0].id
     try:
         src = cp.get_source(network)
     except NotFound:
         raise ConfigError(f"network source {network!r} is not registered") from None
-    cfg = src.get("config") or {}
+    cfg = src.config or {}
     if not cfg.get("gateways"):
         raise ConfigError(f"network source {network!r} has no gateways configured")
     return NetworkConfig(
-        id=src["id"],
+        id=src.id,
         home_community_id=ihe.as_urn(
             str(cfg.get("home_community_id", "urn:oid:2.16.840.1.113883.3.9999.100"))
         ),

@@ -13,6 +13,7 @@ from medblocks_pipelines.lib.network.tables import (
     network_relationship_events,
     utcnow,
 )
+from medblocks_pipelines.lib.registry.rows import Connection
 
 
 # -- facts for the policy --------------------------------------------------------------------------
@@ -45,14 +46,14 @@ def record_relationship_event(
                 detail=dict(detail or {}),
             )
         )
-        return int(res.inserted_primary_key[0])  # type: ignore[index]
+        return int(res.inserted_primary_key[0])
 
 
-def _conn_person(conn: dict[str, Any]) -> set[str]:
-    ctx = conn.get("context") or {}
+def _conn_person(conn: Connection) -> set[str]:
+    ctx = conn.context or {}
     ids = {
-        conn.get("patient_ref"),
-        conn.get("source_patient_id"),
+        conn.patient_ref,
+        conn.source_patient_id,
         ctx.get("person_id"),
         ctx.get("patient"),
     }
@@ -70,14 +71,14 @@ def gather_evidence(
     ids = {person, *(aliases or set())}
     out: list[Evidence] = []
     for conn in cp.list_connections(tenant_id=tenant, pattern="clinician_workflow"):
-        if not ids & _conn_person(conn) or conn.get("state") == "failed":
+        if not ids & _conn_person(conn) or conn.state == "failed":
             continue
         out.append(
             Evidence(
                 "ehr_launch",
-                conn["id"],
-                aware(conn["created_at"]) or utcnow(),
-                conn.get("organization_id"),
+                conn.id,
+                aware(conn.created_at) or utcnow(),
+                conn.organization_id,
             )
         )
     for conn in cp.list_connections(tenant_id=tenant, pattern="patient_access"):
@@ -87,10 +88,10 @@ def gather_evidence(
         out.append(
             Evidence(
                 "patient_access",
-                conn["id"],
-                aware(conn["created_at"]) or utcnow(),
-                conn.get("organization_id"),
-                verified=conn.get("state") == "active",
+                conn.id,
+                aware(conn.created_at) or utcnow(),
+                conn.organization_id,
+                verified=conn.state == "active",
             )
         )
     t = network_relationship_events

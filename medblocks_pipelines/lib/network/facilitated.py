@@ -98,16 +98,16 @@ def facilitated_config(
         found = [
             s
             for s in cp.list_sources()
-            if s.get("kind") == "network" and (s.get("config") or {}).get("facilitated_fhir")
+            if s.kind == "network" and (s.config or {}).get("facilitated_fhir")
         ]
         if len(found) != 1:
             raise ConfigError("no network named and not exactly one Facilitated FHIR network")
-        network = found[0]["id"]
+        network = found[0].id
     try:
         src = cp.get_source(network)
     except NotFound:
         raise ConfigError(f"network source {network!r} is not registered") from None
-    block = (src.get("config") or {}).get("facilitated_fhir")
+    block = (src.config or {}).get("facilitated_fhir")
     if not isinstance(block, dict) or not block.get("directory_url"):
         raise ConfigError(f"network {network!r} has no facilitated_fhir.directory_url")
     anchors = block.get("trust_anchor_pem")
@@ -121,9 +121,9 @@ def facilitated_config(
         secret = cp.vault.get(block["directory_api_key_secret"])
         api_key = secret.reveal() if secret is not None else None
     return FacilitatedConfig(
-        network=src["id"],
+        network=src.id,
         directory_url=str(block["directory_url"]),
-        identity=str(block.get("identity") or src["id"]),
+        identity=str(block.get("identity") or src.id),
         anchors_pem=str(anchors),
         community=str(block.get("community") or TEFCA_COMMUNITY),
         timeout_s=float(block.get("timeout_s", 10.0)),
@@ -133,7 +133,7 @@ def facilitated_config(
         check_revocation=bool(block.get("check_revocation", True)),
         directory_api_key=api_key,
         resource_types=tuple(block.get("resource_types") or US_CORE_TYPES),
-        home_community_id=(src.get("config") or {}).get("home_community_id"),
+        home_community_id=(src.config or {}).get("home_community_id"),
     )
 
 
@@ -200,9 +200,7 @@ def _requestor(net: dict[str, Any], actor: str, purpose: str, tenant: str) -> Re
 
 def _record(cp: Any, **values: Any) -> int:
     with cp.engine.begin() as conn:
-        return int(
-            conn.execute(network_queries.insert().values(**values)).inserted_primary_key[0]  # type: ignore[index]
-        )
+        return int(conn.execute(network_queries.insert().values(**values)).inserted_primary_key[0])
 
 
 def run_facilitated_query(
@@ -231,7 +229,7 @@ def run_facilitated_query(
     """
     now = now or datetime.now(UTC)
     run_id = run_id or f"fhirnet-{uuid.uuid4().hex[:12]}"
-    tsettings = cp.get_tenant(tenant).get("settings") or {}
+    tsettings = cp.get_tenant(tenant).settings or {}
     net = tenant_network_settings(tsettings)
     catalog = load_catalog(net.get("catalog_version"))
     aliases = person_aliases(settings, tenant=tenant, person=person)

@@ -2,7 +2,10 @@
 :func:`audit_outcome`)."""
 
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from medblocks_pipelines.lib.registry import ControlPlane
 
 if TYPE_CHECKING:
     from medblocks_pipelines.lib.network.query import QueryResult
@@ -15,7 +18,7 @@ OUTCOME_ACTION = "network.query.outcome"
 
 
 def audit_outcome(
-    cp: Any,
+    cp: "ControlPlane",
     *,
     tenant: str,
     actor: str,
@@ -76,7 +79,7 @@ def settle_status(result: "QueryResult", statuses: Iterable[str]) -> None:
 
 
 def fail_and_audit(
-    cp: Any,
+    cp: "ControlPlane",
     finish: Callable[[str], None],
     *,
     tenant: str,

@@ -108,7 +108,7 @@ def run_network_query(
     now = now or datetime.now(UTC)
     run_id = run_id or f"net-{uuid.uuid4().hex[:12]}"
     tenant_row = cp.get_tenant(tenant)
-    tsettings = tenant_row.get("settings") or {}
+    tsettings = tenant_row.settings or {}
     net = tenant_network_settings(tsettings)
     catalog = load_catalog(net.get("catalog_version"))
     aliases = person_aliases(settings, tenant=tenant, person=person)
@@ -176,7 +176,7 @@ def run_network_query(
                     at=now,
                     finished_at=None if decision.allowed else now,
                 )
-            ).inserted_primary_key[0]  # type: ignore[index]
+            ).inserted_primary_key[0]
         )
     result = QueryResult(
         decision.allowed, decision.reason, purpose, query_id, audit_id, cfg.id if cfg else network

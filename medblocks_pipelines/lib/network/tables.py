@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from medblocks_pipelines.lib.registry.schema import metadata
 
 
-def _ts(name: str, **kw: Any) -> sa.Column:
+def _ts(name: str, **kw: Any) -> sa.Column[datetime]:
     return sa.Column(name, sa.DateTime(timezone=True), **kw)
 
 

@@ -3,13 +3,14 @@ transaction bundles (idempotent, so a retried run duplicates nothing)."""
 
 import json
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import duckdb
 import httpx
 
 from medblocks_pipelines.lib.errors import ExportError, MedblocksError
 from medblocks_pipelines.lib.ops.export_delta import changed_types, record_batches
+from medblocks_pipelines.lib.ops.rows import ExportDestination
 from medblocks_pipelines.lib.registry import ControlPlane
 
 if TYPE_CHECKING:  # exports.py imports this module
@@ -19,7 +20,7 @@ if TYPE_CHECKING:  # exports.py imports this module
 # -- FHIR ------------------------------------------------------------------------------------
 def send_fhir(
     con: duckdb.DuckDBPyConnection,
-    dest: Mapping[str, Any],
+    dest: ExportDestination,
     creds: Mapping[str, str],
     result: "ExportResult",
     http: httpx.Client | None,
@@ -27,7 +28,7 @@ def send_fhir(
     cp: ControlPlane | None = None,
 ) -> None:
     """Send ``changed`` as PUT and ``deleted`` as DELETE entries, ``bundle_size`` per bundle."""
-    size = int(dest["config"].get("bundle_size", 200))
+    size = int(dest.config.get("bundle_size", 200))
     headers = {
         "content-type": "application/fhir+json",
         "accept": "application/fhir+json",
@@ -36,7 +37,7 @@ def send_fhir(
         headers["authorization"] = f"Bearer {creds['bearer_token']}"
     client = http or httpx.Client(timeout=60.0)
     bearer = (
-        _BackendBearer(cp, dest, client) if dest["config"].get("auth") == "smart-backend" else None
+        _BackendBearer(cp, dest, client) if dest.config.get("auth") == "smart-backend" else None
     )
 
     def post(entries: list[bytes]) -> None:
@@ -60,7 +61,7 @@ def send_fhir(
                     # The landed JSON goes in verbatim (decimals keep their precision).
                     entries.append(
                         b'{"fullUrl":"'
-                        + f"{dest['url'].rstrip('/')}/{rtype}/{rid}".encode()
+                        + f"{dest.url.rstrip('/')}/{rtype}/{rid}".encode()
                         + b'","resource":'
                         + text.encode()
                         + b',"request":{"method":"PUT","url":"'
@@ -93,21 +94,21 @@ class _BackendBearer:
     """``Authorization`` for a destination that takes SMART Backend Services tokens."""
 
     def __init__(
-        self, cp: ControlPlane | None, dest: Mapping[str, Any], http: httpx.Client
+        self, cp: ControlPlane | None, dest: ExportDestination, http: httpx.Client
     ) -> None:
         from medblocks_pipelines.lib.smart.backend import BackendAuth
         from medblocks_pipelines.lib.smart.keys import KeyStore
 
         if cp is None:
             raise ExportError("smart-backend auth needs the control plane (our signing key)")
-        cfg = dest["config"]
+        cfg = dest.config
         self.auth = BackendAuth(
             client_id=str(cfg["client_id"]),
             scope=str(cfg.get("scope") or "system/*.cud"),
             key=KeyStore(cp.vault).active,
             http=http,
             token_endpoint=cfg.get("token_endpoint"),
-            fhir_base_url=dest["url"],
+            fhir_base_url=dest.url,
             jku=cfg.get("jku"),
         )
 
@@ -123,7 +124,7 @@ class _BackendBearer:
 
 def _post_bundle(
     client: httpx.Client,
-    dest: Mapping[str, Any],
+    dest: ExportDestination,
     headers: dict[str, str],
     entries: list[bytes],
     result: "ExportResult",
@@ -136,10 +137,10 @@ def _post_bundle(
         if bearer is not None:
             sent["authorization"] = bearer.value()
         try:
-            resp = client.post(dest["url"].rstrip("/") + "/", content=body, headers=sent)
+            resp = client.post(dest.url.rstrip("/") + "/", content=body, headers=sent)
         except httpx.HTTPError as exc:
             raise ExportError(
-                f"FHIR destination {dest['id']} unreachable: {type(exc).__name__}"
+                f"FHIR destination {dest.id} unreachable: {type(exc).__name__}"
             ) from exc
         if resp.status_code == 401 and bearer is not None and attempt == 1:
             bearer.expired(sent["authorization"])  # revoked or expired early: one fresh token
@@ -147,19 +148,17 @@ def _post_bundle(
         break
     if resp.status_code != 200:
         raise ExportError(
-            f"FHIR destination {dest['id']} refused a transaction: HTTP {resp.status_code}",
+            f"FHIR destination {dest.id} refused a transaction: HTTP {resp.status_code}",
             hint="the destination's OperationOutcome is in its own logs; fix and re-run",
         )
     try:
         reply = resp.json()
     except ValueError as exc:
-        raise ExportError(f"FHIR destination {dest['id']} answered with non-JSON") from exc
+        raise ExportError(f"FHIR destination {dest.id} answered with non-JSON") from exc
     if reply.get("resourceType") != "Bundle" or reply.get("type") != "transaction-response":
-        raise ExportError(f"FHIR destination {dest['id']} did not answer a transaction-response")
+        raise ExportError(f"FHIR destination {dest.id} did not answer a transaction-response")
     statuses = [str((e.get("response") or {}).get("status", "")) for e in reply.get("entry", [])]
     if len(statuses) != len(entries) or not all(s[:1] == "2" for s in statuses):
-        raise ExportError(
-            f"FHIR destination {dest['id']} did not accept every entry of a transaction"
-        )
+        raise ExportError(f"FHIR destination {dest.id} did not accept every entry of a transaction")
     result.bundles += 1
     result.bytes += len(body)

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 
 from medblocks_pipelines.lib.errors import ConfigError
 from medblocks_pipelines.lib.ops.export_delta import changed_types, record_batches
+from medblocks_pipelines.lib.ops.rows import ExportDestination
 
 if TYPE_CHECKING:  # exports.py imports this module
     from medblocks_pipelines.lib.ops.exports import ExportResult
@@ -22,10 +23,10 @@ if TYPE_CHECKING:  # exports.py imports this module
 
 # -- files -----------------------------------------------------------------------------------
 def _filesystem(
-    dest: Mapping[str, Any], creds: Mapping[str, str]
+    dest: ExportDestination, creds: Mapping[str, str]
 ) -> tuple[fsspec.AbstractFileSystem, str]:
-    url: str = dest["url"]
-    cfg = dest["config"]
+    url: str = dest.url
+    cfg = dest.config
     if url.startswith("s3://"):
         kwargs: dict[str, Any] = {}
         client_kwargs: dict[str, Any] = {}
@@ -46,7 +47,7 @@ def _filesystem(
 
 def write_files(
     con: duckdb.DuckDBPyConnection,
-    dest: Mapping[str, Any],
+    dest: ExportDestination,
     creds: Mapping[str, str],
     result: "ExportResult",
     tenant: str,
@@ -54,14 +55,14 @@ def write_files(
     """One file per changed type and the deletions under ``<root>/<tenant>/<destination>/<seq>``,
     then the manifest."""
     fs, root = _filesystem(dest, creds)
-    prefix = f"{root}/{tenant}/{dest['id']}/{result.seq:06d}"
+    prefix = f"{root}/{tenant}/{dest.id}/{result.seq:06d}"
     # Leftovers of a failed attempt at this sequence go first: retries never add duplicates.
     if fs.exists(prefix):
         fs.rm(prefix, recursive=True)
     if hasattr(fs, "invalidate_cache"):
         fs.invalidate_cache()
-    kind = dest["kind"]
-    gz = bool(dest["config"].get("gzip", True)) if kind == "ndjson" else False
+    kind = dest.kind
+    gz = bool(dest.config.get("gzip", True)) if kind == "ndjson" else False
     output: list[dict[str, Any]] = []
     for rtype in changed_types(con):
         sql = (

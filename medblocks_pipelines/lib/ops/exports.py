@@ -54,8 +54,10 @@ from medblocks_pipelines.lib.ops import tables as ot
 from medblocks_pipelines.lib.ops.export_delta import prepare_delta, prune_states, save_state
 from medblocks_pipelines.lib.ops.export_fhir import send_fhir
 from medblocks_pipelines.lib.ops.export_files import write_files
+from medblocks_pipelines.lib.ops.rows import ExportDestination, ExportRun
 from medblocks_pipelines.lib.registry import ControlPlane
 from medblocks_pipelines.lib.registry import schema as rt
+from medblocks_pipelines.lib.registry.rows import from_row
 from medblocks_pipelines.lib.registry.store import check_id
 from medblocks_pipelines.lib.settings import Settings
 from medblocks_pipelines.lib.warehouse.build import current_warehouse_path
@@ -157,7 +159,7 @@ def add_destination(
         cp.vault.put(SECRET_PREFIX + id, json.dumps(dict(credentials)), tenant_id=tenant_id)
 
 
-def get_destination(cp: ControlPlane, id: str) -> dict[str, Any]:
+def get_destination(cp: ControlPlane, id: str) -> ExportDestination:
     """One destination row (no credentials)."""
     with cp.engine.connect() as conn:
         row = conn.execute(
@@ -165,12 +167,12 @@ def get_destination(cp: ControlPlane, id: str) -> dict[str, Any]:
         ).first()
     if row is None:
         raise NotFound(f"export destination {id!r} not found", hint="medblocks exports list")
-    return dict(row._mapping)
+    return from_row(ExportDestination, row)
 
 
 def list_destinations(
     cp: ControlPlane, *, tenant_id: str | None = None, enabled_only: bool = False
-) -> list[dict[str, Any]]:
+) -> list[ExportDestination]:
     """Destinations ordered by id."""
     d = ot.export_destinations
     q = sa.select(d).order_by(d.c.id)
@@ -179,7 +181,7 @@ def list_destinations(
     if enabled_only:
         q = q.where(d.c.enabled.is_(True))
     with cp.engine.connect() as conn:
-        return [dict(r._mapping) for r in conn.execute(q)]
+        return [from_row(ExportDestination, r) for r in conn.execute(q)]
 
 
 def set_destination_enabled(cp: ControlPlane, id: str, enabled: bool) -> None:
@@ -195,7 +197,7 @@ def set_destination_enabled(cp: ControlPlane, id: str, enabled: bool) -> None:
 
 def list_runs(
     cp: ControlPlane, *, destination_id: str | None = None, tenant_id: str | None = None
-) -> list[dict[str, Any]]:
+) -> list[ExportRun]:
     """Export runs, newest first."""
     r = ot.export_runs
     q = sa.select(r).order_by(r.c.id.desc())
@@ -204,7 +206,7 @@ def list_runs(
     if tenant_id is not None:
         q = q.where(r.c.tenant_id == tenant_id)
     with cp.engine.connect() as conn:
-        return [dict(row._mapping) for row in conn.execute(q)]
+        return [from_row(ExportRun, row) for row in conn.execute(q)]
 
 
 def watermark_key(destination_id: str) -> str:
@@ -230,7 +232,7 @@ def run_export(
     """Export what changed in the tenant's warehouse since the last committed export."""
     started = time.perf_counter()
     dest = get_destination(cp, destination_id)
-    tenant = dest["tenant_id"]
+    tenant = dest.tenant_id
     last = cp.get_watermark(watermark_key(destination_id))
     seq = int(last) + 1 if last else 1
     mode = "delta" if last else "backfill"
@@ -245,11 +247,11 @@ def run_export(
                 hint=f"build it first: medblocks warehouse build --tenant {tenant}",
             )
         policy = load_read_policy()
-        rule = policy.rule("export", dest["config"].get("purpose"))
+        rule = policy.rule("export", dest.config.get("purpose"))
         con = duckdb.connect()
         try:
             read = prepare_delta(
-                con, wh_file, state_dir, int(last) if last else None, dest["config"], rule
+                con, wh_file, state_dir, int(last) if last else None, dest.config, rule
             )
             audit_read(
                 cp,
@@ -261,7 +263,7 @@ def run_export(
                 table="resources",
                 ref=f"seq {seq}",
             )
-            if dest["kind"] == "fhir":
+            if dest.kind == "fhir":
                 send_fhir(con, dest, _credentials(cp, destination_id), result, http, cp=cp)
             else:
                 write_files(con, dest, _credentials(cp, destination_id), result, tenant)
@@ -287,32 +289,32 @@ def run_export(
 
 
 def _start_run(
-    cp: ControlPlane, dest: Mapping[str, Any], seq: int, mode: str, run_id: str | None, at: datetime
+    cp: ControlPlane, dest: ExportDestination, seq: int, mode: str, run_id: str | None, at: datetime
 ) -> int:
     r = ot.export_runs
     with cp.engine.begin() as conn:
         running = conn.execute(
             sa.select(r.c.id)
-            .where(r.c.destination_id == dest["id"])
+            .where(r.c.destination_id == dest.id)
             .where(r.c.status == "running")
             .where(r.c.started_at > at - STALE_AFTER)
         ).first()
         if running:
             raise ExportError(
-                f"export {dest['id']} is already running (run {running[0]})",
+                f"export {dest.id} is already running (run {running[0]})",
                 hint="wait for it, or see `medblocks exports runs` if it is stuck",
             )
         # Crashed runs left "running": close them so the record says what happened.
         conn.execute(
             r.update()
-            .where(r.c.destination_id == dest["id"])
+            .where(r.c.destination_id == dest.id)
             .where(r.c.status == "running")
             .values(status="failed", error="abandoned (process died)", finished_at=at)
         )
         res = conn.execute(
             r.insert().values(
-                tenant_id=dest["tenant_id"],
-                destination_id=dest["id"],
+                tenant_id=dest.tenant_id,
+                destination_id=dest.id,
                 seq=seq,
                 mode=mode,
                 status="running",
@@ -327,7 +329,7 @@ def _start_run(
 def _finish_run(
     cp: ControlPlane,
     run_row: int,
-    dest: Mapping[str, Any],
+    dest: ExportDestination,
     result: ExportResult,
     *,
     status: str,
@@ -343,7 +345,7 @@ def _finish_run(
         )
         if status == "success":
             # The watermark moves in the same transaction as the run record and its event.
-            key = watermark_key(dest["id"])
+            key = watermark_key(dest.id)
             exists = conn.execute(
                 sa.select(rt.watermarks.c.key).where(rt.watermarks.c.key == key)
             ).first()
@@ -359,11 +361,11 @@ def _finish_run(
                 )
         conn.execute(
             rt.events.insert().values(
-                tenant_id=dest["tenant_id"],
+                tenant_id=dest.tenant_id,
                 type="export.completed" if status == "success" else "export.failed",
                 payload={
-                    "destination_id": dest["id"],
-                    "kind": dest["kind"],
+                    "destination_id": dest.id,
+                    "kind": dest.kind,
                     "export_run_id": run_row,
                     "seq": result.seq,
                     "mode": result.mode,

@@ -12,6 +12,7 @@
 The tables are part of the control plane's migrations (``EXTRA_TABLE_MODULES``, revision 0003).
 """
 
+from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -19,7 +20,7 @@ import sqlalchemy as sa
 from medblocks_pipelines.lib.registry.schema import metadata
 
 
-def _ts(name: str, **kw: Any) -> sa.Column:
+def _ts(name: str, **kw: Any) -> sa.Column[datetime]:
     return sa.Column(name, sa.DateTime(timezone=True), **kw)
 
 

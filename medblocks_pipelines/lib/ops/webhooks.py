@@ -28,7 +28,7 @@ import json
 import secrets as pysecrets
 import socket
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -40,9 +40,11 @@ from standardwebhooks.webhooks import Webhook
 
 from medblocks_pipelines.lib.errors import ConfigError, NotFound
 from medblocks_pipelines.lib.ops import tables as ot
+from medblocks_pipelines.lib.ops.rows import WebhookAttempt, WebhookDelivery, WebhookEndpoint
 from medblocks_pipelines.lib.ops.webhook_pool import Post, PostResult, post_all, post_one
 from medblocks_pipelines.lib.registry import ControlPlane
 from medblocks_pipelines.lib.registry import schema as rt
+from medblocks_pipelines.lib.registry.rows import Event, from_row
 from medblocks_pipelines.lib.settings import Settings
 
 # Growing delays over days, after the first attempt (the schedule Svix documents for the spec's
@@ -127,11 +129,9 @@ class DeliveryReport:
         }
 
 
-def _aware(value: Any) -> Any:
+def _aware(value: datetime) -> datetime:
     # SQLite returns naive datetimes; everything stored is UTC.
-    if isinstance(value, datetime) and value.tzinfo is None:
-        return value.replace(tzinfo=UTC)
-    return value
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
 
 
 def _now() -> datetime:
@@ -229,7 +229,7 @@ def add_endpoint(
     return endpoint_id, secret
 
 
-def get_endpoint(cp: ControlPlane, endpoint_id: str) -> dict[str, Any]:
+def get_endpoint(cp: ControlPlane, endpoint_id: str) -> WebhookEndpoint:
     """One endpoint row (no secret)."""
     with cp.engine.connect() as conn:
         row = conn.execute(
@@ -239,10 +239,10 @@ def get_endpoint(cp: ControlPlane, endpoint_id: str) -> dict[str, Any]:
         raise NotFound(
             f"webhook endpoint {endpoint_id!r} not found", hint="list them: medblocks webhooks list"
         )
-    return {k: _aware(v) for k, v in row._mapping.items()}
+    return from_row(WebhookEndpoint, row)
 
 
-def list_endpoints(cp: ControlPlane, *, tenant_id: str | None = None) -> list[dict[str, Any]]:
+def list_endpoints(cp: ControlPlane, *, tenant_id: str | None = None) -> list[WebhookEndpoint]:
     """Endpoints, oldest first (no secrets)."""
     q = sa.select(ot.webhook_endpoints).order_by(
         ot.webhook_endpoints.c.created_at, ot.webhook_endpoints.c.id
@@ -250,7 +250,7 @@ def list_endpoints(cp: ControlPlane, *, tenant_id: str | None = None) -> list[di
     if tenant_id is not None:
         q = q.where(ot.webhook_endpoints.c.tenant_id == tenant_id)
     with cp.engine.connect() as conn:
-        return [{k: _aware(v) for k, v in r._mapping.items()} for r in conn.execute(q)]
+        return [from_row(WebhookEndpoint, r) for r in conn.execute(q)]
 
 
 def set_endpoint_status(
@@ -279,7 +279,7 @@ def set_endpoint_status(
 
 def _set_status(
     conn: sa.Connection,
-    endpoint: Mapping[str, Any],
+    endpoint: WebhookEndpoint,
     status: str,
     *,
     reason: str | None,
@@ -290,16 +290,16 @@ def _set_status(
         values.update(consecutive_failures=0, failing_since=None, disabled_reason=None)
     conn.execute(
         ot.webhook_endpoints.update()
-        .where(ot.webhook_endpoints.c.id == endpoint["id"])
+        .where(ot.webhook_endpoints.c.id == endpoint.id)
         .values(**values)
     )
-    if status == "disabled" and endpoint["status"] != "disabled":
+    if status == "disabled" and endpoint.status != "disabled":
         # The fact reaches the tenant's other endpoints (and operators) like any other event.
         conn.execute(
             rt.events.insert().values(
-                tenant_id=endpoint["tenant_id"],
+                tenant_id=endpoint.tenant_id,
                 type="webhook.endpoint_disabled",
-                payload={"endpoint_id": endpoint["id"], "reason": reason},
+                payload={"endpoint_id": endpoint.id, "reason": reason},
                 created_at=at,
             )
         )
@@ -414,13 +414,13 @@ def _save_cursor(conn: sa.Connection, value: int, now: datetime) -> None:
 
 
 # -- delivery --------------------------------------------------------------------------------
-def build_message(event: Mapping[str, Any]) -> bytes:
+def build_message(event: Event) -> bytes:
     """The JSON body of an event (``type``, ``timestamp``, ``data``), compact and stable."""
-    created = _aware(event["created_at"])
+    created = _aware(event.created_at)
     body = {
-        "type": event["type"],
+        "type": event.type,
         "timestamp": created.isoformat().replace("+00:00", "Z") if created else None,
-        "data": {"event_id": event["id"], "tenant_id": event["tenant_id"], **event["payload"]},
+        "data": {"event_id": event.id, "tenant_id": event.tenant_id, **event.payload},
     }
     return json.dumps(body, separators=(",", ":"), sort_keys=True).encode()
 
@@ -517,13 +517,13 @@ def _prepare(
     policy: DeliveryPolicy,
     secrets: dict[str, str],
     at: Callable[[], datetime],
-) -> tuple[Any, dict[str, Any], Post] | None:
+) -> tuple[Any, WebhookEndpoint, Post] | None:
     """Claim ``row`` and build its signed request; None when another worker took it or its
     endpoint was disabled meanwhile."""
     if not _claim(cp, row, now=now, policy=policy):
         return None  # another worker took it
     endpoint = get_endpoint(cp, row.endpoint_id)
-    if endpoint["status"] != "enabled":
+    if endpoint.status != "enabled":
         return None  # disabled by an earlier delivery in this batch
     if row.endpoint_id not in secrets:
         secret = cp.vault.get(SECRET_PREFIX + row.endpoint_id)
@@ -534,7 +534,7 @@ def _prepare(
         event = conn.execute(sa.select(rt.events).where(rt.events.c.id == row.event_id)).first()
     if event is None:
         raise NotFound(f"outbox event {row.event_id} is missing")
-    body = build_message({k: v for k, v in event._mapping.items()})
+    body = build_message(from_row(Event, event))
     headers = sign_headers(secrets[row.endpoint_id], row.message_id, body, at=at())
     return row, endpoint, Post(row.url, body, headers)
 
@@ -555,7 +555,7 @@ def _claim(cp: ControlPlane, row: Any, *, now: datetime, policy: DeliveryPolicy)
 def _record(
     cp: ControlPlane,
     row: Any,
-    endpoint: Mapping[str, Any],
+    endpoint: WebhookEndpoint,
     result: PostResult,
     *,
     now: datetime,
@@ -636,7 +636,7 @@ def _record(
 # -- introspection ---------------------------------------------------------------------------
 def list_deliveries(
     cp: ControlPlane, *, endpoint_id: str | None = None, status: str | None = None
-) -> list[dict[str, Any]]:
+) -> list[WebhookDelivery]:
     """Deliveries, oldest first."""
     d = ot.webhook_deliveries
     q = sa.select(d).order_by(d.c.id)
@@ -645,17 +645,17 @@ def list_deliveries(
     if status is not None:
         q = q.where(d.c.status == status)
     with cp.engine.connect() as conn:
-        return [{k: _aware(v) for k, v in r._mapping.items()} for r in conn.execute(q)]
+        return [from_row(WebhookDelivery, r) for r in conn.execute(q)]
 
 
-def list_attempts(cp: ControlPlane, *, endpoint_id: str | None = None) -> list[dict[str, Any]]:
+def list_attempts(cp: ControlPlane, *, endpoint_id: str | None = None) -> list[WebhookAttempt]:
     """Every attempt, oldest first."""
     a = ot.webhook_attempts
     q = sa.select(a).order_by(a.c.id)
     if endpoint_id is not None:
         q = q.where(a.c.endpoint_id == endpoint_id)
     with cp.engine.connect() as conn:
-        return [{k: _aware(v) for k, v in r._mapping.items()} for r in conn.execute(q)]
+        return [from_row(WebhookAttempt, r) for r in conn.execute(q)]
 
 
 def send_test(cp: ControlPlane, endpoint_id: str, *, http: httpx.Client) -> tuple[int | None, str]:
@@ -669,11 +669,11 @@ def send_test(cp: ControlPlane, endpoint_id: str, *, http: httpx.Client) -> tupl
         {
             "type": "webhook.test",
             "timestamp": at.isoformat().replace("+00:00", "Z"),
-            "data": {"endpoint_id": endpoint_id, "tenant_id": endpoint["tenant_id"]},
+            "data": {"endpoint_id": endpoint_id, "tenant_id": endpoint.tenant_id},
         },
         separators=(",", ":"),
         sort_keys=True,
     ).encode()
     headers = sign_headers(secret.reveal(), f"msg_test_{pysecrets.token_hex(8)}", body, at=at)
-    res = post_one(http, Post(endpoint["url"], body, headers), 15.0)
+    res = post_one(http, Post(endpoint.url, body, headers), 15.0)
     return res.status_code, res.error or res.outcome

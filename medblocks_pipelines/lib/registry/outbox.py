@@ -12,7 +12,12 @@ table (``lib/ops/webhooks.py``); sensors keep the state in their own cursor.
 import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from medblocks_pipelines.lib.registry.rows import Event
+
+if TYPE_CHECKING:
+    from medblocks_pipelines.lib.registry import ControlPlane
 
 #: How long a transaction may stay open between taking an event id and committing.
 SETTLE = timedelta(seconds=60)
@@ -59,24 +64,28 @@ def _aware(value: Any) -> datetime | None:
 
 
 def read_new_events(
-    cp: Any, cursor: OutboxCursor, *, now: datetime | None = None, settle: timedelta = SETTLE
-) -> tuple[list[dict[str, Any]], OutboxCursor]:
+    cp: "ControlPlane",
+    cursor: OutboxCursor,
+    *,
+    now: datetime | None = None,
+    settle: timedelta = SETTLE,
+) -> tuple[list[Event], OutboxCursor]:
     """Events not handled yet (in id order) and the cursor to save once they are acted on."""
     now = now or datetime.now(UTC)
-    rows: list[dict[str, Any]] = []
+    rows: list[Event] = []
     after = cursor.low
     for _ in range(MAX_PAGES):
         page = cp.list_events(after_id=after, limit=PAGE)
         rows.extend(page)
         if len(page) < PAGE:
             break
-        after = page[-1]["id"]
-    new = [r for r in rows if r["id"] not in cursor.seen]
-    handled = cursor.seen | {int(r["id"]) for r in rows}
+        after = page[-1].id
+    new = [r for r in rows if r.id not in cursor.seen]
+    handled = cursor.seen | {int(r.id) for r in rows}
     low = cursor.low
     for row in rows:  # id order: the mark moves over the settled prefix only
-        created = _aware(row.get("created_at"))
+        created = _aware(row.created_at)
         if created is None or created > now - settle:
             break
-        low = int(row["id"])
+        low = int(row.id)
     return new, OutboxCursor(low=low, seen={i for i in handled if i > low}, extra=cursor.extra)

@@ -10,22 +10,23 @@ Sources without the flag, or on any non-loopback host, are never skipped (produc
 
 import ipaddress
 import socket
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable
 from urllib.parse import urlsplit
+
+from medblocks_pipelines.lib.registry.rows import Source
 
 SANDBOX_FLAG = "sandbox"
 
 
-def is_sandbox(source: Mapping[str, Any]) -> bool:
+def is_sandbox(source: Source) -> bool:
     """Whether the source was registered by the demo (``config["sandbox"]`` is true)."""
-    return (source.get("config") or {}).get(SANDBOX_FLAG) is True
+    return source.config.get(SANDBOX_FLAG) is True
 
 
-def source_urls(source: Mapping[str, Any]) -> list[str]:
+def source_urls(source: Source) -> list[str]:
     """The URLs we call for ``source``: its FHIR base, or its network gateways' endpoints."""
-    urls = [source["fhir_base_url"]] if source.get("fhir_base_url") else []
-    for gw in (source.get("config") or {}).get("gateways") or []:
+    urls = [source.fhir_base_url] if source.fhir_base_url else []
+    for gw in source.config.get("gateways") or []:
         urls += [gw[k] for k in ("xcpd_url", "xca_query_url", "xca_retrieve_url") if gw.get(k)]
     return urls
 
@@ -48,9 +49,7 @@ def port_open(host: str, port: int, timeout_s: float = 0.5) -> bool:
         return False
 
 
-def is_stopped_sandbox(
-    source: Mapping[str, Any], *, probe: Callable[[str, int], bool] = port_open
-) -> bool:
+def is_stopped_sandbox(source: Source, *, probe: Callable[[str, int], bool] = port_open) -> bool:
     """A demo-registered source whose loopback endpoints no longer accept connections."""
     if not is_sandbox(source):
         return False

@@ -5,6 +5,8 @@ Pattern modules may add their own tables to :data:`metadata` in their own module
 """
 
 import importlib
+from datetime import datetime
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -19,8 +21,8 @@ metadata = sa.MetaData(
 )
 
 
-def _ts(name: str, **kw: object) -> sa.Column:
-    return sa.Column(name, sa.DateTime(timezone=True), **kw)  # type: ignore[arg-type]
+def _ts(name: str, **kw: Any) -> sa.Column[datetime]:
+    return sa.Column(name, sa.DateTime(timezone=True), **kw)
 
 
 tenants = sa.Table(

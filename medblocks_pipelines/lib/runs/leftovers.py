@@ -15,10 +15,14 @@ import shutil
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
+from medblocks_pipelines.lib.registry.rows import BulkExport, Pull
 from medblocks_pipelines.lib.runs.locks import try_file_lock
 from medblocks_pipelines.lib.settings import Settings
+
+if TYPE_CHECKING:
+    from medblocks_pipelines.lib.registry import ControlPlane
 
 BUILDING_SUFFIXES = (".building.duckdb", ".building.duckdb.wal")
 
@@ -34,21 +38,19 @@ class StalePull:
     export_id: str = ""
 
 
-def stale_pulls(
-    pulls: Iterable[dict[str, Any]], run_outcome: Callable[[str], str | None]
-) -> list[StalePull]:
+def stale_pulls(pulls: Iterable[Pull], run_outcome: Callable[[str], str | None]) -> list[StalePull]:
     """The running pulls whose run is over. ``run_outcome(run_id)`` says why a run is over
     (``None`` while it runs or when the id is no run we know)."""
     out = []
     for row in pulls:
-        run_id = row.get("run_id")
+        run_id = row.run_id
         reason = run_outcome(run_id) if run_id else None
         if reason is not None:
-            out.append(StalePull(int(row["id"]), str(row["tenant_id"]), str(run_id), reason))
+            out.append(StalePull(row.id, row.tenant_id, str(run_id), reason))
     return out
 
 
-def fail_pulls(control_plane: Any, pulls: Iterable[StalePull]) -> int:
+def fail_pulls(control_plane: "ControlPlane", pulls: Iterable[StalePull]) -> int:
     """Close each stale pull as ``failed`` with its reason; returns how many."""
     n = 0
     for pull in pulls:
@@ -58,19 +60,19 @@ def fail_pulls(control_plane: Any, pulls: Iterable[StalePull]) -> int:
 
 
 def stale_downloads(
-    exports: Iterable[dict[str, Any]], run_outcome: Callable[[str], str | None]
+    exports: Iterable[BulkExport], run_outcome: Callable[[str], str | None]
 ) -> list[StalePull]:
     """Exports ``downloading`` for a run that is over (as :class:`StalePull`: id, run, reason)."""
     out = []
     for row in exports:
-        run_id = row.get("run_id")
+        run_id = row.run_id
         reason = run_outcome(run_id) if run_id else None
         if reason is not None:
-            out.append(StalePull(0, str(row["tenant_id"]), str(run_id), reason, str(row["id"])))
+            out.append(StalePull(0, row.tenant_id, str(run_id), reason, row.id))
     return out
 
 
-def release_downloads(control_plane: Any, exports: Iterable[StalePull]) -> int:
+def release_downloads(control_plane: "ControlPlane", exports: Iterable[StalePull]) -> int:
     """Put each stale export back to ``ready`` with the reason; returns how many."""
     n = 0
     for export in exports:

@@ -47,6 +47,7 @@ from medblocks_pipelines.lib.errors import (
     TransientError,
 )
 from medblocks_pipelines.lib.registry import ControlPlane
+from medblocks_pipelines.lib.registry.rows import Source
 from medblocks_pipelines.lib.smart.discovery import (
     fetch_capability_statement,
     fetch_smart_configuration,
@@ -174,19 +175,19 @@ def source_discovery(
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The source's ``(smart_config, capability_statement)``, fetched when older than an hour."""
     source = cp.get_source(source_id)
-    base = source.get("fhir_base_url")
+    base = source.fhir_base_url
     if not base:
         raise LaunchError(f"source {source_id} has no FHIR base URL", reason="config")
-    discovered = source.get("discovered_at")
-    fresh = (
+    discovered = source.discovered_at
+    smart_config, capability = source.smart_config, source.capability_statement
+    if (
         not refresh
-        and source.get("smart_config")
-        and source.get("capability_statement")
+        and smart_config
+        and capability
         and discovered is not None
         and datetime.now(UTC) - discovered < DISCOVERY_MAX_AGE
-    )
-    if fresh:
-        return dict(source["smart_config"]), dict(source["capability_statement"])
+    ):
+        return dict(smart_config), dict(capability)
     try:
         smart = fetch_smart_configuration(base, client=http)
         cap = fetch_capability_statement(base, client=http)
@@ -210,11 +211,11 @@ def supported_types(capability_statement: Mapping[str, Any]) -> set[str]:
 
 
 def default_scopes(
-    source: Mapping[str, Any], smart_config: Mapping[str, Any], capability: Mapping[str, Any]
+    source: Source, smart_config: Mapping[str, Any], capability: Mapping[str, Any]
 ) -> list[str]:
     """The scope request for a patient standalone launch at ``source`` (SPECS §1.5, §1.12)."""
-    cfg = source.get("config") or {}
-    wanted = PAYER_TYPES if source.get("kind") == "payer" else US_CORE_PATIENT_TYPES
+    cfg = source.config or {}
+    wanted = PAYER_TYPES if source.kind == "payer" else US_CORE_PATIENT_TYPES
     offered = supported_types(capability)
     # Binary is fetched through DocumentReference attachment URLs; it needs read only, but v1 has no
     # read-only spelling, so it rides on the same .rs/.read scope as the others.
@@ -244,7 +245,7 @@ def create_connect_link(
 ) -> ConnectLink:
     """Create a ``pending`` connection and a one-connection link ``{base}/connect/start/<token>``."""
     source = cp.get_source(source_id)
-    if pattern not in source.get("patterns", []):
+    if pattern not in source.patterns:
         raise LaunchError(f"source {source_id} does not offer {pattern}", reason="config")
     token = secrets.token_urlsafe(32)
     expires = datetime.now(UTC) + ttl
@@ -299,12 +300,12 @@ def begin_authorization(
     callback must present the same value. Every step is a connection event.
     """
     conn = cp.get_connection(connection_id)
-    if conn["state"] != "pending":
+    if conn.state != "pending":
         raise LaunchError(
-            f"connection {connection_id} is {conn['state']}, not pending", reason="not_pending"
+            f"connection {connection_id} is {conn.state}, not pending", reason="not_pending"
         )
-    source = cp.get_source(conn["source_id"])
-    base = str(source.get("fhir_base_url") or "").rstrip("/")
+    source = cp.get_source(conn.source_id)
+    base = str(source.fhir_base_url or "").rstrip("/")
     if iss is not None and iss.rstrip("/") != base:
         # An unknown iss would send the user (and later our token) to an attacker (SPECS §1.2).
         _fail(cp, connection_id, "unknown_iss")
@@ -312,7 +313,7 @@ def begin_authorization(
             "iss is not the registered FHIR base of this source", reason="unknown_iss"
         )
     try:
-        smart, cap = source_discovery(cp, conn["source_id"], http=http)
+        smart, cap = source_discovery(cp, conn.source_id, http=http)
     except (ProtocolError, TransientError) as exc:
         cp.record_event(connection_id, "launch.discovery_failed", {"error": type(exc).__name__})
         raise
@@ -320,12 +321,12 @@ def begin_authorization(
     needed = "launch-ehr" if launch is not None else "launch-standalone"
     if needed not in caps or not smart.get("authorization_endpoint"):
         _fail(cp, connection_id, f"source_lacks_{needed}")
-        raise LaunchError(f"source {source['id']} does not offer {needed}", reason="unsupported")
+        raise LaunchError(f"source {source.id} does not offer {needed}", reason="unsupported")
     methods = smart.get("code_challenge_methods_supported")
     if methods is not None and "S256" not in methods:
         _fail(cp, connection_id, "no_pkce_s256")
-        raise LaunchError(f"source {source['id']} does not support PKCE S256", reason="unsupported")
-    client = ClientAuth.from_source(source, cp, pattern=conn["pattern"])
+        raise LaunchError(f"source {source.id} does not support PKCE S256", reason="unsupported")
+    client = ClientAuth.from_source(source, cp, pattern=conn.pattern)
 
     scope_list = list(scopes) if scopes is not None else default_scopes(source, smart, cap)
     if launch is not None and "launch" not in scope_list:
@@ -355,7 +356,7 @@ def begin_authorization(
         method = "POST"
 
     # A new start replaces an earlier one of the same connection (the patient clicked twice).
-    old = (conn.get("context") or {}).get("state_hash")
+    old = (conn.context or {}).get("state_hash")
     if old:
         cp.vault.delete("launch_state/" + old)
     cp.vault.put(
@@ -375,9 +376,9 @@ def begin_authorization(
                 ),
             }
         ),
-        tenant_id=conn["tenant_id"],
+        tenant_id=conn.tenant_id,
     )
-    context = dict(conn.get("context") or {})
+    context = dict(conn.context or {})
     context.update(
         {
             "state_hash": state_secret_name(state).split("/", 1)[1],
@@ -444,11 +445,11 @@ def complete_authorization(
         raise LaunchError("callback state is unknown or was already used", reason="state_mismatch")
     conn_id: str = pending["connection_id"]
     conn = cp.get_connection(conn_id)
-    if conn["state"] != "pending":
+    if conn.state != "pending":
         raise LaunchError(
-            f"connection {conn_id} is {conn['state']}, not pending", reason="not_pending"
+            f"connection {conn_id} is {conn.state}, not pending", reason="not_pending"
         )
-    return_url = (conn.get("context") or {}).get("return_url")
+    return_url = (conn.context or {}).get("return_url")
 
     def failed(reason: str, detail: Mapping[str, Any] | None = None) -> LaunchOutcome:
         _fail(cp, conn_id, reason, detail)
@@ -471,9 +472,9 @@ def complete_authorization(
         return failed("no_code")
     cp.record_event(conn_id, "launch.callback", {"has_code": True})
 
-    source = cp.get_source(conn["source_id"])
+    source = cp.get_source(conn.source_id)
     try:
-        client = ClientAuth.from_source(source, cp, pattern=conn["pattern"])
+        client = ClientAuth.from_source(source, cp, pattern=conn.pattern)
         token_endpoint = str(pending["token_endpoint"])
         form = {
             "grant_type": "authorization_code",
@@ -495,7 +496,7 @@ def complete_authorization(
     except (MedblocksError, jwt.PyJWTError) as exc:
         return failed("token_exchange_failed", {"error": type(exc).__name__})
 
-    smart = cp.get_source(conn["source_id"]).get("smart_config") or {}
+    smart = cp.get_source(conn.source_id).smart_config or {}
     try:
         claims = (
             verify_id_token(
@@ -511,22 +512,22 @@ def complete_authorization(
     except AuthError as exc:
         return failed("id_token_invalid", {"error": str(exc)[:200]})
 
-    requested = ScopeSet.parse(conn.get("scopes_requested"))
+    requested = ScopeSet.parse(conn.scopes_requested)
     granted_text = tokens.scope
     if granted_text is None:
         # `scope` is required in the response; without it we can only assume what we asked for.
         cp.record_event(conn_id, "token.scope_missing", {})
-        granted_text = conn.get("scopes_requested") or ""
+        granted_text = conn.scopes_requested or ""
     granted = ScopeSet.parse(granted_text)
     patient = patient_from(tokens, claims)
-    if conn["pattern"] == "patient_access" and not patient:
+    if conn.pattern == "patient_access" and not patient:
         return failed("no_patient")
 
     now = time.time()
     blob = token_blob(tokens, token_endpoint=token_endpoint, now=now)
     blob["scope"] = granted_text
-    store_tokens(cp, conn_id, blob, tenant_id=conn["tenant_id"])
-    context = dict(conn.get("context") or {})
+    store_tokens(cp, conn_id, blob, tenant_id=conn.tenant_id)
+    context = dict(conn.context or {})
     context.pop("state_hash", None)
     launch_context = {k: v for k, v in tokens.context.items() if k not in ("patient",)}
     if claims.get("fhirUser"):

@@ -45,6 +45,7 @@ from medblocks_pipelines.lib.errors import (
     TransientError,
 )
 from medblocks_pipelines.lib.registry import ControlPlane
+from medblocks_pipelines.lib.registry.rows import Source
 from medblocks_pipelines.lib.smart.scopes import ScopeSet
 
 #: OAuth error codes that mean the grant itself is gone (RFC 6749 §5.2): stop, do not retry.
@@ -106,7 +107,7 @@ class ClientAuth:
 
     @classmethod
     def from_source(
-        cls, source: Mapping[str, Any], control_plane: ControlPlane, *, pattern: str | None = None
+        cls, source: Source, control_plane: ControlPlane, *, pattern: str | None = None
     ) -> "ClientAuth":
         """Build from a source's ``config``: ``client_id``, ``client_auth`` and the vault names
         ``client_secret_secret`` (basic) or ``signing_key_secret`` (a SigningKey JSON; private_key_jwt).
@@ -114,29 +115,29 @@ class ClientAuth:
         One EHR serves several patterns, each with its own app registration (a patient-facing app,
         an EHR-launched app, a backend client): ``<pattern>_client_id`` wins over ``client_id``.
         """
-        cfg = source.get("config") or {}
+        cfg = source.config or {}
         client_id = (pattern and cfg.get(f"{pattern}_client_id")) or cfg.get("client_id")
         if not client_id:
             raise ConfigError(
-                f"source {source.get('id')} has no client_id",
+                f"source {source.id} has no client_id",
                 hint="register our app at the source and set config.client_id",
             )
         method = cfg.get("client_auth") or "none"
         if method == "none":
             return cls(client_id=client_id)
         if method == "client_secret_basic":
-            name = cfg.get("client_secret_secret") or f"source/{source['id']}/client_secret"
+            name = cfg.get("client_secret_secret") or f"source/{source.id}/client_secret"
             secret = control_plane.vault.get(name)
             if secret is None:
-                raise ConfigError(f"vault has no client secret {name!r} for source {source['id']}")
+                raise ConfigError(f"vault has no client secret {name!r} for source {source.id}")
             return cls(client_id=client_id, method=method, client_secret=secret.reveal())
         if method == "private_key_jwt":
             from medblocks_pipelines.lib.smart.assertion import SigningKey
 
-            name = cfg.get("signing_key_secret") or f"source/{source['id']}/signing_key"
+            name = cfg.get("signing_key_secret") or f"source/{source.id}/signing_key"
             secret = control_plane.vault.get(name)
             if secret is None:
-                raise ConfigError(f"vault has no signing key {name!r} for source {source['id']}")
+                raise ConfigError(f"vault has no signing key {name!r} for source {source.id}")
             return cls(
                 client_id=client_id,
                 method=method,
@@ -144,7 +145,7 @@ class ClientAuth:
                 jku=cfg.get("jku"),
             )
         raise ConfigError(
-            f"source {source.get('id')}: unknown client_auth {method!r}",
+            f"source {source.id}: unknown client_auth {method!r}",
             hint="one of none, client_secret_basic, private_key_jwt",
         )
 
@@ -347,9 +348,9 @@ class TokenManager:
         self._blob: dict[str, Any] | None = None
         self.refreshes = 0
         conn = control_plane.get_connection(connection_id)
-        self.tenant_id: str = conn["tenant_id"]
-        self.source_id: str = conn["source_id"]
-        self.pattern: str = conn["pattern"]
+        self.tenant_id: str = conn.tenant_id
+        self.source_id: str = conn.source_id
+        self.pattern: str = conn.pattern
 
     def __repr__(self) -> str:
         return f"TokenManager(connection={self.connection_id!r})"
@@ -367,7 +368,8 @@ class TokenManager:
         secret = self.cp.vault.get(tokens_secret_name(self.connection_id))
         if secret is None:
             raise AuthError(f"connection {self.connection_id} has no tokens in the vault")
-        return json.loads(secret.reveal())
+        tokens: dict[str, Any] = json.loads(secret.reveal())
+        return tokens
 
     def margin(self, blob: Mapping[str, Any]) -> float:
         """Seconds before this blob's expiry at which it is refreshed."""

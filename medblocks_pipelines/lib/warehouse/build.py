@@ -43,13 +43,14 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import duckdb
 import pyarrow as pa
 
 from medblocks_pipelines.lib.errors import StorageError, WarehouseError
 from medblocks_pipelines.lib.partitions import normalise_id
+from medblocks_pipelines.lib.registry.rows import Pull
 from medblocks_pipelines.lib.settings import Settings, Tuning
 from medblocks_pipelines.lib.storage import fetch_if_changed, join, put_file, remember_signature
 from medblocks_pipelines.lib.warehouse.lake import (
@@ -60,6 +61,9 @@ from medblocks_pipelines.lib.warehouse.lake import (
     quarantine_glob,
     resources_glob,
 )
+
+if TYPE_CHECKING:
+    from medblocks_pipelines.lib.registry import ControlPlane
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +79,7 @@ class BuildContext:
 
     tenant: str
     settings: Settings
-    control_plane: Any | None = None
+    control_plane: "ControlPlane | None" = None
     run_id: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
 
@@ -175,7 +179,7 @@ def _with_late_columns(con: duckdb.DuckDBPyConnection, source: str, view: str) -
 
 
 def build_base_tables(
-    con: duckdb.DuckDBPyConnection, settings: Settings, tenant: str, pulls: Sequence[dict[str, Any]]
+    con: duckdb.DuckDBPyConnection, settings: Settings, tenant: str, pulls: Sequence[Pull]
 ) -> None:
     """Create the base tables from the lake into ``con``."""
     rglob = resources_glob(settings.lake_root, tenant)
@@ -326,17 +330,17 @@ def build_base_tables(
 
     pull_rows = [
         {
-            "id": int(p["id"]),
-            "pattern": p["pattern"],
-            "source": p["source_id"],
-            "organization": p.get("organization_id"),
-            "connection": p.get("connection_id"),
-            "run_id": p.get("run_id"),
-            "started_at": p["started_at"],
-            "finished_at": p.get("finished_at"),
-            "status": p["status"],
-            "counts": json.dumps(p.get("counts") or {}, sort_keys=True),
-            "error": p.get("error"),
+            "id": int(p.id),
+            "pattern": p.pattern,
+            "source": p.source_id,
+            "organization": p.organization_id,
+            "connection": p.connection_id,
+            "run_id": p.run_id,
+            "started_at": p.started_at,
+            "finished_at": p.finished_at,
+            "status": p.status,
+            "counts": json.dumps(p.counts or {}, sort_keys=True),
+            "error": p.error,
         }
         for p in pulls
     ]
@@ -379,7 +383,7 @@ def build_warehouse(
     tenant: str,
     *,
     settings: Settings,
-    control_plane: Any | None = None,
+    control_plane: "ControlPlane | None" = None,
     steps: Sequence[BuildStep] | None = None,
     run_id: str | None = None,
     options: dict[str, Any] | None = None,

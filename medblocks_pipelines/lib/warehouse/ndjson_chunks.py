@@ -97,7 +97,7 @@ def _split(path: Path, scratch: Path, limit: int, gz: bool) -> list[Chunk]:
     first = lines = size = 0
     out = None
     opener = gzip.open if gz else open
-    with opener(path, "rb") as src:  # type: ignore[operator]
+    with opener(path, "rb") as src:
         while block := src.read(_BLOCK):
             while block:
                 if out is None:

@@ -43,7 +43,7 @@ def read_lines(
     lineno = 1
     skipping = 0  # bytes of an oversized line seen so far (0: not in one)
     head = b""
-    with opener(path, "rb") as fh:  # type: ignore[operator]
+    with opener(path, "rb") as fh:
         while True:
             try:
                 # read1: one raw read, so a stream that fails later still gives what it had.

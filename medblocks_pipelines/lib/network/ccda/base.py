@@ -96,4 +96,4 @@ class ConverterBase:
         return out
 
     def _path(self, el: etree._Element) -> str:
-        return el.getroottree().getpath(el)
+        return str(el.getroottree().getpath(el))

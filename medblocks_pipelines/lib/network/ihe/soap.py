@@ -77,7 +77,7 @@ def envelope(
             )
             sec.append(sig)
     _sub(env, SOAP, "Body").append(body)
-    return etree.tostring(env, xml_declaration=True, encoding="UTF-8")
+    return bytes(etree.tostring(env, xml_declaration=True, encoding="UTF-8"))
 
 
 def verify_timestamp_signature(root: etree._Element, cert_pem: bytes) -> bool:

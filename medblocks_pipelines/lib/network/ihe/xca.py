@@ -142,7 +142,8 @@ def _slot_values(obj: etree._Element, name: str) -> list[str]:
 def _classification(obj: etree._Element, scheme: str) -> str | None:
     for c in obj.findall(_q(RIM, "Classification")):
         if c.get("classificationScheme") == scheme:
-            return c.get("nodeRepresentation")
+            node: str | None = c.get("nodeRepresentation")
+            return node
     return None
 
 

@@ -191,7 +191,7 @@ def store_identity(vault: Any, identity: str, key_pem: bytes, chain: bytes) -> N
     """Put our key and chain (PEM, leaf first) into the vault under ``identity``."""
     certs = load_pem_chain(chain)
     key = serialization.load_pem_private_key(key_pem, password=None)
-    if key.public_key().public_bytes(  # type: ignore[union-attr]
+    if key.public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     ) != certs[0].public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
@@ -316,7 +316,9 @@ def generate_key(kind: str = "rsa") -> bytes:
     )
 
 
-def verify_jws(token: str, anchors: list[x509.Certificate], **kw: Any) -> tuple[dict, list]:
+def verify_jws(
+    token: str, anchors: list[x509.Certificate], **kw: Any
+) -> tuple[dict[str, Any], list[x509.Certificate]]:
     """Verify a JWS carrying ``x5c``: chain to ``anchors`` then signature; returns (claims, path).
 
     ``kw`` goes to :func:`jwt.decode` (``audience``, ``options``...) except ``now`` and ``crl``.

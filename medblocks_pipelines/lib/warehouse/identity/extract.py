@@ -6,10 +6,13 @@ where the view keeps one value per column for analysts.
 """
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING
 
 import duckdb
 import polars as pl
+
+if TYPE_CHECKING:
+    from medblocks_pipelines.lib.registry import ControlPlane
 
 SSN_SYSTEM = "http://hl7.org/fhir/sid/us-ssn"
 
@@ -103,18 +106,20 @@ def extract_source_patients(
     return pl.from_arrow(arrow)  # type: ignore[return-value]
 
 
-def patient_refs_from_control_plane(control_plane: Any, tenant: str) -> dict[str, str]:
+def patient_refs_from_control_plane(
+    control_plane: "ControlPlane | None", tenant: str
+) -> dict[str, str]:
     """connection id -> tenant patient reference, for patient-access connections that carry one."""
     if control_plane is None:
         return {}
     out: dict[str, str] = {}
     for c in control_plane.list_connections(tenant_id=tenant, pattern="patient_access"):
-        if c.get("patient_ref"):
-            out[str(c["id"])] = str(c["patient_ref"])
+        if c.patient_ref:
+            out[str(c.id)] = str(c.patient_ref)
     return out
 
 
-def connection_patient_keys(control_plane: Any, tenant: str) -> dict[str, str]:
+def connection_patient_keys(control_plane: "ControlPlane | None", tenant: str) -> dict[str, str]:
     """connection id -> ``source/Patient/id`` of the patient who authorized it, when known.
 
     Only that Patient carries the connection's patient_ref: other Patient resources a portal returns
@@ -124,6 +129,6 @@ def connection_patient_keys(control_plane: Any, tenant: str) -> dict[str, str]:
         return {}
     out: dict[str, str] = {}
     for c in control_plane.list_connections(tenant_id=tenant, pattern="patient_access"):
-        if c.get("patient_ref") and c.get("source_patient_id") and c.get("source_id"):
-            out[str(c["id"])] = f"{c['source_id']}/Patient/{c['source_patient_id']}"
+        if c.patient_ref and c.source_patient_id and c.source_id:
+            out[str(c.id)] = f"{c.source_id}/Patient/{c.source_patient_id}"
     return out

@@ -306,4 +306,5 @@ def _label_expr(mw: pl.Expr, levels: list[tuple[float, str]]) -> pl.Expr:
             if best is None
             else best.when(cond).then(pl.lit(label))
         )
-    return best.otherwise(expr) if best is not None else expr
+    out: pl.Expr = best.otherwise(expr) if best is not None else expr
+    return out
