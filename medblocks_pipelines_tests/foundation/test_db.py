@@ -139,7 +139,7 @@ def test_db_upgrade_on_a_fresh_postgres_database(
         assert cp.engine.dialect.name == "postgresql"
         assert current_revision(cp.engine) == head_revision()
         cp.add_tenant("acme", "Acme")
-        assert [t["id"] for t in cp.list_tenants()] == ["acme"]
+        assert [t.id for t in cp.list_tenants()] == ["acme"]
         # Behind head on PostgreSQL too: downgrade one step and the store refuses.
         from alembic import command
 
