@@ -15,8 +15,13 @@ SQLite database, which is created at head so ``medblocks`` works with no setup s
 """
 
 import atexit
+import contextlib
+import fcntl
 import os
+import sqlite3
 import threading
+import time
+from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -47,6 +52,25 @@ def normalise_url(url: str) -> str:
     return url
 
 
+def _wal(cur: Any) -> None:
+    """Switch a SQLite file to WAL (persistent: once set, a read says so and nothing is locked).
+
+    The switch needs the file to itself and SQLite answers "database is locked" at once, without
+    its busy handler, when another process is connecting to a new file at the same moment (every
+    first sensor, run and web worker may be): retry briefly.
+    """
+    for attempt in range(100):
+        try:
+            if str(cur.execute("PRAGMA journal_mode").fetchone()[0]).lower() == "wal":
+                return
+            cur.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or attempt == 99:
+                raise
+            time.sleep(0.05)
+
+
 def _create_engine(url: str) -> sa.Engine:
     """A new engine for (normalised) ``url`` with the pragmas and pool settings concurrent writers need."""
     if url.startswith("sqlite"):
@@ -60,8 +84,8 @@ def _create_engine(url: str) -> sa.Engine:
             # Let SQLAlchemy's "begin" event issue the BEGIN itself (pysqlite would defer it).
             dbapi_conn.isolation_level = None
             cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA busy_timeout=30000")
+            _wal(cur)
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.close()
@@ -145,6 +169,23 @@ def upgrade(engine: sa.Engine, revision: str = "head") -> None:
         command.upgrade(alembic_config(engine), revision)
 
 
+@contextlib.contextmanager
+def _first_create_lock(engine: sa.Engine) -> Iterator[None]:
+    """An exclusive ``fcntl`` lock beside a SQLite file (``<file>.init.lock``), across processes;
+    a memory database needs none (one process)."""
+    database = engine.url.database
+    if not database or database == ":memory:":
+        yield
+        return
+    lock_path = Path(database).with_name(Path(database).name + ".init.lock")
+    with open(lock_path, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def _is_empty(engine: sa.Engine) -> bool:
     return not sa.inspect(engine).get_table_names()
 
@@ -159,9 +200,17 @@ def ensure_schema(engine: sa.Engine) -> None:
     current, head = current_revision(engine), head_revision()
     if current == head:
         return
-    if current is None and engine.dialect.name == "sqlite" and _is_empty(engine):
-        upgrade(engine)
-        return
+    if current is None and engine.dialect.name == "sqlite":
+        with _first_create_lock(engine):
+            # Sensors, runs and web workers may all open a new file at once: one creates it, the
+            # others wait for the lock and find it at head. (SQLite DDL is not transactional in
+            # Alembic: a file half created by another process has tables and no revision yet.)
+            current = current_revision(engine)
+            if current is None and _is_empty(engine):
+                upgrade(engine)
+                return
+        if current == head:
+            return
     where = engine.url.render_as_string(hide_password=True)
     if current is None:
         raise ConfigError(
