@@ -415,9 +415,12 @@ class _Batches:
             self.received[rtype] += got
 
     def land_file(self, path: Path, rtype: str, origin: str, *, remove: bool) -> None:
-        # Bound the queue: a landing backlog would hold downloaded files on disk.
-        while sum(not f.done() for f in self._futures) >= 2 * len(self._all):
-            cf.wait(self._futures, return_when=cf.FIRST_COMPLETED)
+        # Bound the queue: a landing backlog would hold downloaded files on disk. Wait on the
+        # pending ones only (a done future in the set would return at once: a busy loop).
+        pending = [f for f in self._futures if not f.done()]
+        while len(pending) >= 2 * len(self._all):
+            cf.wait(pending, return_when=cf.FIRST_COMPLETED)
+            pending = [f for f in pending if not f.done()]
         self._futures.append(self._pool.submit(self._land, path, rtype, origin, remove))
 
     def add(self, got: DownloadResult, rtype: str, *, last: bool = False) -> None:
