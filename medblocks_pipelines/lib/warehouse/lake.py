@@ -562,7 +562,7 @@ class LakeWriter:
                 f"""
                 COPY (
                   SELECT raw AS resource, rtype AS resource_type, rid AS resource_id,
-                         vid AS version_id, lu AS last_updated, md5(raw) AS content_hash,
+                         vid AS version_id, lu AS last_updated, h AS content_hash,
                          false AS deleted,
                          ? AS tenant, ? AS pattern, ? AS source,
                          ?::VARCHAR AS organization, ?::VARCHAR AS connection,
