@@ -52,7 +52,7 @@ from medblocks_pipelines.lib.errors import StorageError, WarehouseError
 from medblocks_pipelines.lib.partitions import normalise_id
 from medblocks_pipelines.lib.settings import Settings
 from medblocks_pipelines.lib.storage import fetch_if_changed, join, put_file, remember_signature
-from medblocks_pipelines.lib.warehouse.lake import (
+from medblocks_pipelines.lib.warehouse.lake_layout import (
     LATE_PROVENANCE_COLUMNS,
     QUARANTINE_SCHEMA,
     RESOURCE_SCHEMA,

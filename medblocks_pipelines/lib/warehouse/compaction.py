@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 
 from medblocks_pipelines.lib.partitions import normalise_id
 from medblocks_pipelines.lib.storage import is_remote, join, open_fs, storage_error
-from medblocks_pipelines.lib.warehouse.lake import QUARANTINE_SCHEMA, RESOURCE_SCHEMA
+from medblocks_pipelines.lib.warehouse.lake_layout import QUARANTINE_SCHEMA, RESOURCE_SCHEMA
 
 #: Files at most this large count as small.
 SMALL_FILE_BYTES = int(os.environ.get("MEDBLOCKS_COMPACT_SMALL_BYTES", 4 * 1024 * 1024))
