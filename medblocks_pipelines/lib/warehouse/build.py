@@ -291,9 +291,6 @@ def build_base_tables(
     # kilobyte-long texts costs more CPU than the rest of the table and compresses them ~2x,
     # zstd ~15x (bench_bulk_ingest: the warehouse file is a tenth of the size).
     con.execute(RESOURCES_DDL)
-    # No insertion order to keep: the rows (the whole JSON) stream into the table instead of being
-    # held in order; a 10M-resource lake ran out of its memory limit here. Readers order by key.
-    con.execute("SET preserve_insertion_order=false")
     con.execute(
         """
         INSERT INTO resources
@@ -306,7 +303,6 @@ def build_base_tables(
         SEMI JOIN current_rows c ON c.file_id = f.file_id AND c.lake_row = l.file_row_number
         """
     )
-    con.execute("RESET preserve_insertion_order")
     con.execute("DROP TABLE current_rows")
     con.execute("DROP TABLE lake_file_ids")
 
