@@ -53,7 +53,7 @@ from medblocks_pipelines.lib.partitions import normalise_id
 from medblocks_pipelines.lib.registry.rows import Pull
 from medblocks_pipelines.lib.settings import Settings, Tuning
 from medblocks_pipelines.lib.storage import fetch_if_changed, join, put_file, remember_signature
-from medblocks_pipelines.lib.warehouse.lake import (
+from medblocks_pipelines.lib.warehouse.lake_layout import (
     LATE_PROVENANCE_COLUMNS,
     QUARANTINE_SCHEMA,
     RESOURCE_SCHEMA,
@@ -68,6 +68,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # DuckDB memory for a build (the rest spills to disk): a tenant of any size builds in bounded RSS.
+# 640 MB: with the process's own ~150 MB and what landing left allocated, a bulk sync and build
+# in one process stay under 1 GiB (bench_bulk_ingest).
 WAREHOUSE_MEMORY_LIMIT = (
     Tuning.from_env().warehouse_memory_limit
 )  # MEDBLOCKS_WAREHOUSE_MEMORY_LIMIT
@@ -244,15 +246,30 @@ def build_base_tables(
     con.execute(
         """
         CREATE TABLE version_conflicts AS
+        WITH repeated AS (  -- a cheap count first: the ordered list() only for the few repeats
+            SELECT resource_key, version_id FROM resource_versions
+            WHERE version_id IS NOT NULL
+            GROUP BY ALL
+            HAVING count(*) > 1
+        )
         SELECT resource_key, source, resource_type, resource_id, version_id,
                count(*) AS contents, min(fetched_at) AS first_fetched_at,
                max(fetched_at) AS last_fetched_at,
                list(origin ORDER BY fetched_at, origin) AS origins
         FROM resource_versions
-        WHERE version_id IS NOT NULL
+        SEMI JOIN repeated USING (resource_key, version_id)
         GROUP BY ALL
-        HAVING count(*) > 1
         ORDER BY resource_key, version_id
+        """
+    )
+    # Each lake file a version points at gets a small number, so the pointers the join below
+    # matches on are two integers, not a path per row (a 10M-row build then joins within its
+    # memory limit instead of spilling long strings).
+    con.execute(
+        """
+        CREATE TEMP TABLE lake_file_ids AS
+        SELECT lake_file, row_number() OVER (ORDER BY lake_file) AS file_id
+        FROM (SELECT DISTINCT lake_file FROM resource_versions)
         """
     )
     # Latest state per resource at a source: source time first (lastUpdated, deletion time), a
@@ -263,13 +280,13 @@ def build_base_tables(
         WITH states AS (
             SELECT resource_key, false AS deleted, last_updated_ts AS ts,
                    try_cast(version_id AS BIGINT) AS vnum, fetched_at, content_hash,
-                   lake_file, lake_row
-            FROM resource_versions
+                   file_id, lake_row
+            FROM resource_versions JOIN lake_file_ids USING (lake_file)
             UNION ALL
             SELECT resource_key, true, deleted_at_ts, NULL, fetched_at, NULL, NULL, NULL
             FROM tombstones
         )
-        SELECT lake_file, lake_row FROM states
+        SELECT file_id, lake_row FROM states
         QUALIFY row_number() OVER (
             PARTITION BY resource_key
             ORDER BY ts DESC NULLS LAST, deleted DESC, vnum DESC NULLS LAST,
@@ -278,29 +295,36 @@ def build_base_tables(
         """
     )
     # A semi-join on the small pointer table: only the current rows' JSON is read, never hashed.
+    # The JSON column is stored zstd-compressed: DuckDB's default (dictionary/FSST) analysis of
+    # kilobyte-long texts costs more CPU than the rest of the table and compresses them ~2x,
+    # zstd ~15x (bench_bulk_ingest: the warehouse file is a tenth of the size).
+    con.execute(RESOURCES_DDL)
     con.execute(
         """
-        CREATE TABLE resources AS
+        INSERT INTO resources
         SELECT source || '/' || resource_type || '/' || resource_id AS resource_key,
                resource_type, resource_id, version_id, last_updated, content_hash, resource,
                tenant, pattern, source, organization, connection, fetched_at, run_id,
                permitted_purpose, network_query_id
-        FROM lake_rows
-        WHERE (lake_file, file_row_number) IN (SELECT (lake_file, lake_row) FROM current_rows)
+        FROM lake_rows l
+        JOIN lake_file_ids f ON l.lake_file = f.lake_file
+        SEMI JOIN current_rows c ON c.file_id = f.file_id AND c.lake_row = l.file_row_number
         """
     )
     con.execute("DROP TABLE current_rows")
+    con.execute("DROP TABLE lake_file_ids")
 
     # Every relationship that delivered each current resource: the same EHR record can arrive by a
     # backend export and by a patient's own connection; `resources` keeps one row, this keeps both.
     con.execute(
         """
         CREATE TABLE resource_sightings AS
-        SELECT v.resource_key, l.pattern, l.organization, l.connection, l.permitted_purpose,
+        SELECT l.source || '/' || l.resource_type || '/' || l.resource_id AS resource_key,
+               l.pattern, l.organization, l.connection, l.permitted_purpose,
                min(l.fetched_at) AS first_fetched_at, max(l.fetched_at) AS last_fetched_at,
                count(DISTINCT l.run_id) AS runs
         FROM lake_rows l
-        JOIN resources v
+        SEMI JOIN resources v
           ON v.source = l.source AND v.resource_type = l.resource_type
          AND v.resource_id = l.resource_id
         WHERE NOT l.deleted
@@ -361,6 +385,18 @@ def build_base_tables(
     )
     pulls_arrow = pa.Table.from_pylist(pull_rows, schema=pull_schema)  # noqa: F841
     con.execute("CREATE TABLE pull_history AS SELECT * FROM pulls_arrow ORDER BY id")
+
+
+#: ``resources``: the JSON text zstd-compressed (see ``build_base_tables``).
+RESOURCES_DDL = """
+    CREATE TABLE resources (
+        resource_key VARCHAR, resource_type VARCHAR, resource_id VARCHAR, version_id VARCHAR,
+        last_updated VARCHAR, content_hash VARCHAR, resource VARCHAR USING COMPRESSION zstd,
+        tenant VARCHAR, pattern VARCHAR, source VARCHAR, organization VARCHAR, connection VARCHAR,
+        fetched_at TIMESTAMPTZ, run_id VARCHAR, permitted_purpose VARCHAR,
+        network_query_id VARCHAR
+    )
+"""
 
 
 def table_counts(con: duckdb.DuckDBPyConnection) -> dict[str, int]:

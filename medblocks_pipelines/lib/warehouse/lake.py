@@ -18,14 +18,12 @@ not a JSON object, a line over ``max_line_bytes``, a truncated gzip's tail, the 
 and a later line of a file that repeats a (type, id, versionId) with other content.
 """
 
-import hashlib
 import json
 import os
 import secrets
 import shutil
 import tempfile
-from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from collections import defaultdict
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
@@ -40,14 +38,24 @@ from medblocks_pipelines.lib.fhir import validate
 from medblocks_pipelines.lib.fhir.compartment import PatientScope
 from medblocks_pipelines.lib.partitions import normalise_id
 from medblocks_pipelines.lib.settings import Tuning
-from medblocks_pipelines.lib.storage import (
-    MirrorStats,
-    is_remote,
-    join,
-    mirror,
-    open_fs,
-    storage_error,
+from medblocks_pipelines.lib.storage import is_remote, open_fs
+from medblocks_pipelines.lib.warehouse.lake_delete import (
+    delete_connection_data as delete_connection_data,
 )
+from medblocks_pipelines.lib.warehouse.lake_layout import (
+    LATE_PROVENANCE_COLUMNS as LATE_PROVENANCE_COLUMNS,
+)
+from medblocks_pipelines.lib.warehouse.lake_layout import (
+    MAX_RAW_CHARS,
+    QUARANTINE_SCHEMA,
+    RESOURCE_SCHEMA,
+    LandingStats,
+    content_hash,
+)
+from medblocks_pipelines.lib.warehouse.lake_layout import Provenance as Provenance
+from medblocks_pipelines.lib.warehouse.lake_layout import mirror_tenant as mirror_tenant
+from medblocks_pipelines.lib.warehouse.lake_layout import quarantine_glob as quarantine_glob
+from medblocks_pipelines.lib.warehouse.lake_layout import resources_glob as resources_glob
 from medblocks_pipelines.lib.warehouse.ndjson_chunks import (
     LANDING_MEMORY_LIMIT,  # noqa: F401 (re-exported: where it was)
     SEEN_SQL,
@@ -66,191 +74,9 @@ from medblocks_pipelines.lib.warehouse.ndjson_sql import (
     rows_sql,
 )
 
-RESOURCE_SCHEMA = pa.schema(
-    [
-        ("resource", pa.string()),
-        ("resource_type", pa.string()),
-        ("resource_id", pa.string()),
-        ("version_id", pa.string()),
-        ("last_updated", pa.string()),
-        ("content_hash", pa.string()),
-        ("deleted", pa.bool_()),
-        ("tenant", pa.string()),
-        ("pattern", pa.string()),
-        ("source", pa.string()),
-        ("organization", pa.string()),
-        ("connection", pa.string()),
-        ("fetched_at", pa.timestamp("us", tz="UTC")),
-        ("run_id", pa.string()),
-        ("origin", pa.string()),
-        # network rows only (null for the other patterns): why and by which query we got them
-        ("permitted_purpose", pa.string()),
-        ("network_query_id", pa.string()),
-    ]
-)
-
-#: Provenance columns added after the first lake files were written: a reader of older files
-#: (build, compaction) adds them as nulls.
-LATE_PROVENANCE_COLUMNS = ("permitted_purpose", "network_query_id")
-
-QUARANTINE_SCHEMA = pa.schema(
-    [
-        ("raw", pa.string()),
-        ("reason", pa.string()),
-        ("resource_type", pa.string()),
-        ("origin", pa.string()),
-        ("raw_hash", pa.string()),
-        ("tenant", pa.string()),
-        ("pattern", pa.string()),
-        ("source", pa.string()),
-        ("organization", pa.string()),
-        ("connection", pa.string()),
-        ("fetched_at", pa.timestamp("us", tz="UTC")),
-        ("run_id", pa.string()),
-        ("permitted_purpose", pa.string()),
-        ("network_query_id", pa.string()),
-    ]
-)
-
-# Quarantined raw payloads are capped: enough to diagnose, not a way to fill the disk.
-MAX_RAW_CHARS = 1_000_000
-
-
-@dataclass(frozen=True)
-class Provenance:
-    """Who fetched a row, from where, under which relationship, in which run.
-
-    ``permitted_purpose`` (a TEFCA Exchange Purpose code such as ``T-TREAT``) and
-    ``network_query_id`` (our id of the audited network query) say why a network row was allowed
-    in; the other patterns leave them ``None`` (their relationship is ``pattern`` itself).
-    """
-
-    tenant: str
-    pattern: str
-    source: str
-    organization: str | None
-    connection: str | None
-    run_id: str
-    permitted_purpose: str | None = None
-    network_query_id: str | None = None
-
-
-@dataclass
-class LandingStats:
-    """What a writer landed: counts only, safe for logs and Dagster metadata."""
-
-    counts_by_type: Counter[str] = field(default_factory=Counter)
-    quarantined: int = 0
-    quarantine_reasons: Counter[str] = field(default_factory=Counter)
-    tombstones: int = 0
-    files: int = 0
-    bytes: int = 0
-
-    @property
-    def landed(self) -> int:
-        return sum(self.counts_by_type.values())
-
-    def as_metadata(self) -> dict[str, Any]:
-        """A flat, PHI-free dict for Dagster metadata and pull history."""
-        return {
-            "landed": self.landed,
-            "by_type": dict(sorted(self.counts_by_type.items())),
-            "quarantined": self.quarantined,
-            "quarantine_reasons": dict(self.quarantine_reasons),
-            "tombstones": self.tombstones,
-            "files": self.files,
-            "bytes": self.bytes,
-        }
-
-
-def content_hash(text: str) -> str:
-    """Hash of the stored JSON text (dedup key for re-fetched identical versions)."""
-    return hashlib.md5(text.encode(), usedforsecurity=False).hexdigest()
-
 
 def _now() -> datetime:
     return datetime.now(UTC)
-
-
-def resources_glob(lake_root: Path, tenant: str) -> str:
-    """The Parquet glob of one tenant's landed resources."""
-    return str(lake_root / "resources" / f"tenant={normalise_id(tenant)}" / "**" / "*.parquet")
-
-
-def quarantine_glob(lake_root: Path, tenant: str) -> str:
-    """The Parquet glob of one tenant's quarantined rows."""
-    return str(lake_root / "quarantine" / f"tenant={normalise_id(tenant)}" / "**" / "*.parquet")
-
-
-def mirror_tenant(lake_url: str, lake_root: Path, tenant: str) -> MirrorStats:
-    """Bring this machine's mirror of one tenant's lake (resources and quarantine) up to date."""
-    total = MirrorStats()
-    for area in ("resources", "quarantine"):
-        part = f"tenant={normalise_id(tenant)}"
-        total.add(mirror(join(lake_url, area, part), lake_root / area / part))
-    return total
-
-
-def delete_connection_data(
-    lake_root: str | os.PathLike[str], tenant: str, connection_id: str
-) -> int:
-    """Remove every landed row of one connection (revoked consent with delete policy).
-
-    Files are immutable, so each affected file is rewritten without the connection's rows into a new
-    file (temp + rename locally, one PUT in object storage) and the old one removed; the new file
-    is in place before the old one goes, so a concurrent build never misses the other rows.
-    Returns the number of rows removed.
-    """
-    if is_remote(lake_root):
-        return _delete_connection_data_remote(str(lake_root), tenant, connection_id)
-    removed = 0
-    base = Path(lake_root) / "resources" / f"tenant={normalise_id(tenant)}"
-    if not base.exists():
-        return 0
-    for path in sorted(base.rglob("*.parquet")):
-        table = pq.read_table(path)
-        keep, hits = _without_connection(table, connection_id)
-        if not hits:
-            continue
-        if keep.num_rows:
-            tmp = path.with_name(path.name + ".tmp")
-            pq.write_table(keep, tmp)
-            os.replace(tmp, path.with_name("r" + path.name))
-        path.unlink()
-        removed += hits
-    return removed
-
-
-def _without_connection(table: pa.Table, connection_id: str) -> tuple[pa.Table, int]:
-    mask = pa.compute.equal(table["connection"], connection_id)
-    hits = pa.compute.sum(mask).as_py() or 0
-    return (table.filter(pa.compute.invert(mask)) if hits else table), int(hits)
-
-
-def _delete_connection_data_remote(lake_url: str, tenant: str, connection_id: str) -> int:
-    base = join(lake_url, "resources", f"tenant={normalise_id(tenant)}")
-    fs, root = open_fs(base)
-    try:
-        fs.invalidate_cache(root)
-        keys = sorted(
-            k for k in (fs.find(root) if fs.exists(root) else []) if k.endswith(".parquet")
-        )
-        removed = 0
-        for key in keys:
-            with fs.open(key, "rb") as fh:
-                table = pq.read_table(fh)
-            keep, hits = _without_connection(table, connection_id)
-            if not hits:
-                continue
-            if keep.num_rows:
-                folder, _, name = key.rpartition("/")
-                with fs.open(f"{folder}/r{name}", "wb") as out:
-                    pq.write_table(keep, out)
-            fs.rm_file(key)
-            removed += hits
-    except OSError as exc:
-        raise storage_error("rewrite lake files under", base, exc) from exc
-    return removed
 
 
 class LakeWriter:
@@ -563,7 +389,7 @@ class LakeWriter:
                 f"""
                 COPY (
                   SELECT raw AS resource, rtype AS resource_type, rid AS resource_id,
-                         vid AS version_id, lu AS last_updated, md5(raw) AS content_hash,
+                         vid AS version_id, lu AS last_updated, h AS content_hash,
                          false AS deleted,
                          ? AS tenant, ? AS pattern, ? AS source,
                          ?::VARCHAR AS organization, ?::VARCHAR AS connection,

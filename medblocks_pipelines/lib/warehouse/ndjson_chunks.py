@@ -135,7 +135,7 @@ def flag_seen_conflicts(con: duckdb.DuckDBPyConnection) -> None:
         UPDATE rows SET reason = {CONFLICT_SQL}
         FROM seen
         WHERE rows.reason IS NULL AND rows.vid IS NOT NULL AND rows.rtype = seen.rtype
-          AND rows.rid = seen.rid AND rows.vid = seen.vid AND md5(rows.raw) <> seen.h
+          AND rows.rid = seen.rid AND rows.vid = seen.vid AND rows.h <> seen.h
         """
     )
 
@@ -145,11 +145,9 @@ def remember(con: duckdb.DuckDBPyConnection) -> None:
     con.execute(
         """
         INSERT INTO seen
-        SELECT rtype, rid, vid, md5(raw) FROM rows
+        SELECT rtype, rid, vid, arg_min(h, recno) FROM rows
+        ANTI JOIN seen s ON s.rtype = rows.rtype AND s.rid = rows.rid AND s.vid = rows.vid
         WHERE reason IS NULL AND vid IS NOT NULL
-          AND NOT EXISTS (
-              SELECT 1 FROM seen s
-              WHERE s.rtype = rows.rtype AND s.rid = rows.rid AND s.vid = rows.vid)
-        QUALIFY row_number() OVER (PARTITION BY rtype, rid, vid ORDER BY recno) = 1
+        GROUP BY rtype, rid, vid
         """
     )

@@ -1,8 +1,8 @@
 """The NDJSON fast path's SQL: one DuckDB pass reads a file, extracts what the lake needs and what
 the FHIR checks read, and marks each row's reason (``LakeWriter.add_ndjson_file``).
 
-The temporary table ``rows`` holds ``raw, recno, reason, suspect, rtype, rid, vid, lu``; rows
-with a NULL reason land. ``suspect`` rows (rejected by ``validate.valid_sql``) get their reason
+The temporary table ``rows`` holds ``raw, recno, reason, suspect, rtype, rid, vid, lu, h``
+(``h``: the md5 of ``raw``, the lake's content hash, computed once); rows with a NULL reason land. ``suspect`` rows (rejected by ``validate.valid_sql``) get their reason
 worded by ``validate.invalid_reason``; later rows of a (type, id, versionId) whose content differs
 from the first one's are flagged as conflicting duplicates.
 """
@@ -47,7 +47,7 @@ def rows_sql(
                END AS reason,
                -- the FHIR checks; a rejected row gets its reason from validate.invalid_reason
                NOT coalesce({valid}, false) AS suspect,
-               rtype, rid, vid, lu
+               rtype, rid, vid, lu, md5(raw) AS h
         FROM (
             SELECT raw, recno, f, f[1] ->> '$' AS rtype, f[2] ->> '$' AS rid,
                    CASE WHEN f[3] <> 'null' THEN f[3] ->> '$' END AS vid,
@@ -85,15 +85,15 @@ def flag_conflicts(con: duckdb.DuckDBPyConnection) -> None:
     """Quarantine later rows of a (type, id, versionId) whose content differs from the first.
 
     Deterministic (file order decides which lands), flagged, never resolved silently. The
-    md5 is computed only for keys seen more than once, so a clean file pays one GROUP BY.
+    hashes are compared only for keys seen more than once, so a clean file pays one GROUP BY.
     """
     con.execute(
         f"""
         UPDATE rows SET reason = {CONFLICT_SQL}
         FROM (
             SELECT recno AS c_recno FROM (
-                SELECT recno, md5(raw) AS h,
-                       first_value(md5(raw)) OVER (
+                SELECT recno, h,
+                       first_value(h) OVER (
                            PARTITION BY rtype, rid, vid ORDER BY recno) AS h0
                 FROM rows
                 WHERE reason IS NULL AND vid IS NOT NULL
