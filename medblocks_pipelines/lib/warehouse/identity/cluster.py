@@ -40,6 +40,7 @@ class IdentityOptions:
     em_max_pairs: float = 1e6
     min_records_for_training: int = 500
     household_guard: str = "auto"  # on | off | auto (see rules.household_guard_applies)
+    duckdb_memory_limit: str = "1GB"  # splink's DuckDB; beyond it, it spills to a temp directory
 
 
 @dataclass

@@ -10,7 +10,9 @@ Training, each step seeded so a rebuild of the same data gives the same model:
    estimated in a session that does not block on it.
 
 Candidate pairs come from the blocking rules below (each narrowed so pairs grow about linearly with
-the records), plus given and family name swapped.
+the records), plus given and family name swapped (exactly, or with the same birth date and each
+record's given initial the other's family initial). Splink's DuckDB is capped
+(``duckdb_memory_limit``) and spills to a temporary directory beyond it.
 
 Below ``min_records_for_training`` records, or when a step fails, the starting values of
 :mod:`.comparisons` are used as they are (``trained`` is False, recorded in ``identity_model``).
@@ -23,6 +25,7 @@ above ``t`` (the model's own estimate of their precision) reaches ``target_preci
 """
 
 import logging
+import tempfile
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,7 +86,10 @@ def active_comparisons(std: pl.DataFrame) -> list[str]:
 
 # Prediction blocking rules: each pair of records that agrees on one rule's columns is scored. Every
 # rule pairs a broad field with a narrowing one so the number of pairs stays near-linear in the
-# number of records (a rule on one common field alone, such as a birth date, grows quadratically).
+# number of records. A rule on one common field alone (a birth date) grows quadratically, and so does
+# a rule whose narrowing field has few values in a large population: a city (a hospital's catchment
+# is a handful of towns), a street name or a common full name (Census frequencies: many Maria
+# Garcias); such fields are combined with the house number or a name instead.
 _YEAR, _MONTH_DAY = "substr(dob_digits, 1, 4)", "substr(dob_digits, 5, 4)"
 _G1, _F1 = "substr(given_std, 1, 1)", "substr(family_std, 1, 1)"
 _BLOCKING: list[tuple[tuple[str, ...], tuple[str, ...]]] = [
@@ -91,17 +97,19 @@ _BLOCKING: list[tuple[tuple[str, ...], tuple[str, ...]]] = [
     (("dob", "given"), ("dob_digits", _G1)),
     (("dob", "family"), ("dob_digits", _F1)),
     (("dob", "postcode"), ("dob_digits", "postcode")),
-    (("dob", "city"), ("dob_digits", "city_std")),
+    (("dob", "address"), ("dob_digits", "street_key", "house_number")),
     (("family", "postcode", "given"), ("family_std", "postcode", _G1)),
     (("given", "postcode", "family"), ("given_std", "postcode", _F1)),
     (("address",), ("address_std",)),
-    (("address", "postcode", "family"), ("street_key", "postcode", _F1)),
-    (("address", "postcode", "given"), ("street_key", "postcode", _G1)),
+    (("address", "postcode", "family"), ("street_key", "house_number", "postcode", _F1)),
+    (("address", "postcode", "given"), ("street_key", "house_number", "postcode", _G1)),
     (("given", "family", "dob"), ("given_std", "family_std", _YEAR)),
-    (("family", "dob", "given"), ("family_std", _MONTH_DAY, _G1)),
-    (("given", "dob", "family"), ("given_std", _MONTH_DAY, _F1)),
+    (("given", "family", "dob"), ("given_std", "family_std", _MONTH_DAY)),
     (("given", "family", "postcode"), ("given_phon", "family_phon", "postcode")),
-    (("given", "family", "city"), ("given_phon", "family_phon", "city_std")),
+    (("given", "family", "city"), ("given_std", "family_std", "city_std", "house_number")),
+    (("given", "family", "address"), ("given_phon", "family_phon", "street_key", "house_number")),
+    (("family", "address"), ("family_std", "street_key", "house_number")),
+    (("given", "address"), ("given_std", "street_key", "house_number")),
     (("ssn",), ("ssn_std",)),
     (("email",), ("email_std",)),
     (("phone", "dob"), ("phone_std", _YEAR)),
@@ -110,6 +118,11 @@ _BLOCKING: list[tuple[tuple[str, ...], tuple[str, ...]]] = [
 
 # given and family name entered the wrong way round
 _SWAPPED = "l.given_std = r.family_std AND l.family_std = r.given_std"
+# the same birth date with given and family name the wrong way round (and perhaps mistyped): the
+# first given initial is the other record's family initial
+_DOB_SWAPPED = (
+    "l.dob_digits = r.dob_digits AND substr(l.given_std, 1, 1) = substr(r.family_std, 1, 1)"
+)
 
 
 def _blocking_rules(active: list[str]) -> list[Any]:
@@ -119,6 +132,9 @@ def _blocking_rules(active: list[str]) -> list[Any]:
         block_on(*cols) for needs, cols in _BLOCKING if all(n in active for n in needs)
     ]
     if "given" in active and "family" in active:
+        if "dob" in active:
+            # after the rules on birth date and one initial, before those on names and places
+            rules.insert(3, _DOB_SWAPPED)
         rules.append(_SWAPPED)
     return rules
 
@@ -175,12 +191,21 @@ def probabilistic_edges(std: pl.DataFrame, options: Any) -> ModelOutcome:
     active = active_comparisons(std) if std.height >= 2 else []
     if not active:
         return ModelOutcome(empty, pl.DataFrame(schema=MODEL_SCHEMA), False)
-    frame = std.with_row_index("unique_id").select(MODEL_COLUMNS)
+    frame = (
+        std.with_row_index("unique_id")
+        .select(MODEL_COLUMNS)
+        .with_columns(house_number=pl.col("address_std").str.extract(r"^([0-9]+) ", 1))
+    )
     keys = std.get_column("patient_key")
     # splink keeps its working tables in its own in-memory database, never in the warehouse file
+    spill = tempfile.TemporaryDirectory(prefix="identity-splink-")
     con = duckdb.connect()
     con.execute("SET threads TO 2")
     con.execute("SET enable_progress_bar = false")
+    # splink's blocked-pair and comparison tables can outgrow memory at millions of records: cap
+    # DuckDB and let it spill to a scratch directory instead
+    con.execute(f"SET memory_limit = '{options.duckdb_memory_limit}'")
+    con.execute(f"SET temp_directory = '{spill.name}'")
     trained = False
     try:
         db_api = DuckDBAPI(con)
@@ -211,6 +236,7 @@ def probabilistic_edges(std: pl.DataFrame, options: Any) -> ModelOutcome:
         model = _model_table(linker)
     finally:
         con.close()
+        spill.cleanup()
     df = pl.from_arrow(out)
     assert isinstance(df, pl.DataFrame)
     if df.height == 0:
