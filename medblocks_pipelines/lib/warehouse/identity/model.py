@@ -10,9 +10,9 @@ Training, each step seeded so a rebuild of the same data gives the same model:
    estimated in a session that does not block on it.
 
 Candidate pairs come from the blocking rules below (each narrowed so pairs grow about linearly with
-the records), plus given and family name swapped (exactly, or with the same birth date and each
-record's given initial the other's family initial). Splink's DuckDB is capped
-(``duckdb_memory_limit``) and spills to a temporary directory beyond it.
+the records), plus given and family name swapped (exactly, or with the same birth date and crossed
+initials). Splink's DuckDB is capped (``duckdb_memory_limit``) and spills to a temporary directory
+beyond it.
 
 Below ``min_records_for_training`` records, or when a step fails, the starting values of
 :mod:`.comparisons` are used as they are (``trained`` is False, recorded in ``identity_model``).
@@ -90,7 +90,7 @@ def active_comparisons(std: pl.DataFrame) -> list[str]:
 # a rule whose narrowing field has few values in a large population: a city (a hospital's catchment
 # is a handful of towns), a street name or a common full name (Census frequencies: many Maria
 # Garcias); such fields are combined with the house number or a name instead.
-_YEAR, _MONTH_DAY = "substr(dob_digits, 1, 4)", "substr(dob_digits, 5, 4)"
+_YEAR = "substr(dob_digits, 1, 4)"
 _G1, _F1 = "substr(given_std, 1, 1)", "substr(family_std, 1, 1)"
 _BLOCKING: list[tuple[tuple[str, ...], tuple[str, ...]]] = [
     # (comparisons that must be active, columns / expressions)
@@ -103,8 +103,9 @@ _BLOCKING: list[tuple[tuple[str, ...], tuple[str, ...]]] = [
     (("address",), ("address_std",)),
     (("address", "postcode", "family"), ("street_key", "house_number", "postcode", _F1)),
     (("address", "postcode", "given"), ("street_key", "house_number", "postcode", _G1)),
-    (("given", "family", "dob"), ("given_std", "family_std", _YEAR)),
-    (("given", "family", "dob"), ("given_std", "family_std", _MONTH_DAY)),
+    (("given", "family", "dob", "city"), ("given_std", "family_std", _YEAR, "city_std")),
+    # the same name, the birth date's digits transposed (19720105 / 19720015)
+    (("given", "family", "dob"), ("given_std", "family_std", "dob_sorted")),
     (("given", "family", "postcode"), ("given_phon", "family_phon", "postcode")),
     (("given", "family", "city"), ("given_std", "family_std", "city_std", "house_number")),
     (("given", "family", "address"), ("given_phon", "family_phon", "street_key", "house_number")),
@@ -118,11 +119,13 @@ _BLOCKING: list[tuple[tuple[str, ...], tuple[str, ...]]] = [
 
 # given and family name entered the wrong way round
 _SWAPPED = "l.given_std = r.family_std AND l.family_std = r.given_std"
-# the same birth date with given and family name the wrong way round (and perhaps mistyped): the
-# first given initial is the other record's family initial
-_DOB_SWAPPED = (
-    "l.dob_digits = r.dob_digits AND substr(l.given_std, 1, 1) = substr(r.family_std, 1, 1)"
-)
+# the same birth date with given and family name the wrong way round, perhaps mistyped: the first
+# two letters of one's given name begin the other's family name, or both initials cross over
+_DOB_SWAPPED = [
+    "l.dob_digits = r.dob_digits AND substr(l.given_std, 1, 2) = substr(r.family_std, 1, 2)",
+    "l.dob_digits = r.dob_digits AND substr(l.given_std, 1, 1) = substr(r.family_std, 1, 1) "
+    "AND substr(l.family_std, 1, 1) = substr(r.given_std, 1, 1)",
+]
 
 
 def _blocking_rules(active: list[str]) -> list[Any]:
@@ -134,7 +137,7 @@ def _blocking_rules(active: list[str]) -> list[Any]:
     if "given" in active and "family" in active:
         if "dob" in active:
             # after the rules on birth date and one initial, before those on names and places
-            rules.insert(3, _DOB_SWAPPED)
+            rules[3:3] = _DOB_SWAPPED
         rules.append(_SWAPPED)
     return rules
 
@@ -194,7 +197,11 @@ def probabilistic_edges(std: pl.DataFrame, options: Any) -> ModelOutcome:
     frame = (
         std.with_row_index("unique_id")
         .select(MODEL_COLUMNS)
-        .with_columns(house_number=pl.col("address_std").str.extract(r"^([0-9]+) ", 1))
+        # blocking keys only: the house number, the birth date's digits in order
+        .with_columns(
+            house_number=pl.col("address_std").str.extract(r"^([0-9]+) ", 1),
+            dob_sorted=pl.col("dob_digits").str.split("").list.sort().list.join(""),
+        )
     )
     keys = std.get_column("patient_key")
     # splink keeps its working tables in its own in-memory database, never in the warehouse file
