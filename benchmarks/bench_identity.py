@@ -309,7 +309,7 @@ def _report(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
             + (
                 f" | anchor P {a['precision']:.4f} R {a['recall']:.4f}"
                 if a
-                else " | anchor skipped"
+                else " | anchor not run"
             )
             + f" | { ({k: r[k] for k in ('threshold', 'identity_seconds', 'stages') if k in r}) }"
         )

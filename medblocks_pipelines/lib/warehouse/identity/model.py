@@ -225,6 +225,7 @@ def probabilistic_edges(std: pl.DataFrame, options: Any) -> ModelOutcome:
         if options.train and std.height >= options.min_records_for_training:
             try:
                 _train(linker, active, options)
+                _round_parameters(linker)
                 trained = True
             except Exception:  # noqa: BLE001 - training is an estimate; the starting values hold
                 linker = Linker(
@@ -270,6 +271,36 @@ def probabilistic_edges(std: pl.DataFrame, options: Any) -> ModelOutcome:
         evidence=evidence,
     )
     return ModelOutcome(edges, model, trained)
+
+
+#: Significant digits kept of the estimated m, u and lambda before scoring (see _round_parameters).
+PARAMETER_DIGITS = 10
+
+
+def _round_parameters(linker: Any) -> None:
+    """Round the estimated parameters before they score pairs.
+
+    EM and random sampling sum in parallel, so their estimates differ in the last bits between runs;
+    every pair's weight inherits that, and rounding the weights afterwards still splits the few that
+    sit on a rounding boundary (hundreds of edges at 200k records). Rounded parameters make scoring
+    a pure function of the data: a rebuild gives the same warehouse.
+    """
+    settings = linker._settings_obj
+
+    def sig(x: float) -> float:
+        return float(f"{x:.{PARAMETER_DIGITS}g}")
+
+    settings._probability_two_random_records_match = sig(
+        settings._probability_two_random_records_match
+    )
+    for comp in settings.comparisons:
+        for lvl in comp.comparison_levels:
+            if lvl.is_null_level:
+                continue
+            for attr in ("_m_probability", "_u_probability"):
+                value = getattr(lvl, attr)
+                if isinstance(value, float):
+                    setattr(lvl, attr, sig(value))
 
 
 def choose_threshold(probabilities: pl.Series, target_precision: float, floor: float) -> float:
