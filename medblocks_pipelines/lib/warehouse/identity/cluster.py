@@ -40,6 +40,7 @@ class IdentityOptions:
     em_max_pairs: float = 1e6
     min_records_for_training: int = 500
     household_guard: str = "auto"  # on | off | auto (see rules.household_guard_applies)
+    duckdb_memory_limit: str = "1GB"  # splink's DuckDB; beyond it, it spills to a temp directory
 
 
 @dataclass
@@ -316,7 +317,9 @@ def _links_table(std: pl.DataFrame, roots: pl.DataFrame, accepted: pl.DataFrame)
 
 def _persons_table(std: pl.DataFrame, links: pl.DataFrame) -> pl.DataFrame:
     """persons: one row per person with the most common demographics across its source patients."""
-    joined = std.join(links.select("patient_key", "person_id"), on="patient_key")
+    # only the columns the table shows: a copy of every standardised column is a gigabyte at 1M
+    cols = ["patient_key", "given_std", "family_std", "sex", "dob", "postcode", "source", "pattern"]
+    joined = std.select(cols).join(links.select("patient_key", "person_id"), on="patient_key")
 
     def mode(col: str) -> pl.Expr:
         return pl.col(col).drop_nulls().mode().sort().first().alias(col)

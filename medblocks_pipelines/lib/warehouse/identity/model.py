@@ -10,7 +10,9 @@ Training, each step seeded so a rebuild of the same data gives the same model:
    estimated in a session that does not block on it.
 
 Candidate pairs come from the blocking rules below (each narrowed so pairs grow about linearly with
-the records), plus given and family name swapped.
+the records), plus given and family name swapped (exactly, or with the same birth date and crossed
+initials). Splink's DuckDB is capped (``duckdb_memory_limit``) and spills to a temporary directory
+beyond it.
 
 Below ``min_records_for_training`` records, or when a step fails, the starting values of
 :mod:`.comparisons` are used as they are (``trained`` is False, recorded in ``identity_model``).
@@ -23,6 +25,7 @@ above ``t`` (the model's own estimate of their precision) reaches ``target_preci
 """
 
 import logging
+import tempfile
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,25 +86,31 @@ def active_comparisons(std: pl.DataFrame) -> list[str]:
 
 # Prediction blocking rules: each pair of records that agrees on one rule's columns is scored. Every
 # rule pairs a broad field with a narrowing one so the number of pairs stays near-linear in the
-# number of records (a rule on one common field alone, such as a birth date, grows quadratically).
-_YEAR, _MONTH_DAY = "substr(dob_digits, 1, 4)", "substr(dob_digits, 5, 4)"
+# number of records. A rule on one common field alone (a birth date) grows quadratically, and so does
+# a rule whose narrowing field has few values in a large population: a city (a hospital's catchment
+# is a handful of towns), a street name or a common full name (Census frequencies: many Maria
+# Garcias); such fields are combined with the house number or a name instead.
+_YEAR = "substr(dob_digits, 1, 4)"
 _G1, _F1 = "substr(given_std, 1, 1)", "substr(family_std, 1, 1)"
 _BLOCKING: list[tuple[tuple[str, ...], tuple[str, ...]]] = [
     # (comparisons that must be active, columns / expressions)
     (("dob", "given"), ("dob_digits", _G1)),
     (("dob", "family"), ("dob_digits", _F1)),
     (("dob", "postcode"), ("dob_digits", "postcode")),
-    (("dob", "city"), ("dob_digits", "city_std")),
+    (("dob", "address"), ("dob_digits", "street_key", "house_number")),
     (("family", "postcode", "given"), ("family_std", "postcode", _G1)),
     (("given", "postcode", "family"), ("given_std", "postcode", _F1)),
     (("address",), ("address_std",)),
-    (("address", "postcode", "family"), ("street_key", "postcode", _F1)),
-    (("address", "postcode", "given"), ("street_key", "postcode", _G1)),
-    (("given", "family", "dob"), ("given_std", "family_std", _YEAR)),
-    (("family", "dob", "given"), ("family_std", _MONTH_DAY, _G1)),
-    (("given", "dob", "family"), ("given_std", _MONTH_DAY, _F1)),
+    (("address", "postcode", "family"), ("street_key", "house_number", "postcode", _F1)),
+    (("address", "postcode", "given"), ("street_key", "house_number", "postcode", _G1)),
+    (("given", "family", "dob", "city"), ("given_std", "family_std", _YEAR, "city_std")),
+    # the same name, the birth date's digits transposed (19720105 / 19720015)
+    (("given", "family", "dob"), ("given_std", "family_std", "dob_sorted")),
     (("given", "family", "postcode"), ("given_phon", "family_phon", "postcode")),
-    (("given", "family", "city"), ("given_phon", "family_phon", "city_std")),
+    (("given", "family", "city"), ("given_std", "family_std", "city_std", "house_number")),
+    (("given", "family", "address"), ("given_phon", "family_phon", "street_key", "house_number")),
+    (("family", "address"), ("family_std", "street_key", "house_number")),
+    (("given", "address"), ("given_std", "street_key", "house_number")),
     (("ssn",), ("ssn_std",)),
     (("email",), ("email_std",)),
     (("phone", "dob"), ("phone_std", _YEAR)),
@@ -110,6 +119,13 @@ _BLOCKING: list[tuple[tuple[str, ...], tuple[str, ...]]] = [
 
 # given and family name entered the wrong way round
 _SWAPPED = "l.given_std = r.family_std AND l.family_std = r.given_std"
+# the same birth date with given and family name the wrong way round, perhaps mistyped: the first
+# two letters of one's given name begin the other's family name, or both initials cross over
+_DOB_SWAPPED = [
+    "l.dob_digits = r.dob_digits AND substr(l.given_std, 1, 2) = substr(r.family_std, 1, 2)",
+    "l.dob_digits = r.dob_digits AND substr(l.given_std, 1, 1) = substr(r.family_std, 1, 1) "
+    "AND substr(l.family_std, 1, 1) = substr(r.given_std, 1, 1)",
+]
 
 
 def _blocking_rules(active: list[str]) -> list[Any]:
@@ -119,6 +135,9 @@ def _blocking_rules(active: list[str]) -> list[Any]:
         block_on(*cols) for needs, cols in _BLOCKING if all(n in active for n in needs)
     ]
     if "given" in active and "family" in active:
+        if "dob" in active:
+            # after the rules on birth date and one initial, before those on names and places
+            rules[3:3] = _DOB_SWAPPED
         rules.append(_SWAPPED)
     return rules
 
@@ -175,12 +194,25 @@ def probabilistic_edges(std: pl.DataFrame, options: Any) -> ModelOutcome:
     active = active_comparisons(std) if std.height >= 2 else []
     if not active:
         return ModelOutcome(empty, pl.DataFrame(schema=MODEL_SCHEMA), False)
-    frame = std.with_row_index("unique_id").select(MODEL_COLUMNS)
+    frame = (
+        std.with_row_index("unique_id")
+        .select(MODEL_COLUMNS)
+        # blocking keys only: the house number, the birth date's digits in order
+        .with_columns(
+            house_number=pl.col("address_std").str.extract(r"^([0-9]+) ", 1),
+            dob_sorted=pl.col("dob_digits").str.split("").list.sort().list.join(""),
+        )
+    )
     keys = std.get_column("patient_key")
     # splink keeps its working tables in its own in-memory database, never in the warehouse file
+    spill = tempfile.TemporaryDirectory(prefix="identity-splink-")
     con = duckdb.connect()
     con.execute("SET threads TO 2")
     con.execute("SET enable_progress_bar = false")
+    # splink's blocked-pair and comparison tables can outgrow memory at millions of records: cap
+    # DuckDB and let it spill to a scratch directory instead
+    con.execute(f"SET memory_limit = '{options.duckdb_memory_limit}'")
+    con.execute(f"SET temp_directory = '{spill.name}'")
     trained = False
     try:
         db_api = DuckDBAPI(con)
@@ -193,6 +225,7 @@ def probabilistic_edges(std: pl.DataFrame, options: Any) -> ModelOutcome:
         if options.train and std.height >= options.min_records_for_training:
             try:
                 _train(linker, active, options)
+                _round_parameters(linker)
                 trained = True
             except Exception:  # noqa: BLE001 - training is an estimate; the starting values hold
                 linker = Linker(
@@ -211,6 +244,7 @@ def probabilistic_edges(std: pl.DataFrame, options: Any) -> ModelOutcome:
         model = _model_table(linker)
     finally:
         con.close()
+        spill.cleanup()
     df = pl.from_arrow(out)
     assert isinstance(df, pl.DataFrame)
     if df.height == 0:
@@ -237,6 +271,36 @@ def probabilistic_edges(std: pl.DataFrame, options: Any) -> ModelOutcome:
         evidence=evidence,
     )
     return ModelOutcome(edges, model, trained)
+
+
+#: Significant digits kept of the estimated m, u and lambda before scoring (see _round_parameters).
+PARAMETER_DIGITS = 10
+
+
+def _round_parameters(linker: Any) -> None:
+    """Round the estimated parameters before they score pairs.
+
+    EM and random sampling sum in parallel, so their estimates differ in the last bits between runs;
+    every pair's weight inherits that, and rounding the weights afterwards still splits the few that
+    sit on a rounding boundary (hundreds of edges at 200k records). Rounded parameters make scoring
+    a pure function of the data: a rebuild gives the same warehouse.
+    """
+    settings = linker._settings_obj
+
+    def sig(x: float) -> float:
+        return float(f"{x:.{PARAMETER_DIGITS}g}")
+
+    settings._probability_two_random_records_match = sig(
+        settings._probability_two_random_records_match
+    )
+    for comp in settings.comparisons:
+        for lvl in comp.comparison_levels:
+            if lvl.is_null_level:
+                continue
+            for attr in ("_m_probability", "_u_probability"):
+                value = getattr(lvl, attr)
+                if isinstance(value, float):
+                    setattr(lvl, attr, sig(value))
 
 
 def choose_threshold(probabilities: pl.Series, target_precision: float, floor: float) -> float:
