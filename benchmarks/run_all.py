@@ -33,7 +33,8 @@ HERE = Path(__file__).parent
 BENCHMARKS: dict[str, tuple[list[str], list[str]]] = {
     "generator": (["--resources", "200000"], ["--resources", "1000000"]),
     "views": (["--resources", "200000", "--sample", "500"], ["--resources", "1000000"]),
-    "bulk_ingest": (["--resources", "200000"], ["--resources", "1000000"]),
+    # full: the growth table 100k -> 1M (10M: `--sizes 100000 1000000 10000000`, about 13 GB of NDJSON)
+    "bulk_ingest": (["--resources", "200000"], ["--sizes", "100000", "1000000"]),
     "bulk_download": (["--resources", "200000"], ["--resources", "1000000"]),
     "bulk_download_race": (["--resources", "38483", "--rounds", "1"], ["--resources", "38483"]),
     "patient_access": (["--connections", "40"], ["--connections", "1000"]),
