@@ -91,6 +91,8 @@ def _result(name: str, script: Path, out: str, json_path: Path, code: int) -> di
     result: dict[str, Any] | None = None
     if json_path.exists():
         result = json.loads(json_path.read_text())
+        if isinstance(result, dict) and set(result) == {name}:
+            result = result[name]  # written as {"<name>": {...}}: one level, like the others
     else:
         lines = [ln for ln in out.splitlines() if ln.startswith("RESULT {")]
         if lines:
