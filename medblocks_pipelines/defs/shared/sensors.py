@@ -1,6 +1,7 @@
 """Keeps Dagster's dynamic partitions in step with the registry."""
 
 import dagster as dg
+import sqlalchemy as sa
 
 from medblocks_pipelines.defs.shared.partitions import desired_partition_keys
 from medblocks_pipelines.defs.shared.resources import PlatformResource
@@ -32,6 +33,26 @@ def registry_partitions_sensor(
     return dg.SensorResult(dynamic_partitions_requests=requests)
 
 
+def add_partitions(instance: dg.DagsterInstance, name: str, keys: list[str]) -> None:
+    """Add dynamic partitions that another process may be adding at the same moment.
+
+    Two CLI runs (or a run and the sensor) can both find a new tenant missing; Dagster's SQLite
+    storage checks, then inserts, so the slower one hits the unique index (``IntegrityError``)
+    and its run would crash before it started. The partition is there either way: read again and
+    add what is still missing.
+    """
+    for attempt in range(3):
+        try:
+            instance.add_dynamic_partitions(name, keys)
+            return
+        except sa.exc.IntegrityError:
+            keys = sorted(set(keys) - set(instance.get_dynamic_partitions(name)))
+            if not keys:
+                return
+            if attempt == 2:
+                raise
+
+
 def sync_partitions(instance: dg.DagsterInstance, platform: PlatformResource) -> dict[str, int]:
     """Apply the registry's partitions directly (CLI and demo, where no daemon runs sensors)."""
     added: dict[str, int] = {}
@@ -39,7 +60,7 @@ def sync_partitions(instance: dg.DagsterInstance, platform: PlatformResource) ->
         existing = set(instance.get_dynamic_partitions(name))
         new = sorted(keys - existing)
         if new:
-            instance.add_dynamic_partitions(name, new)
+            add_partitions(instance, name, new)
         for key in sorted(existing - keys):
             instance.delete_dynamic_partition(name, key)
         added[name] = len(new)
