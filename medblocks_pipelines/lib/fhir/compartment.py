@@ -177,29 +177,22 @@ def reference_key(reference: str) -> tuple[str, str] | None:
     return rtype, rid
 
 
-def compartment_references(resource: Mapping[str, Any]) -> set[tuple[str, str]]:
-    """Every ``(type, id)`` the resource's compartment parameters point at."""
-    params = PATIENT_COMPARTMENT.get(str(resource.get("resourceType")), {})
+def _references(resource: Mapping[str, Any], paths: Iterable[str]) -> set[tuple[str, str]]:
+    """Every literal ``(type, id)`` reference found at the element ``paths``."""
     found: set[tuple[str, str]] = set()
-    for paths in params.values():
-        for path in paths:
-            for value in _values(resource, path.split(".")):
-                ref = value.get("reference") if isinstance(value, dict) else None
-                key = reference_key(ref) if isinstance(ref, str) else None
-                if key:
-                    found.add(key)
-    return found
-
-
-def _patient_references(resource: Mapping[str, Any], paths: Iterable[str]) -> set[str]:
-    found: set[str] = set()
     for path in paths:
         for value in _values(resource, path.split(".")):
             ref = value.get("reference") if isinstance(value, dict) else None
             key = reference_key(ref) if isinstance(ref, str) else None
-            if key and key[0] == "Patient":
-                found.add(key[1])
+            if key:
+                found.add(key)
     return found
+
+
+def compartment_references(resource: Mapping[str, Any]) -> set[tuple[str, str]]:
+    """Every ``(type, id)`` the resource's compartment parameters point at."""
+    params = PATIENT_COMPARTMENT.get(str(resource.get("resourceType")), {})
+    return _references(resource, (path for paths in params.values() for path in paths))
 
 
 def compartment_patients(resource: Mapping[str, Any]) -> set[str] | None:
@@ -207,7 +200,8 @@ def compartment_patients(resource: Mapping[str, Any]) -> set[str] | None:
     (a :data:`PATIENT_BOUND_SHARED` type counts as shared unless it names its patient)."""
     rtype = str(resource.get("resourceType"))
     if rtype in PATIENT_BOUND_SHARED:
-        return _patient_references(resource, PATIENT_BOUND_SHARED[rtype]) or None
+        bound = _references(resource, PATIENT_BOUND_SHARED[rtype])
+        return {rid for t, rid in bound if t == "Patient"} or None
     if rtype not in PATIENT_COMPARTMENT:
         return None
     patients = {rid for t, rid in compartment_references(resource) if t == "Patient"}

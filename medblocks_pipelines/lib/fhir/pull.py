@@ -115,6 +115,11 @@ class PullResult:
         """Failures, anomalies and quarantined rows so far (to tell which step added some)."""
         return sum(self.failures.values()), sum(self.anomalies.values()), self.quarantined
 
+    def hold_all_searches(self) -> None:
+        """No search's watermark may move (what went wrong is not tied to one search)."""
+        self.held_searches += self.clean_searches
+        self.clean_searches = []
+
     def anomaly(self, kind: str, note: str) -> None:
         """Record one anomaly (a note is kept for the first few of each pull)."""
         self.anomalies[kind] += 1
@@ -190,7 +195,6 @@ def _pull_patient(
     failed = 0
     for query in queries:
         trouble = result.trouble()
-        before = sum(result.failures.values())
         try:
             puller.search(query)
         except ConsentRevoked:
@@ -211,7 +215,7 @@ def _pull_patient(
             result.failures["transient"] += 1
         except ProtocolError:
             result.failures["protocol"] += 1
-        failed += sum(result.failures.values()) > before
+        failed += sum(result.failures.values()) > trouble[0]
         if result.trouble() == trouble:
             result.clean_searches.append(query.label)
         else:
@@ -223,8 +227,7 @@ def _pull_patient(
     puller.fetch_binaries()
     if result.trouble() != trouble:
         # What went wrong came from the searches' results: hold every search.
-        result.held_searches += result.clean_searches
-        result.clean_searches = []
+        result.hold_all_searches()
 
 
 def _status(result: PullResult) -> str:
@@ -278,10 +281,11 @@ def pull_connection(
     )
     result.pull_id = pull_id
     pulled_at = datetime.now(UTC)
-    since = None if full else cp.get_watermark(watermark_key(connection_id))
-    search_keys = cp.list_watermarks(watermark_key(connection_id) + "/")
-    prefix = len(watermark_key(connection_id)) + 1
-    search_since = {} if full else {k[prefix:]: v for k, v in search_keys.items() if v}
+    mark_key = watermark_key(connection_id)
+    since = None if full else cp.get_watermark(mark_key)
+    # Per-search marks (``search_watermark_key``): ``<mark_key>/<label>``.
+    search_keys = cp.list_watermarks(mark_key + "/")
+    search_since = {} if full else {k[len(mark_key) + 1 :]: v for k, v in search_keys.items() if v}
     result.since = since
     tokens = TokenManager(cp, connection_id, http=http, client_auth=client_auth)
     client = FhirClient(
@@ -352,7 +356,7 @@ def pull_connection(
     mark = (pulled_at - WATERMARK_OVERLAP).strftime("%Y-%m-%dT%H:%M:%SZ")
     if result.status == "success":
         # A complete pull moves the connection's watermark; the per-search ones are then stale.
-        cp.set_watermark(watermark_key(connection_id), mark)
+        cp.set_watermark(mark_key, mark)
         for key, value in search_keys.items():
             if value:
                 cp.set_watermark(key, None)
@@ -361,8 +365,7 @@ def pull_connection(
         for label in result.clean_searches:
             cp.set_watermark(search_watermark_key(connection_id, label), mark)
     else:
-        result.held_searches += result.clean_searches
-        result.clean_searches = []
+        result.hold_all_searches()
     cadence = timedelta(hours=float(cfg.get("pull_cadence_hours") or 24))
     cp.update_connection(connection_id, last_pull_at=pulled_at, next_pull_due=pulled_at + cadence)
     return result
