@@ -5,8 +5,10 @@ and waits for the export in between in this process with a progress display: fin
 whereas in Dagster the sensor does the waiting outside any run.
 """
 
+import concurrent.futures as cf
 import json
 import threading
+from concurrent.futures import Future
 from typing import Any
 
 import click
@@ -146,16 +148,45 @@ def _kick_off_wait_and_land(
                 definitions=definitions,
             )
             raise
-        # Ready: one run records the kick-off and lands it (one run's overhead, not two).
+        # Ready: one run records the kick-off and lands it (one run's overhead, not two). The
+        # landing begins as soon as the run is admitted, while Dagster starts the run; the run's
+        # land step takes it over (bulk_land.start_early_landing).
+        from medblocks_pipelines.lib.fhir.bulk_land import start_early_landing
+        from medblocks_pipelines.lib.settings import get_settings
+
+        settings = get_settings()  # what the run's PlatformResource reads: the same lake
+
+        landing: list[Future[Any]] = []
+        run_over = threading.Event()
+
+        def land_now(run_id: str) -> None:
+            def recorded() -> None:  # crash recovery finds dead runs (and their pulls) in storage
+                while instance.get_run_by_id(run_id) is None:
+                    if run_over.wait(0.02):
+                        raise RuntimeError(f"run {run_id[:8]} ended before it was recorded")
+
+            landing.append(
+                start_early_landing(cp, settings, early_id, run_id=run_id, when=recorded)
+            )
+
         land_config = {"config": {"export_id": early_id}}
-        sync = run_job(
-            "backend_sync_job",
-            partition_key=key,
-            run_config={"ops": {**kick_run_config["ops"], "backend__bulk_resources": land_config}},
-            tags={**tags, "medblocks/export": early_id},
-            instance=instance,
-            definitions=definitions,
-        )
+        try:
+            sync = run_job(
+                "backend_sync_job",
+                partition_key=key,
+                run_config={
+                    "ops": {**kick_run_config["ops"], "backend__bulk_resources": land_config}
+                },
+                tags={**tags, "medblocks/export": early_id},
+                instance=instance,
+                definitions=definitions,
+                on_admitted=land_now,
+            )
+        finally:
+            # Never exit with a landing half done (its thread is a daemon): a run that failed
+            # before its land step leaves the landing to finish and record itself.
+            run_over.set()
+            cf.wait(landing)
         mat = sync.asset_materializations_for_node("backend__bulk_resources")[0]
         return {k: v.value for k, v in mat.metadata.items()}
     kick = run_job(

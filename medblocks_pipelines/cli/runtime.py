@@ -158,9 +158,13 @@ def run_job(
     tags: Mapping[str, str] | None = None,
     instance: dg.DagsterInstance | None = None,
     definitions: dg.Definitions | None = None,
+    on_admitted: Callable[[str], object] | None = None,
 ) -> dg.ExecuteInProcessResult:
     """Execute ``job_name`` for one partition once the instance's run limits allow it; raise if
-    it failed. ``definitions``: already loaded ones (a command running several jobs loads once)."""
+    it failed. ``definitions``: already loaded ones (a command running several jobs loads once).
+    ``on_admitted(run_id)`` is called once the run has its slot, just before Dagster starts it:
+    work begun there (``cli.backend``'s landing) overlaps the run's own start-up and belongs to
+    that run."""
     from medblocks_pipelines.cli.admission import admitted
     from medblocks_pipelines.cli.core import control_plane as open_cp
     from medblocks_pipelines.cli.run_errors import check_partition, echo_run_warnings, run_failure
@@ -194,6 +198,8 @@ def run_job(
             database_url=get_settings().database_url,
             recover=lambda: recover_dead_runs(instance, control_plane=cp),
         ):
+            if on_admitted is not None:
+                on_admitted(run_id)
             result = in_fresh_context(
                 job.execute_in_process,
                 instance=instance,

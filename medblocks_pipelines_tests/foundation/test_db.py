@@ -14,6 +14,7 @@ from medblocks_pipelines.cli import main
 from medblocks_pipelines.lib.errors import ConfigError
 from medblocks_pipelines.lib.registry import open_control_plane
 from medblocks_pipelines.lib.registry.db import (
+    HEAD_REVISION,
     UPGRADE_HINT,
     current_revision,
     dispose_engines,
@@ -31,6 +32,11 @@ def _run(*args: str) -> tuple[int, str]:
 
 def _sqlite(path: Path) -> str:
     return f"sqlite:///{path}"
+
+
+def test_head_constant_is_alembics_head() -> None:
+    """The one-query open compares with HEAD_REVISION: it must be the shipped migrations' head."""
+    assert head_revision() == HEAD_REVISION
 
 
 def test_one_engine_per_url_across_threads(tmp_path: Path) -> None:

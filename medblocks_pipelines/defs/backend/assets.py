@@ -13,6 +13,7 @@ from medblocks_pipelines.defs.shared.resources import PlatformResource
 from medblocks_pipelines.defs.shared.summaries import landing_metadata
 from medblocks_pipelines.lib.errors import ConfigError, TransientError
 from medblocks_pipelines.lib.fhir.bulk import clamp_wait
+from medblocks_pipelines.lib.fhir.bulk_land import take_early_landing
 from medblocks_pipelines.lib.fhir.bulk_sync import (
     KickoffResult,
     in_flight_export,
@@ -155,7 +156,13 @@ def bulk_resources(
                 hint="materialize backend/bulk_export first",
             )
         export_id = row.id
-    report = land_export(cp, platform.settings, export_id, run_id=context.run_id)
+    # `medblocks sync backend` begins the landing as its run is admitted (start_early_landing);
+    # then this step waits for it and reports it, else it lands here.
+    early = take_early_landing(export_id, context.run_id)
+    if early is not None:
+        report = early.result()
+    else:
+        report = land_export(cp, platform.settings, export_id, run_id=context.run_id)
     for warning in report.warnings:
         context.log.warning(warning)
     md = report.as_metadata()

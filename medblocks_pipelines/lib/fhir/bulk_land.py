@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import httpx
@@ -46,11 +46,14 @@ from medblocks_pipelines.lib.fhir.bulk_files import (
     download_attachments,
     strip_block_headers,
 )
-from medblocks_pipelines.lib.fhir.bulk_land_pool import Batches
 from medblocks_pipelines.lib.registry import ControlPlane
 from medblocks_pipelines.lib.registry.rows import BulkExport
 from medblocks_pipelines.lib.settings import Settings
-from medblocks_pipelines.lib.warehouse.lake import LakeWriter, Provenance
+
+if TYPE_CHECKING:
+    # The lake (DuckDB, PyArrow: about a second of imports) loads when something lands, so a
+    # CLI sync's kick-off does not wait for it (see land_export).
+    from medblocks_pipelines.lib.warehouse.lake import LakeWriter
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,6 +185,8 @@ def land_export(
         manifest, gone = _current_manifest(cp, client, row)
         cp.update_bulk_export(export_id, status="downloading", run_id=run_id)
         report.expected_by_type = manifest.expected_counts
+        from medblocks_pipelines.lib.warehouse.lake import LakeWriter, Provenance
+
         prov = Provenance(tenant, PATTERN, cfg.source_id, org_id, row.connection_id, run_id)
         work = settings.data_dir / "bulk_work" / export_id / run_id[:12]
         errors_dir = settings.data_dir / "bulk_errors" / export_id
@@ -224,7 +229,7 @@ def land_export(
             http.close()
 
 
-def _summarise(report: SyncReport, writer: LakeWriter) -> None:
+def _summarise(report: SyncReport, writer: "LakeWriter") -> None:
     """Counts from the writer, the manifest comparison and the status."""
     stats = writer.stats
     report.counts_by_type = dict(stats.counts_by_type)
@@ -338,6 +343,55 @@ def abandon_expired(cp: ControlPlane, row: BulkExport, reason: str) -> None:
     )
 
 
+# ---------------------------------------------------------------------------------------------
+# Landing begun before the run's step (the CLI's hand-off)
+# ---------------------------------------------------------------------------------------------
+_EARLY: dict[tuple[str, str], "cf.Future[SyncReport]"] = {}
+_EARLY_LOCK = threading.Lock()
+
+
+def start_early_landing(
+    cp: ControlPlane,
+    settings: Settings,
+    export_id: str,
+    *,
+    run_id: str,
+    when: Callable[[], object] | None = None,
+) -> "cf.Future[SyncReport]":
+    """Begin :func:`land_export` for run ``run_id`` on a thread of this process, now.
+
+    ``medblocks sync backend`` calls it once its Dagster run is admitted, just before Dagster
+    starts the run, so the download overlaps the run's start-up (about a second of the
+    CLI's time) instead of following it. The run's land step takes the landing over
+    (:func:`take_early_landing`) and reports it as its own: same run id in provenance, pull
+    history and the export row. ``when()`` blocks until the landing may begin (the CLI waits
+    for the run to be in Dagster's storage, so crash recovery can always find the run a pull
+    row names) or raises to cancel it. The caller must wait for the future before it exits.
+    """
+    future: cf.Future[SyncReport] = cf.Future()
+
+    def work() -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            if when is not None:
+                when()
+            future.set_result(land_export(cp, settings, export_id, run_id=run_id))
+        except BaseException as exc:  # handed to whoever waits: the step, or the CLI
+            future.set_exception(exc)
+
+    with _EARLY_LOCK:
+        _EARLY[(export_id, run_id)] = future
+    threading.Thread(target=work, name=f"bulk-land-{export_id[:8]}", daemon=True).start()
+    return future
+
+
+def take_early_landing(export_id: str, run_id: str) -> "cf.Future[SyncReport] | None":
+    """The landing this process began for ``export_id`` under run ``run_id``, once (else None)."""
+    with _EARLY_LOCK:
+        return _EARLY.pop((export_id, run_id), None)
+
+
 def _current_manifest(
     cp: ControlPlane, client: BulkClient, row: BulkExport
 ) -> tuple[Manifest, int]:
@@ -366,7 +420,7 @@ def _current_manifest(
 def _download_and_land(
     client: BulkClient,
     manifest: Manifest,
-    writer: LakeWriter,
+    writer: "LakeWriter",
     report: SyncReport,
     work: Path,
     errors_dir: Path,
@@ -384,6 +438,8 @@ def _download_and_land(
     attachment_urls: list[tuple[str, str]] = []
     failures: list[str] = []
     expired: list[ExportExpired] = []
+    from medblocks_pipelines.lib.fhir.bulk_land_pool import Batches
+
     batches = Batches(writer, work, report.export_id, received, workers=cfg.land_workers)
     # Output files still to come per type: a type's batch lands once its last file is in.
     to_come = Counter(item.type or "(by patient)" for item in items if item.kind == "output")
@@ -489,7 +545,7 @@ def _download_and_land(
 
 
 def _land_deleted(
-    got: DownloadResult, writer: LakeWriter, transaction_time: str, origin: str
+    got: DownloadResult, writer: "LakeWriter", transaction_time: str, origin: str
 ) -> None:
     """Each line is a transaction Bundle of ``DELETE Type/id`` entries (SPECS §3.2)."""
     for lineno, raw in enumerate(iter_lines(got.path, gzipped=got.gzip), start=1):
@@ -526,7 +582,7 @@ def _count_outcomes(
     got: DownloadResult,
     severities: Counter[str],
     codes: Counter[str],
-    writer: LakeWriter,
+    writer: "LakeWriter",
     origin: str,
     report: SyncReport,
 ) -> None:

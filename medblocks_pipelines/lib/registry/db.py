@@ -12,6 +12,10 @@ too); a forked child drops the parent's pools without closing the parent's conne
 Migrations are an explicit step (``medblocks db upgrade``, :func:`upgrade`). Opening a store only
 checks that the schema is at head (:func:`ensure_schema`); the one exception is a brand-new embedded
 SQLite database, which is created at head so ``medblocks`` works with no setup step.
+
+Alembic (about half a second of imports) is loaded only when the schema is not already at
+:data:`HEAD_REVISION`: the usual open reads the stamp with one query, so a command's first
+request (a Bulk kick-off, say) is not held up by migration tooling it does not use.
 """
 
 import atexit
@@ -24,17 +28,20 @@ import time
 from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 
 from medblocks_pipelines.lib.errors import ConfigError
 from medblocks_pipelines.lib.registry.schema import load_all_tables
 
+if TYPE_CHECKING:
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+#: The newest migration in ``migrations/versions`` (``test_db`` checks it against Alembic's own
+#: head, so a new migration that forgets to move it fails there).
+HEAD_REVISION = "0004"
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 UPGRADE_HINT = "run: medblocks db upgrade"
 
@@ -134,8 +141,10 @@ atexit.register(dispose_engines)
 os.register_at_fork(after_in_child=_forget_after_fork)
 
 
-def alembic_config(engine: sa.Engine | None = None) -> Config:
+def alembic_config(engine: sa.Engine | None = None) -> "Config":
     """An Alembic config bound to ``engine`` (no alembic.ini needed)."""
+    from alembic.config import Config
+
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
     if engine is not None:
@@ -143,7 +152,9 @@ def alembic_config(engine: sa.Engine | None = None) -> Config:
     return cfg
 
 
-def _scripts() -> ScriptDirectory:
+def _scripts() -> "ScriptDirectory":
+    from alembic.script import ScriptDirectory
+
     return ScriptDirectory.from_config(alembic_config())
 
 
@@ -158,12 +169,26 @@ def head_revision() -> str:
 
 def current_revision(engine: sa.Engine) -> str | None:
     """The revision the database is at (None: never migrated)."""
+    from alembic.runtime.migration import MigrationContext
+
     with engine.connect() as conn:
         return MigrationContext.configure(conn).get_current_revision()
 
 
+def _stamped_at_head(engine: sa.Engine) -> bool:
+    """One query, no Alembic: is the database stamped with :data:`HEAD_REVISION` alone?"""
+    try:
+        with engine.connect() as conn:
+            stamps = conn.exec_driver_sql("SELECT version_num FROM alembic_version").all()
+    except sa.exc.DBAPIError:  # no stamp table yet: a new database, or not ours
+        return False
+    return [row[0] for row in stamps] == [HEAD_REVISION]
+
+
 def upgrade(engine: sa.Engine, revision: str = "head") -> None:
     """Bring the schema to ``revision`` (idempotent; ``medblocks db upgrade`` runs it)."""
+    from alembic import command
+
     load_all_tables()
     with _UPGRADE_LOCK:
         command.upgrade(alembic_config(engine), revision)
@@ -197,6 +222,8 @@ def ensure_schema(engine: sa.Engine) -> None:
     upgraded here instead: there is nothing to migrate, only tables to create. PostgreSQL and
     SQLite databases that hold data always need the explicit ``medblocks db upgrade``.
     """
+    if _stamped_at_head(engine):
+        return
     current, head = current_revision(engine), head_revision()
     if current == head:
         return
