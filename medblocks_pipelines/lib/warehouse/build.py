@@ -421,7 +421,8 @@ def _insert_resources(con: duckdb.DuckDBPyConnection) -> None:
     A semi-join on the small pointer table: only the current rows' JSON is read, never hashed.
     Batches of whole lake files, in file order: a row's pointer names its file, so a batch sees
     every current row of its files and nothing else; the filter on ``filename`` makes DuckDB open
-    only the batch's files. The rows and their order are those of one INSERT over the lake.
+    only the batch's files. The rows are those of one INSERT over the lake; they are stored in
+    lake-file order (the one INSERT left them in its hash table's order).
     """
     per_file = [
         (int(fid), str(name), int(n))
@@ -437,6 +438,17 @@ def _insert_resources(con: duckdb.DuckDBPyConnection) -> None:
     (disabled,) = con.execute("SELECT current_setting('disabled_optimizers')").fetchone() or ("",)
     fixed = ",".join(x for x in (disabled, "join_order", "build_side_probe_side") if x)
     con.execute(f"SET disabled_optimizers = '{_sql_str(fixed)}'")
+    try:
+        _insert_batches(con, per_file)
+    finally:
+        con.execute(f"SET disabled_optimizers = '{_sql_str(disabled)}'")
+
+
+def _insert_batches(
+    con: duckdb.DuckDBPyConnection, per_file: Sequence[tuple[int, str, int]]
+) -> None:
+    """One INSERT per batch of files; the two filters (files, their ids) keep both join sides to
+    the batch."""
     for batch in _file_batches(per_file, RESOURCES_BATCH_ROWS):
         names = ", ".join(f"'{_sql_str(name)}'" for _, name, _ in batch)
         con.execute(
@@ -453,7 +465,6 @@ def _insert_resources(con: duckdb.DuckDBPyConnection) -> None:
               AND f.file_id BETWEEN {batch[0][0]} AND {batch[-1][0]}
             """
         )
-    con.execute(f"SET disabled_optimizers = '{_sql_str(disabled)}'")
 
 
 #: ``resources``: the JSON text zstd-compressed (see ``build_base_tables``).
