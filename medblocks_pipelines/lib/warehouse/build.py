@@ -265,11 +265,13 @@ def build_base_tables(
     # Each lake file a version points at gets a small number, so the pointers the join below
     # matches on are two integers, not a path per row (a 10M-row build then joins within its
     # memory limit instead of spilling long strings).
+    # (filename too: a batch below reads only its own files, by a filter on filename that
+    # DuckDB pushes into the Parquet scan.)
     con.execute(
         """
         CREATE TEMP TABLE lake_file_ids AS
-        SELECT lake_file, row_number() OVER (ORDER BY lake_file) AS file_id
-        FROM (SELECT DISTINCT lake_file FROM resource_versions)
+        SELECT filename, lake_file, row_number() OVER (ORDER BY lake_file) AS file_id
+        FROM (SELECT DISTINCT filename, lake_file FROM lake_rows WHERE NOT deleted)
         """
     )
     # Latest state per resource at a source: source time first (lastUpdated, deletion time), a
@@ -294,44 +296,44 @@ def build_base_tables(
             AND NOT deleted
         """
     )
-    # A semi-join on the small pointer table: only the current rows' JSON is read, never hashed.
     # The JSON column is stored zstd-compressed: DuckDB's default (dictionary/FSST) analysis of
     # kilobyte-long texts costs more CPU than the rest of the table and compresses them ~2x,
     # zstd ~15x (bench_bulk_ingest: the warehouse file is a tenth of the size).
     con.execute(RESOURCES_DDL)
-    con.execute(
-        """
-        INSERT INTO resources
-        SELECT source || '/' || resource_type || '/' || resource_id AS resource_key,
-               resource_type, resource_id, version_id, last_updated, content_hash, resource,
-               tenant, pattern, source, organization, connection, fetched_at, run_id,
-               permitted_purpose, network_query_id
-        FROM lake_rows l
-        JOIN lake_file_ids f ON l.lake_file = f.lake_file
-        SEMI JOIN current_rows c ON c.file_id = f.file_id AND c.lake_row = l.file_row_number
-        """
-    )
+    _insert_resources(con)
     con.execute("DROP TABLE current_rows")
     con.execute("DROP TABLE lake_file_ids")
 
     # Every relationship that delivered each current resource: the same EHR record can arrive by a
     # backend export and by a patient's own connection; `resources` keeps one row, this keeps both.
+    # In two plain aggregations, each spilling past the memory limit: count(DISTINCT run_id) in
+    # one did not (1M resources: out of memory at 200 MB), nor the two in one statement.
     con.execute(
         """
-        CREATE TABLE resource_sightings AS
+        CREATE TEMP TABLE sighting_runs AS
         SELECT l.source || '/' || l.resource_type || '/' || l.resource_id AS resource_key,
-               l.pattern, l.organization, l.connection, l.permitted_purpose,
-               min(l.fetched_at) AS first_fetched_at, max(l.fetched_at) AS last_fetched_at,
-               count(DISTINCT l.run_id) AS runs
+               l.pattern, l.organization, l.connection, l.permitted_purpose, l.run_id,
+               min(l.fetched_at) AS first_fetched_at, max(l.fetched_at) AS last_fetched_at
         FROM lake_rows l
         SEMI JOIN resources v
           ON v.source = l.source AND v.resource_type = l.resource_type
          AND v.resource_id = l.resource_id
         WHERE NOT l.deleted
         GROUP BY ALL
+        """
+    )
+    con.execute(
+        """
+        CREATE TABLE resource_sightings AS
+        SELECT resource_key, pattern, organization, connection, permitted_purpose,
+               min(first_fetched_at) AS first_fetched_at, max(last_fetched_at) AS last_fetched_at,
+               count(run_id) AS runs  -- = count(DISTINCT run_id): one row per run above
+        FROM sighting_runs
+        GROUP BY ALL
         ORDER BY ALL
         """
     )
+    con.execute("DROP TABLE sighting_runs")
 
     qglob = quarantine_glob(settings.lake_root, tenant)
     if _has_files(qglob):
@@ -385,6 +387,84 @@ def build_base_tables(
     )
     pulls_arrow = pa.Table.from_pylist(pull_rows, schema=pull_schema)  # noqa: F841
     con.execute("CREATE TABLE pull_history AS SELECT * FROM pulls_arrow ORDER BY id")
+
+
+#: Current rows whose JSON one INSERT copies into ``resources``. One INSERT over the whole lake
+#: held memory in proportion to it (10M resources: out of memory at a 640 MB limit); a batch of
+#: lake files at a time holds a batch's worth, whatever the lake's size.
+RESOURCES_BATCH_ROWS = 500_000
+
+
+def _file_batches(
+    per_file: Sequence[tuple[int, str, int]], batch_rows: int
+) -> list[list[tuple[int, str, int]]]:
+    """Consecutive ``(file_id, filename, current rows)`` groups of about ``batch_rows`` rows (a
+    file with more rows is a batch of its own: lake files are bounded by landing and
+    compaction)."""
+    batches: list[list[tuple[int, str, int]]] = []
+    batch: list[tuple[int, str, int]] = []
+    rows = 0
+    for item in per_file:
+        if batch and rows + item[2] > batch_rows:
+            batches.append(batch)
+            batch, rows = [], 0
+        batch.append(item)
+        rows += item[2]
+    if batch:
+        batches.append(batch)
+    return batches
+
+
+def _insert_resources(con: duckdb.DuckDBPyConnection) -> None:
+    """Copy each current row (``current_rows``) with its JSON from the lake into ``resources``.
+
+    A semi-join on the small pointer table: only the current rows' JSON is read, never hashed.
+    Batches of whole lake files, in file order: a row's pointer names its file, so a batch sees
+    every current row of its files and nothing else; the filter on ``filename`` makes DuckDB open
+    only the batch's files. The rows are those of one INSERT over the lake; they are stored in
+    lake-file order (the one INSERT left them in its hash table's order).
+    """
+    per_file = [
+        (int(fid), str(name), int(n))
+        for fid, name, n in con.execute(
+            "SELECT file_id, filename, count(*) FROM current_rows JOIN lake_file_ids "
+            "USING (file_id) GROUP BY ALL ORDER BY file_id"
+        ).fetchall()
+    ]
+    # The pointers are the hash join's build side, the lake rows (with their JSON) stream past
+    # them, as written. Left to itself DuckDB builds on whichever side it estimates smaller,
+    # and a file's row count can look smaller than the pointers: it then held the JSON of every
+    # row in a hash table (10M resources: out of memory at 640 MB; 1M: at 256 MB).
+    (disabled,) = con.execute("SELECT current_setting('disabled_optimizers')").fetchone() or ("",)
+    fixed = ",".join(x for x in (disabled, "join_order", "build_side_probe_side") if x)
+    con.execute(f"SET disabled_optimizers = '{_sql_str(fixed)}'")
+    try:
+        _insert_batches(con, per_file)
+    finally:
+        con.execute(f"SET disabled_optimizers = '{_sql_str(disabled)}'")
+
+
+def _insert_batches(
+    con: duckdb.DuckDBPyConnection, per_file: Sequence[tuple[int, str, int]]
+) -> None:
+    """One INSERT per batch of files; the two filters (files, their ids) keep both join sides to
+    the batch."""
+    for batch in _file_batches(per_file, RESOURCES_BATCH_ROWS):
+        names = ", ".join(f"'{_sql_str(name)}'" for _, name, _ in batch)
+        con.execute(
+            f"""
+            INSERT INTO resources
+            SELECT source || '/' || resource_type || '/' || resource_id AS resource_key,
+                   resource_type, resource_id, version_id, last_updated, content_hash, resource,
+                   tenant, pattern, source, organization, connection, fetched_at, run_id,
+                   permitted_purpose, network_query_id
+            FROM lake_rows l
+            JOIN lake_file_ids f ON l.filename = f.filename
+            SEMI JOIN current_rows c ON c.file_id = f.file_id AND c.lake_row = l.file_row_number
+            WHERE l.filename IN ({names})
+              AND f.file_id BETWEEN {batch[0][0]} AND {batch[-1][0]}
+            """
+        )
 
 
 #: ``resources``: the JSON text zstd-compressed (see ``build_base_tables``).
