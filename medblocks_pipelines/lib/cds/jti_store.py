@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 REDIS_URL_ENV = "MEDBLOCKS_REDIS_URL"
 KEY_PREFIX = "medblocks:cds:jti:"
 PURGE_INTERVAL = 600.0
+REDIS_TIMEOUT = 2.0
 
 
 class JtiStore(Protocol):
@@ -72,17 +73,26 @@ class SqlJtiStore:
 
 
 class RedisJtiStore:
-    """One Redis key per ``(iss, jti)``, set with ``NX`` and expiring when the token does."""
+    """One Redis key per ``(iss, jti)``, set with ``NX`` and expiring when the token does.
 
-    def __init__(self, client: Any, *, prefix: str = KEY_PREFIX) -> None:
+    :meth:`remember_async` is the same ``SET NX EX`` from an event loop (the web layer's inline
+    hook calls), through an asyncio client on the same Redis, made per loop on first use.
+    """
+
+    def __init__(self, client: Any, *, prefix: str = KEY_PREFIX, url: str | None = None) -> None:
         self.redis = client
         self.prefix = prefix
+        self.url = url
+        self._async: tuple[Any, Any] | None = None  # (event loop, redis.asyncio client)
 
     @classmethod
     def from_url(cls, url: str) -> "RedisJtiStore":
         import redis
 
-        return cls(redis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0))
+        client = redis.Redis.from_url(
+            url, socket_timeout=REDIS_TIMEOUT, socket_connect_timeout=REDIS_TIMEOUT
+        )
+        return cls(client, url=url)
 
     def key(self, iss: str, jti: str) -> str:
         # Hashed: the issuer URL and jti are caller-chosen strings of any length and alphabet.
@@ -92,6 +102,36 @@ class RedisJtiStore:
     def remember(self, iss: str, jti: str, forget_after: float) -> bool:
         ttl = max(1, int(forget_after - time.time()) + 1)
         return bool(self.redis.set(self.key(iss, jti), b"1", nx=True, ex=ttl))
+
+    @property
+    def has_async(self) -> bool:
+        """Whether :meth:`remember_async` can run (the store was opened from a URL)."""
+        return self.url is not None
+
+    async def remember_async(self, iss: str, jti: str, forget_after: float) -> bool:
+        """:meth:`remember` without blocking the event loop (same key, same atomic ``SET NX``)."""
+        ttl = max(1, int(forget_after - time.time()) + 1)
+        client = self._async_client()
+        return bool(await client.set(self.key(iss, jti), b"1", nx=True, ex=ttl))
+
+    def _async_client(self) -> Any:
+        import asyncio
+
+        import redis.asyncio
+
+        loop = asyncio.get_running_loop()
+        current = self._async
+        if current is None or current[0] is not loop:
+            # A connection pool belongs to the loop that made it (a test client may run several).
+            assert self.url is not None
+            current = (
+                loop,
+                redis.asyncio.Redis.from_url(
+                    self.url, socket_timeout=REDIS_TIMEOUT, socket_connect_timeout=REDIS_TIMEOUT
+                ),
+            )
+            self._async = current
+        return current[1]
 
     def close(self) -> None:
         self.redis.close()
