@@ -151,3 +151,26 @@ def test_order_hooks_and_the_sql_jti_store_stay_in_a_thread(cds_env: Any, servic
     sql = CdsAuthenticator(cds_env.cp, http=cds_env.http, jti_store=SqlJtiStore(cds_env.cp.engine))
     with pytest.raises(MustOffload):  # the cds_jti table: a blocking transaction
         asyncio.run(sql.verify_async("Bearer x", url=url, offload=Offloads()))
+
+
+def test_many_calls_in_flight_on_one_loop_wait_for_a_redis_connection(
+    cds_env: Any, service: Any
+) -> None:
+    """More calls in flight than the asyncio pool has connections: each waits for one (the
+    default pool refused the 101st with a 503)."""
+    import json
+
+    url = service.service_url(PV)
+    _call(service, cds_env.sign(url), patient_view("a1"), Offloads())  # warm the caches
+    n = 150
+    tokens = [cds_env.sign(url) for _ in range(n)]
+    raw = json.dumps(patient_view("a1")).encode()
+
+    async def all_at_once() -> list[Any]:
+        offload = Offloads()
+        calls = [service.call_async(PV, f"Bearer {t}", raw, offload=offload) for t in tokens]
+        return await asyncio.gather(*calls, return_exceptions=True)
+
+    answers = asyncio.run(all_at_once())
+    assert [a for a in answers if not isinstance(a, dict)] == []
+    assert len(answers) == n

@@ -22,6 +22,7 @@ REDIS_URL_ENV = "MEDBLOCKS_REDIS_URL"
 KEY_PREFIX = "medblocks:cds:jti:"
 PURGE_INTERVAL = 600.0
 REDIS_TIMEOUT = 2.0
+ASYNC_MAX_CONNECTIONS = 32
 
 
 class JtiStore(Protocol):
@@ -126,15 +127,28 @@ class RedisJtiStore:
             assert self.url is not None
             current = (
                 loop,
-                redis.asyncio.Redis.from_url(
-                    self.url, socket_timeout=REDIS_TIMEOUT, socket_connect_timeout=REDIS_TIMEOUT
-                ),
+                redis.asyncio.Redis(connection_pool=_blocking_pool(self.url)),
             )
             self._async = current
         return current[1]
 
     def close(self) -> None:
         self.redis.close()
+
+
+def _blocking_pool(url: str) -> Any:
+    """An asyncio pool that waits (up to ``REDIS_TIMEOUT``) for a free connection when
+    ``ASYNC_MAX_CONNECTIONS`` are busy: an overloaded worker has hundreds of calls in flight on
+    one loop, and the default pool refuses the 101st (a 503 for a call that only had to wait)."""
+    import redis.asyncio
+
+    return redis.asyncio.BlockingConnectionPool.from_url(
+        url,
+        max_connections=ASYNC_MAX_CONNECTIONS,
+        timeout=REDIS_TIMEOUT,
+        socket_timeout=REDIS_TIMEOUT,
+        socket_connect_timeout=REDIS_TIMEOUT,
+    )
 
 
 def redis_url(env: Any = None) -> str | None:
