@@ -174,3 +174,18 @@ def test_many_calls_in_flight_on_one_loop_wait_for_a_redis_connection(
     answers = asyncio.run(all_at_once())
     assert [a for a in answers if not isinstance(a, dict)] == []
     assert len(answers) == n
+
+
+def test_an_unreachable_redis_fails_closed_inline(cds_env: Any, service: Any) -> None:
+    import redis
+
+    from medblocks_pipelines_tests.clinician_workflow.test_cds_workers import socket_closed_port
+
+    url = service.service_url(PV)
+    _call(service, cds_env.sign(url), patient_view("a1"), Offloads())  # warm the caches
+    with socket_closed_port() as port:
+        down = f"redis://127.0.0.1:{port}/0"
+        service.auth.jtis = RedisJtiStore(redis.Redis.from_url(down), url=down)
+        with pytest.raises(CdsRequestError) as err:
+            _call(service, cds_env.sign(url), patient_view("a1"), Offloads())
+    assert err.value.status == 503 and err.value.reason == "jti_unavailable"

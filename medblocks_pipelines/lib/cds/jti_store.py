@@ -137,15 +137,18 @@ class RedisJtiStore:
 
 
 def _blocking_pool(url: str) -> Any:
-    """An asyncio pool that waits (up to ``REDIS_TIMEOUT``) for a free connection when
-    ``ASYNC_MAX_CONNECTIONS`` are busy: an overloaded worker has hundreds of calls in flight on
-    one loop, and the default pool refuses the 101st (a 503 for a call that only had to wait)."""
+    """An asyncio pool that waits for a free connection when ``ASYNC_MAX_CONNECTIONS`` are busy.
+
+    An overloaded worker has hundreds of calls in flight on one loop: the default pool refused
+    the 101st, and a 2 s wait still refused calls in a saturated loop (replies wait their turn
+    there), a 503 for calls that only had to queue, as they queue for a thread on the threaded
+    path. A Redis that is down still fails closed: connect and socket timeouts are 2 s."""
     import redis.asyncio
 
     return redis.asyncio.BlockingConnectionPool.from_url(
         url,
         max_connections=ASYNC_MAX_CONNECTIONS,
-        timeout=REDIS_TIMEOUT,
+        timeout=None,
         socket_timeout=REDIS_TIMEOUT,
         socket_connect_timeout=REDIS_TIMEOUT,
     )
