@@ -71,14 +71,17 @@ def routes(ctx: Any) -> list[BaseRoute]:
     async def discovery(request: Request) -> Response:
         try:
             service = ctx.extra.get("cds_service") or await run_in_threadpool(get_service, ctx)
-            body = await run_in_threadpool(service.discovery, request.headers.get("authorization"))
+            body = await service.discovery_async(
+                request.headers.get("authorization"), offload=run_in_threadpool
+            )
         except CdsRequestError as exc:
             log.info("cds discovery refused: %s", exc.reason)
             return _error(exc)
         return JSONResponse(body)
 
     def json_post(method: str, what: str) -> Any:
-        """A POST handler running ``service.<method>(service_id, authorization, body)``."""
+        """A POST handler awaiting ``service.<method>(service_id, authorization, body, offload=)``
+        (on the event loop where nothing has to wait, else in a thread)."""
 
         async def handler(request: Request) -> Response:
             if "json" not in request.headers.get("content-type", ""):
@@ -92,11 +95,11 @@ def routes(ctx: Any) -> list[BaseRoute]:
             raw = await request.body()
             try:
                 service = ctx.extra.get("cds_service") or await run_in_threadpool(get_service, ctx)
-                body = await run_in_threadpool(
-                    getattr(service, method),
+                body = await getattr(service, method)(
                     request.path_params["service_id"],
                     request.headers.get("authorization"),
                     raw,
+                    offload=run_in_threadpool,
                 )
             except CdsRequestError as exc:
                 log.info("cds %s refused: %s", what, exc.reason)
@@ -105,8 +108,8 @@ def routes(ctx: Any) -> list[BaseRoute]:
 
         return handler
 
-    call = json_post("call", "call")
-    feedback = json_post("feedback", "feedback")
+    call = json_post("call_async", "call")
+    feedback = json_post("feedback_async", "feedback")
 
     return [
         Route("/cds-services", discovery, methods=["GET"]),

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import duckdb
 import polars as pl
 
+from medblocks_pipelines.lib.cds.inline import may_block
 from medblocks_pipelines.lib.errors import WarehouseError
 from medblocks_pipelines.lib.settings import Tuning
 from medblocks_pipelines.lib.warehouse.read_policy import (
@@ -320,6 +321,8 @@ class TenantIndex:
 
     def current(self) -> Snapshot | None:
         """The snapshot to answer from (None only when no good warehouse was ever read)."""
+        if self._snapshot is None:
+            may_block("warehouse index")  # the first refresh and load are synchronous
         now = time.monotonic()
         if self.refresh is not None and (
             self._last_refresh is None or now - self._last_refresh >= self.refresh_interval

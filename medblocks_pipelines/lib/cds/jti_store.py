@@ -21,6 +21,8 @@ log = logging.getLogger(__name__)
 REDIS_URL_ENV = "MEDBLOCKS_REDIS_URL"
 KEY_PREFIX = "medblocks:cds:jti:"
 PURGE_INTERVAL = 600.0
+REDIS_TIMEOUT = 2.0
+ASYNC_MAX_CONNECTIONS = 32
 
 
 class JtiStore(Protocol):
@@ -72,17 +74,26 @@ class SqlJtiStore:
 
 
 class RedisJtiStore:
-    """One Redis key per ``(iss, jti)``, set with ``NX`` and expiring when the token does."""
+    """One Redis key per ``(iss, jti)``, set with ``NX`` and expiring when the token does.
 
-    def __init__(self, client: Any, *, prefix: str = KEY_PREFIX) -> None:
+    :meth:`remember_async` is the same ``SET NX EX`` from an event loop (the web layer's inline
+    hook calls), through an asyncio client on the same Redis, made per loop on first use.
+    """
+
+    def __init__(self, client: Any, *, prefix: str = KEY_PREFIX, url: str | None = None) -> None:
         self.redis = client
         self.prefix = prefix
+        self.url = url
+        self._async: tuple[Any, Any] | None = None  # (event loop, redis.asyncio client)
 
     @classmethod
     def from_url(cls, url: str) -> "RedisJtiStore":
         import redis
 
-        return cls(redis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0))
+        client = redis.Redis.from_url(
+            url, socket_timeout=REDIS_TIMEOUT, socket_connect_timeout=REDIS_TIMEOUT
+        )
+        return cls(client, url=url)
 
     def key(self, iss: str, jti: str) -> str:
         # Hashed: the issuer URL and jti are caller-chosen strings of any length and alphabet.
@@ -93,8 +104,54 @@ class RedisJtiStore:
         ttl = max(1, int(forget_after - time.time()) + 1)
         return bool(self.redis.set(self.key(iss, jti), b"1", nx=True, ex=ttl))
 
+    @property
+    def has_async(self) -> bool:
+        """Whether :meth:`remember_async` can run (the store was opened from a URL)."""
+        return self.url is not None
+
+    async def remember_async(self, iss: str, jti: str, forget_after: float) -> bool:
+        """:meth:`remember` without blocking the event loop (same key, same atomic ``SET NX``)."""
+        ttl = max(1, int(forget_after - time.time()) + 1)
+        client = self._async_client()
+        return bool(await client.set(self.key(iss, jti), b"1", nx=True, ex=ttl))
+
+    def _async_client(self) -> Any:
+        import asyncio
+
+        import redis.asyncio
+
+        loop = asyncio.get_running_loop()
+        current = self._async
+        if current is None or current[0] is not loop:
+            # A connection pool belongs to the loop that made it (a test client may run several).
+            assert self.url is not None
+            current = (
+                loop,
+                redis.asyncio.Redis(connection_pool=_blocking_pool(self.url)),
+            )
+            self._async = current
+        return current[1]
+
     def close(self) -> None:
         self.redis.close()
+
+
+def _blocking_pool(url: str) -> Any:
+    """An asyncio pool that waits for a free connection when ``ASYNC_MAX_CONNECTIONS`` are busy.
+
+    An overloaded worker has hundreds of calls in flight on one loop: the default pool refused
+    the 101st, and a 2 s wait still refused calls in a saturated loop (replies wait their turn
+    there), a 503 for calls that only had to queue, as they queue for a thread on the threaded
+    path. A Redis that is down still fails closed: connect and socket timeouts are 2 s."""
+    import redis.asyncio
+
+    return redis.asyncio.BlockingConnectionPool.from_url(
+        url,
+        max_connections=ASYNC_MAX_CONNECTIONS,
+        timeout=None,
+        socket_timeout=REDIS_TIMEOUT,
+        socket_connect_timeout=REDIS_TIMEOUT,
+    )
 
 
 def redis_url(env: Any = None) -> str | None:

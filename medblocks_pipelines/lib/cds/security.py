@@ -15,6 +15,10 @@ Rules, each refused with a :class:`CdsRequestError` (401) and a reason code:
   (:mod:`lib.cds.jti_store`: Redis ``SET NX EX`` when ``MEDBLOCKS_REDIS_URL`` is set, else the
   ``cds_jti`` table's primary key), so a replay fails across workers, processes and machines.
 
+:meth:`CdsAuthenticator.verify_async` makes the same checks on the event loop (the jti awaited;
+:mod:`lib.cds.inline`): whatever would block there (a registry re-read, a JWKS fetch, the SQL
+jti store, a refusal's audit row) is done in a thread, never skipped.
+
 JWKS documents are cached per URL (``JWKS_TTL``), inline ones per organization (parsed once, not
 per call); an unknown ``kid`` refetches at most once per
 ``KID_REFETCH_INTERVAL`` (key rotation), so a flood of forged kids cannot hammer the EHR.
@@ -25,13 +29,14 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import httpx
 import jwt
 
+from medblocks_pipelines.lib.cds.inline import MustOffload, inline_mode, may_block
 from medblocks_pipelines.lib.cds.jti_store import JtiStore, SqlJtiStore, open_jti_store
 from medblocks_pipelines.lib.errors import CdsRequestError
 from medblocks_pipelines.lib.registry.rows import Organization
@@ -65,6 +70,13 @@ class CdsClient:
 
 def _refuse(message: str, reason: str) -> CdsRequestError:
     return CdsRequestError(message, status=401, reason=reason)
+
+
+def _jti_unavailable(exc: Exception) -> CdsRequestError:
+    log.warning("cds jti store unavailable (%s)", type(exc).__name__)
+    return CdsRequestError(
+        "the replay check is unavailable; try again", status=503, reason="jti_unavailable"
+    )
 
 
 def _unverified_claims(token: str) -> dict[str, Any]:
@@ -112,6 +124,7 @@ class CdsAuthenticator:
         cached = self._orgs
         if cached is not None and now - cached[0] < max_age:
             return cached[1]
+        may_block("registry")
         orgs = [o for o in self.cp.list_organizations() if (o.config or {}).get("cds")]
         self._orgs = (now, orgs)
         return orgs
@@ -145,6 +158,7 @@ class CdsAuthenticator:
 
     # -- keys -------------------------------------------------------------------------------------
     def _fetch_jwks(self, url: str) -> jwt.PyJWKSet:
+        may_block("jwks")
         try:
             resp = self.http.get(url, headers={"Accept": "application/json"}, timeout=5.0)
             resp.raise_for_status()
@@ -193,6 +207,7 @@ class CdsAuthenticator:
             last = self._last_refetch.get(url)
             if last is not None and now - last < KID_REFETCH_INTERVAL:
                 raise
+            may_block("jwks")  # before the refetch is counted: the thread's retry must fetch
             self._last_refetch[url] = now
             return self._pick(self._fetch_jwks(url), kid)
 
@@ -206,6 +221,57 @@ class CdsAuthenticator:
     # -- the check --------------------------------------------------------------------------------
     def verify(self, authorization: str | None, *, url: str) -> CdsClient:
         """Verify ``Authorization: Bearer <JWT>`` for a call to ``url``; returns the caller."""
+        org, token, header, alg, iss = self._prepare(authorization)
+        try:
+            client, forget_after = self._verify_for(org, token, header, alg, iss, url)
+            try:
+                new = self.jtis.remember(iss, client.claims["jti"], forget_after)
+            except Exception as exc:  # noqa: BLE001 - Redis or the database is down: fail closed
+                raise _jti_unavailable(exc) from exc
+            if not new:
+                raise _refuse("the JWT jti was already used", "replayed_jti")
+            return client
+        except CdsRequestError as exc:
+            # The issuer is one of the tenant's organizations: its refusals belong in its audit
+            # log (replays, expired or misaddressed tokens are how a leaked token shows up).
+            self._audit_refusal(org, exc.reason)
+            raise
+
+    async def verify_async(
+        self,
+        authorization: str | None,
+        *,
+        url: str,
+        offload: Callable[..., Awaitable[Any]],
+    ) -> CdsClient:
+        """:meth:`verify` on the event loop: the same checks in the same order, the jti awaited.
+
+        Raises :class:`MustOffload` (having remembered nothing) when a check would block: the
+        caller then runs :meth:`verify` in a thread. A refusal's audit row is written through
+        ``offload`` (a thread) before the refusal is raised, as :meth:`verify` does.
+        """
+        if not getattr(self.jtis, "has_async", False):
+            raise MustOffload("jti store")  # the SQL table: a blocking transaction
+        with inline_mode():
+            org, token, header, alg, iss = self._prepare(authorization)
+        try:
+            with inline_mode():
+                client, forget_after = self._verify_for(org, token, header, alg, iss, url)
+            try:
+                new = await self.jtis.remember_async(iss, client.claims["jti"], forget_after)  # type: ignore[attr-defined]
+            except Exception as exc:  # noqa: BLE001 - Redis is down: fail closed
+                raise _jti_unavailable(exc) from exc
+            if not new:
+                raise _refuse("the JWT jti was already used", "replayed_jti")
+            return client
+        except CdsRequestError as exc:
+            await offload(self._audit_refusal, org, exc.reason)
+            raise
+
+    def _prepare(
+        self, authorization: str | None
+    ) -> tuple[Organization, str, dict[str, Any], str, str]:
+        """The header checks and the issuer's organization: (org, token, header, alg, iss)."""
         if not authorization or not authorization[:7].lower() == "bearer ":
             raise _refuse("a bearer JWT is required", "missing_token")
         token = authorization[7:].strip()
@@ -226,15 +292,10 @@ class CdsAuthenticator:
         if not isinstance(iss, str) or not iss:
             raise _refuse("the JWT has no iss", "missing_claim")
         org = self.organization_for(iss, unverified.get("tenant"))
-        try:
-            return self._verify_for(org, token, header, alg, iss, url)
-        except CdsRequestError as exc:
-            # The issuer is one of the tenant's organizations: its refusals belong in its audit
-            # log (replays, expired or misaddressed tokens are how a leaked token shows up).
-            self._audit_refusal(org, exc.reason)
-            raise
+        return org, token, header, alg, iss
 
     def _audit_refusal(self, org: Organization, reason: str) -> None:
+        may_block("audit")  # never reached inline: verify_async writes it through a thread
         try:
             self.cp.audit(
                 tenant_id=org.tenant_id,
@@ -254,7 +315,8 @@ class CdsAuthenticator:
         alg: str,
         iss: str,
         url: str,
-    ) -> CdsClient:
+    ) -> tuple[CdsClient, float]:
+        """Every check but the jti's: (the caller, when its jti may be forgotten)."""
         key = self._key(org, header)
         if key.algorithm_name != alg and "alg" in getattr(key, "_jwk_data", {}):
             # A key published for one algorithm is not used with another (RFC 7517 §4.4).
@@ -288,22 +350,14 @@ class CdsAuthenticator:
         jti = claims["jti"]
         if not isinstance(jti, str) or not jti or len(jti) > 200:
             raise _refuse("the JWT jti is not a usable string", "missing_claim")
-        try:
-            new = self.jtis.remember(iss, jti, float(exp) + SKEW)
-        except Exception as exc:  # noqa: BLE001 - Redis or the database is down: fail closed
-            log.warning("cds jti store unavailable (%s)", type(exc).__name__)
-            raise CdsRequestError(
-                "the replay check is unavailable; try again", status=503, reason="jti_unavailable"
-            ) from exc
-        if not new:
-            raise _refuse("the JWT jti was already used", "replayed_jti")
-        return CdsClient(
+        client = CdsClient(
             organization_id=org.id,
             tenant_id=org.tenant_id,
             source_id=org.source_id,
             iss=iss,
             claims=claims,
         )
+        return client, float(exp) + SKEW
 
     def purge_expired(self) -> int:
         """Delete remembered jtis whose token has expired (the SQL store; Redis keys expire)."""

@@ -11,6 +11,9 @@ identifiers (prefetch ``patient``, or fetched from ``fhirServer`` with ``fhirAut
 cards from the tenant's warehouse index (:mod:`lib.cds.index`, :mod:`lib.cds.cards`). Every
 answered call is an audit-log row (counts and our ids only), written in batches off the request
 path (:mod:`lib.cds.audit_writer`; :meth:`CdsService.close` writes what is still queued).
+
+:meth:`CdsService.call_async` / :meth:`CdsService.discovery_async` answer on the web server's event
+loop when nothing has to wait (:mod:`lib.cds.inline`), else in a thread: same checks, same answer.
 """
 
 import json
@@ -19,7 +22,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, date, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +34,7 @@ from medblocks_pipelines.lib.cds import order_cards
 from medblocks_pipelines.lib.cds.audit_writer import AuditWriter
 from medblocks_pipelines.lib.cds.index import WarehouseIndexes
 from medblocks_pipelines.lib.cds.ingredients import TerminologyClient
+from medblocks_pipelines.lib.cds.inline import MustOffload, inline_mode, may_block
 from medblocks_pipelines.lib.cds.knowledge import KnowledgeBase, knowledge_from_env
 from medblocks_pipelines.lib.cds.security import CdsAuthenticator, CdsClient
 from medblocks_pipelines.lib.cds.tables import cds_feedback
@@ -109,6 +113,19 @@ ID_RE = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 MAX_BODY = 2_000_000
 FETCH_TIMEOUT = 3.0
 NAMES_TTL = 30.0
+
+
+#: Hooks answered on the event loop when nothing has to wait (:meth:`CdsService.call_async`).
+INLINE_HOOKS = frozenset({"patient-view"})
+#: Runs a blocking callable in a thread and awaits it (``starlette.concurrency.run_in_threadpool``).
+Offload = Callable[..., Awaitable[Any]]
+
+
+def _service(service_id: str) -> dict[str, str]:
+    service = BY_ID.get(service_id)
+    if service is None:
+        raise CdsRequestError("no such CDS service", status=404, reason="unknown_service")
+    return service
 
 
 def _bad(message: str, reason: str = "invalid_request") -> CdsRequestError:
@@ -194,12 +211,24 @@ class CdsService:
         self.auth.verify(authorization, url=self.discovery_url)
         return {"services": [dict(s) for s in self.services]}
 
+    async def discovery_async(
+        self, authorization: str | None, *, offload: Offload
+    ) -> dict[str, Any]:
+        """:meth:`discovery` on the event loop (``offload`` runs it in a thread when it must wait)."""
+        try:
+            await self.auth.verify_async(authorization, url=self.discovery_url, offload=offload)
+        except MustOffload:
+            result: dict[str, Any] = await offload(self.discovery, authorization)
+            return result
+        return {"services": [dict(s) for s in self.services]}
+
     # -- registry names (cached) -------------------------------------------------------------------
     def _registry_names(self) -> dict[str, Any]:
         now = time.monotonic()
         cached = self._names
         if cached is not None and now - cached[0] < NAMES_TTL:
             return cached[1]
+        may_block("registry")
         with self._names_lock:
             sources = self.cp.list_sources()
             orgs = self.cp.list_organizations()
@@ -215,10 +244,39 @@ class CdsService:
     # -- hook calls --------------------------------------------------------------------------------
     def call(self, service_id: str, authorization: str | None, raw: bytes) -> dict[str, Any]:
         """Answer one hook call; raises :class:`CdsRequestError` for every refusal."""
-        service = BY_ID.get(service_id)
-        if service is None:
-            raise CdsRequestError("no such CDS service", status=404, reason="unknown_service")
+        _service(service_id)  # 404 before the JWT is looked at
         client = self.auth.verify(authorization, url=self.service_url(service_id))
+        return self.answer(service_id, client, raw)
+
+    async def call_async(
+        self, service_id: str, authorization: str | None, raw: bytes, *, offload: Offload
+    ) -> dict[str, Any]:
+        """:meth:`call` on the event loop where nothing has to wait; ``offload`` (a thread) else.
+
+        ``patient-view`` only: the order hooks may ask a terminology server. A step that would
+        block raises :class:`MustOffload` before any side effect, and the call goes on in a thread
+        from there: the whole call before the jti is remembered, :meth:`answer` after it.
+        """
+        service = _service(service_id)
+        if service["hook"] not in INLINE_HOOKS:
+            result: dict[str, Any] = await offload(self.call, service_id, authorization, raw)
+            return result
+        url = self.service_url(service_id)
+        try:
+            client = await self.auth.verify_async(authorization, url=url, offload=offload)
+        except MustOffload:
+            result = await offload(self.call, service_id, authorization, raw)
+            return result
+        try:
+            with inline_mode():
+                return self.answer(service_id, client, raw)
+        except MustOffload:
+            result = await offload(self.answer, service_id, client, raw)
+            return result
+
+    def answer(self, service_id: str, client: CdsClient, raw: bytes) -> dict[str, Any]:
+        """The cards for a call whose JWT ``client`` was verified (and its jti remembered)."""
+        service = _service(service_id)
         body = self._parse(raw)
         request = self._validate(service, body)
         names = self._registry_names()
@@ -428,6 +486,7 @@ class CdsService:
             # An OperationOutcome (or junk) is a prefetch error: try the FHIR server ourselves.
         server, auth = request.get("fhirServer"), request.get("fhirAuthorization")
         if server and auth:
+            may_block("prefetch")
             try:
                 resp = self.http.get(
                     f"{server.rstrip('/')}/{path}",
@@ -454,6 +513,13 @@ class CdsService:
         return None
 
     # -- feedback ------------------------------------------------------------------------------------
+    async def feedback_async(
+        self, service_id: str, authorization: str | None, raw: bytes, *, offload: Offload
+    ) -> dict[str, Any]:
+        """:meth:`feedback` in a thread (it writes rows)."""
+        result: dict[str, Any] = await offload(self.feedback, service_id, authorization, raw)
+        return result
+
     def feedback(self, service_id: str, authorization: str | None, raw: bytes) -> dict[str, Any]:
         """Store card feedback (SPECS §4.5), de-duplicated; returns counts."""
         if service_id not in BY_ID:
