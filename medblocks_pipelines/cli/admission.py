@@ -78,12 +78,13 @@ def admitted(
     database_url: str | None,
     recover: Callable[[], object],
     poll_seconds: float = 1.0,
-) -> Iterator[None]:
+) -> Iterator[threading.Event]:
     """Wait for a free slot, then run the block; the slot is ours once run ``run_id`` is recorded.
 
     The block must create run ``run_id`` (``execute_in_process(run_id=...)``); a helper thread
     releases the admission lock as soon as the run is in storage (or when the block ends), then
-    records a heartbeat tag on the run every ``HEARTBEAT_SECONDS`` until the block ends."""
+    records a heartbeat tag on the run every ``HEARTBEAT_SECONDS`` until the block ends. The
+    block gets an event that is set once the run is in storage (never, if it ends before)."""
     lock = HostAndClusterLock(lock_path, database_url, "dagster-run-admission")
     said = False
     while True:
@@ -101,11 +102,14 @@ def admitted(
             log.warning("waiting for a run slot: %s", reason)
             said = True
         time.sleep(poll_seconds)
-    done = threading.Event()
+    done, recorded = threading.Event(), threading.Event()
 
     def release_once_recorded_then_beat() -> None:
         try:
-            while not done.is_set() and instance.get_run_by_id(run_id) is None:
+            while not done.is_set():
+                if instance.get_run_by_id(run_id) is not None:
+                    recorded.set()
+                    break
                 done.wait(0.05)
         finally:
             lock.release()
@@ -121,7 +125,7 @@ def admitted(
     )
     watcher.start()
     try:
-        yield
+        yield recorded
     finally:
         done.set()
         watcher.join()

@@ -8,7 +8,6 @@ whereas in Dagster the sensor does the waiting outside any run.
 import concurrent.futures as cf
 import json
 import threading
-from concurrent.futures import Future
 from typing import Any
 
 import click
@@ -156,17 +155,17 @@ def _kick_off_wait_and_land(
 
         settings = get_settings()  # what the run's PlatformResource reads: the same lake
 
-        landing: list[Future[Any]] = []
+        landing: list[cf.Future[Any]] = []
         run_over = threading.Event()
 
-        def land_now(run_id: str) -> None:
-            def recorded() -> None:  # crash recovery finds dead runs (and their pulls) in storage
-                while instance.get_run_by_id(run_id) is None:
-                    if run_over.wait(0.02):
+        def land_now(run_id: str, recorded: threading.Event) -> None:
+            def when_recorded() -> None:  # crash recovery finds dead runs (and pulls) in storage
+                while not recorded.wait(0.02):
+                    if run_over.is_set():
                         raise RuntimeError(f"run {run_id[:8]} ended before it was recorded")
 
             landing.append(
-                start_early_landing(cp, settings, early_id, run_id=run_id, when=recorded)
+                start_early_landing(cp, settings, early_id, run_id=run_id, when=when_recorded)
             )
 
         land_config = {"config": {"export_id": early_id}}

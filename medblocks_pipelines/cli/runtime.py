@@ -29,6 +29,7 @@ variable to None, which is again "no state". Nothing here writes Dagster's priva
 import contextvars
 import logging
 import os
+import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -158,13 +159,13 @@ def run_job(
     tags: Mapping[str, str] | None = None,
     instance: dg.DagsterInstance | None = None,
     definitions: dg.Definitions | None = None,
-    on_admitted: Callable[[str], object] | None = None,
+    on_admitted: Callable[[str, threading.Event], object] | None = None,
 ) -> dg.ExecuteInProcessResult:
     """Execute ``job_name`` for one partition once the instance's run limits allow it; raise if
     it failed. ``definitions``: already loaded ones (a command running several jobs loads once).
-    ``on_admitted(run_id)`` is called once the run has its slot, just before Dagster starts it:
-    work begun there (``cli.backend``'s landing) overlaps the run's own start-up and belongs to
-    that run."""
+    ``on_admitted(run_id, recorded)`` is called once the run has its slot, just before Dagster
+    starts it: work begun there (``cli.backend``'s landing) overlaps the run's own start-up and
+    belongs to that run; ``recorded`` is set once the run is in storage (admission's watcher)."""
     from medblocks_pipelines.cli.admission import admitted
     from medblocks_pipelines.cli.core import control_plane as open_cp
     from medblocks_pipelines.cli.run_errors import check_partition, echo_run_warnings, run_failure
@@ -197,9 +198,9 @@ def run_job(
             lock_path=home / ".medblocks-run-admission.lock",
             database_url=get_settings().database_url,
             recover=lambda: recover_dead_runs(instance, control_plane=cp),
-        ):
+        ) as recorded:
             if on_admitted is not None:
-                on_admitted(run_id)
+                on_admitted(run_id, recorded)
             result = in_fresh_context(
                 job.execute_in_process,
                 instance=instance,
