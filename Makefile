@@ -17,10 +17,15 @@ help:
 	@echo "make bench      every benchmark at a quick size (see benchmarks/README.md)"
 	@echo "make ui         the Dagster UI on the embedded instance (http://127.0.0.1:3000; PORT=N for another)"
 
-$(STAMP): pyproject.toml medblocks_sandbox/pyproject.toml requirements.lock
+$(STAMP): Makefile pyproject.toml medblocks_sandbox/pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip uv
-	$(BIN)/uv pip install -q --python $(BIN)/python -c requirements.lock -e '.[dev]' -e ./medblocks_sandbox
+	# --compile-bytecode and compileall: .pyc files written once here, so a process starts without
+	# compiling every module it imports, also where PYTHONDONTWRITEBYTECODE is set (containers, and
+	# this project's CI machine kind): there a CLI sync compiled ~1 s of Dagster and SQLAlchemy
+	# source on every start, and each test subprocess did the same.
+	$(BIN)/uv pip install -q --compile-bytecode --python $(BIN)/python -c requirements.lock -e '.[dev]' -e ./medblocks_sandbox
+	$(BIN)/python -m compileall -q medblocks_pipelines medblocks_sandbox
 	@touch $(STAMP)
 
 setup: $(STAMP)
