@@ -51,7 +51,7 @@ ENV_VARS: dict[str, str] = {
     "MEDBLOCKS_LANDING_THREADS": "DuckDB threads per landing connection",
     "MEDBLOCKS_MAX_LINE_BYTES": "longest NDJSON line accepted; 16 MiB",
     "MEDBLOCKS_BENCH_SKIP_VALIDATION": "1: no FHIR validation at landing (benchmark baseline only)",
-    "MEDBLOCKS_WAREHOUSE_MEMORY_LIMIT": "DuckDB memory of a warehouse build; 640MB",
+    "MEDBLOCKS_WAREHOUSE_MEMORY_LIMIT": "DuckDB memory of a warehouse build; 512MB",
     "MEDBLOCKS_COMPACT_SMALL_BYTES": "a lake file below this is small; 4 MiB",
     "MEDBLOCKS_COMPACT_MIN_FILES": "small files in a partition before it is compacted; 32",
     "MEDBLOCKS_COMPACT_GROUP_BYTES": "most bytes compacted into one file; 64 MiB",
@@ -152,7 +152,7 @@ class Tuning:
     landing_threads: int | None = None
     max_line_bytes: int = 16 * 1024 * 1024
     skip_validation: bool = False
-    warehouse_memory_limit: str = "640MB"
+    warehouse_memory_limit: str = "512MB"
     compact_small_bytes: int = 4 * 1024 * 1024
     compact_min_files: int = 32
     compact_group_bytes: int = 64 * 1024 * 1024

@@ -105,6 +105,11 @@ def compact_tenant(
                     stats.folders += bool(groups)
     except OSError as exc:
         raise storage_error("compact the lake under", str(lake), exc) from exc
+    finally:
+        # PyArrow's allocator (mimalloc) keeps what compaction freed for its next allocation;
+        # the warehouse build that follows under the same lock allocates through DuckDB, so that
+        # memory would only add to the build's peak (10M resources: 350 -> 178 MiB resident).
+        pa.default_memory_pool().release_unused()
     stats.seconds = time.perf_counter() - started
     return stats
 
