@@ -128,12 +128,6 @@ class LakeWriter:
         self._seq = 0
         self._tag = secrets.token_hex(3)
         self._closed = False
-        # The fast path's DuckDB (an in-memory database) and its scratch folder, opened at the
-        # first file and kept until close(): one writer lands on one thread at a time.
-        self._con: duckdb.DuckDBPyConnection | None = None
-        self._scratch: Path | None = None
-        self._con_threads: int | None = None
-        self._con_suspect = False
         self._dirs = {
             "tenant": normalise_id(provenance.tenant),
             "pattern": normalise_id(provenance.pattern),
@@ -286,13 +280,13 @@ class LakeWriter:
             # The scope check reads each resource's references: the line-by-line path does it.
             self._add_lines_slow(path, origin, expected_type)
             return
-        con, scratch = self._landing_connection()
-        landed = False
+        scratch = Path(tempfile.mkdtemp(prefix="medblocks-landing-"))
+        con = duckdb.connect()
         try:
+            configure_landing(con, scratch, self.landing_threads)
             chunks = split_ndjson(path, scratch, chunk_bytes())
             if chunks is None:  # a gzip stream that ends early: line by line
                 self._add_lines_slow(path, origin, expected_type)
-                landed = True
                 return
             if len(chunks) > 1:
                 con.execute(SEEN_SQL)
@@ -301,54 +295,9 @@ class LakeWriter:
                 records += self._land_chunk(con, chunk, origin, expected_type, records, len(chunks))
                 if chunk.owned:
                     chunk.path.unlink()
-            landed = True
         finally:
-            self._end_file(scratch, clean=landed)
-
-    def _landing_connection(self) -> tuple[duckdb.DuckDBPyConnection, Path]:
-        """This writer's landing database, opened once for all its files: opening and closing
-        an in-memory DuckDB per file cost 20-40 ms, a quarter of the landing threads' time for a
-        38k-resource export of 17 files (a 1M export has ~200)."""
-        if self._con is not None and self._con_threads != self.landing_threads:
-            self._close_landing_connection()
-        if self._con is None or self._scratch is None:
-            scratch = Path(tempfile.mkdtemp(prefix="medblocks-landing-"))
-            con = duckdb.connect()
-            try:
-                configure_landing(con, scratch, self.landing_threads)
-            except BaseException:
-                con.close()
-                shutil.rmtree(scratch, ignore_errors=True)
-                raise
-            self._con, self._scratch, self._con_threads = con, scratch, self.landing_threads
-            self._con_suspect = False
-        return self._con, self._scratch
-
-    def _end_file(self, scratch: Path, *, clean: bool) -> None:
-        """Leave the landing database as the next file expects it: no per-file tables, no chunk
-        files. After a failure, or a statement DuckDB refused on the way (the database may be
-        unusable after some errors), it is closed instead; the next file opens a new one."""
-        for leftover in scratch.glob("chunk-*.ndjson"):
-            leftover.unlink(missing_ok=True)
-        if clean and not self._con_suspect and self._con is not None:
-            try:
-                self._con.execute("DROP TABLE IF EXISTS rows")
-                self._con.execute("DROP TABLE IF EXISTS seen")
-                return
-            except duckdb.Error:
-                pass
-        self._close_landing_connection()
-
-    def _close_landing_connection(self) -> None:
-        con, scratch = self._con, self._scratch
-        self._con = self._scratch = None
-        self._con_suspect = False
-        try:
-            if con is not None:
-                con.close()
-        finally:
-            if scratch is not None:
-                shutil.rmtree(scratch, ignore_errors=True)
+            con.close()
+            shutil.rmtree(scratch, ignore_errors=True)
 
     def _land_chunk(
         self,
@@ -364,9 +313,7 @@ class LakeWriter:
         try:
             con.execute(sql)
         except duckdb.Error:
-            # Unreadable as a whole (e.g. a gzip stream that ends early): line by line, and a new
-            # landing database for the next file.
-            self._con_suspect = True
+            # Unreadable as a whole (e.g. a gzip stream that ends early): line by line.
             return self._add_lines_slow(chunk.path, origin, expected_type, chunk.first_line)
         got = con.execute("SELECT count(*), count(*) FILTER (raw IS NULL) FROM rows").fetchone()
         if got and got[1]:
@@ -607,7 +554,6 @@ class LakeWriter:
                 self.flush()
             finally:
                 self._closed = True
-                self._close_landing_connection()
                 if self._remote is not None:
                     shutil.rmtree(self.root, ignore_errors=True)
         return self.stats
