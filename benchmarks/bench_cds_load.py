@@ -10,7 +10,9 @@ time, so queueing in a saturated server shows. Every request carries its own ES3
 before the clock starts, fresh ``jti``), so the full security path runs. For each rate, discovery
 (``GET /cds-services``: the web stack plus JWT checks) runs first as the baseline, then
 ``patient-view``. Server CPU per call comes from ``/proc/<pid>/stat`` of the server's processes
-(utime + stime before and after each phase). Peak RSS is the largest ``VmHWM`` of them.
+(utime + stime before and after each phase). Peak RSS is the largest ``VmHWM`` of them; at the end, PSS
+summed over them and the largest anonymous (private) memory: the index facts are a file mapping the
+workers share, which VmHWM counts in each.
 
 Targets (issue 17): patient-view p99 <= 50 ms at 100 req/s and <= 150 ms at 300 req/s, <= 2 ms of
 server CPU per call. The last line is machine-readable (``RESULT {...}``); ``--json-out`` writes it.
@@ -159,6 +161,25 @@ def _peak_rss_mib(pids: list[int]) -> float:
         except OSError:
             continue
     return peak
+
+
+def _memory_now_mib(pids: list[int]) -> dict[str, float]:
+    """The server's memory at the end of the load, from ``/proc/<pid>/smaps_rollup``: PSS summed
+    over its processes (what the machine really spends: a page shared by N processes counts 1/N
+    in each) and the largest process's anonymous (private, unshareable) memory. The CDS index's
+    facts are a file mapping shared by the workers, so VmHWM counts them in every worker."""
+    pss = anon = 0.0
+    for pid in pids:
+        try:
+            fields = {
+                line.split()[0].rstrip(":"): int(line.split()[1]) / 1024
+                for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]
+            }
+        except (OSError, ValueError, IndexError):
+            continue
+        pss += fields.get("Pss", 0.0)
+        anon = max(anon, fields.get("Anonymous", 0.0))
+    return {"pss_total_mib": round(pss, 1), "largest_anonymous_mib": round(anon, 1)}
 
 
 def _phase(
@@ -380,6 +401,7 @@ def main() -> None:
                     flush=True,
                 )
         rss = _peak_rss_mib(_tree(server.pid))
+        memory = _memory_now_mib(_tree(server.pid))
     finally:
         server.terminate()
         server.wait(timeout=60)
@@ -402,6 +424,7 @@ def main() -> None:
         "target": "p99 <= 50 ms at 100/s, <= 150 ms at 300/s, <= 2 ms CPU/call",
         "met": met,
         "peak_rss_mib": round(rss, 1),
+        **memory,
         "cpu_ms_per_call": cpu,
         "phases": phases,
         "workers": opts.workers,
@@ -411,6 +434,10 @@ def main() -> None:
     print(
         f"patient-view / discovery p99 at {low:g}/s: x{result['ratio']}; target "
         f"{'met' if met else 'NOT met'}; server peak RSS {rss:.0f} MiB (largest process)"
+    )
+    print(
+        f"server memory at the end: PSS {memory['pss_total_mib']:.0f} MiB over its processes, "
+        f"largest private (anonymous) {memory['largest_anonymous_mib']:.0f} MiB"
     )
     print("RESULT " + json.dumps(result))
     if opts.json_out:

@@ -10,7 +10,9 @@ so a build never waits on us and we never wait on a build:
   -> person, for a patient the warehouse knows only by identifier (ambiguous ones are dropped);
 * ``facts``: the unified record (``facts`` with the organizations and patterns of ``fact_sources``
   and the codes of ``fact_mentions``) as one Polars frame sorted by person, plus each person's row
-  range, so a lookup is a dict hit and a slice. Only facts with a source the read policy lets
+  range, so a lookup is a dict hit and a slice. The frame is read from a memory-mapped file that
+  every serving process of the machine shares (``shared_facts``): the first to load a publish
+  writes it, the others map it without querying. Only facts with a source the read policy lets
   consumer ``cds`` use (``lib/warehouse/read_policy.py``: network rows obtained for treatment) are
   kept, and they list only such sources; :attr:`Snapshot.read` counts the network fact sources
   kept and withheld, which the CDS service writes to the audit log once per load.
@@ -35,6 +37,7 @@ import duckdb
 import polars as pl
 
 from medblocks_pipelines.lib.cds.inline import may_block
+from medblocks_pipelines.lib.cds.shared_facts import map_facts, share_facts, shared_path
 from medblocks_pipelines.lib.errors import WarehouseError
 from medblocks_pipelines.lib.settings import Tuning
 from medblocks_pipelines.lib.warehouse.read_policy import (
@@ -215,6 +218,8 @@ def load_snapshot(path: Path) -> Snapshot:
         before = file_signature(path)
         if before is None:
             raise WarehouseError("no published warehouse")
+        # Another serving process may have loaded this publish already: its facts are mapped.
+        shared = map_facts(shared_path(path, before, policy.version))
         try:
             con = duckdb.connect(str(path), read_only=True)
         except duckdb.Error as exc:
@@ -228,7 +233,7 @@ def load_snapshot(path: Path) -> Snapshot:
                 "WHERE person_id IS NOT NULL"
             ).fetchall()
             idents = con.execute(ident_sql(con, rule), [list(SSN_SYSTEMS)]).fetchall()
-            facts = con.sql(facts_sql(con, rule)).pl()
+            facts = shared if shared is not None else con.sql(facts_sql(con, rule)).pl()
             read = read_counts(con, _policy_source(con, "fact_sources"), rule)
             try:
                 row = con.execute(
@@ -249,6 +254,8 @@ def load_snapshot(path: Path) -> Snapshot:
         # Republished while we read: read the new one instead of labelling it with a stale signature.
     else:
         raise WarehouseError("the warehouse kept changing while it was read")
+    if shared is None:  # the first process to load this publish shares its facts with the others
+        facts = share_facts(shared_path(path, before, policy.version), facts)
     patient_person: dict[str, str] = {}
     sources_of: dict[str, list[str]] = {}
     intern = sys.intern  # one str object per person id, however many keys point at it

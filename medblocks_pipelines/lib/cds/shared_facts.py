@@ -1,0 +1,104 @@
+"""The CDS index's facts, shared by every serving process through one memory-mapped file.
+
+``medblocks serve --workers N`` loads each tenant's index in every worker. The facts frame is most
+of an index (100k persons: ~500 MiB per worker when each held its own copy). The first worker to
+load a published warehouse writes the frame as an uncompressed Arrow IPC file beside it
+(``<warehouse_dir>/.cds-index/<tenant>.<inode>-<mtime_ns>-<size>.<policy>.arrow``, written to a
+temporary name and renamed into place); every worker then maps that file (``pyarrow.memory_map``
+and ``polars.from_arrow``, which keeps the strings in the mapped buffers), so the text of the facts
+sits once in the page cache, shared, instead of once per process. A later worker finds the file
+and skips the facts query altogether.
+
+The name carries the published file's signature and the read policy's version, so a new publish or
+a policy change gets a new file; files of a tenant's earlier publishes are removed once the new
+one is in place (a process still serving an earlier snapshot keeps its mapping: Linux keeps an
+unlinked file's pages until they are unmapped). Anything that goes wrong here (no room, a read-only
+folder, a damaged file) leaves the frame in process memory, as before: the index never fails for
+want of sharing, and a damaged file is written again.
+
+The files are only ever replaced (rename) or removed, never written in place: a file truncated or
+rewritten under a mapping makes the processes reading it fault (SIGBUS). Remove the folder to
+reclaim its space; never edit a file in it.
+"""
+
+import contextlib
+import hashlib
+import logging
+import os
+import secrets
+from pathlib import Path
+
+import polars as pl
+import pyarrow as pa
+
+log = logging.getLogger(__name__)
+
+FOLDER = ".cds-index"
+
+
+def shared_path(published: Path, signature: tuple[int, int, int], policy: str | None) -> Path:
+    """Where the facts of ``published`` at ``signature`` under read policy ``policy`` are kept."""
+    tag = hashlib.sha256((policy or "").encode()).hexdigest()[:12]
+    ino, mtime, size = signature
+    # Tenant file names are normalised ids ([a-z0-9-]): "<stem>." never matches another tenant.
+    return published.parent / FOLDER / f"{published.stem}.{ino}-{mtime}-{size}.{tag}.arrow"
+
+
+def map_facts(path: Path) -> pl.DataFrame | None:
+    """The facts frame over the mapped file at ``path`` (None when there is none, or it is
+    unreadable)."""
+    try:
+        source = pa.memory_map(str(path))
+        table = pa.ipc.open_file(source).read_all()
+    except FileNotFoundError:
+        return None
+    except (OSError, pa.ArrowException) as exc:
+        log.warning(
+            "cds index: shared facts unreadable, loading them again (%s)", type(exc).__name__
+        )
+        return None
+    frame = pl.from_arrow(table)
+    return frame if isinstance(frame, pl.DataFrame) else None
+
+
+def share_facts(path: Path, facts: pl.DataFrame) -> pl.DataFrame:
+    """Write ``facts`` to ``path`` (unless another process already has) and return the frame over
+    the mapped file; ``facts`` itself when the file cannot be written or read back."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        mapped = map_facts(path)
+        if mapped is None:  # none yet, or a damaged one: (re)write it
+            damaged = path.exists()
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(3)}.tmp")
+            try:
+                facts.write_ipc(tmp, compression="uncompressed")
+                if damaged:
+                    os.replace(tmp, path)
+                else:
+                    # Workers starting together all load at once: the first file in place wins
+                    # (a link fails where a rename would replace), so every one maps the same
+                    # file and its pages are in memory once.
+                    with contextlib.suppress(FileExistsError):
+                        os.link(tmp, path)
+            finally:
+                tmp.unlink(missing_ok=True)
+            mapped = map_facts(path)
+        _remove_earlier(path)
+    except OSError as exc:
+        log.warning("cds index: facts kept in this process (%s)", type(exc).__name__)
+        return facts
+    if mapped is None or mapped.schema != facts.schema or mapped.height != facts.height:
+        return facts
+    return mapped
+
+
+def _remove_earlier(current: Path) -> None:
+    """Remove the tenant's files of other publishes or policies (and temporary files left by a
+    killed writer of them)."""
+    stem = current.name.split(".", 1)[0]
+    for other in current.parent.iterdir():
+        name = other.name.lstrip(".")
+        if other != current and name.startswith(f"{stem}.") and ".arrow" in name:
+            if other.name.endswith(".tmp") and other.name.startswith(f".{current.name}."):
+                continue  # another process writing this same file right now
+            other.unlink(missing_ok=True)
