@@ -25,6 +25,7 @@ import json
 import multiprocessing as mp
 import os
 import random
+import shutil
 import socket
 import subprocess
 import sys
@@ -405,6 +406,7 @@ def main() -> None:
     finally:
         server.terminate()
         server.wait(timeout=60)
+        shutil.rmtree(tmp, ignore_errors=True)  # the warehouse and its shared index: ~300 MB
     low, high = opts.rates[0], opts.rates[-1]
     pv_low, pv_high = phases[f"patient-view@{low:g}"], phases[f"patient-view@{high:g}"]
     disc_low = phases[f"discovery@{low:g}"]
