@@ -219,7 +219,8 @@ def load_snapshot(path: Path) -> Snapshot:
         if before is None:
             raise WarehouseError("no published warehouse")
         # Another serving process may have loaded this publish already: its facts are mapped.
-        shared = map_facts(shared_path(path, before, policy.version))
+        shared_at = shared_path(path, before, policy.version)
+        shared = map_facts(shared_at)
         try:
             con = duckdb.connect(str(path), read_only=True)
         except duckdb.Error as exc:
@@ -255,7 +256,7 @@ def load_snapshot(path: Path) -> Snapshot:
     else:
         raise WarehouseError("the warehouse kept changing while it was read")
     if shared is None:  # the first process to load this publish shares its facts with the others
-        facts = share_facts(shared_path(path, before, policy.version), facts)
+        facts = share_facts(shared_at, facts)
     patient_person: dict[str, str] = {}
     sources_of: dict[str, list[str]] = {}
     intern = sys.intern  # one str object per person id, however many keys point at it

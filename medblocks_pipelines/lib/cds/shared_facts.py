@@ -4,7 +4,8 @@
 of an index (100k persons: ~500 MiB per worker when each held its own copy). The first worker to
 load a published warehouse writes the frame as an uncompressed Arrow IPC file beside it
 (``<warehouse_dir>/.cds-index/<tenant>.<inode>-<mtime_ns>-<size>.<policy>.arrow``, written to a
-temporary name and renamed into place); every worker then maps that file (``pyarrow.memory_map``
+temporary name and linked into place, so the first writer's file stays when several write at once);
+every worker then maps that file (``pyarrow.memory_map``
 and ``polars.from_arrow``, which keeps the strings in the mapped buffers), so the text of the facts
 sits once in the page cache, shared, instead of once per process. A later worker finds the file
 and skips the facts query altogether.
@@ -16,7 +17,8 @@ unlinked file's pages until they are unmapped). Anything that goes wrong here (n
 folder, a damaged file) leaves the frame in process memory, as before: the index never fails for
 want of sharing, and a damaged file is written again.
 
-The files are only ever replaced (rename) or removed, never written in place: a file truncated or
+The files are only ever put in place whole (link, or a rename over a damaged one) or removed,
+never written in place: a file truncated or
 rewritten under a mapping makes the processes reading it fault (SIGBUS). Remove the folder to
 reclaim its space; never edit a file in it.
 """
