@@ -1,4 +1,4 @@
-"""The CDS index's facts shared between serving processes (lib/cds/shared_facts.py): the first
+"""The CDS index's facts shared between serving processes (lib/warehouse/shared_facts.py): the first
 load of a publish writes them to a mapped file beside the warehouse, later loads (other workers)
 map it without querying, a new publish replaces it, and a folder that cannot hold it changes
 nothing but memory. Behaviour, not memory figures (bench_cds_load reports those)."""
@@ -11,10 +11,10 @@ import pytest
 
 from medblocks_pipelines.lib.cds import index as index_mod
 from medblocks_pipelines.lib.cds.index import load_snapshot
-from medblocks_pipelines.lib.cds.shared_facts import FOLDER
 from medblocks_pipelines.lib.settings import Settings
 from medblocks_pipelines.lib.warehouse.build import build_warehouse
 from medblocks_pipelines.lib.warehouse.lake import LakeWriter, Provenance
+from medblocks_pipelines.lib.warehouse.shared_facts import FOLDER
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +94,7 @@ def test_a_damaged_shared_file_is_written_again(settings: Settings, population: 
 def test_workers_loading_together_all_map_the_first_file(tmp_path: Path) -> None:
     import polars as pl
 
-    from medblocks_pipelines.lib.cds.shared_facts import share_facts
+    from medblocks_pipelines.lib.warehouse.shared_facts import share_facts
 
     path = tmp_path / FOLDER / "acme.1-2-3.x.arrow"
     first = share_facts(path, pl.DataFrame({"person_id": ["p1", "p2"], "n": [1, 2]}))
@@ -104,3 +104,15 @@ def test_workers_loading_together_all_map_the_first_file(tmp_path: Path) -> None
     assert path.stat().st_ino == inode
     assert first.equals(second)
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left
+
+
+def test_a_publish_removes_the_facts_of_the_warehouse_it_replaces(
+    settings: Settings, population: Any
+) -> None:
+    # No serving process needs to load the new publish for the old facts (a revoked consent's
+    # rows among them, once the lake lost them) to leave the disk.
+    published = _publish(settings, population, orgs=1)
+    load_snapshot(published)
+    assert len(_shared_files(published)) == 1
+    _publish(settings, population, orgs=1)
+    assert _shared_files(published) == []

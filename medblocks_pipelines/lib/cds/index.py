@@ -11,7 +11,7 @@ so a build never waits on us and we never wait on a build:
 * ``facts``: the unified record (``facts`` with the organizations and patterns of ``fact_sources``
   and the codes of ``fact_mentions``) as one Polars frame sorted by person, plus each person's row
   range, so a lookup is a dict hit and a slice. The frame is read from a memory-mapped file that
-  every serving process of the machine shares (``shared_facts``): the first to load a publish
+  every serving process of the machine shares (``lib/warehouse/shared_facts``): the first to load a publish
   writes it, the others map it without querying. Only facts with a source the read policy lets
   consumer ``cds`` use (``lib/warehouse/read_policy.py``: network rows obtained for treatment) are
   kept, and they list only such sources; :attr:`Snapshot.read` counts the network fact sources
@@ -37,7 +37,6 @@ import duckdb
 import polars as pl
 
 from medblocks_pipelines.lib.cds.inline import may_block
-from medblocks_pipelines.lib.cds.shared_facts import map_facts, share_facts, shared_path
 from medblocks_pipelines.lib.errors import WarehouseError
 from medblocks_pipelines.lib.settings import Tuning
 from medblocks_pipelines.lib.warehouse.read_policy import (
@@ -48,6 +47,7 @@ from medblocks_pipelines.lib.warehouse.read_policy import (
     load_read_policy,
     read_counts,
 )
+from medblocks_pipelines.lib.warehouse.shared_facts import map_facts, share_facts, shared_path
 
 if TYPE_CHECKING:
     from medblocks_pipelines.lib.registry import ControlPlane

@@ -557,6 +557,10 @@ def build_warehouse(
             finally:
                 con.close()
             os.replace(tmp, final)
+            # The CDS index's shared facts of the warehouse just replaced go with it.
+            from medblocks_pipelines.lib.warehouse.shared_facts import remove_tenant_files
+
+            remove_tenant_files(final)
             if settings.warehouse_url:
                 url = published_url(settings, tenant)
                 t0 = time.perf_counter()

@@ -11,9 +11,15 @@ sits once in the page cache, shared, instead of once per process. A later worker
 and skips the facts query altogether.
 
 The name carries the published file's signature and the read policy's version, so a new publish or
-a policy change gets a new file; files of a tenant's earlier publishes are removed once the new
-one is in place (a process still serving an earlier snapshot keeps its mapping: Linux keeps an
-unlinked file's pages until they are unmapped). Anything that goes wrong here (no room, a read-only
+a policy change gets a new file. The warehouse build removes a tenant's files when it publishes
+(:func:`remove_tenant_files`: the facts of a warehouse that is gone, rows of a revoked consent
+among them, do not outlive it on disk), and a serving process removes the others' when it writes
+its own (a process still serving an earlier snapshot keeps its mapping: Linux keeps an unlinked
+file's pages until they are unmapped). A server that mirrors a warehouse from object storage
+cleans its own folder the second way.
+
+Here, beside the build, rather than in ``lib/cds`` (its one reader), because the files are derived
+from a publish and the build must remove them with it. Anything that goes wrong here (no room, a read-only
 folder, a damaged file) leaves the frame in process memory, as before: the index never fails for
 want of sharing, and a damaged file is written again.
 
@@ -85,7 +91,7 @@ def share_facts(path: Path, facts: pl.DataFrame) -> pl.DataFrame:
             finally:
                 tmp.unlink(missing_ok=True)
             mapped = map_facts(path)
-        _remove_earlier(path)
+        _remove(path.parent, path.name.split(".", 1)[0], keep=path)  # earlier publishes'
     except OSError as exc:
         log.warning("cds index: facts kept in this process (%s)", type(exc).__name__)
         return facts
@@ -94,13 +100,20 @@ def share_facts(path: Path, facts: pl.DataFrame) -> pl.DataFrame:
     return mapped
 
 
-def _remove_earlier(current: Path) -> None:
-    """Remove the tenant's files of other publishes or policies (and temporary files left by a
-    killed writer of them)."""
-    stem = current.name.split(".", 1)[0]
-    for other in current.parent.iterdir():
+def remove_tenant_files(published: Path) -> None:
+    """Remove every shared facts file of ``published``'s tenant (the build, as it publishes)."""
+    _remove(published.parent / FOLDER, published.stem, keep=None)
+
+
+def _remove(folder: Path, stem: str, *, keep: Path | None) -> None:
+    """Remove tenant ``stem``'s files in ``folder`` but ``keep``, and temporary files a killed
+    writer left; a writer at work on ``keep`` keeps its own."""
+    if not folder.is_dir():
+        return
+    for other in folder.iterdir():
         name = other.name.lstrip(".")
-        if other != current and name.startswith(f"{stem}.") and ".arrow" in name:
-            if other.name.endswith(".tmp") and other.name.startswith(f".{current.name}."):
-                continue  # another process writing this same file right now
-            other.unlink(missing_ok=True)
+        if other == keep or not name.startswith(f"{stem}.") or ".arrow" not in name:
+            continue
+        if keep is not None and other.name.startswith(f".{keep.name}."):
+            continue  # another process writing this same file right now
+        other.unlink(missing_ok=True)
