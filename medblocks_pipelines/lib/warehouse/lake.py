@@ -23,6 +23,7 @@ import os
 import secrets
 import shutil
 import tempfile
+import weakref
 from collections import defaultdict
 from datetime import UTC, datetime
 from pathlib import Path
@@ -128,6 +129,16 @@ class LakeWriter:
         self._seq = 0
         self._tag = secrets.token_hex(3)
         self._closed = False
+        #: The fast path's DuckDB connection, its scratch folder and the threads it was set to.
+        self._landing: (
+            tuple[
+                duckdb.DuckDBPyConnection, Path, weakref.finalize[[str], "LakeWriter"], int | None
+            ]
+            | None
+        )
+        self._landing = None
+        #: A fast-path statement failed on the connection (it may be invalidated): replace it.
+        self._landing_failed = False
         self._dirs = {
             "tenant": normalise_id(provenance.tenant),
             "pattern": normalise_id(provenance.pattern),
@@ -280,11 +291,10 @@ class LakeWriter:
             # The scope check reads each resource's references: the line-by-line path does it.
             self._add_lines_slow(path, origin, expected_type)
             return
-        scratch = Path(tempfile.mkdtemp(prefix="medblocks-landing-"))
-        con = duckdb.connect()
+        con, scratch = self._landing_connection()
+        work = Path(tempfile.mkdtemp(prefix="file-", dir=scratch))  # this file's chunks
         try:
-            configure_landing(con, scratch, self.landing_threads)
-            chunks = split_ndjson(path, scratch, chunk_bytes())
+            chunks = split_ndjson(path, work, chunk_bytes())
             if chunks is None:  # a gzip stream that ends early: line by line
                 self._add_lines_slow(path, origin, expected_type)
                 return
@@ -295,9 +305,46 @@ class LakeWriter:
                 records += self._land_chunk(con, chunk, origin, expected_type, records, len(chunks))
                 if chunk.owned:
                     chunk.path.unlink()
+            con.execute("DROP TABLE IF EXISTS seen")
+        except BaseException:
+            # A connection a statement failed on may hold a half-built temp table, or be
+            # invalidated (DuckDB after an out-of-memory): the next file gets a fresh one.
+            self._close_landing_connection()
+            raise
         finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    def _landing_connection(self) -> tuple[duckdb.DuckDBPyConnection, Path]:
+        """This writer's DuckDB connection for the fast path, opened on first use and kept for
+        every later file (opening one costs ~20 ms, as much as landing a small file; an export
+        of many small files paid it per file). One writer is used by one thread at a time (the
+        landing pool gives each worker its own sibling), so the connection is never shared."""
+        threads = self.landing_threads
+        if self._landing is not None and self._landing[3] == threads and not self._landing_failed:
+            return self._landing[0], self._landing[1]
+        self._close_landing_connection()
+        scratch = Path(tempfile.mkdtemp(prefix="medblocks-landing-"))
+        # Removed on close(), or when a writer nobody closed is collected.
+        cleanup = weakref.finalize(self, _remove_scratch, str(scratch))
+        con = duckdb.connect()
+        try:
+            configure_landing(con, scratch, threads)
+        except BaseException:
             con.close()
-            shutil.rmtree(scratch, ignore_errors=True)
+            cleanup()
+            raise
+        self._landing = (con, scratch, cleanup, threads)
+        return con, scratch
+
+    def _close_landing_connection(self) -> None:
+        self._landing_failed = False
+        if self._landing is not None:
+            con, _, cleanup, _ = self._landing
+            self._landing = None
+            try:
+                con.close()
+            finally:
+                cleanup()
 
     def _land_chunk(
         self,
@@ -313,7 +360,9 @@ class LakeWriter:
         try:
             con.execute(sql)
         except duckdb.Error:
-            # Unreadable as a whole (e.g. a gzip stream that ends early): line by line.
+            # Unreadable as a whole (e.g. a gzip stream that ends early): line by line. The
+            # connection is replaced after this file (an error may have invalidated it).
+            self._landing_failed = True
             return self._add_lines_slow(chunk.path, origin, expected_type, chunk.first_line)
         got = con.execute("SELECT count(*), count(*) FILTER (raw IS NULL) FROM rows").fetchone()
         if got and got[1]:
@@ -554,6 +603,7 @@ class LakeWriter:
                 self.flush()
             finally:
                 self._closed = True
+                self._close_landing_connection()
                 if self._remote is not None:
                     shutil.rmtree(self.root, ignore_errors=True)
         return self.stats
@@ -575,6 +625,10 @@ def _reason_class(reason: str) -> str:
 
 def _str_or_none(value: Any) -> str | None:
     return None if value is None else str(value)
+
+
+def _remove_scratch(path: str) -> None:
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _sql_str(value: str) -> str:
