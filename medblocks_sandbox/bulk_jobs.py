@@ -8,6 +8,7 @@ import shutil
 import tempfile
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -170,6 +171,13 @@ class BulkCore:
         self._own_dir = work_dir is None
         self.work_dir = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="bulk-"))
         self.work_dir.mkdir(parents=True, exist_ok=True)
+        # A folder of its own is removed by close(), or when a server nobody closed is collected
+        # or the process exits (test apps and embedded servers often are never closed).
+        self._cleanup = (
+            weakref.finalize(self, shutil.rmtree, str(self.work_dir), True)
+            if self._own_dir
+            else None
+        )
         self._jobs: dict[str, ExportJob] = {}
         self._lock = threading.Lock()
         self._presign_key = secrets.token_bytes(32)
@@ -186,8 +194,8 @@ class BulkCore:
             self._jobs.clear()
         for job in jobs:
             job.cancel.set()
-        if self._own_dir:
-            shutil.rmtree(self.work_dir, ignore_errors=True)
+        if self._cleanup is not None:
+            self._cleanup()
 
     def jobs(self) -> list[ExportJob]:
         """A snapshot of the known export jobs (for tests and the admin view)."""

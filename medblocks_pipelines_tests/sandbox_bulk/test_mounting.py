@@ -103,3 +103,25 @@ def test_one_presigned_storage_for_several_oracle_orgs(tmp_path: Path) -> None:
     finally:
         for server in servers:
             server.close()
+
+
+def test_a_server_removes_the_folder_it_made(tmp_path: Path) -> None:
+    import gc
+
+    closed = BulkServer(FhirStore(population()), authenticator=StaticTokens())
+    folder = closed.work_dir
+    assert folder.is_dir()
+    closed.close()
+    assert not folder.exists()
+    # Never closed (a test app, an embedded server): removed once it is collected.
+    forgotten = BulkServer(FhirStore(population()), authenticator=StaticTokens())
+    folder = forgotten.work_dir
+    del forgotten
+    gc.collect()
+    assert not folder.exists()
+    # A folder given by the caller is the caller's: kept.
+    given = BulkServer(
+        FhirStore(population()), authenticator=StaticTokens(), work_dir=tmp_path / "given"
+    )
+    given.close()
+    assert (tmp_path / "given").is_dir()
