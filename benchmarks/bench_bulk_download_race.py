@@ -6,7 +6,7 @@ against a minimal reference-style downloader, same sandbox server, same system e
 
 Generates N resources as NDJSON (the sandbox generator's streaming path) and serves them from a
 sandbox EHR in a child process (SMART Backend Services + Bulk Data, a system-level export of the
-files as generated; bench_bulk_download.start_server). Then, alternating, `rounds` times:
+files as generated; bench_bulk_download.start_server). Then, the order rotated every round, `rounds` times:
 
 - ours: `python -m medblocks_pipelines.cli sync backend --full` in a subprocess: kick-off,
   wait, download, land into the Parquet lake, watermark, DELETE. Kick-off -> landed is read from
@@ -16,8 +16,14 @@ files as generated; bench_bulk_download.start_server). Then, alternating, `round
   P parallel downloads straight to NDJSON files (what the reference Bulk Data client does),
   timing kick-off -> last file written.
 
-Both report kick-off -> landed (best round), the whole command (best round) and the peak RSS of
-the whole process tree (the subprocess and its children, VmRSS summed, sampled every 20 ms).
+- library (the profile of ours, not a contender for the targets): ``sync_organization`` in a
+  subprocess (``--library``), the same kick-off, wait, download and Parquet landing without the
+  CLI or Dagster, into a tenant of its own.
+
+Each reports kick-off -> landed (best round), the whole command (best round) and the peak RSS of
+the whole process tree (the subprocess and its children, VmRSS summed, sampled every 20 ms). Ours
+and the library's spans are split at the landing's start (the pull row): before it, the export
+wait and, for the CLI, Dagster's start-up and run admission; after it, download + landing.
 Targets (issue 17): kick-off -> landed >= 1.2x faster than the baseline; whole command within
 1 s of our kick-off -> landed; peak RSS <= 256 MiB at this size.
 """
@@ -217,11 +223,49 @@ def ours_round(cp: Any, env: dict[str, str], code: str | None = None) -> dict[st
     # Run in the raced checkout: `python -m` puts the working directory ahead of PYTHONPATH, so
     # from another checkout's folder --code would race that checkout's CLI instead.
     wall, rss, cpu, _ = run_measured(cmd, env, cwd=code)
-    row = cp.list_bulk_exports(tenant_id="bench", organization_id="bench-org")[-1]
+    return {**_export_span(cp, "bench"), "whole": wall, "rss": rss, "cpu": cpu}
+
+
+def _export_span(cp: Any, tenant: str) -> dict[str, float]:
+    """Kick-off -> landed of the tenant's last export (control plane), split at the landing's
+    start (its pull row): before it, the wait for the export and (CLI) Dagster's start-up and
+    run admission; after it, download + Parquet landing + completion."""
+    row = cp.list_bulk_exports(tenant_id=tenant, organization_id=f"{tenant}-org")[-1]
     assert row.status == "completed", row.status
-    span = (row.updated_at - row.kicked_off_at).total_seconds()
-    landed = row.counts["landed"]
-    return {"kickoff_to_landed": span, "whole": wall, "rss": rss, "cpu": cpu, "landed": landed}
+    pull = next(p for p in cp.list_pulls(tenant_id=tenant) if p.run_id == row.run_id)
+    return {
+        "kickoff_to_landed": (row.updated_at - row.kicked_off_at).total_seconds(),
+        "kickoff_to_landing_start": (pull.started_at - row.kicked_off_at).total_seconds(),
+        "landing": (row.updated_at - pull.started_at).total_seconds(),
+        "landed": row.counts["landed"],
+    }
+
+
+def library_round(cp: Any, env: dict[str, str], code: str) -> dict[str, float]:
+    """The same sync through the library alone (``sync_organization``: kick-off, wait, download,
+    Parquet landing, watermark, DELETE) in a child process: no CLI, no Dagster. Where the CLI's
+    time goes beyond the landing itself."""
+    cmd = [sys.executable, __file__, "--library", "lib"]
+    wall, rss, cpu, _ = run_measured(cmd, env, cwd=code)
+    return {**_export_span(cp, "lib"), "whole": wall, "rss": rss, "cpu": cpu}
+
+
+def _library_sync(tenant: str) -> None:
+    from medblocks_pipelines.lib.fhir.bulk_sync import sync_organization
+    from medblocks_pipelines.lib.registry import open_control_plane
+    from medblocks_pipelines.lib.settings import get_settings
+
+    settings = get_settings()
+    cp = open_control_plane(settings)
+    sync_organization(
+        cp,
+        settings,
+        tenant,
+        f"{tenant}-org",
+        run_id=f"lib-{os.urandom(4).hex()}",
+        full=True,
+        min_wait=0.05,
+    )
 
 
 def baseline_round(base: str, key: Path, work: Path, parallel: int, env: dict[str, str]) -> Any:
@@ -245,11 +289,15 @@ def main() -> None:
     )
     parser.add_argument("--keep", action="store_true", help="Keep the work folder.")
     parser.add_argument("--baseline", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--library", help=argparse.SUPPRESS)
     parser.add_argument("--generate", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.baseline:
         base, key, out, parallel = args.baseline
         print(json.dumps(asyncio.run(_baseline(base, key, out, int(parallel)))))
+        return
+    if args.library:
+        _library_sync(args.library)
         return
     from bench_bulk_download import generate, prepare_registry, start_server
 
@@ -265,23 +313,30 @@ def main() -> None:
         proc, base = start_server(work / "src", work)
         settings, cp = prepare_registry(base, work / "data", parallel=args.parallel, gzip=False)
         key = register_baseline(base, work)
+        cp.add_tenant("lib", "Library")  # the library contender's own tenant, same source
+        cp.add_organization("lib-org", "lib", "bench-ehr", "Library Org", {"level": "system"})
         env = {k: v for k, v in os.environ.items() if k != "DAGSTER_HOME"}
         env["MEDBLOCKS_DATA_DIR"] = str(work / "data")
         code = args.code or str(Path(__file__).resolve().parents[1])
         env["PYTHONPATH"] = os.pathsep.join([code, env.get("PYTHONPATH", "")])
         ours: list[dict[str, float]] = []
         theirs: list[dict[str, Any]] = []
-        for n in range(args.rounds):  # alternate, the other one first every other round
-            order = ("ours", "baseline") if n % 2 == 0 else ("baseline", "ours")
+        lib: list[dict[str, float]] = []
+        for n in range(args.rounds):  # rotate the order every round
+            order = ["ours", "baseline", "library"]
+            order = order[n % 3 :] + order[: n % 3]
             for who in order:
                 if who == "ours":
                     ours.append(ours_round(cp, env, code))
+                    got: dict[str, Any] = ours[-1]
+                elif who == "library":
+                    lib.append(library_round(cp, env, code))
+                    got = lib[-1]
                 else:
                     theirs.append(baseline_round(base, key, work, args.parallel, env))
-                print(
-                    f"round {n + 1} {who}: " + json.dumps((ours if who == "ours" else theirs)[-1])
-                )
-        report(args, ours, theirs)
+                    got = theirs[-1]
+                print(f"round {n + 1} {who}: " + json.dumps(got))
+        report(args, ours, theirs, lib)
     finally:
         if proc is not None:
             proc.terminate()
@@ -290,8 +345,13 @@ def main() -> None:
             shutil.rmtree(work, ignore_errors=True)
 
 
-def report(args: Any, ours: list[dict[str, float]], theirs: list[dict[str, Any]]) -> None:
-    assert all(o["landed"] == args.resources for o in ours), [o["landed"] for o in ours]
+def report(
+    args: Any,
+    ours: list[dict[str, float]],
+    theirs: list[dict[str, Any]],
+    lib: list[dict[str, float]],
+) -> None:
+    assert all(o["landed"] == args.resources for o in ours + lib), [o["landed"] for o in ours]
     assert all(t["resources"] == args.resources for t in theirs), [t["resources"] for t in theirs]
     o_span = min(o["kickoff_to_landed"] for o in ours)
     t_span = min(t["kickoff_to_landed"] for t in theirs)
@@ -311,6 +371,20 @@ def report(args: Any, ours: list[dict[str, float]], theirs: list[dict[str, Any]]
     o_cpu = min(o["cpu"] for o in ours)
     t_cpu = min(t["cpu"] for t in theirs)
     print(f"CPU s (tree)       : ours {o_cpu:6.2f} s   baseline {t_cpu:6.2f} s")
+    # Where ours' time goes (its best round): before the landing starts (export wait, Dagster's
+    # start-up, run admission), the landing itself; and the library alone, without CLI/Dagster.
+    best = min(ours, key=lambda o: o["kickoff_to_landed"])
+    l_span = min(x["kickoff_to_landed"] for x in lib)
+    l_land = min(x["landing"] for x in lib)
+    print(
+        f"ours, split        : kick-off -> landing start {best['kickoff_to_landing_start']:.2f} s"
+        f" (export ready, Dagster start-up, run admission), landing {best['landing']:.2f} s"
+    )
+    print(
+        f"library alone      : kick-off -> landed {l_span:.2f} s (landing {l_land:.2f} s), "
+        f"whole {min(x['whole'] for x in lib):.2f} s, peak RSS {max(x['rss'] for x in lib):.0f} "
+        f"MiB, CPU {min(x['cpu'] for x in lib):.2f} s: {t_span / l_span:.2f}x the baseline"
+    )
     if args.json_out:
         figures = {
             "bulk_download_race": {
@@ -328,6 +402,11 @@ def report(args: Any, ours: list[dict[str, float]], theirs: list[dict[str, Any]]
                 "baseline_peak_rss_mib": round(t_rss, 1),
                 "cpu_s": round(o_cpu, 2),
                 "baseline_cpu_s": round(t_cpu, 2),
+                "kickoff_to_landing_start_s": round(best["kickoff_to_landing_start"], 3),
+                "landing_s": round(best["landing"], 3),
+                "library_kickoff_to_landed_s": round(l_span, 3),
+                "library_landing_s": round(l_land, 3),
+                "library_peak_rss_mib": round(max(x["rss"] for x in lib), 1),
                 "resources": args.resources,
             }
         }
