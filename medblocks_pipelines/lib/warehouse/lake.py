@@ -131,9 +131,7 @@ class LakeWriter:
         self._closed = False
         #: The fast path's DuckDB connection, its scratch folder and the threads it was set to.
         self._landing: (
-            tuple[
-                duckdb.DuckDBPyConnection, Path, weakref.finalize[[str], "LakeWriter"], int | None
-            ]
+            tuple[duckdb.DuckDBPyConnection, Path, weakref.finalize[[str], LakeWriter], int | None]
             | None
         )
         self._landing = None
