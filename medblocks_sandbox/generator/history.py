@@ -9,7 +9,7 @@ import random
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from medblocks_sandbox.generator import codes
+from medblocks_sandbox.generator import care_codes, codes
 from medblocks_sandbox.generator.model import OrgInfo, PersonTruth
 
 HOSPITALS = frozenset({"mercy-general", "riverside-health"})
@@ -35,7 +35,7 @@ class Encounter:
     procedures: list[str] = field(default_factory=list)
     vaccines: list[str] = field(default_factory=list)
     acute_meds: list[str] = field(default_factory=list)
-    note: str | None = None  # key into codes.NOTE_TYPES
+    note: str | None = None  # key into care_codes.NOTE_TYPES
     lab_copies: list[str] = field(default_factory=list)  # other orgs that receive these results
     claim_lag_days: int = 14
 
@@ -136,7 +136,7 @@ def make_history(
             meds[key] = options[0] if rng.random() < 0.7 else rng.choice(options)
     allergies = []
     if rng.random() < 0.25:
-        allergies = rng.sample(list(codes.ALLERGIES), 2 if rng.random() < 0.2 else 1)
+        allergies = rng.sample(list(care_codes.ALLERGIES), 2 if rng.random() < 0.2 else 1)
     smoking = _smoking(rng)
     height = round(rng.gauss(176 if person.gender == "male" else 163, 7), 1)
     if age < 16:
@@ -254,7 +254,7 @@ def _encounter(
     height: float,
     bmi: float,
 ) -> Encounter:
-    k = codes.ENCOUNTER_KINDS[kind]
+    k = care_codes.ENCOUNTER_KINDS[kind]
     end = start + timedelta(hours=k.hours, minutes=rng.choice((0, 20, 40)))
     e = Encounter(
         n=n,
@@ -335,7 +335,7 @@ def _encounter(
         # flu season: September to March
         if start.month in (9, 10, 11, 12, 1, 2, 3) and rng.random() < 0.6:
             e.vaccines.append("flu")
-        for key, v in codes.VACCINES.items():
+        for key, v in care_codes.VACCINES.items():
             if key != "flu" and age >= v.min_age and rng.random() < 0.07:
                 e.vaccines.append(key)
     note_p = 1.0 if kind == "inpatient" else 0.7

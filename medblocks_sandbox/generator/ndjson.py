@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from medblocks_sandbox.errors import GeneratorError
-from medblocks_sandbox.generator import codes
+from medblocks_sandbox.generator import demographics
 from medblocks_sandbox.generator.model import PopulationSpec
 from medblocks_sandbox.generator.population import Population, generate_population
 
@@ -320,7 +320,7 @@ def stream_bulk_ndjson(
     rng = random.Random(f"{seed}:stream")
     # pools drawn once: the per-copy work is dict lookups and str.format_map
     noise = [1 + rng.gauss(0, 0.06) for _ in range(4093)]
-    families = list(codes.FAMILY_NAMES)
+    families = list(demographics.FAMILY_NAMES)
     types = sorted({t for b in blocks for t in b.types} | {r["resourceType"] for _, r in shared})
 
     def file_name(org: str, rtype: str, fileno: int) -> str:

@@ -9,7 +9,7 @@ import random
 from dataclasses import dataclass, replace
 from datetime import date, timedelta
 
-from medblocks_sandbox.generator import codes
+from medblocks_sandbox.generator import demographics
 from medblocks_sandbox.generator.model import Address, OrgInfo, PersonTruth
 
 # a private OID arc for the sandbox's assigning authorities (never a real organization's)
@@ -84,20 +84,23 @@ def _weighted(rng: random.Random, items: tuple[tuple[str, str, float], ...]) -> 
 
 def make_address(rng: random.Random) -> Address:
     """A plausible Oregon street address."""
-    street = rng.choice(codes.STREET_NAMES)
-    suffix = rng.choice(codes.STREET_SUFFIXES)[0]
-    city, zip3 = rng.choice(codes.CITIES)
+    street = rng.choice(demographics.STREET_NAMES)
+    suffix = rng.choice(demographics.STREET_SUFFIXES)[0]
+    city, zip3 = rng.choice(demographics.CITIES)
     line = f"{rng.randrange(10, 9999)} {street} {suffix}"
     if rng.random() < 0.15:
         line += f" Apt {rng.randrange(1, 40)}"
     return Address(
-        line=line, city=city, state=codes.STATE, postal_code=f"{zip3}{rng.randrange(100):02d}"
+        line=line,
+        city=city,
+        state=demographics.STATE,
+        postal_code=f"{zip3}{rng.randrange(100):02d}",
     )
 
 
 def make_phone(rng: random.Random) -> str:
     """A number on the fictional 555 exchange."""
-    return f"{rng.choice(codes.AREA_CODES)}-555-{rng.randrange(10000):04d}"
+    return f"{rng.choice(demographics.AREA_CODES)}-555-{rng.randrange(10000):04d}"
 
 
 def make_ssn(rng: random.Random) -> str:
@@ -108,24 +111,24 @@ def make_ssn(rng: random.Random) -> str:
 def make_person(rng: random.Random, person_id: str, today: date) -> PersonTruth:
     """One human with true demographics."""
     gender = "female" if rng.random() < 0.52 else "male"
-    names = codes.FEMALE_NAMES if gender == "female" else codes.MALE_NAMES
+    names = demographics.FEMALE_NAMES if gender == "female" else demographics.MALE_NAMES
     given = rng.choice(list(names))
     middle = rng.choice([n for n in names if n != given])
-    family = rng.choice(codes.FAMILY_NAMES)
+    family = rng.choice(demographics.FAMILY_NAMES)
     # ages skew adult: the conditions we model are adult ones
     age = int(min(95, max(1, rng.gauss(50, 20))))
     birth = today - timedelta(days=age * 365 + rng.randrange(365))
     maiden = None
     if gender == "female" and age >= 25 and rng.random() < 0.4:
-        maiden = rng.choice([f for f in codes.FAMILY_NAMES if f != family])
+        maiden = rng.choice([f for f in demographics.FAMILY_NAMES if f != family])
     address = make_address(rng)
     previous = make_address(rng) if rng.random() < 0.35 else None
     email = None
     if rng.random() < 0.8:
         email = f"{given.lower()}.{family.lower().replace(' ', '').replace(chr(39), '')}"
-        email += f"{rng.randrange(100)}@{rng.choice(codes.EMAIL_DOMAINS)}"
-    race = _weighted(rng, codes.RACES)[0]
-    ethnicity = _weighted(rng, codes.ETHNICITIES)[0]
+        email += f"{rng.randrange(100)}@{rng.choice(demographics.EMAIL_DOMAINS)}"
+    race = _weighted(rng, demographics.RACES)[0]
+    ethnicity = _weighted(rng, demographics.ETHNICITIES)[0]
     if maiden:
         marital = "M"
     elif age < 22:
@@ -156,7 +159,7 @@ def make_person(rng: random.Random, person_id: str, today: date) -> PersonTruth:
 def make_twin(rng: random.Random, sibling: PersonTruth, person_id: str) -> PersonTruth:
     """A twin of `sibling`: same birth date, address, phone and family name; different person."""
     gender = "female" if rng.random() < 0.5 else "male"
-    names = codes.FEMALE_NAMES if gender == "female" else codes.MALE_NAMES
+    names = demographics.FEMALE_NAMES if gender == "female" else demographics.MALE_NAMES
     given = rng.choice([n for n in names if n != sibling.given])
     middle = rng.choice([n for n in names if n not in (given, sibling.given)])
     maiden = sibling.maiden_name if gender == "female" and sibling.gender == "female" else None
@@ -216,7 +219,7 @@ def noisy_copy(
 ) -> SourceDemographics:
     """The person as this organization registered them."""
     noise: list[str] = []
-    names = codes.FEMALE_NAMES if person.gender == "female" else codes.MALE_NAMES
+    names = demographics.FEMALE_NAMES if person.gender == "female" else demographics.MALE_NAMES
     given = person.given
     nicknames = names.get(given, ())
     if nicknames and rng.random() < 0.18:

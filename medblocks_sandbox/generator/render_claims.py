@@ -5,7 +5,7 @@ ExplanationOfBenefit with adjudication amounts.
 from datetime import datetime, timedelta
 from typing import Any
 
-from medblocks_sandbox.generator import codes
+from medblocks_sandbox.generator import care_codes, codes, demographics
 from medblocks_sandbox.generator.codes import coding
 from medblocks_sandbox.generator.history import Encounter
 from medblocks_sandbox.generator.model import OrgInfo
@@ -133,7 +133,7 @@ def ensure_provider(
                 "active": True,
                 "type": [{"coding": [coding(codes.ORG_TYPE, "prov", "Healthcare Provider")]}],
                 "name": care_org.name,
-                "address": [{"city": care_org.city, "state": codes.STATE, "country": "US"}],
+                "address": [{"city": care_org.city, "state": demographics.STATE, "country": "US"}],
             }
         )
     return prac["id"], org_id
@@ -172,20 +172,20 @@ def render_eob(
                 "type": [{"coding": [dtype]}],
             }
         )
-    k = codes.ENCOUNTER_KINDS[e.kind]
+    k = care_codes.ENCOUNTER_KINDS[e.kind]
     lines: list[tuple[str, str, str]] = []
     em = wellness_cpt(ctx.h.age) if e.kind == "wellness" else (k.cpt, k.cpt_display)
     lines.append((codes.CPT, *em))
     for p in e.panels:
-        lines.append((codes.CPT, *codes.PANEL_CPT[p]))
+        lines.append((codes.CPT, *care_codes.PANEL_CPT[p]))
     for p in e.procedures:
-        pd = codes.PROCEDURES[p]
+        pd = care_codes.PROCEDURES[p]
         lines.append((pd.billing_system, pd.billing_code, pd.billing_display))
     for v in e.vaccines:
-        vd = codes.VACCINES[v]
+        vd = care_codes.VACCINES[v]
         lines.append((codes.CPT, vd.cpt, vd.cpt_display))
     if e.vaccines:
-        lines.append((codes.CPT, *codes.VACCINE_ADMIN_CPT))
+        lines.append((codes.CPT, *care_codes.VACCINE_ADMIN_CPT))
     items = []
     sub_total = ben_total = 0.0
     for i, (system, code, display) in enumerate(lines):

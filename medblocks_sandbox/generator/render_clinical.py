@@ -5,7 +5,7 @@ plus ICD-10-CM where the org sends both, Medication resources where the org refe
 from datetime import datetime, timedelta
 from typing import Any
 
-from medblocks_sandbox.generator import codes
+from medblocks_sandbox.generator import care_codes, codes
 from medblocks_sandbox.generator.codes import coding
 from medblocks_sandbox.generator.render_common import (
     CareContext,
@@ -64,7 +64,7 @@ def render_problem(st: OrgStore, ctx: CareContext, key: str, first_seen: datetim
 
 def render_allergy(st: OrgStore, ctx: CareContext, key: str, when: datetime) -> Resource:
     """A US Core AllergyIntolerance."""
-    a = codes.ALLERGIES[key]
+    a = care_codes.ALLERGIES[key]
     res: Resource = {
         "resourceType": "AllergyIntolerance",
         "id": st.rid("AllergyIntolerance", ctx.person_id, key),

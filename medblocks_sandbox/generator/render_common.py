@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from medblocks_sandbox.generator import codes
+from medblocks_sandbox.generator import codes, demographics
 from medblocks_sandbox.generator.history import History
 from medblocks_sandbox.generator.model import Address, OrgInfo
 from medblocks_sandbox.generator.people import npi_check_digit
@@ -63,10 +63,10 @@ def roster(org: OrgInfo, size: int = 6) -> list[Clinician]:
         nine = "1" + "".join(str(rng.randrange(10)) for _ in range(8))
         out.append(
             Clinician(
-                given=rng.choice(codes.PRACTITIONER_GIVEN),
-                family=rng.choice(codes.PRACTITIONER_FAMILY),
+                given=rng.choice(demographics.PRACTITIONER_GIVEN),
+                family=rng.choice(demographics.PRACTITIONER_FAMILY),
                 npi=nine + npi_check_digit(nine),
-                qualification=rng.choice(codes.PRACTITIONER_QUALIFICATIONS),
+                qualification=rng.choice(demographics.PRACTITIONER_QUALIFICATIONS),
                 key=f"clin{i}",
             )
         )

@@ -6,7 +6,7 @@ import base64
 import hashlib
 from datetime import datetime, timedelta
 
-from medblocks_sandbox.generator import codes
+from medblocks_sandbox.generator import care_codes, codes
 from medblocks_sandbox.generator.codes import coding
 from medblocks_sandbox.generator.history import Encounter, History
 from medblocks_sandbox.generator.model import OrgInfo
@@ -29,7 +29,7 @@ def render_immunization(
     st: OrgStore, ctx: CareContext, e: Encounter, vkey: str, enc_id: str | None
 ) -> Resource:
     """An Immunization: administered here (primarySource) or a historical record of it."""
-    v = codes.VACCINES[vkey]
+    v = care_codes.VACCINES[vkey]
     given_here = enc_id is not None
     when = e.start + timedelta(minutes=35)
     res: Resource = {
@@ -81,7 +81,7 @@ def render_procedure(
     st: OrgStore, ctx: CareContext, e: Encounter, pkey: str, enc_id: str
 ) -> Resource:
     """A US Core Procedure with SNOMED CT and CPT/HCPCS codings."""
-    p = codes.PROCEDURES[pkey]
+    p = care_codes.PROCEDURES[pkey]
     when = e.start + timedelta(minutes=20)
     res: Resource = {
         "resourceType": "Procedure",
@@ -109,9 +109,9 @@ def render_procedure(
 
 def note_text(h: History, e: Encounter, org: OrgInfo) -> str:
     """A short plain-text clinical note consistent with the encounter."""
-    k = codes.ENCOUNTER_KINDS[e.kind]
+    k = care_codes.ENCOUNTER_KINDS[e.kind]
     lines = [
-        f"{codes.NOTE_TYPES[e.note or 'progress'][1]} - {org.name}",
+        f"{care_codes.NOTE_TYPES[e.note or 'progress'][1]} - {org.name}",
         f"Date: {day(e.start)}",
         f"Visit: {k.snomed_display.rsplit(' (', 1)[0]}",
         "",
@@ -132,7 +132,7 @@ def note_text(h: History, e: Encounter, org: OrgInfo) -> str:
             lines.append(f"{codes.LABS[lo].display}: {e.labs[lo]} {codes.LABS[lo].unit}.")
     if e.vaccines:
         lines.append(
-            "Vaccines given: " + ", ".join(codes.VACCINES[x].display for x in e.vaccines) + "."
+            "Vaccines given: " + ", ".join(care_codes.VACCINES[x].display for x in e.vaccines) + "."
         )
     lines.append("Plan: continue current medications; follow up as scheduled.")
     return "\n".join(lines) + "\n"
@@ -141,7 +141,7 @@ def note_text(h: History, e: Encounter, org: OrgInfo) -> str:
 def render_note(st: OrgStore, ctx: CareContext, e: Encounter, enc_id: str) -> None:
     """A DocumentReference whose attachment points at a Binary holding the note text."""
     assert e.note is not None
-    code, display = codes.NOTE_TYPES[e.note]
+    code, display = care_codes.NOTE_TYPES[e.note]
     text = note_text(ctx.h, e, st.org).encode()
     bin_id = st.rid("Binary", ctx.person_id, str(e.n), "note")
     signed = e.end + timedelta(hours=1, minutes=17)
@@ -209,7 +209,7 @@ def hash_int(s: str) -> int:
 
 def render_encounter(st: OrgStore, ctx: CareContext, e: Encounter) -> str:
     """One encounter at this org and everything recorded during it; returns the Encounter id."""
-    k = codes.ENCOUNTER_KINDS[e.kind]
+    k = care_codes.ENCOUNTER_KINDS[e.kind]
     enc_id = st.rid("Encounter", ctx.person_id, str(e.n))
     ctx.encounter_ids[e.n] = enc_id
     c = ctx.clinicians[e.practitioner]
@@ -349,10 +349,10 @@ def render_encounter(st: OrgStore, ctx: CareContext, e: Encounter) -> str:
 
 def wellness_cpt(age: int) -> tuple[str, str]:
     """The preventive-visit CPT code for an age."""
-    for upper, code, display in codes.WELLNESS_CPT:
+    for upper, code, display in care_codes.WELLNESS_CPT:
         if age < upper:
             return code, display
-    return codes.WELLNESS_CPT[-1][1], codes.WELLNESS_CPT[-1][2]
+    return care_codes.WELLNESS_CPT[-1][1], care_codes.WELLNESS_CPT[-1][2]
 
 
 def render_smoking(st: OrgStore, ctx: CareContext, when: datetime) -> None:

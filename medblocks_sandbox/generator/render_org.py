@@ -5,7 +5,7 @@ organization records it (its own MRN system, id style and demographics).
 from datetime import datetime, timedelta
 from typing import Any
 
-from medblocks_sandbox.generator import codes
+from medblocks_sandbox.generator import codes, demographics
 from medblocks_sandbox.generator.codes import coding
 from medblocks_sandbox.generator.history import History
 from medblocks_sandbox.generator.people import SourceDemographics
@@ -51,7 +51,7 @@ def render_org_base(st: OrgStore, clinicians: list[Clinician], when: datetime) -
                 {
                     "line": [f"{100 + len(org.name) * 7} Main Street"],
                     "city": org.city,
-                    "state": codes.STATE,
+                    "state": demographics.STATE,
                     "postalCode": "97201",
                     "country": "US",
                 }
@@ -84,7 +84,7 @@ def render_org_base(st: OrgStore, clinicians: list[Clinician], when: datetime) -
                     "address": {
                         "line": [f"{200 + i} Main Street"],
                         "city": org.city,
-                        "state": codes.STATE,
+                        "state": demographics.STATE,
                         "postalCode": "97201",
                         "country": "US",
                     },
@@ -146,8 +146,8 @@ def render_patient(
     """The org's Patient: MRN (or member id), noisy name/address/telecom, US Core extensions."""
     org = st.org
     p = h.person
-    race = next(r for r in codes.RACES if r[0] == p.race)
-    eth = next(e for e in codes.ETHNICITIES if e[0] == p.ethnicity)
+    race = next(r for r in demographics.RACES if r[0] == p.race)
+    eth = next(e for e in demographics.ETHNICITIES if e[0] == p.ethnicity)
     profiles = [codes.US_CORE + "us-core-patient"]
     id_type = ("MR", "Medical record number")
     if org.kind == "payer":
@@ -223,16 +223,18 @@ def render_patient(
         "maritalStatus": {
             "coding": [
                 coding(
-                    codes.MARITAL_STATUS_SYSTEM,
+                    demographics.MARITAL_STATUS_SYSTEM,
                     p.marital_status,
-                    codes.MARITAL_STATUS[p.marital_status],
+                    demographics.MARITAL_STATUS[p.marital_status],
                 )
             ]
         },
         "communication": [
             {
                 "language": {
-                    "coding": [coding("urn:ietf:bcp:47", p.language, codes.LANGUAGES[p.language])]
+                    "coding": [
+                        coding("urn:ietf:bcp:47", p.language, demographics.LANGUAGES[p.language])
+                    ]
                 },
                 "preferred": True,
             }
