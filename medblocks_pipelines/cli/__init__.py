@@ -80,6 +80,17 @@ def main(verbose: bool, data_dir: str | None) -> None:
     )
 
 
+def run() -> None:
+    """The ``medblocks`` console entry point: :func:`main`, then a quick exit (``quick_exit``:
+    the interpreter's teardown after a command that loaded Dagster costs ~0.5 s)."""
+    from medblocks_pipelines.cli.quick_exit import exit_now
+
+    try:
+        main()  # standalone mode: ends in SystemExit, whatever happened
+    except SystemExit as exc:
+        exit_now(exc.code)
+
+
 def _attach_plugins() -> None:
     from medblocks_pipelines.cli import core
 

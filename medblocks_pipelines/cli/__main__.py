@@ -1,5 +1,5 @@
 """`python -m medblocks_pipelines.cli` is the `medblocks` command."""
 
-from medblocks_pipelines.cli import main
+from medblocks_pipelines.cli import run
 
-main()
+run()

@@ -63,6 +63,7 @@ ENV_VARS: dict[str, str] = {
     "MEDBLOCKS_WAREHOUSE_DEBOUNCE_S": "quiet seconds after a landing before a rebuild; 60",
     "MEDBLOCKS_WAREHOUSE_MAX_WAIT_S": "longest a landing waits for its rebuild; 600",
     "MEDBLOCKS_RUN_HEARTBEAT_TIMEOUT_S": "age of a CLI run's heartbeat before it counts as dead; 600",
+    "MEDBLOCKS_CLI_FULL_EXIT": "1: the medblocks command ends with the interpreter's full teardown",
 }
 
 _T = TypeVar("_T")
@@ -165,6 +166,8 @@ class Tuning:
     warehouse_debounce_s: float = 60.0
     warehouse_max_wait_s: float = 600.0
     run_heartbeat_timeout_s: float = 600.0
+    #: The ``medblocks`` command ends with the interpreter's teardown (cli/quick_exit.py).
+    cli_full_exit: bool = False
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Tuning":
@@ -207,6 +210,7 @@ class Tuning:
             run_heartbeat_timeout_s=_strict(
                 e, "MEDBLOCKS_RUN_HEARTBEAT_TIMEOUT_S", float, d.run_heartbeat_timeout_s
             ),
+            cli_full_exit=e.get("MEDBLOCKS_CLI_FULL_EXIT") == "1",
         )
 
 

@@ -73,6 +73,7 @@ CASES = [
     ("MEDBLOCKS_WAREHOUSE_DEBOUNCE_S", "4", "tuning.warehouse_debounce_s", 4.0),
     ("MEDBLOCKS_WAREHOUSE_MAX_WAIT_S", "40", "tuning.warehouse_max_wait_s", 40.0),
     ("MEDBLOCKS_RUN_HEARTBEAT_TIMEOUT_S", "30", "tuning.run_heartbeat_timeout_s", 30.0),
+    ("MEDBLOCKS_CLI_FULL_EXIT", "1", "tuning.cli_full_exit", True),
 ]
 
 
