@@ -61,8 +61,9 @@ def _serve(directory: str, port_file: str) -> None:
         )
         bulk = handles["bulk"]
         bulk.source = NdjsonDirSource(directory)  # unfiltered system export: files as they are
-        bulk.config.export_seconds = 0.0
-        bulk.config.retry_after = 0
+        # Ready at once unless the caller asks for a server that takes its time (start_server).
+        bulk.config.export_seconds = float(os.environ.get("BENCH_EXPORT_SECONDS") or 0)
+        bulk.config.retry_after = int(os.environ.get("BENCH_RETRY_AFTER") or 0)
         holder["base"] = base
         return app
 
@@ -73,10 +74,20 @@ def _serve(directory: str, port_file: str) -> None:
             time.sleep(3600)
 
 
-def start_server(directory: Path, work: Path) -> tuple[subprocess.Popen[bytes], str]:
-    """Start the sandbox EHR in a child process; returns it and its base URL."""
+def start_server(
+    directory: Path, work: Path, *, export_seconds: float = 0.0, retry_after: int = 0
+) -> tuple[subprocess.Popen[bytes], str]:
+    """Start the sandbox EHR in a child process; returns it and its base URL. Its exports are
+    ready at once, or after ``export_seconds`` (polls answered 202 with ``retry_after``)."""
     port_file = work / "server.url"
-    proc = subprocess.Popen([sys.executable, __file__, "--serve", str(directory), str(port_file)])
+    env = {
+        **os.environ,
+        "BENCH_EXPORT_SECONDS": str(export_seconds),
+        "BENCH_RETRY_AFTER": str(retry_after),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--serve", str(directory), str(port_file)], env=env
+    )
     deadline = time.monotonic() + 60
     while not port_file.exists():
         if proc.poll() is not None or time.monotonic() > deadline:
