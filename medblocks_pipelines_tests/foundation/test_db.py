@@ -16,8 +16,11 @@ from medblocks_pipelines.lib.registry import open_control_plane
 from medblocks_pipelines.lib.registry.db import (
     HEAD_REVISION,
     UPGRADE_HINT,
+    _first_create_lock,
+    _scripts,
     current_revision,
     dispose_engines,
+    ensure_schema,
     head_revision,
     make_engine,
     upgrade,
@@ -211,3 +214,32 @@ def test_processes_opening_a_new_sqlite_file_at_once(settings: Settings) -> None
     cp = open_control_plane(settings)
     assert current_revision(cp.engine) == head_revision()
     assert len(cp.list_tenants()) == 3
+
+
+def test_a_new_sqlite_file_caught_mid_upgrade_is_waited_for(tmp_path: Path) -> None:
+    """A process that reads the stamp while the creator is between two migrations (an earlier
+    revision, not head) waits for the creator's lock instead of refusing the file as behind
+    head (seen in CI: three processes opening one new file, one refused at 0003)."""
+    engine = make_engine(_sqlite(tmp_path / "control.db"))
+    previous = _scripts().get_revision(head_revision()).down_revision
+    assert isinstance(previous, str)
+    outcome: list[BaseException | None] = []
+    with _first_create_lock(engine):  # the creator, part way
+        upgrade(engine, previous)
+        assert current_revision(engine) == previous
+
+        def opener() -> None:
+            try:
+                ensure_schema(engine)
+                outcome.append(None)
+            except BaseException as exc:  # noqa: BLE001 (handed to the test's thread)
+                outcome.append(exc)
+
+        other = threading.Thread(target=opener)
+        other.start()
+        other.join(timeout=1.0)
+        assert other.is_alive(), f"did not wait for the creator: {outcome}"
+        upgrade(engine)  # the creator finishes
+    other.join(timeout=30)
+    assert outcome == [None]
+    assert current_revision(engine) == head_revision()

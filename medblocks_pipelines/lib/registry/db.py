@@ -227,11 +227,13 @@ def ensure_schema(engine: sa.Engine) -> None:
     current, head = current_revision(engine), head_revision()
     if current == head:
         return
-    if current is None and engine.dialect.name == "sqlite":
+    if engine.dialect.name == "sqlite":
         with _first_create_lock(engine):
             # Sensors, runs and web workers may all open a new file at once: one creates it, the
-            # others wait for the lock and find it at head. (SQLite DDL is not transactional in
-            # Alembic: a file half created by another process has tables and no revision yet.)
+            # others wait for the lock and find it at head. The creator holds the lock for its
+            # whole upgrade, so what is read before the lock may be half done: no revision yet
+            # (Alembic's SQLite DDL is not transactional: tables and no stamp), or an earlier
+            # revision (the stamp moves one migration at a time). Read again under the lock.
             current = current_revision(engine)
             if current is None and _is_empty(engine):
                 upgrade(engine)
