@@ -31,6 +31,7 @@ Targets (issue 17): kick-off -> landed >= 1.2x faster than the baseline; whole c
 import argparse
 import asyncio
 import ctypes
+import functools
 import json
 import os
 import platform
@@ -54,11 +55,8 @@ TARGET_STARTUP_S = 1.0
 
 
 # -- process-tree RSS -------------------------------------------------------------------------
-def _tree(pid: int) -> list[int]:
-    return [p for p, _ in _tree_with_parents(pid)]
-
-
-def _tree_with_parents(pid: int) -> list[tuple[int, int | None]]:
+def _tree(pid: int) -> list[tuple[int, int | None]]:
+    """Every process of the tree under ``pid``, each with its parent (None for ``pid``)."""
     out: list[tuple[int, int | None]] = []
     todo: list[tuple[int, int | None]] = [(pid, None)]
     while todo:
@@ -78,13 +76,17 @@ _KCMP = {"x86_64": 312, "aarch64": 272}
 _KCMP_VM = 1
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
 def _same_memory(a: int, b: int) -> bool:
     """Whether ``a`` is a child between vfork and exec, in ``b``'s own address space (kcmp
     KCMP_VM; where it is missing, identical ``statm`` readings stand for it)."""
     number = _KCMP.get(platform.machine())
     if number is not None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        got = libc.syscall(number, a, b, _KCMP_VM, 0, 0)
+        got = _libc().syscall(number, a, b, _KCMP_VM, 0, 0)
         if got >= 0:
             return got == 0
     try:
@@ -102,7 +104,7 @@ def _tree_rss_kib(pid: int) -> int:
     runs in its parent's address space, so its VmRSS is the parent's: summing both reported
     twice the process (one round in two to six read ~900 MiB for a ~450 MiB process)."""
     total = 0
-    for p, parent in _tree_with_parents(pid):
+    for p, parent in _tree(pid):
         if parent is not None and _same_memory(p, parent):
             continue
         total += _rss_kib(p)

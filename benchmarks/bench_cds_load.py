@@ -11,9 +11,9 @@ before the clock starts, fresh ``jti``), so the full security path runs. For eac
 (``GET /cds-services``: the web stack plus JWT checks) runs first as the baseline, then
 ``patient-view``. Server CPU per call comes from ``/proc/<pid>/stat`` of the server's processes
 (utime + stime before and after each phase); beside it, the CPU of checking one request's ES384
-signature alone, measured in this process (a part of the budget no server code can avoid). Peak RSS is the largest ``VmHWM`` of them; at the end, PSS
-summed over them and the largest anonymous (private) memory: the index facts are a file mapping the
-workers share, which VmHWM counts in each.
+signature alone, measured in this process (a part of the budget no server code can avoid). Peak
+RSS is the largest ``VmHWM`` of them; at the end, PSS summed over them and the largest anonymous
+(private) memory: the index facts are a file mapping the workers share, which VmHWM counts in each.
 
 Targets (issue 17): patient-view p99 <= 50 ms at 100 req/s and <= 150 ms at 300 req/s, <= 2 ms of
 server CPU per call. The last line is machine-readable (``RESULT {...}``); ``--json-out`` writes it.
@@ -64,18 +64,16 @@ def _verify_floor_ms(key_json: str, n: int = 400) -> float:
     alone: 0.74 ms of CPU on one 2-vCPU machine of this kind, ES256 0.08 ms there). Reported beside
     the server's CPU per call, not subtracted."""
     import jwt
-    from cryptography.hazmat.primitives import serialization
 
     from medblocks_pipelines.lib.smart.assertion import SigningKey
 
     key = SigningKey.from_json(key_json)
-    public = serialization.load_pem_private_key(key.private_pem.encode(), None).public_key()
-    tokens = _sign(key_json, "http://bench.example/cds-services", n)
+    public = jwt.PyJWK(key.public_jwk()).key  # as the server builds it from the JWKS
+    aud = "http://bench.example/cds-services"
+    tokens = _sign(key_json, aud, n)
     t0 = time.process_time()
     for token in tokens:
-        jwt.decode(
-            token, public, algorithms=[key.alg], audience="http://bench.example/cds-services"
-        )
+        jwt.decode(token, public, algorithms=[key.alg], audience=aud)
     return (time.process_time() - t0) * 1000 / n
 
 
